@@ -1,0 +1,256 @@
+"""Load a model from a local Hugging Face directory, a shipped config (dummy weights) or "demo".
+
+``load_model`` returns a ``LoadedModel``: our ``NovaModel`` plus what serving it needs from the
+directory (transformers config, tokenizer with chat template, image processor, EOS ids). Every
+failure is a ``ModelLoadError`` whose message names the path and the problem.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nova.models.errors import ModelLoadError
+from nova.models.registry import ARCHITECTURES, Architecture
+from nova.models.vlm import NovaModel
+
+log = logging.getLogger(__name__)
+
+SHIPPED_CONFIGS_DIR = Path(__file__).parent / "configs"
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: NovaModel
+    hf_config: Any
+    architecture: str
+    model_dir: Path
+    load_format: str
+    dtype: torch.dtype
+    device: torch.device
+    tokenizer: Any | None = None
+    image_processor: Any | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def text_config(self) -> Any:
+        return ARCHITECTURES[self.architecture].text_config(self.hf_config)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.text_config.max_position_embeddings)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def shipped_configs() -> list[str]:
+    """Names of real architectures' configs shipped with Nova (usable with load_format=dummy)."""
+    return sorted(p.name for p in SHIPPED_CONFIGS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """"demo" -> the cached demo model (built on first use); a directory; or a shipped config."""
+    if str(model) == "demo":
+        from nova.models.demo import build_demo_model
+
+        return build_demo_model()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if (SHIPPED_CONFIGS_DIR / str(model) / "config.json").is_file():
+        return SHIPPED_CONFIGS_DIR / str(model)
+    if path.exists():
+        raise ModelLoadError(f"model path {path} is not a directory")
+    raise ModelLoadError(
+        f"model directory {path} does not exist (nor is {str(model)!r} 'demo' or a shipped "
+        f"config: {', '.join(shipped_configs())})"
+    )
+
+
+def read_config(model_dir: Path) -> tuple[Architecture, Any]:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    archs = raw.get("architectures") or []
+    supported = [a for a in archs if a in ARCHITECTURES]
+    if not supported:
+        raise ModelLoadError(
+            f"unsupported architecture {archs or '(none given)'} in {config_file}; Nova supports: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
+        )
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelLoadError(f"cannot parse {config_file}: {exc}") from exc
+    return ARCHITECTURES[supported[0]], hf_config
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} lists missing weight files: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"no *.safetensors weights in {model_dir} (use load_format='dummy' for random weights)"
+        )
+    return files
+
+
+def load_safetensors_weights(model: NovaModel, arch: Architecture, model_dir: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = arch.map_name(name)
+                    if target is None:
+                        continue
+                    if target not in params:
+                        unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    param = params[target]
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ModelLoadError(
+                            f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, the "
+                            f"config expects {tuple(param.shape)}"
+                        )
+                    with torch.no_grad():
+                        param.copy_(tensor)
+                    loaded.add(target)
+        except SafetensorError as exc:
+            raise ModelLoadError(f"corrupt or truncated safetensors file {file}: {exc}") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read weight file {file}: {exc}") from exc
+    if unexpected:
+        raise ModelLoadError(
+            f"{model_dir}: {len(unexpected)} checkpoint tensors do not belong to the "
+            f"architecture, e.g. {unexpected[:3]}"
+        )
+    tied = model.decoder.cfg.tie_word_embeddings
+    missing = [n for n in params if n not in loaded and not (tied and n == "decoder.lm_head.weight")]
+    if missing:
+        raise ModelLoadError(
+            f"{model_dir}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}"
+        )
+
+
+@torch.no_grad()
+def init_dummy_weights(model: NovaModel, seed: int = 0) -> None:
+    """Random weights of the right shapes (for benchmarking real sizes without checkpoints).
+
+    Norm weights are 1 and biases 0 so activations stay in a sane range through many layers.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+            param.copy_(values)
+
+
+def _load_tokenizer(model_dir: Path) -> Any | None:
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
+
+
+def _load_image_processor(model_dir: Path) -> Any | None:
+    if not (model_dir / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the image processor in {model_dir}: {exc}") from exc
+
+
+def _eos_token_ids(model_dir: Path, text_config: Any, tokenizer: Any | None) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen_file = model_dir / "generation_config.json"
+    sources = [getattr(text_config, "eos_token_id", None)]
+    if gen_file.is_file():
+        sources.insert(0, json.loads(gen_file.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    for src in sources:
+        for tok in src if isinstance(src, list) else [src]:
+            if tok is not None and int(tok) not in ids:
+                ids.append(int(tok))
+    return tuple(ids)
+
+
+def load_model(
+    model: str | Path,
+    load_format: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load_format {load_format!r}; choose one of {LOAD_FORMATS}")
+    model_dir = resolve_model_dir(model)
+    arch, hf_config = read_config(model_dir)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    try:
+        nova_model = arch.build(hf_config, dtype, device)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model_dir}: {exc}") from exc
+    if load_format == "dummy":
+        init_dummy_weights(nova_model, seed)
+    else:
+        load_safetensors_weights(nova_model, arch, model_dir)
+    nova_model.eval().requires_grad_(False)
+    tokenizer = _load_tokenizer(model_dir)
+    loaded = LoadedModel(
+        model=nova_model,
+        hf_config=hf_config,
+        architecture=arch.name,
+        model_dir=model_dir,
+        load_format=load_format,
+        dtype=dtype,
+        device=device,
+        tokenizer=tokenizer,
+        image_processor=_load_image_processor(model_dir) if nova_model.is_multimodal else None,
+        eos_token_ids=_eos_token_ids(model_dir, arch.text_config(hf_config), tokenizer),
+    )
+    log.info(
+        "loaded %s (%s, %.1fM params, %s) from %s",
+        arch.name, load_format, loaded.num_params() / 1e6, dtype, model_dir,
+    )
+    return loaded

@@ -1,0 +1,113 @@
+"""Architectures Nova can run, keyed by the ``architectures`` entry of ``config.json``.
+
+Each entry builds a ``NovaModel`` skeleton from a transformers config and maps a checkpoint
+tensor name onto our parameter names (``None`` = tensor not used, e.g. rotary caches).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequencies
+from nova.models.vision import LlavaVision
+from nova.models.vlm import NovaModel
+
+
+@dataclass(slots=True, frozen=True)
+class Architecture:
+    name: str
+    build: Callable[[Any, torch.dtype, torch.device], NovaModel]
+    map_name: Callable[[str], str | None]
+    text_config: Callable[[Any], Any]
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def register(name: str, text_config: Callable[[Any], Any]):
+    def wrap(fns: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+        build, map_name = fns
+        ARCHITECTURES[name] = Architecture(name, build, map_name, text_config)
+        return fns
+
+    return wrap
+
+
+def _build_decoder(text_cfg: Any, dtype: torch.dtype, device: torch.device) -> LlamaDecoder:
+    cfg = DecoderConfig.from_hf(text_cfg)
+    inv_freq, scaling = rope_inverse_frequencies(text_cfg)
+    # Built on the meta device then materialised empty: no time spent on random init of weights
+    # that the loader (or the dummy initialiser) overwrites anyway.
+    with torch.device("meta"), default_dtype(dtype):
+        decoder = LlamaDecoder(cfg, inv_freq, scaling)
+    decoder = decoder.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.model.embed_tokens.weight
+    return decoder
+
+
+def _causal_lm_name(name: str) -> str | None:
+    if "rotary_emb" in name:
+        return None
+    return "decoder." + name
+
+
+def _build_causal_lm(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
+    return NovaModel(_build_decoder(hf, dtype, device), vision=None, image_token_id=None)
+
+
+for _arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
+    register(_arch, text_config=lambda hf: hf)((_build_causal_lm, _causal_lm_name))
+
+
+# LLaVA checkpoints exist in two key layouts: the older one (most published llava-hf weights)
+# ``language_model.model.*`` / ``language_model.lm_head`` / ``vision_tower.*`` /
+# ``multi_modal_projector.*``, and transformers >= 4.52's ``model.language_model.*`` /
+# ``lm_head`` / ``model.vision_tower.*`` / ``model.multi_modal_projector.*``.
+_LLAVA_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(?:model\.)?language_model\.model\.(.*)$"), r"decoder.model.\1"),
+    (re.compile(r"^(?:model\.)?language_model\.lm_head\.(.*)$"), r"decoder.lm_head.\1"),
+    (re.compile(r"^model\.language_model\.(.*)$"), r"decoder.model.\1"),
+    (re.compile(r"^lm_head\.(.*)$"), r"decoder.lm_head.\1"),
+    (re.compile(r"^(?:model\.)?vision_tower\.(.*)$"), r"vision.vision_tower.\1"),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.(.*)$"), r"vision.multi_modal_projector.\1"),
+]
+
+
+def _llava_name(name: str) -> str | None:
+    if "rotary_emb" in name:
+        return None
+    for pattern, repl in _LLAVA_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name  # unknown: reported by the loader as unexpected
+
+
+def _build_llava(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
+    tc = hf.text_config
+    if tc.model_type not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"unsupported LLaVA text model {tc.model_type!r} (llama, qwen2, mistral)")
+    decoder = _build_decoder(tc, dtype, device)
+    with default_dtype(dtype):
+        vision = LlavaVision(hf).to(device=device, dtype=dtype)
+    return NovaModel(decoder, vision, image_token_id=hf.image_token_id)
+
+
+register("LlavaForConditionalGeneration", text_config=lambda hf: hf.text_config)(
+    (_build_llava, _llava_name)
+)

@@ -1,0 +1,108 @@
+"""What one model forward computes: several sequences, each with some new (query) tokens.
+
+Prefill and decode are the same thing here: a sequence contributes ``len(token_ids)`` new
+tokens on top of ``num_cached_tokens`` tokens already in the KV cache. A prefill has
+``num_cached_tokens == 0`` (or > 0 for a later chunk), a decode step has one new token. Several
+sequences of different lengths and positions go through one forward: the new tokens are packed
+into one ``[num_tokens]`` dimension for the dense layers, and padded to ``[num_seqs, max_q]`` /
+``[num_seqs, max_kv]`` only inside attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SeqInput:
+    """One sequence's part of a forward (plain data; the block table comes from the BlockManager).
+
+    ``mm_embeds``: embeddings ``[n, hidden]`` that replace, in order, the ``n`` tokens of
+    ``token_ids`` equal to the model's image token id (image features from the vision worker).
+    """
+
+    token_ids: list[int]
+    num_cached_tokens: int
+    block_table: list[int]
+    mm_embeds: torch.Tensor | None = None
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.num_cached_tokens + len(self.token_ids)
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Tensors derived from a list of ``SeqInput`` (all on the model's device)."""
+
+    input_ids: torch.Tensor  # [T] int64, packed new tokens
+    positions: torch.Tensor  # [T] int64, absolute positions
+    slot_mapping: torch.Tensor  # [T] int64, KV slot each new token writes
+    query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] padded queries
+    kv_gather_index: torch.Tensor  # [B, max_kv] int64, slots to read (padding reads slot 0)
+    attn_mask: torch.Tensor  # [B, 1, max_q, max_kv] bool, True = may attend
+    last_token_index: torch.Tensor  # [B] int64, index of each sequence's last new token in [T]
+    num_seqs: int
+    max_query_len: int
+    mm_embeds: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def build_forward_batch(
+    seqs: list[SeqInput], block_size: int, device: torch.device | str
+) -> ForwardBatch:
+    if not seqs:
+        raise ValueError("a forward needs at least one sequence")
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    pad_index: list[int] = []
+    last_index: list[int] = []
+    max_q = max(s.num_new_tokens for s in seqs)
+    max_kv = max(s.context_len for s in seqs)
+    gather = torch.zeros(len(seqs), max_kv, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s.num_new_tokens == 0:
+            raise ValueError(f"sequence {b} has no new tokens")
+        if len(s.block_table) * block_size < s.context_len:
+            raise ValueError(
+                f"sequence {b}: block table of {len(s.block_table)} blocks cannot hold "
+                f"{s.context_len} tokens at block size {block_size}"
+            )
+        table = torch.tensor(s.block_table, dtype=torch.long)
+        pos = torch.arange(s.context_len, dtype=torch.long)
+        seq_slots = table[pos // block_size] * block_size + pos % block_size
+        gather[b, : s.context_len] = seq_slots
+        new_pos = list(range(s.num_cached_tokens, s.context_len))
+        ids.extend(s.token_ids)
+        positions.extend(new_pos)
+        slots.extend(seq_slots[s.num_cached_tokens :].tolist())
+        pad_index.extend(b * max_q + i for i in range(s.num_new_tokens))
+        last_index.append(len(ids) - 1)
+    # Query i of sequence b sits at absolute position cached_b + i and may attend keys 0..that.
+    q_pos = torch.zeros(len(seqs), max_q, dtype=torch.long)
+    q_valid = torch.zeros(len(seqs), max_q, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        q_pos[b, : s.num_new_tokens] = torch.arange(s.num_cached_tokens, s.context_len)
+        q_valid[b, : s.num_new_tokens] = True
+    k_pos = torch.arange(max_kv)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]
+    # Padded query rows attend key 0 only, so softmax never sees an all-masked row (no NaN).
+    mask &= q_valid[:, :, None]
+    mask[:, :, 0] |= ~q_valid
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        query_pad_index=torch.tensor(pad_index, dtype=torch.long, device=device),
+        kv_gather_index=gather.to(device),
+        attn_mask=mask[:, None].to(device),
+        last_token_index=torch.tensor(last_index, dtype=torch.long, device=device),
+        num_seqs=len(seqs),
+        max_query_len=max_q,
+        mm_embeds=[s.mm_embeds for s in seqs],
+    )

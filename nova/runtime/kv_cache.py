@@ -1,0 +1,48 @@
+"""The paged KV cache tensors: one K and one V tensor per layer, addressed by slot.
+
+Layout per layer: ``[num_blocks * block_size, num_kv_heads, head_dim]``. Slot ``s`` lives in
+block ``s // block_size`` at offset ``s % block_size``; which blocks a sequence owns is decided
+by ``nova.core.block_manager.BlockManager`` (torch-free), and its block table maps the
+sequence's token positions to slots.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        num_slots = num_blocks * block_size
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        elem_bytes = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem_bytes
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values ``[num_tokens, num_kv_heads, head_dim]`` at their slots."""
+        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of each supported architecture."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TEXT_KW = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+IMAGE_TOKEN_ID = 300
+
+
+def tiny_text_config(kind: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    if kind == "llama":
+        return LlamaConfig(**TEXT_KW, bos_token_id=1, eos_token_id=2)
+    if kind == "llama3":  # llama3 RoPE scaling, tied embeddings
+        kw = dict(TEXT_KW, tie_word_embeddings=True)
+        return LlamaConfig(**kw, bos_token_id=1, eos_token_id=2, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        })
+    if kind == "qwen2":
+        return Qwen2Config(**TEXT_KW, bos_token_id=1, eos_token_id=2)
+    raise ValueError(kind)
+
+
+def tiny_vision_config(kind: str):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=32, patch_size=8)
+    if kind == "clip":
+        return CLIPVisionConfig(**kw, projection_dim=32)
+    return SiglipVisionConfig(**kw)
+
+
+def save_tiny_causal_lm(path: Path, kind: str) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_text_config(kind))
+    model.save_pretrained(path)
+    return path
+
+
+def save_tiny_llava(path: Path, text: str, vision: str, strategy: str) -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        text_config=tiny_text_config(text), vision_config=tiny_vision_config(vision),
+        image_token_id=IMAGE_TOKEN_ID, vision_feature_select_strategy=strategy,
+        vision_feature_layer=-2 if strategy == "default" else -1,
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {k: save_tiny_causal_lm(root / k, k) for k in ("llama", "llama3", "qwen2")}
+    dirs["llava-clip"] = save_tiny_llava(root / "llava-clip", "llama", "clip", "default")
+    dirs["llava-siglip-qwen2"] = save_tiny_llava(root / "llava-siglip", "qwen2", "siglip", "full")
+    return dirs
