@@ -64,7 +64,15 @@ class DecoderConfig:
 
 
 def rope_inverse_frequencies(hf_config: Any) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2] float32, attention scaling) from transformers' RoPE init table."""
+    """(inv_freq [head_dim/2] float32, attention scaling) from transformers' RoPE init table.
+
+    Always computed on the CPU with real data, even inside a ``torch.device("meta")`` context.
+    """
+    with torch.device("cpu"):
+        return _rope_inverse_frequencies(hf_config)
+
+
+def _rope_inverse_frequencies(hf_config: Any) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {}

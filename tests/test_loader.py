@@ -1,0 +1,108 @@
+"""Loading: shipped configs, dummy weights, and a clear error for each kind of bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nova.models.errors import InvalidInputError, ModelLoadError
+from nova.models.inputs import load_image
+from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model, read_config, shipped_configs
+
+# Published parameter counts (billions) of the architectures whose configs Nova ships.
+EXPECTED_PARAMS_B = {
+    "llava-1.5-7b": 7.06, "llava-onevision-qwen2-7b": 8.03, "smollm2-135m": 0.1345,
+    "llama-3.1-8b": 8.03, "qwen2.5-7b": 7.62,
+}
+
+
+def test_shipped_configs_build_at_real_size():
+    assert set(shipped_configs()) == set(EXPECTED_PARAMS_B)
+    for name in shipped_configs():
+        arch, hf = read_config(SHIPPED_CONFIGS_DIR / name)
+        with torch.device("meta"):
+            model = arch.build(hf, torch.bfloat16, torch.device("meta"))
+        num_b = sum(p.numel() for p in model.parameters()) / 1e9
+        assert num_b == pytest.approx(EXPECTED_PARAMS_B[name], rel=0.01), name
+
+
+def test_dummy_load_of_a_tiny_config_runs(tiny_dirs, tmp_path):
+    src = tiny_dirs["llava-siglip-qwen2"]
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    shutil.copy(src / "config.json", only_config / "config.json")
+    loaded = load_model(only_config, load_format="dummy")
+    assert loaded.tokenizer is None and loaded.model.is_multimodal
+    norms = [p for n, p in loaded.model.named_parameters() if n.endswith("input_layernorm.weight")]
+    assert all(bool((p == 1).all()) for p in norms)
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors weights"):
+        load_model(only_config)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_architecture(tiny_dirs, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported architecture.*GPTNeoXForCausalLM"):
+        load_model(d)
+
+
+def test_truncated_safetensors(tiny_dirs, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], d)
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt or truncated safetensors file .*model.safetensors"):
+        load_model(d)
+
+
+def test_missing_and_misshaped_weights(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], d)
+    tensors = load_file(d / "model.safetensors")
+    dropped = {k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}
+    save_file(dropped, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="1 weights missing.*layers.1.mlp.up_proj"):
+        load_model(d)
+    bad = dict(tensors)
+    bad["model.norm.weight"] = torch.ones(3)
+    save_file(bad, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="model.norm.weight has shape \\(3,\\)"):
+        load_model(d)
+
+
+def test_bad_load_format(tiny_dirs):
+    with pytest.raises(ModelLoadError, match="unknown load_format"):
+        load_model(tiny_dirs["llama"], load_format="pickle")
+
+
+def test_image_that_is_not_an_image(tmp_path):
+    with pytest.raises(InvalidInputError, match="could not be decoded as an image"):
+        load_image(b"definitely not a png")
+    f = tmp_path / "x.png"
+    f.write_text("hello")
+    with pytest.raises(InvalidInputError, match=f"file {f} could not be decoded"):
+        load_image(f)
+    with pytest.raises(InvalidInputError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    from PIL import Image
+
+    with pytest.raises(InvalidInputError, match="exceeds the limit"):
+        load_image(Image.new("RGB", (100, 100)), max_pixels=50 * 50)
