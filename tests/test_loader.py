@@ -106,3 +106,39 @@ def test_image_that_is_not_an_image(tmp_path):
 
     with pytest.raises(InvalidInputError, match="exceeds the limit"):
         load_image(Image.new("RGB", (100, 100)), max_pixels=50 * 50)
+
+
+@pytest.mark.parametrize("layout", ["llava-hf", "transformers>=4.52"])
+def test_llava_checkpoint_key_layouts(tiny_dirs, tmp_path, layout):
+    """Published llava-hf names and transformers>=4.52 names load to the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dirs["llava-clip"]
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    tensors = load_file(src / "model.safetensors")
+
+    # transformers 5.23 saves: language_model.model.*, language_model.lm_head.*,
+    # vision_tower.* (no vision_model level), multi_modal_projector.*
+    layouts = {
+        "llava-hf": [("language_model.", "language_model."), ("vision_tower.", "vision_tower.vision_model."),
+                     ("multi_modal_projector.", "multi_modal_projector.")],
+        "transformers>=4.52": [("language_model.model.", "model.language_model."),
+                               ("language_model.lm_head.", "lm_head."),
+                               ("vision_tower.", "model.vision_tower.vision_model."),
+                               ("multi_modal_projector.", "model.multi_modal_projector.")],
+    }
+
+    def rename(name: str) -> str:
+        for old, new in layouts[layout]:
+            if name.startswith(old):
+                return new + name[len(old):]
+        raise AssertionError(f"unexpected tensor name {name}")
+
+    save_file({rename(k): v for k, v in tensors.items()}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    ref = load_model(src)
+    got = load_model(d)
+    ref_params = dict(ref.model.named_parameters())
+    for name, param in got.model.named_parameters():
+        assert torch.equal(param, ref_params[name]), name

@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -74,16 +75,17 @@ VISION_CONFIG = dict(
     vision_use_head=False,
 )
 
-# SmolLM2's ChatML format (including its default system prompt, taken from the GGUF template), extended so a
-# message's content may be a string or a list of parts.  Image parts ({"type": "image"} or
-# {"type": "image_url", ...}) render as "<image>\n", all of a message's images before its text (as the
-# llava-hf templates do); several text parts are joined with "\n".
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-CHAT_TEMPLATE = r"""
-{%- for message in messages -%}
+# SmolLM2's ChatML format (including its default system prompt when the conversation has none, taken from the
+# GGUF template), extended so a message's content may be a string or a list of parts.  Image parts
+# ({"type": "image"} or {"type": "image_url", ...}) render as "<image>\n", all of a message's images before
+# its text (as the llava-hf templates do); several text parts are joined with "\n".
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # as in the GGUF
+_DEFAULT_SYSTEM_BLOCK = r"""
     {%- if loop.first and messages[0]['role'] != 'system' -%}
         {{- '<|im_start|>system\n__SYSTEM__<|im_end|>\n' -}}
-    {%- endif -%}
+    {%- endif -%}"""
+CHAT_TEMPLATE = r"""
+{%- for message in messages -%}__DEFAULT_SYSTEM_BLOCK__
     {{- '<|im_start|>' + message['role'] + '\n' -}}
     {%- if message['content'] is string -%}
         {{- message['content'] -}}
@@ -235,7 +237,8 @@ def _build_into(gguf_path: Path, out: Path) -> None:
     logger.info("Reading config and tokenizer from %s", gguf_name)
     gguf_text_config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
     text_dict = gguf_text_config.to_dict()
-    for key in ("_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+    junk_keys = ("_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "dtype")
+    for key in junk_keys + ("torch_dtype",):
         text_dict.pop(key, None)
     text_dict.pop("model_type", None)
     old_vocab = int(text_dict["vocab_size"])
@@ -252,11 +255,7 @@ def _build_into(gguf_path: Path, out: Path) -> None:
             f"expected {IMAGE_TOKEN} to be appended as token {old_vocab}, got id {image_token_id} "
             f"(tokenizer size {len(tokenizer)})"
         )
-    gguf_template = tokenizer.chat_template or ""
-    system_prompt = DEFAULT_SYSTEM_PROMPT if DEFAULT_SYSTEM_PROMPT in gguf_template else None
-    if system_prompt is None:
-        logger.warning("GGUF chat template has no SmolLM2 default system prompt; the demo template keeps the default")
-    chat_template = CHAT_TEMPLATE.replace("__SYSTEM__", DEFAULT_SYSTEM_PROMPT)
+    chat_template = make_chat_template(_default_system_prompt(tokenizer.chat_template))
     tokenizer.chat_template = chat_template
     tokenizer.model_max_length = int(text_dict.get("max_position_embeddings", 8192))
     for junk in ("is_local", "local_files_only", "name_or_path"):
@@ -299,7 +298,9 @@ def _build_into(gguf_path: Path, out: Path) -> None:
     with _fork_rng(SEED):  # init of the LM is overwritten below; seed it anyway so nothing is left to chance
         model = LlavaForConditionalGeneration(config)
     model = model.to(torch.float32).eval()
-    state = {f"model.language_model.{k[len('model.'):]}": v for k, v in text_state.items() if k.startswith("model.")}
+    state = {
+        f"model.language_model.{k[len('model.'):]}": v for k, v in text_state.items() if k.startswith("model.")
+    }
     extra = sorted(k for k in text_state if not k.startswith("model.") and k != "lm_head.weight")
     if extra:
         raise RuntimeError(f"unexpected tensors in GGUF: {extra[:5]}")
@@ -309,7 +310,9 @@ def _build_into(gguf_path: Path, out: Path) -> None:
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"demo model weights do not match: missing {missing}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"demo model weights do not match: missing {missing}, unexpected {result.unexpected_keys}"
+        )
     model.tie_weights()
 
     model.generation_config = GenerationConfig(
@@ -336,6 +339,22 @@ def _build_into(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     # Also the classic standalone preprocessor_config.json, for AutoImageProcessor.from_pretrained(dir).
     image_processor.save_pretrained(out)
+
+
+def _default_system_prompt(gguf_template: str | None) -> str | None:
+    """The default system prompt of SmolLM2's GGUF chat template (None if it has none)."""
+    match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", gguf_template or "", flags=re.S)
+    return match.group(1) if match else None
+
+
+def make_chat_template(default_system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The demo model's chat template (see :data:`CHAT_TEMPLATE`), with or without a default system prompt."""
+    block = ""
+    if default_system_prompt is not None:
+        if "'" in default_system_prompt or "\\" in default_system_prompt:
+            raise ValueError(f"cannot embed system prompt {default_system_prompt!r} in a Jinja string literal")
+        block = _DEFAULT_SYSTEM_BLOCK.replace("__SYSTEM__", default_system_prompt)
+    return CHAT_TEMPLATE.replace("__DEFAULT_SYSTEM_BLOCK__", block)
 
 
 def _load_gguf_text_weights(gguf_path: Path, text_config) -> dict:
@@ -366,7 +385,7 @@ def _fork_rng(seed: int) -> Iterator[None]:
 
 
 def _rms(t) -> float:
-    return float(t.double().pow(2).mean().sqrt())
+    return float(t.detach().double().pow(2).mean().sqrt())
 
 
 def typical_image():

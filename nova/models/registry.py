@@ -78,12 +78,15 @@ for _arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
 # LLaVA checkpoints exist in two key layouts: the older one (most published llava-hf weights)
 # ``language_model.model.*`` / ``language_model.lm_head`` / ``vision_tower.*`` /
 # ``multi_modal_projector.*``, and transformers >= 4.52's ``model.language_model.*`` /
-# ``lm_head`` / ``model.vision_tower.*`` / ``model.multi_modal_projector.*``.
+# ``lm_head`` / ``model.vision_tower.*`` / ``model.multi_modal_projector.*``. Published
+# checkpoints also keep a ``vision_model.`` level inside the tower that transformers 5's
+# CLIP/SigLIP vision modules no longer have.
 _LLAVA_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(?:model\.)?language_model\.model\.(.*)$"), r"decoder.model.\1"),
     (re.compile(r"^(?:model\.)?language_model\.lm_head\.(.*)$"), r"decoder.lm_head.\1"),
     (re.compile(r"^model\.language_model\.(.*)$"), r"decoder.model.\1"),
     (re.compile(r"^lm_head\.(.*)$"), r"decoder.lm_head.\1"),
+    (re.compile(r"^(?:model\.)?vision_tower\.vision_model\.(.*)$"), r"vision.vision_tower.\1"),
     (re.compile(r"^(?:model\.)?vision_tower\.(.*)$"), r"vision.vision_tower.\1"),
     (re.compile(r"^(?:model\.)?multi_modal_projector\.(.*)$"), r"vision.multi_modal_projector.\1"),
 ]

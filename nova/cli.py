@@ -1,0 +1,120 @@
+"""The ``nova`` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose {', '.join(table)}")
+    return table[name]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="a Hugging Face model directory, a shipped config name, or 'demo'")
+    p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nova.demo import run_demo
+
+    run_demo(args.model, max_tokens=args.max_tokens, device=args.device)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from nova.models.inputs import InputProcessor
+    from nova.models.loader import load_model
+    from nova.runtime.generate import GenerationRequest, generate
+    from nova.runtime.runner import CacheConfig, ModelRunner
+    from nova.sampling_params import SamplingParams
+
+    loaded = load_model(args.model, args.load_format, _dtype(args.dtype), args.device)
+    proc = InputProcessor(loaded)
+    content: list[dict] = [{"type": "image"} for _ in args.image]
+    content.append({"type": "text", "text": args.prompt})
+    prompt = proc.from_chat([{"role": "user", "content": content}], list(args.image))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    runner = ModelRunner(loaded, CacheConfig(block_size=args.block_size))
+    [res] = generate(runner, [GenerationRequest("cli", prompt, params)])
+    print(proc.decode(res.output_token_ids))
+    print(f"[vision {res.vision_s * 1e3:.1f} ms, prefill {res.prefill_s * 1e3:.1f} ms, "
+          f"decode {res.decode_s * 1e3:.1f} ms, {len(res.output_token_ids)} tokens, "
+          f"{res.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from nova.models.loader import shipped_configs
+    from nova.models.registry import ARCHITECTURES
+
+    print("architectures:", ", ".join(sorted(ARCHITECTURES)))
+    print("shipped configs (use with --load-format dummy):", ", ".join(shipped_configs()))
+    return 0
+
+
+def _cmd_build_demo(args: argparse.Namespace) -> int:
+    from nova.models.demo import build_demo_model
+
+    print(build_demo_model(force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nova", description="Nova VLM serving engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="answer a few agent-like requests on the demo model")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="answer one prompt (optionally with images)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="image file; repeatable")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("models", help="list supported architectures and shipped configs")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("build-demo", help="(re)build the cached demo model directory")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_build_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from nova.models.errors import InvalidInputError, ModelLoadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelLoadError, InvalidInputError, ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"nova: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
