@@ -1,0 +1,137 @@
+"""The scheduling policy interface, its registry, and the first two policies.
+
+A policy decides *when* a stage may run, *which* waiting requests it should take and in what
+order, and the SM partition. The ``Scheduler`` (mechanism) turns a policy's ``BatchPlan`` into
+a ``Batch``: it admits prefills only while their KV blocks fit, grows decode sequences and
+preempts when blocks run out. Policies get the state and the time as arguments and never read
+a clock, so the real engine and the simulator drive the same objects.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from nova.types import Partition, Request, Stage, StageResult
+
+if TYPE_CHECKING:
+    from nova.core.scheduler import SchedulerState
+
+
+@dataclass(slots=True, frozen=True)
+class BatchPlan:
+    """A policy's answer for one stage: candidates in the order to admit them, and limits.
+
+    ``max_requests``/``max_tokens``/``max_images`` are upper bounds; the scheduler may admit
+    fewer (e.g. KV blocks run out). For decode, ``request_ids`` are the running sequences to
+    step; the scheduler preempts from the end of that order when blocks run out.
+    """
+
+    stage: Stage
+    request_ids: tuple[str, ...]
+    max_requests: int | None = None
+    max_tokens: int | None = None
+    max_images: int | None = None
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        """The next batch for ``stage``, which is idle; None to leave it idle for now."""
+
+    def partition(self, state: SchedulerState, now_s: float) -> Partition:
+        return Partition.shared()
+
+    def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
+        """Told after the scheduler has applied ``result``."""
+
+
+POLICIES: dict[str, Callable[..., Policy]] = {}
+
+
+def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
+    def wrap(cls: type[Policy]) -> type[Policy]:
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_policy(name: str, **kwargs: object) -> Policy:
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
+    return factory(**kwargs)
+
+
+def service_order_key(req: Request) -> tuple[int, float, float]:
+    """Lower priority value first, then earlier absolute deadline, then earlier arrival."""
+    deadline = req.absolute_deadline_s
+    return (req.priority, math.inf if deadline is None else deadline, req.arrival_s)
+
+
+@dataclass(slots=True)
+class StageLimits:
+    """Per-batch caps shared by the policies (engine flags set them)."""
+
+    max_vision_images: int = 8
+    max_prefill_tokens: int = 4096
+    max_num_seqs: int = 64
+
+
+def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan | None:
+    queue = state.queue(stage)
+    if not queue:
+        return None
+    ordered = tuple(r.request_id for r in sorted(queue, key=service_order_key))
+    if stage is Stage.VISION:
+        return BatchPlan(stage, ordered, max_images=limits.max_vision_images)
+    if stage is Stage.PREFILL:
+        return BatchPlan(stage, ordered, max_tokens=limits.max_prefill_tokens,
+                         max_requests=limits.max_num_seqs)
+    return BatchPlan(stage, ordered, max_requests=limits.max_num_seqs)
+
+
+@register_policy("multi_stream")
+class MultiStreamPolicy(Policy):
+    """All three stage workers run concurrently whenever they have work; no SM partitioning
+    (the paper's multi-stream baseline: streams contend for the whole GPU)."""
+
+    def __init__(self, limits: StageLimits | None = None) -> None:
+        self.limits = limits or StageLimits()
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        return _plan(stage, state, self.limits)
+
+
+@register_policy("sequential")
+class SequentialPolicy(Policy):
+    """One stage at a time, first come first served: what a naive server does.
+
+    When nothing runs, the stage that holds the earliest-arrived waiting request goes next
+    (decoding requests count as waiting for decode), batched in arrival order. Because running
+    requests are older than new arrivals, the decode set drains before new requests start:
+    run-to-completion batching.
+    """
+
+    def __init__(self, limits: StageLimits | None = None) -> None:
+        self.limits = limits or StageLimits()
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if state.any_running():
+            return None
+        heads = {s: min((r.arrival_s for r in state.queue(s)), default=math.inf) for s in Stage}
+        first = min(heads, key=lambda s: (heads[s], list(Stage).index(s)))
+        if first is not stage or heads[stage] == math.inf:
+            return None
+        plan = _plan(stage, state, self.limits)
+        if plan is None:
+            return None
+        by_arrival = tuple(r.request_id for r in sorted(state.queue(stage), key=lambda r: r.arrival_s))
+        return BatchPlan(stage, by_arrival, plan.max_requests, plan.max_tokens, plan.max_images)

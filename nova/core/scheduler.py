@@ -1,0 +1,306 @@
+"""The scheduler: request lifecycle and KV admission, driven by a ``Policy``. Torch-free, and
+it never reads a clock: every call gets ``now_s``.
+
+Lifecycle: ``add_request`` -> waiting for vision (if it has images) -> waiting for prefill ->
+decoding -> finished. A batch is built by ``schedule(stage, now_s)`` (the policy proposes, the
+scheduler admits) and applied by ``complete(result, now_s)``.
+
+Memory rules:
+- a prefill is admitted only when the blocks of all tokens it computes fit;
+- before a decode step every sequence in it grows by one token; when blocks run out, the
+  lowest-ranked decoding sequence is preempted: its blocks are freed and it goes back to the
+  prefill queue to recompute prompt + outputs later (never an engine failure);
+- finished, failed and aborted requests free their blocks at once — except that a request
+  aborted while its batch is running keeps them until that batch completes, because the
+  executor may still be writing into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nova.core.block_manager import BlockManager, num_blocks_for
+from nova.core.policy import BatchPlan, Policy
+from nova.types import (
+    Batch,
+    BatchItem,
+    Partition,
+    Request,
+    RequestEvent,
+    RequestStatus,
+    Stage,
+    StageResult,
+)
+
+_WAITING_STATUS = {
+    Stage.VISION: RequestStatus.WAITING_VISION,
+    Stage.PREFILL: RequestStatus.WAITING_PREFILL,
+    Stage.DECODE: RequestStatus.DECODING,
+}
+
+
+class RequestRejected(ValueError):
+    """The request can never be served (e.g. larger than the whole KV cache)."""
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    """What policies may look at. ``requests`` holds live (not yet done) requests in arrival order."""
+
+    block_manager: BlockManager
+    requests: dict[str, Request] = field(default_factory=dict)
+    running: dict[Stage, Batch | None] = field(default_factory=lambda: {s: None for s in Stage})
+    in_flight: dict[str, Stage] = field(default_factory=dict)
+    partition: Partition = field(default_factory=Partition.shared)
+    num_preemptions: int = 0
+
+    def queue(self, stage: Stage) -> list[Request]:
+        """Requests waiting for ``stage`` and not inside a running batch, in arrival order."""
+        status = _WAITING_STATUS[stage]
+        return [r for r in self.requests.values()
+                if r.status is status and r.request_id not in self.in_flight]
+
+    def num_in_stage(self, stage: Stage) -> int:
+        """Waiting for or running in ``stage``."""
+        status = _WAITING_STATUS[stage]
+        return sum(1 for r in self.requests.values() if r.status is status)
+
+    def any_running(self) -> bool:
+        return any(b is not None for b in self.running.values())
+
+
+class Scheduler:
+    def __init__(
+        self,
+        policy: Policy,
+        block_manager: BlockManager,
+        eos_token_ids: tuple[int, ...] = (),
+        max_model_len: int | None = None,
+    ) -> None:
+        self.policy = policy
+        self.state = SchedulerState(block_manager)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self._next_batch_id = 0
+        self._abort_in_flight: set[str] = set()
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.state.block_manager
+
+    def has_unfinished(self) -> bool:
+        return bool(self.state.requests) or self.state.any_running()
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(self, req: Request, now_s: float) -> None:
+        if req.request_id in self.state.requests:
+            raise RequestRejected(f"request id {req.request_id!r} is already in use")
+        max_len = len(req.prompt_token_ids) + req.sampling.max_tokens
+        if self.max_model_len is not None:  # generation also stops at the context length
+            max_len = min(max_len, self.max_model_len)
+        if self.max_model_len is not None and len(req.prompt_token_ids) >= self.max_model_len:
+            raise RequestRejected(
+                f"prompt of {len(req.prompt_token_ids)} tokens does not fit the model's context "
+                f"length {self.max_model_len}")
+        bm = self.block_manager
+        if num_blocks_for(max_len, bm.block_size) > bm.num_blocks:
+            raise RequestRejected(
+                f"request needs up to {max_len} tokens of KV cache; the whole cache holds "
+                f"{bm.num_blocks * bm.block_size}")
+        req.arrival_s = now_s
+        req.times.arrival_s = now_s
+        req.status = RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL
+        self.state.requests[req.request_id] = req
+
+    def abort(self, request_id: str, now_s: float) -> RequestEvent | None:
+        """Abort a live request; None if unknown or already done."""
+        req = self.state.requests.get(request_id)
+        if req is None:
+            return None
+        if request_id in self.state.in_flight:
+            self._abort_in_flight.add(request_id)  # blocks freed when its batch completes
+            req.status = RequestStatus.ABORTED
+            req.finish_reason = "abort"
+            req.times.finish_s = now_s
+            del self.state.requests[request_id]
+        else:
+            self._finish(req, RequestStatus.ABORTED, "abort", now_s)
+        return RequestEvent(request_id, (), True, "abort")
+
+    def fail(self, request_id: str, reason: str, now_s: float) -> RequestEvent | None:
+        """Fail a live request that is not in a running batch (e.g. its input broke)."""
+        req = self.state.requests.get(request_id)
+        if req is None or request_id in self.state.in_flight:
+            return None
+        self._finish(req, RequestStatus.FAILED, "error", now_s, error=reason)
+        return RequestEvent(request_id, (), True, "error", reason)
+
+    # -- batches ---------------------------------------------------------------------------
+    def schedule(self, stage: Stage, now_s: float) -> Batch | None:
+        """The next batch for ``stage`` (None if it is busy or the policy/memory says wait)."""
+        if self.state.running[stage] is not None:
+            return None
+        plan = self.policy.next_batch(stage, self.state, now_s)
+        if plan is None:
+            return None
+        if plan.stage is not stage:
+            raise ValueError(f"policy {self.policy.name} planned {plan.stage} for stage {stage}")
+        if stage is Stage.VISION:
+            items = self._admit_vision(plan)
+        elif stage is Stage.PREFILL:
+            items = self._admit_prefill(plan)
+        else:
+            items = self._admit_decode(plan)
+        if not items:
+            return None
+        self.state.partition = self.policy.partition(self.state, now_s)
+        batch = Batch(self._next_batch_id, stage, tuple(items), self.state.partition, now_s)
+        self._next_batch_id += 1
+        for it in items:
+            self.state.in_flight[it.request_id] = stage
+            times = self.state.requests[it.request_id].times
+            if stage is Stage.VISION and times.vision_start_s is None:
+                times.vision_start_s = now_s
+            elif stage is Stage.PREFILL and times.prefill_start_s is None:
+                times.prefill_start_s = now_s
+        self.state.running[stage] = batch
+        return batch
+
+    def _candidates(self, plan: BatchPlan) -> list[Request]:
+        status = _WAITING_STATUS[plan.stage]
+        out = []
+        for rid in plan.request_ids:
+            req = self.state.requests.get(rid)
+            if req is not None and req.status is status and rid not in self.state.in_flight:
+                out.append(req)
+        return out
+
+    def _admit_vision(self, plan: BatchPlan) -> list[BatchItem]:
+        items: list[BatchItem] = []
+        num_images = 0
+        for req in self._candidates(plan):
+            n = len(req.images)
+            if items and plan.max_images is not None and num_images + n > plan.max_images:
+                break
+            if plan.max_requests is not None and len(items) >= plan.max_requests:
+                break
+            items.append(BatchItem(req.request_id, num_images=n))
+            num_images += n
+        return items
+
+    def _admit_prefill(self, plan: BatchPlan) -> list[BatchItem]:
+        bm = self.block_manager
+        items: list[BatchItem] = []
+        num_tokens = 0
+        for req in self._candidates(plan):
+            tokens = req.prefill_token_ids
+            if items and plan.max_tokens is not None and num_tokens + len(tokens) > plan.max_tokens:
+                break
+            if plan.max_requests is not None and len(items) >= plan.max_requests:
+                break
+            if not bm.can_allocate(req.request_id, len(tokens)):
+                break  # FCFS: do not let later, smaller prompts overtake the head
+            table = bm.allocate(req.request_id, len(tokens))
+            items.append(BatchItem(req.request_id, tuple(tokens), 0, tuple(table), len(req.images)))
+            num_tokens += len(tokens)
+        return items
+
+    def _admit_decode(self, plan: BatchPlan) -> list[BatchItem]:
+        bm = self.block_manager
+        cands = self._candidates(plan)
+        if plan.max_requests is not None:
+            cands = cands[: plan.max_requests]
+        chosen = {r.request_id for r in cands}
+        # Victims: decoding requests outside this step first, then the lowest-ranked candidates.
+        others = [r for r in self.state.queue(Stage.DECODE) if r.request_id not in chosen]
+        items: list[BatchItem] = []
+        while cands:
+            req = cands.pop(0)
+            while not bm.can_allocate(req.request_id, req.num_tokens):
+                victims = others or cands
+                if not victims:
+                    break
+                self._preempt(victims.pop())
+            if not bm.can_allocate(req.request_id, req.num_tokens):
+                self._preempt(req)
+                continue
+            bm.grow(req.request_id, req.num_tokens)
+            items.append(BatchItem(
+                req.request_id, (req.output_token_ids[-1],), req.num_tokens - 1,
+                tuple(bm.block_table(req.request_id)),
+            ))
+        return items
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req.request_id)
+        req.status = RequestStatus.WAITING_PREFILL
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.state.num_preemptions += 1
+
+    def complete(self, result: StageResult, now_s: float) -> list[RequestEvent]:
+        """Apply a finished batch; returns one event per request that produced output or ended."""
+        batch = result.batch
+        if self.state.running[batch.stage] is not batch:
+            raise ValueError(f"batch {batch.batch_id} is not the running {batch.stage.value} batch")
+        self.state.running[batch.stage] = None
+        events: list[RequestEvent] = []
+        for item in batch.items:
+            rid = item.request_id
+            self.state.in_flight.pop(rid, None)
+            if rid in self._abort_in_flight:
+                self._abort_in_flight.discard(rid)
+                self.block_manager.free(rid)
+                continue
+            req = self.state.requests[rid]
+            if rid in result.failed:
+                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=result.failed[rid])
+                events.append(RequestEvent(rid, (), True, "error", req.error))
+                continue
+            if batch.stage is Stage.VISION:
+                req.times.vision_end_s = result.end_s
+                req.status = RequestStatus.WAITING_PREFILL
+                continue
+            token = result.new_token_ids.get(rid)
+            if token is None:
+                reason = f"executor returned no token for {batch.stage.value}"
+                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=reason)
+                events.append(RequestEvent(rid, (), True, "error", reason))
+                continue
+            events.append(self._append_token(req, item, token, batch.stage, result.end_s))
+        self.policy.on_batch_done(result, self.state, now_s)
+        return events
+
+    def _append_token(
+        self, req: Request, item: BatchItem, token: int, stage: Stage, end_s: float
+    ) -> RequestEvent:
+        req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
+        if stage is Stage.PREFILL and req.times.prefill_end_s is None:
+            req.times.prefill_end_s = end_s
+        req.output_token_ids.append(token)
+        req.times.token_s.append(end_s)
+        reason = self._stop_reason(req, token)
+        if reason is not None:
+            self._finish(req, RequestStatus.FINISHED, reason, end_s)
+            return RequestEvent(req.request_id, (token,), True, reason)
+        req.status = RequestStatus.DECODING
+        return RequestEvent(req.request_id, (token,), False)
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        sp = req.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(req.output_token_ids) >= sp.max_tokens:
+            return "length"
+        if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(
+        self, req: Request, status: RequestStatus, reason: str, now_s: float, error: str | None = None
+    ) -> None:
+        self.block_manager.free(req.request_id)
+        req.status = status
+        req.finish_reason = reason
+        req.error = error
+        req.times.finish_s = now_s
+        self.state.requests.pop(req.request_id, None)

@@ -1,0 +1,180 @@
+"""The engine loop: three stage workers (vision, prefill, decode) running concurrently.
+
+Each worker thread repeatedly asks the scheduler (under one lock) for the next batch of its
+stage, runs it on the executor outside the lock, and reports the result back. The scheduler and
+the policy are torch-free and clock-free; the engine owns the clock and passes ``now_s`` in.
+Events (new tokens, finishes) go to per-request listeners, called from worker threads.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nova.core.scheduler import Scheduler
+from nova.executor.base import Executor, StageOutput, describe_error
+from nova.sampling_params import SamplingParams
+from nova.types import Request, RequestEvent, Stage, StageResult
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[RequestEvent, Request], None]
+IDLE_WAIT_S = 0.05  # re-ask the policy at least this often when idle (time-driven policies)
+
+
+class Engine:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self._clock = clock
+        self._t0 = clock()
+        self._cond = threading.Condition()
+        self._listeners: dict[str, Listener] = {}
+        self._requests: dict[str, Request] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self.num_batches: dict[Stage, int] = {s: 0 for s in Stage}
+
+    def now(self) -> float:
+        """Seconds since the engine was created."""
+        return self._clock() - self._t0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._threads:
+            return self
+        self._stopping = False
+        for stage in Stage:
+            t = threading.Thread(target=self._worker, args=(stage,), name=f"nova-{stage.value}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(
+        self, req: Request, pixel_values: Any | None = None, listener: Listener | None = None
+    ) -> None:
+        """Submit ``req`` (its arrival time is set to now). Raises ``RequestRejected`` if it can
+        never be served; nothing is kept then."""
+        self.executor.register(req.request_id, req.sampling, pixel_values)
+        with self._cond:
+            try:
+                self.scheduler.add_request(req, self.now())
+            except Exception:
+                self.executor.release(req.request_id)
+                raise
+            self._requests[req.request_id] = req
+            if listener is not None:
+                self._listeners[req.request_id] = listener
+            self._cond.notify_all()
+
+    def abort(self, request_id: str) -> bool:
+        with self._cond:
+            event = self.scheduler.abort(request_id, self.now())
+            if event is None:
+                return False
+            delivered = self._deliver_locked([event])
+            self._cond.notify_all()
+        self._dispatch(delivered)
+        return True
+
+    def has_unfinished(self) -> bool:
+        with self._cond:
+            return self.scheduler.has_unfinished()
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until every submitted request is done; False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self.scheduler.has_unfinished():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=IDLE_WAIT_S if left is None else min(left, IDLE_WAIT_S))
+        return True
+
+    # -- workers ---------------------------------------------------------------------------
+    def _worker(self, stage: Stage) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                batch = self.scheduler.schedule(stage, self.now())
+                if batch is None:
+                    self._cond.wait(timeout=IDLE_WAIT_S)
+                    continue
+            self.executor.set_partition(stage, batch.partition)
+            try:
+                output = self.executor.execute(batch)
+            except Exception as exc:  # noqa: BLE001 - an executor bug must not kill the worker
+                log.exception("%s batch %d failed", stage.value, batch.batch_id)
+                output = StageOutput(failed={rid: describe_error(exc) for rid in batch.request_ids})
+            with self._cond:
+                end_s = self.now()
+                result = StageResult(batch, end_s, output.new_token_ids, output.failed)
+                events = self.scheduler.complete(result, end_s)
+                self.num_batches[stage] += 1
+                delivered = self._deliver_locked(events)
+                for rid in batch.request_ids:
+                    if rid not in self._requests:  # done (possibly aborted mid-batch)
+                        self.executor.release(rid)
+                self._cond.notify_all()
+            self._dispatch(delivered)
+
+    def _deliver_locked(self, events: list[RequestEvent]) -> list[tuple[RequestEvent, Request, Listener | None]]:
+        out = []
+        for ev in events:
+            req = self._requests[ev.request_id]
+            listener = self._listeners.get(ev.request_id)
+            if ev.finished:
+                self._requests.pop(ev.request_id, None)
+                self._listeners.pop(ev.request_id, None)
+                # An abort can land while the request's batch runs: its payload is released
+                # when that batch completes (see _worker), not under the executor's feet.
+                if ev.request_id not in self.scheduler.state.in_flight:
+                    self.executor.release(ev.request_id)
+            out.append((ev, req, listener))
+        return out
+
+    @staticmethod
+    def _dispatch(delivered: list[tuple[RequestEvent, Request, Listener | None]]) -> None:
+        for ev, req, listener in delivered:
+            if listener is None:
+                continue
+            try:
+                listener(ev, req)
+            except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+                log.exception("listener of request %s raised", ev.request_id)
+
+
+def make_request(
+    request_id: str,
+    prompt_token_ids: list[int],
+    sampling: SamplingParams | None = None,
+    images: list | None = None,
+    priority: int = 0,
+    deadline_s: float | None = None,
+) -> Request:
+    return Request(request_id, list(prompt_token_ids), sampling or SamplingParams(),
+                   list(images or []), priority, deadline_s)

@@ -1,0 +1,76 @@
+"""What a stage executor does: run one batch of one stage and say what came out.
+
+Executors own the request payloads the scheduler never sees (pixels, image embeddings, RNGs).
+``execute`` must isolate failures: a part that fails for one request is reported in
+``StageOutput.failed`` and the other requests of the batch still get their results.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nova.sampling_params import SamplingParams
+from nova.types import Batch, BatchItem, Partition, Stage
+
+# Called for each request of a batch before it runs; raising fails that request only.
+# Tests use it to inject faults; it is None in production.
+FaultHook = Callable[[Stage, str], None]
+
+
+@dataclass(slots=True)
+class StageOutput:
+    new_token_ids: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+        """Take a new request's payload (before it is scheduled)."""
+
+    def execute(self, batch: Batch) -> StageOutput:
+        """Run ``batch``; called from the stage's own worker thread."""
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished/aborted/failed request's payload."""
+
+    def set_partition(self, stage: Stage, partition: Partition) -> None:
+        """Use ``partition``'s share for ``stage`` from the next batch on."""
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_isolated(
+    stage: Stage,
+    items: tuple[BatchItem, ...],
+    run: Callable[[list[BatchItem]], dict[str, int]],
+    fault_hook: FaultHook | None,
+) -> StageOutput:
+    """Run ``items`` as one batch; if the batch raises, rerun each item alone so that only the
+    failing requests fail. ``run`` returns request id -> new token (empty for vision)."""
+    out = StageOutput()
+    ok: list[BatchItem] = []
+    for it in items:
+        try:
+            if fault_hook is not None:
+                fault_hook(stage, it.request_id)
+            ok.append(it)
+        except Exception as exc:  # noqa: BLE001 - any failure belongs to this request
+            out.failed[it.request_id] = describe_error(exc)
+    if not ok:
+        return out
+    try:
+        out.new_token_ids.update(run(ok))
+        return out
+    except Exception as exc:  # noqa: BLE001
+        if len(ok) == 1:
+            out.failed[ok[0].request_id] = describe_error(exc)
+            return out
+    for it in ok:
+        try:
+            out.new_token_ids.update(run([it]))
+        except Exception as exc:  # noqa: BLE001
+            out.failed[it.request_id] = describe_error(exc)
+    return out

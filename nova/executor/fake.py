@@ -1,0 +1,78 @@
+"""A deterministic executor without a model, for tests (and later the simulator parity test).
+
+The token after a sequence is a pure function of the whole sequence so far, so outputs do not
+depend on batching, timing or preemption — exactly the property the real engine must have for
+greedy decoding. Optional per-stage delays make batches take time (real sleeps).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from nova.executor.base import FaultHook, StageOutput, run_isolated
+from nova.sampling_params import SamplingParams
+from nova.types import Batch, BatchItem, Partition, Stage
+
+
+def next_token(sequence: list[int], vocab_size: int) -> int:
+    """Deterministic 'model': a rolling hash of the sequence."""
+    h = 17
+    for t in sequence:
+        h = (h * 1_000_003 + t) % 2_147_483_647
+    return h % vocab_size
+
+
+class FakeExecutor:
+    def __init__(
+        self,
+        vocab_size: int = 1000,
+        delay_s: dict[Stage, float] | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.delay_s = delay_s or {}
+        self.fault_hook = fault_hook
+        self._seqs: dict[str, list[int]] = {}  # tokens whose KV would be cached
+        self._lock = threading.Lock()
+        self.batches: list[Batch] = []
+        self.released: list[str] = []
+        self.partitions: dict[Stage, Partition] = {}
+
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+        with self._lock:
+            self._seqs[request_id] = []
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            if self._seqs.pop(request_id, None) is not None:
+                self.released.append(request_id)
+
+    def set_partition(self, stage: Stage, partition: Partition) -> None:
+        self.partitions[stage] = partition
+
+    def execute(self, batch: Batch) -> StageOutput:
+        with self._lock:
+            self.batches.append(batch)
+        delay = self.delay_s.get(batch.stage, 0.0)
+        if delay:
+            time.sleep(delay)
+        return run_isolated(batch.stage, batch.items, self._run(batch.stage), self.fault_hook)
+
+    def _run(self, stage: Stage):
+        def run(items: list[BatchItem]) -> dict[str, int]:
+            if stage is Stage.VISION:
+                return {}
+            out = {}
+            with self._lock:
+                for it in items:
+                    seq = self._seqs[it.request_id]
+                    if len(seq) < it.num_cached_tokens:
+                        raise RuntimeError(f"{it.request_id}: cache holds {len(seq)} tokens, "
+                                           f"batch says {it.num_cached_tokens}")
+                    del seq[it.num_cached_tokens :]
+                    seq.extend(it.token_ids)
+                    out[it.request_id] = next_token(seq, self.vocab_size)
+            return out
+
+        return run

@@ -1,0 +1,109 @@
+"""The real executor: runs stage batches on a ``ModelRunner`` (CPU or one CUDA GPU).
+
+Each stage worker thread calls ``execute`` for its own stage. On CUDA each stage gets its own
+stream; image embeddings stay on the device from vision to prefill, and prefill waits on the
+event recorded after the vision batch that produced them (no host round trip). On a CPU the
+streams are absent and ops run in the calling thread (PyTorch releases the GIL inside ops, so
+the three workers do overlap).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nova.executor.base import FaultHook, StageOutput, run_isolated
+from nova.runtime.forward_batch import SeqInput
+from nova.runtime.runner import ModelRunner
+from nova.runtime.sampler import make_generator, sample
+from nova.sampling_params import SamplingParams
+from nova.types import Batch, BatchItem, Partition, Stage
+
+
+@dataclass(slots=True)
+class _Payload:
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    pixel_values: torch.Tensor | None
+    image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
+    embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
+
+
+class TorchExecutor:
+    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None) -> None:
+        self.runner = runner
+        self.fault_hook = fault_hook
+        self._payloads: dict[str, _Payload] = {}
+        self._lock = threading.Lock()
+        self._on_cuda = runner.device.type == "cuda"
+        self._streams = (
+            {s: torch.cuda.Stream(device=runner.device) for s in Stage} if self._on_cuda else {}
+        )
+        self.partitions: dict[Stage, Partition] = {}
+
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+        with self._lock:
+            self._payloads[request_id] = _Payload(sampling, make_generator(sampling), pixel_values)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._payloads.pop(request_id, None)
+
+    def set_partition(self, stage: Stage, partition: Partition) -> None:
+        # Recorded only: the SM-partition backends (green contexts) come with the GPU issue.
+        self.partitions[stage] = partition
+
+    def _payload(self, request_id: str) -> _Payload:
+        with self._lock:
+            return self._payloads[request_id]
+
+    def execute(self, batch: Batch) -> StageOutput:
+        run = {Stage.VISION: self._vision, Stage.PREFILL: self._prefill, Stage.DECODE: self._decode}
+        fn = run[batch.stage]
+        if not self._on_cuda:
+            return run_isolated(batch.stage, batch.items, fn, self.fault_hook)
+        stream = self._streams[batch.stage]
+        with torch.cuda.stream(stream):
+            out = run_isolated(batch.stage, batch.items, fn, self.fault_hook)
+        stream.synchronize()
+        return out
+
+    def _vision(self, items: list[BatchItem]) -> dict[str, int]:
+        payloads = [self._payload(it.request_id) for it in items]
+        pixels = torch.cat([p.pixel_values for p in payloads])
+        embeds = self.runner.encode_images(pixels)
+        event = None
+        if self._on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        offset = 0
+        for it, p in zip(items, payloads):
+            n = it.num_images
+            p.image_embeds = embeds[offset : offset + n].reshape(-1, embeds.shape[-1])
+            p.embeds_ready = event
+            offset += n
+        return {}
+
+    def _sample(self, items: list[BatchItem], seqs: list[SeqInput]) -> dict[str, int]:
+        logits = self.runner.forward(seqs)
+        payloads = [self._payload(it.request_id) for it in items]
+        tokens = sample(logits, [p.sampling for p in payloads], [p.generator for p in payloads])
+        return {it.request_id: tok for it, tok in zip(items, tokens)}
+
+    def _prefill(self, items: list[BatchItem]) -> dict[str, int]:
+        seqs = []
+        for it in items:
+            p = self._payload(it.request_id)
+            if it.num_images and p.image_embeds is None:
+                raise RuntimeError(f"request {it.request_id} reached prefill without image embeddings")
+            if p.embeds_ready is not None:
+                torch.cuda.current_stream().wait_event(p.embeds_ready)
+            embeds = p.image_embeds if it.num_images else None
+            seqs.append(SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table), embeds))
+        return self._sample(items, seqs)
+
+    def _decode(self, items: list[BatchItem]) -> dict[str, int]:
+        seqs = [SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table)) for it in items]
+        return self._sample(items, seqs)

@@ -1,0 +1,87 @@
+"""The offline API: ``LLM(...).generate(inputs)`` runs a list of requests through the concurrent
+three-stage engine and returns their outputs in input order."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from nova.config import EngineConfig
+from nova.engine.core import NovaEngine
+from nova.metrics import RequestMetrics, request_metrics
+from nova.models.inputs import PromptInput
+from nova.sampling_params import SamplingParams
+from nova.types import Request
+
+# str: a user message (chat template applied); dict: {"prompt": str} raw text, or
+# {"messages": [...]} a chat, or {"prompt_token_ids": [...]}, each with optional "images";
+# PromptInput: already tokenised.
+PromptLike = str | dict[str, Any] | PromptInput
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    error: str | None
+    metrics: RequestMetrics
+
+
+class LLM:
+    def __init__(self, model: str = "demo", **kwargs: Any) -> None:
+        fault_hook = kwargs.pop("fault_hook", None)
+        self.config = EngineConfig(model=model, **kwargs)
+        self.nova = NovaEngine(self.config, fault_hook=fault_hook)
+
+    @property
+    def processor(self):
+        return self.nova.processor
+
+    def to_prompt(self, item: PromptLike) -> PromptInput:
+        proc = self.nova.processor
+        if isinstance(item, PromptInput):
+            return item
+        if isinstance(item, str):
+            return proc.from_chat([{"role": "user", "content": item}])
+        images = item.get("images") or []
+        if "messages" in item:
+            return proc.from_chat(item["messages"], images)
+        if "prompt_token_ids" in item:
+            return proc.from_token_ids(item["prompt_token_ids"], images)
+        if "prompt" in item:
+            return proc.from_text(item["prompt"], images)
+        raise ValueError("an input dict needs 'messages', 'prompt' or 'prompt_token_ids'")
+
+    def generate(
+        self,
+        inputs: list[PromptLike],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(inputs)
+        if len(params) != len(inputs):
+            raise ValueError(f"{len(params)} sampling params for {len(inputs)} inputs")
+        prompts = [self.to_prompt(x) for x in inputs]  # all input errors surface before any runs
+        requests: list[Request] = []
+        self.nova.start()
+        try:
+            for prompt, sp in zip(prompts, params):
+                try:
+                    requests.append(self.nova.submit(prompt, sp or SamplingParams()))
+                except Exception:
+                    for r in requests:  # a rejected input fails the call: stop the others
+                        self.nova.engine.abort(r.request_id)
+                    raise
+            self.nova.engine.wait_idle()
+        finally:
+            self.nova.stop()
+        return [self._output(r) for r in requests]
+
+    def _output(self, req: Request) -> RequestOutput:
+        tok = self.nova.loaded.tokenizer
+        text = self.nova.processor.decode(req.output_token_ids) if tok is not None else None
+        return RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), text,
+                             req.finish_reason, req.error, request_metrics(req))
+
