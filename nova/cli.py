@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nova.demo import run_demo
 
-    run_demo(args.model, max_tokens=args.max_tokens, device=args.device)
+    run_demo(args.model, max_tokens=args.max_tokens, device=args.device, policy=args.policy,
+             num_agent_steps=args.agent_steps)
     return 0
 
 
@@ -60,6 +61,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     print("architectures:", ", ".join(sorted(ARCHITECTURES)))
     print("shipped configs (use with --load-format dummy):", ", ".join(shipped_configs()))
+    from nova.core.policy import POLICIES
+
+    print("policies:", ", ".join(sorted(POLICIES)))
     return 0
 
 
@@ -75,10 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="answer a few agent-like requests on the demo model")
+    p = sub.add_parser("demo", help="a burst of agent-like requests through the engine")
     p.add_argument("--model", default="demo")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--policy", default="multi_stream", help="scheduling policy (see 'nova models')")
+    p.add_argument("--agent-steps", type=int, default=6, help="screenshot requests in the burst")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="answer one prompt (optionally with images)")

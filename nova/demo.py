@@ -1,8 +1,9 @@
 """``nova demo``: the main job on the built-in demo model.
 
-Loads the demo VLM (real SmolLM2-135M-Instruct text model + untrained SigLIP tower), sends a
-few agent-like requests — screenshot + instruction, and a plain text question — through the
-runtime together, and prints each answer with its vision, prefill and decode times.
+Loads the demo VLM (real SmolLM2-135M-Instruct text model + untrained SigLIP tower), starts the
+engine (three concurrent stage workers under the chosen policy), sends a burst of agent-like
+requests — GUI-agent steps with a screenshot + instruction, and plain text questions — all at
+once, and prints each answer, the per-request stage timeline and the aggregate latency table.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nova.models.inputs import InputProcessor
-from nova.models.loader import load_model
-from nova.runtime.generate import GenerationRequest, GenerationResult, generate
-from nova.runtime.runner import CacheConfig, ModelRunner
+from nova.config import EngineConfig
+from nova.engine.core import NovaEngine
+from nova.metrics import format_summary_table, format_timeline, request_metrics, summarize
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
+from nova.types import Request
 
 AGENT_SYSTEM = (
     "You are a GUI agent operating a phone. Answer with one action such as "
@@ -32,12 +33,22 @@ class DemoRequest:
     system: str | None = AGENT_SYSTEM
 
 
-DEMO_REQUESTS = (
-    DemoRequest("agent-step-1", "Turn on Wi-Fi.", with_image=True),
-    DemoRequest("agent-step-2", "Open the battery settings.", with_image=True),
-    DemoRequest("text-question", "What is the capital of France? Answer in one sentence.",
-                with_image=False, system=None),
+AGENT_INSTRUCTIONS = (
+    "Turn on Wi-Fi.", "Open the battery settings.", "Send the message.", "Scroll to Privacy.",
+    "Switch off Bluetooth.", "Open the storage page.",
 )
+TEXT_QUESTIONS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Name three primary colors.",
+)
+
+
+def demo_requests(num_agent_steps: int = 6) -> list[DemoRequest]:
+    steps = [DemoRequest(f"agent-{i}", AGENT_INSTRUCTIONS[i % len(AGENT_INSTRUCTIONS)], True)
+             for i in range(num_agent_steps)]
+    texts = [DemoRequest(f"text-{i}", q, False, system=None) for i, q in enumerate(TEXT_QUESTIONS)]
+    # interleave so that vision, prefill and decode work arrive mixed
+    return [texts[0]] + steps[: len(steps) // 2] + [texts[1]] + steps[len(steps) // 2:]
 
 
 def _messages(req: DemoRequest) -> list[dict]:
@@ -47,34 +58,42 @@ def _messages(req: DemoRequest) -> list[dict]:
     return messages + [{"role": "user", "content": content}]
 
 
-def run_demo(model: str = "demo", max_tokens: int = 48, device: str = "cpu") -> list[GenerationResult]:
-    from nova.models.demo import DEMO_MODEL_NOTE
-
+def run_demo(
+    model: str = "demo", max_tokens: int = 48, device: str = "cpu", policy: str = "multi_stream",
+    num_agent_steps: int = 6,
+) -> list[Request]:
     t0 = time.perf_counter()
-    loaded = load_model(model, device=device)
-    load_s = time.perf_counter() - t0
-    proc = InputProcessor(loaded)
-    runner = ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=256))
+    nova = NovaEngine(EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512))
+    loaded, proc = nova.loaded, nova.processor
     print(f"Nova demo: {loaded.architecture} from {loaded.model_dir}")
     print(f"  {loaded.num_params() / 1e6:.1f}M parameters, {loaded.dtype}, {device}, "
-          f"{torch.get_num_threads()} threads; loaded in {load_s:.1f}s")
-    if model == "demo":
-        print(f"  Note: {DEMO_MODEL_NOTE}")
-    requests = []
-    for i, req in enumerate(DEMO_REQUESTS):
-        images = [make_screenshot(seed=i)] if req.with_image else []
-        prompt = proc.from_chat(_messages(req), images)
-        requests.append(GenerationRequest(req.name, prompt, SamplingParams(max_tokens=max_tokens)))
-    t0 = time.perf_counter()
-    results = generate(runner, requests)
-    total_s = time.perf_counter() - t0
-    print(f"\n{len(results)} requests batched together in {total_s:.2f}s:\n")
-    for req, res in zip(DEMO_REQUESTS, results):
-        n_out = len(res.output_token_ids)
-        print(f"[{req.name}] {'screenshot + ' if req.with_image else ''}\"{req.instruction}\"")
-        print(f"  prompt {len(res.prompt_token_ids)} tokens, output {n_out} tokens ({res.finish_reason})")
-        print(f"  vision {res.vision_s * 1e3:7.1f} ms | prefill {res.prefill_s * 1e3:7.1f} ms | "
-              f"decode {res.decode_s * 1e3:7.1f} ms"
-              + (f" ({res.decode_s * 1e3 / max(1, n_out - 1):.1f} ms/token)" if n_out > 1 else ""))
-        print(f"  answer: {proc.decode(res.output_token_ids).strip()}\n")
-    return results
+          f"{torch.get_num_threads()} threads; ready in {time.perf_counter() - t0:.1f}s; "
+          f"policy {policy}")
+    note = getattr(loaded.hf_config, "nova_demo_note", None)
+    if note:
+        print(f"  Note: {note}")
+    demo = demo_requests(num_agent_steps)
+    prompts = [proc.from_chat(_messages(d), [make_screenshot(seed=i)] if d.with_image else [])
+               for i, d in enumerate(demo)]
+    nova.start()
+    t_start = time.perf_counter()
+    try:
+        reqs = [nova.submit(p, SamplingParams(max_tokens=max_tokens), request_id=d.name)
+                for d, p in zip(demo, prompts)]
+        nova.engine.wait_idle()
+    finally:
+        nova.stop()
+    wall_s = time.perf_counter() - t_start
+    print(f"\n{len(reqs)} requests sent at once, all done in {wall_s:.2f}s:\n")
+    for d, r in zip(demo, reqs):
+        m = request_metrics(r)
+        what = "screenshot + " if d.with_image else ""
+        print(f"[{d.name}] {what}\"{d.instruction}\"  "
+              f"({m.num_prompt_tokens} prompt / {m.num_output_tokens} output tokens, {r.finish_reason})")
+        print(f"  answer: {proc.decode(r.output_token_ids).strip()}")
+    metrics = [request_metrics(r) for r in reqs]
+    print("\nPer-request timeline (ms from the first arrival):")
+    print(format_timeline(metrics))
+    print()
+    print(format_summary_table(summarize(metrics, duration_s=wall_s), title=f"Latency ({policy})"))
+    return reqs

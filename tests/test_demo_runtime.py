@@ -54,13 +54,17 @@ def test_demo_greedy_matches_transformers_text_and_image(demo, hf_demo):
     assert "Paris" in proc.decode(results[0].output_token_ids)
 
 
-def test_nova_demo_command(capsys):
-    assert main(["demo", "--max-tokens", "24"]) == 0
+@pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
+def test_nova_demo_command(capsys, policy):
+    assert main(["demo", "--max-tokens", "16", "--agent-steps", "3", "--policy", policy]) == 0
     out = capsys.readouterr().out
     assert "untrained" in out
-    assert out.count("answer:") == 3
+    assert out.count("answer:") == 5  # 3 agent steps + 2 text questions
     assert "Paris" in out
-    assert "vision" in out and "prefill" in out and "decode" in out
+    assert "Per-request timeline" in out and f"Latency ({policy})" in out
+    for row in ("TTFT", "TPOT", "E2E", "vision queue", "prefill queue"):
+        assert row in out
+    assert "finished 5, aborted 0, failed 0" in out
 
 
 def test_nova_generate_command_and_errors(capsys, tmp_path):
