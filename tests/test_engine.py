@@ -249,3 +249,12 @@ def test_async_engine_streams_and_aborts_on_cancel(tiny_dirs):
         eng.shutdown()
     bm = eng.nova.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_package_exposes_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, nova; assert 'torch' not in sys.modules; "
+            "from nova import LLM, AsyncEngine, SamplingParams, EngineConfig; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
