@@ -258,3 +258,25 @@ def test_package_exposes_api_lazily():
     code = ("import sys, nova; assert 'torch' not in sys.modules; "
             "from nova import LLM, AsyncEngine, SamplingParams, EngineConfig; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_injected_failure_in_real_executor_fails_only_that_request(tiny_dirs):
+    loaded = load_model(tiny_dirs["llama"])
+
+    def hook(stage, rid):
+        if rid == "bad" and stage is Stage.PREFILL:
+            raise RuntimeError("injected prefill fault")
+
+    nova = NovaEngine(EngineConfig(model=str(tiny_dirs["llama"]), block_size=4, num_kv_blocks=64),
+                      loaded=loaded, fault_hook=hook)
+    nova.start()
+    try:
+        reqs = [nova.submit(PromptInput([1, 2, 3 + i]), SamplingParams(max_tokens=5, ignore_eos=True),
+                            request_id=rid) for i, rid in enumerate(("ok-1", "bad", "ok-2"))]
+        assert nova.engine.wait_idle(timeout_s=60)
+    finally:
+        nova.stop()
+    assert reqs[1].status is RequestStatus.FAILED and "injected prefill fault" in reqs[1].error
+    assert [len(r.output_token_ids) for r in (reqs[0], reqs[2])] == [5, 5]
+    assert reqs[0].output_token_ids == _alone(loaded, PromptInput([1, 2, 3]), 5, ignore_eos=True)
+    assert nova.scheduler.block_manager.num_free_blocks == nova.scheduler.block_manager.num_blocks
