@@ -34,7 +34,18 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 VPY=.venv/bin/python
-pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; }
+# Quiet on success; on failure print pip's log and stop (pip's own exit status decides).
+pip_q() {
+  local log
+  log=$(mktemp)
+  if ! "$VPY" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" >&2
+    rm -f "$log"
+    echo "setup: 'pip install $*' failed (see above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch==2.13.0"
