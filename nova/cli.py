@@ -61,9 +61,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     print("architectures:", ", ".join(sorted(ARCHITECTURES)))
     print("shipped configs (use with --load-format dummy):", ", ".join(shipped_configs()))
-    from nova.core.policy import POLICIES
+    from nova.core.policy import available_policies
 
-    print("policies:", ", ".join(sorted(POLICIES)))
+    print("policies:", ", ".join(available_policies()))
     return 0
 
 

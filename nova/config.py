@@ -28,10 +28,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        from nova.core.policy import POLICIES
+        from nova.core.policy import available_policies
 
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+        if self.policy not in available_policies():
+            raise ValueError(
+                f"unknown policy {self.policy!r}; choose one of {', '.join(available_policies())}")
 
     @property
     def torch_dtype(self):

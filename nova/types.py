@@ -137,6 +137,9 @@ class BatchItem:
     num_cached_tokens: int = 0
     block_table: tuple[int, ...] = ()
     num_images: int = 0
+    # False for a prefill chunk that does not reach the end of the prompt: no token is sampled
+    # (and no RNG state consumed) for it.
+    sample: bool = True
 
 
 @dataclass(slots=True, frozen=True)

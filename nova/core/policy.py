@@ -27,6 +27,10 @@ class BatchPlan:
     ``max_requests``/``max_tokens``/``max_images`` are upper bounds; the scheduler may admit
     fewer (e.g. KV blocks run out). For decode, ``request_ids`` are the running sequences to
     step; the scheduler preempts from the end of that order when blocks run out.
+
+    Chunked prefill (time-sliced baselines): a PREFILL plan with ``chunked=True`` may split a
+    prompt to fill ``max_tokens`` exactly; with ``decode_ids`` it first puts one decode token of
+    each of those running sequences into the same batch (the token budget counts them).
     """
 
     stage: Stage
@@ -34,6 +38,8 @@ class BatchPlan:
     max_requests: int | None = None
     max_tokens: int | None = None
     max_images: int | None = None
+    chunked: bool = False
+    decode_ids: tuple[str, ...] = ()
 
 
 class Policy(ABC):
@@ -62,7 +68,20 @@ def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
     return wrap
 
 
+_BUILTIN_POLICY_MODULES = ("nova.core.baselines", "nova.core.nova_policy")
+
+
+def available_policies() -> list[str]:
+    """Names of all registered policies (imports the built-in policy modules once)."""
+    import importlib
+
+    for module in _BUILTIN_POLICY_MODULES:
+        importlib.import_module(module)
+    return sorted(POLICIES)
+
+
 def make_policy(name: str, **kwargs: object) -> Policy:
+    available_policies()
     try:
         factory = POLICIES[name]
     except KeyError:

@@ -147,9 +147,10 @@ class Scheduler:
         if stage is Stage.VISION:
             items = self._admit_vision(plan)
         elif stage is Stage.PREFILL:
-            items = self._admit_prefill(plan)
+            items = self._admit_decode(plan, plan.decode_ids) if plan.decode_ids else []
+            items += self._admit_prefill(plan, num_tokens=len(items))
         else:
-            items = self._admit_decode(plan)
+            items = self._admit_decode(plan, plan.request_ids)
         if not items:
             return None
         self.state.partition = self.policy.partition(self.state, now_s)
@@ -165,10 +166,11 @@ class Scheduler:
         self.state.running[stage] = batch
         return batch
 
-    def _candidates(self, plan: BatchPlan) -> list[Request]:
-        status = _WAITING_STATUS[plan.stage]
+    def _candidates(self, plan: BatchPlan, ids: tuple[str, ...] | None = None,
+                    stage: Stage | None = None) -> list[Request]:
+        status = _WAITING_STATUS[stage or plan.stage]
         out = []
-        for rid in plan.request_ids:
+        for rid in plan.request_ids if ids is None else ids:
             req = self.state.requests.get(rid)
             if req is not None and req.status is status and rid not in self.state.in_flight:
                 out.append(req)
@@ -187,26 +189,42 @@ class Scheduler:
             num_images += n
         return items
 
-    def _admit_prefill(self, plan: BatchPlan) -> list[BatchItem]:
+    def _admit_prefill(self, plan: BatchPlan, num_tokens: int = 0) -> list[BatchItem]:
+        """Whole prompts (or, for a chunked plan, chunks filling the token budget) in order.
+
+        ``num_tokens``: budget already used (decode tokens of a mixed chunked batch).
+        """
         bm = self.block_manager
         items: list[BatchItem] = []
-        num_tokens = 0
+        num_decode_items = num_tokens
         for req in self._candidates(plan):
             tokens = req.prefill_token_ids
-            if items and plan.max_tokens is not None and num_tokens + len(tokens) > plan.max_tokens:
-                break
+            done = req.num_computed_tokens  # > 0: earlier chunks are in the cache
+            take = len(tokens) - done
+            budget_left = None if plan.max_tokens is None else plan.max_tokens - num_tokens
+            if budget_left is not None and take > budget_left:
+                if plan.chunked and budget_left > 0:
+                    take = budget_left
+                elif items or num_decode_items:
+                    break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
-            if not bm.can_allocate(req.request_id, len(tokens)):
+            if not bm.can_allocate(req.request_id, done + take):
                 break  # FCFS: do not let later, smaller prompts overtake the head
-            table = bm.allocate(req.request_id, len(tokens))
-            items.append(BatchItem(req.request_id, tuple(tokens), 0, tuple(table), len(req.images)))
-            num_tokens += len(tokens)
+            if bm.has_seq(req.request_id):
+                bm.grow(req.request_id, done + take)
+            else:
+                bm.allocate(req.request_id, done + take)
+            images = len(req.images) if done == 0 else 0
+            items.append(BatchItem(req.request_id, tuple(tokens[done: done + take]), done,
+                                   tuple(bm.block_table(req.request_id)), images,
+                                   sample=done + take == len(tokens)))
+            num_tokens += take
         return items
 
-    def _admit_decode(self, plan: BatchPlan) -> list[BatchItem]:
+    def _admit_decode(self, plan: BatchPlan, ids: tuple[str, ...]) -> list[BatchItem]:
         bm = self.block_manager
-        cands = self._candidates(plan)
+        cands = self._candidates(plan, ids, Stage.DECODE)
         if plan.max_requests is not None:
             cands = cands[: plan.max_requests]
         chosen = {r.request_id for r in cands}
@@ -259,6 +277,9 @@ class Scheduler:
             if batch.stage is Stage.VISION:
                 req.times.vision_end_s = result.end_s
                 req.status = RequestStatus.WAITING_PREFILL
+                continue
+            if not item.sample:  # a prefill chunk short of the prompt's end: progress only
+                req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
                 continue
             token = result.new_token_ids.get(rid)
             if token is None:

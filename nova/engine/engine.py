@@ -77,7 +77,7 @@ class Engine:
     ) -> None:
         """Submit ``req`` (its arrival time is set to now). Raises ``RequestRejected`` if it can
         never be served; nothing is kept then."""
-        self.executor.register(req.request_id, req.sampling, pixel_values)
+        self.executor.register(req.request_id, req.sampling, pixel_values, tuple(req.prompt_token_ids))
         with self._cond:
             try:
                 self.scheduler.add_request(req, self.now())

@@ -25,7 +25,8 @@ class StageOutput:
 
 
 class Executor(Protocol):
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
+                 prompt_token_ids: tuple[int, ...] = ()) -> None:
         """Take a new request's payload (before it is scheduled)."""
 
     def execute(self, batch: Batch) -> StageOutput:

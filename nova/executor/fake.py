@@ -39,7 +39,8 @@ class FakeExecutor:
         self.released: list[str] = []
         self.partitions: dict[Stage, Partition] = {}
 
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
+                 prompt_token_ids: tuple[int, ...] = ()) -> None:
         with self._lock:
             self._seqs[request_id] = []
 
@@ -72,7 +73,8 @@ class FakeExecutor:
                                            f"batch says {it.num_cached_tokens}")
                     del seq[it.num_cached_tokens :]
                     seq.extend(it.token_ids)
-                    out[it.request_id] = next_token(seq, self.vocab_size)
+                    if it.sample:
+                        out[it.request_id] = next_token(seq, self.vocab_size)
             return out
 
         return run

@@ -27,6 +27,7 @@ class _Payload:
     sampling: SamplingParams
     generator: torch.Generator | None
     pixel_values: torch.Tensor | None
+    prompt_token_ids: tuple[int, ...] = ()
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
 
@@ -43,9 +44,11 @@ class TorchExecutor:
         )
         self.partitions: dict[Stage, Partition] = {}
 
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None) -> None:
+    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
+                 prompt_token_ids: tuple[int, ...] = ()) -> None:
         with self._lock:
-            self._payloads[request_id] = _Payload(sampling, make_generator(sampling), pixel_values)
+            self._payloads[request_id] = _Payload(
+                sampling, make_generator(sampling), pixel_values, tuple(prompt_token_ids))
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -87,20 +90,35 @@ class TorchExecutor:
         return {}
 
     def _sample(self, items: list[BatchItem], seqs: list[SeqInput]) -> dict[str, int]:
+        """Forward all items; sample only those that want a token (not mid-prompt chunks)."""
         logits = self.runner.forward(seqs)
-        payloads = [self._payload(it.request_id) for it in items]
-        tokens = sample(logits, [p.sampling for p in payloads], [p.generator for p in payloads])
-        return {it.request_id: tok for it, tok in zip(items, tokens)}
+        rows = [i for i, it in enumerate(items) if it.sample]
+        if not rows:
+            return {}
+        payloads = [self._payload(items[i].request_id) for i in rows]
+        tokens = sample(logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads])
+        return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
+
+    def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
+        """The image embeddings for the placeholders inside this (possibly partial) prefill."""
+        image_token = self.runner.model.image_token_id
+        if image_token is None:
+            return None
+        num_here = it.token_ids.count(image_token)
+        if num_here == 0:
+            return None
+        if p.image_embeds is None:
+            raise RuntimeError(f"request {it.request_id} reached prefill without image embeddings")
+        if p.embeds_ready is not None:
+            torch.cuda.current_stream().wait_event(p.embeds_ready)
+        # Image tokens live in the prompt only; those before this chunk were consumed earlier.
+        before = p.prompt_token_ids[: it.num_cached_tokens].count(image_token)
+        return p.image_embeds[before : before + num_here]
 
     def _prefill(self, items: list[BatchItem]) -> dict[str, int]:
         seqs = []
         for it in items:
-            p = self._payload(it.request_id)
-            if it.num_images and p.image_embeds is None:
-                raise RuntimeError(f"request {it.request_id} reached prefill without image embeddings")
-            if p.embeds_ready is not None:
-                torch.cuda.current_stream().wait_event(p.embeds_ready)
-            embeds = p.image_embeds if it.num_images else None
+            embeds = self._chunk_embeds(it, self._payload(it.request_id))
             seqs.append(SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table), embeds))
         return self._sample(items, seqs)
 

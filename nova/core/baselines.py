@@ -1,0 +1,102 @@
+"""The baselines Nova is measured against, all behind the same ``Policy`` interface.
+
+- ``pf_limit``: time-sliced (one batch at a time on the whole GPU), prefill-first: waiting
+  vision/prefill work runs before decode, but after ``max_consecutive_prefills`` front-stage
+  batches in a row while sequences wait to decode, one decode step must run (the limit).
+- ``chunked_prefill``: time-sliced, vLLM-style: every step carries one decode token of every
+  running sequence plus prompt chunks filling a token budget (default 128, decode tokens
+  included); a request's images are encoded inline, in their own step, before its first chunk.
+- ``static_partition``: all stages concurrently, each on a fixed SM share.
+"""
+from __future__ import annotations
+
+from nova.core.policy import (
+    BatchPlan,
+    Policy,
+    StageLimits,
+    _plan,
+    register_policy,
+    service_order_key,
+)
+from nova.core.scheduler import SchedulerState
+from nova.types import Partition, Stage, StageResult
+
+
+def _front_stage(state: SchedulerState) -> Stage | None:
+    """VISION or PREFILL, whichever holds the best-ranked waiting request; None if neither."""
+    # queue() is in arrival order, but priority/deadline may reorder: rank the whole queues
+    ranked = [(min(service_order_key(r) for r in state.queue(s)), s)
+              for s in (Stage.VISION, Stage.PREFILL) if state.queue(s)]
+    return min(ranked)[1] if ranked else None
+
+
+@register_policy("pf_limit")
+class PrefillFirstLimitPolicy(Policy):
+    def __init__(self, limits: StageLimits | None = None, max_consecutive_prefills: int = 4) -> None:
+        if max_consecutive_prefills < 1:
+            raise ValueError("max_consecutive_prefills must be >= 1")
+        self.limits = limits or StageLimits()
+        self.max_consecutive_prefills = max_consecutive_prefills
+        self._streak = 0  # front-stage batches since the last decode step
+
+    def _choose(self, state: SchedulerState) -> Stage | None:
+        front = _front_stage(state)
+        has_decode = bool(state.queue(Stage.DECODE))
+        if front is not None and (not has_decode or self._streak < self.max_consecutive_prefills):
+            return front
+        return Stage.DECODE if has_decode else None
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if state.any_running() or self._choose(state) is not stage:
+            return None
+        return _plan(stage, state, self.limits)
+
+    def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
+        self._streak = 0 if result.batch.stage is Stage.DECODE else self._streak + 1
+
+
+@register_policy("chunked_prefill")
+class ChunkedPrefillPolicy(Policy):
+    def __init__(self, limits: StageLimits | None = None, token_budget: int = 128) -> None:
+        if token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+        self.limits = limits or StageLimits()
+        self.token_budget = token_budget
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if state.any_running():
+            return None
+        front = _front_stage(state)
+        decode_ids = tuple(r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key))
+        decode_ids = decode_ids[: self.limits.max_num_seqs]
+        if front is Stage.VISION:
+            # Inline encoder step for the best-ranked request, before its first chunk.
+            if stage is not Stage.VISION:
+                return None
+            head = min(state.queue(Stage.VISION), key=service_order_key)
+            return BatchPlan(Stage.VISION, (head.request_id,), max_requests=1)
+        if front is Stage.PREFILL:
+            if stage is not Stage.PREFILL:
+                return None
+            ordered = tuple(r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key))
+            return BatchPlan(Stage.PREFILL, ordered, max_tokens=self.token_budget,
+                             max_requests=self.limits.max_num_seqs, chunked=True, decode_ids=decode_ids)
+        if decode_ids and stage is Stage.DECODE:
+            return BatchPlan(Stage.DECODE, decode_ids, max_requests=self.limits.max_num_seqs)
+        return None
+
+
+@register_policy("static_partition")
+class StaticPartitionPolicy(Policy):
+    """All three stages concurrently, like ``multi_stream``, on a fixed SM split."""
+
+    def __init__(self, limits: StageLimits | None = None,
+                 partition: Partition | None = None) -> None:
+        self.limits = limits or StageLimits()
+        self.fixed = partition or Partition(vision=0.4, prefill=0.4, decode=0.2, name="static")
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        return _plan(stage, state, self.limits)
+
+    def partition(self, state: SchedulerState, now_s: float) -> Partition:
+        return self.fixed
