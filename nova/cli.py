@@ -74,6 +74,22 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nova.sim.eval import EXPERIMENTS, run_experiment
+
+    if args.list or not args.name:
+        for name, exp in sorted(EXPERIMENTS.items()):
+            print(f"{name:14s} {exp.description}")
+        return 0
+    out = Path(args.out or f"eval-results/{args.name}")
+    report = run_experiment(args.name, out, num_requests=args.num_requests)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}; plots: {out}/*.png")
+    return 0 if report else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova", description="Nova VLM serving engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -101,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list supported architectures and shipped configs")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("eval", help="run a named experiment in the simulator (results + plots)")
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--out", help="output directory (default eval-results/NAME)")
+    p.add_argument("--num-requests", type=int, default=None, help="requests per load point")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("build-demo", help="(re)build the cached demo model directory")
     p.add_argument("--force", action="store_true")

@@ -15,6 +15,7 @@ from nova.core.policy import (
     Policy,
     StageLimits,
     _plan,
+    prefill_head_fits,
     register_policy,
     service_order_key,
 )
@@ -42,6 +43,8 @@ class PrefillFirstLimitPolicy(Policy):
     def _choose(self, state: SchedulerState) -> Stage | None:
         front = _front_stage(state)
         has_decode = bool(state.queue(Stage.DECODE))
+        if front is Stage.PREFILL and has_decode and not prefill_head_fits(state):
+            front = Stage.VISION if state.queue(Stage.VISION) else None  # decode frees blocks
         if front is not None and (not has_decode or self._streak < self.max_consecutive_prefills):
             return front
         return Stage.DECODE if has_decode else None

@@ -1,25 +1,33 @@
 """``nova``: adaptive SM partitioning on the latency-throughput Pareto frontier.
 
-Each stage (vision, prefill, decode) runs on its own SM share. The policy re-plans the shares as
+Decode is memory-bound and reaches most of the HBM bandwidth with a fraction of the SMs; vision
+and prefill are compute-bound. So Nova overlaps decode with the compute stages: decode runs on a
+share ``d`` of the SMs and the compute partition ``1 - d`` runs vision or prefill. Vision and
+prefill never co-run: splitting SMs between two compute-bound stages only time-shares them more
+slowly (the paper's operating points are likewise "decode with vision" and "decode with
+prefill"); prefill goes first (its request is further along; shortest remaining work first),
+unless the oldest waiting image has waited ``vision_starvation_s``. The policy re-plans ``d`` as
 load changes:
 
 1. **Load estimate.** From the requests it has seen (their arrival times, images, prompt and
    output lengths) it keeps the arrival rate ``lam_rps`` over a sliding window and the mean
    request shape.
-2. **Candidates.** For every set of *active* stages (those with waiting or running work) it
-   enumerates partitions on the GPU's SM granularity: the decode share ``d`` on a grid, and the
-   rest split between vision and prefill (in a few ratios when both are active). Shares of
-   idle stages go to the active ones.
+2. **Candidates.** When decode and a compute stage both have work: the decode share ``d`` on
+   the GPU's SM granularity grid (at least ``min_decode_share``), the compute stages ``1 - d``.
+   A lone stage gets the whole GPU.
 3. **Prediction** for each candidate, from the cost model (``time_s(work, share, co_running,
    isolated=True)``, which includes bandwidth interference between co-running stages):
-   - vision and prefill are M/G/1 queues (Pollaczek-Khinchine): ``W = lam E[S^2] / (2 (1 - rho))``
-     with ``E[S^2] = S^2 (1 + cv2)``; ``rho >= 1`` means the partition cannot carry the load;
-   - decode is a batch server: its batch size ``B`` solves Little's law ``B = lam * n_out *
-     T(B)`` (fixed point), and a request spends ``n_out * T(B)``;
-   - tail latency: each queue's waiting time is taken as exponential with the P-K mean
-     (heavy-traffic approximation), so its 99th percentile is ``W / rho * ln(100 rho)``, summed
-     over the queues (conservative) plus service and decode times;
-   - capacity (requests/s): the smallest of the stages' service rates.
+   - vision + prefill form one M/G/1 server (Pollaczek-Khinchine) with service
+     ``S = f_img S_vision + S_prefill`` at share ``1 - d`` while decode co-runs:
+     ``W = lam E[S^2] / (2 (1 - rho))``, ``E[S^2] = S^2 (1 + cv2)``; ``rho >= 1``: the partition
+     cannot carry the load;
+   - decode is a batch server: its batch ``B`` solves Little's law ``B = lam n_out T(B)`` (fixed
+     point); its step time is ``T(B, d, co-running)`` while the compute server is busy (a
+     fraction ``rho`` of the time) and ``T(B, 1.0)`` otherwise;
+   - tail latency: the waiting time is taken as exponential with the P-K mean (heavy-traffic
+     approximation), so its 99th percentile is ``W / rho * ln(100 rho)``; plus service and
+     ``n_out`` decode steps;
+   - capacity (requests/s): the smaller of the compute server's and decode's.
 4. **Choice.** Keep the Pareto frontier of (predicted p99 latency, capacity); pick the point with
    the lowest predicted latency whose capacity is at least ``(1 + capacity_margin) * lam``; if
    none can carry the load, the one with the most capacity.
@@ -77,15 +85,13 @@ class _Observed:
     num_seen: int = 0
 
 
-def _stage_shares(active: frozenset[Stage], decode: float, vision_frac: float) -> Partition:
-    """A partition over the active stages; idle stages get a token share (never used)."""
-    rest = 1.0 - decode if Stage.DECODE in active else 1.0
-    has_v, has_p = Stage.VISION in active, Stage.PREFILL in active
-    v = rest * vision_frac if has_v and has_p else (rest if has_v else 0.0)
-    p = rest - v if has_p else 0.0
-    d = decode if Stage.DECODE in active else 0.0
-    eps = 1e-3  # Partition needs (0, 1]; an idle stage's share is irrelevant
-    return Partition(vision=max(v, eps), prefill=max(p, eps), decode=max(d, eps), name="nova")
+def _compute_decode_partition(decode: float) -> Partition:
+    """Decode on ``decode``; vision and prefill (which never co-run) on the rest.
+    ``decode == 0`` (no decode work) or ``1`` (only decode) give the whole GPU to one side;
+    Partition needs shares in (0, 1], so the idle side keeps a token share it never uses."""
+    eps = 1e-3
+    compute = 1.0 - decode if 0.0 < decode < 1.0 else (1.0 if decode == 0.0 else eps)
+    return Partition(vision=compute, prefill=compute, decode=max(decode, eps), name="nova")
 
 
 @register_policy("nova")
@@ -103,7 +109,7 @@ class NovaPolicy(Policy):
         replan_rate_change: float = 0.15,
         rate_window_s: float = 60.0,
         cv2: float = 0.3,
-        vision_fracs: tuple[float, ...] = (0.3, 0.5, 0.7),
+        vision_starvation_s: float = 10.0,
     ) -> None:
         if cost_model is None:
             raise ValueError("the nova policy needs a cost model (nova.cost) to predict stage times")
@@ -118,7 +124,7 @@ class NovaPolicy(Policy):
         self.replan_rate_change = replan_rate_change
         self.rate_window_s = rate_window_s
         self.cv2 = cv2
-        self.vision_fracs = vision_fracs
+        self.vision_starvation_s = vision_starvation_s
         self._obs = _Observed()
         self._seen: set[str] = set()
         self._plan_lam: float | None = None
@@ -129,6 +135,15 @@ class NovaPolicy(Policy):
 
     # -- the Policy interface ------------------------------------------------------------------
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if stage is Stage.PREFILL and state.running[Stage.VISION] is not None:
+            return None
+        if stage is Stage.VISION:
+            if state.running[Stage.PREFILL] is not None:
+                return None
+            vision_q = state.queue(Stage.VISION)
+            starving = bool(vision_q) and now_s - vision_q[0].arrival_s >= self.vision_starvation_s
+            if state.queue(Stage.PREFILL) and not starving:
+                return None  # prefill first
         return _plan(stage, state, self.limits)
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
@@ -195,51 +210,49 @@ class NovaPolicy(Policy):
             Stage.DECODE: StageWork(Stage.DECODE, new_tokens=(1,) * b, context_lens=(ctx,) * b),
         }
 
-    def _time(self, stage: Stage, part: Partition, works: dict[Stage, Any], active: frozenset[Stage]) -> float:
-        others = [(works[s], part.share(s)) for s in active if s is not stage]
-        return self.cost.time_s(works[stage], part.share(stage), others, True)
-
     def predict(self, part: Partition, active: frozenset[Stage], load: LoadEstimate) -> Prediction:
         lam = load.lam_rps
         n_out = max(1.0, load.output_tokens)
-        batch = 1.0
-        works = self._works(load, batch)
-        t_step = self._time(Stage.DECODE, part, works, active) if Stage.DECODE in active else 0.0
-        for _ in range(6):  # Little's law fixed point for the decode batch
-            if Stage.DECODE not in active:
-                break
-            batch = min(max(1.0, lam * n_out * t_step), float(self.limits.max_num_seqs))
-            works = self._works(load, batch)
-            t_step = self._time(Stage.DECODE, part, works, active)
-        mean = tail = n_out * t_step
-        capacity = batch / t_step / n_out if t_step > 0 else math.inf
-        if Stage.DECODE in active and batch >= self.limits.max_num_seqs and lam * n_out * t_step > batch:
+        has_compute = bool(active & {Stage.VISION, Stage.PREFILL})
+        has_decode = Stage.DECODE in active
+        compute_share = part.prefill  # vision and prefill share one partition (never co-run)
+        works = self._works(load, 1.0)
+        busy, service, second_moment = 0.0, 0.0, 0.0
+        if has_compute:
+            decode_co = [(works[Stage.DECODE], part.decode)] if has_decode else []
+            s_v = self.cost.time_s(works[Stage.VISION], compute_share, decode_co, True)
+            s_p = self.cost.time_s(works[Stage.PREFILL], compute_share, decode_co, True)
+            service = load.image_fraction * s_v + s_p
+            second_moment = service * service * (1.0 + self.cv2)
+            busy = lam * service
+            if busy >= 1.0:
+                return Prediction(part, math.inf, math.inf, 1.0 / service, 1.0)
+        capacity = 1.0 / service if service > 0 else math.inf
+        t_step, batch = 0.0, 1.0
+        if has_decode:
+            for _ in range(6):  # Little's law fixed point for the decode batch
+                works = self._works(load, batch)
+                co = [(works[Stage.PREFILL], compute_share)] if has_compute else []
+                t_co = self.cost.time_s(works[Stage.DECODE], part.decode, co, True) if has_compute else 0.0
+                t_alone = self.cost.time_s(works[Stage.DECODE], 1.0, (), True)
+                t_step = busy * t_co + (1.0 - busy) * t_alone
+                batch = min(max(1.0, lam * n_out * t_step), float(self.limits.max_num_seqs))
             capacity = min(capacity, self.limits.max_num_seqs / t_step / n_out)
-        for stage, lam_s in ((Stage.VISION, lam * load.image_fraction), (Stage.PREFILL, lam)):
-            if stage not in active:
-                continue
-            service = self._time(stage, part, works, active)
-            capacity = min(capacity, (1.0 / service) * (lam / lam_s if lam_s > 0 else math.inf))
-            rho = lam_s * service
-            if rho >= 1.0:
-                return Prediction(part, math.inf, math.inf, capacity, batch)
-            wait = lam_s * service * service * (1.0 + self.cv2) / (2.0 * (1.0 - rho))
-            weight = load.image_fraction if stage is Stage.VISION else 1.0
-            mean += weight * (wait + service)
-            tail += service + (wait / rho * math.log(100 * rho) if rho > 0.01 else 0.0)
+        wait = lam * second_moment / (2.0 * (1.0 - busy)) if has_compute else 0.0
+        tail_wait = wait / busy * math.log(100 * busy) if busy > 0.01 else 0.0
+        mean = wait + service + n_out * t_step
+        tail = tail_wait + service + n_out * t_step
         return Prediction(part, mean, tail, capacity, batch)
 
     def candidates(self, active: frozenset[Stage], draining: bool) -> list[Partition]:
-        if Stage.DECODE in active and len(active) > 1:
+        if Stage.DECODE in active and active & {Stage.VISION, Stage.PREFILL}:
             steps = int(round(1.0 / self.grid))
-            decode_shares = [k * self.grid for k in range(1, steps)
-                             if k * self.grid >= self.min_decode_share - 1e-9]
+            shares = [k * self.grid for k in range(1, steps) if k * self.grid >= self.min_decode_share - 1e-9]
             if draining:
-                decode_shares = decode_shares[:1]
+                shares = shares[:1]
         else:
-            decode_shares = [1.0 if active == {Stage.DECODE} else 0.0]
-        fracs = self.vision_fracs if {Stage.VISION, Stage.PREFILL} <= active else (0.5,)
-        return [_stage_shares(active, d, f) for d in decode_shares for f in fracs]
+            shares = [1.0 if Stage.DECODE in active else 0.0]
+        return [_compute_decode_partition(d) for d in shares]
 
     def pareto_frontier(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> list[Prediction]:
         preds = [self.predict(p, active, load) for p in self.candidates(active, draining)]

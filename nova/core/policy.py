@@ -95,6 +95,19 @@ def service_order_key(req: Request) -> tuple[int, float, float]:
     return (req.priority, math.inf if deadline is None else deadline, req.arrival_s)
 
 
+def prefill_head_fits(state: SchedulerState, max_tokens: int | None = None) -> bool:
+    """Whether the best-ranked waiting prefill (its next ``max_tokens`` tokens, or all) can get
+    its KV blocks now. Time-sliced policies must not pick prefill when it cannot: the blocks
+    are held by decoding sequences, which only a decode step (finishing or preempting) frees."""
+    queue = state.queue(Stage.PREFILL)
+    if not queue:
+        return True
+    head = min(queue, key=service_order_key)
+    left = len(head.prefill_token_ids) - head.num_computed_tokens
+    take = left if max_tokens is None else min(left, max_tokens)
+    return state.block_manager.can_allocate(head.request_id, head.num_computed_tokens + take)
+
+
 @dataclass(slots=True)
 class StageLimits:
     """Per-batch caps shared by the policies (engine flags set them)."""
@@ -146,6 +159,8 @@ class SequentialPolicy(Policy):
         if state.any_running():
             return None
         heads = {s: min((r.arrival_s for r in state.queue(s)), default=math.inf) for s in Stage}
+        if heads[Stage.DECODE] < math.inf and not prefill_head_fits(state):
+            heads[Stage.PREFILL] = math.inf  # decode must free blocks first
         first = min(heads, key=lambda s: (heads[s], list(Stage).index(s)))
         if first is not stage or heads[stage] == math.inf:
             return None

@@ -209,6 +209,8 @@ class Scheduler:
                     break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
+            if not bm.can_allocate(req.request_id, done + take) and not items and not num_decode_items:
+                self._free_partial_prefills_for(req, done + take)
             if not bm.can_allocate(req.request_id, done + take):
                 break  # FCFS: do not let later, smaller prompts overtake the head
             if bm.has_seq(req.request_id):
@@ -247,6 +249,16 @@ class Scheduler:
                 tuple(bm.block_table(req.request_id)),
             ))
         return items
+
+    def _free_partial_prefills_for(self, head: Request, num_tokens: int) -> None:
+        """Chunked prefill: lower-ranked, partially prefilled requests may hold the blocks the
+        head needs; preempt them (last first) until the head fits or none is left."""
+        bm = self.block_manager
+        holders = [r for r in self.state.requests.values()
+                   if r is not head and r.status is RequestStatus.WAITING_PREFILL
+                   and r.num_computed_tokens > 0 and r.request_id not in self.state.in_flight]
+        while holders and not bm.can_allocate(head.request_id, num_tokens):
+            self._preempt(holders.pop())
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req.request_id)

@@ -107,11 +107,13 @@ class Simulator:
         image_tokens: int = 576,
         max_model_len: int | None = None,
         work_fn: Any = work_of,
+        check_invariants: bool = False,
     ) -> None:
         self.scheduler = Scheduler(policy, BlockManager(num_kv_blocks, block_size), (), max_model_len)
         self.cost = cost_model
         self.image_tokens = image_tokens
         self.work_fn = work_fn
+        self.check_invariants = check_invariants  # KV integrity after every event (tests)
         self._seq = itertools.count()
 
     def _make_request(self, a: SimArrival) -> Request:
@@ -179,6 +181,8 @@ class Simulator:
                     if ev.finished and sid in by_session and by_session[sid]:
                         nxt = by_session[sid].pop(0)
                         heapq.heappush(heap, (t + nxt.think_time_s, next(self._seq), nxt))
+            if self.check_invariants:
+                sched.block_manager.check_integrity()
             while heap and heap[0][0] <= t + _EPS:
                 _, _, a = heapq.heappop(heap)
                 req = self._make_request(a)
