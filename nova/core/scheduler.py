@@ -48,21 +48,33 @@ class SchedulerState:
 
     block_manager: BlockManager
     requests: dict[str, Request] = field(default_factory=dict)
+    # live requests by status, each in the order they entered it (kept by ``set_status``)
+    by_status: dict[RequestStatus, dict[str, Request]] = field(
+        default_factory=lambda: {s: {} for s in _WAITING_STATUS.values()})
     running: dict[Stage, Batch | None] = field(default_factory=lambda: {s: None for s in Stage})
     in_flight: dict[str, Stage] = field(default_factory=dict)
     partition: Partition = field(default_factory=Partition.shared)
     num_preemptions: int = 0
 
+    def set_status(self, req: Request, status: RequestStatus) -> None:
+        old = self.by_status.get(req.status)
+        if old is not None:
+            old.pop(req.request_id, None)
+        req.status = status
+        index = self.by_status.get(status)
+        if index is not None:
+            index[req.request_id] = req
+
     def queue(self, stage: Stage) -> list[Request]:
-        """Requests waiting for ``stage`` and not inside a running batch, in arrival order."""
-        status = _WAITING_STATUS[stage]
-        return [r for r in self.requests.values()
-                if r.status is status and r.request_id not in self.in_flight]
+        """Requests waiting for ``stage`` and not inside a running batch, in the order they
+        entered that stage (arrival order, except that a preempted request re-enters prefill
+        later; policies rank with ``service_order_key`` anyway)."""
+        return [r for r in self.by_status[_WAITING_STATUS[stage]].values()
+                if r.request_id not in self.in_flight]
 
     def num_in_stage(self, stage: Stage) -> int:
         """Waiting for or running in ``stage``."""
-        status = _WAITING_STATUS[stage]
-        return sum(1 for r in self.requests.values() if r.status is status)
+        return len(self.by_status[_WAITING_STATUS[stage]])
 
     def any_running(self) -> bool:
         return any(b is not None for b in self.running.values())
@@ -108,8 +120,9 @@ class Scheduler:
                 f"{bm.num_blocks * bm.block_size}")
         req.arrival_s = now_s
         req.times.arrival_s = now_s
-        req.status = RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL
         self.state.requests[req.request_id] = req
+        self.state.set_status(
+            req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL)
 
     def abort(self, request_id: str, now_s: float) -> RequestEvent | None:
         """Abort a live request; None if unknown or already done."""
@@ -118,7 +131,7 @@ class Scheduler:
             return None
         if request_id in self.state.in_flight:
             self._abort_in_flight.add(request_id)  # blocks freed when its batch completes
-            req.status = RequestStatus.ABORTED
+            self.state.set_status(req, RequestStatus.ABORTED)
             req.finish_reason = "abort"
             req.times.finish_s = now_s
             del self.state.requests[request_id]
@@ -262,7 +275,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req.request_id)
-        req.status = RequestStatus.WAITING_PREFILL
+        self.state.set_status(req, RequestStatus.WAITING_PREFILL)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.state.num_preemptions += 1
@@ -288,7 +301,7 @@ class Scheduler:
                 continue
             if batch.stage is Stage.VISION:
                 req.times.vision_end_s = result.end_s
-                req.status = RequestStatus.WAITING_PREFILL
+                self.state.set_status(req, RequestStatus.WAITING_PREFILL)
                 continue
             if not item.sample:  # a prefill chunk short of the prompt's end: progress only
                 req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
@@ -315,7 +328,7 @@ class Scheduler:
         if reason is not None:
             self._finish(req, RequestStatus.FINISHED, reason, end_s)
             return RequestEvent(req.request_id, (token,), True, reason)
-        req.status = RequestStatus.DECODING
+        self.state.set_status(req, RequestStatus.DECODING)
         return RequestEvent(req.request_id, (token,), False)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
@@ -332,7 +345,7 @@ class Scheduler:
         self, req: Request, status: RequestStatus, reason: str, now_s: float, error: str | None = None
     ) -> None:
         self.block_manager.free(req.request_id)
-        req.status = status
+        self.state.set_status(req, status)
         req.finish_reason = reason
         req.error = error
         req.times.finish_s = now_s

@@ -146,16 +146,18 @@ class Simulator:
         records: list[BatchRecord] = []
         running: dict[Stage, _Running] = {}
         t = 0.0
+        changed = False  # the running set changed since the rates were computed
         while True:
-            started = False
+            started = changed
             for stage in STAGES:
                 if stage not in running:
                     batch = sched.schedule(stage, t)
                     if batch is not None:
                         running[stage] = _Running(batch, self.work_fn(batch))
                         started = True
-            if started or running:
+            if started:
                 self._update_rates(running)
+            changed = False
             next_done = min((t + r.remaining / r.rate for r in running.values()), default=math.inf)
             next_arrival = heap[0][0] if heap else math.inf
             t_next = min(next_done, next_arrival)
@@ -172,6 +174,7 @@ class Simulator:
             t = t_next
             for stage in [s for s, r in running.items() if r.remaining <= 1e-9]:
                 r = running.pop(stage)
+                changed = True
                 tokens = {it.request_id: SIM_TOKEN for it in r.batch.items if it.sample}
                 events = sched.complete(StageResult(r.batch, t, tokens if stage is not Stage.VISION else {}), t)
                 records.append(BatchRecord(stage, r.batch.start_s, t, tuple(r.batch.request_ids),
