@@ -19,6 +19,33 @@ from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
 
 
+PROFILES_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "cost" / "profiles"
+
+
+def default_cost_model(loaded: LoadedModel, device: str) -> Any:
+    """The cost model the ``nova`` policy plans with for this model on this device: a profile
+    measured here if one exists (``nova profile``), else the roofline for the model's shape on
+    the GPU spec matching the device name (H100/H200/A100/A6000/4090)."""
+    from nova.cost.base import make_cost_model
+    from nova.cost.model_spec import ModelSpec
+    from nova.cost.profiled import ProfiledCostModel
+
+    kind = "cpu" if device.startswith("cpu") else "gpu"
+    if loaded.model_dir.name.startswith("demo-") and (PROFILES_DIR / f"demo-{kind}.json").is_file():
+        return ProfiledCostModel.from_file(PROFILES_DIR / f"demo-{kind}.json")
+    gpu = "h100-sxm"
+    if kind == "gpu":
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(device)).lower()
+        for key, spec_name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
+                               ("a6000", "a6000"), ("4090", "rtx4090")):
+            if key in name:
+                gpu = spec_name
+                break
+    return make_cost_model("roofline", gpu, ModelSpec.from_dir(loaded.model_dir))
+
+
 def image_hash(pixel_values: Any) -> str:
     """Content hash of one image's preprocessed pixels (the encoder-cache key)."""
     data = pixel_values.detach().contiguous().cpu().numpy().tobytes()
@@ -40,7 +67,11 @@ class NovaEngine:
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
             kv_cache_bytes=config.kv_cache_bytes))
         limits = StageLimits(config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs)
-        policy = make_policy(config.policy, limits=limits)
+        extra: dict[str, Any] = {}
+        if config.policy == "nova":
+            extra = {"cost_model": default_cost_model(self.loaded, config.device),
+                     "image_tokens": max(1, InputProcessor(self.loaded).num_image_tokens)}
+        policy = make_policy(config.policy, limits=limits, **extra)
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
         # (the offline runtime loop in nova.runtime.generate must not run beside the engine).
         self.scheduler = Scheduler(

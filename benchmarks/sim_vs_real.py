@@ -1,0 +1,106 @@
+"""Does the simulator predict the real engine? Same held-out workload through both, on the CPU.
+
+Real: the demo model in the engine (three concurrent worker threads) on this machine; requests
+(a GUI-agent instruction + a generated screenshot each, fixed output length, EOS ignored) are
+submitted at their Poisson arrival times. Simulated: the same arrivals and prompt sizes through
+the simulator, with the cost model profiled on this CPU (``nova/cost/profiles/demo-cpu.json``,
+made by ``nova profile``; the workload's seed differs from anything used to profile).
+Reports mean and p99 end-to-end latency of both and the relative error, per policy.
+Writes benchmarks/results/sim_vs_real_cpu.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from runtime_throughput import machine
+
+from nova.config import EngineConfig
+from nova.cost.profiled import ProfiledCostModel
+from nova.engine.core import NovaEngine
+from nova.metrics import request_metrics, summarize
+from nova.sampling_params import SamplingParams
+from nova.screenshots import make_screenshot
+from nova.sim.eval import build_policy, Experiment
+from nova.sim.simulator import SimArrival, Simulator
+from nova.workload import make_workload
+
+PROFILE = Path(__file__).resolve().parents[1] / "nova" / "cost" / "profiles" / "demo-cpu.json"
+
+
+def run_real(nova: NovaEngine, wl, prompts) -> list:
+    nova.start()
+    try:
+        t0 = time.monotonic()
+        reqs = []
+        for w, p in zip(wl.requests, prompts):
+            time.sleep(max(0.0, w.arrival_s - (time.monotonic() - t0)))
+            reqs.append(nova.submit(p, SamplingParams(max_tokens=w.max_tokens, ignore_eos=True),
+                                    request_id=w.request_id))
+        nova.engine.wait_idle()
+    finally:
+        nova.stop()
+    return reqs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-requests", type=int, default=40)
+    ap.add_argument("--rate-rps", type=float, default=0.5)
+    ap.add_argument("--policies", nargs="+", default=["sequential", "multi_stream"])
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+
+    cost = ProfiledCostModel.from_file(PROFILE)
+    wl = make_workload("poisson", rate_rps=args.rate_rps, num_requests=args.num_requests, seed=args.seed,
+                       min_tokens=16, max_tokens=32)
+    rows = []
+    loaded = None
+    for policy in args.policies:
+        nova = NovaEngine(EngineConfig(model="demo", policy=policy, num_kv_blocks=1024), loaded=loaded)
+        loaded = nova.loaded
+        proc = nova.processor
+        prompts = []
+        for w in wl.requests:
+            msgs = [{"role": "user", "content": [{"type": "image"} for _ in w.images]
+                     + [{"type": "text", "text": w.instruction}]}]
+            images = [make_screenshot(w.seed, im.width // 4, im.height // 4) for im in w.images]
+            prompts.append(proc.from_chat(msgs, images))
+        real = run_real(nova, wl, prompts)
+        arrivals = [SimArrival(w.request_id, w.arrival_s, len(p.token_ids) - p.num_images * proc.num_image_tokens,
+                               p.num_images, w.max_tokens) for w, p in zip(wl.requests, prompts)]
+        exp = Experiment("cpu", "", gpu="cpu", model="demo", rates_rps=(args.rate_rps,), num_requests=args.num_requests)
+        sim = Simulator(build_policy(policy, exp, cost, None), cost, 1024, 16, proc.num_image_tokens).run(arrivals)
+        r_sum = summarize([request_metrics(r) for r in real])
+        s_sum = summarize([request_metrics(r) for r in sim.requests])
+        row = {"policy": policy, "num_requests": args.num_requests, "rate_rps": args.rate_rps,
+               "real_mean_e2e_s": r_sum.e2e.mean, "sim_mean_e2e_s": s_sum.e2e.mean,
+               "real_p99_e2e_s": r_sum.e2e.p99, "sim_p99_e2e_s": s_sum.e2e.p99,
+               "real_mean_ttft_s": r_sum.ttft.mean, "sim_mean_ttft_s": s_sum.ttft.mean}
+        row["mean_error"] = s_sum.e2e.mean / r_sum.e2e.mean - 1.0
+        row["p99_error"] = s_sum.e2e.p99 / r_sum.e2e.p99 - 1.0
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"benchmark": "sim_vs_real", "model": "demo", "profile": PROFILE.name,
+              "workload": f"poisson {args.rate_rps} req/s, {args.num_requests} requests, seed {args.seed}, "
+                          "16-32 output tokens, one screenshot each",
+              "machine": machine(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sim_vs_real_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# Simulator vs real engine (CPU, demo model)", "", f"Machine: {report['machine']}", "",
+             f"Workload: {report['workload']}. Cost model: profiled on this CPU ({PROFILE.name}).", "",
+             "| policy | real mean s | sim mean s | error | real p99 s | sim p99 s | error |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['real_mean_e2e_s']:.2f} | {r['sim_mean_e2e_s']:.2f} | "
+                     f"{100 * r['mean_error']:+.1f}% | {r['real_p99_e2e_s']:.2f} | {r['sim_p99_e2e_s']:.2f} | "
+                     f"{100 * r['p99_error']:+.1f}% |")
+    (args.out / "sim_vs_real_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
