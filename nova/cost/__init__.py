@@ -1,0 +1,42 @@
+"""Cost models: a stage batch's latency from its shape and its share of the GPU's SMs.
+
+Used by the discrete-event simulator (``nova.sim``) and the adaptive (Nova) policy. Torch-free:
+everything here imports without torch except ``nova.cost.profile``, which measures profiles
+with the real runtime and is imported only on demand.
+
+- ``gpus``: ``GpuSpec`` and the ``GPUS`` registry (A6000, RTX 4090, A100, H100, H200, cpu).
+- ``model_spec``: ``ModelSpec`` (shape, params, FLOPs and bytes per stage) from a HF
+  ``config.json`` or a shipped spec (``specs/cogagent-9b.json``, ``specs/demo.json``).
+- ``base``: ``StageWork``, the ``CostModel`` protocol, ``make_cost_model`` (registry).
+- ``roofline``: ``RooflineCostModel`` + ``Calibration`` fitted to the Nova paper.
+- ``profiled``: ``ProfiledCostModel`` over measured tables (``profiles/*.json``).
+"""
+from __future__ import annotations
+
+from nova.cost.base import (
+    COST_MODELS,
+    CostModel,
+    StageWork,
+    UnknownCostModelError,
+    available_cost_models,
+    make_cost_model,
+    register_cost_model,
+)
+from nova.cost.gpus import GPUS, GpuSpec, UnknownGpuError, available_gpus, get_gpu
+from nova.cost.model_spec import ModelSpec, UnknownModelError, available_model_specs, get_model_spec
+from nova.cost.profiled import ProfileError, ProfiledCostModel, available_profiles
+from nova.cost.roofline import (
+    PAPER_STAGE_TIMES_S,
+    Calibration,
+    RooflineCostModel,
+    calibrate_to_paper,
+    paper_works,
+)
+
+__all__ = [
+    "COST_MODELS", "CostModel", "StageWork", "UnknownCostModelError", "available_cost_models",
+    "make_cost_model", "register_cost_model", "GPUS", "GpuSpec", "UnknownGpuError",
+    "available_gpus", "get_gpu", "ModelSpec", "UnknownModelError", "available_model_specs",
+    "get_model_spec", "ProfileError", "ProfiledCostModel", "available_profiles",
+    "PAPER_STAGE_TIMES_S", "Calibration", "RooflineCostModel", "calibrate_to_paper", "paper_works",
+]

@@ -1,0 +1,171 @@
+"""The cost-model interface: what a stage batch is (``StageWork``) and how long it takes.
+
+Torch-free. A cost model answers one question for the simulator and the adaptive scheduler:
+how long does this batch of this stage take with this share of the GPU's SMs, while those
+other batches run at the same time? Implementations: ``roofline`` (analytic, any GPU in
+``nova.cost.gpus``) and ``profiled`` (tables measured with the real runtime).
+
+Co-running semantics (both models): ``time_s`` assumes the co-running set stays the same for
+the batch's whole duration (a steady-state answer). The simulator's fluid model recomputes it
+whenever a batch starts or ends, which makes the piecewise answer exact under that model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from nova.cost.gpus import GpuSpec
+from nova.types import Batch, Stage
+
+
+class UnknownCostModelError(ValueError):
+    """An unknown cost-model kind."""
+
+
+@dataclass(slots=True, frozen=True)
+class StageWork:
+    """One stage batch's shape, all a cost model needs.
+
+    vision: ``num_images`` (>= 1). prefill/decode: per sequence ``new_tokens`` (tokens
+    computed in this forward; decode: 1 each) and ``context_lens`` (tokens in its KV after
+    this forward, i.e. cached + new; so ``context_lens[i] >= new_tokens[i] >= 1``).
+    """
+
+    stage: Stage
+    num_images: int = 0
+    new_tokens: tuple[int, ...] = ()
+    context_lens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", Stage(self.stage))
+        object.__setattr__(self, "new_tokens", tuple(int(n) for n in self.new_tokens))
+        object.__setattr__(self, "context_lens", tuple(int(c) for c in self.context_lens))
+        if self.stage is Stage.VISION:
+            if self.num_images < 1:
+                raise ValueError(f"a vision batch needs >= 1 image, got {self.num_images}")
+            return
+        if not self.new_tokens:
+            raise ValueError(f"a {self.stage.value} batch needs >= 1 sequence")
+        if len(self.new_tokens) != len(self.context_lens):
+            raise ValueError(
+                f"{self.stage.value}: {len(self.new_tokens)} new-token counts but "
+                f"{len(self.context_lens)} context lengths"
+            )
+        for n, c in zip(self.new_tokens, self.context_lens):
+            if n < 1 or c < n:
+                raise ValueError(
+                    f"{self.stage.value}: each sequence needs 1 <= new_tokens <= context_len, "
+                    f"got new={n}, context={c}"
+                )
+
+    # -- constructors ----------------------------------------------------------------------
+    @classmethod
+    def vision(cls, num_images: int = 1) -> StageWork:
+        return cls(Stage.VISION, num_images=num_images)
+
+    @classmethod
+    def prefill(cls, new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int = 0) -> StageWork:
+        new = (new_tokens,) if isinstance(new_tokens, int) else tuple(new_tokens)
+        cached = (cached_tokens,) * len(new) if isinstance(cached_tokens, int) else tuple(cached_tokens)
+        if len(cached) != len(new):
+            raise ValueError(f"need one cached count per sequence, got {new} and {cached}")
+        return cls(Stage.PREFILL, new_tokens=new, context_lens=tuple(n + c for n, c in zip(new, cached)))
+
+    @classmethod
+    def decode(cls, context_lens: Sequence[int] | int) -> StageWork:
+        """One decode step; ``context_lens``: tokens in each sequence's KV after the step."""
+        ctx = (context_lens,) if isinstance(context_lens, int) else tuple(context_lens)
+        return cls(Stage.DECODE, new_tokens=(1,) * len(ctx), context_lens=ctx)
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> StageWork:
+        if batch.stage is Stage.VISION:
+            return cls(Stage.VISION, num_images=batch.num_images)
+        return cls(
+            batch.stage,
+            new_tokens=tuple(len(it.token_ids) for it in batch.items),
+            context_lens=tuple(it.num_cached_tokens + len(it.token_ids) for it in batch.items),
+        )
+
+    # -- derived sizes -----------------------------------------------------------------------
+    @property
+    def num_seqs(self) -> int:
+        return len(self.new_tokens)
+
+    @property
+    def total_new_tokens(self) -> int:
+        return sum(self.new_tokens)
+
+    @property
+    def mean_context_len(self) -> float:
+        return sum(self.context_lens) / len(self.context_lens) if self.context_lens else 0.0
+
+    @property
+    def cached_tokens(self) -> tuple[int, ...]:
+        return tuple(c - n for n, c in zip(self.new_tokens, self.context_lens))
+
+
+CoRunning = Sequence[tuple[StageWork, float]]
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Predicts a stage batch's latency.
+
+    ``time_s(work, sm_share, co_running, isolated)``: seconds for ``work`` given its SM share in
+    (0, 1] (rounded to what the GPU grants), while the ``co_running`` batches run with their
+    shares. ``isolated=True``: SM partitions (green contexts / SM masks), so compute is
+    isolated and only HBM bandwidth (and caches) is shared. ``isolated=False``: plain
+    multi-stream co-execution; stages contend for SMs too, with extra contention overhead.
+    """
+
+    name: str
+
+    def time_s(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
+               isolated: bool = True) -> float: ...
+
+    def gpu(self) -> GpuSpec: ...
+
+
+# -- registry --------------------------------------------------------------------------------------
+CostModelFactory = Callable[..., CostModel]
+COST_MODELS: dict[str, CostModelFactory] = {}
+
+
+def register_cost_model(kind: str) -> Callable[[CostModelFactory], CostModelFactory]:
+    """Register ``factory(gpu, model, **kw) -> CostModel`` under ``kind``."""
+
+    def wrap(factory: CostModelFactory) -> CostModelFactory:
+        if kind in COST_MODELS:
+            raise ValueError(f"cost model kind {kind!r} is already registered")
+        COST_MODELS[kind] = factory
+        return factory
+
+    return wrap
+
+
+def _ensure_registered() -> None:
+    # The implementations register themselves on import.
+    import nova.cost.profiled  # noqa: F401
+    import nova.cost.roofline  # noqa: F401
+
+
+def available_cost_models() -> list[str]:
+    _ensure_registered()
+    return sorted(COST_MODELS)
+
+
+def make_cost_model(kind: str, gpu: str | GpuSpec, model: Any, **kw: Any) -> CostModel:
+    """A cost model of ``kind`` (``roofline``, ``profiled``) for ``model`` (a ``ModelSpec`` or a
+    shipped name, see ``ModelSpec.named``) on ``gpu`` (a name from ``nova.cost.gpus``).
+
+    ``roofline`` takes ``calib=Calibration(...)`` and ``offload_vision_weights=``;
+    ``profiled`` takes ``path=`` (default: the shipped ``profiles/<model>-<gpu>.json``).
+    """
+    _ensure_registered()
+    if kind not in COST_MODELS:
+        raise UnknownCostModelError(
+            f"unknown cost model kind {kind!r}; available: {', '.join(sorted(COST_MODELS))}"
+        )
+    return COST_MODELS[kind](gpu, model, **kw)

@@ -1,0 +1,150 @@
+"""Published figures of the GPUs the cost models know, and how an SM share maps to SMs.
+
+Torch-free. Figures are vendor datasheet numbers (dense, i.e. without 2:4 sparsity); the
+roofline model applies its own efficiency factors on top (see ``nova.cost.roofline``).
+
+SM granularity (the step in which SMs can be handed to a partition):
+
+- Ampere/Ada (A6000, RTX 4090, A100): the Nova paper masks SMs per stream at TPC granularity
+  (libsmctrl-style masks; one TPC = 2 SMs), so partitions are multiples of 2. CUDA green
+  contexts on compute capability 8.x agree: "minimum count is 4 SMs and must be a multiple
+  of 2" (CUDA driver API, Green Contexts, guideline per architecture).
+- Hopper (H100, H200), compute capability 9.0: green contexts need "a minimum of 8 SMs and a
+  multiple of 8" (same source). The driver *rounds the requested count up* to the alignment;
+  ``GpuSpec.granted_sms`` mirrors that (capped at the GPU's SM count).
+  The real granted count should still be read back from the driver by the executor
+  (``sm.smCount``) -- these numbers are the documented guideline, not a guarantee.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+_SHARE_EPS = 1e-9  # so that e.g. 0.5 * 84 = 42.000000001 is not rounded up to 44
+
+
+class UnknownGpuError(ValueError):
+    """An unknown GPU name (a ``ValueError`` so CLIs report it like other bad input)."""
+
+
+@dataclass(slots=True, frozen=True)
+class GpuSpec:
+    """One GPU as the cost model sees it.
+
+    ``bf16_dense_tflops``: peak dense bf16/fp16 tensor-core TFLOP/s (fp32 accumulate).
+    ``hbm_gbps``: peak device-memory bandwidth, GB/s (1e9 bytes/s).
+    ``pcie_gbps``: host<->device bandwidth per direction, GB/s (for weight streaming).
+    ``sm_granularity``: SMs are assigned in multiples of this; ``min_partition_sms``: the
+    smallest partition the GPU's partitioning mechanism grants.
+    """
+
+    name: str
+    num_sms: int
+    sm_granularity: int
+    bf16_dense_tflops: float
+    hbm_gbps: float
+    pcie_gbps: float
+    memory_gib: float
+    min_partition_sms: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_sms < 1 or self.sm_granularity < 1 or self.min_partition_sms < 1:
+            raise ValueError(f"GPU {self.name!r}: SM counts must be >= 1")
+        if min(self.bf16_dense_tflops, self.hbm_gbps, self.pcie_gbps, self.memory_gib) <= 0:
+            raise ValueError(f"GPU {self.name!r}: throughput and memory figures must be > 0")
+
+    def granted_sms(self, sm_share: float) -> int:
+        """SMs a partition asking for ``sm_share`` of the GPU gets: rounded *up* to the
+        granularity and the minimum partition size, capped at ``num_sms``. Share in (0, 1]."""
+        check_share(sm_share)
+        if sm_share >= 1.0 - _SHARE_EPS:
+            return self.num_sms
+        wanted = sm_share * self.num_sms - _SHARE_EPS
+        steps = max(1, math.ceil(wanted / self.sm_granularity))
+        return min(self.num_sms, max(self.min_partition_sms, steps * self.sm_granularity))
+
+    def granted_share(self, sm_share: float) -> float:
+        """``granted_sms(sm_share) / num_sms``: the share the stage really runs with."""
+        return self.granted_sms(sm_share) / self.num_sms
+
+    @property
+    def peak_flops(self) -> float:
+        """Peak dense bf16 FLOP/s."""
+        return self.bf16_dense_tflops * 1e12
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.hbm_gbps * 1e9
+
+    @property
+    def pcie_bytes_per_s(self) -> float:
+        return self.pcie_gbps * 1e9
+
+
+def check_share(sm_share: float) -> None:
+    if not 0.0 < sm_share <= 1.0:
+        raise ValueError(f"SM share must be in (0, 1], got {sm_share!r}")
+
+
+GPUS: dict[str, GpuSpec] = {}
+
+
+def register_gpu(spec: GpuSpec) -> GpuSpec:
+    if spec.name in GPUS:
+        raise ValueError(f"GPU {spec.name!r} is already registered")
+    GPUS[spec.name] = spec
+    return spec
+
+
+def get_gpu(name: str | GpuSpec) -> GpuSpec:
+    """The registered GPU called ``name`` (case-insensitive); a ``GpuSpec`` passes through."""
+    if isinstance(name, GpuSpec):
+        return name
+    key = str(name).strip().lower()
+    if key not in GPUS:
+        raise UnknownGpuError(f"unknown GPU {name!r}; known GPUs: {', '.join(sorted(GPUS))}")
+    return GPUS[key]
+
+
+def available_gpus() -> list[str]:
+    return sorted(GPUS)
+
+
+# PCIe per direction: 4.0 x16 = 16 GT/s x 16 lanes x 128/130 ~ 31.5 GB/s; 5.0 x16 ~ 63 GB/s.
+PCIE4_X16_GBPS = 32.0
+PCIE5_X16_GBPS = 64.0
+
+register_gpu(GpuSpec(
+    "a6000", num_sms=84, sm_granularity=2, min_partition_sms=4,
+    bf16_dense_tflops=154.8, hbm_gbps=768.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=48.0,
+    description="NVIDIA RTX A6000 (GA102, 48 GB GDDR6); the Nova paper's main GPU",
+))
+register_gpu(GpuSpec(
+    "rtx4090", num_sms=128, sm_granularity=2, min_partition_sms=4,
+    # 165.2 dense with fp32 accumulate (330 with 2:4 sparsity; fp16-accumulate rate is 2x).
+    bf16_dense_tflops=165.2, hbm_gbps=1008.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=24.0,
+    description="NVIDIA GeForce RTX 4090 (AD102, 24 GB GDDR6X); the paper's trace GPU",
+))
+register_gpu(GpuSpec(
+    "a100-80g", num_sms=108, sm_granularity=2, min_partition_sms=4,
+    bf16_dense_tflops=312.0, hbm_gbps=2039.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=80.0,
+    description="NVIDIA A100 80GB SXM4 (HBM2e)",
+))
+register_gpu(GpuSpec(
+    "h100-sxm", num_sms=132, sm_granularity=8, min_partition_sms=8,
+    bf16_dense_tflops=989.4, hbm_gbps=3350.0, pcie_gbps=PCIE5_X16_GBPS, memory_gib=80.0,
+    description="NVIDIA H100 SXM5 80GB (HBM3)",
+))
+register_gpu(GpuSpec(
+    "h200", num_sms=132, sm_granularity=8, min_partition_sms=8,
+    bf16_dense_tflops=989.4, hbm_gbps=4800.0, pcie_gbps=PCIE5_X16_GBPS, memory_gib=141.0,
+    description="NVIDIA H200 SXM 141GB (HBM3e; 141 GB as marketed)",
+))
+register_gpu(GpuSpec(
+    "cpu", num_sms=1, sm_granularity=1, min_partition_sms=1,
+    # Rough figures for a 2-core AVX2 machine (fp32); only the profiled cost model's CPU
+    # profile uses this entry, so nothing depends on these throughputs.
+    bf16_dense_tflops=0.1, hbm_gbps=20.0, pcie_gbps=20.0, memory_gib=8.0,
+    description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
+))

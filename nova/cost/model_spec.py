@@ -1,0 +1,386 @@
+"""A model's shape, as far as its cost is concerned: parameter counts, FLOPs and bytes per stage.
+
+Torch-free (reads ``config.json`` as plain JSON, never ``transformers``). Two input formats:
+
+- a Hugging Face ``config.json`` dict: LLaVA (``text_config`` + ``vision_config``, CLIP or
+  SigLIP tower, LLaVA's two-layer MLP projector) or a plain Llama/Qwen2/Mistral causal LM;
+- Nova's own spec format (``{"format": "nova-model-spec", ...}``, the dataclass's fields), for
+  shapes that are not LLaVA, e.g. ``specs/cogagent-9b.json``.
+
+Conventions (all estimates count matmul FLOPs only, 2 FLOPs per multiply-add):
+
+- The decoder computes logits only at each sequence's last new token (as Nova's runtime does),
+  so the LM head costs ``2 * hidden * vocab`` FLOPs per sequence, not per token.
+- Attention is causal for the decoder (query ``i`` of a sequence with ``c`` cached tokens sees
+  ``c + i + 1`` keys) and full for the vision tower; score and value products both counted.
+- Bytes are device-memory traffic of one forward: weights read once per batch, KV cache read
+  for cached context and written for new tokens, and layer input/output activations
+  (flash-style attention: no score matrix in memory). Norms, biases, rotary and softmax
+  are ignored (< 1% at the shapes that matter).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPEC_FORMAT = "nova-model-spec"
+SPECS_DIR = Path(__file__).parent / "specs"
+# Shapes of real architectures shipped with the model loader (HF config.json files).
+SHIPPED_HF_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
+
+_DTYPE_BYTES = {
+    "float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloat16": 2.0,
+    "float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "int8": 1.0,
+}
+
+
+class UnknownModelError(ValueError):
+    """An unknown model name or an unusable config (a ``ValueError`` for CLIs)."""
+
+
+def _seq(x: Sequence[int] | int) -> tuple[int, ...]:
+    return (int(x),) if isinstance(x, int) else tuple(int(v) for v in x)
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSpec:
+    """Shape of a (vision-)language model. Vision fields are 0 for a text-only model.
+
+    ``vision_tokens``: tokens the vision tower itself processes per image (patches, + CLS).
+    ``image_tokens``: tokens one image becomes in the LLM's prompt (after feature selection /
+    downsampling). ``projector_params``: parameters of what maps vision features to LLM
+    embeddings; it runs on ``image_tokens`` tokens per image (LLaVA: the MLP; GLM-4V: the
+    2x2 conv + GLU, whose conv also produces ``image_tokens`` outputs).
+    ``bytes_per_param``: weights, activations and KV cache are all stored in this precision.
+    """
+
+    name: str
+    text_layers: int
+    text_hidden: int
+    text_intermediate: int
+    text_heads: int
+    text_kv_heads: int
+    text_head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    text_mlp_matrices: int = 3  # SwiGLU: gate, up, down
+    vision_layers: int = 0
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    vision_heads: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    vision_tokens: int = 0
+    image_tokens: int = 0
+    vision_mlp_matrices: int = 2  # fc1, fc2 (CLIP, SigLIP, EVA-CLIP)
+    projector_params: int = 0
+    bytes_per_param: float = 2.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        text = (self.text_layers, self.text_hidden, self.text_intermediate, self.text_heads,
+                self.text_kv_heads, self.text_head_dim, self.vocab_size)
+        if min(text) < 1:
+            raise ValueError(f"model spec {self.name!r}: text shape fields must be >= 1")
+        if self.text_heads % self.text_kv_heads:
+            raise ValueError(f"model spec {self.name!r}: heads must be a multiple of kv heads")
+        vision = (self.vision_layers, self.vision_hidden, self.vision_intermediate,
+                  self.vision_heads, self.vision_tokens, self.image_tokens)
+        if any(v > 0 for v in vision) and min(vision) < 1:
+            raise ValueError(
+                f"model spec {self.name!r}: vision fields must be all >= 1 (or all 0 for a "
+                f"text-only model), got layers/hidden/intermediate/heads/vision_tokens/"
+                f"image_tokens = {vision}"
+            )
+        if self.bytes_per_param <= 0:
+            raise ValueError(f"model spec {self.name!r}: bytes_per_param must be > 0")
+
+    # -- parameters --------------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_layers > 0
+
+    @property
+    def text_layer_params(self) -> int:
+        """Matmul parameters of one decoder layer (q, k, v, o projections and the MLP)."""
+        h, hd = self.text_hidden, self.text_head_dim
+        attn = h * self.text_heads * hd * 2 + h * self.text_kv_heads * hd * 2
+        return attn + self.text_mlp_matrices * h * self.text_intermediate
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.text_hidden * self.vocab_size
+
+    def text_params(self) -> int:
+        """All decoder parameters: layers, embedding and (unless tied) the LM head."""
+        embeds = self.lm_head_params * (1 if self.tie_word_embeddings else 2)
+        return self.text_layers * self.text_layer_params + embeds
+
+    @property
+    def vision_layer_params(self) -> int:
+        h = self.vision_hidden
+        return 4 * h * h + self.vision_mlp_matrices * h * self.vision_intermediate
+
+    def vision_params(self) -> int:
+        """Vision tower (layers, patch embedding, position embedding) plus projector."""
+        if not self.has_vision:
+            return 0
+        patch_embed = 3 * self.patch_size * self.patch_size * self.vision_hidden
+        pos_embed = self.vision_tokens * self.vision_hidden
+        return (self.vision_layers * self.vision_layer_params + patch_embed + pos_embed
+                + self.projector_params)
+
+    def num_params(self) -> int:
+        return self.text_params() + self.vision_params()
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes one token occupies (all layers, K and V)."""
+        return 2 * self.text_layers * self.text_kv_heads * self.text_head_dim * self.bytes_per_param
+
+    # -- vision --------------------------------------------------------------------------------
+    def _require_vision(self) -> None:
+        if not self.has_vision:
+            raise ValueError(f"model {self.name!r} has no vision tower")
+
+    def vision_flops(self, num_images: int = 1) -> float:
+        """FLOPs to encode ``num_images`` images (tower + projector)."""
+        self._require_vision()
+        t, h = self.vision_tokens, self.vision_hidden
+        dense = 2.0 * self.vision_layers * self.vision_layer_params * t
+        attn = 4.0 * self.vision_layers * h * t * t  # scores + weighted values, full attention
+        patch = 2.0 * t * 3 * self.patch_size * self.patch_size * h
+        projector = 2.0 * self.projector_params * self.image_tokens
+        return num_images * (dense + attn + patch + projector)
+
+    def vision_bytes(self, num_images: int = 1) -> float:
+        """Device-memory bytes to encode ``num_images`` images: weights once per batch, plus
+        per-image layer activations (each matmul reads its input and writes its output)."""
+        self._require_vision()
+        h, i = self.vision_hidden, self.vision_intermediate
+        act_per_token_layer = (h + 3 * h) + (h + h) + (h + i) + (i + h)  # qkv, o, fc1, fc2
+        act = self.vision_layers * self.vision_tokens * act_per_token_layer
+        proj_act = self.image_tokens * (self.vision_hidden * 4 + 2 * self.text_hidden)
+        return self.bytes_per_param * (self.vision_params() + num_images * (act + proj_act))
+
+    # -- decoder (prefill and decode are the same computation with different shapes) ----------
+    def llm_flops(self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int) -> float:
+        """FLOPs of one decoder forward over several sequences: sequence ``s`` computes
+        ``new_tokens[s]`` tokens on top of ``context_lens[s] - new_tokens[s]`` cached ones."""
+        new, ctx = self._check_llm(new_tokens, context_lens)
+        dense = 2.0 * self.text_layers * self.text_layer_params * sum(new)
+        pairs = sum(n * (c - n) + n * (n + 1) / 2 for n, c in zip(new, ctx))  # causal (q, k)
+        attn = 4.0 * self.text_layers * self.text_heads * self.text_head_dim * pairs
+        lm_head = 2.0 * self.lm_head_params * len(new)
+        return dense + attn + lm_head
+
+    def llm_bytes(self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int) -> float:
+        """Device-memory bytes of one decoder forward: layer weights and LM head (read once),
+        embedding rows, KV cache (cached tokens read, new tokens written and read), and
+        layer activations."""
+        new, ctx = self._check_llm(new_tokens, context_lens)
+        h, i, hd = self.text_hidden, self.text_intermediate, self.text_head_dim
+        q, kv = self.text_heads * hd, self.text_kv_heads * hd
+        weights = self.text_layers * self.text_layer_params + self.lm_head_params
+        act_per_token_layer = ((h + q + 2 * kv) + (q + h)
+                               + (h + (self.text_mlp_matrices - 1) * i) + (i + h))
+        act = self.text_layers * act_per_token_layer * sum(new) + h * sum(new)  # + embeddings
+        elems = weights + act
+        kv_bytes = self.kv_bytes_per_token * (sum(ctx) + sum(new))  # read context, write new
+        return self.bytes_per_param * elems + kv_bytes
+
+    def prefill_flops(self, new_tokens: Sequence[int] | int,
+                      cached_tokens: Sequence[int] | int = 0) -> float:
+        new, cached = self._with_cached(new_tokens, cached_tokens)
+        return self.llm_flops(new, [n + c for n, c in zip(new, cached)])
+
+    def prefill_bytes(self, new_tokens: Sequence[int] | int,
+                      cached_tokens: Sequence[int] | int = 0) -> float:
+        new, cached = self._with_cached(new_tokens, cached_tokens)
+        return self.llm_bytes(new, [n + c for n, c in zip(new, cached)])
+
+    def decode_flops(self, context_lens: Sequence[int] | int) -> float:
+        """One decode step; ``context_lens``: tokens in each sequence's KV after the step."""
+        ctx = _seq(context_lens)
+        return self.llm_flops((1,) * len(ctx), ctx)
+
+    def decode_bytes(self, context_lens: Sequence[int] | int) -> float:
+        ctx = _seq(context_lens)
+        return self.llm_bytes((1,) * len(ctx), ctx)
+
+    def _check_llm(self, new_tokens: Sequence[int] | int,
+                   context_lens: Sequence[int] | int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        new, ctx = _seq(new_tokens), _seq(context_lens)
+        if not new or len(new) != len(ctx):
+            raise ValueError(f"need one context length per sequence, got {new} and {ctx}")
+        if any(n < 1 or c < n for n, c in zip(new, ctx)):
+            raise ValueError(f"each sequence needs 1 <= new tokens <= context, got {new}, {ctx}")
+        return new, ctx
+
+    @staticmethod
+    def _with_cached(new_tokens: Sequence[int] | int,
+                     cached_tokens: Sequence[int] | int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        new = _seq(new_tokens)
+        cached = (int(cached_tokens),) * len(new) if isinstance(cached_tokens, int) else _seq(cached_tokens)
+        if len(cached) != len(new):
+            raise ValueError(f"need one cached count per sequence, got {new} and {cached}")
+        return new, cached
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SPEC_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """Nova's own spec format (the dataclass fields, plus ``format``)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields - {"format"})
+        if unknown:
+            raise ValueError(f"unknown model spec fields {unknown}; known: {sorted(fields)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k != "format"})
+        except TypeError as exc:
+            raise ValueError(f"incomplete model spec: {exc}") from exc
+
+    @classmethod
+    def from_config_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelSpec:
+        """From a HF ``config.json`` dict (LLaVA or a causal LM) or a Nova spec dict."""
+        if d.get("format") == SPEC_FORMAT:
+            spec = cls.from_dict(d)
+            return dataclasses.replace(spec, name=name) if name else spec
+        return _from_hf_config(d, name or str(d.get("_name_or_path") or d.get("model_type") or "model"))
+
+    @classmethod
+    def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
+        """From a model directory's ``config.json`` (or a JSON file path). Reads JSON only."""
+        path = Path(path).expanduser()
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UnknownModelError(f"{path}: no config.json to read a model shape from")
+        try:
+            d = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UnknownModelError(f"{file} is not valid JSON: {exc}") from exc
+        default_name = path.name if path.is_dir() else path.stem
+        try:
+            return cls.from_config_dict(d, name or default_name)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnknownModelError(f"{file}: cannot read a model shape: {exc}") from exc
+
+    @classmethod
+    def named(cls, name: str) -> ModelSpec:
+        """A shipped shape: ``nova/cost/specs/<name>.json`` or a loader config under
+        ``nova/models/configs/<name>``; or a model directory path."""
+        sources = _named_sources()
+        if name in sources:
+            return cls.from_dir(sources[name], name=name)
+        if Path(name).expanduser().is_dir():
+            return cls.from_dir(name)
+        raise UnknownModelError(
+            f"unknown model {name!r}; shipped shapes: {', '.join(sorted(sources))} "
+            f"(or pass a model directory)"
+        )
+
+
+def available_model_specs() -> list[str]:
+    return sorted(_named_sources())
+
+
+def get_model_spec(model: ModelSpec | str) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec.named(model)
+
+
+def _named_sources() -> dict[str, Path]:
+    sources: dict[str, Path] = {}
+    if SHIPPED_HF_CONFIGS_DIR.is_dir():
+        for p in SHIPPED_HF_CONFIGS_DIR.iterdir():
+            if (p / "config.json").is_file():
+                sources[p.name] = p / "config.json"
+    for p in SPECS_DIR.glob("*.json"):
+        sources[p.stem] = p  # Nova's own specs win over a loader config of the same name
+    return sources
+
+
+# -- Hugging Face configs -------------------------------------------------------------------------
+def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return default
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if d.get(key) is None:
+        raise ValueError(f"{where} lacks {key!r}")
+    return d[key]
+
+
+def _bytes_per_param(*dicts: dict[str, Any]) -> float:
+    for d in dicts:
+        dtype = _get(d, "torch_dtype", "dtype")
+        if isinstance(dtype, str):
+            key = dtype.removeprefix("torch.")
+            if key in _DTYPE_BYTES:
+                return _DTYPE_BYTES[key]
+    return 2.0  # serving default: bf16
+
+
+def _from_hf_config(d: dict[str, Any], name: str) -> ModelSpec:
+    text = d.get("text_config") or d
+    where = "text_config" if "text_config" in d else "config"
+    hidden = int(_require(text, "hidden_size", where))
+    heads = int(_require(text, "num_attention_heads", where))
+    tied = _get(text, "tie_word_embeddings", default=None)
+    if tied is None:
+        tied = bool(d.get("tie_word_embeddings", False))
+    kw: dict[str, Any] = dict(
+        name=name,
+        text_layers=int(_require(text, "num_hidden_layers", where)),
+        text_hidden=hidden,
+        text_intermediate=int(_require(text, "intermediate_size", where)),
+        text_heads=heads,
+        text_kv_heads=int(_get(text, "num_key_value_heads", default=heads)),
+        text_head_dim=int(_get(text, "head_dim", default=hidden // heads)),
+        vocab_size=int(_require(text, "vocab_size", where)),
+        tie_word_embeddings=bool(tied),
+        bytes_per_param=_bytes_per_param(d, text),
+        description=str(d.get("_nova_note", "")),
+    )
+    vision = d.get("vision_config")
+    if vision:
+        kw.update(_llava_vision(d, vision, hidden))
+    return ModelSpec(**kw)
+
+
+def _llava_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+    """LLaVA's vision side, as ``nova.models.vision`` runs it (the whole tower; the projector
+    is Linear(vision_hidden * n_layers_selected, text_hidden) -> GELU -> Linear(text, text))."""
+    vtype = vision.get("model_type", "clip_vision_model")
+    if vtype not in ("clip_vision_model", "siglip_vision_model"):
+        raise ValueError(f"unsupported vision tower {vtype!r} (clip_vision_model, siglip_vision_model)")
+    image_size = int(_require(vision, "image_size", "vision_config"))
+    patch_size = int(_require(vision, "patch_size", "vision_config"))
+    vhidden = int(_require(vision, "hidden_size", "vision_config"))
+    patches = (image_size // patch_size) ** 2
+    has_cls = vtype == "clip_vision_model"
+    vision_tokens = patches + (1 if has_cls else 0)
+    strategy = d.get("vision_feature_select_strategy", "default")  # HF LlavaConfig's default
+    image_tokens = vision_tokens - (1 if strategy == "default" else 0)
+    layer = d.get("vision_feature_layer", -2)
+    num_selected = len(layer) if isinstance(layer, list) else 1
+    projector = vhidden * num_selected * text_hidden + text_hidden * text_hidden
+    return dict(
+        vision_layers=int(_require(vision, "num_hidden_layers", "vision_config")),
+        vision_hidden=vhidden,
+        vision_intermediate=int(_require(vision, "intermediate_size", "vision_config")),
+        vision_heads=int(_require(vision, "num_attention_heads", "vision_config")),
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_tokens=vision_tokens,
+        image_tokens=image_tokens,
+        projector_params=projector,
+    )

@@ -1,0 +1,513 @@
+"""Measure a cost profile with the real runtime (imports torch; the rest of nova.cost does not).
+
+``profile_model`` loads a model (``nova.models.loader.load_model``), builds a ``ModelRunner``
+and times, per stage, the real calls the engine makes: ``runner.encode_images`` (vision) and
+``runner.forward`` with ``SeqInput``s over block tables from ``runner.block_manager``
+(prefill: fresh sequences; decode: one new token on top of ``context - 1`` cached ones; the
+KV contents are whatever the cache holds -- latency does not depend on them). Each grid point:
+``warmup`` untimed runs, then ``repeats`` timed runs, per pass over the grid (``passes``,
+samples pooled); the table holds their median (``statistic="min"``: their minimum).
+
+Co-running factors: for each ordered pair of stages (a, b), a's representative batch is timed
+alone and while b's representative batch runs in a loop in a second thread (CUDA: each thread
+on its own stream), alternating the two so that drifts in machine load hit both alike.
+factor = latency with / latency without, floored at 1.0 (the raw latencies are kept in
+``metadata.corun_raw``). Without SM partitions this is the ``shared`` (multi-stream) mode;
+on a CPU the two threads share the cores.
+
+A shared 2-core machine is noisy: another process running OpenMP work can slow a 2-thread
+forward several-fold (spinning barriers lose their peer). ``metadata.loadavg_1min`` records
+the load before and after; re-measure when it is well above ``num_threads``, or measure with
+``passes=2, statistic="min"`` (what the shipped ``profiles/demo-cpu.json`` used).
+
+SM shares: only 1.0 unless ``share_context`` is given -- a factory of context managers that
+run the enclosed work on a given SM share (e.g. a green-context stream from the executor);
+then every share in ``shares`` gets its own table.
+
+The output is the JSON dict that ``nova.cost.profiled.ProfiledCostModel.from_dict`` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import logging
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+
+from nova.cost.gpus import GPUS, GpuSpec
+from nova.cost.model_spec import ModelSpec
+from nova.cost.profiled import PROFILE_FORMAT, PROFILE_VERSION, STAGE_AXES, ProfiledCostModel
+from nova.types import STAGES, Stage
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[], Any]
+
+
+@dataclass(slots=True, frozen=True)
+class ProfileGrid:
+    """Grid points per stage axis (see ``nova.cost.profiled.STAGE_AXES``).
+
+    The default takes ~1.5 minutes for the demo model on 2 CPU cores; ``quick()`` a few
+    seconds (for tests and smoke runs). Points a model cannot run (beyond its max length)
+    are dropped by ``clipped``.
+    """
+
+    num_images: tuple[int, ...] = (1, 2, 4, 8)
+    prefill_tokens: tuple[int, ...] = (32, 128, 256, 512, 1024)
+    prefill_seqs: tuple[int, ...] = (1, 2, 4)
+    decode_batch: tuple[int, ...] = (1, 2, 4, 8, 16)
+    decode_context: tuple[int, ...] = (64, 256, 1024)
+    # Representative batches for the co-running measurement.
+    corun_images: int = 1
+    corun_prefill_tokens: int = 256
+    corun_decode_batch: int = 4
+    corun_decode_context: int = 256
+
+    @classmethod
+    def quick(cls) -> ProfileGrid:
+        return cls(num_images=(1, 2), prefill_tokens=(16, 64), prefill_seqs=(1, 2),
+                   decode_batch=(1, 2), decode_context=(16, 64), corun_images=1,
+                   corun_prefill_tokens=32, corun_decode_batch=2, corun_decode_context=32)
+
+    def clipped(self, max_model_len: int) -> ProfileGrid:
+        prefill = tuple(t for t in self.prefill_tokens if t <= max_model_len) or (max_model_len,)
+        context = tuple(c for c in self.decode_context if c <= max_model_len) or (max_model_len,)
+        seqs = tuple(s for s in self.prefill_seqs if s <= prefill[0]) or (1,)
+        return dataclasses.replace(
+            self, prefill_tokens=prefill, decode_context=context, prefill_seqs=seqs,
+            corun_prefill_tokens=min(self.corun_prefill_tokens, max_model_len),
+            corun_decode_context=min(self.corun_decode_context, max_model_len),
+        )
+
+
+class _Device:
+    """Timing on one device: CUDA work is synchronised on the calling thread's stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    @contextlib.contextmanager
+    def own_stream(self) -> Iterator[None]:
+        if not self.is_cuda:
+            yield
+            return
+        with torch.cuda.stream(torch.cuda.Stream(self.device)):
+            yield
+
+    def time_s(self, job: Job, warmup: int, repeats: int) -> list[float]:
+        for _ in range(warmup):
+            job()
+        self.sync()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            job()
+            self.sync()
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+class _Workloads:
+    """Builds runnable jobs (closures over the runner) for stage batches of given shapes."""
+
+    def __init__(self, loaded: Any, runner: Any) -> None:
+        self.loaded = loaded
+        self.runner = runner
+        self.block_manager = runner.block_manager
+        vocab = runner.vocab_size
+        image_token = loaded.model.image_token_id
+        # Text tokens only: no image placeholders without image embeddings.
+        self.token_limit = image_token if image_token is not None and image_token < vocab else vocab
+        self._next_seq = 0
+
+    def _seq_id(self) -> str:
+        self._next_seq += 1
+        return f"profile-{self._next_seq}"
+
+    def _tokens(self, n: int, offset: int = 0) -> list[int]:
+        return [(7 * i + 3 + offset) % self.token_limit for i in range(n)]
+
+    @contextlib.contextmanager
+    def vision(self, num_images: int) -> Iterator[Job]:
+        vc = self.loaded.hf_config.vision_config
+        size = int(vc.image_size)
+        pixels = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(0))
+        pixels = pixels.to(self.runner.device)
+        yield lambda: self.runner.encode_images(pixels)
+
+    @contextlib.contextmanager
+    def llm(self, new_tokens: Sequence[int], context_lens: Sequence[int]) -> Iterator[Job]:
+        from nova.runtime.forward_batch import SeqInput
+
+        ids = [self._seq_id() for _ in new_tokens]
+        try:
+            seqs = []
+            for i, (n, c) in enumerate(zip(new_tokens, context_lens)):
+                table = self.block_manager.allocate(ids[i], c)
+                seqs.append(SeqInput(self._tokens(n, offset=i), c - n, table))
+            yield lambda: self.runner.forward(seqs)
+        finally:
+            for sid in ids:
+                self.block_manager.free(sid)
+
+    def prefill(self, total_tokens: int, num_seqs: int) -> ContextManager[Job]:
+        base, extra = divmod(total_tokens, num_seqs)
+        lens = [base + (1 if i < extra else 0) for i in range(num_seqs)]
+        return self.llm(lens, lens)
+
+    def decode(self, batch: int, context: int) -> ContextManager[Job]:
+        return self.llm([1] * batch, [context] * batch)
+
+
+STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {
+    "median": lambda xs: float(statistics.median(xs)),
+    # On a machine shared with other processes, the fastest run is the least disturbed one.
+    "min": lambda xs: float(min(xs)),
+}
+
+
+class _Background:
+    """A worker thread that runs ``job`` in a loop while switched on (CUDA: on its own stream).
+
+    The thread lives across switches: starting and joining a thread per sample disturbed the
+    samples right after it on CPU (the OpenMP pool of the dead thread), so ``on()`` only
+    toggles an event."""
+
+    def __init__(self, dev: _Device, job: Job) -> None:
+        self._dev, self._job = dev, job
+        self._on, self._idle, self._busy, self._quit = (threading.Event() for _ in range(4))
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="nova-profile-corun", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            with self._dev.own_stream():
+                while not self._quit.is_set():
+                    if not self._on.is_set():
+                        self._idle.set()
+                        self._on.wait(0.01)
+                        continue
+                    self._idle.clear()
+                    self._busy.set()
+                    self._job()
+                    self._dev.sync()
+        except BaseException as exc:  # re-raised by the measuring thread
+            self._errors.append(exc)
+        finally:
+            self._idle.set()
+            self._busy.set()
+
+    def _check(self) -> None:
+        if self._errors:
+            raise RuntimeError(f"co-running job failed: {self._errors[0]!r}") from self._errors[0]
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        """The body runs while the job runs in a loop; on exit, waits for the job in flight."""
+        self._busy.clear()
+        self._on.set()
+        self._busy.wait()
+        try:
+            yield
+        finally:
+            self._on.clear()
+            self._idle.wait()
+        self._check()
+
+    def close(self) -> None:
+        self._quit.set()
+        self._thread.join()
+        self._check()
+
+
+def _corun(dev: _Device, job: Job, background: Job, warmup: int, repeats: int,
+           stat: Callable[[Sequence[float]], float]) -> tuple[float, float]:
+    """(latency alone, latency while ``background`` runs in a loop in another thread).
+
+    Alone and co-running samples alternate, so slow drifts in the machine's load (other
+    processes) hit both sides alike instead of skewing the ratio."""
+    with dev.own_stream():
+        dev.time_s(job, warmup, 0)
+    alone: list[float] = []
+    together: list[float] = []
+    bg = _Background(dev, background)
+    try:
+        for _ in range(max(3, repeats)):
+            with dev.own_stream():
+                alone += dev.time_s(job, 0, 1)
+            with bg.on(), dev.own_stream():
+                together += dev.time_s(job, 0, 1)
+    finally:
+        bg.close()
+    return stat(alone), stat(together)
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpu_spec(device: torch.device, name: str) -> GpuSpec:
+    """The registered GPU this device is, or an ad-hoc spec (SM count read from the device)."""
+    if device.type != "cuda":
+        return GPUS["cpu"]
+    lowered = name.lower()
+    for key, registered in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
+                            ("a6000", "a6000"), ("4090", "rtx4090")):
+        if key in lowered:
+            return GPUS[registered]
+    props = torch.cuda.get_device_properties(device)
+    return GpuSpec(
+        name=lowered.replace(" ", "-"), num_sms=props.multi_processor_count,
+        sm_granularity=8 if props.major >= 9 else 2, min_partition_sms=8 if props.major >= 9 else 4,
+        bf16_dense_tflops=1.0, hbm_gbps=1.0, pcie_gbps=1.0, memory_gib=props.total_memory / 2**30,
+        description=f"{name}: not in nova.cost.gpus; throughput figures are placeholders",
+    )
+
+
+def _kv_blocks_needed(grid: ProfileGrid, block_size: int) -> int:
+    def blocks(n_seqs: int, tokens_each: int) -> int:
+        return n_seqs * math.ceil(tokens_each / block_size)
+
+    decode = blocks(max(grid.decode_batch), max(grid.decode_context))
+    prefill = max(grid.prefill_seqs) + blocks(1, max(grid.prefill_tokens))
+    corun = (blocks(grid.corun_decode_batch, grid.corun_decode_context)
+             + blocks(1, grid.corun_prefill_tokens))
+    return max(decode, prefill, corun) + 8
+
+
+def profile_model(
+    model: str = "demo",
+    device: str = "cpu",
+    *,
+    quick: bool = False,
+    grid: ProfileGrid | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    corun: bool = True,
+    load_format: str = "auto",
+    dtype: torch.dtype | None = None,
+    num_threads: int | None = None,
+    block_size: int = 16,
+    statistic: str = "median",
+    passes: int = 1,
+    shares: Sequence[float] = (1.0,),
+    share_context: Callable[[float], ContextManager[Any]] | None = None,
+) -> dict[str, Any]:
+    """Measure stage latency tables (and co-running factors) of ``model`` on ``device``.
+
+    Returns the profile dict (``ProfiledCostModel.from_dict`` reads it). ``quick``: a tiny
+    grid, 1 warm-up and 2 repeats; otherwise 1 warm-up and 3 repeats (override with
+    ``warmup`` / ``repeats``). ``passes``: sweep the whole grid that many times (warm-up in the
+    first only) and pool the samples, so that a burst of load from another process does not
+    hit every sample of a point. ``statistic``: how the pooled samples are summarised,
+    ``median`` or ``min`` (the least disturbed run; use it on a shared machine).
+    ``dtype``: default float32 on CPU, bfloat16 on CUDA.
+    """
+    from nova.models.loader import load_model
+    from nova.runtime.runner import CacheConfig, ModelRunner
+
+    started = time.monotonic()
+    shares = tuple(sorted(set(float(s) for s in shares)))
+    if shares != (1.0,) and share_context is None:
+        raise ValueError("measuring SM shares other than 1.0 needs share_context (SM partitions)")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    torch_device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
+    warmup = 1 if warmup is None else warmup
+    repeats = (2 if quick else 3) if repeats is None else repeats
+    if repeats < 1 or warmup < 0 or passes < 1:
+        raise ValueError("repeats and passes must be >= 1 and warmup >= 0")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(STATISTICS)}, got {statistic!r}")
+    stat = STATISTICS[statistic]
+    load_before = _loadavg()
+
+    loaded = load_model(model, load_format=load_format, dtype=dtype, device=torch_device)
+    grid = (grid or (ProfileGrid.quick() if quick else ProfileGrid())).clipped(loaded.max_model_len)
+    runner = ModelRunner(loaded, CacheConfig(block_size=block_size,
+                                             num_blocks=_kv_blocks_needed(grid, block_size)))
+    work = _Workloads(loaded, runner)
+    dev = _Device(torch_device)
+    multimodal = loaded.model.is_multimodal
+
+    axis_values: dict[Stage, list[tuple[int, ...]]] = {
+        Stage.VISION: [grid.num_images],
+        Stage.PREFILL: [grid.prefill_tokens, grid.prefill_seqs],
+        Stage.DECODE: [grid.decode_batch, grid.decode_context],
+    }
+    makers: dict[Stage, Callable[..., ContextManager[Job]]] = {
+        Stage.VISION: work.vision, Stage.PREFILL: work.prefill, Stage.DECODE: work.decode,
+    }
+    present = [s for s in STAGES if multimodal or s is not Stage.VISION]
+    # Samples of every (stage, share, grid point), pooled over the passes.
+    samples: dict[tuple[Stage, float, tuple[int, ...]], list[float]] = {}
+    for pass_index in range(passes):
+        for stage in present:
+            for share in shares:
+                ctx = share_context(share) if share_context is not None else contextlib.nullcontext()
+                with ctx:
+                    for point in itertools.product(*axis_values[stage]):
+                        with makers[stage](*point) as job, dev.own_stream():
+                            n_warm = warmup if pass_index == 0 else 0
+                            samples.setdefault((stage, share, point), []).extend(
+                                dev.time_s(job, n_warm, repeats))
+    stages: dict[str, Any] = {}
+    for stage in present:
+        axes = axis_values[stage]
+        tables = []
+        for share in shares:
+            def at(*point: int, _share: float = share, _stage: Stage = stage) -> float:
+                return stat(samples[(_stage, _share, point)])
+
+            tables.append([at(x) for x in axes[0]] if len(axes) == 1
+                          else [[at(x, y) for y in axes[1]] for x in axes[0]])
+        stages[stage.value] = {"axes": list(STAGE_AXES[stage]), "grid": [list(a) for a in axes],
+                               "shares": list(shares), "latency_s": tables}
+        log.info("profiled %s: %s", stage.value, tables[-1])
+
+    corun_factor: dict[str, dict[str, float]] = {}
+    corun_raw: dict[str, dict[str, dict[str, float]]] = {}
+    corun_works = {
+        Stage.VISION: (work.vision, (grid.corun_images,)),
+        Stage.PREFILL: (work.prefill, (grid.corun_prefill_tokens, 1)),
+        Stage.DECODE: (work.decode, (grid.corun_decode_batch, grid.corun_decode_context)),
+    }
+    if corun:
+        for a in present:
+            for b in present:
+                if a is b:
+                    continue
+                make_a, args_a = corun_works[a]
+                make_b, args_b = corun_works[b]
+                with make_a(*args_a) as job_a, make_b(*args_b) as job_b:
+                    alone, together = _corun(dev, job_a, job_b, warmup, repeats, stat)
+                corun_factor.setdefault(a.value, {})[b.value] = round(max(1.0, together / alone), 4)
+                corun_raw.setdefault(a.value, {})[b.value] = {"alone_s": alone, "corun_s": together}
+
+    name = _device_name(torch_device)
+    gpu = _gpu_spec(torch_device, name)
+    spec: dict[str, Any] | None = None
+    with contextlib.suppress(ValueError):
+        spec = ModelSpec.from_dir(loaded.model_dir, name=str(model)).to_dict()
+    metadata = {
+        "model": str(model),
+        "model_dir": str(loaded.model_dir),
+        "architecture": loaded.architecture,
+        "load_format": load_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch_device.type,
+        "device_name": name,
+        "gpu": gpu.name,
+        "gpu_spec": dataclasses.asdict(gpu),
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "warmup": warmup,
+        "repeats": repeats,
+        "passes": passes,
+        "statistic": statistic,
+        # 1-minute load average before / after: well above num_threads means other processes
+        # competed for the cores and the numbers are inflated.
+        "loadavg_1min": [load_before, _loadavg()],
+        "block_size": block_size,
+        "corun_works": {s.value: list(args) for s, (_, args) in corun_works.items()},
+        "corun_raw": corun_raw,
+        "profiling_wall_s": round(time.monotonic() - started, 1),
+        "model_spec": spec,
+    }
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "metadata": metadata,
+        "stages": stages,
+        "corun_mode": "shared",
+        "corun_factor": corun_factor,
+    }
+
+
+def summarize(profile: dict[str, Any]) -> str:
+    """A few lines for humans: the corners of each table and the co-running factors."""
+    meta = profile.get("metadata", {})
+    lines = [f"profile of {meta.get('model')} on {meta.get('device_name')} "
+             f"({meta.get('dtype')}, torch {meta.get('torch_version')}, "
+             f"{meta.get('profiling_wall_s')} s)"]
+    for stage, table in profile["stages"].items():
+        grid, lat = table["grid"], table["latency_s"][-1]
+        if len(grid) == 1:
+            cells = ", ".join(f"{x}: {v * 1e3:.1f} ms" for x, v in zip(grid[0], lat))
+        else:
+            cells = ", ".join(f"({x}, {y}): {lat[i][j] * 1e3:.1f} ms"
+                              for i, x in enumerate(grid[0]) for j, y in enumerate(grid[1])
+                              if i in (0, len(grid[0]) - 1) and j in (0, len(grid[1]) - 1))
+        lines.append(f"  {stage} {tuple(table['axes'])}: {cells}")
+    for stage, row in profile.get("corun_factor", {}).items():
+        lines.append(f"  corun {stage}: " + ", ".join(f"with {o} x{f:.2f}" for o, f in row.items()))
+    return "\n".join(lines)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    profile = profile_model(args.model, args.device, quick=args.quick, warmup=args.warmup,
+                            repeats=args.repeats, load_format=args.load_format,
+                            num_threads=args.threads, statistic=args.statistic,
+                            passes=args.passes)
+    out = Path(args.out) if args.out else Path(
+        f"{Path(str(args.model)).name}-{profile['metadata']['gpu']}.json")
+    model = ProfiledCostModel.from_dict(profile)  # validates what we are about to write
+    model.save(out)
+    print(summarize(profile))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``profile`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("profile", help="measure stage latency tables for the profiled cost model")
+    p.add_argument("--model", default="demo", help="'demo', a model directory or a shipped config")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output JSON (default: ./<model>-<gpu>.json)")
+    p.add_argument("--quick", action="store_true", help="tiny grid, for smoke tests")
+    p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--passes", type=int, default=1, help="sweeps of the grid, samples pooled")
+    p.add_argument("--statistic", default="median", choices=sorted(STATISTICS),
+                   help="summary of the repeats (min resists noise from other processes)")
+    p.set_defaults(func=_cmd_profile)
+    return p
