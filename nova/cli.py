@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=None, help="requests per load point")
     p.set_defaults(func=_cmd_eval)
 
+    from nova.bench.cli import add_bench_parser
+    from nova.cost.profile import add_profile_parser
+    from nova.server.cli import add_serve_parser
+
+    add_serve_parser(sub)
+    add_bench_parser(sub)
+    add_profile_parser(sub)
+
     p = sub.add_parser("build-demo", help="(re)build the cached demo model directory")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_build_demo)

@@ -27,7 +27,8 @@ def make_screenshot(seed: int = 0, width: int = 360, height: int = 640) -> Any:
     draw.text((12, bar + bar // 2), rng.choice(APP_TITLES), fill=(255, 255, 255))
     y = bar * 3 + 8
     row_h = max(20, height // 14)
-    for label in rng.sample(ROW_LABELS, k=min(len(ROW_LABELS), (height - y - 3 * row_h) // row_h)):
+    num_rows = max(0, min(len(ROW_LABELS), (height - y - 3 * row_h) // row_h))
+    for label in rng.sample(ROW_LABELS, k=num_rows):
         draw.rectangle([8, y, width - 8, y + row_h - 4], outline=(200, 200, 200), fill=(255, 255, 255))
         draw.text((16, y + row_h // 3), label, fill=(20, 20, 20))
         if rng.random() < 0.4:  # a toggle switch

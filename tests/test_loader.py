@@ -142,3 +142,22 @@ def test_llava_checkpoint_key_layouts(tiny_dirs, tmp_path, layout):
     ref_params = dict(ref.model.named_parameters())
     for name, param in got.model.named_parameters():
         assert torch.equal(param, ref_params[name]), name
+
+
+def test_decompression_bomb_is_a_clear_error(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64*64 > 2 * 100: PIL refuses
+    with pytest.raises(InvalidInputError, match="too large to decode safely"):
+        load_image(buf.getvalue())
+
+
+def test_small_screenshots_render():
+    from nova.screenshots import make_screenshot
+
+    for h in (40, 100, 159, 640):
+        assert make_screenshot(seed=1, width=60, height=h).size == (60, h)

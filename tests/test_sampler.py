@@ -53,3 +53,9 @@ def test_temperature_sampling_follows_distribution():
     for _ in range(2000):
         counts[sample(logits, [SamplingParams(temperature=1.0)], [gen])[0]] += 1
     assert abs(counts[0] / 2000 - 0.7) < 0.05
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([[2.0, 1.0, 0.5]])
+    gen = make_generator(SamplingParams(temperature=1.0, top_p=1e-300, seed=1))
+    assert sample(logits, [SamplingParams(temperature=1.0, top_p=1e-300)], [gen]) == [0]

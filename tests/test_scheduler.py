@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from nova.core.block_manager import BlockManager
-from nova.core.policy import POLICIES, StageLimits, make_policy
+from nova.core.policy import StageLimits, available_policies, make_policy
 from nova.core.scheduler import RequestRejected, Scheduler
 from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request, RequestStatus, Stage, StageResult
@@ -23,7 +23,12 @@ def test_core_is_torch_free():
 
 
 def make_sched(policy="multi_stream", num_blocks=64, block_size=4, **limits) -> Scheduler:
-    return Scheduler(make_policy(policy, limits=StageLimits(**limits)),
+    extra = {}
+    if policy == "nova":
+        from nova.cost.base import make_cost_model
+
+        extra = {"cost_model": make_cost_model("roofline", "a6000", "cogagent-9b"), "image_tokens": 3}
+    return Scheduler(make_policy(policy, limits=StageLimits(**limits), **extra),
                      BlockManager(num_blocks, block_size), eos_token_ids=(EOS,))
 
 
@@ -192,7 +197,7 @@ def test_sequential_runs_one_stage_at_a_time_fcfs():
     assert pb.request_ids == ["img", "txt"]
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", available_policies())
 @pytest.mark.parametrize("seed", range(4))
 def test_long_random_run_keeps_integrity_and_finishes_everything(policy, seed):
     rng = random.Random(seed)

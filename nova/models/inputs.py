@@ -41,6 +41,8 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
             image.load()
         except FileNotFoundError as exc:
             raise InvalidInputError(f"image file not found: {source}") from exc
+        except Image.DecompressionBombError as exc:
+            raise InvalidInputError(f"image is too large to decode safely: {exc}") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             what = "image bytes" if isinstance(source, bytes) else f"file {source}"
             raise InvalidInputError(f"{what} could not be decoded as an image: {exc}") from exc

@@ -26,6 +26,7 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         # Drop a token when the mass of strictly more likely tokens already reaches top_p;
         # the most likely token is always kept.
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[0] = False  # even when a tiny top_p rounds to 0 in float32
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits.softmax(-1)
 

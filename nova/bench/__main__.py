@@ -1,0 +1,5 @@
+import sys
+
+from nova.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from nova.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Prometheus metrics of one server app (its own ``CollectorRegistry``).
+
+Per-request latencies come from ``nova.metrics.RequestMetrics`` of the request's final delta
+(engine clock: from the engine's arrival, i.e. after the server has parsed the request, decoded
+its images and tokenised it, to the last token). Engine state (requests per stage, KV usage, SM
+partition) is read at scrape time.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nova.metrics import RequestMetrics
+from nova.types import STAGES
+
+OUTCOMES = ("finished", "aborted", "failed", "rejected")
+
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
+                  10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+                 60.0, 120.0, 300.0)
+STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+
+
+class _EngineStateCollector(Collector):
+    """Gauges read from the scheduler at scrape time, under the engine's lock."""
+
+    def __init__(self, async_engine: Any, server_state: Any) -> None:
+        self.async_engine = async_engine
+        self.server_state = server_state
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        nova = self.async_engine.nova
+        sched = nova.scheduler
+        lock = getattr(nova.engine, "_cond", None) or threading.Lock()
+        with lock:
+            in_stage = {s: sched.state.num_in_stage(s) for s in STAGES}
+            usage = sched.block_manager.usage
+            partition = sched.state.partition
+            num_free = sched.block_manager.num_free_blocks
+            num_preemptions = sched.state.num_preemptions
+        g = GaugeMetricFamily("nova_requests_in_stage",
+                              "Requests waiting for or running in each stage", labels=["stage"])
+        for s in STAGES:
+            g.add_metric([s.value], in_stage[s])
+        yield g
+        yield GaugeMetricFamily("nova_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+                                value=usage)
+        yield GaugeMetricFamily("nova_kv_cache_free_blocks", "Free KV-cache blocks", value=num_free)
+        g = GaugeMetricFamily("nova_sm_share", "SM share of each stage in the current partition",
+                              labels=["stage"])
+        for s in STAGES:
+            g.add_metric([s.value], partition.share(s))
+        yield g
+        yield CounterMetricFamily("nova_preemptions", "Preemptions (recomputes) so far",
+                                  value=num_preemptions)
+        yield GaugeMetricFamily("nova_server_unfinished_requests",
+                                "Requests accepted by the server and not yet finished",
+                                value=self.server_state.num_unfinished)
+
+
+class ServerMetrics:
+    def __init__(self, async_engine: Any, server_state: Any) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("nova_requests", "Requests by outcome", ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.ttft = Histogram("nova_ttft_seconds", "Time to first token (finished requests)",
+                              buckets=TTFT_BUCKETS_S, registry=r)
+        self.tpot = Histogram("nova_tpot_seconds", "Time per output token after the first "
+                              "(finished requests with >= 2 tokens)", buckets=TPOT_BUCKETS_S, registry=r)
+        self.e2e = Histogram("nova_e2e_seconds", "Arrival to last token (finished requests)",
+                             buckets=E2E_BUCKETS_S, registry=r)
+        self.queue = Histogram("nova_queue_seconds", "Time waiting before a stage", ["stage"],
+                               buckets=STAGE_BUCKETS_S, registry=r)
+        self.stage = Histogram("nova_stage_seconds", "Time in a stage (decode: first to last token)",
+                               ["stage"], buckets=STAGE_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("nova_prompt_tokens", "Prompt tokens of requests accepted by "
+                                     "the engine (image tokens included)", registry=r)
+        self.generation_tokens = Counter("nova_generation_tokens", "Generated tokens", registry=r)
+        r.register(_EngineStateCollector(async_engine, server_state))
+
+    def rejected(self) -> None:
+        self.requests.labels("rejected").inc()
+
+    def observe_final(self, outcome: str, m: RequestMetrics | None) -> None:
+        self.requests.labels(outcome).inc()
+        if m is None or outcome != "finished":
+            return
+        for hist, value in ((self.ttft, m.ttft_s), (self.tpot, m.tpot_s), (self.e2e, m.e2e_s)):
+            if value is not None:
+                hist.observe(value)
+        for stage, value in (("vision", m.vision_queue_s), ("prefill", m.prefill_queue_s)):
+            if value is not None:
+                self.queue.labels(stage).observe(value)
+        for stage, value in (("vision", m.vision_s), ("prefill", m.prefill_s), ("decode", m.decode_s)):
+            if value is not None:
+                self.stage.labels(stage).observe(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

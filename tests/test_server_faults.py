@@ -1,0 +1,63 @@
+"""A request the engine fails (executor fault) is a 500 with an OpenAI error body (in-band
+error event when streaming), counted as failed; other requests and later ones are served."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from nova.config import EngineConfig
+from nova.engine.async_engine import AsyncEngine
+from nova.engine.core import NovaEngine
+from nova.server.app import create_app
+from nova.server.config import ServerConfig
+from nova.server.testing import build_tiny_chat_model
+from nova.types import Stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    model_dir = build_tiny_chat_model(tmp_path_factory.mktemp("faulty") / "m", max_model_len=128)
+    fault = {"on": False}
+
+    def hook(stage, request_id):
+        if fault["on"] and stage is Stage.DECODE:
+            raise RuntimeError("injected decode fault")
+
+    config = EngineConfig(model=str(model_dir), num_kv_blocks=64)
+    engine = AsyncEngine(config, nova=NovaEngine(config, fault_hook=hook))
+    yield engine, fault
+    engine.shutdown()
+
+
+def test_engine_failure_is_500_and_counted(faulty):
+    engine, fault = faulty
+    app = create_app(engine, ServerConfig(served_model_name="tiny"))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            fault["on"] = True
+            plain = await c.post("/v1/chat/completions", json=body)
+            stream = await c.post("/v1/chat/completions", json=dict(body, stream=True))
+            fault["on"] = False
+            good = await c.post("/v1/chat/completions", json=body)
+            metrics = (await c.get("/metrics")).text
+            return plain, stream, good, metrics
+
+    plain, stream, good, metrics = asyncio.run(go())
+    assert plain.status_code == 500
+    err = plain.json()["error"]
+    assert err["type"] == "server_error" and "injected decode fault" in err["message"]
+    assert stream.status_code == 200  # headers were sent before the failure
+    events = [line[len("data: "):] for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "injected decode fault" in json.loads(events[-2])["error"]["message"]
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
+    assert 'nova_requests_total{outcome="failed"} 2.0' in metrics
+    bm = engine.nova.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
