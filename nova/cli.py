@@ -27,10 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nova.demo import run_demo
 
-    from nova.demo import compare_policies
+    from nova.demo import compare_policies, demo_via_server
 
     run_demo(args.model, max_tokens=args.max_tokens, device=args.device, policy=args.policy,
              num_agent_steps=args.agent_steps)
+    if args.via_server:
+        demo_via_server(args.model, policy=args.policy, device=args.device)
     if args.compare_policies:
         compare_policies(args.model, max_tokens=min(args.max_tokens, 32), device=args.device,
                          num_agent_steps=args.agent_steps)
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--policy", default="multi_stream", help="scheduling policy (see 'nova models')")
     p.add_argument("--agent-steps", type=int, default=6, help="screenshot requests in the burst")
+    p.add_argument("--via-server", action="store_true",
+                   help="then serve the model over HTTP and load it with the nova bench client")
     p.add_argument("--compare-policies", action="store_true",
                    help="then run the same burst under each policy and print them side by side")
     p.set_defaults(func=_cmd_demo)

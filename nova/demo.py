@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -134,3 +135,33 @@ def compare_policies(model: str = "demo", max_tokens: int = 32, device: str = "c
         print(f"{policy:18s}{s.duration_s:8.2f}{s.e2e.mean:10.2f}{s.e2e.p90:9.2f}{s.e2e.max:9.2f}"
               f"{s.ttft.mean:11.2f}{s.tpot.mean * 1e3:9.0f}ms")
     return rows
+
+
+def demo_via_server(model: str = "demo", policy: str = "multi_stream", device: str = "cpu",
+                    num_prompts: int = 8, request_rate: float = 2.0, max_tokens: int = 32) -> Any:
+    """The demo model behind ``nova serve``'s app on 127.0.0.1 (a free port), loaded by the
+    ``nova bench`` client: Poisson GUI-agent steps, each a real PNG screenshot sent as a base64
+    data URL through the OpenAI chat API, streamed back; the client's report is printed."""
+    import argparse
+
+    from nova.bench.cli import add_bench_args, bench
+    from nova.engine.async_engine import AsyncEngine
+    from nova.server.app import create_app
+    from nova.server.config import ServerConfig
+    from nova.server.testing import ServerThread
+
+    engine = AsyncEngine(EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512))
+    try:
+        with ServerThread(create_app(engine, ServerConfig())) as srv:
+            print(f"\nnova serve ({policy}) on {srv.base_url}; nova bench sends {num_prompts} "
+                  f"GUI-agent requests (Poisson, {request_rate} req/s):")
+            args = add_bench_args(argparse.ArgumentParser()).parse_args([
+                "--base-url", srv.base_url, "--dataset-name", "poisson", "--num-prompts", str(num_prompts),
+                "--request-rate", str(request_rate), "--image-width", "448", "--image-height", "448",
+                "--workload-arg", f"max_tokens={max_tokens}", "--workload-arg", f"min_tokens={max_tokens // 2}",
+                "--temperature", "0", "--disable-tqdm"])
+            outcome = bench(args)
+            print(outcome.report)
+            return outcome
+    finally:
+        engine.shutdown()

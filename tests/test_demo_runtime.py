@@ -78,3 +78,12 @@ def test_nova_generate_command_and_errors(capsys, tmp_path):
     assert "could not be decoded as an image" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_via_server_and_bench_client(capsys):
+    from nova.demo import demo_via_server
+
+    outcome = demo_via_server(num_prompts=3, request_rate=5.0, max_tokens=6)
+    assert outcome.summary.num_completed == 3
+    out = capsys.readouterr().out
+    assert "3 sent, 3 completed, 0 failed" in out and "TTFT" in out
