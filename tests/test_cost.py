@@ -22,7 +22,7 @@ from nova.cost import (
     make_cost_model,
     paper_works,
 )
-from nova.cost.profiled import PROFILES_DIR, ProfileError, interpolate
+from nova.cost.profiled import PROFILES_DIR, ProfileError, interpolate, merge_profiles
 from nova.cost.roofline import water_fill
 from nova.types import Batch, BatchItem, Partition, Stage
 
@@ -368,6 +368,23 @@ def test_profiled_monotone_fix_and_errors():
         ProfiledCostModel.from_dict({"stages": {}})
     with pytest.raises(ProfileError, match="no cost profile at"):
         ProfiledCostModel.from_file("/nonexistent/profile.json")
+
+
+def test_merge_profiles_takes_min_tables_and_median_factors():
+    a, b, c = _synthetic_profile(), _synthetic_profile(), _synthetic_profile()
+    b["stages"]["vision"]["latency_s"][1] = [0.5, 0.1, 0.3]  # a disturbed sweep, and a faster one
+    b["corun_factor"]["decode"]["vision"] = 2.0
+    c["corun_factor"]["decode"]["vision"] = 1.4
+    c["metadata"]["date"] = "later"
+    merged = merge_profiles([a, b, c])
+    assert merged["stages"]["vision"]["latency_s"][1] == [0.1, 0.1, 0.3]
+    assert merged["corun_factor"]["decode"]["vision"] == 1.4  # median of 1.2, 2.0, 1.4
+    assert [m["date"] for m in merged["metadata"]["merged_from"]] == [None, None, "later"]
+    ProfiledCostModel.from_dict(merged)  # valid
+    other = _synthetic_profile()
+    other["stages"]["decode"]["grid"][1] = [100, 2000]
+    with pytest.raises(ProfileError, match="same decode grid"):
+        merge_profiles([a, other])
 
 
 def test_interpolate_1d_and_2d():

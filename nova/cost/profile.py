@@ -17,8 +17,10 @@ on a CPU the two threads share the cores.
 
 A shared 2-core machine is noisy: another process running OpenMP work can slow a 2-thread
 forward several-fold (spinning barriers lose their peer). ``metadata.loadavg_1min`` records
-the load before and after; re-measure when it is well above ``num_threads``, or measure with
-``passes=2, statistic="min"`` (what the shipped ``profiles/demo-cpu.json`` used).
+the load before and after; re-measure when it is well above ``num_threads``, measure with
+``passes=2, statistic="min"``, or merge several profiles taken minutes apart
+(``nova.cost.profiled.merge_profiles``, ``nova profile --merge``): the shipped
+``profiles/demo-cpu.json`` is such a merge (see its ``metadata.merged_from``).
 
 SM shares: only 1.0 unless ``share_context`` is given -- a factory of context managers that
 run the enclosed work on a given SM share (e.g. a green-context stream from the executor);
@@ -33,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
+import json
 import logging
 import math
 import os
@@ -49,7 +52,13 @@ import torch
 
 from nova.cost.gpus import GPUS, GpuSpec
 from nova.cost.model_spec import ModelSpec
-from nova.cost.profiled import PROFILE_FORMAT, PROFILE_VERSION, STAGE_AXES, ProfiledCostModel
+from nova.cost.profiled import (
+    PROFILE_FORMAT,
+    PROFILE_VERSION,
+    STAGE_AXES,
+    ProfiledCostModel,
+    merge_profiles,
+)
 from nova.types import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -470,9 +479,9 @@ def summarize(profile: dict[str, Any]) -> str:
     for stage, table in profile["stages"].items():
         grid, lat = table["grid"], table["latency_s"][-1]
         if len(grid) == 1:
-            cells = ", ".join(f"{x}: {v * 1e3:.1f} ms" for x, v in zip(grid[0], lat))
+            cells = ", ".join(f"{x:g}: {v * 1e3:.1f} ms" for x, v in zip(grid[0], lat))
         else:
-            cells = ", ".join(f"({x}, {y}): {lat[i][j] * 1e3:.1f} ms"
+            cells = ", ".join(f"({x:g}, {y:g}): {lat[i][j] * 1e3:.1f} ms"
                               for i, x in enumerate(grid[0]) for j, y in enumerate(grid[1])
                               if i in (0, len(grid[0]) - 1) and j in (0, len(grid[1]) - 1))
         lines.append(f"  {stage} {tuple(table['axes'])}: {cells}")
@@ -482,12 +491,16 @@ def summarize(profile: dict[str, Any]) -> str:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    profile = profile_model(args.model, args.device, quick=args.quick, warmup=args.warmup,
-                            repeats=args.repeats, load_format=args.load_format,
-                            num_threads=args.threads, statistic=args.statistic,
-                            passes=args.passes)
+    if args.merge:
+        profile = merge_profiles([json.loads(Path(f).read_text()) for f in args.merge],
+                                 table_statistic=args.statistic or "min")
+    else:
+        profile = profile_model(args.model, args.device, quick=args.quick, warmup=args.warmup,
+                                repeats=args.repeats, load_format=args.load_format,
+                                num_threads=args.threads, statistic=args.statistic or "median",
+                                passes=args.passes)
     out = Path(args.out) if args.out else Path(
-        f"{Path(str(args.model)).name}-{profile['metadata']['gpu']}.json")
+        f"{Path(str(profile['metadata']['model'])).name}-{profile['metadata']['gpu']}.json")
     model = ProfiledCostModel.from_dict(profile)  # validates what we are about to write
     model.save(out)
     print(summarize(profile))
@@ -507,7 +520,10 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--passes", type=int, default=1, help="sweeps of the grid, samples pooled")
-    p.add_argument("--statistic", default="median", choices=sorted(STATISTICS),
-                   help="summary of the repeats (min resists noise from other processes)")
+    p.add_argument("--statistic", default=None, choices=sorted(STATISTICS),
+                   help="summary of the samples (default median; min resists noise from other "
+                        "processes); with --merge: of the merged tables (default min)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PROFILE",
+                   help="measure nothing: merge these profile files (same model and grid)")
     p.set_defaults(func=_cmd_profile)
     return p

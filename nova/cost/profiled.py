@@ -345,6 +345,64 @@ class ProfiledCostModel:
         return t
 
 
+def merge_profiles(profiles: Sequence[dict[str, Any]], table_statistic: str = "min",
+                   corun_statistic: str = "median") -> dict[str, Any]:
+    """Combine profiles of the same model, device and grid, measured at different times.
+
+    Tables: the elementwise ``table_statistic`` (``min`` or ``median``) over the profiles --
+    on a machine shared with other processes, the minimum over sweeps taken minutes apart is
+    the least disturbed measurement. Co-running factors: ``corun_statistic`` over the
+    profiles that have each factor. Metadata: the first profile's, with ``merged_from``
+    listing every source's date, statistic and load.
+    """
+    import statistics
+
+    reducers = {"min": min, "median": statistics.median}
+    if table_statistic not in reducers or corun_statistic not in reducers:
+        raise ValueError(f"statistics must be one of {sorted(reducers)}")
+    if not profiles:
+        raise ProfileError("nothing to merge")
+    models = [ProfiledCostModel.from_dict(p, monotone=False) for p in profiles]  # validates
+    first = models[0]
+    for m in models[1:]:
+        if m.metadata.get("model") != first.metadata.get("model") or m.gpu() != first.gpu():
+            raise ProfileError("can only merge profiles of the same model on the same device")
+        for stage, table in first.raw_tables.items():
+            other = m.raw_tables.get(stage)
+            if other is None or other.grid != table.grid or other.shares != table.shares:
+                raise ProfileError(f"can only merge profiles with the same {stage.value} grid and shares")
+
+    def reduce_tables(tables: list[Nested]) -> Nested:
+        if isinstance(tables[0], list):
+            return [reduce_tables([t[i] for t in tables]) for i in range(len(tables[0]))]
+        return float(reducers[table_statistic](tables))
+
+    stages = {}
+    for stage, table in first.raw_tables.items():
+        latency = [reduce_tables([m.raw_tables[stage].latency_s[k] for m in models])
+                   for k in range(len(table.shares))]
+        stages[stage.value] = StageTable(stage, table.grid, table.shares, tuple(latency)).to_dict()
+    corun: dict[str, dict[str, float]] = {}
+    mode_tables = [m.corun.get(first.corun_mode, {}) for m in models]
+    for stage in Stage:
+        for other in Stage:
+            values = [t[stage][other] for t in mode_tables if other in t.get(stage, {})]
+            if values:
+                corun.setdefault(stage.value, {})[other.value] = round(
+                    float(reducers[corun_statistic](values)), 4)
+    metadata = dict(first.metadata)
+    metadata["statistic"] = f"{table_statistic} over {len(models)} merged profiles"
+    metadata["corun_statistic"] = f"{corun_statistic} over the merged profiles that have the factor"
+    metadata["merged_from"] = [
+        {k: m.metadata.get(k) for k in ("date", "statistic", "passes", "repeats", "loadavg_1min",
+                                         "profiling_wall_s")} | {"has_corun": bool(t)}
+        for m, t in zip(models, mode_tables)
+    ]
+    metadata.pop("corun_raw", None)  # per-source details; not meaningful after merging
+    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "metadata": metadata,
+            "stages": stages, "corun_mode": first.corun_mode, "corun_factor": corun}
+
+
 def _gpu_from_metadata(meta: dict[str, Any]) -> GpuSpec:
     spec = meta.get("gpu_spec")
     if isinstance(spec, dict):

@@ -180,7 +180,8 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
-    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights")
+    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo")
+    _MEMO_MAX = 200_000  # entries; StageWork is frozen, so its FLOPs/bytes/solo terms memoize
 
     def __init__(self, gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
                  *, offload_vision_weights: bool = False) -> None:
@@ -191,6 +192,7 @@ class RooflineCostModel:
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
+        self._memo: dict[tuple, Any] = {}
 
     def __repr__(self) -> str:
         return f"RooflineCostModel(gpu={self._gpu.name!r}, model={self.model.name!r})"
@@ -199,15 +201,23 @@ class RooflineCostModel:
         return self._gpu
 
     # -- work -> FLOPs / bytes -----------------------------------------------------------------
+    def _memoized(self, key: tuple, compute: Any) -> Any:
+        value = self._memo.get(key)
+        if value is None:
+            if len(self._memo) >= self._MEMO_MAX:
+                self._memo.clear()
+            value = self._memo[key] = compute()
+        return value
+
     def flops(self, work: StageWork) -> float:
         if work.stage is Stage.VISION:
-            return self.model.vision_flops(work.num_images)
-        return self.model.llm_flops(work.new_tokens, work.context_lens)
+            return self._memoized(("flops", work), lambda: self.model.vision_flops(work.num_images))
+        return self._memoized(("flops", work), lambda: self.model.llm_flops(work.new_tokens, work.context_lens))
 
     def bytes(self, work: StageWork) -> float:
         if work.stage is Stage.VISION:
-            return self.model.vision_bytes(work.num_images)
-        return self.model.llm_bytes(work.new_tokens, work.context_lens)
+            return self._memoized(("bytes", work), lambda: self.model.vision_bytes(work.num_images))
+        return self._memoized(("bytes", work), lambda: self.model.llm_bytes(work.new_tokens, work.context_lens))
 
     # -- solo ----------------------------------------------------------------------------------
     def attainable_bw_bytes_per_s(self, share: float) -> float:
@@ -217,6 +227,9 @@ class RooflineCostModel:
 
     def solo(self, work: StageWork, share: float) -> Solo:
         """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here)."""
+        return self._memoized(("solo", work, share), lambda: self._solo(work, share))
+
+    def _solo(self, work: StageWork, share: float) -> Solo:
         c, g = self.calib, self._gpu
         nbytes = self.bytes(work)
         compute_s = self.flops(work) / (g.peak_flops * share * c.mfu(work.stage))
