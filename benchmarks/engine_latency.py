@@ -25,7 +25,7 @@ from nova.config import EngineConfig
 from nova.demo import AGENT_INSTRUCTIONS, AGENT_SYSTEM, TEXT_QUESTIONS
 from nova.engine.core import NovaEngine
 from nova.metrics import format_summary_table, request_metrics, summarize, summary_to_dict
-from nova.models.inputs import PromptInput
+from nova.models.inputs import PromptInput, chat_messages
 from nova.runtime.generate import GenerationRequest, generate
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
@@ -39,11 +39,10 @@ def build_prompts(nova: NovaEngine, n: int) -> list[PromptInput]:
     for i in range(n):
         if i % 4 == 3:
             q = TEXT_QUESTIONS[i % len(TEXT_QUESTIONS)]
-            prompts.append(nova.processor.from_chat([{"role": "user", "content": q}]))
+            prompts.append(nova.processor.from_chat(chat_messages(q)))
         else:
             instr = AGENT_INSTRUCTIONS[i % len(AGENT_INSTRUCTIONS)]
-            msgs = [{"role": "system", "content": AGENT_SYSTEM},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instr}]}]
+            msgs = chat_messages(instr, num_images=1, system=AGENT_SYSTEM)
             prompts.append(nova.processor.from_chat(msgs, [make_screenshot(seed=i)]))
     return prompts
 
@@ -58,14 +57,9 @@ def synthetic_request(rid: str, prompt: PromptInput, n_out: int, times: RequestT
 
 
 def run_engine(nova: NovaEngine, prompts, params) -> tuple[list[Request], float]:
-    nova.start()
-    try:
-        t0 = time.perf_counter()
-        reqs = [nova.submit(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
-        nova.engine.wait_idle()
-        wall = time.perf_counter() - t0
-    finally:
-        nova.stop()
+    t0 = time.perf_counter()
+    reqs = nova.run_all(prompts, params, [f"r{i}" for i in range(len(prompts))])
+    wall = time.perf_counter() - t0
     base = min(r.times.arrival_s for r in reqs)
     for r in reqs:  # burst: latencies from the first submission (submitting takes ~ms)
         r.times.arrival_s = base

@@ -24,10 +24,8 @@ import torch
 
 from nova.models.inputs import PromptInput
 from nova.models.loader import load_model
-from nova.runtime.forward_batch import SeqInput
 from nova.runtime.generate import GenerationRequest, generate
 from nova.runtime.runner import CacheConfig, ModelRunner
-from nova.runtime.sampler import sample
 from nova.sampling_params import SamplingParams
 
 QUESTIONS = [

@@ -21,6 +21,7 @@ from nova.config import EngineConfig
 from nova.cost.profiled import ProfiledCostModel
 from nova.engine.core import NovaEngine
 from nova.metrics import request_metrics, summarize
+from nova.models.inputs import chat_messages
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
 from nova.sim.eval import build_policy, Experiment
@@ -65,8 +66,7 @@ def main() -> None:
         proc = nova.processor
         prompts = []
         for w in wl.requests:
-            msgs = [{"role": "user", "content": [{"type": "image"} for _ in w.images]
-                     + [{"type": "text", "text": w.instruction}]}]
+            msgs = chat_messages(w.instruction, num_images=len(w.images))
             images = [make_screenshot(w.seed, im.width // 4, im.height // 4) for im in w.images]
             prompts.append(proc.from_chat(msgs, images))
         real = run_real(nova, wl, prompts)

@@ -7,15 +7,6 @@ import sys
 from collections.abc import Sequence
 
 
-def _dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose {', '.join(table)}")
-    return table[name]
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="a Hugging Face model directory, a shipped config name, or 'demo'")
@@ -40,17 +31,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from nova.models.inputs import InputProcessor
+    from nova.models.inputs import InputProcessor, chat_messages
     from nova.models.loader import load_model
     from nova.runtime.generate import GenerationRequest, generate
     from nova.runtime.runner import CacheConfig, ModelRunner
     from nova.sampling_params import SamplingParams
 
-    loaded = load_model(args.model, args.load_format, _dtype(args.dtype), args.device)
+    from nova.config import torch_dtype
+
+    loaded = load_model(args.model, args.load_format, torch_dtype(args.dtype), args.device)
     proc = InputProcessor(loaded)
-    content: list[dict] = [{"type": "image"} for _ in args.image]
-    content.append({"type": "text", "text": args.prompt})
-    prompt = proc.from_chat([{"role": "user", "content": content}], list(args.image))
+    prompt = proc.from_chat(chat_messages(args.prompt, len(args.image)), list(args.image))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     runner = ModelRunner(loaded, CacheConfig(block_size=args.block_size))
@@ -159,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ModelLoadError, InvalidInputError, ValueError, argparse.ArgumentTypeError) as exc:
+    except (ModelLoadError, InvalidInputError, ValueError) as exc:
         print(f"nova: error: {exc}", file=sys.stderr)
         return 2
 

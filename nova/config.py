@@ -3,6 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """``"bfloat16"`` -> ``torch.bfloat16``; a ValueError naming the choices otherwise."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
+
 
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
@@ -21,8 +32,7 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        torch_dtype(self.dtype)  # validates the name
         for name in ("block_size", "max_num_seqs", "max_prefill_tokens", "max_vision_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -36,6 +46,4 @@ class EngineConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return torch_dtype(self.dtype)

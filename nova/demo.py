@@ -16,6 +16,7 @@ import torch
 from nova.config import EngineConfig
 from nova.engine.core import NovaEngine
 from nova.metrics import format_summary_table, format_timeline, request_metrics, summarize
+from nova.models.inputs import InputProcessor, PromptInput, chat_messages
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
 from nova.types import Request
@@ -52,11 +53,11 @@ def demo_requests(num_agent_steps: int = 6) -> list[DemoRequest]:
     return [texts[0]] + steps[: len(steps) // 2] + [texts[1]] + steps[len(steps) // 2:]
 
 
-def _messages(req: DemoRequest) -> list[dict]:
-    content: list[dict] = [{"type": "image"}] if req.with_image else []
-    content.append({"type": "text", "text": req.instruction})
-    messages = [{"role": "system", "content": req.system}] if req.system else []
-    return messages + [{"role": "user", "content": content}]
+def burst_prompts(proc: InputProcessor, demo: list[DemoRequest]) -> list[PromptInput]:
+    """Each demo request as a prompt; agent steps get a generated screenshot each."""
+    return [proc.from_chat(chat_messages(d.instruction, int(d.with_image), d.system),
+                           [make_screenshot(seed=i)] if d.with_image else [])
+            for i, d in enumerate(demo)]
 
 
 def run_demo(
@@ -74,16 +75,9 @@ def run_demo(
     if note:
         print(f"  Note: {note}")
     demo = demo_requests(num_agent_steps)
-    prompts = [proc.from_chat(_messages(d), [make_screenshot(seed=i)] if d.with_image else [])
-               for i, d in enumerate(demo)]
-    nova.start()
+    prompts = burst_prompts(proc, demo)
     t_start = time.perf_counter()
-    try:
-        reqs = [nova.submit(p, SamplingParams(max_tokens=max_tokens), request_id=d.name)
-                for d, p in zip(demo, prompts)]
-        nova.engine.wait_idle()
-    finally:
-        nova.stop()
+    reqs = nova.run_all(prompts, SamplingParams(max_tokens=max_tokens), [d.name for d in demo])
     wall_s = time.perf_counter() - t_start
     print(f"\n{len(reqs)} requests sent at once, all done in {wall_s:.2f}s:\n")
     for d, r in zip(demo, reqs):
@@ -116,17 +110,11 @@ def compare_policies(model: str = "demo", max_tokens: int = 32, device: str = "c
     for policy in policies:
         nova = NovaEngine(EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512),
                           loaded=loaded)
-        loaded, proc = nova.loaded, nova.processor
-        prompts = [proc.from_chat(_messages(d), [make_screenshot(seed=i)] if d.with_image else [])
-                   for i, d in enumerate(demo)]
-        nova.start()
+        loaded = nova.loaded
+        prompts = burst_prompts(nova.processor, demo)
         t0 = time.perf_counter()
-        try:
-            reqs = [nova.submit(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), request_id=d.name)
-                    for d, p in zip(demo, prompts)]
-            nova.engine.wait_idle()
-        finally:
-            nova.stop()
+        reqs = nova.run_all(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                            [d.name for d in demo])
         rows[policy] = summarize([request_metrics(r) for r in reqs], duration_s=time.perf_counter() - t0)
     print(f"\nThe same burst ({len(demo)} requests, {max_tokens} output tokens each) under each policy:")
     print(f"{'policy':18s}{'wall s':>8s}{'E2E mean':>10s}{'E2E p90':>9s}{'E2E max':>9s}"

@@ -2,7 +2,6 @@
 three-stage engine and returns their outputs in input order."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,20 +63,7 @@ class LLM:
         if len(params) != len(inputs):
             raise ValueError(f"{len(params)} sampling params for {len(inputs)} inputs")
         prompts = [self.to_prompt(x) for x in inputs]  # all input errors surface before any runs
-        requests: list[Request] = []
-        self.nova.start()
-        try:
-            for prompt, sp in zip(prompts, params):
-                try:
-                    requests.append(self.nova.submit(prompt, sp or SamplingParams()))
-                except Exception:
-                    for r in requests:  # a rejected input fails the call: stop the others
-                        self.nova.engine.abort(r.request_id)
-                    raise
-            self.nova.engine.wait_idle()
-        finally:
-            self.nova.stop()
-        return [self._output(r) for r in requests]
+        return [self._output(r) for r in self.nova.run_all(prompts, params)]
 
     def _output(self, req: Request) -> RequestOutput:
         tok = self.nova.loaded.tokenizer

@@ -36,3 +36,12 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def stop_reason(self, token: int, num_output_tokens: int, eos_token_ids: frozenset[int]) -> str | None:
+        """Why generation ends after ``token`` (the ``num_output_tokens``-th output): "stop" for
+        a stop token or EOS (unless ``ignore_eos``), "length" at ``max_tokens``; else None."""
+        if token in self.stop_token_ids or (not self.ignore_eos and token in eos_token_ids):
+            return "stop"
+        if num_output_tokens >= self.max_tokens:
+            return "length"
+        return None

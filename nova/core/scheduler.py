@@ -106,23 +106,29 @@ class Scheduler:
     def add_request(self, req: Request, now_s: float) -> None:
         if req.request_id in self.state.requests:
             raise RequestRejected(f"request id {req.request_id!r} is already in use")
-        max_len = len(req.prompt_token_ids) + req.sampling.max_tokens
-        if self.max_model_len is not None:  # generation also stops at the context length
-            max_len = min(max_len, self.max_model_len)
-        if self.max_model_len is not None and len(req.prompt_token_ids) >= self.max_model_len:
-            raise RequestRejected(
-                f"prompt of {len(req.prompt_token_ids)} tokens does not fit the model's context "
-                f"length {self.max_model_len}")
-        bm = self.block_manager
-        if num_blocks_for(max_len, bm.block_size) > bm.num_blocks:
-            raise RequestRejected(
-                f"request needs up to {max_len} tokens of KV cache; the whole cache holds "
-                f"{bm.num_blocks * bm.block_size}")
+        self.check_admissible(len(req.prompt_token_ids), req.sampling.max_tokens)
         req.arrival_s = now_s
         req.times.arrival_s = now_s
         self.state.requests[req.request_id] = req
         self.state.set_status(
             req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL)
+
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``RequestRejected`` if such a request could never be served: a prompt that
+        does not fit the context, or a worst-case KV footprint larger than the whole cache.
+        (The server calls it too, to answer 400 before a stream starts.)"""
+        if self.max_model_len is not None and num_prompt_tokens >= self.max_model_len:
+            raise RequestRejected(
+                f"prompt of {num_prompt_tokens} tokens does not fit the model's context "
+                f"length {self.max_model_len}")
+        max_len = num_prompt_tokens + max_tokens
+        if self.max_model_len is not None:  # generation also stops at the context length
+            max_len = min(max_len, self.max_model_len)
+        bm = self.block_manager
+        if num_blocks_for(max_len, bm.block_size) > bm.num_blocks:
+            raise RequestRejected(
+                f"request needs up to {max_len} tokens of KV cache; the whole cache holds "
+                f"{bm.num_blocks * bm.block_size}")
 
     def abort(self, request_id: str, now_s: float) -> RequestEvent | None:
         """Abort a live request; None if unknown or already done."""
@@ -332,11 +338,9 @@ class Scheduler:
         return RequestEvent(req.request_id, (token,), False)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
-        sp = req.sampling
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if len(req.output_token_ids) >= sp.max_tokens:
-            return "length"
+        reason = req.sampling.stop_reason(token, len(req.output_token_ids), self.eos_token_ids)
+        if reason is not None:
+            return reason
         if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
             return "length"
         return None

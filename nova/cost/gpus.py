@@ -143,8 +143,8 @@ register_gpu(GpuSpec(
 ))
 register_gpu(GpuSpec(
     "cpu", num_sms=1, sm_granularity=1, min_partition_sms=1,
-    # Rough figures for a 2-core AVX2 machine (fp32); only the profiled cost model's CPU
-    # profile uses this entry, so nothing depends on these throughputs.
+    # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
+    # policy's roofline fallback for a model without a CPU profile uses these throughputs.
     bf16_dense_tflops=0.1, hbm_gbps=20.0, pcie_gbps=20.0, memory_gib=8.0,
     description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
 ))

@@ -41,9 +41,8 @@ class _Detokenizer:
         text = self.processor.decode(token_ids)
         if text.endswith("\ufffd") and not final:
             return ""
-        if not text.startswith(self.emitted):  # tokenizer merged across the boundary
-            out, self.emitted = text[len(self.emitted):], text
-            return out
+        # If decoding all tokens rewrote text already emitted (a merge across the boundary),
+        # what was sent cannot be taken back: emit what follows its length.
         out = text[len(self.emitted):]
         self.emitted = text
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from nova.config import EngineConfig
@@ -19,30 +20,31 @@ from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
 
 
-PROFILES_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "cost" / "profiles"
+def _device_gpu_spec(device: str) -> str:
+    """The GPU spec name (``nova.cost.gpus``) of the device, or "cpu"; unknown GPUs: h100-sxm."""
+    if device.startswith("cpu"):
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    for key, spec_name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
+                           ("a6000", "a6000"), ("4090", "rtx4090")):
+        if key in name:
+            return spec_name
+    return "h100-sxm"
 
 
 def default_cost_model(loaded: LoadedModel, device: str) -> Any:
-    """The cost model the ``nova`` policy plans with for this model on this device: a profile
-    measured here if one exists (``nova profile``), else the roofline for the model's shape on
-    the GPU spec matching the device name (H100/H200/A100/A6000/4090)."""
+    """The cost model the ``nova`` policy plans with for this model on this device: the shipped
+    profile measured on such a device if there is one (``nova profile``; the demo model on the
+    CPU has one), else the roofline for the model's shape on the device's GPU spec."""
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import ModelSpec
-    from nova.cost.profiled import ProfiledCostModel
+    from nova.cost.profiled import available_profiles
 
-    kind = "cpu" if device.startswith("cpu") else "gpu"
-    if loaded.model_dir.name.startswith("demo-") and (PROFILES_DIR / f"demo-{kind}.json").is_file():
-        return ProfiledCostModel.from_file(PROFILES_DIR / f"demo-{kind}.json")
-    gpu = "h100-sxm"
-    if kind == "gpu":
-        import torch
-
-        name = torch.cuda.get_device_name(torch.device(device)).lower()
-        for key, spec_name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
-                               ("a6000", "a6000"), ("4090", "rtx4090")):
-            if key in name:
-                gpu = spec_name
-                break
+    gpu = _device_gpu_spec(device)
+    if loaded.model_dir.name.startswith("demo-") and f"demo-{gpu}" in available_profiles():
+        return make_cost_model("profiled", gpu, "demo")
     return make_cost_model("roofline", gpu, ModelSpec.from_dir(loaded.model_dir))
 
 
@@ -70,7 +72,7 @@ class NovaEngine:
         extra: dict[str, Any] = {}
         if config.policy == "nova":
             extra = {"cost_model": default_cost_model(self.loaded, config.device),
-                     "image_tokens": max(1, InputProcessor(self.loaded).num_image_tokens)}
+                     "image_tokens": max(1, self.processor.num_image_tokens)}
         policy = make_policy(config.policy, limits=limits, **extra)
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
         # (the offline runtime loop in nova.runtime.generate must not run beside the engine).
@@ -86,6 +88,35 @@ class NovaEngine:
 
     def stop(self) -> None:
         self.engine.stop()
+
+    def run_all(
+        self,
+        prompts: Sequence[PromptInput],
+        sampling: SamplingParams | Sequence[SamplingParams | None] | None = None,
+        request_ids: Sequence[str] | None = None,
+    ) -> list[Request]:
+        """Start the engine, submit every prompt at once, wait until all are done, stop.
+
+        A prompt the scheduler rejects aborts the ones already submitted and re-raises.
+        """
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        requests: list[Request] = []
+        self.start()
+        try:
+            for prompt, sp, rid in zip(prompts, params, ids):
+                try:
+                    requests.append(self.submit(prompt, sp, rid))
+                except Exception:
+                    for r in requests:
+                        self.engine.abort(r.request_id)
+                    raise
+            self.engine.wait_idle()
+        finally:
+            self.stop()
+        return requests
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

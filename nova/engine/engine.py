@@ -11,16 +11,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nova.core.scheduler import Scheduler
 from nova.executor.base import Executor, StageOutput, describe_error
-from nova.sampling_params import SamplingParams
-from nova.types import Request, RequestEvent, Stage, StageResult
+from nova.types import Partition, Request, RequestEvent, Stage, StageResult
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[RequestEvent, Request], None]
+
+
+@dataclass(slots=True, frozen=True)
+class EngineSnapshot:
+    """A consistent read of the scheduler's state (for metrics and health)."""
+
+    requests_in_stage: dict[Stage, int]
+    kv_cache_usage: float
+    num_free_blocks: int
+    partition: Partition
+    num_preemptions: int
 IDLE_WAIT_S = 0.05  # re-ask the policy at least this often when idle (time-driven policies)
 
 
@@ -99,6 +110,17 @@ class Engine:
         self._dispatch(delivered)
         return True
 
+    @property
+    def is_running(self) -> bool:
+        """Started, and every stage worker is alive."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def snapshot(self) -> EngineSnapshot:
+        with self._cond:
+            state, bm = self.scheduler.state, self.scheduler.block_manager
+            return EngineSnapshot({s: state.num_in_stage(s) for s in Stage}, bm.usage,
+                                  bm.num_free_blocks, state.partition, state.num_preemptions)
+
     def has_unfinished(self) -> bool:
         with self._cond:
             return self.scheduler.has_unfinished()
@@ -167,14 +189,3 @@ class Engine:
             except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
                 log.exception("listener of request %s raised", ev.request_id)
 
-
-def make_request(
-    request_id: str,
-    prompt_token_ids: list[int],
-    sampling: SamplingParams | None = None,
-    images: list | None = None,
-    priority: int = 0,
-    deadline_s: float | None = None,
-) -> Request:
-    return Request(request_id, list(prompt_token_ids), sampling or SamplingParams(),
-                   list(images or []), priority, deadline_s)

@@ -75,6 +75,14 @@ def expand_image_placeholders(
     return out
 
 
+def chat_messages(text: str, num_images: int = 0, system: str | None = None) -> list[dict[str, Any]]:
+    """One user turn (``num_images`` image parts, then the text), after an optional system turn."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": text})
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": content}]
+
+
 class InputProcessor:
     """Chat template, tokenizer and image processor of one loaded model."""
 

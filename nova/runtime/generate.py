@@ -40,23 +40,16 @@ class GenerationResult:
 @dataclass(slots=True)
 class _Running:
     req: GenerationRequest
-    stop_ids: frozenset[int]
+    eos_ids: frozenset[int]
     gen: torch.Generator | None
     mm_embeds: torch.Tensor | None = None
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
-def _stop_ids(params: SamplingParams, eos_ids: tuple[int, ...]) -> frozenset[int]:
-    return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos_ids))
-
-
 def _append(run: _Running, token: int) -> None:
     run.output.append(token)
-    if token in run.stop_ids:
-        run.finish_reason = "stop"
-    elif len(run.output) >= run.req.sampling.max_tokens:
-        run.finish_reason = "length"
+    run.finish_reason = run.req.sampling.stop_reason(token, len(run.output), run.eos_ids)
 
 
 def _waves(runner: ModelRunner, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
@@ -98,7 +91,7 @@ def _encode_images(runner: ModelRunner, runs: list[_Running]) -> float:
 
 def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[GenerationResult]:
     eos = runner.loaded.eos_token_ids
-    runs = [_Running(r, _stop_ids(r.sampling, eos), make_generator(r.sampling)) for r in wave]
+    runs = [_Running(r, frozenset(eos), make_generator(r.sampling)) for r in wave]
     bm = runner.block_manager
     try:
         vision_s = _encode_images(runner, runs)

@@ -31,7 +31,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nova.core.block_manager import num_blocks_for
 from nova.core.scheduler import RequestRejected
 from nova.metrics import RequestMetrics
 from nova.models.errors import InvalidInputError
@@ -370,11 +369,10 @@ class NovaService:
         elif num_prompt + max_tokens > ctx:
             raise bad_request(f"max_tokens is too large: {num_prompt} prompt tokens + {max_tokens} "
                               f"> context length {ctx}", "max_tokens", "context_length_exceeded")
-        bm = self.engine.nova.scheduler.block_manager
-        if num_blocks_for(num_prompt + max_tokens, bm.block_size) > bm.num_blocks:
-            raise bad_request(f"the request needs up to {num_prompt + max_tokens} tokens of KV cache; "
-                              f"the whole cache holds {bm.num_blocks * bm.block_size}", "max_tokens",
-                              "context_length_exceeded")
+        try:  # the scheduler's own admission rule, before any stream starts
+            self.engine.nova.scheduler.check_admissible(num_prompt, max_tokens)
+        except RequestRejected as exc:
+            raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
         temperature = 1.0 if body.temperature is None else float(body.temperature)
         if temperature < GREEDY_EPS:
             temperature = 0.0
@@ -757,8 +755,7 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> Any:
-        threads = getattr(engine.nova.engine, "_threads", None)
-        if threads is not None and not (threads and all(t.is_alive() for t in threads)):
+        if not engine.nova.engine.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 

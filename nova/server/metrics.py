@@ -7,7 +7,6 @@ partition) is read at scrape time.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,22 +29,16 @@ STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class _EngineStateCollector(Collector):
-    """Gauges read from the scheduler at scrape time, under the engine's lock."""
+    """Gauges read from the engine's snapshot (a consistent read) at scrape time."""
 
     def __init__(self, async_engine: Any, server_state: Any) -> None:
         self.async_engine = async_engine
         self.server_state = server_state
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        nova = self.async_engine.nova
-        sched = nova.scheduler
-        lock = getattr(nova.engine, "_cond", None) or threading.Lock()
-        with lock:
-            in_stage = {s: sched.state.num_in_stage(s) for s in STAGES}
-            usage = sched.block_manager.usage
-            partition = sched.state.partition
-            num_free = sched.block_manager.num_free_blocks
-            num_preemptions = sched.state.num_preemptions
+        snap = self.async_engine.nova.engine.snapshot()
+        in_stage, usage, partition = snap.requests_in_stage, snap.kv_cache_usage, snap.partition
+        num_free, num_preemptions = snap.num_free_blocks, snap.num_preemptions
         g = GaugeMetricFamily("nova_requests_in_stage",
                               "Requests waiting for or running in each stage", labels=["stage"])
         for s in STAGES:

@@ -29,10 +29,6 @@ SIM_TOKEN = 1  # placeholder token id of simulated outputs
 _EPS = 1e-9
 
 
-class StageWorkLike(Protocol):
-    stage: Stage
-
-
 class CostModelLike(Protocol):
     def time_s(self, work: Any, sm_share: float, co_running: Sequence[tuple[Any, float]] = (),
                isolated: bool = True) -> float: ...
