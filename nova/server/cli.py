@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from nova.config import ATTENTION_NAMES, PARTITION_NAMES
 from nova.server.config import DEFAULT_MAX_QUEUE, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=_positive_int, default=16)
     g.add_argument("--max-prefill-tokens", type=_positive_int, default=4096)
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    g.add_argument("--partition", default="auto", choices=PARTITION_NAMES,
+                   help="SM partition backend: green contexts on a GPU that has them, else none")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode eagerly on CUDA (graphs are never used on a CPU)")
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_NAMES)
+    g.add_argument("--vision-offload-layers", type=int, default=0, metavar="K",
+                   help="keep vision-encoder weights in host memory, K layers resident at a time")
+    g.add_argument("--min-pixels", type=_positive_int, default=None,
+                   help="Qwen2-VL family: override the processor's min_pixels")
+    g.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="Qwen2-VL family: override the processor's max_pixels")
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -93,7 +105,10 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
         policy=args.policy, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-        max_image_pixels=pixels, seed=args.seed,
+        max_image_pixels=pixels, seed=args.seed, partition=args.partition,
+        cuda_graphs=args.cuda_graphs, attention_backend=args.attention_backend,
+        vision_offload_layers=args.vision_offload_layers, min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
 
 
