@@ -4,7 +4,8 @@ and pixel values. Images are checked here; a bad one raises ``InvalidInputError`
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,10 @@ import torch
 
 from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
+from nova.models.mm import VisionInput
+from nova.models.qwen_vl_sizing import (
+    DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, REFERENCE_IMAGE_SIZE, ImageSizing,
+)
 from nova.models.vision import num_image_tokens
 
 ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
@@ -22,8 +27,12 @@ class PromptInput:
     """A tokenised prompt ready for the engine: placeholders already expanded."""
 
     token_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [num_images, 3, H, W]
+    # LLaVA: [num_images, 3, H, W]; Qwen-VL: a VisionInput (flattened patches + grids).
+    pixel_values: torch.Tensor | VisionInput | None = None
     num_images: int = 0
+    # Placeholder tokens each image fills, in order (empty: every image fills the model's fixed
+    # ``InputProcessor.num_image_tokens``).
+    image_token_counts: list[int] = field(default_factory=list)
 
 
 def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
@@ -55,23 +64,34 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
 
 
 def expand_image_placeholders(
-    token_ids: list[int], image_token_id: int, num_tokens_per_image: int, num_images: int
+    token_ids: list[int], image_token_id: int, num_tokens_per_image: int | Sequence[int],
+    num_images: int,
 ) -> list[int]:
-    """Replace each image placeholder token by ``num_tokens_per_image`` copies of it.
+    """Replace the placeholder token of image ``k`` by ``num_tokens_per_image[k]`` copies of it
+    (an int: the same count for every image).
 
-    A prompt may come already expanded (exactly ``num_images * num_tokens_per_image``
-    placeholders); then it is returned unchanged.
+    A prompt may come already expanded (exactly the sum of the counts in placeholders); then it
+    is returned unchanged.
     """
+    counts = ([num_tokens_per_image] * num_images if isinstance(num_tokens_per_image, int)
+              else [int(c) for c in num_tokens_per_image])
+    if len(counts) != num_images:
+        raise ValueError(f"{len(counts)} token counts for {num_images} images")
     count = token_ids.count(image_token_id)
-    if count == num_images * num_tokens_per_image and num_images > 0:
+    if count == sum(counts) and num_images > 0:
         return list(token_ids)
     if count != num_images:
         raise InvalidInputError(
             f"prompt has {count} image placeholders but {num_images} images were given"
         )
     out: list[int] = []
+    next_image = 0
     for tok in token_ids:
-        out.extend([tok] * num_tokens_per_image if tok == image_token_id else [tok])
+        if tok == image_token_id:
+            out.extend([tok] * counts[next_image])
+            next_image += 1
+        else:
+            out.append(tok)
     return out
 
 
@@ -86,15 +106,41 @@ def chat_messages(text: str, num_images: int = 0, system: str | None = None) -> 
 class InputProcessor:
     """Chat template, tokenizer and image processor of one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, max_image_pixels: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_image_pixels: int | None = None,
+        min_pixels: int | None = None, max_pixels: int | None = None,
+    ) -> None:
+        """``max_image_pixels``: largest image accepted before any resizing (decode safety).
+        ``min_pixels``/``max_pixels``: resize limits of dynamic-resolution models (Qwen-VL),
+        overriding the image processor's; None keeps the processor's."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
         self.max_image_pixels = max_image_pixels
         self.image_token_id = loaded.model.image_token_id
-        self.num_image_tokens = (
-            num_image_tokens(loaded.hf_config) if loaded.model.is_multimodal else 0
-        )
+        # Dynamic resolution: the resize limits and patch geometry images are sized with.
+        self.sizing: ImageSizing | None = None
+        if loaded.model.dynamic_resolution:
+            if self.image_processor is None:
+                self.image_processor = _default_qwen_processor(loaded.hf_config)
+            self.sizing = ImageSizing.from_processor(self.image_processor).with_limits(
+                min_pixels, max_pixels)
+            # Image tokens vary with the image; this is a reference screenshot's count, for
+            # plans made before an image is seen (the real count comes with each image).
+            self.num_image_tokens = self.sizing.num_image_tokens(*REFERENCE_IMAGE_SIZE)
+        else:
+            self.num_image_tokens = (
+                num_image_tokens(loaded.hf_config) if loaded.model.is_multimodal else 0
+            )
+
+    def image_token_count(self, width: int, height: int) -> int:
+        """Image tokens a ``width x height`` image becomes in the prompt (before any pixel is
+        processed). Raises ``InvalidInputError`` for a size outside the resize limits."""
+        if self.sizing is not None:
+            return self.sizing.num_image_tokens(width, height)
+        if not self.loaded.model.is_multimodal:
+            raise InvalidInputError("this model does not take images")
+        return self.num_image_tokens
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -110,14 +156,43 @@ class InputProcessor:
         except Exception as exc:
             raise InvalidInputError(f"chat template failed on these messages: {exc}") from exc
 
-    def pixel_values(self, images: list[ImageSource]) -> torch.Tensor | None:
+    def pixel_values(self, images: list[ImageSource]) -> torch.Tensor | VisionInput | None:
+        return self.process_images(images)[0]
+
+    def process_images(
+        self, images: list[ImageSource]
+    ) -> tuple[torch.Tensor | VisionInput | None, list[int]]:
+        """(pixels for the vision stage, placeholder tokens of each image)."""
         if not images:
-            return None
+            return None, []
         if self.image_processor is None:
             raise InvalidInputError("this model does not take images")
         pil = [load_image(img, self.max_image_pixels) for img in images]
-        out = self.image_processor(images=pil, return_tensors="pt")
-        return out["pixel_values"]
+        if self.sizing is None:
+            out = self.image_processor(images=pil, return_tensors="pt")
+            return out["pixel_values"], [self.num_image_tokens] * len(pil)
+        return self._dynamic_resolution_pixels(pil)
+
+    def _dynamic_resolution_pixels(self, pil: list[Any]) -> tuple[VisionInput, list[int]]:
+        sizing = self.sizing
+        assert sizing is not None
+        grids = []
+        for k, image in enumerate(pil):
+            try:
+                grids.append(sizing.grid(*image.size))
+            except InvalidInputError as exc:
+                raise type(exc)(f"image {k}: {exc}") from exc
+        out = self.image_processor(
+            images=pil, return_tensors="pt",
+            size={"shortest_edge": sizing.min_pixels, "longest_edge": sizing.max_pixels},
+        )
+        grid_thw = out["image_grid_thw"].long()
+        if [tuple(g) for g in grid_thw.tolist()] != grids:
+            raise RuntimeError(
+                f"image processor produced grids {grid_thw.tolist()}, Nova's sizing {grids}"
+            )
+        vision = VisionInput(out["pixel_values"], grid_thw, sizing.merge_size)
+        return vision, vision.tokens_per_image
 
     def from_token_ids(
         self, token_ids: list[int], images: list[ImageSource] | None = None
@@ -126,17 +201,16 @@ class InputProcessor:
         if images and self.image_token_id is None:
             raise InvalidInputError("this model does not take images")
         ids = [int(t) for t in token_ids]
+        pixels, counts = self.process_images(images)
         if self.image_token_id is not None:
-            ids = expand_image_placeholders(
-                ids, self.image_token_id, self.num_image_tokens, len(images)
-            )
+            ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
         if not ids:
             raise InvalidInputError("the prompt is empty")
         vocab = self.loaded.model.decoder.cfg.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidInputError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        return PromptInput(ids, self.pixel_values(images), len(images))
+        return PromptInput(ids, pixels, len(images), counts)
 
     def from_text(
         self, prompt: str, images: list[ImageSource] | None = None, add_special_tokens: bool = True
@@ -154,3 +228,17 @@ class InputProcessor:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=True)
+
+
+def _default_qwen_processor(hf_config: Any) -> Any:
+    """The Qwen2-VL image processor (PIL backend: no torchvision needed) with the published
+    defaults and the config's patch geometry, for a model directory without
+    preprocessor_config.json."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vc = hf_config.vision_config
+    return Qwen2VLImageProcessorPil(
+        patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS,
+    )

@@ -5,6 +5,7 @@ tensor name onto our parameter names (``None`` = tensor not used, e.g. rotary ca
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequencies
+from nova.models.qwen_vl import QwenVLVision
 from nova.models.vision import LlavaVision
 from nova.models.vlm import NovaModel
 
@@ -48,13 +50,18 @@ def register(name: str, text_config: Callable[[Any], Any]):
     return wrap
 
 
-def _build_decoder(text_cfg: Any, dtype: torch.dtype, device: torch.device) -> LlamaDecoder:
+def _build_decoder(
+    text_cfg: Any, dtype: torch.dtype, device: torch.device,
+    tie_word_embeddings: bool | None = None, mrope_section: list[int] | None = None,
+) -> LlamaDecoder:
     cfg = DecoderConfig.from_hf(text_cfg)
+    if tie_word_embeddings is not None:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=tie_word_embeddings)
     inv_freq, scaling = rope_inverse_frequencies(text_cfg)
     # Built on the meta device then materialised empty: no time spent on random init of weights
     # that the loader (or the dummy initialiser) overwrites anyway.
     with torch.device("meta"), default_dtype(dtype):
-        decoder = LlamaDecoder(cfg, inv_freq, scaling)
+        decoder = LlamaDecoder(cfg, inv_freq, scaling, mrope_section)
     decoder = decoder.to_empty(device=device)
     if cfg.tie_word_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
@@ -114,3 +121,48 @@ def _build_llava(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel
 register("LlavaForConditionalGeneration", text_config=lambda hf: hf.text_config)(
     (_build_llava, _llava_name)
 )
+
+
+# Qwen2-VL / Qwen2.5-VL. transformers (4.52+, and 5.x when loading) names the modules
+# ``model.language_model.*`` / ``model.visual.*`` / ``lm_head``; published checkpoints (and
+# transformers 5's save_pretrained) use ``model.*`` (the LM) / ``visual.*`` / ``lm_head``.
+_QWEN_VL_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^model\.language_model\.(.*)$"), r"decoder.model.\1"),
+    (re.compile(r"^(?:model\.)?visual\.(.*)$"), r"vision.visual.\1"),
+    (re.compile(r"^lm_head\.(.*)$"), r"decoder.lm_head.\1"),
+    (re.compile(r"^model\.(.*)$"), r"decoder.model.\1"),
+]
+
+
+def _qwen_vl_name(name: str) -> str | None:
+    if "rotary_emb" in name:
+        return None
+    for pattern, repl in _QWEN_VL_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name  # unknown: reported by the loader as unexpected
+
+
+def qwen_vl_mrope_section(text_cfg: Any) -> list[int]:
+    """``mrope_section`` of a Qwen-VL text config (transformers' default [16, 24, 24])."""
+    params = getattr(text_cfg, "rope_parameters", None) or {}
+    section = params.get("mrope_section")
+    if section is None:
+        section = (getattr(text_cfg, "rope_scaling", None) or {}).get("mrope_section", [16, 24, 24])
+    return [int(s) for s in section]
+
+
+def _build_qwen_vl(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
+    tc = hf.text_config
+    if getattr(tc, "use_sliding_window", False):
+        raise ValueError("Qwen-VL text models with use_sliding_window are not supported")
+    tied = bool(getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    decoder = _build_decoder(tc, dtype, device, tied, qwen_vl_mrope_section(tc))
+    with default_dtype(dtype):
+        vision = QwenVLVision(hf, dtype)
+    vision = vision.to(device=device)
+    return NovaModel(decoder, vision, image_token_id=hf.image_token_id)
+
+
+for _arch in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+    register(_arch, text_config=lambda hf: hf.text_config)((_build_qwen_vl, _qwen_vl_name))

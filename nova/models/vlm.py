@@ -1,18 +1,27 @@
-"""The model Nova runs: a decoder, optionally with a vision side (text-only LMs have none)."""
+"""The model Nova runs: a decoder, optionally with a vision side (text-only LMs have none).
+
+Vision sides: ``LlavaVision`` (fixed-size images ``[N, 3, H, W]`` -> ``[N, tokens, hidden]``) and
+``QwenVLVision`` (dynamic resolution: a ``VisionInput`` of flattened patches and grids ->
+packed ``[sum tokens, hidden]``). Qwen-VL decoders use M-RoPE: ``position_plan`` gives a
+prompt's 3-row positions and the offset of the tokens after it.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from nova.models.llama import LlamaDecoder
-from nova.models.vision import LlavaVision
+from nova.models.mm import VisionInput
+from nova.models.mrope import MRopePlan, mrope_plan
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
 
 
 class NovaModel(nn.Module):
     def __init__(
-        self, decoder: LlamaDecoder, vision: LlavaVision | None, image_token_id: int | None
+        self, decoder: LlamaDecoder, vision: nn.Module | None, image_token_id: int | None
     ) -> None:
         super().__init__()
         self.decoder = decoder
@@ -23,12 +32,39 @@ class NovaModel(nn.Module):
     def is_multimodal(self) -> bool:
         return self.vision is not None
 
+    @property
+    def uses_mrope(self) -> bool:
+        return self.decoder.uses_mrope
+
+    @property
+    def dynamic_resolution(self) -> bool:
+        """True when images come as a ``VisionInput`` (patches + grids), not ``[N, 3, H, W]``."""
+        return self.vision is not None and hasattr(self.vision, "spatial_merge_size")
+
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, num_image_tokens, hidden] in the decoder's dtype."""
+    def encode_images(self, pixel_values: torch.Tensor | VisionInput) -> torch.Tensor:
+        """LLaVA: [N, 3, H, W] -> [N, num_image_tokens, hidden]. Qwen-VL: a ``VisionInput`` ->
+        [sum of image tokens, hidden] (images in order). In the decoder's dtype."""
         if self.vision is None:
             raise ValueError("this model has no vision tower; it cannot take images")
-        return self.vision(pixel_values).to(self.decoder.lm_head.weight.dtype)
+        dtype = self.decoder.lm_head.weight.dtype
+        if self.dynamic_resolution:
+            if not isinstance(pixel_values, VisionInput):
+                raise TypeError("this model takes images as a VisionInput (patches and grids)")
+            return self.vision(pixel_values.pixel_values, pixel_values.image_grid_thw).to(dtype)
+        if isinstance(pixel_values, VisionInput):
+            raise TypeError("this model takes images as a [N, 3, H, W] tensor")
+        return self.vision(pixel_values).to(dtype)
+
+    def position_plan(
+        self, token_ids: Sequence[int], pixel_values: torch.Tensor | VisionInput | None
+    ) -> MRopePlan | None:
+        """M-RoPE positions of a prompt with images; None where plain positions are right
+        (no M-RoPE, or no image: text-only M-RoPE positions equal token indices)."""
+        if not self.uses_mrope or not isinstance(pixel_values, VisionInput) or self.image_token_id is None:
+            return None
+        return mrope_plan(token_ids, self.image_token_id, pixel_values.grids,
+                          pixel_values.spatial_merge_size)
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """Token embeddings with image embeddings merged at the image-placeholder positions."""
