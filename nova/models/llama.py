@@ -11,6 +11,7 @@ The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nova.models.mrope import mrope_frequency_rows
 from nova.runtime.attention import SdpaPagedAttention
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
+
+
+# Text models with Qwen2's layout (bias on q/k/v only); the Qwen-VL ones use M-RoPE.
+QWEN_VL_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+QWEN2_TEXT_MODEL_TYPES = ("qwen2", *QWEN_VL_TEXT_MODEL_TYPES)
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,6 +52,10 @@ class DecoderConfig:
         model_type = getattr(hf, "model_type", "llama")
         attention_bias = bool(getattr(hf, "attention_bias", False))
         num_heads = hf.num_attention_heads
+        qwen2_like = model_type in QWEN2_TEXT_MODEL_TYPES
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        if model_type in QWEN_VL_TEXT_MODEL_TYPES:
+            head_dim = hf.hidden_size // num_heads  # transformers' Qwen2-VL ignores head_dim
         return cls(
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
@@ -52,10 +63,10 @@ class DecoderConfig:
             num_layers=hf.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
+            qkv_bias=True if qwen2_like else attention_bias,
+            o_bias=False if qwen2_like else attention_bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             max_position_embeddings=hf.max_position_embeddings,
@@ -177,7 +188,10 @@ class _Backbone(nn.Module):
 class LlamaDecoder(nn.Module):
     """Llama / Qwen2 / Mistral-style decoder-only LM; HF-compatible parameter names."""
 
-    def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0) -> None:
+    def __init__(
+        self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0,
+        mrope_section: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.attn_backend = SdpaPagedAttention()
@@ -189,6 +203,30 @@ class LlamaDecoder(nn.Module):
         # construction on the meta device.
         self._inv_freq = inv_freq.float()
         self._rope_scaling = rope_scaling
+        # M-RoPE (Qwen-VL): which position row (t, h, w) each rotary frequency uses; None = 1-D.
+        self.mrope_section = tuple(int(s) for s in mrope_section) if mrope_section else None
+        self._mrope_rows = (
+            mrope_frequency_rows(self.mrope_section, self._inv_freq.numel())
+            if self.mrope_section else None
+        )
+
+    @property
+    def uses_mrope(self) -> bool:
+        return self.mrope_section is not None
+
+    def rope_angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary angles [T, head_dim/2] (float32) of positions [T], or [3, T] with M-RoPE."""
+        inv_freq = self._inv_freq.to(positions.device)
+        if positions.dim() == 1:
+            return positions.float()[:, None] * inv_freq[None, :]
+        if self._mrope_rows is None or positions.shape[0] != 3:
+            raise ValueError(
+                f"positions of shape {tuple(positions.shape)} need an M-RoPE model ([3, T]); "
+                f"this decoder takes [T]"
+            )
+        angles = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, half]
+        rows = self._mrope_rows.to(positions.device)
+        return angles.gather(0, rows.view(1, 1, -1).expand(1, positions.shape[1], -1))[0]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -197,14 +235,19 @@ class LlamaDecoder(nn.Module):
         self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         """hidden: embedded new tokens [T, hidden] -> final-norm hidden states [T, hidden]."""
-        inv_freq = self._inv_freq.to(hidden.device)
-        freqs = batch.positions.float()[:, None] * inv_freq[None, :]
+        freqs = self.rope_angles(batch.positions.to(hidden.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self._rope_scaling).to(hidden.dtype)
         sin = (emb.sin() * self._rope_scaling).to(hidden.dtype)
         for layer in self.model.layers:
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         return self.model.norm(hidden)
+
+    def set_attention_backend(self, backend) -> None:
+        """Swap the paged-attention implementation every layer calls (same ``__call__``)."""
+        self.attn_backend = backend
+        for layer in self.model.layers:
+            layer.self_attn._attn = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
