@@ -254,6 +254,16 @@ class NovaPolicy(Policy):
             shares = [1.0 if Stage.DECODE in active else 0.0]
         return [_compute_decode_partition(d) for d in shares]
 
+    def partition_set(self) -> list[Partition]:
+        """Every partition this policy may choose (for backends that create them up front)."""
+        compute_and_decode = frozenset({Stage.PREFILL, Stage.DECODE})
+        seen: dict[Partition, None] = {}
+        for active in (compute_and_decode, frozenset({Stage.DECODE}), frozenset({Stage.PREFILL})):
+            for draining in (False, True):
+                for part in self.candidates(active, draining):
+                    seen.setdefault(part)
+        return list(seen)
+
     def pareto_frontier(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> list[Prediction]:
         preds = [self.predict(p, active, load) for p in self.candidates(active, draining)]
         frontier = [p for p in preds if not any(

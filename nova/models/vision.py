@@ -44,6 +44,12 @@ class LlavaVision(nn.Module):
         self.select_strategy = hf_config.vision_feature_select_strategy
         self.num_image_tokens = num_image_tokens(hf_config)
 
+    def streamable_layers(self) -> nn.ModuleList:
+        """The encoder's stack of identically shaped layers, for weight streaming
+        (``nova.gpu.offload``): ``encoder.layers`` of CLIP and SigLIP (under ``vision_model`` in
+        older ``transformers``)."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower).encoder.layers
+
     @property
     def dtype(self) -> torch.dtype:
         return self.multi_modal_projector.linear_1.weight.dtype
