@@ -67,7 +67,9 @@ class NovaEngine:
         self.processor = InputProcessor(self.loaded, config.max_image_pixels)
         self.runner = ModelRunner(self.loaded, CacheConfig(
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
-            kv_cache_bytes=config.kv_cache_bytes))
+            kv_cache_bytes=config.kv_cache_bytes),
+            attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs)
         limits = StageLimits(config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs)
         extra: dict[str, Any] = {}
         if config.policy == "nova":

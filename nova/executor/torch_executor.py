@@ -89,9 +89,10 @@ class TorchExecutor:
             offset += n
         return {}
 
-    def _sample(self, items: list[BatchItem], seqs: list[SeqInput]) -> dict[str, int]:
+    def _sample(self, items: list[BatchItem], seqs: list[SeqInput],
+                partition_key: Any = None) -> dict[str, int]:
         """Forward all items; sample only those that want a token (not mid-prompt chunks)."""
-        logits = self.runner.forward(seqs)
+        logits = self.runner.forward(seqs, partition_key=partition_key)
         rows = [i for i, it in enumerate(items) if it.sample]
         if not rows:
             return {}
@@ -124,4 +125,10 @@ class TorchExecutor:
 
     def _decode(self, items: list[BatchItem]) -> dict[str, int]:
         seqs = [SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table)) for it in items]
-        return self._sample(items, seqs)
+        return self._sample(items, seqs, partition_key=self.decode_graph_key())
+
+    def decode_graph_key(self) -> Any:
+        """Which decode CUDA graphs to replay: one set per decode SM share (a graph captured
+        in one partition keeps that partition's SMs on replay)."""
+        part = self.partitions.get(Stage.DECODE)
+        return None if part is None else part.share(Stage.DECODE)

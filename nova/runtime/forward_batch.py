@@ -50,6 +50,13 @@ class ForwardBatch:
     num_seqs: int
     max_query_len: int
     mm_embeds: list[torch.Tensor | None] = field(default_factory=list)
+    # For attention kernels that read the paged cache in place (nova.runtime.attention_*):
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor | None = None  # [B] int32, context length (cached + new) per sequence
+    query_start_loc: torch.Tensor | None = None  # [B + 1] int32, offsets of each sequence in [T]
+    max_seq_len: int = 0
+    # Per-forward scratch an attention backend builds once and reuses across layers.
+    attn_metadata: dict = field(default_factory=dict)
 
 
 def build_forward_batch(
@@ -105,4 +112,21 @@ def build_forward_batch(
         num_seqs=len(seqs),
         max_query_len=max_q,
         mm_embeds=[s.mm_embeds for s in seqs],
+        **_paged_kernel_fields(seqs, device),
+    )
+
+
+def _paged_kernel_fields(seqs: list[SeqInput], device: torch.device | str) -> dict:
+    """block_tables / seq_lens / query_start_loc for kernels that index the cache in place."""
+    max_blocks = max(len(s.block_table) for s in seqs)
+    tables = torch.zeros(len(seqs), max(1, max_blocks), dtype=torch.int32)
+    starts = [0]
+    for b, s in enumerate(seqs):
+        tables[b, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        starts.append(starts[-1] + s.num_new_tokens)
+    return dict(
+        block_tables=tables.to(device),
+        seq_lens=torch.tensor([s.context_len for s in seqs], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        max_seq_len=max(s.context_len for s in seqs),
     )

@@ -6,12 +6,15 @@ vision stage, ``forward`` for prefill and decode (same call, different query len
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
 from nova.core.block_manager import BlockManager
 from nova.models.loader import LoadedModel
+from nova.runtime.attention import make_attention_backend
+from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.kv_cache import PagedKVCache
 
@@ -52,7 +55,10 @@ def _kv_budget_bytes(cfg: CacheConfig, device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, cache: CacheConfig | None = None,
+        attention_backend: str = "auto", cuda_graphs: bool = False, max_num_seqs: int = 64,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -66,10 +72,23 @@ class ModelRunner:
             raise ValueError(f"KV cache budget too small for a single block of {per_block} bytes")
         self.block_size = cache.block_size
         self.block_manager = BlockManager(num_blocks, cache.block_size)
+        self.attention = make_attention_backend(attention_backend, self.device, cuda_graphs)
+        self.model.decoder.set_attention_backend(self.attention)
+        no_graphs = "disabled" if not cuda_graphs else graphs_unavailable_reason(
+            self.device, self.attention)
+        # Decode graphs pad their batch with rows that write a scratch block: one block beyond
+        # the block manager's, so no sequence ever owns it.
         self.kv_cache = PagedKVCache(
-            dcfg.num_layers, num_blocks, cache.block_size, dcfg.num_kv_heads, dcfg.head_dim,
-            loaded.dtype, self.device,
+            dcfg.num_layers, num_blocks + (no_graphs is None), cache.block_size,
+            dcfg.num_kv_heads, dcfg.head_dim, loaded.dtype, self.device,
         )
+        self.decode_graphs: StaticDecodeRunner | None = None
+        if no_graphs is None:
+            self.decode_graphs = StaticDecodeRunner(
+                self.model, self.kv_cache, max_num_seqs, loaded.max_model_len,
+                scratch_block=num_blocks, device=self.device)
+        elif cuda_graphs:
+            log.info("decode CUDA graphs off: %s", no_graphs)
         log.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB)",
             num_blocks, cache.block_size, self.kv_cache.num_bytes / 2**20,
@@ -83,10 +102,16 @@ class ModelRunner:
         """[N, 3, H, W] -> [N, num_image_tokens, hidden] on the model's device."""
         return self.model.encode_images(pixel_values.to(self.device))
 
-    def forward(self, seqs: list[SeqInput]) -> torch.Tensor:
+    def forward(self, seqs: list[SeqInput], partition_key: Hashable = None) -> torch.Tensor:
         """Run new tokens of several sequences; logits [B, vocab] at each one's last token.
 
-        Each sequence's block table must already cover ``context_len`` tokens.
+        Each sequence's block table must already cover ``context_len`` tokens. A decode-only
+        batch replays the CUDA graph of ``partition_key`` and its batch-size bucket when
+        decode graphs are on and it fits (``nova.runtime.cuda_graphs``); otherwise eager.
         """
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(seqs, partition_key)
+            if logits is not None:
+                return logits
         batch = build_forward_batch(seqs, self.block_size, self.device)
         return self.model.last_token_logits(batch, self.kv_cache)

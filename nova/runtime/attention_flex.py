@@ -1,0 +1,108 @@
+"""Paged attention through ``torch.nn.attention.flex_attention`` over the whole cache.
+
+Keys/values are the cache tensors themselves, viewed as one long sequence of slots
+``[1, num_kv_heads, num_slots, head_dim]`` (expanded over the batch without a copy). A
+``BlockMask`` built from the block tables tells the kernel which cache blocks each query tile
+visits (KV block size = the cache's block size), and a ``mask_mod`` maps a slot back to
+(owning sequence, logical position) so the causal rule "query at position p sees its own
+sequence's keys 0..p" holds exactly, also in PyTorch's eager (dense) flex path.
+
+Per forward, the slot -> (owner, logical block) maps are ``O(num_blocks)`` and are built once
+and shared by all layers (``ForwardBatch.attn_metadata``). On CUDA, ``flex_attention`` is
+wrapped in ``torch.compile`` (its eager path is a dense reference, not a kernel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nova.runtime.forward_batch import ForwardBatch
+from nova.runtime.kv_cache import PagedKVCache
+
+Q_TILE = 128  # query rows per BlockMask row tile
+
+
+@dataclass(slots=True)
+class _FlexMeta:
+    block_mask: Any
+    query_pad_index: torch.Tensor
+
+
+def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.device) -> _FlexMeta:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs, num_blocks = kv_cache.block_size, kv_cache.num_blocks
+    b, max_q = batch.num_seqs, batch.max_query_len
+    tables = batch.block_tables.long()
+    seq_lens = batch.seq_lens.long()
+    q_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).long()
+    num_cached = seq_lens - q_lens
+    logical = torch.arange(tables.shape[1], device=device)
+    used = logical[None, :] * bs < seq_lens[:, None]  # [B, max_blocks]
+    # owner[blk] = batch row owning physical block blk (-1: none); index num_blocks is a sink.
+    target = torch.where(used, tables, torch.full_like(tables, num_blocks)).flatten()
+    owner = torch.full((num_blocks + 1,), -1, dtype=torch.long, device=device)
+    owner.scatter_(0, target, torch.arange(b, device=device).repeat_interleave(tables.shape[1]))
+    block_logical = torch.zeros(num_blocks + 1, dtype=torch.long, device=device)
+    block_logical.scatter_(0, target, logical.repeat(b))
+    owner[num_blocks] = -1
+    q_pos = num_cached[:, None] + torch.arange(max_q, device=device)[None, :]  # [B, max_q]
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        blk = kv_idx // bs
+        k_pos = block_logical[blk] * bs + kv_idx % bs
+        return (owner[blk] == bi) & (k_pos <= q_pos[bi, q_idx])
+
+    num_q_tiles = -(-max_q // Q_TILE)
+    tile_end = torch.arange(1, num_q_tiles + 1, device=device) * Q_TILE  # exclusive, per tile
+    # Keys a q tile needs: positions < min(seq_len, num_cached + tile_end) -> that many pages.
+    kv_tokens = torch.minimum(seq_lens[:, None], num_cached[:, None] + tile_end[None, :])
+    kv_num_blocks = (-(-kv_tokens // bs)).to(torch.int32)[:, None, :]  # [B, 1, tiles]
+    kv_indices = batch.block_tables.to(torch.int32)[:, None, None, :].expand(
+        b, 1, num_q_tiles, tables.shape[1]).contiguous()
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, BLOCK_SIZE=(Q_TILE, bs), mask_mod=mask_mod,
+        seq_lengths=(max_q, num_blocks * bs), compute_q_blocks=False,
+    )
+    return _FlexMeta(block_mask, batch.query_pad_index)
+
+
+class FlexPagedAttention:
+    name = "flex"
+    static_shapes = False
+
+    def __init__(self, compile: bool = False) -> None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self._flex = torch.compile(flex_attention, dynamic=True) if compile else flex_attention
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        kv_cache: PagedKVCache,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        if batch.block_tables is None or batch.seq_lens is None or batch.query_start_loc is None:
+            raise ValueError("the flex attention backend needs block_tables, seq_lens and "
+                             "query_start_loc in the ForwardBatch")
+        kv_cache.write(layer, batch.slot_mapping, k, v)
+        meta = batch.attn_metadata.get("flex")
+        if meta is None:
+            meta = batch.attn_metadata["flex"] = _build_meta(batch, kv_cache, q.device)
+        num_tokens, num_heads, head_dim = q.shape
+        b, max_q = batch.num_seqs, batch.max_query_len
+        q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
+        q_pad[meta.query_pad_index] = q
+        q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
+        k_all = kv_cache.k[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+        v_all = kv_cache.v[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+        out = self._flex(q_pad, k_all, v_all, block_mask=meta.block_mask, scale=scale,
+                         enable_gqa=num_heads != k_all.shape[1])
+        out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
+        return out[meta.query_pad_index]

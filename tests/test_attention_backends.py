@@ -1,0 +1,232 @@
+"""Attention backends over the paged KV cache: the Triton kernel (run by Triton's CPU
+interpreter here, natively on a GPU) and flex_attention, each against the SDPA reference path;
+the backend selection rule; the decoder with a swapped backend against the SDPA decoder."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (numpy). This must
+# precede the first import of the kernel module (its jit decorator reads it). With a GPU the same
+# tests run the compiled kernel on CUDA tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+from nova.models.loader import load_model  # noqa: E402
+from nova.runtime.attention import (  # noqa: E402
+    PhaseSplitAttention,
+    SdpaPagedAttention,
+    choose_attention,
+    gpu_slug,
+    load_selection_table,
+    make_attention_backend,
+)
+from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
+from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
+from nova.runtime.forward_batch import SeqInput, build_forward_batch  # noqa: E402
+from nova.runtime.kv_cache import PagedKVCache  # noqa: E402
+from nova.runtime.runner import CacheConfig, ModelRunner  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+# GPU-only tests: marked gpu, and skipped here where there is no CUDA device.
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (new tokens, cached tokens) per sequence.
+CASES = {
+    "decode": [(1, 0), (1, 6), (1, 17), (1, 3)],
+    "varlen_prefill": [(5, 0), (1, 0), (19, 0), (8, 0)],
+    "chunked_prefill": [(7, 9), (3, 4), (12, 0)],
+    "mixed": [(1, 30), (6, 5), (1, 0), (20, 0)],
+}
+
+
+def make_case(case, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32,
+              device="cpu", num_blocks=96, seed=0):
+    """A cache with random content at shuffled blocks; q/k/v for the new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    seqs, used = [], 0
+    for new, cached in case:
+        n = -(-(new + cached) // block_size)
+        seqs.append(SeqInput([1] * new, cached, perm[used: used + n]))
+        used += n
+    batch = build_forward_batch(seqs, block_size, device)
+    t = batch.input_ids.shape[0]
+    q, k, v = (torch.randn(t, h, head_dim, generator=gen).to(device=device, dtype=dtype)
+               for h in (num_heads, num_kv_heads, num_kv_heads))
+    owned = set(perm[:used])
+    return cache, batch, q, k, v, owned
+
+
+def clone_cache(cache: PagedKVCache) -> PagedKVCache:
+    other = PagedKVCache(1, cache.num_blocks, cache.block_size, cache.num_kv_heads,
+                         cache.head_dim, cache.k[0].dtype, cache.k[0].device)
+    other.k[0].copy_(cache.k[0])
+    other.v[0].copy_(cache.v[0])
+    return other
+
+
+def poison_unowned(cache: PagedKVCache, owned: set[int]) -> None:
+    """NaN in every block no sequence of the batch owns: any stray read shows in the output."""
+    for blk in range(cache.num_blocks):
+        if blk not in owned:
+            sl = slice(blk * cache.block_size, (blk + 1) * cache.block_size)
+            cache.k[0][sl] = float("nan")
+            cache.v[0][sl] = float("nan")
+
+
+def check_against_sdpa(backend, case, num_heads, num_kv_heads, head_dim, block_size, atol,
+                       dtype=torch.float32, device="cpu", poison=True):
+    cache, batch, q, k, v, owned = make_case(CASES[case], num_heads, num_kv_heads, head_dim,
+                                             block_size, dtype, device)
+    scale = head_dim ** -0.5
+    ref_cache = clone_cache(cache)
+    ref = SdpaPagedAttention()(q, k, v, 0, batch, ref_cache, scale)
+    if poison:
+        poison_unowned(cache, owned)
+    out = backend(q, k, v, 0, batch, cache, scale)
+    assert out.shape == ref.shape == (q.shape[0], num_heads * head_dim)
+    assert torch.isfinite(out).all(), "the backend read a block outside the block tables"
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
+    # The new K/V were written to their slots exactly as the reference wrote them.
+    slots = batch.slot_mapping
+    torch.testing.assert_close(cache.k[0][slots], ref_cache.k[0][slots])
+    torch.testing.assert_close(cache.v[0][slots], ref_cache.v[0][slots])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,block_size,head_dim", [((6, 2), 4, 16), ((4, 4), 16, 24)])
+def test_triton_kernel_matches_sdpa(case, heads, block_size, head_dim):
+    # GQA 3:1 with pages smaller than the kernel's key tile; MHA with head_dim not a power of 2.
+    check_against_sdpa(TritonPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5,
+                       device=DEVICE)
+
+
+def test_triton_kernel_groups_of_eight_heads():
+    check_against_sdpa(TritonPagedAttention(), "mixed", 16, 2, 16, 16, atol=1e-5, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", ["decode", "chunked_prefill", "mixed"])
+def test_flex_matches_sdpa(case):
+    # PyTorch's eager flex path is dense over the whole cache (masked, so exact, but it touches
+    # every block): no poisoning here; the compiled GPU kernel is checked with it below.
+    check_against_sdpa(FlexPagedAttention(), case, 6, 2, 16, 4, atol=1e-5, poison=False)
+
+
+def test_phase_split_dispatches_on_query_length():
+    calls = []
+
+    class Recorder:
+        static_shapes = True
+
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, q, k, v, layer, batch, kv_cache, scale):
+            calls.append(self.name)
+            return q
+
+    split = PhaseSplitAttention(Recorder("dec"), Recorder("pre"))
+    for case in ("decode", "varlen_prefill", "mixed"):
+        _, batch, q, k, v, _ = make_case(CASES[case], 2, 1, 16, 4)
+        split(q, k, v, 0, batch, None, 1.0)
+    assert calls == ["dec", "pre", "pre"]
+    assert split.name == "pre+dec" and split.static_shapes
+
+
+def test_choose_attention_rule():
+    assert choose_attention("flex", "cuda") == choose_attention("flex", "cpu")
+    assert choose_attention("flex", "cuda").decode == "flex"
+    auto_cpu = choose_attention("auto", "cpu", {"decode": "flex", "prefill": "flex"})
+    assert (auto_cpu.decode, auto_cpu.prefill) == ("sdpa", "sdpa")
+    none = choose_attention("auto", "cuda", None)
+    assert (none.decode, none.prefill) == ("triton", "triton")
+    table = {"decode": "flex", "prefill": "sdpa"}
+    measured = choose_attention("auto", "cuda", table, cuda_graphs=False)
+    assert (measured.decode, measured.prefill) == ("flex", "sdpa")
+    graphs = choose_attention("auto", "cuda", table, cuda_graphs=True)
+    assert (graphs.decode, graphs.prefill) == ("triton", "sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        choose_attention("xformers", "cuda")
+
+
+def test_selection_table_file(tmp_path, monkeypatch):
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    path = tmp_path / "attention.json"
+    monkeypatch.setenv("NOVA_ATTENTION_TABLE", str(path))
+    assert load_selection_table("NVIDIA H100 80GB HBM3") is None
+    path.write_text(json.dumps({"decode": "triton", "prefill": "flex"}))
+    assert load_selection_table("any")["prefill"] == "flex"
+    path.write_text(json.dumps({"decode": "cudnn", "prefill": "flex"}))
+    with pytest.raises(ValueError, match="decode"):
+        load_selection_table("any")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs a CUDA device.*TRITON_INTERPRET"):
+        make_attention_backend("triton", "cpu")
+    assert isinstance(make_attention_backend("auto", "cpu"), SdpaPagedAttention)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_decoder_with_backend_matches_sdpa_decoder(tiny_dirs, backend):
+    """Batched varlen prefill, then two decode steps: the decoder's logits with the backend
+    equal those with SDPA (tiny Llama, GQA 4:2, block size 4)."""
+    results = {}
+    for name in ("sdpa", backend):
+        runner = ModelRunner(load_model(tiny_dirs["llama"], device=DEVICE),
+                             CacheConfig(block_size=4, num_blocks=64), attention_backend=name)
+        assert runner.attention.name == name
+        bm = runner.block_manager
+        prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 33))]
+        seqs = [SeqInput(p, 0, bm.allocate(str(i), len(p))) for i, p in enumerate(prompts)]
+        steps = [runner.forward(seqs)]
+        hist = [list(p) for p in prompts]
+        for step in range(2):
+            seqs = []
+            for i, h in enumerate(hist):
+                h.append(40 + i + step)
+                bm.grow(str(i), len(h))
+                seqs.append(SeqInput([h[-1]], len(h) - 1, bm.block_table(str(i))))
+            steps.append(runner.forward(seqs))
+        results[name] = torch.stack(steps).cpu()
+    torch.testing.assert_close(results[backend], results["sdpa"], atol=1e-4, rtol=0)
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend_cls", [TritonPagedAttention, FlexPagedAttention])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_backends_match_sdpa(backend_cls, dtype, atol, case):
+    # A 7B-like head layout: 32 query heads over 8 KV heads, head_dim 128, pages of 16.
+    backend = backend_cls(compile=True) if backend_cls is FlexPagedAttention else backend_cls()
+    check_against_sdpa(backend, case, 32, 8, 128, 16, atol=atol, dtype=dtype, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_decoder_triton_matches_sdpa(tiny_dirs):
+    out = {}
+    for name in ("sdpa", "triton"):
+        runner = ModelRunner(load_model(tiny_dirs["qwen2"], device="cuda"),
+                             CacheConfig(block_size=16, num_blocks=64), attention_backend=name)
+        prompt = list(range(30, 70))
+        table = runner.block_manager.allocate("a", len(prompt) + 1)
+        first = runner.forward([SeqInput(prompt, 0, table)])
+        second = runner.forward([SeqInput([7], len(prompt), table)])
+        out[name] = torch.cat([first, second])
+    torch.testing.assert_close(out["triton"], out["sdpa"], atol=1e-4, rtol=0)
