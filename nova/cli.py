@@ -15,13 +15,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_gpu_args(p: argparse.ArgumentParser, partition: bool) -> None:
+    """GPU mechanisms (nova.gpu; docs/gpu.md): SM-partition backend and vision weight streaming."""
+    if partition:
+        p.add_argument("--partition", default="auto", choices=("auto", "green_context", "none", "cpu"),
+                       help="SM partition backend (auto: green contexts where available)")
+    p.add_argument("--vision-offload-layers", type=int, default=0, metavar="K",
+                   help="keep vision-encoder weights in host memory, K layers on the device")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nova.demo import run_demo
 
     from nova.demo import compare_policies, demo_via_server
 
     run_demo(args.model, max_tokens=args.max_tokens, device=args.device, policy=args.policy,
-             num_agent_steps=args.agent_steps)
+             num_agent_steps=args.agent_steps, partition=args.partition,
+             vision_offload_layers=args.vision_offload_layers)
     if args.via_server:
         demo_via_server(args.model, policy=args.policy, device=args.device)
     if args.compare_policies:
@@ -44,7 +54,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = proc.from_chat(chat_messages(args.prompt, len(args.image)), list(args.image))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    runner = ModelRunner(loaded, CacheConfig(block_size=args.block_size))
+    runner = ModelRunner(loaded, CacheConfig(block_size=args.block_size),
+                         vision_offload_layers=args.vision_offload_layers)
     [res] = generate(runner, [GenerationRequest("cli", prompt, params)])
     print(proc.decode(res.output_token_ids))
     print(f"[vision {res.vision_s * 1e3:.1f} ms, prefill {res.prefill_s * 1e3:.1f} ms, "
@@ -103,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then serve the model over HTTP and load it with the nova bench client")
     p.add_argument("--compare-policies", action="store_true",
                    help="then run the same burst under each policy and print them side by side")
+    _add_gpu_args(p, partition=True)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="answer one prompt (optionally with images)")
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    _add_gpu_args(p, partition=False)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("models", help="list supported architectures and shipped configs")

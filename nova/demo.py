@@ -62,10 +62,11 @@ def burst_prompts(proc: InputProcessor, demo: list[DemoRequest]) -> list[PromptI
 
 def run_demo(
     model: str = "demo", max_tokens: int = 48, device: str = "cpu", policy: str = "multi_stream",
-    num_agent_steps: int = 6,
+    num_agent_steps: int = 6, partition: str = "auto", vision_offload_layers: int = 0,
 ) -> list[Request]:
     t0 = time.perf_counter()
-    nova = NovaEngine(EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512))
+    nova = NovaEngine(EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512,
+                                   partition=partition, vision_offload_layers=vision_offload_layers))
     loaded, proc = nova.loaded, nova.processor
     print(f"Nova demo: {loaded.architecture} from {loaded.model_dir}")
     print(f"  {loaded.num_params() / 1e6:.1f}M parameters, {loaded.dtype}, {device}, "
@@ -74,6 +75,8 @@ def run_demo(
     note = getattr(loaded.hf_config, "nova_demo_note", None)
     if note:
         print(f"  Note: {note}")
+    print("  " + "\n  ".join(nova.runner.memory.lines()))
+    print(f"  partitions: {nova.partition_backend.describe()}")
     demo = demo_requests(num_agent_steps)
     prompts = burst_prompts(proc, demo)
     t_start = time.perf_counter()

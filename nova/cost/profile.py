@@ -390,7 +390,8 @@ def profile_model(
                 ctx = share_context(share) if share_context is not None else contextlib.nullcontext()
                 with ctx:
                     for point in itertools.product(*axis_values[stage]):
-                        with makers[stage](*point) as job, dev.own_stream():
+                        with makers[stage](*point) as job, (
+                                dev.own_stream() if share_context is None else contextlib.nullcontext()):
                             n_warm = warmup if pass_index == 0 else 0
                             samples.setdefault((stage, share, point), []).extend(
                                 dev.time_s(job, n_warm, repeats))
@@ -490,6 +491,17 @@ def summarize(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _share_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--partition`` / ``--shares``: SM shares measured through a partition backend
+    (nova.gpu.partition; green contexts on a GPU that has them)."""
+    shares = tuple(float(x) for x in args.shares.split(",")) if args.shares else (1.0,)
+    if args.partition is None:
+        return {"shares": shares}
+    from nova.gpu.partition import backend_share_context
+
+    return {"shares": shares, "share_context": backend_share_context(args.partition, args.device)}
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     if args.merge:
         profile = merge_profiles([json.loads(Path(f).read_text()) for f in args.merge],
@@ -498,7 +510,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         profile = profile_model(args.model, args.device, quick=args.quick, warmup=args.warmup,
                                 repeats=args.repeats, load_format=args.load_format,
                                 num_threads=args.threads, statistic=args.statistic or "median",
-                                passes=args.passes)
+                                passes=args.passes, **_share_args(args))
     out = Path(args.out) if args.out else Path(
         f"{Path(str(profile['metadata']['model'])).name}-{profile['metadata']['gpu']}.json")
     model = ProfiledCostModel.from_dict(profile)  # validates what we are about to write
@@ -525,5 +537,9 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "processes); with --merge: of the merged tables (default min)")
     p.add_argument("--merge", nargs="+", default=None, metavar="PROFILE",
                    help="measure nothing: merge these profile files (same model and grid)")
+    p.add_argument("--partition", default=None, choices=("auto", "green_context", "none", "cpu"),
+                   help="SM partition backend that runs each share (needed for --shares < 1)")
+    p.add_argument("--shares", default=None, metavar="S1,S2,...",
+                   help="SM shares to measure, e.g. 0.25,0.5,1.0 (default 1.0)")
     p.set_defaults(func=_cmd_profile)
     return p

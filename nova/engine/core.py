@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +14,14 @@ from nova.core.scheduler import Scheduler
 from nova.engine.engine import Engine, Listener
 from nova.executor.base import FaultHook
 from nova.executor.torch_executor import TorchExecutor
+from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
+
+log = logging.getLogger(__name__)
 
 
 def _device_gpu_spec(device: str) -> str:
@@ -65,22 +69,32 @@ class NovaEngine:
         self.loaded = loaded or load_model(config.model, config.load_format, config.torch_dtype,
                                            config.device, config.seed)
         self.processor = InputProcessor(self.loaded, config.max_image_pixels)
+        # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
+        # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
+        self.partition_backend = make_backend(config.partition, self.loaded.device)
         self.runner = ModelRunner(self.loaded, CacheConfig(
             block_size=config.block_size, num_blocks=config.num_kv_blocks,
             kv_cache_bytes=config.kv_cache_bytes),
             attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs)
+            max_num_seqs=config.max_num_seqs,
+            vision_offload_layers=config.vision_offload_layers)
+        log.info("partition backend: %s", self.partition_backend.describe())
+        log.info("%s", self.runner.memory)
         limits = StageLimits(config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs)
         extra: dict[str, Any] = {}
         if config.policy == "nova":
             extra = {"cost_model": default_cost_model(self.loaded, config.device),
                      "image_tokens": max(1, self.processor.num_image_tokens)}
+            if self.partition_backend.enforces_limits:  # plan on the device's real SM grid
+                extra["sm_granularity_share"] = self.partition_backend.grid.share_step
         policy = make_policy(config.policy, limits=limits, **extra)
+        if self.partition_backend.enforces_limits and hasattr(policy, "partition_set"):
+            self.partition_backend.prepare(policy.partition_set())  # created once, up front
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
         # (the offline runtime loop in nova.runtime.generate must not run beside the engine).
         self.scheduler = Scheduler(
             policy, self.runner.block_manager, self.loaded.eos_token_ids, self.loaded.max_model_len)
-        self.executor = TorchExecutor(self.runner, fault_hook)
+        self.executor = TorchExecutor(self.runner, fault_hook, self.partition_backend)
         self.engine = Engine(self.scheduler, self.executor)
         self._ids = itertools.count()
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nova.executor.base import FaultHook, StageOutput, run_isolated
+from nova.gpu.partition import PartitionBackend, make_backend
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
@@ -33,16 +34,19 @@ class _Payload:
 
 
 class TorchExecutor:
-    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None) -> None:
+    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None,
+                 partition_backend: PartitionBackend | None = None) -> None:
         self.runner = runner
         self.fault_hook = fault_hook
         self._payloads: dict[str, _Payload] = {}
         self._lock = threading.Lock()
         self._on_cuda = runner.device.type == "cuda"
-        self._streams = (
-            {s: torch.cuda.Stream(device=runner.device) for s in Stage} if self._on_cuda else {}
-        )
+        # Streams and SM partitions (nova.gpu.partition): default one stream per stage on CUDA
+        # (``none``), nothing on a CPU.
+        self.partition_backend = partition_backend or make_backend(
+            "none" if self._on_cuda else "cpu", runner.device)
         self.partitions: dict[Stage, Partition] = {}
+        self.granted_sms: dict[Stage, int] = {}  # SMs each stage's last batch ran on
 
     def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
                  prompt_token_ids: tuple[int, ...] = ()) -> None:
@@ -55,7 +59,7 @@ class TorchExecutor:
             self._payloads.pop(request_id, None)
 
     def set_partition(self, stage: Stage, partition: Partition) -> None:
-        # Recorded only: the SM-partition backends (green contexts) come with the GPU issue.
+        # Takes effect with the stage's next batch (``execute`` activates it).
         self.partitions[stage] = partition
 
     def _payload(self, request_id: str) -> _Payload:
@@ -65,12 +69,13 @@ class TorchExecutor:
     def execute(self, batch: Batch) -> StageOutput:
         run = {Stage.VISION: self._vision, Stage.PREFILL: self._prefill, Stage.DECODE: self._decode}
         fn = run[batch.stage]
-        if not self._on_cuda:
-            return run_isolated(batch.stage, batch.items, fn, self.fault_hook)
-        stream = self._streams[batch.stage]
-        with torch.cuda.stream(stream):
+        partition = self.partitions.get(batch.stage, batch.partition)
+        # The stage's stream (in the green context of its SM share, if the backend has them).
+        with self.partition_backend.activate(batch.stage, partition) as stream:
             out = run_isolated(batch.stage, batch.items, fn, self.fault_hook)
-        stream.synchronize()
+            if stream is not None:
+                stream.synchronize()
+        self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
         return out
 
     def _vision(self, items: list[BatchItem]) -> dict[str, int]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from nova.core.block_manager import BlockManager
+from nova.gpu.memory import MemoryReport, module_bytes
+from nova.gpu.offload import LayerStreamer, StreamOps, stream_vision_layers
 from nova.models.loader import LoadedModel
 from nova.runtime.attention import make_attention_backend
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
@@ -44,20 +46,29 @@ class CacheConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
-def _kv_budget_bytes(cfg: CacheConfig, device: torch.device) -> int:
+def _kv_budget_bytes(cfg: CacheConfig, device: torch.device, freed_bytes: int = 0) -> int:
+    """Bytes for the KV cache. ``freed_bytes``: device memory vision weight streaming freed; it
+    goes to the KV cache unless the size was given. On CUDA it is already out of
+    ``memory_allocated`` (streaming is set up first); the CPU default adds it explicitly."""
     if cfg.kv_cache_bytes is not None:
         return cfg.kv_cache_bytes
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         used = torch.cuda.memory_allocated(device)
         return int(total * cfg.gpu_memory_utilization) - used - GPU_ACTIVATION_RESERVE_BYTES
-    return DEFAULT_CPU_KV_CACHE_BYTES
+    return DEFAULT_CPU_KV_CACHE_BYTES + freed_bytes
+
+
+def _activation_reserve_bytes(cfg: CacheConfig, device: torch.device) -> int:
+    sized_from_memory = cfg.num_blocks is None and cfg.kv_cache_bytes is None
+    return GPU_ACTIVATION_RESERVE_BYTES if sized_from_memory and device.type == "cuda" else 0
 
 
 class ModelRunner:
     def __init__(
         self, loaded: LoadedModel, cache: CacheConfig | None = None,
         attention_backend: str = "auto", cuda_graphs: bool = False, max_num_seqs: int = 64,
+        vision_offload_layers: int = 0, offload_ops: StreamOps | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -67,7 +78,15 @@ class ModelRunner:
         per_block = PagedKVCache.bytes_per_block(
             dcfg.num_layers, cache.block_size, dcfg.num_kv_heads, dcfg.head_dim, loaded.dtype
         )
-        num_blocks = cache.num_blocks or _kv_budget_bytes(cache, self.device) // per_block
+        # Vision weight streaming (K slots) first, so the KV cache gets the memory it frees.
+        self.vision_streamer: LayerStreamer | None = None
+        if vision_offload_layers > 0:
+            if self.model.vision is None:
+                raise ValueError("--vision-offload-layers needs a model with a vision encoder")
+            self.vision_streamer = stream_vision_layers(
+                self.model.vision, vision_offload_layers, self.device, offload_ops)
+        freed = self.vision_streamer.stats.saved_bytes if self.vision_streamer else 0
+        num_blocks = cache.num_blocks or _kv_budget_bytes(cache, self.device, freed) // per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget too small for a single block of {per_block} bytes")
         self.block_size = cache.block_size
@@ -93,6 +112,21 @@ class ModelRunner:
             "KV cache: %d blocks x %d tokens (%.1f MiB)",
             num_blocks, cache.block_size, self.kv_cache.num_bytes / 2**20,
         )
+        self.memory = self._memory_report(cache, num_blocks)
+
+    def _memory_report(self, cache: CacheConfig, num_blocks: int) -> MemoryReport:
+        st = self.vision_streamer.stats if self.vision_streamer else None
+        streamed = st.streamed_bytes if st else 0
+        slots = st.slot_bytes if st else 0
+        on_device = module_bytes(self.model, self.device.type)
+        # On a CPU the host copies of streamed layers sit on the "device" too: not resident.
+        resident = on_device - (streamed if self.device.type == "cpu" else 0) + slots
+        total = (torch.cuda.get_device_properties(self.device).total_memory
+                 if self.device.type == "cuda" else None)
+        return MemoryReport(
+            str(self.device), resident, streamed, slots, st.saved_bytes if st else 0,
+            self.kv_cache.num_bytes, num_blocks, cache.block_size,
+            _activation_reserve_bytes(cache, self.device), total)
 
     @property
     def vocab_size(self) -> int:

@@ -129,6 +129,9 @@ def run_serve(args: argparse.Namespace) -> int:
               f"context {engine.nova.loaded.max_model_len}, {bm.num_blocks} KV blocks of "
               f"{bm.block_size}, policy {engine_config.policy}) on "
               f"http://{server_config.host}:{server_config.port}/v1", file=sys.stderr, flush=True)
+        print("nova serve: " + "\n  ".join(engine.nova.runner.memory.lines()), file=sys.stderr)
+        print(f"nova serve: partitions: {engine.nova.partition_backend.describe()}",
+              file=sys.stderr, flush=True)
         uvicorn.run(app, host=server_config.host, port=server_config.port,
                     log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:

@@ -54,9 +54,44 @@ class _EngineStateCollector(Collector):
         yield g
         yield CounterMetricFamily("nova_preemptions", "Preemptions (recomputes) so far",
                                   value=num_preemptions)
+        yield from _gpu_gauges(self.async_engine.nova)
         yield GaugeMetricFamily("nova_server_unfinished_requests",
                                 "Requests accepted by the server and not yet finished",
                                 value=self.server_state.num_unfinished)
+
+
+MEMORY_GAUGES = (  # MemoryReport field -> (metric name, help)
+    ("weights_resident_bytes", "nova_memory_weights_resident_bytes",
+     "Model weights on the device (weight-streaming slots included)"),
+    ("weights_streamed_bytes", "nova_memory_weights_streamed_bytes",
+     "Vision-encoder weights kept in host memory and streamed to the device"),
+    ("offload_saved_bytes", "nova_memory_offload_saved_bytes",
+     "Device memory freed by vision weight streaming (given to the KV cache)"),
+    ("kv_cache_bytes", "nova_memory_kv_cache_bytes", "KV-cache tensors on the device"),
+    ("kv_cache_blocks", "nova_memory_kv_cache_blocks", "KV-cache blocks"),
+    ("activation_reserve_bytes", "nova_memory_activation_reserve_bytes",
+     "Device memory kept free for activations when the KV cache was sized"),
+    ("device_total_bytes", "nova_memory_device_total_bytes", "Device memory in all (GPU only)"),
+)
+
+
+def _gpu_gauges(nova: Any) -> Iterator[GaugeMetricFamily]:
+    """Start-up memory accounting (nova.gpu.memory) and the SMs each stage last ran on."""
+    memory = getattr(getattr(nova, "runner", None), "memory", None)
+    if memory is not None:
+        for field, name, doc in MEMORY_GAUGES:
+            value = getattr(memory, field)
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=value)
+    granted = getattr(getattr(nova, "executor", None), "granted_sms", None)
+    if granted is not None:
+        g = GaugeMetricFamily("nova_sm_granted", "SMs the stage's last batch ran on (read back "
+                              "from the driver; the whole device when unpartitioned; CPU cores "
+                              "on a CPU)", labels=["stage"])
+        for s in STAGES:
+            if s in granted:
+                g.add_metric([s.value], granted[s])
+        yield g
 
 
 class ServerMetrics:
