@@ -76,3 +76,49 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     dirs["llava-clip"] = save_tiny_llava(root / "llava-clip", "llama", "clip", "default")
     dirs["llava-siglip-qwen2"] = save_tiny_llava(root / "llava-siglip", "qwen2", "siglip", "full")
     return dirs
+
+
+# --- Qwen2-VL / Qwen2.5-VL (issue 7) -------------------------------------------------------------
+QWEN_VL_IMAGE_TOKEN_ID, QWEN_VL_VISION_START_ID, QWEN_VL_VISION_END_ID = 300, 301, 302
+QWEN_VL_MIN_PIXELS, QWEN_VL_MAX_PIXELS = 28 * 28, 28 * 28 * 40  # tiny: images of 1..40 tokens
+
+
+def tiny_qwen_vl_config(kind: str):
+    """Tiny random Qwen2-VL ("qwen2-vl") or Qwen2.5-VL ("qwen2.5-vl") config: 2-layer decoder
+    (head_dim 16, mrope_section 2/3/3), 2-block vision tower with patch 14 and 2x2 merging;
+    Qwen2.5-VL: window attention in block 0 (56-pixel windows), full attention in block 1."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    # initializer_range 0.1 (not 0.02): larger logits, so a wrong position changes greedy tokens.
+    text = dict(TEXT_KW, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=QWEN_VL_IMAGE_TOKEN_ID, video_token_id=303,
+               vision_start_token_id=QWEN_VL_VISION_START_ID, vision_end_token_id=QWEN_VL_VISION_END_ID)
+    if kind == "qwen2-vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=TEXT_KW["hidden_size"], num_heads=4,
+                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, initializer_range=0.1, **ids)
+    if kind == "qwen2.5-vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                      out_hidden_size=TEXT_KW["hidden_size"], patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=0.1, **ids)
+    raise ValueError(kind)
+
+
+def save_tiny_qwen_vl(path: Path, kind: str) -> Path:
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    cls = Qwen2VLForConditionalGeneration if kind == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+    cls(tiny_qwen_vl_config(kind)).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN_VL_MIN_PIXELS, max_pixels=QWEN_VL_MAX_PIXELS).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-qwen-vl")
+    return {k: save_tiny_qwen_vl(root / k, k) for k in ("qwen2-vl", "qwen2.5-vl")}

@@ -15,6 +15,8 @@ from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model, read_config, shi
 EXPECTED_PARAMS_B = {
     "llava-1.5-7b": 7.06, "llava-onevision-qwen2-7b": 8.03, "smollm2-135m": 0.1345,
     "llama-3.1-8b": 8.03, "qwen2.5-7b": 7.62,
+    # Qwen-VL: the model cards' totals (language model + vision tower + patch merger).
+    "qwen2-vl-2b": 2.21, "qwen2-vl-7b": 8.29, "qwen2.5-vl-3b": 3.75, "qwen2.5-vl-7b": 8.29,
 }
 
 

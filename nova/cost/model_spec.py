@@ -3,7 +3,8 @@
 Torch-free (reads ``config.json`` as plain JSON, never ``transformers``). Two input formats:
 
 - a Hugging Face ``config.json`` dict: LLaVA (``text_config`` + ``vision_config``, CLIP or
-  SigLIP tower, LLaVA's two-layer MLP projector) or a plain Llama/Qwen2/Mistral causal LM;
+  SigLIP tower, LLaVA's two-layer MLP projector), Qwen2-VL / Qwen2.5-VL (dynamic resolution,
+  see below) or a plain Llama/Qwen2/Mistral causal LM;
 - Nova's own spec format (``{"format": "nova-model-spec", ...}``, the dataclass's fields), for
   shapes that are not LLaVA, e.g. ``specs/cogagent-9b.json``.
 
@@ -17,6 +18,15 @@ Conventions (all estimates count matmul FLOPs only, 2 FLOPs per multiply-add):
   for cached context and written for new tokens, and layer input/output activations
   (flash-style attention: no score matrix in memory). Norms, biases, rotary and softmax
   are ignored (< 1% at the shapes that matter).
+
+Dynamic resolution (Qwen2-VL / Qwen2.5-VL): the tower's work depends on the image. A spec
+describes one image size (``image_size``, square; by default the 1120x1120 reference
+screenshot) whose ``vision_tokens`` (patches) and ``image_tokens`` (patches / merge**2) come
+from the processor's resize rule within ``min_pixels``/``max_pixels``
+(``nova.models.qwen_vl_sizing``); :meth:`ModelSpec.for_image` gives the spec of another
+resolution (e.g. a 1920x1080 screenshot) and :meth:`ModelSpec.image_tokens_for` its token
+count. Qwen2.5-VL's window attention: all but ``vision_full_attn_layers`` layers attend within
+windows of ``vision_window_tokens`` patches.
 """
 from __future__ import annotations
 
@@ -78,6 +88,14 @@ class ModelSpec:
     image_tokens: int = 0
     vision_mlp_matrices: int = 2  # fc1, fc2 (CLIP, SigLIP, EVA-CLIP)
     projector_params: int = 0
+    # Dynamic resolution (0 / defaults: a fixed-size tower such as CLIP or SigLIP).
+    vision_merge_size: int = 1  # merge x merge patches become one image token (Qwen-VL: 2)
+    vision_temporal_patch: int = 1  # frames per patch (Qwen-VL: 2, an image is repeated)
+    vision_pos_embed: bool = True  # learned position table (False: rotary, Qwen-VL)
+    vision_window_tokens: int = 0  # patches per attention window (0: full attention everywhere)
+    vision_full_attn_layers: int = 0  # layers with full attention when windowed
+    min_pixels: int = 0  # resize limits of a dynamic-resolution tower (0: fixed image_size)
+    max_pixels: int = 0
     bytes_per_param: float = 2.0
     description: str = ""
 
@@ -98,6 +116,15 @@ class ModelSpec:
             )
         if self.bytes_per_param <= 0:
             raise ValueError(f"model spec {self.name!r}: bytes_per_param must be > 0")
+        if self.vision_merge_size < 1 or self.vision_temporal_patch < 1:
+            raise ValueError(f"model spec {self.name!r}: merge and temporal patch sizes must be >= 1")
+        if self.vision_full_attn_layers > self.vision_layers or self.vision_window_tokens < 0:
+            raise ValueError(f"model spec {self.name!r}: bad window-attention fields")
+        if (self.min_pixels > 0) != (self.max_pixels > 0) or self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"model spec {self.name!r}: min_pixels/max_pixels must be both 0 or "
+                f"0 < min <= max, got {self.min_pixels}/{self.max_pixels}"
+            )
 
     # -- parameters --------------------------------------------------------------------------
     @property
@@ -129,10 +156,56 @@ class ModelSpec:
         """Vision tower (layers, patch embedding, position embedding) plus projector."""
         if not self.has_vision:
             return 0
-        patch_embed = 3 * self.patch_size * self.patch_size * self.vision_hidden
-        pos_embed = self.vision_tokens * self.vision_hidden
+        patch_embed = self._patch_dim * self.vision_hidden
+        pos_embed = self.vision_tokens * self.vision_hidden if self.vision_pos_embed else 0
         return (self.vision_layers * self.vision_layer_params + patch_embed + pos_embed
                 + self.projector_params)
+
+    @property
+    def _patch_dim(self) -> int:
+        return 3 * self.vision_temporal_patch * self.patch_size * self.patch_size
+
+    # -- dynamic resolution ------------------------------------------------------------------
+    @property
+    def dynamic_resolution(self) -> bool:
+        return self.max_pixels > 0
+
+    def image_sizing(self) -> Any:
+        """The resize rule of a dynamic-resolution tower (``nova.models.qwen_vl_sizing``)."""
+        from nova.models.qwen_vl_sizing import ImageSizing
+
+        if not self.dynamic_resolution:
+            raise ValueError(f"model {self.name!r} takes fixed-size images")
+        return ImageSizing(self.patch_size, self.vision_merge_size, self.vision_temporal_patch,
+                           self.min_pixels, self.max_pixels)
+
+    def image_tokens_for(self, width: int, height: int) -> int:
+        """Image tokens a ``width x height`` image becomes in the prompt (fixed-size towers:
+        ``image_tokens`` whatever the size, as their processor resizes to ``image_size``)."""
+        self._require_vision()
+        if not self.dynamic_resolution:
+            return self.image_tokens
+        return self.image_sizing().num_image_tokens(width, height)
+
+    def for_image(self, width: int, height: int) -> ModelSpec:
+        """This spec with the vision work of a ``width x height`` image (dynamic resolution;
+        a fixed-size tower's spec is returned unchanged)."""
+        self._require_vision()
+        if not self.dynamic_resolution:
+            return self
+        patches = self.image_sizing().num_patches(width, height)
+        return dataclasses.replace(self, vision_tokens=patches,
+                                   image_tokens=patches // self.vision_merge_size**2)
+
+    def with_pixel_limits(self, min_pixels: int | None = None, max_pixels: int | None = None,
+                          image_size: tuple[int, int] | None = None) -> ModelSpec:
+        """Served with other resize limits (``nova serve --min-pixels/--max-pixels``), sized
+        for ``image_size`` (default: the spec's square ``image_size``)."""
+        spec = dataclasses.replace(
+            self, min_pixels=self.min_pixels if min_pixels is None else int(min_pixels),
+            max_pixels=self.max_pixels if max_pixels is None else int(max_pixels))
+        w, h = image_size or (self.image_size, self.image_size)
+        return spec.for_image(w, h)
 
     def num_params(self) -> int:
         return self.text_params() + self.vision_params()
@@ -152,10 +225,20 @@ class ModelSpec:
         self._require_vision()
         t, h = self.vision_tokens, self.vision_hidden
         dense = 2.0 * self.vision_layers * self.vision_layer_params * t
-        attn = 4.0 * self.vision_layers * h * t * t  # scores + weighted values, full attention
-        patch = 2.0 * t * 3 * self.patch_size * self.patch_size * h
+        attn = 4.0 * h * self._vision_attention_pairs()  # scores + weighted values
+        patch = 2.0 * t * self._patch_dim * h
         projector = 2.0 * self.projector_params * self.image_tokens
         return num_images * (dense + attn + patch + projector)
+
+    def _vision_attention_pairs(self) -> float:
+        """(query, key) pairs of one image summed over layers: full attention sees all
+        ``vision_tokens``; a windowed layer at most ``vision_window_tokens`` keys per query."""
+        t = self.vision_tokens
+        if self.vision_window_tokens <= 0:
+            return float(self.vision_layers * t * t)
+        windowed = self.vision_layers - self.vision_full_attn_layers
+        return float(self.vision_full_attn_layers * t * t
+                     + windowed * t * min(t, self.vision_window_tokens))
 
     def vision_bytes(self, num_images: int = 1) -> float:
         """Device-memory bytes to encode ``num_images`` images: weights once per batch, plus
@@ -266,6 +349,12 @@ class ModelSpec:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UnknownModelError(f"{file} is not valid JSON: {exc}") from exc
         default_name = path.name if path.is_dir() else path.stem
+        pre_file = file.parent / "preprocessor_config.json"
+        if isinstance(d, dict) and pre_file.is_file():
+            try:
+                d = {**d, PREPROCESSOR_KEY: json.loads(pre_file.read_text())}
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UnknownModelError(f"{pre_file} is not valid JSON: {exc}") from exc
         try:
             return cls.from_config_dict(d, name or default_name)
         except (KeyError, TypeError, ValueError) as exc:
@@ -351,9 +440,62 @@ def _from_hf_config(d: dict[str, Any], name: str) -> ModelSpec:
         description=str(d.get("_nova_note", "")),
     )
     vision = d.get("vision_config")
-    if vision:
+    if vision and d.get("model_type") in _QWEN_VL_TYPES:
+        kw.update(_qwen_vl_vision(d, vision, hidden))
+    elif vision:
         kw.update(_llava_vision(d, vision, hidden))
     return ModelSpec(**kw)
+
+
+_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+PREPROCESSOR_KEY = "_nova_preprocessor"  # preprocessor_config.json, added by ModelSpec.from_dir
+
+
+def _qwen_vl_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+    """Qwen2-VL (LayerNorm ViT, fc1/fc2 MLP of ``mlp_ratio``) or Qwen2.5-VL (RMSNorm, SwiGLU
+    of ``intermediate_size``, window attention) tower, rotary positions (no table), and the
+    patch merger: LayerNorm -> Linear(4h, 4h) -> GELU -> Linear(4h, text_hidden) on every
+    2x2 group of patches. Sized for the reference screenshot (``for_image`` for others)."""
+    from nova.models.qwen_vl_sizing import REFERENCE_IMAGE_SIZE, ImageSizing
+
+    qwen25 = d.get("model_type") == "qwen2_5_vl"
+    patch = int(vision.get("patch_size", 14))
+    merge = int(vision.get("spatial_merge_size", 2))
+    if qwen25:
+        vhidden = int(_require(vision, "hidden_size", "vision_config"))
+        inter, mlp_matrices = int(_require(vision, "intermediate_size", "vision_config")), 3
+        out_hidden = int(vision.get("out_hidden_size", text_hidden))
+        window = int(vision.get("window_size", 112)) // patch  # patches per window side
+        window_tokens = window * window
+        full_layers = len(vision.get("fullatt_block_indexes", (7, 15, 23, 31)))
+    else:
+        vhidden = int(_require(vision, "embed_dim", "vision_config"))
+        inter, mlp_matrices = vhidden * int(vision.get("mlp_ratio", 4)), 2
+        out_hidden = int(vision.get("hidden_size", text_hidden))
+        window_tokens, full_layers = 0, 0
+    merged = vhidden * merge * merge
+    sizing = ImageSizing.from_config_dicts(vision, d.get(PREPROCESSOR_KEY))
+    width, height = REFERENCE_IMAGE_SIZE
+    patches = sizing.num_patches(width, height)
+    return dict(
+        vision_layers=int(_require(vision, "depth", "vision_config")),
+        vision_hidden=vhidden,
+        vision_intermediate=inter,
+        vision_heads=int(_require(vision, "num_heads", "vision_config")),
+        image_size=width,
+        patch_size=patch,
+        vision_tokens=patches,
+        image_tokens=patches // (merge * merge),
+        vision_mlp_matrices=mlp_matrices,
+        projector_params=merged * merged + merged * out_hidden,
+        vision_merge_size=merge,
+        vision_temporal_patch=int(vision.get("temporal_patch_size", 2)),
+        vision_pos_embed=False,
+        vision_window_tokens=window_tokens,
+        vision_full_attn_layers=full_layers,
+        min_pixels=sizing.min_pixels,
+        max_pixels=sizing.max_pixels,
+    )
 
 
 def _llava_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:

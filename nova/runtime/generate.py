@@ -13,6 +13,8 @@ import torch
 
 from nova.core.block_manager import num_blocks_for
 from nova.models.inputs import PromptInput
+from nova.models.mm import encode_image_batch
+from nova.models.mrope import MRopePlan
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
@@ -43,6 +45,7 @@ class _Running:
     eos_ids: frozenset[int]
     gen: torch.Generator | None
     mm_embeds: torch.Tensor | None = None
+    plan: MRopePlan | None = None  # M-RoPE positions of a prompt with images (Qwen-VL)
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -79,19 +82,17 @@ def _encode_images(runner: ModelRunner, runs: list[_Running]) -> float:
     if not with_images:
         return 0.0
     start = time.perf_counter()
-    pixels = torch.cat([r.req.prompt.pixel_values for r in with_images])
-    embeds = runner.encode_images(pixels)
-    offset = 0
-    for r in with_images:
-        n = r.req.prompt.num_images
-        r.mm_embeds = embeds[offset : offset + n].reshape(-1, embeds.shape[-1])
-        offset += n
+    embeds = encode_image_batch(runner.encode_images, [r.req.prompt.pixel_values for r in with_images])
+    for r, e in zip(with_images, embeds):
+        r.mm_embeds = e
     return time.perf_counter() - start
 
 
 def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[GenerationResult]:
     eos = runner.loaded.eos_token_ids
-    runs = [_Running(r, frozenset(eos), make_generator(r.sampling)) for r in wave]
+    runs = [_Running(r, frozenset(eos), make_generator(r.sampling),
+                     plan=runner.model.position_plan(r.prompt.token_ids, r.prompt.pixel_values))
+            for r in wave]
     bm = runner.block_manager
     try:
         vision_s = _encode_images(runner, runs)
@@ -100,7 +101,8 @@ def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[Genera
         for r in runs:
             ids = r.req.prompt.token_ids
             table = bm.allocate(r.req.request_id, len(ids))
-            seqs.append(SeqInput(ids, 0, table, r.mm_embeds))
+            mrope = r.plan.slice(0, len(ids)) if r.plan is not None else None
+            seqs.append(SeqInput(ids, 0, table, r.mm_embeds, mrope_positions=mrope))
         logits = runner.forward(seqs)
         for r, tok in zip(runs, sample(logits, [r.req.sampling for r in runs], [r.gen for r in runs])):
             _append(r, tok)
@@ -112,7 +114,9 @@ def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[Genera
                 rid = r.req.request_id
                 context = len(r.req.prompt.token_ids) + len(r.output)
                 bm.grow(rid, context)
-                seqs.append(SeqInput([r.output[-1]], context - 1, bm.block_table(rid)))
+                offset = r.plan.delta if r.plan is not None else 0
+                seqs.append(SeqInput([r.output[-1]], context - 1, bm.block_table(rid),
+                                     position_offset=offset))
             logits = runner.forward(seqs)
             toks = sample(logits, [r.req.sampling for r in active], [r.gen for r in active])
             now = time.perf_counter()

@@ -12,6 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 from itertools import cycle, islice
+from typing import Any
 
 from nova.workload.registry import check_int, check_positive
 from nova.workload.types import ImageSpec, WorkloadRequest
@@ -186,6 +187,31 @@ class GuiContentConfig:
 
     def images(self) -> tuple[ImageSpec, ...]:
         return (ImageSpec(self.image_width, self.image_height),) * self.images_per_request
+
+    def image_tokens(self, model: Any) -> int:
+        """Prompt tokens of one screenshot for ``model`` (a ``ModelSpec`` or shipped name):
+        from the screenshot's resolution for dynamic-resolution models (Qwen2-VL/2.5-VL),
+        the model's fixed count otherwise."""
+        return image_tokens_for(model, ImageSpec(self.image_width, self.image_height))
+
+
+def image_tokens_for(model: Any, image: ImageSpec) -> int:
+    """Image tokens ``image`` becomes in ``model``'s prompt (``ModelSpec`` or shipped name).
+
+    Qwen2-VL / Qwen2.5-VL resize each image within the model's ``min_pixels``/``max_pixels`` to
+    multiples of 28 pixels and merge 2x2 patches of 14 pixels into a token, so a 1920x1080
+    screenshot becomes 2691 tokens and a 1120x1120 one 1600; fixed-size towers (LLaVA,
+    CogAgent) give the same count for every image. Raises ``ValueError`` for an image the
+    model cannot take within its limits."""
+    from nova.cost.model_spec import get_model_spec
+
+    return get_model_spec(model).image_tokens_for(image.width, image.height)
+
+
+def prompt_tokens_for(model: Any, request: WorkloadRequest) -> int:
+    """Prompt tokens of ``request`` for ``model``: its text estimate plus each image's tokens
+    at its own resolution."""
+    return request.num_text_tokens + sum(image_tokens_for(model, img) for img in request.images)
 
 
 def next_action(rng: random.Random, task: GuiTask, step: int) -> str:
