@@ -17,6 +17,7 @@ from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model
+from nova.models.mm import image_hashes, num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
@@ -68,7 +69,8 @@ class NovaEngine:
         self.config = config = config or EngineConfig()
         self.loaded = loaded or load_model(config.model, config.load_format, config.torch_dtype,
                                            config.device, config.seed)
-        self.processor = InputProcessor(self.loaded, config.max_image_pixels)
+        self.processor = InputProcessor(self.loaded, config.max_image_pixels,
+                                        min_pixels=config.min_pixels, max_pixels=config.max_pixels)
         # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
         # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
         self.partition_backend = make_backend(config.partition, self.loaded.device)
@@ -148,8 +150,10 @@ class NovaEngine:
     ) -> Request:
         images = []
         if prompt.pixel_values is not None:
-            per_image = self.processor.num_image_tokens
-            images = [ImageInput(image_hash(px), per_image) for px in prompt.pixel_values]
+            # Per image: its placeholder count (Qwen-VL: from its resolution; LLaVA: fixed).
+            counts = (prompt.image_token_counts
+                      or [self.processor.num_image_tokens] * num_images(prompt.pixel_values))
+            images = [ImageInput(h, n) for h, n in zip(image_hashes(prompt.pixel_values), counts)]
         req = Request(request_id or self.new_request_id(), list(prompt.token_ids),
                       sampling or SamplingParams(), images, priority, deadline_s)
         self.engine.add_request(req, prompt.pixel_values, listener)

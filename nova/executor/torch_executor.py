@@ -16,6 +16,7 @@ import torch
 
 from nova.executor.base import FaultHook, StageOutput, run_isolated
 from nova.gpu.partition import PartitionBackend, make_backend
+from nova.models.mm import encode_image_batch
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
@@ -31,6 +32,7 @@ class _Payload:
     prompt_token_ids: tuple[int, ...] = ()
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
+    mrope: Any | None = None  # MRopePlan: M-RoPE positions of a Qwen-VL prompt with images
 
 
 class TorchExecutor:
@@ -50,9 +52,12 @@ class TorchExecutor:
 
     def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
                  prompt_token_ids: tuple[int, ...] = ()) -> None:
+        plan = (self.runner.model.position_plan(prompt_token_ids, pixel_values)
+                if pixel_values is not None else None)
         with self._lock:
             self._payloads[request_id] = _Payload(
-                sampling, make_generator(sampling), pixel_values, tuple(prompt_token_ids))
+                sampling, make_generator(sampling), pixel_values, tuple(prompt_token_ids),
+                mrope=plan)
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -80,18 +85,15 @@ class TorchExecutor:
 
     def _vision(self, items: list[BatchItem]) -> dict[str, int]:
         payloads = [self._payload(it.request_id) for it in items]
-        pixels = torch.cat([p.pixel_values for p in payloads])
-        embeds = self.runner.encode_images(pixels)
+        # Fixed-size tensors (LLaVA) or VisionInputs (Qwen-VL): one tower call, split per request.
+        per_request = encode_image_batch(self.runner.encode_images, [p.pixel_values for p in payloads])
         event = None
         if self._on_cuda:
             event = torch.cuda.Event()
             event.record()
-        offset = 0
-        for it, p in zip(items, payloads):
-            n = it.num_images
-            p.image_embeds = embeds[offset : offset + n].reshape(-1, embeds.shape[-1])
+        for p, embeds in zip(payloads, per_request):
+            p.image_embeds = embeds
             p.embeds_ready = event
-            offset += n
         return {}
 
     def _sample(self, items: list[BatchItem], seqs: list[SeqInput],
@@ -124,13 +126,23 @@ class TorchExecutor:
     def _prefill(self, items: list[BatchItem]) -> dict[str, int]:
         seqs = []
         for it in items:
-            embeds = self._chunk_embeds(it, self._payload(it.request_id))
-            seqs.append(SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table), embeds))
+            p = self._payload(it.request_id)
+            embeds = self._chunk_embeds(it, p)
+            mrope = (p.mrope.slice(it.num_cached_tokens, it.num_cached_tokens + len(it.token_ids))
+                     if p.mrope is not None else None)
+            seqs.append(SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table), embeds,
+                                 mrope_positions=mrope))
         return self._sample(items, seqs)
 
     def _decode(self, items: list[BatchItem]) -> dict[str, int]:
-        seqs = [SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table)) for it in items]
+        seqs = [SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table),
+                         position_offset=self._position_offset(it.request_id)) for it in items]
         return self._sample(items, seqs, partition_key=self.decode_graph_key())
+
+    def _position_offset(self, request_id: str) -> int:
+        """M-RoPE: tokens after a prompt with images sit at index + delta (0 otherwise)."""
+        plan = self._payload(request_id).mrope
+        return plan.delta if plan is not None else 0
 
     def decode_graph_key(self) -> Any:
         """Which decode CUDA graphs to replay: one set per decode SM share (a graph captured

@@ -26,6 +26,12 @@ class SeqInput:
     num_cached_tokens: int
     block_table: list[int]
     mm_embeds: torch.Tensor | None = None
+    # Rotary positions when they are not the token indices (M-RoPE, Qwen-VL): either
+    # ``mrope_positions`` [3, num_new_tokens] int64 for the new tokens (a prefill chunk with
+    # images), or ``position_offset`` added to every new token's index (tokens after an image:
+    # all three rows equal index + offset).
+    mrope_positions: torch.Tensor | None = None
+    position_offset: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -41,7 +47,7 @@ class ForwardBatch:
     """Tensors derived from a list of ``SeqInput`` (all on the model's device)."""
 
     input_ids: torch.Tensor  # [T] int64, packed new tokens
-    positions: torch.Tensor  # [T] int64, absolute positions
+    positions: torch.Tensor  # [T] int64 rotary positions; [3, T] if a sequence gave mrope_positions
     slot_mapping: torch.Tensor  # [T] int64, KV slot each new token writes
     query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] padded queries
     kv_gather_index: torch.Tensor  # [B, max_kv] int64, slots to read (padding reads slot 0)
@@ -84,7 +90,8 @@ def build_forward_batch(
         pos = torch.arange(s.context_len, dtype=torch.long)
         seq_slots = table[pos // block_size] * block_size + pos % block_size
         gather[b, : s.context_len] = seq_slots
-        new_pos = list(range(s.num_cached_tokens, s.context_len))
+        new_pos = list(range(s.num_cached_tokens + s.position_offset,
+                             s.context_len + s.position_offset))
         ids.extend(s.token_ids)
         positions.extend(new_pos)
         slots.extend(seq_slots[s.num_cached_tokens :].tolist())
@@ -103,7 +110,7 @@ def build_forward_batch(
     mask[:, :, 0] |= ~q_valid
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        positions=_rotary_positions(seqs, positions, device),
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         query_pad_index=torch.tensor(pad_index, dtype=torch.long, device=device),
         kv_gather_index=gather.to(device),
@@ -130,3 +137,23 @@ def _paged_kernel_fields(seqs: list[SeqInput], device: torch.device | str) -> di
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         max_seq_len=max(s.context_len for s in seqs),
     )
+
+
+def _rotary_positions(seqs: list[SeqInput], flat: list[int], device: torch.device | str) -> torch.Tensor:
+    """[T] positions, or [3, T] when any sequence carries M-RoPE rows (the others' rows equal)."""
+    if all(s.mrope_positions is None for s in seqs):
+        return torch.tensor(flat, dtype=torch.long, device=device)
+    rows, offset = [], 0
+    for b, s in enumerate(seqs):
+        n = s.num_new_tokens
+        if s.mrope_positions is None:
+            rows.append(torch.tensor(flat[offset : offset + n], dtype=torch.long).expand(3, -1))
+        else:
+            if tuple(s.mrope_positions.shape) != (3, n):
+                raise ValueError(
+                    f"sequence {b}: mrope_positions of shape {tuple(s.mrope_positions.shape)}, "
+                    f"expected (3, {n})"
+                )
+            rows.append(s.mrope_positions.to("cpu", torch.long))
+        offset += n
+    return torch.cat(rows, dim=1).to(device)
