@@ -196,6 +196,10 @@ class PartitionBackend:
                 "measured; use --partition green_context on a GPU that supports it")
         return contextlib.nullcontext()
 
+    def share_granted_sms(self, share: float) -> int:
+        """SMs the work inside ``share_context(share)`` runs on."""
+        return self.grid.num_sms
+
     def created(self) -> list[GrantedPartition]:
         return []
 
@@ -552,6 +556,14 @@ class GreenContextBackend(PartitionBackend):
                 plan = PartitionPlan(((Stage.VISION, n),), (((Stage.VISION,), n),))
                 slot = self._profile_slots[n] = self._new_slot(Stage.VISION, plan, n, None)
         return self._enter(slot)
+
+    def share_granted_sms(self, share: float) -> int:
+        if share >= 1.0 - _EPS:
+            return self.grid.num_sms
+        with self.share_context(share):  # creates the context on first use
+            pass
+        info = self._profile_slots[self.grid.sms_for_share(share)].info
+        return info.granted_sms or info.requested_sms
 
     def created(self) -> list[GrantedPartition]:
         return [slot.info for slot in self._slots.values()]
