@@ -26,13 +26,22 @@ from nova.types import Partition, Stage, StageResult
 def _front_stage(state: SchedulerState) -> Stage | None:
     """VISION or PREFILL, whichever holds the best-ranked waiting request; None if neither."""
     # queue() is in arrival order, but priority/deadline may reorder: rank the whole queues
-    ranked = [(min(service_order_key(r) for r in state.queue(s)), s)
-              for s in (Stage.VISION, Stage.PREFILL) if state.queue(s)]
-    return min(ranked)[1] if ranked else None
+    # (the best of (rank, stage) pairs: equal ranks go to the smaller stage value, prefill)
+    best = None
+    for stage in (Stage.VISION, Stage.PREFILL):
+        queue = state.queue(stage)
+        if queue:
+            ranked = (min(map(service_order_key, queue)), stage)
+            if best is None or ranked < best:
+                best = ranked
+    return best[1] if best is not None else None
 
 
 @register_policy("pf_limit")
 class PrefillFirstLimitPolicy(Policy):
+    idle_without_queue = True
+    one_batch_at_a_time = True
+
     def __init__(self, limits: StageLimits | None = None, max_consecutive_prefills: int = 4) -> None:
         if max_consecutive_prefills < 1:
             raise ValueError("max_consecutive_prefills must be >= 1")
@@ -50,7 +59,8 @@ class PrefillFirstLimitPolicy(Policy):
         return Stage.DECODE if has_decode else None
 
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        if state.any_running() or self._choose(state) is not stage:
+        # (an empty queue gets no plan whatever _choose says)
+        if state.any_running() or not state.num_waiting(stage) or self._choose(state) is not stage:
             return None
         return _plan(stage, state, self.limits)
 
@@ -60,18 +70,24 @@ class PrefillFirstLimitPolicy(Policy):
 
 @register_policy("chunked_prefill")
 class ChunkedPrefillPolicy(Policy):
+    idle_without_queue = True  # a mixed batch needs a waiting prefill (decode rides along)
+    one_batch_at_a_time = True
+
     def __init__(self, limits: StageLimits | None = None, token_budget: int = 128) -> None:
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.limits = limits or StageLimits()
         self.token_budget = token_budget
 
-    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        if state.any_running():
-            return None
-        front = _front_stage(state)
+    def _decode_ids(self, state: SchedulerState) -> tuple[str, ...]:
+        """The decoding sequences, best-ranked first, at most ``max_num_seqs``."""
         decode_ids = tuple(r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key))
-        decode_ids = decode_ids[: self.limits.max_num_seqs]
+        return decode_ids[: self.limits.max_num_seqs]
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if state.any_running() or not state.num_waiting(stage):
+            return None  # (each branch below needs a request waiting for ``stage``)
+        front = _front_stage(state)
         if front is Stage.VISION:
             # Inline encoder step for the best-ranked request, before its first chunk.
             if stage is not Stage.VISION:
@@ -83,8 +99,12 @@ class ChunkedPrefillPolicy(Policy):
                 return None
             ordered = tuple(r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key))
             return BatchPlan(Stage.PREFILL, ordered, max_tokens=self.token_budget,
-                             max_requests=self.limits.max_num_seqs, chunked=True, decode_ids=decode_ids)
-        if decode_ids and stage is Stage.DECODE:
+                             max_requests=self.limits.max_num_seqs, chunked=True,
+                             decode_ids=self._decode_ids(state))
+        if stage is not Stage.DECODE:
+            return None
+        decode_ids = self._decode_ids(state)
+        if decode_ids:
             return BatchPlan(Stage.DECODE, decode_ids, max_requests=self.limits.max_num_seqs)
         return None
 
@@ -92,6 +112,8 @@ class ChunkedPrefillPolicy(Policy):
 @register_policy("static_partition")
 class StaticPartitionPolicy(Policy):
     """All three stages concurrently, like ``multi_stream``, on a fixed SM split."""
+
+    idle_without_queue = True
 
     def __init__(self, limits: StageLimits | None = None,
                  partition: Partition | None = None) -> None:

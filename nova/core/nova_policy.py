@@ -47,6 +47,7 @@ so the GPU can be briefly over- or under-subscribed after a switch).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from typing import Any
 
 from nova.core.policy import BatchPlan, Policy, StageLimits, _plan, register_policy
 from nova.core.scheduler import SchedulerState
-from nova.types import Partition, Stage
+from nova.types import Partition, RequestStatus, Stage
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,8 +95,17 @@ def _compute_decode_partition(decode: float) -> Partition:
     return Partition(vision=compute, prefill=compute, decode=max(decode, eps), name="nova")
 
 
+# (vision, prefill, decode have work) -> that set of stages
+_ACTIVE: dict[tuple[bool, bool, bool], frozenset[Stage]] = {
+    (v, p, d): frozenset(s for s, on in zip((Stage.VISION, Stage.PREFILL, Stage.DECODE), (v, p, d)) if on)
+    for v in (False, True) for p in (False, True) for d in (False, True)
+}
+
+
 @register_policy("nova")
 class NovaPolicy(Policy):
+    idle_without_queue = True
+
     def __init__(
         self,
         limits: StageLimits | None = None,
@@ -131,6 +141,8 @@ class NovaPolicy(Policy):
         self._plan_draining: bool | None = None
         self._current: dict[tuple[frozenset[Stage], bool], Prediction] = {}
         self._cache: dict[tuple[frozenset[Stage], bool, int], Prediction] = {}
+        self._log_bucket = math.log(1.0 + self.replan_rate_change / 2)  # rate buckets of the cache
+        self._num_added_seen = 0  # state.num_added at the last _observe
         self.num_replans = 0
 
     # -- the Policy interface ------------------------------------------------------------------
@@ -148,27 +160,41 @@ class NovaPolicy(Policy):
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         self._observe(state, now_s)
-        active = frozenset(s for s in Stage if state.num_in_stage(s) > 0 or state.running[s] is not None)
+        by_status, running = state.by_status, state.running
+        # the stages with work (waiting or running), as a cached frozenset
+        active = _ACTIVE[(bool(by_status[RequestStatus.WAITING_VISION]) or running[Stage.VISION] is not None,
+                          bool(by_status[RequestStatus.WAITING_PREFILL]) or running[Stage.PREFILL] is not None,
+                          bool(by_status[RequestStatus.DECODING]) or running[Stage.DECODE] is not None)]
         if not active:
             return state.partition
-        draining = (len(state.queue(Stage.VISION)) + len(state.queue(Stage.PREFILL))) >= self.alpha
-        load = self.load_estimate(now_s)
+        draining = state.num_waiting(Stage.VISION) + state.num_waiting(Stage.PREFILL) >= self.alpha
+        lam = self._arrival_rate(now_s)
         if (self._plan_lam is None or draining != self._plan_draining
-                or abs(load.lam_rps - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)):
-            self._plan_lam, self._plan_draining = load.lam_rps, draining
+                or abs(lam - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)):
+            self._plan_lam, self._plan_draining = lam, draining
             self._current = {k: v for k, v in self._current.items() if k[1] == draining}
             self.num_replans += 1
         key = (active, draining)
-        best = self._best(active, draining, load)
+        best = self._best_at(active, draining, lam, now_s)
         current = self._current.get(key)
-        if current is None or self._better(best, current, load):
+        if current is None or (best is not current and self._better_at(best, current, lam)):
             self._current[key] = best
         return self._current[key].partition
 
     # -- load ----------------------------------------------------------------------------------
     def _observe(self, state: SchedulerState, now_s: float) -> None:
         obs = self._obs
-        for req in state.requests.values():
+        # Only requests added since the last call can be unseen: they are the newest entries
+        # of ``state.requests`` (insertion order), at most ``num_added`` - the count then.
+        num_new = state.num_added - self._num_added_seen
+        self._num_added_seen = state.num_added
+        if num_new <= 0:
+            new: Any = ()
+        elif num_new >= len(state.requests):
+            new = state.requests.values()
+        else:
+            new = list(itertools.islice(reversed(state.requests.values()), num_new))[::-1]
+        for req in new:
             if req.request_id in self._seen:
                 continue
             self._seen.add(req.request_id)
@@ -188,13 +214,16 @@ class NovaPolicy(Policy):
 
     def load_estimate(self, now_s: float) -> LoadEstimate:
         obs = self._obs
-        n = len(obs.arrivals_s)
+        return LoadEstimate(self._arrival_rate(now_s), obs.image_fraction, obs.images_per_request,
+                            obs.text_tokens, obs.output_tokens)
+
+    def _arrival_rate(self, now_s: float) -> float:
+        arrivals = self._obs.arrivals_s
+        n = len(arrivals)
         if n < 2:
-            lam = 0.0
-        else:
-            span = max(now_s - obs.arrivals_s[0], obs.arrivals_s[-1] - obs.arrivals_s[0], 1e-6)
-            lam = (n - 1) / span if span < self.rate_window_s else n / self.rate_window_s
-        return LoadEstimate(lam, obs.image_fraction, obs.images_per_request, obs.text_tokens, obs.output_tokens)
+            return 0.0
+        span = max(now_s - arrivals[0], arrivals[-1] - arrivals[0], 1e-6)
+        return (n - 1) / span if span < self.rate_window_s else n / self.rate_window_s
 
     # -- prediction ------------------------------------------------------------------------------
     def _works(self, load: LoadEstimate, decode_batch: float) -> dict[Stage, Any]:
@@ -272,7 +301,7 @@ class NovaPolicy(Policy):
         return sorted(frontier, key=lambda p: p.tail_latency_s)
 
     def _best(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> Prediction:
-        bucket = int(math.log(max(load.lam_rps, 1e-3)) / math.log(1.0 + self.replan_rate_change / 2))
+        bucket = int(math.log(max(load.lam_rps, 1e-3)) / self._log_bucket)
         key = (active, draining, bucket)
         if key not in self._cache:
             frontier = self.pareto_frontier(active, draining, load)
@@ -281,9 +310,18 @@ class NovaPolicy(Policy):
             self._cache[key] = ok[0] if ok else max(frontier, key=lambda p: p.capacity_rps)
         return self._cache[key]
 
+    def _best_at(self, active: frozenset[Stage], draining: bool, lam: float, now_s: float) -> Prediction:
+        """``_best`` for the load at ``now_s`` whose arrival rate is ``lam``; the full load
+        estimate is built only when the plan cache misses."""
+        best = self._cache.get((active, draining, int(math.log(max(lam, 1e-3)) / self._log_bucket)))
+        return best if best is not None else self._best(active, draining, self.load_estimate(now_s))
+
     def _better(self, new: Prediction, cur: Prediction, load: LoadEstimate) -> bool:
+        return self._better_at(new, cur, load.lam_rps)
+
+    def _better_at(self, new: Prediction, cur: Prediction, lam: float) -> bool:
         if new.partition == cur.partition:
             return False
-        if cur.capacity_rps < load.lam_rps * (1.0 + self.capacity_margin) <= new.capacity_rps:
+        if cur.capacity_rps < lam * (1.0 + self.capacity_margin) <= new.capacity_rps:
             return True
         return new.tail_latency_s < (1.0 - self.hysteresis) * cur.tail_latency_s

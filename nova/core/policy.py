@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from nova.types import Partition, Request, Stage, StageResult
+from nova.types import STAGES, Partition, Request, Stage, StageResult
 
 if TYPE_CHECKING:
     from nova.core.scheduler import SchedulerState
@@ -44,6 +44,14 @@ class BatchPlan:
 
 class Policy(ABC):
     name: ClassVar[str]
+    # Declarations the simulator's fast path relies on to skip asking a stage that cannot get
+    # a batch (defaults assume nothing; ``tests/test_simulator.py`` checks the built-ins make
+    # the same decisions either way):
+    # ``idle_without_queue``: ``next_batch`` has no side effects, and a stage can only get a
+    # batch while some live request has that stage's waiting status.
+    idle_without_queue: ClassVar[bool] = False
+    # ``one_batch_at_a_time``: ``next_batch`` returns None while any batch runs (time-sliced).
+    one_batch_at_a_time: ClassVar[bool] = False
 
     @abstractmethod
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
@@ -91,8 +99,8 @@ def make_policy(name: str, **kwargs: object) -> Policy:
 
 def service_order_key(req: Request) -> tuple[int, float, float]:
     """Lower priority value first, then earlier absolute deadline, then earlier arrival."""
-    deadline = req.absolute_deadline_s
-    return (req.priority, math.inf if deadline is None else deadline, req.arrival_s)
+    deadline_s = req.deadline_s  # inline of req.absolute_deadline_s (hot: every sort)
+    return (req.priority, math.inf if deadline_s is None else req.arrival_s + deadline_s, req.arrival_s)
 
 
 def prefill_head_fits(state: SchedulerState, max_tokens: int | None = None) -> bool:
@@ -121,7 +129,10 @@ def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan
     queue = state.queue(stage)
     if not queue:
         return None
-    ordered = tuple(r.request_id for r in sorted(queue, key=service_order_key))
+    if len(queue) == 1:
+        ordered: tuple[str, ...] = (queue[0].request_id,)
+    else:
+        ordered = tuple([r.request_id for r in sorted(queue, key=service_order_key)])
     if stage is Stage.VISION:
         return BatchPlan(stage, ordered, max_images=limits.max_vision_images)
     if stage is Stage.PREFILL:
@@ -134,6 +145,8 @@ def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan
 class MultiStreamPolicy(Policy):
     """All three stage workers run concurrently whenever they have work; no SM partitioning
     (the paper's multi-stream baseline: streams contend for the whole GPU)."""
+
+    idle_without_queue = True
 
     def __init__(self, limits: StageLimits | None = None) -> None:
         self.limits = limits or StageLimits()
@@ -152,20 +165,36 @@ class SequentialPolicy(Policy):
     run-to-completion batching.
     """
 
+    idle_without_queue = True
+    one_batch_at_a_time = True
+
     def __init__(self, limits: StageLimits | None = None) -> None:
         self.limits = limits or StageLimits()
 
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
         if state.any_running():
             return None
-        heads = {s: min((r.arrival_s for r in state.queue(s)), default=math.inf) for s in Stage}
-        if heads[Stage.DECODE] < math.inf and not prefill_head_fits(state):
-            heads[Stage.PREFILL] = math.inf  # decode must free blocks first
-        first = min(heads, key=lambda s: (heads[s], list(Stage).index(s)))
-        if first is not stage or heads[stage] == math.inf:
+        queues = [state.queue(s) for s in STAGES]
+        own = queues[STAGES.index(stage)]
+        if not own:
+            return None  # its head would be infinitely late
+        heads = [min([r.arrival_s for r in q]) if q else math.inf for q in queues]
+        if heads[2] < math.inf and not prefill_head_fits(state):
+            heads[1] = math.inf  # decode must free blocks first
+        first = 0  # the earliest head; ties go to the earlier stage in STAGES
+        for i in (1, 2):
+            if heads[i] < heads[first]:
+                first = i
+        if STAGES[first] is not stage:
             return None
-        plan = _plan(stage, state, self.limits)
-        if plan is None:
-            return None
-        by_arrival = tuple(r.request_id for r in sorted(state.queue(stage), key=lambda r: r.arrival_s))
-        return BatchPlan(stage, by_arrival, plan.max_requests, plan.max_tokens, plan.max_images)
+        by_arrival = tuple([r.request_id for r in sorted(own, key=_arrival_s)])
+        limits = self.limits
+        if stage is Stage.VISION:
+            return BatchPlan(stage, by_arrival, max_images=limits.max_vision_images)
+        if stage is Stage.PREFILL:
+            return BatchPlan(stage, by_arrival, limits.max_num_seqs, limits.max_prefill_tokens)
+        return BatchPlan(stage, by_arrival, limits.max_num_seqs)
+
+
+def _arrival_s(req: Request) -> float:
+    return req.arrival_s

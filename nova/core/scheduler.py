@@ -55,6 +55,7 @@ class SchedulerState:
     in_flight: dict[str, Stage] = field(default_factory=dict)
     partition: Partition = field(default_factory=Partition.shared)
     num_preemptions: int = 0
+    num_added: int = 0  # requests ever added (the newest are the last ``requests`` entries)
 
     def set_status(self, req: Request, status: RequestStatus) -> None:
         old = self.by_status.get(req.status)
@@ -69,15 +70,28 @@ class SchedulerState:
         """Requests waiting for ``stage`` and not inside a running batch, in the order they
         entered that stage (arrival order, except that a preempted request re-enters prefill
         later; policies rank with ``service_order_key`` anyway)."""
-        return [r for r in self.by_status[_WAITING_STATUS[stage]].values()
-                if r.request_id not in self.in_flight]
+        index = self.by_status[_WAITING_STATUS[stage]]
+        in_flight = self.in_flight
+        if not in_flight:
+            return list(index.values())
+        return [r for rid, r in index.items() if rid not in in_flight]
+
+    def num_waiting(self, stage: Stage) -> int:
+        """``len(queue(stage))`` without building the list."""
+        index = self.by_status[_WAITING_STATUS[stage]]
+        in_flight = self.in_flight
+        if not in_flight:
+            return len(index)
+        return sum([1 for rid in index if rid not in in_flight])
 
     def num_in_stage(self, stage: Stage) -> int:
         """Waiting for or running in ``stage``."""
         return len(self.by_status[_WAITING_STATUS[stage]])
 
     def any_running(self) -> bool:
-        return any(b is not None for b in self.running.values())
+        running = self.running
+        return (running[Stage.VISION] is not None or running[Stage.PREFILL] is not None
+                or running[Stage.DECODE] is not None)
 
 
 class Scheduler:
@@ -110,6 +124,7 @@ class Scheduler:
         req.arrival_s = now_s
         req.times.arrival_s = now_s
         self.state.requests[req.request_id] = req
+        self.state.num_added += 1
         self.state.set_status(
             req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL)
 
@@ -156,42 +171,51 @@ class Scheduler:
     # -- batches ---------------------------------------------------------------------------
     def schedule(self, stage: Stage, now_s: float) -> Batch | None:
         """The next batch for ``stage`` (None if it is busy or the policy/memory says wait)."""
-        if self.state.running[stage] is not None:
+        state = self.state
+        if state.running[stage] is not None:
             return None
-        plan = self.policy.next_batch(stage, self.state, now_s)
+        plan = self.policy.next_batch(stage, state, now_s)
         if plan is None:
             return None
         if plan.stage is not stage:
             raise ValueError(f"policy {self.policy.name} planned {plan.stage} for stage {stage}")
-        if stage is Stage.VISION:
+        if stage is Stage.DECODE:
+            items = self._admit_decode(plan, plan.request_ids)
+        elif stage is Stage.VISION:
             items = self._admit_vision(plan)
-        elif stage is Stage.PREFILL:
+        else:
             items = self._admit_decode(plan, plan.decode_ids) if plan.decode_ids else []
             items += self._admit_prefill(plan, num_tokens=len(items))
-        else:
-            items = self._admit_decode(plan, plan.request_ids)
         if not items:
             return None
-        self.state.partition = self.policy.partition(self.state, now_s)
-        batch = Batch(self._next_batch_id, stage, tuple(items), self.state.partition, now_s)
+        state.partition = partition = self.policy.partition(state, now_s)
+        batch = Batch(self._next_batch_id, stage, tuple(items), partition, now_s)
         self._next_batch_id += 1
-        for it in items:
-            self.state.in_flight[it.request_id] = stage
-            times = self.state.requests[it.request_id].times
-            if stage is Stage.VISION and times.vision_start_s is None:
-                times.vision_start_s = now_s
-            elif stage is Stage.PREFILL and times.prefill_start_s is None:
-                times.prefill_start_s = now_s
-        self.state.running[stage] = batch
+        in_flight = state.in_flight
+        if stage is Stage.DECODE:
+            for it in items:
+                in_flight[it.request_id] = stage
+        else:
+            requests = state.requests
+            for it in items:
+                in_flight[it.request_id] = stage
+                times = requests[it.request_id].times
+                if stage is Stage.VISION and times.vision_start_s is None:
+                    times.vision_start_s = now_s
+                elif stage is Stage.PREFILL and times.prefill_start_s is None:
+                    times.prefill_start_s = now_s
+        state.running[stage] = batch
         return batch
 
     def _candidates(self, plan: BatchPlan, ids: tuple[str, ...] | None = None,
                     stage: Stage | None = None) -> list[Request]:
         status = _WAITING_STATUS[stage or plan.stage]
+        get = self.state.requests.get
+        in_flight = self.state.in_flight
         out = []
         for rid in plan.request_ids if ids is None else ids:
-            req = self.state.requests.get(rid)
-            if req is not None and req.status is status and rid not in self.state.in_flight:
+            req = get(rid)
+            if req is not None and req.status is status and rid not in in_flight:
                 out.append(req)
         return out
 
@@ -248,25 +272,30 @@ class Scheduler:
         cands = self._candidates(plan, ids, Stage.DECODE)
         if plan.max_requests is not None:
             cands = cands[: plan.max_requests]
-        chosen = {r.request_id for r in cands}
+        chosen = cands[:]
         # Victims: decoding requests outside this step first, then the lowest-ranked candidates.
-        others = [r for r in self.state.queue(Stage.DECODE) if r.request_id not in chosen]
+        # Built when first needed: until a preemption nothing changes the decode queue.
+        others: list[Request] | None = None
         items: list[BatchItem] = []
         while cands:
             req = cands.pop(0)
-            while not bm.can_allocate(req.request_id, req.num_tokens):
-                victims = others or cands
-                if not victims:
-                    break
-                self._preempt(victims.pop())
-            if not bm.can_allocate(req.request_id, req.num_tokens):
-                self._preempt(req)
-                continue
-            bm.grow(req.request_id, req.num_tokens)
-            items.append(BatchItem(
-                req.request_id, (req.output_token_ids[-1],), req.num_tokens - 1,
-                tuple(bm.block_table(req.request_id)),
-            ))
+            rid = req.request_id
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            if not bm.can_allocate(rid, num_tokens):
+                if others is None:
+                    ids_chosen = {r.request_id for r in chosen}
+                    others = [r for r in self.state.queue(Stage.DECODE) if r.request_id not in ids_chosen]
+                while not bm.can_allocate(rid, num_tokens):
+                    victims = others or cands
+                    if not victims:
+                        break
+                    self._preempt(victims.pop())
+                if not bm.can_allocate(rid, num_tokens):
+                    self._preempt(req)
+                    continue
+            bm.grow(rid, num_tokens)
+            items.append(BatchItem(rid, (req.output_token_ids[-1],), num_tokens - 1,
+                                   tuple(bm.block_table(rid))))
         return items
 
     def _free_partial_prefills_for(self, head: Request, num_tokens: int) -> None:
@@ -289,20 +318,22 @@ class Scheduler:
     def complete(self, result: StageResult, now_s: float) -> list[RequestEvent]:
         """Apply a finished batch; returns one event per request that produced output or ended."""
         batch = result.batch
-        if self.state.running[batch.stage] is not batch:
+        state = self.state
+        if state.running[batch.stage] is not batch:
             raise ValueError(f"batch {batch.batch_id} is not the running {batch.stage.value} batch")
-        self.state.running[batch.stage] = None
+        state.running[batch.stage] = None
         events: list[RequestEvent] = []
+        in_flight, requests, aborted, failed = state.in_flight, state.requests, self._abort_in_flight, result.failed
         for item in batch.items:
             rid = item.request_id
-            self.state.in_flight.pop(rid, None)
-            if rid in self._abort_in_flight:
-                self._abort_in_flight.discard(rid)
+            in_flight.pop(rid, None)
+            if aborted and rid in aborted:
+                aborted.discard(rid)
                 self.block_manager.free(rid)
                 continue
-            req = self.state.requests[rid]
-            if rid in result.failed:
-                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=result.failed[rid])
+            req = requests[rid]
+            if failed and rid in failed:
+                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=failed[rid])
                 events.append(RequestEvent(rid, (), True, "error", req.error))
                 continue
             if batch.stage is Stage.VISION:
@@ -326,15 +357,21 @@ class Scheduler:
         self, req: Request, item: BatchItem, token: int, stage: Stage, end_s: float
     ) -> RequestEvent:
         req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
-        if stage is Stage.PREFILL and req.times.prefill_end_s is None:
-            req.times.prefill_end_s = end_s
+        times = req.times
+        if stage is Stage.PREFILL and times.prefill_end_s is None:
+            times.prefill_end_s = end_s
         req.output_token_ids.append(token)
-        req.times.token_s.append(end_s)
+        times.token_s.append(end_s)
         reason = self._stop_reason(req, token)
         if reason is not None:
             self._finish(req, RequestStatus.FINISHED, reason, end_s)
             return RequestEvent(req.request_id, (token,), True, reason)
-        self.state.set_status(req, RequestStatus.DECODING)
+        if req.status is RequestStatus.DECODING:  # = set_status(req, DECODING): to the end
+            index = self.state.by_status[RequestStatus.DECODING]
+            index.pop(req.request_id, None)
+            index[req.request_id] = req
+        else:
+            self.state.set_status(req, RequestStatus.DECODING)
         return RequestEvent(req.request_id, (token,), False)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:

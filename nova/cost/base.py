@@ -79,6 +79,20 @@ class StageWork:
         return cls(Stage.DECODE, new_tokens=(1,) * len(ctx), context_lens=ctx)
 
     @classmethod
+    def trusted(cls, stage: Stage, num_images: int = 0, new_tokens: tuple[int, ...] = (),
+                context_lens: tuple[int, ...] = ()) -> StageWork:
+        """No conversion or validation: for callers whose values are valid by construction
+        (the simulator, from batches the scheduler built: ints, ``1 <= new <= context``).
+        Equal to (and hashes like) the checked constructor's result for the same values."""
+        work = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(work, "stage", stage)
+        setattr_(work, "num_images", num_images)
+        setattr_(work, "new_tokens", new_tokens)
+        setattr_(work, "context_lens", context_lens)
+        return work
+
+    @classmethod
     def from_batch(cls, batch: Batch) -> StageWork:
         if batch.stage is Stage.VISION:
             return cls(Stage.VISION, num_images=batch.num_images)
@@ -100,6 +114,23 @@ class StageWork:
     @property
     def mean_context_len(self) -> float:
         return sum(self.context_lens) / len(self.context_lens) if self.context_lens else 0.0
+
+    def totals_key(self) -> tuple:
+        """The batch's shape as totals: ``(stage, num_images)`` for vision, else ``(stage,
+        num_seqs, total new tokens, total context, total causal (query, key) pairs)``.
+
+        Both shipped cost models depend on a work only through these (roofline: FLOPs and bytes
+        are sums over sequences; profiled: the table axes), so batches with equal keys take
+        equal times: a cheap, exact memo key (the simulator's cost cache uses it). All ints,
+        so the key does not depend on the order of the sequences."""
+        if self.stage is Stage.VISION:
+            return (self.stage, self.num_images)
+        new, ctx = self.new_tokens, self.context_lens
+        total_ctx = sum(ctx)
+        if new.count(1) == len(new):  # one new token each (decode): pairs = context
+            return (self.stage, len(new), len(new), total_ctx, total_ctx)
+        pairs = sum([n * (c - n) + n * (n + 1) // 2 for n, c in zip(new, ctx)])
+        return (self.stage, len(new), sum(new), total_ctx, pairs)
 
     @property
     def cached_tokens(self) -> tuple[int, ...]:

@@ -317,6 +317,12 @@ class ProfiledCostModel:
     def stages(self) -> tuple[Stage, ...]:
         return tuple(self.tables)
 
+    @staticmethod
+    def shape_key(work: StageWork) -> tuple:
+        """What ``time_s`` depends on in ``work``: the table coordinates are functions of its
+        totals (``StageWork.totals_key``), so equal keys give equal times (a memo key)."""
+        return work.totals_key()
+
     def solo_time_s(self, work: StageWork, sm_share: float = 1.0) -> float:
         table = self.tables.get(work.stage)
         if table is None:

@@ -180,8 +180,8 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
-    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo")
-    _MEMO_MAX = 200_000  # entries; StageWork is frozen, so its FLOPs/bytes/solo terms memoize
+    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s")
+    _MEMO_MAX = 200_000  # entries: FLOPs/bytes/solo terms per shape (``shape_key``)
 
     def __init__(self, gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
                  *, offload_vision_weights: bool = False) -> None:
@@ -189,6 +189,7 @@ class RooflineCostModel:
         self._gpu = get_gpu(gpu)
         self.model = get_model_spec(model)
         self.calib = calib or Calibration()
+        self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
@@ -209,15 +210,23 @@ class RooflineCostModel:
             value = self._memo[key] = compute()
         return value
 
-    def flops(self, work: StageWork) -> float:
-        if work.stage is Stage.VISION:
-            return self._memoized(("flops", work), lambda: self.model.vision_flops(work.num_images))
-        return self._memoized(("flops", work), lambda: self.model.llm_flops(work.new_tokens, work.context_lens))
+    @staticmethod
+    def shape_key(work: StageWork) -> tuple:
+        """What ``time_s`` depends on in ``work``: its totals (``StageWork.totals_key``; FLOPs
+        and bytes are sums over the sequences). Equal keys, equal times: an exact memo key."""
+        return work.totals_key()
 
-    def bytes(self, work: StageWork) -> float:
+    def flops(self, work: StageWork, key: tuple | None = None) -> float:
+        key = ("flops", key or work.totals_key())
         if work.stage is Stage.VISION:
-            return self._memoized(("bytes", work), lambda: self.model.vision_bytes(work.num_images))
-        return self._memoized(("bytes", work), lambda: self.model.llm_bytes(work.new_tokens, work.context_lens))
+            return self._memoized(key, lambda: self.model.vision_flops(work.num_images))
+        return self._memoized(key, lambda: self.model.llm_flops(work.new_tokens, work.context_lens))
+
+    def bytes(self, work: StageWork, key: tuple | None = None) -> float:
+        key = ("bytes", key or work.totals_key())
+        if work.stage is Stage.VISION:
+            return self._memoized(key, lambda: self.model.vision_bytes(work.num_images))
+        return self._memoized(key, lambda: self.model.llm_bytes(work.new_tokens, work.context_lens))
 
     # -- solo ----------------------------------------------------------------------------------
     def attainable_bw_bytes_per_s(self, share: float) -> float:
@@ -225,24 +234,36 @@ class RooflineCostModel:
         c = self.calib
         return self._gpu.hbm_bytes_per_s * c.bw_eff * min(1.0, share / c.bw_saturation_share)
 
-    def solo(self, work: StageWork, share: float) -> Solo:
-        """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here)."""
-        return self._memoized(("solo", work, share), lambda: self._solo(work, share))
+    def solo(self, work: StageWork, share: float, key: tuple | None = None) -> Solo:
+        """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here).
+        ``key``: ``shape_key(work)`` if the caller has it."""
+        key = key or work.totals_key()
+        solo = self._memo.get(("solo", key, share))
+        if solo is None:
+            solo = self._memoized(("solo", key, share), lambda: self._solo(work, share, key))
+        return solo
 
-    def _solo(self, work: StageWork, share: float) -> Solo:
+    def _solo(self, work: StageWork, share: float, key: tuple) -> Solo:
         c, g = self.calib, self._gpu
-        nbytes = self.bytes(work)
-        compute_s = self.flops(work) / (g.peak_flops * share * c.mfu(work.stage))
+        nbytes = self.bytes(work, key)
+        compute_s = self.flops(work, key) / (g.peak_flops * share * c.mfu(work.stage))
         memory_s = nbytes / self.attainable_bw_bytes_per_s(share)
         pcie_s = 0.0
         if self.offload_vision_weights and work.stage is Stage.VISION:
             pcie_s = self.model.vision_params() * self.model.bytes_per_param / (g.pcie_bytes_per_s * c.pcie_eff)
         return Solo(compute_s, memory_s, pcie_s, nbytes, share)
 
-    def _sm_demand(self, work: StageWork, share: float) -> float:
+    def _granted_share(self, share: float) -> float:
+        """``GpuSpec.granted_share``, memoized (it validates the share on the first call)."""
+        granted = self._memo.get(("granted", share))
+        if granted is None:
+            granted = self._memoized(("granted", share), lambda: self._gpu.granted_share(share))
+        return granted
+
+    def _sm_demand(self, work: StageWork, share: float, key: tuple | None = None) -> float:
         """SM share a batch keeps busy when it may use ``share``: all of it if compute-bound,
         else what it needs to reach its bandwidth (>= ``bw_saturation_share``)."""
-        s = self.solo(work, share)
+        s = self.solo(work, share, key)
         if s.compute_s >= s.memory_s:
             return share
         return min(share, max(self.calib.bw_saturation_share, share * s.compute_s / s.memory_s))
@@ -250,23 +271,39 @@ class RooflineCostModel:
     # -- the CostModel interface ---------------------------------------------------------------
     def time_s(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
                isolated: bool = True) -> float:
-        return self.breakdown(work, sm_share, co_running, isolated).time_s
+        if co_running:
+            return self._terms(work, sm_share, co_running, isolated)[0]
+        # Alone: memoized per shape and share (the same float ``breakdown`` computes).
+        key = ("time", work.totals_key(), sm_share)
+        time_s = self._memo.get(key)
+        if time_s is None:
+            time_s = self._memoized(key, lambda: self._terms(work, sm_share, (), isolated)[0])
+        return time_s
 
     def breakdown(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
                   isolated: bool = True) -> Breakdown:
+        return Breakdown(*self._terms(work, sm_share, co_running, isolated))
+
+    def _terms(self, work: StageWork, sm_share: float, co_running: CoRunning,
+               isolated: bool) -> tuple[float, float, float, float, float, float, float]:
+        """``Breakdown``'s fields, in order (a tuple: ``time_s`` needs only the first)."""
         c, g = self.calib, self._gpu
-        works = [work] + [w for w, _ in co_running]
-        for _, s in co_running:
-            check_share(s)
-        shares = [g.granted_share(sm_share)] + [g.granted_share(s) for _, s in co_running]
+        if co_running:
+            works = [work] + [w for w, _ in co_running]
+            keys = [w.totals_key() for w in works]
+            for _, s in co_running:
+                check_share(s)
+            shares = [self._granted_share(sm_share)] + [self._granted_share(s) for _, s in co_running]
+        else:
+            works, keys, shares = [work], [work.totals_key()], [self._granted_share(sm_share)]
         contention = 1.0
         if not isolated and co_running:
-            demands = [self._sm_demand(w, s) for w, s in zip(works, shares)]
+            demands = [self._sm_demand(w, s, k) for w, s, k in zip(works, shares, keys)]
             total = sum(demands)
             if total > 1.0:
                 shares = [d / total for d in demands]
             contention = 1.0 + c.multistream_overhead
-        solos = [self.solo(w, s) for w, s in zip(works, shares)]
+        solos = [self.solo(w, s, k) for w, s, k in zip(works, shares, keys)]
         me = solos[0]
         compute_s, memory_s = me.compute_s, me.memory_s
         if co_running:
@@ -279,9 +316,8 @@ class RooflineCostModel:
             compute_s *= 1.0 + c.hbm_contention_penalty * others_load
         busy_s = max(compute_s, memory_s, me.pcie_s) * contention
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
-        overhead_s = c.overhead_s(work.stage) + startup_s
-        return Breakdown(busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s,
-                         shares[0], contention)
+        overhead_s = self._overhead_s[work.stage] + startup_s
+        return (busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s, shares[0], contention)
 
 
 @register_cost_model("roofline")

@@ -21,12 +21,14 @@ from typing import Any, Protocol
 
 from nova.core.block_manager import BlockManager
 from nova.core.policy import Policy
-from nova.core.scheduler import Scheduler
+from nova.core.scheduler import _WAITING_STATUS, Scheduler
 from nova.sampling_params import SamplingParams
 from nova.types import STAGES, Batch, ImageInput, Request, Stage, StageResult
 
 SIM_TOKEN = 1  # placeholder token id of simulated outputs
 _EPS = 1e-9
+_COST_CACHE_MAX = 200_000  # memoized cost-model answers kept (cleared when full)
+_UNCACHED = object()  # memo key of a work that cannot be cached
 
 
 class CostModelLike(Protocol):
@@ -47,6 +49,9 @@ class _Running:
     work: Any
     remaining: float = 1.0  # fraction of the batch's work still to do
     rate: float = 0.0  # fraction per second at the current co-running set
+    share: float = 1.0  # its own SM share (the partition it started with)
+    isolated: bool = True  # SM-partitioned (not the ``shared`` multi-stream partition)
+    key: Any = None  # the work's cost-memo key (fast path)
 
 
 @dataclass(slots=True)
@@ -104,12 +109,17 @@ class Simulator:
         max_model_len: int | None = None,
         work_fn: Any = work_of,
         check_invariants: bool = False,
+        reference: bool = False,
     ) -> None:
         self.scheduler = Scheduler(policy, BlockManager(num_kv_blocks, block_size), (), max_model_len)
         self.cost = cost_model
         self.image_tokens = image_tokens
         self.work_fn = work_fn
         self.check_invariants = check_invariants  # KV integrity after every event (tests)
+        # reference=True: the straightforward loop (every idle stage asked after every event,
+        # every rate recomputed from the cost model); the default fast loop must decide the same.
+        self.reference = reference
+        self._cost_cache: dict[tuple, float] = {}
         self._seq = itertools.count()
 
     def _make_request(self, a: SimArrival) -> Request:
@@ -127,7 +137,12 @@ class Simulator:
             r.rate = 1.0 / max(duration, 1e-9)
 
     def run(self, arrivals: Sequence[SimArrival], max_time_s: float = math.inf) -> SimResult:
-        sched = self.scheduler
+        """Simulate ``arrivals`` until every request is done (or ``max_time_s``)."""
+        if self.reference:
+            return self._run_reference(arrivals, max_time_s)
+        return self._run_fast(arrivals, max_time_s)
+
+    def _sessions(self, arrivals: Sequence[SimArrival]) -> tuple[list, dict[str, list[SimArrival]]]:
         heap: list[tuple[float, int, SimArrival]] = []
         by_session: dict[str, list[SimArrival]] = {}
         for a in arrivals:
@@ -137,6 +152,14 @@ class Simulator:
                 raise ValueError(f"{a.request_id}: a request without arrival time needs a session")
             if a.session_id is not None and a.arrival_s is None:
                 by_session.setdefault(a.session_id, []).append(a)
+        return heap, by_session
+
+    def _run_reference(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
+        """The straightforward event loop: after every event, ask every idle stage for a batch
+        and recompute every running batch's rate from the cost model. ``_run_fast`` must make
+        exactly the same decisions (``tests/test_simulator.py`` compares them)."""
+        sched = self.scheduler
+        heap, by_session = self._sessions(arrivals)
         session_of: dict[str, str] = {a.request_id: a.session_id for a in arrivals if a.session_id}
         requests: list[Request] = []
         records: list[BatchRecord] = []
@@ -189,6 +212,153 @@ class Simulator:
                 requests.append(req)
         return SimResult(requests, records, t, sched.state.num_preemptions)
 
+    # -- the fast path -------------------------------------------------------------------------
+    def _duration_s(self, r: _Running, others: tuple, key: tuple) -> float:
+        """``cost.time_s`` for ``r`` beside ``others`` ((work, share) pairs), memoized on
+        ``key`` (the shapes, shares and mode: cost models are pure functions of them)."""
+        duration = self._cost_cache.get(key)
+        if duration is None:
+            if len(self._cost_cache) >= _COST_CACHE_MAX:
+                self._cost_cache.clear()
+            duration = self.cost.time_s(r.work, r.share, list(others), r.isolated)
+            if key is not _UNCACHED:
+                self._cost_cache[key] = duration
+        return duration
+
+    def _fast_rates(self, running: dict[Stage, _Running]) -> None:
+        """``_update_rates`` with memoized durations (same floats, so the same schedule)."""
+        if len(running) == 1:
+            for r in running.values():
+                key = (r.key, r.share, (), r.isolated) if r.key is not _UNCACHED else _UNCACHED
+                r.rate = 1.0 / max(self._duration_s(r, (), key), 1e-9)
+            return
+        for stage, r in running.items():
+            others = [o for s, o in running.items() if s is not stage]
+            if r.key is _UNCACHED or any(o.key is _UNCACHED for o in others):
+                key = _UNCACHED
+            else:
+                key = (r.key, r.share, tuple([(o.key, o.share) for o in others]), r.isolated)
+            r.rate = 1.0 / max(self._duration_s(r, tuple([(o.work, o.share) for o in others]), key), 1e-9)
+
+    def _shape_key_fn(self) -> Any:
+        """work -> memo key: the cost model's ``shape_key`` if it has one, else the work itself
+        if hashable; works that are neither are not cached."""
+        shape_key = getattr(self.cost, "shape_key", None)
+        if shape_key is not None:
+            return shape_key
+
+        def key(work: Any) -> Any:
+            try:
+                hash(work)
+            except TypeError:
+                return _UNCACHED
+            return work
+
+        return key
+
+    def _run_fast(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
+        sched = self.scheduler
+        schedule, complete = sched.schedule, sched.complete
+        heap, by_session = self._sessions(arrivals)
+        session_of: dict[str, str] = {a.request_id: a.session_id for a in arrivals if a.session_id}
+        requests: list[Request] = []
+        records: list[BatchRecord] = []
+        running: dict[Stage, _Running] = {}
+        work_fn = _fast_work if self.work_fn is work_of else self.work_fn
+        shape_key = self._shape_key_fn()
+        check = self.check_invariants
+        vision = Stage.VISION
+        inf = math.inf
+        t = 0.0
+        changed = False  # the running set changed since the rates were computed
+        # Stages that cannot get a batch are not asked (the policy's declarations): none while
+        # a time-sliced policy runs a batch; none for a stage no live request waits for.
+        sliced = sched.policy.one_batch_at_a_time
+        waiting = ([(stage, sched.state.by_status[_WAITING_STATUS[stage]]) for stage in STAGES]
+                   if sched.policy.idle_without_queue else [(stage, True) for stage in STAGES])
+        while True:
+            started = changed
+            for stage, queue in waiting:
+                if stage in running:
+                    continue
+                if sliced and running:
+                    break
+                if queue:
+                    batch = schedule(stage, t)
+                    if batch is not None:
+                        part = batch.partition
+                        work = work_fn(batch)
+                        running[stage] = _Running(batch, work, share=part.share(stage),
+                                                  isolated=part.name != "shared", key=shape_key(work))
+                        started = True
+            if started:
+                self._fast_rates(running)
+            changed = False
+            next_done = inf
+            for r in running.values():
+                done_s = t + r.remaining / r.rate
+                if done_s < next_done:
+                    next_done = done_s
+            next_arrival = heap[0][0] if heap else inf
+            t_next = next_done if next_done < next_arrival else next_arrival
+            if t_next == inf:
+                if sched.has_unfinished():
+                    raise RuntimeError(
+                        f"simulation stalled at t={t:.3f}s: {len(sched.state.requests)} requests "
+                        f"left but the policy schedules nothing")
+                break
+            if t_next > max_time_s:
+                break
+            dt = t_next - t
+            finished = None
+            for stage, r in running.items():
+                r.remaining -= r.rate * dt
+                if r.remaining <= 1e-9:
+                    if finished is None:
+                        finished = [stage]
+                    else:
+                        finished.append(stage)
+            t = t_next
+            if finished is not None:
+                changed = True
+                for stage in finished:
+                    r = running.pop(stage)
+                    batch = r.batch
+                    items = batch.items
+                    tokens = {} if stage is vision else {it.request_id: SIM_TOKEN for it in items if it.sample}
+                    events = complete(StageResult(batch, t, tokens), t)
+                    records.append(BatchRecord(stage, batch.start_s, t,
+                                               tuple([it.request_id for it in items]), r.share))
+                    if by_session:
+                        for ev in events:
+                            sid = session_of.get(ev.request_id)
+                            if ev.finished and sid in by_session and by_session[sid]:
+                                nxt = by_session[sid].pop(0)
+                                heapq.heappush(heap, (t + nxt.think_time_s, next(self._seq), nxt))
+            if check:
+                sched.block_manager.check_integrity()
+            while heap and heap[0][0] <= t + _EPS:
+                _, _, a = heapq.heappop(heap)
+                req = self._make_request(a)
+                sched.add_request(req, max(t, a.arrival_s if a.arrival_s is not None else t))
+                requests.append(req)
+        return SimResult(requests, records, t, sched.state.num_preemptions)
+
+
+def _fast_work(batch: Batch) -> Any:
+    """``work_of`` without re-validating what the scheduler built (same ``StageWork``)."""
+    from nova.cost.base import StageWork
+
+    stage = batch.stage
+    items = batch.items
+    if stage is Stage.VISION:
+        return StageWork.trusted(stage, num_images=sum([it.num_images for it in items]))
+    if stage is Stage.DECODE:
+        return StageWork.trusted(stage, 0, (1,) * len(items),
+                                 tuple([it.num_cached_tokens + 1 for it in items]))
+    new = tuple([len(it.token_ids) for it in items])
+    return StageWork.trusted(stage, 0, new, tuple([it.num_cached_tokens + n for it, n in zip(items, new)]))
+
 
 @dataclass(slots=True)
 class FixedCostModel:
@@ -200,3 +370,8 @@ class FixedCostModel:
     def time_s(self, work: Any, sm_share: float, co_running: Sequence[tuple[Any, float]] = (),
                isolated: bool = True) -> float:
         return self.durations_s[work.stage]
+
+    @staticmethod
+    def shape_key(work: Any) -> Any:
+        """The duration depends on the stage only."""
+        return work.stage
