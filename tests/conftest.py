@@ -122,3 +122,13 @@ def save_tiny_qwen_vl(path: Path, kind: str) -> Path:
 def tiny_qwen_vl_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-qwen-vl")
     return {k: save_tiny_qwen_vl(root / k, k) for k in ("qwen2-vl", "qwen2.5-vl")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason shown, on a machine without."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
