@@ -4,7 +4,9 @@ Parameter names equal those of ``transformers``' ``LlamaForCausalLM`` / ``Qwen2F
 (``model.layers.N.self_attn.q_proj.weight`` ...), so their checkpoints load unchanged.
 Differences between the family members are config fields: Qwen2 has biases on q/k/v,
 Llama-3.1 uses ``llama3`` RoPE scaling (inverse frequencies come from ``transformers``' own
-RoPE init functions, so every rope type they know is supported).
+RoPE init functions, so every rope type they know is supported). The Qwen2-VL / Qwen2.5-VL
+text models are Qwen2 with M-RoPE: given ``[3, T]`` positions (temporal, height, width) the
+rotary frequencies are split by ``mrope_section`` and section i uses row i (docs/models.md).
 
 The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences at once; see
 ``nova.runtime.forward_batch``.
