@@ -393,3 +393,17 @@ def test_gui_workload_image_tokens_follow_screenshot_resolution():
 
     with pytest.raises(ValueError, match="aspect ratio"):
         image_tokens_for(qwen, ImageSpec(5000, 10))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_weight_streaming_gives_identical_embeddings(tiny_qwen_vl_dirs, kind):
+    from nova.gpu.offload import stream_vision_layers
+
+    loaded = load_model(tiny_qwen_vl_dirs[kind])
+    proc = InputProcessor(loaded)
+    batches = [proc.pixel_values([_image(130, 200, 5), _image(90, 45, 6)]), proc.pixel_values([_image(60, 60, 7)])]
+    ref = [loaded.model.encode_images(b) for b in batches]
+    streamer = stream_vision_layers(loaded.model.vision, 1, torch.device("cpu"))
+    assert streamer is not None and streamer.stats.num_slots == 1
+    for b, expected in zip(batches, ref):
+        assert torch.equal(loaded.model.encode_images(b), expected)

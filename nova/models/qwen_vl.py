@@ -50,6 +50,11 @@ class QwenVLVision(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.patch_embed.proj.weight.dtype
 
+    def streamable_layers(self) -> nn.ModuleList:
+        """The identically shaped ViT blocks, for vision-weight streaming (``nova.gpu.offload``);
+        Qwen2.5-VL's window and full-attention blocks differ only in what they are called with."""
+        return self.visual.blocks
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         out = self.visual(pixel_values.to(self.dtype), grid_thw=grid_thw)
         return out.pooler_output
