@@ -5,13 +5,16 @@ Real: the demo model in the engine (three concurrent worker threads) on this mac
 submitted at their Poisson arrival times. Simulated: the same arrivals and prompt sizes through
 the simulator, with the cost model profiled on this CPU (``nova/cost/profiles/demo-cpu.json``,
 made by ``nova profile``; the workload's seed differs from anything used to profile).
-Reports mean and p99 end-to-end latency of both and the relative error, per policy.
+Reports mean and p99 end-to-end latency of both and the relative error, per policy and real
+run (``--repeats``), with the 1-minute load average around each real run: the 2 cores are
+shared with other jobs, and a run under load is slower than the profile (taken when quiet).
 Writes benchmarks/results/sim_vs_real_cpu.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rate-rps", type=float, default=0.5)
     ap.add_argument("--policies", nargs="+", default=["sequential", "multi_stream"])
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--repeats", type=int, default=1, help="real runs per policy (each reported)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
@@ -69,33 +73,45 @@ def main() -> None:
             msgs = chat_messages(w.instruction, num_images=len(w.images))
             images = [make_screenshot(w.seed, im.width // 4, im.height // 4) for im in w.images]
             prompts.append(proc.from_chat(msgs, images))
-        real = run_real(nova, wl, prompts)
         arrivals = [SimArrival(w.request_id, w.arrival_s, len(p.token_ids) - p.num_images * proc.num_image_tokens,
                                p.num_images, w.max_tokens) for w, p in zip(wl.requests, prompts)]
         exp = Experiment("cpu", "", gpu="cpu", model="demo", rates_rps=(args.rate_rps,), num_requests=args.num_requests)
         sim = Simulator(build_policy(policy, exp, cost, None), cost, 1024, 16, proc.num_image_tokens).run(arrivals)
-        r_sum = summarize([request_metrics(r) for r in real])
         s_sum = summarize([request_metrics(r) for r in sim.requests])
-        row = {"policy": policy, "num_requests": args.num_requests, "rate_rps": args.rate_rps,
-               "real_mean_e2e_s": r_sum.e2e.mean, "sim_mean_e2e_s": s_sum.e2e.mean,
-               "real_p99_e2e_s": r_sum.e2e.p99, "sim_p99_e2e_s": s_sum.e2e.p99,
-               "real_mean_ttft_s": r_sum.ttft.mean, "sim_mean_ttft_s": s_sum.ttft.mean}
-        row["mean_error"] = s_sum.e2e.mean / r_sum.e2e.mean - 1.0
-        row["p99_error"] = s_sum.e2e.p99 / r_sum.e2e.p99 - 1.0
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for run in range(args.repeats):
+            if run:  # a fresh engine (and scheduler) on the same loaded model
+                nova = NovaEngine(EngineConfig(model="demo", policy=policy, num_kv_blocks=1024), loaded=loaded)
+            load_before = round(os.getloadavg()[0], 2)
+            real = run_real(nova, wl, prompts)
+            load_after = round(os.getloadavg()[0], 2)
+            r_sum = summarize([request_metrics(r) for r in real])
+            row = {"policy": policy, "run": run, "num_requests": args.num_requests, "rate_rps": args.rate_rps,
+                   "loadavg_1min_before_after": [load_before, load_after],
+                   "real_mean_e2e_s": r_sum.e2e.mean, "sim_mean_e2e_s": s_sum.e2e.mean,
+                   "real_p99_e2e_s": r_sum.e2e.p99, "sim_p99_e2e_s": s_sum.e2e.p99,
+                   "real_mean_ttft_s": r_sum.ttft.mean, "sim_mean_ttft_s": s_sum.ttft.mean}
+            row["mean_error"] = s_sum.e2e.mean / r_sum.e2e.mean - 1.0
+            row["p99_error"] = s_sum.e2e.p99 / r_sum.e2e.p99 - 1.0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = cost.metadata
     report = {"benchmark": "sim_vs_real", "model": "demo", "profile": PROFILE.name,
+              "profile_metadata": {k: meta.get(k) for k in ("date", "timed", "statistic", "passes",
+                                                             "repeats", "loadavg_1min")},
               "workload": f"poisson {args.rate_rps} req/s, {args.num_requests} requests, seed {args.seed}, "
                           "16-32 output tokens, one screenshot each",
               "machine": machine(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sim_vs_real_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Simulator vs real engine (CPU, demo model)", "", f"Machine: {report['machine']}", "",
-             f"Workload: {report['workload']}. Cost model: profiled on this CPU ({PROFILE.name}).", "",
-             "| policy | real mean s | sim mean s | error | real p99 s | sim p99 s | error |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"Workload: {report['workload']}. Cost model: profiled on this CPU ({PROFILE.name}, "
+             f"{meta.get('date')}, {meta.get('statistic')}, timed: {meta.get('timed')}, "
+             f"load during profiling {meta.get('loadavg_1min')}).", "",
+             "| policy | run | load before/after | real mean s | sim mean s | error | real p99 s | sim p99 s | error |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['real_mean_e2e_s']:.2f} | {r['sim_mean_e2e_s']:.2f} | "
+        load = "/".join(map(str, r["loadavg_1min_before_after"]))
+        lines.append(f"| {r['policy']} | {r['run']} | {load} | {r['real_mean_e2e_s']:.2f} | {r['sim_mean_e2e_s']:.2f} | "
                      f"{100 * r['mean_error']:+.1f}% | {r['real_p99_e2e_s']:.2f} | {r['sim_p99_e2e_s']:.2f} | "
                      f"{100 * r['p99_error']:+.1f}% |")
     (args.out / "sim_vs_real_cpu.md").write_text("\n".join(lines) + "\n")

@@ -436,3 +436,47 @@ def test_profile_subcommand_parser():
     add_profile_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["profile", "--model", "demo", "--quick", "--out", "x.json"])
     assert args.quick and args.model == "demo" and args.device == "cpu" and callable(args.func)
+
+
+def test_totals_key_is_an_exact_memo_key_for_both_cost_models(a6000):
+    """Batches with equal ``totals_key`` (same totals, sequences reordered or regrouped) take
+    exactly the same time in the roofline and the profiled model: the simulator's cost memo
+    relies on it. Different totals give different keys."""
+    profiled = ProfiledCostModel.from_file(PROFILES_DIR / "demo-cpu.json")
+    same = [
+        (StageWork.decode([100, 300, 200]), StageWork.decode([300, 200, 100])),
+        (StageWork.decode([150, 250]), StageWork.decode([200, 200])),  # decode: pairs = context
+        (StageWork.prefill([64, 32], [10, 0]), StageWork.prefill([32, 64], [0, 10])),
+        (StageWork.vision(2), StageWork.vision(2)),
+    ]
+    co = [(StageWork.vision(1), 0.5)]
+    for a, b in same:
+        assert a.totals_key() == b.totals_key() and a != b or a.stage is Stage.VISION
+        for model in (a6000, profiled):
+            assert model.shape_key(a) == model.shape_key(b)
+            for share, others, isolated in ((1.0, (), True), (0.5, co, True), (1.0, co, False)):
+                if a.stage is Stage.VISION and others:
+                    others = [(StageWork.decode([64]), 0.5)]
+                assert model.time_s(a, share, others, isolated) == model.time_s(b, share, others, isolated)
+    assert StageWork.decode([100, 300]).totals_key() != StageWork.decode([100, 301]).totals_key()
+    # same new tokens and context, different split between sequences: different causal pairs
+    assert StageWork.prefill([64, 32], [10, 0]).totals_key() != StageWork.prefill([64, 32], [0, 10]).totals_key()
+
+
+def test_trusted_stage_work_equals_the_checked_one():
+    w = StageWork.trusted(Stage.DECODE, 0, (1, 1), (10, 20))
+    assert w == StageWork.decode([10, 20]) and hash(w) == hash(StageWork.decode([10, 20]))
+
+
+def test_profile_split_keeps_the_total_and_mixes_lengths():
+    import random
+
+    from nova.cost.profile import _split
+
+    rng = random.Random(0)
+    for total, parts in ((1024, 4), (32, 2), (7, 7), (256, 1)):
+        out = _split(total, parts, rng)
+        assert sum(out) == total and len(out) == parts and min(out) >= 1
+    assert len(set(_split(1024, 4, rng))) > 1
+    with pytest.raises(ValueError):
+        _split(3, 4, rng)
