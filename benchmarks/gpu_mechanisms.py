@@ -16,7 +16,7 @@ ViT-L/14-336, 24 encoder layers, Vicuna-7B) in bfloat16. Partitions: ``--partiti
    streamed through K = 1, 2, 4 slots; target (Nova paper): >= 90% of the encoder-layer memory
    saved with <= 5% vision-latency overhead at K = 2.
 
-Results: ``benchmarks/results/gpu/<gpu-name>/gpu_mechanisms.{json,md}`` (``--out`` to change).
+Results: ``benchmarks/results/<gpu-slug>/gpu_mechanisms.{json,md}`` (``--out`` to change).
 ``--smoke``: the same code paths on a CPU with a tiny random LLaVA (results go to a temporary
 directory unless ``--out`` is given; the figures mean nothing). Without CUDA and without
 ``--smoke`` the script stops with a message.
@@ -223,7 +223,9 @@ def _tiny_llava(root: Path) -> Path:
 def gpu_dir_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu-smoke"
-    return torch.cuda.get_device_name(device).lower().replace(" ", "-").replace("/", "-")
+    from nova.runtime.attention import gpu_slug
+
+    return gpu_slug(torch.cuda.get_device_name(device))
 
 
 def to_markdown(res: dict) -> str:
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                          "met": k2[0]["saved_ratio"] >= 0.9 and k2[0]["overhead"] <= 0.05}
                         if k2 else None)
     res["partitions_created"] = [dataclasses.asdict(i) for i in backend.created()]
-    default_out = (Path(__file__).parent / "results" / "gpu" / gpu_dir_name(device)) if cuda else tmp
+    default_out = (Path(__file__).parent / "results" / gpu_dir_name(device)) if cuda else tmp
     out = Path(args.out) if args.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_mechanisms.json").write_text(json.dumps(res, indent=1, default=str))

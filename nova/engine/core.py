@@ -39,18 +39,25 @@ def _device_gpu_spec(device: str) -> str:
     return "h100-sxm"
 
 
-def default_cost_model(loaded: LoadedModel, device: str) -> Any:
+def default_cost_model(loaded: LoadedModel, device: str, min_pixels: int | None = None,
+                       max_pixels: int | None = None) -> Any:
     """The cost model the ``nova`` policy plans with for this model on this device: the shipped
-    profile measured on such a device if there is one (``nova profile``; the demo model on the
-    CPU has one), else the roofline for the model's shape on the device's GPU spec."""
+    profile ``nova/cost/profiles/<model>-<gpu>.json`` measured on such a device if there is one
+    (``nova profile``; the demo model on the CPU has one; a shipped config such as
+    ``qwen2.5-vl-7b`` is named by its directory), else the roofline for the model's shape on
+    the device's GPU spec (a dynamic-resolution model sized with the server's pixel limits)."""
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import ModelSpec
     from nova.cost.profiled import available_profiles
 
     gpu = _device_gpu_spec(device)
-    if loaded.model_dir.name.startswith("demo-") and f"demo-{gpu}" in available_profiles():
-        return make_cost_model("profiled", gpu, "demo")
-    return make_cost_model("roofline", gpu, ModelSpec.from_dir(loaded.model_dir))
+    name = "demo" if loaded.model_dir.name.startswith("demo-") else loaded.model_dir.name
+    if f"{name}-{gpu}" in available_profiles():
+        return make_cost_model("profiled", gpu, name)
+    spec = ModelSpec.from_dir(loaded.model_dir)
+    if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):
+        spec = spec.with_pixel_limits(min_pixels, max_pixels)
+    return make_cost_model("roofline", gpu, spec)
 
 
 def image_hash(pixel_values: Any) -> str:
@@ -85,7 +92,9 @@ class NovaEngine:
         limits = StageLimits(config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs)
         extra: dict[str, Any] = {}
         if config.policy == "nova":
-            extra = {"cost_model": default_cost_model(self.loaded, config.device),
+            cost_model = default_cost_model(self.loaded, config.device, config.min_pixels,
+                                            config.max_pixels)
+            extra = {"cost_model": cost_model,
                      "image_tokens": max(1, self.processor.num_image_tokens)}
             if self.partition_backend.enforces_limits:  # plan on the device's real SM grid
                 extra["sm_granularity_share"] = self.partition_backend.grid.share_step
