@@ -1,0 +1,134 @@
+"""Qwen2.5-VL served over HTTP: a tiny random checkpoint with a tiny byte-level tokenizer and a
+Qwen-style chat template, through the OpenAI-compatible server and the engine (dynamic
+resolution, several images of different sizes, M-RoPE), against the engine alone; and the
+server's pixel limits turning an out-of-range image into a 400 while other requests go on."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import pytest
+
+from conftest import QWEN_VL_IMAGE_TOKEN_ID, QWEN_VL_VISION_END_ID, QWEN_VL_VISION_START_ID
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_tokenizer(path) -> None:
+    """Byte-level BPE without merges: ids 3..258 are the 256 byte symbols; the Qwen specials sit
+    at the ids the tiny config uses (image 300, vision start/end 301/302)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
+    specials = {"<|image_pad|>": QWEN_VL_IMAGE_TOKEN_ID, "<|vision_start|>": QWEN_VL_VISION_START_ID,
+                "<|vision_end|>": QWEN_VL_VISION_END_ID, "<|video_pad|>": 303}
+    vocab.update(specials)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def png_url(width: int, height: int, seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tiny_qwen_vl_dirs, tmp_path_factory):
+    import shutil
+
+    from nova.config import EngineConfig
+    from nova.engine.async_engine import AsyncEngine
+    from nova.server.app import create_app
+    from nova.server.config import ServerConfig
+    from nova.server.testing import ServerThread
+
+    model_dir = tmp_path_factory.mktemp("qwen-served") / "qwen2.5-vl"
+    shutil.copytree(tiny_qwen_vl_dirs["qwen2.5-vl"], model_dir)
+    save_tiny_tokenizer(model_dir)
+    # The server's limit (20 tokens' worth of pixels) is below the checkpoint's (40).
+    engine = AsyncEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, policy="chunked_prefill",
+                                      max_pixels=SERVER_MAX_PIXELS, min_pixels=28 * 28 * 4))
+    app = create_app(engine, ServerConfig(served_model_name="tiny-qwen"))
+    with ServerThread(app) as srv:
+        yield engine, srv
+    engine.shutdown()
+
+
+SERVER_MAX_PIXELS = 28 * 28 * 20
+
+
+def _chat(text: str, urls: list[str]) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+def test_two_images_of_different_sizes_over_http_equal_the_engine(qwen_server):
+    from nova.models.inputs import load_image
+    from nova.sampling_params import SamplingParams
+
+    engine, srv = qwen_server
+    urls = [png_url(120, 90, 1), png_url(64, 150, 2), png_url(300, 300, 5)]
+    body = {"model": "tiny-qwen", "messages": _chat("click the red button", urls),
+            "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http:
+        resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    # The same prompt straight through the engine, images decoded the same way.
+    images = [load_image(base64.b64decode(u.split(",", 1)[1])) for u in urls]
+    hf_messages = [{"role": "user", "content": [{"type": "image"}] * 3
+                    + [{"type": "text", "text": "click the red button"}]}]
+    prompt = engine.processor.from_chat(hf_messages, images)
+    counts = list(prompt.image_token_counts)
+    assert len(counts) == 3 and counts[0] != counts[1]  # dynamic resolution: sizes differ
+    # 300x300 would be 40 tokens under the checkpoint's limit; the server caps it at 20.
+    assert 16 <= counts[2] <= 20
+    assert prompt.token_ids.count(QWEN_VL_IMAGE_TOKEN_ID) == sum(counts)
+    assert out["usage"]["prompt_tokens"] == len(prompt.token_ids)
+    assert out["usage"]["completion_tokens"] == 12
+
+    async def alone():
+        ids: list[int] = []
+        async for d in engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True)):
+            ids += d.new_token_ids
+        return ids
+
+    ref = asyncio.run(alone())
+    assert out["choices"][0]["message"]["content"] == engine.processor.decode(ref)
+
+
+def test_image_outside_the_servers_pixel_limits_is_a_400_and_serving_goes_on(qwen_server):
+    _, srv = qwen_server
+    # A 1000x28 strip fits the checkpoint's max_pixels (31360) but cannot shrink under the
+    # server's (15680): each side stays >= 28 px.
+    bad = {"model": "tiny-qwen", "messages": _chat("hi", [png_url(1000, 28, 3)]), "max_tokens": 4}
+    good = {"model": "tiny-qwen", "messages": _chat("hi", [png_url(56, 56, 4)]), "max_tokens": 4}
+    with httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http:
+        r = http.post("/v1/chat/completions", json=bad)
+        assert r.status_code == 400, r.text
+        assert "pixels" in r.text.lower()
+        r2 = http.post("/v1/chat/completions", json=good)
+        assert r2.status_code == 200, r2.text
