@@ -480,3 +480,18 @@ def test_profile_split_keeps_the_total_and_mixes_lengths():
     assert len(set(_split(1024, 4, rng))) > 1
     with pytest.raises(ValueError):
         _split(3, 4, rng)
+
+
+def test_roofline_one_co_runner_fast_path_equals_the_general_code(a6000):
+    import random
+
+    rng = random.Random(1)
+    works = [StageWork.vision(1), StageWork.vision(3), StageWork.prefill([1750]), StageWork.prefill([900, 40], [0, 300]),
+             StageWork.decode([1800]), StageWork.decode([1700, 1900, 60]), StageWork.decode([100] * 40)]
+    for _ in range(300):
+        w, o = rng.choice(works), rng.choice(works)
+        share, other_share = rng.choice((1.0, 0.2, 0.5, 0.71, 1 / 7)), rng.choice((1.0, 0.3, 0.8, 1 / 14))
+        for isolated in (True, False):
+            fast = a6000._terms(w, share, [(o, other_share)], isolated)
+            general = a6000._terms(w, share, [(o, other_share)], isolated, pair_path=False)
+            assert fast == general

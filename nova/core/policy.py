@@ -58,11 +58,13 @@ class Policy(ABC):
         """The next batch for ``stage``, which is idle; None to leave it idle for now."""
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
-        return Partition.shared()
+        return _SHARED  # == Partition.shared() (frozen: one instance serves every batch)
 
     def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
         """Told after the scheduler has applied ``result``."""
 
+
+_SHARED = Partition.shared()
 
 POLICIES: dict[str, Callable[..., Policy]] = {}
 
@@ -174,19 +176,27 @@ class SequentialPolicy(Policy):
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
         if state.any_running():
             return None
-        queues = [state.queue(s) for s in STAGES]
-        own = queues[STAGES.index(stage)]
+        own = state.queue(stage)
         if not own:
             return None  # its head would be infinitely late
-        heads = [min([r.arrival_s for r in q]) if q else math.inf for q in queues]
-        if heads[2] < math.inf and not prefill_head_fits(state):
-            heads[1] = math.inf  # decode must free blocks first
-        first = 0  # the earliest head; ties go to the earlier stage in STAGES
-        for i in (1, 2):
-            if heads[i] < heads[first]:
-                first = i
-        if STAGES[first] is not stage:
+        # ``stage`` goes iff its head is the earliest (ties: the earlier stage in STAGES); a
+        # prefill head that cannot get its blocks while sequences decode counts as never.
+        decoding = stage is Stage.DECODE or bool(state.queue(Stage.DECODE))
+        if stage is Stage.PREFILL and decoding and not prefill_head_fits(state):
             return None
+        own_head = min([r.arrival_s for r in own])
+        own_index = STAGES.index(stage)
+        for other in _SEQUENTIAL_RIVALS:  # cheapest and likeliest rivals first
+            if other is stage:
+                continue
+            queue = state.queue(other)
+            if not queue:
+                continue
+            head = min([r.arrival_s for r in queue])
+            if head < own_head or (head == own_head and STAGES.index(other) < own_index):
+                if other is Stage.PREFILL and decoding and not prefill_head_fits(state):
+                    continue  # decode must free blocks first
+                return None
         by_arrival = tuple([r.request_id for r in sorted(own, key=_arrival_s)])
         limits = self.limits
         if stage is Stage.VISION:
@@ -194,6 +204,9 @@ class SequentialPolicy(Policy):
         if stage is Stage.PREFILL:
             return BatchPlan(stage, by_arrival, limits.max_num_seqs, limits.max_prefill_tokens)
         return BatchPlan(stage, by_arrival, limits.max_num_seqs)
+
+
+_SEQUENTIAL_RIVALS = (Stage.DECODE, Stage.VISION, Stage.PREFILL)
 
 
 def _arrival_s(req: Request) -> float:

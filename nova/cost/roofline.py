@@ -180,7 +180,7 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
-    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s")
+    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s", "_capacity")
     _MEMO_MAX = 200_000  # entries: FLOPs/bytes/solo terms per shape (``shape_key``)
 
     def __init__(self, gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
@@ -190,6 +190,7 @@ class RooflineCostModel:
         self.model = get_model_spec(model)
         self.calib = calib or Calibration()
         self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
+        self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # effective HBM B/s
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
@@ -285,8 +286,11 @@ class RooflineCostModel:
         return Breakdown(*self._terms(work, sm_share, co_running, isolated))
 
     def _terms(self, work: StageWork, sm_share: float, co_running: CoRunning,
-               isolated: bool) -> tuple[float, float, float, float, float, float, float]:
-        """``Breakdown``'s fields, in order (a tuple: ``time_s`` needs only the first)."""
+               isolated: bool, pair_path: bool = True) -> tuple[float, float, float, float, float, float, float]:
+        """``Breakdown``'s fields, in order (a tuple: ``time_s`` needs only the first).
+        ``pair_path=False``: the general code even for one co-runner (tests compare them)."""
+        if pair_path and len(co_running) == 1:
+            return self._terms_pair(work, sm_share, co_running[0], isolated)
         c, g = self.calib, self._gpu
         if co_running:
             works = [work] + [w for w, _ in co_running]
@@ -318,6 +322,45 @@ class RooflineCostModel:
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
         overhead_s = self._overhead_s[work.stage] + startup_s
         return (busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s, shares[0], contention)
+
+    def _terms_pair(self, work: StageWork, sm_share: float, other: tuple[StageWork, float],
+                    isolated: bool) -> tuple[float, float, float, float, float, float, float]:
+        """``_terms`` with exactly one co-runner (the common case), the same arithmetic in the
+        same order without the lists (the simulator asks this for most events)."""
+        c = self.calib
+        other_work, other_share = other
+        check_share(other_share)
+        key, other_key = work.totals_key(), other_work.totals_key()
+        share, share_o = self._granted_share(sm_share), self._granted_share(other_share)
+        contention = 1.0
+        if not isolated:
+            d0 = self._sm_demand(work, share, key)
+            d1 = self._sm_demand(other_work, share_o, other_key)
+            total = d0 + d1
+            if total > 1.0:
+                share, share_o = d0 / total, d1 / total
+            contention = 1.0 + c.multistream_overhead
+        me = self.solo(work, share, key)
+        them = self.solo(other_work, share_o, other_key)
+        compute_s, memory_s = me.compute_s, me.memory_s
+        capacity = self._capacity
+        busy = max(me.compute_s, me.memory_s, me.pcie_s)
+        rate0 = me.bytes / busy if busy > 0 else 0.0  # = me.demand_bytes_per_s
+        busy = max(them.compute_s, them.memory_s, them.pcie_s)
+        rate1 = them.bytes / busy if busy > 0 else 0.0
+        # water_fill(capacity, [rate0, rate1])[0]: the smaller demand first (ties: rate0)
+        if rate0 <= rate1:
+            alloc = min(rate0, capacity / 2)
+        else:
+            alloc = min(rate0, capacity - min(rate1, capacity / 2))
+        if alloc < rate0:
+            memory_s = max(memory_s, me.bytes / alloc)
+        others_load = min(1.0, rate1 / capacity)
+        compute_s *= 1.0 + c.hbm_contention_penalty * others_load
+        busy_s = max(compute_s, memory_s, me.pcie_s) * contention
+        startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
+        overhead_s = self._overhead_s[work.stage] + startup_s
+        return (busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s, share, contention)
 
 
 @register_cost_model("roofline")

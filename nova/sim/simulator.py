@@ -213,32 +213,32 @@ class Simulator:
         return SimResult(requests, records, t, sched.state.num_preemptions)
 
     # -- the fast path -------------------------------------------------------------------------
-    def _duration_s(self, r: _Running, others: tuple, key: tuple) -> float:
-        """``cost.time_s`` for ``r`` beside ``others`` ((work, share) pairs), memoized on
-        ``key`` (the shapes, shares and mode: cost models are pure functions of them)."""
-        duration = self._cost_cache.get(key)
+    def _duration_s(self, r: _Running, others: list[_Running], key: Any) -> float:
+        """``cost.time_s`` for ``r`` beside ``others``, memoized on ``key`` (shapes, shares and
+        mode: cost models are pure functions of them); ``_UNCACHED``: not memoized."""
+        cache = self._cost_cache
+        duration = cache.get(key)
         if duration is None:
-            if len(self._cost_cache) >= _COST_CACHE_MAX:
-                self._cost_cache.clear()
-            duration = self.cost.time_s(r.work, r.share, list(others), r.isolated)
+            duration = self.cost.time_s(r.work, r.share, [(o.work, o.share) for o in others], r.isolated)
             if key is not _UNCACHED:
-                self._cost_cache[key] = duration
+                if len(cache) >= _COST_CACHE_MAX:
+                    cache.clear()
+                cache[key] = duration
         return duration
 
     def _fast_rates(self, running: dict[Stage, _Running]) -> None:
         """``_update_rates`` with memoized durations (same floats, so the same schedule)."""
-        if len(running) == 1:
-            for r in running.values():
-                key = (r.key, r.share, (), r.isolated) if r.key is not _UNCACHED else _UNCACHED
-                r.rate = 1.0 / max(self._duration_s(r, (), key), 1e-9)
-            return
-        for stage, r in running.items():
-            others = [o for s, o in running.items() if s is not stage]
-            if r.key is _UNCACHED or any(o.key is _UNCACHED for o in others):
-                key = _UNCACHED
+        batches = list(running.values())
+        for r in batches:
+            others = [o for o in batches if o is not r]
+            if r.key is _UNCACHED or any([o.key is _UNCACHED for o in others]):
+                key: Any = _UNCACHED
+            elif not others:
+                key = (r.key, r.share, r.isolated)
             else:
                 key = (r.key, r.share, tuple([(o.key, o.share) for o in others]), r.isolated)
-            r.rate = 1.0 / max(self._duration_s(r, tuple([(o.work, o.share) for o in others]), key), 1e-9)
+            duration = self._duration_s(r, others, key)
+            r.rate = 1.0 / max(duration, 1e-9)
 
     def _shape_key_fn(self) -> Any:
         """work -> memo key: the cost model's ``shape_key`` if it has one, else the work itself
@@ -267,7 +267,7 @@ class Simulator:
         work_fn = _fast_work if self.work_fn is work_of else self.work_fn
         shape_key = self._shape_key_fn()
         check = self.check_invariants
-        vision = Stage.VISION
+        vision, prefill, decode = Stage.VISION, Stage.PREFILL, Stage.DECODE
         inf = math.inf
         t = 0.0
         changed = False  # the running set changed since the rates were computed
@@ -288,7 +288,9 @@ class Simulator:
                     if batch is not None:
                         part = batch.partition
                         work = work_fn(batch)
-                        running[stage] = _Running(batch, work, share=part.share(stage),
+                        share = (part.decode if stage is decode else
+                                 part.prefill if stage is prefill else part.vision)  # = part.share(stage)
+                        running[stage] = _Running(batch, work, share=share,
                                                   isolated=part.name != "shared", key=shape_key(work))
                         started = True
             if started:
