@@ -99,13 +99,22 @@ _LLAVA_RULES: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
-def _llava_name(name: str) -> str | None:
-    if "rotary_emb" in name:
-        return None
-    for pattern, repl in _LLAVA_RULES:
-        if pattern.match(name):
-            return pattern.sub(repl, name)
-    return name  # unknown: reported by the loader as unexpected
+def _renamer(rules: list[tuple[re.Pattern[str], str]]) -> Callable[[str], str | None]:
+    """Checkpoint name -> our module name by the first matching rule (rotary buffers: None,
+    not loaded; a name no rule matches is kept and reported by the loader as unexpected)."""
+
+    def rename(name: str) -> str | None:
+        if "rotary_emb" in name:
+            return None
+        for pattern, repl in rules:
+            if pattern.match(name):
+                return pattern.sub(repl, name)
+        return name
+
+    return rename
+
+
+_llava_name = _renamer(_LLAVA_RULES)
 
 
 def _build_llava(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
@@ -134,13 +143,7 @@ _QWEN_VL_RULES: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
-def _qwen_vl_name(name: str) -> str | None:
-    if "rotary_emb" in name:
-        return None
-    for pattern, repl in _QWEN_VL_RULES:
-        if pattern.match(name):
-            return pattern.sub(repl, name)
-    return name  # unknown: reported by the loader as unexpected
+_qwen_vl_name = _renamer(_QWEN_VL_RULES)
 
 
 def qwen_vl_mrope_section(text_cfg: Any) -> list[int]:

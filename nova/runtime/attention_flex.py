@@ -88,9 +88,7 @@ class FlexPagedAttention:
         kv_cache: PagedKVCache,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        if batch.block_tables is None or batch.seq_lens is None or batch.query_start_loc is None:
-            raise ValueError("the flex attention backend needs block_tables, seq_lens and "
-                             "query_start_loc in the ForwardBatch")
+        batch.require_paged_metadata("flex")
         kv_cache.write(layer, batch.slot_mapping, k, v)
         meta = batch.attn_metadata.get("flex")
         if meta is None:

@@ -41,9 +41,7 @@ class TritonPagedAttention:
         kv_cache: PagedKVCache,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        if batch.block_tables is None or batch.seq_lens is None or batch.query_start_loc is None:
-            raise ValueError("the triton attention backend needs block_tables, seq_lens and "
-                             "query_start_loc in the ForwardBatch")
+        batch.require_paged_metadata("triton")
         kv_cache.write(layer, batch.slot_mapping, k, v)
         out = self._kernel.paged_attention(
             q.contiguous(), kv_cache.k[layer], kv_cache.v[layer], batch.block_tables,

@@ -64,6 +64,12 @@ class ForwardBatch:
     # Per-forward scratch an attention backend builds once and reuses across layers.
     attn_metadata: dict = field(default_factory=dict)
 
+    def require_paged_metadata(self, backend: str) -> None:
+        """A clear error when a paged-in-place backend gets a batch without its tensors."""
+        if self.block_tables is None or self.seq_lens is None or self.query_start_loc is None:
+            raise ValueError(f"the {backend} attention backend needs block_tables, seq_lens and "
+                             "query_start_loc in the ForwardBatch")
+
 
 def build_forward_batch(
     seqs: list[SeqInput], block_size: int, device: torch.device | str
