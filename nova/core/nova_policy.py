@@ -95,6 +95,10 @@ def _compute_decode_partition(decode: float) -> Partition:
     return Partition(vision=compute, prefill=compute, decode=max(decode, eps), name="nova")
 
 
+_VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
+_WAITING_VISION, _WAITING_PREFILL = RequestStatus.WAITING_VISION, RequestStatus.WAITING_PREFILL
+_DECODING = RequestStatus.DECODING
+
 # (vision, prefill, decode have work) -> that set of stages
 _ACTIVE: dict[tuple[bool, bool, bool], frozenset[Stage]] = {
     (v, p, d): frozenset(s for s, on in zip((Stage.VISION, Stage.PREFILL, Stage.DECODE), (v, p, d)) if on)
@@ -143,6 +147,7 @@ class NovaPolicy(Policy):
         self._cache: dict[tuple[frozenset[Stage], bool, int], Prediction] = {}
         self._log_bucket = math.log(1.0 + self.replan_rate_change / 2)  # rate buckets of the cache
         self._num_added_seen = 0  # state.num_added at the last _observe
+        self._observed_state: SchedulerState | None = None
         self.num_replans = 0
 
     # -- the Policy interface ------------------------------------------------------------------
@@ -161,13 +166,17 @@ class NovaPolicy(Policy):
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         self._observe(state, now_s)
         by_status, running = state.by_status, state.running
+        waiting_vision, waiting_prefill = by_status[_WAITING_VISION], by_status[_WAITING_PREFILL]
         # the stages with work (waiting or running), as a cached frozenset
-        active = _ACTIVE[(bool(by_status[RequestStatus.WAITING_VISION]) or running[Stage.VISION] is not None,
-                          bool(by_status[RequestStatus.WAITING_PREFILL]) or running[Stage.PREFILL] is not None,
-                          bool(by_status[RequestStatus.DECODING]) or running[Stage.DECODE] is not None)]
+        active = _ACTIVE[(bool(waiting_vision) or running[_VISION] is not None,
+                          bool(waiting_prefill) or running[_PREFILL] is not None,
+                          bool(by_status[_DECODING]) or running[_DECODE] is not None)]
         if not active:
             return state.partition
-        draining = state.num_waiting(Stage.VISION) + state.num_waiting(Stage.PREFILL) >= self.alpha
+        if not waiting_vision and not waiting_prefill:
+            draining = 0 >= self.alpha  # (= the count below: nothing waits)
+        else:
+            draining = state.num_waiting(_VISION) + state.num_waiting(_PREFILL) >= self.alpha
         lam = self._arrival_rate(now_s)
         if (self._plan_lam is None or draining != self._plan_draining
                 or abs(lam - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)):
@@ -186,11 +195,18 @@ class NovaPolicy(Policy):
         obs = self._obs
         # Only requests added since the last call can be unseen: they are the newest entries
         # of ``state.requests`` (insertion order), at most ``num_added`` - the count then.
+        if state is not self._observed_state:  # another scheduler's state: look at everything
+            self._observed_state, self._num_added_seen = state, 0
         num_new = state.num_added - self._num_added_seen
+        if num_new == 0:  # nothing new: only the window moves (same steps as below)
+            if len(self._seen) > 100_000:
+                self._seen = set(state.requests)
+            arrivals, cutoff = obs.arrivals_s, now_s - self.rate_window_s
+            while arrivals and arrivals[0] < cutoff:
+                arrivals.popleft()
+            return
         self._num_added_seen = state.num_added
-        if num_new <= 0:
-            new: Any = ()
-        elif num_new >= len(state.requests):
+        if num_new < 0 or num_new >= len(state.requests):
             new = state.requests.values()
         else:
             new = list(itertools.islice(reversed(state.requests.values()), num_new))[::-1]

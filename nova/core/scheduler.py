@@ -241,9 +241,10 @@ class Scheduler:
         items: list[BatchItem] = []
         num_decode_items = num_tokens
         for req in self._candidates(plan):
-            tokens = req.prefill_token_ids
+            prompt, outputs = req.prompt_token_ids, req.output_token_ids
+            num_prefill = len(prompt) + len(outputs)  # = len(req.prefill_token_ids)
             done = req.num_computed_tokens  # > 0: earlier chunks are in the cache
-            take = len(tokens) - done
+            take = num_prefill - done
             budget_left = None if plan.max_tokens is None else plan.max_tokens - num_tokens
             if budget_left is not None and take > budget_left:
                 if plan.chunked and budget_left > 0:
@@ -261,9 +262,12 @@ class Scheduler:
             else:
                 bm.allocate(req.request_id, done + take)
             images = len(req.images) if done == 0 else 0
-            items.append(BatchItem(req.request_id, tuple(tokens[done: done + take]), done,
+            # = tuple(req.prefill_token_ids[done: done + take]), without joining prompt + outputs
+            chunk = (prompt[done: done + take] if done + take <= len(prompt)
+                     else (prompt + outputs)[done: done + take])
+            items.append(BatchItem(req.request_id, tuple(chunk), done,
                                    tuple(bm.block_table(req.request_id)), images,
-                                   sample=done + take == len(tokens)))
+                                   sample=done + take == num_prefill))
             num_tokens += take
         return items
 

@@ -12,7 +12,7 @@ whenever a batch starts or ends, which makes the piecewise answer exact under th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from nova.cost.gpus import GpuSpec
@@ -36,6 +36,8 @@ class StageWork:
     num_images: int = 0
     new_tokens: tuple[int, ...] = ()
     context_lens: tuple[int, ...] = ()
+    # ``totals_key()`` once computed (not part of equality, hash or repr)
+    _totals: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", Stage(self.stage))
@@ -85,11 +87,12 @@ class StageWork:
         (the simulator, from batches the scheduler built: ints, ``1 <= new <= context``).
         Equal to (and hashes like) the checked constructor's result for the same values."""
         work = object.__new__(cls)
-        setattr_ = object.__setattr__
-        setattr_(work, "stage", stage)
-        setattr_(work, "num_images", num_images)
-        setattr_(work, "new_tokens", new_tokens)
-        setattr_(work, "context_lens", context_lens)
+        # the slots' own setters (what object.__setattr__ ends up calling, minus the lookup)
+        _SET_STAGE(work, stage)
+        _SET_NUM_IMAGES(work, num_images)
+        _SET_NEW_TOKENS(work, new_tokens)
+        _SET_CONTEXT_LENS(work, context_lens)
+        _SET_TOTALS(work, None)
         return work
 
     @classmethod
@@ -122,7 +125,14 @@ class StageWork:
         Both shipped cost models depend on a work only through these (roofline: FLOPs and bytes
         are sums over sequences; profiled: the table axes), so batches with equal keys take
         equal times: a cheap, exact memo key (the simulator's cost cache uses it). All ints,
-        so the key does not depend on the order of the sequences."""
+        so the key does not depend on the order of the sequences. Computed once per work."""
+        key = self._totals
+        if key is None:
+            key = self._compute_totals()
+            object.__setattr__(self, "_totals", key)
+        return key
+
+    def _compute_totals(self) -> tuple:
         if self.stage is Stage.VISION:
             return (self.stage, self.num_images)
         new, ctx = self.new_tokens, self.context_lens
@@ -136,6 +146,12 @@ class StageWork:
     def cached_tokens(self) -> tuple[int, ...]:
         return tuple(c - n for n, c in zip(self.new_tokens, self.context_lens))
 
+
+_SET_STAGE = StageWork.stage.__set__  # type: ignore[attr-defined]
+_SET_NUM_IMAGES = StageWork.num_images.__set__  # type: ignore[attr-defined]
+_SET_NEW_TOKENS = StageWork.new_tokens.__set__  # type: ignore[attr-defined]
+_SET_CONTEXT_LENS = StageWork.context_lens.__set__  # type: ignore[attr-defined]
+_SET_TOTALS = StageWork._totals.__set__  # type: ignore[attr-defined]
 
 CoRunning = Sequence[tuple[StageWork, float]]
 

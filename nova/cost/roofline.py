@@ -180,7 +180,8 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
-    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s", "_capacity")
+    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s", "_capacity", "_solos",
+                 "_granted")
     _MEMO_MAX = 200_000  # entries: FLOPs/bytes/solo terms per shape (``shape_key``)
 
     def __init__(self, gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
@@ -191,6 +192,8 @@ class RooflineCostModel:
         self.calib = calib or Calibration()
         self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
         self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # effective HBM B/s
+        self._solos: dict[tuple, Solo] = {}  # (shape key, share) -> solo terms
+        self._granted: dict[float, float] = {}  # share asked -> share granted
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
@@ -239,9 +242,11 @@ class RooflineCostModel:
         """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here).
         ``key``: ``shape_key(work)`` if the caller has it."""
         key = key or work.totals_key()
-        solo = self._memo.get(("solo", key, share))
+        solo = self._solos.get((key, share))
         if solo is None:
-            solo = self._memoized(("solo", key, share), lambda: self._solo(work, share, key))
+            if len(self._solos) >= self._MEMO_MAX:
+                self._solos.clear()
+            solo = self._solos[(key, share)] = self._solo(work, share, key)
         return solo
 
     def _solo(self, work: StageWork, share: float, key: tuple) -> Solo:
@@ -256,9 +261,9 @@ class RooflineCostModel:
 
     def _granted_share(self, share: float) -> float:
         """``GpuSpec.granted_share``, memoized (it validates the share on the first call)."""
-        granted = self._memo.get(("granted", share))
+        granted = self._granted.get(share)
         if granted is None:
-            granted = self._memoized(("granted", share), lambda: self._gpu.granted_share(share))
+            granted = self._granted[share] = self._gpu.granted_share(share)
         return granted
 
     def _sm_demand(self, work: StageWork, share: float, key: tuple | None = None) -> float:
