@@ -64,9 +64,16 @@ def test_tight_kv_cache_preempts_and_still_finishes():
     assert all(r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 30 for r in res.requests)
 
 
+# The threaded-engine parity test runs on a stretched clock: durations and arrivals x3, so
+# arrivals sit >= 30 ms from every batch boundary and per-batch overheads are small beside the
+# durations (at x1, 10 ms margins lost to thread jitter once on a loaded 2-core machine).
+PARITY_SCALE = 3.0
+PARITY_DUR = {s: d * PARITY_SCALE for s, d in DUR.items()}
+
+
 def _engine_decisions(policy: str, arrivals) -> dict[Stage, list[tuple[str, ...]]]:
     sched = Scheduler(make_policy(policy, limits=StageLimits(max_num_seqs=8)), BlockManager(256, 4))
-    ex = FakeExecutor(1000, DUR)
+    ex = FakeExecutor(1000, PARITY_DUR)
     engine = Engine(sched, ex)
     with engine:
         t0 = time.monotonic()
@@ -75,24 +82,26 @@ def _engine_decisions(policy: str, arrivals) -> dict[Stage, list[tuple[str, ...]
             engine.add_request(Request(a.request_id, [1] * (a.num_text_tokens + a.num_images * IMAGE_TOKENS),
                                        SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
                                        [ImageInput("h", IMAGE_TOKENS)] * a.num_images))
-        assert engine.wait_idle(timeout_s=30)
+        assert engine.wait_idle(timeout_s=60)
     return {s: [tuple(b.request_ids) for b in ex.batches if b.stage is s] for s in Stage}
 
 
 @pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
 def test_parity_engine_with_fake_executor_vs_simulator(policy):
     """Same trace, same durations: the real threaded engine and the simulator make the same
-    batching decisions (arrivals sit >= 10 ms away from every batch boundary, so thread timing
-    jitter cannot reorder them)."""
-    arrivals = _trace()
+    batching decisions (arrivals sit >= 10 ms x PARITY_SCALE away from every batch boundary, so
+    thread timing jitter cannot reorder them)."""
+    margin = 0.01 * PARITY_SCALE
+    arrivals = [SimArrival(a.request_id, a.arrival_s * PARITY_SCALE, a.num_text_tokens, a.num_images,
+                           a.max_tokens) for a in _trace()]
     for _ in range(50):  # nudge arrivals that race a batch end in the simulated schedule
-        sim = _sim(policy, arrivals)
+        sim = _sim(policy, arrivals, durations=PARITY_DUR)
         ends = [b.end_s for b in sim.batches]
-        clash = [i for i, a in enumerate(arrivals) if i and min(abs(a.arrival_s - e) for e in ends) < 0.01]
+        clash = [i for i, a in enumerate(arrivals) if i and min(abs(a.arrival_s - e) for e in ends) < margin]
         if not clash:
             break
         i = clash[0]
-        arrivals[i] = SimArrival(arrivals[i].request_id, arrivals[i].arrival_s + 0.007,
+        arrivals[i] = SimArrival(arrivals[i].request_id, arrivals[i].arrival_s + 0.7 * margin,
                                  arrivals[i].num_text_tokens, arrivals[i].num_images, arrivals[i].max_tokens)
     assert not clash
     engine = _engine_decisions(policy, arrivals)
