@@ -56,7 +56,8 @@ case "$STEP" in
     "$PY" benchmarks/gpu_mechanisms.py --model "$MODEL"
     ;;
   profile)
-    "$PY" -m nova.cli profile --model "$MODEL" --load-format dummy --dtype bfloat16 --device cuda \
+    # bfloat16 is nova profile's default on CUDA
+    "$PY" -m nova.cli profile --model "$MODEL" --load-format dummy --device cuda \
       --partition auto --shares 0.25,0.5,0.75,1.0 --out "$PROFILE"
     ;;
   serve)
