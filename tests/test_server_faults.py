@@ -61,3 +61,43 @@ def test_engine_failure_is_500_and_counted(faulty):
     assert 'nova_requests_total{outcome="failed"} 2.0' in metrics
     bm = engine.nova.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_requests_are_prepared_in_parallel_up_to_preprocess_workers(faulty, workers):
+    """Preparation (image decode, preprocessing, tokenisation) runs on a pool of
+    ``preprocess_workers`` threads: two requests whose preparation takes 0.3 s overlap with 2
+    workers and queue one behind the other with 1."""
+    import threading
+    import time
+
+    engine, _ = faulty
+    proc = engine.processor
+    intervals: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    real = proc.from_chat
+
+    def slow_from_chat(messages, images=None):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        out = real(messages, images)
+        with lock:
+            intervals.append((t0, time.monotonic()))
+        return out
+
+    app = create_app(engine, ServerConfig(served_model_name="tiny", preprocess_workers=workers))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(2)))
+
+    proc.from_chat = slow_from_chat
+    try:
+        responses = asyncio.run(go())
+    finally:
+        del proc.from_chat  # back to the class's method
+    assert [r.status_code for r in responses] == [200, 200]
+    (a0, a1), (b0, b1) = sorted(intervals)
+    overlapped = b0 < a1
+    assert overlapped == (workers > 1)

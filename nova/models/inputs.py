@@ -4,6 +4,7 @@ and pixel values. Images are checked here; a bad one raises ``InvalidInputError`
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ class InputProcessor:
         overriding the image processor's; None keeps the processor's."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        # The server prepares requests on several threads; images are processed in parallel,
+        # tokenizer calls one at a time.
+        self._tokenizer_lock = threading.Lock()
         self.image_processor = loaded.image_processor
         self.max_image_pixels = max_image_pixels
         self.image_token_id = loaded.model.image_token_id
@@ -152,7 +156,8 @@ class InputProcessor:
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         tok = self._require_tokenizer()
         try:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            with self._tokenizer_lock:
+                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
             raise InvalidInputError(f"chat template failed on these messages: {exc}") from exc
 
@@ -216,7 +221,8 @@ class InputProcessor:
         self, prompt: str, images: list[ImageSource] | None = None, add_special_tokens: bool = True
     ) -> PromptInput:
         tok = self._require_tokenizer()
-        ids = tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        with self._tokenizer_lock:  # a fast tokenizer's call mutates its padding/truncation state
+            ids = tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         return self.from_token_ids(ids, images)
 
     def from_chat(

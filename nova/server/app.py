@@ -325,7 +325,8 @@ class NovaService:
         self.metrics = ServerMetrics(engine, self.admission)
         self.processor = engine.processor
         self.max_model_len = int(engine.nova.loaded.max_model_len)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nova-preprocess")
+        self._pool = ThreadPoolExecutor(max_workers=config.preprocess_workers,
+                                        thread_name_prefix="nova-preprocess")
         self.created = int(time.time())
         # test hooks for remote media (an httpx transport and a resolver)
         self.media_transport: Any = None

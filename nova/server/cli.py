@@ -76,6 +76,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="largest image (width*height) accepted; 0: no limit")
     g.add_argument("--max-images-per-request", type=int, default=8)
+    g.add_argument("--preprocess-workers", type=_positive_int, default=4,
+                   help="threads decoding and preprocessing request images (default 4)")
     g.add_argument("--max-media-bytes", type=_positive_int, default=20 * 1024 * 1024,
                    help="largest encoded image accepted")
     g.add_argument("--allow-remote-media", action="store_true",

@@ -27,6 +27,11 @@ class ServerConfig:
     max_media_redirects: int = 3
     allowed_local_media_path: str | None = None
     max_request_bytes: int = 128 * 1024 * 1024  # whole HTTP body (base64 images included)
+    # Threads that turn requests into prompts (image decode, resize/normalise, chat template,
+    # tokenisation). One 1920x1080 screenshot costs tens of ms of CPU there (more for the
+    # Qwen-VL processor); PIL and numpy release the GIL, so several run in parallel and a burst of
+    # screenshots does not queue behind one thread.
+    preprocess_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
@@ -37,6 +42,8 @@ class ServerConfig:
             raise ValueError(f"max_images_per_request must be >= 0, got {self.max_images_per_request}")
         if self.max_media_bytes < 1:
             raise ValueError(f"max_media_bytes must be >= 1, got {self.max_media_bytes}")
+        if self.preprocess_workers < 1:
+            raise ValueError(f"preprocess_workers must be >= 1, got {self.preprocess_workers}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
 
