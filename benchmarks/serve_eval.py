@@ -79,7 +79,8 @@ class Server:
         cmd = [sys.executable, "-m", "nova.server", "--model", args.model, "--load-format",
                args.load_format, "--dtype", args.dtype, "--device", args.device, "--policy", policy,
                "--partition", args.partition, "--port", str(self.port),
-               "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+               "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning",
+               "--preprocess-workers", str(args.preprocess_workers)]
         if args.num_kv_blocks:
             cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
         cmd += args.server_arg
@@ -118,7 +119,8 @@ class Server:
         self.log.close()
 
 
-def build_workload(point: Point, args: argparse.Namespace):
+def build_workload(point: Point, args: argparse.Namespace, num_requests: int | None = None,
+                   seed: int | None = None):
     from nova.workload import make_workload
 
     content = dict(image_width=args.image_width, image_height=args.image_height)
@@ -126,23 +128,51 @@ def build_workload(point: Point, args: argparse.Namespace):
         content["max_tokens"] = args.max_output_tokens
         content["min_tokens"] = min(args.min_output_tokens, args.max_output_tokens)
     if point.kind == "poisson":
-        return make_workload("poisson", rate_rps=point.value, num_requests=args.num_prompts,
-                             seed=args.seed, **content)
+        return make_workload("poisson", rate_rps=point.value, num_requests=num_requests or args.num_prompts,
+                             seed=args.seed if seed is None else seed, **content)
     return make_workload("gui_sessions", num_sessions=int(point.value), seed=args.seed,
                          steps_per_session=args.steps_per_session, think_time_s=args.think_time_s,
                          session_start_spread_s=args.session_spread_s, **content)
 
 
+def _bench_config(server: Server, args: argparse.Namespace, **kw: Any):
+    from nova.bench.driver import BenchConfig
+
+    base = dict(base_url=server.base_url, endpoint="/v1/chat/completions", model=None,
+                max_concurrency=None, all_at_once=False, api_key=None,
+                timeout_s=args.request_timeout_s, temperature=0.0, ignore_eos=True,
+                nova_extensions=True, disable_tqdm=True)
+    return BenchConfig(**{**base, **kw})
+
+
+def calibrate_frontend(server: Server, args: argparse.Namespace) -> float | None:
+    """Warm the server up with ``--calibration-requests`` requests of the workload's content,
+    sent one at a time, and return their mean preparation time (``nova_prepare_seconds``: image
+    decode, preprocessing, template, tokenisation): the front-end cost the simulator adds per
+    image. Measured apart from the points it is then used to predict."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nova.bench.driver import run_workload
+
+    if args.calibration_requests < 1:
+        return None
+    wl = build_workload(Point("poisson", 1.0), args, num_requests=args.calibration_requests,
+                        seed=args.seed + 1000)
+    asyncio.run(run_workload(wl, _bench_config(server, args, all_at_once=True, max_concurrency=1)))
+    text = httpx.get(server.base_url + "/metrics", timeout=10.0).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name in ("nova_prepare_seconds_sum", "nova_prepare_seconds_count")}
+    count = samples.get("nova_prepare_seconds_count", 0.0)
+    return samples["nova_prepare_seconds_sum"] / count if count else None
+
+
 def run_point(server: Server, point: Point, args: argparse.Namespace) -> dict[str, Any]:
-    from nova.bench.driver import BenchConfig, run_workload
+    from nova.bench.driver import run_workload
     from nova.bench.report import summarize_run
 
     workload = build_workload(point, args)
-    cfg = BenchConfig(base_url=server.base_url, endpoint="/v1/chat/completions", model=None,
-                      max_concurrency=None, all_at_once=False, api_key=None,
-                      timeout_s=args.request_timeout_s, temperature=0.0, ignore_eos=True,
-                      nova_extensions=True, disable_tqdm=True)
-    run = asyncio.run(run_workload(workload, cfg))
+    run = asyncio.run(run_workload(workload, _bench_config(server, args)))
     s = summarize_run(run)
     ok = [r for r in run.records if r.ok]
     e2e = sorted(r.end_s - r.send_s for r in ok)
@@ -178,10 +208,16 @@ def measure(args: argparse.Namespace, points: list[Point]) -> None:
             t0 = time.monotonic()
             server.wait_ready(args.startup_timeout_s)
             print(f"{policy}: server ready in {time.monotonic() - t0:.1f} s")
+            prepare_s = calibrate_frontend(server, args)
+            if prepare_s is not None:
+                print(f"{policy}: mean request preparation {1e3 * prepare_s:.1f} ms "
+                      f"({args.calibration_requests} warm-up requests)")
             for p in todo:
                 res = run_point(server, p, args)
                 res["policy"] = policy
                 res["server_cmd"] = server.cmd[1:]
+                res["frontend_prepare_s"] = prepare_s
+                res["preprocess_workers"] = args.preprocess_workers
                 path = runs / policy / f"{p.name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(res, indent=1) + "\n")
@@ -206,8 +242,9 @@ def model_spec(args: argparse.Namespace):
 def simulate(measured: dict[str, Any], policy: str, args: argparse.Namespace) -> dict[str, Any]:
     """The simulator's prediction of one measured point (same requests, same policy)."""
     from nova.cost.profiled import ProfiledCostModel
-    from nova.metrics import request_metrics, summarize
+    from nova.metrics import percentile, request_metrics, summarize
     from nova.sim.eval import Experiment, build_policy
+    from nova.sim.frontend import FrontendModel, through_frontend
     from nova.sim.simulator import SimArrival, Simulator
 
     cost = ProfiledCostModel.from_file(args.profile)
@@ -223,10 +260,18 @@ def simulate(measured: dict[str, Any], policy: str, args: argparse.Namespace) ->
         arrivals.append(SimArrival(r["id"], at, text, r["num_images"], r["completion_tokens"]))
     kv_blocks = args.num_kv_blocks or 1 << 20
     sim = Simulator(build_policy(policy, exp, cost, spec), cost, kv_blocks, 16, spec.image_tokens)
-    res = sim.run(arrivals)
+    prepare_s = measured.get("frontend_prepare_s")
+    # Requests reach the engine once the server has prepared them (per image, on its pool).
+    frontend = FrontendModel(per_image_s=prepare_s or 0.0,
+                             workers=measured.get("preprocess_workers") or 1)
+    res = sim.run(through_frontend(arrivals, frontend))
+    client_arrival = {a.request_id: a.arrival_s for a in arrivals}
+    e2e = sorted(r.times.finish_s - client_arrival[r.request_id] for r in res.requests
+                 if r.times.finish_s is not None)
     s = summarize([request_metrics(r) for r in res.requests])
-    return {"mean_latency_s": s.e2e.mean, "p99_latency_s": s.e2e.p99, "max_latency_s": s.e2e.max,
-            "throughput_rps": s.request_throughput_rps}
+    return {"mean_latency_s": sum(e2e) / len(e2e), "p99_latency_s": percentile(e2e, 99.0),
+            "max_latency_s": e2e[-1], "throughput_rps": s.request_throughput_rps,
+            "frontend_prepare_s": prepare_s}
 
 
 def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
@@ -300,6 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-output-tokens", type=int, default=None)
     p.add_argument("--min-output-tokens", type=int, default=30)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--preprocess-workers", type=int, default=4, help="nova serve --preprocess-workers")
+    p.add_argument("--calibration-requests", type=int, default=4,
+                   help="warm-up requests per server, sent one at a time; their mean preparation "
+                        "time is the simulator's front-end cost (0: none)")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--server-arg", action="append", default=[], help="extra nova serve flag (repeat)")
     p.add_argument("--profile", type=Path, default=None, help="cost profile for the simulator")

@@ -37,6 +37,9 @@ def test_serve_eval_smoke_writes_results_and_sim_error(tmp_path):
             assert p["max_latency_s"] >= p["p99_latency_s"] >= p["mean_latency_s"] * 0.5
             assert set(p["sim_error"]) == {"mean_latency_s", "p99_latency_s", "max_latency_s"}
             assert p["sim"]["mean_latency_s"] > 0
+            # The front end was calibrated on warm-up requests and fed to the simulator.
+            assert 0 < p["frontend_prepare_s"] < p["mean_ttft_s"]
+            assert p["sim"]["frontend_prepare_s"] == p["frontend_prepare_s"]
     # Sessions: 1 session x 2 steps; Poisson: 3 requests.
     assert [p["num_requests"] for p in rep["policies"]["nova"]] == [3, 2]
     md = (tmp_path / "results.md").read_text()

@@ -480,7 +480,7 @@ def test_metrics_parse_and_move_as_requests_finish(http, engine):
     for name in ("nova_requests", "nova_ttft_seconds", "nova_tpot_seconds", "nova_e2e_seconds",
                  "nova_queue_seconds", "nova_stage_seconds", "nova_requests_in_stage",
                  "nova_kv_cache_usage_ratio", "nova_sm_share", "nova_prompt_tokens",
-                 "nova_generation_tokens"):
+                 "nova_generation_tokens", "nova_prepare_seconds"):
         assert name in families, name
     before = metric_samples(text)
     fin = ("nova_requests_total", (("outcome", "finished"),))
@@ -488,14 +488,16 @@ def test_metrics_parse_and_move_as_requests_finish(http, engine):
                                                    "max_tokens": 6, "temperature": 0})
     usage = resp.json()["usage"]
     after = metric_samples(http.get("/metrics").text)
-    assert after[fin] == before[fin] + 1
-    assert after[("nova_e2e_seconds_count", ())] == before[("nova_e2e_seconds_count", ())] + 1
-    assert after[("nova_ttft_seconds_count", ())] == before[("nova_ttft_seconds_count", ())] + 1
-    assert after[("nova_prompt_tokens_total", ())] - before[("nova_prompt_tokens_total", ())] == usage["prompt_tokens"]
-    assert (after[("nova_generation_tokens_total", ())] - before[("nova_generation_tokens_total", ())]
+    assert after[fin] == before.get(fin, 0.0) + 1
+    assert after[("nova_e2e_seconds_count", ())] == before.get(("nova_e2e_seconds_count", ()), 0.0) + 1
+    assert after[("nova_ttft_seconds_count", ())] == before.get(("nova_ttft_seconds_count", ()), 0.0) + 1
+    assert after[("nova_prompt_tokens_total", ())] - before.get(("nova_prompt_tokens_total", ()), 0.0) == usage["prompt_tokens"]
+    assert (after[("nova_generation_tokens_total", ())] - before.get(("nova_generation_tokens_total", ()), 0.0)
             == usage["completion_tokens"])
     assert after[("nova_stage_seconds_count", (("stage", "prefill"),))] == \
-        before[("nova_stage_seconds_count", (("stage", "prefill"),))] + 1
+        before.get(("nova_stage_seconds_count", (("stage", "prefill"),)), 0.0) + 1
+    assert after[("nova_prepare_seconds_count", ())] == before.get(("nova_prepare_seconds_count", ()), 0.0) + 1
+    assert after[("nova_prepare_seconds_sum", ())] > before.get(("nova_prepare_seconds_sum", ()), 0.0)
     assert after[("nova_sm_share", (("stage", "decode"),))] == 1.0
     assert 0.0 <= after[("nova_kv_cache_usage_ratio", ())] <= 1.0
     for stage in ("vision", "prefill", "decode"):

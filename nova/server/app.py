@@ -429,6 +429,7 @@ class NovaService:
         return messages, urls
 
     async def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+        t0 = time.perf_counter()
         self._check_common(body)
         stops = self._stops(body.stop)
         messages, urls = self._chat_messages(body)
@@ -439,6 +440,7 @@ class NovaService:
             raise bad_request("this model does not take images", "messages", "images_not_supported")
         blobs = await self._fetch_images(urls)
         prompt = await self._in_pool(self._chat_prompt, messages, blobs)
+        self.metrics.prepare.observe(time.perf_counter() - t0)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return self._prepared("chat", body, prompt, max_tokens, "messages", stops)
 
@@ -476,6 +478,7 @@ class NovaService:
             raise bad_request(str(exc), "messages") from exc
 
     async def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        t0 = time.perf_counter()
         self._check_common(body)
         stops = self._stops(body.stop)
         prompt_in: Any = body.prompt
@@ -487,6 +490,7 @@ class NovaService:
         if isinstance(prompt_in, str):
             self._check_text(prompt_in, "prompt")
         prompt = await self._in_pool(self._completion_prompt, prompt_in)
+        self.metrics.prepare.observe(time.perf_counter() - t0)
         return self._prepared("completion", body, prompt, body.max_tokens, "prompt", stops)
 
     def _completion_prompt(self, prompt: str | list[int]) -> PromptInput:

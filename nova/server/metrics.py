@@ -110,6 +110,10 @@ class ServerMetrics:
                                buckets=STAGE_BUCKETS_S, registry=r)
         self.stage = Histogram("nova_stage_seconds", "Time in a stage (decode: first to last token)",
                                ["stage"], buckets=STAGE_BUCKETS_S, registry=r)
+        self.prepare = Histogram(
+            "nova_prepare_seconds", "Turning an accepted request into a prompt before the engine "
+            "sees it: image fetch/decode, preprocessing, chat template, tokenisation (incl. waiting "
+            "for a preprocess worker)", buckets=STAGE_BUCKETS_S, registry=r)
         self.prompt_tokens = Counter("nova_prompt_tokens", "Prompt tokens of requests accepted by "
                                      "the engine (image tokens included)", registry=r)
         self.generation_tokens = Counter("nova_generation_tokens", "Generated tokens", registry=r)
