@@ -239,16 +239,14 @@ def model_spec(args: argparse.Namespace):
     return ModelSpec.from_dir(resolve_model_dir(args.model))
 
 
-def simulate(measured: dict[str, Any], policy: str, args: argparse.Namespace) -> dict[str, Any]:
+def simulate(measured: dict[str, Any], policy: str, args: argparse.Namespace, cost: Any,
+             spec: Any) -> dict[str, Any]:
     """The simulator's prediction of one measured point (same requests, same policy)."""
-    from nova.cost.profiled import ProfiledCostModel
     from nova.metrics import percentile, request_metrics, summarize
     from nova.sim.eval import Experiment, build_policy
     from nova.sim.frontend import FrontendModel, through_frontend
     from nova.sim.simulator import SimArrival, Simulator
 
-    cost = ProfiledCostModel.from_file(args.profile)
-    spec = model_spec(args)
     exp = Experiment("serve-eval", "", gpu=cost.gpu().name, model=spec.name, rates_rps=(),
                      num_requests=0, max_num_seqs=args.max_num_seqs)
     arrivals = []
@@ -279,6 +277,10 @@ def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
 
     results: dict[str, list[dict]] = {}
     by_kind: dict[str, dict[str, list[dict]]] = {"poisson": {}, "sessions": {}}
+    if args.profile:  # read once for every point
+        from nova.cost.profiled import ProfiledCostModel
+
+        cost, spec = ProfiledCostModel.from_file(args.profile), model_spec(args)
     for policy in args.policies:
         for p in points:
             path = args.out / "runs" / policy / f"{p.name}.json"
@@ -286,7 +288,7 @@ def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
                 continue
             m = json.loads(path.read_text())
             if args.profile:
-                sim = simulate(m, policy, args)
+                sim = simulate(m, policy, args, cost, spec)
                 m["sim"] = sim
                 m["sim_error"] = {k: (sim[k] / m[k] - 1.0) if m[k] else None
                                   for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")}

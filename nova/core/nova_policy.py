@@ -332,9 +332,6 @@ class NovaPolicy(Policy):
         best = self._cache.get((active, draining, int(math.log(max(lam, 1e-3)) / self._log_bucket)))
         return best if best is not None else self._best(active, draining, self.load_estimate(now_s))
 
-    def _better(self, new: Prediction, cur: Prediction, load: LoadEstimate) -> bool:
-        return self._better_at(new, cur, load.lam_rps)
-
     def _better_at(self, new: Prediction, cur: Prediction, lam: float) -> bool:
         if new.partition == cur.partition:
             return False

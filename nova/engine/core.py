@@ -2,7 +2,6 @@
 ``EngineConfig``. The offline ``LLM`` and the asyncio ``AsyncEngine`` both sit on it."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -58,12 +57,6 @@ def default_cost_model(loaded: LoadedModel, device: str, min_pixels: int | None 
     if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):
         spec = spec.with_pixel_limits(min_pixels, max_pixels)
     return make_cost_model("roofline", gpu, spec)
-
-
-def image_hash(pixel_values: Any) -> str:
-    """Content hash of one image's preprocessed pixels (the encoder-cache key)."""
-    data = pixel_values.detach().contiguous().cpu().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:32]
 
 
 class NovaEngine:

@@ -151,10 +151,6 @@ class ImageSizing:
         """Image tokens (placeholders in the prompt) one ``width x height`` image becomes."""
         return self.num_patches(width, height) // (self.merge_size**2)
 
-    def tokens_for_grid(self, grid_thw: tuple[int, int, int] | list[int]) -> int:
-        t, h, w = (int(v) for v in grid_thw)
-        return t * h * w // (self.merge_size**2)
-
 
 def _round_to(x: int, factor: int) -> int:
     # Python's round() (half to even), as the processor uses.
