@@ -27,6 +27,7 @@ from nova.runtime.attention import (  # noqa: E402
     gpu_slug,
     load_selection_table,
     make_attention_backend,
+    needs_gather_views,
 )
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
@@ -230,3 +231,24 @@ def test_gpu_decoder_triton_matches_sdpa(tiny_dirs):
         second = runner.forward([SeqInput([7], len(prompt), table)])
         out[name] = torch.cat([first, second])
     torch.testing.assert_close(out["triton"], out["sdpa"], atol=1e-4, rtol=0)
+
+
+def test_batches_without_gather_views_carry_the_same_paged_fields():
+    """Backends that read the cache in place get batches without the SDPA gather views (no
+    O(B * max_kv) host work); everything else is the same, and SDPA refuses such a batch."""
+    seqs = [SeqInput([5, 6, 7], 0, [3, 1]), SeqInput([9], 6, [0, 2]), SeqInput([4, 4], 3, [5, 6])]
+    full = build_forward_batch(seqs, 4, "cpu")
+    lean = build_forward_batch(seqs, 4, "cpu", gather_views=False)
+    assert lean.kv_gather_index is None and lean.attn_mask is None
+    assert full.kv_gather_index is not None and full.attn_mask is not None
+    for name in ("input_ids", "positions", "slot_mapping", "query_pad_index", "last_token_index",
+                 "block_tables", "seq_lens", "query_start_loc"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    # The new tokens' slots: block_table[p // 4] * 4 + p % 4 at positions cached..context-1.
+    assert full.slot_mapping.tolist() == [12, 13, 14, 10, 23, 24]
+    q = torch.zeros(6, 2, 4)
+    kv = PagedKVCache(1, 8, 4, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="gather_views"):
+        SdpaPagedAttention()(q, q, q, 0, lean, kv, 1.0)
+    assert not needs_gather_views(TritonPagedAttention.__new__(TritonPagedAttention))
+    assert needs_gather_views(SdpaPagedAttention())

@@ -38,6 +38,7 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 class SdpaPagedAttention:
     name = "sdpa"
     static_shapes = False  # gathers to [B, max_kv]: shapes follow the batch's longest context
+    needs_gather_views = True  # reads ForwardBatch.kv_gather_index / attn_mask
 
     def __call__(
         self,
@@ -49,6 +50,9 @@ class SdpaPagedAttention:
         kv_cache: PagedKVCache,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        if batch.kv_gather_index is None or batch.attn_mask is None:
+            raise ValueError("the sdpa attention backend needs a ForwardBatch built with "
+                             "gather_views=True")
         kv_cache.write(layer, batch.slot_mapping, k, v)
         num_tokens, num_heads, head_dim = q.shape
         b, max_q = batch.num_seqs, batch.max_query_len
@@ -65,6 +69,11 @@ class SdpaPagedAttention:
         return out[batch.query_pad_index]
 
 
+def needs_gather_views(backend: Any) -> bool:
+    """Whether ``backend`` reads the SDPA gather views of a ForwardBatch (unknown: assume so)."""
+    return bool(getattr(backend, "needs_gather_views", True))
+
+
 class PhaseSplitAttention:
     """One backend for decode-only forwards (every sequence has one new token), another for
     the rest (prefill, chunked prefill, mixed batches)."""
@@ -76,6 +85,10 @@ class PhaseSplitAttention:
     @property
     def static_shapes(self) -> bool:  # what matters for CUDA graphs: the decode path
         return bool(getattr(self.decode, "static_shapes", False))
+
+    @property
+    def needs_gather_views(self) -> bool:
+        return needs_gather_views(self.decode) or needs_gather_views(self.prefill)
 
     def __call__(self, q, k, v, layer, batch: ForwardBatch, kv_cache: PagedKVCache, scale: float):
         backend = self.decode if batch.max_query_len == 1 else self.prefill

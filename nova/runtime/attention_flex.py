@@ -71,6 +71,7 @@ def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.devic
 
 class FlexPagedAttention:
     name = "flex"
+    needs_gather_views = False  # reads the paged cache in place
     static_shapes = False
 
     def __init__(self, compile: bool = False) -> None:

@@ -20,6 +20,7 @@ def triton_interpreter_on() -> bool:
 
 class TritonPagedAttention:
     name = "triton"
+    needs_gather_views = False  # reads the paged cache in place
     static_shapes = True  # capturable in a CUDA graph for fixed (num_seqs, max_query_len)
 
     def __init__(self) -> None:

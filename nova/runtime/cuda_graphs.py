@@ -194,7 +194,7 @@ class StaticDecodeRunner:
         n, buf = len(seqs), self._buf
         # The eager builder gives positions in the model's layout ([T] or e.g. [3, T] for
         # M-RoPE) and the slots; only the last dimension (tokens) is padded here.
-        eager = build_forward_batch(seqs, self.block_size, self.device)
+        eager = build_forward_batch(seqs, self.block_size, self.device, gather_views=False)
         if buf.positions is None or buf.positions.shape[:-1] != eager.positions.shape[:-1]:
             buf.positions = torch.zeros(*eager.positions.shape[:-1], buf.input_ids.shape[0],
                                         dtype=eager.positions.dtype, device=self.device)
@@ -219,9 +219,9 @@ class StaticDecodeRunner:
             positions=buf.positions[..., :bucket],
             slot_mapping=buf.slot_mapping[:bucket],
             query_pad_index=rows,
-            # Unused by static-shape backends (the SDPA gather path is never captured).
-            kv_gather_index=torch.zeros(bucket, 1, dtype=torch.long, device=self.device),
-            attn_mask=torch.ones(bucket, 1, 1, 1, dtype=torch.bool, device=self.device),
+            # Static-shape backends read the cache in place (the SDPA gather path is never captured).
+            kv_gather_index=None,
+            attn_mask=None,
             last_token_index=rows,
             num_seqs=bucket,
             max_query_len=1,

@@ -50,8 +50,10 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64 rotary positions; [3, T] if a sequence gave mrope_positions
     slot_mapping: torch.Tensor  # [T] int64, KV slot each new token writes
     query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] padded queries
-    kv_gather_index: torch.Tensor  # [B, max_kv] int64, slots to read (padding reads slot 0)
-    attn_mask: torch.Tensor  # [B, 1, max_q, max_kv] bool, True = may attend
+    # The SDPA reference path's padded views (None when built with gather_views=False: the
+    # in-place kernels never read them, and they cost O(B * max_kv) host work per forward).
+    kv_gather_index: torch.Tensor | None  # [B, max_kv] int64, slots to read (padding reads slot 0)
+    attn_mask: torch.Tensor | None  # [B, 1, max_q, max_kv] bool, True = may attend
     last_token_index: torch.Tensor  # [B] int64, index of each sequence's last new token in [T]
     num_seqs: int
     max_query_len: int
@@ -72,8 +74,10 @@ class ForwardBatch:
 
 
 def build_forward_batch(
-    seqs: list[SeqInput], block_size: int, device: torch.device | str
+    seqs: list[SeqInput], block_size: int, device: torch.device | str, gather_views: bool = True
 ) -> ForwardBatch:
+    """``gather_views``: also build the SDPA path's ``kv_gather_index`` and ``attn_mask``
+    (``False`` for backends that read the paged cache in place)."""
     if not seqs:
         raise ValueError("a forward needs at least one sequence")
     ids: list[int] = []
@@ -83,7 +87,7 @@ def build_forward_batch(
     last_index: list[int] = []
     max_q = max(s.num_new_tokens for s in seqs)
     max_kv = max(s.context_len for s in seqs)
-    gather = torch.zeros(len(seqs), max_kv, dtype=torch.long)
+    gather = torch.zeros(len(seqs), max_kv, dtype=torch.long) if gather_views else None
     for b, s in enumerate(seqs):
         if s.num_new_tokens == 0:
             raise ValueError(f"sequence {b} has no new tokens")
@@ -93,17 +97,38 @@ def build_forward_batch(
                 f"{s.context_len} tokens at block size {block_size}"
             )
         table = torch.tensor(s.block_table, dtype=torch.long)
-        pos = torch.arange(s.context_len, dtype=torch.long)
+        # Slots of the whole context for the gather view, else of the new tokens only.
+        first = 0 if gather_views else s.num_cached_tokens
+        pos = torch.arange(first, s.context_len, dtype=torch.long)
         seq_slots = table[pos // block_size] * block_size + pos % block_size
-        gather[b, : s.context_len] = seq_slots
+        if gather is not None:
+            gather[b, : s.context_len] = seq_slots
         new_pos = list(range(s.num_cached_tokens + s.position_offset,
                              s.context_len + s.position_offset))
         ids.extend(s.token_ids)
         positions.extend(new_pos)
-        slots.extend(seq_slots[s.num_cached_tokens :].tolist())
+        slots.extend(seq_slots[s.num_cached_tokens - first :].tolist())
         pad_index.extend(b * max_q + i for i in range(s.num_new_tokens))
         last_index.append(len(ids) - 1)
-    # Query i of sequence b sits at absolute position cached_b + i and may attend keys 0..that.
+    return ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=_rotary_positions(seqs, positions, device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        query_pad_index=torch.tensor(pad_index, dtype=torch.long, device=device),
+        kv_gather_index=gather.to(device) if gather is not None else None,
+        attn_mask=_causal_mask(seqs, max_q, max_kv).to(device) if gather_views else None,
+        last_token_index=torch.tensor(last_index, dtype=torch.long, device=device),
+        num_seqs=len(seqs),
+        max_query_len=max_q,
+        mm_embeds=[s.mm_embeds for s in seqs],
+        **_paged_kernel_fields(seqs, device),
+    )
+
+
+def _causal_mask(seqs: list[SeqInput], max_q: int, max_kv: int) -> torch.Tensor:
+    """[B, 1, max_q, max_kv]: query i of sequence b sits at absolute position cached_b + i and
+    may attend keys 0..that. Padded query rows attend key 0 only, so softmax never sees an
+    all-masked row (no NaN)."""
     q_pos = torch.zeros(len(seqs), max_q, dtype=torch.long)
     q_valid = torch.zeros(len(seqs), max_q, dtype=torch.bool)
     for b, s in enumerate(seqs):
@@ -111,22 +136,9 @@ def build_forward_batch(
         q_valid[b, : s.num_new_tokens] = True
     k_pos = torch.arange(max_kv)
     mask = k_pos[None, None, :] <= q_pos[:, :, None]
-    # Padded query rows attend key 0 only, so softmax never sees an all-masked row (no NaN).
     mask &= q_valid[:, :, None]
     mask[:, :, 0] |= ~q_valid
-    return ForwardBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=_rotary_positions(seqs, positions, device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        query_pad_index=torch.tensor(pad_index, dtype=torch.long, device=device),
-        kv_gather_index=gather.to(device),
-        attn_mask=mask[:, None].to(device),
-        last_token_index=torch.tensor(last_index, dtype=torch.long, device=device),
-        num_seqs=len(seqs),
-        max_query_len=max_q,
-        mm_embeds=[s.mm_embeds for s in seqs],
-        **_paged_kernel_fields(seqs, device),
-    )
+    return mask[:, None]
 
 
 def _paged_kernel_fields(seqs: list[SeqInput], device: torch.device | str) -> dict:

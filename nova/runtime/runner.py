@@ -15,7 +15,7 @@ from nova.core.block_manager import BlockManager
 from nova.gpu.memory import MemoryReport, module_bytes
 from nova.gpu.offload import LayerStreamer, StreamOps, stream_vision_layers
 from nova.models.loader import LoadedModel
-from nova.runtime.attention import make_attention_backend
+from nova.runtime.attention import make_attention_backend, needs_gather_views
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.kv_cache import PagedKVCache
@@ -93,6 +93,7 @@ class ModelRunner:
         self.block_manager = BlockManager(num_blocks, cache.block_size)
         self.attention = make_attention_backend(attention_backend, self.device, cuda_graphs)
         self.model.decoder.set_attention_backend(self.attention)
+        self._gather_views = needs_gather_views(self.attention)
         no_graphs = "disabled" if not cuda_graphs else graphs_unavailable_reason(
             self.device, self.attention)
         # Decode graphs pad their batch with rows that write a scratch block: one block beyond
@@ -147,5 +148,5 @@ class ModelRunner:
             logits = self.decode_graphs.run(seqs, partition_key)
             if logits is not None:
                 return logits
-        batch = build_forward_batch(seqs, self.block_size, self.device)
+        batch = build_forward_batch(seqs, self.block_size, self.device, self._gather_views)
         return self.model.last_token_logits(batch, self.kv_cache)
