@@ -17,9 +17,11 @@ Results: ``benchmarks/results/<gpu-slug>/attention_decode.json`` and ``.md`` (wi
 name) and ``benchmarks/results/<gpu-slug>/attention.json`` (the selection table).
 
 Usage (GPU):  .venv/bin/python benchmarks/attention_decode.py [--model qwen2.5-7b]
-CPU smoke:    TRITON_INTERPRET=1 .venv/bin/python benchmarks/attention_decode.py --smoke --out /tmp/x
+CPU smoke:    TRITON_INTERPRET=1 .venv/bin/python benchmarks/attention_decode.py --smoke --out
+/tmp/x
               (tiny shapes and a tiny model; checks the script end to end, measures nothing useful)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,7 +96,7 @@ def make_backend(name: str, device: torch.device):
         return TritonPagedAttention()
     from nova.runtime.attention_flex import FlexPagedAttention
 
-    return FlexPagedAttention(compile=device.type == "cuda")
+    return FlexPagedAttention(use_compile=device.type == "cuda")
 
 
 def attention_case(case, heads, kv_heads, head_dim, dtype, device):
@@ -108,7 +110,7 @@ def attention_case(case, heads, kv_heads, head_dim, dtype, device):
     seqs, used = [], 0
     for new, cached in case:
         n = -(-(new + cached) // BLOCK_SIZE)
-        seqs.append(SeqInput([1] * new, cached, perm[used: used + n]))
+        seqs.append(SeqInput([1] * new, cached, perm[used : used + n]))
         used += n
     batch = build_forward_batch(seqs, BLOCK_SIZE, device)
     t = batch.input_ids.shape[0]
@@ -120,9 +122,12 @@ def attention_case(case, heads, kv_heads, head_dim, dtype, device):
 
 def bench_attention(args, model_cfg, device, dtype, backends) -> dict:
     heads, kv_heads, head_dim = model_cfg
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out: dict = {"decode": {}, "prefill": {}}
-    for phase, shapes in (("prefill", prefill_shapes(args.smoke)), ("decode", decode_shapes(args.smoke))):
+    for phase, shapes in (
+        ("prefill", prefill_shapes(args.smoke)),
+        ("decode", decode_shapes(args.smoke)),
+    ):
         for shape_name, case in shapes.items():
             cache, batch, q, k, v = attention_case(case, heads, kv_heads, head_dim, dtype, device)
             ref = SdpaPagedAttention()(q, k, v, 0, batch, cache, scale).float()
@@ -130,14 +135,16 @@ def bench_attention(args, model_cfg, device, dtype, backends) -> dict:
             for name in backends:
                 try:
                     backend = make_backend(name, device)
+
                     # Fresh metadata per call (a real forward builds it once for all layers).
                     def call(backend=backend):
                         batch.attn_metadata.clear()
                         return backend(q, k, v, 0, batch, cache, scale)
+
                     err = (call().float() - ref).abs().max().item()
                     ms = time_ms(call, device, args.iters, args.warmup)
                     row[name] = {"ms": round(ms, 4), "max_abs_err_vs_sdpa": err}
-                except Exception as exc:  # a backend that cannot run this shape is recorded
+                except Exception as exc:  # noqa: BLE001 - a backend that cannot run a shape is recorded
                     row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(f"{phase:8s} {shape_name:22s} {name:7s} {row[name]}", flush=True)
             out[phase][shape_name] = row
@@ -158,8 +165,8 @@ def choose(per_phase: dict) -> str:
 
 # -- decode step ------------------------------------------------------------------------------
 def bench_decode_step(args, device, dtype) -> dict:
-    from nova.engine.core import _device_gpu_spec
     from nova.cost.gpus import get_gpu
+    from nova.engine.core import _device_gpu_spec
     from nova.models.loader import load_model
     from nova.runtime.runner import CacheConfig, ModelRunner
 
@@ -176,9 +183,13 @@ def bench_decode_step(args, device, dtype) -> dict:
         if graphs and device.type != "cuda":
             continue
         num_blocks = max(batches) * (-(-(ctx + args.iters + args.warmup + 8) // BLOCK_SIZE)) + 8
-        runner = ModelRunner(loaded, CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
-                             attention_backend="triton" if device.type == "cuda" else "sdpa",
-                             cuda_graphs=graphs, max_num_seqs=max(batches))
+        runner = ModelRunner(
+            loaded,
+            CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
+            attention_backend="triton" if device.type == "cuda" else "sdpa",
+            cuda_graphs=graphs,
+            max_num_seqs=max(batches),
+        )
         bm = runner.block_manager
         for batch in batches:
             ids = [f"b{batch}-{i}" for i in range(batch)]
@@ -198,40 +209,73 @@ def bench_decode_step(args, device, dtype) -> dict:
             ms = time_ms(step, device, args.iters, args.warmup)
             for sid in ids:
                 bm.free(sid)
-            rows.append({"batch": batch, "context": ctx, "cuda_graphs": graphs,
-                         "step_ms": round(ms, 4), "bound_ms": round(bound_ms, 4),
-                         "bound_fraction": round(bound_ms / ms, 4)})
-            print(f"decode step b={batch} graphs={graphs}: {ms:.3f} ms "
-                  f"(bound {bound_ms:.3f} ms, {bound_ms / ms:.0%})", flush=True)
-        del runner
-    return {"model": str(model), "dtype": str(dtype).removeprefix("torch."),
-            "weight_bytes": weight_bytes, "gpu_spec": spec.name, "hbm_gbps": spec.hbm_gbps,
-            "bound_ms": bound_ms, "rows": rows}
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": ctx,
+                    "cuda_graphs": graphs,
+                    "step_ms": round(ms, 4),
+                    "bound_ms": round(bound_ms, 4),
+                    "bound_fraction": round(bound_ms / ms, 4),
+                }
+            )
+            print(
+                f"decode step b={batch} graphs={graphs}: {ms:.3f} ms "
+                f"(bound {bound_ms:.3f} ms, {bound_ms / ms:.0%})",
+                flush=True,
+            )
+        runner = None  # free the cache before the next build
+    return {
+        "model": str(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "weight_bytes": weight_bytes,
+        "gpu_spec": spec.name,
+        "hbm_gbps": spec.hbm_gbps,
+        "bound_ms": bound_ms,
+        "rows": rows,
+    }
 
 
 # -- report -----------------------------------------------------------------------------------
 def write_markdown(path: Path, res: dict) -> None:
-    lines = [f"# Attention backends and decode step on {res['gpu']}", "",
-             f"torch {res['torch']}, triton {res['triton']}, {res['dtype']}, block size "
-             f"{BLOCK_SIZE}, heads {res['heads']} (median of {res['iters']} runs).", "",
-             f"Selected: prefill **{res['selected']['prefill']}**, decode "
-             f"**{res['selected']['decode']}** (written to attention.json).", ""]
+    lines = [
+        f"# Attention backends and decode step on {res['gpu']}",
+        "",
+        f"torch {res['torch']}, triton {res['triton']}, {res['dtype']}, block size "
+        f"{BLOCK_SIZE}, heads {res['heads']} (median of {res['iters']} runs).",
+        "",
+        f"Selected: prefill **{res['selected']['prefill']}**, decode "
+        f"**{res['selected']['decode']}** (written to attention.json).",
+        "",
+    ]
     for phase in ("prefill", "decode"):
-        lines += [f"## {phase} (one layer, ms)", "", "| shape | " + " | ".join(BACKEND_NAMES) + " |",
-                  "|---|" + "---|" * len(BACKEND_NAMES)]
+        lines += [
+            f"## {phase} (one layer, ms)",
+            "",
+            "| shape | " + " | ".join(BACKEND_NAMES) + " |",
+            "|---|" + "---|" * len(BACKEND_NAMES),
+        ]
         for shape, row in res["attention"][phase].items():
-            cells = [f"{row[n]['ms']:.4f}" if "ms" in row.get(n, {}) else "error"
-                     for n in BACKEND_NAMES]
+            cells = [
+                f"{row[n]['ms']:.4f}" if "ms" in row.get(n, {}) else "error" for n in BACKEND_NAMES
+            ]
             lines.append(f"| {shape} | " + " | ".join(cells) + " |")
         lines.append("")
     d = res["decode_step"]
-    lines += ["## Decode step (whole model)", "",
-              f"{d['model']} dummy weights, {d['weight_bytes'] / 1e9:.2f} GB; bound = weight bytes "
-              f"/ {d['hbm_gbps']:.0f} GB/s ({d['gpu_spec']}) = {d['bound_ms']:.3f} ms.", "",
-              "| batch | context | CUDA graphs | step ms | bound / step |", "|---|---|---|---|---|"]
+    lines += [
+        "## Decode step (whole model)",
+        "",
+        f"{d['model']} dummy weights, {d['weight_bytes'] / 1e9:.2f} GB; bound = weight bytes "
+        f"/ {d['hbm_gbps']:.0f} GB/s ({d['gpu_spec']}) = {d['bound_ms']:.3f} ms.",
+        "",
+        "| batch | context | CUDA graphs | step ms | bound / step |",
+        "|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {r['cuda_graphs']} | {r['step_ms']:.3f} "
-                     f"| {r['bound_fraction']:.0%} |")
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['cuda_graphs']} | {r['step_ms']:.3f} "
+            f"| {r['bound_fraction']:.0%} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -262,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         if not triton_interpreter_on():
             args.backends = [b for b in args.backends if b != "triton"]
     else:
-        print("attention_decode.py measures a GPU and none is visible (torch.cuda.is_available() "
-              "is False). Run it on a CUDA machine, or pass --smoke for a tiny CPU run of the "
-              "script itself.", file=sys.stderr)
+        print(
+            "attention_decode.py measures a GPU and none is visible (torch.cuda.is_available() "
+            "is False). Run it on a CUDA machine, or pass --smoke for a tiny CPU run of the "
+            "script itself.",
+            file=sys.stderr,
+        )
         return 2
     from nova.config import torch_dtype
     from nova.models.loader import read_config, resolve_model_dir
@@ -276,27 +323,51 @@ def main(argv: list[str] | None = None) -> int:
         _, hf = read_config(resolve_model_dir(args.smoke_model if args.smoke else args.model))
         text = getattr(hf, "text_config", None) or hf
         h = text.num_attention_heads
-        heads = (h, text.num_key_value_heads, getattr(text, "head_dim", None) or text.hidden_size // h)
+        heads = (
+            h,
+            text.num_key_value_heads,
+            getattr(text, "head_dim", None) or text.hidden_size // h,
+        )
     torch.manual_seed(0)
     attention = bench_attention(args, heads, device, dtype, args.backends)
     selected = {"prefill": choose(attention["prefill"]), "decode": choose(attention["decode"])}
     decode_step = bench_decode_step(args, device, dtype)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    res = {"gpu": gpu, "device": str(device), "torch": torch.__version__, "triton": triton_version,
-           "host": platform.node(), "dtype": args.dtype, "model": args.model, "heads": heads,
-           "iters": args.iters, "attention": attention, "selected": selected,
-           "decode_step": decode_step}
+    res = {
+        "gpu": gpu,
+        "device": str(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "host": platform.node(),
+        "dtype": args.dtype,
+        "model": args.model,
+        "heads": heads,
+        "iters": args.iters,
+        "attention": attention,
+        "selected": selected,
+        "decode_step": decode_step,
+    }
     out_dir = args.out / gpu_slug(gpu)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "attention_decode.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(out_dir / "attention_decode.md", res)
-    (out_dir / "attention.json").write_text(json.dumps(
-        {"gpu": gpu, **selected, "source": "benchmarks/attention_decode.py",
-         "rule": "lowest summed median per phase"}, indent=2) + "\n")
+    (out_dir / "attention.json").write_text(
+        json.dumps(
+            {
+                "gpu": gpu,
+                **selected,
+                "source": "benchmarks/attention_decode.py",
+                "rule": "lowest summed median per phase",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out_dir}/attention_decode.json, .md and attention.json")
     return 0
 

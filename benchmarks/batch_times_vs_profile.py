@@ -6,6 +6,7 @@ it with the profiled cost model's prediction for that same batch. Also compares 
 time with the sum of batch times (= the engine's own scheduling overhead).
 Writes benchmarks/results/batch_times_vs_profile_cpu.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,10 @@ def main() -> None:
 
     nova.executor.execute = timed
     msgs = chat_messages("Open settings and turn on Wi-Fi.", num_images=1)
-    prompts = [nova.processor.from_chat(msgs, [make_screenshot(i, 280, 280)]) for i in range(args.num_requests)]
+    prompts = [
+        nova.processor.from_chat(msgs, [make_screenshot(i, 280, 280)])
+        for i in range(args.num_requests)
+    ]
     load_before = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     nova.run_all(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
@@ -55,32 +59,53 @@ def main() -> None:
     load_after = round(os.getloadavg()[0], 2)
     rows = {}
     for batch, measured_s in spans:
-        row = rows.setdefault(batch.stage.value, {"num_batches": 0, "measured_s": 0.0, "predicted_s": 0.0})
+        row = rows.setdefault(
+            batch.stage.value, {"num_batches": 0, "measured_s": 0.0, "predicted_s": 0.0}
+        )
         row["num_batches"] += 1
         row["measured_s"] += measured_s
         row["predicted_s"] += cost.time_s(StageWork.from_batch(batch), 1.0)
     for row in rows.values():
         row["ratio"] = row["measured_s"] / row["predicted_s"]
     meta = cost.metadata
-    report = {"benchmark": "batch_times_vs_profile", "profile": PROFILE.name, "machine": machine(),
-              "loadavg_1min_before_after": [load_before, load_after],
-              "profile_metadata": {k: meta.get(k) for k in ("date", "timed", "statistic", "passes",
-                                                             "repeats", "loadavg_1min")},
-              "num_requests": args.num_requests, "max_tokens": args.max_tokens,
-              "wall_s": wall_s, "sum_of_batches_s": sum(d for _, d in spans), "stages": rows}
+    report = {
+        "benchmark": "batch_times_vs_profile",
+        "profile": PROFILE.name,
+        "machine": machine(),
+        "loadavg_1min_before_after": [load_before, load_after],
+        "profile_metadata": {
+            k: meta.get(k)
+            for k in ("date", "timed", "statistic", "passes", "repeats", "loadavg_1min")
+        },
+        "num_requests": args.num_requests,
+        "max_tokens": args.max_tokens,
+        "wall_s": wall_s,
+        "sum_of_batches_s": sum(d for _, d in spans),
+        "stages": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch_times_vs_profile_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Real batch times vs the CPU profile (demo model, policy sequential)", "",
-             f"Machine: {report['machine']}; 1-minute load average before/after the run: "
-             f"{load_before}/{load_after}.", "",
-             f"Profile: {PROFILE.name} ({meta.get('date')}, {meta.get('statistic')}, timed: {meta.get('timed')}, "
-             f"load during profiling {meta.get('loadavg_1min')}).", "",
-             f"{args.num_requests} requests, one screenshot each, {args.max_tokens} output tokens. "
-             f"Wall {wall_s:.2f} s; sum of batch times {report['sum_of_batches_s']:.2f} s.", "",
-             "| stage | batches | measured s | profile predicts s | measured / predicted |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Real batch times vs the CPU profile (demo model, policy sequential)",
+        "",
+        f"Machine: {report['machine']}; 1-minute load average before/after the run: "
+        f"{load_before}/{load_after}.",
+        "",
+        f"Profile: {PROFILE.name} ({meta.get('date')}, {meta.get('statistic')}, timed: "
+        f"{meta.get('timed')}, "
+        f"load during profiling {meta.get('loadavg_1min')}).",
+        "",
+        f"{args.num_requests} requests, one screenshot each, {args.max_tokens} output tokens. "
+        f"Wall {wall_s:.2f} s; sum of batch times {report['sum_of_batches_s']:.2f} s.",
+        "",
+        "| stage | batches | measured s | profile predicts s | measured / predicted |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for stage, r in rows.items():
-        lines.append(f"| {stage} | {r['num_batches']} | {r['measured_s']:.2f} | {r['predicted_s']:.2f} | {r['ratio']:.2f} |")
+        lines.append(
+            f"| {stage} | {r['num_batches']} | {r['measured_s']:.2f} | {r['predicted_s']:.2f} | "
+            f"{r['ratio']:.2f} |"
+        )
     (args.out / "batch_times_vs_profile_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

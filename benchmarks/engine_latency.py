@@ -12,6 +12,7 @@ same work) arrive together as one burst at t=0, and each system serves them:
 Latencies are measured from the burst (t=0). Results: benchmarks/results/engine_<device>.{json,md}.
 Usage: .venv/bin/python benchmarks/engine_latency.py [--num-requests 64] [--max-tokens 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from runtime_throughput import machine
 
 from nova.config import EngineConfig
 from nova.demo import AGENT_INSTRUCTIONS, AGENT_SYSTEM, TEXT_QUESTIONS
@@ -30,8 +32,6 @@ from nova.runtime.generate import GenerationRequest, generate
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
 from nova.types import Request, RequestStatus, RequestTimes
-
-from runtime_throughput import machine
 
 
 def build_prompts(nova: NovaEngine, n: int) -> list[PromptInput]:
@@ -76,8 +76,13 @@ def run_one_at_a_time(nova: NovaEngine, prompts, params) -> tuple[list[Request],
         last = first + res.decode_s
         n = len(res.output_token_ids)
         step = (last - first) / max(1, n - 1)
-        times = RequestTimes(arrival_s=0.0, prefill_start_s=start + res.vision_s, prefill_end_s=first,
-                             token_s=[first + k * step for k in range(n)], finish_s=last)
+        times = RequestTimes(
+            arrival_s=0.0,
+            prefill_start_s=start + res.vision_s,
+            prefill_end_s=first,
+            token_s=[first + k * step for k in range(n)],
+            finish_s=last,
+        )
         if res.vision_s:
             times.vision_start_s, times.vision_end_s = start, start + res.vision_s
         clock = last
@@ -106,25 +111,39 @@ class _TokenClock:
 def run_transformers(nova: NovaEngine, prompts, max_tokens: int) -> tuple[list[Request], float]:
     from transformers import LlavaForConditionalGeneration
 
-    hf = LlavaForConditionalGeneration.from_pretrained(nova.loaded.model_dir, dtype=torch.float32).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        nova.loaded.model_dir, dtype=torch.float32
+    ).eval()
     pad = nova.loaded.tokenizer.pad_token_id or 0
     width = max(len(p.token_ids) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p.token_ids):] = torch.tensor(p.token_ids)
-        mask[i, width - len(p.token_ids):] = 1
+        ids[i, width - len(p.token_ids) :] = torch.tensor(p.token_ids)
+        mask[i, width - len(p.token_ids) :] = 1
     pixels = torch.cat([p.pixel_values for p in prompts if p.pixel_values is not None])
     clock = _TokenClock()
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
-                          max_new_tokens=max_tokens, min_new_tokens=max_tokens, streamer=clock)
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            streamer=clock,
+        )
     wall = time.perf_counter() - clock.t0
     assert out.shape[1] == width + max_tokens and len(clock.token_s) == max_tokens
     reqs = []
     for i, p in enumerate(prompts):
-        times = RequestTimes(arrival_s=0.0, prefill_start_s=0.0, prefill_end_s=clock.token_s[0],
-                             token_s=list(clock.token_s), finish_s=clock.token_s[-1])
+        times = RequestTimes(
+            arrival_s=0.0,
+            prefill_start_s=0.0,
+            prefill_end_s=clock.token_s[0],
+            token_s=list(clock.token_s),
+            finish_s=clock.token_s[-1],
+        )
         reqs.append(synthetic_request(f"r{i}", p, max_tokens, times))
     return reqs, wall
 
@@ -143,8 +162,9 @@ def main() -> None:
     nova = None
     results = {}
     for policy in args.policies:
-        nova = NovaEngine(EngineConfig(model=args.model, policy=policy),
-                          loaded=nova.loaded if nova else None)
+        nova = NovaEngine(
+            EngineConfig(model=args.model, policy=policy), loaded=nova.loaded if nova else None
+        )
         prompts = build_prompts(nova, args.num_requests)
         reqs, wall = run_engine(nova, prompts, params)
         results[f"engine:{policy}"] = (reqs, wall)
@@ -153,24 +173,39 @@ def main() -> None:
         results["transformers_batched"] = run_transformers(nova, prompts, args.max_tokens)
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    report = {"benchmark": "engine_latency", "model": args.model, "num_requests": args.num_requests,
-              "num_with_image": sum(p.pixel_values is not None for p in prompts),
-              "max_tokens": args.max_tokens, "arrivals": "one burst at t=0",
-              "machine": machine(), "systems": {}}
-    lines = [f"# Engine latency: {args.num_requests} requests in one burst, {args.model} ({device})", "",
-             f"Machine: {report['machine']}", "",
-             f"{report['num_with_image']} with a screenshot, the rest text; {args.max_tokens} output "
-             "tokens each (EOS ignored); latencies from the burst.", "",
-             "| system | wall s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E mean ms | E2E p50 ms | E2E p99 ms | E2E max ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    report = {
+        "benchmark": "engine_latency",
+        "model": args.model,
+        "num_requests": args.num_requests,
+        "num_with_image": sum(p.pixel_values is not None for p in prompts),
+        "max_tokens": args.max_tokens,
+        "arrivals": "one burst at t=0",
+        "machine": machine(),
+        "systems": {},
+    }
+    lines = [
+        f"# Engine latency: {args.num_requests} requests in one burst, {args.model} ({device})",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        f"{report['num_with_image']} with a screenshot, the rest text; {args.max_tokens} output "
+        "tokens each (EOS ignored); latencies from the burst.",
+        "",
+        "| system | wall s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E "
+        "mean ms | E2E p50 ms | E2E p99 ms | E2E max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, (reqs, wall) in results.items():
         s = summarize([request_metrics(r) for r in reqs], duration_s=wall)
         report["systems"][name] = {"wall_s": round(wall, 3), **summary_to_dict(s)}
         print(format_summary_table(s, title=name), flush=True)
         ms = lambda v: f"{v * 1e3:.0f}"  # noqa: E731
-        lines.append(f"| {name} | {wall:.2f} | {s.request_throughput_rps:.2f} | {s.output_throughput_tps:.1f} "
-                     f"| {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p50)} | {ms(s.e2e.mean)} "
-                     f"| {ms(s.e2e.p50)} | {ms(s.e2e.p99)} | {ms(s.e2e.max)} |")
+        lines.append(
+            f"| {name} | {wall:.2f} | {s.request_throughput_rps:.2f} | "
+            f"{s.output_throughput_tps:.1f} "
+            f"| {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p50)} | {ms(s.e2e.mean)} "
+            f"| {ms(s.e2e.p50)} | {ms(s.e2e.p99)} | {ms(s.e2e.max)} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"engine_{device}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"engine_{device}.md").write_text("\n".join(lines) + "\n")

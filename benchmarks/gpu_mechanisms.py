@@ -25,6 +25,7 @@ Usage on a GPU machine:
     .venv/bin/python benchmarks/gpu_mechanisms.py            # ~5-10 min on an H100
     .venv/bin/python -m pytest -q -m gpu tests/test_partition.py tests/test_offload.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,7 +122,9 @@ def grid_shares(backend: PartitionBackend, max_points: int) -> list[float]:
     return sorted({n / g.num_sms for n in picked} | {1.0})
 
 
-def stage_vs_sms(backend: PartitionBackend, jobs: dict[str, Job], cuda: bool, args: argparse.Namespace) -> list[dict]:
+def stage_vs_sms(
+    backend: PartitionBackend, jobs: dict[str, Job], cuda: bool, args: argparse.Namespace
+) -> list[dict]:
     rows = []
     for share in grid_shares(backend, args.points):
         row: dict[str, Any] = {"share": share, "granted_sms": backend.share_granted_sms(share)}
@@ -129,13 +132,18 @@ def stage_vs_sms(backend: PartitionBackend, jobs: dict[str, Job], cuda: bool, ar
             for name, job in jobs.items():
                 row[f"{name}_ms"] = time_ms(job, cuda, args.warmup, args.repeats)
         rows.append(row)
-        print(f"  share {share:.3f} ({row['granted_sms']} SMs): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_ms")), flush=True)
+        print(
+            f"  share {share:.3f} ({row['granted_sms']} SMs): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_ms")),
+            flush=True,
+        )
     return rows
 
 
 # -- 2. co-running with and without partitions -----------------------------------------------------
-def corun(backend: PartitionBackend, decode: Job, prefill: Job, cuda: bool, args: argparse.Namespace) -> dict:
+def corun(
+    backend: PartitionBackend, decode: Job, prefill: Job, cuda: bool, args: argparse.Namespace
+) -> dict:
     shared = Partition.shared()
     d = args.corun_decode_share
     split = Partition(vision=1.0 - d, prefill=1.0 - d, decode=d, name="split")
@@ -171,19 +179,29 @@ def corun(backend: PartitionBackend, decode: Job, prefill: Job, cuda: bool, args
     if backend.enforces_limits:
         out["partitioned"] = measure(split, True)
         out["partitioned"]["granted_sms"] = {
-            s.value: backend.granted_sms(s, split) for s in (Stage.PREFILL, Stage.DECODE)}
+            s.value: backend.granted_sms(s, split) for s in (Stage.PREFILL, Stage.DECODE)
+        }
     print(f"  corun: {json.dumps(out)}", flush=True)
     return out
 
 
-# -- 3. vision weight streaming ----------------------------------------------------------------------
+# -- 3. vision weight streaming
+# ----------------------------------------------------------------------
 def offload(loaded: Any, vision_job: Job, cuda: bool, args: argparse.Namespace) -> list[dict]:
     rows = []
     base_ms = time_ms(vision_job, cuda, args.warmup, args.repeats)
     layers = loaded.model.vision.streamable_layers()
     encoder_bytes = sum(p.numel() * p.element_size() for p in layers.parameters())
-    rows.append({"k": 0, "vision_ms": base_ms, "overhead": 0.0, "saved_bytes": 0,
-                 "encoder_layer_bytes": encoder_bytes, "saved_ratio": 0.0})
+    rows.append(
+        {
+            "k": 0,
+            "vision_ms": base_ms,
+            "overhead": 0.0,
+            "saved_bytes": 0,
+            "encoder_layer_bytes": encoder_bytes,
+            "saved_ratio": 0.0,
+        }
+    )
     for k in args.offload_k:
         if k >= len(layers):
             continue
@@ -194,27 +212,58 @@ def offload(loaded: Any, vision_job: Job, cuda: bool, args: argparse.Namespace) 
         ms = time_ms(vision_job, cuda, args.warmup, args.repeats)
         st = streamer.stats
         measured_saved = (before - after) if cuda else None
-        rows.append({
-            "k": k, "vision_ms": ms, "overhead": ms / base_ms - 1.0, "saved_bytes": st.saved_bytes,
-            "measured_saved_bytes": measured_saved, "encoder_layer_bytes": encoder_bytes,
-            "saved_ratio": st.saved_bytes / encoder_bytes,
-            "pcie_gb_per_s_needed": st.streamed_bytes / (ms / 1e3) / 1e9})
+        rows.append(
+            {
+                "k": k,
+                "vision_ms": ms,
+                "overhead": ms / base_ms - 1.0,
+                "saved_bytes": st.saved_bytes,
+                "measured_saved_bytes": measured_saved,
+                "encoder_layer_bytes": encoder_bytes,
+                "saved_ratio": st.saved_bytes / encoder_bytes,
+                "pcie_gb_per_s_needed": st.streamed_bytes / (ms / 1e3) / 1e9,
+            }
+        )
         streamer.remove()
-        print(f"  offload K={k}: vision {ms:.2f} ms ({rows[-1]['overhead']:+.1%}), "
-              f"saved {st.saved_bytes / 2**20:.0f} MiB ({rows[-1]['saved_ratio']:.1%})", flush=True)
+        print(
+            f"  offload K={k}: vision {ms:.2f} ms ({rows[-1]['overhead']:+.1%}), "
+            f"saved {st.saved_bytes / 2**20:.0f} MiB ({rows[-1]['saved_ratio']:.1%})",
+            flush=True,
+        )
     return rows
 
 
-# -- the run -----------------------------------------------------------------------------------------
+# -- the run
+# -----------------------------------------------------------------------------------------
 def _tiny_llava(root: Path) -> Path:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       bos_token_id=1, eos_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                              num_attention_heads=4, image_size=64, patch_size=8, projection_dim=64)
+    text = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        projection_dim=64,
+    )
     cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_id=500)
     LlavaForConditionalGeneration(cfg).save_pretrained(root / "tiny-llava")
     return root / "tiny-llava"
@@ -229,37 +278,64 @@ def gpu_dir_name(device: torch.device) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"# GPU mechanisms on {res['gpu']}", "",
-             f"torch {res['torch']}, CUDA {res['cuda']}, model {res['model']} ({res['dtype']}); "
-             f"backend: {res['backend']}", "", "## Stage latency vs SM count", "",
-             "| share | granted SMs | " + " | ".join(k for k in res["stage_vs_sms"][0] if k.endswith("_ms")) + " |",
-             "|---|---|" + "---|" * sum(k.endswith("_ms") for k in res["stage_vs_sms"][0])]
+    lines = [
+        f"# GPU mechanisms on {res['gpu']}",
+        "",
+        f"torch {res['torch']}, CUDA {res['cuda']}, model {res['model']} ({res['dtype']}); "
+        f"backend: {res['backend']}",
+        "",
+        "## Stage latency vs SM count",
+        "",
+        "| share | granted SMs | "
+        + " | ".join(k for k in res["stage_vs_sms"][0] if k.endswith("_ms"))
+        + " |",
+        "|---|---|" + "---|" * sum(k.endswith("_ms") for k in res["stage_vs_sms"][0]),
+    ]
     for r in res["stage_vs_sms"]:
-        lines.append(f"| {r['share']:.3f} | {r['granted_sms']} | " + " | ".join(
-            f"{v:.2f}" for k, v in r.items() if k.endswith("_ms")) + " |")
+        lines.append(
+            f"| {r['share']:.3f} | {r['granted_sms']} | "
+            + " | ".join(f"{v:.2f}" for k, v in r.items() if k.endswith("_ms"))
+            + " |"
+        )
     c = res["corun"]
-    lines += ["", "## Co-running decode with prefill", "",
-              "| setting | decode step ms | prefill ms |", "|---|---|---|",
-              f"| decode alone | {c['decode_alone']['decode_step_ms']:.2f} | - |",
-              f"| prefill alone | - | {c['prefill_alone_ms']:.2f} |",
-              f"| co-running, no partition | {c['no_partition']['decode_step_ms']:.2f} | "
-              f"{c['no_partition'].get('prefill_ms', float('nan')):.2f} |"]
+    lines += [
+        "",
+        "## Co-running decode with prefill",
+        "",
+        "| setting | decode step ms | prefill ms |",
+        "|---|---|---|",
+        f"| decode alone | {c['decode_alone']['decode_step_ms']:.2f} | - |",
+        f"| prefill alone | - | {c['prefill_alone_ms']:.2f} |",
+        f"| co-running, no partition | {c['no_partition']['decode_step_ms']:.2f} | "
+        f"{c['no_partition'].get('prefill_ms', float('nan')):.2f} |",
+    ]
     if "partitioned" in c:
         p = c["partitioned"]
-        lines.append(f"| co-running, decode {p['granted_sms']['decode']} SMs / prefill "
-                     f"{p['granted_sms']['prefill']} SMs | {p['decode_step_ms']:.2f} | "
-                     f"{p.get('prefill_ms', float('nan')):.2f} |")
-    lines += ["", "## Vision weight streaming", "",
-              "| K | vision ms | overhead | saved MiB | saved / encoder layers | PCIe GB/s needed |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| co-running, decode {p['granted_sms']['decode']} SMs / prefill "
+            f"{p['granted_sms']['prefill']} SMs | {p['decode_step_ms']:.2f} | "
+            f"{p.get('prefill_ms', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "## Vision weight streaming",
+        "",
+        "| K | vision ms | overhead | saved MiB | saved / encoder layers | PCIe GB/s needed |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["offload"]:
-        lines.append(f"| {r['k']} | {r['vision_ms']:.2f} | {r['overhead']:+.1%} | "
-                     f"{r['saved_bytes'] / 2**20:.0f} | {r['saved_ratio']:.1%} | "
-                     f"{r.get('pcie_gb_per_s_needed', 0.0):.1f} |")
+        lines.append(
+            f"| {r['k']} | {r['vision_ms']:.2f} | {r['overhead']:+.1%} | "
+            f"{r['saved_bytes'] / 2**20:.0f} | {r['saved_ratio']:.1%} | "
+            f"{r.get('pcie_gb_per_s_needed', 0.0):.1f} |"
+        )
     t = res["target_k2"]
     if t:
-        lines += ["", f"Target at K=2 (>= 90% saved, <= 5% overhead): saved {t['saved_ratio']:.1%}, "
-                      f"overhead {t['overhead']:+.1%} -> {'met' if t['met'] else 'NOT met'}"]
+        lines += [
+            "",
+            f"Target at K=2 (>= 90% saved, <= 5% overhead): saved {t['saved_ratio']:.1%}, "
+            f"overhead {t['overhead']:+.1%} -> {'met' if t['met'] else 'NOT met'}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llava-1.5-7b", help="shipped config or model directory")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--partition", default="green_context", choices=("auto", "green_context", "none"))
+    ap.add_argument(
+        "--partition", default="green_context", choices=("auto", "green_context", "none")
+    )
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--prefill-tokens", type=int, default=1024)
     ap.add_argument("--decode-batch", type=int, default=32)
@@ -283,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
-        print(f"gpu_mechanisms: needs a CUDA GPU (torch {torch.__version__}, CUDA build: "
-              f"{torch.version.cuda}, devices: {torch.cuda.device_count()}); use --smoke for a "
-              "CPU check of the script", file=sys.stderr)
+        print(
+            f"gpu_mechanisms: needs a CUDA GPU (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda}, devices: {torch.cuda.device_count()}); use --smoke for a "
+            "CPU check of the script",
+            file=sys.stderr,
+        )
         return 2
     from nova.config import torch_dtype
     from nova.models.loader import load_model
@@ -305,14 +386,25 @@ def main(argv: list[str] | None = None) -> int:
     blocks = (args.decode_batch * args.decode_context + 2 * args.prefill_tokens) // 16 + 64
     runner = ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=blocks))
     jobs = Jobs(loaded, runner)
-    stage_jobs = {"vision": jobs.vision(args.images), "prefill": jobs.prefill(args.prefill_tokens),
-                  "decode": jobs.decode(args.decode_batch, args.decode_context)}
+    stage_jobs = {
+        "vision": jobs.vision(args.images),
+        "prefill": jobs.prefill(args.prefill_tokens),
+        "decode": jobs.decode(args.decode_batch, args.decode_context),
+    }
     res: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "model": args.model if cuda else "tiny-llava",
-        "dtype": str(dtype), "backend": backend.describe(), "smoke": args.smoke,
-        "shapes": {"images": args.images, "prefill_tokens": args.prefill_tokens,
-                   "decode_batch": args.decode_batch, "decode_context": args.decode_context},
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "model": args.model if cuda else "tiny-llava",
+        "dtype": str(dtype),
+        "backend": backend.describe(),
+        "smoke": args.smoke,
+        "shapes": {
+            "images": args.images,
+            "prefill_tokens": args.prefill_tokens,
+            "decode_batch": args.decode_batch,
+            "decode_context": args.decode_context,
+        },
     }
     print("1. stage latency vs SM count", flush=True)
     res["stage_vs_sms"] = stage_vs_sms(backend, stage_jobs, cuda, args)
@@ -321,9 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     print("3. vision weight streaming", flush=True)
     res["offload"] = offload(loaded, stage_jobs["vision"], cuda, args)
     k2 = [r for r in res["offload"] if r["k"] == 2]
-    res["target_k2"] = ({"saved_ratio": k2[0]["saved_ratio"], "overhead": k2[0]["overhead"],
-                         "met": k2[0]["saved_ratio"] >= 0.9 and k2[0]["overhead"] <= 0.05}
-                        if k2 else None)
+    res["target_k2"] = (
+        {
+            "saved_ratio": k2[0]["saved_ratio"],
+            "overhead": k2[0]["overhead"],
+            "met": k2[0]["saved_ratio"] >= 0.9 and k2[0]["overhead"] <= 0.05,
+        }
+        if k2
+        else None
+    )
     res["partitions_created"] = [dataclasses.asdict(i) for i in backend.created()]
     default_out = (Path(__file__).parent / "results" / gpu_dir_name(device)) if cuda else tmp
     out = Path(args.out) if args.out else default_out

@@ -10,6 +10,7 @@ Results go to benchmarks/results/runtime_<device>.json and .md, with the machine
 
 Usage: .venv/bin/python benchmarks/runtime_throughput.py [--batch-sizes 1 8 32] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,14 +47,17 @@ def make_prompts(tokenizer, batch: int, prompt_tokens: int) -> list[list[int]]:
     for i in range(batch):
         text = " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(40))
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=False)
+            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=False
+        )
         if hasattr(ids, "input_ids") or isinstance(ids, dict):
             ids = ids["input_ids"]
         prompts.append(list(ids)[:prompt_tokens])
     return prompts
 
 
-def time_nova(runner: ModelRunner, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+def time_nova(
+    runner: ModelRunner, prompts: list[list[int]], decode_tokens: int
+) -> tuple[float, float]:
     params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
     reqs = [GenerationRequest(str(i), PromptInput(p), params) for i, p in enumerate(prompts)]
     results = generate(runner, reqs)
@@ -69,7 +73,9 @@ def time_hf(hf, prompts: list[list[int]], decode_tokens: int) -> tuple[float, fl
     def run(n: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = hf.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw
+            )
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
 
@@ -86,8 +92,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -114,14 +125,19 @@ def main() -> None:
         prompts = make_prompts(loaded.tokenizer, batch, args.prompt_tokens)
         time_nova(runner, prompts[:1], 2)  # warm-up
         time_hf(hf, prompts[:1], 2)
-        for system, fn in (("nova", lambda: time_nova(runner, prompts, args.decode_tokens)),
-                           ("transformers", lambda: time_hf(hf, prompts, args.decode_tokens))):
+        for system, fn in (
+            ("nova", lambda: time_nova(runner, prompts, args.decode_tokens)),
+            ("transformers", lambda: time_hf(hf, prompts, args.decode_tokens)),
+        ):
             runs = [fn() for _ in range(args.repeats)]
             prefill_s = statistics.median(r[0] for r in runs)
             decode_s = statistics.median(r[1] for r in runs)
             row = {
-                "system": system, "batch": batch, "prompt_tokens": args.prompt_tokens,
-                "decode_tokens": args.decode_tokens, "prefill_s": round(prefill_s, 4),
+                "system": system,
+                "batch": batch,
+                "prompt_tokens": args.prompt_tokens,
+                "decode_tokens": args.decode_tokens,
+                "prefill_s": round(prefill_s, 4),
                 "decode_s": round(decode_s, 4),
                 "prefill_tok_s": round(batch * args.prompt_tokens / prefill_s, 1),
                 "decode_tok_s": round(batch * (args.decode_tokens - 1) / decode_s, 1),
@@ -129,19 +145,32 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    report = {"benchmark": "runtime_throughput", "model": str(args.model),
-              "dtype": "float32", "repeats": args.repeats, "machine": machine(), "rows": rows}
+    report = {
+        "benchmark": "runtime_throughput",
+        "model": str(args.model),
+        "dtype": "float32",
+        "repeats": args.repeats,
+        "machine": machine(),
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"runtime_{device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Runtime throughput: {args.model} ({device})", "",
-             f"Machine: {report['machine']}", "",
-             f"Prompts of {args.prompt_tokens} tokens, {args.decode_tokens} generated tokens, "
-             f"fp32, median of {args.repeats} runs.", "",
-             "| batch | system | prefill tok/s | decode tok/s | prefill s | decode s |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# Runtime throughput: {args.model} ({device})",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        f"Prompts of {args.prompt_tokens} tokens, {args.decode_tokens} generated tokens, "
+        f"fp32, median of {args.repeats} runs.",
+        "",
+        "| batch | system | prefill tok/s | decode tok/s | prefill s | decode s |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['system']} | {r['prefill_tok_s']} | {r['decode_tok_s']} "
-                     f"| {r['prefill_s']} | {r['decode_s']} |")
+        lines.append(
+            f"| {r['batch']} | {r['system']} | {r['prefill_tok_s']} | {r['decode_tok_s']} "
+            f"| {r['prefill_s']} | {r['decode_s']} |"
+        )
     (args.out / f"runtime_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

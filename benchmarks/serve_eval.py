@@ -35,6 +35,7 @@ GPU run (issue 8), e.g. on an H100::
 
 CPU smoke (what the test suite runs, seconds): ``--smoke``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,18 +77,43 @@ class Server:
 
     def __init__(self, args: argparse.Namespace, policy: str, log_path: Path) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "nova.server", "--model", args.model, "--load-format",
-               args.load_format, "--dtype", args.dtype, "--device", args.device, "--policy", policy,
-               "--partition", args.partition, "--port", str(self.port),
-               "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning",
-               "--preprocess-workers", str(args.preprocess_workers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nova.server",
+            "--model",
+            args.model,
+            "--load-format",
+            args.load_format,
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--policy",
+            policy,
+            "--partition",
+            args.partition,
+            "--port",
+            str(self.port),
+            "--max-num-seqs",
+            str(args.max_num_seqs),
+            "--log-level",
+            "warning",
+            "--preprocess-workers",
+            str(args.preprocess_workers),
+        ]
         if args.num_kv_blocks:
             cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
         cmd += args.server_arg
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.cmd = cmd
 
     @property
@@ -100,7 +126,9 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; see {self.log.name}"
+                )
             try:
                 if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
                     return
@@ -119,8 +147,9 @@ class Server:
         self.log.close()
 
 
-def build_workload(point: Point, args: argparse.Namespace, num_requests: int | None = None,
-                   seed: int | None = None):
+def build_workload(
+    point: Point, args: argparse.Namespace, num_requests: int | None = None, seed: int | None = None
+):
     from nova.workload import make_workload
 
     content = dict(image_width=args.image_width, image_height=args.image_height)
@@ -128,20 +157,40 @@ def build_workload(point: Point, args: argparse.Namespace, num_requests: int | N
         content["max_tokens"] = args.max_output_tokens
         content["min_tokens"] = min(args.min_output_tokens, args.max_output_tokens)
     if point.kind == "poisson":
-        return make_workload("poisson", rate_rps=point.value, num_requests=num_requests or args.num_prompts,
-                             seed=args.seed if seed is None else seed, **content)
-    return make_workload("gui_sessions", num_sessions=int(point.value), seed=args.seed,
-                         steps_per_session=args.steps_per_session, think_time_s=args.think_time_s,
-                         session_start_spread_s=args.session_spread_s, **content)
+        return make_workload(
+            "poisson",
+            rate_rps=point.value,
+            num_requests=num_requests or args.num_prompts,
+            seed=args.seed if seed is None else seed,
+            **content,
+        )
+    return make_workload(
+        "gui_sessions",
+        num_sessions=int(point.value),
+        seed=args.seed,
+        steps_per_session=args.steps_per_session,
+        think_time_s=args.think_time_s,
+        session_start_spread_s=args.session_spread_s,
+        **content,
+    )
 
 
 def _bench_config(server: Server, args: argparse.Namespace, **kw: Any):
     from nova.bench.driver import BenchConfig
 
-    base = dict(base_url=server.base_url, endpoint="/v1/chat/completions", model=None,
-                max_concurrency=None, all_at_once=False, api_key=None,
-                timeout_s=args.request_timeout_s, temperature=0.0, ignore_eos=True,
-                nova_extensions=True, disable_tqdm=True)
+    base = dict(
+        base_url=server.base_url,
+        endpoint="/v1/chat/completions",
+        model=None,
+        max_concurrency=None,
+        all_at_once=False,
+        api_key=None,
+        timeout_s=args.request_timeout_s,
+        temperature=0.0,
+        ignore_eos=True,
+        nova_extensions=True,
+        disable_tqdm=True,
+    )
     return BenchConfig(**{**base, **kw})
 
 
@@ -157,12 +206,17 @@ def calibrate_frontend(server: Server, args: argparse.Namespace) -> float | None
 
     if args.calibration_requests < 1:
         return None
-    wl = build_workload(Point("poisson", 1.0), args, num_requests=args.calibration_requests,
-                        seed=args.seed + 1000)
+    wl = build_workload(
+        Point("poisson", 1.0), args, num_requests=args.calibration_requests, seed=args.seed + 1000
+    )
     asyncio.run(run_workload(wl, _bench_config(server, args, all_at_once=True, max_concurrency=1)))
     text = httpx.get(server.base_url + "/metrics", timeout=10.0).text
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name in ("nova_prepare_seconds_sum", "nova_prepare_seconds_count")}
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name in ("nova_prepare_seconds_sum", "nova_prepare_seconds_count")
+    }
     count = samples.get("nova_prepare_seconds_count", 0.0)
     return samples["nova_prepare_seconds_sum"] / count if count else None
 
@@ -178,28 +232,46 @@ def run_point(server: Server, point: Point, args: argparse.Namespace) -> dict[st
     e2e = sorted(r.end_s - r.send_s for r in ok)
     arrival_of = {r.request_id: r.arrival_s for r in workload.requests}
     return {
-        "point": point.name, "kind": point.kind, "value": point.value,
+        "point": point.name,
+        "kind": point.kind,
+        "value": point.value,
         # Offered load: the Poisson rate; for sessions, what the clients actually sent per second.
-        "rate_rps": point.value if point.kind == "poisson" else len(run.records) / max(s.duration_s, 1e-9),
-        "num_requests": len(run.records), "num_failed": s.num_failed,
+        "rate_rps": point.value
+        if point.kind == "poisson"
+        else len(run.records) / max(s.duration_s, 1e-9),
+        "num_requests": len(run.records),
+        "num_failed": s.num_failed,
         "throughput_rps": s.request_throughput_rps,
-        "max_latency_s": s.e2el.max, "p99_latency_s": s.e2el.p99, "p90_latency_s": s.e2el.p90,
-        "p50_latency_s": s.e2el.p50, "mean_latency_s": s.e2el.mean,
-        "mean_ttft_s": s.ttft.mean, "p99_ttft_s": s.ttft.p99, "mean_tpot_s": s.tpot.mean,
-        "duration_s": s.duration_s, "errors": s.errors[:5],
+        "max_latency_s": s.e2el.max,
+        "p99_latency_s": s.e2el.p99,
+        "p90_latency_s": s.e2el.p90,
+        "p50_latency_s": s.e2el.p50,
+        "mean_latency_s": s.e2el.mean,
+        "mean_ttft_s": s.ttft.mean,
+        "p99_ttft_s": s.ttft.p99,
+        "mean_tpot_s": s.tpot.mean,
+        "duration_s": s.duration_s,
+        "errors": s.errors[:5],
         "e2e_s": e2e,
-        "requests": [{"id": r.request_id, "send_s": r.send_s - run.t0_s,
-                      "arrival_s": arrival_of.get(r.request_id), "num_images": r.num_images,
-                      "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                      "e2e_s": (r.end_s - r.send_s) if r.ok else None} for r in run.records],
+        "requests": [
+            {
+                "id": r.request_id,
+                "send_s": r.send_s - run.t0_s,
+                "arrival_s": arrival_of.get(r.request_id),
+                "num_images": r.num_images,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "e2e_s": (r.end_s - r.send_s) if r.ok else None,
+            }
+            for r in run.records
+        ],
     }
 
 
 def measure(args: argparse.Namespace, points: list[Point]) -> None:
     runs = args.out / "runs"
     for policy in args.policies:
-        todo = [p for p in points
-                if args.force or not (runs / policy / f"{p.name}.json").exists()]
+        todo = [p for p in points if args.force or not (runs / policy / f"{p.name}.json").exists()]
         if not todo:
             print(f"{policy}: all points already measured")
             continue
@@ -210,8 +282,10 @@ def measure(args: argparse.Namespace, points: list[Point]) -> None:
             print(f"{policy}: server ready in {time.monotonic() - t0:.1f} s")
             prepare_s = calibrate_frontend(server, args)
             if prepare_s is not None:
-                print(f"{policy}: mean request preparation {1e3 * prepare_s:.1f} ms "
-                      f"({args.calibration_requests} warm-up requests)")
+                print(
+                    f"{policy}: mean request preparation {1e3 * prepare_s:.1f} ms "
+                    f"({args.calibration_requests} warm-up requests)"
+                )
             for p in todo:
                 res = run_point(server, p, args)
                 res["policy"] = policy
@@ -221,9 +295,12 @@ def measure(args: argparse.Namespace, points: list[Point]) -> None:
                 path = runs / policy / f"{p.name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(res, indent=1) + "\n")
-                print(f"{policy:16s} {p.name:12s} thr {res['throughput_rps'] or 0:.3f}/s "
-                      f"mean {res['mean_latency_s'] or 0:.2f}s p99 {res['p99_latency_s'] or 0:.2f}s "
-                      f"max {res['max_latency_s'] or 0:.2f}s failed {res['num_failed']}", flush=True)
+                print(
+                    f"{policy:16s} {p.name:12s} thr {res['throughput_rps'] or 0:.3f}/s "
+                    f"mean {res['mean_latency_s'] or 0:.2f}s p99 {res['p99_latency_s'] or 0:.2f}s "
+                    f"max {res['max_latency_s'] or 0:.2f}s failed {res['num_failed']}",
+                    flush=True,
+                )
         finally:
             server.stop()
 
@@ -239,37 +316,57 @@ def model_spec(args: argparse.Namespace):
     return ModelSpec.from_dir(resolve_model_dir(args.model))
 
 
-def simulate(measured: dict[str, Any], policy: str, args: argparse.Namespace, cost: Any,
-             spec: Any) -> dict[str, Any]:
+def simulate(
+    measured: dict[str, Any], policy: str, args: argparse.Namespace, cost: Any, spec: Any
+) -> dict[str, Any]:
     """The simulator's prediction of one measured point (same requests, same policy)."""
     from nova.metrics import percentile, request_metrics, summarize
     from nova.sim.eval import Experiment, build_policy
     from nova.sim.frontend import FrontendModel, through_frontend
     from nova.sim.simulator import SimArrival, Simulator
 
-    exp = Experiment("serve-eval", "", gpu=cost.gpu().name, model=spec.name, rates_rps=(),
-                     num_requests=0, max_num_seqs=args.max_num_seqs)
+    exp = Experiment(
+        "serve-eval",
+        "",
+        gpu=cost.gpu().name,
+        model=spec.name,
+        rates_rps=(),
+        num_requests=0,
+        max_num_seqs=args.max_num_seqs,
+    )
     arrivals = []
     for r in measured["requests"]:
         if r["prompt_tokens"] is None or r["completion_tokens"] is None:
             continue  # failed in the real run: nothing to compare
-        at = r["arrival_s"] if measured["kind"] == "poisson" and r["arrival_s"] is not None else r["send_s"]
+        at = (
+            r["arrival_s"]
+            if measured["kind"] == "poisson" and r["arrival_s"] is not None
+            else r["send_s"]
+        )
         text = max(1, r["prompt_tokens"] - r["num_images"] * spec.image_tokens)
         arrivals.append(SimArrival(r["id"], at, text, r["num_images"], r["completion_tokens"]))
     kv_blocks = args.num_kv_blocks or 1 << 20
     sim = Simulator(build_policy(policy, exp, cost, spec), cost, kv_blocks, 16, spec.image_tokens)
     prepare_s = measured.get("frontend_prepare_s")
     # Requests reach the engine once the server has prepared them (per image, on its pool).
-    frontend = FrontendModel(per_image_s=prepare_s or 0.0,
-                             workers=measured.get("preprocess_workers") or 1)
+    frontend = FrontendModel(
+        per_image_s=prepare_s or 0.0, workers=measured.get("preprocess_workers") or 1
+    )
     res = sim.run(through_frontend(arrivals, frontend))
     client_arrival = {a.request_id: a.arrival_s for a in arrivals}
-    e2e = sorted(r.times.finish_s - client_arrival[r.request_id] for r in res.requests
-                 if r.times.finish_s is not None)
+    e2e = sorted(
+        r.times.finish_s - client_arrival[r.request_id]
+        for r in res.requests
+        if r.times.finish_s is not None
+    )
     s = summarize([request_metrics(r) for r in res.requests])
-    return {"mean_latency_s": sum(e2e) / len(e2e), "p99_latency_s": percentile(e2e, 99.0),
-            "max_latency_s": e2e[-1], "throughput_rps": s.request_throughput_rps,
-            "frontend_prepare_s": prepare_s}
+    return {
+        "mean_latency_s": sum(e2e) / len(e2e),
+        "p99_latency_s": percentile(e2e, 99.0),
+        "max_latency_s": e2e[-1],
+        "throughput_rps": s.request_throughput_rps,
+        "frontend_prepare_s": prepare_s,
+    }
 
 
 def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
@@ -290,8 +387,10 @@ def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
             if args.profile:
                 sim = simulate(m, policy, args, cost, spec)
                 m["sim"] = sim
-                m["sim_error"] = {k: (sim[k] / m[k] - 1.0) if m[k] else None
-                                  for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")}
+                m["sim_error"] = {
+                    k: (sim[k] / m[k] - 1.0) if m[k] else None
+                    for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")
+                }
             results.setdefault(policy, []).append(m)
             by_kind[p.kind].setdefault(policy, []).append(m)
     if not results:
@@ -300,26 +399,41 @@ def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rep = {
-        "experiment": "serve-eval", "gpu": gpu, "model": args.model, "device": args.device,
-        "partition": args.partition, "cost_model": str(args.profile) if args.profile else "none",
+        "experiment": "serve-eval",
+        "gpu": gpu,
+        "model": args.model,
+        "device": args.device,
+        "partition": args.partition,
+        "cost_model": str(args.profile) if args.profile else "none",
         "description": "nova serve per policy, driven by nova bench (Poisson open loop and "
-                       "closed-loop GUI-agent sessions)",
-        "num_requests_per_point": args.num_prompts, "seed": args.seed,
-        "policies": {p: [{k: v for k, v in pt.items() if k not in ("e2e_s", "requests")} for pt in pts]
-                     for p, pts in results.items()},
+        "closed-loop GUI-agent sessions)",
+        "num_requests_per_point": args.num_prompts,
+        "seed": args.seed,
+        "policies": {
+            p: [{k: v for k, v in pt.items() if k not in ("e2e_s", "requests")} for pt in pts]
+            for p, pts in results.items()
+        },
         "headline": headline(by_kind["poisson"]) if by_kind["poisson"] else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
     md = render_markdown(rep)
     if args.profile:
-        md += "\n## Simulator vs measured\n\n| policy | point | mean err | p99 err | max err |\n|---|---|---:|---:|---:|\n"
+        md += (
+            "\n## Simulator vs measured\n\n"
+            "| policy | point | mean err | p99 err | max err |\n|---|---|---:|---:|---:|\n"
+        )
         for policy, pts in results.items():
             for m in pts:
                 e = m["sim_error"]
-                md += (f"| {policy} | {m['point']} | " + " | ".join(
-                    "n/a" if e[k] is None else f"{100 * e[k]:+.1f}%"
-                    for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")) + " |\n")
+                md += (
+                    f"| {policy} | {m['point']} | "
+                    + " | ".join(
+                        "n/a" if e[k] is None else f"{100 * e[k]:+.1f}%"
+                        for k in ("mean_latency_s", "p99_latency_s", "max_latency_s")
+                    )
+                    + " |\n"
+                )
     (args.out / "results.md").write_text(md)
     if by_kind["poisson"]:
         plot(by_kind["poisson"], rep, args.out)
@@ -327,8 +441,9 @@ def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="demo")
     p.add_argument("--spec", default=None, help="cost-model spec name (default: --model)")
     p.add_argument("--load-format", default="auto")
@@ -347,12 +462,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-output-tokens", type=int, default=None)
     p.add_argument("--min-output-tokens", type=int, default=30)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--preprocess-workers", type=int, default=4, help="nova serve --preprocess-workers")
-    p.add_argument("--calibration-requests", type=int, default=4,
-                   help="warm-up requests per server, sent one at a time; their mean preparation "
-                        "time is the simulator's front-end cost (0: none)")
+    p.add_argument(
+        "--preprocess-workers", type=int, default=4, help="nova serve --preprocess-workers"
+    )
+    p.add_argument(
+        "--calibration-requests",
+        type=int,
+        default=4,
+        help="warm-up requests per server, sent one at a time; their mean preparation "
+        "time is the simulator's front-end cost (0: none)",
+    )
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--server-arg", action="append", default=[], help="extra nova serve flag (repeat)")
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra nova serve flag (repeat)"
+    )
     p.add_argument("--profile", type=Path, default=None, help="cost profile for the simulator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout-s", type=float, default=600.0)
@@ -360,8 +483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_eval")
     p.add_argument("--force", action="store_true", help="re-measure points already saved")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke: demo model, 2 policies, 1 small Poisson point and 1 session")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU smoke: demo model, 2 policies, 1 small Poisson point and 1 session",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.device, args.policies = "demo", "cpu", ["multi_stream", "nova"]
@@ -379,7 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    points = [Point("poisson", r) for r in args.rates] + [Point("sessions", n) for n in args.sessions]
+    points = [Point("poisson", r) for r in args.rates] + [
+        Point("sessions", n) for n in args.sessions
+    ]
     if not args.report_only:
         measure(args, points)
     rep = report(args, points)

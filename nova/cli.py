@@ -1,4 +1,5 @@
 """The ``nova`` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,11 @@ from collections.abc import Sequence
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
-                   help="a Hugging Face model directory, a shipped config name, or 'demo'")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="a Hugging Face model directory, a shipped config name, or 'demo'",
+    )
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "dummy"))
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
@@ -18,49 +22,76 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_gpu_args(p: argparse.ArgumentParser, partition: bool) -> None:
     """GPU mechanisms (nova.gpu; docs/gpu.md): SM-partition backend and vision weight streaming."""
     if partition:
-        p.add_argument("--partition", default="auto", choices=("auto", "green_context", "none", "cpu"),
-                       help="SM partition backend (auto: green contexts where available)")
-    p.add_argument("--vision-offload-layers", type=int, default=0, metavar="K",
-                   help="keep vision-encoder weights in host memory, K layers on the device")
+        p.add_argument(
+            "--partition",
+            default="auto",
+            choices=("auto", "green_context", "none", "cpu"),
+            help="SM partition backend (auto: green contexts where available)",
+        )
+    p.add_argument(
+        "--vision-offload-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep vision-encoder weights in host memory, K layers on the device",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from nova.demo import run_demo
+    from nova.demo import compare_policies, demo_via_server, run_demo
 
-    from nova.demo import compare_policies, demo_via_server
-
-    run_demo(args.model, max_tokens=args.max_tokens, device=args.device, policy=args.policy,
-             num_agent_steps=args.agent_steps, partition=args.partition,
-             vision_offload_layers=args.vision_offload_layers)
+    run_demo(
+        args.model,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        policy=args.policy,
+        num_agent_steps=args.agent_steps,
+        partition=args.partition,
+        vision_offload_layers=args.vision_offload_layers,
+    )
     if args.via_server:
         demo_via_server(args.model, policy=args.policy, device=args.device)
     if args.compare_policies:
-        compare_policies(args.model, max_tokens=min(args.max_tokens, 32), device=args.device,
-                         num_agent_steps=args.agent_steps)
+        compare_policies(
+            args.model,
+            max_tokens=min(args.max_tokens, 32),
+            device=args.device,
+            num_agent_steps=args.agent_steps,
+        )
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from nova.config import torch_dtype
     from nova.models.inputs import InputProcessor, chat_messages
     from nova.models.loader import load_model
     from nova.runtime.generate import GenerationRequest, generate
     from nova.runtime.runner import CacheConfig, ModelRunner
     from nova.sampling_params import SamplingParams
 
-    from nova.config import torch_dtype
-
     loaded = load_model(args.model, args.load_format, torch_dtype(args.dtype), args.device)
     proc = InputProcessor(loaded)
     prompt = proc.from_chat(chat_messages(args.prompt, len(args.image)), list(args.image))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    runner = ModelRunner(loaded, CacheConfig(block_size=args.block_size),
-                         vision_offload_layers=args.vision_offload_layers)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    runner = ModelRunner(
+        loaded,
+        CacheConfig(block_size=args.block_size),
+        vision_offload_layers=args.vision_offload_layers,
+    )
     [res] = generate(runner, [GenerationRequest("cli", prompt, params)])
     print(proc.decode(res.output_token_ids))
-    print(f"[vision {res.vision_s * 1e3:.1f} ms, prefill {res.prefill_s * 1e3:.1f} ms, "
-          f"decode {res.decode_s * 1e3:.1f} ms, {len(res.output_token_ids)} tokens, "
-          f"{res.finish_reason}]", file=sys.stderr)
+    print(
+        f"[vision {res.vision_s * 1e3:.1f} ms, prefill {res.prefill_s * 1e3:.1f} ms, "
+        f"decode {res.decode_s * 1e3:.1f} ms, {len(res.output_token_ids)} tokens, "
+        f"{res.finish_reason}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -110,10 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--policy", default="multi_stream", help="scheduling policy (see 'nova models')")
     p.add_argument("--agent-steps", type=int, default=6, help="screenshot requests in the burst")
-    p.add_argument("--via-server", action="store_true",
-                   help="then serve the model over HTTP and load it with the nova bench client")
-    p.add_argument("--compare-policies", action="store_true",
-                   help="then run the same burst under each policy and print them side by side")
+    p.add_argument(
+        "--via-server",
+        action="store_true",
+        help="then serve the model over HTTP and load it with the nova bench client",
+    )
+    p.add_argument(
+        "--compare-policies",
+        action="store_true",
+        help="then run the same burst under each policy and print them side by side",
+    )
     _add_gpu_args(p, partition=True)
     p.set_defaults(func=_cmd_demo)
 
@@ -159,8 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except (ModelLoadError, InvalidInputError, ValueError) as exc:

@@ -1,4 +1,5 @@
 """Typed engine configuration, validated at construction."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,17 +49,25 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.partition not in PARTITION_NAMES:
             raise ValueError(
-                f"unknown partition backend {self.partition!r}; choose {', '.join(PARTITION_NAMES)}")
+                f"unknown partition backend {self.partition!r}; choose {', '.join(PARTITION_NAMES)}"
+            )
         if self.attention_backend not in ATTENTION_NAMES:
-            raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
-                             f"choose {', '.join(ATTENTION_NAMES)}")
+            raise ValueError(
+                f"unknown attention backend {self.attention_backend!r}; "
+                f"choose {', '.join(ATTENTION_NAMES)}"
+            )
         if self.vision_offload_layers < 0:
-            raise ValueError(f"vision_offload_layers must be >= 0, got {self.vision_offload_layers}")
+            raise ValueError(
+                f"vision_offload_layers must be >= 0, got {self.vision_offload_layers}"
+            )
         for name in ("min_pixels", "max_pixels"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.min_pixels is not None and self.max_pixels is not None
-                and self.min_pixels > self.max_pixels):
+        if (
+            self.min_pixels is not None
+            and self.max_pixels is not None
+            and self.min_pixels > self.max_pixels
+        ):
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
@@ -66,7 +75,8 @@ class EngineConfig:
 
         if self.policy not in available_policies():
             raise ValueError(
-                f"unknown policy {self.policy!r}; choose one of {', '.join(available_policies())}")
+                f"unknown policy {self.policy!r}; choose one of {', '.join(available_policies())}"
+            )
 
     @property
     def torch_dtype(self):

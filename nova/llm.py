@@ -1,5 +1,6 @@
 """The offline API: ``LLM(...).generate(inputs)`` runs a list of requests through the concurrent
 three-stage engine and returns their outputs in input order."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,11 @@ class LLM:
         inputs: list[PromptLike],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(inputs)
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(inputs)
+        )
         if len(params) != len(inputs):
             raise ValueError(f"{len(params)} sampling params for {len(inputs)} inputs")
         prompts = [self.to_prompt(x) for x in inputs]  # all input errors surface before any runs
@@ -68,6 +73,12 @@ class LLM:
     def _output(self, req: Request) -> RequestOutput:
         tok = self.nova.loaded.tokenizer
         text = self.nova.processor.decode(req.output_token_ids) if tok is not None else None
-        return RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), text,
-                             req.finish_reason, req.error, request_metrics(req))
-
+        return RequestOutput(
+            req.request_id,
+            req.prompt_token_ids,
+            list(req.output_token_ids),
+            text,
+            req.finish_reason,
+            req.error,
+            request_metrics(req),
+        )

@@ -13,8 +13,10 @@ Typical use::
     print(format_summary_table(summary, title="run 1"))
     json.dump(summary_to_dict(summary), f)
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,16 +25,16 @@ from typing import Any
 from nova.types import Request, RequestStatus, RequestTimes
 
 __all__ = [
-    "RequestMetrics",
-    "request_metrics",
     "Distribution",
-    "distribution",
-    "percentile",
+    "RequestMetrics",
     "Summary",
-    "summarize",
-    "goodput_rps",
+    "distribution",
     "format_summary_table",
     "format_timeline",
+    "goodput_rps",
+    "percentile",
+    "request_metrics",
+    "summarize",
     "summary_to_dict",
 ]
 
@@ -53,7 +55,8 @@ class RequestMetrics:
     """Latencies of one request, derived from its ``RequestTimes``; ``None`` where undefined.
 
     - ``ttft_s``: first output token - arrival.
-    - ``tpot_s``: (last token - first token) / (n - 1), n = number of token times; ``None`` if n < 2.
+    - ``tpot_s``: (last token - first token) / (n - 1), n = number of token times; ``None`` if n <
+    2.
     - ``e2e_s``: finish - arrival (also set for aborted/failed requests that have a finish time).
     - ``itl_s``: gaps between consecutive output tokens (empty if fewer than two tokens).
     - ``vision_queue_s``: vision start - arrival; ``None`` if the vision stage never started.
@@ -64,7 +67,8 @@ class RequestMetrics:
     - ``decode_s``: last token - first token, i.e. the whole time spent in the decode stage,
       including waits between decode steps (a separate decode *queue* time cannot be told apart
       from token times). ``None`` with fewer than two tokens (no decode step ran).
-    - ``deadline_met``: ``e2e_s <= deadline_s`` for a finished request with a deadline, else ``None``.
+    - ``deadline_met``: ``e2e_s <= deadline_s`` for a finished request with a deadline, else
+    ``None``.
     """
 
     request_id: str
@@ -124,7 +128,7 @@ def request_metrics(req: Request) -> RequestMetrics:
         ttft_s=_diff(first_s, arrival_s),
         tpot_s=decode_s / (n_tok - 1) if decode_s is not None else None,
         e2e_s=e2e_s,
-        itl_s=[b - a for a, b in zip(token_s, token_s[1:])],
+        itl_s=[b - a for a, b in itertools.pairwise(token_s)],
         vision_queue_s=_diff(times.vision_start_s, arrival_s),
         vision_s=_diff(times.vision_end_s, times.vision_start_s),
         prefill_queue_s=_diff(times.prefill_start_s, prefill_base_s),
@@ -223,7 +227,9 @@ def _derived_duration_s(metrics: Sequence[RequestMetrics]) -> float | None:
     return max(finishes) - min(m.arrival_s for m in metrics)
 
 
-def _resolve_duration_s(metrics: Sequence[RequestMetrics], duration_s: float | None) -> float | None:
+def _resolve_duration_s(
+    metrics: Sequence[RequestMetrics], duration_s: float | None
+) -> float | None:
     if duration_s is None:
         return _derived_duration_s(metrics)
     if not duration_s > 0.0:
@@ -371,9 +377,14 @@ def format_timeline(metrics: Sequence[RequestMetrics]) -> str:
     """One line per request (sorted by arrival): arrival relative to the earliest arrival,
     then stage queue/run times, TTFT, decode and E2E, all milliseconds; tokens as prompt/output."""
     cols = (
-        ("arrive_ms", "arrival"), ("vis_q_ms", "vision_queue_s"), ("vis_ms", "vision_s"),
-        ("pre_q_ms", "prefill_queue_s"), ("pre_ms", "prefill_s"), ("ttft_ms", "ttft_s"),
-        ("decode_ms", "decode_s"), ("e2e_ms", "e2e_s"),
+        ("arrive_ms", "arrival"),
+        ("vis_q_ms", "vision_queue_s"),
+        ("vis_ms", "vision_s"),
+        ("pre_q_ms", "prefill_queue_s"),
+        ("pre_ms", "prefill_s"),
+        ("ttft_ms", "ttft_s"),
+        ("decode_ms", "decode_s"),
+        ("e2e_ms", "e2e_s"),
     )
     ms_w = 10
     metrics = sorted(metrics, key=lambda m: m.arrival_s)

@@ -1,4 +1,5 @@
 """Per-request sampling parameters: plain data, validated at construction."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def stop_reason(self, token: int, num_output_tokens: int, eos_token_ids: frozenset[int]) -> str | None:
+    def stop_reason(
+        self, token: int, num_output_tokens: int, eos_token_ids: frozenset[int]
+    ) -> str | None:
         """Why generation ends after ``token`` (the ``num_output_tokens``-th output): "stop" for
         a stop token or EOS (unless ``ignore_eos``), "length" at ``max_tokens``; else None."""
         if token in self.stop_token_ids or (not self.ignore_eos and token in eos_token_ids):

@@ -1,14 +1,28 @@
 """Synthetic, screenshot-like images for demos and benchmarks: a phone/desktop UI with a status
 bar, a title, list rows, buttons and a text field. Deterministic for a given seed.
 """
+
 from __future__ import annotations
 
 import random
 from typing import Any
 
 APP_TITLES = ("Settings", "Messages", "Calendar", "Files", "Browser", "Contacts", "Clock")
-ROW_LABELS = ("Wi-Fi", "Bluetooth", "Display", "Sound", "Battery", "Storage", "Privacy",
-              "Notifications", "Accounts", "About phone", "Search", "Compose", "Inbox")
+ROW_LABELS = (
+    "Wi-Fi",
+    "Bluetooth",
+    "Display",
+    "Sound",
+    "Battery",
+    "Storage",
+    "Privacy",
+    "Notifications",
+    "Accounts",
+    "About phone",
+    "Search",
+    "Compose",
+    "Inbox",
+)
 
 
 def make_screenshot(seed: int = 0, width: int = 360, height: int = 640) -> Any:
@@ -22,23 +36,29 @@ def make_screenshot(seed: int = 0, width: int = 360, height: int = 640) -> Any:
     draw = ImageDraw.Draw(img)
     bar = max(12, height // 30)
     draw.rectangle([0, 0, width, bar], fill=(30, 30, 30))
-    draw.text((6, 1), "12:%02d" % rng.randint(0, 59), fill=(255, 255, 255))
+    draw.text((6, 1), f"12:{rng.randint(0, 59):02d}", fill=(255, 255, 255))
     draw.rectangle([0, bar, width, bar * 3], fill=accent)
     draw.text((12, bar + bar // 2), rng.choice(APP_TITLES), fill=(255, 255, 255))
     y = bar * 3 + 8
     row_h = max(20, height // 14)
     num_rows = max(0, min(len(ROW_LABELS), (height - y - 3 * row_h) // row_h))
     for label in rng.sample(ROW_LABELS, k=num_rows):
-        draw.rectangle([8, y, width - 8, y + row_h - 4], outline=(200, 200, 200), fill=(255, 255, 255))
+        draw.rectangle(
+            [8, y, width - 8, y + row_h - 4], outline=(200, 200, 200), fill=(255, 255, 255)
+        )
         draw.text((16, y + row_h // 3), label, fill=(20, 20, 20))
         if rng.random() < 0.4:  # a toggle switch
             on = rng.random() < 0.5
-            draw.rounded_rectangle([width - 56, y + 6, width - 16, y + row_h - 10], radius=8,
-                                   fill=accent if on else (180, 180, 180))
+            draw.rounded_rectangle(
+                [width - 56, y + 6, width - 16, y + row_h - 10],
+                radius=8,
+                fill=accent if on else (180, 180, 180),
+            )
         y += row_h
     draw.rectangle([8, height - 2 * row_h, width - 8, height - row_h - 8], outline=(150, 150, 150))
     draw.text((16, height - 2 * row_h + row_h // 3), "Type a message", fill=(140, 140, 140))
-    draw.rounded_rectangle([width // 2 - 50, height - row_h, width // 2 + 50, height - 6],
-                           radius=10, fill=accent)
+    draw.rounded_rectangle(
+        [width // 2 - 50, height - row_h, width // 2 + 50, height - 6], radius=10, fill=accent
+    )
     draw.text((width // 2 - 14, height - row_h + row_h // 4), "OK", fill=(255, 255, 255))
     return img

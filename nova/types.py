@@ -4,6 +4,7 @@ No torch in here: the scheduler and the simulator are torch-free. Times are seco
 engine's clock (``time.monotonic`` in the real engine, a virtual clock in the simulator), passed
 in by whoever owns the clock; nothing here reads one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -92,7 +93,8 @@ class Request:
 
     @property
     def prefill_token_ids(self) -> list[int]:
-        """Tokens a (re)prefill computes: the prompt plus, after a preemption, the outputs so far."""
+        """Tokens a (re)prefill computes: the prompt plus, after a preemption, the outputs so "
+        "far."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property

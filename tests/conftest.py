@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of each supported architecture."""
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TEXT_KW = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 IMAGE_TOKEN_ID = 300
 
@@ -26,11 +33,19 @@ def tiny_text_config(kind: str):
         return LlamaConfig(**TEXT_KW, bos_token_id=1, eos_token_id=2)
     if kind == "llama3":  # llama3 RoPE scaling, tied embeddings
         kw = dict(TEXT_KW, tie_word_embeddings=True)
-        return LlamaConfig(**kw, bos_token_id=1, eos_token_id=2, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        })
+        return LlamaConfig(
+            **kw,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
     if kind == "qwen2":
         return Qwen2Config(**TEXT_KW, bos_token_id=1, eos_token_id=2)
     raise ValueError(kind)
@@ -39,8 +54,14 @@ def tiny_text_config(kind: str):
 def tiny_vision_config(kind: str):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=32, patch_size=8)
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
     if kind == "clip":
         return CLIPVisionConfig(**kw, projection_dim=32)
     return SiglipVisionConfig(**kw)
@@ -60,8 +81,10 @@ def save_tiny_llava(path: Path, text: str, vision: str, strategy: str) -> Path:
 
     torch.manual_seed(0)
     cfg = LlavaConfig(
-        text_config=tiny_text_config(text), vision_config=tiny_vision_config(vision),
-        image_token_id=IMAGE_TOKEN_ID, vision_feature_select_strategy=strategy,
+        text_config=tiny_text_config(text),
+        vision_config=tiny_vision_config(vision),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy=strategy,
         vision_feature_layer=-2 if strategy == "default" else -1,
     )
     model = LlavaForConditionalGeneration(cfg)
@@ -90,20 +113,47 @@ def tiny_qwen_vl_config(kind: str):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     # initializer_range 0.1 (not 0.02): larger logits, so a wrong position changes greedy tokens.
-    text = dict(TEXT_KW, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [2, 3, 3]})
-    ids = dict(image_token_id=QWEN_VL_IMAGE_TOKEN_ID, video_token_id=303,
-               vision_start_token_id=QWEN_VL_VISION_START_ID, vision_end_token_id=QWEN_VL_VISION_END_ID)
+    text = dict(
+        TEXT_KW,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    ids = dict(
+        image_token_id=QWEN_VL_IMAGE_TOKEN_ID,
+        video_token_id=303,
+        vision_start_token_id=QWEN_VL_VISION_START_ID,
+        vision_end_token_id=QWEN_VL_VISION_END_ID,
+    )
     if kind == "qwen2-vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=TEXT_KW["hidden_size"], num_heads=4,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=TEXT_KW["hidden_size"],
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, initializer_range=0.1, **ids)
     if kind == "qwen2.5-vl":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
-                      out_hidden_size=TEXT_KW["hidden_size"], patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=0.1, **ids)
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=TEXT_KW["hidden_size"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, initializer_range=0.1, **ids
+        )
     raise ValueError(kind)
 
 
@@ -112,9 +162,15 @@ def save_tiny_qwen_vl(path: Path, kind: str) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(0)
-    cls = Qwen2VLForConditionalGeneration if kind == "qwen2-vl" else Qwen2_5_VLForConditionalGeneration
+    cls = (
+        Qwen2VLForConditionalGeneration
+        if kind == "qwen2-vl"
+        else Qwen2_5_VLForConditionalGeneration
+    )
     cls(tiny_qwen_vl_config(kind)).save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=QWEN_VL_MIN_PIXELS, max_pixels=QWEN_VL_MAX_PIXELS).save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        min_pixels=QWEN_VL_MIN_PIXELS, max_pixels=QWEN_VL_MAX_PIXELS
+    ).save_pretrained(path)
     return path
 
 
@@ -125,7 +181,8 @@ def tiny_qwen_vl_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason shown, on a machine without."""
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason shown, on a machine "
+    "without."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")

@@ -1,6 +1,7 @@
 """Attention backends over the paged KV cache: the Triton kernel (run by Triton's CPU
 interpreter here, natively on a GPU) and flex_attention, each against the SDPA reference path;
 the backend selection rule; the decoder with a swapped backend against the SDPA decoder."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,17 @@ CASES = {
 }
 
 
-def make_case(case, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32,
-              device="cpu", num_blocks=96, seed=0):
+def make_case(
+    case,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype=torch.float32,
+    device="cpu",
+    num_blocks=96,
+    seed=0,
+):
     """A cache with random content at shuffled blocks; q/k/v for the new tokens."""
     gen = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(1, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
@@ -60,19 +70,28 @@ def make_case(case, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.f
     seqs, used = [], 0
     for new, cached in case:
         n = -(-(new + cached) // block_size)
-        seqs.append(SeqInput([1] * new, cached, perm[used: used + n]))
+        seqs.append(SeqInput([1] * new, cached, perm[used : used + n]))
         used += n
     batch = build_forward_batch(seqs, block_size, device)
     t = batch.input_ids.shape[0]
-    q, k, v = (torch.randn(t, h, head_dim, generator=gen).to(device=device, dtype=dtype)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
+    q, k, v = (
+        torch.randn(t, h, head_dim, generator=gen).to(device=device, dtype=dtype)
+        for h in (num_heads, num_kv_heads, num_kv_heads)
+    )
     owned = set(perm[:used])
     return cache, batch, q, k, v, owned
 
 
 def clone_cache(cache: PagedKVCache) -> PagedKVCache:
-    other = PagedKVCache(1, cache.num_blocks, cache.block_size, cache.num_kv_heads,
-                         cache.head_dim, cache.k[0].dtype, cache.k[0].device)
+    other = PagedKVCache(
+        1,
+        cache.num_blocks,
+        cache.block_size,
+        cache.num_kv_heads,
+        cache.head_dim,
+        cache.k[0].dtype,
+        cache.k[0].device,
+    )
     other.k[0].copy_(cache.k[0])
     other.v[0].copy_(cache.v[0])
     return other
@@ -87,11 +106,22 @@ def poison_unowned(cache: PagedKVCache, owned: set[int]) -> None:
             cache.v[0][sl] = float("nan")
 
 
-def check_against_sdpa(backend, case, num_heads, num_kv_heads, head_dim, block_size, atol,
-                       dtype=torch.float32, device="cpu", poison=True):
-    cache, batch, q, k, v, owned = make_case(CASES[case], num_heads, num_kv_heads, head_dim,
-                                             block_size, dtype, device)
-    scale = head_dim ** -0.5
+def check_against_sdpa(
+    backend,
+    case,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    atol,
+    dtype=torch.float32,
+    device="cpu",
+    poison=True,
+):
+    cache, batch, q, k, v, owned = make_case(
+        CASES[case], num_heads, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    scale = head_dim**-0.5
     ref_cache = clone_cache(cache)
     ref = SdpaPagedAttention()(q, k, v, 0, batch, ref_cache, scale)
     if poison:
@@ -110,8 +140,9 @@ def check_against_sdpa(backend, case, num_heads, num_kv_heads, head_dim, block_s
 @pytest.mark.parametrize("heads,block_size,head_dim", [((6, 2), 4, 16), ((4, 4), 16, 24)])
 def test_triton_kernel_matches_sdpa(case, heads, block_size, head_dim):
     # GQA 3:1 with pages smaller than the kernel's key tile; MHA with head_dim not a power of 2.
-    check_against_sdpa(TritonPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5,
-                       device=DEVICE)
+    check_against_sdpa(
+        TritonPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5, device=DEVICE
+    )
 
 
 def test_triton_kernel_groups_of_eight_heads():
@@ -187,8 +218,11 @@ def test_decoder_with_backend_matches_sdpa_decoder(tiny_dirs, backend):
     equal those with SDPA (tiny Llama, GQA 4:2, block size 4)."""
     results = {}
     for name in ("sdpa", backend):
-        runner = ModelRunner(load_model(tiny_dirs["llama"], device=DEVICE),
-                             CacheConfig(block_size=4, num_blocks=64), attention_backend=name)
+        runner = ModelRunner(
+            load_model(tiny_dirs["llama"], device=DEVICE),
+            CacheConfig(block_size=4, num_blocks=64),
+            attention_backend=name,
+        )
         assert runner.attention.name == name
         bm = runner.block_manager
         prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 33))]
@@ -214,7 +248,7 @@ def test_decoder_with_backend_matches_sdpa_decoder(tiny_dirs, backend):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_backends_match_sdpa(backend_cls, dtype, atol, case):
     # A 7B-like head layout: 32 query heads over 8 KV heads, head_dim 128, pages of 16.
-    backend = backend_cls(compile=True) if backend_cls is FlexPagedAttention else backend_cls()
+    backend = backend_cls(use_compile=True) if backend_cls is FlexPagedAttention else backend_cls()
     check_against_sdpa(backend, case, 32, 8, 128, 16, atol=atol, dtype=dtype, device="cuda")
 
 
@@ -223,8 +257,11 @@ def test_gpu_backends_match_sdpa(backend_cls, dtype, atol, case):
 def test_gpu_decoder_triton_matches_sdpa(tiny_dirs):
     out = {}
     for name in ("sdpa", "triton"):
-        runner = ModelRunner(load_model(tiny_dirs["qwen2"], device="cuda"),
-                             CacheConfig(block_size=16, num_blocks=64), attention_backend=name)
+        runner = ModelRunner(
+            load_model(tiny_dirs["qwen2"], device="cuda"),
+            CacheConfig(block_size=16, num_blocks=64),
+            attention_backend=name,
+        )
         prompt = list(range(30, 70))
         table = runner.block_manager.allocate("a", len(prompt) + 1)
         first = runner.forward([SeqInput(prompt, 0, table)])
@@ -241,8 +278,16 @@ def test_batches_without_gather_views_carry_the_same_paged_fields():
     lean = build_forward_batch(seqs, 4, "cpu", gather_views=False)
     assert lean.kv_gather_index is None and lean.attn_mask is None
     assert full.kv_gather_index is not None and full.attn_mask is not None
-    for name in ("input_ids", "positions", "slot_mapping", "query_pad_index", "last_token_index",
-                 "block_tables", "seq_lens", "query_start_loc"):
+    for name in (
+        "input_ids",
+        "positions",
+        "slot_mapping",
+        "query_pad_index",
+        "last_token_index",
+        "block_tables",
+        "seq_lens",
+        "query_start_loc",
+    ):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
     # The new tokens' slots: block_table[p // 4] * 4 + p % 4 at positions cached..context-1.
     assert full.slot_mapping.tolist() == [12, 13, 14, 10, 23, 24]

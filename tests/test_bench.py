@@ -1,10 +1,12 @@
 """``nova bench``: the load driver (open and closed loop, concurrency cap, failures), its flags,
 its reports, and a run against ``nova serve`` (a real server process) whose own ``/metrics``
 must agree with what the client measured."""
+
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -16,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nova.bench.cli import add_bench_args, add_bench_parser, build_workload, main as bench_main
+from nova.bench.cli import add_bench_args, add_bench_parser, build_workload
+from nova.bench.cli import main as bench_main
 from nova.bench.driver import BenchConfig, run_workload
 from nova.bench.report import parse_goodput, summarize_run
 from nova.config import EngineConfig
@@ -30,9 +33,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wr(i: int, arrival_s: float | None = 0.0, max_tokens: int = 6, images=(), **kw) -> WorkloadRequest:
-    return WorkloadRequest(request_id=f"r{i}", arrival_s=arrival_s, instruction=f"Tap button {i}.",
-                           num_text_tokens=10, images=tuple(images), max_tokens=max_tokens, seed=i, **kw)
+def wr(
+    i: int, arrival_s: float | None = 0.0, max_tokens: int = 6, images=(), **kw
+) -> WorkloadRequest:
+    return WorkloadRequest(
+        request_id=f"r{i}",
+        arrival_s=arrival_s,
+        instruction=f"Tap button {i}.",
+        num_text_tokens=10,
+        images=tuple(images),
+        max_tokens=max_tokens,
+        seed=i,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +74,9 @@ def cfg(srv, **kw) -> BenchConfig:
 def test_open_loop_sends_at_arrival_times_and_measures(served):
     srv, _ = served
     shot = (ImageSpec(96, 160),)
-    reqs = tuple(wr(i, arrival_s=0.15 * i, images=shot if i % 2 else (), max_tokens=5 + i)
-                 for i in range(6))
+    reqs = tuple(
+        wr(i, arrival_s=0.15 * i, images=shot if i % 2 else (), max_tokens=5 + i) for i in range(6)
+    )
     run = asyncio.run(run_workload(Workload("standin", reqs), cfg(srv)))
     assert run.model == "tiny"
     assert sorted(r.request_id for r in run.records) == [r.request_id for r in reqs]
@@ -90,13 +104,20 @@ def test_closed_loop_waits_for_answers_and_think_time(served):
     reqs = []
     for sess in range(2):
         for step in range(3):
-            reqs.append(wr(sess * 10 + step, arrival_s=0.05 * sess if step == 0 else None,
-                           session_id=f"s{sess}", step=step, think_time_s=0.1 if step else 0.0))
+            reqs.append(
+                wr(
+                    sess * 10 + step,
+                    arrival_s=0.05 * sess if step == 0 else None,
+                    session_id=f"s{sess}",
+                    step=step,
+                    think_time_s=0.1 if step else 0.0,
+                )
+            )
     run = asyncio.run(run_workload(Workload("sessions", tuple(reqs), closed_loop=True), cfg(srv)))
     by_id = {r.request_id: r for r in run.records}
     for sess in range(2):
         steps = [by_id[f"r{sess * 10 + k}"] for k in range(3)]
-        for prev, nxt in zip(steps, steps[1:]):
+        for prev, nxt in itertools.pairwise(steps):
             assert nxt.send_s >= prev.end_s + 0.1 - 1e-3  # the answer, then the think time
     assert all(r.ok for r in run.records)
 
@@ -104,7 +125,9 @@ def test_closed_loop_waits_for_answers_and_think_time(served):
 def test_max_concurrency_caps_requests_in_flight(served):
     srv, _ = served
     reqs = tuple(wr(i, max_tokens=20) for i in range(6))
-    run = asyncio.run(run_workload(Workload("burst", reqs), cfg(srv, max_concurrency=2, all_at_once=True)))
+    run = asyncio.run(
+        run_workload(Workload("burst", reqs), cfg(srv, max_concurrency=2, all_at_once=True))
+    )
     spans = [(r.send_s, r.end_s) for r in run.records]
     for t, _ in spans:
         assert sum(1 for a, b in spans if a <= t < b) <= 2
@@ -124,11 +147,17 @@ def test_failed_requests_are_counted_not_fatal(served):
 
 def test_completions_endpoint_for_text_only_workloads(served):
     srv, _ = served
-    run = asyncio.run(run_workload(Workload("text", (wr(0), wr(1))), cfg(srv, endpoint="/v1/completions")))
+    run = asyncio.run(
+        run_workload(Workload("text", (wr(0), wr(1))), cfg(srv, endpoint="/v1/completions"))
+    )
     assert all(r.ok and r.completion_tokens == 6 and r.chunk_s for r in run.records)
     with pytest.raises(ValueError, match="text only"):
-        asyncio.run(run_workload(Workload("img", (wr(0, images=(ImageSpec(32, 32),)),)),
-                                 cfg(srv, endpoint="/v1/completions")))
+        asyncio.run(
+            run_workload(
+                Workload("img", (wr(0, images=(ImageSpec(32, 32),)),)),
+                cfg(srv, endpoint="/v1/completions"),
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,21 +170,61 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_build_the_named_workloads():
-    w = build_workload(parse("--dataset-name", "poisson", "--num-prompts", "5", "--request-rate", "4",
-                             "--image-width", "320", "--image-height", "640", "--seed", "3"))
+    w = build_workload(
+        parse(
+            "--dataset-name",
+            "poisson",
+            "--num-prompts",
+            "5",
+            "--request-rate",
+            "4",
+            "--image-width",
+            "320",
+            "--image-height",
+            "640",
+            "--seed",
+            "3",
+        )
+    )
     assert len(w.requests) == 5 and not w.closed_loop
     assert all(r.images == (ImageSpec(320, 640),) for r in w.requests)
-    assert w == build_workload(parse("--dataset-name", "poisson", "--num-prompts", "5", "--request-rate",
-                                     "4", "--image-width", "320", "--image-height", "640", "--seed", "3"))
-    b = build_workload(parse("--dataset-name", "bursty", "--num-prompts", "7", "--burstiness", "0.25"))
+    assert w == build_workload(
+        parse(
+            "--dataset-name",
+            "poisson",
+            "--num-prompts",
+            "5",
+            "--request-rate",
+            "4",
+            "--image-width",
+            "320",
+            "--image-height",
+            "640",
+            "--seed",
+            "3",
+        )
+    )
+    b = build_workload(
+        parse("--dataset-name", "bursty", "--num-prompts", "7", "--burstiness", "0.25")
+    )
     assert len(b.requests) == 7
-    g = build_workload(parse("--dataset-name", "gui_sessions", "--num-sessions", "3", "--num-prompts", "4"))
+    g = build_workload(
+        parse("--dataset-name", "gui_sessions", "--num-sessions", "3", "--num-prompts", "4")
+    )
     assert g.closed_loop and len(g.requests) == 4
     for trace in ("azure_lmm", "mooncake", "burstgpt"):
         t = build_workload(parse("--dataset-name", trace, "--num-prompts", "3"))
         assert len(t.requests) == 3
-    d = build_workload(parse("--workload-arg", "deadline_s=0.5", "--workload-arg", "max_tokens=40",
-                             "--num-prompts", "2"))
+    d = build_workload(
+        parse(
+            "--workload-arg",
+            "deadline_s=0.5",
+            "--workload-arg",
+            "max_tokens=40",
+            "--num-prompts",
+            "2",
+        )
+    )
     assert all(r.deadline_s == 0.5 and r.max_tokens <= 40 for r in d.requests)
     with pytest.raises(ValueError, match="closed loop"):
         build_workload(parse("--dataset-name", "gui_sessions", "--request-rate", "3"))
@@ -167,7 +236,11 @@ def test_flags_build_the_named_workloads():
 
 
 def test_goodput_flags():
-    assert parse_goodput(["ttft:500", "tpot:50", "e2el:4000"]) == {"ttft": 0.5, "tpot": 0.05, "e2e": 4.0}
+    assert parse_goodput(["ttft:500", "tpot:50", "e2el:4000"]) == {
+        "ttft": 0.5,
+        "tpot": 0.05,
+        "e2e": 4.0,
+    }
     for bad in (["ttft"], ["speed:3"], ["ttft:fast"], ["ttft:-1"]):
         with pytest.raises(ValueError):
             parse_goodput(bad)
@@ -183,7 +256,9 @@ def test_bench_subcommand_registers():
 
 def test_unreachable_server_is_a_clean_error(capsys):
     port = free_port()
-    code = bench_main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--disable-tqdm"])
+    code = bench_main(
+        ["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--disable-tqdm"]
+    )
     assert code == 2
     assert "talking to the server failed" in capsys.readouterr().err
 
@@ -197,8 +272,11 @@ def scrape(base_url: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(base_url + "/metrics", trust_env=False).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +286,26 @@ def serve_process(tiny_dir, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nova.server", "--model", str(tiny_dir), "--port", str(port),
-             "--num-kv-blocks", "512", "--max-num-seqs", "16", "--served-model-name", "tiny-served"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "nova.server",
+                "--model",
+                str(tiny_dir),
+                "--port",
+                str(port),
+                "--num-kv-blocks",
+                "512",
+                "--max-num-seqs",
+                "16",
+                "--served-model-name",
+                "tiny-served",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -235,12 +330,39 @@ def test_bench_against_serve_agrees_with_server_metrics(serve_process, tmp_path,
     base = serve_process
     before = scrape(base)
     n = 12
-    code = bench_main([
-        "--base-url", base, "--dataset-name", "poisson", "--num-prompts", str(n), "--request-rate", "15",
-        "--image-width", "128", "--image-height", "224",
-        "--workload-arg", "max_tokens=24", "--workload-arg", "min_tokens=24",
-        "--workload-arg", "deadline_s=0.3", "--ignore-eos", "--goodput", "ttft:1000", "e2e:5000",
-        "--seed", "7", "--result-dir", str(tmp_path), "--result-filename", "run", "--disable-tqdm"])
+    code = bench_main(
+        [
+            "--base-url",
+            base,
+            "--dataset-name",
+            "poisson",
+            "--num-prompts",
+            str(n),
+            "--request-rate",
+            "15",
+            "--image-width",
+            "128",
+            "--image-height",
+            "224",
+            "--workload-arg",
+            "max_tokens=24",
+            "--workload-arg",
+            "min_tokens=24",
+            "--workload-arg",
+            "deadline_s=0.3",
+            "--ignore-eos",
+            "--goodput",
+            "ttft:1000",
+            "e2e:5000",
+            "--seed",
+            "7",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            "run",
+            "--disable-tqdm",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| TTFT |" in printed and "| ITL |" in printed and "goodput" in printed
@@ -277,18 +399,45 @@ def test_bench_against_serve_agrees_with_server_metrics(serve_process, tmp_path,
     client_ttft = result["ttft"]["mean"] / 1000.0 * n
     server_ttft = delta("nova_ttft_seconds_sum")
     assert server_ttft - 1e-3 * n <= client_ttft <= server_ttft + 0.25 * n
-    print(f"\nclient vs server over {n} requests: e2e {client_e2e:.3f} vs {server_e2e:.3f} s, "
-          f"ttft {client_ttft:.3f} vs {server_ttft:.3f} s")
+    print(
+        f"\nclient vs server over {n} requests: e2e {client_e2e:.3f} vs {server_e2e:.3f} s, "
+        f"ttft {client_ttft:.3f} vs {server_ttft:.3f} s"
+    )
 
 
 def test_bench_with_all_results_flags_on_closed_loop(serve_process, tmp_path, capsys):
-    code = bench_main([
-        "--base-url", serve_process + "/v1", "--dataset-name", "gui_sessions", "--num-sessions", "2",
-        "--workload-arg", "steps_per_session=2", "--workload-arg", "think_time_s=0.05",
-        "--workload-arg", "session_start_spread_s=0.1", "--workload-arg", "max_tokens=8",
-        "--workload-arg", "min_tokens=4",
-        "--image-width", "64", "--image-height", "96", "--max-concurrency", "2", "--request-rate", "inf",
-        "--save-result", "--result-dir", str(tmp_path), "--disable-tqdm"])
+    code = bench_main(
+        [
+            "--base-url",
+            serve_process + "/v1",
+            "--dataset-name",
+            "gui_sessions",
+            "--num-sessions",
+            "2",
+            "--workload-arg",
+            "steps_per_session=2",
+            "--workload-arg",
+            "think_time_s=0.05",
+            "--workload-arg",
+            "session_start_spread_s=0.1",
+            "--workload-arg",
+            "max_tokens=8",
+            "--workload-arg",
+            "min_tokens=4",
+            "--image-width",
+            "64",
+            "--image-height",
+            "96",
+            "--max-concurrency",
+            "2",
+            "--request-rate",
+            "inf",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--disable-tqdm",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     [json_file] = tmp_path.glob("*.json")
     result = json.loads(json_file.read_text())

@@ -1,4 +1,5 @@
 """The KV block manager, torch-free: allocation, growth, freeing, integrity, exhaustion."""
+
 from __future__ import annotations
 
 import random

@@ -1,6 +1,8 @@
 """Cost models (nova.cost): GPU specs, model shapes, roofline calibration, profiled tables."""
+
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -46,12 +48,14 @@ def _works(cog: ModelSpec) -> dict[Stage, StageWork]:
 
 # -- torch-free ---------------------------------------------------------------------------------
 def test_import_is_torch_free():
-    code = ("import nova.cost, sys\n"
-            "from nova.cost import make_cost_model, StageWork\n"
-            "m = make_cost_model('roofline', 'a6000', 'cogagent-9b')\n"
-            "m.time_s(StageWork.decode(100), 0.5)\n"
-            "make_cost_model('profiled', 'cpu', 'demo')\n"
-            "assert 'torch' not in sys.modules, 'nova.cost imported torch'\n")
+    code = (
+        "import nova.cost, sys\n"
+        "from nova.cost import make_cost_model, StageWork\n"
+        "m = make_cost_model('roofline', 'a6000', 'cogagent-9b')\n"
+        "m.time_s(StageWork.decode(100), 0.5)\n"
+        "make_cost_model('profiled', 'cpu', 'demo')\n"
+        "assert 'torch' not in sys.modules, 'nova.cost imported torch'\n"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
@@ -95,8 +99,9 @@ def test_llava_and_causal_lm_shapes():
     assert not llama.has_vision and 7.9e9 < llama.num_params() < 8.1e9
     with pytest.raises(ValueError, match="no vision tower"):
         llama.vision_flops(1)
-    smol = ModelSpec.from_config_dict(json.loads(
-        (REPO / "nova/models/configs/smollm2-135m/config.json").read_text()), name="smol")
+    smol = ModelSpec.from_config_dict(
+        json.loads((REPO / "nova/models/configs/smollm2-135m/config.json").read_text()), name="smol"
+    )
     assert smol.tie_word_embeddings and 0.13e9 < smol.num_params() < 0.14e9
 
 
@@ -125,8 +130,9 @@ def test_flops_and_bytes_scale(cog):
     assert cog.vision_flops(2) == pytest.approx(2 * cog.vision_flops(1))
     assert cog.vision_bytes(2) < 2 * cog.vision_bytes(1)  # weights read once per batch
     # Prefill ~ 2 * params * tokens; attention grows with cached context.
-    assert cog.prefill_flops(1000) == pytest.approx(2 * cog.text_layers * cog.text_layer_params * 1000
-                                                    + 2 * cog.lm_head_params, rel=0.05)
+    assert cog.prefill_flops(1000) == pytest.approx(
+        2 * cog.text_layers * cog.text_layer_params * 1000 + 2 * cog.lm_head_params, rel=0.05
+    )
     assert cog.prefill_flops(100, cached_tokens=2000) > cog.prefill_flops(100)
     # Decode bytes: weights + KV reads that grow with context and batch.
     d1 = cog.decode_bytes([1000])
@@ -134,7 +140,8 @@ def test_flops_and_bytes_scale(cog):
     assert cog.decode_bytes([1000, 1000]) > d1
 
 
-# -- roofline: calibration ---------------------------------------------------------------------------
+# -- roofline: calibration
+# ---------------------------------------------------------------------------
 def test_default_calibration_reproduces_paper_times(a6000, cog):
     for stage, work in _works(cog).items():
         t = a6000.time_s(work, 1.0)
@@ -162,7 +169,7 @@ def test_monotone_in_share_batch_and_context(gpu, cog):
     shares = [i / 20 for i in range(1, 21)]
     for work in _works(cog).values():
         times = [m.time_s(work, s) for s in shares]
-        assert all(b <= a + 1e-12 for a, b in zip(times, times[1:])), (gpu, work.stage)
+        assert all(b <= a + 1e-12 for a, b in itertools.pairwise(times)), (gpu, work.stage)
     for share in (0.2, 0.5, 1.0):
         vision = [m.time_s(StageWork.vision(n), share) for n in (1, 2, 4, 8)]
         prefill = [m.time_s(StageWork.prefill(n), share) for n in (16, 128, 1024, 4096)]
@@ -170,7 +177,7 @@ def test_monotone_in_share_batch_and_context(gpu, cog):
         decode_c = [m.time_s(StageWork.decode([c] * 8), share) for c in (100, 1000, 10000)]
         cached = [m.time_s(StageWork.prefill(200, cached_tokens=c), share) for c in (0, 1000, 8000)]
         for seq in (vision, prefill, decode_b, decode_c, cached):
-            assert all(b >= a for a, b in zip(seq, seq[1:])), (gpu, share, seq)
+            assert all(b >= a for a, b in itertools.pairwise(seq)), (gpu, share, seq)
 
 
 def test_decode_keeps_speed_on_a_third_of_sms_but_prefill_does_not(a6000, cog):
@@ -202,14 +209,18 @@ def test_corunning_raises_latency(a6000, cog):
         for isolated in (True, False):
             assert a6000.time_s(work, parts[stage], others, isolated) > alone, (stage, isolated)
         # More co-runners, more slowdown.
-        assert (a6000.time_s(work, parts[stage], others)
-                >= a6000.time_s(work, parts[stage], others[:1]))
+        assert a6000.time_s(work, parts[stage], others) >= a6000.time_s(
+            work, parts[stage], others[:1]
+        )
 
 
 def test_partitions_beat_multistream_for_compute_stages(a6000, cog):
     w = _works(cog)
-    for stage, other in ((Stage.VISION, Stage.PREFILL), (Stage.PREFILL, Stage.VISION),
-                         (Stage.PREFILL, Stage.DECODE)):
+    for stage, other in (
+        (Stage.VISION, Stage.PREFILL),
+        (Stage.PREFILL, Stage.VISION),
+        (Stage.PREFILL, Stage.DECODE),
+    ):
         co = [(w[other], 0.5)]
         iso = a6000.time_s(w[stage], 0.5, co, isolated=True)
         shared = a6000.time_s(w[stage], 0.5, co, isolated=False)
@@ -232,10 +243,13 @@ def test_vision_weight_offload_costs_little(cog):
     vision = _works(cog)[Stage.VISION]
     t0, t1 = plain.time_s(vision, 1.0), offload.time_s(vision, 1.0)
     assert t0 <= t1 < 1.05 * t0  # PCIe 4.0 streaming hides behind compute (paper: negligible)
-    assert offload.time_s(_works(cog)[Stage.DECODE], 1.0) == plain.time_s(_works(cog)[Stage.DECODE], 1.0)
+    assert offload.time_s(_works(cog)[Stage.DECODE], 1.0) == plain.time_s(
+        _works(cog)[Stage.DECODE], 1.0
+    )
 
 
-# -- registry ------------------------------------------------------------------------------------------
+# -- registry
+# ------------------------------------------------------------------------------------------
 def test_make_cost_model_registry_and_errors(cog):
     m = make_cost_model("roofline", "h100-sxm", "cogagent-9b")
     assert isinstance(m, CostModel) and m.name == "roofline" and m.gpu().name == "h100-sxm"
@@ -246,22 +260,43 @@ def test_make_cost_model_registry_and_errors(cog):
         make_cost_model("roofline", "tpu", cog)
     with pytest.raises(ValueError, match="unknown model"):
         make_cost_model("roofline", "a6000", "nope-7b")
-    with pytest.raises(ValueError, match="no shipped profile for model 'cogagent-9b' on GPU 'a6000'"):
+    with pytest.raises(
+        ValueError, match="no shipped profile for model 'cogagent-9b' on GPU 'a6000'"
+    ):
         make_cost_model("profiled", "a6000", cog)
 
 
-# -- StageWork ------------------------------------------------------------------------------------------
+# -- StageWork
+# ------------------------------------------------------------------------------------------
 def test_stage_work_from_batch():
     part = Partition(0.5, 0.3, 0.2, name="p")
-    vision = Batch(1, Stage.VISION, (BatchItem("a", num_images=1), BatchItem("b", num_images=2)), part, 0.0)
+    vision = Batch(
+        1, Stage.VISION, (BatchItem("a", num_images=1), BatchItem("b", num_images=2)), part, 0.0
+    )
     assert StageWork.from_batch(vision) == StageWork.vision(3)
-    prefill = Batch(2, Stage.PREFILL, (BatchItem("a", token_ids=(1,) * 10),
-                                       BatchItem("b", token_ids=(1,) * 4, num_cached_tokens=6)), part, 0.0)
+    prefill = Batch(
+        2,
+        Stage.PREFILL,
+        (
+            BatchItem("a", token_ids=(1,) * 10),
+            BatchItem("b", token_ids=(1,) * 4, num_cached_tokens=6),
+        ),
+        part,
+        0.0,
+    )
     w = StageWork.from_batch(prefill)
     assert w.new_tokens == (10, 4) and w.context_lens == (10, 10) and w.cached_tokens == (0, 6)
     assert w == StageWork.prefill([10, 4], cached_tokens=[0, 6])
-    decode = Batch(3, Stage.DECODE, (BatchItem("a", token_ids=(5,), num_cached_tokens=99),
-                                     BatchItem("b", token_ids=(6,), num_cached_tokens=9)), part, 0.0)
+    decode = Batch(
+        3,
+        Stage.DECODE,
+        (
+            BatchItem("a", token_ids=(5,), num_cached_tokens=99),
+            BatchItem("b", token_ids=(6,), num_cached_tokens=9),
+        ),
+        part,
+        0.0,
+    )
     w = StageWork.from_batch(decode)
     assert w == StageWork.decode([100, 10]) and w.num_seqs == 2 and w.mean_context_len == 55
 
@@ -278,21 +313,35 @@ def test_stage_work_validation():
     assert StageWork("decode", new_tokens=[1], context_lens=[3]).stage is Stage.DECODE
 
 
-# -- profiled ------------------------------------------------------------------------------------------
+# -- profiled
+# ------------------------------------------------------------------------------------------
 def _synthetic_profile() -> dict:
     # decode latency = 0.01 + 0.001 * batch + 1e-5 * context (bilinear: exact under interpolation)
     batch, ctx = [1, 4, 16], [100, 1000]
     decode = [[0.01 + 0.001 * b + 1e-5 * c for c in ctx] for b in batch]
     return {
-        "format": "nova-cost-profile", "version": 1,
+        "format": "nova-cost-profile",
+        "version": 1,
         "metadata": {"model": "synthetic", "gpu": "a6000"},
         "stages": {
-            "vision": {"axes": ["num_images"], "grid": [[1, 2, 4]], "shares": [0.5, 1.0],
-                       "latency_s": [[0.2, 0.38, 0.74], [0.1, 0.19, 0.37]]},
-            "prefill": {"axes": ["total_new_tokens", "num_seqs"], "grid": [[100, 1000], [1, 4]],
-                        "shares": [1.0], "latency_s": [[[0.02, 0.025], [0.12, 0.13]]]},
-            "decode": {"axes": ["batch_size", "mean_context_len"], "grid": [batch, ctx],
-                       "shares": [1.0], "latency_s": [decode]},
+            "vision": {
+                "axes": ["num_images"],
+                "grid": [[1, 2, 4]],
+                "shares": [0.5, 1.0],
+                "latency_s": [[0.2, 0.38, 0.74], [0.1, 0.19, 0.37]],
+            },
+            "prefill": {
+                "axes": ["total_new_tokens", "num_seqs"],
+                "grid": [[100, 1000], [1, 4]],
+                "shares": [1.0],
+                "latency_s": [[[0.02, 0.025], [0.12, 0.13]]],
+            },
+            "decode": {
+                "axes": ["batch_size", "mean_context_len"],
+                "grid": [batch, ctx],
+                "shares": [1.0],
+                "latency_s": [decode],
+            },
         },
         "corun_mode": "shared",
         "corun_factor": {"decode": {"vision": 1.2, "prefill": 1.5}, "vision": {"decode": 1.1}},
@@ -316,7 +365,9 @@ def test_profiled_round_trip_and_exact_at_grid_points(tmp_path):
     assert m.time_s(StageWork.prefill(1000), 1.0) == pytest.approx(0.12)
     for b in (1, 4, 16):
         for c in (100, 1000):
-            assert m.time_s(StageWork.decode([c] * b), 1.0) == pytest.approx(0.01 + 0.001 * b + 1e-5 * c)
+            assert m.time_s(StageWork.decode([c] * b), 1.0) == pytest.approx(
+                0.01 + 0.001 * b + 1e-5 * c
+            )
 
 
 def test_profiled_interpolation_between_and_beyond_grid():
@@ -341,8 +392,12 @@ def test_profiled_corun_factors_multiply():
     d, v, p = StageWork.decode([100]), StageWork.vision(1), StageWork.prefill(100)
     alone = m.time_s(d, 1.0)
     assert m.time_s(d, 1.0, [(v, 0.5)], isolated=False) == pytest.approx(alone * 1.2)
-    assert m.time_s(d, 1.0, [(v, 0.5), (p, 0.3)], isolated=False) == pytest.approx(alone * 1.2 * 1.5)
-    assert m.time_s(d, 1.0, [(v, 0.5), (p, 0.3)], isolated=True) == pytest.approx(alone * 1.05 * 1.1)
+    assert m.time_s(d, 1.0, [(v, 0.5), (p, 0.3)], isolated=False) == pytest.approx(
+        alone * 1.2 * 1.5
+    )
+    assert m.time_s(d, 1.0, [(v, 0.5), (p, 0.3)], isolated=True) == pytest.approx(
+        alone * 1.05 * 1.1
+    )
     # no isolated table for vision -> the measured (shared) one; no factor at all -> 1.0
     assert m.time_s(v, 1.0, [(d, 0.3)], isolated=True) == pytest.approx(0.1 * 1.1)
     assert m.time_s(p, 1.0, [(d, 0.3)]) == pytest.approx(0.02)
@@ -404,7 +459,11 @@ def test_shipped_demo_cpu_profile():
     for work in (StageWork.vision(1), StageWork.prefill(256), StageWork.decode([256] * 4)):
         t = m.time_s(work, 1.0)
         assert 1e-3 < t < 10.0
-        others = [(w, 1.0) for w in (StageWork.vision(1), StageWork.decode([64])) if w.stage is not work.stage]
+        others = [
+            (w, 1.0)
+            for w in (StageWork.vision(1), StageWork.decode([64]))
+            if w.stage is not work.stage
+        ]
         assert m.time_s(work, 1.0, others, isolated=False) >= t
     assert m.time_s(StageWork.decode([256] * 16), 1.0) >= m.time_s(StageWork.decode([256]), 1.0)
 
@@ -412,9 +471,16 @@ def test_shipped_demo_cpu_profile():
 def test_profile_model_quick_on_a_tiny_model(tiny_dirs, tmp_path):
     from nova.cost.profile import ProfileGrid, profile_model, summarize
 
-    grid = ProfileGrid(num_images=(1, 2), prefill_tokens=(8, 32), prefill_seqs=(1, 2),
-                       decode_batch=(1, 4), decode_context=(16, 64), corun_prefill_tokens=16,
-                       corun_decode_batch=2, corun_decode_context=16)
+    grid = ProfileGrid(
+        num_images=(1, 2),
+        prefill_tokens=(8, 32),
+        prefill_seqs=(1, 2),
+        decode_batch=(1, 4),
+        decode_context=(16, 64),
+        corun_prefill_tokens=16,
+        corun_decode_batch=2,
+        corun_decode_context=16,
+    )
     prof = profile_model(str(tiny_dirs["llava-siglip-qwen2"]), grid=grid, warmup=1, repeats=1)
     meta = prof["metadata"]
     assert meta["device"] == "cpu" and meta["torch_version"] and meta["date"]
@@ -451,16 +517,21 @@ def test_totals_key_is_an_exact_memo_key_for_both_cost_models(a6000):
     ]
     co = [(StageWork.vision(1), 0.5)]
     for a, b in same:
-        assert a.totals_key() == b.totals_key() and a != b or a.stage is Stage.VISION
+        assert (a.totals_key() == b.totals_key() and a != b) or a.stage is Stage.VISION
         for model in (a6000, profiled):
             assert model.shape_key(a) == model.shape_key(b)
             for share, others, isolated in ((1.0, (), True), (0.5, co, True), (1.0, co, False)):
                 if a.stage is Stage.VISION and others:
                     others = [(StageWork.decode([64]), 0.5)]
-                assert model.time_s(a, share, others, isolated) == model.time_s(b, share, others, isolated)
+                assert model.time_s(a, share, others, isolated) == model.time_s(
+                    b, share, others, isolated
+                )
     assert StageWork.decode([100, 300]).totals_key() != StageWork.decode([100, 301]).totals_key()
     # same new tokens and context, different split between sequences: different causal pairs
-    assert StageWork.prefill([64, 32], [10, 0]).totals_key() != StageWork.prefill([64, 32], [0, 10]).totals_key()
+    assert (
+        StageWork.prefill([64, 32], [10, 0]).totals_key()
+        != StageWork.prefill([64, 32], [0, 10]).totals_key()
+    )
 
 
 def test_trusted_stage_work_equals_the_checked_one():
@@ -486,11 +557,21 @@ def test_roofline_one_co_runner_fast_path_equals_the_general_code(a6000):
     import random
 
     rng = random.Random(1)
-    works = [StageWork.vision(1), StageWork.vision(3), StageWork.prefill([1750]), StageWork.prefill([900, 40], [0, 300]),
-             StageWork.decode([1800]), StageWork.decode([1700, 1900, 60]), StageWork.decode([100] * 40)]
+    works = [
+        StageWork.vision(1),
+        StageWork.vision(3),
+        StageWork.prefill([1750]),
+        StageWork.prefill([900, 40], [0, 300]),
+        StageWork.decode([1800]),
+        StageWork.decode([1700, 1900, 60]),
+        StageWork.decode([100] * 40),
+    ]
     for _ in range(300):
         w, o = rng.choice(works), rng.choice(works)
-        share, other_share = rng.choice((1.0, 0.2, 0.5, 0.71, 1 / 7)), rng.choice((1.0, 0.3, 0.8, 1 / 14))
+        share, other_share = (
+            rng.choice((1.0, 0.2, 0.5, 0.71, 1 / 7)),
+            rng.choice((1.0, 0.3, 0.8, 1 / 14)),
+        )
         for isolated in (True, False):
             fast = a6000._terms(w, share, [(o, other_share)], isolated)
             general = a6000._terms(w, share, [(o, other_share)], isolated, pair_path=False)

@@ -2,6 +2,7 @@
 padded static-shape decode step runs eagerly (Triton kernel in the interpreter) and must equal
 the unpadded SDPA forward without touching any real sequence's cache; on a GPU the same step is
 captured and replayed."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,9 @@ def test_eager_reason():
 def test_graphs_off_on_cpu_and_for_dynamic_backends(tiny_dirs):
     assert "CUDA device" in graphs_unavailable_reason(torch.device("cpu"), object())
     assert "triton" in graphs_unavailable_reason(torch.device("cuda"), SdpaPagedAttention())
-    runner = ModelRunner(load_model(tiny_dirs["llama"]), CacheConfig(block_size=4, num_blocks=16),
-                         cuda_graphs=True)
+    runner = ModelRunner(
+        load_model(tiny_dirs["llama"]), CacheConfig(block_size=4, num_blocks=16), cuda_graphs=True
+    )
     assert runner.decode_graphs is None
     assert runner.kv_cache.num_blocks == 16  # no scratch block without graphs
 
@@ -77,30 +79,50 @@ def _decode_step(runner: ModelRunner, hist: list[list[int]], rows: list[int], st
     for i in rows:
         hist[i].append(60 + 3 * i + step)
         runner.block_manager.grow(str(i), len(hist[i]))
-        seqs.append(SeqInput([hist[i][-1]], len(hist[i]) - 1, runner.block_manager.block_table(str(i))))
+        seqs.append(
+            SeqInput([hist[i][-1]], len(hist[i]) - 1, runner.block_manager.block_table(str(i)))
+        )
     return seqs
 
 
 def test_padded_static_decode_equals_unpadded_forward(tiny_dirs):
     """Decode batches of 5, 3, 1 and 2 rows (buckets 8, 4, 1, 2) through static padded buffers
     equal the plain SDPA forward; padding writes only the scratch block."""
-    ref = ModelRunner(load_model(tiny_dirs["llama"], device=DEVICE),
-                      CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS), attention_backend="sdpa")
-    run = ModelRunner(load_model(tiny_dirs["llama"], device=DEVICE),
-                      CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS), attention_backend="triton")
+    ref = ModelRunner(
+        load_model(tiny_dirs["llama"], device=DEVICE),
+        CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        attention_backend="sdpa",
+    )
+    run = ModelRunner(
+        load_model(tiny_dirs["llama"], device=DEVICE),
+        CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        attention_backend="triton",
+    )
     scratch = NUM_BLOCKS - 1
-    static = StaticDecodeRunner(run.model, run.kv_cache, max_num_seqs=8, max_model_len=64,
-                                scratch_block=scratch, device=DEVICE, use_graphs=DEVICE == "cuda")
+    static = StaticDecodeRunner(
+        run.model,
+        run.kv_cache,
+        max_num_seqs=8,
+        max_model_len=64,
+        scratch_block=scratch,
+        device=DEVICE,
+        use_graphs=DEVICE == "cuda",
+    )
     hist_ref, hist_run = _prefill(ref), _prefill(run)
-    schedule = [([0, 1, 2, 3, 4], "p0"), ([4, 1, 0], "p0"), ([2], "p1"), ([3, 0], "p0"),
-                ([0, 1, 2, 3, 4], "p1")]
+    schedule = [
+        ([0, 1, 2, 3, 4], "p0"),
+        ([4, 1, 0], "p0"),
+        ([2], "p1"),
+        ([3, 0], "p0"),
+        ([0, 1, 2, 3, 4], "p1"),
+    ]
     for step, (rows, key) in enumerate(schedule):
         want = ref.forward(_decode_step(ref, hist_ref, rows, step))
         got = static.run(_decode_step(run, hist_run, rows, step), partition_key=key)
         assert got is not None and got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert static.stats.replays == len(schedule)
-    assert {k for k in static._entries} == {("p0", 8), ("p0", 4), ("p1", 1), ("p0", 2), ("p1", 8)}
+    assert set(static._entries) == {("p0", 8), ("p0", 4), ("p1", 1), ("p0", 2), ("p1", 8)}
     # The scratch block was never handed out, so padding rows wrote only there.
     owned = {b for i in range(len(PROMPTS)) for b in run.block_manager.block_table(str(i))}
     assert scratch not in owned
@@ -108,19 +130,31 @@ def test_padded_static_decode_equals_unpadded_forward(tiny_dirs):
     for layer in range(run.kv_cache.num_layers):
         keep = torch.ones(run.kv_cache.k[layer].shape[0], dtype=torch.bool)
         keep[sl] = False
-        torch.testing.assert_close(run.kv_cache.k[layer][keep], ref.kv_cache.k[layer][keep],
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(run.kv_cache.v[layer][keep], ref.kv_cache.v[layer][keep],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            run.kv_cache.k[layer][keep], ref.kv_cache.k[layer][keep], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            run.kv_cache.v[layer][keep], ref.kv_cache.v[layer][keep], atol=1e-5, rtol=0
+        )
     assert run.kv_cache.k[0][scratch * BLOCK].abs().sum() > 0  # padding K/V landed there
-    assert run.kv_cache.k[0][scratch * BLOCK + 1:(scratch + 1) * BLOCK].abs().sum() == 0
+    assert run.kv_cache.k[0][scratch * BLOCK + 1 : (scratch + 1) * BLOCK].abs().sum() == 0
 
 
 def test_static_runner_falls_back_for_prefill(tiny_dirs):
-    run = ModelRunner(load_model(tiny_dirs["llama"], device=DEVICE),
-                      CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS), attention_backend="triton")
-    static = StaticDecodeRunner(run.model, run.kv_cache, max_num_seqs=4, max_model_len=64,
-                                scratch_block=NUM_BLOCKS - 1, device=DEVICE, use_graphs=False)
+    run = ModelRunner(
+        load_model(tiny_dirs["llama"], device=DEVICE),
+        CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        attention_backend="triton",
+    )
+    static = StaticDecodeRunner(
+        run.model,
+        run.kv_cache,
+        max_num_seqs=4,
+        max_model_len=64,
+        scratch_block=NUM_BLOCKS - 1,
+        device=DEVICE,
+        use_graphs=False,
+    )
     seqs = [SeqInput([1, 2, 3], 0, run.block_manager.allocate("a", 3))]
     assert static.run(seqs) is None
     assert static.stats.replays == 0 and sum(static.stats.eager.values()) == 1
@@ -134,15 +168,22 @@ def test_gpu_graph_replay_equals_eager(tiny_dirs):
     the same runner without graphs, over decode steps of varying batch size."""
     out = {}
     for graphs in (False, True):
-        runner = ModelRunner(load_model(tiny_dirs["qwen2"], device="cuda"),
-                             CacheConfig(block_size=16, num_blocks=64), attention_backend="triton",
-                             cuda_graphs=graphs, max_num_seqs=8)
+        runner = ModelRunner(
+            load_model(tiny_dirs["qwen2"], device="cuda"),
+            CacheConfig(block_size=16, num_blocks=64),
+            attention_backend="triton",
+            cuda_graphs=graphs,
+            max_num_seqs=8,
+        )
         assert (runner.decode_graphs is not None) == graphs
         hist = _prefill(runner)
         steps = []
         for step, rows in enumerate([[0, 1, 2, 3, 4], [1, 2], [0, 1, 2, 3, 4], [3]]):
-            steps.append(runner.forward(_decode_step(runner, hist, rows, step),
-                                        partition_key="decode-0.5").cpu())
+            steps.append(
+                runner.forward(
+                    _decode_step(runner, hist, rows, step), partition_key="decode-0.5"
+                ).cpu()
+            )
         out[graphs] = steps
         if graphs:
             stats = runner.decode_graphs.stats
@@ -156,9 +197,13 @@ def test_gpu_graph_replay_equals_eager(tiny_dirs):
 @needs_cuda
 def test_gpu_graph_capture_on_a_side_stream(tiny_dirs):
     """The executor runs each stage on its own stream: capture and replay there work too."""
-    runner = ModelRunner(load_model(tiny_dirs["llama"], device="cuda"),
-                         CacheConfig(block_size=16, num_blocks=64), attention_backend="triton",
-                         cuda_graphs=True, max_num_seqs=4)
+    runner = ModelRunner(
+        load_model(tiny_dirs["llama"], device="cuda"),
+        CacheConfig(block_size=16, num_blocks=64),
+        attention_backend="triton",
+        cuda_graphs=True,
+        max_num_seqs=4,
+    )
     hist = _prefill(runner)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

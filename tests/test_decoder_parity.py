@@ -1,4 +1,5 @@
 """Our paged-KV decoder against transformers, logit for logit (fp32, atol 1e-4)."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,9 @@ def test_batched_prefill_then_decode_match_transformers(tiny_dirs, kind, block_s
         ours = loaded.model.decoder.compute_logits(loaded.model.forward(batch, runner.kv_cache))
     offset = 0
     for p in PROMPTS:  # every position of every prompt, not only the last
-        torch.testing.assert_close(ours[offset : offset + len(p)], _hf_logits(hf, p), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            ours[offset : offset + len(p)], _hf_logits(hf, p), atol=ATOL, rtol=0
+        )
         offset += len(p)
 
     # Several decode steps of the batch, each sequence at a different position.

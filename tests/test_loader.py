@@ -1,4 +1,5 @@
 """Loading: shipped configs, dummy weights, and a clear error for each kind of bad input."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,16 @@ from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model, read_config, shi
 
 # Published parameter counts (billions) of the architectures whose configs Nova ships.
 EXPECTED_PARAMS_B = {
-    "llava-1.5-7b": 7.06, "llava-onevision-qwen2-7b": 8.03, "smollm2-135m": 0.1345,
-    "llama-3.1-8b": 8.03, "qwen2.5-7b": 7.62,
+    "llava-1.5-7b": 7.06,
+    "llava-onevision-qwen2-7b": 8.03,
+    "smollm2-135m": 0.1345,
+    "llama-3.1-8b": 8.03,
+    "qwen2.5-7b": 7.62,
     # Qwen-VL: the model cards' totals (language model + vision tower + patch merger).
-    "qwen2-vl-2b": 2.21, "qwen2-vl-7b": 8.29, "qwen2.5-vl-3b": 3.75, "qwen2.5-vl-7b": 8.29,
+    "qwen2-vl-2b": 2.21,
+    "qwen2-vl-7b": 8.29,
+    "qwen2.5-vl-3b": 3.75,
+    "qwen2.5-vl-7b": 8.29,
 }
 
 
@@ -69,7 +76,9 @@ def test_truncated_safetensors(tiny_dirs, tmp_path):
     weights = d / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match="corrupt or truncated safetensors file .*model.safetensors"):
+    with pytest.raises(
+        ModelLoadError, match="corrupt or truncated safetensors file .*model.safetensors"
+    ):
         load_model(d)
 
 
@@ -123,22 +132,30 @@ def test_llava_checkpoint_key_layouts(tiny_dirs, tmp_path, layout):
     # transformers 5.23 saves: language_model.model.*, language_model.lm_head.*,
     # vision_tower.* (no vision_model level), multi_modal_projector.*
     layouts = {
-        "llava-hf": [("language_model.", "language_model."), ("vision_tower.", "vision_tower.vision_model."),
-                     ("multi_modal_projector.", "multi_modal_projector.")],
-        "transformers>=4.52": [("language_model.model.", "model.language_model."),
-                               ("language_model.lm_head.", "lm_head."),
-                               ("vision_tower.", "model.vision_tower.vision_model."),
-                               ("multi_modal_projector.", "model.multi_modal_projector.")],
+        "llava-hf": [
+            ("language_model.", "language_model."),
+            ("vision_tower.", "vision_tower.vision_model."),
+            ("multi_modal_projector.", "multi_modal_projector."),
+        ],
+        "transformers>=4.52": [
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower.vision_model."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ],
     }
 
     def rename(name: str) -> str:
         for old, new in layouts[layout]:
             if name.startswith(old):
-                return new + name[len(old):]
+                return new + name[len(old) :]
         raise AssertionError(f"unexpected tensor name {name}")
 
-    save_file({rename(k): v for k, v in tensors.items()}, d / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {rename(k): v for k, v in tensors.items()},
+        d / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     ref = load_model(src)
     got = load_model(d)
     ref_params = dict(ref.model.named_parameters())

@@ -1,4 +1,5 @@
 """Start-up memory accounting: the report's figures, its text, and the Prometheus gauges."""
+
 from __future__ import annotations
 
 import types
@@ -29,8 +30,18 @@ def test_report_counts_weights_and_kv(tiny_dirs):
 
 
 def test_report_with_streaming_mentions_host_memory():
-    m = MemoryReport("cuda:0", 3 << 30, 1 << 30, 64 << 20, (1 << 30) - (64 << 20), 10 << 30,
-                     5000, 16, 2 << 30, 80 << 30)
+    m = MemoryReport(
+        "cuda:0",
+        3 << 30,
+        1 << 30,
+        64 << 20,
+        (1 << 30) - (64 << 20),
+        10 << 30,
+        5000,
+        16,
+        2 << 30,
+        80 << 30,
+    )
     text = "\n".join(m.lines())
     assert "weights streamed" in text and "1,024.0 MiB in host memory" in text
     assert "planned 15,360.0 MiB of 81,920.0 MiB" in text
@@ -47,16 +58,24 @@ def test_module_bytes_counts_shared_tensors_once():
 def test_metrics_export_memory_and_granted_sms(tiny_dirs):
     from nova.server.metrics import ServerMetrics
 
-    runner = ModelRunner(load_model(tiny_dirs["llava-clip"]), CacheConfig(block_size=8, num_blocks=40))
-    snap = EngineSnapshot({s: 0 for s in Stage}, 0.0, 40, Partition.shared(), 0)
+    runner = ModelRunner(
+        load_model(tiny_dirs["llava-clip"]), CacheConfig(block_size=8, num_blocks=40)
+    )
+    snap = EngineSnapshot(dict.fromkeys(Stage, 0), 0.0, 40, Partition.shared(), 0)
     nova = types.SimpleNamespace(
-        runner=runner, engine=types.SimpleNamespace(snapshot=lambda: snap),
-        executor=types.SimpleNamespace(granted_sms={Stage.DECODE: 24, Stage.PREFILL: 104}))
-    metrics = ServerMetrics(types.SimpleNamespace(nova=nova), types.SimpleNamespace(num_unfinished=0))
+        runner=runner,
+        engine=types.SimpleNamespace(snapshot=lambda: snap),
+        executor=types.SimpleNamespace(granted_sms={Stage.DECODE: 24, Stage.PREFILL: 104}),
+    )
+    metrics = ServerMetrics(
+        types.SimpleNamespace(nova=nova), types.SimpleNamespace(num_unfinished=0)
+    )
     text = metrics.render().decode()
     assert f"nova_memory_kv_cache_bytes {float(runner.kv_cache.num_bytes)}" in text
     assert "nova_memory_kv_cache_blocks 40.0" in text
-    assert f"nova_memory_weights_resident_bytes {float(runner.memory.weights_resident_bytes)}" in text
+    assert (
+        f"nova_memory_weights_resident_bytes {float(runner.memory.weights_resident_bytes)}" in text
+    )
     assert 'nova_sm_granted{stage="decode"} 24.0' in text
     assert 'nova_sm_granted{stage="prefill"} 104.0' in text
     assert "nova_memory_device_total_bytes" not in text  # CPU: no device total

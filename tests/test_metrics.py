@@ -1,4 +1,5 @@
 """nova.metrics: per-request formulas, percentiles, summaries, goodput and formatting."""
+
 from __future__ import annotations
 
 import json
@@ -62,10 +63,13 @@ def make_request(
 
 
 def full_request(**kw) -> Request:
-    """arrival 10.0, vision 10.5-10.75, prefill 11.0-11.5, tokens 11.5/11.75/12.25/12.5, finish 12.5."""
+    """arrival 10.0, vision 10.5-10.75, prefill 11.0-11.5, tokens 11.5/11.75/12.25/12.5, finish "
+    "12.5."""
     args = dict(
-        vision=(10.5, 10.75), prefill=(11.0, 11.5),
-        token_s=[11.5, 11.75, 12.25, 12.5], finish_s=12.5,
+        vision=(10.5, 10.75),
+        prefill=(11.0, 11.5),
+        token_s=[11.5, 11.75, 12.25, 12.5],
+        finish_s=12.5,
     )
     args.update(kw)
     return make_request(**args)
@@ -114,8 +118,13 @@ def test_deadline_missed_and_exact_boundary() -> None:
 
 
 def test_unfinished_request_partial_fields() -> None:
-    req = make_request(vision=(10.5, 10.75), prefill=(11.0, 11.5), token_s=[11.5, 12.0],
-                       status=RequestStatus.DECODING, deadline_s=1.0)
+    req = make_request(
+        vision=(10.5, 10.75),
+        prefill=(11.0, 11.5),
+        token_s=[11.5, 12.0],
+        status=RequestStatus.DECODING,
+        deadline_s=1.0,
+    )
     m = request_metrics(req)
     assert m.status == "decoding"
     assert m.ttft_s == 1.5 and m.tpot_s == 0.5 and m.decode_s == 0.5
@@ -125,15 +134,26 @@ def test_unfinished_request_partial_fields() -> None:
 
 def test_fresh_request_all_none() -> None:
     m = request_metrics(make_request(status=RequestStatus.WAITING_VISION))
-    for name in ("ttft_s", "tpot_s", "e2e_s", "vision_queue_s", "vision_s",
-                 "prefill_queue_s", "prefill_s", "decode_s", "deadline_met", "finish_s"):
+    for name in (
+        "ttft_s",
+        "tpot_s",
+        "e2e_s",
+        "vision_queue_s",
+        "vision_s",
+        "prefill_queue_s",
+        "prefill_s",
+        "decode_s",
+        "deadline_met",
+        "finish_s",
+    ):
         assert getattr(m, name) is None, name
     assert m.itl_s == [] and m.num_output_tokens == 0
 
 
 def test_failed_in_vision_stage() -> None:
-    req = make_request(vision=(10.5, 10.75), status=RequestStatus.FAILED, finish_s=10.75,
-                       deadline_s=5.0)
+    req = make_request(
+        vision=(10.5, 10.75), status=RequestStatus.FAILED, finish_s=10.75, deadline_s=5.0
+    )
     req.times.vision_end_s = None  # failed mid-encoder
     m = request_metrics(req)
     assert m.status == "failed"
@@ -201,14 +221,31 @@ def test_distribution_empty() -> None:
 def run_metrics() -> list[RequestMetrics]:
     """Four requests: two finished (one misses its deadline), one aborted, one failed."""
     a = full_request(rid="a", deadline_s=3.0, num_preemptions=1)  # e2e 2.5, ttft 1.5, tpot 1/3
-    b = make_request("b", arrival_s=11.0, images=0, prompt_len=3, prefill=(11.25, 11.5),
-                     token_s=[11.5, 12.0, 14.5], finish_s=15.0, deadline_s=2.0)
+    b = make_request(
+        "b",
+        arrival_s=11.0,
+        images=0,
+        prompt_len=3,
+        prefill=(11.25, 11.5),
+        token_s=[11.5, 12.0, 14.5],
+        finish_s=15.0,
+        deadline_s=2.0,
+    )
     # b: ttft 0.5, tpot 1.5, e2e 4.0, prefill_queue 0.25, prefill 0.25, decode 3.0
-    c = make_request("c", arrival_s=10.5, images=0, prompt_len=4, prefill=(11.0, 11.5),
-                     token_s=[11.5], finish_s=12.0, status=RequestStatus.ABORTED,
-                     num_preemptions=2)
-    d = make_request("d", arrival_s=9.0, vision=(9.5, 10.0), status=RequestStatus.FAILED,
-                     finish_s=10.0)
+    c = make_request(
+        "c",
+        arrival_s=10.5,
+        images=0,
+        prompt_len=4,
+        prefill=(11.0, 11.5),
+        token_s=[11.5],
+        finish_s=12.0,
+        status=RequestStatus.ABORTED,
+        num_preemptions=2,
+    )
+    d = make_request(
+        "d", arrival_s=9.0, vision=(9.5, 10.0), status=RequestStatus.FAILED, finish_s=10.0
+    )
     d.times.vision_end_s = None
     return [request_metrics(r) for r in (a, b, c, d)]
 
@@ -216,7 +253,12 @@ def run_metrics() -> list[RequestMetrics]:
 def test_summarize_counts_and_distributions() -> None:
     s = summarize(run_metrics())
     assert (s.num_requests, s.num_finished, s.num_aborted, s.num_failed, s.num_unfinished) == (
-        4, 2, 1, 1, 0)
+        4,
+        2,
+        1,
+        1,
+        0,
+    )
     assert s.num_preemptions == 3
     assert s.ttft.count == 3  # a, b, c (aborted after its first token)
     assert s.ttft.mean == approx((1.5 + 0.5 + 1.0) / 3)
@@ -259,8 +301,7 @@ def test_summarize_empty_and_unfinished() -> None:
     assert s.ttft.count == 0 and s.ttft.mean is None
     assert summarize([], duration_s=2.0).request_throughput_rps == 0.0
     # nothing finished yet: no derived duration, but counted as unfinished
-    s = summarize([request_metrics(make_request(status=RequestStatus.DECODING,
-                                                token_s=[11.0]))])
+    s = summarize([request_metrics(make_request(status=RequestStatus.DECODING, token_s=[11.0]))])
     assert s.num_unfinished == 1 and s.duration_s is None and s.output_throughput_tps is None
     # zero-length derived duration -> no throughput rather than a division by zero
     s = summarize([request_metrics(make_request(images=0, token_s=[10.0], finish_s=10.0))])
@@ -301,8 +342,16 @@ def test_format_summary_table() -> None:
     text = format_summary_table(summarize(run_metrics()), title="run A")
     lines = text.splitlines()
     assert lines[0] == "run A"
-    for label in ("TTFT", "TPOT", "E2E", "vision queue", "vision", "prefill queue",
-                  "prefill", "decode"):
+    for label in (
+        "TTFT",
+        "TPOT",
+        "E2E",
+        "vision queue",
+        "vision",
+        "prefill queue",
+        "prefill",
+        "decode",
+    ):
         assert any(line.startswith(label) for line in lines), label
     ttft = next(line for line in lines if line.startswith("TTFT"))
     assert ttft.split() == ["TTFT", "3", "1000.00", "1000.00", "1400.00", "1490.00", "1500.00"]
@@ -315,8 +364,11 @@ def test_format_summary_table() -> None:
     assert "0.333 req/s" in text and "1.17 tok/s" in text and "2.50 tok/s" in text
     assert "deadline violation rate: 50.0%" in text
     # fixed width: all latency rows the same length
-    rows = [line for line in lines if line.split() and line.split()[0] in
-            ("TTFT", "TPOT", "E2E", "decode", "prefill")]
+    rows = [
+        line
+        for line in lines
+        if line.split() and line.split()[0] in ("TTFT", "TPOT", "E2E", "decode", "prefill")
+    ]
     assert len({len(r) for r in rows}) == 1
 
 
@@ -334,8 +386,19 @@ def test_format_timeline() -> None:
     assert [line.split()[0] for line in body] == ["d", "a", "c", "b"]  # by arrival
     a = body[1].split()
     # arrival 10.0 - earliest 9.0; vis_q, vis, pre_q, pre, ttft, decode, e2e in ms
-    assert a == ["a", "1000.0", "500.0", "250.0", "250.0", "500.0", "1500.0", "1000.0",
-                 "2500.0", "5/4", "finished"]
+    assert a == [
+        "a",
+        "1000.0",
+        "500.0",
+        "250.0",
+        "250.0",
+        "500.0",
+        "1500.0",
+        "1000.0",
+        "2500.0",
+        "5/4",
+        "finished",
+    ]
     d = body[0].split()
     assert d == ["d", "0.0", "500.0", "-", "-", "-", "-", "-", "1000.0", "5/0", "failed"]
     assert body[2].split()[-1] == "aborted"
@@ -354,7 +417,9 @@ def test_summary_to_dict_json() -> None:
 
 
 def test_import_is_torch_and_numpy_free() -> None:
-    code = ("import nova.metrics, sys; "
-            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, "
-            "sorted(m for m in sys.modules if m in ('torch', 'numpy'))")
+    code = (
+        "import nova.metrics, sys; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, "
+        "sorted(m for m in sys.modules if m in ('torch', 'numpy'))"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

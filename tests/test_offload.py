@@ -2,6 +2,7 @@
 invariants checked with an instrumented fake stream that runs copies and computes lazily, in a
 random interleaving, as a GPU would (a layer never computes before its copy completed; a slot is
 never overwritten while a computation reading it may still run)."""
+
 from __future__ import annotations
 
 import logging
@@ -21,20 +22,46 @@ IMAGE_TOKEN_ID = 300
 
 
 def _save_llava(path: Path, vision: str) -> Path:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import SiglipVisionConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_VISION_LAYERS,
-              num_attention_heads=4, image_size=32, patch_size=8)
-    vcfg = CLIPVisionConfig(**kw, projection_dim=32) if vision == "clip" else SiglipVisionConfig(**kw)
+    text = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_VISION_LAYERS,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    vcfg = (
+        CLIPVisionConfig(**kw, projection_dim=32) if vision == "clip" else SiglipVisionConfig(**kw)
+    )
     strategy = "default" if vision == "clip" else "full"
-    cfg = LlavaConfig(text_config=text, vision_config=vcfg, image_token_id=IMAGE_TOKEN_ID,
-                      vision_feature_select_strategy=strategy,
-                      vision_feature_layer=-2 if vision == "clip" else -1)
+    cfg = LlavaConfig(
+        text_config=text,
+        vision_config=vcfg,
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=-2 if vision == "clip" else -1,
+    )
     LlavaForConditionalGeneration(cfg).save_pretrained(path)
     return path
 
@@ -49,7 +76,8 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-# -- an instrumented fake stream ---------------------------------------------------------------------
+# -- an instrumented fake stream
+# ---------------------------------------------------------------------
 class _Event:
     def __init__(self, kind: str, label):
         self.kind, self.label, self.done, self.upto = kind, label, False, 0
@@ -111,7 +139,9 @@ class LazyStreamOps:
     def issue_compute(self, slot: int, layer: int) -> None:
         ev = self.latest_copy.get(slot)
         if self.slot_layer.get(slot) != layer or ev is None or not ev.done:
-            self.violations.append(f"computed layer {layer} before its copy into slot {slot} completed")
+            self.violations.append(
+                f"computed layer {layer} before its copy into slot {slot} completed"
+            )
         elif id(ev) not in self.waited:
             self.violations.append(f"computed layer {layer} without waiting for its copy event")
         self.num_issued += 1
@@ -190,7 +220,8 @@ def _reference(loaded) -> list[torch.Tensor]:
     return [loaded.model.encode_images(_pixels(n, s)) for n, s in BATCHES]
 
 
-# -- outputs -----------------------------------------------------------------------------------------
+# -- outputs
+# -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_offload_gives_identical_outputs(llava_dirs, vision, k):
@@ -205,10 +236,15 @@ def test_offload_gives_identical_outputs(llava_dirs, vision, k):
 def test_k_at_least_the_layer_count_keeps_the_encoder_resident(llava_dirs, caplog):
     loaded = load_model(llava_dirs["clip"])
     with caplog.at_level(logging.WARNING, logger="nova.gpu.offload"):
-        assert stream_vision_layers(loaded.model.vision, NUM_VISION_LAYERS, torch.device("cpu")) is None
+        assert (
+            stream_vision_layers(loaded.model.vision, NUM_VISION_LAYERS, torch.device("cpu"))
+            is None
+        )
     assert "stays resident" in caplog.text
     with pytest.raises(ValueError, match="nothing to stream"):
-        LayerStreamer(loaded.model.vision.streamable_layers(), NUM_VISION_LAYERS, torch.device("cpu"))
+        LayerStreamer(
+            loaded.model.vision.streamable_layers(), NUM_VISION_LAYERS, torch.device("cpu")
+        )
 
 
 def test_remove_puts_the_layers_back(llava_dirs):
@@ -217,17 +253,19 @@ def test_remove_puts_the_layers_back(llava_dirs):
     streamer = stream_vision_layers(loaded.model.vision, 2, torch.device("cpu"))
     loaded.model.encode_images(_pixels(1, 5))  # stop mid-cycle
     streamer.remove()
-    assert [torch.equal(loaded.model.encode_images(_pixels(n, s)), r)
-            for (n, s), r in zip(BATCHES, ref)] == [True] * len(BATCHES)
+    assert [
+        torch.equal(loaded.model.encode_images(_pixels(n, s)), r) for (n, s), r in zip(BATCHES, ref)
+    ] == [True] * len(BATCHES)
 
 
-# -- the schedule, with the instrumented fake stream -------------------------------------------------
+# -- the schedule, with the instrumented fake stream
+# -------------------------------------------------
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("seed", range(6))
 def test_schedule_invariants_under_random_interleavings(llava_dirs, k, seed):
     loaded = load_model(llava_dirs["clip"])
     ref = _reference(loaded)
-    streamer, ops = _stream_with_fake(loaded, k, seed)
+    _streamer, ops = _stream_with_fake(loaded, k, seed)
     for (n, s), expected in zip(BATCHES, ref):
         assert torch.equal(loaded.model.encode_images(_pixels(n, s)), expected)
     assert ops.violations == []
@@ -278,7 +316,8 @@ def test_out_of_order_layers_restart_the_schedule(llava_dirs):
     assert ops.violations == []
 
 
-# -- generic layer stacks ------------------------------------------------------------------------------
+# -- generic layer stacks
+# ------------------------------------------------------------------------------
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -314,14 +353,16 @@ def test_streams_any_stack_of_identical_blocks():
     assert torch.equal(tower(x), ref) and torch.equal(tower(x), ref)
 
 
-# -- the runner: memory freed goes to the KV cache, and the engine's answers do not change -----------
+# -- the runner: memory freed goes to the KV cache, and the engine's answers do not change
+# -----------
 def test_runner_gives_the_freed_memory_to_the_kv_cache(llava_dirs, monkeypatch):
     from nova.runtime import runner as R
 
     monkeypatch.setattr(R, "DEFAULT_CPU_KV_CACHE_BYTES", 1 << 20)
     base = R.ModelRunner(load_model(llava_dirs["clip"]), R.CacheConfig(block_size=16))
-    off = R.ModelRunner(load_model(llava_dirs["clip"]), R.CacheConfig(block_size=16),
-                        vision_offload_layers=2)
+    off = R.ModelRunner(
+        load_model(llava_dirs["clip"]), R.CacheConfig(block_size=16), vision_offload_layers=2
+    )
     st = off.vision_streamer.stats
     assert st.saved_bytes == (NUM_VISION_LAYERS - 2) * st.layer_bytes > 0
     per_block = base.kv_cache.num_bytes // base.block_manager.num_blocks
@@ -330,8 +371,9 @@ def test_runner_gives_the_freed_memory_to_the_kv_cache(llava_dirs, monkeypatch):
     assert off.memory.weights_streamed_bytes == st.streamed_bytes
     assert off.memory.offload_saved_bytes == st.saved_bytes
     assert off.memory.weights_resident_bytes == base.memory.weights_resident_bytes - st.saved_bytes
-    pinned = R.ModelRunner(load_model(llava_dirs["clip"]), R.CacheConfig(num_blocks=7),
-                           vision_offload_layers=2)
+    pinned = R.ModelRunner(
+        load_model(llava_dirs["clip"]), R.CacheConfig(num_blocks=7), vision_offload_layers=2
+    )
     assert pinned.block_manager.num_blocks == 7  # an explicit size stays as given
 
 
@@ -343,18 +385,24 @@ def test_engine_answers_are_identical_with_offload(llava_dirs):
 
     outputs = {}
     for k in (0, 2):
-        nova = NovaEngine(EngineConfig(model=str(llava_dirs["clip"]), num_kv_blocks=64,
-                                       vision_offload_layers=k))
+        nova = NovaEngine(
+            EngineConfig(model=str(llava_dirs["clip"]), num_kv_blocks=64, vision_offload_layers=k)
+        )
         n_img = nova.processor.num_image_tokens
-        prompts = [PromptInput([1] + [IMAGE_TOKEN_ID] * n_img + [5 + i, 7], _pixels(1, 20 + i),
-                               num_images=1) for i in range(3)]
+        prompts = [
+            PromptInput(
+                [1] + [IMAGE_TOKEN_ID] * n_img + [5 + i, 7], _pixels(1, 20 + i), num_images=1
+            )
+            for i in range(3)
+        ]
         reqs = nova.run_all(prompts, SamplingParams(max_tokens=6, temperature=0.0))
         assert all(r.error is None for r in reqs)
         outputs[k] = [r.output_token_ids for r in reqs]
     assert outputs[2] == outputs[0]
 
 
-# -- GPU -------------------------------------------------------------------------------------------------
+# -- GPU
+# -------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("k", [1, 2])

@@ -1,6 +1,7 @@
 """SM-partition backends: planning in whole SMs, API detection, selection and fallback, and the
 green-context backend's create-once / switch-at-batch-boundaries logic (CPU, with a fake
 green-context API), plus GPU-marked tests of real green contexts."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,13 @@ from nova.core.nova_policy import NovaPolicy
 from nova.cost.gpus import GPUS
 from nova.gpu import partition as P
 from nova.gpu.partition import (
-    CpuBackend, GreenContextBackend, PartitionUnavailable, SMGrid, detect_green_api,
-    make_backend, plan_partition,
+    CpuBackend,
+    GreenContextBackend,
+    PartitionUnavailable,
+    SMGrid,
+    detect_green_api,
+    make_backend,
+    plan_partition,
 )
 from nova.types import STAGES, Partition, Stage
 
@@ -83,7 +89,8 @@ def test_minimum_partitions_that_cannot_fit_are_an_error():
         plan_partition(Partition(0.1, 0.1, 0.1), SMGrid(16, 8, 8))
 
 
-# -- API detection -----------------------------------------------------------------------------------
+# -- API detection
+# -----------------------------------------------------------------------------------
 class _Ctx210:
     @staticmethod
     def create(num_sms, device_id=0):
@@ -114,7 +121,9 @@ def test_detect_green_api_explains_what_is_missing():
     with pytest.raises(PartitionUnavailable, match=r"PyTorch >= 2\.10.*torch 2\.9\.1"):
         detect_green_api(None, "2.9.1", "12.8")
     with pytest.raises(PartitionUnavailable, match="without green-context support"):
-        detect_green_api(types.SimpleNamespace(GreenContext=_Ctx213, SUPPORTED=False), "2.13.0", "12.6")
+        detect_green_api(
+            types.SimpleNamespace(GreenContext=_Ctx213, SUPPORTED=False), "2.13.0", "12.6"
+        )
     with pytest.raises(PartitionUnavailable, match="CUDA build"):
         detect_green_api(types.SimpleNamespace(GreenContext=_Ctx213), "2.13.0+cpu", None)
     with pytest.raises(PartitionUnavailable, match="neither Stream"):
@@ -138,7 +147,8 @@ def test_installed_torch_is_detected_honestly():
             assert api.kind in ("context-stack", "stream", "sm-partition")
 
 
-# -- selection ---------------------------------------------------------------------------------------
+# -- selection
+# ---------------------------------------------------------------------------------------
 def test_selection_on_cpu():
     assert make_backend("auto", "cpu").name == "cpu"
     assert make_backend("cpu", "cpu").name == "cpu"
@@ -166,18 +176,24 @@ def test_engine_rejects_an_explicit_green_context_request_on_cpu(tiny_dirs):
     from nova.engine.core import NovaEngine
 
     with pytest.raises(PartitionUnavailable, match="CUDA device"):
-        NovaEngine(EngineConfig(model=str(tiny_dirs["llama"]), partition="green_context", num_kv_blocks=8))
+        NovaEngine(
+            EngineConfig(model=str(tiny_dirs["llama"]), partition="green_context", num_kv_blocks=8)
+        )
 
 
 def test_auto_falls_back_with_a_logged_reason(monkeypatch, caplog):
     """On CUDA without green contexts, ``auto`` becomes ``none`` and says why (simulated)."""
+
     def no_green(index, cuda, grid):
         raise PartitionUnavailable("simulated: this PyTorch has no green contexts")
 
     monkeypatch.setattr(P, "_green_backend", no_green)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: types.SimpleNamespace(multi_processor_count=132, major=9))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: types.SimpleNamespace(multi_processor_count=132, major=9),
+    )
     monkeypatch.setattr(P._TorchCuda, "new_stream", lambda self: object())
     with caplog.at_level(logging.WARNING, logger="nova.gpu.partition"):
         backend = make_backend("auto", "cuda")
@@ -300,14 +316,13 @@ def test_context_stack_api_pairs_set_and_pop_even_when_the_batch_fails():
     with backend.activate(Stage.DECODE, NOVA_A) as stream:
         assert api.stack_top is not None and stream == cuda.current
     assert api.stack_top is None
-    with pytest.raises(RuntimeError, match="boom"):
-        with backend.activate(Stage.PREFILL, NOVA_A):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), backend.activate(Stage.PREFILL, NOVA_A):
+        raise RuntimeError("boom")
     assert api.stack_top is None and cuda.current == "default"
 
 
 def test_unlimited_stages_use_plain_streams_without_green_contexts():
-    backend, api, cuda = _green("stream")
+    backend, api, _cuda = _green("stream")
     decode_only = Partition(vision=1.0, prefill=1.0, decode=1.0)
     with backend.activate(Stage.VISION, decode_only) as stream:
         assert stream.startswith("plain")
@@ -328,10 +343,12 @@ def test_prepare_creates_the_policy_set_up_front():
 
 
 def test_granted_sms_are_read_back_and_shortfalls_reported(caplog):
-    backend, api, _ = _green("stream", grant=lambda n: n - 8)  # the driver grants fewer
-    with caplog.at_level(logging.WARNING, logger="nova.gpu.partition"):
-        with backend.activate(Stage.DECODE, NOVA_A):
-            pass
+    backend, _api, _ = _green("stream", grant=lambda n: n - 8)  # the driver grants fewer
+    with (
+        caplog.at_level(logging.WARNING, logger="nova.gpu.partition"),
+        backend.activate(Stage.DECODE, NOVA_A),
+    ):
+        pass
     assert backend.granted_sms(Stage.DECODE, NOVA_A) == 16
     info = {i.stage: i for i in backend.created()}["decode"]
     assert (info.requested_sms, info.granted_sms, info.granted_source) == (24, 16, "driver")
@@ -340,7 +357,7 @@ def test_granted_sms_are_read_back_and_shortfalls_reported(caplog):
 
 def test_granted_sms_from_the_driver_probe_when_the_api_cannot_tell():
     probe = types.SimpleNamespace(granted=lambda n: n + 2)
-    backend, api, _ = _green("stream", readback=False, probe=probe)
+    backend, _api, _ = _green("stream", readback=False, probe=probe)
     with backend.activate(Stage.DECODE, NOVA_A):
         pass
     info = {i.stage: i for i in backend.created()}["decode"]
@@ -353,9 +370,11 @@ def test_granted_sms_from_the_driver_probe_when_the_api_cannot_tell():
 
 def test_failed_disjoint_split_falls_back_to_independent_contexts(caplog):
     backend, api, _ = _green("sm-partition", split_fails=True)
-    with caplog.at_level(logging.WARNING, logger="nova.gpu.partition"):
-        with backend.activate(Stage.DECODE, NOVA_A):
-            pass
+    with (
+        caplog.at_level(logging.WARNING, logger="nova.gpu.partition"),
+        backend.activate(Stage.DECODE, NOVA_A),
+    ):
+        pass
     assert "may share SMs" in caplog.text and "may overlap" in backend.describe()
     assert all(c.part is None for c in api.created)
 
@@ -389,8 +408,9 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
 
     backend = Recording()
     monkeypatch.setattr(core, "make_backend", lambda name, device: backend)
-    nova = core.NovaEngine(EngineConfig(model=str(tiny_dirs["llama"]), policy="static_partition",
-                                        num_kv_blocks=32))
+    nova = core.NovaEngine(
+        EngineConfig(model=str(tiny_dirs["llama"]), policy="static_partition", num_kv_blocks=32)
+    )
     prompts = [PromptInput([1, 5, 6, 7]), PromptInput([1, 9, 10])]
     from nova.sampling_params import SamplingParams
 

@@ -1,4 +1,5 @@
 """Each policy's decisions on constructed states, and properties over random workloads."""
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,27 @@ def make(policy: str, num_blocks=256, block_size=4, **kw) -> Scheduler:
     if policy == "nova":
         kw.setdefault("cost_model", roofline())
         kw.setdefault("image_tokens", 4)
-    return Scheduler(make_policy(policy, limits=StageLimits(max_num_seqs=8), **kw),
-                     BlockManager(num_blocks, block_size))
+    return Scheduler(
+        make_policy(policy, limits=StageLimits(max_num_seqs=8), **kw),
+        BlockManager(num_blocks, block_size),
+    )
 
 
 def req(rid, n=6, images=0, max_tokens=4):
-    return Request(rid, [1] * (n + 4 * images), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                   [ImageInput(rid, 4)] * images)
+    return Request(
+        rid,
+        [1] * (n + 4 * images),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        [ImageInput(rid, 4)] * images,
+    )
 
 
 def done(s: Scheduler, batch, t):
-    toks = {it.request_id: 5 for it in batch.items if it.sample} if batch.stage is not Stage.VISION else {}
+    toks = (
+        {it.request_id: 5 for it in batch.items if it.sample}
+        if batch.stage is not Stage.VISION
+        else {}
+    )
     return s.complete(StageResult(batch, t, toks), t)
 
 
@@ -132,8 +143,12 @@ def test_nova_drains_a_backlog_with_the_minimum_decode_share():
 def test_nova_plans_on_the_pareto_frontier():
     from nova.core.nova_policy import LoadEstimate, NovaPolicy
 
-    pol = NovaPolicy(cost_model=roofline(), image_tokens=1600, sm_granularity_share=1 / 21,
-                     min_decode_share=12 / 84)
+    pol = NovaPolicy(
+        cost_model=roofline(),
+        image_tokens=1600,
+        sm_granularity_share=1 / 21,
+        min_decode_share=12 / 84,
+    )
     active = frozenset(Stage)
     for lam in (0.1, 0.4, 0.7):
         load = LoadEstimate(lam, 1.0, 1.0, 150, 55)
@@ -144,10 +159,15 @@ def test_nova_plans_on_the_pareto_frontier():
                 assert not (q.tail_latency_s < p.tail_latency_s and q.capacity_rps > p.capacity_rps)
         best = pol._best(active, False, load)
         assert best in frontier
-        assert best.capacity_rps >= lam * 1.1 or best.capacity_rps == max(p.capacity_rps for p in frontier)
+        assert best.capacity_rps >= lam * 1.1 or best.capacity_rps == max(
+            p.capacity_rps for p in frontier
+        )
     # more load never predicts less latency for the same partition
     part = pol.candidates(active, False)[2]
-    lats = [pol.predict(part, active, LoadEstimate(l, 1.0, 1.0, 150, 55)).mean_latency_s for l in (0.1, 0.3, 0.5)]
+    lats = [
+        pol.predict(part, active, LoadEstimate(rate, 1.0, 1.0, 150, 55)).mean_latency_s
+        for rate in (0.1, 0.3, 0.5)
+    ]
     assert lats == sorted(lats)
 
 
@@ -168,25 +188,44 @@ def test_nova_decision_is_cheap_after_planning():
 
 # -- properties over random workloads ----------------------------------------------------------
 arrival_st = st.lists(
-    st.tuples(st.floats(0, 2.0), st.integers(1, 30), st.integers(0, 2), st.integers(1, 12),
-              st.integers(0, 1)),
-    min_size=1, max_size=25)
+    st.tuples(
+        st.floats(0, 2.0),
+        st.integers(1, 30),
+        st.integers(0, 2),
+        st.integers(1, 12),
+        st.integers(0, 1),
+    ),
+    min_size=1,
+    max_size=25,
+)
 
 
 @pytest.mark.parametrize("policy", available_policies())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=arrival_st, num_blocks=st.integers(24, 200))
 def test_no_policy_starves_a_stage_or_exceeds_kv(policy, spec, num_blocks):
-    arrivals = [SimArrival(f"r{i}", t, n, imgs, out, priority=prio)
-                for i, (t, n, imgs, out, prio) in enumerate(sorted(spec))]
+    arrivals = [
+        SimArrival(f"r{i}", t, n, imgs, out, priority=prio)
+        for i, (t, n, imgs, out, prio) in enumerate(sorted(spec))
+    ]
     kw = {}
     if policy == "nova":
         kw = {"cost_model": _ScaledRoofline(), "image_tokens": 4}
     pol = make_policy(policy, limits=StageLimits(max_num_seqs=6, max_prefill_tokens=64), **kw)
-    cost = _ScaledRoofline() if policy == "nova" else FixedCostModel(
-        {Stage.VISION: 0.03, Stage.PREFILL: 0.02, Stage.DECODE: 0.01})
-    sim = Simulator(pol, cost, num_kv_blocks=num_blocks, block_size=4, image_tokens=4,
-                    check_invariants=True, work_fn=_work)
+    cost = (
+        _ScaledRoofline()
+        if policy == "nova"
+        else FixedCostModel({Stage.VISION: 0.03, Stage.PREFILL: 0.02, Stage.DECODE: 0.01})
+    )
+    sim = Simulator(
+        pol,
+        cost,
+        num_kv_blocks=num_blocks,
+        block_size=4,
+        image_tokens=4,
+        check_invariants=True,
+        work_fn=_work,
+    )
     res = sim.run(arrivals)  # raises if the policy ever stalls with work left
     assert len(res.requests) == len(arrivals)
     for r in res.requests:  # every stage served every request, fully
@@ -224,8 +263,15 @@ def test_nova_eval_quick_writes_results(tmp_path):
     for pts in data["policies"].values():
         assert [p["rate_rps"] for p in pts] == [0.2, 0.5, 0.8]
         for p in pts:
-            for key in ("rate_rps", "throughput_rps", "max_latency_s", "p99_latency_s",
-                        "mean_latency_s", "mean_ttft_s", "num_requests"):
+            for key in (
+                "rate_rps",
+                "throughput_rps",
+                "max_latency_s",
+                "p99_latency_s",
+                "mean_latency_s",
+                "mean_ttft_s",
+                "num_requests",
+            ):
                 assert p[key] is not None and p[key] >= 0
             assert p["num_requests"] == 30
             assert p["max_latency_s"] >= p["p99_latency_s"] >= p["mean_latency_s"] * 0.0

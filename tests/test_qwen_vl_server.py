@@ -2,6 +2,7 @@
 Qwen-style chat template, through the OpenAI-compatible server and the engine (dynamic
 resolution, several images of different sizes, M-RoPE), against the engine alone; and the
 server's pixel limits turning an out-of-range image into a 400 while other requests go on."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,6 @@ import io
 
 import httpx
 import pytest
-
 from conftest import QWEN_VL_IMAGE_TOKEN_ID, QWEN_VL_VISION_END_ID, QWEN_VL_VISION_START_ID
 
 CHAT_TEMPLATE = (
@@ -31,15 +31,20 @@ def save_tiny_tokenizer(path) -> None:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
     vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
-    specials = {"<|image_pad|>": QWEN_VL_IMAGE_TOKEN_ID, "<|vision_start|>": QWEN_VL_VISION_START_ID,
-                "<|vision_end|>": QWEN_VL_VISION_END_ID, "<|video_pad|>": 303}
+    specials = {
+        "<|image_pad|>": QWEN_VL_IMAGE_TOKEN_ID,
+        "<|vision_start|>": QWEN_VL_VISION_START_ID,
+        "<|vision_end|>": QWEN_VL_VISION_END_ID,
+        "<|video_pad|>": 303,
+    }
     vocab.update(specials)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
@@ -69,8 +74,15 @@ def qwen_server(tiny_qwen_vl_dirs, tmp_path_factory):
     shutil.copytree(tiny_qwen_vl_dirs["qwen2.5-vl"], model_dir)
     save_tiny_tokenizer(model_dir)
     # The server's limit (20 tokens' worth of pixels) is below the checkpoint's (40).
-    engine = AsyncEngine(EngineConfig(model=str(model_dir), num_kv_blocks=256, policy="chunked_prefill",
-                                      max_pixels=SERVER_MAX_PIXELS, min_pixels=28 * 28 * 4))
+    engine = AsyncEngine(
+        EngineConfig(
+            model=str(model_dir),
+            num_kv_blocks=256,
+            policy="chunked_prefill",
+            max_pixels=SERVER_MAX_PIXELS,
+            min_pixels=28 * 28 * 4,
+        )
+    )
     app = create_app(engine, ServerConfig(served_model_name="tiny-qwen"))
     with ServerThread(app) as srv:
         yield engine, srv
@@ -82,7 +94,7 @@ SERVER_MAX_PIXELS = 28 * 28 * 20
 
 def _chat(text: str, urls: list[str]) -> list[dict]:
     content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
 
 
 def test_two_images_of_different_sizes_over_http_equal_the_engine(qwen_server):
@@ -91,16 +103,25 @@ def test_two_images_of_different_sizes_over_http_equal_the_engine(qwen_server):
 
     engine, srv = qwen_server
     urls = [png_url(120, 90, 1), png_url(64, 150, 2), png_url(300, 300, 5)]
-    body = {"model": "tiny-qwen", "messages": _chat("click the red button", urls),
-            "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": "tiny-qwen",
+        "messages": _chat("click the red button", urls),
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http:
         resp = http.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text
     out = resp.json()
     # The same prompt straight through the engine, images decoded the same way.
     images = [load_image(base64.b64decode(u.split(",", 1)[1])) for u in urls]
-    hf_messages = [{"role": "user", "content": [{"type": "image"}] * 3
-                    + [{"type": "text", "text": "click the red button"}]}]
+    hf_messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}] * 3 + [{"type": "text", "text": "click the red button"}],
+        }
+    ]
     prompt = engine.processor.from_chat(hf_messages, images)
     counts = list(prompt.image_token_counts)
     assert len(counts) == 3 and counts[0] != counts[1]  # dynamic resolution: sizes differ

@@ -1,4 +1,5 @@
 """The README's first two fenced code blocks are one command each, and .ci/run runs the second."""
+
 from __future__ import annotations
 
 import re
@@ -22,5 +23,5 @@ def test_first_two_blocks_are_single_commands():
 
 def test_ci_runs_the_readme_test_command():
     test_cmd = _blocks()[1].strip()
-    ci_lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_cmd in ci_lines

@@ -8,8 +8,13 @@ from nova.sampling_params import SamplingParams
 
 
 def test_params_validation():
-    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
-                dict(top_k=0)):
+    for bad in (
+        dict(max_tokens=0),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=0),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

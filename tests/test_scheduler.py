@@ -1,4 +1,5 @@
 """The scheduler and policies, torch-free, fed with made-up stage results."""
+
 from __future__ import annotations
 
 import random
@@ -17,8 +18,10 @@ EOS = 0
 
 
 def test_core_is_torch_free():
-    code = ("import sys, nova.core.scheduler, nova.core.policy, nova.types, nova.metrics; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, nova.core.scheduler, nova.core.policy, nova.types, nova.metrics; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -27,19 +30,38 @@ def make_sched(policy="multi_stream", num_blocks=64, block_size=4, **limits) -> 
     if policy == "nova":
         from nova.cost.base import make_cost_model
 
-        extra = {"cost_model": make_cost_model("roofline", "a6000", "cogagent-9b"), "image_tokens": 3}
-    return Scheduler(make_policy(policy, limits=StageLimits(**limits), **extra),
-                     BlockManager(num_blocks, block_size), eos_token_ids=(EOS,))
+        extra = {
+            "cost_model": make_cost_model("roofline", "a6000", "cogagent-9b"),
+            "image_tokens": 3,
+        }
+    return Scheduler(
+        make_policy(policy, limits=StageLimits(**limits), **extra),
+        BlockManager(num_blocks, block_size),
+        eos_token_ids=(EOS,),
+    )
 
 
 def req(rid, n_prompt=5, max_tokens=4, images=0, priority=0, deadline_s=None) -> Request:
-    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens),
-                   [ImageInput(f"h{rid}{i}", 3) for i in range(images)], priority, deadline_s)
+    return Request(
+        rid,
+        list(range(1, n_prompt + 1)),
+        SamplingParams(max_tokens=max_tokens),
+        [ImageInput(f"h{rid}{i}", 3) for i in range(images)],
+        priority,
+        deadline_s,
+    )
 
 
 def finish(s: Scheduler, batch, now, token=7, failed=None):
-    return s.complete(StageResult(batch, now, {rid: token for rid in batch.request_ids}
-                                  if batch.stage is not Stage.VISION else {}, failed or {}), now)
+    return s.complete(
+        StageResult(
+            batch,
+            now,
+            dict.fromkeys(batch.request_ids, token) if batch.stage is not Stage.VISION else {},
+            failed or {},
+        ),
+        now,
+    )
 
 
 def test_stage_flow_and_timestamps():
@@ -61,8 +83,15 @@ def test_stage_flow_and_timestamps():
     [ev] = finish(s, db, 3.5, token=11)
     assert ev.finished and ev.finish_reason == "length"
     t = r.times
-    assert (t.arrival_s, t.vision_start_s, t.vision_end_s, t.prefill_start_s, t.prefill_end_s,
-            t.token_s, t.finish_s) == (1.0, 1.5, 2.0, 2.5, 3.0, [3.0, 3.5], 3.5)
+    assert (
+        t.arrival_s,
+        t.vision_start_s,
+        t.vision_end_s,
+        t.prefill_start_s,
+        t.prefill_end_s,
+        t.token_s,
+        t.finish_s,
+    ) == (1.0, 1.5, 2.0, 2.5, 3.0, [3.0, 3.5], 3.5)
     assert s.block_manager.num_free_blocks == 64 and not s.has_unfinished()
 
 
@@ -138,13 +167,22 @@ def test_decode_preempts_and_resumes_by_recompute():
     assert len(b.output_token_ids) == 6 and s.block_manager.num_free_blocks == 5
 
 
-@pytest.mark.parametrize("where", ["waiting_vision", "in_vision", "waiting_prefill", "in_prefill",
-                                   "decoding", "in_decode"])
+@pytest.mark.parametrize(
+    "where",
+    ["waiting_vision", "in_vision", "waiting_prefill", "in_prefill", "decoding", "in_decode"],
+)
 def test_abort_in_every_stage_frees_blocks(where):
     s = make_sched(num_blocks=16)
     r = req("a", images=1, max_tokens=5)
     s.add_request(r, 0)
-    steps = ["waiting_vision", "in_vision", "waiting_prefill", "in_prefill", "decoding", "in_decode"]
+    steps = [
+        "waiting_vision",
+        "in_vision",
+        "waiting_prefill",
+        "in_prefill",
+        "decoding",
+        "in_decode",
+    ]
     running = None
     for step in steps:
         if step == "in_vision":
@@ -179,7 +217,9 @@ def test_failure_of_one_request_fails_only_it():
     pb = s.schedule(Stage.PREFILL, 0)
     events = s.complete(StageResult(pb, 1, {"a": 5, "c": 5}, {"b": "boom"}), 1)
     by_id = {e.request_id: e for e in events}
-    assert by_id["b"].finished and by_id["b"].error == "boom" and by_id["b"].finish_reason == "error"
+    assert (
+        by_id["b"].finished and by_id["b"].error == "boom" and by_id["b"].finish_reason == "error"
+    )
     assert not by_id["a"].finished and not by_id["c"].finished
     assert not s.block_manager.has_seq("b")
 
@@ -208,8 +248,13 @@ def test_long_random_run_keeps_integrity_and_finishes_everything(policy, seed):
     for step in range(2000):
         now += 0.01
         if step < 600 and rng.random() < 0.15:
-            r = req(f"r{step}", n_prompt=rng.randint(1, 20), max_tokens=rng.randint(1, 30),
-                    images=rng.choice([0, 0, 1, 2]), priority=rng.choice([0, 0, 1]))
+            r = req(
+                f"r{step}",
+                n_prompt=rng.randint(1, 20),
+                max_tokens=rng.randint(1, 30),
+                images=rng.choice([0, 0, 1, 2]),
+                priority=rng.choice([0, 0, 1]),
+            )
             s.add_request(r, now)
             submitted.append(r)
         if rng.random() < 0.02 and s.state.requests:
@@ -226,8 +271,9 @@ def test_long_random_run_keeps_integrity_and_finishes_everything(policy, seed):
             b = running.pop(stage)
             tokens = {rid: rng.choice([EOS, 3, 4, 5, 6, 7, 8]) for rid in b.request_ids}
             failed = {rid: "injected" for rid in b.request_ids if rng.random() < 0.01}
-            for ev in s.complete(StageResult(b, now, tokens if stage is not Stage.VISION else {},
-                                             failed), now):
+            for ev in s.complete(
+                StageResult(b, now, tokens if stage is not Stage.VISION else {}, failed), now
+            ):
                 if ev.finished:
                     finished_ids.append(ev.request_id)
         s.block_manager.check_integrity()

@@ -1,6 +1,7 @@
 """The issue-8 end-to-end evaluation script, in its CPU smoke mode: real ``nova serve`` processes
 per policy, the bench client, the results files in the ``nova eval`` schema, and the simulator's
 error against the measured points."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("serve_eval", ROOT / "benchmarks" / "serve_eval.py")
+    spec = importlib.util.spec_from_file_location(
+        "serve_eval", ROOT / "benchmarks" / "serve_eval.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["serve_eval"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -30,8 +33,15 @@ def test_serve_eval_smoke_writes_results_and_sim_error(tmp_path):
     for policy, pts in rep["policies"].items():
         assert [p["point"] for p in pts] == ["poisson@1", "sessions@1"]
         for p in pts:
-            for key in ("rate_rps", "throughput_rps", "max_latency_s", "p99_latency_s",
-                        "mean_latency_s", "mean_ttft_s", "num_requests"):
+            for key in (
+                "rate_rps",
+                "throughput_rps",
+                "max_latency_s",
+                "p99_latency_s",
+                "mean_latency_s",
+                "mean_ttft_s",
+                "num_requests",
+            ):
                 assert p[key] is not None and p[key] > 0, (policy, key)
             assert p["num_failed"] == 0
             assert p["max_latency_s"] >= p["p99_latency_s"] >= p["mean_latency_s"] * 0.5

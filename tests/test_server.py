@@ -2,6 +2,7 @@
 thread) and the official ``openai`` client: chat (plain, streamed, with an image), completions,
 stop strings, usage, every bad input answered 400 (401 without the key), overload 503 with
 Retry-After, client disconnects freeing KV blocks, and Prometheus metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,12 @@ def engine():
 
 @pytest.fixture(scope="module")
 def server(engine):
-    app = create_app(engine, ServerConfig(served_model_name="demo", max_image_pixels=MAX_PIXELS,
-                                          max_images_per_request=MAX_IMAGES))
+    app = create_app(
+        engine,
+        ServerConfig(
+            served_model_name="demo", max_image_pixels=MAX_PIXELS, max_images_per_request=MAX_IMAGES
+        ),
+    )
     with ServerThread(app) as srv:
         yield srv
 
@@ -69,8 +74,12 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
-                           http_client=httpx.Client(trust_env=False, timeout=60))
+    client = openai.OpenAI(
+        base_url=server.base_url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(trust_env=False, timeout=60),
+    )
     yield client
     client.close()
 
@@ -86,8 +95,10 @@ def wait_engine_idle(engine, timeout_s: float = 15.0) -> None:
         if idle:
             return
         time.sleep(0.02)
-    raise AssertionError(f"engine not idle: live {list(nova.scheduler.state.requests)}, "
-                         f"free blocks {bm.num_free_blocks}/{bm.num_blocks}")
+    raise AssertionError(
+        f"engine not idle: live {list(nova.scheduler.state.requests)}, "
+        f"free blocks {bm.num_free_blocks}/{bm.num_blocks}"
+    )
 
 
 def reference_tokens(engine, messages, images=None, max_tokens=32) -> list[int]:
@@ -126,7 +137,9 @@ def test_models_and_health(oai, http):
 
 def test_chat_plain_answers_and_counts_usage(oai, engine):
     messages = [{"role": "user", "content": FRANCE}]
-    resp = oai.chat.completions.create(model="demo", messages=messages, max_tokens=32, temperature=0)
+    resp = oai.chat.completions.create(
+        model="demo", messages=messages, max_tokens=32, temperature=0
+    )
     assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
     choice = resp.choices[0]
     assert choice.message.role == "assistant"
@@ -142,16 +155,27 @@ def test_chat_plain_answers_and_counts_usage(oai, engine):
 
 def test_chat_stream_matches_plain_and_reports_usage(oai):
     messages = [{"role": "user", "content": FRANCE}]
-    plain = oai.chat.completions.create(model="demo", messages=messages, max_tokens=32, temperature=0)
-    chunks = list(oai.chat.completions.create(model="demo", messages=messages, max_tokens=32,
-                                              temperature=0, stream=True,
-                                              stream_options={"include_usage": True}))
+    plain = oai.chat.completions.create(
+        model="demo", messages=messages, max_tokens=32, temperature=0
+    )
+    chunks = list(
+        oai.chat.completions.create(
+            model="demo",
+            messages=messages,
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["stop"]
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
@@ -163,12 +187,20 @@ def test_chat_stream_matches_plain_and_reports_usage(oai):
 def test_chat_with_image_counts_image_tokens(oai, engine):
     shot = make_screenshot(3, 360, 640)
     content = [image_part(png_data_url(shot)), {"type": "text", "text": "Tap the OK button."}]
-    resp = oai.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
-                                       max_tokens=8, temperature=0)
+    resp = oai.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0
+    )
     assert resp.choices[0].finish_reason in ("stop", "length")
-    hf = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Tap the OK button."}]}]
+    hf = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Tap the OK button."}],
+        }
+    ]
     expected = engine.processor.from_chat(hf, [shot]).token_ids
-    text_only = engine.processor.from_chat([{"role": "user", "content": "Tap the OK button."}]).token_ids
+    text_only = engine.processor.from_chat(
+        [{"role": "user", "content": "Tap the OK button."}]
+    ).token_ids
     assert resp.usage.prompt_tokens == len(expected)
     assert resp.usage.prompt_tokens >= len(text_only) + engine.processor.num_image_tokens
     assert 1 <= resp.usage.completion_tokens <= 8
@@ -177,7 +209,9 @@ def test_chat_with_image_counts_image_tokens(oai, engine):
 
 
 def test_stop_strings_trim_text_plain_and_streamed(oai):
-    kw = dict(model="demo", messages=[{"role": "user", "content": FRANCE}], max_tokens=32, temperature=0)
+    kw = dict(
+        model="demo", messages=[{"role": "user", "content": FRANCE}], max_tokens=32, temperature=0
+    )
     full = oai.chat.completions.create(**kw).choices[0].message.content
     assert "Paris" in full
     cut = full.index("Paris")
@@ -185,8 +219,11 @@ def test_stop_strings_trim_text_plain_and_streamed(oai):
     assert resp.choices[0].message.content == full[:cut]
     assert resp.choices[0].finish_reason == "stop"
     assert resp.usage.completion_tokens < oai.chat.completions.create(**kw).usage.completion_tokens
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       oai.chat.completions.create(**kw, stop="Paris", stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(**kw, stop="Paris", stream=True)
+        if c.choices
+    )
     assert streamed == full[:cut]
     # a stop string that is one token ('.') also goes to the engine as a stop token id
     dot = oai.chat.completions.create(**kw, stop=["."])
@@ -195,22 +232,31 @@ def test_stop_strings_trim_text_plain_and_streamed(oai):
 
 
 def test_completions_text_and_token_ids(oai, engine):
-    resp = oai.completions.create(model="demo", prompt="The capital of France is", max_tokens=4,
-                                  temperature=0)
+    resp = oai.completions.create(
+        model="demo", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert resp.object == "text_completion"
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 4
     ids = engine.processor.tokenizer("The capital of France is")["input_ids"]
     by_ids = oai.completions.create(model="demo", prompt=ids, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == resp.choices[0].text
     assert by_ids.usage.prompt_tokens == len(ids)
-    chunks = list(oai.completions.create(model="demo", prompt=ids, max_tokens=4, temperature=0,
-                                         stream=True))
+    chunks = list(
+        oai.completions.create(model="demo", prompt=ids, max_tokens=4, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == resp.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(oai):
-    kw = dict(model="demo", messages=[{"role": "user", "content": "Write a word."}], max_tokens=8,
-              temperature=1.0, top_p=0.9, seed=1234, extra_body={"top_k": 50})
+    kw = dict(
+        model="demo",
+        messages=[{"role": "user", "content": "Write a word."}],
+        max_tokens=8,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        extra_body={"top_k": 50},
+    )
     a = oai.chat.completions.create(**kw).choices[0].message.content
     b = oai.chat.completions.create(**kw).choices[0].message.content
     assert a == b
@@ -233,39 +279,92 @@ BAD_CHAT = {
     "temperature string": ({"messages": USER, "temperature": "hot"}, "temperature", "number"),
     "temperature too high": ({"messages": USER, "temperature": 7}, "temperature", "2"),
     "stream not bool": ({"messages": USER, "stream": 1}, "stream", "boolean"),
-    "unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "robot"),
+    "unknown role": (
+        {"messages": [{"role": "robot", "content": "x"}]},
+        "messages[0].role",
+        "robot",
+    ),
     "role missing": ({"messages": [{"content": "x"}]}, "messages[0].role", "role"),
-    "content wrong type": ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid"),
-    "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
-                          "messages[0].content[0].type", "audio"),
+    "content wrong type": (
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages[0].content",
+        "valid",
+    ),
+    "unknown part type": (
+        {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+        "messages[0].content[0].type",
+        "audio",
+    ),
     "user without content": ({"messages": [{"role": "user"}]}, "messages[0].content", "required"),
-    "bad base64": ({"messages": [{"role": "user", "content": [image_part("data:image/png;base64,%%%not")]}]},
-                   "messages", "base64"),
-    "not an image": ({"messages": [{"role": "user", "content": [image_part(NOT_AN_IMAGE)]}]},
-                     "messages", "could not be decoded"),
-    "image too large": ({"messages": [{"role": "user", "content": [image_part(blank_png_url(700, 700))]}]},
-                        "messages", "exceeds the limit"),
-    "too many images": ({"messages": [{"role": "user", "content": [image_part(blank_png_url(8, 8))] * 3}]},
-                        "messages", "limit is 2"),
-    "remote media disabled": ({"messages": [{"role": "user", "content": [image_part("http://127.0.0.1:9/x.png")]}]},
-                              "messages", "allow-remote-media"),
-    "local file disabled": ({"messages": [{"role": "user", "content": [image_part("file:///etc/hostname")]}]},
-                            "messages", "allowed-local-media-path"),
-    "prompt over context": ({"messages": [{"role": "user", "content": "hello " * 9000}]},
-                            "messages", "context length"),
-    "max_tokens zero": ({"messages": USER, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-    "max_tokens negative": ({"messages": USER, "max_tokens": -3}, "max_tokens", "greater than or equal to 1"),
-    "max_tokens over context": ({"messages": USER, "max_tokens": 10**9}, "max_tokens", "context length"),
+    "bad base64": (
+        {"messages": [{"role": "user", "content": [image_part("data:image/png;base64,%%%not")]}]},
+        "messages",
+        "base64",
+    ),
+    "not an image": (
+        {"messages": [{"role": "user", "content": [image_part(NOT_AN_IMAGE)]}]},
+        "messages",
+        "could not be decoded",
+    ),
+    "image too large": (
+        {"messages": [{"role": "user", "content": [image_part(blank_png_url(700, 700))]}]},
+        "messages",
+        "exceeds the limit",
+    ),
+    "too many images": (
+        {"messages": [{"role": "user", "content": [image_part(blank_png_url(8, 8))] * 3}]},
+        "messages",
+        "limit is 2",
+    ),
+    "remote media disabled": (
+        {"messages": [{"role": "user", "content": [image_part("http://127.0.0.1:9/x.png")]}]},
+        "messages",
+        "allow-remote-media",
+    ),
+    "local file disabled": (
+        {"messages": [{"role": "user", "content": [image_part("file:///etc/hostname")]}]},
+        "messages",
+        "allowed-local-media-path",
+    ),
+    "prompt over context": (
+        {"messages": [{"role": "user", "content": "hello " * 9000}]},
+        "messages",
+        "context length",
+    ),
+    "max_tokens zero": (
+        {"messages": USER, "max_tokens": 0},
+        "max_tokens",
+        "greater than or equal to 1",
+    ),
+    "max_tokens negative": (
+        {"messages": USER, "max_tokens": -3},
+        "max_tokens",
+        "greater than or equal to 1",
+    ),
+    "max_tokens over context": (
+        {"messages": USER, "max_tokens": 10**9},
+        "max_tokens",
+        "context length",
+    ),
     "n=2": ({"messages": USER, "n": 2}, "n", "less than or equal to 1"),
     "logprobs": ({"messages": USER, "logprobs": True}, "logprobs", "false"),
     "presence_penalty": ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "0"),
-    "stream_options without stream": ({"messages": USER, "stream_options": {"include_usage": True}},
-                                      "stream_options", "stream"),
+    "stream_options without stream": (
+        {"messages": USER, "stream_options": {"include_usage": True}},
+        "stream_options",
+        "stream",
+    ),
     "empty stop string": ({"messages": USER, "stop": [""]}, "stop", "empty"),
-    "lone surrogate": ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content",
-                       "unicode"),
-    "image placeholder in text": ({"messages": [{"role": "user", "content": "<image> hi"}]}, "messages",
-                                  "placeholder"),
+    "lone surrogate": (
+        '{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        "messages[0].content",
+        "unicode",
+    ),
+    "image placeholder in text": (
+        {"messages": [{"role": "user", "content": "<image> hi"}]},
+        "messages",
+        "placeholder",
+    ),
 }
 
 BAD_COMPLETION = {
@@ -280,8 +379,11 @@ BAD_COMPLETION = {
 
 def _post(http, path, body):
     if isinstance(body, str):
-        return http.post(path, content=body.encode("utf-8", "surrogatepass"),
-                         headers={"content-type": "application/json"})
+        return http.post(
+            path,
+            content=body.encode("utf-8", "surrogatepass"),
+            headers={"content-type": "application/json"},
+        )
     return http.post(path, json=body)
 
 
@@ -315,8 +417,14 @@ def test_bad_input_in_a_stream_request_is_400_before_streaming(http):
 def test_server_still_serves_after_bad_inputs(http, engine):
     for body, _, _ in list(BAD_CHAT.values())[:8]:
         _post(http, "/v1/chat/completions", body)
-    resp = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": FRANCE}],
-                                                   "max_tokens": 24, "temperature": 0})
+    resp = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": FRANCE}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
+    )
     assert resp.status_code == 200 and "Paris" in resp.json()["choices"][0]["message"]["content"]
     wait_engine_idle(engine)
 
@@ -337,10 +445,13 @@ def test_api_key_required_on_v1_only(engine):
     app = create_app(engine, ServerConfig(served_model_name="demo", api_key="sekret"))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             no_key = await c.post("/v1/chat/completions", json={"messages": USER})
-            bad_json_no_key = await c.post("/v1/chat/completions", content=b"{",
-                                           headers={"content-type": "application/json"})
+            bad_json_no_key = await c.post(
+                "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
+            )
             wrong = await c.get("/v1/models", headers={"Authorization": "Bearer nope"})
             right = await c.get("/v1/models", headers={"Authorization": "Bearer sekret"})
             health = await c.get("/health")
@@ -358,20 +469,40 @@ def test_api_key_required_on_v1_only(engine):
     assert spec["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
 
     with ServerThread(app) as srv:  # and through the official client
-        bad = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="nope", max_retries=0,
-                            http_client=httpx.Client(trust_env=False))
+        bad = openai.OpenAI(
+            base_url=srv.base_url + "/v1",
+            api_key="nope",
+            max_retries=0,
+            http_client=httpx.Client(trust_env=False),
+        )
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(model="demo", messages=USER, max_tokens=2)
-        good = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="sekret", max_retries=0,
-                             http_client=httpx.Client(trust_env=False))
-        assert good.chat.completions.create(model="demo", messages=USER, max_tokens=2).usage.completion_tokens >= 1
+        good = openai.OpenAI(
+            base_url=srv.base_url + "/v1",
+            api_key="sekret",
+            max_retries=0,
+            http_client=httpx.Client(trust_env=False),
+        )
+        assert (
+            good.chat.completions.create(
+                model="demo", messages=USER, max_tokens=2
+            ).usage.completion_tokens
+            >= 1
+        )
 
 
 def test_overload_is_503_with_retry_after(engine):
     app = create_app(engine, ServerConfig(served_model_name="demo", max_queue=1, retry_after_s=2))
-    long_body = {"messages": [{"role": "user", "content": "Count to one hundred."}], "max_tokens": 400,
-                 "ignore_eos": True, "stream": True}
-    with ServerThread(app) as srv, httpx.Client(base_url=srv.base_url, timeout=60, trust_env=False) as c:
+    long_body = {
+        "messages": [{"role": "user", "content": "Count to one hundred."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        ServerThread(app) as srv,
+        httpx.Client(base_url=srv.base_url, timeout=60, trust_env=False) as c,
+    ):
         with c.stream("POST", "/v1/chat/completions", json=long_body) as first:
             assert first.status_code == 200
             first_lines = first.iter_lines()  # keep it: dropping the iterator closes the stream
@@ -400,17 +531,32 @@ def test_local_files_only_under_the_allowed_directory(engine, tmp_path):
     outside = tmp_path / "secret.png"
     Image.new("RGB", (64, 48), (200, 10, 30)).save(outside)
     (allowed / "link.png").symlink_to(outside)
-    app = create_app(engine, ServerConfig(served_model_name="demo", allowed_local_media_path=str(allowed)))
+    app = create_app(
+        engine, ServerConfig(served_model_name="demo", allowed_local_media_path=str(allowed))
+    )
 
     def body(url):
-        return {"messages": [{"role": "user", "content": [image_part(url), {"type": "text", "text": "?"}]}],
-                "max_tokens": 2}
+        return {
+            "messages": [
+                {"role": "user", "content": [image_part(url), {"type": "text", "text": "?"}]}
+            ],
+            "max_tokens": 2,
+        }
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return [await c.post("/v1/chat/completions", json=body(u)) for u in (
-                f"file://{allowed}/shot.png", f"file://{outside}", f"file://{allowed}/link.png",
-                f"file://{allowed}/../secret.png", f"file://{allowed}/missing.png")]
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            return [
+                await c.post("/v1/chat/completions", json=body(u))
+                for u in (
+                    f"file://{allowed}/shot.png",
+                    f"file://{outside}",
+                    f"file://{allowed}/link.png",
+                    f"file://{allowed}/../secret.png",
+                    f"file://{allowed}/missing.png",
+                )
+            ]
 
     ok, out, link, dotdot, missing = asyncio.run(go())
     assert ok.status_code == 200, ok.text
@@ -423,9 +569,17 @@ def test_remote_media_refuses_loopback_even_when_allowed(engine):
     app = create_app(engine, ServerConfig(served_model_name="demo", allow_remote_media=True))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
-                image_part("http://127.0.0.1:9/shot.png")]}]})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            return await c.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [
+                        {"role": "user", "content": [image_part("http://127.0.0.1:9/shot.png")]}
+                    ]
+                },
+            )
 
     resp = asyncio.run(go())
     assert resp.status_code == 400 and "non-public" in resp.json()["error"]["message"]
@@ -440,14 +594,20 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, engine, http):
     wait_engine_idle(engine)
     bm = engine.nova.scheduler.block_manager
     before = metric_samples(http.get("/metrics").text)
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 500,
-            "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=60, trust_env=False) as c:
-        with c.stream("POST", "/v1/chat/completions", json=body) as resp:
-            lines = resp.iter_lines()
-            got = [next(lines) for _ in range(6)]  # role chunk, a few tokens (with blank lines)
-            assert any('"content"' in line for line in got)
-            assert bm.num_free_blocks < bm.num_blocks  # it holds KV blocks now
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60, trust_env=False) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]  # role chunk, a few tokens (with blank lines)
+        assert any('"content"' in line for line in got)
+        assert bm.num_free_blocks < bm.num_blocks  # it holds KV blocks now
         # leaving the block closes the connection mid-stream
     wait_engine_idle(engine)
     after = metric_samples(http.get("/metrics").text)
@@ -457,11 +617,16 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, engine, http):
 
 def test_disconnect_during_a_non_streamed_request_aborts_it(server, engine):
     wait_engine_idle(engine)
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 500,
-            "ignore_eos": True}
-    with httpx.Client(base_url=server.base_url, timeout=0.8, trust_env=False) as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/chat/completions", json=body)
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 500,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(base_url=server.base_url, timeout=0.8, trust_env=False) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post("/v1/chat/completions", json=body)
     t0 = time.monotonic()
     wait_engine_idle(engine, timeout_s=10)
     assert time.monotonic() - t0 < 10  # aborted, not run to its 500 tokens (~25 s)
@@ -477,27 +642,57 @@ def test_metrics_parse_and_move_as_requests_finish(http, engine):
 
     text = http.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("nova_requests", "nova_ttft_seconds", "nova_tpot_seconds", "nova_e2e_seconds",
-                 "nova_queue_seconds", "nova_stage_seconds", "nova_requests_in_stage",
-                 "nova_kv_cache_usage_ratio", "nova_sm_share", "nova_prompt_tokens",
-                 "nova_generation_tokens", "nova_prepare_seconds"):
+    for name in (
+        "nova_requests",
+        "nova_ttft_seconds",
+        "nova_tpot_seconds",
+        "nova_e2e_seconds",
+        "nova_queue_seconds",
+        "nova_stage_seconds",
+        "nova_requests_in_stage",
+        "nova_kv_cache_usage_ratio",
+        "nova_sm_share",
+        "nova_prompt_tokens",
+        "nova_generation_tokens",
+        "nova_prepare_seconds",
+    ):
         assert name in families, name
     before = metric_samples(text)
     fin = ("nova_requests_total", (("outcome", "finished"),))
-    resp = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": FRANCE}],
-                                                   "max_tokens": 6, "temperature": 0})
+    resp = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": FRANCE}], "max_tokens": 6, "temperature": 0},
+    )
     usage = resp.json()["usage"]
     after = metric_samples(http.get("/metrics").text)
     assert after[fin] == before.get(fin, 0.0) + 1
-    assert after[("nova_e2e_seconds_count", ())] == before.get(("nova_e2e_seconds_count", ()), 0.0) + 1
-    assert after[("nova_ttft_seconds_count", ())] == before.get(("nova_ttft_seconds_count", ()), 0.0) + 1
-    assert after[("nova_prompt_tokens_total", ())] - before.get(("nova_prompt_tokens_total", ()), 0.0) == usage["prompt_tokens"]
-    assert (after[("nova_generation_tokens_total", ())] - before.get(("nova_generation_tokens_total", ()), 0.0)
-            == usage["completion_tokens"])
-    assert after[("nova_stage_seconds_count", (("stage", "prefill"),))] == \
-        before.get(("nova_stage_seconds_count", (("stage", "prefill"),)), 0.0) + 1
-    assert after[("nova_prepare_seconds_count", ())] == before.get(("nova_prepare_seconds_count", ()), 0.0) + 1
-    assert after[("nova_prepare_seconds_sum", ())] > before.get(("nova_prepare_seconds_sum", ()), 0.0)
+    assert (
+        after[("nova_e2e_seconds_count", ())] == before.get(("nova_e2e_seconds_count", ()), 0.0) + 1
+    )
+    assert (
+        after[("nova_ttft_seconds_count", ())]
+        == before.get(("nova_ttft_seconds_count", ()), 0.0) + 1
+    )
+    assert (
+        after[("nova_prompt_tokens_total", ())] - before.get(("nova_prompt_tokens_total", ()), 0.0)
+        == usage["prompt_tokens"]
+    )
+    assert (
+        after[("nova_generation_tokens_total", ())]
+        - before.get(("nova_generation_tokens_total", ()), 0.0)
+        == usage["completion_tokens"]
+    )
+    assert (
+        after[("nova_stage_seconds_count", (("stage", "prefill"),))]
+        == before.get(("nova_stage_seconds_count", (("stage", "prefill"),)), 0.0) + 1
+    )
+    assert (
+        after[("nova_prepare_seconds_count", ())]
+        == before.get(("nova_prepare_seconds_count", ()), 0.0) + 1
+    )
+    assert after[("nova_prepare_seconds_sum", ())] > before.get(
+        ("nova_prepare_seconds_sum", ()), 0.0
+    )
     assert after[("nova_sm_share", (("stage", "decode"),))] == 1.0
     assert 0.0 <= after[("nova_kv_cache_usage_ratio", ())] <= 1.0
     for stage in ("vision", "prefill", "decode"):
@@ -509,18 +704,24 @@ def test_metrics_parse_and_move_as_requests_finish(http, engine):
 
 
 def test_metrics_see_requests_in_flight(server, engine, http):
-    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
-            "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=60, trust_env=False) as c:
-        with c.stream("POST", "/v1/chat/completions", json=body) as resp:
-            lines = resp.iter_lines()
-            for _ in range(4):
-                next(lines)
-            s = metric_samples(http.get("/metrics").text)
-            assert s[("nova_requests_in_stage", (("stage", "decode"),))] == 1
-            assert s[("nova_kv_cache_usage_ratio", ())] > 0
-            assert s[("nova_server_unfinished_requests", ())] == 1
-            rest = [json.loads(line[5:]) for line in lines if line.startswith("data: {")]
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 60,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60, trust_env=False) as c,
+        c.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+        s = metric_samples(http.get("/metrics").text)
+        assert s[("nova_requests_in_stage", (("stage", "decode"),))] == 1
+        assert s[("nova_kv_cache_usage_ratio", ())] > 0
+        assert s[("nova_server_unfinished_requests", ())] == 1
+        rest = [json.loads(line[5:]) for line in lines if line.startswith("data: {")]
     assert rest[-1]["choices"][0]["finish_reason"] == "length"
     wait_engine_idle(engine)
 
@@ -531,14 +732,20 @@ def test_oversized_bodies_are_413(engine):
 
     async def chunks():
         for k in range(0, len(big), 1000):
-            yield big[k:k + 1000]
+            yield big[k : k + 1000]
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            declared = await c.post("/v1/chat/completions", content=big,
-                                    headers={"content-type": "application/json"})
-            streamed = await c.post("/v1/chat/completions", content=chunks(),
-                                    headers={"content-type": "application/json"})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            declared = await c.post(
+                "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
+            )
+            streamed = await c.post(
+                "/v1/chat/completions",
+                content=chunks(),
+                headers={"content-type": "application/json"},
+            )
             small = await c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1})
             return declared, streamed, small
 

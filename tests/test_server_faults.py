@@ -1,5 +1,6 @@
 """A request the engine fails (executor fault) is a 500 with an OpenAI error body (in-band
 error event when streaming), counted as failed; other requests and later ones are served."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,9 @@ def test_engine_failure_is_500_and_counted(faulty):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "ignore_eos": True}
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             fault["on"] = True
             plain = await c.post("/v1/chat/completions", json=body)
             stream = await c.post("/v1/chat/completions", json=dict(body, stream=True))
@@ -54,7 +57,9 @@ def test_engine_failure_is_500_and_counted(faulty):
     err = plain.json()["error"]
     assert err["type"] == "server_error" and "injected decode fault" in err["message"]
     assert stream.status_code == 200  # headers were sent before the failure
-    events = [line[len("data: "):] for line in stream.text.splitlines() if line.startswith("data: ")]
+    events = [
+        line[len("data: ") :] for line in stream.text.splitlines() if line.startswith("data: ")
+    ]
     assert events[-1] == "[DONE]"
     assert "injected decode fault" in json.loads(events[-2])["error"]["message"]
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
@@ -89,8 +94,12 @@ def test_requests_are_prepared_in_parallel_up_to_preprocess_workers(faulty, work
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "ignore_eos": True}
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(2)))
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=body) for _ in range(2))
+            )
 
     proc.from_chat = slow_from_chat
     try:
@@ -98,6 +107,6 @@ def test_requests_are_prepared_in_parallel_up_to_preprocess_workers(faulty, work
     finally:
         del proc.from_chat  # back to the class's method
     assert [r.status_code for r in responses] == [200, 200]
-    (a0, a1), (b0, b1) = sorted(intervals)
+    (_a0, a1), (b0, _b1) = sorted(intervals)
     overlapped = b0 < a1
     assert overlapped == (workers > 1)

@@ -2,6 +2,7 @@
 random model with a real tokenizer: several hundred positive and negative cases across every
 endpoint; no 5xx, every documented status code and content type, no hang, and the server still
 answers a good request afterwards with its KV cache whole again."""
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,12 @@ def fuzz_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fuzz_schema(fuzz_engine):
-    app = create_app(fuzz_engine, ServerConfig(served_model_name="tiny", max_images_per_request=2,
-                                               max_image_pixels=256 * 256))
+    app = create_app(
+        fuzz_engine,
+        ServerConfig(
+            served_model_name="tiny", max_images_per_request=2, max_image_pixels=256 * 256
+        ),
+    )
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -50,13 +55,23 @@ def _checks():
         status_code_conformance,
     )
 
-    return [not_a_server_error, status_code_conformance, content_type_conformance,
-            response_schema_conformance]
+    return [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
 
 
 def test_schema_has_every_endpoint_and_no_422(fuzz_schema):
     raw = fuzz_schema.raw_schema
-    assert set(raw["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+    assert set(raw["paths"]) == {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+    }
     for path in raw["paths"].values():
         for op in path.values():
             assert "422" not in op["responses"]
@@ -70,12 +85,19 @@ def test_fuzz_all_endpoints(fuzz_schema, fuzz_engine):
     for result in fuzz_schema.get_all_operations():
         op = result.ok()
         # GET operations take no input: there is nothing to make invalid
-        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.lower() == "post" else [])
+        modes = [GenerationMode.POSITIVE] + (
+            [GenerationMode.NEGATIVE] if op.method.lower() == "post" else []
+        )
         for mode in modes:
             n = EXAMPLES.get(op.path, OTHER_EXAMPLES)
 
-            @settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=n,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):
                 started = time.monotonic()
@@ -87,8 +109,11 @@ def test_fuzz_all_endpoints(fuzz_schema, fuzz_engine):
 
             run()
     total = sum(counts.values())
-    print(f"\nfuzzed {total} cases in {time.monotonic() - t0:.1f} s; statuses {sorted(statuses.items())}; "
-          f"per operation {sorted(counts.items())}")
+    print(
+        f"\nfuzzed {total} cases in {time.monotonic() - t0:.1f} s; statuses "
+        f"{sorted(statuses.items())}; "
+        f"per operation {sorted(counts.items())}"
+    )
     assert total >= 400
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
     assert not any(code >= 500 for code in statuses)
@@ -106,9 +131,13 @@ def test_fuzz_all_endpoints(fuzz_schema, fuzz_engine):
     app = create_app(fuzz_engine, ServerConfig(served_model_name="tiny"))
 
     async def good():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            return await c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            )
 
     import asyncio
 
@@ -123,13 +152,23 @@ def test_extreme_sampling_values_are_served(fuzz_engine):
     import httpx
 
     app = create_app(fuzz_engine, ServerConfig(served_model_name="tiny"))
-    bodies = [{"prompt": "hi", "top_p": 8.7e-297, "max_tokens": 3},
-              {"prompt": "hi", "temperature": 1e-5, "max_tokens": 3},
-              {"prompt": "hi", "temperature": 2.0, "top_p": 5e-324, "top_k": 10**30, "seed": -(2**63),
-               "max_tokens": 3}]
+    bodies = [
+        {"prompt": "hi", "top_p": 8.7e-297, "max_tokens": 3},
+        {"prompt": "hi", "temperature": 1e-5, "max_tokens": 3},
+        {
+            "prompt": "hi",
+            "temperature": 2.0,
+            "top_p": 5e-324,
+            "top_k": 10**30,
+            "seed": -(2**63),
+            "max_tokens": 3,
+        },
+    ]
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             return [await c.post("/v1/completions", json=b) for b in bodies]
 
     for resp in asyncio.run(go()):

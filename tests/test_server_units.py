@@ -1,11 +1,14 @@
 """Server pieces without a model: stop strings over deltas, image URL handling (data:, remote
 fetch limits and address checks, with a mock transport and resolver: no network), error bodies."""
+
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import struct
 import zlib
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -39,12 +42,14 @@ def reference_stop(text: str, stops: list[str]) -> str:
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=st.text(alphabet="ab.c", max_size=30),
-       stops=st.lists(st.text(alphabet="ab.c", min_size=1, max_size=4), min_size=1, max_size=3),
-       cuts=st.lists(st.integers(0, 30), max_size=8))
+@given(
+    text=st.text(alphabet="ab.c", max_size=30),
+    stops=st.lists(st.text(alphabet="ab.c", min_size=1, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 30), max_size=8),
+)
 def test_stop_matcher_is_chunking_independent(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
     m = StopMatcher(stops)
     emitted = []
     for chunk in chunks:
@@ -68,7 +73,7 @@ def test_stop_matcher_holds_back_only_possible_starts():
 
 def test_single_token_stop_ids_round_trip():
     class Tok:
-        vocab = {"Paris": 7, ".": 3}
+        vocab: ClassVar[dict[str, int]] = {"Paris": 7, ".": 3}
 
         def encode(self, s, add_special_tokens=False):
             return [self.vocab[s]] if s in self.vocab else [1] * len(s)
@@ -98,13 +103,22 @@ def png_bytes(width=4, height=3) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` (no pixel data): a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_data_urls():
@@ -112,9 +126,13 @@ def test_data_urls():
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     assert decode_data_url(url, 10_000) == data
     assert decode_data_url(url.replace("base64,", "base64,\n"), 10_000) == data
-    for bad, needle in [("data:image/png;base64", "separat"), ("data:image/png,abc", "base64"),
-                        ("data:text/plain;base64,aGk=", "not an image"),
-                        ("data:image/png;base64,@@@", "base64"), ("data:image/png;base64,", "empty")]:
+    for bad, needle in [
+        ("data:image/png;base64", "separat"),
+        ("data:image/png,abc", "base64"),
+        ("data:text/plain;base64,aGk=", "not an image"),
+        ("data:image/png;base64,@@@", "base64"),
+        ("data:image/png;base64,", "empty"),
+    ]:
         with pytest.raises(MediaError, match=needle):
             decode_data_url(bad, 10_000)
     with pytest.raises(MediaError, match="exceeds") as exc:
@@ -142,9 +160,13 @@ def test_open_image_checks_pixels_before_decoding():
 # Remote fetches (mock transport + resolver: nothing leaves the process)
 # --------------------------------------------------------------------------------------------
 
-HOSTS = {"img.example": ["93.184.216.34"], "cdn.example": ["2606:4700::6810:84e5"],
-         "internal.example": ["10.1.2.3"], "mixed.example": ["93.184.216.35", "127.0.0.1"],
-         "meta.example": ["169.254.169.254"]}
+HOSTS = {
+    "img.example": ["93.184.216.34"],
+    "cdn.example": ["2606:4700::6810:84e5"],
+    "internal.example": ["10.1.2.3"],
+    "mixed.example": ["93.184.216.35", "127.0.0.1"],
+    "meta.example": ["169.254.169.254"],
+}
 
 
 async def fake_resolver(host: str, port: int) -> list[str]:
@@ -160,7 +182,7 @@ def handler(request: httpx.Request) -> httpx.Response:
     if path == "/shot.png":
         return httpx.Response(200, content=png_bytes())
     if path.startswith("/to/"):  # /to/<url-without-scheme>
-        return httpx.Response(302, headers={"Location": "http://" + path[len("/to/"):]})
+        return httpx.Response(302, headers={"Location": "http://" + path[len("/to/") :]})
     if path == "/relative":
         return httpx.Response(301, headers={"Location": "/shot.png"})
     if path == "/loop":
@@ -168,9 +190,11 @@ def handler(request: httpx.Request) -> httpx.Response:
     if path == "/big-declared":
         return httpx.Response(200, headers={"Content-Length": "999999999"}, content=b"x")
     if path == "/big-chunked":
+
         async def body():
             for _ in range(100):
                 yield b"x" * 1024
+
         return httpx.Response(200, content=body())
     return httpx.Response(404)
 
@@ -197,23 +221,29 @@ def test_remote_fetch_of_a_public_host():
     assert fetch("http://img.example/to/cdn.example/shot.png") == png_bytes()
 
 
-@pytest.mark.parametrize("url,needle", [
-    ("http://127.0.0.1/shot.png", "non-public"),
-    ("http://[::1]/shot.png", "non-public"),
-    ("http://[::ffff:127.0.0.1]/shot.png", "non-public"),
-    ("http://internal.example/shot.png", "non-public"),
-    ("http://mixed.example/shot.png", "non-public"),
-    ("http://meta.example/latest", "non-public"),
-    ("http://img.example/to/127.0.0.1/shot.png", "non-public"),       # redirect to loopback
-    ("http://img.example/to/internal.example/shot.png", "non-public"),  # redirect to a private net
-    ("http://img.example/to/10.0.0.1:8080/x", "non-public"),
-    ("http://img.example/loop", "redirects"),
-    ("http://img.example/big-declared", "limit"),
-    ("http://img.example/big-chunked", "limit"),
-    ("http://img.example/missing", "HTTP 404"),
-    ("http://nowhere.example/x", "cannot resolve"),
-    ("ftp://img.example/x", "unsupported"),
-])
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("http://127.0.0.1/shot.png", "non-public"),
+        ("http://[::1]/shot.png", "non-public"),
+        ("http://[::ffff:127.0.0.1]/shot.png", "non-public"),
+        ("http://internal.example/shot.png", "non-public"),
+        ("http://mixed.example/shot.png", "non-public"),
+        ("http://meta.example/latest", "non-public"),
+        ("http://img.example/to/127.0.0.1/shot.png", "non-public"),  # redirect to loopback
+        (
+            "http://img.example/to/internal.example/shot.png",
+            "non-public",
+        ),  # redirect to a private net
+        ("http://img.example/to/10.0.0.1:8080/x", "non-public"),
+        ("http://img.example/loop", "redirects"),
+        ("http://img.example/big-declared", "limit"),
+        ("http://img.example/big-chunked", "limit"),
+        ("http://img.example/missing", "HTTP 404"),
+        ("http://nowhere.example/x", "cannot resolve"),
+        ("ftp://img.example/x", "unsupported"),
+    ],
+)
 def test_remote_fetch_refusals(url, needle):
     with pytest.raises(MediaError, match=needle):
         fetch(url)
@@ -226,8 +256,20 @@ def test_remote_fetch_time_limit():
 
 
 def test_public_address_classification():
-    for addr in ("127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-                 "100.64.0.1", "::1", "fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1"):
+    for addr in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:10.0.0.1",
+        "224.0.0.1",
+    ):
         assert not is_public_address(addr), addr
     for addr in ("93.184.216.34", "8.8.8.8", "2606:4700::6810:84e5"):
         assert is_public_address(addr), addr
@@ -250,10 +292,27 @@ def test_validation_error_params():
     from nova.server.app import _loc_to_param
 
     assert _loc_to_param(("body", "messages", 0, "role")) == "messages[0].role"
-    assert _loc_to_param(("body", "messages", 0, "user", "content", "list[tagged-union[TextPart,ImagePart]]",
-                          1, "image_url", "image_url", "url")) == "messages[0].content[1].image_url.url"
-    assert _loc_to_param(("body", "messages", 2, "assistant", "content", "list[x]", 0, "text",
-                          "text")) == "messages[2].content[0].text"
+    assert (
+        _loc_to_param(
+            (
+                "body",
+                "messages",
+                0,
+                "user",
+                "content",
+                "list[tagged-union[TextPart,ImagePart]]",
+                1,
+                "image_url",
+                "image_url",
+                "url",
+            )
+        )
+        == "messages[0].content[1].image_url.url"
+    )
+    assert (
+        _loc_to_param(("body", "messages", 2, "assistant", "content", "list[x]", 0, "text", "text"))
+        == "messages[2].content[0].text"
+    )
     assert _loc_to_param(("body", "prompt", "list[int]", 3)) == "prompt[3]"
     assert _loc_to_param(("body", "stop", "str")) == "stop"
     assert _loc_to_param(("body",)) is None

@@ -1,4 +1,5 @@
 """The front-end queue of the simulator: service per request and per image, FIFO over a pool."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """The simulator runs the real scheduler and policies on a virtual clock."""
+
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -20,14 +20,22 @@ IMAGE_TOKENS = 4
 
 
 def _sim(policy: str, arrivals, num_blocks=256, durations=DUR):
-    sim = Simulator(make_policy(policy, limits=StageLimits(max_num_seqs=8)), FixedCostModel(durations),
-                    num_kv_blocks=num_blocks, block_size=4, image_tokens=IMAGE_TOKENS, work_fn=lambda b: b)
+    sim = Simulator(
+        make_policy(policy, limits=StageLimits(max_num_seqs=8)),
+        FixedCostModel(durations),
+        num_kv_blocks=num_blocks,
+        block_size=4,
+        image_tokens=IMAGE_TOKENS,
+        work_fn=lambda b: b,
+    )
     return sim.run(arrivals)
 
 
 def _trace():
-    return [SimArrival(f"r{i}", t, 6 + i, i % 2, 3 + i % 3)
-            for i, t in enumerate([0.0, 0.013, 0.151, 0.252, 0.395, 0.47, 0.71, 0.79])]
+    return [
+        SimArrival(f"r{i}", t, 6 + i, i % 2, 3 + i % 3)
+        for i, t in enumerate([0.0, 0.013, 0.151, 0.252, 0.395, 0.47, 0.71, 0.79])
+    ]
 
 
 @pytest.mark.parametrize("policy", [p for p in available_policies() if p != "nova"])
@@ -43,14 +51,18 @@ def test_sequential_timeline_is_exact():
     res = _sim("sequential", [SimArrival("a", 0.5, 3, 1, 3)])
     [r] = res.requests
     t = r.times
-    assert (t.arrival_s, t.vision_start_s, t.vision_end_s, t.prefill_end_s) == pytest.approx((0.5, 0.5, 0.56, 0.6))
+    assert (t.arrival_s, t.vision_start_s, t.vision_end_s, t.prefill_end_s) == pytest.approx(
+        (0.5, 0.5, 0.56, 0.6)
+    )
     assert t.token_s == pytest.approx([0.6, 0.62, 0.64]) and t.finish_s == pytest.approx(0.64)
 
 
 def test_closed_loop_sessions_wait_for_answers():
-    arrivals = [SimArrival("s0-0", 0.0, 5, 0, 2, session_id="s0"),
-                SimArrival("s0-1", None, 5, 0, 2, session_id="s0", think_time_s=1.0),
-                SimArrival("s0-2", None, 5, 0, 2, session_id="s0", think_time_s=0.5)]
+    arrivals = [
+        SimArrival("s0-0", 0.0, 5, 0, 2, session_id="s0"),
+        SimArrival("s0-1", None, 5, 0, 2, session_id="s0", think_time_s=1.0),
+        SimArrival("s0-2", None, 5, 0, 2, session_id="s0", think_time_s=0.5),
+    ]
     res = _sim("multi_stream", arrivals)
     r0, r1, r2 = res.requests
     assert r1.times.arrival_s == pytest.approx(r0.times.finish_s + 1.0)
@@ -61,7 +73,9 @@ def test_tight_kv_cache_preempts_and_still_finishes():
     arrivals = [SimArrival(f"r{i}", 0.001 * i, 10, 0, 30) for i in range(12)]
     res = _sim("multi_stream", arrivals, num_blocks=40)
     assert res.num_preemptions > 0
-    assert all(r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 30 for r in res.requests)
+    assert all(
+        r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 30 for r in res.requests
+    )
 
 
 # The threaded-engine parity test runs on a stretched clock: durations and arrivals x3, so
@@ -79,9 +93,14 @@ def _engine_decisions(policy: str, arrivals) -> dict[Stage, list[tuple[str, ...]
         t0 = time.monotonic()
         for a in arrivals:
             time.sleep(max(0.0, a.arrival_s - (time.monotonic() - t0)))
-            engine.add_request(Request(a.request_id, [1] * (a.num_text_tokens + a.num_images * IMAGE_TOKENS),
-                                       SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
-                                       [ImageInput("h", IMAGE_TOKENS)] * a.num_images))
+            engine.add_request(
+                Request(
+                    a.request_id,
+                    [1] * (a.num_text_tokens + a.num_images * IMAGE_TOKENS),
+                    SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
+                    [ImageInput("h", IMAGE_TOKENS)] * a.num_images,
+                )
+            )
         assert engine.wait_idle(timeout_s=60)
     return {s: [tuple(b.request_ids) for b in ex.batches if b.stage is s] for s in Stage}
 
@@ -92,17 +111,30 @@ def test_parity_engine_with_fake_executor_vs_simulator(policy):
     batching decisions (arrivals sit >= 10 ms x PARITY_SCALE away from every batch boundary, so
     thread timing jitter cannot reorder them)."""
     margin = 0.01 * PARITY_SCALE
-    arrivals = [SimArrival(a.request_id, a.arrival_s * PARITY_SCALE, a.num_text_tokens, a.num_images,
-                           a.max_tokens) for a in _trace()]
+    arrivals = [
+        SimArrival(
+            a.request_id, a.arrival_s * PARITY_SCALE, a.num_text_tokens, a.num_images, a.max_tokens
+        )
+        for a in _trace()
+    ]
     for _ in range(50):  # nudge arrivals that race a batch end in the simulated schedule
         sim = _sim(policy, arrivals, durations=PARITY_DUR)
         ends = [b.end_s for b in sim.batches]
-        clash = [i for i, a in enumerate(arrivals) if i and min(abs(a.arrival_s - e) for e in ends) < margin]
+        clash = [
+            i
+            for i, a in enumerate(arrivals)
+            if i and min(abs(a.arrival_s - e) for e in ends) < margin
+        ]
         if not clash:
             break
         i = clash[0]
-        arrivals[i] = SimArrival(arrivals[i].request_id, arrivals[i].arrival_s + 0.7 * margin,
-                                 arrivals[i].num_text_tokens, arrivals[i].num_images, arrivals[i].max_tokens)
+        arrivals[i] = SimArrival(
+            arrivals[i].request_id,
+            arrivals[i].arrival_s + 0.7 * margin,
+            arrivals[i].num_text_tokens,
+            arrivals[i].num_images,
+            arrivals[i].max_tokens,
+        )
     assert not clash
     engine = _engine_decisions(policy, arrivals)
     for stage in Stage:
@@ -118,8 +150,14 @@ def _paper_sim(policy: str, reference: bool, num_kv_blocks: int | None = None):
     exp = EXPERIMENTS["paper-a6000"]
     spec = get_model_spec(exp.model)
     cost = make_cost_model("roofline", exp.gpu, spec)
-    return Simulator(build_policy(policy, exp, cost, spec), cost, num_kv_blocks or _kv_blocks(cost, spec, 16),
-                     16, spec.image_tokens, reference=reference)
+    return Simulator(
+        build_policy(policy, exp, cost, spec),
+        cost,
+        num_kv_blocks or _kv_blocks(cost, spec, 16),
+        16,
+        spec.image_tokens,
+        reference=reference,
+    )
 
 
 def _paper_workloads():
@@ -128,15 +166,31 @@ def _paper_workloads():
     return {
         "poisson-0.8": (make_workload("poisson", rate_rps=0.8, num_requests=50, seed=11), None),
         # 213 blocks hold two ~1700-token prompts but not their outputs too: preemptions
-        "bursty-tight-kv": (make_workload("bursty", rate_rps=1.5, num_requests=40, seed=12, burstiness=0.3), 213),
-        "sessions": (make_workload("gui_sessions", num_sessions=5, steps_per_session=4, seed=13), None),
+        "bursty-tight-kv": (
+            make_workload("bursty", rate_rps=1.5, num_requests=40, seed=12, burstiness=0.3),
+            213,
+        ),
+        "sessions": (
+            make_workload("gui_sessions", num_sessions=5, steps_per_session=4, seed=13),
+            None,
+        ),
     }
 
 
 def _outcome(res):
     batches = [(b.stage, b.start_s, b.end_s, b.request_ids, b.share) for b in res.batches]
-    requests = [(r.request_id, r.status, r.times.arrival_s, r.times.vision_end_s, r.times.prefill_end_s,
-                 tuple(r.times.token_s), r.num_preemptions) for r in res.requests]
+    requests = [
+        (
+            r.request_id,
+            r.status,
+            r.times.arrival_s,
+            r.times.vision_end_s,
+            r.times.prefill_end_s,
+            tuple(r.times.token_s),
+            r.num_preemptions,
+        )
+        for r in res.requests
+    ]
     return batches, requests, res.num_preemptions, res.end_s
 
 
@@ -160,11 +214,27 @@ def test_fast_loop_makes_the_reference_loops_decisions(policy):
 
 @pytest.mark.parametrize("policy", [p for p in available_policies() if p != "nova"])
 def test_fast_loop_matches_reference_with_priorities_and_deadlines(policy):
-    arrivals = [SimArrival(f"r{i}", 0.011 * i, 6 + i % 5, i % 3 % 2, 2 + i % 4, priority=i % 3 - 1,
-                           deadline_s=None if i % 4 else 0.05 * (i % 7 + 1)) for i in range(30)]
+    arrivals = [
+        SimArrival(
+            f"r{i}",
+            0.011 * i,
+            6 + i % 5,
+            i % 3 % 2,
+            2 + i % 4,
+            priority=i % 3 - 1,
+            deadline_s=None if i % 4 else 0.05 * (i % 7 + 1),
+        )
+        for i in range(30)
+    ]
     runs = []
     for reference in (False, True):
-        sim = Simulator(make_policy(policy, limits=StageLimits(max_num_seqs=4)), FixedCostModel(DUR),
-                        num_kv_blocks=30, block_size=4, image_tokens=IMAGE_TOKENS, reference=reference)
+        sim = Simulator(
+            make_policy(policy, limits=StageLimits(max_num_seqs=4)),
+            FixedCostModel(DUR),
+            num_kv_blocks=30,
+            block_size=4,
+            image_tokens=IMAGE_TOKENS,
+            reference=reference,
+        )
         runs.append(_outcome(sim.run(arrivals)))
     assert runs[0] == runs[1]

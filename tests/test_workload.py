@@ -1,6 +1,9 @@
-"""Workloads, torch-free: reproducibility, arrival statistics, closed-loop sessions, trace replay."""
+"""Workloads, torch-free: reproducibility, arrival statistics, closed-loop sessions, trace "
+"replay."""
+
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import statistics
@@ -33,7 +36,7 @@ TRACES = ("azure_lmm", "mooncake", "burstgpt")
 
 def _gaps_s(wl: Workload) -> list[float]:
     times = [0.0] + [r.arrival_s for r in wl.requests]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def _cv(values: list[float]) -> float:
@@ -53,8 +56,10 @@ def _arrivals(wl: Workload) -> list[float]:
 
 
 def test_import_is_torch_and_numpy_free():
-    code = ("import sys, nova.workload; "
-            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, nova.workload; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -66,6 +71,7 @@ def test_registry_lists_all_workloads():
 
 
 # --- reproducibility --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", GENERATED)
 def test_same_seed_same_workload_different_seed_different(name):
@@ -96,6 +102,7 @@ def test_rate_changes_timing_not_content():
 
 # --- arrival statistics -------------------------------------------------------------------------
 
+
 def test_poisson_mean_rate_and_cv():
     wl = make_workload("poisson", rate_rps=4.0, num_requests=20_000, seed=11)
     assert len(wl) == 20_000
@@ -118,8 +125,12 @@ def test_bursty_with_k1_is_poisson():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**40), rate=st.floats(0.01, 100), k=st.floats(0.05, 10),
-       n=st.integers(1, 60))
+@given(
+    seed=st.integers(0, 2**40),
+    rate=st.floats(0.01, 100),
+    k=st.floats(0.05, 10),
+    n=st.integers(1, 60),
+)
 def test_open_loop_arrivals_sorted_and_positive(seed, rate, k, n):
     wl = bursty(rate_rps=rate, num_requests=n, burstiness=k, seed=seed)
     arrivals = _arrivals(wl)
@@ -128,6 +139,7 @@ def test_open_loop_arrivals_sorted_and_positive(seed, rate, k, n):
 
 
 # --- GUI-agent content ----------------------------------------------------------------------------
+
 
 def test_gui_content_defaults():
     assert len(set(GUI_INSTRUCTIONS)) >= 60
@@ -147,11 +159,29 @@ def test_gui_content_defaults():
 
 
 def test_gui_content_options_flat_or_config():
-    flat = make_workload("poisson", num_requests=200, seed=3, image_width=640, image_height=480,
-                         min_tokens=5, max_tokens=9, max_history_actions=0, images_per_request=2,
-                         deadline_s=2.5, priority=1)
-    cfg = GuiContentConfig(image_width=640, image_height=480, min_tokens=5, max_tokens=9,
-                           max_history_actions=0, images_per_request=2, deadline_s=2.5, priority=1)
+    flat = make_workload(
+        "poisson",
+        num_requests=200,
+        seed=3,
+        image_width=640,
+        image_height=480,
+        min_tokens=5,
+        max_tokens=9,
+        max_history_actions=0,
+        images_per_request=2,
+        deadline_s=2.5,
+        priority=1,
+    )
+    cfg = GuiContentConfig(
+        image_width=640,
+        image_height=480,
+        min_tokens=5,
+        max_tokens=9,
+        max_history_actions=0,
+        images_per_request=2,
+        deadline_s=2.5,
+        priority=1,
+    )
     assert flat == poisson(num_requests=200, seed=3, content=cfg)
     for r in flat.requests:
         assert r.images == (ImageSpec(640, 480),) * 2
@@ -167,9 +197,17 @@ def test_text_tokens_estimate():
 
 # --- closed-loop sessions -------------------------------------------------------------------------
 
+
 def test_gui_sessions_structure():
-    wl = make_workload("gui_sessions", num_sessions=20, min_steps=2, max_steps=6, think_time_s=1.5,
-                       session_start_spread_s=30.0, seed=4)
+    wl = make_workload(
+        "gui_sessions",
+        num_sessions=20,
+        min_steps=2,
+        max_steps=6,
+        think_time_s=1.5,
+        session_start_spread_s=30.0,
+        seed=4,
+    )
     assert wl.closed_loop and wl.duration_s is None
     sessions = wl.sessions()
     assert len(sessions) == 20
@@ -208,6 +246,7 @@ def test_gui_sessions_fixed_steps_and_errors():
 
 # --- trace replay ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name,count", [("azure_lmm", 12), ("mooncake", 12), ("burstgpt", 10)])
 def test_trace_samples_replay(name, count):
     wl = make_workload(name, path=SAMPLE_TRACES[name])
@@ -222,7 +261,9 @@ def test_trace_samples_replay(name, count):
 
 
 def test_azure_lmm_sample_fields():
-    wl = make_workload("azure_lmm", path=SAMPLE_TRACES["azure_lmm"], image_width=896, image_height=896)
+    wl = make_workload(
+        "azure_lmm", path=SAMPLE_TRACES["azure_lmm"], image_width=896, image_height=896
+    )
     first = wl.requests[0]
     assert (first.num_text_tokens, first.max_tokens) == (2843, 112)
     assert first.images == (ImageSpec(896, 896),)
@@ -231,7 +272,9 @@ def test_azure_lmm_sample_fields():
     assert wl.duration_s == pytest.approx(9.7182, abs=1e-6)
     assert any("includes image tokens" in n for n in wl.notes)
     absolute = make_workload("azure_lmm", path=SAMPLE_TRACES["azure_lmm"], start_at_zero=False)
-    assert absolute.requests[0].arrival_s == pytest.approx(parse_timestamp_s("2025-05-20 00:00:00.012"))
+    assert absolute.requests[0].arrival_s == pytest.approx(
+        parse_timestamp_s("2025-05-20 00:00:00.012")
+    )
 
 
 def test_mooncake_sample_fields_and_shared_prefix():
@@ -240,7 +283,7 @@ def test_mooncake_sample_fields_and_shared_prefix():
     assert wl.duration_s == pytest.approx(7.408)
     assert all(r.images == () for r in wl.requests)
     a, c = wl.requests[0].instruction.split(), wl.requests[2].instruction.split()
-    assert c[:len(a)] == a  # request 2's hash ids extend request 0's: same text prefix
+    assert c[: len(a)] == a  # request 2's hash ids extend request 0's: same text prefix
     with_images = make_workload("mooncake", path=SAMPLE_TRACES["mooncake"], images_per_request=1)
     assert all(r.num_images == 1 for r in with_images.requests)
 
@@ -273,15 +316,17 @@ def test_trace_rescaling(name):
 
 def test_azure_lmm_bad_rows_skipped_and_counted(tmp_path):
     p = tmp_path / "azure.csv"
-    p.write_text("TIMESTAMP,NumImages,ContextTokens,GeneratedTokens\n"
-                 "2025-05-20 00:00:01.5000000,1,1200,50\n"
-                 "not a time,1,1200,50\n"
-                 "2025-05-20 00:00:02.0000000,1,abc,50\n"
-                 "2025-05-20 00:00:02.5000000,1\n"
-                 "\n"
-                 "2025-05-20 00:00:03.0000000,-1,1200,50\n"
-                 "2025-05-20 00:00:04.0000000,2,3000,0\n"
-                 "2025-05-20 00:00:04.2500000,0,800,20\n")
+    p.write_text(
+        "TIMESTAMP,NumImages,ContextTokens,GeneratedTokens\n"
+        "2025-05-20 00:00:01.5000000,1,1200,50\n"
+        "not a time,1,1200,50\n"
+        "2025-05-20 00:00:02.0000000,1,abc,50\n"
+        "2025-05-20 00:00:02.5000000,1\n"
+        "\n"
+        "2025-05-20 00:00:03.0000000,-1,1200,50\n"
+        "2025-05-20 00:00:04.0000000,2,3000,0\n"
+        "2025-05-20 00:00:04.2500000,0,800,20\n"
+    )
     wl = make_workload("azure_lmm", path=p)
     assert len(wl) == 2 and _skipped_malformed(wl) == 5
     assert _arrivals(wl) == pytest.approx([0.0, 2.75])
@@ -301,11 +346,15 @@ def test_azure_lmm_seconds_timestamps_and_no_images_column(tmp_path):
 def test_mooncake_bad_rows_skipped_and_counted(tmp_path):
     p = tmp_path / "mooncake.jsonl"
     good = {"timestamp": 1000, "input_length": 600, "output_length": 20, "hash_ids": [1, 2]}
-    rows = [json.dumps(good), "{broken json", json.dumps([1, 2, 3]),
-            json.dumps({"timestamp": 1500, "input_length": 100}),
-            json.dumps({"timestamp": "x", "input_length": 100, "output_length": 5}),
-            json.dumps({"timestamp": 1600, "input_length": 100, "output_length": 5, "hash_ids": "12"}),
-            json.dumps(dict(good, timestamp=2250))]
+    rows = [
+        json.dumps(good),
+        "{broken json",
+        json.dumps([1, 2, 3]),
+        json.dumps({"timestamp": 1500, "input_length": 100}),
+        json.dumps({"timestamp": "x", "input_length": 100, "output_length": 5}),
+        json.dumps({"timestamp": 1600, "input_length": 100, "output_length": 5, "hash_ids": "12"}),
+        json.dumps(dict(good, timestamp=2250)),
+    ]
     p.write_text("\n".join(rows) + "\n")
     wl = make_workload("mooncake", path=p)
     assert len(wl) == 2 and _skipped_malformed(wl) == 5
@@ -314,12 +363,14 @@ def test_mooncake_bad_rows_skipped_and_counted(tmp_path):
 
 def test_burstgpt_bad_rows_skipped_and_counted(tmp_path):
     p = tmp_path / "burst.csv"
-    p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-                 "3,ChatGPT,100,20,120,Conversation log\n"
-                 "4,ChatGPT,,20,20,Conversation log\n"
-                 "five,ChatGPT,100,20,120,Conversation log\n"
-                 "6,ChatGPT,100,0,100,Conversation log\n"
-                 "7,GPT-4,50,5,55,API log\n")
+    p.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "3,ChatGPT,100,20,120,Conversation log\n"
+        "4,ChatGPT,,20,20,Conversation log\n"
+        "five,ChatGPT,100,20,120,Conversation log\n"
+        "6,ChatGPT,100,0,100,Conversation log\n"
+        "7,GPT-4,50,5,55,API log\n"
+    )
     wl = make_workload("burstgpt", path=p)
     assert len(wl) == 2 and _skipped_malformed(wl) == 2
     assert any("skipped 1 rows: zero response tokens" in n for n in wl.notes)
@@ -331,9 +382,11 @@ def test_trace_file_errors(name, tmp_path):
     with pytest.raises(ValueError, match="not found.*nope.csv"):
         make_workload(name, path=missing)
     bad = tmp_path / "all_bad.txt"
-    header = {"azure_lmm": "TIMESTAMP,NumImages,ContextTokens,GeneratedTokens\n",
-              "burstgpt": "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n",
-              "mooncake": ""}[name]
+    header = {
+        "azure_lmm": "TIMESTAMP,NumImages,ContextTokens,GeneratedTokens\n",
+        "burstgpt": "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n",
+        "mooncake": "",
+    }[name]
     bad.write_text(header + "garbage,row\n{also: garbage}\n")
     with pytest.raises(ValueError, match="no valid rows.*all_bad.txt"):
         make_workload(name, path=bad)
@@ -367,26 +420,30 @@ def test_parse_timestamp_s():
 
 # --- errors ---------------------------------------------------------------------------------------
 
+
 def test_unknown_workload_names_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown workload 'nope'.*bursty.*poisson"):
         make_workload("nope")
 
 
-@pytest.mark.parametrize("name,kwargs,param", [
-    ("poisson", {"rate_rps": -1.0}, "rate_rps"),
-    ("poisson", {"rate_rps": float("nan")}, "rate_rps"),
-    ("poisson", {"num_requests": 0}, "num_requests"),
-    ("poisson", {"num_requests": 2.5}, "num_requests"),
-    ("poisson", {"seed": "x"}, "seed"),
-    ("poisson", {"rate": 1.0}, "rate"),
-    ("poisson", {"min_tokens": 50, "max_tokens": 10}, "max_tokens"),
-    ("poisson", {"image_width": 0}, "image_width"),
-    ("bursty", {"burstiness": 0}, "burstiness"),
-    ("gui_sessions", {"think_time_s": -1}, "think_time_s"),
-    ("mooncake", {"path": SAMPLE_TRACES["mooncake"], "max_requests": 0}, "max_requests"),
-    ("burstgpt", {"path": SAMPLE_TRACES["burstgpt"], "time_scale": 0}, "time_scale"),
-    ("azure_lmm", {"path": SAMPLE_TRACES["azure_lmm"], "num_requests": 5}, "num_requests"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,param",
+    [
+        ("poisson", {"rate_rps": -1.0}, "rate_rps"),
+        ("poisson", {"rate_rps": float("nan")}, "rate_rps"),
+        ("poisson", {"num_requests": 0}, "num_requests"),
+        ("poisson", {"num_requests": 2.5}, "num_requests"),
+        ("poisson", {"seed": "x"}, "seed"),
+        ("poisson", {"rate": 1.0}, "rate"),
+        ("poisson", {"min_tokens": 50, "max_tokens": 10}, "max_tokens"),
+        ("poisson", {"image_width": 0}, "image_width"),
+        ("bursty", {"burstiness": 0}, "burstiness"),
+        ("gui_sessions", {"think_time_s": -1}, "think_time_s"),
+        ("mooncake", {"path": SAMPLE_TRACES["mooncake"], "max_requests": 0}, "max_requests"),
+        ("burstgpt", {"path": SAMPLE_TRACES["burstgpt"], "time_scale": 0}, "time_scale"),
+        ("azure_lmm", {"path": SAMPLE_TRACES["azure_lmm"], "num_requests": 5}, "num_requests"),
+    ],
+)
 def test_bad_parameters_are_named(name, kwargs, param):
     with pytest.raises(ValueError, match=param):
         make_workload(name, **kwargs)

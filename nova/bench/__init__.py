@@ -2,11 +2,12 @@
 ``nova.workload`` workloads; client-side TTFT/TPOT/ITL/E2E, throughput, goodput, deadline
 violations; JSON, markdown and CDF-plot results. ``add_bench_parser(subparsers)`` registers it.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["add_bench_parser", "BenchConfig", "run_workload"]
+__all__ = ["BenchConfig", "add_bench_parser", "run_workload"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,8 +5,10 @@ carries text (the role-only first chunk does not count, as in ``vllm bench serve
 chunk with text gives one inter-token latency. Token counts come from the final ``usage`` chunk
 (``stream_options.include_usage``); without one, the number of text chunks is used.
 """
+
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -65,20 +67,31 @@ class RequestRecord:
             deadline_s=self.deadline_s,
             deadline_met=deadline_met,
             ttft_s=None if first is None else first - self.send_s,
-            tpot_s=(last - first) / (n_out - 1) if first is not None and last is not None and n_out >= 2 else None,
+            tpot_s=(last - first) / (n_out - 1)
+            if first is not None and last is not None and n_out >= 2
+            else None,
             e2e_s=e2e if ok else None,
-            itl_s=[b - a for a, b in zip(chunks, chunks[1:])],
+            itl_s=[b - a for a, b in itertools.pairwise(chunks)],
         )
 
     def to_dict(self, t0_s: float) -> dict[str, Any]:
         m = self.metrics(t0_s)
         return {
-            "request_id": self.request_id, "ok": self.ok, "status_code": self.status_code,
-            "error": self.error, "send_s": self.send_s - t0_s, "ttft_s": m.ttft_s, "tpot_s": m.tpot_s,
-            "e2e_s": m.e2e_s, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "num_text_chunks": len(self.chunk_s),
-            "num_images": self.num_images, "deadline_s": self.deadline_s,
-            "deadline_met": m.deadline_met, "finish_reason": self.finish_reason,
+            "request_id": self.request_id,
+            "ok": self.ok,
+            "status_code": self.status_code,
+            "error": self.error,
+            "send_s": self.send_s - t0_s,
+            "ttft_s": m.ttft_s,
+            "tpot_s": m.tpot_s,
+            "e2e_s": m.e2e_s,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "num_text_chunks": len(self.chunk_s),
+            "num_images": self.num_images,
+            "deadline_s": self.deadline_s,
+            "deadline_met": m.deadline_met,
+            "finish_reason": self.finish_reason,
         }
 
 
@@ -102,8 +115,9 @@ async def stream_request(
     body = dict(body, stream=True, stream_options={"include_usage": True})
     record.send_s = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=body, headers=headers,
-                                 timeout=httpx.Timeout(timeout_s)) as resp:
+        async with client.stream(
+            "POST", url, json=body, headers=headers, timeout=httpx.Timeout(timeout_s)
+        ) as resp:
             record.status_code = resp.status_code
             if resp.status_code != 200:
                 record.error = f"HTTP {resp.status_code}: {_error_text(await resp.aread())}"

@@ -7,6 +7,7 @@ the previous answer. ``max_concurrency`` caps requests in flight (arrivals beyon
 slot, as ``vllm bench serve --max-concurrency``; their wait counts in their latency only from
 the moment they are sent).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -69,7 +70,9 @@ class BenchRun:
 def _client(cfg: BenchConfig) -> httpx.AsyncClient:
     # No proxies from the environment; no client-side connection cap below max_concurrency
     # (a cap would queue requests in the client and hide server latency).
-    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
+    limits = httpx.Limits(
+        max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency
+    )
     return httpx.AsyncClient(trust_env=False, limits=limits, timeout=httpx.Timeout(cfg.timeout_s))
 
 
@@ -91,14 +94,22 @@ async def detect_model(cfg: BenchConfig, client: httpx.AsyncClient | None = None
 async def run_workload(workload: Workload, cfg: BenchConfig) -> BenchRun:
     async with _client(cfg) as client:
         model = cfg.model or await detect_model(cfg, client)
-        bodies = {r.request_id: request_body(r, model, cfg.endpoint, cfg.temperature, cfg.ignore_eos,
-                                             cfg.nova_extensions)
-                  for r in workload.requests}
+        bodies = {
+            r.request_id: request_body(
+                r, model, cfg.endpoint, cfg.temperature, cfg.ignore_eos, cfg.nova_extensions
+            )
+            for r in workload.requests
+        }
         return await _drive(workload, cfg, client, model, bodies)
 
 
-async def _drive(workload: Workload, cfg: BenchConfig, client: httpx.AsyncClient, model: str,
-                 bodies: dict[str, dict[str, Any]]) -> BenchRun:
+async def _drive(
+    workload: Workload,
+    cfg: BenchConfig,
+    client: httpx.AsyncClient,
+    model: str,
+    bodies: dict[str, dict[str, Any]],
+) -> BenchRun:
     from tqdm.auto import tqdm
 
     records: list[RequestRecord] = []
@@ -107,8 +118,10 @@ async def _drive(workload: Workload, cfg: BenchConfig, client: httpx.AsyncClient
 
     async def send(req: WorkloadRequest) -> RequestRecord:
         rec = RequestRecord(req.request_id, req.num_images, req.deadline_s)
-        async with (sem if sem is not None else nullcontext()):
-            await stream_request(client, cfg.url, bodies[req.request_id], rec, cfg.headers, cfg.timeout_s)
+        async with sem if sem is not None else nullcontext():
+            await stream_request(
+                client, cfg.url, bodies[req.request_id], rec, cfg.headers, cfg.timeout_s
+            )
         records.append(rec)
         bar.update(1)
         return rec
@@ -134,11 +147,14 @@ async def _drive(workload: Workload, cfg: BenchConfig, client: httpx.AsyncClient
         if workload.closed_loop:
             sessions = workload.sessions()
             loose = [r for r in workload.requests if r.session_id is None]
-            units = sorted([(s[0].arrival_s or 0.0, s) for s in sessions.values()]
-                           + [(r.arrival_s or 0.0, [r]) for r in loose], key=lambda u: u[0])
+            units = sorted(
+                [(s[0].arrival_s or 0.0, s) for s in sessions.values()]
+                + [(r.arrival_s or 0.0, [r]) for r in loose],
+                key=lambda u: u[0],
+            )
             tasks = [asyncio.create_task(session(steps)) for _, steps in units]
         else:
-            for req in sorted(workload.requests, key=lambda r: (r.arrival_s or 0.0)):
+            for req in sorted(workload.requests, key=lambda r: r.arrival_s or 0.0):
                 await at(req.arrival_s)
                 tasks.append(asyncio.create_task(send(req)))
         await asyncio.gather(*tasks)

@@ -1,6 +1,7 @@
 """Workload requests -> OpenAI chat request bodies, with real image payloads: each image is a
 synthetic screenshot (``nova.screenshots.make_screenshot``) seeded from the request, encoded as
 PNG in a base64 ``data:`` URL. Built before the run, so encoding is not timed."""
+
 from __future__ import annotations
 
 import base64
@@ -28,15 +29,23 @@ def is_chat_endpoint(endpoint: str) -> bool:
     return endpoint.rstrip("/").endswith("chat/completions")
 
 
-def request_body(req: WorkloadRequest, model: str, endpoint: str, temperature: float = 0.0,
-                 ignore_eos: bool = False, nova_extensions: bool = True) -> dict[str, Any]:
+def request_body(
+    req: WorkloadRequest,
+    model: str,
+    endpoint: str,
+    temperature: float = 0.0,
+    ignore_eos: bool = False,
+    nova_extensions: bool = True,
+) -> dict[str, Any]:
     """The body for ``endpoint``: chat (images as data URLs) or, for ``/v1/completions``, the
     instruction as a plain prompt (text-only workloads)."""
     if is_chat_endpoint(endpoint):
         return chat_body(req, model, temperature, ignore_eos, nova_extensions)
     if req.images:
-        raise ValueError(f"request {req.request_id} has images; {endpoint} takes text only "
-                         "(use /v1/chat/completions or --images-per-request 0)")
+        raise ValueError(
+            f"request {req.request_id} has images; {endpoint} takes text only "
+            "(use /v1/chat/completions or --images-per-request 0)"
+        )
     body = chat_body(req, model, temperature, ignore_eos, nova_extensions)
     del body["messages"]
     body["prompt"] = req.instruction
@@ -53,8 +62,12 @@ def chat_body(
     """The chat request for ``req``: its images first, then its instruction, as one user turn."""
     if req.images:
         content: Any = [
-            {"type": "image_url",
-             "image_url": {"url": screenshot_data_url((req.seed + k) & 0x7FFFFFFF, img.width, img.height)}}
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": screenshot_data_url((req.seed + k) & 0x7FFFFFFF, img.width, img.height)
+                },
+            }
             for k, img in enumerate(req.images)
         ]
         content.append({"type": "text", "text": req.instruction})

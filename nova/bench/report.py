@@ -1,5 +1,6 @@
 """Aggregate a bench run (``nova.metrics``: distributions, throughput, goodput) and write it out:
 JSON, markdown and a latency CDF plot. Latencies in the outputs are milliseconds."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,15 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
         key, sep, value = item.partition(":")
         key = key.strip().lower()
         if not sep or key not in SLO_KEYS:
-            raise ValueError(f"--goodput takes KEY:MILLISECONDS with KEY in ttft, tpot, e2e; got {item!r}")
+            raise ValueError(
+                f"--goodput takes KEY:MILLISECONDS with KEY in ttft, tpot, e2e; got {item!r}"
+            )
         try:
             ms = float(value)
         except ValueError:
-            raise ValueError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
+            raise ValueError(
+                f"--goodput {item!r}: {value!r} is not a number of milliseconds"
+            ) from None
         if not (ms > 0 and math.isfinite(ms)):
             raise ValueError(f"--goodput {item!r}: the bound must be > 0 ms")
         out[SLO_KEYS[key]] = ms / 1000.0
@@ -65,8 +70,17 @@ def summarize_run(run: BenchRun, slos_s: dict[str, float] | None = None) -> Benc
     slos_s = slos_s or {}
     metrics = request_metrics_of(run)
     s = summarize(metrics, duration_s=run.duration_s if run.duration_s > 0 else None)
-    good = goodput_rps(metrics, s.duration_s, max_ttft_s=slos_s.get("ttft"),
-                       max_tpot_s=slos_s.get("tpot"), max_e2e_s=slos_s.get("e2e")) if slos_s else None
+    good = (
+        goodput_rps(
+            metrics,
+            s.duration_s,
+            max_ttft_s=slos_s.get("ttft"),
+            max_tpot_s=slos_s.get("tpot"),
+            max_e2e_s=slos_s.get("e2e"),
+        )
+        if slos_s
+        else None
+    )
     errors: dict[str, int] = {}
     for rec in run.records:
         if rec.error:
@@ -94,10 +108,14 @@ def summarize_run(run: BenchRun, slos_s: dict[str, float] | None = None) -> Benc
 
 
 def _ms(d: Distribution) -> dict[str, float | int | None]:
-    return {k: (None if v is None else v * 1000.0) if k != "count" else v for k, v in asdict(d).items()}
+    return {
+        k: (None if v is None else v * 1000.0) if k != "count" else v for k, v in asdict(d).items()
+    }
 
 
-def result_dict(run: BenchRun, summary: BenchSummary, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def result_dict(
+    run: BenchRun, summary: BenchSummary, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The JSON result: run parameters, ``vllm bench serve``-style flat keys (ms), nested
     distributions and one entry per request."""
     out: dict[str, Any] = {
@@ -151,22 +169,31 @@ def format_report(run: BenchRun, summary: BenchSummary) -> str:
         f"- server: {run.config.url}",
         f"- requests: {summary.num_sent} sent, {summary.num_completed} completed, "
         f"{summary.num_failed} failed ({'closed loop' if run.workload.closed_loop else 'open loop'}"
-        f"{', max concurrency ' + str(run.config.max_concurrency) if run.config.max_concurrency else ''})",
+        f"{_concurrency_note(run.config.max_concurrency)})",
         f"- duration: {summary.duration_s:.2f} s",
         f"- tokens: input {summary.total_input_tokens}, output {summary.total_output_tokens}",
         f"- throughput: {_f(summary.request_throughput_rps, '.3f')} req/s, output "
-        f"{_f(summary.output_throughput_tps)} tok/s, total {_f(summary.total_token_throughput_tps)} tok/s",
+        f"{_f(summary.output_throughput_tps)} tok/s, total "
+        f"{_f(summary.total_token_throughput_tps)} tok/s",
     ]
     if summary.goodput_slos_s:
         slos = ", ".join(f"{k} <= {v * 1000:g} ms" for k, v in summary.goodput_slos_s.items())
         lines.append(f"- goodput ({slos}): {_f(summary.goodput_rps, '.3f')} req/s")
     if summary.num_with_deadline:
-        lines.append(f"- deadline violations: {summary.deadline_violation_rate:.1%} of "
-                     f"{summary.num_with_deadline} requests with a deadline")
-    lines += ["", "| metric (ms) | n | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"- deadline violations: {summary.deadline_violation_rate:.1%} of "
+            f"{summary.num_with_deadline} requests with a deadline"
+        )
+    lines += [
+        "",
+        "| metric (ms) | n | mean | p50 | p90 | p99 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, label in LATENCIES:
         d: Distribution = getattr(summary, key)
-        cells = [_f(None if v is None else v * 1000.0) for v in (d.mean, d.p50, d.p90, d.p99, d.max)]
+        cells = [
+            _f(None if v is None else v * 1000.0) for v in (d.mean, d.p50, d.p90, d.p99, d.max)
+        ]
         lines.append(f"| {label} | {d.count} | " + " | ".join(cells) + " |")
     if summary.errors:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in summary.errors]
@@ -182,8 +209,10 @@ def plot_cdf(run: BenchRun, path: Path) -> Path:
 
     metrics = request_metrics_of(run)
     series = {
-        "TTFT": [m.ttft_s for m in metrics], "TPOT": [m.tpot_s for m in metrics],
-        "ITL": [x for m in metrics for x in m.itl_s], "E2E": [m.e2e_s for m in metrics],
+        "TTFT": [m.ttft_s for m in metrics],
+        "TPOT": [m.tpot_s for m in metrics],
+        "ITL": [x for m in metrics for x in m.itl_s],
+        "E2E": [m.e2e_s for m in metrics],
     }
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (label, values) in zip(axes.flat, series.items()):
@@ -217,13 +246,25 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_results(run: BenchRun, summary: BenchSummary, result_dir: Path, stem: str,
-                  args: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_results(
+    run: BenchRun,
+    summary: BenchSummary,
+    result_dir: Path,
+    stem: str,
+    args: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     result_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": result_dir / f"{stem}.json", "md": result_dir / f"{stem}.md",
-             "plot": result_dir / f"{stem}_cdf.png"}
+    paths = {
+        "json": result_dir / f"{stem}.json",
+        "md": result_dir / f"{stem}.md",
+        "plot": result_dir / f"{stem}_cdf.png",
+    }
     data = _json_safe(result_dict(run, summary, args))
     paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(format_report(run, summary))
     plot_cdf(run, paths["plot"])
     return paths
+
+
+def _concurrency_note(max_concurrency: int | None) -> str:
+    return f", max concurrency {max_concurrency}" if max_concurrency else ""

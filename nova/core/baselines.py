@@ -8,6 +8,7 @@
   included); a request's images are encoded inline, in their own step, before its first chunk.
 - ``static_partition``: all stages concurrently, each on a fixed SM share.
 """
+
 from __future__ import annotations
 
 from nova.core.policy import (
@@ -42,7 +43,9 @@ class PrefillFirstLimitPolicy(Policy):
     idle_without_queue = True
     one_batch_at_a_time = True
 
-    def __init__(self, limits: StageLimits | None = None, max_consecutive_prefills: int = 4) -> None:
+    def __init__(
+        self, limits: StageLimits | None = None, max_consecutive_prefills: int = 4
+    ) -> None:
         if max_consecutive_prefills < 1:
             raise ValueError("max_consecutive_prefills must be >= 1")
         self.limits = limits or StageLimits()
@@ -81,7 +84,9 @@ class ChunkedPrefillPolicy(Policy):
 
     def _decode_ids(self, state: SchedulerState) -> tuple[str, ...]:
         """The decoding sequences, best-ranked first, at most ``max_num_seqs``."""
-        decode_ids = tuple(r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key))
+        decode_ids = tuple(
+            r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key)
+        )
         return decode_ids[: self.limits.max_num_seqs]
 
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
@@ -97,10 +102,17 @@ class ChunkedPrefillPolicy(Policy):
         if front is Stage.PREFILL:
             if stage is not Stage.PREFILL:
                 return None
-            ordered = tuple(r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key))
-            return BatchPlan(Stage.PREFILL, ordered, max_tokens=self.token_budget,
-                             max_requests=self.limits.max_num_seqs, chunked=True,
-                             decode_ids=self._decode_ids(state))
+            ordered = tuple(
+                r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key)
+            )
+            return BatchPlan(
+                Stage.PREFILL,
+                ordered,
+                max_tokens=self.token_budget,
+                max_requests=self.limits.max_num_seqs,
+                chunked=True,
+                decode_ids=self._decode_ids(state),
+            )
         if stage is not Stage.DECODE:
             return None
         decode_ids = self._decode_ids(state)
@@ -115,8 +127,9 @@ class StaticPartitionPolicy(Policy):
 
     idle_without_queue = True
 
-    def __init__(self, limits: StageLimits | None = None,
-                 partition: Partition | None = None) -> None:
+    def __init__(
+        self, limits: StageLimits | None = None, partition: Partition | None = None
+    ) -> None:
         self.limits = limits or StageLimits()
         self.fixed = partition or Partition(vision=0.4, prefill=0.4, decode=0.2, name="static")
 

@@ -11,6 +11,7 @@ Invariants (checked by ``check_integrity``):
 Running out of blocks raises ``OutOfBlocksError`` and leaves the state unchanged, so the caller
 (the scheduler) can preempt or wait; nothing is ever partially allocated.
 """
+
 from __future__ import annotations
 
 from collections import deque

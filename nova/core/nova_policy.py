@@ -45,6 +45,7 @@ variability ``cv2`` (0.3 by default: screenshot sizes are similar), the cost mod
 model, and shares that take effect at batch boundaries (a batch keeps the share it started with,
 so the GPU can be briefly over- or under-subscribed after a switch).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -101,8 +102,12 @@ _DECODING = RequestStatus.DECODING
 
 # (vision, prefill, decode have work) -> that set of stages
 _ACTIVE: dict[tuple[bool, bool, bool], frozenset[Stage]] = {
-    (v, p, d): frozenset(s for s, on in zip((Stage.VISION, Stage.PREFILL, Stage.DECODE), (v, p, d)) if on)
-    for v in (False, True) for p in (False, True) for d in (False, True)
+    (v, p, d): frozenset(
+        s for s, on in zip((Stage.VISION, Stage.PREFILL, Stage.DECODE), (v, p, d)) if on
+    )
+    for v in (False, True)
+    for p in (False, True)
+    for d in (False, True)
 }
 
 
@@ -126,7 +131,9 @@ class NovaPolicy(Policy):
         vision_starvation_s: float = 10.0,
     ) -> None:
         if cost_model is None:
-            raise ValueError("the nova policy needs a cost model (nova.cost) to predict stage times")
+            raise ValueError(
+                "the nova policy needs a cost model (nova.cost) to predict stage times"
+            )
         self.limits = limits or StageLimits()
         self.cost = cost_model
         self.image_tokens = image_tokens
@@ -168,18 +175,25 @@ class NovaPolicy(Policy):
         by_status, running = state.by_status, state.running
         waiting_vision, waiting_prefill = by_status[_WAITING_VISION], by_status[_WAITING_PREFILL]
         # the stages with work (waiting or running), as a cached frozenset
-        active = _ACTIVE[(bool(waiting_vision) or running[_VISION] is not None,
-                          bool(waiting_prefill) or running[_PREFILL] is not None,
-                          bool(by_status[_DECODING]) or running[_DECODE] is not None)]
+        active = _ACTIVE[
+            (
+                bool(waiting_vision) or running[_VISION] is not None,
+                bool(waiting_prefill) or running[_PREFILL] is not None,
+                bool(by_status[_DECODING]) or running[_DECODE] is not None,
+            )
+        ]
         if not active:
             return state.partition
         if not waiting_vision and not waiting_prefill:
-            draining = 0 >= self.alpha  # (= the count below: nothing waits)
+            draining = self.alpha <= 0  # (= the count below: nothing waits)
         else:
             draining = state.num_waiting(_VISION) + state.num_waiting(_PREFILL) >= self.alpha
         lam = self._arrival_rate(now_s)
-        if (self._plan_lam is None or draining != self._plan_draining
-                or abs(lam - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)):
+        if (
+            self._plan_lam is None
+            or draining != self._plan_draining
+            or abs(lam - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)
+        ):
             self._plan_lam, self._plan_draining = lam, draining
             self._current = {k: v for k, v in self._current.items() if k[1] == draining}
             self.num_replans += 1
@@ -230,8 +244,13 @@ class NovaPolicy(Policy):
 
     def load_estimate(self, now_s: float) -> LoadEstimate:
         obs = self._obs
-        return LoadEstimate(self._arrival_rate(now_s), obs.image_fraction, obs.images_per_request,
-                            obs.text_tokens, obs.output_tokens)
+        return LoadEstimate(
+            self._arrival_rate(now_s),
+            obs.image_fraction,
+            obs.images_per_request,
+            obs.text_tokens,
+            obs.output_tokens,
+        )
 
     def _arrival_rate(self, now_s: float) -> float:
         arrivals = self._obs.arrivals_s
@@ -251,7 +270,9 @@ class NovaPolicy(Policy):
         b = max(1, round(decode_batch))
         return {
             Stage.VISION: StageWork(Stage.VISION, num_images=n_img),
-            Stage.PREFILL: StageWork(Stage.PREFILL, new_tokens=(max(1, prompt),), context_lens=(max(1, prompt),)),
+            Stage.PREFILL: StageWork(
+                Stage.PREFILL, new_tokens=(max(1, prompt),), context_lens=(max(1, prompt),)
+            ),
             Stage.DECODE: StageWork(Stage.DECODE, new_tokens=(1,) * b, context_lens=(ctx,) * b),
         }
 
@@ -278,7 +299,11 @@ class NovaPolicy(Policy):
             for _ in range(6):  # Little's law fixed point for the decode batch
                 works = self._works(load, batch)
                 co = [(works[Stage.PREFILL], compute_share)] if has_compute else []
-                t_co = self.cost.time_s(works[Stage.DECODE], part.decode, co, True) if has_compute else 0.0
+                t_co = (
+                    self.cost.time_s(works[Stage.DECODE], part.decode, co, True)
+                    if has_compute
+                    else 0.0
+                )
                 t_alone = self.cost.time_s(works[Stage.DECODE], 1.0, (), True)
                 t_step = busy * t_co + (1.0 - busy) * t_alone
                 batch = min(max(1.0, lam * n_out * t_step), float(self.limits.max_num_seqs))
@@ -291,8 +316,12 @@ class NovaPolicy(Policy):
 
     def candidates(self, active: frozenset[Stage], draining: bool) -> list[Partition]:
         if Stage.DECODE in active and active & {Stage.VISION, Stage.PREFILL}:
-            steps = int(round(1.0 / self.grid))
-            shares = [k * self.grid for k in range(1, steps) if k * self.grid >= self.min_decode_share - 1e-9]
+            steps = round(1.0 / self.grid)
+            shares = [
+                k * self.grid
+                for k in range(1, steps)
+                if k * self.grid >= self.min_decode_share - 1e-9
+            ]
             if draining:
                 shares = shares[:1]
         else:
@@ -309,11 +338,20 @@ class NovaPolicy(Policy):
                     seen.setdefault(part)
         return list(seen)
 
-    def pareto_frontier(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> list[Prediction]:
+    def pareto_frontier(
+        self, active: frozenset[Stage], draining: bool, load: LoadEstimate
+    ) -> list[Prediction]:
         preds = [self.predict(p, active, load) for p in self.candidates(active, draining)]
-        frontier = [p for p in preds if not any(
-            q.tail_latency_s <= p.tail_latency_s and q.capacity_rps >= p.capacity_rps
-            and (q.tail_latency_s < p.tail_latency_s or q.capacity_rps > p.capacity_rps) for q in preds)]
+        frontier = [
+            p
+            for p in preds
+            if not any(
+                q.tail_latency_s <= p.tail_latency_s
+                and q.capacity_rps >= p.capacity_rps
+                and (q.tail_latency_s < p.tail_latency_s or q.capacity_rps > p.capacity_rps)
+                for q in preds
+            )
+        ]
         return sorted(frontier, key=lambda p: p.tail_latency_s)
 
     def _best(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> Prediction:
@@ -326,7 +364,9 @@ class NovaPolicy(Policy):
             self._cache[key] = ok[0] if ok else max(frontier, key=lambda p: p.capacity_rps)
         return self._cache[key]
 
-    def _best_at(self, active: frozenset[Stage], draining: bool, lam: float, now_s: float) -> Prediction:
+    def _best_at(
+        self, active: frozenset[Stage], draining: bool, lam: float, now_s: float
+    ) -> Prediction:
         """``_best`` for the load at ``now_s`` whose arrival rate is ``lam``; the full load
         estimate is built only when the plan cache misses."""
         best = self._cache.get((active, draining, int(math.log(max(lam, 1e-3)) / self._log_bucket)))

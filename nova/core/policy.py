@@ -6,6 +6,7 @@ a ``Batch``: it admits prefills only while their KV blocks fit, grows decode seq
 preempts when blocks run out. Policies get the state and the time as arguments and never read
 a clock, so the real engine and the simulator drive the same objects.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,9 @@ class Policy(ABC):
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         return _SHARED  # == Partition.shared() (frozen: one instance serves every batch)
 
-    def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
+    def on_batch_done(  # noqa: B027 - optional hook, a no-op by default
+        self, result: StageResult, state: SchedulerState, now_s: float
+    ) -> None:
         """Told after the scheduler has applied ``result``."""
 
 
@@ -95,14 +98,20 @@ def make_policy(name: str, **kwargs: object) -> Policy:
     try:
         factory = POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
+        raise ValueError(
+            f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}"
+        ) from None
     return factory(**kwargs)
 
 
 def service_order_key(req: Request) -> tuple[int, float, float]:
     """Lower priority value first, then earlier absolute deadline, then earlier arrival."""
     deadline_s = req.deadline_s  # inline of req.absolute_deadline_s (hot: every sort)
-    return (req.priority, math.inf if deadline_s is None else req.arrival_s + deadline_s, req.arrival_s)
+    return (
+        req.priority,
+        math.inf if deadline_s is None else req.arrival_s + deadline_s,
+        req.arrival_s,
+    )
 
 
 def prefill_head_fits(state: SchedulerState, max_tokens: int | None = None) -> bool:
@@ -138,8 +147,9 @@ def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan
     if stage is Stage.VISION:
         return BatchPlan(stage, ordered, max_images=limits.max_vision_images)
     if stage is Stage.PREFILL:
-        return BatchPlan(stage, ordered, max_tokens=limits.max_prefill_tokens,
-                         max_requests=limits.max_num_seqs)
+        return BatchPlan(
+            stage, ordered, max_tokens=limits.max_prefill_tokens, max_requests=limits.max_num_seqs
+        )
     return BatchPlan(stage, ordered, max_requests=limits.max_num_seqs)
 
 

@@ -14,6 +14,7 @@ Memory rules:
   aborted while its batch is running keeps them until that batch completes, because the
   executor may still be writing into them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,14 +45,16 @@ class RequestRejected(ValueError):
 
 @dataclass(slots=True)
 class SchedulerState:
-    """What policies may look at. ``requests`` holds live (not yet done) requests in arrival order."""
+    """What policies may look at. ``requests`` holds live (not yet done) requests in arrival "
+    "order."""
 
     block_manager: BlockManager
     requests: dict[str, Request] = field(default_factory=dict)
     # live requests by status, each in the order they entered it (kept by ``set_status``)
     by_status: dict[RequestStatus, dict[str, Request]] = field(
-        default_factory=lambda: {s: {} for s in _WAITING_STATUS.values()})
-    running: dict[Stage, Batch | None] = field(default_factory=lambda: {s: None for s in Stage})
+        default_factory=lambda: {s: {} for s in _WAITING_STATUS.values()}
+    )
+    running: dict[Stage, Batch | None] = field(default_factory=lambda: dict.fromkeys(Stage))
     in_flight: dict[str, Stage] = field(default_factory=dict)
     partition: Partition = field(default_factory=Partition.shared)
     num_preemptions: int = 0
@@ -90,8 +93,11 @@ class SchedulerState:
 
     def any_running(self) -> bool:
         running = self.running
-        return (running[Stage.VISION] is not None or running[Stage.PREFILL] is not None
-                or running[Stage.DECODE] is not None)
+        return (
+            running[Stage.VISION] is not None
+            or running[Stage.PREFILL] is not None
+            or running[Stage.DECODE] is not None
+        )
 
 
 class Scheduler:
@@ -126,7 +132,8 @@ class Scheduler:
         self.state.requests[req.request_id] = req
         self.state.num_added += 1
         self.state.set_status(
-            req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL)
+            req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL
+        )
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``RequestRejected`` if such a request could never be served: a prompt that
@@ -135,7 +142,8 @@ class Scheduler:
         if self.max_model_len is not None and num_prompt_tokens >= self.max_model_len:
             raise RequestRejected(
                 f"prompt of {num_prompt_tokens} tokens does not fit the model's context "
-                f"length {self.max_model_len}")
+                f"length {self.max_model_len}"
+            )
         max_len = num_prompt_tokens + max_tokens
         if self.max_model_len is not None:  # generation also stops at the context length
             max_len = min(max_len, self.max_model_len)
@@ -143,7 +151,8 @@ class Scheduler:
         if num_blocks_for(max_len, bm.block_size) > bm.num_blocks:
             raise RequestRejected(
                 f"request needs up to {max_len} tokens of KV cache; the whole cache holds "
-                f"{bm.num_blocks * bm.block_size}")
+                f"{bm.num_blocks * bm.block_size}"
+            )
 
     def abort(self, request_id: str, now_s: float) -> RequestEvent | None:
         """Abort a live request; None if unknown or already done."""
@@ -207,8 +216,9 @@ class Scheduler:
         state.running[stage] = batch
         return batch
 
-    def _candidates(self, plan: BatchPlan, ids: tuple[str, ...] | None = None,
-                    stage: Stage | None = None) -> list[Request]:
+    def _candidates(
+        self, plan: BatchPlan, ids: tuple[str, ...] | None = None, stage: Stage | None = None
+    ) -> list[Request]:
         status = _WAITING_STATUS[stage or plan.stage]
         get = self.state.requests.get
         in_flight = self.state.in_flight
@@ -253,7 +263,11 @@ class Scheduler:
                     break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
-            if not bm.can_allocate(req.request_id, done + take) and not items and not num_decode_items:
+            if (
+                not bm.can_allocate(req.request_id, done + take)
+                and not items
+                and not num_decode_items
+            ):
                 self._free_partial_prefills_for(req, done + take)
             if not bm.can_allocate(req.request_id, done + take):
                 break  # FCFS: do not let later, smaller prompts overtake the head
@@ -263,11 +277,21 @@ class Scheduler:
                 bm.allocate(req.request_id, done + take)
             images = len(req.images) if done == 0 else 0
             # = tuple(req.prefill_token_ids[done: done + take]), without joining prompt + outputs
-            chunk = (prompt[done: done + take] if done + take <= len(prompt)
-                     else (prompt + outputs)[done: done + take])
-            items.append(BatchItem(req.request_id, tuple(chunk), done,
-                                   tuple(bm.block_table(req.request_id)), images,
-                                   sample=done + take == num_prefill))
+            chunk = (
+                prompt[done : done + take]
+                if done + take <= len(prompt)
+                else (prompt + outputs)[done : done + take]
+            )
+            items.append(
+                BatchItem(
+                    req.request_id,
+                    tuple(chunk),
+                    done,
+                    tuple(bm.block_table(req.request_id)),
+                    images,
+                    sample=done + take == num_prefill,
+                )
+            )
             num_tokens += take
         return items
 
@@ -288,7 +312,9 @@ class Scheduler:
             if not bm.can_allocate(rid, num_tokens):
                 if others is None:
                     ids_chosen = {r.request_id for r in chosen}
-                    others = [r for r in self.state.queue(Stage.DECODE) if r.request_id not in ids_chosen]
+                    others = [
+                        r for r in self.state.queue(Stage.DECODE) if r.request_id not in ids_chosen
+                    ]
                 while not bm.can_allocate(rid, num_tokens):
                     victims = others or cands
                     if not victims:
@@ -298,17 +324,25 @@ class Scheduler:
                     self._preempt(req)
                     continue
             bm.grow(rid, num_tokens)
-            items.append(BatchItem(rid, (req.output_token_ids[-1],), num_tokens - 1,
-                                   tuple(bm.block_table(rid))))
+            items.append(
+                BatchItem(
+                    rid, (req.output_token_ids[-1],), num_tokens - 1, tuple(bm.block_table(rid))
+                )
+            )
         return items
 
     def _free_partial_prefills_for(self, head: Request, num_tokens: int) -> None:
         """Chunked prefill: lower-ranked, partially prefilled requests may hold the blocks the
         head needs; preempt them (last first) until the head fits or none is left."""
         bm = self.block_manager
-        holders = [r for r in self.state.requests.values()
-                   if r is not head and r.status is RequestStatus.WAITING_PREFILL
-                   and r.num_computed_tokens > 0 and r.request_id not in self.state.in_flight]
+        holders = [
+            r
+            for r in self.state.requests.values()
+            if r is not head
+            and r.status is RequestStatus.WAITING_PREFILL
+            and r.num_computed_tokens > 0
+            and r.request_id not in self.state.in_flight
+        ]
         while holders and not bm.can_allocate(head.request_id, num_tokens):
             self._preempt(holders.pop())
 
@@ -327,7 +361,12 @@ class Scheduler:
             raise ValueError(f"batch {batch.batch_id} is not the running {batch.stage.value} batch")
         state.running[batch.stage] = None
         events: list[RequestEvent] = []
-        in_flight, requests, aborted, failed = state.in_flight, state.requests, self._abort_in_flight, result.failed
+        in_flight, requests, aborted, failed = (
+            state.in_flight,
+            state.requests,
+            self._abort_in_flight,
+            result.failed,
+        )
         for item in batch.items:
             rid = item.request_id
             in_flight.pop(rid, None)
@@ -387,7 +426,12 @@ class Scheduler:
         return None
 
     def _finish(
-        self, req: Request, status: RequestStatus, reason: str, now_s: float, error: str | None = None
+        self,
+        req: Request,
+        status: RequestStatus,
+        reason: str,
+        now_s: float,
+        error: str | None = None,
     ) -> None:
         self.block_manager.free(req.request_id)
         self.state.set_status(req, status)

@@ -11,6 +11,7 @@ with the real runtime and is imported only on demand.
 - ``roofline``: ``RooflineCostModel`` + ``Calibration`` fitted to the Nova paper.
 - ``profiled``: ``ProfiledCostModel`` over measured tables (``profiles/*.json``).
 """
+
 from __future__ import annotations
 
 from nova.cost.base import (
@@ -24,7 +25,7 @@ from nova.cost.base import (
 )
 from nova.cost.gpus import GPUS, GpuSpec, UnknownGpuError, available_gpus, get_gpu
 from nova.cost.model_spec import ModelSpec, UnknownModelError, available_model_specs, get_model_spec
-from nova.cost.profiled import ProfileError, ProfiledCostModel, available_profiles
+from nova.cost.profiled import ProfiledCostModel, ProfileError, available_profiles
 from nova.cost.roofline import (
     PAPER_STAGE_TIMES_S,
     Calibration,
@@ -34,9 +35,28 @@ from nova.cost.roofline import (
 )
 
 __all__ = [
-    "COST_MODELS", "CostModel", "StageWork", "UnknownCostModelError", "available_cost_models",
-    "make_cost_model", "register_cost_model", "GPUS", "GpuSpec", "UnknownGpuError",
-    "available_gpus", "get_gpu", "ModelSpec", "UnknownModelError", "available_model_specs",
-    "get_model_spec", "ProfileError", "ProfiledCostModel", "available_profiles",
-    "PAPER_STAGE_TIMES_S", "Calibration", "RooflineCostModel", "calibrate_to_paper", "paper_works",
+    "COST_MODELS",
+    "GPUS",
+    "PAPER_STAGE_TIMES_S",
+    "Calibration",
+    "CostModel",
+    "GpuSpec",
+    "ModelSpec",
+    "ProfileError",
+    "ProfiledCostModel",
+    "RooflineCostModel",
+    "StageWork",
+    "UnknownCostModelError",
+    "UnknownGpuError",
+    "UnknownModelError",
+    "available_cost_models",
+    "available_gpus",
+    "available_model_specs",
+    "available_profiles",
+    "calibrate_to_paper",
+    "get_gpu",
+    "get_model_spec",
+    "make_cost_model",
+    "paper_works",
+    "register_cost_model",
 ]

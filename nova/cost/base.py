@@ -9,6 +9,7 @@ Co-running semantics (both models): ``time_s`` assumes the co-running set stays 
 the batch's whole duration (a steady-state answer). The simulator's fluid model recomputes it
 whenever a batch starts or ends, which makes the piecewise answer exact under that model.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -67,12 +68,18 @@ class StageWork:
         return cls(Stage.VISION, num_images=num_images)
 
     @classmethod
-    def prefill(cls, new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int = 0) -> StageWork:
+    def prefill(
+        cls, new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int = 0
+    ) -> StageWork:
         new = (new_tokens,) if isinstance(new_tokens, int) else tuple(new_tokens)
-        cached = (cached_tokens,) * len(new) if isinstance(cached_tokens, int) else tuple(cached_tokens)
+        cached = (
+            (cached_tokens,) * len(new) if isinstance(cached_tokens, int) else tuple(cached_tokens)
+        )
         if len(cached) != len(new):
             raise ValueError(f"need one cached count per sequence, got {new} and {cached}")
-        return cls(Stage.PREFILL, new_tokens=new, context_lens=tuple(n + c for n, c in zip(new, cached)))
+        return cls(
+            Stage.PREFILL, new_tokens=new, context_lens=tuple(n + c for n, c in zip(new, cached))
+        )
 
     @classmethod
     def decode(cls, context_lens: Sequence[int] | int) -> StageWork:
@@ -81,8 +88,13 @@ class StageWork:
         return cls(Stage.DECODE, new_tokens=(1,) * len(ctx), context_lens=ctx)
 
     @classmethod
-    def trusted(cls, stage: Stage, num_images: int = 0, new_tokens: tuple[int, ...] = (),
-                context_lens: tuple[int, ...] = ()) -> StageWork:
+    def trusted(
+        cls,
+        stage: Stage,
+        num_images: int = 0,
+        new_tokens: tuple[int, ...] = (),
+        context_lens: tuple[int, ...] = (),
+    ) -> StageWork:
         """No conversion or validation: for callers whose values are valid by construction
         (the simulator, from batches the scheduler built: ints, ``1 <= new <= context``).
         Equal to (and hashes like) the checked constructor's result for the same values."""
@@ -169,8 +181,9 @@ class CostModel(Protocol):
 
     name: str
 
-    def time_s(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
-               isolated: bool = True) -> float: ...
+    def time_s(
+        self, work: StageWork, sm_share: float, co_running: CoRunning = (), isolated: bool = True
+    ) -> float: ...
 
     def gpu(self) -> GpuSpec: ...
 
@@ -194,7 +207,7 @@ def register_cost_model(kind: str) -> Callable[[CostModelFactory], CostModelFact
 
 def _ensure_registered() -> None:
     # The implementations register themselves on import.
-    import nova.cost.profiled  # noqa: F401
+    import nova.cost.profiled
     import nova.cost.roofline  # noqa: F401
 
 

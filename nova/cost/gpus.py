@@ -15,6 +15,7 @@ SM granularity (the step in which SMs can be handed to a partition):
   The real granted count should still be read back from the driver by the executor
   (``sm.smCount``) -- these numbers are the documented guideline, not a guarantee.
 """
+
 from __future__ import annotations
 
 import math
@@ -115,36 +116,84 @@ def available_gpus() -> list[str]:
 PCIE4_X16_GBPS = 32.0
 PCIE5_X16_GBPS = 64.0
 
-register_gpu(GpuSpec(
-    "a6000", num_sms=84, sm_granularity=2, min_partition_sms=4,
-    bf16_dense_tflops=154.8, hbm_gbps=768.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=48.0,
-    description="NVIDIA RTX A6000 (GA102, 48 GB GDDR6); the Nova paper's main GPU",
-))
-register_gpu(GpuSpec(
-    "rtx4090", num_sms=128, sm_granularity=2, min_partition_sms=4,
-    # 165.2 dense with fp32 accumulate (330 with 2:4 sparsity; fp16-accumulate rate is 2x).
-    bf16_dense_tflops=165.2, hbm_gbps=1008.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=24.0,
-    description="NVIDIA GeForce RTX 4090 (AD102, 24 GB GDDR6X); the paper's trace GPU",
-))
-register_gpu(GpuSpec(
-    "a100-80g", num_sms=108, sm_granularity=2, min_partition_sms=4,
-    bf16_dense_tflops=312.0, hbm_gbps=2039.0, pcie_gbps=PCIE4_X16_GBPS, memory_gib=80.0,
-    description="NVIDIA A100 80GB SXM4 (HBM2e)",
-))
-register_gpu(GpuSpec(
-    "h100-sxm", num_sms=132, sm_granularity=8, min_partition_sms=8,
-    bf16_dense_tflops=989.4, hbm_gbps=3350.0, pcie_gbps=PCIE5_X16_GBPS, memory_gib=80.0,
-    description="NVIDIA H100 SXM5 80GB (HBM3)",
-))
-register_gpu(GpuSpec(
-    "h200", num_sms=132, sm_granularity=8, min_partition_sms=8,
-    bf16_dense_tflops=989.4, hbm_gbps=4800.0, pcie_gbps=PCIE5_X16_GBPS, memory_gib=141.0,
-    description="NVIDIA H200 SXM 141GB (HBM3e; 141 GB as marketed)",
-))
-register_gpu(GpuSpec(
-    "cpu", num_sms=1, sm_granularity=1, min_partition_sms=1,
-    # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
-    # policy's roofline fallback for a model without a CPU profile uses these throughputs.
-    bf16_dense_tflops=0.1, hbm_gbps=20.0, pcie_gbps=20.0, memory_gib=8.0,
-    description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
-))
+register_gpu(
+    GpuSpec(
+        "a6000",
+        num_sms=84,
+        sm_granularity=2,
+        min_partition_sms=4,
+        bf16_dense_tflops=154.8,
+        hbm_gbps=768.0,
+        pcie_gbps=PCIE4_X16_GBPS,
+        memory_gib=48.0,
+        description="NVIDIA RTX A6000 (GA102, 48 GB GDDR6); the Nova paper's main GPU",
+    )
+)
+register_gpu(
+    GpuSpec(
+        "rtx4090",
+        num_sms=128,
+        sm_granularity=2,
+        min_partition_sms=4,
+        # 165.2 dense with fp32 accumulate (330 with 2:4 sparsity; fp16-accumulate rate is 2x).
+        bf16_dense_tflops=165.2,
+        hbm_gbps=1008.0,
+        pcie_gbps=PCIE4_X16_GBPS,
+        memory_gib=24.0,
+        description="NVIDIA GeForce RTX 4090 (AD102, 24 GB GDDR6X); the paper's trace GPU",
+    )
+)
+register_gpu(
+    GpuSpec(
+        "a100-80g",
+        num_sms=108,
+        sm_granularity=2,
+        min_partition_sms=4,
+        bf16_dense_tflops=312.0,
+        hbm_gbps=2039.0,
+        pcie_gbps=PCIE4_X16_GBPS,
+        memory_gib=80.0,
+        description="NVIDIA A100 80GB SXM4 (HBM2e)",
+    )
+)
+register_gpu(
+    GpuSpec(
+        "h100-sxm",
+        num_sms=132,
+        sm_granularity=8,
+        min_partition_sms=8,
+        bf16_dense_tflops=989.4,
+        hbm_gbps=3350.0,
+        pcie_gbps=PCIE5_X16_GBPS,
+        memory_gib=80.0,
+        description="NVIDIA H100 SXM5 80GB (HBM3)",
+    )
+)
+register_gpu(
+    GpuSpec(
+        "h200",
+        num_sms=132,
+        sm_granularity=8,
+        min_partition_sms=8,
+        bf16_dense_tflops=989.4,
+        hbm_gbps=4800.0,
+        pcie_gbps=PCIE5_X16_GBPS,
+        memory_gib=141.0,
+        description="NVIDIA H200 SXM 141GB (HBM3e; 141 GB as marketed)",
+    )
+)
+register_gpu(
+    GpuSpec(
+        "cpu",
+        num_sms=1,
+        sm_granularity=1,
+        min_partition_sms=1,
+        # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
+        # policy's roofline fallback for a model without a CPU profile uses these throughputs.
+        bf16_dense_tflops=0.1,
+        hbm_gbps=20.0,
+        pcie_gbps=20.0,
+        memory_gib=8.0,
+        description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
+    )
+)

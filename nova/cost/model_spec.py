@@ -28,6 +28,7 @@ resolution (e.g. a 1920x1080 screenshot) and :meth:`ModelSpec.image_tokens_for` 
 count. Qwen2.5-VL's window attention: all but ``vision_full_attn_layers`` layers attend within
 windows of ``vision_window_tokens`` patches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,14 @@ SPECS_DIR = Path(__file__).parent / "specs"
 SHIPPED_HF_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
 
 _DTYPE_BYTES = {
-    "float32": 4.0, "float": 4.0, "float16": 2.0, "half": 2.0, "bfloat16": 2.0,
-    "float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "int8": 1.0,
+    "float32": 4.0,
+    "float": 4.0,
+    "float16": 2.0,
+    "half": 2.0,
+    "bfloat16": 2.0,
+    "float8_e4m3fn": 1.0,
+    "float8_e5m2": 1.0,
+    "int8": 1.0,
 }
 
 
@@ -100,14 +107,27 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        text = (self.text_layers, self.text_hidden, self.text_intermediate, self.text_heads,
-                self.text_kv_heads, self.text_head_dim, self.vocab_size)
+        text = (
+            self.text_layers,
+            self.text_hidden,
+            self.text_intermediate,
+            self.text_heads,
+            self.text_kv_heads,
+            self.text_head_dim,
+            self.vocab_size,
+        )
         if min(text) < 1:
             raise ValueError(f"model spec {self.name!r}: text shape fields must be >= 1")
         if self.text_heads % self.text_kv_heads:
             raise ValueError(f"model spec {self.name!r}: heads must be a multiple of kv heads")
-        vision = (self.vision_layers, self.vision_hidden, self.vision_intermediate,
-                  self.vision_heads, self.vision_tokens, self.image_tokens)
+        vision = (
+            self.vision_layers,
+            self.vision_hidden,
+            self.vision_intermediate,
+            self.vision_heads,
+            self.vision_tokens,
+            self.image_tokens,
+        )
         if any(v > 0 for v in vision) and min(vision) < 1:
             raise ValueError(
                 f"model spec {self.name!r}: vision fields must be all >= 1 (or all 0 for a "
@@ -117,7 +137,9 @@ class ModelSpec:
         if self.bytes_per_param <= 0:
             raise ValueError(f"model spec {self.name!r}: bytes_per_param must be > 0")
         if self.vision_merge_size < 1 or self.vision_temporal_patch < 1:
-            raise ValueError(f"model spec {self.name!r}: merge and temporal patch sizes must be >= 1")
+            raise ValueError(
+                f"model spec {self.name!r}: merge and temporal patch sizes must be >= 1"
+            )
         if self.vision_full_attn_layers > self.vision_layers or self.vision_window_tokens < 0:
             raise ValueError(f"model spec {self.name!r}: bad window-attention fields")
         if (self.min_pixels > 0) != (self.max_pixels > 0) or self.min_pixels > self.max_pixels:
@@ -158,8 +180,12 @@ class ModelSpec:
             return 0
         patch_embed = self._patch_dim * self.vision_hidden
         pos_embed = self.vision_tokens * self.vision_hidden if self.vision_pos_embed else 0
-        return (self.vision_layers * self.vision_layer_params + patch_embed + pos_embed
-                + self.projector_params)
+        return (
+            self.vision_layers * self.vision_layer_params
+            + patch_embed
+            + pos_embed
+            + self.projector_params
+        )
 
     @property
     def _patch_dim(self) -> int:
@@ -176,8 +202,13 @@ class ModelSpec:
 
         if not self.dynamic_resolution:
             raise ValueError(f"model {self.name!r} takes fixed-size images")
-        return ImageSizing(self.patch_size, self.vision_merge_size, self.vision_temporal_patch,
-                           self.min_pixels, self.max_pixels)
+        return ImageSizing(
+            self.patch_size,
+            self.vision_merge_size,
+            self.vision_temporal_patch,
+            self.min_pixels,
+            self.max_pixels,
+        )
 
     def image_tokens_for(self, width: int, height: int) -> int:
         """Image tokens a ``width x height`` image becomes in the prompt (fixed-size towers:
@@ -194,16 +225,23 @@ class ModelSpec:
         if not self.dynamic_resolution:
             return self
         patches = self.image_sizing().num_patches(width, height)
-        return dataclasses.replace(self, vision_tokens=patches,
-                                   image_tokens=patches // self.vision_merge_size**2)
+        return dataclasses.replace(
+            self, vision_tokens=patches, image_tokens=patches // self.vision_merge_size**2
+        )
 
-    def with_pixel_limits(self, min_pixels: int | None = None, max_pixels: int | None = None,
-                          image_size: tuple[int, int] | None = None) -> ModelSpec:
+    def with_pixel_limits(
+        self,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> ModelSpec:
         """Served with other resize limits (``nova serve --min-pixels/--max-pixels``), sized
         for ``image_size`` (default: the spec's square ``image_size``)."""
         spec = dataclasses.replace(
-            self, min_pixels=self.min_pixels if min_pixels is None else int(min_pixels),
-            max_pixels=self.max_pixels if max_pixels is None else int(max_pixels))
+            self,
+            min_pixels=self.min_pixels if min_pixels is None else int(min_pixels),
+            max_pixels=self.max_pixels if max_pixels is None else int(max_pixels),
+        )
         w, h = image_size or (self.image_size, self.image_size)
         return spec.for_image(w, h)
 
@@ -237,8 +275,9 @@ class ModelSpec:
         if self.vision_window_tokens <= 0:
             return float(self.vision_layers * t * t)
         windowed = self.vision_layers - self.vision_full_attn_layers
-        return float(self.vision_full_attn_layers * t * t
-                     + windowed * t * min(t, self.vision_window_tokens))
+        return float(
+            self.vision_full_attn_layers * t * t + windowed * t * min(t, self.vision_window_tokens)
+        )
 
     def vision_bytes(self, num_images: int = 1) -> float:
         """Device-memory bytes to encode ``num_images`` images: weights once per batch, plus
@@ -251,7 +290,9 @@ class ModelSpec:
         return self.bytes_per_param * (self.vision_params() + num_images * (act + proj_act))
 
     # -- decoder (prefill and decode are the same computation with different shapes) ----------
-    def llm_flops(self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int) -> float:
+    def llm_flops(
+        self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int
+    ) -> float:
         """FLOPs of one decoder forward over several sequences: sequence ``s`` computes
         ``new_tokens[s]`` tokens on top of ``context_lens[s] - new_tokens[s]`` cached ones."""
         new, ctx = self._check_llm(new_tokens, context_lens)
@@ -261,7 +302,9 @@ class ModelSpec:
         lm_head = 2.0 * self.lm_head_params * len(new)
         return dense + attn + lm_head
 
-    def llm_bytes(self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int) -> float:
+    def llm_bytes(
+        self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int
+    ) -> float:
         """Device-memory bytes of one decoder forward: layer weights and LM head (read once),
         embedding rows, KV cache (cached tokens read, new tokens written and read), and
         layer activations."""
@@ -269,20 +312,23 @@ class ModelSpec:
         h, i, hd = self.text_hidden, self.text_intermediate, self.text_head_dim
         q, kv = self.text_heads * hd, self.text_kv_heads * hd
         weights = self.text_layers * self.text_layer_params + self.lm_head_params
-        act_per_token_layer = ((h + q + 2 * kv) + (q + h)
-                               + (h + (self.text_mlp_matrices - 1) * i) + (i + h))
+        act_per_token_layer = (
+            (h + q + 2 * kv) + (q + h) + (h + (self.text_mlp_matrices - 1) * i) + (i + h)
+        )
         act = self.text_layers * act_per_token_layer * sum(new) + h * sum(new)  # + embeddings
         elems = weights + act
         kv_bytes = self.kv_bytes_per_token * (sum(ctx) + sum(new))  # read context, write new
         return self.bytes_per_param * elems + kv_bytes
 
-    def prefill_flops(self, new_tokens: Sequence[int] | int,
-                      cached_tokens: Sequence[int] | int = 0) -> float:
+    def prefill_flops(
+        self, new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int = 0
+    ) -> float:
         new, cached = self._with_cached(new_tokens, cached_tokens)
         return self.llm_flops(new, [n + c for n, c in zip(new, cached)])
 
-    def prefill_bytes(self, new_tokens: Sequence[int] | int,
-                      cached_tokens: Sequence[int] | int = 0) -> float:
+    def prefill_bytes(
+        self, new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int = 0
+    ) -> float:
         new, cached = self._with_cached(new_tokens, cached_tokens)
         return self.llm_bytes(new, [n + c for n, c in zip(new, cached)])
 
@@ -295,8 +341,9 @@ class ModelSpec:
         ctx = _seq(context_lens)
         return self.llm_bytes((1,) * len(ctx), ctx)
 
-    def _check_llm(self, new_tokens: Sequence[int] | int,
-                   context_lens: Sequence[int] | int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _check_llm(
+        self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         new, ctx = _seq(new_tokens), _seq(context_lens)
         if not new or len(new) != len(ctx):
             raise ValueError(f"need one context length per sequence, got {new} and {ctx}")
@@ -305,10 +352,15 @@ class ModelSpec:
         return new, ctx
 
     @staticmethod
-    def _with_cached(new_tokens: Sequence[int] | int,
-                     cached_tokens: Sequence[int] | int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _with_cached(
+        new_tokens: Sequence[int] | int, cached_tokens: Sequence[int] | int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         new = _seq(new_tokens)
-        cached = (int(cached_tokens),) * len(new) if isinstance(cached_tokens, int) else _seq(cached_tokens)
+        cached = (
+            (int(cached_tokens),) * len(new)
+            if isinstance(cached_tokens, int)
+            else _seq(cached_tokens)
+        )
         if len(cached) != len(new):
             raise ValueError(f"need one cached count per sequence, got {new} and {cached}")
         return new, cached
@@ -335,7 +387,9 @@ class ModelSpec:
         if d.get("format") == SPEC_FORMAT:
             spec = cls.from_dict(d)
             return dataclasses.replace(spec, name=name) if name else spec
-        return _from_hf_config(d, name or str(d.get("_name_or_path") or d.get("model_type") or "model"))
+        return _from_hf_config(
+            d, name or str(d.get("_name_or_path") or d.get("model_type") or "model")
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
@@ -503,7 +557,9 @@ def _llava_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -
     is Linear(vision_hidden * n_layers_selected, text_hidden) -> GELU -> Linear(text, text))."""
     vtype = vision.get("model_type", "clip_vision_model")
     if vtype not in ("clip_vision_model", "siglip_vision_model"):
-        raise ValueError(f"unsupported vision tower {vtype!r} (clip_vision_model, siglip_vision_model)")
+        raise ValueError(
+            f"unsupported vision tower {vtype!r} (clip_vision_model, siglip_vision_model)"
+        )
     image_size = int(_require(vision, "image_size", "vision_config"))
     patch_size = int(_require(vision, "patch_size", "vision_config"))
     vhidden = int(_require(vision, "hidden_size", "vision_config"))

@@ -36,6 +36,7 @@ then every share in ``shares`` gets its own table.
 
 The output is the JSON dict that ``nova.cost.profiled.ProfiledCostModel.from_dict`` reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,10 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -97,16 +99,27 @@ class ProfileGrid:
 
     @classmethod
     def quick(cls) -> ProfileGrid:
-        return cls(num_images=(1, 2), prefill_tokens=(16, 64), prefill_seqs=(1, 2),
-                   decode_batch=(1, 2), decode_context=(16, 64), corun_images=1,
-                   corun_prefill_tokens=32, corun_decode_batch=2, corun_decode_context=32)
+        return cls(
+            num_images=(1, 2),
+            prefill_tokens=(16, 64),
+            prefill_seqs=(1, 2),
+            decode_batch=(1, 2),
+            decode_context=(16, 64),
+            corun_images=1,
+            corun_prefill_tokens=32,
+            corun_decode_batch=2,
+            corun_decode_context=32,
+        )
 
     def clipped(self, max_model_len: int) -> ProfileGrid:
         prefill = tuple(t for t in self.prefill_tokens if t <= max_model_len) or (max_model_len,)
         context = tuple(c for c in self.decode_context if c <= max_model_len) or (max_model_len,)
         seqs = tuple(s for s in self.prefill_seqs if s <= prefill[0]) or (1,)
         return dataclasses.replace(
-            self, prefill_tokens=prefill, decode_context=context, prefill_seqs=seqs,
+            self,
+            prefill_tokens=prefill,
+            decode_context=context,
+            prefill_seqs=seqs,
             corun_prefill_tokens=min(self.corun_prefill_tokens, max_model_len),
             corun_decode_context=min(self.corun_decode_context, max_model_len),
         )
@@ -187,12 +200,12 @@ class _Workloads:
             for sid in ids:
                 self.block_manager.free(sid)
 
-    def prefill(self, total_tokens: int, num_seqs: int) -> ContextManager[Job]:
+    def prefill(self, total_tokens: int, num_seqs: int) -> AbstractContextManager[Job]:
         base, extra = divmod(total_tokens, num_seqs)
         lens = [base + (1 if i < extra else 0) for i in range(num_seqs)]
         return self.llm(lens, lens)
 
-    def decode(self, batch: int, context: int) -> ContextManager[Job]:
+    def decode(self, batch: int, context: int) -> AbstractContextManager[Job]:
         return self.llm([1] * batch, [context] * batch)
 
 
@@ -248,12 +261,15 @@ class _EngineBatches:
             proc = InputProcessor(loaded)
             screenshot = [make_screenshot(seed, *self.SCREENSHOT_SIZE)]
             try:
-                prompt = proc.from_chat(chat_messages("Open the settings and turn on Wi-Fi.", num_images=1),
-                                        screenshot)
+                prompt = proc.from_chat(
+                    chat_messages("Open the settings and turn on Wi-Fi.", num_images=1), screenshot
+                )
                 self.image_prompt, self.image_pixels = tuple(prompt.token_ids), prompt.pixel_values
             except InvalidInputError:  # no tokenizer / image processor (test models): random
                 size = int(loaded.hf_config.vision_config.image_size)  # pixels, text-only prefills
-                self.image_pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+                self.image_pixels = torch.randn(
+                    1, 3, size, size, generator=torch.Generator().manual_seed(seed)
+                )
 
     def _text(self, n: int, offset: int) -> list[int]:
         return [(7 * i + 3 + offset) % self.token_limit for i in range(n)]
@@ -278,8 +294,9 @@ class _EngineBatches:
         ids = [f"profile-{next(self._ids)}" for _ in prompts]
         try:
             for rid, (tokens, pixels) in zip(ids, prompts):
-                self.executor.register(rid, SamplingParams(max_tokens=64, ignore_eos=True), pixels,
-                                       tuple(tokens))
+                self.executor.register(
+                    rid, SamplingParams(max_tokens=64, ignore_eos=True), pixels, tuple(tokens)
+                )
             yield ids
         finally:
             for rid in ids:
@@ -307,7 +324,9 @@ class _EngineBatches:
         prompts = []
         for i, n in enumerate(lens):
             if n_img and n >= n_img:  # a chat prompt with a screenshot, text appended to length
-                prompts.append((list(self.image_prompt) + self._text(n - n_img, i), self.image_pixels))
+                prompts.append(
+                    (list(self.image_prompt) + self._text(n - n_img, i), self.image_pixels)
+                )
             else:
                 prompts.append((self._text(n, i), None))
         with self._requests(prompts) as ids:
@@ -317,7 +336,9 @@ class _EngineBatches:
             items = []
             for rid, (tokens, px) in zip(ids, prompts):
                 table = self.block_manager.allocate(rid, len(tokens))
-                items.append(BatchItem(rid, tuple(tokens), 0, tuple(table), 1 if px is not None else 0))
+                items.append(
+                    BatchItem(rid, tuple(tokens), 0, tuple(table), 1 if px is not None else 0)
+                )
             yield self._run(self._batch(Stage.PREFILL, items))
 
     @contextlib.contextmanager
@@ -325,7 +346,9 @@ class _EngineBatches:
         from nova.types import BatchItem
 
         rng = random.Random(f"{self.seed}/decode/{batch}/{context}/{variant}")
-        contexts = _split(batch * context, batch, rng, minimum=min(context, 2)) if batch > 1 else [context]
+        contexts = (
+            _split(batch * context, batch, rng, minimum=min(context, 2)) if batch > 1 else [context]
+        )
         with self._requests([(self._text(c - 1, i), None) for i, c in enumerate(contexts)]) as ids:
             items = []
             for i, (rid, c) in enumerate(zip(ids, contexts)):
@@ -347,7 +370,9 @@ class _StageThreads:
     def __init__(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pools = {s: ThreadPoolExecutor(1, thread_name_prefix=f"nova-profile-{s.value}") for s in Stage}
+        self._pools = {
+            s: ThreadPoolExecutor(1, thread_name_prefix=f"nova-profile-{s.value}") for s in Stage
+        }
 
     def run(self, stage: Stage, fn: Callable[[], Any]) -> Any:
         return self._pools[stage].submit(fn).result()
@@ -357,8 +382,13 @@ class _StageThreads:
             pool.shutdown()
 
 
-def _time_varied(dev: _Device, make: Callable[[int], ContextManager[Job]], warmup: int,
-                 repeats: int, first_variant: int) -> list[float]:
+def _time_varied(
+    dev: _Device,
+    make: Callable[[int], AbstractContextManager[Job]],
+    warmup: int,
+    repeats: int,
+    first_variant: int,
+) -> list[float]:
     """``repeats`` timed runs (after ``warmup`` untimed ones), each of a new variant of the
     batch (``make(variant)``); only the run is timed, not the setup."""
     samples = []
@@ -406,7 +436,7 @@ class _Background:
                     self._busy.set()
                     self._job()
                     self._dev.sync()
-        except BaseException as exc:  # re-raised by the measuring thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the measuring thread
             self._errors.append(exc)
         finally:
             self._idle.set()
@@ -435,8 +465,14 @@ class _Background:
         self._check()
 
 
-def _corun(dev: _Device, job: Job, background: Job, warmup: int, repeats: int,
-           stat: Callable[[Sequence[float]], float]) -> tuple[float, float]:
+def _corun(
+    dev: _Device,
+    job: Job,
+    background: Job,
+    warmup: int,
+    repeats: int,
+    stat: Callable[[Sequence[float]], float],
+) -> tuple[float, float]:
     """(latency alone, latency while ``background`` runs in a loop in another thread).
 
     Alone and co-running samples alternate, so slow drifts in the machine's load (other
@@ -479,15 +515,25 @@ def _gpu_spec(device: torch.device, name: str) -> GpuSpec:
     if device.type != "cuda":
         return GPUS["cpu"]
     lowered = name.lower()
-    for key, registered in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
-                            ("a6000", "a6000"), ("4090", "rtx4090")):
+    for key, registered in (
+        ("h200", "h200"),
+        ("h100", "h100-sxm"),
+        ("a100", "a100-80g"),
+        ("a6000", "a6000"),
+        ("4090", "rtx4090"),
+    ):
         if key in lowered:
             return GPUS[registered]
     props = torch.cuda.get_device_properties(device)
     return GpuSpec(
-        name=lowered.replace(" ", "-"), num_sms=props.multi_processor_count,
-        sm_granularity=8 if props.major >= 9 else 2, min_partition_sms=8 if props.major >= 9 else 4,
-        bf16_dense_tflops=1.0, hbm_gbps=1.0, pcie_gbps=1.0, memory_gib=props.total_memory / 2**30,
+        name=lowered.replace(" ", "-"),
+        num_sms=props.multi_processor_count,
+        sm_granularity=8 if props.major >= 9 else 2,
+        min_partition_sms=8 if props.major >= 9 else 4,
+        bf16_dense_tflops=1.0,
+        hbm_gbps=1.0,
+        pcie_gbps=1.0,
+        memory_gib=props.total_memory / 2**30,
         description=f"{name}: not in nova.cost.gpus; throughput figures are placeholders",
     )
 
@@ -498,8 +544,9 @@ def _kv_blocks_needed(grid: ProfileGrid, block_size: int) -> int:
 
     decode = blocks(max(grid.decode_batch), max(grid.decode_context))
     prefill = max(grid.prefill_seqs) + blocks(1, max(grid.prefill_tokens))
-    corun = (blocks(grid.corun_decode_batch, grid.corun_decode_context)
-             + blocks(1, grid.corun_prefill_tokens))
+    corun = blocks(grid.corun_decode_batch, grid.corun_decode_context) + blocks(
+        1, grid.corun_prefill_tokens
+    )
     # + one partial block per sequence of the mixed-length variants (same totals, own roundings)
     return max(decode, prefill, corun) + 8 + max(grid.decode_batch) + grid.corun_decode_batch
 
@@ -520,7 +567,7 @@ def profile_model(
     statistic: str = "median",
     passes: int = 1,
     shares: Sequence[float] = (1.0,),
-    share_context: Callable[[float], ContextManager[Any]] | None = None,
+    share_context: Callable[[float], AbstractContextManager[Any]] | None = None,
     through: str | None = None,
 ) -> dict[str, Any]:
     """Measure stage latency tables (and co-running factors) of ``model`` on ``device``.
@@ -542,7 +589,7 @@ def profile_model(
     from nova.runtime.runner import CacheConfig, ModelRunner
 
     started = time.monotonic()
-    shares = tuple(sorted(set(float(s) for s in shares)))
+    shares = tuple(sorted({float(s) for s in shares}))
     if shares != (1.0,) and share_context is None:
         raise ValueError("measuring SM shares other than 1.0 needs share_context (SM partitions)")
     if num_threads is not None:
@@ -560,14 +607,19 @@ def profile_model(
     if through not in ("executor", "runner"):
         raise ValueError(f"through must be 'executor' or 'runner', got {through!r}")
     if through == "executor" and share_context is not None:
-        raise ValueError("SM shares (share_context) are measured through the runner (through='runner')")
+        raise ValueError(
+            "SM shares (share_context) are measured through the runner (through='runner')"
+        )
     load_before = _loadavg()
 
     loaded = load_model(model, load_format=load_format, dtype=dtype, device=torch_device)
     grid = (grid or (ProfileGrid.quick() if quick else ProfileGrid())).clipped(loaded.max_model_len)
-    runner = ModelRunner(loaded, CacheConfig(block_size=block_size,
-                                             num_blocks=_kv_blocks_needed(grid, block_size)))
-    work: Any = _EngineBatches(loaded, runner) if through == "executor" else _Workloads(loaded, runner)
+    runner = ModelRunner(
+        loaded, CacheConfig(block_size=block_size, num_blocks=_kv_blocks_needed(grid, block_size))
+    )
+    work: Any = (
+        _EngineBatches(loaded, runner) if through == "executor" else _Workloads(loaded, runner)
+    )
     dev = _Device(torch_device)
     threads = _StageThreads()
     multimodal = loaded.model.is_multimodal
@@ -577,8 +629,10 @@ def profile_model(
         Stage.PREFILL: [grid.prefill_tokens, grid.prefill_seqs],
         Stage.DECODE: [grid.decode_batch, grid.decode_context],
     }
-    makers: dict[Stage, Callable[..., ContextManager[Job]]] = {
-        Stage.VISION: work.vision, Stage.PREFILL: work.prefill, Stage.DECODE: work.decode,
+    makers: dict[Stage, Callable[..., AbstractContextManager[Job]]] = {
+        Stage.VISION: work.vision,
+        Stage.PREFILL: work.prefill,
+        Stage.DECODE: work.decode,
     }
     present = [s for s in STAGES if multimodal or s is not Stage.VISION]
     # Samples of every (stage, share, grid point), pooled over the passes.
@@ -591,14 +645,23 @@ def profile_model(
         with ctx:
             for point in itertools.product(*axis_values[stage]):
                 if through == "executor":  # a new mix of shapes per sample (variant)
-                    samples.setdefault((stage, share, point), []).extend(_time_varied(
-                        dev, lambda v, _p=point: makers[stage](*_p, variant=v), n_warm, repeats,
-                        first_variant=pass_index * (warmup + repeats)))
-                    continue
-                with makers[stage](*point) as job, (
-                        dev.own_stream() if share_context is None else contextlib.nullcontext()):
                     samples.setdefault((stage, share, point), []).extend(
-                        dev.time_s(job, n_warm, repeats))
+                        _time_varied(
+                            dev,
+                            lambda v, _p=point: makers[stage](*_p, variant=v),
+                            n_warm,
+                            repeats,
+                            first_variant=pass_index * (warmup + repeats),
+                        )
+                    )
+                    continue
+                with (
+                    makers[stage](*point) as job,
+                    dev.own_stream() if share_context is None else contextlib.nullcontext(),
+                ):
+                    samples.setdefault((stage, share, point), []).extend(
+                        dev.time_s(job, n_warm, repeats)
+                    )
 
     corun_factor: dict[str, dict[str, float]] = {}
     corun_raw: dict[str, dict[str, dict[str, float]]] = {}
@@ -611,7 +674,7 @@ def profile_model(
         for pass_index in range(passes):
             for stage in present:
                 for share in shares:
-                    threads.run(stage, lambda: measure(stage, share, pass_index))
+                    threads.run(stage, lambda s=stage, f=share, i=pass_index: measure(s, f, i))
         if corun:
             for a in present:
                 for b in present:
@@ -622,9 +685,15 @@ def profile_model(
                     with make_a(*args_a) as job_a, make_b(*args_b) as job_b:
                         # a on its stage's worker thread, b looping on another thread
                         alone, together = threads.run(
-                            a, lambda: _corun(dev, job_a, job_b, warmup, repeats, stat))
-                    corun_factor.setdefault(a.value, {})[b.value] = round(max(1.0, together / alone), 4)
-                    corun_raw.setdefault(a.value, {})[b.value] = {"alone_s": alone, "corun_s": together}
+                            a, lambda: _corun(dev, job_a, job_b, warmup, repeats, stat)
+                        )
+                    corun_factor.setdefault(a.value, {})[b.value] = round(
+                        max(1.0, together / alone), 4
+                    )
+                    corun_raw.setdefault(a.value, {})[b.value] = {
+                        "alone_s": alone,
+                        "corun_s": together,
+                    }
     finally:
         threads.close()
     stages: dict[str, Any] = {}
@@ -632,13 +701,21 @@ def profile_model(
         axes = axis_values[stage]
         tables = []
         for share in shares:
+
             def at(*point: int, _share: float = share, _stage: Stage = stage) -> float:
                 return stat(samples[(_stage, _share, point)])
 
-            tables.append([at(x) for x in axes[0]] if len(axes) == 1
-                          else [[at(x, y) for y in axes[1]] for x in axes[0]])
-        stages[stage.value] = {"axes": list(STAGE_AXES[stage]), "grid": [list(a) for a in axes],
-                               "shares": list(shares), "latency_s": tables}
+            tables.append(
+                [at(x) for x in axes[0]]
+                if len(axes) == 1
+                else [[at(x, y) for y in axes[1]] for x in axes[0]]
+            )
+        stages[stage.value] = {
+            "axes": list(STAGE_AXES[stage]),
+            "grid": [list(a) for a in axes],
+            "shares": list(shares),
+            "latency_s": tables,
+        }
         log.info("profiled %s: %s", stage.value, tables[-1])
 
     name = _device_name(torch_device)
@@ -659,15 +736,18 @@ def profile_model(
         "torch_version": torch.__version__,
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": quick,
         "warmup": warmup,
         "repeats": repeats,
         "passes": passes,
         "statistic": statistic,
-        "timed": ("TorchExecutor.execute on mixed-shape batches (sampling and image-embedding "
-                  "hand-off included), each stage on its own worker thread" if through == "executor"
-                  else "runner.encode_images / runner.forward on uniform shapes"),
+        "timed": (
+            "TorchExecutor.execute on mixed-shape batches (sampling and image-embedding "
+            "hand-off included), each stage on its own worker thread"
+            if through == "executor"
+            else "runner.encode_images / runner.forward on uniform shapes"
+        ),
         # 1-minute load average before / after: well above num_threads means other processes
         # competed for the cores and the numbers are inflated.
         "loadavg_1min": [load_before, _loadavg()],
@@ -690,17 +770,22 @@ def profile_model(
 def summarize(profile: dict[str, Any]) -> str:
     """A few lines for humans: the corners of each table and the co-running factors."""
     meta = profile.get("metadata", {})
-    lines = [f"profile of {meta.get('model')} on {meta.get('device_name')} "
-             f"({meta.get('dtype')}, torch {meta.get('torch_version')}, "
-             f"{meta.get('profiling_wall_s')} s)"]
+    lines = [
+        f"profile of {meta.get('model')} on {meta.get('device_name')} "
+        f"({meta.get('dtype')}, torch {meta.get('torch_version')}, "
+        f"{meta.get('profiling_wall_s')} s)"
+    ]
     for stage, table in profile["stages"].items():
         grid, lat = table["grid"], table["latency_s"][-1]
         if len(grid) == 1:
             cells = ", ".join(f"{x:g}: {v * 1e3:.1f} ms" for x, v in zip(grid[0], lat))
         else:
-            cells = ", ".join(f"({x:g}, {y:g}): {lat[i][j] * 1e3:.1f} ms"
-                              for i, x in enumerate(grid[0]) for j, y in enumerate(grid[1])
-                              if i in (0, len(grid[0]) - 1) and j in (0, len(grid[1]) - 1))
+            cells = ", ".join(
+                f"({x:g}, {y:g}): {lat[i][j] * 1e3:.1f} ms"
+                for i, x in enumerate(grid[0])
+                for j, y in enumerate(grid[1])
+                if i in (0, len(grid[0]) - 1) and j in (0, len(grid[1]) - 1)
+            )
         lines.append(f"  {stage} {tuple(table['axes'])}: {cells}")
     for stage, row in profile.get("corun_factor", {}).items():
         lines.append(f"  corun {stage}: " + ", ".join(f"with {o} x{f:.2f}" for o, f in row.items()))
@@ -720,15 +805,31 @@ def _share_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     if args.merge:
-        profile = merge_profiles([json.loads(Path(f).read_text()) for f in args.merge],
-                                 table_statistic=args.statistic or "min")
+        profile = merge_profiles(
+            [json.loads(Path(f).read_text()) for f in args.merge],
+            table_statistic=args.statistic or "min",
+        )
     else:
-        profile = profile_model(args.model, args.device, quick=args.quick, warmup=args.warmup,
-                                repeats=args.repeats, load_format=args.load_format,
-                                num_threads=args.threads, statistic=args.statistic or "median",
-                                passes=args.passes, through=args.through, **_share_args(args))
-    out = Path(args.out) if args.out else Path(
-        f"{Path(str(profile['metadata']['model'])).name}-{profile['metadata']['gpu']}.json")
+        profile = profile_model(
+            args.model,
+            args.device,
+            quick=args.quick,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            load_format=args.load_format,
+            num_threads=args.threads,
+            statistic=args.statistic or "median",
+            passes=args.passes,
+            through=args.through,
+            **_share_args(args),
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(
+            f"{Path(str(profile['metadata']['model'])).name}-{profile['metadata']['gpu']}.json"
+        )
+    )
     model = ProfiledCostModel.from_dict(profile)  # validates what we are about to write
     model.save(out)
     print(summarize(profile))
@@ -738,7 +839,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``profile`` subcommand on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("profile", help="measure stage latency tables for the profiled cost model")
+    p = subparsers.add_parser(
+        "profile", help="measure stage latency tables for the profiled cost model"
+    )
     p.add_argument("--model", default="demo", help="'demo', a model directory or a shipped config")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="output JSON (default: ./<model>-<gpu>.json)")
@@ -748,18 +851,39 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--passes", type=int, default=1, help="sweeps of the grid, samples pooled")
-    p.add_argument("--statistic", default=None, choices=sorted(STATISTICS),
-                   help="summary of the samples (default median; min resists noise from other "
-                        "processes); with --merge: of the merged tables (default min)")
-    p.add_argument("--merge", nargs="+", default=None, metavar="PROFILE",
-                   help="measure nothing: merge these profile files (same model and grid)")
-    p.add_argument("--through", default=None, choices=("executor", "runner"),
-                   help="time TorchExecutor.execute on mixed-shape batches on stage worker threads "
-                        "(default; what the engine runs) or the bare runner calls on uniform shapes "
-                        "(default with --partition)")
-    p.add_argument("--partition", default=None, choices=("auto", "green_context", "none", "cpu"),
-                   help="SM partition backend that runs each share (needed for --shares < 1)")
-    p.add_argument("--shares", default=None, metavar="S1,S2,...",
-                   help="SM shares to measure, e.g. 0.25,0.5,1.0 (default 1.0)")
+    p.add_argument(
+        "--statistic",
+        default=None,
+        choices=sorted(STATISTICS),
+        help="summary of the samples (default median; min resists noise from other "
+        "processes); with --merge: of the merged tables (default min)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="PROFILE",
+        help="measure nothing: merge these profile files (same model and grid)",
+    )
+    p.add_argument(
+        "--through",
+        default=None,
+        choices=("executor", "runner"),
+        help="time TorchExecutor.execute on mixed-shape batches on stage worker threads "
+        "(default; what the engine runs) or the bare runner calls on uniform shapes "
+        "(default with --partition)",
+    )
+    p.add_argument(
+        "--partition",
+        default=None,
+        choices=("auto", "green_context", "none", "cpu"),
+        help="SM partition backend that runs each share (needed for --shares < 1)",
+    )
+    p.add_argument(
+        "--shares",
+        default=None,
+        metavar="S1,S2,...",
+        help="SM shares to measure, e.g. 0.25,0.5,1.0 (default 1.0)",
+    )
     p.set_defaults(func=_cmd_profile)
     return p

@@ -46,9 +46,11 @@ free), which suits tail-latency planning. Each factor comes from the requested m
 co-runners' own shapes and shares are not used (factors were measured at one representative
 shape per stage, recorded in ``metadata.corun_works``).
 """
+
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,8 +129,11 @@ def _running_max(values: Nested, axis: int) -> Nested:
 def _shape_ok(values: Nested, grid: Sequence[Sequence[float]]) -> bool:
     if not grid:
         return isinstance(values, (int, float)) and not isinstance(values, bool) and values > 0
-    return (isinstance(values, list) and len(values) == len(grid[0])
-            and all(_shape_ok(v, grid[1:]) for v in values))
+    return (
+        isinstance(values, list)
+        and len(values) == len(grid[0])
+        and all(_shape_ok(v, grid[1:]) for v in values)
+    )
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -155,11 +160,15 @@ class StageTable:
         if len(grid) != len(axes) or any(not a for a in grid):
             raise ProfileError(f"{where}: need one non-empty grid list per axis")
         for name, axis in zip(axes, grid):
-            if any(b <= a for a, b in zip(axis, axis[1:])):
-                raise ProfileError(f"{where}: grid of {name} must be strictly ascending: {list(axis)}")
+            if any(b <= a for a, b in itertools.pairwise(axis)):
+                raise ProfileError(
+                    f"{where}: grid of {name} must be strictly ascending: {list(axis)}"
+                )
         shares = tuple(float(s) for s in d.get("shares", (1.0,)))
         if not shares or any(not 0 < s <= 1 for s in shares) or list(shares) != sorted(set(shares)):
-            raise ProfileError(f"{where}: shares must be ascending, distinct, in (0, 1]: {list(shares)}")
+            raise ProfileError(
+                f"{where}: shares must be ascending, distinct, in (0, 1]: {list(shares)}"
+            )
         tables = d.get("latency_s")
         if not isinstance(tables, list) or len(tables) != len(shares):
             raise ProfileError(f"{where}: latency_s needs one table per share ({len(shares)})")
@@ -172,8 +181,12 @@ class StageTable:
         return cls(stage, grid, shares, tuple(tables))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"axes": list(self.axes), "grid": [list(a) for a in self.grid],
-                "shares": list(self.shares), "latency_s": list(self.latency_s)}
+        return {
+            "axes": list(self.axes),
+            "grid": [list(a) for a in self.grid],
+            "shares": list(self.shares),
+            "latency_s": list(self.latency_s),
+        }
 
     def monotone(self) -> StageTable:
         """Running max along every size axis, and fewer SMs never faster than more."""
@@ -226,12 +239,27 @@ def _corun_to_dict(table: CorunTable) -> dict[str, dict[str, float]]:
 class ProfiledCostModel:
     """Latencies interpolated from a measured profile (see the module doc)."""
 
-    __slots__ = ("name", "raw_tables", "tables", "corun", "corun_mode", "metadata", "_gpu", "source")
+    __slots__ = (
+        "_gpu",
+        "corun",
+        "corun_mode",
+        "metadata",
+        "name",
+        "raw_tables",
+        "source",
+        "tables",
+    )
 
-    def __init__(self, tables: dict[Stage, StageTable], corun: dict[str, CorunTable],
-                 corun_mode: str = "shared", metadata: dict[str, Any] | None = None,
-                 gpu: GpuSpec | str | None = None, monotone: bool = True,
-                 source: str | None = None) -> None:
+    def __init__(
+        self,
+        tables: dict[Stage, StageTable],
+        corun: dict[str, CorunTable],
+        corun_mode: str = "shared",
+        metadata: dict[str, Any] | None = None,
+        gpu: GpuSpec | str | None = None,
+        monotone: bool = True,
+        source: str | None = None,
+    ) -> None:
         if not tables:
             raise ProfileError("a profile needs at least one stage table")
         if corun_mode not in CORUN_MODES:
@@ -246,15 +274,21 @@ class ProfiledCostModel:
         self.source = source
 
     def __repr__(self) -> str:
-        return (f"ProfiledCostModel(model={self.metadata.get('model')!r}, gpu={self._gpu.name!r}, "
-                f"stages={[s.value for s in self.tables]})")
+        return (
+            f"ProfiledCostModel(model={self.metadata.get('model')!r}, gpu={self._gpu.name!r}, "
+            f"stages={[s.value for s in self.tables]})"
+        )
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], monotone: bool = True, source: str | None = None) -> ProfiledCostModel:
+    def from_dict(
+        cls, d: dict[str, Any], monotone: bool = True, source: str | None = None
+    ) -> ProfiledCostModel:
         where = source or "profile"
         if d.get("format") != PROFILE_FORMAT:
-            raise ProfileError(f"{where}: not a Nova cost profile (format must be {PROFILE_FORMAT!r})")
+            raise ProfileError(
+                f"{where}: not a Nova cost profile (format must be {PROFILE_FORMAT!r})"
+            )
         if d.get("version") != PROFILE_VERSION:
             raise ProfileError(f"{where}: unsupported profile version {d.get('version')!r}")
         stages = d.get("stages")
@@ -342,8 +376,9 @@ class ProfiledCostModel:
                 return factor
         return 1.0
 
-    def time_s(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
-               isolated: bool = True) -> float:
+    def time_s(
+        self, work: StageWork, sm_share: float, co_running: CoRunning = (), isolated: bool = True
+    ) -> float:
         t = self.solo_time_s(work, sm_share)
         for other, share in co_running:
             check_share(share)
@@ -351,8 +386,11 @@ class ProfiledCostModel:
         return t
 
 
-def merge_profiles(profiles: Sequence[dict[str, Any]], table_statistic: str = "min",
-                   corun_statistic: str = "median") -> dict[str, Any]:
+def merge_profiles(
+    profiles: Sequence[dict[str, Any]],
+    table_statistic: str = "min",
+    corun_statistic: str = "median",
+) -> dict[str, Any]:
     """Combine profiles of the same model, device and grid, measured at different times.
 
     Tables: the elementwise ``table_statistic`` (``min`` or ``median``) over the profiles --
@@ -376,7 +414,9 @@ def merge_profiles(profiles: Sequence[dict[str, Any]], table_statistic: str = "m
         for stage, table in first.raw_tables.items():
             other = m.raw_tables.get(stage)
             if other is None or other.grid != table.grid or other.shares != table.shares:
-                raise ProfileError(f"can only merge profiles with the same {stage.value} grid and shares")
+                raise ProfileError(
+                    f"can only merge profiles with the same {stage.value} grid and shares"
+                )
 
     def reduce_tables(tables: list[Nested]) -> Nested:
         if isinstance(tables[0], list):
@@ -385,8 +425,10 @@ def merge_profiles(profiles: Sequence[dict[str, Any]], table_statistic: str = "m
 
     stages = {}
     for stage, table in first.raw_tables.items():
-        latency = [reduce_tables([m.raw_tables[stage].latency_s[k] for m in models])
-                   for k in range(len(table.shares))]
+        latency = [
+            reduce_tables([m.raw_tables[stage].latency_s[k] for m in models])
+            for k in range(len(table.shares))
+        ]
         stages[stage.value] = StageTable(stage, table.grid, table.shares, tuple(latency)).to_dict()
     corun: dict[str, dict[str, float]] = {}
     mode_tables = [m.corun.get(first.corun_mode, {}) for m in models]
@@ -395,18 +437,28 @@ def merge_profiles(profiles: Sequence[dict[str, Any]], table_statistic: str = "m
             values = [t[stage][other] for t in mode_tables if other in t.get(stage, {})]
             if values:
                 corun.setdefault(stage.value, {})[other.value] = round(
-                    float(reducers[corun_statistic](values)), 4)
+                    float(reducers[corun_statistic](values)), 4
+                )
     metadata = dict(first.metadata)
     metadata["statistic"] = f"{table_statistic} over {len(models)} merged profiles"
     metadata["corun_statistic"] = f"{corun_statistic} over the merged profiles that have the factor"
     metadata["merged_from"] = [
-        {k: m.metadata.get(k) for k in ("date", "statistic", "passes", "repeats", "loadavg_1min",
-                                         "profiling_wall_s")} | {"has_corun": bool(t)}
+        {
+            k: m.metadata.get(k)
+            for k in ("date", "statistic", "passes", "repeats", "loadavg_1min", "profiling_wall_s")
+        }
+        | {"has_corun": bool(t)}
         for m, t in zip(models, mode_tables)
     ]
     metadata.pop("corun_raw", None)  # per-source details; not meaningful after merging
-    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "metadata": metadata,
-            "stages": stages, "corun_mode": first.corun_mode, "corun_factor": corun}
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "metadata": metadata,
+        "stages": stages,
+        "corun_mode": first.corun_mode,
+        "corun_factor": corun,
+    }
 
 
 def _gpu_from_metadata(meta: dict[str, Any]) -> GpuSpec:
@@ -429,8 +481,9 @@ def shipped_profile_path(model: str, gpu: str) -> Path:
 
 
 @register_cost_model("profiled")
-def _make_profiled(gpu: GpuSpec | str, model: Any, path: str | Path | None = None,
-                   monotone: bool = True) -> ProfiledCostModel:
+def _make_profiled(
+    gpu: GpuSpec | str, model: Any, path: str | Path | None = None, monotone: bool = True
+) -> ProfiledCostModel:
     gpu_spec = get_gpu(gpu)
     if path is None:
         model_name = model if isinstance(model, str) else getattr(model, "name", str(model))
@@ -443,5 +496,7 @@ def _make_profiled(gpu: GpuSpec | str, model: Any, path: str | Path | None = Non
             )
     cm = ProfiledCostModel.from_file(path, monotone=monotone)
     if cm.gpu().name != gpu_spec.name:
-        raise ProfileError(f"profile {path} was measured on {cm.gpu().name!r}, not {gpu_spec.name!r}")
+        raise ProfileError(
+            f"profile {path} was measured on {cm.gpu().name!r}, not {gpu_spec.name!r}"
+        )
     return cm

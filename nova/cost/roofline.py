@@ -44,6 +44,7 @@ Calibration: ``calibrate_to_paper()`` fits the per-stage efficiencies so that th
 shape (``specs/cogagent-9b.json``) on the A6000 reproduces the paper's stage times; the
 defaults of ``Calibration`` are that fit, and are used unchanged for the other GPUs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,22 +106,40 @@ class Calibration:
     pcie_eff: float = 0.8
 
     def __post_init__(self) -> None:
-        for name in ("vision_mfu", "prefill_mfu", "decode_mfu", "bw_eff", "bw_saturation_share", "pcie_eff"):
+        for name in (
+            "vision_mfu",
+            "prefill_mfu",
+            "decode_mfu",
+            "bw_eff",
+            "bw_saturation_share",
+            "pcie_eff",
+        ):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"Calibration.{name} must be in (0, 1], got {value!r}")
-        for name in ("vision_overhead_s", "prefill_overhead_s", "decode_overhead_s",
-                     "hbm_contention_penalty", "multistream_overhead"):
+        for name in (
+            "vision_overhead_s",
+            "prefill_overhead_s",
+            "decode_overhead_s",
+            "hbm_contention_penalty",
+            "multistream_overhead",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"Calibration.{name} must be >= 0")
 
     def mfu(self, stage: Stage) -> float:
-        return {Stage.VISION: self.vision_mfu, Stage.PREFILL: self.prefill_mfu,
-                Stage.DECODE: self.decode_mfu}[stage]
+        return {
+            Stage.VISION: self.vision_mfu,
+            Stage.PREFILL: self.prefill_mfu,
+            Stage.DECODE: self.decode_mfu,
+        }[stage]
 
     def overhead_s(self, stage: Stage) -> float:
-        return {Stage.VISION: self.vision_overhead_s, Stage.PREFILL: self.prefill_overhead_s,
-                Stage.DECODE: self.decode_overhead_s}[stage]
+        return {
+            Stage.VISION: self.vision_overhead_s,
+            Stage.PREFILL: self.prefill_overhead_s,
+            Stage.DECODE: self.decode_overhead_s,
+        }[stage]
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -180,12 +199,28 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
-    __slots__ = ("name", "_gpu", "model", "calib", "offload_vision_weights", "_memo", "_overhead_s", "_capacity", "_solos",
-                 "_granted")
+    __slots__ = (
+        "_capacity",
+        "_gpu",
+        "_granted",
+        "_memo",
+        "_overhead_s",
+        "_solos",
+        "calib",
+        "model",
+        "name",
+        "offload_vision_weights",
+    )
     _MEMO_MAX = 200_000  # entries: FLOPs/bytes/solo terms per shape (``shape_key``)
 
-    def __init__(self, gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
-                 *, offload_vision_weights: bool = False) -> None:
+    def __init__(
+        self,
+        gpu: GpuSpec | str,
+        model: ModelSpec | str,
+        calib: Calibration | None = None,
+        *,
+        offload_vision_weights: bool = False,
+    ) -> None:
         self.name = "roofline"
         self._gpu = get_gpu(gpu)
         self.model = get_model_spec(model)
@@ -256,7 +291,11 @@ class RooflineCostModel:
         memory_s = nbytes / self.attainable_bw_bytes_per_s(share)
         pcie_s = 0.0
         if self.offload_vision_weights and work.stage is Stage.VISION:
-            pcie_s = self.model.vision_params() * self.model.bytes_per_param / (g.pcie_bytes_per_s * c.pcie_eff)
+            pcie_s = (
+                self.model.vision_params()
+                * self.model.bytes_per_param
+                / (g.pcie_bytes_per_s * c.pcie_eff)
+            )
         return Solo(compute_s, memory_s, pcie_s, nbytes, share)
 
     def _granted_share(self, share: float) -> float:
@@ -275,8 +314,9 @@ class RooflineCostModel:
         return min(share, max(self.calib.bw_saturation_share, share * s.compute_s / s.memory_s))
 
     # -- the CostModel interface ---------------------------------------------------------------
-    def time_s(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
-               isolated: bool = True) -> float:
+    def time_s(
+        self, work: StageWork, sm_share: float, co_running: CoRunning = (), isolated: bool = True
+    ) -> float:
         if co_running:
             return self._terms(work, sm_share, co_running, isolated)[0]
         # Alone: memoized per shape and share (the same float ``breakdown`` computes).
@@ -286,12 +326,19 @@ class RooflineCostModel:
             time_s = self._memoized(key, lambda: self._terms(work, sm_share, (), isolated)[0])
         return time_s
 
-    def breakdown(self, work: StageWork, sm_share: float, co_running: CoRunning = (),
-                  isolated: bool = True) -> Breakdown:
+    def breakdown(
+        self, work: StageWork, sm_share: float, co_running: CoRunning = (), isolated: bool = True
+    ) -> Breakdown:
         return Breakdown(*self._terms(work, sm_share, co_running, isolated))
 
-    def _terms(self, work: StageWork, sm_share: float, co_running: CoRunning,
-               isolated: bool, pair_path: bool = True) -> tuple[float, float, float, float, float, float, float]:
+    def _terms(
+        self,
+        work: StageWork,
+        sm_share: float,
+        co_running: CoRunning,
+        isolated: bool,
+        pair_path: bool = True,
+    ) -> tuple[float, float, float, float, float, float, float]:
         """``Breakdown``'s fields, in order (a tuple: ``time_s`` needs only the first).
         ``pair_path=False``: the general code even for one co-runner (tests compare them)."""
         if pair_path and len(co_running) == 1:
@@ -302,7 +349,9 @@ class RooflineCostModel:
             keys = [w.totals_key() for w in works]
             for _, s in co_running:
                 check_share(s)
-            shares = [self._granted_share(sm_share)] + [self._granted_share(s) for _, s in co_running]
+            shares = [self._granted_share(sm_share)] + [
+                self._granted_share(s) for _, s in co_running
+            ]
         else:
             works, keys, shares = [work], [work.totals_key()], [self._granted_share(sm_share)]
         contention = 1.0
@@ -326,10 +375,19 @@ class RooflineCostModel:
         busy_s = max(compute_s, memory_s, me.pcie_s) * contention
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
         overhead_s = self._overhead_s[work.stage] + startup_s
-        return (busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s, shares[0], contention)
+        return (
+            busy_s + overhead_s,
+            compute_s,
+            memory_s,
+            me.pcie_s,
+            overhead_s,
+            shares[0],
+            contention,
+        )
 
-    def _terms_pair(self, work: StageWork, sm_share: float, other: tuple[StageWork, float],
-                    isolated: bool) -> tuple[float, float, float, float, float, float, float]:
+    def _terms_pair(
+        self, work: StageWork, sm_share: float, other: tuple[StageWork, float], isolated: bool
+    ) -> tuple[float, float, float, float, float, float, float]:
         """``_terms`` with exactly one co-runner (the common case), the same arithmetic in the
         same order without the lists (the simulator asks this for most events)."""
         c = self.calib
@@ -369,14 +427,18 @@ class RooflineCostModel:
 
 
 @register_cost_model("roofline")
-def _make_roofline(gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None,
-                   **kw: Any) -> RooflineCostModel:
+def _make_roofline(
+    gpu: GpuSpec | str, model: ModelSpec | str, calib: Calibration | None = None, **kw: Any
+) -> RooflineCostModel:
     return RooflineCostModel(gpu, model, calib, **kw)
 
 
-def calibrate_to_paper(gpu: GpuSpec | str = PAPER_GPU, model: ModelSpec | str = PAPER_MODEL,
-                       targets_s: dict[Stage, float] | None = None,
-                       base: Calibration | None = None) -> Calibration:
+def calibrate_to_paper(
+    gpu: GpuSpec | str = PAPER_GPU,
+    model: ModelSpec | str = PAPER_MODEL,
+    targets_s: dict[Stage, float] | None = None,
+    base: Calibration | None = None,
+) -> Calibration:
     """Fit ``vision_mfu``, ``prefill_mfu`` and ``bw_eff`` so that ``model`` on ``gpu`` (full GPU,
     nothing co-running) takes ``targets_s`` (default: the paper's times) for ``paper_works``.
 
@@ -400,6 +462,8 @@ def calibrate_to_paper(gpu: GpuSpec | str = PAPER_GPU, model: ModelSpec | str = 
     for stage, bound in expected.items():
         got = fitted.breakdown(works[stage], 1.0).bound
         if got != bound:
-            raise ValueError(f"calibration: {stage.value} should be {bound}-bound at the paper's "
-                             f"shape, the fit makes it {got}-bound")
+            raise ValueError(
+                f"calibration: {stage.value} should be {bound}-bound at the paper's "
+                f"shape, the fit makes it {got}-bound"
+            )
     return calib

@@ -1,6 +1,7 @@
 """The asyncio API the HTTP server uses: ``AsyncEngine.generate(...)`` yields output deltas as
 tokens are produced; ``abort(request_id)``. Cancelling the consuming task aborts the request.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +44,7 @@ class _Detokenizer:
             return ""
         # If decoding all tokens rewrote text already emitted (a merge across the boundary),
         # what was sent cannot be taken back: emit what follows its length.
-        out = text[len(self.emitted):]
+        out = text[len(self.emitted) :]
         self.emitted = text
         return out
 
@@ -83,9 +84,12 @@ class AsyncEngine:
                 finished = ev.finished
                 tokens = list(req.output_token_ids)
                 yield OutputDelta(
-                    request_id=ev.request_id, new_token_ids=list(ev.new_token_ids),
-                    text_delta=detok.delta(tokens, finished), finished=finished,
-                    finish_reason=ev.finish_reason, error=ev.error,
+                    request_id=ev.request_id,
+                    new_token_ids=list(ev.new_token_ids),
+                    text_delta=detok.delta(tokens, finished),
+                    finished=finished,
+                    finish_reason=ev.finish_reason,
+                    error=ev.error,
                     num_output_tokens=len(tokens),
                     metrics=request_metrics(req) if finished else None,
                 )

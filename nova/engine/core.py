@@ -1,5 +1,6 @@
 """``NovaEngine``: a loaded model, its input processor and a running ``Engine``, built from an
 ``EngineConfig``. The offline ``LLM`` and the asyncio ``AsyncEngine`` both sit on it."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,15 +32,21 @@ def _device_gpu_spec(device: str) -> str:
     import torch
 
     name = torch.cuda.get_device_name(torch.device(device)).lower()
-    for key, spec_name in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80g"),
-                           ("a6000", "a6000"), ("4090", "rtx4090")):
+    for key, spec_name in (
+        ("h200", "h200"),
+        ("h100", "h100-sxm"),
+        ("a100", "a100-80g"),
+        ("a6000", "a6000"),
+        ("4090", "rtx4090"),
+    ):
         if key in name:
             return spec_name
     return "h100-sxm"
 
 
-def default_cost_model(loaded: LoadedModel, device: str, min_pixels: int | None = None,
-                       max_pixels: int | None = None) -> Any:
+def default_cost_model(
+    loaded: LoadedModel, device: str, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
     """The cost model the ``nova`` policy plans with for this model on this device: the shipped
     profile ``nova/cost/profiles/<model>-<gpu>.json`` measured on such a device if there is one
     (``nova profile``; the demo model on the CPU has one; a shipped config such as
@@ -67,28 +74,44 @@ class NovaEngine:
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(config.model, config.load_format, config.torch_dtype,
-                                           config.device, config.seed)
-        self.processor = InputProcessor(self.loaded, config.max_image_pixels,
-                                        min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        self.loaded = loaded or load_model(
+            config.model, config.load_format, config.torch_dtype, config.device, config.seed
+        )
+        self.processor = InputProcessor(
+            self.loaded,
+            config.max_image_pixels,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+        )
         # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
         # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
         self.partition_backend = make_backend(config.partition, self.loaded.device)
-        self.runner = ModelRunner(self.loaded, CacheConfig(
-            block_size=config.block_size, num_blocks=config.num_kv_blocks,
-            kv_cache_bytes=config.kv_cache_bytes),
-            attention_backend=config.attention_backend, cuda_graphs=config.cuda_graphs,
+        self.runner = ModelRunner(
+            self.loaded,
+            CacheConfig(
+                block_size=config.block_size,
+                num_blocks=config.num_kv_blocks,
+                kv_cache_bytes=config.kv_cache_bytes,
+            ),
+            attention_backend=config.attention_backend,
+            cuda_graphs=config.cuda_graphs,
             max_num_seqs=config.max_num_seqs,
-            vision_offload_layers=config.vision_offload_layers)
+            vision_offload_layers=config.vision_offload_layers,
+        )
         log.info("partition backend: %s", self.partition_backend.describe())
         log.info("%s", self.runner.memory)
-        limits = StageLimits(config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs)
+        limits = StageLimits(
+            config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs
+        )
         extra: dict[str, Any] = {}
         if config.policy == "nova":
-            cost_model = default_cost_model(self.loaded, config.device, config.min_pixels,
-                                            config.max_pixels)
-            extra = {"cost_model": cost_model,
-                     "image_tokens": max(1, self.processor.num_image_tokens)}
+            cost_model = default_cost_model(
+                self.loaded, config.device, config.min_pixels, config.max_pixels
+            )
+            extra = {
+                "cost_model": cost_model,
+                "image_tokens": max(1, self.processor.num_image_tokens),
+            }
             if self.partition_backend.enforces_limits:  # plan on the device's real SM grid
                 extra["sm_granularity_share"] = self.partition_backend.grid.share_step
         policy = make_policy(config.policy, limits=limits, **extra)
@@ -97,7 +120,8 @@ class NovaEngine:
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
         # (the offline runtime loop in nova.runtime.generate must not run beside the engine).
         self.scheduler = Scheduler(
-            policy, self.runner.block_manager, self.loaded.eos_token_ids, self.loaded.max_model_len)
+            policy, self.runner.block_manager, self.loaded.eos_token_ids, self.loaded.max_model_len
+        )
         self.executor = TorchExecutor(self.runner, fault_hook, self.partition_backend)
         self.engine = Engine(self.scheduler, self.executor)
         self._ids = itertools.count()
@@ -153,10 +177,17 @@ class NovaEngine:
         images = []
         if prompt.pixel_values is not None:
             # Per image: its placeholder count (Qwen-VL: from its resolution; LLaVA: fixed).
-            counts = (prompt.image_token_counts
-                      or [self.processor.num_image_tokens] * num_images(prompt.pixel_values))
+            counts = prompt.image_token_counts or [self.processor.num_image_tokens] * num_images(
+                prompt.pixel_values
+            )
             images = [ImageInput(h, n) for h, n in zip(image_hashes(prompt.pixel_values), counts)]
-        req = Request(request_id or self.new_request_id(), list(prompt.token_ids),
-                      sampling or SamplingParams(), images, priority, deadline_s)
+        req = Request(
+            request_id or self.new_request_id(),
+            list(prompt.token_ids),
+            sampling or SamplingParams(),
+            images,
+            priority,
+            deadline_s,
+        )
         self.engine.add_request(req, prompt.pixel_values, listener)
         return req

@@ -5,6 +5,7 @@ stage, runs it on the executor outside the lock, and reports the result back. Th
 the policy are torch-free and clock-free; the engine owns the clock and passes ``now_s`` in.
 Events (new tokens, finishes) go to per-request listeners, called from worker threads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,8 @@ class EngineSnapshot:
     num_free_blocks: int
     partition: Partition
     num_preemptions: int
+
+
 IDLE_WAIT_S = 0.05  # re-ask the policy at least this often when idle (time-driven policies)
 
 
@@ -51,7 +54,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self.num_batches: dict[Stage, int] = {s: 0 for s in Stage}
+        self.num_batches: dict[Stage, int] = dict.fromkeys(Stage, 0)
 
     def now(self) -> float:
         """Seconds since the engine was created."""
@@ -63,7 +66,9 @@ class Engine:
             return self
         self._stopping = False
         for stage in Stage:
-            t = threading.Thread(target=self._worker, args=(stage,), name=f"nova-{stage.value}", daemon=True)
+            t = threading.Thread(
+                target=self._worker, args=(stage,), name=f"nova-{stage.value}", daemon=True
+            )
             t.start()
             self._threads.append(t)
         return self
@@ -88,7 +93,9 @@ class Engine:
     ) -> None:
         """Submit ``req`` (its arrival time is set to now). Raises ``RequestRejected`` if it can
         never be served; nothing is kept then."""
-        self.executor.register(req.request_id, req.sampling, pixel_values, tuple(req.prompt_token_ids))
+        self.executor.register(
+            req.request_id, req.sampling, pixel_values, tuple(req.prompt_token_ids)
+        )
         with self._cond:
             try:
                 self.scheduler.add_request(req, self.now())
@@ -118,8 +125,13 @@ class Engine:
     def snapshot(self) -> EngineSnapshot:
         with self._cond:
             state, bm = self.scheduler.state, self.scheduler.block_manager
-            return EngineSnapshot({s: state.num_in_stage(s) for s in Stage}, bm.usage,
-                                  bm.num_free_blocks, state.partition, state.num_preemptions)
+            return EngineSnapshot(
+                {s: state.num_in_stage(s) for s in Stage},
+                bm.usage,
+                bm.num_free_blocks,
+                state.partition,
+                state.num_preemptions,
+            )
 
     def has_unfinished(self) -> bool:
         with self._cond:
@@ -149,7 +161,7 @@ class Engine:
             self.executor.set_partition(stage, batch.partition)
             try:
                 output = self.executor.execute(batch)
-            except Exception as exc:  # noqa: BLE001 - an executor bug must not kill the worker
+            except Exception as exc:
                 log.exception("%s batch %d failed", stage.value, batch.batch_id)
                 output = StageOutput(failed={rid: describe_error(exc) for rid in batch.request_ids})
             with self._cond:
@@ -164,7 +176,9 @@ class Engine:
                 self._cond.notify_all()
             self._dispatch(delivered)
 
-    def _deliver_locked(self, events: list[RequestEvent]) -> list[tuple[RequestEvent, Request, Listener | None]]:
+    def _deliver_locked(
+        self, events: list[RequestEvent]
+    ) -> list[tuple[RequestEvent, Request, Listener | None]]:
         out = []
         for ev in events:
             req = self._requests[ev.request_id]
@@ -186,6 +200,5 @@ class Engine:
                 continue
             try:
                 listener(ev, req)
-            except Exception:  # noqa: BLE001 - a broken listener must not stop the engine
+            except Exception:
                 log.exception("listener of request %s raised", ev.request_id)
-

@@ -4,6 +4,7 @@ Executors own the request payloads the scheduler never sees (pixels, image embed
 ``execute`` must isolate failures: a part that fails for one request is reported in
 ``StageOutput.failed`` and the other requests of the batch still get their results.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,8 +26,13 @@ class StageOutput:
 
 
 class Executor(Protocol):
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
-                 prompt_token_ids: tuple[int, ...] = ()) -> None:
+    def register(
+        self,
+        request_id: str,
+        sampling: SamplingParams,
+        pixel_values: Any | None,
+        prompt_token_ids: tuple[int, ...] = (),
+    ) -> None:
         """Take a new request's payload (before it is scheduled)."""
 
     def execute(self, batch: Batch) -> StageOutput:

@@ -4,6 +4,7 @@ The token after a sequence is a pure function of the whole sequence so far, so o
 depend on batching, timing or preemption — exactly the property the real engine must have for
 greedy decoding. Optional per-stage delays make batches take time (real sleeps).
 """
+
 from __future__ import annotations
 
 import threading
@@ -39,8 +40,13 @@ class FakeExecutor:
         self.released: list[str] = []
         self.partitions: dict[Stage, Partition] = {}
 
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
-                 prompt_token_ids: tuple[int, ...] = ()) -> None:
+    def register(
+        self,
+        request_id: str,
+        sampling: SamplingParams,
+        pixel_values: Any | None,
+        prompt_token_ids: tuple[int, ...] = (),
+    ) -> None:
         with self._lock:
             self._seqs[request_id] = []
 
@@ -69,8 +75,10 @@ class FakeExecutor:
                 for it in items:
                     seq = self._seqs[it.request_id]
                     if len(seq) < it.num_cached_tokens:
-                        raise RuntimeError(f"{it.request_id}: cache holds {len(seq)} tokens, "
-                                           f"batch says {it.num_cached_tokens}")
+                        raise RuntimeError(
+                            f"{it.request_id}: cache holds {len(seq)} tokens, "
+                            f"batch says {it.num_cached_tokens}"
+                        )
                     del seq[it.num_cached_tokens :]
                     seq.extend(it.token_ids)
                     if it.sample:

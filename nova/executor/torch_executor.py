@@ -6,6 +6,7 @@ event recorded after the vision batch that produced them (no host round trip). O
 streams are absent and ops run in the calling thread (PyTorch releases the GIL inside ops, so
 the three workers do overlap).
 """
+
 from __future__ import annotations
 
 import threading
@@ -36,8 +37,12 @@ class _Payload:
 
 
 class TorchExecutor:
-    def __init__(self, runner: ModelRunner, fault_hook: FaultHook | None = None,
-                 partition_backend: PartitionBackend | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        fault_hook: FaultHook | None = None,
+        partition_backend: PartitionBackend | None = None,
+    ) -> None:
         self.runner = runner
         self.fault_hook = fault_hook
         self._payloads: dict[str, _Payload] = {}
@@ -46,18 +51,31 @@ class TorchExecutor:
         # Streams and SM partitions (nova.gpu.partition): default one stream per stage on CUDA
         # (``none``), nothing on a CPU.
         self.partition_backend = partition_backend or make_backend(
-            "none" if self._on_cuda else "cpu", runner.device)
+            "none" if self._on_cuda else "cpu", runner.device
+        )
         self.partitions: dict[Stage, Partition] = {}
         self.granted_sms: dict[Stage, int] = {}  # SMs each stage's last batch ran on
 
-    def register(self, request_id: str, sampling: SamplingParams, pixel_values: Any | None,
-                 prompt_token_ids: tuple[int, ...] = ()) -> None:
-        plan = (self.runner.model.position_plan(prompt_token_ids, pixel_values)
-                if pixel_values is not None else None)
+    def register(
+        self,
+        request_id: str,
+        sampling: SamplingParams,
+        pixel_values: Any | None,
+        prompt_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        plan = (
+            self.runner.model.position_plan(prompt_token_ids, pixel_values)
+            if pixel_values is not None
+            else None
+        )
         with self._lock:
             self._payloads[request_id] = _Payload(
-                sampling, make_generator(sampling), pixel_values, tuple(prompt_token_ids),
-                mrope=plan)
+                sampling,
+                make_generator(sampling),
+                pixel_values,
+                tuple(prompt_token_ids),
+                mrope=plan,
+            )
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -86,7 +104,9 @@ class TorchExecutor:
     def _vision(self, items: list[BatchItem]) -> dict[str, int]:
         payloads = [self._payload(it.request_id) for it in items]
         # Fixed-size tensors (LLaVA) or VisionInputs (Qwen-VL): one tower call, split per request.
-        per_request = encode_image_batch(self.runner.encode_images, [p.pixel_values for p in payloads])
+        per_request = encode_image_batch(
+            self.runner.encode_images, [p.pixel_values for p in payloads]
+        )
         event = None
         if self._on_cuda:
             event = torch.cuda.Event()
@@ -96,15 +116,18 @@ class TorchExecutor:
             p.embeds_ready = event
         return {}
 
-    def _sample(self, items: list[BatchItem], seqs: list[SeqInput],
-                partition_key: Any = None) -> dict[str, int]:
+    def _sample(
+        self, items: list[BatchItem], seqs: list[SeqInput], partition_key: Any = None
+    ) -> dict[str, int]:
         """Forward all items; sample only those that want a token (not mid-prompt chunks)."""
         logits = self.runner.forward(seqs, partition_key=partition_key)
         rows = [i for i, it in enumerate(items) if it.sample]
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
-        tokens = sample(logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads])
+        tokens = sample(
+            logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads]
+        )
         return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
@@ -128,15 +151,32 @@ class TorchExecutor:
         for it in items:
             p = self._payload(it.request_id)
             embeds = self._chunk_embeds(it, p)
-            mrope = (p.mrope.slice(it.num_cached_tokens, it.num_cached_tokens + len(it.token_ids))
-                     if p.mrope is not None else None)
-            seqs.append(SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table), embeds,
-                                 mrope_positions=mrope))
+            mrope = (
+                p.mrope.slice(it.num_cached_tokens, it.num_cached_tokens + len(it.token_ids))
+                if p.mrope is not None
+                else None
+            )
+            seqs.append(
+                SeqInput(
+                    list(it.token_ids),
+                    it.num_cached_tokens,
+                    list(it.block_table),
+                    embeds,
+                    mrope_positions=mrope,
+                )
+            )
         return self._sample(items, seqs)
 
     def _decode(self, items: list[BatchItem]) -> dict[str, int]:
-        seqs = [SeqInput(list(it.token_ids), it.num_cached_tokens, list(it.block_table),
-                         position_offset=self._position_offset(it.request_id)) for it in items]
+        seqs = [
+            SeqInput(
+                list(it.token_ids),
+                it.num_cached_tokens,
+                list(it.block_table),
+                position_offset=self._position_offset(it.request_id),
+            )
+            for it in items
+        ]
         return self._sample(items, seqs, partition_key=self.decode_graph_key())
 
     def _position_offset(self, request_id: str) -> int:

@@ -1,6 +1,7 @@
 """Start-up memory accounting: where the device memory went (weights resident vs streamed, KV
 cache, activation reserve). Logged by the engine, printed by ``nova serve``/``nova demo``,
 exported as Prometheus gauges (``nova_memory_*``)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -41,17 +42,25 @@ class MemoryReport:
         def mib(n: int) -> str:
             return f"{n / 2**20:,.1f} MiB"
 
-        out = [f"memory on {self.device}:",
-               f"  weights resident   {mib(self.weights_resident_bytes)}"]
+        out = [
+            f"memory on {self.device}:",
+            f"  weights resident   {mib(self.weights_resident_bytes)}",
+        ]
         if self.weights_streamed_bytes:
-            out.append(f"  weights streamed   {mib(self.weights_streamed_bytes)} in host memory "
-                       f"({mib(self.offload_slot_bytes)} of slots on the device; "
-                       f"{mib(self.offload_saved_bytes)} freed for the KV cache)")
-        out.append(f"  KV cache           {mib(self.kv_cache_bytes)} = {self.kv_cache_blocks} "
-                   f"blocks x {self.kv_block_size_tokens} tokens")
+            out.append(
+                f"  weights streamed   {mib(self.weights_streamed_bytes)} in host memory "
+                f"({mib(self.offload_slot_bytes)} of slots on the device; "
+                f"{mib(self.offload_saved_bytes)} freed for the KV cache)"
+            )
+        out.append(
+            f"  KV cache           {mib(self.kv_cache_bytes)} = {self.kv_cache_blocks} "
+            f"blocks x {self.kv_block_size_tokens} tokens"
+        )
         out.append(f"  activation reserve {mib(self.activation_reserve_bytes)}")
         if self.device_total_bytes:
-            out.append(f"  planned {mib(self.device_planned_bytes)} of {mib(self.device_total_bytes)}")
+            out.append(
+                f"  planned {mib(self.device_planned_bytes)} of {mib(self.device_total_bytes)}"
+            )
         return out
 
     def __str__(self) -> str:

@@ -23,6 +23,7 @@ CPU: synchronous host copies between host "slots"), so the same code path runs e
 The layers are any ``nn.ModuleList`` of identically shaped layers called in order (the CLIP /
 SigLIP encoder's ``layers``, Qwen2-VL's ``blocks``); one caller at a time (the vision worker).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,14 @@ log = logging.getLogger(__name__)
 
 
 class StreamOps(Protocol):
-    def copy(self, slot: int, layer: int, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
-             after: Any | None) -> Any:
+    def copy(
+        self,
+        slot: int,
+        layer: int,
+        dst: Sequence[torch.Tensor],
+        src: Sequence[torch.Tensor],
+        after: Any | None,
+    ) -> Any:
         """On the copy stream: wait for ``after`` (a compute event, or None), copy ``src`` into
         ``dst``; return an event that completes when the copy has."""
 
@@ -55,8 +62,14 @@ class StreamOps(Protocol):
 class HostStreamOps:
     """CPU: copies run at once (host "slots"), events are complete when created."""
 
-    def copy(self, slot: int, layer: int, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
-             after: Any | None) -> Any:
+    def copy(
+        self,
+        slot: int,
+        layer: int,
+        dst: Sequence[torch.Tensor],
+        src: Sequence[torch.Tensor],
+        after: Any | None,
+    ) -> Any:
         for d, s in zip(dst, src):
             d.copy_(s)
         return None
@@ -80,8 +93,14 @@ class CudaStreamOps:
         self.device = device
         self.copy_stream = torch.cuda.Stream(device=device)
 
-    def copy(self, slot: int, layer: int, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
-             after: Any | None) -> Any:
+    def copy(
+        self,
+        slot: int,
+        layer: int,
+        dst: Sequence[torch.Tensor],
+        src: Sequence[torch.Tensor],
+        after: Any | None,
+    ) -> Any:
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 self.copy_stream.wait_event(after)
@@ -144,18 +163,27 @@ class OffloadStats:
 class LayerStreamer:
     """Streams the parameters of ``layers`` through ``num_slots`` device slots (see module doc)."""
 
-    def __init__(self, layers: nn.ModuleList, num_slots: int, device: torch.device,
-                 ops: StreamOps | None = None) -> None:
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        num_slots: int,
+        device: torch.device,
+        ops: StreamOps | None = None,
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if len(layers) <= num_slots:
-            raise ValueError(f"{num_slots} slots for {len(layers)} layers: nothing to stream "
-                             "(keep the encoder resident)")
+            raise ValueError(
+                f"{num_slots} slots for {len(layers)} layers: nothing to stream "
+                "(keep the encoder resident)"
+            )
         sig = _signature(layers[0])
         for i, layer in enumerate(layers):
             if _signature(layer) != sig:
-                raise ValueError(f"layer {i} differs in parameter shapes from layer 0; "
-                                 "only identically shaped layers can share slots")
+                raise ValueError(
+                    f"layer {i} differs in parameter shapes from layer 0; "
+                    "only identically shaped layers can share slots"
+                )
         self.layers = layers
         self.num_layers = len(layers)
         self.num_slots = num_slots
@@ -167,16 +195,19 @@ class LayerStreamer:
         # layers are dropped once the parameters point at their masters.
         with torch.no_grad():
             self.host: list[list[torch.Tensor]] = [
-                [self._to_host(p.detach(), on_cuda) for p in ps] for ps in self.params]
+                [self._to_host(p.detach(), on_cuda) for p in ps] for ps in self.params
+            ]
             self.slots: list[list[torch.Tensor]] = [
                 [torch.empty_like(p, device=self.device) for p in self.params[0]]
-                for _ in range(num_slots)]
+                for _ in range(num_slots)
+            ]
             for ps, hs in zip(self.params, self.host):
                 for p, h in zip(ps, hs):
                     p.data = h
         one = layer_bytes(layers[0])
-        self.stats = OffloadStats(self.num_layers, num_slots, one, one * self.num_layers,
-                                  one * num_slots)
+        self.stats = OffloadStats(
+            self.num_layers, num_slots, one, one * self.num_layers, one * num_slots
+        )
         self._step = 0  # the next step to compute
         self._slot_step = [-1] * num_slots  # the step whose layer each slot holds / is loading
         self._copy_done: list[Any] = [None] * num_slots
@@ -197,7 +228,9 @@ class LayerStreamer:
         """Enqueue the copy of ``step``'s layer into its slot, after ``after`` (a compute event)."""
         slot, layer = step % self.num_slots, step % self.num_layers
         self._slot_step[slot] = step
-        self._copy_done[slot] = self.ops.copy(slot, layer, self.slots[slot], self.host[layer], after)
+        self._copy_done[slot] = self.ops.copy(
+            slot, layer, self.slots[slot], self.host[layer], after
+        )
 
     def _restart(self, layer: int) -> None:
         """Layers ran out of order (an aborted forward, or a caller that skips layers): let
@@ -223,7 +256,6 @@ class LayerStreamer:
             p.data = buf
 
     def _after(self, layer: int) -> None:
-        slot = self._step % self.num_slots
         computed = self.ops.record()
         for p, h in zip(self.params[layer], self.host[layer]):
             p.data = h
@@ -233,11 +265,13 @@ class LayerStreamer:
     def _make_pre_hook(self, layer: int):
         def hook(module: nn.Module, args: Any) -> None:
             self._before(layer)
+
         return hook
 
     def _make_post_hook(self, layer: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._after(layer)
+
         return hook
 
     def remove(self) -> None:
@@ -252,21 +286,34 @@ class LayerStreamer:
         self.slots = []
 
 
-def stream_vision_layers(vision: nn.Module, num_slots: int, device: torch.device,
-                         ops: StreamOps | None = None) -> LayerStreamer | None:
+def stream_vision_layers(
+    vision: nn.Module, num_slots: int, device: torch.device, ops: StreamOps | None = None
+) -> LayerStreamer | None:
     """Stream ``vision``'s encoder layers through ``num_slots`` slots; ``None`` (with a log line)
     when there is nothing to stream (``num_slots >= `` layers: the encoder stays resident)."""
     layers = getattr(vision, "streamable_layers", None)
     stack = layers() if callable(layers) else find_layer_stack(vision)
     if stack is None:
-        raise ValueError("vision weight streaming: found no stack of identically shaped layers "
-                         "in the vision tower")
+        raise ValueError(
+            "vision weight streaming: found no stack of identically shaped layers "
+            "in the vision tower"
+        )
     if num_slots >= len(stack):
-        log.warning("vision offload: K=%d >= the encoder's %d layers, so the encoder stays "
-                    "resident (nothing to stream)", num_slots, len(stack))
+        log.warning(
+            "vision offload: K=%d >= the encoder's %d layers, so the encoder stays "
+            "resident (nothing to stream)",
+            num_slots,
+            len(stack),
+        )
         return None
     streamer = LayerStreamer(stack, num_slots, device, ops)
     st = streamer.stats
-    log.info("vision offload: %d layers of %.1f MiB in host memory, %d slots on %s; saves %.1f MiB",
-             st.num_layers, st.layer_bytes / 2**20, st.num_slots, device, st.saved_bytes / 2**20)
+    log.info(
+        "vision offload: %d layers of %.1f MiB in host memory, %d slots on %s; saves %.1f MiB",
+        st.num_layers,
+        st.layer_bytes / 2**20,
+        st.num_slots,
+        device,
+        st.saved_bytes / 2**20,
+    )
     return streamer

@@ -31,6 +31,7 @@ of two contexts (decode's and the compute stages') are not guaranteed to be disj
 stage is limited to its SM count, but two co-running stages may share some SMs. With
 ``sm-partition`` (and a CUDA 13.1+ driver) the stages of one partition get disjoint SMs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 from nova.types import STAGES, Partition, Stage
 
@@ -135,19 +137,23 @@ def plan_partition(partition: Partition, grid: SMGrid) -> PartitionPlan:
     counts = [grid.sms_for_share(share) for _, share in groups]
     while sum(counts) > grid.num_sms:
         # Undo the largest rounding-up first (then the largest group).
-        i = max(range(len(counts)),
-                key=lambda j: (counts[j] - groups[j][1] * grid.num_sms, counts[j]))
+        i = max(
+            range(len(counts)), key=lambda j: (counts[j] - groups[j][1] * grid.num_sms, counts[j])
+        )
         if counts[i] - grid.granularity < grid.min_sms:
             raise ValueError(
                 f"partition {partition} does not fit {grid.num_sms} SMs with partitions of at "
-                f"least {grid.min_sms} SMs in steps of {grid.granularity}")
+                f"least {grid.min_sms} SMs in steps of {grid.granularity}"
+            )
         counts[i] -= grid.granularity
-    per_stage: dict[Stage, int | None] = {s: None for s in STAGES}
+    per_stage: dict[Stage, int | None] = dict.fromkeys(STAGES)
     for (stages, _), n in zip(groups, counts):
         for s in stages:
             per_stage[s] = n
-    return PartitionPlan(tuple((s, per_stage[s]) for s in STAGES),
-                         tuple((stages, n) for (stages, _), n in zip(groups, counts)))
+    return PartitionPlan(
+        tuple((s, per_stage[s]) for s in STAGES),
+        tuple((stages, n) for (stages, _), n in zip(groups, counts)),
+    )
 
 
 # -- the interface -------------------------------------------------------------------------------
@@ -187,13 +193,14 @@ class PartitionBackend:
         """SMs the stage really runs on under ``partition`` (the whole device if unlimited)."""
         return self.grid.num_sms
 
-    def share_context(self, share: float) -> ContextManager[Any]:
+    def share_context(self, share: float) -> AbstractContextManager[Any]:
         """A context manager running the enclosed work on ``share`` of the SMs (for
         ``nova profile``: ``share_context=backend.share_context``)."""
         if share < 1.0 - _EPS:
             raise PartitionUnavailable(
                 f"the {self.name!r} partition backend cannot limit SMs, so share {share} cannot be "
-                "measured; use --partition green_context on a GPU that supports it")
+                "measured; use --partition green_context on a GPU that supports it"
+            )
         return contextlib.nullcontext()
 
     def share_granted_sms(self, share: float) -> int:
@@ -235,7 +242,7 @@ class _TorchCuda:
 
         return torch.cuda.Stream(device=self.device)
 
-    def stream_guard(self, stream: Any) -> ContextManager[Any]:
+    def stream_guard(self, stream: Any) -> AbstractContextManager[Any]:
         import torch
 
         return torch.cuda.stream(stream)
@@ -298,15 +305,18 @@ def detect_green_api(module: Any | None, torch_version: str, cuda_version: str |
     ``module``: ``torch.cuda.green_contexts`` (``None`` if it does not import)."""
     if cuda_version is None:
         raise PartitionUnavailable(
-            f"green contexts need a CUDA build of PyTorch; this is torch {torch_version} (CPU only)")
+            f"green contexts need a CUDA build of PyTorch; this is torch {torch_version} (CPU only)"
+        )
     if module is None or not hasattr(module, "GreenContext"):
         raise PartitionUnavailable(
             f"green contexts need PyTorch >= {MIN_TORCH_FOR_GREEN} "
-            f"(torch.cuda.green_contexts.GreenContext); this is torch {torch_version}")
+            f"(torch.cuda.green_contexts.GreenContext); this is torch {torch_version}"
+        )
     if getattr(module, "SUPPORTED", True) is False:
         raise PartitionUnavailable(
             f"this PyTorch build (torch {torch_version}, CUDA {cuda_version}) was compiled without "
-            "green-context support (it needs CUDA >= 12.8 at build time)")
+            "green-context support (it needs CUDA >= 12.8 at build time)"
+        )
     gc = module.GreenContext
     if hasattr(module, "SMPartition") and hasattr(module.SMPartition, "split"):
         kind = "sm-partition"
@@ -317,7 +327,8 @@ def detect_green_api(module: Any | None, torch_version: str, cuda_version: str |
     else:
         raise PartitionUnavailable(
             f"torch {torch_version}: torch.cuda.green_contexts.GreenContext has neither Stream() "
-            "nor set_context()/pop_context(); this API shape is not supported")
+            "nor set_context()/pop_context(); this API shape is not supported"
+        )
     return GreenApi(module, kind, torch_version)
 
 
@@ -381,8 +392,14 @@ class DriverProbe:
         result = (ctypes.c_ubyte * _RESOURCE_BYTES)()
         remaining = (ctypes.c_ubyte * _RESOURCE_BYTES)()
         nb = ctypes.c_uint(1)
-        rc = self._split(ctypes.byref(result), ctypes.byref(nb), ctypes.byref(full),
-                         ctypes.byref(remaining), ctypes.c_uint(0), ctypes.c_uint(min_count))
+        rc = self._split(
+            ctypes.byref(result),
+            ctypes.byref(nb),
+            ctypes.byref(full),
+            ctypes.byref(remaining),
+            ctypes.c_uint(0),
+            ctypes.c_uint(min_count),
+        )
         if rc != 0 or nb.value != 1:
             return None
         return self._sm_count(result)
@@ -426,8 +443,9 @@ class GreenContextBackend(PartitionBackend):
 
     name = "green_context"
 
-    def __init__(self, grid: SMGrid, api: GreenApi, device_index: int, cuda: Any,
-                 probe: Any | None = None) -> None:
+    def __init__(
+        self, grid: SMGrid, api: GreenApi, device_index: int, cuda: Any, probe: Any | None = None
+    ) -> None:
         super().__init__(grid)
         self.api = api
         self.device_index = device_index
@@ -458,7 +476,9 @@ class GreenContextBackend(PartitionBackend):
         with self._lock:
             for plan in plans.values():
                 self._ensure_plan(plan)
-        log.info("green contexts ready for %d partitions (%d contexts)", len(plans), len(self._slots))
+        log.info(
+            "green contexts ready for %d partitions (%d contexts)", len(plans), len(self._slots)
+        )
 
     # -- creation --------------------------------------------------------------------------------
     def _readback(self, ctx: Any, part: Any | None, requested: int) -> tuple[int | None, str]:
@@ -472,20 +492,31 @@ class GreenContextBackend(PartitionBackend):
                 return n, "driver-probe"
         return requested, "planned"
 
-    def _new_slot(self, stage: Stage, plan: PartitionPlan, requested: int, part: Any | None) -> _GreenSlot:
-        ctx = self.api.from_partition(part) if part is not None else self.api.create(
-            requested, self.device_index)
+    def _new_slot(
+        self, stage: Stage, plan: PartitionPlan, requested: int, part: Any | None
+    ) -> _GreenSlot:
+        ctx = (
+            self.api.from_partition(part)
+            if part is not None
+            else self.api.create(requested, self.device_index)
+        )
         stream = ctx.Stream() if hasattr(ctx, "Stream") else None
         granted, source = self._readback(ctx, part, requested)
         info = GrantedPartition(stage.value, plan.describe(), requested, granted, source)
         if granted is not None and granted != requested:
-            log.warning("green context for %s: asked for %d SMs, the driver granted %d",
-                        stage.value, requested, granted)
+            log.warning(
+                "green context for %s: asked for %d SMs, the driver granted %d",
+                stage.value,
+                requested,
+                granted,
+            )
         return _GreenSlot(ctx, stream, info)
 
     def _ensure_plan(self, plan: PartitionPlan) -> None:
         """Create the contexts of every limited stage of ``plan`` (caller holds the lock)."""
-        todo = [(stages, n) for stages, n in plan.groups if (plan.key, stages[0]) not in self._slots]
+        todo = [
+            (stages, n) for stages, n in plan.groups if (plan.key, stages[0]) not in self._slots
+        ]
         if not todo:
             return
         parts: list[Any | None] = [None] * len(todo)
@@ -494,16 +525,24 @@ class GreenContextBackend(PartitionBackend):
                 parts = list(self.api.split([n for _, n in todo], self.device_index))
             except Exception as exc:  # noqa: BLE001 - e.g. a driver older than CUDA 13.1
                 self._split_failed = f"{type(exc).__name__}: {exc}"
-                log.warning("disjoint SM split unavailable (%s); each green context takes its SMs "
-                            "from the whole device, so co-running stages may share SMs",
-                            self._split_failed)
+                log.warning(
+                    "disjoint SM split unavailable (%s); each green context takes its SMs "
+                    "from the whole device, so co-running stages may share SMs",
+                    self._split_failed,
+                )
                 parts = [None] * len(todo)
         for (stages, n), part in zip(todo, parts):
             for stage in stages:
                 self._slots[(plan.key, stage)] = self._new_slot(stage, plan, n, part)
-        log.info("green contexts for partition %s: %s", plan.describe(), ", ".join(
-            f"{s.value} {self._slots[(plan.key, s)].info.granted_sms}"
-            for stages, _ in todo for s in stages))
+        log.info(
+            "green contexts for partition %s: %s",
+            plan.describe(),
+            ", ".join(
+                f"{s.value} {self._slots[(plan.key, s)].info.granted_sms}"
+                for stages, _ in todo
+                for s in stages
+            ),
+        )
 
     def _slot(self, stage: Stage, plan: PartitionPlan) -> _GreenSlot:
         key = (plan.key, stage)
@@ -511,12 +550,14 @@ class GreenContextBackend(PartitionBackend):
         if slot is None:
             with self._lock:
                 if key not in self._slots:
-                    log.info("creating green contexts on first use of partition %s", plan.describe())
+                    log.info(
+                        "creating green contexts on first use of partition %s", plan.describe()
+                    )
                     self._ensure_plan(plan)
                 slot = self._slots[key]
         return slot
 
-    def _enter(self, slot: _GreenSlot) -> ContextManager[Any]:
+    def _enter(self, slot: _GreenSlot) -> AbstractContextManager[Any]:
         if slot.stream is not None:
             return _yielding(self._cuda.stream_guard(slot.stream), slot.stream)
         return _ContextStackGuard(slot.ctx, self._cuda).enter()
@@ -546,7 +587,7 @@ class GreenContextBackend(PartitionBackend):
         info = self._slot(stage, plan).info
         return info.granted_sms or info.requested_sms
 
-    def share_context(self, share: float) -> ContextManager[Any]:
+    def share_context(self, share: float) -> AbstractContextManager[Any]:
         if share >= 1.0 - _EPS:
             return contextlib.nullcontext()
         n = self.grid.sms_for_share(share)
@@ -569,15 +610,20 @@ class GreenContextBackend(PartitionBackend):
         return [slot.info for slot in self._slots.values()]
 
     def describe(self) -> str:
-        disjoint = ("disjoint SM sets" if self.api.kind == "sm-partition" and not self._split_failed
-                    else "SM sets may overlap between stages")
-        return (f"green_context ({self.api.kind} API, torch {self.api.torch_version}): "
-                f"{self.grid.num_sms} SMs, partitions of >= {self.grid.min_sms} in steps of "
-                f"{self.grid.granularity}; {disjoint}")
+        disjoint = (
+            "disjoint SM sets"
+            if self.api.kind == "sm-partition" and not self._split_failed
+            else "SM sets may overlap between stages"
+        )
+        return (
+            f"green_context ({self.api.kind} API, torch {self.api.torch_version}): "
+            f"{self.grid.num_sms} SMs, partitions of >= {self.grid.min_sms} in steps of "
+            f"{self.grid.granularity}; {disjoint}"
+        )
 
 
 @contextlib.contextmanager
-def _yielding(guard: ContextManager[Any], value: Any) -> Iterator[Any]:
+def _yielding(guard: AbstractContextManager[Any], value: Any) -> Iterator[Any]:
     with guard:
         yield value
 
@@ -601,18 +647,21 @@ def make_backend(requested: str, device: Any) -> PartitionBackend:
 
     if requested not in ("auto", "green_context", "none", "cpu"):
         raise PartitionUnavailable(
-            f"unknown partition backend {requested!r}; choose auto, green_context, none or cpu")
+            f"unknown partition backend {requested!r}; choose auto, green_context, none or cpu"
+        )
     device = torch.device(device)
     if device.type != "cuda":
         if requested == "green_context":
             raise PartitionUnavailable(
-                f"--partition green_context needs a CUDA device; the device is {device}")
+                f"--partition green_context needs a CUDA device; the device is {device}"
+            )
         if requested == "none":
             log.info("partition none on %s: no streams on a CPU, using the cpu backend", device)
         return CpuBackend()
     if requested == "cpu":
-        raise PartitionUnavailable("--partition cpu is for CPU devices; on CUDA use auto, "
-                                   "green_context or none")
+        raise PartitionUnavailable(
+            "--partition cpu is for CPU devices; on CUDA use auto, green_context or none"
+        )
     index = device.index if device.index is not None else torch.cuda.current_device()
     cuda = _TorchCuda(torch.device("cuda", index))
     props = torch.cuda.get_device_properties(index)
@@ -624,8 +673,11 @@ def make_backend(requested: str, device: Any) -> PartitionBackend:
     except PartitionUnavailable as exc:
         if requested == "green_context":
             raise
-        log.warning("partition auto: green contexts unavailable (%s); using none (streams "
-                    "without SM limits)", exc)
+        log.warning(
+            "partition auto: green contexts unavailable (%s); using none (streams "
+            "without SM limits)",
+            exc,
+        )
         return StreamBackend(fallback_grid, cuda)
     log.info("partition backend: %s", backend.describe())
     return backend
@@ -640,14 +692,17 @@ def _green_backend(index: int, cuda: Any, fallback_grid: SMGrid) -> GreenContext
     try:  # the driver must really create one: CUDA 12.4+ driver, a supported GPU
         trial = api.create(grid.min_sms, index)
         del trial
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not available"
+    except Exception as exc:
         raise PartitionUnavailable(
             f"creating a green context of {grid.min_sms} SMs failed ({type(exc).__name__}: {exc}); "
-            "green contexts need a CUDA 12.4+ driver and PyTorch built with CUDA >= 12.8") from exc
+            "green contexts need a CUDA 12.4+ driver and PyTorch built with CUDA >= 12.8"
+        ) from exc
     return GreenContextBackend(grid, api, index, cuda, probe if probe.available else None)
 
 
-def backend_share_context(requested: str, device: Any) -> Callable[[float], ContextManager[Any]] | None:
+def backend_share_context(
+    requested: str, device: Any
+) -> Callable[[float], AbstractContextManager[Any]] | None:
     """``share_context`` for ``nova profile``: ``None`` when the backend cannot limit SMs."""
     backend = make_backend(requested, device)
     return backend.share_context if backend.enforces_limits else None

@@ -1,6 +1,7 @@
 """From a chat (text + images) to model inputs: prompt token ids with image placeholders expanded
 and pixel values. Images are checked here; a bad one raises ``InvalidInputError`` naming it.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,10 @@ from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
 from nova.models.qwen_vl_sizing import (
-    DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, REFERENCE_IMAGE_SIZE, ImageSizing,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    REFERENCE_IMAGE_SIZE,
+    ImageSizing,
 )
 from nova.models.vision import num_image_tokens
 
@@ -60,12 +64,16 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
     if width < 1 or height < 1:
         raise InvalidInputError(f"image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise InvalidInputError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
+        raise InvalidInputError(
+            f"image of {width}x{height} pixels exceeds the limit of {max_pixels}"
+        )
     return image.convert("RGB")
 
 
 def expand_image_placeholders(
-    token_ids: list[int], image_token_id: int, num_tokens_per_image: int | Sequence[int],
+    token_ids: list[int],
+    image_token_id: int,
+    num_tokens_per_image: int | Sequence[int],
     num_images: int,
 ) -> list[int]:
     """Replace the placeholder token of image ``k`` by ``num_tokens_per_image[k]`` copies of it
@@ -74,8 +82,11 @@ def expand_image_placeholders(
     A prompt may come already expanded (exactly the sum of the counts in placeholders); then it
     is returned unchanged.
     """
-    counts = ([num_tokens_per_image] * num_images if isinstance(num_tokens_per_image, int)
-              else [int(c) for c in num_tokens_per_image])
+    counts = (
+        [num_tokens_per_image] * num_images
+        if isinstance(num_tokens_per_image, int)
+        else [int(c) for c in num_tokens_per_image]
+    )
     if len(counts) != num_images:
         raise ValueError(f"{len(counts)} token counts for {num_images} images")
     count = token_ids.count(image_token_id)
@@ -96,20 +107,25 @@ def expand_image_placeholders(
     return out
 
 
-def chat_messages(text: str, num_images: int = 0, system: str | None = None) -> list[dict[str, Any]]:
+def chat_messages(
+    text: str, num_images: int = 0, system: str | None = None
+) -> list[dict[str, Any]]:
     """One user turn (``num_images`` image parts, then the text), after an optional system turn."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": text})
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": content}]
+    return [*messages, {"role": "user", "content": content}]
 
 
 class InputProcessor:
     """Chat template, tokenizer and image processor of one loaded model."""
 
     def __init__(
-        self, loaded: LoadedModel, max_image_pixels: int | None = None,
-        min_pixels: int | None = None, max_pixels: int | None = None,
+        self,
+        loaded: LoadedModel,
+        max_image_pixels: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         """``max_image_pixels``: largest image accepted before any resizing (decode safety).
         ``min_pixels``/``max_pixels``: resize limits of dynamic-resolution models (Qwen-VL),
@@ -128,7 +144,8 @@ class InputProcessor:
             if self.image_processor is None:
                 self.image_processor = _default_qwen_processor(loaded.hf_config)
             self.sizing = ImageSizing.from_processor(self.image_processor).with_limits(
-                min_pixels, max_pixels)
+                min_pixels, max_pixels
+            )
             # Image tokens vary with the image; this is a reference screenshot's count, for
             # plans made before an image is seen (the real count comes with each image).
             self.num_image_tokens = self.sizing.num_image_tokens(*REFERENCE_IMAGE_SIZE)
@@ -188,7 +205,8 @@ class InputProcessor:
             except InvalidInputError as exc:
                 raise type(exc)(f"image {k}: {exc}") from exc
         out = self.image_processor(
-            images=pil, return_tensors="pt",
+            images=pil,
+            return_tensors="pt",
             size={"shortest_edge": sizing.min_pixels, "longest_edge": sizing.max_pixels},
         )
         grid_thw = out["image_grid_thw"].long()
@@ -244,7 +262,9 @@ def _default_qwen_processor(hf_config: Any) -> Any:
 
     vc = hf_config.vision_config
     return Qwen2VLImageProcessorPil(
-        patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+        patch_size=vc.patch_size,
+        merge_size=vc.spatial_merge_size,
         temporal_patch_size=vc.temporal_patch_size,
-        min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS,
+        min_pixels=DEFAULT_MIN_PIXELS,
+        max_pixels=DEFAULT_MAX_PIXELS,
     )

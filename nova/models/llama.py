@@ -11,6 +11,7 @@ rotary frequencies are split by ``mrope_section`` and section i uses row i (docs
 The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences at once; see
 ``nova.runtime.forward_batch``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,7 +26,6 @@ from nova.models.mrope import mrope_frequency_rows
 from nova.runtime.attention import SdpaPagedAttention
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
-
 
 # Text models with Qwen2's layout (bias on q/k/v only); the Qwen-VL ones use M-RoPE.
 QWEN_VL_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
@@ -130,7 +130,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int, attn: SdpaPagedAttention) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -139,8 +143,12 @@ class Attention(nn.Module):
         self._attn = attn
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        batch: ForwardBatch, kv_cache: PagedKVCache,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
@@ -172,8 +180,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        batch: ForwardBatch, kv_cache: PagedKVCache,
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -191,7 +203,10 @@ class LlamaDecoder(nn.Module):
     """Llama / Qwen2 / Mistral-style decoder-only LM; HF-compatible parameter names."""
 
     def __init__(
-        self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0,
+        self,
+        cfg: DecoderConfig,
+        inv_freq: torch.Tensor,
+        rope_scaling: float = 1.0,
         mrope_section: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -209,7 +224,8 @@ class LlamaDecoder(nn.Module):
         self.mrope_section = tuple(int(s) for s in mrope_section) if mrope_section else None
         self._mrope_rows = (
             mrope_frequency_rows(self.mrope_section, self._inv_freq.numel())
-            if self.mrope_section else None
+            if self.mrope_section
+            else None
         )
 
     @property

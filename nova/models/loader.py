@@ -4,6 +4,7 @@
 directory (transformers config, tokenizer with chat template, image processor, EOS ids). Every
 failure is a ``ModelLoadError`` whose message names the path and the problem.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,7 @@ def shipped_configs() -> list[str]:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """"demo" -> the cached demo model (built on first use); a directory; or a shipped config."""
+    """ "demo" -> the cached demo model (built on first use); a directory; or a shipped config."""
     if str(model) == "demo":
         from nova.models.demo import build_demo_model
 
@@ -126,7 +127,7 @@ def load_safetensors_weights(model: NovaModel, arch: Architecture, model_dir: Pa
     for file in _safetensors_files(model_dir):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     target = arch.map_name(name)
                     if target is None:
                         continue
@@ -153,7 +154,9 @@ def load_safetensors_weights(model: NovaModel, arch: Architecture, model_dir: Pa
             f"architecture, e.g. {unexpected[:3]}"
         )
     tied = model.decoder.cfg.tie_word_embeddings
-    missing = [n for n in params if n not in loaded and not (tied and n == "decoder.lm_head.weight")]
+    missing = [
+        n for n in params if n not in loaded and not (tied and n == "decoder.lm_head.weight")
+    ]
     if missing:
         raise ModelLoadError(
             f"{model_dir}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}"
@@ -251,6 +254,10 @@ def load_model(
     )
     log.info(
         "loaded %s (%s, %.1fM params, %s) from %s",
-        arch.name, load_format, loaded.num_params() / 1e6, dtype, model_dir,
+        arch.name,
+        load_format,
+        loaded.num_params() / 1e6,
+        dtype,
+        model_dir,
     )
     return loaded

@@ -11,6 +11,7 @@
 hands each request back its embeddings ``[its image tokens, hidden]``, whichever form they
 came in; the executor and the offline loop use it and stay model-agnostic.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,7 +31,9 @@ class VisionInput:
 
     def __post_init__(self) -> None:
         if self.image_grid_thw.dim() != 2 or self.image_grid_thw.shape[1] != 3:
-            raise ValueError(f"image_grid_thw must be [num_images, 3], got {tuple(self.image_grid_thw.shape)}")
+            raise ValueError(
+                f"image_grid_thw must be [num_images, 3], got {tuple(self.image_grid_thw.shape)}"
+            )
         if int(self.image_grid_thw.prod(-1).sum()) != self.pixel_values.shape[0]:
             raise ValueError(
                 f"{self.pixel_values.shape[0]} patches but the grids {self.grids} need "
@@ -66,8 +68,9 @@ class VisionInput:
         return iter(self.image_patches())
 
     def to(self, device: torch.device | str) -> VisionInput:
-        return VisionInput(self.pixel_values.to(device), self.image_grid_thw.to(device),
-                           self.spatial_merge_size)
+        return VisionInput(
+            self.pixel_values.to(device), self.image_grid_thw.to(device), self.spatial_merge_size
+        )
 
     @classmethod
     def cat(cls, inputs: Sequence[VisionInput]) -> VisionInput:
@@ -76,8 +79,11 @@ class VisionInput:
         merge = {x.spatial_merge_size for x in inputs}
         if len(merge) != 1:
             raise ValueError(f"inputs of different merge sizes {sorted(merge)}")
-        return cls(torch.cat([x.pixel_values for x in inputs]),
-                   torch.cat([x.image_grid_thw for x in inputs]), merge.pop())
+        return cls(
+            torch.cat([x.pixel_values for x in inputs]),
+            torch.cat([x.image_grid_thw for x in inputs]),
+            merge.pop(),
+        )
 
 
 def num_images(pixels: torch.Tensor | VisionInput) -> int:
@@ -95,7 +101,9 @@ def image_hashes(pixels: torch.Tensor | VisionInput) -> list[str]:
             out.append(h.hexdigest()[:32])
         return out
     for px in pixels:
-        out.append(hashlib.sha256(px.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:32])
+        out.append(
+            hashlib.sha256(px.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:32]
+        )
     return out
 
 
@@ -115,7 +123,9 @@ def encode_image_batch(
         embeds = encode(VisionInput.cat(vis))
         sizes = [sum(x.tokens_per_image) for x in vis]
         if embeds.shape[0] != sum(sizes):
-            raise RuntimeError(f"vision tower returned {embeds.shape[0]} tokens, expected {sum(sizes)}")
+            raise RuntimeError(
+                f"vision tower returned {embeds.shape[0]} tokens, expected {sum(sizes)}"
+            )
         return list(torch.split(embeds, sizes))
     if any(isinstance(x, VisionInput) for x in inputs):
         raise TypeError("cannot batch fixed-size pixel tensors with dynamic-resolution inputs")

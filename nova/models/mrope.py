@@ -12,6 +12,7 @@ Inside the decoder the head dimension's frequency halves are split into ``mrope_
 (e.g. 16/24/24 of 64): section ``i`` rotates by row ``i`` of the positions. A token whose rows
 are equal (all text) therefore gets plain RoPE.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -99,4 +100,6 @@ def mrope_frequency_rows(mrope_section: Sequence[int], half_dim: int) -> torch.T
             f"{half_dim}"
         )
     # Explicitly on the CPU: decoders are built inside a meta-device context.
-    return torch.cat([torch.full((s,), i, dtype=torch.long, device="cpu") for i, s in enumerate(sections)])
+    return torch.cat(
+        [torch.full((s,), i, dtype=torch.long, device="cpu") for i, s in enumerate(sections)]
+    )

@@ -6,6 +6,7 @@ Input: flattened patches of several images and their (t, h, w) patch grids, as t
 image processor produces them (:class:`nova.models.mm.VisionInput`). Output: the image tokens
 of all images, packed in image order ``[sum of t*h*w/merge**2, text_hidden]``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,10 +16,16 @@ from torch import nn
 
 # model_type of the top-level config -> (vision model_type, tower class name in transformers)
 QWEN_VL_TOWERS = {
-    "qwen2_vl": ("qwen2_vl_vision", "transformers.models.qwen2_vl.modeling_qwen2_vl",
-                 "Qwen2VisionTransformerPretrainedModel"),
-    "qwen2_5_vl": ("qwen2_5_vl_vision", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-                   "Qwen2_5_VisionTransformerPretrainedModel"),
+    "qwen2_vl": (
+        "qwen2_vl_vision",
+        "transformers.models.qwen2_vl.modeling_qwen2_vl",
+        "Qwen2VisionTransformerPretrainedModel",
+    ),
+    "qwen2_5_vl": (
+        "qwen2_5_vl_vision",
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        "Qwen2_5_VisionTransformerPretrainedModel",
+    ),
 }
 
 
@@ -31,7 +38,8 @@ def _tower_class(hf_config: Any) -> type:
     vision_type, module, name = QWEN_VL_TOWERS[model_type]
     if hf_config.vision_config.model_type != vision_type:
         raise ValueError(
-            f"{model_type} needs a {vision_type} vision_config, got {hf_config.vision_config.model_type!r}"
+            f"{model_type} needs a {vision_type} vision_config, got "
+            f"{hf_config.vision_config.model_type!r}"
         )
     return getattr(importlib.import_module(module), name)
 
@@ -43,7 +51,9 @@ class QwenVLVision(nn.Module):
         super().__init__()
         cls = _tower_class(hf_config)
         # dtype passed explicitly: _from_config would otherwise follow config.json's torch_dtype.
-        self.visual = cls._from_config(hf_config.vision_config, dtype=dtype or torch.get_default_dtype())
+        self.visual = cls._from_config(
+            hf_config.vision_config, dtype=dtype or torch.get_default_dtype()
+        )
         self.spatial_merge_size = int(hf_config.vision_config.spatial_merge_size)
 
     @property

@@ -18,6 +18,7 @@ Unlike the processor, which silently accepts any result, :meth:`ImageSizing.resi
 because each side is at least one factor; flooring under a narrow ``[min, max]`` window can fall
 below ``min_pixels``), or when the aspect ratio exceeds 200 (the processor's own limit).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,14 @@ class ImageSizing:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
-    def with_limits(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageSizing:
+    def with_limits(
+        self, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> ImageSizing:
         """These limits with ``min_pixels``/``max_pixels`` overridden where given."""
         return ImageSizing(
-            self.patch_size, self.merge_size, self.temporal_patch_size,
+            self.patch_size,
+            self.merge_size,
+            self.temporal_patch_size,
             self.min_pixels if min_pixels is None else min_pixels,
             self.max_pixels if max_pixels is None else max_pixels,
         )
@@ -83,14 +88,17 @@ class ImageSizing:
         min_pixels = get("shortest_edge", None) or getattr(processor, "min_pixels", None)
         max_pixels = get("longest_edge", None) or getattr(processor, "max_pixels", None)
         return cls(
-            int(processor.patch_size), int(processor.merge_size),
+            int(processor.patch_size),
+            int(processor.merge_size),
             int(getattr(processor, "temporal_patch_size", 2)),
-            int(min_pixels or DEFAULT_MIN_PIXELS), int(max_pixels or DEFAULT_MAX_PIXELS),
+            int(min_pixels or DEFAULT_MIN_PIXELS),
+            int(max_pixels or DEFAULT_MAX_PIXELS),
         )
 
     @classmethod
-    def from_config_dicts(cls, vision_config: dict[str, Any],
-                          preprocessor: dict[str, Any] | None = None) -> ImageSizing:
+    def from_config_dicts(
+        cls, vision_config: dict[str, Any], preprocessor: dict[str, Any] | None = None
+    ) -> ImageSizing:
         """From a config.json ``vision_config`` dict and an optional preprocessor_config.json."""
         pre = preprocessor or {}
         size = pre.get("size") or {}
@@ -129,8 +137,11 @@ class ImageSizing:
             new_w = math.ceil(width * grow / f) * f
         pixels = new_h * new_w
         if pixels > self.max_pixels or pixels < self.min_pixels or min(new_h, new_w) < f:
-            bound = (f"above max_pixels={self.max_pixels}" if pixels > self.max_pixels
-                     else f"below min_pixels={self.min_pixels}")
+            bound = (
+                f"above max_pixels={self.max_pixels}"
+                if pixels > self.max_pixels
+                else f"below min_pixels={self.min_pixels}"
+            )
             raise ImageSizeError(
                 f"image of {width}x{height} pixels resizes to {new_w}x{new_h} = {pixels} pixels "
                 f"(sides multiples of {f}), {bound}; allowed: {self.min_pixels}..{self.max_pixels} "

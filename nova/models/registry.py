@@ -3,6 +3,7 @@
 Each entry builds a ``NovaModel`` skeleton from a transformers config and maps a checkpoint
 tensor name onto our parameter names (``None`` = tensor not used, e.g. rotary caches).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,11 @@ def register(name: str, text_config: Callable[[Any], Any]):
 
 
 def _build_decoder(
-    text_cfg: Any, dtype: torch.dtype, device: torch.device,
-    tie_word_embeddings: bool | None = None, mrope_section: list[int] | None = None,
+    text_cfg: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    tie_word_embeddings: bool | None = None,
+    mrope_section: list[int] | None = None,
 ) -> LlamaDecoder:
     cfg = DecoderConfig.from_hf(text_cfg)
     if tie_word_embeddings is not None:
@@ -159,7 +163,9 @@ def _build_qwen_vl(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaMod
     tc = hf.text_config
     if getattr(tc, "use_sliding_window", False):
         raise ValueError("Qwen-VL text models with use_sliding_window are not supported")
-    tied = bool(getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    tied = bool(
+        getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False)
+    )
     decoder = _build_decoder(tc, dtype, device, tied, qwen_vl_mrope_section(tc))
     with default_dtype(dtype):
         vision = QwenVLVision(hf, dtype)

@@ -4,6 +4,7 @@ Feature selection follows ``transformers``' LLaVA exactly: hidden states of
 ``vision_feature_layer`` (an int, or a list whose states are concatenated), with the first
 (CLS) position dropped when ``vision_feature_select_strategy == "default"``.
 """
+
 from __future__ import annotations
 
 from typing import Any

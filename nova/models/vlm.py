@@ -5,6 +5,7 @@ Vision sides: ``LlavaVision`` (fixed-size images ``[N, 3, H, W]`` -> ``[N, token
 packed ``[sum tokens, hidden]``). Qwen-VL decoders use M-RoPE: ``position_plan`` gives a
 prompt's 3-row positions and the offset of the tokens after it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -61,10 +62,15 @@ class NovaModel(nn.Module):
     ) -> MRopePlan | None:
         """M-RoPE positions of a prompt with images; None where plain positions are right
         (no M-RoPE, or no image: text-only M-RoPE positions equal token indices)."""
-        if not self.uses_mrope or not isinstance(pixel_values, VisionInput) or self.image_token_id is None:
+        if (
+            not self.uses_mrope
+            or not isinstance(pixel_values, VisionInput)
+            or self.image_token_id is None
+        ):
             return None
-        return mrope_plan(token_ids, self.image_token_id, pixel_values.grids,
-                          pixel_values.spatial_merge_size)
+        return mrope_plan(
+            token_ids, self.image_token_id, pixel_values.grids, pixel_values.spatial_merge_size
+        )
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """Token embeddings with image embeddings merged at the image-placeholder positions."""
@@ -74,11 +80,14 @@ class NovaModel(nn.Module):
         if self.image_token_id is None:
             raise ValueError("image embeddings given to a model without an image token")
         is_image = batch.input_ids == self.image_token_id
-        embeds = torch.cat([e.reshape(-1, hidden.shape[-1]) for e in batch.mm_embeds if e is not None])
+        embeds = torch.cat(
+            [e.reshape(-1, hidden.shape[-1]) for e in batch.mm_embeds if e is not None]
+        )
         num_placeholders = int(is_image.sum())
         if num_placeholders != embeds.shape[0]:
             raise ValueError(
-                f"{num_placeholders} image placeholder tokens but {embeds.shape[0]} image embeddings"
+                f"{num_placeholders} image placeholder tokens but {embeds.shape[0]} image "
+                "embeddings"
             )
         hidden[is_image] = embeds.to(hidden.dtype)
         return hidden

@@ -10,6 +10,7 @@ Faster GPU paths read the cache in place behind the same ``__call__`` signature:
 ``make_attention_backend`` picks one from ``EngineConfig.attention_backend``; ``auto`` follows a
 measurement written by ``benchmarks/attention_decode.py`` (see docs/attention.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
-
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,11 @@ class SdpaPagedAttention:
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if batch.kv_gather_index is None or batch.attn_mask is None:
-            raise ValueError("the sdpa attention backend needs a ForwardBatch built with "
-                             "gather_views=True")
+            raise ValueError(
+                "the sdpa attention backend needs a ForwardBatch built with gather_views=True"
+            )
         kv_cache.write(layer, batch.slot_mapping, k, v)
-        num_tokens, num_heads, head_dim = q.shape
+        _num_tokens, num_heads, head_dim = q.shape
         b, max_q = batch.num_seqs, batch.max_query_len
         q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
         q_pad[batch.query_pad_index] = q
@@ -62,7 +63,11 @@ class SdpaPagedAttention:
         k_ctx = kv_cache.k[layer][batch.kv_gather_index].to(q.dtype).transpose(1, 2)
         v_ctx = kv_cache.v[layer][batch.kv_gather_index].to(q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q_pad, k_ctx, v_ctx, attn_mask=batch.attn_mask, scale=scale,
+            q_pad,
+            k_ctx,
+            v_ctx,
+            attn_mask=batch.attn_mask,
+            scale=scale,
             enable_gqa=num_heads != k_ctx.shape[1],
         )
         out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
@@ -120,8 +125,9 @@ def load_selection_table(gpu_name: str) -> dict | None:
     table = json.loads(path.read_text())
     for phase in ("decode", "prefill"):
         if table.get(phase) not in BACKEND_NAMES:
-            raise ValueError(f"{path}: {phase!r} must be one of {BACKEND_NAMES}, "
-                             f"got {table.get(phase)!r}")
+            raise ValueError(
+                f"{path}: {phase!r} must be one of {BACKEND_NAMES}, got {table.get(phase)!r}"
+            )
     return table
 
 
@@ -137,8 +143,9 @@ def choose_attention(
     """
     if requested != "auto":
         if requested not in BACKEND_NAMES:
-            raise ValueError(f"unknown attention backend {requested!r}; "
-                             f"choose auto, {', '.join(BACKEND_NAMES)}")
+            raise ValueError(
+                f"unknown attention backend {requested!r}; choose auto, {', '.join(BACKEND_NAMES)}"
+            )
         return AttentionChoice(requested, requested, "requested")
     if device_type != "cuda":
         return AttentionChoice("sdpa", "sdpa", "auto on CPU")
@@ -160,12 +167,13 @@ def _build_backend(name: str, device: torch.device) -> Any:
             raise RuntimeError(
                 f"attention backend 'triton' needs a CUDA device (this model is on "
                 f"{device.type}); set TRITON_INTERPRET=1 before starting to run the kernel in "
-                f"Triton's (slow) CPU interpreter, or use --attention-backend sdpa")
+                f"Triton's (slow) CPU interpreter, or use --attention-backend sdpa"
+            )
         return TritonPagedAttention()
     if name == "flex":
         from nova.runtime.attention_flex import FlexPagedAttention
 
-        return FlexPagedAttention(compile=device.type == "cuda")
+        return FlexPagedAttention(use_compile=device.type == "cuda")
     raise ValueError(f"unknown attention backend {name!r}")
 
 
@@ -181,6 +189,10 @@ def make_attention_backend(
     decode = _build_backend(choice.decode, device)
     prefill = decode if choice.prefill == choice.decode else _build_backend(choice.prefill, device)
     backend = decode if prefill is decode else PhaseSplitAttention(decode, prefill)
-    log.info("attention backend: prefill %s, decode %s (%s)", choice.prefill, choice.decode,
-             choice.reason)
+    log.info(
+        "attention backend: prefill %s, decode %s (%s)",
+        choice.prefill,
+        choice.decode,
+        choice.reason,
+    )
     return backend

@@ -11,6 +11,7 @@ Per forward, the slot -> (owner, logical block) maps are ``O(num_blocks)`` and a
 and shared by all layers (``ForwardBatch.attn_metadata``). On CUDA, ``flex_attention`` is
 wrapped in ``torch.compile`` (its eager path is a dense reference, not a kernel).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,11 +61,18 @@ def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.devic
     # Keys a q tile needs: positions < min(seq_len, num_cached + tile_end) -> that many pages.
     kv_tokens = torch.minimum(seq_lens[:, None], num_cached[:, None] + tile_end[None, :])
     kv_num_blocks = (-(-kv_tokens // bs)).to(torch.int32)[:, None, :]  # [B, 1, tiles]
-    kv_indices = batch.block_tables.to(torch.int32)[:, None, None, :].expand(
-        b, 1, num_q_tiles, tables.shape[1]).contiguous()
+    kv_indices = (
+        batch.block_tables.to(torch.int32)[:, None, None, :]
+        .expand(b, 1, num_q_tiles, tables.shape[1])
+        .contiguous()
+    )
     block_mask = BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=(Q_TILE, bs), mask_mod=mask_mod,
-        seq_lengths=(max_q, num_blocks * bs), compute_q_blocks=False,
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=(Q_TILE, bs),
+        mask_mod=mask_mod,
+        seq_lengths=(max_q, num_blocks * bs),
+        compute_q_blocks=False,
     )
     return _FlexMeta(block_mask, batch.query_pad_index)
 
@@ -74,10 +82,10 @@ class FlexPagedAttention:
     needs_gather_views = False  # reads the paged cache in place
     static_shapes = False
 
-    def __init__(self, compile: bool = False) -> None:
+    def __init__(self, use_compile: bool = False) -> None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        self._flex = torch.compile(flex_attention, dynamic=True) if compile else flex_attention
+        self._flex = torch.compile(flex_attention, dynamic=True) if use_compile else flex_attention
 
     def __call__(
         self,
@@ -94,14 +102,20 @@ class FlexPagedAttention:
         meta = batch.attn_metadata.get("flex")
         if meta is None:
             meta = batch.attn_metadata["flex"] = _build_meta(batch, kv_cache, q.device)
-        num_tokens, num_heads, head_dim = q.shape
+        _num_tokens, num_heads, head_dim = q.shape
         b, max_q = batch.num_seqs, batch.max_query_len
         q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
         q_pad[meta.query_pad_index] = q
         q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
         k_all = kv_cache.k[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
         v_all = kv_cache.v[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
-        out = self._flex(q_pad, k_all, v_all, block_mask=meta.block_mask, scale=scale,
-                         enable_gqa=num_heads != k_all.shape[1])
+        out = self._flex(
+            q_pad,
+            k_all,
+            v_all,
+            block_mask=meta.block_mask,
+            scale=scale,
+            enable_gqa=num_heads != k_all.shape[1],
+        )
         out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
         return out[meta.query_pad_index]

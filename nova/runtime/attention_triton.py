@@ -4,6 +4,7 @@ Same call as ``SdpaPagedAttention``; reads K/V from the cache in place through
 ``ForwardBatch.block_tables`` / ``seq_lens`` / ``query_start_loc``. Its launch shape depends only
 on ``(num_seqs, max_query_len)``, so a decode step through it can be captured in a CUDA graph.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,14 @@ class TritonPagedAttention:
         batch.require_paged_metadata("triton")
         kv_cache.write(layer, batch.slot_mapping, k, v)
         out = self._kernel.paged_attention(
-            q.contiguous(), kv_cache.k[layer], kv_cache.v[layer], batch.block_tables,
-            batch.seq_lens, batch.query_start_loc, batch.max_query_len, kv_cache.block_size, scale,
+            q.contiguous(),
+            kv_cache.k[layer],
+            kv_cache.v[layer],
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            batch.max_query_len,
+            kv_cache.block_size,
+            scale,
         )
         return out.reshape(q.shape[0], -1)

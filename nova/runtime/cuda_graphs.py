@@ -24,6 +24,7 @@ The decisions (which bucket, when to fall back to eager, how to pad) are plain f
 tested on a CPU; ``StaticDecodeRunner`` runs the same padded static-shape step eagerly (CPU
 tests, or ``use_graphs=False``) or captures and replays it (CUDA).
 """
+
 from __future__ import annotations
 
 import logging
@@ -132,8 +133,9 @@ class StaticDecodeRunner:
         use_graphs: bool = True,
     ) -> None:
         if not 0 <= scratch_block < kv_cache.num_blocks:
-            raise ValueError(f"scratch block {scratch_block} is not in the cache "
-                             f"(0..{kv_cache.num_blocks - 1})")
+            raise ValueError(
+                f"scratch block {scratch_block} is not in the cache (0..{kv_cache.num_blocks - 1})"
+            )
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -151,8 +153,9 @@ class StaticDecodeRunner:
             input_ids=torch.zeros(rows, dtype=torch.long, device=dev),
             positions=None,
             slot_mapping=torch.full((rows,), self.pad.slot, dtype=torch.long, device=dev),
-            block_tables=torch.full((rows, self.max_blocks_per_seq), self.pad.block,
-                                    dtype=torch.int32, device=dev),
+            block_tables=torch.full(
+                (rows, self.max_blocks_per_seq), self.pad.block, dtype=torch.int32, device=dev
+            ),
             seq_lens=torch.ones(rows, dtype=torch.int32, device=dev),
             query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device=dev),
             row_index=torch.arange(rows, dtype=torch.long, device=dev),
@@ -196,8 +199,12 @@ class StaticDecodeRunner:
         # M-RoPE) and the slots; only the last dimension (tokens) is padded here.
         eager = build_forward_batch(seqs, self.block_size, self.device, gather_views=False)
         if buf.positions is None or buf.positions.shape[:-1] != eager.positions.shape[:-1]:
-            buf.positions = torch.zeros(*eager.positions.shape[:-1], buf.input_ids.shape[0],
-                                        dtype=eager.positions.dtype, device=self.device)
+            buf.positions = torch.zeros(
+                *eager.positions.shape[:-1],
+                buf.input_ids.shape[0],
+                dtype=eager.positions.dtype,
+                device=self.device,
+            )
             self._entries.clear()  # graphs captured on the old buffer are stale
         buf.input_ids[:n].copy_(eager.input_ids)
         buf.input_ids[n:bucket].zero_()
@@ -219,7 +226,8 @@ class StaticDecodeRunner:
             positions=buf.positions[..., :bucket],
             slot_mapping=buf.slot_mapping[:bucket],
             query_pad_index=rows,
-            # Static-shape backends read the cache in place (the SDPA gather path is never captured).
+            # Static-shape backends read the cache in place (the SDPA gather path is never
+            # captured).
             kv_gather_index=None,
             attn_mask=None,
             last_token_index=rows,
@@ -250,8 +258,9 @@ class StaticDecodeRunner:
         with torch.cuda.graph(graph, pool=self._pool, stream=capture_stream):
             entry.logits = self.model.last_token_logits(entry.batch, self.kv_cache)
         entry.graph = graph
-        log.info("captured decode CUDA graph: partition %r, %d rows", partition_key,
-                 entry.batch.num_seqs)
+        log.info(
+            "captured decode CUDA graph: partition %r, %d rows", partition_key, entry.batch.num_seqs
+        )
 
 
 def _move_plain_tensors(model: Any, device: torch.device) -> None:
@@ -270,6 +279,8 @@ def graphs_unavailable_reason(device: torch.device, attention: Any) -> str | Non
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     if not getattr(attention, "static_shapes", False):
-        return (f"the {getattr(attention, 'name', '?')} attention backend has data-dependent "
-                f"shapes (use triton for decode graphs)")
+        return (
+            f"the {getattr(attention, 'name', '?')} attention backend has data-dependent "
+            f"shapes (use triton for decode graphs)"
+        )
     return None

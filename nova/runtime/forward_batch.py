@@ -7,6 +7,7 @@ sequences of different lengths and positions go through one forward: the new tok
 into one ``[num_tokens]`` dimension for the dense layers, and padded to ``[num_seqs, max_q]`` /
 ``[num_seqs, max_kv]`` only inside attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,8 +70,10 @@ class ForwardBatch:
     def require_paged_metadata(self, backend: str) -> None:
         """A clear error when a paged-in-place backend gets a batch without its tensors."""
         if self.block_tables is None or self.seq_lens is None or self.query_start_loc is None:
-            raise ValueError(f"the {backend} attention backend needs block_tables, seq_lens and "
-                             "query_start_loc in the ForwardBatch")
+            raise ValueError(
+                f"the {backend} attention backend needs block_tables, seq_lens and "
+                "query_start_loc in the ForwardBatch"
+            )
 
 
 def build_forward_batch(
@@ -103,8 +106,9 @@ def build_forward_batch(
         seq_slots = table[pos // block_size] * block_size + pos % block_size
         if gather is not None:
             gather[b, : s.context_len] = seq_slots
-        new_pos = list(range(s.num_cached_tokens + s.position_offset,
-                             s.context_len + s.position_offset))
+        new_pos = list(
+            range(s.num_cached_tokens + s.position_offset, s.context_len + s.position_offset)
+        )
         ids.extend(s.token_ids)
         positions.extend(new_pos)
         slots.extend(seq_slots[s.num_cached_tokens - first :].tolist())
@@ -157,7 +161,9 @@ def _paged_kernel_fields(seqs: list[SeqInput], device: torch.device | str) -> di
     )
 
 
-def _rotary_positions(seqs: list[SeqInput], flat: list[int], device: torch.device | str) -> torch.Tensor:
+def _rotary_positions(
+    seqs: list[SeqInput], flat: list[int], device: torch.device | str
+) -> torch.Tensor:
     """[T] positions, or [3, T] when any sequence carries M-RoPE rows (the others' rows equal)."""
     if all(s.mrope_positions is None for s in seqs):
         return torch.tensor(flat, dtype=torch.long, device=device)

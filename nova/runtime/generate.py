@@ -4,6 +4,7 @@ decode until every request stops. Requests are admitted in waves that fit the KV
 This is the runtime's own loop (used by the demo, tests and the runtime benchmark); the
 concurrent three-stage engine drives the same ``ModelRunner`` calls from its stage workers.
 """
+
 from __future__ import annotations
 
 import time
@@ -62,7 +63,9 @@ def _waves(runner: ModelRunner, requests: list[GenerationRequest]) -> list[list[
     current: list[GenerationRequest] = []
     used = 0
     for req in requests:
-        need = num_blocks_for(len(req.prompt.token_ids) + req.sampling.max_tokens, runner.block_size)
+        need = num_blocks_for(
+            len(req.prompt.token_ids) + req.sampling.max_tokens, runner.block_size
+        )
         if need > capacity:
             raise ValueError(
                 f"request {req.request_id} needs {need} KV blocks at most, the cache has {capacity}"
@@ -82,7 +85,9 @@ def _encode_images(runner: ModelRunner, runs: list[_Running]) -> float:
     if not with_images:
         return 0.0
     start = time.perf_counter()
-    embeds = encode_image_batch(runner.encode_images, [r.req.prompt.pixel_values for r in with_images])
+    embeds = encode_image_batch(
+        runner.encode_images, [r.req.prompt.pixel_values for r in with_images]
+    )
     for r, e in zip(with_images, embeds):
         r.mm_embeds = e
     return time.perf_counter() - start
@@ -90,9 +95,15 @@ def _encode_images(runner: ModelRunner, runs: list[_Running]) -> float:
 
 def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[GenerationResult]:
     eos = runner.loaded.eos_token_ids
-    runs = [_Running(r, frozenset(eos), make_generator(r.sampling),
-                     plan=runner.model.position_plan(r.prompt.token_ids, r.prompt.pixel_values))
-            for r in wave]
+    runs = [
+        _Running(
+            r,
+            frozenset(eos),
+            make_generator(r.sampling),
+            plan=runner.model.position_plan(r.prompt.token_ids, r.prompt.pixel_values),
+        )
+        for r in wave
+    ]
     bm = runner.block_manager
     try:
         vision_s = _encode_images(runner, runs)
@@ -104,7 +115,9 @@ def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[Genera
             mrope = r.plan.slice(0, len(ids)) if r.plan is not None else None
             seqs.append(SeqInput(ids, 0, table, r.mm_embeds, mrope_positions=mrope))
         logits = runner.forward(seqs)
-        for r, tok in zip(runs, sample(logits, [r.req.sampling for r in runs], [r.gen for r in runs])):
+        for r, tok in zip(
+            runs, sample(logits, [r.req.sampling for r in runs], [r.gen for r in runs])
+        ):
             _append(r, tok)
         prefill_end = time.perf_counter()
         decode_end: dict[str, float] = {}
@@ -115,8 +128,11 @@ def _run_wave(runner: ModelRunner, wave: list[GenerationRequest]) -> list[Genera
                 context = len(r.req.prompt.token_ids) + len(r.output)
                 bm.grow(rid, context)
                 offset = r.plan.delta if r.plan is not None else 0
-                seqs.append(SeqInput([r.output[-1]], context - 1, bm.block_table(rid),
-                                     position_offset=offset))
+                seqs.append(
+                    SeqInput(
+                        [r.output[-1]], context - 1, bm.block_table(rid), position_offset=offset
+                    )
+                )
             logits = runner.forward(seqs)
             toks = sample(logits, [r.req.sampling for r in active], [r.gen for r in active])
             now = time.perf_counter()

@@ -5,6 +5,7 @@ block ``s // block_size`` at offset ``s % block_size``; which blocks a sequence 
 by ``nova.core.block_manager.BlockManager`` (torch-free), and its block table maps the
 sequence's token positions to slots.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,9 @@ class PagedKVCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store new keys/values ``[num_tokens, num_kv_heads, head_dim]`` at their slots."""
         self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))

@@ -3,6 +3,7 @@
 The stage workers (engine) and the offline ``generate`` call it: ``encode_images`` for the
 vision stage, ``forward`` for prefill and decode (same call, different query lengths).
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,9 +67,14 @@ def _activation_reserve_bytes(cfg: CacheConfig, device: torch.device) -> int:
 
 class ModelRunner:
     def __init__(
-        self, loaded: LoadedModel, cache: CacheConfig | None = None,
-        attention_backend: str = "auto", cuda_graphs: bool = False, max_num_seqs: int = 64,
-        vision_offload_layers: int = 0, offload_ops: StreamOps | None = None,
+        self,
+        loaded: LoadedModel,
+        cache: CacheConfig | None = None,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 64,
+        vision_offload_layers: int = 0,
+        offload_ops: StreamOps | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -84,7 +90,8 @@ class ModelRunner:
             if self.model.vision is None:
                 raise ValueError("--vision-offload-layers needs a model with a vision encoder")
             self.vision_streamer = stream_vision_layers(
-                self.model.vision, vision_offload_layers, self.device, offload_ops)
+                self.model.vision, vision_offload_layers, self.device, offload_ops
+            )
         freed = self.vision_streamer.stats.saved_bytes if self.vision_streamer else 0
         num_blocks = cache.num_blocks or _kv_budget_bytes(cache, self.device, freed) // per_block
         if num_blocks < 1:
@@ -94,24 +101,39 @@ class ModelRunner:
         self.attention = make_attention_backend(attention_backend, self.device, cuda_graphs)
         self.model.decoder.set_attention_backend(self.attention)
         self._gather_views = needs_gather_views(self.attention)
-        no_graphs = "disabled" if not cuda_graphs else graphs_unavailable_reason(
-            self.device, self.attention)
+        no_graphs = (
+            "disabled"
+            if not cuda_graphs
+            else graphs_unavailable_reason(self.device, self.attention)
+        )
         # Decode graphs pad their batch with rows that write a scratch block: one block beyond
         # the block manager's, so no sequence ever owns it.
         self.kv_cache = PagedKVCache(
-            dcfg.num_layers, num_blocks + (no_graphs is None), cache.block_size,
-            dcfg.num_kv_heads, dcfg.head_dim, loaded.dtype, self.device,
+            dcfg.num_layers,
+            num_blocks + (no_graphs is None),
+            cache.block_size,
+            dcfg.num_kv_heads,
+            dcfg.head_dim,
+            loaded.dtype,
+            self.device,
         )
         self.decode_graphs: StaticDecodeRunner | None = None
         if no_graphs is None:
             self.decode_graphs = StaticDecodeRunner(
-                self.model, self.kv_cache, max_num_seqs, loaded.max_model_len,
-                scratch_block=num_blocks, device=self.device)
+                self.model,
+                self.kv_cache,
+                max_num_seqs,
+                loaded.max_model_len,
+                scratch_block=num_blocks,
+                device=self.device,
+            )
         elif cuda_graphs:
             log.info("decode CUDA graphs off: %s", no_graphs)
         log.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB)",
-            num_blocks, cache.block_size, self.kv_cache.num_bytes / 2**20,
+            num_blocks,
+            cache.block_size,
+            self.kv_cache.num_bytes / 2**20,
         )
         self.memory = self._memory_report(cache, num_blocks)
 
@@ -122,12 +144,23 @@ class ModelRunner:
         on_device = module_bytes(self.model, self.device.type)
         # On a CPU the host copies of streamed layers sit on the "device" too: not resident.
         resident = on_device - (streamed if self.device.type == "cpu" else 0) + slots
-        total = (torch.cuda.get_device_properties(self.device).total_memory
-                 if self.device.type == "cuda" else None)
+        total = (
+            torch.cuda.get_device_properties(self.device).total_memory
+            if self.device.type == "cuda"
+            else None
+        )
         return MemoryReport(
-            str(self.device), resident, streamed, slots, st.saved_bytes if st else 0,
-            self.kv_cache.num_bytes, num_blocks, cache.block_size,
-            _activation_reserve_bytes(cache, self.device), total)
+            str(self.device),
+            resident,
+            streamed,
+            slots,
+            st.saved_bytes if st else 0,
+            self.kv_cache.num_bytes,
+            num_blocks,
+            cache.block_size,
+            _activation_reserve_bytes(cache, self.device),
+            total,
+        )
 
     @property
     def vocab_size(self) -> int:

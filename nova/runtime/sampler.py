@@ -1,4 +1,5 @@
 """Pick next tokens from logits, per request: greedy, temperature, top-k, top-p, seeded."""
+
 from __future__ import annotations
 
 import torch

@@ -4,11 +4,12 @@
 in-process); ``add_serve_parser(subparsers)`` registers the ``nova serve`` command.
 Imports are lazy so that ``import nova.server`` stays light.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "ServerConfig", "add_serve_parser"]
+__all__ = ["ServerConfig", "add_serve_parser", "create_app"]
 
 
 def __getattr__(name: str) -> Any:

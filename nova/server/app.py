@@ -10,6 +10,7 @@ or SSE. Stop strings are matched here over the text deltas; when one matches, th
 before it and the engine request is aborted. A client that goes away (mid-stream or while a
 non-streamed request runs) has its engine request aborted, which frees its KV blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -84,14 +85,22 @@ class OpenAIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> OpenAIError:
+def bad_request(
+    message: str, param: str | None = None, code: str | None = "invalid_value"
+) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
@@ -119,7 +128,11 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
         if isinstance(item, int):
             out += f"[{item}]"
         elif isinstance(item, str):
-            skip = "[" in item or item in _BRANCH_LABELS or (isinstance(prev, int) and item in _UNION_TAGS)
+            skip = (
+                "[" in item
+                or item in _BRANCH_LABELS
+                or (isinstance(prev, int) and item in _UNION_TAGS)
+            )
             prev = item
             if skip:
                 continue
@@ -136,8 +149,9 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     for err in errors:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
-            return bad_request(f"the request body is not valid JSON: {detail}".rstrip(": "),
-                               code="invalid_json")
+            return bad_request(
+                f"the request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json"
+            )
     err = max(errors, key=lambda e: len(e.get("loc", ())))  # the most specific problem
     loc = tuple(err.get("loc", ()))
     param = _loc_to_param(loc)
@@ -152,9 +166,15 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if isinstance(given, (str, int, float, bool)) and err.get("type") != "missing":
         shown = repr(given)
         msg += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    more = (
+        f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        if len(errors) > 1
+        else ""
+    )
     where = param or "request body"
-    return bad_request(f"{where}: {msg}{more}", param=param, code=str(err.get("type") or "invalid_value"))
+    return bad_request(
+        f"{where}: {msg}{more}", param=param, code=str(err.get("type") or "invalid_value")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,8 +233,11 @@ class Piece:
 
 
 def _usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": p.num_prompt_tokens, "completion_tokens": num_output_tokens,
-            "total_tokens": p.num_prompt_tokens + num_output_tokens}
+    return {
+        "prompt_tokens": p.num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": p.num_prompt_tokens + num_output_tokens,
+    }
 
 
 def _sse(obj: Any) -> str:
@@ -229,8 +252,11 @@ class _EngineStream(StreamingResponse):
     aborted if it has not finished) and then runs ``on_close``, however the response ends."""
 
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._body = body
         self._on_close = on_close
 
@@ -259,8 +285,12 @@ class _APIKeyMiddleware:
                     header = value
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                err = OpenAIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                err = OpenAIError(
+                    401,
+                    "missing or incorrect API key; send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -275,15 +305,22 @@ class _BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _error(self) -> OpenAIError:
-        return OpenAIError(413, f"the request body exceeds the limit of {self.max_bytes} bytes",
-                           code="request_too_large")
+        return OpenAIError(
+            413,
+            f"the request body exceeds the limit of {self.max_bytes} bytes",
+            code="request_too_large",
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
-            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if (
+                name.lower() == b"content-length"
+                and value.isdigit()
+                and int(value) > self.max_bytes
+            ):
                 await self._error().response()(scope, receive, send)
                 return
         seen = 0
@@ -325,8 +362,9 @@ class NovaService:
         self.metrics = ServerMetrics(engine, self.admission)
         self.processor = engine.processor
         self.max_model_len = int(engine.nova.loaded.max_model_len)
-        self._pool = ThreadPoolExecutor(max_workers=config.preprocess_workers,
-                                        thread_name_prefix="nova-preprocess")
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.preprocess_workers, thread_name_prefix="nova-preprocess"
+        )
         self.created = int(time.time())
         # test hooks for remote media (an httpx transport and a resolver)
         self.media_transport: Any = None
@@ -341,13 +379,16 @@ class NovaService:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise bad_request(f"{param} is not valid Unicode text (lone surrogate at {exc.start})",
-                              param=param) from exc
+            raise bad_request(
+                f"{param} is not valid Unicode text (lone surrogate at {exc.start})", param=param
+            ) from exc
 
     def _check_common(self, body: Any) -> None:
         # n, logprobs, penalties, echo, suffix and best_of are limited by the schema itself
         if body.stream_options is not None and not body.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+            raise bad_request(
+                "stream_options is only allowed when stream is true", "stream_options"
+            )
 
     def _stops(self, stop: str | list[str] | None) -> tuple[str, ...]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -359,17 +400,31 @@ class NovaService:
             self._check_text(s, f"stop[{i}]")
         return tuple(dict.fromkeys(stops))
 
-    def _sampling(self, body: Any, max_tokens: int | None, num_prompt: int, prompt_param: str,
-                  stops: tuple[str, ...]) -> SamplingParams:
+    def _sampling(
+        self,
+        body: Any,
+        max_tokens: int | None,
+        num_prompt: int,
+        prompt_param: str,
+        stops: tuple[str, ...],
+    ) -> SamplingParams:
         ctx = self.max_model_len
         if num_prompt >= ctx:
-            raise bad_request(f"the prompt has {num_prompt} tokens (image tokens included); this "
-                              f"model's context length is {ctx}", prompt_param, "context_length_exceeded")
+            raise bad_request(
+                f"the prompt has {num_prompt} tokens (image tokens included); this "
+                f"model's context length is {ctx}",
+                prompt_param,
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = ctx - num_prompt
         elif num_prompt + max_tokens > ctx:
-            raise bad_request(f"max_tokens is too large: {num_prompt} prompt tokens + {max_tokens} "
-                              f"> context length {ctx}", "max_tokens", "context_length_exceeded")
+            raise bad_request(
+                f"max_tokens is too large: {num_prompt} prompt tokens + {max_tokens} "
+                f"> context length {ctx}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         try:  # the scheduler's own admission rule, before any stream starts
             self.engine.nova.scheduler.check_admissible(num_prompt, max_tokens)
         except RequestRejected as exc:
@@ -384,21 +439,35 @@ class NovaService:
         top_p = 1.0 if body.top_p is None else max(float(body.top_p), MIN_TOP_P)
         try:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, top_k=top_k, seed=body.seed,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=body.seed,
                 stop_token_ids=single_token_stop_ids(self.processor.tokenizer, stops),
                 ignore_eos=body.ignore_eos,
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
 
-    def _prepared(self, kind: str, body: Any, prompt: PromptInput, max_tokens: int | None,
-                  prompt_param: str, stops: tuple[str, ...]) -> Prepared:
+    def _prepared(
+        self,
+        kind: str,
+        body: Any,
+        prompt: PromptInput,
+        max_tokens: int | None,
+        prompt_param: str,
+        stops: tuple[str, ...],
+    ) -> Prepared:
         sampling = self._sampling(body, max_tokens, len(prompt.token_ids), prompt_param, stops)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return Prepared(
-            request_id=f"{prefix}-{uuid.uuid4().hex}", kind=kind, prompt=prompt, sampling=sampling,
-            stops=stops, priority=body.priority,
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            kind=kind,
+            prompt=prompt,
+            sampling=sampling,
+            stops=stops,
+            priority=body.priority,
             deadline_s=None if body.deadline_ms is None else body.deadline_ms / 1000.0,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -422,7 +491,9 @@ class NovaService:
                     self._check_text(part.text, f"messages[{i}].content[{j}].text")
                     parts.append({"type": "text", "text": part.text})
                 else:
-                    self._check_text(part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
+                    self._check_text(
+                        part.image_url.url, f"messages[{i}].content[{j}].image_url.url"
+                    )
                     urls.append(part.image_url.url)
                     parts.append({"type": "image"})
             messages.append({"role": role, "content": parts})
@@ -434,14 +505,22 @@ class NovaService:
         stops = self._stops(body.stop)
         messages, urls = self._chat_messages(body)
         if len(urls) > self.config.max_images_per_request:
-            raise bad_request(f"{len(urls)} images in one request; the limit is "
-                              f"{self.config.max_images_per_request}", "messages", "too_many_images")
+            raise bad_request(
+                f"{len(urls)} images in one request; the limit is "
+                f"{self.config.max_images_per_request}",
+                "messages",
+                "too_many_images",
+            )
         if urls and self.processor.image_processor is None:
             raise bad_request("this model does not take images", "messages", "images_not_supported")
         blobs = await self._fetch_images(urls)
         prompt = await self._in_pool(self._chat_prompt, messages, blobs)
         self.metrics.prepare.observe(time.perf_counter() - t0)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
         return self._prepared("chat", body, prompt, max_tokens, "messages", stops)
 
     async def _fetch_images(self, urls: list[str]) -> list[bytes]:
@@ -451,8 +530,9 @@ class NovaService:
 
         client = None
         if any(u[:5].lower() in ("http:", "https") for u in urls) and self.media.allow_remote_media:
-            client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                       transport=self.media_transport)
+            client = httpx.AsyncClient(
+                follow_redirects=False, trust_env=False, transport=self.media_transport
+            )
         try:
             out = []
             for k, url in enumerate(urls):
@@ -484,8 +564,12 @@ class NovaService:
         prompt_in: Any = body.prompt
         if isinstance(prompt_in, list) and prompt_in and not isinstance(prompt_in[0], int):
             if len(prompt_in) != 1:
-                raise bad_request(f"batched prompts ({len(prompt_in)}) are not supported; send one "
-                                  "prompt per request", "prompt", "unsupported_parameter")
+                raise bad_request(
+                    f"batched prompts ({len(prompt_in)}) are not supported; send one "
+                    "prompt per request",
+                    "prompt",
+                    "unsupported_parameter",
+                )
             prompt_in = prompt_in[0]
         if isinstance(prompt_in, str):
             self._check_text(prompt_in, "prompt")
@@ -552,7 +636,9 @@ class NovaService:
                     finish, n = piece.finish_reason, piece.num_output_tokens
         return "".join(texts), finish, n
 
-    async def collect_unless_gone(self, p: Prepared, request: Request) -> tuple[str, str | None, int]:
+    async def collect_unless_gone(
+        self, p: Prepared, request: Request
+    ) -> tuple[str, str | None, int]:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
@@ -569,19 +655,36 @@ class NovaService:
 
     # -- responses ------------------------------------------------------------------------
     def _head(self, p: Prepared, obj: str) -> dict[str, Any]:
-        return {"id": p.request_id, "object": obj, "created": p.created,
-                "model": self.config.served_model_name, "system_fingerprint": None}
+        return {
+            "id": p.request_id,
+            "object": obj,
+            "created": p.created,
+            "model": self.config.served_model_name,
+            "system_fingerprint": None,
+        }
 
     def chat_response(self, p: Prepared, text: str, finish: str | None, n: int) -> dict[str, Any]:
-        return {**self._head(p, "chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(p, n)}
+        return {
+            **self._head(p, "chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": _usage(p, n),
+        }
 
-    def completion_response(self, p: Prepared, text: str, finish: str | None, n: int) -> dict[str, Any]:
-        return {**self._head(p, "text_completion"),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": _usage(p, n)}
+    def completion_response(
+        self, p: Prepared, text: str, finish: str | None, n: int
+    ) -> dict[str, Any]:
+        return {
+            **self._head(p, "text_completion"),
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(p, n),
+        }
 
     async def sse(self, p: Prepared) -> AsyncIterator[str]:
         chat = p.kind == "chat"
@@ -622,10 +725,16 @@ class NovaService:
             yield _sse(OpenAIError(500, str(exc), "server_error", code="generation_failed").body())
             yield SSE_DONE
             return
-        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+        except Exception as exc:
             log.exception("stream of %s failed", p.request_id)
-            yield _sse(OpenAIError(500, f"internal error: {exc.__class__.__name__}", "server_error",
-                                   code="internal_error").body())
+            yield _sse(
+                OpenAIError(
+                    500,
+                    f"internal error: {exc.__class__.__name__}",
+                    "server_error",
+                    code="internal_error",
+                ).body()
+            )
             yield SSE_DONE
             return
         if p.include_usage:
@@ -650,9 +759,13 @@ class NovaService:
     def admit(self) -> None:
         if not self.admission.try_acquire():
             raise OpenAIError(
-                503, f"the server is at its limit of {self.config.max_queue} unfinished requests; "
-                "retry later", "server_error", code="overloaded",
-                headers={"Retry-After": str(self.config.retry_after_s)})
+                503,
+                f"the server is at its limit of {self.config.max_queue} unfinished requests; "
+                "retry later",
+                "server_error",
+                code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,13 +781,25 @@ _ERRORS = {
 
 
 def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
-    event = {"type": "object", "required": ["data"],
-             "description": "one server-sent event: data is a JSON chunk (or an error object), "
-                            "then a last event whose data is [DONE]",
-             "properties": {"data": {"type": "string"}, "event": {"type": "string"},
-                            "id": {"type": "string"}}}
-    return {200: {"model": model, "description": "a JSON body, or server-sent events when stream=true",
-                  "content": {"text/event-stream": {"schema": event}}}, **_ERRORS}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "description": "one server-sent event: data is a JSON chunk (or an error object), "
+        "then a last event whose data is [DONE]",
+        "properties": {
+            "data": {"type": "string"},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+        },
+    }
+    return {
+        200: {
+            "model": model,
+            "description": "a JSON body, or server-sent events when stream=true",
+            "content": {"text/event-stream": {"schema": event}},
+        },
+        **_ERRORS,
+    }
 
 
 def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI:
@@ -686,8 +811,11 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
     elif not isinstance(config, ServerConfig):
         config = ServerConfig.from_args(config)
     svc = NovaService(engine, config)
-    app = FastAPI(title="Nova", version=_version(),
-                  description="OpenAI-compatible API of the Nova VLM serving engine")
+    app = FastAPI(
+        title="Nova",
+        version=_version(),
+        description="OpenAI-compatible API of the Nova VLM serving engine",
+    )
     app.state.nova = svc
 
     # -- errors ---------------------------------------------------------------------------
@@ -713,14 +841,16 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
             _count_rejection(request, cause.status)
             return cause.response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return OpenAIError(exc.status_code, str(exc.detail), code=code,
-                           headers=getattr(exc, "headers", None)).response()
+        return OpenAIError(
+            exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return OpenAIError(500, f"internal error: {exc.__class__.__name__}", "server_error",
-                           code="internal_error").response()
+        return OpenAIError(
+            500, f"internal error: {exc.__class__.__name__}", "server_error", code="internal_error"
+        ).response()
 
     # added last = outermost: the API key is checked before anything reads the body
     app.add_middleware(_BodyLimitMiddleware, max_bytes=config.max_request_bytes)
@@ -728,8 +858,12 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
         app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
     v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/chat/completions", responses=_stream_doc(ChatCompletionResponse),
-             response_model=None, summary="Chat completion (text and image_url parts)")
+    @v1.post(
+        "/chat/completions",
+        responses=_stream_doc(ChatCompletionResponse),
+        response_model=None,
+        summary="Chat completion (text and image_url parts)",
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         svc.admit()
         try:
@@ -739,8 +873,12 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
             raise
         return await svc.handle(p, request)
 
-    @v1.post("/completions", responses=_stream_doc(CompletionResponse), response_model=None,
-             summary="Text completion (a string or a list of token ids)")
+    @v1.post(
+        "/completions",
+        responses=_stream_doc(CompletionResponse),
+        response_model=None,
+        summary="Text completion (a string or a list of token ids)",
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         svc.admit()
         try:
@@ -752,9 +890,18 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
 
     @v1.get("/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": config.served_model_name, "object": "model", "created": svc.created,
-            "owned_by": "nova", "max_model_len": svc.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.served_model_name,
+                    "object": "model",
+                    "created": svc.created,
+                    "owned_by": "nova",
+                    "max_model_len": svc.max_model_len,
+                }
+            ],
+        }
 
     app.include_router(v1)
 
@@ -764,17 +911,25 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                "description": "Prometheus text format",
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema without its 422 responses: this server answers 400 instead."""
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             for path in schema.get("paths", {}).values():
                 for op in path.values():
                     op.get("responses", {}).pop("422", None)
@@ -782,7 +937,8 @@ def create_app(engine: Any, config: ServerConfig | Any | None = None) -> FastAPI
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             if config.api_key is not None:
                 schema.setdefault("components", {})["securitySchemes"] = {
-                    "bearer": {"type": "http", "scheme": "bearer"}}
+                    "bearer": {"type": "http", "scheme": "bearer"}
+                }
                 for route, path in schema.get("paths", {}).items():
                     if route.startswith("/v1/"):
                         for op in path.values():

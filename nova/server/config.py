@@ -1,4 +1,5 @@
 """Server-level settings (the engine has its own ``EngineConfig``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ class ServerConfig:
         if self.max_queue is not None and self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_images_per_request < 0:
-            raise ValueError(f"max_images_per_request must be >= 0, got {self.max_images_per_request}")
+            raise ValueError(
+                f"max_images_per_request must be >= 0, got {self.max_images_per_request}"
+            )
         if self.max_media_bytes < 1:
             raise ValueError(f"max_media_bytes must be >= 1, got {self.max_media_bytes}")
         if self.preprocess_workers < 1:

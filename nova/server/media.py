@@ -10,6 +10,7 @@ non-public address (loopback, private, link-local, reserved, multicast, unspecif
 cannot make the server reach into its own network. Known limit: the address is checked at
 resolution, and httpx resolves again when it connects (a DNS-rebinding race remains).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,7 +63,7 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep:
         raise MediaError("data URL has no ',' separating the header from the payload")
-    params = header[len("data:"):].split(";")
+    params = header[len("data:") :].split(";")
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise MediaError("data URL must be base64-encoded (data:image/png;base64,...)")
     mime = params[0].strip().lower()
@@ -87,8 +88,11 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
 
 def read_local_file(url: str, allowed_root: str | None, max_bytes: int) -> bytes:
     if allowed_root is None:
-        raise MediaError("file:// image URLs are disabled; start the server with "
-                         "--allowed-local-media-path DIR to allow files under DIR", "media_not_allowed")
+        raise MediaError(
+            "file:// image URLs are disabled; start the server with "
+            "--allowed-local-media-path DIR to allow files under DIR",
+            "media_not_allowed",
+        )
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise MediaError(f"file URL with a remote host is not supported: {_short(url)}")
@@ -102,8 +106,9 @@ def read_local_file(url: str, allowed_root: str | None, max_bytes: int) -> bytes
             raise MediaError(f"image file not found: {path}")
         size = real.stat().st_size
         if size > max_bytes:
-            raise MediaError(f"image file {path} has {size} bytes; the limit is {max_bytes}",
-                             "image_too_large")
+            raise MediaError(
+                f"image file {path} has {size} bytes; the limit is {max_bytes}", "image_too_large"
+            )
         with open(real, "rb") as f:
             return f.read(max_bytes + 1)
     except OSError as exc:
@@ -140,8 +145,9 @@ async def check_public_host(host: str, port: int, resolver: Resolver) -> None:
         raise MediaError(f"image host {host!r} has no address")
     bad = [a for a in addrs if not is_public_address(a)]
     if bad:
-        raise MediaError(f"image host {host!r} is a non-public address ({bad[0]}); refused",
-                         "media_not_allowed")
+        raise MediaError(
+            f"image host {host!r} is a non-public address ({bad[0]}); refused", "media_not_allowed"
+        )
 
 
 async def fetch_remote(
@@ -158,7 +164,9 @@ async def fetch_remote(
         async with asyncio.timeout(policy.fetch_timeout_s):
             return await _fetch(url, policy, client, resolver)
     except TimeoutError as exc:
-        raise MediaError(f"fetching {_short(url)} took longer than {policy.fetch_timeout_s:g} s") from exc
+        raise MediaError(
+            f"fetching {_short(url)} took longer than {policy.fetch_timeout_s:g} s"
+        ) from exc
     except httpx.HTTPError as exc:
         raise MediaError(f"fetching {_short(url)} failed: {exc.__class__.__name__}: {exc}") from exc
     finally:
@@ -166,7 +174,9 @@ async def fetch_remote(
             await client.aclose()
 
 
-async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient, resolver: Resolver) -> bytes:
+async def _fetch(
+    url: str, policy: MediaPolicy, client: httpx.AsyncClient, resolver: Resolver
+) -> bytes:
     for _hop in range(policy.max_redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -183,15 +193,25 @@ async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient, resol
             if resp.status_code != 200:
                 raise MediaError(f"fetching {_short(url)} gave HTTP {resp.status_code}")
             declared = resp.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > policy.max_media_bytes:
-                raise MediaError(f"image at {_short(url)} has {declared} bytes; the limit is "
-                                 f"{policy.max_media_bytes}", "image_too_large")
+            if (
+                declared is not None
+                and declared.isdigit()
+                and int(declared) > policy.max_media_bytes
+            ):
+                raise MediaError(
+                    f"image at {_short(url)} has {declared} bytes; the limit is "
+                    f"{policy.max_media_bytes}",
+                    "image_too_large",
+                )
             buf = bytearray()
             async for chunk in resp.aiter_bytes():
                 buf += chunk
                 if len(buf) > policy.max_media_bytes:
-                    raise MediaError(f"image at {_short(url)} exceeds the limit of "
-                                     f"{policy.max_media_bytes} bytes", "image_too_large")
+                    raise MediaError(
+                        f"image at {_short(url)} exceeds the limit of "
+                        f"{policy.max_media_bytes} bytes",
+                        "image_too_large",
+                    )
             return bytes(buf)
     raise MediaError(f"more than {policy.max_redirects} redirects fetching the image")
 
@@ -211,15 +231,17 @@ def open_image(data: bytes, max_pixels: int | None) -> Any:
             if width < 1 or height < 1:
                 raise MediaError(f"image has no pixels ({width}x{height})")
             if max_pixels is not None and width * height > max_pixels:
-                raise MediaError(f"image of {width}x{height} pixels exceeds the limit of "
-                                 f"{max_pixels} pixels", "image_too_large")
+                raise MediaError(
+                    f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels",
+                    "image_too_large",
+                )
             image.load()
             return image.convert("RGB")
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image is too large to decode: {exc}", "image_too_large") from exc
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types on hostile bytes
+    except Exception as exc:
         raise MediaError(f"image bytes could not be decoded as an image: {exc}") from exc
 
 
@@ -236,11 +258,15 @@ async def load_image_url(
             return await asyncio.to_thread(decode_data_url, url, policy.max_media_bytes)
         return decode_data_url(url, policy.max_media_bytes)
     if scheme == "file":
-        return await asyncio.to_thread(read_local_file, url, policy.allowed_local_media_path,
-                                       policy.max_media_bytes)
+        return await asyncio.to_thread(
+            read_local_file, url, policy.allowed_local_media_path, policy.max_media_bytes
+        )
     if scheme in ("http", "https"):
         if not policy.allow_remote_media:
-            raise MediaError("remote image URLs are disabled; send a data: URL or start the server "
-                             "with --allow-remote-media", "media_not_allowed")
+            raise MediaError(
+                "remote image URLs are disabled; send a data: URL or start the server "
+                "with --allow-remote-media",
+                "media_not_allowed",
+            )
         return await fetch_remote(url, policy, client, resolver)
     raise MediaError(f"unsupported image URL scheme {scheme!r}: use data:, http(s): or file:")

@@ -5,6 +5,7 @@ Per-request latencies come from ``nova.metrics.RequestMetrics`` of the request's
 its images and tokenised it, to the last token). Engine state (requests per stage, KV usage, SM
 partition) is read at scrape time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,13 +20,63 @@ from nova.types import STAGES
 
 OUTCOMES = ("finished", "aborted", "failed", "rejected")
 
-TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
-                  10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 TPOT_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
-                 60.0, 120.0, 300.0)
-STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0)
+E2E_BUCKETS_S = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+STAGE_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 
 class _EngineStateCollector(Collector):
@@ -39,38 +90,58 @@ class _EngineStateCollector(Collector):
         snap = self.async_engine.nova.engine.snapshot()
         in_stage, usage, partition = snap.requests_in_stage, snap.kv_cache_usage, snap.partition
         num_free, num_preemptions = snap.num_free_blocks, snap.num_preemptions
-        g = GaugeMetricFamily("nova_requests_in_stage",
-                              "Requests waiting for or running in each stage", labels=["stage"])
+        g = GaugeMetricFamily(
+            "nova_requests_in_stage",
+            "Requests waiting for or running in each stage",
+            labels=["stage"],
+        )
         for s in STAGES:
             g.add_metric([s.value], in_stage[s])
         yield g
-        yield GaugeMetricFamily("nova_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
-                                value=usage)
+        yield GaugeMetricFamily(
+            "nova_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", value=usage
+        )
         yield GaugeMetricFamily("nova_kv_cache_free_blocks", "Free KV-cache blocks", value=num_free)
-        g = GaugeMetricFamily("nova_sm_share", "SM share of each stage in the current partition",
-                              labels=["stage"])
+        g = GaugeMetricFamily(
+            "nova_sm_share", "SM share of each stage in the current partition", labels=["stage"]
+        )
         for s in STAGES:
             g.add_metric([s.value], partition.share(s))
         yield g
-        yield CounterMetricFamily("nova_preemptions", "Preemptions (recomputes) so far",
-                                  value=num_preemptions)
+        yield CounterMetricFamily(
+            "nova_preemptions", "Preemptions (recomputes) so far", value=num_preemptions
+        )
         yield from _gpu_gauges(self.async_engine.nova)
-        yield GaugeMetricFamily("nova_server_unfinished_requests",
-                                "Requests accepted by the server and not yet finished",
-                                value=self.server_state.num_unfinished)
+        yield GaugeMetricFamily(
+            "nova_server_unfinished_requests",
+            "Requests accepted by the server and not yet finished",
+            value=self.server_state.num_unfinished,
+        )
 
 
 MEMORY_GAUGES = (  # MemoryReport field -> (metric name, help)
-    ("weights_resident_bytes", "nova_memory_weights_resident_bytes",
-     "Model weights on the device (weight-streaming slots included)"),
-    ("weights_streamed_bytes", "nova_memory_weights_streamed_bytes",
-     "Vision-encoder weights kept in host memory and streamed to the device"),
-    ("offload_saved_bytes", "nova_memory_offload_saved_bytes",
-     "Device memory freed by vision weight streaming (given to the KV cache)"),
+    (
+        "weights_resident_bytes",
+        "nova_memory_weights_resident_bytes",
+        "Model weights on the device (weight-streaming slots included)",
+    ),
+    (
+        "weights_streamed_bytes",
+        "nova_memory_weights_streamed_bytes",
+        "Vision-encoder weights kept in host memory and streamed to the device",
+    ),
+    (
+        "offload_saved_bytes",
+        "nova_memory_offload_saved_bytes",
+        "Device memory freed by vision weight streaming (given to the KV cache)",
+    ),
     ("kv_cache_bytes", "nova_memory_kv_cache_bytes", "KV-cache tensors on the device"),
     ("kv_cache_blocks", "nova_memory_kv_cache_blocks", "KV-cache blocks"),
-    ("activation_reserve_bytes", "nova_memory_activation_reserve_bytes",
-     "Device memory kept free for activations when the KV cache was sized"),
+    (
+        "activation_reserve_bytes",
+        "nova_memory_activation_reserve_bytes",
+        "Device memory kept free for activations when the KV cache was sized",
+    ),
     ("device_total_bytes", "nova_memory_device_total_bytes", "Device memory in all (GPU only)"),
 )
 
@@ -85,9 +156,13 @@ def _gpu_gauges(nova: Any) -> Iterator[GaugeMetricFamily]:
                 yield GaugeMetricFamily(name, doc, value=value)
     granted = getattr(getattr(nova, "executor", None), "granted_sms", None)
     if granted is not None:
-        g = GaugeMetricFamily("nova_sm_granted", "SMs the stage's last batch ran on (read back "
-                              "from the driver; the whole device when unpartitioned; CPU cores "
-                              "on a CPU)", labels=["stage"])
+        g = GaugeMetricFamily(
+            "nova_sm_granted",
+            "SMs the stage's last batch ran on (read back "
+            "from the driver; the whole device when unpartitioned; CPU cores "
+            "on a CPU)",
+            labels=["stage"],
+        )
         for s in STAGES:
             if s in granted:
                 g.add_metric([s.value], granted[s])
@@ -100,22 +175,52 @@ class ServerMetrics:
         self.requests = Counter("nova_requests", "Requests by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        self.ttft = Histogram("nova_ttft_seconds", "Time to first token (finished requests)",
-                              buckets=TTFT_BUCKETS_S, registry=r)
-        self.tpot = Histogram("nova_tpot_seconds", "Time per output token after the first "
-                              "(finished requests with >= 2 tokens)", buckets=TPOT_BUCKETS_S, registry=r)
-        self.e2e = Histogram("nova_e2e_seconds", "Arrival to last token (finished requests)",
-                             buckets=E2E_BUCKETS_S, registry=r)
-        self.queue = Histogram("nova_queue_seconds", "Time waiting before a stage", ["stage"],
-                               buckets=STAGE_BUCKETS_S, registry=r)
-        self.stage = Histogram("nova_stage_seconds", "Time in a stage (decode: first to last token)",
-                               ["stage"], buckets=STAGE_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            "nova_ttft_seconds",
+            "Time to first token (finished requests)",
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "nova_tpot_seconds",
+            "Time per output token after the first (finished requests with >= 2 tokens)",
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "nova_e2e_seconds",
+            "Arrival to last token (finished requests)",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "nova_queue_seconds",
+            "Time waiting before a stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "nova_stage_seconds",
+            "Time in a stage (decode: first to last token)",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
         self.prepare = Histogram(
-            "nova_prepare_seconds", "Turning an accepted request into a prompt before the engine "
-            "sees it: image fetch/decode, preprocessing, chat template, tokenisation (incl. waiting "
-            "for a preprocess worker)", buckets=STAGE_BUCKETS_S, registry=r)
-        self.prompt_tokens = Counter("nova_prompt_tokens", "Prompt tokens of requests accepted by "
-                                     "the engine (image tokens included)", registry=r)
+            "nova_prepare_seconds",
+            "Turning an accepted request into a prompt before the engine "
+            "sees it: image fetch/decode, preprocessing, chat template, tokenisation (incl. "
+            "waiting "
+            "for a preprocess worker)",
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "nova_prompt_tokens",
+            "Prompt tokens of requests accepted by the engine (image tokens included)",
+            registry=r,
+        )
         self.generation_tokens = Counter("nova_generation_tokens", "Generated tokens", registry=r)
         r.register(_EngineStateCollector(async_engine, server_state))
 
@@ -132,7 +237,11 @@ class ServerMetrics:
         for stage, value in (("vision", m.vision_queue_s), ("prefill", m.prefill_queue_s)):
             if value is not None:
                 self.queue.labels(stage).observe(value)
-        for stage, value in (("vision", m.vision_s), ("prefill", m.prefill_s), ("decode", m.decode_s)):
+        for stage, value in (
+            ("vision", m.vision_s),
+            ("prefill", m.prefill_s),
+            ("decode", m.decode_s),
+        ):
             if value is not None:
                 self.stage.labels(stage).observe(value)
 

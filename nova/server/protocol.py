@@ -4,6 +4,7 @@ Requests are validated strictly (``"5"`` is not an integer, ``1`` is not a boole
 fields are ignored, as vLLM does. Responses are built as plain dicts in ``nova.server.app`` (hot
 path); the response models here document them in the OpenAPI schema.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
@@ -49,8 +50,10 @@ class TextPart(_Strict):
 
 
 class ImageURL(_Strict):
-    url: str = Field(description="data:image/...;base64,... ; http(s):// with --allow-remote-media; "
-                                 "file:// under --allowed-local-media-path")
+    url: str = Field(
+        description="data:image/...;base64,... ; http(s):// with --allow-remote-media; "
+        "file:// under --allowed-local-media-path"
+    )
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -95,12 +98,24 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
-    INT_FIELDS: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens", "top_k", "seed", "n", "priority",
-                   "best_of", "top_logprobs", "logprobs", "prompt")
+    INT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "max_tokens",
+        "max_completion_tokens",
+        "top_k",
+        "seed",
+        "n",
+        "priority",
+        "best_of",
+        "top_logprobs",
+        "logprobs",
+        "prompt",
+    )
 
     model: str | None = Field(None, description="ignored: the server serves one model")
     max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1.0; < 1e-5 is greedy")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="default 1.0; < 1e-5 is greedy"
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="extension; -1 or 0 disables")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
@@ -109,9 +124,15 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="choices per request: only 1 is supported")
     ignore_eos: bool = Field(False, description="extension: do not stop at the model's EOS token")
-    priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT,
-                          description="extension: lower values are served first")
-    deadline_ms: float | None = Field(None, gt=0.0, description="extension: latency target after arrival")
+    priority: int = Field(
+        0,
+        ge=-PRIORITY_LIMIT,
+        le=PRIORITY_LIMIT,
+        description="extension: lower values are served first",
+    )
+    deadline_ms: float | None = Field(
+        None, gt=0.0, description="extension: latency target after arrival"
+    )
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=0.0, le=0.0, description="only 0 is supported")
@@ -119,14 +140,17 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="takes precedence over max_tokens")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="takes precedence over max_tokens"
+    )
     logprobs: Literal[False] | None = Field(None, description="log probabilities are not supported")
     top_logprobs: Literal[0] | None = Field(None, description="log probabilities are not supported")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="a string or a list of token ids (a one-element list of either is accepted)")
+        description="a string or a list of token ids (a one-element list of either is accepted)"
+    )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: Literal[0] | None = Field(None, description="log probabilities are not supported")
     echo: Literal[False] = Field(False, description="echoing the prompt is not supported")

@@ -5,6 +5,7 @@ first stop string to complete (which, with everything after it, is dropped), and
 all but the longest tail that could still grow into a stop string (held back until the next
 delta or ``flush``). So no emitted text ever contains a stop string or its start.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ class StopMatcher:
             return out
         hold = self._held_tail()
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
+        self.pending = self.pending[len(self.pending) - hold :]
         return out
 
     def flush(self) -> str:

@@ -1,6 +1,7 @@
 """Helpers for tests and benchmarks of the server: run an app with uvicorn in a background thread
 on a free loopback port, and build a tiny random LLaVA model that has a real tokenizer and chat
 template (the demo model's), so chat requests run in milliseconds on a CPU."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """``with ServerThread(app) as srv: httpx.get(srv.base_url + "/health")``."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None,
-                 log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"
+    ) -> None:
         import uvicorn
 
         self.host = host
         self.port = port or free_port(host)
-        self.config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level,
-                                     lifespan="off", timeout_graceful_shutdown=2)
+        self.config = uvicorn.Config(
+            app,
+            host=host,
+            port=self.port,
+            log_level=log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, name="nova-test-server", daemon=True)
 
@@ -59,13 +67,19 @@ class ServerThread:
         self.stop()
 
 
-def build_tiny_chat_model(path: Path, source_dir: Path | None = None, max_model_len: int = 128,
-                          seed: int = 0) -> Path:
+def build_tiny_chat_model(
+    path: Path, source_dir: Path | None = None, max_model_len: int = 128, seed: int = 0
+) -> Path:
     """A tiny random LLaVA (Llama text, SigLIP vision) with the tokenizer, chat template and image
     processor of ``source_dir`` (default: the demo model, built if needed). Its answers are random
     tokens; it is for exercising the serving path, fast."""
     import torch
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     if source_dir is None:
         from nova.models.demo import build_demo_model
@@ -77,23 +91,44 @@ def build_tiny_chat_model(path: Path, source_dir: Path | None = None, max_model_
     text = src_cfg["text_config"]
     image_token_id = int(src_cfg.get("image_token_index", src_cfg.get("image_token_id")))
     text_config = LlamaConfig(
-        vocab_size=int(text["vocab_size"]), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=max_model_len, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        bos_token_id=text.get("bos_token_id"), eos_token_id=text.get("eos_token_id"),
+        vocab_size=int(text["vocab_size"]),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_model_len,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=text.get("bos_token_id"),
+        eos_token_id=text.get("eos_token_id"),
         pad_token_id=text.get("pad_token_id"),
     )
-    vision_config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
-                                       patch_size=TINY_PATCH_SIZE)
-    cfg = LlavaConfig(text_config=text_config, vision_config=vision_config,
-                      image_token_id=image_token_id, vision_feature_select_strategy="full",
-                      vision_feature_layer=-1,
-                      image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2)
+    vision_config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+    )
+    cfg = LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=image_token_id,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "special_tokens_map.json", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         if (source_dir / name).is_file():
             shutil.copy(source_dir / name, path / name)
     size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}

@@ -11,6 +11,7 @@ E2E latency CDF at the highest sustained load.
 the offered rate (above it some policy's queue grows without bound and latencies just measure
 the run's length). The headline compares ``nova`` against the best baseline there, per metric.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ class Experiment:
     model: str
     rates_rps: tuple[float, ...]
     num_requests: int
-    policies: tuple[str, ...] = BASELINES_PAPER + ("nova",)
+    policies: tuple[str, ...] = (*BASELINES_PAPER, "nova")
     cost_kind: str = "roofline"
     workload: str = "poisson"
     workload_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -52,26 +53,44 @@ def register_experiment(exp: Experiment) -> Experiment:
     return exp
 
 
-register_experiment(Experiment(
-    "paper-a6000",
-    "The Nova paper's setup: CogAgent-9B-shaped VLM on an RTX A6000 (cost model calibrated to the "
-    "paper's stage times), GUI-agent requests (one 1120x1120 screenshot, 30-80 output tokens), "
-    "Poisson arrivals up to 0.8 req/s.",
-    gpu="a6000", model="cogagent-9b", rates_rps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    num_requests=400, min_decode_sms=12,
-))
-register_experiment(Experiment(
-    "paper-h100",
-    "The same experiment on an H100 SXM (same calibration constants, H100 specs); loads scaled to "
-    "the H100's capacity.",
-    gpu="h100-sxm", model="cogagent-9b", rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
-    num_requests=600, min_decode_sms=16,
-))
-register_experiment(Experiment(
-    "quick-a6000",
-    "A small version of paper-a6000 for smoke tests (3 loads, 80 requests each).",
-    gpu="a6000", model="cogagent-9b", rates_rps=(0.2, 0.5, 0.8), num_requests=80, min_decode_sms=12,
-))
+register_experiment(
+    Experiment(
+        "paper-a6000",
+        "The Nova paper's setup: CogAgent-9B-shaped VLM on an RTX A6000 (cost model calibrated to "
+        "the "
+        "paper's stage times), GUI-agent requests (one 1120x1120 screenshot, 30-80 output tokens), "
+        "Poisson arrivals up to 0.8 req/s.",
+        gpu="a6000",
+        model="cogagent-9b",
+        rates_rps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+        num_requests=400,
+        min_decode_sms=12,
+    )
+)
+register_experiment(
+    Experiment(
+        "paper-h100",
+        "The same experiment on an H100 SXM (same calibration constants, H100 specs); loads "
+        "scaled to "
+        "the H100's capacity.",
+        gpu="h100-sxm",
+        model="cogagent-9b",
+        rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+        num_requests=600,
+        min_decode_sms=16,
+    )
+)
+register_experiment(
+    Experiment(
+        "quick-a6000",
+        "A small version of paper-a6000 for smoke tests (3 loads, 80 requests each).",
+        gpu="a6000",
+        model="cogagent-9b",
+        rates_rps=(0.2, 0.5, 0.8),
+        num_requests=80,
+        min_decode_sms=12,
+    )
+)
 
 
 def _kv_blocks(cost: Any, spec: Any, block_size: int) -> int:
@@ -91,15 +110,27 @@ def build_policy(name: str, exp: Experiment, cost: Any, spec: Any) -> Any:
     steps = max(2, round(1.0 / grid))
     grid = 1.0 / min(steps, 24)  # at most 24 steps: enough resolution, bounded planning time
     min_decode = (exp.min_decode_sms or gpu.sm_granularity) / gpu.num_sms
-    return make_policy("nova", limits=limits, cost_model=cost, image_tokens=spec.image_tokens,
-                       sm_granularity_share=grid, min_decode_share=min_decode)
+    return make_policy(
+        "nova",
+        limits=limits,
+        cost_model=cost,
+        image_tokens=spec.image_tokens,
+        sm_granularity_share=grid,
+        min_decode_share=min_decode,
+    )
 
 
-def run_point(exp: Experiment, policy: str, rate_rps: float, cost: Any, spec: Any,
-              arrivals: list[SimArrival]) -> dict[str, Any]:
+def run_point(
+    exp: Experiment, policy: str, rate_rps: float, cost: Any, spec: Any, arrivals: list[SimArrival]
+) -> dict[str, Any]:
     block_size = 16
-    sim = Simulator(build_policy(policy, exp, cost, spec), cost, _kv_blocks(cost, spec, block_size),
-                    block_size, spec.image_tokens)
+    sim = Simulator(
+        build_policy(policy, exp, cost, spec),
+        cost,
+        _kv_blocks(cost, spec, block_size),
+        block_size,
+        spec.image_tokens,
+    )
     t0 = time.perf_counter()
     res = sim.run(arrivals)
     metrics = [request_metrics(r) for r in res.requests]
@@ -109,19 +140,32 @@ def run_point(exp: Experiment, policy: str, rate_rps: float, cost: Any, spec: An
         "rate_rps": rate_rps,
         "num_requests": len(res.requests),
         "throughput_rps": s.request_throughput_rps,
-        "max_latency_s": s.e2e.max, "p99_latency_s": s.e2e.p99, "p90_latency_s": s.e2e.p90,
-        "p50_latency_s": s.e2e.p50, "mean_latency_s": s.e2e.mean,
-        "mean_ttft_s": s.ttft.mean, "p99_ttft_s": s.ttft.p99, "mean_tpot_s": s.tpot.mean,
-        "num_preemptions": res.num_preemptions, "sim_wall_s": round(time.perf_counter() - t0, 3),
+        "max_latency_s": s.e2e.max,
+        "p99_latency_s": s.e2e.p99,
+        "p90_latency_s": s.e2e.p90,
+        "p50_latency_s": s.e2e.p50,
+        "mean_latency_s": s.e2e.mean,
+        "mean_ttft_s": s.ttft.mean,
+        "p99_ttft_s": s.ttft.p99,
+        "mean_tpot_s": s.tpot.mean,
+        "num_preemptions": res.num_preemptions,
+        "sim_wall_s": round(time.perf_counter() - t0, 3),
         "e2e_s": e2e,
     }
 
 
 def _sustained(results: dict[str, list[dict]], tolerance: float = 0.05) -> float | None:
     rates = sorted({p["rate_rps"] for pts in results.values() for p in pts})
-    ok = [r for r in rates if all(
-        p["throughput_rps"] is not None and p["throughput_rps"] >= (1 - tolerance) * r
-        for pts in results.values() for p in pts if p["rate_rps"] == r)]
+    ok = [
+        r
+        for r in rates
+        if all(
+            p["throughput_rps"] is not None and p["throughput_rps"] >= (1 - tolerance) * r
+            for pts in results.values()
+            for p in pts
+            if p["rate_rps"] == r
+        )
+    ]
     return max(ok) if ok else None
 
 
@@ -135,43 +179,68 @@ def headline(results: dict[str, list[dict]], ours: str = "nova") -> dict[str, An
     for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
         best_name = min(baselines, key=lambda k: baselines[k][metric])
         best = baselines[best_name][metric]
-        out[metric] = {"nova": at[ours][metric], "best_baseline": best_name, "baseline": best,
-                       "reduction": 1.0 - at[ours][metric] / best}
+        out[metric] = {
+            "nova": at[ours][metric],
+            "best_baseline": best_name,
+            "baseline": best,
+            "reduction": 1.0 - at[ours][metric] / best,
+        }
     best_tp_name = max(baselines, key=lambda k: baselines[k]["throughput_rps"])
     best_tp = baselines[best_tp_name]["throughput_rps"]
-    out["throughput_rps"] = {"nova": at[ours]["throughput_rps"], "best_baseline": best_tp_name,
-                             "baseline": best_tp, "ratio": at[ours]["throughput_rps"] / best_tp}
+    out["throughput_rps"] = {
+        "nova": at[ours]["throughput_rps"],
+        "best_baseline": best_tp_name,
+        "baseline": best_tp,
+        "ratio": at[ours]["throughput_rps"] / best_tp,
+    }
     return out
 
 
-def run_experiment(name: str, out_dir: Path, num_requests: int | None = None,
-                   progress: Callable[[str], None] = print) -> dict[str, Any]:
+def run_experiment(
+    name: str,
+    out_dir: Path,
+    num_requests: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import get_model_spec
     from nova.workload import make_workload
 
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(sorted(EXPERIMENTS))}")
+        raise ValueError(
+            f"unknown experiment {name!r}; choose one of {', '.join(sorted(EXPERIMENTS))}"
+        )
     exp = EXPERIMENTS[name]
     spec = get_model_spec(exp.model)
     cost = make_cost_model(exp.cost_kind, exp.gpu, spec)
     n = num_requests or exp.num_requests
     results: dict[str, list[dict]] = {p: [] for p in exp.policies}
     for rate in exp.rates_rps:
-        wl = make_workload(exp.workload, rate_rps=rate, num_requests=n, seed=exp.seed, **exp.workload_kwargs)
+        wl = make_workload(
+            exp.workload, rate_rps=rate, num_requests=n, seed=exp.seed, **exp.workload_kwargs
+        )
         arrivals = arrivals_from_workload(wl)
         for policy in exp.policies:
             point = run_point(exp, policy, rate, cost, spec, arrivals)
             results[policy].append(point)
-            progress(f"{name} {policy:16s} rate {rate:5.2f}/s: thr {point['throughput_rps']:.3f}/s "
-                     f"mean {point['mean_latency_s']:.2f}s p99 {point['p99_latency_s']:.2f}s "
-                     f"max {point['max_latency_s']:.2f}s ({point['sim_wall_s']:.1f}s sim)")
+            progress(
+                f"{name} {policy:16s} rate {rate:5.2f}/s: thr {point['throughput_rps']:.3f}/s "
+                f"mean {point['mean_latency_s']:.2f}s p99 {point['p99_latency_s']:.2f}s "
+                f"max {point['max_latency_s']:.2f}s ({point['sim_wall_s']:.1f}s sim)"
+            )
     report = {
-        "experiment": name, "description": exp.description, "gpu": exp.gpu, "model": exp.model,
-        "cost_model": getattr(cost, "name", exp.cost_kind), "workload": exp.workload,
-        "num_requests_per_point": n, "seed": exp.seed,
-        "policies": {p: [{k: v for k, v in pt.items() if k != "e2e_s"} for pt in pts]
-                     for p, pts in results.items()},
+        "experiment": name,
+        "description": exp.description,
+        "gpu": exp.gpu,
+        "model": exp.model,
+        "cost_model": getattr(cost, "name", exp.cost_kind),
+        "workload": exp.workload,
+        "num_requests_per_point": n,
+        "seed": exp.seed,
+        "policies": {
+            p: [{k: v for k, v in pt.items() if k != "e2e_s"} for pt in pts]
+            for p, pts in results.items()
+        },
         "headline": headline(results),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,16 +251,25 @@ def run_experiment(name: str, out_dir: Path, num_requests: int | None = None,
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# {report['experiment']}", "", report["description"], "",
-             f"GPU `{report['gpu']}`, model `{report['model']}`, cost model `{report['cost_model']}`, "
-             f"{report['num_requests_per_point']} requests per load point, seed {report['seed']}.", "",
-             "| policy | rate req/s | throughput req/s | mean s | p99 s | max s | mean TTFT s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# {report['experiment']}",
+        "",
+        report["description"],
+        "",
+        f"GPU `{report['gpu']}`, model `{report['model']}`, cost model `{report['cost_model']}`, "
+        f"{report['num_requests_per_point']} requests per load point, seed {report['seed']}.",
+        "",
+        "| policy | rate req/s | throughput req/s | mean s | p99 s | max s | mean TTFT s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for policy, pts in report["policies"].items():
         for p in pts:
-            lines.append(f"| {policy} | {p['rate_rps']:.2f} | {p['throughput_rps']:.3f} | "
-                         f"{p['mean_latency_s']:.2f} | {p['p99_latency_s']:.2f} | {p['max_latency_s']:.2f} | "
-                         f"{p['mean_ttft_s']:.2f} |")
+            lines.append(
+                f"| {policy} | {p['rate_rps']:.2f} | {p['throughput_rps']:.3f} | "
+                f"{p['mean_latency_s']:.2f} | {p['p99_latency_s']:.2f} | {p['max_latency_s']:.2f} "
+                "| "
+                f"{p['mean_ttft_s']:.2f} |"
+            )
     h = report["headline"]
     lines += ["", "## Headline", ""]
     if h is None:
@@ -201,11 +279,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
         for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
             m = h[metric]
-            lines.append(f"- {metric}: nova {m['nova']:.2f} s vs best baseline {m['best_baseline']} "
-                         f"{m['baseline']:.2f} s: {100 * m['reduction']:+.1f}% reduction")
+            lines.append(
+                f"- {metric}: nova {m['nova']:.2f} s vs best baseline {m['best_baseline']} "
+                f"{m['baseline']:.2f} s: {100 * m['reduction']:+.1f}% reduction"
+            )
         t = h["throughput_rps"]
-        lines.append(f"- throughput: nova {t['nova']:.3f} vs {t['best_baseline']} {t['baseline']:.3f} req/s "
-                     f"(ratio {t['ratio']:.3f})")
+        lines.append(
+            f"- throughput: nova {t['nova']:.3f} vs {t['best_baseline']} {t['baseline']:.3f} req/s "
+            f"(ratio {t['ratio']:.3f})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +316,12 @@ def plot(results: dict[str, list[dict]], report: dict[str, Any], out_dir: Path) 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, pts in results.items():
-        ax.plot([p["throughput_rps"] for p in pts], [p["p99_latency_s"] for p in pts], marker="o", label=policy)
+        ax.plot(
+            [p["throughput_rps"] for p in pts],
+            [p["p99_latency_s"] for p in pts],
+            marker="o",
+            label=policy,
+        )
     ax.set_xlabel("throughput (req/s)")
     ax.set_ylabel("p99 E2E latency (s)")
     ax.set_yscale("log")
@@ -245,7 +332,9 @@ def plot(results: dict[str, list[dict]], report: dict[str, Any], out_dir: Path) 
     fig.savefig(out_dir / "pareto.png", dpi=110)
     plt.close(fig)
 
-    rate = (report["headline"] or {}).get("rate_rps") or max(p["rate_rps"] for p in next(iter(results.values())))
+    rate = (report["headline"] or {}).get("rate_rps") or max(
+        p["rate_rps"] for p in next(iter(results.values()))
+    )
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, pts in results.items():
         e2e = next(p["e2e_s"] for p in pts if p["rate_rps"] == rate)

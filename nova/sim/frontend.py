@@ -11,6 +11,7 @@ time each request reaches the engine. Torch-free and clock-free, like the rest o
 Assumption: preparation times do not depend on load (the pool's threads do not slow each other
 down; true while ``workers`` is below the machine's free cores).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -10,6 +10,7 @@ the SM share it started with (partitions change at batch boundaries, as in the e
 Torch-free. Output tokens are placeholders (EOS is never produced; requests run to max_tokens),
 which is what latency simulation needs.
 """
+
 from __future__ import annotations
 
 import gc
@@ -33,8 +34,13 @@ _UNCACHED = object()  # memo key of a work that cannot be cached
 
 
 class CostModelLike(Protocol):
-    def time_s(self, work: Any, sm_share: float, co_running: Sequence[tuple[Any, float]] = (),
-               isolated: bool = True) -> float: ...
+    def time_s(
+        self,
+        work: Any,
+        sm_share: float,
+        co_running: Sequence[tuple[Any, float]] = (),
+        isolated: bool = True,
+    ) -> float: ...
 
 
 def work_of(batch: Batch) -> Any:
@@ -94,9 +100,20 @@ class SimArrival:
 
 def arrivals_from_workload(workload: Any) -> list[SimArrival]:
     """``nova.workload.Workload`` -> arrivals (keeps the workload's session structure)."""
-    return [SimArrival(r.request_id, r.arrival_s, r.num_text_tokens, len(r.images), r.max_tokens,
-                       r.session_id, r.think_time_s, r.priority, r.deadline_s)
-            for r in workload.requests]
+    return [
+        SimArrival(
+            r.request_id,
+            r.arrival_s,
+            r.num_text_tokens,
+            len(r.images),
+            r.max_tokens,
+            r.session_id,
+            r.think_time_s,
+            r.priority,
+            r.deadline_s,
+        )
+        for r in workload.requests
+    ]
 
 
 class Simulator:
@@ -112,7 +129,9 @@ class Simulator:
         check_invariants: bool = False,
         reference: bool = False,
     ) -> None:
-        self.scheduler = Scheduler(policy, BlockManager(num_kv_blocks, block_size), (), max_model_len)
+        self.scheduler = Scheduler(
+            policy, BlockManager(num_kv_blocks, block_size), (), max_model_len
+        )
         self.cost = cost_model
         self.image_tokens = image_tokens
         self.work_fn = work_fn
@@ -126,13 +145,20 @@ class Simulator:
     def _make_request(self, a: SimArrival) -> Request:
         n_prompt = max(1, a.num_text_tokens) + a.num_images * self.image_tokens
         images = [ImageInput(f"{a.request_id}/{i}", self.image_tokens) for i in range(a.num_images)]
-        return Request(a.request_id, [SIM_TOKEN] * n_prompt,
-                       SamplingParams(max_tokens=a.max_tokens, ignore_eos=True), images,
-                       a.priority, a.deadline_s)
+        return Request(
+            a.request_id,
+            [SIM_TOKEN] * n_prompt,
+            SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
+            images,
+            a.priority,
+            a.deadline_s,
+        )
 
     def _update_rates(self, running: dict[Stage, _Running]) -> None:
         for stage, r in running.items():
-            others = [(o.work, o.batch.partition.share(s)) for s, o in running.items() if s is not stage]
+            others = [
+                (o.work, o.batch.partition.share(s)) for s, o in running.items() if s is not stage
+            ]
             isolated = r.batch.partition.name != "shared"
             duration = self.cost.time_s(r.work, r.batch.partition.share(stage), others, isolated)
             r.rate = 1.0 / max(duration, 1e-9)
@@ -195,7 +221,8 @@ class Simulator:
                 if sched.has_unfinished():
                     raise RuntimeError(
                         f"simulation stalled at t={t:.3f}s: {len(sched.state.requests)} requests "
-                        f"left but the policy schedules nothing")
+                        f"left but the policy schedules nothing"
+                    )
                 break
             if t_next > max_time_s:
                 break
@@ -206,9 +233,18 @@ class Simulator:
                 r = running.pop(stage)
                 changed = True
                 tokens = {it.request_id: SIM_TOKEN for it in r.batch.items if it.sample}
-                events = sched.complete(StageResult(r.batch, t, tokens if stage is not Stage.VISION else {}), t)
-                records.append(BatchRecord(stage, r.batch.start_s, t, tuple(r.batch.request_ids),
-                                           r.batch.partition.share(stage)))
+                events = sched.complete(
+                    StageResult(r.batch, t, tokens if stage is not Stage.VISION else {}), t
+                )
+                records.append(
+                    BatchRecord(
+                        stage,
+                        r.batch.start_s,
+                        t,
+                        tuple(r.batch.request_ids),
+                        r.batch.partition.share(stage),
+                    )
+                )
                 for ev in events:
                     sid = session_of.get(ev.request_id)
                     if ev.finished and sid in by_session and by_session[sid]:
@@ -230,7 +266,9 @@ class Simulator:
         cache = self._cost_cache
         duration = cache.get(key)
         if duration is None:
-            duration = self.cost.time_s(r.work, r.share, [(o.work, o.share) for o in others], r.isolated)
+            duration = self.cost.time_s(
+                r.work, r.share, [(o.work, o.share) for o in others], r.isolated
+            )
             if key is not _UNCACHED:
                 if len(cache) >= _COST_CACHE_MAX:
                     cache.clear()
@@ -242,7 +280,7 @@ class Simulator:
         batches = list(running.values())
         for r in batches:
             others = [o for o in batches if o is not r]
-            if r.key is _UNCACHED or any([o.key is _UNCACHED for o in others]):
+            if r.key is _UNCACHED or any(o.key is _UNCACHED for o in others):
                 key: Any = _UNCACHED
             elif not others:
                 key = (r.key, r.share, r.isolated)
@@ -285,8 +323,11 @@ class Simulator:
         # Stages that cannot get a batch are not asked (the policy's declarations): none while
         # a time-sliced policy runs a batch; none for a stage no live request waits for.
         sliced = sched.policy.one_batch_at_a_time
-        waiting = ([(stage, sched.state.by_status[_WAITING_STATUS[stage]]) for stage in STAGES]
-                   if sched.policy.idle_without_queue else [(stage, True) for stage in STAGES])
+        waiting = (
+            [(stage, sched.state.by_status[_WAITING_STATUS[stage]]) for stage in STAGES]
+            if sched.policy.idle_without_queue
+            else [(stage, True) for stage in STAGES]
+        )
         while True:
             started = changed
             for stage, queue in waiting:
@@ -299,10 +340,20 @@ class Simulator:
                     if batch is not None:
                         part = batch.partition
                         work = work_fn(batch)
-                        share = (part.decode if stage is decode else
-                                 part.prefill if stage is prefill else part.vision)  # = part.share(stage)
-                        running[stage] = _Running(batch, work, share=share,
-                                                  isolated=part.name != "shared", key=shape_key(work))
+                        share = (
+                            part.decode
+                            if stage is decode
+                            else part.prefill
+                            if stage is prefill
+                            else part.vision
+                        )  # = part.share(stage)
+                        running[stage] = _Running(
+                            batch,
+                            work,
+                            share=share,
+                            isolated=part.name != "shared",
+                            key=shape_key(work),
+                        )
                         started = True
             if started:
                 self._fast_rates(running)
@@ -318,7 +369,8 @@ class Simulator:
                 if sched.has_unfinished():
                     raise RuntimeError(
                         f"simulation stalled at t={t:.3f}s: {len(sched.state.requests)} requests "
-                        f"left but the policy schedules nothing")
+                        f"left but the policy schedules nothing"
+                    )
                 break
             if t_next > max_time_s:
                 break
@@ -338,10 +390,17 @@ class Simulator:
                     r = running.pop(stage)
                     batch = r.batch
                     items = batch.items
-                    tokens = {} if stage is vision else {it.request_id: SIM_TOKEN for it in items if it.sample}
+                    tokens = (
+                        {}
+                        if stage is vision
+                        else {it.request_id: SIM_TOKEN for it in items if it.sample}
+                    )
                     events = complete(StageResult(batch, t, tokens), t)
-                    records.append(BatchRecord(stage, batch.start_s, t,
-                                               tuple([it.request_id for it in items]), r.share))
+                    records.append(
+                        BatchRecord(
+                            stage, batch.start_s, t, tuple([it.request_id for it in items]), r.share
+                        )
+                    )
                     if by_session:
                         for ev in events:
                             sid = session_of.get(ev.request_id)
@@ -364,7 +423,9 @@ def _fast_work(batch: Batch) -> Any:
     stage = batch.stage
     items = batch.items
     if stage is _DECODE:
-        return trusted(stage, 0, (1,) * len(items), tuple([it.num_cached_tokens + 1 for it in items]))
+        return trusted(
+            stage, 0, (1,) * len(items), tuple([it.num_cached_tokens + 1 for it in items])
+        )
     if stage is _VISION:
         return trusted(stage, sum([it.num_images for it in items]))
     new = tuple([len(it.token_ids) for it in items])
@@ -387,11 +448,16 @@ def _load_trusted_work() -> Any:
 class FixedCostModel:
     """Constant duration per stage, no interference: for parity tests and quick experiments."""
 
-    durations_s: dict[Stage, float] = field(default_factory=lambda: {s: 0.01 for s in Stage})
+    durations_s: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 0.01))
     name: str = "fixed"
 
-    def time_s(self, work: Any, sm_share: float, co_running: Sequence[tuple[Any, float]] = (),
-               isolated: bool = True) -> float:
+    def time_s(
+        self,
+        work: Any,
+        sm_share: float,
+        co_running: Sequence[tuple[Any, float]] = (),
+        isolated: bool = True,
+    ) -> float:
         return self.durations_s[work.stage]
 
     @staticmethod

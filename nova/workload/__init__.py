@@ -10,10 +10,10 @@
 
 The same name, parameters and seed always give the same :class:`Workload`.
 """
+
 from __future__ import annotations
 
-from nova.workload.types import ImageSpec, Workload, WorkloadRequest
-from nova.workload.registry import WORKLOADS, make_workload, register_workload, workload_parameters
+from nova.workload.arrivals import bursty, poisson
 from nova.workload.gui_agent import (
     GUI_INSTRUCTIONS,
     GUI_TASKS,
@@ -22,18 +22,19 @@ from nova.workload.gui_agent import (
     gui_agent_request,
     text_tokens_estimate,
 )
-from nova.workload.arrivals import bursty, poisson
+from nova.workload.registry import WORKLOADS, make_workload, register_workload, workload_parameters
 from nova.workload.sessions import gui_sessions
 from nova.workload.traces import SAMPLE_TRACES, azure_lmm, burstgpt, mooncake, parse_timestamp_s
+from nova.workload.types import ImageSpec, Workload, WorkloadRequest
 
 __all__ = [
     "GUI_INSTRUCTIONS",
     "GUI_TASKS",
+    "SAMPLE_TRACES",
+    "WORKLOADS",
     "GuiContentConfig",
     "GuiTask",
     "ImageSpec",
-    "SAMPLE_TRACES",
-    "WORKLOADS",
     "Workload",
     "WorkloadRequest",
     "azure_lmm",

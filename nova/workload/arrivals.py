@@ -5,6 +5,7 @@ inter-arrival gaps, so over a long run the mean rate is ``rate_rps`` (requests /
 The seed fixes everything; arrival times and request content come from separate random
 streams derived from it, so e.g. changing ``rate_rps`` keeps the same requests, re-timed.
 """
+
 from __future__ import annotations
 
 import random
@@ -30,8 +31,14 @@ def gamma_gaps_s(rng: random.Random, rate_rps: float, burstiness: float, num: in
     return [rng.gammavariate(burstiness, scale) for _ in range(num)]
 
 
-def _open_loop(name: str, rate_rps: float, num_requests: int, seed: int, burstiness: float,
-               content: GuiContentConfig) -> Workload:
+def _open_loop(
+    name: str,
+    rate_rps: float,
+    num_requests: int,
+    seed: int,
+    burstiness: float,
+    content: GuiContentConfig,
+) -> Workload:
     rate_rps = check_positive("rate_rps", rate_rps)
     num_requests = check_int("num_requests", num_requests, 1)
     seed = check_seed(seed)
@@ -48,15 +55,26 @@ def _open_loop(name: str, rate_rps: float, num_requests: int, seed: int, burstin
 
 
 @register_workload("poisson")
-def poisson(*, rate_rps: float = 1.0, num_requests: int = 100, seed: int = 0,
-            content: GuiContentConfig = GuiContentConfig()) -> Workload:
+def poisson(
+    *,
+    rate_rps: float = 1.0,
+    num_requests: int = 100,
+    seed: int = 0,
+    content: GuiContentConfig = GuiContentConfig(),
+) -> Workload:
     """GUI-agent requests with Poisson arrivals (exponential gaps, mean ``1/rate_rps`` s)."""
     return _open_loop("poisson", rate_rps, num_requests, seed, 1.0, content)
 
 
 @register_workload("bursty")
-def bursty(*, rate_rps: float = 1.0, num_requests: int = 100, seed: int = 0,
-           burstiness: float = 0.5, content: GuiContentConfig = GuiContentConfig()) -> Workload:
+def bursty(
+    *,
+    rate_rps: float = 1.0,
+    num_requests: int = 100,
+    seed: int = 0,
+    burstiness: float = 0.5,
+    content: GuiContentConfig = GuiContentConfig(),
+) -> Workload:
     """GUI-agent requests with gamma-distributed gaps: shape ``burstiness`` (k), mean gap
     ``1/rate_rps`` s (scale ``1/(rate_rps*k)``), vLLM's ``--burstiness``. k=1 gives exactly
     :func:`poisson`'s requests; k=0.25 has a gap CV of about 2."""

@@ -5,6 +5,7 @@ Everything is drawn from a ``random.Random`` passed in, so a workload's seed fix
 The instruction catalogue is built once, in a fixed order, from hand-written tasks plus
 templates (apps x actions x slot values).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,75 +46,200 @@ _HAND_WRITTEN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Settings", "Set the screen timeout to 2 minutes", ("Display", "Screen timeout", "2 minutes")),
     ("Settings", "Enable dark theme", ("Display", "Dark theme")),
     ("Settings", "Turn on battery saver", ("Battery", "Battery Saver", "Use Battery Saver")),
-    ("Settings", "Change the phone's language to Spanish", ("System", "Languages & input", "Languages", "Add a language", "Español")),
-    ("Settings", "Increase the font size to the largest setting", ("Display", "Font size", "Largest")),
+    (
+        "Settings",
+        "Change the phone's language to Spanish",
+        ("System", "Languages & input", "Languages", "Add a language", "Español"),
+    ),
+    (
+        "Settings",
+        "Increase the font size to the largest setting",
+        ("Display", "Font size", "Largest"),
+    ),
     ("Settings", "Turn on airplane mode", ("Network & internet", "Airplane mode")),
     ("Settings", "Check how much storage is left on the phone", ("Storage", "Internal storage")),
-    ("Settings", "Turn off notifications for Instagram", ("Notifications", "App notifications", "Instagram", "All Instagram notifications")),
-    ("Settings", "Set the ringtone to 'Pixel Sounds'", ("Sound & vibration", "Phone ringtone", "Pixel Sounds")),
+    (
+        "Settings",
+        "Turn off notifications for Instagram",
+        ("Notifications", "App notifications", "Instagram", "All Instagram notifications"),
+    ),
+    (
+        "Settings",
+        "Set the ringtone to 'Pixel Sounds'",
+        ("Sound & vibration", "Phone ringtone", "Pixel Sounds"),
+    ),
     ("Settings", "Mute media volume", ("Sound & vibration", "Media volume")),
     ("Messages", "In Messages, reply 'on my way' to Alice", ("Alice", "Text message", "Send")),
-    ("Messages", "Delete the conversation with +1 650-555-0134 in Messages", ("+1 650-555-0134", "Delete", "Delete")),
+    (
+        "Messages",
+        "Delete the conversation with +1 650-555-0134 in Messages",
+        ("+1 650-555-0134", "Delete", "Delete"),
+    ),
     ("Messages", "Mark all messages as read", ("More options", "Mark all as read")),
-    ("Contacts", "Add a new contact named 'Maria Lopez' with phone number '415-555-0199'", ("Create contact", "First name", "Phone", "Save")),
+    (
+        "Contacts",
+        "Add a new contact named 'Maria Lopez' with phone number '415-555-0199'",
+        ("Create contact", "First name", "Phone", "Save"),
+    ),
     ("Contacts", "Add Bob to favorites in Contacts", ("Bob", "Favorite")),
-    ("Contacts", "Change David's email address to 'david.k@example.com'", ("David", "Edit", "Email", "Save")),
+    (
+        "Contacts",
+        "Change David's email address to 'david.k@example.com'",
+        ("David", "Edit", "Email", "Save"),
+    ),
     ("Clock", "Set a timer for 15 minutes", ("Timer", "1", "5", "Start")),
     ("Clock", "Turn off all alarms in Clock", ("Alarm", "7:00 AM", "8:30 AM")),
     ("Clock", "Start the stopwatch", ("Stopwatch", "Start")),
     ("Clock", "Add London to the world clock", ("Clock", "Add city", "London")),
     ("Calendar", "Delete the event 'Dentist' on Friday", ("Friday", "Dentist", "Delete")),
     ("Calendar", "Show my schedule for next week in Calendar", ("Menu", "Week", "Next week")),
-    ("Gmail", "Search Gmail for emails from 'newsletter@shop.com' and archive them", ("Search in mail", "Select all", "Archive")),
-    ("Gmail", "Compose an email to 'team@company.com' with subject 'Weekly sync'", ("Compose", "To", "Subject", "Send")),
+    (
+        "Gmail",
+        "Search Gmail for emails from 'newsletter@shop.com' and archive them",
+        ("Search in mail", "Select all", "Archive"),
+    ),
+    (
+        "Gmail",
+        "Compose an email to 'team@company.com' with subject 'Weekly sync'",
+        ("Compose", "To", "Subject", "Send"),
+    ),
     ("Gmail", "Star the most recent email from Carol", ("Carol", "Star")),
-    ("Chrome", "Open Chrome and search for 'weather tomorrow in Seattle'", ("Search or type web address", "Go")),
-    ("Chrome", "Clear the browsing history in Chrome", ("More options", "History", "Clear browsing data", "Clear data")),
+    (
+        "Chrome",
+        "Open Chrome and search for 'weather tomorrow in Seattle'",
+        ("Search or type web address", "Go"),
+    ),
+    (
+        "Chrome",
+        "Clear the browsing history in Chrome",
+        ("More options", "History", "Clear browsing data", "Clear data"),
+    ),
     ("Chrome", "Bookmark the current page in Chrome", ("More options", "Bookmark")),
     ("Chrome", "Open a new incognito tab", ("More options", "New Incognito tab")),
     ("Maps", "Find the nearest gas station in Maps", ("Search here", "Gas stations")),
-    ("Maps", "Save 'Golden Gate Park' as a favorite place in Maps", ("Search here", "Golden Gate Park", "Save", "Favorites")),
-    ("YouTube", "Search YouTube for 'how to repot a succulent' and play the first video", ("Search", "how to repot a succulent")),
+    (
+        "Maps",
+        "Save 'Golden Gate Park' as a favorite place in Maps",
+        ("Search here", "Golden Gate Park", "Save", "Favorites"),
+    ),
+    (
+        "YouTube",
+        "Search YouTube for 'how to repot a succulent' and play the first video",
+        ("Search", "how to repot a succulent"),
+    ),
     ("YouTube", "Subscribe to the channel of the video that is playing", ("Subscribe",)),
-    ("Spotify", "Play the playlist 'Discover Weekly' in Spotify", ("Your Library", "Discover Weekly", "Play")),
+    (
+        "Spotify",
+        "Play the playlist 'Discover Weekly' in Spotify",
+        ("Your Library", "Discover Weekly", "Play"),
+    ),
     ("Spotify", "Turn on shuffle in Spotify", ("Now playing", "Shuffle")),
     ("Camera", "Switch the camera to video mode and start recording", ("Video", "Record")),
     ("Photos", "Delete the most recent photo in Photos", ("Photos", "Delete", "Move to trash")),
     ("Photos", "Create an album named 'Hiking 2024' in Photos", ("Library", "New album", "Done")),
-    ("Files", "Rename 'report_final.pdf' in Downloads to 'report_v2.pdf'", ("Downloads", "report_final.pdf", "Rename", "OK")),
-    ("Files", "Move 'IMG_2031.jpg' from Downloads to the Pictures folder", ("Downloads", "IMG_2031.jpg", "Move to", "Pictures", "Move here")),
-    ("Notes", "Create a note titled 'Groceries' with 'milk, eggs, spinach'", ("New note", "Title", "Note", "Save")),
-    ("Calculator", "Use the calculator to compute 17.5% of 240", ("2", "4", "0", "×", "1", "7", ".", "5", "%", "=")),
-    ("Play Store", "Install the app 'Duolingo' from the Play Store", ("Search for apps & games", "Duolingo", "Install")),
-    ("Play Store", "Update all apps in the Play Store", ("Profile", "Manage apps & device", "Update all")),
-    ("Recorder", "Start a new voice recording and save it as 'Lecture 3'", ("Record", "Stop", "Save")),
-    ("Weather", "Check the weather forecast for Tokyo this weekend", ("Search", "Tokyo", "Weekend")),
-    ("Uber", "Request a ride to 'San Francisco International Airport'", ("Where to?", "Confirm UberX")),
-    ("Amazon", "Add a pack of AA batteries to the cart on Amazon", ("Search Amazon", "AA batteries", "Add to Cart")),
+    (
+        "Files",
+        "Rename 'report_final.pdf' in Downloads to 'report_v2.pdf'",
+        ("Downloads", "report_final.pdf", "Rename", "OK"),
+    ),
+    (
+        "Files",
+        "Move 'IMG_2031.jpg' from Downloads to the Pictures folder",
+        ("Downloads", "IMG_2031.jpg", "Move to", "Pictures", "Move here"),
+    ),
+    (
+        "Notes",
+        "Create a note titled 'Groceries' with 'milk, eggs, spinach'",
+        ("New note", "Title", "Note", "Save"),
+    ),
+    (
+        "Calculator",
+        "Use the calculator to compute 17.5% of 240",
+        ("2", "4", "0", "×", "1", "7", ".", "5", "%", "="),
+    ),
+    (
+        "Play Store",
+        "Install the app 'Duolingo' from the Play Store",
+        ("Search for apps & games", "Duolingo", "Install"),
+    ),
+    (
+        "Play Store",
+        "Update all apps in the Play Store",
+        ("Profile", "Manage apps & device", "Update all"),
+    ),
+    (
+        "Recorder",
+        "Start a new voice recording and save it as 'Lecture 3'",
+        ("Record", "Stop", "Save"),
+    ),
+    (
+        "Weather",
+        "Check the weather forecast for Tokyo this weekend",
+        ("Search", "Tokyo", "Weekend"),
+    ),
+    (
+        "Uber",
+        "Request a ride to 'San Francisco International Airport'",
+        ("Where to?", "Confirm UberX"),
+    ),
+    (
+        "Amazon",
+        "Add a pack of AA batteries to the cart on Amazon",
+        ("Search Amazon", "AA batteries", "Add to Cart"),
+    ),
 )
 
 _CONTACTS = ("Alice", "Bob", "Carol", "David", "Priya", "Chen Wei", "Mom", "Tom Baker")
-_MESSAGES = ("on my way", "running 10 minutes late", "see you at 7", "can you call me back?",
-             "thanks, got it", "happy birthday!")
+_MESSAGES = (
+    "on my way",
+    "running 10 minutes late",
+    "see you at 7",
+    "can you call me back?",
+    "thanks, got it",
+    "happy birthday!",
+)
 _TIMES = ("6:30 AM", "7:15 AM", "8:00 AM", "12:45 PM", "5:30 PM", "9:00 PM")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
 _EVENTS = ("Team standup", "Dentist", "Gym", "Lunch with Sam", "Flight to Boston", "Book club")
-_SETTINGS = (("Wi-Fi", "Network & internet"), ("Bluetooth", "Connected devices"),
-             ("Location", "Location"), ("Do Not Disturb", "Sound & vibration"),
-             ("Auto-rotate", "Display"), ("NFC", "Connected devices"))
-_PLACES = ("Central Park", "the nearest pharmacy", "Union Station", "Blue Bottle Coffee",
-           "Stanford Shopping Center", "the closest EV charger")
+_SETTINGS = (
+    ("Wi-Fi", "Network & internet"),
+    ("Bluetooth", "Connected devices"),
+    ("Location", "Location"),
+    ("Do Not Disturb", "Sound & vibration"),
+    ("Auto-rotate", "Display"),
+    ("NFC", "Connected devices"),
+)
+_PLACES = (
+    "Central Park",
+    "the nearest pharmacy",
+    "Union Station",
+    "Blue Bottle Coffee",
+    "Stanford Shopping Center",
+    "the closest EV charger",
+)
 
 # (app, instruction template, targets template); slots are filled in lockstep (cycled).
 _TEMPLATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Messages", "In Messages, reply '{msg}' to {contact}", ("{contact}", "Text message", "Send")),
-    ("Messages", "Send '{msg}' to {contact} in Messages", ("Start chat", "{contact}", "Text message", "Send")),
+    (
+        "Messages",
+        "Send '{msg}' to {contact} in Messages",
+        ("Start chat", "{contact}", "Text message", "Send"),
+    ),
     ("Phone", "Call {contact} from the Phone app", ("Contacts", "{contact}", "Call")),
     ("Clock", "Set an alarm for {time} in Clock", ("Alarm", "Add alarm", "{time}", "OK")),
-    ("Calendar", "Create an event '{event}' on {day} at {time} in Calendar", ("Create", "Event", "Title", "{day}", "{time}", "Save")),
+    (
+        "Calendar",
+        "Create an event '{event}' on {day} at {time} in Calendar",
+        ("Create", "Event", "Title", "{day}", "{time}", "Save"),
+    ),
     ("Settings", "Open Settings and turn on {setting}", ("{section}", "{setting}")),
     ("Settings", "Open Settings and turn off {setting}", ("{section}", "{setting}")),
-    ("Maps", "Search for {place} in Maps and start navigation", ("Search here", "{place}", "Directions", "Start")),
+    (
+        "Maps",
+        "Search for {place} in Maps and start navigation",
+        ("Search here", "{place}", "Directions", "Start"),
+    ),
 )
 _PER_TEMPLATE = 6
 
@@ -126,12 +252,29 @@ def _templated_tasks() -> list[tuple[str, str, tuple[str, ...]]]:
     out: list[tuple[str, str, tuple[str, ...]]] = []
     for t_idx, (app, text, targets) in enumerate(_TEMPLATES):
         # A different phase per template so slot combinations vary across templates.
-        rows = islice(zip(cycle(_CONTACTS[t_idx % 3:] + _CONTACTS[:t_idx % 3]), cycle(_MESSAGES),
-                          cycle(_TIMES), cycle(_DAYS), cycle(_EVENTS), cycle(_SETTINGS), cycle(_PLACES)),
-                      _PER_TEMPLATE)
+        rows = islice(
+            zip(
+                cycle(_CONTACTS[t_idx % 3 :] + _CONTACTS[: t_idx % 3]),
+                cycle(_MESSAGES),
+                cycle(_TIMES),
+                cycle(_DAYS),
+                cycle(_EVENTS),
+                cycle(_SETTINGS),
+                cycle(_PLACES),
+            ),
+            _PER_TEMPLATE,
+        )
         for contact, msg, time, day, event, (setting, section), place in rows:
-            slots = dict(contact=contact, msg=msg, time=time, day=day, event=event,
-                         setting=setting, section=section, place=place)
+            slots = dict(
+                contact=contact,
+                msg=msg,
+                time=time,
+                day=day,
+                event=event,
+                setting=setting,
+                section=section,
+                place=place,
+            )
             out.append((app, _fill(text, slots), tuple(_fill(t, slots) for t in targets)))
     return out
 
@@ -143,7 +286,9 @@ def _build_tasks() -> tuple[GuiTask, ...]:
         if text in seen:
             continue
         seen.add(text)
-        tasks.append(GuiTask(app, text, targets, tuple(re.findall(r"(?<!\w)'([^']+)'(?!\w)", text))))
+        tasks.append(
+            GuiTask(app, text, targets, tuple(re.findall(r"(?<!\w)'([^']+)'(?!\w)", text)))
+        )
     return tuple(tasks)
 
 
@@ -178,7 +323,9 @@ class GuiContentConfig:
         check_int("min_tokens", self.min_tokens, 1)
         check_int("max_tokens", self.max_tokens, 1)
         if self.max_tokens < self.min_tokens:
-            raise ValueError(f"max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})")
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})"
+            )
         check_int("max_history_actions", self.max_history_actions, 0)
         if self.deadline_s is not None:
             check_positive("deadline_s", self.deadline_s)
@@ -251,10 +398,18 @@ def random_history(rng: random.Random, task: GuiTask, max_actions: int) -> list[
     return [next_action(rng, task, step) for step in range(rng.randint(0, max_actions))]
 
 
-def gui_agent_request(rng: random.Random, request_id: str, arrival_s: float | None,
-                      content: GuiContentConfig, *, task: GuiTask | None = None,
-                      history: list[str] | None = None, session_id: str | None = None,
-                      step: int = 0, think_time_s: float = 0.0) -> WorkloadRequest:
+def gui_agent_request(
+    rng: random.Random,
+    request_id: str,
+    arrival_s: float | None,
+    content: GuiContentConfig,
+    *,
+    task: GuiTask | None = None,
+    history: list[str] | None = None,
+    session_id: str | None = None,
+    step: int = 0,
+    think_time_s: float = 0.0,
+) -> WorkloadRequest:
     """One GUI-agent request. ``task`` is drawn from :data:`GUI_TASKS` when not given;
     ``history`` is :func:`random_history` when not given. ``num_text_tokens`` is
     :func:`text_tokens_estimate` of the final text; the screenshot seed comes from ``rng``."""
@@ -280,6 +435,7 @@ def gui_agent_request(rng: random.Random, request_id: str, arrival_s: float | No
 
 
 # --- filler text for trace replay: sized to a token count -------------------------------------
+
 
 def _word_pool() -> tuple[str, ...]:
     words: dict[str, None] = {}

@@ -5,13 +5,15 @@ of generated GUI-agent requests take a ``content: GuiContentConfig`` parameter;
 :func:`make_workload` also accepts that config's fields flat (``image_width=...``), which is
 what a command line passes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nova.workload.types import Workload
 
@@ -41,7 +43,9 @@ def make_workload(name: str, **kwargs: Any) -> Workload:
     try:
         builder = WORKLOADS[name]
     except KeyError:
-        raise ValueError(f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}") from None
+        raise ValueError(
+            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
+        ) from None
     return builder(**_bind_kwargs(name, builder, kwargs))
 
 
@@ -49,7 +53,9 @@ def workload_parameters(name: str) -> dict[str, Any]:
     """Parameter name -> default (``inspect.Parameter.empty`` if required) of a registered
     workload, with the content config's fields flattened in, as :func:`make_workload` takes them."""
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}")
+        raise ValueError(
+            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
+        )
     out: dict[str, Any] = {}
     for pname, param in inspect.signature(WORKLOADS[name]).parameters.items():
         if pname == "content":
@@ -72,8 +78,10 @@ def _bind_kwargs(name: str, builder: WorkloadBuilder, kwargs: dict[str, Any]) ->
         cls = _content_config_cls()
         flat = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs}
         if flat and "content" in kwargs:
-            raise ValueError(f"workload {name!r}: give either content= or its fields "
-                             f"({', '.join(flat)}), not both")
+            raise ValueError(
+                f"workload {name!r}: give either content= or its fields "
+                f"({', '.join(flat)}), not both"
+            )
         if flat:
             kwargs["content"] = cls(**flat)
     for key in kwargs:
@@ -88,16 +96,27 @@ def _bind_kwargs(name: str, builder: WorkloadBuilder, kwargs: dict[str, Any]) ->
 
 # --- parameter checks: each raises ValueError naming the parameter ---------------------------
 
+
 def check_positive(name: str, value: Any) -> float:
     """A finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_non_negative(name: str, value: Any) -> float:
     """A finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 

@@ -5,6 +5,7 @@ and a fresh screenshot, and waits for the answer; the next step goes out ``think
 that answer (the time to act on the phone and take the next screenshot). Sessions start
 uniformly at random over ``[0, session_start_spread_s]``.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,11 +19,14 @@ DEFAULT_MIN_STEPS = 3
 DEFAULT_MAX_STEPS = 10
 
 
-def _step_range(steps_per_session: int | None, min_steps: int | None,
-                max_steps: int | None) -> tuple[int, int]:
+def _step_range(
+    steps_per_session: int | None, min_steps: int | None, max_steps: int | None
+) -> tuple[int, int]:
     if steps_per_session is not None:
         if min_steps is not None or max_steps is not None:
-            raise ValueError("steps_per_session: give either steps_per_session or min_steps/max_steps, not both")
+            raise ValueError(
+                "steps_per_session: give either steps_per_session or min_steps/max_steps, not both"
+            )
         steps = check_int("steps_per_session", steps_per_session, 1)
         return steps, steps
     lo = check_int("min_steps", DEFAULT_MIN_STEPS if min_steps is None else min_steps, 1)
@@ -32,26 +36,48 @@ def _step_range(steps_per_session: int | None, min_steps: int | None,
     return lo, hi
 
 
-def _session(rng: random.Random, session_id: str, start_s: float, num_steps: int,
-             think_time_s: float, content: GuiContentConfig) -> list[WorkloadRequest]:
+def _session(
+    rng: random.Random,
+    session_id: str,
+    start_s: float,
+    num_steps: int,
+    think_time_s: float,
+    content: GuiContentConfig,
+) -> list[WorkloadRequest]:
     task = rng.choice(GUI_TASKS)
     history: list[str] = []
     steps = []
     for step in range(num_steps):
         think_s = 0.0 if step == 0 or think_time_s == 0 else rng.expovariate(1.0 / think_time_s)
-        steps.append(gui_agent_request(
-            rng, f"{session_id}-step{step:02d}", start_s if step == 0 else None, content,
-            task=task, history=list(history), session_id=session_id, step=step,
-            think_time_s=think_s))
+        steps.append(
+            gui_agent_request(
+                rng,
+                f"{session_id}-step{step:02d}",
+                start_s if step == 0 else None,
+                content,
+                task=task,
+                history=list(history),
+                session_id=session_id,
+                step=step,
+                think_time_s=think_s,
+            )
+        )
         history.append(next_action(rng, task, step))
     return steps
 
 
 @register_workload("gui_sessions")
-def gui_sessions(*, num_sessions: int = 8, steps_per_session: int | None = None,
-                 min_steps: int | None = None, max_steps: int | None = None,
-                 think_time_s: float = 1.0, session_start_spread_s: float = 10.0, seed: int = 0,
-                 content: GuiContentConfig = GuiContentConfig()) -> Workload:
+def gui_sessions(
+    *,
+    num_sessions: int = 8,
+    steps_per_session: int | None = None,
+    min_steps: int | None = None,
+    max_steps: int | None = None,
+    think_time_s: float = 1.0,
+    session_start_spread_s: float = 10.0,
+    seed: int = 0,
+    content: GuiContentConfig = GuiContentConfig(),
+) -> Workload:
     """``num_sessions`` closed-loop agent sessions.
 
     Steps per session: ``steps_per_session`` exactly, or uniform in [``min_steps``,
@@ -69,10 +95,13 @@ def gui_sessions(*, num_sessions: int = 8, steps_per_session: int | None = None,
         raise ValueError(f"content must be a GuiContentConfig, got {type(content).__name__}")
     time_rng, content_rng = split_rng(seed)
     # Drawn in session order, so session i is the same whatever the others do.
-    plans = sorted((time_rng.uniform(0.0, spread_s), time_rng.randint(lo, hi), i,
-                    content_rng.getrandbits(64)) for i in range(num_sessions))
+    plans = sorted(
+        (time_rng.uniform(0.0, spread_s), time_rng.randint(lo, hi), i, content_rng.getrandbits(64))
+        for i in range(num_sessions)
+    )
     requests: list[WorkloadRequest] = []
     for start_s, num_steps, i, session_seed in plans:
-        requests += _session(random.Random(session_seed), f"sess-{i:04d}", start_s, num_steps,
-                             think_time_s, content)
+        requests += _session(
+            random.Random(session_seed), f"sess-{i:04d}", start_s, num_steps, think_time_s, content
+        )
     return Workload(name="gui_sessions", requests=tuple(requests), closed_loop=True)

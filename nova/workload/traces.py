@@ -14,18 +14,21 @@ sorted by timestamp (stable) and re-timed:
 * ``time_scale``: multiply inter-arrival times (2.0 = half the rate).
 * ``rate_rps``: instead of ``time_scale``, scale so the mean rate, (n-1)/(last-first), is this.
 """
+
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from nova.workload.arrivals import split_rng
 from nova.workload.gui_agent import filler_words, text_for_tokens, words_for_tokens
@@ -83,7 +86,8 @@ class _Scan:
 # --- field parsing ----------------------------------------------------------------------------
 
 _DATETIME = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$")
+    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$"
+)
 
 
 def parse_timestamp_s(value: Any) -> float:
@@ -103,7 +107,7 @@ def parse_timestamp_s(value: Any) -> float:
     if m is None:
         raise ValueError(f"bad timestamp {text!r}")
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    tz = timezone.utc
+    tz = UTC
     if m.group(8) and m.group(8) != "Z":
         sign = -1 if m.group(8)[0] == "-" else 1
         digits = m.group(8)[1:].replace(":", "")
@@ -133,6 +137,7 @@ def parse_count(value: Any, name: str, minimum: int = 0) -> int:
 
 # --- reading files ----------------------------------------------------------------------------
 
+
 def _check_path(path: Any) -> Path:
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a file path, got {path!r}")
@@ -150,8 +155,9 @@ def _data_lines(file: Path) -> Iterator[tuple[int, str]]:
                 yield line_no, line.rstrip("\r\n")
 
 
-def _csv_records(file: Path, required: tuple[str, ...],
-                 optional: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, str | None]]]:
+def _csv_records(
+    file: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> Iterator[tuple[int, dict[str, str | None]]]:
     """(line number, {column: text}) per data row of a CSV file; columns matched
     case-insensitively, named as in ``required``/``optional``; only columns present in the
     header are keys. A cell missing from a short row is ``None`` (the parser then rejects it)."""
@@ -162,8 +168,10 @@ def _csv_records(file: Path, required: tuple[str, ...],
     header = [h.strip().lower() for h in next(csv.reader([first[1]]))]
     missing = [c for c in required if c.lower() not in header]
     if missing:
-        raise ValueError(f"no valid rows in trace file {file}: missing column(s) {missing}; "
-                         f"header is {first[1]!r}")
+        raise ValueError(
+            f"no valid rows in trace file {file}: missing column(s) {missing}; "
+            f"header is {first[1]!r}"
+        )
     wanted = {c: header.index(c.lower()) for c in required + optional if c.lower() in header}
     for line_no, line in lines:
         cells = next(csv.reader([line]), [])
@@ -179,8 +187,12 @@ def _jsonl_records(file: Path) -> Iterator[tuple[int, Any]]:
             yield line_no, line  # the parser rejects a str
 
 
-def _scan(file: Path, records: Iterator[tuple[int, Any]], parse: Callable[[Any], TraceRow],
-          max_requests: int | None) -> _Scan:
+def _scan(
+    file: Path,
+    records: Iterator[tuple[int, Any]],
+    parse: Callable[[Any], TraceRow],
+    max_requests: int | None,
+) -> _Scan:
     scan = _Scan()
     for line_no, record in records:
         scan.num_lines += 1
@@ -205,6 +217,7 @@ def _scan(file: Path, records: Iterator[tuple[int, Any]], parse: Callable[[Any],
 
 
 # --- re-timing ----------------------------------------------------------------------------------
+
 
 @dataclass(slots=True, frozen=True)
 class ReplayOptions:
@@ -236,31 +249,43 @@ def retime_s(times_s: list[float], opts: ReplayOptions) -> tuple[list[float], fl
     if opts.rate_rps is not None:
         span_s = times_s[-1] - t0
         if len(times_s) < 2 or span_s <= 0:
-            raise ValueError(f"rate_rps: cannot rescale {len(times_s)} arrival(s) spanning {span_s:g} s "
-                             "to a rate")
+            raise ValueError(
+                f"rate_rps: cannot rescale {len(times_s)} arrival(s) spanning {span_s:g} s "
+                "to a rate"
+            )
         factor = (len(times_s) - 1) / (span_s * opts.rate_rps)
     origin = 0.0 if opts.start_at_zero else t0
     return [origin + (t - t0) * factor for t in times_s], factor
 
 
 def _sorted_rows(rows: list[TraceRow], notes: list[str]) -> list[TraceRow]:
-    out_of_order = sum(1 for a, b in zip(rows, rows[1:]) if b.timestamp_s < a.timestamp_s)
+    out_of_order = sum(1 for a, b in itertools.pairwise(rows) if b.timestamp_s < a.timestamp_s)
     if not out_of_order:
         return rows
     notes.append(f"sorted rows by timestamp ({out_of_order} were out of order)")
     return sorted(rows, key=lambda r: r.timestamp_s)
 
 
-def _replay(name: str, file: Path, scan: _Scan, opts: ReplayOptions, notes: list[str],
-            make_request: Callable[[random.Random, str, float, TraceRow], WorkloadRequest]) -> Workload:
+def _replay(
+    name: str,
+    file: Path,
+    scan: _Scan,
+    opts: ReplayOptions,
+    notes: list[str],
+    make_request: Callable[[random.Random, str, float, TraceRow], WorkloadRequest],
+) -> Workload:
     notes = scan.notes(file.name) + notes
     rows = _sorted_rows(scan.rows, notes)
     arrivals_s, factor = retime_s([r.timestamp_s for r in rows], opts)
     if opts.rate_rps is not None:
-        notes.append(f"scaled inter-arrival times by {factor:.6g} for a mean rate of {opts.rate_rps:g} req/s")
+        notes.append(
+            f"scaled inter-arrival times by {factor:.6g} for a mean rate of {opts.rate_rps:g} req/s"
+        )
     _, content_rng = split_rng(opts.seed)
-    requests = tuple(make_request(content_rng, f"{name}-{i:06d}", arrival_s, row)
-                     for i, (arrival_s, row) in enumerate(zip(arrivals_s, rows)))
+    requests = tuple(
+        make_request(content_rng, f"{name}-{i:06d}", arrival_s, row)
+        for i, (arrival_s, row) in enumerate(zip(arrivals_s, rows))
+    )
     return Workload(name=name, requests=requests, notes=tuple(notes))
 
 
@@ -275,6 +300,7 @@ def _check_image_size(width: Any, height: Any) -> None:
 
 # --- Azure LMM 2025 -----------------------------------------------------------------------------
 
+
 def _parse_azure(record: dict[str, str | None]) -> TraceRow:
     return TraceRow(
         timestamp_s=parse_timestamp_s(record["TIMESTAMP"]),
@@ -285,10 +311,17 @@ def _parse_azure(record: dict[str, str | None]) -> TraceRow:
 
 
 @register_workload("azure_lmm")
-def azure_lmm(*, path: str | os.PathLike[str], max_requests: int | None = None,
-              time_scale: float = 1.0, rate_rps: float | None = None, start_at_zero: bool = True,
-              image_width: int = DEFAULT_IMAGE_SIZE, image_height: int = DEFAULT_IMAGE_SIZE,
-              seed: int = 0) -> Workload:
+def azure_lmm(
+    *,
+    path: str | os.PathLike[str],
+    max_requests: int | None = None,
+    time_scale: float = 1.0,
+    rate_rps: float | None = None,
+    start_at_zero: bool = True,
+    image_width: int = DEFAULT_IMAGE_SIZE,
+    image_height: int = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> Workload:
     """Replay an Azure LMM 2025 trace: CSV ``TIMESTAMP,NumImages,ContextTokens,GeneratedTokens``.
 
     TIMESTAMP is a datetime (``2025-05-20 00:00:00.0120000``) or seconds. Each request has
@@ -301,22 +334,32 @@ def azure_lmm(*, path: str | os.PathLike[str], max_requests: int | None = None,
     opts = ReplayOptions(max_requests, time_scale, rate_rps, start_at_zero, seed)
     _check_image_size(image_width, image_height)
     file = _check_path(path)
-    scan = _scan(file, _csv_records(file, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), ("NumImages",)),
-                 _parse_azure, opts.max_requests)
+    scan = _scan(
+        file,
+        _csv_records(file, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), ("NumImages",)),
+        _parse_azure,
+        opts.max_requests,
+    )
     notes = ["num_text_tokens = ContextTokens, which includes image tokens"]
 
-    def make_request(rng: random.Random, request_id: str, arrival_s: float, row: TraceRow) -> WorkloadRequest:
+    def make_request(
+        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
+    ) -> WorkloadRequest:
         return WorkloadRequest(
-            request_id=request_id, arrival_s=arrival_s,
+            request_id=request_id,
+            arrival_s=arrival_s,
             instruction=text_for_tokens(rng, row.num_input_tokens),
             num_text_tokens=row.num_input_tokens,
             images=_images(row.num_images, image_width, image_height),
-            max_tokens=row.num_output_tokens, seed=rng.getrandbits(31))
+            max_tokens=row.num_output_tokens,
+            seed=rng.getrandbits(31),
+        )
 
     return _replay("azure_lmm", file, scan, opts, notes, make_request)
 
 
 # --- Mooncake -----------------------------------------------------------------------------------
+
 
 def _parse_mooncake(record: Any) -> TraceRow:
     if not isinstance(record, dict):
@@ -360,10 +403,18 @@ class _BlockText:
 
 
 @register_workload("mooncake")
-def mooncake(*, path: str | os.PathLike[str], max_requests: int | None = None,
-             time_scale: float = 1.0, rate_rps: float | None = None, start_at_zero: bool = True,
-             images_per_request: int = 0, image_width: int = DEFAULT_IMAGE_SIZE,
-             image_height: int = DEFAULT_IMAGE_SIZE, seed: int = 0) -> Workload:
+def mooncake(
+    *,
+    path: str | os.PathLike[str],
+    max_requests: int | None = None,
+    time_scale: float = 1.0,
+    rate_rps: float | None = None,
+    start_at_zero: bool = True,
+    images_per_request: int = 0,
+    image_width: int = DEFAULT_IMAGE_SIZE,
+    image_height: int = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> Workload:
     """Replay a Mooncake trace: JSONL lines ``{"timestamp": ms, "input_length": n,
     "output_length": m, "hash_ids": [...]}`` (timestamp in milliseconds).
 
@@ -378,12 +429,18 @@ def mooncake(*, path: str | os.PathLike[str], max_requests: int | None = None,
     scan = _scan(file, _jsonl_records(file), _parse_mooncake, opts.max_requests)
     blocks = _BlockText(opts.seed)
 
-    def make_request(rng: random.Random, request_id: str, arrival_s: float, row: TraceRow) -> WorkloadRequest:
+    def make_request(
+        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
+    ) -> WorkloadRequest:
         return WorkloadRequest(
-            request_id=request_id, arrival_s=arrival_s, instruction=blocks.text(rng, row),
+            request_id=request_id,
+            arrival_s=arrival_s,
+            instruction=blocks.text(rng, row),
             num_text_tokens=row.num_input_tokens,
             images=_images(images_per_request, image_width, image_height),
-            max_tokens=row.num_output_tokens, seed=rng.getrandbits(31))
+            max_tokens=row.num_output_tokens,
+            seed=rng.getrandbits(31),
+        )
 
     return _replay("mooncake", file, scan, opts, [], make_request)
 
@@ -410,11 +467,19 @@ def _parse_burstgpt(model: str | None) -> Callable[[dict[str, str | None]], Trac
 
 
 @register_workload("burstgpt")
-def burstgpt(*, path: str | os.PathLike[str], max_requests: int | None = None,
-             time_scale: float = 1.0, rate_rps: float | None = None, start_at_zero: bool = True,
-             model: str | None = None, images_per_request: int = 0,
-             image_width: int = DEFAULT_IMAGE_SIZE, image_height: int = DEFAULT_IMAGE_SIZE,
-             seed: int = 0) -> Workload:
+def burstgpt(
+    *,
+    path: str | os.PathLike[str],
+    max_requests: int | None = None,
+    time_scale: float = 1.0,
+    rate_rps: float | None = None,
+    start_at_zero: bool = True,
+    model: str | None = None,
+    images_per_request: int = 0,
+    image_width: int = DEFAULT_IMAGE_SIZE,
+    image_height: int = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> Workload:
     """Replay a BurstGPT trace: CSV ``Timestamp,Model,Request tokens,Response tokens,Total
     tokens,Log Type`` (Timestamp in seconds).
 
@@ -432,12 +497,17 @@ def burstgpt(*, path: str | os.PathLike[str], max_requests: int | None = None,
     records = _csv_records(file, ("Timestamp", "Request tokens", "Response tokens"), ("Model",))
     scan = _scan(file, records, _parse_burstgpt(model), opts.max_requests)
 
-    def make_request(rng: random.Random, request_id: str, arrival_s: float, row: TraceRow) -> WorkloadRequest:
+    def make_request(
+        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
+    ) -> WorkloadRequest:
         return WorkloadRequest(
-            request_id=request_id, arrival_s=arrival_s,
+            request_id=request_id,
+            arrival_s=arrival_s,
             instruction=text_for_tokens(rng, row.num_input_tokens),
             num_text_tokens=row.num_input_tokens,
             images=_images(images_per_request, image_width, image_height),
-            max_tokens=row.num_output_tokens, seed=rng.getrandbits(31))
+            max_tokens=row.num_output_tokens,
+            seed=rng.getrandbits(31),
+        )
 
     return _replay("burstgpt", file, scan, opts, [], make_request)

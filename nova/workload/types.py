@@ -5,6 +5,7 @@ Times are seconds. An open-loop workload gives every request an ``arrival_s`` of
 sessions: a session's first step has its start offset in ``arrival_s``; each later step has
 ``arrival_s=None`` and is sent ``think_time_s`` after the previous step's answer came back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ class WorkloadRequest:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}")
+            raise ValueError(
+                f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}"
+            )
         if self.num_text_tokens < 0:
             raise ValueError(f"request {self.request_id!r}: num_text_tokens must be >= 0")
         if self.think_time_s < 0:

@@ -22,6 +22,7 @@ tensors inside the kernel, so a decode launch can be captured in a CUDA graph.
 Importing this module imports ``triton``; set ``TRITON_INTERPRET=1`` before the first import to
 run the kernel on CPU tensors (slow; for tests).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,13 +32,22 @@ import triton.language as tl
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_ptr,
     scale,
-    stride_q_tok, stride_q_head,
-    stride_k_slot, stride_k_head,
-    stride_v_slot, stride_v_head,
-    stride_o_tok, stride_o_head,
+    stride_q_tok,
+    stride_q_head,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_slot,
+    stride_v_head,
+    stride_o_tok,
+    stride_o_head,
     stride_bt_seq,
     PAGE_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
@@ -64,8 +74,11 @@ def _paged_attention_kernel(
         row_pos = num_cached + row_tok  # absolute position of each row's query
         d = tl.arange(0, BLOCK_D)
         d_valid = d < HEAD_DIM
-        q_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_q_tok \
-            + row_head[:, None] * stride_q_head + d[None, :]
+        q_offs = (
+            (q_start + row_tok).to(tl.int64)[:, None] * stride_q_tok
+            + row_head[:, None] * stride_q_head
+            + d[None, :]
+        )
         q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
         last_tok = tl.minimum(tok0 + TOKENS_PER_TILE, q_len) - 1
@@ -76,17 +89,16 @@ def _paged_attention_kernel(
         for start in range(0, kv_end, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_valid = k_pos < kv_end
-            block = tl.load(block_tables_ptr + seq * stride_bt_seq + k_pos // PAGE_SIZE,
-                            mask=k_valid, other=0)
+            block = tl.load(
+                block_tables_ptr + seq * stride_bt_seq + k_pos // PAGE_SIZE, mask=k_valid, other=0
+            )
             slot = block.to(tl.int64) * PAGE_SIZE + k_pos % PAGE_SIZE
             kt = tl.load(  # [BLOCK_D, BLOCK_N]
                 k_cache_ptr + slot[None, :] * stride_k_slot + kv_head * stride_k_head + d[:, None],
-                mask=k_valid[None, :] & d_valid[:, None], other=0.0,
+                mask=k_valid[None, :] & d_valid[:, None],
+                other=0.0,
             )
-            if IEEE_FP32:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = tl.dot(q, kt, input_precision="ieee") if IEEE_FP32 else tl.dot(q, kt)
             s = s * scale
             allowed = (k_pos[None, :] <= row_pos[:, None]) & k_valid[None, :]
             s = tl.where(allowed, s, float("-inf"))
@@ -96,7 +108,8 @@ def _paged_attention_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(  # [BLOCK_N, BLOCK_D]
                 v_cache_ptr + slot[:, None] * stride_v_slot + kv_head * stride_v_head + d[None, :],
-                mask=k_valid[:, None] & d_valid[None, :], other=0.0,
+                mask=k_valid[:, None] & d_valid[None, :],
+                other=0.0,
             )
             if IEEE_FP32:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -104,10 +117,16 @@ def _paged_attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
-        o_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_o_tok \
-            + row_head[:, None] * stride_o_head + d[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :])
+        o_offs = (
+            (q_start + row_tok).to(tl.int64)[:, None] * stride_o_tok
+            + row_head[:, None] * stride_o_head
+            + d[None, :]
+        )
+        tl.store(
+            out_ptr + o_offs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
 
 
 def tile_shape(group: int, max_query_len: int) -> tuple[int, int]:
@@ -130,7 +149,7 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    num_tokens, num_heads, head_dim = q.shape
+    _num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
@@ -144,13 +163,22 @@ def paged_attention(
     out = torch.empty_like(q) if out is None else out
     grid = (num_seqs, triton.cdiv(max_query_len, tokens_per_tile), num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out,
-        block_tables, seq_lens, query_start_loc,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
         scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
         block_tables.stride(0),
         PAGE_SIZE=page_size,
         GROUP=group,
