@@ -576,3 +576,19 @@ def test_roofline_one_co_runner_fast_path_equals_the_general_code(a6000):
             fast = a6000._terms(w, share, [(o, other_share)], isolated)
             general = a6000._terms(w, share, [(o, other_share)], isolated, pair_path=False)
             assert fast == general
+
+
+def test_device_names_map_to_registered_gpu_specs():
+    from nova.cost.gpus import GPUS, gpu_spec_name_for_device
+
+    cases = {
+        "NVIDIA H200": "h200",
+        "NVIDIA H100 80GB HBM3": "h100-sxm",
+        "NVIDIA A100-SXM4-80GB": "a100-80g",
+        "NVIDIA RTX A6000": "a6000",
+        "NVIDIA GeForce RTX 4090": "rtx4090",
+    }
+    for device_name, spec in cases.items():
+        assert gpu_spec_name_for_device(device_name) == spec
+        assert spec in GPUS
+    assert gpu_spec_name_for_device("NVIDIA GeForce GTX 1080") is None

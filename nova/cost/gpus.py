@@ -197,3 +197,25 @@ register_gpu(
         description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
     )
 )
+
+
+# Substrings of CUDA device names (``torch.cuda.get_device_name``) -> registered spec names,
+# most specific first ("H100" must not match an "H200").
+_DEVICE_NAME_KEYS: tuple[tuple[str, str], ...] = (
+    ("h200", "h200"),
+    ("h100", "h100-sxm"),
+    ("a100", "a100-80g"),
+    ("a6000", "a6000"),
+    ("4090", "rtx4090"),
+)
+
+
+def gpu_spec_name_for_device(device_name: str) -> str | None:
+    """The registered GPU spec a CUDA device name is (``"NVIDIA H100 80GB HBM3"`` ->
+    ``"h100-sxm"``), or None when no registered spec matches. The one place device names are
+    mapped to specs."""
+    lowered = device_name.lower()
+    for key, spec_name in _DEVICE_NAME_KEYS:
+        if key in lowered:
+            return spec_name
+    return None

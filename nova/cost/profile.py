@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from nova.cost.gpus import GPUS, GpuSpec
+from nova.cost.gpus import GPUS, GpuSpec, gpu_spec_name_for_device
 from nova.cost.model_spec import ModelSpec
 from nova.cost.profiled import (
     PROFILE_FORMAT,
@@ -514,16 +514,10 @@ def _gpu_spec(device: torch.device, name: str) -> GpuSpec:
     """The registered GPU this device is, or an ad-hoc spec (SM count read from the device)."""
     if device.type != "cuda":
         return GPUS["cpu"]
+    registered = gpu_spec_name_for_device(name)
+    if registered is not None:
+        return GPUS[registered]
     lowered = name.lower()
-    for key, registered in (
-        ("h200", "h200"),
-        ("h100", "h100-sxm"),
-        ("a100", "a100-80g"),
-        ("a6000", "a6000"),
-        ("4090", "rtx4090"),
-    ):
-        if key in lowered:
-            return GPUS[registered]
     props = torch.cuda.get_device_properties(device)
     return GpuSpec(
         name=lowered.replace(" ", "-"),

@@ -31,17 +31,10 @@ def _device_gpu_spec(device: str) -> str:
         return "cpu"
     import torch
 
-    name = torch.cuda.get_device_name(torch.device(device)).lower()
-    for key, spec_name in (
-        ("h200", "h200"),
-        ("h100", "h100-sxm"),
-        ("a100", "a100-80g"),
-        ("a6000", "a6000"),
-        ("4090", "rtx4090"),
-    ):
-        if key in name:
-            return spec_name
-    return "h100-sxm"
+    from nova.cost.gpus import gpu_spec_name_for_device
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    return gpu_spec_name_for_device(name) or "h100-sxm"
 
 
 def default_cost_model(
