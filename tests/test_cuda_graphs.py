@@ -16,7 +16,7 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from nova.models.loader import load_model  # noqa: E402
-from nova.runtime.attention import SdpaPagedAttention  # noqa: E402
+from nova.runtime.attention_sdpa import SdpaPagedAttention  # noqa: E402
 from nova.runtime.cuda_graphs import (  # noqa: E402
     StaticDecodeRunner,
     batch_buckets,
@@ -66,6 +66,10 @@ def test_graphs_off_on_cpu_and_for_dynamic_backends(tiny_dirs):
     )
     assert runner.decode_graphs is None
     assert runner.kv_cache.num_blocks == 16  # no scratch block without graphs
+    with pytest.raises(ValueError, match="static shapes"):
+        StaticDecodeRunner(
+            runner.model, runner.kv_cache, 4, 64, 15, "cpu", attention=SdpaPagedAttention()
+        )
 
 
 def _prefill(runner: ModelRunner) -> list[list[int]]:
@@ -106,6 +110,7 @@ def test_padded_static_decode_equals_unpadded_forward(tiny_dirs):
         max_model_len=64,
         scratch_block=scratch,
         device=DEVICE,
+        attention=run.attention,
         use_graphs=DEVICE == "cuda",
     )
     hist_ref, hist_run = _prefill(ref), _prefill(run)
@@ -153,6 +158,7 @@ def test_static_runner_falls_back_for_prefill(tiny_dirs):
         max_model_len=64,
         scratch_block=NUM_BLOCKS - 1,
         device=DEVICE,
+        attention=run.attention,
         use_graphs=False,
     )
     seqs = [SeqInput([1, 2, 3], 0, run.block_manager.allocate("a", 3))]
