@@ -39,12 +39,14 @@ from pathlib import Path
 
 import torch
 
-from nova.runtime.attention import BACKEND_NAMES, TABLES_DIR, build_backend, gpu_slug
+from nova.runtime.attention import BACKEND_NAMES, build_backend, gpu_slug
 from nova.runtime.attention_sdpa import SdpaPagedAttention
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.kv_cache import PagedKVCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The package data folder in this checkout (nova.runtime.attention.TABLES_DIR once installed).
+TABLES = Path(__file__).resolve().parents[1] / "nova" / "runtime" / "attention_tables"
 BLOCK_SIZE = 16
 
 
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     table_text = json.dumps(table, indent=2) + "\n"
     (out_dir / "attention.json").write_text(table_text)
     print(f"wrote {out_dir}/attention_decode.json, .md and attention.json")
-    installed = Path(str(TABLES_DIR)) / f"{gpu_slug(gpu)}.json"
+    installed = TABLES / f"{gpu_slug(gpu)}.json"
     if args.install_table:
         installed.write_text(table_text)
         print(f"installed the selection table: {installed} (commit it with the results)")
