@@ -231,3 +231,17 @@ def test_metrics_read_the_clients_snapshot(http):
     assert "nova_preemptions_total 3.0" in text
     assert "nova_memory_kv_cache_bytes 4096.0" in text
     assert 'nova_sm_granted{stage="decode"} 2.0' in text
+
+
+def test_the_server_imports_neither_the_engine_nor_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nova.server.app; "
+        "inside = [m for m in ('nova.engine.llm_engine', 'nova.engine.loop', "
+        "'nova.engine.async_engine', 'nova.executor.torch_executor', 'torch') "
+        "if m in sys.modules]; "
+        "assert not inside, inside"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
