@@ -160,7 +160,8 @@ def choose(per_phase: dict) -> str:
 
 # -- decode step ------------------------------------------------------------------------------
 def bench_decode_step(args, device, dtype) -> dict:
-    from nova.cost.gpus import get_gpu, gpu_spec_name_for_device
+    from nova.cost.gpus import get_gpu
+    from nova.engine.llm_engine import device_gpu_spec
     from nova.models.loader import load_model
     from nova.runtime.runner import CacheConfig, ModelRunner
 
@@ -168,11 +169,7 @@ def bench_decode_step(args, device, dtype) -> dict:
     loaded = load_model(model, "dummy", dtype, str(device))
     decoder = loaded.model.decoder
     weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    # The spec of this GPU; one not in the table (or a CPU smoke run) is held against H100 SXM.
-    spec_name = "cpu" if device.type != "cuda" else None
-    if spec_name is None:
-        spec_name = gpu_spec_name_for_device(torch.cuda.get_device_name(device)) or "h100-sxm"
-    spec = get_gpu(spec_name)
+    spec = get_gpu(device_gpu_spec(str(device)))
     bound_ms = weight_bytes / spec.hbm_bytes_per_s * 1e3
     ctx = 40 if args.smoke else args.decode_context
     batches = [1, 2] if args.smoke else args.decode_batches

@@ -241,7 +241,7 @@ def test_engine_with_chunked_prefill_equals_offline_generate(setups, tiny_qwen_v
     """The three-stage engine (vision batches of several requests, prefill chunks cut inside
     images, decode after images) gives the offline loop's tokens."""
     from nova.config import EngineConfig
-    from nova.engine.core import NovaEngine
+    from nova.engine.llm_engine import LLMEngine
 
     loaded, proc, _ = setups["qwen2.5-vl"]
     prompts = [
@@ -264,7 +264,7 @@ def test_engine_with_chunked_prefill_equals_offline_generate(setups, tiny_qwen_v
             num_kv_blocks=256,
             max_num_seqs=4,
         )
-        nova = NovaEngine(cfg, loaded=loaded)
+        nova = LLMEngine(cfg, loaded=loaded)
         chunk_starts: list[tuple[int, ...]] = []
         forward = nova.runner.forward
 
