@@ -10,7 +10,7 @@
 ==================  =====================================================================
 
 ``detect_green_api`` reads the installed ``torch.cuda.green_contexts`` and returns a
-``GreenApi``; every context it creates comes back as a ``GreenContext`` with one way in
+``GreenApi``; every context it creates comes back as a ``GreenContextHandle`` with one way in
 (``enter``), whichever shape made it. This is the one module that touches PyTorch's
 green-context objects; the backend (``nova.gpu.green_context``) sees only these types.
 """
@@ -31,7 +31,7 @@ GreenApiKind = Literal["context-stack", "stream", "sm-partition"]
 
 
 @dataclass(slots=True)
-class GreenContext:
+class GreenContextHandle:
     """One created green context, whatever API shape made it."""
 
     # PyTorch's GreenContext object (kept alive while the context is in use); its methods
@@ -80,11 +80,11 @@ class GreenApi:
     kind: GreenApiKind
     torch_version: str
 
-    def _wrap(self, ctx: Any, part: object | None = None) -> GreenContext:
+    def _wrap(self, ctx: Any, part: object | None = None) -> GreenContextHandle:
         stream = ctx.Stream() if hasattr(ctx, "Stream") else None
-        return GreenContext(ctx, stream, _reported_sms(ctx, part))
+        return GreenContextHandle(ctx, stream, _reported_sms(ctx, part))
 
-    def create(self, num_sms: int, device_index: int) -> GreenContext:
+    def create(self, num_sms: int, device_index: int) -> GreenContextHandle:
         """A context of ``num_sms`` split off the whole device on its own."""
         ctx = self.module.GreenContext.create(num_sms=num_sms, device_id=device_index)
         return self._wrap(ctx)
@@ -96,7 +96,7 @@ class GreenApi:
             raise RuntimeError(f"asked the driver for {len(counts)} SM groups, got {len(parts)}")
         return list(parts)
 
-    def from_partition(self, part: object) -> GreenContext:
+    def from_partition(self, part: object) -> GreenContextHandle:
         """A context on one of ``split``'s partitions."""
         return self._wrap(self.module.GreenContext(sm_partition=part), part)
 

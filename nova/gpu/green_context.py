@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from nova.gpu.backend import GrantedPartition, PartitionBackend
 from nova.gpu.driver_probe import GrantProbe
-from nova.gpu.green_api import GreenApi, GreenContext
+from nova.gpu.green_api import GreenApi, GreenContextHandle
 from nova.gpu.sm_plan import SHARE_EPS, PartitionPlan, SMGrid, plan_partition, single_stage_plan
 from nova.gpu.streams import CudaStream, CudaStreams
 from nova.types import STAGES, Partition, Stage
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _GreenSlot:
-    context: GreenContext
+    context: GreenContextHandle
     info: GrantedPartition
 
 
@@ -85,7 +85,7 @@ class GreenContextBackend(PartitionBackend):
         )
 
     # -- creation --------------------------------------------------------------------------------
-    def _granted(self, context: GreenContext, requested: int) -> tuple[int | None, str]:
+    def _granted(self, context: GreenContextHandle, requested: int) -> tuple[int | None, str]:
         if context.sm_count is not None:
             return context.sm_count, "driver"
         if self._probe is not None:
