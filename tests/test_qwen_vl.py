@@ -29,11 +29,11 @@ from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.models.mrope import mrope_plan
-from nova.models.qwen_vl_sizing import ImageSizing
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.generate import GenerationRequest, generate
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
+from nova.shapes import ImageSizing
 
 ATOL = 1e-4
 KINDS = ["qwen2-vl", "qwen2.5-vl"]
