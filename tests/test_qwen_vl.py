@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (issue 7): our paged decoder with M-RoPE and transformers' vision
+"""Qwen2-VL and Qwen2.5-VL: our paged decoder with M-RoPE and transformers' vision
 towers, against transformers' own models on tiny random configs (fp32, atol 1e-4); dynamic
 resolution (image token counts as the processor computes them, clear errors outside the resize
 limits); the engine, the cost model and the GUI workload on this family."""
