@@ -200,10 +200,11 @@ def read_shape(model_dir: Path) -> ModelShape:
     except ConfigError as exc:
         raise ModelLoadError(f"{model_dir}: {exc}") from exc
     if shape.processor_config_missing:
+        dynamic = shape.image_sizing is not None
         log.warning(
-            "%s has no processor config (processor_config.json or preprocessor_config.json); "
-            "images are processed with defaults",
+            "%s has no processor config (processor_config.json or preprocessor_config.json): %s",
             model_dir,
+            "images are sized with the published defaults" if dynamic else "it takes no images",
         )
     return shape
 
