@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (issue 7): our paged decoder with M-RoPE and transformers' vision
+"""Qwen2-VL and Qwen2.5-VL: our paged decoder with M-RoPE and transformers' vision
 towers, against transformers' own models on tiny random configs (fp32, atol 1e-4); dynamic
 resolution (image token counts as the processor computes them, clear errors outside the resize
 limits); the engine, the cost model and the GUI workload on this family."""
@@ -29,11 +29,11 @@ from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.models.mrope import mrope_plan
-from nova.models.qwen_vl_sizing import ImageSizing
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.generate import GenerationRequest, generate
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
+from nova.shapes import ImageSizing
 
 ATOL = 1e-4
 KINDS = ["qwen2-vl", "qwen2.5-vl"]
