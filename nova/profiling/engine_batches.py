@@ -7,13 +7,17 @@ import contextlib
 import itertools
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nova.profiling.grid import split_total
+from nova.profiling.grid import TextTokens, split_total
 from nova.profiling.timing import Job
 from nova.types import Stage
+
+if TYPE_CHECKING:
+    from nova.models.loader import LoadedModel
+    from nova.runtime.runner import ModelRunner
 
 
 class EngineBatches:
@@ -32,7 +36,7 @@ class EngineBatches:
 
     SCREENSHOT_SIZE = (280, 280)
 
-    def __init__(self, loaded: Any, runner: Any, seed: int = 0) -> None:
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner, seed: int = 0) -> None:
         from nova.executor.torch_executor import TorchExecutor
         from nova.models.inputs import InputProcessor, chat_messages
         from nova.screenshots import make_screenshot
@@ -41,9 +45,7 @@ class EngineBatches:
         self.block_manager = runner.block_manager
         self.executor = TorchExecutor(runner)
         self.seed = seed
-        image_token = loaded.model.image_token_id
-        vocab = runner.vocab_size
-        self.token_limit = image_token if image_token is not None and image_token < vocab else vocab
+        self._text = TextTokens(runner.vocab_size, loaded.model.image_token_id)
         self._ids = itertools.count()
         self._batch_ids = itertools.count()
         self.image_prompt: tuple[int, ...] = ()
@@ -63,9 +65,6 @@ class EngineBatches:
                 self.image_pixels = torch.randn(
                     1, 3, size, size, generator=torch.Generator().manual_seed(seed)
                 )
-
-    def _text(self, n: int, offset: int) -> list[int]:
-        return [(7 * i + 3 + offset) % self.token_limit for i in range(n)]
 
     def _batch(self, stage: Stage, items: list[Any]) -> Any:
         from nova.types import Batch, Partition

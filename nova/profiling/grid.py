@@ -1,4 +1,5 @@
-"""The grid of batch shapes a profile measures, and how samples are summarised. Torch-free."""
+"""The grid of batch shapes a profile measures, the token contents of its batches, and how
+samples are summarised. Torch-free."""
 
 from __future__ import annotations
 
@@ -90,3 +91,19 @@ def split_total(total: int, parts: int, rng: random.Random, minimum: int = 1) ->
         out[i % parts] += 1
     rng.shuffle(out)
     return out
+
+
+class TextTokens:
+    """Deterministic text token ids for profiling batches: below the image placeholder id (no
+    placeholders without image embeddings) and the vocabulary size."""
+
+    def __init__(self, vocab_size: int, image_token_id: int | None) -> None:
+        self.limit = (
+            image_token_id
+            if image_token_id is not None and image_token_id < vocab_size
+            else vocab_size
+        )
+
+    def __call__(self, n: int, offset: int = 0) -> list[int]:
+        """``n`` token ids; sequences with different ``offset`` differ."""
+        return [(7 * i + 3 + offset) % self.limit for i in range(n)]

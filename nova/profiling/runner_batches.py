@@ -10,32 +10,31 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from nova.profiling.grid import TextTokens
 from nova.profiling.timing import Job
+
+if TYPE_CHECKING:
+    from nova.models.loader import LoadedModel
+    from nova.runtime.runner import ModelRunner
 
 
 class RunnerBatches:
     """Builds runnable jobs (closures over the runner) for stage batches of given shapes."""
 
-    def __init__(self, loaded: Any, runner: Any) -> None:
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner) -> None:
         self.loaded = loaded
         self.runner = runner
         self.block_manager = runner.block_manager
-        vocab = runner.vocab_size
-        image_token = loaded.model.image_token_id
-        # Text tokens only: no image placeholders without image embeddings.
-        self.token_limit = image_token if image_token is not None and image_token < vocab else vocab
+        self._tokens = TextTokens(runner.vocab_size, loaded.model.image_token_id)
         self._next_seq = 0
 
     def _seq_id(self) -> str:
         self._next_seq += 1
         return f"profile-{self._next_seq}"
-
-    def _tokens(self, n: int, offset: int = 0) -> list[int]:
-        return [(7 * i + 3 + offset) % self.token_limit for i in range(n)]
 
     @contextlib.contextmanager
     def vision(self, num_images: int) -> Iterator[Job]:
