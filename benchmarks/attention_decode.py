@@ -166,7 +166,7 @@ def choose(per_phase: dict) -> str:
 # -- decode step ------------------------------------------------------------------------------
 def bench_decode_step(args, device, dtype) -> dict:
     from nova.cost.gpus import get_gpu
-    from nova.engine.core import _device_gpu_spec
+    from nova.engine.llm_engine import device_gpu_spec
     from nova.models.loader import load_model
     from nova.runtime.runner import CacheConfig, ModelRunner
 
@@ -174,7 +174,7 @@ def bench_decode_step(args, device, dtype) -> dict:
     loaded = load_model(model, "dummy", dtype, str(device))
     decoder = loaded.model.decoder
     weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    spec = get_gpu(_device_gpu_spec(str(device)))
+    spec = get_gpu(device_gpu_spec(str(device)))
     bound_ms = weight_bytes / spec.hbm_bytes_per_s * 1e3
     ctx = 40 if args.smoke else args.decode_context
     batches = [1, 2] if args.smoke else args.decode_batches

@@ -20,7 +20,7 @@ from runtime_throughput import machine
 from nova.config import EngineConfig
 from nova.cost.base import StageWork
 from nova.cost.profiled import ProfiledCostModel
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.models.inputs import chat_messages
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cost = ProfiledCostModel.from_file(PROFILE)
-    nova = NovaEngine(EngineConfig(model="demo", policy="sequential", num_kv_blocks=1024))
+    nova = LLMEngine(EngineConfig(model="demo", policy="sequential", num_kv_blocks=1024))
     spans = []
     execute = nova.executor.execute
 

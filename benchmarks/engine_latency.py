@@ -27,7 +27,7 @@ from runtime_throughput import machine
 
 from nova.config import EngineConfig
 from nova.demo import AGENT_INSTRUCTIONS, AGENT_SYSTEM, TEXT_QUESTIONS
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.metrics import format_summary_table, request_metrics, summarize, summary_to_dict
 from nova.models.inputs import PromptInput, chat_messages
 from nova.sampling_params import SamplingParams
@@ -35,7 +35,7 @@ from nova.screenshots import make_screenshot
 from nova.types import Request, RequestStatus, RequestTimes
 
 
-def build_prompts(nova: NovaEngine, n: int) -> list[PromptInput]:
+def build_prompts(nova: LLMEngine, n: int) -> list[PromptInput]:
     prompts = []
     for i in range(n):
         if i % 4 == 3:
@@ -57,7 +57,7 @@ def synthetic_request(rid: str, prompt: PromptInput, n_out: int, times: RequestT
     return r
 
 
-def run_engine(nova: NovaEngine, prompts, params) -> tuple[list[Request], float]:
+def run_engine(nova: LLMEngine, prompts, params) -> tuple[list[Request], float]:
     t0 = time.perf_counter()
     reqs = nova.run_all(prompts, params, [f"r{i}" for i in range(len(prompts))])
     wall = time.perf_counter() - t0
@@ -67,10 +67,10 @@ def run_engine(nova: NovaEngine, prompts, params) -> tuple[list[Request], float]
     return reqs, wall
 
 
-def run_one_at_a_time(nova: NovaEngine, prompts, params) -> tuple[list[Request], float]:
+def run_one_at_a_time(nova: LLMEngine, prompts, params) -> tuple[list[Request], float]:
     """Each request alone through a sequential engine on the same model, back to back; its
     latencies count from the burst (the first submission), like the engine's."""
-    alone = NovaEngine(dataclasses.replace(nova.config, policy="sequential"), loaded=nova.loaded)
+    alone = LLMEngine(dataclasses.replace(nova.config, policy="sequential"), loaded=nova.loaded)
     reqs: list[Request] = []
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -100,7 +100,7 @@ class _TokenClock:
         pass
 
 
-def run_transformers(nova: NovaEngine, prompts, max_tokens: int) -> tuple[list[Request], float]:
+def run_transformers(nova: LLMEngine, prompts, max_tokens: int) -> tuple[list[Request], float]:
     from transformers import LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration.from_pretrained(
@@ -154,7 +154,7 @@ def main() -> None:
     nova = None
     results = {}
     for policy in args.policies:
-        nova = NovaEngine(
+        nova = LLMEngine(
             EngineConfig(model=args.model, policy=policy), loaded=nova.loaded if nova else None
         )
         prompts = build_prompts(nova, args.num_requests)

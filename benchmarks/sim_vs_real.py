@@ -23,7 +23,7 @@ from runtime_throughput import machine
 
 from nova.config import EngineConfig
 from nova.cost.profiled import ProfiledCostModel
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.metrics import request_metrics, summarize
 from nova.models.inputs import chat_messages
 from nova.sampling_params import SamplingParams
@@ -35,7 +35,7 @@ from nova.workload import make_workload
 PROFILE = Path(__file__).resolve().parents[1] / "nova" / "cost" / "profiles" / "demo-cpu.json"
 
 
-def run_real(nova: NovaEngine, wl, prompts) -> list:
+def run_real(nova: LLMEngine, wl, prompts) -> list:
     nova.start()
     try:
         t0 = time.monotonic()
@@ -49,7 +49,7 @@ def run_real(nova: NovaEngine, wl, prompts) -> list:
                     request_id=w.request_id,
                 )
             )
-        nova.engine.wait_idle()
+        nova.loop.wait_idle()
     finally:
         nova.stop()
     return reqs
@@ -77,7 +77,7 @@ def main() -> None:
     rows = []
     loaded = None
     for policy in args.policies:
-        nova = NovaEngine(
+        nova = LLMEngine(
             EngineConfig(model="demo", policy=policy, num_kv_blocks=1024), loaded=loaded
         )
         loaded = nova.loaded
@@ -111,7 +111,7 @@ def main() -> None:
         s_sum = summarize([request_metrics(r) for r in sim.requests])
         for run in range(args.repeats):
             if run:  # a fresh engine (and scheduler) on the same loaded model
-                nova = NovaEngine(
+                nova = LLMEngine(
                     EngineConfig(model="demo", policy=policy, num_kv_blocks=1024), loaded=loaded
                 )
             load_before = round(os.getloadavg()[0], 2)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from nova.config import EngineConfig
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.metrics import format_summary_table, format_timeline, request_metrics, summarize
 from nova.models.inputs import InputProcessor, PromptInput, chat_messages
 from nova.sampling_params import SamplingParams
@@ -81,7 +81,7 @@ def run_demo(
     vision_offload_layers: int = 0,
 ) -> list[Request]:
     t0 = time.perf_counter()
-    nova = NovaEngine(
+    engine = LLMEngine(
         EngineConfig(
             model=model,
             device=device,
@@ -91,7 +91,7 @@ def run_demo(
             vision_offload_layers=vision_offload_layers,
         )
     )
-    loaded, proc = nova.loaded, nova.processor
+    loaded, proc = engine.loaded, engine.processor
     print(f"Nova demo: {loaded.architecture} from {loaded.model_dir}")
     print(
         f"  {loaded.num_params() / 1e6:.1f}M parameters, {loaded.dtype}, {device}, "
@@ -101,12 +101,13 @@ def run_demo(
     note = getattr(loaded.hf_config, "nova_demo_note", None)
     if note:
         print(f"  Note: {note}")
-    print("  " + "\n  ".join(nova.runner.memory.lines()))
-    print(f"  partitions: {nova.partition_backend.describe()}")
+    about = engine.describe()
+    print("  " + "\n  ".join(about.memory_lines))
+    print(f"  partitions: {about.partition_backend}")
     demo = demo_requests(num_agent_steps)
     prompts = burst_prompts(proc, demo)
     t_start = time.perf_counter()
-    reqs = nova.run_all(prompts, SamplingParams(max_tokens=max_tokens), [d.name for d in demo])
+    reqs = engine.run_all(prompts, SamplingParams(max_tokens=max_tokens), [d.name for d in demo])
     wall_s = time.perf_counter() - t_start
     print(f"\n{len(reqs)} requests sent at once, all done in {wall_s:.2f}s:\n")
     for d, r in zip(demo, reqs):
@@ -145,14 +146,14 @@ def compare_policies(
     rows = {}
     demo = demo_requests(num_agent_steps)
     for policy in policies:
-        nova = NovaEngine(
+        engine = LLMEngine(
             EngineConfig(model=model, device=device, policy=policy, num_kv_blocks=512),
             loaded=loaded,
         )
-        loaded = nova.loaded
-        prompts = burst_prompts(nova.processor, demo)
+        loaded = engine.loaded
+        prompts = burst_prompts(engine.processor, demo)
         t0 = time.perf_counter()
-        reqs = nova.run_all(
+        reqs = engine.run_all(
             prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), [d.name for d in demo]
         )
         rows[policy] = summarize(
@@ -167,9 +168,11 @@ def compare_policies(
         f"{'TTFT mean':>11s}{'TPOT mean':>11s}"
     )
     for policy, s in rows.items():
+        # TPOT is undefined when no request produced two tokens
+        tpot = "-" if s.tpot.mean is None else f"{s.tpot.mean * 1e3:.0f}ms"
         print(
             f"{policy:18s}{s.duration_s:8.2f}{s.e2e.mean:10.2f}{s.e2e.p90:9.2f}{s.e2e.max:9.2f}"
-            f"{s.ttft.mean:11.2f}{s.tpot.mean * 1e3:9.0f}ms"
+            f"{s.ttft.mean:11.2f}{tpot:>11s}"
         )
     return rows
 

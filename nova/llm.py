@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nova.config import EngineConfig
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.metrics import RequestMetrics, request_metrics
-from nova.models.inputs import PromptInput
+from nova.models.inputs import InputProcessor, PromptInput
 from nova.sampling_params import SamplingParams
 from nova.types import Request
 
@@ -34,14 +34,14 @@ class LLM:
     def __init__(self, model: str = "demo", **kwargs: Any) -> None:
         fault_hook = kwargs.pop("fault_hook", None)
         self.config = EngineConfig(model=model, **kwargs)
-        self.nova = NovaEngine(self.config, fault_hook=fault_hook)
+        self.llm_engine = LLMEngine(self.config, fault_hook=fault_hook)
 
     @property
-    def processor(self):
-        return self.nova.processor
+    def processor(self) -> InputProcessor:
+        return self.llm_engine.processor
 
     def to_prompt(self, item: PromptLike) -> PromptInput:
-        proc = self.nova.processor
+        proc = self.llm_engine.processor
         if isinstance(item, PromptInput):
             return item
         if isinstance(item, str):
@@ -68,11 +68,11 @@ class LLM:
         if len(params) != len(inputs):
             raise ValueError(f"{len(params)} sampling params for {len(inputs)} inputs")
         prompts = [self.to_prompt(x) for x in inputs]  # all input errors surface before any runs
-        return [self._output(r) for r in self.nova.run_all(prompts, params)]
+        return [self._output(r) for r in self.llm_engine.run_all(prompts, params)]
 
     def _output(self, req: Request) -> RequestOutput:
-        tok = self.nova.loaded.tokenizer
-        text = self.nova.processor.decode(req.output_token_ids) if tok is not None else None
+        tok = self.llm_engine.loaded.tokenizer
+        text = self.llm_engine.processor.decode(req.output_token_ids) if tok is not None else None
         return RequestOutput(
             req.request_id,
             req.prompt_token_ids,

@@ -37,10 +37,20 @@ class RequestStatus(str, Enum):
 
 @dataclass(slots=True, frozen=True)
 class ImageInput:
-    """One image of a request: its content hash and how many placeholder tokens it fills."""
+    """One image of a request: how many placeholder tokens it fills, and optionally a content
+    hash (a key for caching its encoder output; None when nobody computed one)."""
 
-    mm_hash: str
     num_tokens: int
+    mm_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        # Loud on the old field order (hash first), where a str lands in num_tokens.
+        if isinstance(self.num_tokens, str) or isinstance(self.mm_hash, int):
+            raise TypeError(
+                f"ImageInput(num_tokens, mm_hash=None), got ({self.num_tokens!r}, {self.mm_hash!r})"
+            )
+        if self.num_tokens < 0:
+            raise ValueError(f"ImageInput.num_tokens must be >= 0, got {self.num_tokens}")
 
 
 @dataclass(slots=True)
@@ -171,8 +181,10 @@ class Batch:
 
 @dataclass(slots=True)
 class StageResult:
-    """What running a batch produced. ``new_token_ids``: the token sampled for each request
-    (prefill and decode); ``failed``: request id -> reason for requests whose part failed."""
+    """What running a batch produced. ``end_s``: when the batch completed, on the clock of
+    whoever drives the scheduler (an executor leaves it at ``batch.start_s``; the engine loop
+    stamps it); ``new_token_ids``: the token sampled for each request (prefill and decode);
+    ``failed``: request id -> reason for requests whose part failed."""
 
     batch: Batch
     end_s: float

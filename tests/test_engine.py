@@ -14,8 +14,8 @@ from nova.config import EngineConfig
 from nova.core.block_manager import BlockManager
 from nova.core.policy import StageLimits, make_policy
 from nova.core.scheduler import RequestRejected, Scheduler
-from nova.engine.core import NovaEngine
-from nova.engine.engine import Engine
+from nova.engine.llm_engine import LLMEngine
+from nova.engine.loop import EngineLoop
 from nova.executor.fake import FakeExecutor, next_token
 from nova.llm import LLM
 from nova.models.inputs import PromptInput
@@ -41,7 +41,7 @@ def fake_engine(policy="multi_stream", num_blocks=32, block_size=4, delay_s=None
         BlockManager(num_blocks, block_size),
     )
     ex = FakeExecutor(VOCAB, delay_s or {}, fault_hook)
-    return Engine(sched, ex), ex
+    return EngineLoop(sched, ex), ex
 
 
 @pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
@@ -66,7 +66,7 @@ def test_burst_larger_than_kv_cache_completes_everything_once(policy):
                 f"r{i}",
                 [i + 1] * (5 + i % 9),
                 SamplingParams(max_tokens=8 + i % 7, ignore_eos=True),
-                [ImageInput(f"h{i}", 2)] if i % 3 == 0 else [],
+                [ImageInput(2, f"h{i}")] if i % 3 == 0 else [],
             )
             engine.add_request(r, None, listener)
             reqs.append(r)
@@ -104,7 +104,7 @@ def _run_and_record_spans(policy: str) -> list[tuple[float, float, Stage]]:
                     f"r{i}",
                     [1, 2, 3],
                     SamplingParams(max_tokens=6, ignore_eos=True),
-                    [ImageInput("h", 2)] if i % 2 else [],
+                    [ImageInput(2, "h")] if i % 2 else [],
                 )
             )
         assert engine.wait_idle(timeout_s=30)
@@ -210,8 +210,8 @@ def test_engine_outputs_equal_running_each_request_alone(tiny_dirs, policy):
         num_kv_blocks=40,
         max_num_seqs=4,
     )
-    nova = NovaEngine(cfg, loaded=loaded)
-    n_img = nova.processor.num_image_tokens
+    llm_engine = LLMEngine(cfg, loaded=loaded)
+    n_img = llm_engine.processor.num_image_tokens
     torch.manual_seed(0)
     prompts = []
     for i in range(8):
@@ -221,19 +221,22 @@ def test_engine_outputs_equal_running_each_request_alone(tiny_dirs, policy):
         else:
             prompts.append(PromptInput([1] + [20 + i] * (3 + i)))
     expected = _alone(tiny_dirs["llava-siglip-qwen2"], prompts, 12)
-    nova.start()
+    llm_engine.start()
     try:
         reqs = []
         for i, p in enumerate(prompts):  # arrivals spread over time, into a busy engine
-            reqs.append(nova.submit(p, SamplingParams(max_tokens=12)))
+            reqs.append(llm_engine.submit(p, SamplingParams(max_tokens=12)))
             time.sleep(0.003 * (i % 3))
-        assert nova.engine.wait_idle(timeout_s=120)
+        assert llm_engine.loop.wait_idle(timeout_s=120)
     finally:
-        nova.stop()
+        llm_engine.stop()
     for r, exp in zip(reqs, expected):
         assert r.status is RequestStatus.FINISHED, r.error
         assert r.output_token_ids == exp
-    assert nova.scheduler.block_manager.num_free_blocks == nova.scheduler.block_manager.num_blocks
+    assert (
+        llm_engine.scheduler.block_manager.num_free_blocks
+        == llm_engine.scheduler.block_manager.num_blocks
+    )
 
 
 def test_llm_offline_api(tiny_dirs):
@@ -280,16 +283,16 @@ def test_async_engine_streams_and_aborts_on_cancel(tiny_dirs):
         assert first.request_id == "long"
         await gen.aclose()  # the consumer goes away: the request is aborted
         for _ in range(200):
-            if not eng.nova.engine.has_unfinished():
+            if not eng.llm_engine.loop.has_unfinished():
                 break
             await asyncio.sleep(0.01)
-        assert not eng.nova.engine.has_unfinished()
+        assert not eng.llm_engine.loop.has_unfinished()
 
     try:
         asyncio.run(main())
     finally:
         eng.shutdown()
-    bm = eng.nova.scheduler.block_manager
+    bm = eng.llm_engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 
@@ -312,27 +315,30 @@ def test_injected_failure_in_real_executor_fails_only_that_request(tiny_dirs):
         if rid == "bad" and stage is Stage.PREFILL:
             raise RuntimeError("injected prefill fault")
 
-    nova = NovaEngine(
+    llm_engine = LLMEngine(
         EngineConfig(model=str(tiny_dirs["llama"]), block_size=4, num_kv_blocks=64),
         loaded=loaded,
         fault_hook=hook,
     )
-    nova.start()
+    llm_engine.start()
     try:
         reqs = [
-            nova.submit(
+            llm_engine.submit(
                 PromptInput([1, 2, 3 + i]),
                 SamplingParams(max_tokens=5, ignore_eos=True),
                 request_id=rid,
             )
             for i, rid in enumerate(("ok-1", "bad", "ok-2"))
         ]
-        assert nova.engine.wait_idle(timeout_s=60)
+        assert llm_engine.loop.wait_idle(timeout_s=60)
     finally:
-        nova.stop()
+        llm_engine.stop()
     assert reqs[1].status is RequestStatus.FAILED and "injected prefill fault" in reqs[1].error
     assert [len(r.output_token_ids) for r in (reqs[0], reqs[2])] == [5, 5]
     assert [reqs[0].output_token_ids] == _alone(
         tiny_dirs["llama"], [PromptInput([1, 2, 3])], 5, ignore_eos=True
     )
-    assert nova.scheduler.block_manager.num_free_blocks == nova.scheduler.block_manager.num_blocks
+    assert (
+        llm_engine.scheduler.block_manager.num_free_blocks
+        == llm_engine.scheduler.block_manager.num_blocks
+    )

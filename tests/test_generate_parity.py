@@ -43,7 +43,7 @@ def test_text_greedy_matches_transformers(tiny_dirs, kind):
         expected = _hf_greedy(hf, p)
         assert res.output_token_ids == expected
         assert res.finish_reason == ("stop" if expected[-1] == 2 else "length")
-    bm = llm.nova.runner.block_manager
+    bm = llm.llm_engine.runner.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 

@@ -17,7 +17,7 @@ def llm(tiny_dirs):
 
 
 def _block_manager(llm: LLM):
-    return llm.nova.runner.block_manager
+    return llm.llm_engine.runner.block_manager
 
 
 def test_max_tokens_and_stop_token(llm):

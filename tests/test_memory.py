@@ -6,11 +6,11 @@ import types
 
 import torch
 
-from nova.engine.engine import EngineSnapshot
+from nova.engine.client import EngineSnapshot
 from nova.gpu.memory import MemoryReport, module_bytes
 from nova.models.loader import load_model
 from nova.runtime.runner import CacheConfig, ModelRunner
-from nova.types import Partition, Stage
+from nova.types import Stage
 
 
 def test_report_counts_weights_and_kv(tiny_dirs):
@@ -61,15 +61,18 @@ def test_metrics_export_memory_and_granted_sms(tiny_dirs):
     runner = ModelRunner(
         load_model(tiny_dirs["llava-clip"]), CacheConfig(block_size=8, num_blocks=40)
     )
-    snap = EngineSnapshot(dict.fromkeys(Stage, 0), 0.0, 40, Partition.shared(), 0)
-    nova = types.SimpleNamespace(
-        runner=runner,
-        engine=types.SimpleNamespace(snapshot=lambda: snap),
-        executor=types.SimpleNamespace(granted_sms={Stage.DECODE: 24, Stage.PREFILL: 104}),
+    memory = {k: v for k, v in runner.memory.as_dict().items() if isinstance(v, int)}
+    snap = EngineSnapshot(
+        dict.fromkeys(Stage, 0),
+        0.0,
+        40,
+        dict.fromkeys(Stage, 1.0),
+        0,
+        memory_bytes=memory,
+        granted_sms={Stage.DECODE: 24, Stage.PREFILL: 104},
     )
-    metrics = ServerMetrics(
-        types.SimpleNamespace(nova=nova), types.SimpleNamespace(num_unfinished=0)
-    )
+    client = types.SimpleNamespace(snapshot=lambda: snap)
+    metrics = ServerMetrics(client, types.SimpleNamespace(num_unfinished=0))
     text = metrics.render().decode()
     assert f"nova_memory_kv_cache_bytes {float(runner.kv_cache.num_bytes)}" in text
     assert "nova_memory_kv_cache_blocks 40.0" in text

@@ -44,7 +44,7 @@ def make_request(
     req = Request(
         rid,
         prompt_token_ids=list(range(prompt_len)),
-        images=[ImageInput(f"h{i}", 4) for i in range(images)],
+        images=[ImageInput(4, f"h{i}") for i in range(images)],
         arrival_s=arrival_s,
         deadline_s=deadline_s,
     )

@@ -379,13 +379,13 @@ def test_runner_gives_the_freed_memory_to_the_kv_cache(llava_dirs, monkeypatch):
 
 def test_engine_answers_are_identical_with_offload(llava_dirs):
     from nova.config import EngineConfig
-    from nova.engine.core import NovaEngine
+    from nova.engine.llm_engine import LLMEngine
     from nova.models.inputs import PromptInput
     from nova.sampling_params import SamplingParams
 
     outputs = {}
     for k in (0, 2):
-        nova = NovaEngine(
+        nova = LLMEngine(
             EngineConfig(model=str(llava_dirs["clip"]), num_kv_blocks=64, vision_offload_layers=k)
         )
         n_img = nova.processor.num_image_tokens

@@ -173,10 +173,10 @@ def test_cpu_backend_reports_cores_and_cannot_limit():
 
 def test_engine_rejects_an_explicit_green_context_request_on_cpu(tiny_dirs):
     from nova.config import EngineConfig
-    from nova.engine.core import NovaEngine
+    from nova.engine.llm_engine import LLMEngine
 
     with pytest.raises(PartitionUnavailable, match="CUDA device"):
-        NovaEngine(
+        LLMEngine(
             EngineConfig(model=str(tiny_dirs["llama"]), partition="green_context", num_kv_blocks=8)
         )
 
@@ -394,7 +394,7 @@ def test_share_context_for_the_profiler():
 def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch):
     """The engine's executor activates each batch's partition for its stage (CPU, recorded)."""
     from nova.config import EngineConfig
-    from nova.engine import core
+    from nova.engine import llm_engine
     from nova.models.inputs import PromptInput
 
     class Recording(CpuBackend):
@@ -407,8 +407,8 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
             return super().activate(stage, partition)
 
     backend = Recording()
-    monkeypatch.setattr(core, "make_backend", lambda name, device: backend)
-    nova = core.NovaEngine(
+    monkeypatch.setattr(llm_engine, "make_backend", lambda name, device: backend)
+    nova = llm_engine.LLMEngine(
         EngineConfig(model=str(tiny_dirs["llama"]), policy="static_partition", num_kv_blocks=32)
     )
     prompts = [PromptInput([1, 5, 6, 7]), PromptInput([1, 9, 10])]

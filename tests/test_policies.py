@@ -37,7 +37,7 @@ def req(rid, n=6, images=0, max_tokens=4):
         rid,
         [1] * (n + 4 * images),
         SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        [ImageInput(rid, 4)] * images,
+        [ImageInput(4, rid)] * images,
     )
 
 

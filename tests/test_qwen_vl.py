@@ -233,7 +233,7 @@ def test_greedy_generation_matches_transformers_generate(setups, tiny_qwen_vl_di
         expected = out[0, ids.shape[1] :].tolist()
         assert res.output_token_ids == expected
         assert res.finish_reason == ("stop" if expected[-1] == 2 else "length")
-    bm = llm.nova.runner.block_manager
+    bm = llm.llm_engine.runner.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 
@@ -242,7 +242,7 @@ def test_engine_with_chunked_prefill_equals_sequential_generate(setups, tiny_qwe
     images, decode after images) gives the tokens of whole prefills run one stage at a time
     (policy ``sequential``)."""
     from nova.config import EngineConfig
-    from nova.engine.core import NovaEngine
+    from nova.engine.llm_engine import LLMEngine
 
     loaded, proc, _ = setups["qwen2.5-vl"]
     prompts = [
@@ -262,7 +262,7 @@ def test_engine_with_chunked_prefill_equals_sequential_generate(setups, tiny_qwe
             num_kv_blocks=256,
             max_num_seqs=4,
         )
-        nova = NovaEngine(cfg, loaded=loaded)
+        nova = LLMEngine(cfg, loaded=loaded)
         chunk_starts: list[tuple[int, ...]] = []
         forward = nova.runner.forward
 

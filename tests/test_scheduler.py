@@ -46,7 +46,7 @@ def req(rid, n_prompt=5, max_tokens=4, images=0, priority=0, deadline_s=None) ->
         rid,
         list(range(1, n_prompt + 1)),
         SamplingParams(max_tokens=max_tokens),
-        [ImageInput(f"h{rid}{i}", 3) for i in range(images)],
+        [ImageInput(3, f"h{rid}{i}") for i in range(images)],
         priority,
         deadline_s,
     )

@@ -86,17 +86,17 @@ def oai(server):
 
 def wait_engine_idle(engine, timeout_s: float = 15.0) -> None:
     """Until no request is live and every KV block is free (fails the test otherwise)."""
-    nova = engine.nova
-    bm = nova.scheduler.block_manager
+    llm_engine = engine.llm_engine
+    bm = llm_engine.scheduler.block_manager
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with nova.engine._cond:
-            idle = not nova.scheduler.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+        with llm_engine.loop._cond:
+            idle = not llm_engine.scheduler.has_unfinished() and bm.num_free_blocks == bm.num_blocks
         if idle:
             return
         time.sleep(0.02)
     raise AssertionError(
-        f"engine not idle: live {list(nova.scheduler.state.requests)}, "
+        f"engine not idle: live {list(llm_engine.scheduler.state.requests)}, "
         f"free blocks {bm.num_free_blocks}/{bm.num_blocks}"
     )
 
@@ -513,7 +513,7 @@ def test_overload_is_503_with_retry_after(engine):
             assert second.json()["error"]["code"] == "overloaded"
         # the first request's stream was closed: its slot comes back
         deadline = time.monotonic() + 10
-        while app.state.nova.admission.num_unfinished and time.monotonic() < deadline:
+        while app.state.service.admission.num_unfinished and time.monotonic() < deadline:
             time.sleep(0.02)
         ok = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
         assert ok.status_code == 200
@@ -592,7 +592,7 @@ def test_remote_media_refuses_loopback_even_when_allowed(engine):
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(server, engine, http):
     wait_engine_idle(engine)
-    bm = engine.nova.scheduler.block_manager
+    bm = engine.llm_engine.scheduler.block_manager
     before = metric_samples(http.get("/metrics").text)
     body = {
         "messages": [{"role": "user", "content": "Tell me a long story."}],

@@ -11,7 +11,7 @@ import pytest
 
 from nova.config import EngineConfig
 from nova.engine.async_engine import AsyncEngine
-from nova.engine.core import NovaEngine
+from nova.engine.llm_engine import LLMEngine
 from nova.server.app import create_app
 from nova.server.config import ServerConfig
 from nova.server.testing import build_tiny_chat_model
@@ -30,7 +30,7 @@ def faulty(tmp_path_factory):
             raise RuntimeError("injected decode fault")
 
     config = EngineConfig(model=str(model_dir), num_kv_blocks=64)
-    engine = AsyncEngine(config, nova=NovaEngine(config, fault_hook=hook))
+    engine = AsyncEngine(config, llm_engine=LLMEngine(config, fault_hook=hook))
     yield engine, fault
     engine.shutdown()
 
@@ -64,7 +64,7 @@ def test_engine_failure_is_500_and_counted(faulty):
     assert "injected decode fault" in json.loads(events[-2])["error"]["message"]
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 6
     assert 'nova_requests_total{outcome="failed"} 2.0' in metrics
-    bm = engine.nova.scheduler.block_manager
+    bm = engine.llm_engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 

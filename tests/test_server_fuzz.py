@@ -119,12 +119,12 @@ def test_fuzz_all_endpoints(fuzz_schema, fuzz_engine):
     assert not any(code >= 500 for code in statuses)
 
     # afterwards: nothing left in the engine, every KV block free, and a good request works
-    nova = fuzz_engine.nova
+    llm_engine = fuzz_engine.llm_engine
     deadline = time.monotonic() + 10
-    while nova.scheduler.has_unfinished() and time.monotonic() < deadline:
+    while llm_engine.scheduler.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not nova.scheduler.has_unfinished()
-    bm = nova.scheduler.block_manager
+    assert not llm_engine.scheduler.has_unfinished()
+    bm = llm_engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     import httpx
 

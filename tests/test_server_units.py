@@ -289,11 +289,11 @@ def test_remote_media_is_off_by_default():
 
 
 def test_validation_error_params():
-    from nova.server.app import _loc_to_param
+    from nova.server.errors import loc_to_param
 
-    assert _loc_to_param(("body", "messages", 0, "role")) == "messages[0].role"
+    assert loc_to_param(("body", "messages", 0, "role")) == "messages[0].role"
     assert (
-        _loc_to_param(
+        loc_to_param(
             (
                 "body",
                 "messages",
@@ -310,9 +310,9 @@ def test_validation_error_params():
         == "messages[0].content[1].image_url.url"
     )
     assert (
-        _loc_to_param(("body", "messages", 2, "assistant", "content", "list[x]", 0, "text", "text"))
+        loc_to_param(("body", "messages", 2, "assistant", "content", "list[x]", 0, "text", "text"))
         == "messages[2].content[0].text"
     )
-    assert _loc_to_param(("body", "prompt", "list[int]", 3)) == "prompt[3]"
-    assert _loc_to_param(("body", "stop", "str")) == "stop"
-    assert _loc_to_param(("body",)) is None
+    assert loc_to_param(("body", "prompt", "list[int]", 3)) == "prompt[3]"
+    assert loc_to_param(("body", "stop", "str")) == "stop"
+    assert loc_to_param(("body",)) is None

@@ -9,7 +9,7 @@ import pytest
 from nova.core.block_manager import BlockManager
 from nova.core.policy import StageLimits, available_policies, make_policy
 from nova.core.scheduler import Scheduler
-from nova.engine.engine import Engine
+from nova.engine.loop import EngineLoop
 from nova.executor.fake import FakeExecutor
 from nova.sampling_params import SamplingParams
 from nova.sim.simulator import FixedCostModel, SimArrival, Simulator
@@ -88,7 +88,7 @@ PARITY_DUR = {s: d * PARITY_SCALE for s, d in DUR.items()}
 def _engine_decisions(policy: str, arrivals) -> dict[Stage, list[tuple[str, ...]]]:
     sched = Scheduler(make_policy(policy, limits=StageLimits(max_num_seqs=8)), BlockManager(256, 4))
     ex = FakeExecutor(1000, PARITY_DUR)
-    engine = Engine(sched, ex)
+    engine = EngineLoop(sched, ex)
     with engine:
         t0 = time.monotonic()
         for a in arrivals:
@@ -98,7 +98,7 @@ def _engine_decisions(policy: str, arrivals) -> dict[Stage, list[tuple[str, ...]
                     a.request_id,
                     [1] * (a.num_text_tokens + a.num_images * IMAGE_TOKENS),
                     SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
-                    [ImageInput("h", IMAGE_TOKENS)] * a.num_images,
+                    [ImageInput(IMAGE_TOKENS, "h")] * a.num_images,
                 )
             )
         assert engine.wait_idle(timeout_s=60)

@@ -208,7 +208,7 @@ def plot_cdf(run: BenchRun, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = request_metrics_of(run)
-    series = {
+    series: dict[str, list[float | None]] = {
         "TTFT": [m.ttft_s for m in metrics],
         "TPOT": [m.tpot_s for m in metrics],
         "ITL": [x for m in metrics for x in m.itl_s],

@@ -1,65 +1,54 @@
-"""The asyncio API the HTTP server uses: ``AsyncEngine.generate(...)`` yields output deltas as
-tokens are produced; ``abort(request_id)``. Cancelling the consuming task aborts the request.
+"""The asyncio engine a front end talks to: ``AsyncEngine`` implements
+``nova.engine.client.EngineClient`` over an ``LLMEngine`` whose loop it starts.
+
+``generate(...)`` yields output deltas as tokens are produced; ``abort(request_id)``. Closing
+or cancelling the consuming iterator before the last delta aborts the request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 
 from nova.config import EngineConfig
-from nova.engine.core import NovaEngine
-from nova.metrics import RequestMetrics, request_metrics
-from nova.models.inputs import PromptInput
+from nova.engine.client import EngineDescription, EngineSnapshot, OutputDelta
+from nova.engine.detokenizer import IncrementalDetokenizer
+from nova.engine.llm_engine import LLMEngine
+from nova.metrics import request_metrics
+from nova.models.inputs import InputProcessor, PromptInput
 from nova.sampling_params import SamplingParams
 from nova.types import Request, RequestEvent
 
-
-@dataclass(slots=True)
-class OutputDelta:
-    request_id: str
-    new_token_ids: list[int]
-    text_delta: str  # "" when the model has no tokenizer
-    finished: bool
-    finish_reason: str | None = None
-    error: str | None = None
-    num_output_tokens: int = 0
-    metrics: RequestMetrics | None = None  # set on the final delta
-
-
-class _Detokenizer:
-    """Incremental text: decode all tokens, emit what was added; hold back an incomplete
-    multi-byte character (shown as U+FFFD) until the next token completes it."""
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-        self.emitted = ""
-
-    def delta(self, token_ids: list[int], final: bool) -> str:
-        if self.processor.tokenizer is None:
-            return ""
-        text = self.processor.decode(token_ids)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        # If decoding all tokens rewrote text already emitted (a merge across the boundary),
-        # what was sent cannot be taken back: emit what follows its length.
-        out = text[len(self.emitted) :]
-        self.emitted = text
-        return out
+__all__ = ["AsyncEngine", "OutputDelta"]
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, nova: NovaEngine | None = None) -> None:
-        self.nova = nova or NovaEngine(config)
-        self.nova.start()
+    def __init__(
+        self, config: EngineConfig | None = None, llm_engine: LLMEngine | None = None
+    ) -> None:
+        self.llm_engine = llm_engine or LLMEngine(config)
+        self.llm_engine.start()
+
+    # -- EngineClient ------------------------------------------------------------------------
+    @property
+    def processor(self) -> InputProcessor:
+        return self.llm_engine.processor
 
     @property
-    def processor(self):
-        return self.nova.processor
+    def max_model_len(self) -> int:
+        return self.llm_engine.max_model_len
 
-    def shutdown(self) -> None:
-        self.nova.stop()
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        self.llm_engine.check_admissible(num_prompt_tokens, max_tokens)
+
+    def is_healthy(self) -> bool:
+        return self.llm_engine.is_healthy()
+
+    def snapshot(self) -> EngineSnapshot:
+        return self.llm_engine.snapshot()
+
+    def describe(self) -> EngineDescription:
+        return self.llm_engine.describe()
 
     async def generate(
         self,
@@ -68,15 +57,15 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         deadline_s: float | None = None,
-    ) -> AsyncIterator[OutputDelta]:
+    ) -> AsyncGenerator[OutputDelta, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[RequestEvent, Request]] = asyncio.Queue()
 
         def listener(ev: RequestEvent, req: Request) -> None:  # worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (ev, req))
 
-        req = self.nova.submit(prompt, sampling, request_id, priority, deadline_s, listener)
-        detok = _Detokenizer(self.nova.processor)
+        req = self.llm_engine.submit(prompt, sampling, request_id, priority, deadline_s, listener)
+        detok = IncrementalDetokenizer(self.llm_engine.processor)
         finished = False
         try:
             while not finished:
@@ -95,7 +84,11 @@ class AsyncEngine:
                 )
         finally:
             if not finished:  # the consumer went away (client disconnect, cancellation)
-                self.nova.engine.abort(req.request_id)
+                self.llm_engine.abort(req.request_id)
 
     async def abort(self, request_id: str) -> bool:
-        return self.nova.engine.abort(request_id)
+        return self.llm_engine.abort(request_id)
+
+    # -- lifecycle (the owner's, not a front end's) ------------------------------------------
+    def shutdown(self) -> None:
+        self.llm_engine.stop()

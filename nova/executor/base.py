@@ -1,28 +1,23 @@
 """What a stage executor does: run one batch of one stage and say what came out.
 
 Executors own the request payloads the scheduler never sees (pixels, image embeddings, RNGs).
-``execute`` must isolate failures: a part that fails for one request is reported in
-``StageOutput.failed`` and the other requests of the batch still get their results.
+``execute`` returns a ``StageResult`` whose ``end_s`` is still the batch's ``start_s``: the
+engine loop owns the clock and stamps ``end_s`` when it takes the result. ``execute`` must
+isolate failures: a part that fails for one request is reported in ``StageResult.failed`` and
+the other requests of the batch still get their results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, Partition, Stage
+from nova.types import Batch, BatchItem, Partition, Stage, StageResult
 
 # Called for each request of a batch before it runs; raising fails that request only.
 # Tests use it to inject faults; it is None in production.
 FaultHook = Callable[[Stage, str], None]
-
-
-@dataclass(slots=True)
-class StageOutput:
-    new_token_ids: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
 
 
 class Executor(Protocol):
@@ -35,8 +30,9 @@ class Executor(Protocol):
     ) -> None:
         """Take a new request's payload (before it is scheduled)."""
 
-    def execute(self, batch: Batch) -> StageOutput:
-        """Run ``batch``; called from the stage's own worker thread."""
+    def execute(self, batch: Batch) -> StageResult:
+        """Run ``batch``; called from the stage's own worker thread. ``end_s`` of the result
+        is left at ``batch.start_s`` (the caller stamps it)."""
 
     def release(self, request_id: str) -> None:
         """Forget a finished/aborted/failed request's payload."""
@@ -50,19 +46,19 @@ def describe_error(exc: BaseException) -> str:
 
 
 def run_isolated(
-    stage: Stage,
-    items: tuple[BatchItem, ...],
+    batch: Batch,
     run: Callable[[list[BatchItem]], dict[str, int]],
     fault_hook: FaultHook | None,
-) -> StageOutput:
-    """Run ``items`` as one batch; if the batch raises, rerun each item alone so that only the
-    failing requests fail. ``run`` returns request id -> new token (empty for vision)."""
-    out = StageOutput()
+) -> StageResult:
+    """Run ``batch``'s items as one batch; if that raises, rerun each item alone so that only
+    the failing requests fail. ``run`` returns request id -> new token (empty for vision).
+    The result's ``end_s`` is ``batch.start_s`` (unstamped)."""
+    out = StageResult(batch, batch.start_s)
     ok: list[BatchItem] = []
-    for it in items:
+    for it in batch.items:
         try:
             if fault_hook is not None:
-                fault_hook(stage, it.request_id)
+                fault_hook(batch.stage, it.request_id)
             ok.append(it)
         except Exception as exc:  # noqa: BLE001 - any failure belongs to this request
             out.failed[it.request_id] = describe_error(exc)

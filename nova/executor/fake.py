@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any
 
-from nova.executor.base import FaultHook, StageOutput, run_isolated
+from nova.executor.base import FaultHook, run_isolated
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, Partition, Stage
+from nova.types import Batch, BatchItem, Partition, Stage, StageResult
 
 
 def next_token(sequence: list[int], vocab_size: int) -> int:
@@ -58,13 +58,13 @@ class FakeExecutor:
     def set_partition(self, stage: Stage, partition: Partition) -> None:
         self.partitions[stage] = partition
 
-    def execute(self, batch: Batch) -> StageOutput:
+    def execute(self, batch: Batch) -> StageResult:
         with self._lock:
             self.batches.append(batch)
         delay = self.delay_s.get(batch.stage, 0.0)
         if delay:
             time.sleep(delay)
-        return run_isolated(batch.stage, batch.items, self._run(batch.stage), self.fault_hook)
+        return run_isolated(batch, self._run(batch.stage), self.fault_hook)
 
     def _run(self, stage: Stage):
         def run(items: list[BatchItem]) -> dict[str, int]:

@@ -15,21 +15,21 @@ from typing import Any
 
 import torch
 
-from nova.executor.base import FaultHook, StageOutput, run_isolated
+from nova.executor.base import FaultHook, run_isolated
 from nova.gpu.partition import PartitionBackend, make_backend
-from nova.models.mm import encode_image_batch
+from nova.models.mm import VisionInput, encode_image_batch
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, Partition, Stage
+from nova.types import Batch, BatchItem, Partition, Stage, StageResult
 
 
 @dataclass(slots=True)
 class _Payload:
     sampling: SamplingParams
     generator: torch.Generator | None
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | VisionInput | None
     prompt_token_ids: tuple[int, ...] = ()
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
@@ -89,13 +89,13 @@ class TorchExecutor:
         with self._lock:
             return self._payloads[request_id]
 
-    def execute(self, batch: Batch) -> StageOutput:
+    def execute(self, batch: Batch) -> StageResult:
         run = {Stage.VISION: self._vision, Stage.PREFILL: self._prefill, Stage.DECODE: self._decode}
         fn = run[batch.stage]
         partition = self.partitions.get(batch.stage, batch.partition)
         # The stage's stream (in the green context of its SM share, if the backend has them).
         with self.partition_backend.activate(batch.stage, partition) as stream:
-            out = run_isolated(batch.stage, batch.items, fn, self.fault_hook)
+            out = run_isolated(batch, fn, self.fault_hook)
             if stream is not None:
                 stream.synchronize()
         self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
@@ -104,9 +104,12 @@ class TorchExecutor:
     def _vision(self, items: list[BatchItem]) -> dict[str, int]:
         payloads = [self._payload(it.request_id) for it in items]
         # Fixed-size tensors (LLaVA) or VisionInputs (Qwen-VL): one tower call, split per request.
-        per_request = encode_image_batch(
-            self.runner.encode_images, [p.pixel_values for p in payloads]
-        )
+        pixels = []
+        for it, p in zip(items, payloads):
+            if p.pixel_values is None:
+                raise RuntimeError(f"request {it.request_id} reached vision without images")
+            pixels.append(p.pixel_values)
+        per_request = encode_image_batch(self.runner.encode_images, pixels)
         event = None
         if self._on_cuda:
             event = torch.cuda.Event()

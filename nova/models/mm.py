@@ -14,7 +14,6 @@ came in; the executor and the offline loop use it and stay model-agnostic.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -88,23 +87,6 @@ class VisionInput:
 
 def num_images(pixels: torch.Tensor | VisionInput) -> int:
     return len(pixels) if isinstance(pixels, VisionInput) else int(pixels.shape[0])
-
-
-def image_hashes(pixels: torch.Tensor | VisionInput) -> list[str]:
-    """Content hash of each image's preprocessed pixels (the encoder-cache key); for dynamic
-    resolution the grid is part of the key (equal bytes in another shape are another image)."""
-    out = []
-    if isinstance(pixels, VisionInput):
-        for grid, patches in zip(pixels.grids, pixels.image_patches()):
-            h = hashlib.sha256(repr(grid).encode())
-            h.update(patches.detach().contiguous().cpu().numpy().tobytes())
-            out.append(h.hexdigest()[:32])
-        return out
-    for px in pixels:
-        out.append(
-            hashlib.sha256(px.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:32]
-        )
-    return out
 
 
 def encode_image_batch(

@@ -16,6 +16,7 @@ from nova.core.block_manager import BlockManager
 from nova.gpu.memory import MemoryReport, module_bytes
 from nova.gpu.offload import LayerStreamer, StreamOps, stream_vision_layers
 from nova.models.loader import LoadedModel
+from nova.models.mm import VisionInput
 from nova.runtime.attention import make_attention_backend, needs_gather_views
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
@@ -166,7 +167,7 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model.decoder.cfg.vocab_size
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor | VisionInput) -> torch.Tensor:
         """[N, 3, H, W] -> [N, num_image_tokens, hidden] on the model's device."""
         return self.model.encode_images(pixel_values.to(self.device))
 

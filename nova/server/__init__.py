@@ -1,7 +1,8 @@
 """Nova's OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
-``create_app(engine, config)`` builds the app over a started ``AsyncEngine`` (tests run it
-in-process); ``add_serve_parser(subparsers)`` registers the ``nova serve`` command.
+``create_app(client, config)`` builds the app over an ``EngineClient`` (a started
+``AsyncEngine``; tests run it in-process); ``add_serve_parser(subparsers)`` registers the
+``nova serve`` command.
 Imports are lazy so that ``import nova.server`` stays light.
 """
 

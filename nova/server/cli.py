@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nova.config import EngineConfig
 from nova.flags import add_flags, from_flags
 from nova.server.config import SERVER_GROUP, ServerConfig
+
+if TYPE_CHECKING:
+    from nova.engine.client import EngineDescription
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,20 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return from_flags(EngineConfig, args, max_image_pixels=pixels)
 
 
+def print_startup(about: EngineDescription, server_config: ServerConfig) -> None:
+    """What ``nova serve`` tells its operator once the engine is up (on stderr)."""
+    print(
+        f"nova serve: {server_config.served_model_name} ({about.architecture}, "
+        f"context {about.max_model_len}, {about.num_kv_blocks} KV blocks of "
+        f"{about.block_size_tokens}, policy {about.policy}) on "
+        f"http://{server_config.host}:{server_config.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    print("nova serve: " + "\n  ".join(about.memory_lines), file=sys.stderr)
+    print(f"nova serve: partitions: {about.partition_backend}", file=sys.stderr, flush=True)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -65,21 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(engine_config)
     try:
         app = create_app(engine, server_config)
-        bm = engine.nova.scheduler.block_manager
-        print(
-            f"nova serve: {server_config.served_model_name} ({engine.nova.loaded.architecture}, "
-            f"context {engine.nova.loaded.max_model_len}, {bm.num_blocks} KV blocks of "
-            f"{bm.block_size}, policy {engine_config.policy}) on "
-            f"http://{server_config.host}:{server_config.port}/v1",
-            file=sys.stderr,
-            flush=True,
-        )
-        print("nova serve: " + "\n  ".join(engine.nova.runner.memory.lines()), file=sys.stderr)
-        print(
-            f"nova serve: partitions: {engine.nova.partition_backend.describe()}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print_startup(engine.describe(), server_config)
         uvicorn.run(
             app,
             host=server_config.host,

@@ -130,7 +130,7 @@ def is_public_address(addr: str) -> bool:
 async def system_resolver(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 async def check_public_host(host: str, port: int, resolver: Resolver) -> None:

@@ -9,12 +9,13 @@ partition) is read at scrape time.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nova.engine.client import EngineClient, EngineSnapshot
 from nova.metrics import RequestMetrics
 from nova.types import STAGES
 
@@ -79,16 +80,22 @@ STAGE_BUCKETS_S = (
 )
 
 
+class UnfinishedCount(Protocol):
+    @property
+    def num_unfinished(self) -> int:
+        """Requests the server accepted that have not finished yet."""
+
+
 class _EngineStateCollector(Collector):
     """Gauges read from the engine's snapshot (a consistent read) at scrape time."""
 
-    def __init__(self, async_engine: Any, server_state: Any) -> None:
-        self.async_engine = async_engine
+    def __init__(self, client: EngineClient, server_state: UnfinishedCount) -> None:
+        self.client = client
         self.server_state = server_state
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        snap = self.async_engine.nova.engine.snapshot()
-        in_stage, usage, partition = snap.requests_in_stage, snap.kv_cache_usage, snap.partition
+        snap = self.client.snapshot()
+        in_stage, usage, shares = snap.requests_in_stage, snap.kv_cache_usage, snap.sm_shares
         num_free, num_preemptions = snap.num_free_blocks, snap.num_preemptions
         g = GaugeMetricFamily(
             "nova_requests_in_stage",
@@ -106,12 +113,12 @@ class _EngineStateCollector(Collector):
             "nova_sm_share", "SM share of each stage in the current partition", labels=["stage"]
         )
         for s in STAGES:
-            g.add_metric([s.value], partition.share(s))
+            g.add_metric([s.value], shares[s])
         yield g
         yield CounterMetricFamily(
             "nova_preemptions", "Preemptions (recomputes) so far", value=num_preemptions
         )
-        yield from _gpu_gauges(self.async_engine.nova)
+        yield from _gpu_gauges(snap)
         yield GaugeMetricFamily(
             "nova_server_unfinished_requests",
             "Requests accepted by the server and not yet finished",
@@ -119,7 +126,7 @@ class _EngineStateCollector(Collector):
         )
 
 
-MEMORY_GAUGES = (  # MemoryReport field -> (metric name, help)
+MEMORY_GAUGES = (  # EngineSnapshot.memory_bytes key (MemoryReport field) -> (metric, help)
     (
         "weights_resident_bytes",
         "nova_memory_weights_resident_bytes",
@@ -146,31 +153,26 @@ MEMORY_GAUGES = (  # MemoryReport field -> (metric name, help)
 )
 
 
-def _gpu_gauges(nova: Any) -> Iterator[GaugeMetricFamily]:
+def _gpu_gauges(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily]:
     """Start-up memory accounting (nova.gpu.memory) and the SMs each stage last ran on."""
-    memory = getattr(getattr(nova, "runner", None), "memory", None)
-    if memory is not None:
-        for field, name, doc in MEMORY_GAUGES:
-            value = getattr(memory, field)
-            if value is not None:
-                yield GaugeMetricFamily(name, doc, value=value)
-    granted = getattr(getattr(nova, "executor", None), "granted_sms", None)
-    if granted is not None:
-        g = GaugeMetricFamily(
-            "nova_sm_granted",
-            "SMs the stage's last batch ran on (read back "
-            "from the driver; the whole device when unpartitioned; CPU cores "
-            "on a CPU)",
-            labels=["stage"],
-        )
-        for s in STAGES:
-            if s in granted:
-                g.add_metric([s.value], granted[s])
-        yield g
+    for field, name, doc in MEMORY_GAUGES:
+        value = snap.memory_bytes.get(field)
+        if value is not None:
+            yield GaugeMetricFamily(name, doc, value=value)
+    g = GaugeMetricFamily(
+        "nova_sm_granted",
+        "SMs the stage's last batch ran on (read back from the driver; the whole device when "
+        "unpartitioned; CPU cores on a CPU)",
+        labels=["stage"],
+    )
+    for s in STAGES:
+        if s in snap.granted_sms:  # absent before the stage's first batch
+            g.add_metric([s.value], snap.granted_sms[s])
+    yield g
 
 
 class ServerMetrics:
-    def __init__(self, async_engine: Any, server_state: Any) -> None:
+    def __init__(self, client: EngineClient, server_state: UnfinishedCount) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("nova_requests", "Requests by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
@@ -222,7 +224,7 @@ class ServerMetrics:
             registry=r,
         )
         self.generation_tokens = Counter("nova_generation_tokens", "Generated tokens", registry=r)
-        r.register(_EngineStateCollector(async_engine, server_state))
+        r.register(_EngineStateCollector(client, server_state))
 
     def rejected(self) -> None:
         self.requests.labels("rejected").inc()

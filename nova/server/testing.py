@@ -115,7 +115,7 @@ def build_tiny_chat_model(
     cfg = LlavaConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,

@@ -144,7 +144,7 @@ class Simulator:
 
     def _make_request(self, a: SimArrival) -> Request:
         n_prompt = max(1, a.num_text_tokens) + a.num_images * self.image_tokens
-        images = [ImageInput(f"{a.request_id}/{i}", self.image_tokens) for i in range(a.num_images)]
+        images = [ImageInput(self.image_tokens, f"{a.request_id}/{i}") for i in range(a.num_images)]
         return Request(
             a.request_id,
             [SIM_TOKEN] * n_prompt,

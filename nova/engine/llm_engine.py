@@ -1,8 +1,10 @@
-"""``NovaEngine``: a loaded model, its input processor and a running ``Engine``, built from an
-``EngineConfig``. The offline ``LLM`` and the asyncio ``AsyncEngine`` both sit on it."""
+"""``LLMEngine``: a loaded model, its input processor, runner, scheduler and a running
+``EngineLoop``, built from an ``EngineConfig``. The offline ``LLM`` and the asyncio
+``AsyncEngine`` both sit on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
@@ -11,13 +13,15 @@ from typing import Any
 from nova.config import EngineConfig
 from nova.core.policy import StageLimits, make_policy
 from nova.core.scheduler import Scheduler
-from nova.engine.engine import Engine, Listener
+from nova.cost.base import CostModel
+from nova.engine.client import EngineDescription, EngineSnapshot
+from nova.engine.loop import EngineLoop, Listener
 from nova.executor.base import FaultHook
 from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model
-from nova.models.mm import image_hashes, num_images
+from nova.models.mm import num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
@@ -25,7 +29,7 @@ from nova.types import ImageInput, Request
 log = logging.getLogger(__name__)
 
 
-def _device_gpu_spec(device: str) -> str:
+def device_gpu_spec(device: str) -> str:
     """The GPU spec name (``nova.cost.gpus``) of the device, or "cpu"; unknown GPUs: h100-sxm."""
     if device.startswith("cpu"):
         return "cpu"
@@ -39,7 +43,7 @@ def _device_gpu_spec(device: str) -> str:
 
 def default_cost_model(
     loaded: LoadedModel, device: str, min_pixels: int | None = None, max_pixels: int | None = None
-) -> Any:
+) -> CostModel:
     """The cost model the ``nova`` policy plans with for this model on this device: the shipped
     profile ``nova/cost/profiles/<model>-<gpu>.json`` measured on such a device if there is one
     (``nova profile``; the demo model on the CPU has one; a shipped config such as
@@ -49,7 +53,7 @@ def default_cost_model(
     from nova.cost.model_spec import ModelSpec
     from nova.cost.profiled import available_profiles
 
-    gpu = _device_gpu_spec(device)
+    gpu = device_gpu_spec(device)
     name = "demo" if loaded.model_dir.name.startswith("demo-") else loaded.model_dir.name
     if f"{name}-{gpu}" in available_profiles():
         return make_cost_model("profiled", gpu, name)
@@ -59,7 +63,7 @@ def default_cost_model(
     return make_cost_model("roofline", gpu, spec)
 
 
-class NovaEngine:
+class LLMEngine:
     def __init__(
         self,
         config: EngineConfig | None = None,
@@ -111,20 +115,68 @@ class NovaEngine:
         if self.partition_backend.enforces_limits and hasattr(policy, "partition_set"):
             self.partition_backend.prepare(policy.partition_set())  # created once, up front
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
-        # (the offline runtime loop in nova.runtime.generate must not run beside the engine).
+        # (nothing else may allocate from it while the loop runs).
         self.scheduler = Scheduler(
             policy, self.runner.block_manager, self.loaded.eos_token_ids, self.loaded.max_model_len
         )
         self.executor = TorchExecutor(self.runner, fault_hook, self.partition_backend)
-        self.engine = Engine(self.scheduler, self.executor)
+        self.loop = EngineLoop(self.scheduler, self.executor)
         self._ids = itertools.count()
 
-    def start(self) -> NovaEngine:
-        self.engine.start()
+    def start(self) -> LLMEngine:
+        self.loop.start()
         return self
 
     def stop(self) -> None:
-        self.engine.stop()
+        self.loop.stop()
+
+    # -- what a front end asks (nova.engine.client.EngineClient, through AsyncEngine) ---------
+    @property
+    def max_model_len(self) -> int:
+        return int(self.loaded.max_model_len)
+
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ``RequestRejected`` if such a request could never be served (reads only
+        fixed sizes: safe without the loop's lock)."""
+        self.scheduler.check_admissible(num_prompt_tokens, max_tokens)
+
+    def is_healthy(self) -> bool:
+        return self.loop.is_running
+
+    def snapshot(self) -> EngineSnapshot:
+        """The loop's scheduler state plus the start-up memory accounting and the SMs each
+        stage last ran on."""
+        memory = {
+            k: v
+            for k, v in self.runner.memory.as_dict().items()
+            if isinstance(v, int) and not isinstance(v, bool)
+        }
+        return dataclasses.replace(
+            self.loop.snapshot(),
+            memory_bytes=memory,
+            granted_sms=dict(self.executor.granted_sms),
+        )
+
+    def describe(self) -> EngineDescription:
+        bm = self.scheduler.block_manager
+        return EngineDescription(
+            model=str(self.loaded.model_dir),
+            architecture=str(self.loaded.architecture),
+            max_model_len=self.max_model_len,
+            num_kv_blocks=bm.num_blocks,
+            block_size_tokens=bm.block_size,
+            policy=self.config.policy,
+            memory_lines=tuple(self.runner.memory.lines()),
+            partition_backend=self.partition_backend.describe(),
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a live request; False if unknown or already done."""
+        return self.loop.abort(request_id)
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until every submitted request is done; False on timeout."""
+        return self.loop.wait_idle(timeout_s)
 
     def run_all(
         self,
@@ -148,9 +200,9 @@ class NovaEngine:
                     requests.append(self.submit(prompt, sp, rid))
                 except Exception:
                     for r in requests:
-                        self.engine.abort(r.request_id)
+                        self.loop.abort(r.request_id)
                     raise
-            self.engine.wait_idle()
+            self.loop.wait_idle()
         finally:
             self.stop()
         return requests
@@ -173,7 +225,7 @@ class NovaEngine:
             counts = prompt.image_token_counts or [self.processor.num_image_tokens] * num_images(
                 prompt.pixel_values
             )
-            images = [ImageInput(h, n) for h, n in zip(image_hashes(prompt.pixel_values), counts)]
+            images = [ImageInput(int(n)) for n in counts]
         req = Request(
             request_id or self.new_request_id(),
             list(prompt.token_ids),
@@ -182,5 +234,5 @@ class NovaEngine:
             priority,
             deadline_s,
         )
-        self.engine.add_request(req, prompt.pixel_values, listener)
+        self.loop.add_request(req, prompt.pixel_values, listener)
         return req

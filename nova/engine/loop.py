@@ -2,8 +2,9 @@
 
 Each worker thread repeatedly asks the scheduler (under one lock) for the next batch of its
 stage, runs it on the executor outside the lock, and reports the result back. The scheduler and
-the policy are torch-free and clock-free; the engine owns the clock and passes ``now_s`` in.
-Events (new tokens, finishes) go to per-request listeners, called from worker threads.
+the policy are torch-free and clock-free; the loop owns the clock and passes ``now_s`` in (and
+stamps each ``StageResult.end_s``). Events (new tokens, finishes) go to per-request listeners,
+called from worker threads.
 """
 
 from __future__ import annotations
@@ -12,33 +13,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from nova.core.scheduler import Scheduler
-from nova.executor.base import Executor, StageOutput, describe_error
-from nova.types import Partition, Request, RequestEvent, Stage, StageResult
+from nova.engine.client import EngineSnapshot
+from nova.executor.base import Executor, describe_error
+from nova.types import Request, RequestEvent, Stage, StageResult
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[RequestEvent, Request], None]
 
 
-@dataclass(slots=True, frozen=True)
-class EngineSnapshot:
-    """A consistent read of the scheduler's state (for metrics and health)."""
-
-    requests_in_stage: dict[Stage, int]
-    kv_cache_usage: float
-    num_free_blocks: int
-    partition: Partition
-    num_preemptions: int
-
-
 IDLE_WAIT_S = 0.05  # re-ask the policy at least this often when idle (time-driven policies)
 
 
-class Engine:
+class EngineLoop:
     def __init__(
         self,
         scheduler: Scheduler,
@@ -57,11 +47,11 @@ class Engine:
         self.num_batches: dict[Stage, int] = dict.fromkeys(Stage, 0)
 
     def now(self) -> float:
-        """Seconds since the engine was created."""
+        """Seconds since the loop was created."""
         return self._clock() - self._t0
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> Engine:
+    def start(self) -> EngineLoop:
         if self._threads:
             return self
         self._stopping = False
@@ -81,7 +71,7 @@ class Engine:
             t.join()
         self._threads = []
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> EngineLoop:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -123,13 +113,15 @@ class Engine:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def snapshot(self) -> EngineSnapshot:
+        """The scheduler's state, read under the lock (no memory or granted SMs: the loop does
+        not know the device; ``LLMEngine.snapshot`` adds them)."""
         with self._cond:
             state, bm = self.scheduler.state, self.scheduler.block_manager
             return EngineSnapshot(
                 {s: state.num_in_stage(s) for s in Stage},
                 bm.usage,
                 bm.num_free_blocks,
-                state.partition,
+                {s: state.partition.share(s) for s in Stage},
                 state.num_preemptions,
             )
 
@@ -160,13 +152,13 @@ class Engine:
                     continue
             self.executor.set_partition(stage, batch.partition)
             try:
-                output = self.executor.execute(batch)
+                result = self.executor.execute(batch)
             except Exception as exc:
                 log.exception("%s batch %d failed", stage.value, batch.batch_id)
-                output = StageOutput(failed={rid: describe_error(exc) for rid in batch.request_ids})
+                failed = {rid: describe_error(exc) for rid in batch.request_ids}
+                result = StageResult(batch, batch.start_s, failed=failed)
             with self._cond:
-                end_s = self.now()
-                result = StageResult(batch, end_s, output.new_token_ids, output.failed)
+                end_s = result.end_s = self.now()
                 events = self.scheduler.complete(result, end_s)
                 self.num_batches[stage] += 1
                 delivered = self._deliver_locked(events)
