@@ -5,7 +5,8 @@ instruction, 1/4 text questions; ``--max-tokens`` each, EOS ignored so every sys
 same work) arrive together as one burst at t=0, and each system serves them:
 
 - ``engine:<policy>``: Nova's engine (three concurrent stage workers), per policy;
-- ``one_at_a_time``: Nova's runtime, one request after another (request i waits for all before it);
+- ``one_at_a_time``: Nova's engine with policy ``sequential``, given one request after another
+  (request i is submitted when i-1 has finished, so it waits for all before it);
 - ``transformers_batched``: ``LlavaForConditionalGeneration.generate`` on all N at once
   (left padding); per-token times come from a streamer hook, so TTFT is the batch's first token.
 
@@ -16,6 +17,7 @@ Usage: .venv/bin/python benchmarks/engine_latency.py [--num-requests 64] [--max-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,7 +30,6 @@ from nova.demo import AGENT_INSTRUCTIONS, AGENT_SYSTEM, TEXT_QUESTIONS
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import format_summary_table, request_metrics, summarize, summary_to_dict
 from nova.models.inputs import PromptInput, chat_messages
-from nova.runtime.generate import GenerationRequest, generate
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
 from nova.types import Request, RequestStatus, RequestTimes
@@ -67,27 +68,18 @@ def run_engine(nova: LLMEngine, prompts, params) -> tuple[list[Request], float]:
 
 
 def run_one_at_a_time(nova: LLMEngine, prompts, params) -> tuple[list[Request], float]:
-    reqs, clock = [], 0.0
+    """Each request alone through a sequential engine on the same model, back to back; its
+    latencies count from the burst (the first submission), like the engine's."""
+    alone = LLMEngine(dataclasses.replace(nova.config, policy="sequential"), loaded=nova.loaded)
+    reqs: list[Request] = []
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        [res] = generate(nova.runner, [GenerationRequest(f"r{i}", p, params)])
-        start = clock
-        first = start + res.vision_s + res.prefill_s
-        last = first + res.decode_s
-        n = len(res.output_token_ids)
-        step = (last - first) / max(1, n - 1)
-        times = RequestTimes(
-            arrival_s=0.0,
-            prefill_start_s=start + res.vision_s,
-            prefill_end_s=first,
-            token_s=[first + k * step for k in range(n)],
-            finish_s=last,
-        )
-        if res.vision_s:
-            times.vision_start_s, times.vision_end_s = start, start + res.vision_s
-        clock = last
-        reqs.append(synthetic_request(f"r{i}", p, n, times))
-    return reqs, time.perf_counter() - t0
+        reqs += alone.run_all([p], [params], [f"r{i}"])
+    wall = time.perf_counter() - t0
+    base = reqs[0].times.arrival_s  # the engine's clock: one clock for all of them
+    for r in reqs:
+        r.times.arrival_s = base
+    return reqs, wall
 
 
 class _TokenClock:

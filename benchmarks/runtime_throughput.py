@@ -1,7 +1,9 @@
 """Prefill and decode throughput of Nova's runtime vs transformers ``generate``, same prompts.
 
 For each batch size B (default 1, 8, 32) both run the same B chat prompts (fixed length,
-``--prompt-tokens``) and generate exactly ``--decode-tokens`` tokens (EOS ignored):
+``--prompt-tokens``) and generate exactly ``--decode-tokens`` tokens (EOS ignored). Nova's side
+is the bare runtime, no scheduler or worker threads: one ``ModelRunner.forward`` over all B
+prompts, then one batched decode step per token, greedy sampling as the engine does it:
 - prefill tokens/s = B * prompt_tokens / time to the first token (one batched prefill);
 - decode tokens/s  = B * (decode_tokens - 1) / time from the first token to the last.
 transformers is timed as generate(max_new_tokens=1) for prefill and the difference to
@@ -23,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from nova.models.inputs import PromptInput
 from nova.models.loader import load_model
-from nova.runtime.generate import GenerationRequest, generate
+from nova.profiling.device import device_name
+from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import CacheConfig, ModelRunner
+from nova.runtime.sampler import sample
 from nova.sampling_params import SamplingParams
 
 QUESTIONS = [
@@ -58,11 +61,32 @@ def make_prompts(tokenizer, batch: int, prompt_tokens: int) -> list[list[int]]:
 def time_nova(
     runner: ModelRunner, prompts: list[list[int]], decode_tokens: int
 ) -> tuple[float, float]:
-    params = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
-    reqs = [GenerationRequest(str(i), PromptInput(p), params) for i, p in enumerate(prompts)]
-    results = generate(runner, reqs)
-    assert all(len(r.output_token_ids) == decode_tokens for r in results)
-    return results[0].prefill_s, max(r.decode_s for r in results)
+    """(prefill s, decode s): one batched prefill of every prompt to its first token, then
+    ``decode_tokens - 1`` batched decode steps (KV blocks grown per step, as the engine does)."""
+    params = [SamplingParams(max_tokens=decode_tokens, ignore_eos=True)] * len(prompts)
+    generators = [None] * len(prompts)
+    bm = runner.block_manager
+    ids = [f"b{i}" for i in range(len(prompts))]
+    outputs: list[list[int]] = []
+    try:
+        start = time.perf_counter()
+        seqs = [SeqInput(p, 0, bm.allocate(rid, len(p))) for rid, p in zip(ids, prompts)]
+        outputs = [[t] for t in sample(runner.forward(seqs), params, generators)]
+        first_token = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            seqs = []
+            for rid, p, out in zip(ids, prompts, outputs):
+                context = len(p) + len(out)
+                bm.grow(rid, context)
+                seqs.append(SeqInput([out[-1]], context - 1, bm.block_table(rid)))
+            for out, tok in zip(outputs, sample(runner.forward(seqs), params, generators)):
+                out.append(tok)
+        last_token = time.perf_counter()
+    finally:
+        for rid in ids:
+            bm.free(rid)
+    assert all(len(out) == decode_tokens for out in outputs)
+    return first_token - start, last_token - first_token
 
 
 def time_hf(hf, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
@@ -84,23 +108,15 @@ def time_hf(hf, prompts: list[list[int]], decode_tokens: int) -> tuple[float, fl
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": device_name("cpu"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = device_name("cuda:0")
     return info
 
 

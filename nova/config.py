@@ -1,15 +1,20 @@
-"""Typed engine configuration, validated at construction."""
+"""Typed engine configuration, validated at construction (torch-free: ``torch_dtype`` imports
+torch only when called)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from nova.flags import check_minimums, flag, no_flag
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PARTITION_NAMES = ("auto", "green_context", "none", "cpu")
 ATTENTION_NAMES = ("auto", "sdpa", "triton", "flex")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> Any:
     """``"bfloat16"`` -> ``torch.bfloat16``; a ValueError naming the choices otherwise."""
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; choose {', '.join(DTYPE_NAMES)}")
@@ -20,33 +25,94 @@ def torch_dtype(name: str):
 
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
-    model: str = "demo"
-    load_format: str = "auto"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"
-    policy: str = "multi_stream"
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: size the cache from kv_cache_bytes / device memory
-    kv_cache_bytes: int | None = None
-    max_num_seqs: int = 64  # decode batch cap (and prefill requests per batch)
-    max_prefill_tokens: int = 4096  # prefill batch token budget
-    max_vision_images: int = 8  # images per vision batch
-    max_image_pixels: int | None = 4096 * 4096
-    seed: int = 0
-    # GPU mechanisms (issue 5). All fall back cleanly on a CPU.
-    partition: str = "auto"  # auto | green_context | none | cpu
-    cuda_graphs: bool = True  # decode graphs per partition and batch bucket; CUDA only
-    attention_backend: str = "auto"  # auto | sdpa | triton | flex
-    vision_offload_layers: int = 0  # 0: encoder resident; K>0: stream weights through K slots
-    # Dynamic-resolution vision (Qwen2-VL family, issue 7): None keeps the processor's value.
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    """What the engine is built from. Each field's metadata declares its command-line flag
+    (``nova.flags``): ``nova serve``, ``nova generate``, ``nova demo`` and ``nova profile`` take
+    their engine flags from here."""
+
+    model: str = field(
+        default="demo",
+        metadata=flag("a Hugging Face model directory, a shipped config name, or 'demo'"),
+    )
+    load_format: str = field(
+        default="auto",
+        metadata=flag(
+            "weights: the directory's safetensors (auto, safetensors) or random (dummy, seeded)",
+            choices=LOAD_FORMATS,
+        ),
+    )
+    dtype: str = field(default="float32", metadata=flag("weight dtype", choices=DTYPE_NAMES))
+    device: str = field(default="cpu", metadata=flag("torch device, e.g. cpu, cuda, cuda:1"))
+    policy: str = field(
+        default="multi_stream", metadata=flag("scheduling policy (see 'nova models')")
+    )
+    block_size: int = field(default=16, metadata=flag("tokens per KV-cache block", minimum=1))
+    num_kv_blocks: int | None = field(
+        default=None,
+        metadata=flag(
+            "KV-cache blocks (default: sized from --kv-cache-bytes or memory)", minimum=1
+        ),
+    )
+    kv_cache_bytes: int | None = field(
+        default=None,
+        metadata=flag(
+            "KV-cache size in bytes when --num-kv-blocks is not given (default: 1 GiB on a "
+            "CPU, a share of the GPU's free memory on CUDA)",
+            minimum=1,
+        ),
+    )
+    max_num_seqs: int = field(
+        default=64,
+        metadata=flag("decode batch cap (and prefill requests per batch)", minimum=1),
+    )
+    max_prefill_tokens: int = field(
+        default=4096, metadata=flag("prefill batch token budget", minimum=1)
+    )
+    max_vision_images: int = field(default=8, metadata=flag("images per vision batch", minimum=1))
+    max_image_pixels: int | None = field(
+        default=4096 * 4096,
+        metadata=no_flag(
+            "the server's --max-image-pixels (ServerConfig) sets it; offline commands keep the "
+            "default"
+        ),
+    )
+    seed: int = field(default=0, metadata=flag("seed of dummy weights"))
+    # GPU mechanisms (nova.gpu; docs/gpu.md). All fall back cleanly on a CPU.
+    partition: str = field(
+        default="auto",
+        metadata=flag(
+            "SM partition backend: green contexts on a GPU that has them, else none",
+            choices=PARTITION_NAMES,
+        ),
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata=flag("run decode eagerly on CUDA (graphs are never used on a CPU)"),
+    )
+    attention_backend: str = field(
+        default="auto", metadata=flag("paged attention kernel", choices=ATTENTION_NAMES)
+    )
+    vision_offload_layers: int = field(
+        default=0,
+        metadata=flag(
+            "keep vision-encoder weights in host memory, K layers on the device (0: resident)",
+            minimum=0,
+            metavar="K",
+        ),
+    )
+    # Dynamic-resolution vision (Qwen2-VL family): None keeps the processor's value.
+    min_pixels: int | None = field(
+        default=None,
+        metadata=flag("Qwen2-VL family: override the processor's min_pixels", minimum=1),
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata=flag("Qwen2-VL family: override the processor's max_pixels", minimum=1),
+    )
 
     def __post_init__(self) -> None:
-        torch_dtype(self.dtype)  # validates the name
-        for name in ("block_size", "max_num_seqs", "max_prefill_tokens", "max_vision_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")
+        check_minimums(self)  # the flags' minimums: block_size >= 1, ...
         if self.partition not in PARTITION_NAMES:
             raise ValueError(
                 f"unknown partition backend {self.partition!r}; choose {', '.join(PARTITION_NAMES)}"
@@ -56,21 +122,12 @@ class EngineConfig:
                 f"unknown attention backend {self.attention_backend!r}; "
                 f"choose {', '.join(ATTENTION_NAMES)}"
             )
-        if self.vision_offload_layers < 0:
-            raise ValueError(
-                f"vision_offload_layers must be >= 0, got {self.vision_offload_layers}"
-            )
-        for name in ("min_pixels", "max_pixels"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (
             self.min_pixels is not None
             and self.max_pixels is not None
             and self.min_pixels > self.max_pixels
         ):
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         from nova.core.policy import available_policies
 
         if self.policy not in available_policies():
@@ -79,5 +136,5 @@ class EngineConfig:
             )
 
     @property
-    def torch_dtype(self):
+    def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype)

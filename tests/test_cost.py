@@ -469,7 +469,7 @@ def test_shipped_demo_cpu_profile():
 
 
 def test_profile_model_quick_on_a_tiny_model(tiny_dirs, tmp_path):
-    from nova.cost.profile import ProfileGrid, profile_model, summarize
+    from nova.profiling import ProfileGrid, profile_model, summarize
 
     grid = ProfileGrid(
         num_images=(1, 2),
@@ -496,7 +496,7 @@ def test_profile_model_quick_on_a_tiny_model(tiny_dirs, tmp_path):
 def test_profile_subcommand_parser():
     import argparse
 
-    from nova.cost.profile import add_profile_parser
+    from nova.profiling.cli import add_profile_parser
 
     parser = argparse.ArgumentParser()
     add_profile_parser(parser.add_subparsers(dest="command"))
@@ -542,15 +542,15 @@ def test_trusted_stage_work_equals_the_checked_one():
 def test_profile_split_keeps_the_total_and_mixes_lengths():
     import random
 
-    from nova.cost.profile import _split
+    from nova.profiling.grid import split_total
 
     rng = random.Random(0)
     for total, parts in ((1024, 4), (32, 2), (7, 7), (256, 1)):
-        out = _split(total, parts, rng)
+        out = split_total(total, parts, rng)
         assert sum(out) == total and len(out) == parts and min(out) >= 1
-    assert len(set(_split(1024, 4, rng))) > 1
+    assert len(set(split_total(1024, 4, rng))) > 1
     with pytest.raises(ValueError):
-        _split(3, 4, rng)
+        split_total(3, 4, rng)
 
 
 def test_roofline_one_co_runner_fast_path_equals_the_general_code(a6000):

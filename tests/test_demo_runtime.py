@@ -1,5 +1,5 @@
-"""Our runtime on the demo model: greedy equals transformers.generate, text-only and with an image;
-``nova demo`` and ``nova generate`` end to end through the CLI."""
+"""Our engine on the demo model: greedy equals transformers.generate, text-only and with an
+image; ``nova demo`` and ``nova generate`` end to end through the CLI."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import pytest
 import torch
 
 from nova.cli import main
-from nova.models.inputs import InputProcessor
-from nova.models.loader import load_model
-from nova.runtime.generate import GenerationRequest, generate
-from nova.runtime.runner import CacheConfig, ModelRunner
+from nova.llm import LLM
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
 
@@ -20,20 +17,17 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def demo():
-    loaded = load_model("demo")
-    return (
-        loaded,
-        InputProcessor(loaded),
-        ModelRunner(loaded, CacheConfig(block_size=16, num_blocks=128)),
-    )
+    return LLM("demo", policy="sequential", block_size=16, num_kv_blocks=128)
 
 
 @pytest.fixture(scope="module")
-def hf_demo(demo):
+def hf_demo():
     from transformers import LlavaForConditionalGeneration
 
+    from nova.models.demo import build_demo_model
+
     return LlavaForConditionalGeneration.from_pretrained(
-        demo[0].model_dir, dtype=torch.float32
+        build_demo_model(), dtype=torch.float32
     ).eval()
 
 
@@ -52,7 +46,7 @@ def _hf_greedy(hf, prompt) -> list[int]:
 
 
 def test_demo_greedy_matches_transformers_text_and_image(demo, hf_demo):
-    loaded, proc, runner = demo
+    proc = demo.processor
     text = proc.from_chat([{"role": "user", "content": "What is the capital of France?"}])
     image = proc.from_chat(
         [
@@ -63,11 +57,8 @@ def test_demo_greedy_matches_transformers_text_and_image(demo, hf_demo):
         ],
         [make_screenshot(3)],
     )
-    assert image.token_ids.count(loaded.model.image_token_id) == 196
-    params = SamplingParams(max_tokens=MAX_NEW)
-    results = generate(
-        runner, [GenerationRequest("t", text, params), GenerationRequest("i", image, params)]
-    )
+    assert image.token_ids.count(proc.loaded.model.image_token_id) == 196
+    results = demo.generate([text, image], SamplingParams(max_tokens=MAX_NEW))
     assert results[0].output_token_ids == _hf_greedy(hf_demo, text)
     assert results[1].output_token_ids == _hf_greedy(hf_demo, image)
     assert "Paris" in proc.decode(results[0].output_token_ids)

@@ -17,10 +17,9 @@ from nova.core.scheduler import RequestRejected, Scheduler
 from nova.engine.llm_engine import LLMEngine
 from nova.engine.loop import EngineLoop
 from nova.executor.fake import FakeExecutor, next_token
+from nova.llm import LLM
 from nova.models.inputs import PromptInput
 from nova.models.loader import load_model
-from nova.runtime.generate import GenerationRequest, generate
-from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request, RequestStatus, Stage
 
@@ -192,11 +191,13 @@ def test_rejected_request_is_an_error_and_leaves_nothing_behind():
 # -- the real executor on tiny random checkpoints -------------------------------------------
 
 
-def _alone(loaded, prompt: PromptInput, max_tokens: int, ignore_eos: bool = False) -> list[int]:
-    runner = ModelRunner(loaded, CacheConfig(block_size=8, num_blocks=64))
+def _alone(
+    model_dir, prompts: list[PromptInput], max_tokens: int, ignore_eos: bool = False
+) -> list[list[int]]:
+    """Each prompt's output when it runs by itself, one stage at a time (policy sequential)."""
+    llm = LLM(str(model_dir), policy="sequential", block_size=8, num_kv_blocks=64)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-    [res] = generate(runner, [GenerationRequest("x", prompt, params)])
-    return res.output_token_ids
+    return [llm.generate([p], params)[0].output_token_ids for p in prompts]
 
 
 @pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
@@ -219,7 +220,7 @@ def test_engine_outputs_equal_running_each_request_alone(tiny_dirs, policy):
             prompts.append(PromptInput(ids, torch.randn(1, 3, 32, 32), 1))
         else:
             prompts.append(PromptInput([1] + [20 + i] * (3 + i)))
-    expected = [_alone(loaded, p, 12) for p in prompts]
+    expected = _alone(tiny_dirs["llava-siglip-qwen2"], prompts, 12)
     llm_engine.start()
     try:
         reqs = []
@@ -250,9 +251,8 @@ def test_llm_offline_api(tiny_dirs):
     assert (
         outs[0].text is None and outs[0].metrics.ttft_s is not None and outs[0].metrics.ttft_s >= 0
     )
-    loaded = llm.llm_engine.loaded
-    assert outs[1].output_token_ids == _alone(
-        loaded, PromptInput([1, 9, 9, 9, 4]), 6, ignore_eos=True
+    assert [outs[1].output_token_ids] == _alone(
+        tiny_dirs["qwen2"], [PromptInput([1, 9, 9, 9, 4])], 6, ignore_eos=True
     )
     with pytest.raises(Exception, match="out of range"):
         llm.generate([{"prompt_token_ids": [1, 10**9]}])
@@ -335,7 +335,9 @@ def test_injected_failure_in_real_executor_fails_only_that_request(tiny_dirs):
         llm_engine.stop()
     assert reqs[1].status is RequestStatus.FAILED and "injected prefill fault" in reqs[1].error
     assert [len(r.output_token_ids) for r in (reqs[0], reqs[2])] == [5, 5]
-    assert reqs[0].output_token_ids == _alone(loaded, PromptInput([1, 2, 3]), 5, ignore_eos=True)
+    assert [reqs[0].output_token_ids] == _alone(
+        tiny_dirs["llama"], [PromptInput([1, 2, 3])], 5, ignore_eos=True
+    )
     assert (
         llm_engine.scheduler.block_manager.num_free_blocks
         == llm_engine.scheduler.block_manager.num_blocks

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from nova.models.errors import InvalidInputError, ModelLoadError
-from nova.models.inputs import load_image
+from nova.models.inputs import InputProcessor, load_image
+from nova.models.llama import DecoderConfig
 from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model, read_config, shipped_configs
+from nova.shapes import read_model_shape
 
 # Published parameter counts (billions) of the architectures whose configs Nova ships.
 EXPECTED_PARAMS_B = {
@@ -35,6 +37,9 @@ def test_shipped_configs_build_at_real_size():
             model = arch.build(hf, torch.bfloat16, torch.device("meta"))
         num_b = sum(p.numel() for p in model.parameters()) / 1e9
         assert num_b == pytest.approx(EXPECTED_PARAMS_B[name], rel=0.01), name
+        # Built from transformers' config object; the same as the parse of the raw config.json.
+        shape = read_model_shape(SHIPPED_CONFIGS_DIR / name)
+        assert model.decoder.cfg == DecoderConfig.from_shape(shape.text), name
 
 
 def test_dummy_load_of_a_tiny_config_runs(tiny_dirs, tmp_path):
@@ -48,6 +53,30 @@ def test_dummy_load_of_a_tiny_config_runs(tiny_dirs, tmp_path):
     assert all(bool((p == 1).all()) for p in norms)
     with pytest.raises(ModelLoadError, match="no \\*.safetensors weights"):
         load_model(only_config)
+
+
+def test_either_processor_config_layout_loads_the_image_processor(
+    tiny_qwen_vl_dirs, tmp_path, caplog
+):
+    """transformers 5 nests the image processor in processor_config.json; a directory with only
+    that file loads it as one with preprocessor_config.json does. Without either, the loader
+    says so and images get the published defaults."""
+    src = tiny_qwen_vl_dirs["qwen2-vl"]
+    flat = json.loads((src / "preprocessor_config.json").read_text())
+    nested, bare = tmp_path / "nested", tmp_path / "bare"
+    for d in (nested, bare):
+        d.mkdir()
+        shutil.copy(src / "config.json", d / "config.json")
+    (nested / "processor_config.json").write_text(json.dumps({"image_processor": flat}))
+    reference = InputProcessor(load_model(src, load_format="dummy"))
+    loaded = load_model(nested, load_format="dummy")
+    assert loaded.image_processor is not None and loaded.shape.processor_file is not None
+    assert InputProcessor(loaded).sizing == reference.sizing
+    with caplog.at_level("WARNING", logger="nova.models.loader"):
+        unprocessed = load_model(bare, load_format="dummy")
+    assert unprocessed.shape.processor_config_missing
+    assert "has no processor config" in caplog.text
+    assert InputProcessor(unprocessed).sizing.max_pixels == 12845056
 
 
 def test_missing_directory(tmp_path):

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (issue 7): our paged decoder with M-RoPE and transformers' vision
+"""Qwen2-VL and Qwen2.5-VL: our paged decoder with M-RoPE and transformers' vision
 towers, against transformers' own models on tiny random configs (fp32, atol 1e-4); dynamic
 resolution (image token counts as the processor computes them, clear errors outside the resize
 limits); the engine, the cost model and the GUI workload on this family."""
@@ -24,16 +24,16 @@ from conftest import (
     QWEN_VL_VISION_START_ID as VSTART,
 )
 
+from nova.llm import LLM
 from nova.models.errors import InvalidInputError
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import SHIPPED_CONFIGS_DIR, load_model
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.models.mrope import mrope_plan
-from nova.models.qwen_vl_sizing import ImageSizing
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
-from nova.runtime.generate import GenerationRequest, generate
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import SamplingParams
+from nova.shapes import ImageSizing
 
 ATOL = 1e-4
 KINDS = ["qwen2-vl", "qwen2.5-vl"]
@@ -214,13 +214,12 @@ def test_chunked_prefill_and_recompute_after_preemption_equal_one_shot(setups, k
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_generation_matches_transformers_generate(setups, kind):
-    loaded, proc, hf = setups[kind]
-    runner = ModelRunner(loaded, CacheConfig(block_size=4, num_blocks=256))
+def test_greedy_generation_matches_transformers_generate(setups, tiny_qwen_vl_dirs, kind):
+    _, proc, hf = setups[kind]
+    llm = LLM(str(tiny_qwen_vl_dirs[kind]), policy="sequential", block_size=4, num_kv_blocks=256)
     prompts = _prompts(proc)
     params = SamplingParams(max_tokens=8)
-    reqs = [GenerationRequest(str(i), p, params) for i, p in enumerate(prompts)]
-    results = generate(runner, reqs)  # batched: text-only, one image, two images together
+    results = llm.generate(prompts, params)  # batched: text-only, one image, two images together
     for p, res in zip(prompts, results):
         ids = torch.tensor([p.token_ids])
         with torch.no_grad():
@@ -234,12 +233,14 @@ def test_greedy_generation_matches_transformers_generate(setups, kind):
         expected = out[0, ids.shape[1] :].tolist()
         assert res.output_token_ids == expected
         assert res.finish_reason == ("stop" if expected[-1] == 2 else "length")
-    assert runner.block_manager.num_free_blocks == runner.block_manager.num_blocks
+    bm = llm.llm_engine.runner.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_engine_with_chunked_prefill_equals_offline_generate(setups, tiny_qwen_vl_dirs):
+def test_engine_with_chunked_prefill_equals_sequential_generate(setups, tiny_qwen_vl_dirs):
     """The three-stage engine (vision batches of several requests, prefill chunks cut inside
-    images, decode after images) gives the offline loop's tokens."""
+    images, decode after images) gives the tokens of whole prefills run one stage at a time
+    (policy ``sequential``)."""
     from nova.config import EngineConfig
     from nova.engine.llm_engine import LLMEngine
 
@@ -249,13 +250,10 @@ def test_engine_with_chunked_prefill_equals_offline_generate(setups, tiny_qwen_v
         proc.from_token_ids([1, VSTART, IMG, VEND, *list(range(100, 140))], [_image(150, 150, 4)]),
     ]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    runner = ModelRunner(loaded, CacheConfig(block_size=4, num_blocks=256))
-    expected = [
-        r.output_token_ids
-        for r in generate(
-            runner, [GenerationRequest(str(i), p, params) for i, p in enumerate(prompts)]
-        )
-    ]
+    sequential = LLM(
+        str(tiny_qwen_vl_dirs["qwen2.5-vl"]), policy="sequential", block_size=4, num_kv_blocks=256
+    )
+    expected = [r.output_token_ids for r in sequential.generate(prompts, params)]
     for policy in ("chunked_prefill", "multi_stream"):
         cfg = EngineConfig(
             model=str(tiny_qwen_vl_dirs["qwen2.5-vl"]),
@@ -416,10 +414,10 @@ def test_dummy_weights_from_a_config_only_directory(tiny_qwen_vl_dirs, tmp_path)
     assert proc.sizing.max_pixels == 12845056 and proc.num_image_tokens == 1600
     p = proc.from_token_ids([1, VSTART, IMG, VEND, 5], [_image(84, 56)])
     assert p.image_token_counts == [6]
-    runner = ModelRunner(loaded, CacheConfig(block_size=4, num_blocks=32))
-    (res,) = generate(
-        runner, [GenerationRequest("a", p, SamplingParams(max_tokens=3, ignore_eos=True))]
+    llm = LLM(
+        str(tmp_path), load_format="dummy", policy="sequential", block_size=4, num_kv_blocks=32
     )
+    (res,) = llm.generate([p], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(res.output_token_ids) == 3
 
 

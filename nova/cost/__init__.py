@@ -1,8 +1,7 @@
 """Cost models: a stage batch's latency from its shape and its share of the GPU's SMs.
 
-Used by the discrete-event simulator (``nova.sim``) and the adaptive (Nova) policy. Torch-free:
-everything here imports without torch except ``nova.cost.profile``, which measures profiles
-with the real runtime and is imported only on demand.
+Used by the discrete-event simulator (``nova.sim``) and the adaptive (Nova) policy. Torch-free;
+profiles are measured with the real runtime by ``nova.profiling`` (``nova profile``).
 
 - ``gpus``: ``GpuSpec`` and the ``GPUS`` registry (A6000, RTX 4090, A100, H100, H200, cpu).
 - ``model_spec``: ``ModelSpec`` (shape, params, FLOPs and bytes per stage) from a HF

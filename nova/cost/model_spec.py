@@ -2,9 +2,10 @@
 
 Torch-free (reads ``config.json`` as plain JSON, never ``transformers``). Two input formats:
 
-- a Hugging Face ``config.json`` dict: LLaVA (``text_config`` + ``vision_config``, CLIP or
-  SigLIP tower, LLaVA's two-layer MLP projector), Qwen2-VL / Qwen2.5-VL (dynamic resolution,
-  see below) or a plain Llama/Qwen2/Mistral causal LM;
+- a Hugging Face model directory or ``config.json`` dict, read by ``nova.shapes`` (the same
+  parse the runtime's decoder config derives from): LLaVA (CLIP or SigLIP tower, LLaVA's
+  two-layer MLP projector), Qwen2-VL / Qwen2.5-VL (dynamic resolution, see below) or a plain
+  Llama/Qwen2/Mistral causal LM; :meth:`ModelSpec.from_shape` maps a ``ModelShape`` here;
 - Nova's own spec format (``{"format": "nova-model-spec", ...}``, the dataclass's fields), for
   shapes that are not LLaVA, e.g. ``specs/cogagent-9b.json``.
 
@@ -23,7 +24,7 @@ Dynamic resolution (Qwen2-VL / Qwen2.5-VL): the tower's work depends on the imag
 describes one image size (``image_size``, square; by default the 1120x1120 reference
 screenshot) whose ``vision_tokens`` (patches) and ``image_tokens`` (patches / merge**2) come
 from the processor's resize rule within ``min_pixels``/``max_pixels``
-(``nova.models.qwen_vl_sizing``); :meth:`ModelSpec.for_image` gives the spec of another
+(``nova.shapes.sizing``); :meth:`ModelSpec.for_image` gives the spec of another
 resolution (e.g. a 1920x1080 screenshot) and :meth:`ModelSpec.image_tokens_for` its token
 count. Qwen2.5-VL's window attention: all but ``vision_full_attn_layers`` layers attend within
 windows of ``vision_window_tokens`` patches.
@@ -32,17 +33,28 @@ windows of ``vision_window_tokens`` patches.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nova.shapes import (
+    CONFIG_FILE,
+    REFERENCE_IMAGE_SIZE,
+    SHIPPED_CONFIGS_DIR,
+    ConfigError,
+    ImageSizing,
+    ModelShape,
+    VisionShape,
+    parse_model_config,
+    read_processor_config,
+)
+from nova.shapes.fields import read_json_dict
+
 SPEC_FORMAT = "nova-model-spec"
 SPECS_DIR = Path(__file__).parent / "specs"
-# Shapes of real architectures shipped with the model loader (HF config.json files).
-SHIPPED_HF_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "models" / "configs"
 
+DEFAULT_BYTES_PER_PARAM = 2.0  # serving default when a config names no dtype: bf16
 _DTYPE_BYTES = {
     "float32": 4.0,
     "float": 4.0,
@@ -196,10 +208,8 @@ class ModelSpec:
     def dynamic_resolution(self) -> bool:
         return self.max_pixels > 0
 
-    def image_sizing(self) -> Any:
-        """The resize rule of a dynamic-resolution tower (``nova.models.qwen_vl_sizing``)."""
-        from nova.models.qwen_vl_sizing import ImageSizing
-
+    def image_sizing(self) -> ImageSizing:
+        """The resize rule of a dynamic-resolution tower (``nova.shapes.sizing``)."""
         if not self.dynamic_resolution:
             raise ValueError(f"model {self.name!r} takes fixed-size images")
         return ImageSizing(
@@ -383,35 +393,54 @@ class ModelSpec:
 
     @classmethod
     def from_config_dict(cls, d: dict[str, Any], name: str | None = None) -> ModelSpec:
-        """From a HF ``config.json`` dict (LLaVA or a causal LM) or a Nova spec dict."""
+        """From a HF ``config.json`` dict (no processor config: published image limits) or a
+        Nova spec dict."""
         if d.get("format") == SPEC_FORMAT:
             spec = cls.from_dict(d)
             return dataclasses.replace(spec, name=name) if name else spec
-        return _from_hf_config(
-            d, name or str(d.get("_name_or_path") or d.get("model_type") or "model")
+        default_name = str(d.get("_name_or_path") or d.get("model_type") or "model")
+        return cls.from_shape(parse_model_config(d), name or default_name)
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape, name: str) -> ModelSpec:
+        """The cost model's view of a parsed model shape (``nova.shapes``)."""
+        text = shape.text
+        vision: dict[str, Any] = {}
+        if shape.vision is not None and shape.image_sizing is not None:
+            vision = _dynamic_vision(shape.vision, shape.image_sizing)
+        elif shape.vision is not None:
+            vision = _fixed_size_vision(shape.vision, text.hidden_size)
+        return cls(
+            name=name,
+            text_layers=text.num_layers,
+            text_hidden=text.hidden_size,
+            text_intermediate=text.intermediate_size,
+            text_heads=text.num_heads,
+            text_kv_heads=text.num_kv_heads,
+            text_head_dim=text.head_dim,
+            vocab_size=text.vocab_size,
+            tie_word_embeddings=text.tie_word_embeddings,
+            bytes_per_param=_DTYPE_BYTES.get(shape.dtype or "", DEFAULT_BYTES_PER_PARAM),
+            description=shape.note,
+            **vision,
         )
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None) -> ModelSpec:
-        """From a model directory's ``config.json`` (or a JSON file path). Reads JSON only."""
+        """From a model directory's ``config.json`` and processor config (or a JSON file path,
+        with the processor config beside it). Reads JSON only."""
         path = Path(path).expanduser()
-        file = path / "config.json" if path.is_dir() else path
+        file = path / CONFIG_FILE if path.is_dir() else path
         if not file.is_file():
             raise UnknownModelError(f"{path}: no config.json to read a model shape from")
-        try:
-            d = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UnknownModelError(f"{file} is not valid JSON: {exc}") from exc
         default_name = path.name if path.is_dir() else path.stem
-        pre_file = file.parent / "preprocessor_config.json"
-        if isinstance(d, dict) and pre_file.is_file():
-            try:
-                d = {**d, PREPROCESSOR_KEY: json.loads(pre_file.read_text())}
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UnknownModelError(f"{pre_file} is not valid JSON: {exc}") from exc
         try:
-            return cls.from_config_dict(d, name or default_name)
-        except (KeyError, TypeError, ValueError) as exc:
+            d = read_json_dict(file)
+            if d.get("format") == SPEC_FORMAT:
+                return cls.from_config_dict(d, name or default_name)
+            shape = parse_model_config(d, read_processor_config(file.parent))
+            return cls.from_shape(shape, name or default_name)
+        except (ConfigError, TypeError, ValueError) as exc:
             raise UnknownModelError(f"{file}: cannot read a model shape: {exc}") from exc
 
     @classmethod
@@ -439,8 +468,8 @@ def get_model_spec(model: ModelSpec | str) -> ModelSpec:
 
 def _named_sources() -> dict[str, Path]:
     sources: dict[str, Path] = {}
-    if SHIPPED_HF_CONFIGS_DIR.is_dir():
-        for p in SHIPPED_HF_CONFIGS_DIR.iterdir():
+    if SHIPPED_CONFIGS_DIR.is_dir():
+        for p in SHIPPED_CONFIGS_DIR.iterdir():
             if (p / "config.json").is_file():
                 sources[p.name] = p / "config.json"
     for p in SPECS_DIR.glob("*.json"):
@@ -448,137 +477,51 @@ def _named_sources() -> dict[str, Path]:
     return sources
 
 
-# -- Hugging Face configs -------------------------------------------------------------------------
-def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if d.get(k) is not None:
-            return d[k]
-    return default
-
-
-def _require(d: dict[str, Any], key: str, where: str) -> Any:
-    if d.get(key) is None:
-        raise ValueError(f"{where} lacks {key!r}")
-    return d[key]
-
-
-def _bytes_per_param(*dicts: dict[str, Any]) -> float:
-    for d in dicts:
-        dtype = _get(d, "torch_dtype", "dtype")
-        if isinstance(dtype, str):
-            key = dtype.removeprefix("torch.")
-            if key in _DTYPE_BYTES:
-                return _DTYPE_BYTES[key]
-    return 2.0  # serving default: bf16
-
-
-def _from_hf_config(d: dict[str, Any], name: str) -> ModelSpec:
-    text = d.get("text_config") or d
-    where = "text_config" if "text_config" in d else "config"
-    hidden = int(_require(text, "hidden_size", where))
-    heads = int(_require(text, "num_attention_heads", where))
-    tied = _get(text, "tie_word_embeddings", default=None)
-    if tied is None:
-        tied = bool(d.get("tie_word_embeddings", False))
-    kw: dict[str, Any] = dict(
-        name=name,
-        text_layers=int(_require(text, "num_hidden_layers", where)),
-        text_hidden=hidden,
-        text_intermediate=int(_require(text, "intermediate_size", where)),
-        text_heads=heads,
-        text_kv_heads=int(_get(text, "num_key_value_heads", default=heads)),
-        text_head_dim=int(_get(text, "head_dim", default=hidden // heads)),
-        vocab_size=int(_require(text, "vocab_size", where)),
-        tie_word_embeddings=bool(tied),
-        bytes_per_param=_bytes_per_param(d, text),
-        description=str(d.get("_nova_note", "")),
-    )
-    vision = d.get("vision_config")
-    if vision and d.get("model_type") in _QWEN_VL_TYPES:
-        kw.update(_qwen_vl_vision(d, vision, hidden))
-    elif vision:
-        kw.update(_llava_vision(d, vision, hidden))
-    return ModelSpec(**kw)
-
-
-_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-PREPROCESSOR_KEY = "_nova_preprocessor"  # preprocessor_config.json, added by ModelSpec.from_dir
-
-
-def _qwen_vl_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
-    """Qwen2-VL (LayerNorm ViT, fc1/fc2 MLP of ``mlp_ratio``) or Qwen2.5-VL (RMSNorm, SwiGLU
-    of ``intermediate_size``, window attention) tower, rotary positions (no table), and the
-    patch merger: LayerNorm -> Linear(4h, 4h) -> GELU -> Linear(4h, text_hidden) on every
-    2x2 group of patches. Sized for the reference screenshot (``for_image`` for others)."""
-    from nova.models.qwen_vl_sizing import REFERENCE_IMAGE_SIZE, ImageSizing
-
-    qwen25 = d.get("model_type") == "qwen2_5_vl"
-    patch = int(vision.get("patch_size", 14))
-    merge = int(vision.get("spatial_merge_size", 2))
-    if qwen25:
-        vhidden = int(_require(vision, "hidden_size", "vision_config"))
-        inter, mlp_matrices = int(_require(vision, "intermediate_size", "vision_config")), 3
-        out_hidden = int(vision.get("out_hidden_size", text_hidden))
-        window = int(vision.get("window_size", 112)) // patch  # patches per window side
-        window_tokens = window * window
-        full_layers = len(vision.get("fullatt_block_indexes", (7, 15, 23, 31)))
-    else:
-        vhidden = int(_require(vision, "embed_dim", "vision_config"))
-        inter, mlp_matrices = vhidden * int(vision.get("mlp_ratio", 4)), 2
-        out_hidden = int(vision.get("hidden_size", text_hidden))
-        window_tokens, full_layers = 0, 0
-    merged = vhidden * merge * merge
-    sizing = ImageSizing.from_config_dicts(vision, d.get(PREPROCESSOR_KEY))
+# -- vision sides of a parsed shape ---------------------------------------------------------------
+def _dynamic_vision(vision: VisionShape, sizing: ImageSizing) -> dict[str, Any]:
+    """Qwen2-VL (LayerNorm ViT, fc1/fc2 MLP) or Qwen2.5-VL (RMSNorm, SwiGLU, window attention)
+    tower, rotary positions (no table), and the patch merger: LayerNorm -> Linear(4h, 4h) ->
+    GELU -> Linear(4h, out_hidden) on every 2x2 group of patches. Sized for the reference
+    screenshot (``for_image`` for others)."""
+    merge = vision.merge_size
+    merged = vision.hidden_size * merge * merge
     width, height = REFERENCE_IMAGE_SIZE
     patches = sizing.num_patches(width, height)
     return dict(
-        vision_layers=int(_require(vision, "depth", "vision_config")),
-        vision_hidden=vhidden,
-        vision_intermediate=inter,
-        vision_heads=int(_require(vision, "num_heads", "vision_config")),
+        vision_layers=vision.num_layers,
+        vision_hidden=vision.hidden_size,
+        vision_intermediate=vision.intermediate_size,
+        vision_heads=vision.num_heads,
         image_size=width,
-        patch_size=patch,
+        patch_size=vision.patch_size,
         vision_tokens=patches,
         image_tokens=patches // (merge * merge),
-        vision_mlp_matrices=mlp_matrices,
-        projector_params=merged * merged + merged * out_hidden,
+        vision_mlp_matrices=vision.mlp_matrices,
+        projector_params=merged * merged + merged * vision.out_hidden_size,
         vision_merge_size=merge,
-        vision_temporal_patch=int(vision.get("temporal_patch_size", 2)),
+        vision_temporal_patch=vision.temporal_patch_size,
         vision_pos_embed=False,
-        vision_window_tokens=window_tokens,
-        vision_full_attn_layers=full_layers,
+        vision_window_tokens=vision.window_tokens,
+        vision_full_attn_layers=vision.full_attn_layers,
         min_pixels=sizing.min_pixels,
         max_pixels=sizing.max_pixels,
     )
 
 
-def _llava_vision(d: dict[str, Any], vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
-    """LLaVA's vision side, as ``nova.models.vision`` runs it (the whole tower; the projector
-    is Linear(vision_hidden * n_layers_selected, text_hidden) -> GELU -> Linear(text, text))."""
-    vtype = vision.get("model_type", "clip_vision_model")
-    if vtype not in ("clip_vision_model", "siglip_vision_model"):
-        raise ValueError(
-            f"unsupported vision tower {vtype!r} (clip_vision_model, siglip_vision_model)"
-        )
-    image_size = int(_require(vision, "image_size", "vision_config"))
-    patch_size = int(_require(vision, "patch_size", "vision_config"))
-    vhidden = int(_require(vision, "hidden_size", "vision_config"))
-    patches = (image_size // patch_size) ** 2
-    has_cls = vtype == "clip_vision_model"
-    vision_tokens = patches + (1 if has_cls else 0)
-    strategy = d.get("vision_feature_select_strategy", "default")  # HF LlavaConfig's default
-    image_tokens = vision_tokens - (1 if strategy == "default" else 0)
-    layer = d.get("vision_feature_layer", -2)
-    num_selected = len(layer) if isinstance(layer, list) else 1
-    projector = vhidden * num_selected * text_hidden + text_hidden * text_hidden
+def _fixed_size_vision(vision: VisionShape, text_hidden: int) -> dict[str, Any]:
+    """LLaVA's vision side, as ``nova.models.vision`` runs it (the whole tower; the projector is
+    Linear(vision_hidden * layers selected, text_hidden) -> GELU -> Linear(text, text))."""
+    selected = len(vision.feature_layers)
+    projector = vision.hidden_size * selected * text_hidden + text_hidden * text_hidden
     return dict(
-        vision_layers=int(_require(vision, "num_hidden_layers", "vision_config")),
-        vision_hidden=vhidden,
-        vision_intermediate=int(_require(vision, "intermediate_size", "vision_config")),
-        vision_heads=int(_require(vision, "num_attention_heads", "vision_config")),
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_tokens=vision_tokens,
-        image_tokens=image_tokens,
+        vision_layers=vision.num_layers,
+        vision_hidden=vision.hidden_size,
+        vision_intermediate=vision.intermediate_size,
+        vision_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        vision_tokens=vision.tower_tokens,
+        image_tokens=vision.image_tokens,
+        vision_mlp_matrices=vision.mlp_matrices,
         projector_params=projector,
     )

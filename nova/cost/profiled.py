@@ -1,6 +1,6 @@
 """Profiled cost model: stage latencies interpolated from tables measured with the real runtime.
 
-Torch-free (the measuring side, which needs torch, is ``nova.cost.profile``).
+Torch-free (the measuring side, which needs torch, is ``nova.profiling``).
 
 Profile file (JSON, ``"format": "nova-cost-profile"``)::
 

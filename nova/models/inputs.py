@@ -16,13 +16,7 @@ import torch
 from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
-from nova.models.qwen_vl_sizing import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
-    REFERENCE_IMAGE_SIZE,
-    ImageSizing,
-)
-from nova.models.vision import num_image_tokens
+from nova.shapes import REFERENCE_IMAGE_SIZE, ImageSizeError, ImageSizing
 
 ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
 
@@ -47,6 +41,7 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
     if isinstance(source, Image.Image):
         image = source
     else:
+        label = "<bytes>" if isinstance(source, bytes) else str(source)
         try:
             if isinstance(source, bytes):
                 image = Image.open(io.BytesIO(source))
@@ -54,11 +49,11 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
                 image = Image.open(Path(source))
             image.load()
         except FileNotFoundError as exc:
-            raise InvalidInputError(f"image file not found: {source}") from exc
+            raise InvalidInputError(f"image file not found: {label}") from exc
         except Image.DecompressionBombError as exc:
             raise InvalidInputError(f"image is too large to decode safely: {exc}") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            what = "image bytes" if isinstance(source, bytes) else f"file {source}"
+            what = "image bytes" if isinstance(source, bytes) else f"file {label}"
             raise InvalidInputError(f"{what} could not be decoded as an image: {exc}") from exc
     width, height = image.size
     if width < 1 or height < 1:
@@ -138,27 +133,32 @@ class InputProcessor:
         self.image_processor = loaded.image_processor
         self.max_image_pixels = max_image_pixels
         self.image_token_id = loaded.model.image_token_id
-        # Dynamic resolution: the resize limits and patch geometry images are sized with.
+        # Dynamic resolution: the resize limits and patch geometry images are sized with (the
+        # model's processor config as parsed by nova.shapes, then the server's overrides); the
+        # image processor is always called with these limits.
         self.sizing: ImageSizing | None = None
+        shape = loaded.shape
         if loaded.model.dynamic_resolution:
+            if shape.image_sizing is None:
+                raise ValueError(f"{loaded.model_dir}: a dynamic-resolution model without sizing")
+            self.sizing = shape.image_sizing.with_limits(min_pixels, max_pixels)
             if self.image_processor is None:
-                self.image_processor = _default_qwen_processor(loaded.hf_config)
-            self.sizing = ImageSizing.from_processor(self.image_processor).with_limits(
-                min_pixels, max_pixels
-            )
+                self.image_processor = _default_qwen_processor(shape.image_sizing)
             # Image tokens vary with the image; this is a reference screenshot's count, for
             # plans made before an image is seen (the real count comes with each image).
             self.num_image_tokens = self.sizing.num_image_tokens(*REFERENCE_IMAGE_SIZE)
         else:
-            self.num_image_tokens = (
-                num_image_tokens(loaded.hf_config) if loaded.model.is_multimodal else 0
-            )
+            vision = shape.vision if loaded.model.is_multimodal else None
+            self.num_image_tokens = vision.image_tokens if vision is not None else 0
 
     def image_token_count(self, width: int, height: int) -> int:
         """Image tokens a ``width x height`` image becomes in the prompt (before any pixel is
         processed). Raises ``InvalidInputError`` for a size outside the resize limits."""
         if self.sizing is not None:
-            return self.sizing.num_image_tokens(width, height)
+            try:
+                return self.sizing.num_image_tokens(width, height)
+            except ImageSizeError as exc:
+                raise InvalidInputError(str(exc)) from exc
         if not self.loaded.model.is_multimodal:
             raise InvalidInputError("this model does not take images")
         return self.num_image_tokens
@@ -196,15 +196,16 @@ class InputProcessor:
         return self._dynamic_resolution_pixels(pil)
 
     def _dynamic_resolution_pixels(self, pil: list[Any]) -> tuple[VisionInput, list[int]]:
-        sizing = self.sizing
-        assert sizing is not None
+        sizing, processor = self.sizing, self.image_processor
+        if sizing is None or processor is None:
+            raise ValueError("dynamic-resolution pixels need the sizing and an image processor")
         grids = []
         for k, image in enumerate(pil):
             try:
                 grids.append(sizing.grid(*image.size))
-            except InvalidInputError as exc:
-                raise type(exc)(f"image {k}: {exc}") from exc
-        out = self.image_processor(
+            except ImageSizeError as exc:
+                raise InvalidInputError(f"image {k}: {exc}") from exc
+        out = processor(
             images=pil,
             return_tensors="pt",
             size={"shortest_edge": sizing.min_pixels, "longest_edge": sizing.max_pixels},
@@ -254,17 +255,16 @@ class InputProcessor:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=True)
 
 
-def _default_qwen_processor(hf_config: Any) -> Any:
-    """The Qwen2-VL image processor (PIL backend: no torchvision needed) with the published
-    defaults and the config's patch geometry, for a model directory without
-    preprocessor_config.json."""
+def _default_qwen_processor(sizing: ImageSizing) -> Any:
+    """The Qwen2-VL image processor (PIL backend: no torchvision needed) for a model directory
+    without a processor config: ``sizing`` holds the vision config's patch geometry and the
+    published limits (``nova.shapes.processor``)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    vc = hf_config.vision_config
     return Qwen2VLImageProcessorPil(
-        patch_size=vc.patch_size,
-        merge_size=vc.spatial_merge_size,
-        temporal_patch_size=vc.temporal_patch_size,
-        min_pixels=DEFAULT_MIN_PIXELS,
-        max_pixels=DEFAULT_MAX_PIXELS,
+        patch_size=sizing.patch_size,
+        merge_size=sizing.merge_size,
+        temporal_patch_size=sizing.temporal_patch_size,
+        min_pixels=sizing.min_pixels,
+        max_pixels=sizing.max_pixels,
     )

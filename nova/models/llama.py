@@ -2,11 +2,13 @@
 
 Parameter names equal those of ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
 (``model.layers.N.self_attn.q_proj.weight`` ...), so their checkpoints load unchanged.
-Differences between the family members are config fields: Qwen2 has biases on q/k/v,
-Llama-3.1 uses ``llama3`` RoPE scaling (inverse frequencies come from ``transformers``' own
-RoPE init functions, so every rope type they know is supported). The Qwen2-VL / Qwen2.5-VL
-text models are Qwen2 with M-RoPE: given ``[3, T]`` positions (temporal, height, width) the
-rotary frequencies are split by ``mrope_section`` and section i uses row i (docs/models.md).
+Differences between the family members are config fields (``DecoderConfig``, derived from the
+one parse of the model's config, ``nova.shapes``, which writes each family's rules out): Qwen2
+has biases on q/k/v, Llama-3.1 uses ``llama3`` RoPE scaling (inverse frequencies come from
+``transformers``' own RoPE init functions, so every rope type they know is supported). The
+Qwen2-VL / Qwen2.5-VL text models are Qwen2 with M-RoPE: given ``[3, T]`` positions (temporal,
+height, width) the rotary frequencies are split by ``mrope_section`` and section i uses row i
+(docs/models.md).
 
 The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences at once; see
 ``nova.runtime.forward_batch``.
@@ -27,10 +29,7 @@ from nova.runtime.attention_backend import AttentionBackend
 from nova.runtime.attention_sdpa import SdpaPagedAttention
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
-
-# Text models with Qwen2's layout (bias on q/k/v only); the Qwen-VL ones use M-RoPE.
-QWEN_VL_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
-QWEN2_TEXT_MODEL_TYPES = ("qwen2", *QWEN_VL_TEXT_MODEL_TYPES)
+from nova.shapes import TextShape
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,52 +50,44 @@ class DecoderConfig:
     hidden_act: str
 
     @classmethod
-    def from_hf(cls, hf: Any) -> DecoderConfig:
-        model_type = getattr(hf, "model_type", "llama")
-        attention_bias = bool(getattr(hf, "attention_bias", False))
-        num_heads = hf.num_attention_heads
-        qwen2_like = model_type in QWEN2_TEXT_MODEL_TYPES
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        if model_type in QWEN_VL_TEXT_MODEL_TYPES:
-            head_dim = hf.hidden_size // num_heads  # transformers' Qwen2-VL ignores head_dim
+    def from_shape(cls, text: TextShape) -> DecoderConfig:
+        """From the one parse of the model's config (``nova.shapes``), which applies each
+        family's head_dim and bias rules as transformers does."""
         return cls(
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=num_heads,
-            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.rms_norm_eps,
-            qkv_bias=True if qwen2_like else attention_bias,
-            o_bias=False if qwen2_like else attention_bias,
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            max_position_embeddings=hf.max_position_embeddings,
-            hidden_act=getattr(hf, "hidden_act", "silu"),
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_layers,
+            num_heads=text.num_heads,
+            num_kv_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            rms_norm_eps=text.rms_norm_eps,
+            qkv_bias=text.qkv_bias,
+            o_bias=text.o_bias,
+            mlp_bias=text.mlp_bias,
+            tie_word_embeddings=text.tie_word_embeddings,
+            max_position_embeddings=text.max_position_embeddings,
+            hidden_act=text.hidden_act,
         )
 
 
-def rope_inverse_frequencies(hf_config: Any) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2] float32, attention scaling) from transformers' RoPE init table.
+def rope_inverse_frequencies(hf_config: Any, text: TextShape) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2] float32, attention scaling) of the decoder: the default rope from
+    the parsed shape's theta and head_dim, other rope types from transformers' RoPE init table.
 
     Always computed on the CPU with real data, even inside a ``torch.device("meta")`` context.
     """
     with torch.device("cpu"):
-        return _rope_inverse_frequencies(hf_config)
+        return _rope_inverse_frequencies(hf_config, text)
 
 
-def _rope_inverse_frequencies(hf_config: Any) -> tuple[torch.Tensor, float]:
+def _rope_inverse_frequencies(hf_config: Any, text: TextShape) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    rope_type, dim = text.rope.rope_type, text.head_dim
     if rope_type == "default":
-        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        dim = getattr(hf_config, "head_dim", None) or (
-            hf_config.hidden_size // hf_config.num_attention_heads
-        )
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        inv_freq = 1.0 / (text.rope.theta**exponents)
         return inv_freq, 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")

@@ -1,8 +1,9 @@
 """Load a model from a local Hugging Face directory, a shipped config (dummy weights) or "demo".
 
 ``load_model`` returns a ``LoadedModel``: our ``NovaModel`` plus what serving it needs from the
-directory (transformers config, tokenizer with chat template, image processor, EOS ids). Every
-failure is a ``ModelLoadError`` whose message names the path and the problem.
+directory (its parsed shape, ``nova.shapes``; transformers config, tokenizer with chat template,
+image processor, EOS ids). Every failure is a ``ModelLoadError`` whose message names the path
+and the problem.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from nova.models.errors import ModelLoadError
 from nova.models.registry import ARCHITECTURES, Architecture
 from nova.models.vlm import NovaModel
+from nova.shapes import SHIPPED_CONFIGS_DIR, ConfigError, ModelShape, read_model_shape
 
 log = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS_DIR = Path(__file__).parent / "configs"
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
@@ -34,6 +35,7 @@ class LoadedModel:
     load_format: str
     dtype: torch.dtype
     device: torch.device
+    shape: ModelShape  # the one parse of config.json and the processor config
     tokenizer: Any | None = None
     image_processor: Any | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -44,7 +46,7 @@ class LoadedModel:
 
     @property
     def max_model_len(self) -> int:
-        return int(self.text_config.max_position_embeddings)
+        return self.shape.text.max_position_embeddings
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -191,8 +193,24 @@ def _load_tokenizer(model_dir: Path) -> Any | None:
         raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 
 
-def _load_image_processor(model_dir: Path) -> Any | None:
-    if not (model_dir / "preprocessor_config.json").is_file():
+def read_shape(model_dir: Path) -> ModelShape:
+    """The model's shape (``nova.shapes``); a ``ModelLoadError`` naming the problem."""
+    try:
+        shape = read_model_shape(model_dir)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{model_dir}: {exc}") from exc
+    if shape.processor_config_missing:
+        dynamic = shape.image_sizing is not None
+        log.warning(
+            "%s has no processor config (processor_config.json or preprocessor_config.json): %s",
+            model_dir,
+            "images are sized with the published defaults" if dynamic else "it takes no images",
+        )
+    return shape
+
+
+def _load_image_processor(model_dir: Path, shape: ModelShape) -> Any | None:
+    if shape.processor_file is None:
         return None
     from transformers import AutoImageProcessor
 
@@ -228,6 +246,7 @@ def load_model(
         raise ModelLoadError(f"unknown load_format {load_format!r}; choose one of {LOAD_FORMATS}")
     model_dir = resolve_model_dir(model)
     arch, hf_config = read_config(model_dir)
+    shape = read_shape(model_dir)
     device = torch.device(device)
     torch.manual_seed(seed)
     try:
@@ -248,8 +267,11 @@ def load_model(
         load_format=load_format,
         dtype=dtype,
         device=device,
+        shape=shape,
         tokenizer=tokenizer,
-        image_processor=_load_image_processor(model_dir) if nova_model.is_multimodal else None,
+        image_processor=(
+            _load_image_processor(model_dir, shape) if nova_model.is_multimodal else None
+        ),
         eos_token_ids=_eos_token_ids(model_dir, arch.text_config(hf_config), tokenizer),
     )
     log.info(

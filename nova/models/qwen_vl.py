@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nova.shapes import VisionShape
+
 # model_type of the top-level config -> (vision model_type, tower class name in transformers)
 QWEN_VL_TOWERS = {
     "qwen2_vl": (
@@ -29,7 +31,8 @@ QWEN_VL_TOWERS = {
 }
 
 
-def _tower_class(hf_config: Any) -> type:
+def _tower_class(hf_config: Any) -> Any:
+    """The transformers tower class (a ``PreTrainedModel`` subclass) of a Qwen-VL config."""
     import importlib
 
     model_type = hf_config.model_type
@@ -47,14 +50,17 @@ def _tower_class(hf_config: Any) -> type:
 class QwenVLVision(nn.Module):
     """(patches [P, patch_dim], grid_thw [N, 3]) -> image tokens [sum P_i / merge**2, hidden]."""
 
-    def __init__(self, hf_config: Any, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, hf_config: Any, shape: VisionShape, dtype: torch.dtype | None = None
+    ) -> None:
+        """``shape``: the parse of ``hf_config``'s vision tower (``nova.shapes``)."""
         super().__init__()
         cls = _tower_class(hf_config)
         # dtype passed explicitly: _from_config would otherwise follow config.json's torch_dtype.
         self.visual = cls._from_config(
             hf_config.vision_config, dtype=dtype or torch.get_default_dtype()
         )
-        self.spatial_merge_size = int(hf_config.vision_config.spatial_merge_size)
+        self.spatial_merge_size = shape.merge_size
 
     @property
     def dtype(self) -> torch.dtype:

@@ -6,7 +6,6 @@ tensor name onto our parameter names (``None`` = tensor not used, e.g. rotary ca
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,8 @@ from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequenc
 from nova.models.qwen_vl import QwenVLVision
 from nova.models.vision import LlavaVision
 from nova.models.vlm import NovaModel
+from nova.shapes import ModelShape, VisionShape, parse_model_config
+from nova.shapes.text import LLAMA, MISTRAL, QWEN2
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,21 +52,27 @@ def register(name: str, text_config: Callable[[Any], Any]):
     return wrap
 
 
+def model_shape(hf: Any) -> ModelShape:
+    """The one parse of a model's config (``nova.shapes``), here of transformers' config object
+    (its ``to_dict()``: the same fields as config.json, defaults filled in)."""
+    return parse_model_config(hf.to_dict())
+
+
+def _vision_shape(shape: ModelShape) -> VisionShape:
+    if shape.vision is None:
+        raise ValueError(f"{shape.model_type} config without a vision tower")
+    return shape.vision
+
+
 def _build_decoder(
-    text_cfg: Any,
-    dtype: torch.dtype,
-    device: torch.device,
-    tie_word_embeddings: bool | None = None,
-    mrope_section: list[int] | None = None,
+    shape: ModelShape, text_cfg: Any, dtype: torch.dtype, device: torch.device
 ) -> LlamaDecoder:
-    cfg = DecoderConfig.from_hf(text_cfg)
-    if tie_word_embeddings is not None:
-        cfg = dataclasses.replace(cfg, tie_word_embeddings=tie_word_embeddings)
-    inv_freq, scaling = rope_inverse_frequencies(text_cfg)
+    cfg = DecoderConfig.from_shape(shape.text)
+    inv_freq, scaling = rope_inverse_frequencies(text_cfg, shape.text)
     # Built on the meta device then materialised empty: no time spent on random init of weights
     # that the loader (or the dummy initialiser) overwrites anyway.
     with torch.device("meta"), default_dtype(dtype):
-        decoder = LlamaDecoder(cfg, inv_freq, scaling, mrope_section)
+        decoder = LlamaDecoder(cfg, inv_freq, scaling, shape.text.rope.mrope_section)
     decoder = decoder.to_empty(device=device)
     if cfg.tie_word_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
@@ -79,7 +86,8 @@ def _causal_lm_name(name: str) -> str | None:
 
 
 def _build_causal_lm(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
-    return NovaModel(_build_decoder(hf, dtype, device), vision=None, image_token_id=None)
+    decoder = _build_decoder(model_shape(hf), hf, dtype, device)
+    return NovaModel(decoder, vision=None, image_token_id=None)
 
 
 for _arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
@@ -122,12 +130,14 @@ _llava_name = _renamer(_LLAVA_RULES)
 
 
 def _build_llava(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
-    tc = hf.text_config
-    if tc.model_type not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unsupported LLaVA text model {tc.model_type!r} (llama, qwen2, mistral)")
-    decoder = _build_decoder(tc, dtype, device)
+    shape = model_shape(hf)
+    if shape.text.family not in (LLAMA, QWEN2, MISTRAL):
+        raise ValueError(
+            f"unsupported LLaVA text model {shape.text.family!r} (llama, qwen2, mistral)"
+        )
+    decoder = _build_decoder(shape, hf.text_config, dtype, device)
     with default_dtype(dtype):
-        vision = LlavaVision(hf).to(device=device, dtype=dtype)
+        vision = LlavaVision(hf, _vision_shape(shape)).to(device=device, dtype=dtype)
     return NovaModel(decoder, vision, image_token_id=hf.image_token_id)
 
 
@@ -150,25 +160,13 @@ _QWEN_VL_RULES: list[tuple[re.Pattern[str], str]] = [
 _qwen_vl_name = _renamer(_QWEN_VL_RULES)
 
 
-def qwen_vl_mrope_section(text_cfg: Any) -> list[int]:
-    """``mrope_section`` of a Qwen-VL text config (transformers' default [16, 24, 24])."""
-    params = getattr(text_cfg, "rope_parameters", None) or {}
-    section = params.get("mrope_section")
-    if section is None:
-        section = (getattr(text_cfg, "rope_scaling", None) or {}).get("mrope_section", [16, 24, 24])
-    return [int(s) for s in section]
-
-
 def _build_qwen_vl(hf: Any, dtype: torch.dtype, device: torch.device) -> NovaModel:
-    tc = hf.text_config
-    if getattr(tc, "use_sliding_window", False):
+    shape = model_shape(hf)
+    if shape.text.sliding_window is not None:
         raise ValueError("Qwen-VL text models with use_sliding_window are not supported")
-    tied = bool(
-        getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False)
-    )
-    decoder = _build_decoder(tc, dtype, device, tied, qwen_vl_mrope_section(tc))
+    decoder = _build_decoder(shape, hf.text_config, dtype, device)
     with default_dtype(dtype):
-        vision = QwenVLVision(hf, dtype)
+        vision = QwenVLVision(hf, _vision_shape(shape), dtype)
     vision = vision.to(device=device)
     return NovaModel(decoder, vision, image_token_id=hf.image_token_id)
 

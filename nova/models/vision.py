@@ -2,7 +2,8 @@
 
 Feature selection follows ``transformers``' LLaVA exactly: hidden states of
 ``vision_feature_layer`` (an int, or a list whose states are concatenated), with the first
-(CLS) position dropped when ``vision_feature_select_strategy == "default"``.
+(CLS) position dropped when ``vision_feature_select_strategy == "default"``. These, the tower
+kind and the image token count come from the parsed shape (``nova.shapes.VisionShape``).
 """
 
 from __future__ import annotations
@@ -12,38 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
-
-
-def num_image_tokens(hf_config: Any) -> int:
-    """Image tokens one image expands to, known before the tower runs (for KV admission)."""
-    vc = hf_config.vision_config
-    num_positions = (vc.image_size // vc.patch_size) ** 2
-    if vc.model_type == "clip_vision_model":
-        num_positions += 1  # CLS
-    if hf_config.vision_feature_select_strategy == "default":
-        num_positions -= 1
-    return num_positions
+from nova.shapes import VisionShape
 
 
 class LlavaVision(nn.Module):
     """pixel_values [N, 3, H, W] -> image embeddings [N, num_image_tokens, text_hidden]."""
 
-    def __init__(self, hf_config: Any) -> None:
+    def __init__(self, hf_config: Any, shape: VisionShape) -> None:
+        """``shape``: the parse of ``hf_config`` (a CLIP or SigLIP tower; ``nova.shapes``
+        refuses others)."""
         super().__init__()
         from transformers import AutoModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-        vc = hf_config.vision_config
-        if vc.model_type not in SUPPORTED_VISION_TOWERS:
-            raise ValueError(
-                f"unsupported vision tower {vc.model_type!r}; supported: {SUPPORTED_VISION_TOWERS}"
-            )
-        self.vision_tower = AutoModel.from_config(vc)
+        self.vision_tower = AutoModel.from_config(hf_config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(hf_config)
-        self.feature_layer = hf_config.vision_feature_layer
-        self.select_strategy = hf_config.vision_feature_select_strategy
-        self.num_image_tokens = num_image_tokens(hf_config)
+        self.feature_layers = shape.feature_layers
+        self.select_strategy = shape.feature_select_strategy
+        # Known before the tower runs (for KV admission).
+        self.num_image_tokens = shape.image_tokens
 
     def streamable_layers(self) -> nn.ModuleList:
         """The encoder's stack of identically shaped layers, for weight streaming
@@ -59,8 +47,7 @@ class LlavaVision(nn.Module):
         out = self.vision_tower(
             pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True
         )
-        layers = [self.feature_layer] if isinstance(self.feature_layer, int) else self.feature_layer
-        states = [out.hidden_states[i] for i in layers]
+        states = [out.hidden_states[i] for i in self.feature_layers]
         if self.select_strategy == "default":
             states = [s[:, 1:] for s in states]
         return self.multi_modal_projector(torch.cat(states, dim=-1))

@@ -1,65 +1,125 @@
-"""Server-level settings (the engine has its own ``EngineConfig``)."""
+"""Server-level settings (the engine has its own ``EngineConfig``).
+
+Each field's metadata declares its ``nova serve`` flag (``nova.flags``). Torch-, FastAPI- and
+httpx-free, so building the ``nova serve`` parser needs none of them."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from nova.server.media import MediaPolicy
+from nova.flags import check_minimums, flag, from_flags
+
+if TYPE_CHECKING:
+    from nova.server.media import MediaPolicy
 
 DEFAULT_MAX_QUEUE = 512
+SERVER_GROUP = "server"
+MEDIA_GROUP = "media"
 
 
 @dataclass(slots=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str = "nova"
-    api_key: str | None = field(default=None, repr=False)  # None: no authentication
+    host: str = field(
+        default="127.0.0.1",
+        metadata=flag("bind address (default: loopback only)", group=SERVER_GROUP),
+    )
+    port: int = field(default=8000, metadata=flag("TCP port", group=SERVER_GROUP))
+    served_model_name: str = field(
+        default="nova",
+        metadata=flag("model id in the API (default: --model)", group=SERVER_GROUP),
+    )
+    # None: no authentication
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata=flag(
+            "require 'Authorization: Bearer KEY' on /v1/* (default: $NOVA_API_KEY)",
+            env="NOVA_API_KEY",
+            group=SERVER_GROUP,
+        ),
+    )
     # Requests accepted and not yet finished (being prepared, queued or generating); beyond it
     # the server answers 503 with Retry-After. None: unbounded.
-    max_queue: int | None = DEFAULT_MAX_QUEUE
-    retry_after_s: int = 1
-    max_image_pixels: int | None = 4096 * 4096  # None or 0: no limit
-    max_images_per_request: int = 8
-    max_media_bytes: int = 20 * 1024 * 1024
-    allow_remote_media: bool = False
-    media_fetch_timeout_s: float = 10.0
-    max_media_redirects: int = 3
-    allowed_local_media_path: str | None = None
-    max_request_bytes: int = 128 * 1024 * 1024  # whole HTTP body (base64 images included)
+    max_queue: int | None = field(
+        default=DEFAULT_MAX_QUEUE,
+        metadata=flag(
+            "unfinished requests beyond which the server answers 503 with Retry-After",
+            minimum=1,
+            group=SERVER_GROUP,
+        ),
+    )
+    retry_after_s: int = field(
+        default=1,
+        metadata=flag("Retry-After seconds of a 503 (queue full)", group=SERVER_GROUP),
+    )
+    # None or 0: no limit
+    max_image_pixels: int | None = field(
+        default=4096 * 4096,
+        metadata=flag("largest image (width*height) accepted; 0: no limit", group=MEDIA_GROUP),
+    )
+    max_images_per_request: int = field(
+        default=8, metadata=flag("images one request may carry", minimum=0, group=MEDIA_GROUP)
+    )
+    max_media_bytes: int = field(
+        default=20 * 1024 * 1024,
+        metadata=flag("largest encoded image accepted", minimum=1, group=MEDIA_GROUP),
+    )
+    allow_remote_media: bool = field(
+        default=False,
+        metadata=flag("fetch http(s) image URLs (public addresses only)", group=MEDIA_GROUP),
+    )
+    media_fetch_timeout_s: float = field(
+        default=10.0, metadata=flag("seconds one remote image fetch may take", group=MEDIA_GROUP)
+    )
+    max_media_redirects: int = field(
+        default=3,
+        metadata=flag("redirects followed by a remote image fetch", group=MEDIA_GROUP),
+    )
+    allowed_local_media_path: str | None = field(
+        default=None,
+        metadata=flag("allow file:// image URLs under this directory", group=MEDIA_GROUP),
+    )
+    # whole HTTP body (base64 images included)
+    max_request_bytes: int = field(
+        default=128 * 1024 * 1024,
+        metadata=flag(
+            "largest HTTP request body accepted (413 beyond)", minimum=1, group=SERVER_GROUP
+        ),
+    )
     # Threads that turn requests into prompts (image decode, resize/normalise, chat template,
     # tokenisation). One 1920x1080 screenshot costs tens of ms of CPU there (more for the
     # Qwen-VL processor); PIL and numpy release the GIL, so several run in parallel and a burst of
     # screenshots does not queue behind one thread.
-    preprocess_workers: int = 4
+    preprocess_workers: int = field(
+        default=4,
+        metadata=flag(
+            "threads decoding and preprocessing request images (default 4)",
+            minimum=1,
+            group=MEDIA_GROUP,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
             self.max_image_pixels = None
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        if self.max_images_per_request < 0:
-            raise ValueError(
-                f"max_images_per_request must be >= 0, got {self.max_images_per_request}"
-            )
-        if self.max_media_bytes < 1:
-            raise ValueError(f"max_media_bytes must be >= 1, got {self.max_media_bytes}")
-        if self.preprocess_workers < 1:
-            raise ValueError(f"preprocess_workers must be >= 1, got {self.preprocess_workers}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        check_minimums(self)  # the flags' minimums: max_queue >= 1, ...
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        """The fields present in ``args`` (``nova serve`` flags); defaults for the others."""
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in vars(args).items() if k in names}
-        if "served_model_name" not in kwargs or kwargs["served_model_name"] is None:
-            kwargs["served_model_name"] = str(getattr(args, "model", None) or cls.served_model_name)
-        return cls(**kwargs)
+        """The fields present in ``args`` (``nova serve`` flags); defaults for the others. No
+        ``served_model_name`` (None or absent): ``args.model``, else the default."""
+        name = getattr(args, "served_model_name", None)
+        if name is None:
+            model = getattr(args, "model", None)
+            name = str(model) if model else _default(cls, "served_model_name")
+        return from_flags(cls, args, served_model_name=name)
 
     def media_policy(self) -> MediaPolicy:
+        from nova.server.media import MediaPolicy
+
         return MediaPolicy(
             max_image_pixels=self.max_image_pixels,
             max_media_bytes=self.max_media_bytes,
@@ -68,3 +128,8 @@ class ServerConfig:
             max_redirects=self.max_media_redirects,
             allowed_local_media_path=self.allowed_local_media_path,
         )
+
+
+def _default(cls: type, name: str) -> str:
+    [f] = [f for f in dataclasses.fields(cls) if f.name == name]
+    return str(f.default)

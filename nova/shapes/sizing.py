@@ -1,7 +1,8 @@
 """Dynamic resolution of Qwen2-VL / Qwen2.5-VL images: resized size, patch grid, image tokens.
 
-Torch-free (the scheduler, cost model and workloads use it too). The resize rule is the one the
-models' image processor applies (``smart_resize`` in ``transformers``), reimplemented here so
+Torch-free (the scheduler, cost model and workloads use it too; ``nova.shapes.processor`` reads
+a model's limits from its processor config). The resize rule is the one the models' image
+processor applies (``smart_resize`` in ``transformers``), reimplemented here so
 the number of image tokens is known before any pixel is touched (KV admission plans with it):
 
 1. each side is rounded to a multiple of ``factor = patch_size * merge_size``;
@@ -12,8 +13,9 @@ the number of image tokens is known before any pixel is touched (KV admission pl
 The image then becomes a ``(1, h/patch, w/patch)`` grid of patches and, after the 2x2 (``merge
 x merge``) patch merger, ``(h/patch) * (w/patch) / merge**2`` image tokens.
 
-Unlike the processor, which silently accepts any result, :meth:`ImageSizing.resize` raises a
-``ValueError`` that names the sizes when the resized image still lies outside
+Unlike the processor, which silently accepts any result, :meth:`ImageSizing.resize` raises an
+:class:`ImageSizeError` (a ``ValueError``; the input processor turns it into an
+``InvalidInputError``) that names the sizes when the resized image still lies outside
 ``[min_pixels, max_pixels]`` (a long thin strip cannot be scaled under a small ``max_pixels``
 because each side is at least one factor; flooring under a narrow ``[min, max]`` window can fall
 below ``min_pixels``), or when the aspect ratio exceeds 200 (the processor's own limit).
@@ -23,19 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-from nova.models.errors import InvalidInputError
 
 MAX_ASPECT_RATIO = 200
-# Defaults of Qwen2-VL / Qwen2.5-VL's published preprocessor_config.json.
+# Defaults of Qwen2-VL / Qwen2.5-VL's published preprocessor_config.json (pixels); Nova uses them
+# for a model directory without a processor config.
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 16384  # 12845056
 # The screenshot size plans use when the real one is not known yet (the Nova paper's 1120x1120).
 REFERENCE_IMAGE_SIZE = (1120, 1120)
 
 
-class ImageSizeError(InvalidInputError):
+class ImageSizeError(ValueError):
     """An image whose size the model cannot take within the configured resize limits."""
 
 
@@ -80,34 +80,24 @@ class ImageSizing:
         )
 
     @classmethod
-    def from_processor(cls, processor: Any) -> ImageSizing:
-        """From a ``transformers`` Qwen2-VL image processor (``size`` holds the pixel limits as
-        ``shortest_edge``/``longest_edge`` in transformers 5; older ones have attributes)."""
+    def from_processor(cls, processor: object) -> ImageSizing:
+        """From a ``transformers`` Qwen2-VL image processor object (``size`` holds the pixel
+        limits as ``shortest_edge``/``longest_edge`` in transformers 5; older ones have
+        attributes). Serving reads the limits from the processor config instead
+        (``nova.shapes``); this reads what a live processor would do, to compare the two."""
         size = getattr(processor, "size", None) or {}
-        get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
-        min_pixels = get("shortest_edge", None) or getattr(processor, "min_pixels", None)
-        max_pixels = get("longest_edge", None) or getattr(processor, "max_pixels", None)
-        return cls(
-            int(processor.patch_size),
-            int(processor.merge_size),
-            int(getattr(processor, "temporal_patch_size", 2)),
-            int(min_pixels or DEFAULT_MIN_PIXELS),
-            int(max_pixels or DEFAULT_MAX_PIXELS),
-        )
 
-    @classmethod
-    def from_config_dicts(
-        cls, vision_config: dict[str, Any], preprocessor: dict[str, Any] | None = None
-    ) -> ImageSizing:
-        """From a config.json ``vision_config`` dict and an optional preprocessor_config.json."""
-        pre = preprocessor or {}
-        size = pre.get("size") or {}
+        def get(key: str) -> object:
+            return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+        min_pixels = get("shortest_edge") or getattr(processor, "min_pixels", None)
+        max_pixels = get("longest_edge") or getattr(processor, "max_pixels", None)
         return cls(
-            int(vision_config.get("patch_size", 14)),
-            int(vision_config.get("spatial_merge_size", 2)),
-            int(vision_config.get("temporal_patch_size", 2)),
-            int(pre.get("min_pixels") or size.get("shortest_edge") or DEFAULT_MIN_PIXELS),
-            int(pre.get("max_pixels") or size.get("longest_edge") or DEFAULT_MAX_PIXELS),
+            _as_int(getattr(processor, "patch_size", None), 14),
+            _as_int(getattr(processor, "merge_size", None), 2),
+            _as_int(getattr(processor, "temporal_patch_size", None), 2),
+            _as_int(min_pixels, DEFAULT_MIN_PIXELS),
+            _as_int(max_pixels, DEFAULT_MAX_PIXELS),
         )
 
     # -- the resize rule --------------------------------------------------------------------------
@@ -161,6 +151,14 @@ class ImageSizing:
     def num_image_tokens(self, width: int, height: int) -> int:
         """Image tokens (placeholders in the prompt) one ``width x height`` image becomes."""
         return self.num_patches(width, height) // (self.merge_size**2)
+
+
+def _as_int(value: object, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected an integer from the image processor, got {value!r}")
+    return int(value)
 
 
 def _round_to(x: int, factor: int) -> int:
