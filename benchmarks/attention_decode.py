@@ -1,22 +1,25 @@
-"""Paged-attention backends and decode step time on a GPU (issue 5).
+"""Paged-attention backends and decode step time on a GPU.
 
 Two measurements, both on the GPU this runs on:
 
-1. **Attention backends** (one layer's attention call, K/V read from the paged cache): ``sdpa``
-   (gather to padded + SDPA), ``triton`` (our kernel, blocks read in place) and ``flex``
-   (compiled ``flex_attention`` with a BlockMask over the cache), for prefill shapes (one long
-   prompt, varlen batch, a chunk on top of a cached context) and decode shapes (batch x context)
-   of a 7B model's head layout. Median of CUDA-event timings. The fastest backend per phase
-   (sum of medians over that phase's shapes) is written to ``attention.json``, which
-   ``--attention-backend auto`` reads at start-up (``nova.runtime.attention``).
+1. **Attention backends** (one layer's attention call, K/V read from the paged cache, the
+   backend's per-forward metadata built in each call): ``sdpa`` (gather to padded + SDPA),
+   ``triton`` (our kernel, blocks read in place) and ``flex`` (compiled ``flex_attention`` with a
+   BlockMask over the cache), for prefill shapes (one long prompt, varlen batch, a chunk on top
+   of a cached context) and decode shapes (batch x context) of a 7B model's head layout. Median
+   of CUDA-event timings. The fastest backend per phase (sum of medians over that phase's
+   shapes) is the GPU's selection table, which ``--attention-backend auto`` reads at start-up
+   (``nova.runtime.attention``).
 2. **Decode step time** of the whole model (dummy weights of the config, bf16) with the Triton
    backend, eager and with CUDA graphs, at several batch sizes, against the memory-bandwidth
    bound ``weight_bytes / HBM bandwidth`` (GPU spec table ``nova.cost.gpus``).
 
 Results: ``benchmarks/results/<gpu-slug>/attention_decode.json`` and ``.md`` (with the GPU's
-name) and ``benchmarks/results/<gpu-slug>/attention.json`` (the selection table).
+name) and ``benchmarks/results/<gpu-slug>/attention.json`` (the selection table, as measured).
+``--install-table`` also writes the table where ``auto`` reads it, the package data file
+``nova/runtime/attention_tables/<gpu-slug>.json`` (commit it with the results).
 
-Usage (GPU):  .venv/bin/python benchmarks/attention_decode.py [--model qwen2.5-7b]
+Usage (GPU):  .venv/bin/python benchmarks/attention_decode.py [--model qwen2.5-7b] [--install-table]
 CPU smoke:    TRITON_INTERPRET=1 .venv/bin/python benchmarks/attention_decode.py --smoke --out
 /tmp/x
               (tiny shapes and a tiny model; checks the script end to end, measures nothing useful)
@@ -36,11 +39,14 @@ from pathlib import Path
 
 import torch
 
-from nova.runtime.attention import BACKEND_NAMES, SdpaPagedAttention, gpu_slug
+from nova.runtime.attention import BACKEND_NAMES, build_backend, gpu_slug
+from nova.runtime.attention_sdpa import SdpaPagedAttention
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.kv_cache import PagedKVCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The package data folder in this checkout (nova.runtime.attention.TABLES_DIR once installed).
+TABLES = Path(__file__).resolve().parents[1] / "nova" / "runtime" / "attention_tables"
 BLOCK_SIZE = 16
 
 
@@ -87,18 +93,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
     return statistics.median(times)
 
 
-def make_backend(name: str, device: torch.device):
-    if name == "sdpa":
-        return SdpaPagedAttention()
-    if name == "triton":
-        from nova.runtime.attention_triton import TritonPagedAttention
-
-        return TritonPagedAttention()
-    from nova.runtime.attention_flex import FlexPagedAttention
-
-    return FlexPagedAttention(use_compile=device.type == "cuda")
-
-
 def attention_case(case, heads, kv_heads, head_dim, dtype, device):
     """A cache holding the case's sequences (blocks shuffled) and q/k/v of the new tokens."""
     blocks_needed = sum(-(-(n + c) // BLOCK_SIZE) for n, c in case)
@@ -130,21 +124,22 @@ def bench_attention(args, model_cfg, device, dtype, backends) -> dict:
     ):
         for shape_name, case in shapes.items():
             cache, batch, q, k, v = attention_case(case, heads, kv_heads, head_dim, dtype, device)
-            ref = SdpaPagedAttention()(q, k, v, 0, batch, cache, scale).float()
+            ref = SdpaPagedAttention()(q, k, v, 0, batch.attn_metadata, cache, scale).float()
             row = {}
             for name in backends:
                 try:
-                    backend = make_backend(name, device)
+                    backend = build_backend(name, device)
 
                     # Fresh metadata per call (a real forward builds it once for all layers).
                     def call(backend=backend):
-                        batch.attn_metadata.clear()
-                        return backend(q, k, v, 0, batch, cache, scale)
+                        metadata = backend.build_metadata(batch.paged)
+                        return backend(q, k, v, 0, metadata, cache, scale)
 
                     err = (call().float() - ref).abs().max().item()
                     ms = time_ms(call, device, args.iters, args.warmup)
                     row[name] = {"ms": round(ms, 4), "max_abs_err_vs_sdpa": err}
-                except Exception as exc:  # noqa: BLE001 - a backend that cannot run a shape is recorded
+                # A backend that cannot run a shape is recorded, not fatal.
+                except Exception as exc:  # noqa: BLE001
                     row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(f"{phase:8s} {shape_name:22s} {name:7s} {row[name]}", flush=True)
             out[phase][shape_name] = row
@@ -245,7 +240,7 @@ def write_markdown(path: Path, res: dict) -> None:
         f"{BLOCK_SIZE}, heads {res['heads']} (median of {res['iters']} runs).",
         "",
         f"Selected: prefill **{res['selected']['prefill']}**, decode "
-        f"**{res['selected']['decode']}** (written to attention.json).",
+        f"**{res['selected']['decode']}** (the selection table, attention.json).",
         "",
     ]
     for phase in ("prefill", "decode"):
@@ -290,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--backends", nargs="+", default=list(BACKEND_NAMES), choices=BACKEND_NAMES)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--install-table",
+        action="store_true",
+        help="also write the selection table where --attention-backend auto reads it "
+        "(nova/runtime/attention_tables/<gpu-slug>.json, package data)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script")
     p.add_argument("--smoke-model", default="smollm2-135m")
     args = p.parse_args(argv)
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
         gpu = torch.cuda.get_device_name(device)
     elif args.smoke:
+        if args.install_table:
+            print("--smoke measures nothing to install; drop --install-table", file=sys.stderr)
+            return 2
         device, gpu = torch.device("cpu"), "cpu-smoke"
         args.iters, args.warmup, args.dtype = 2, 1, "float32"
         from nova.runtime.attention_triton import triton_interpreter_on
@@ -356,19 +360,24 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "attention_decode.json").write_text(json.dumps(res, indent=2) + "\n")
     write_markdown(out_dir / "attention_decode.md", res)
-    (out_dir / "attention.json").write_text(
-        json.dumps(
-            {
-                "gpu": gpu,
-                **selected,
-                "source": "benchmarks/attention_decode.py",
-                "rule": "lowest summed median per phase",
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    table = {
+        "gpu": gpu,
+        **selected,
+        "source": "benchmarks/attention_decode.py",
+        "rule": "lowest summed median per phase",
+    }
+    table_text = json.dumps(table, indent=2) + "\n"
+    (out_dir / "attention.json").write_text(table_text)
     print(f"wrote {out_dir}/attention_decode.json, .md and attention.json")
+    installed = TABLES / f"{gpu_slug(gpu)}.json"
+    if args.install_table:
+        installed.write_text(table_text)
+        print(f"installed the selection table: {installed} (commit it with the results)")
+    else:
+        print(
+            f"to make this the table --attention-backend auto reads on this GPU: rerun with "
+            f"--install-table, or cp {out_dir / 'attention.json'} {installed}"
+        )
     return 0
 
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
+from nova.gpu.backend import PartitionBackend
 from nova.gpu.offload import stream_vision_layers
-from nova.gpu.partition import PartitionBackend, make_backend
+from nova.gpu.partition import make_backend
 from nova.runtime.forward_batch import SeqInput
 from nova.types import Partition, Stage
 

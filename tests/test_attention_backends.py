@@ -21,16 +21,20 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 
 from nova.models.loader import load_model  # noqa: E402
+from nova.runtime import attention  # noqa: E402
 from nova.runtime.attention import (  # noqa: E402
-    PhaseSplitAttention,
-    SdpaPagedAttention,
     choose_attention,
     gpu_slug,
     load_selection_table,
     make_attention_backend,
-    needs_gather_views,
+)
+from nova.runtime.attention_backend import (  # noqa: E402
+    AttentionBackend,
+    AttentionMetadata,
+    PhaseSplitAttention,
 )
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
+from nova.runtime.attention_sdpa import SdpaPagedAttention, causal_gather_views  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
 from nova.runtime.forward_batch import SeqInput, build_forward_batch  # noqa: E402
 from nova.runtime.kv_cache import PagedKVCache  # noqa: E402
@@ -123,10 +127,10 @@ def check_against_sdpa(
     )
     scale = head_dim**-0.5
     ref_cache = clone_cache(cache)
-    ref = SdpaPagedAttention()(q, k, v, 0, batch, ref_cache, scale)
+    ref = SdpaPagedAttention()(q, k, v, 0, batch.attn_metadata, ref_cache, scale)
     if poison:
         poison_unowned(cache, owned)
-    out = backend(q, k, v, 0, batch, cache, scale)
+    out = backend(q, k, v, 0, backend.build_metadata(batch.paged), cache, scale)
     assert out.shape == ref.shape == (q.shape[0], num_heads * head_dim)
     assert torch.isfinite(out).all(), "the backend read a block outside the block tables"
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
@@ -159,20 +163,23 @@ def test_flex_matches_sdpa(case):
 def test_phase_split_dispatches_on_query_length():
     calls = []
 
-    class Recorder:
+    class Recorder(AttentionBackend[AttentionMetadata]):
         static_shapes = True
 
         def __init__(self, name):
             self.name = name
 
-        def __call__(self, q, k, v, layer, batch, kv_cache, scale):
+        def build_metadata(self, paged):
+            return AttentionMetadata(paged)
+
+        def attend(self, q, layer, metadata, kv_cache, scale):
             calls.append(self.name)
             return q
 
     split = PhaseSplitAttention(Recorder("dec"), Recorder("pre"))
     for case in ("decode", "varlen_prefill", "mixed"):
-        _, batch, q, k, v, _ = make_case(CASES[case], 2, 1, 16, 4)
-        split(q, k, v, 0, batch, None, 1.0)
+        cache, batch, q, k, v, _ = make_case(CASES[case], 2, 1, 16, 4)
+        split(q, k, v, 0, split.build_metadata(batch.paged), cache, 1.0)
     assert calls == ["dec", "pre", "pre"]
     assert split.name == "pre+dec" and split.static_shapes
 
@@ -270,30 +277,91 @@ def test_gpu_decoder_triton_matches_sdpa(tiny_dirs):
     torch.testing.assert_close(out["triton"], out["sdpa"], atol=1e-4, rtol=0)
 
 
-def test_batches_without_gather_views_carry_the_same_paged_fields():
-    """Backends that read the cache in place get batches without the SDPA gather views (no
-    O(B * max_kv) host work); everything else is the same, and SDPA refuses such a batch."""
+def test_batches_for_in_place_backends_carry_no_gather_views():
+    """Backends that read the cache in place build metadata without the SDPA gather views (no
+    O(B * max_kv) work per forward); everything else is the same, and SDPA refuses a batch
+    whose metadata it did not build."""
     seqs = [SeqInput([5, 6, 7], 0, [3, 1]), SeqInput([9], 6, [0, 2]), SeqInput([4, 4], 3, [5, 6])]
     full = build_forward_batch(seqs, 4, "cpu")
-    lean = build_forward_batch(seqs, 4, "cpu", gather_views=False)
-    assert lean.kv_gather_index is None and lean.attn_mask is None
-    assert full.kv_gather_index is not None and full.attn_mask is not None
-    for name in (
-        "input_ids",
-        "positions",
-        "slot_mapping",
-        "query_pad_index",
-        "last_token_index",
-        "block_tables",
-        "seq_lens",
-        "query_start_loc",
-    ):
+    lean = build_forward_batch(seqs, 4, "cpu", attention=TritonPagedAttention())
+    flex = build_forward_batch(seqs, 4, "cpu", attention=FlexPagedAttention())
+    for meta in (lean.attn_metadata, flex.attn_metadata):
+        assert not hasattr(meta, "kv_gather_index") and not hasattr(meta, "attn_mask")
+    assert full.attn_metadata.kv_gather_index is not None
+    assert full.attn_metadata.attn_mask is not None
+    for name in ("input_ids", "positions", "slot_mapping", "last_token_index"):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    for name in ("block_tables", "seq_lens", "query_start_loc"):
+        assert torch.equal(getattr(full.paged, name), getattr(lean.paged, name)), name
+    assert torch.equal(full.attn_metadata.query_pad_index, flex.attn_metadata.query_pad_index)
     # The new tokens' slots: block_table[p // 4] * 4 + p % 4 at positions cached..context-1.
     assert full.slot_mapping.tolist() == [12, 13, 14, 10, 23, 24]
     q = torch.zeros(6, 2, 4)
     kv = PagedKVCache(1, 8, 4, 2, 4, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="gather_views"):
-        SdpaPagedAttention()(q, q, q, 0, lean, kv, 1.0)
-    assert not needs_gather_views(TritonPagedAttention.__new__(TritonPagedAttention))
-    assert needs_gather_views(SdpaPagedAttention())
+    with pytest.raises(ValueError, match="sdpa attention backend reads SdpaMetadata"):
+        SdpaPagedAttention()(q, q, q, 0, lean.attn_metadata, kv, 1.0)
+    assert TritonPagedAttention.static_shapes and not SdpaPagedAttention.static_shapes
+
+
+def _reference_gather_views(seqs, block_size):
+    """The SDPA views built one sequence at a time: gather slots of each context (0 past it),
+    and the causal mask with padded query rows attending key 0 only."""
+    max_q = max(s.num_new_tokens for s in seqs)
+    max_kv = max(s.context_len for s in seqs)
+    gather = torch.zeros(len(seqs), max_kv, dtype=torch.long)
+    mask = torch.zeros(len(seqs), 1, max_q, max_kv, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        for p in range(s.context_len):
+            gather[b, p] = s.block_table[p // block_size] * block_size + p % block_size
+        for i in range(max_q):
+            if i < s.num_new_tokens:
+                mask[b, 0, i, : s.num_cached_tokens + i + 1] = True
+            else:
+                mask[b, 0, i, 0] = True
+    return gather, mask
+
+
+def test_sdpa_gather_views_equal_a_per_sequence_construction():
+    gen = torch.Generator().manual_seed(3)
+    for block_size in (1, 4, 16):
+        for _ in range(20):
+            n = int(torch.randint(1, 6, (1,), generator=gen))
+            perm = torch.randperm(64, generator=gen).tolist()
+            seqs, used = [], 0
+            for _ in range(n):
+                new = int(torch.randint(1, 9, (1,), generator=gen))
+                cached = int(torch.randint(0, 20, (1,), generator=gen))
+                blocks = -(-(new + cached) // block_size) + int(
+                    torch.randint(0, 2, (1,), generator=gen)
+                )
+                seqs.append(SeqInput([1] * new, cached, perm[used : used + blocks]))
+                used += blocks
+            if used > 64:
+                continue
+            paged = build_forward_batch(seqs, block_size, "cpu").paged
+            gather, mask = causal_gather_views(paged)
+            want_gather, want_mask = _reference_gather_views(seqs, block_size)
+            assert torch.equal(gather, want_gather)
+            assert torch.equal(mask, want_mask)
+
+
+def test_selection_tables_are_package_data(tmp_path, monkeypatch):
+    """``auto`` reads this GPU's table from the installed package (not a source checkout's
+    benchmarks/results); $NOVA_ATTENTION_TABLE overrides it."""
+    import tomllib
+    from pathlib import Path
+
+    assert attention.TABLES_DIR.is_dir()
+    assert Path(str(attention.TABLES_DIR)).parent == Path(attention.__file__).parent
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"]["nova.runtime"]
+    assert "attention_tables/*.json" in package_data
+    monkeypatch.delenv("NOVA_ATTENTION_TABLE", raising=False)
+    monkeypatch.setattr(attention, "TABLES_DIR", tmp_path)
+    assert load_selection_table("NVIDIA H200") is None
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps({"decode": "triton", "prefill": "flex"}))
+    assert load_selection_table("NVIDIA H200") == {"decode": "triton", "prefill": "flex"}
+    override = tmp_path / "mine.json"
+    override.write_text(json.dumps({"decode": "sdpa", "prefill": "sdpa"}))
+    monkeypatch.setenv("NOVA_ATTENTION_TABLE", str(override))
+    assert load_selection_table("NVIDIA H200")["decode"] == "sdpa"

@@ -16,7 +16,7 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from nova.models.loader import load_model  # noqa: E402
-from nova.runtime.attention import SdpaPagedAttention  # noqa: E402
+from nova.runtime.attention_sdpa import SdpaPagedAttention  # noqa: E402
 from nova.runtime.cuda_graphs import (  # noqa: E402
     StaticDecodeRunner,
     batch_buckets,
@@ -66,6 +66,10 @@ def test_graphs_off_on_cpu_and_for_dynamic_backends(tiny_dirs):
     )
     assert runner.decode_graphs is None
     assert runner.kv_cache.num_blocks == 16  # no scratch block without graphs
+    with pytest.raises(ValueError, match="static shapes"):
+        StaticDecodeRunner(
+            runner.model, runner.kv_cache, 4, 64, 15, "cpu", attention=SdpaPagedAttention()
+        )
 
 
 def _prefill(runner: ModelRunner) -> list[list[int]]:
@@ -106,6 +110,7 @@ def test_padded_static_decode_equals_unpadded_forward(tiny_dirs):
         max_model_len=64,
         scratch_block=scratch,
         device=DEVICE,
+        attention=run.attention,
         use_graphs=DEVICE == "cuda",
     )
     hist_ref, hist_run = _prefill(ref), _prefill(run)
@@ -140,6 +145,45 @@ def test_padded_static_decode_equals_unpadded_forward(tiny_dirs):
     assert run.kv_cache.k[0][scratch * BLOCK + 1 : (scratch + 1) * BLOCK].abs().sum() == 0
 
 
+def test_static_decode_through_a_phase_split_backend(tiny_dirs):
+    """What ``auto`` with a measured table gives under CUDA graphs: triton for decode, another
+    backend for prefill. The static runner builds the decode phase's metadata over its buffers
+    and matches the plain SDPA forward."""
+    from nova.runtime.attention_backend import PhaseSplitAttention
+    from nova.runtime.attention_triton import TritonPagedAttention
+
+    ref = ModelRunner(
+        load_model(tiny_dirs["llama"], device=DEVICE),
+        CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        attention_backend="sdpa",
+    )
+    run = ModelRunner(
+        load_model(tiny_dirs["llama"], device=DEVICE),
+        CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        attention_backend="sdpa",
+    )
+    split = PhaseSplitAttention(TritonPagedAttention(), SdpaPagedAttention())
+    run.model.decoder.set_attention_backend(split)
+    run.attention = split
+    static = StaticDecodeRunner(
+        run.model,
+        run.kv_cache,
+        max_num_seqs=4,
+        max_model_len=64,
+        scratch_block=NUM_BLOCKS - 1,
+        device=DEVICE,
+        attention=split,
+        use_graphs=DEVICE == "cuda",
+    )
+    hist_ref, hist_run = _prefill(ref), _prefill(run)  # prefill through the sdpa phase
+    for step, rows in enumerate([[0, 2, 4], [1, 3, 0], [2]]):  # bucket 4 twice
+        want = ref.forward(_decode_step(ref, hist_ref, rows, step))
+        got = static.run(_decode_step(run, hist_run, rows, step))
+        assert got is not None
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert static.stats.replays == 3 and len(static._entries) == 2
+
+
 def test_static_runner_falls_back_for_prefill(tiny_dirs):
     run = ModelRunner(
         load_model(tiny_dirs["llama"], device=DEVICE),
@@ -153,6 +197,7 @@ def test_static_runner_falls_back_for_prefill(tiny_dirs):
         max_model_len=64,
         scratch_block=NUM_BLOCKS - 1,
         device=DEVICE,
+        attention=run.attention,
         use_graphs=False,
     )
     seqs = [SeqInput([1, 2, 3], 0, run.block_manager.allocate("a", 3))]

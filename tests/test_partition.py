@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
 import types
 
 import pytest
@@ -14,15 +16,12 @@ import torch
 from nova.core.nova_policy import NovaPolicy
 from nova.cost.gpus import GPUS
 from nova.gpu import partition as P
-from nova.gpu.partition import (
-    CpuBackend,
-    GreenContextBackend,
-    PartitionUnavailable,
-    SMGrid,
-    detect_green_api,
-    make_backend,
-    plan_partition,
-)
+from nova.gpu.backend import CpuBackend, PartitionUnavailable
+from nova.gpu.green_api import detect_green_api
+from nova.gpu.green_context import GreenContextBackend
+from nova.gpu.partition import make_backend
+from nova.gpu.sm_plan import SMGrid, plan_partition
+from nova.gpu.streams import TorchCuda
 from nova.types import STAGES, Partition, Stage
 
 HOPPER = SMGrid(132, 8, 8)
@@ -82,6 +81,19 @@ def test_nova_partitions_merge_vision_and_prefill_and_keep_decode_on_grid():
 def test_shared_partition_is_unlimited():
     plan = plan_partition(Partition.shared(), HOPPER)
     assert plan.is_unlimited and plan.groups == ()
+
+
+def test_planning_imports_without_torch():
+    """The scheduler and the simulator may plan SMs: nova.gpu.sm_plan needs no torch."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from nova.gpu.sm_plan import SMGrid, plan_partition\n"
+        "from nova.types import Partition, Stage\n"
+        "plan = plan_partition(Partition(0.75, 0.75, 0.25), SMGrid(132, 8, 8))\n"
+        "print(plan.stage_sms(Stage.DECODE), plan.stage_sms(Stage.PREFILL))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["32", "96"]
 
 
 def test_minimum_partitions_that_cannot_fit_are_an_error():
@@ -187,14 +199,14 @@ def test_auto_falls_back_with_a_logged_reason(monkeypatch, caplog):
     def no_green(index, cuda, grid):
         raise PartitionUnavailable("simulated: this PyTorch has no green contexts")
 
-    monkeypatch.setattr(P, "_green_backend", no_green)
+    monkeypatch.setattr(P, "green_backend", no_green)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(
         torch.cuda,
         "get_device_properties",
         lambda i: types.SimpleNamespace(multi_processor_count=132, major=9),
     )
-    monkeypatch.setattr(P._TorchCuda, "new_stream", lambda self: object())
+    monkeypatch.setattr(TorchCuda, "new_stream", lambda self: object())
     with caplog.at_level(logging.WARNING, logger="nova.gpu.partition"):
         backend = make_backend("auto", "cuda")
     assert backend.name == "none" and backend.grid == HOPPER
@@ -234,54 +246,64 @@ class FakeCuda:
         return self.current
 
 
-class FakeCtx:
-    def __init__(self, api, num_sms, part=None, with_stream=True, grant=None):
-        self.api, self.requested, self.part = api, num_sms, part
-        self.granted = grant(num_sms) if grant else num_sms
-        if with_stream:
-            self.Stream = lambda: f"green-{id(self)}"
+class FakeGreenModule:
+    """Stands in for ``torch.cuda.green_contexts`` of one API shape (``kind``): records the
+    contexts it creates (``created``, each with ``requested`` SMs and its ``part``), the disjoint
+    splits (``splits``) and the context made current by ``set_context`` (``stack_top``)."""
 
-    def set_context(self):
-        assert self.api.stack_top is None, "set_context twice"
-        self.api.stack_top = self
-        self.api.cuda.current = f"ctxdefault-{id(self)}"
-
-    def pop_context(self):
-        assert self.api.stack_top is self
-        self.api.stack_top = None
-        self.api.cuda.current = "default"
-
-
-class FakeApi:
     def __init__(self, kind, cuda, grant=None, readback=True, split_fails=False):
         self.kind, self.cuda, self.grant, self.readback = kind, cuda, grant, readback
-        self.torch_version = "fake"
         self.created, self.splits, self.stack_top, self.split_fails = [], [], None, split_fails
+        module = self
 
-    def _ctx(self, n, part=None):
-        ctx = FakeCtx(self, n, part, with_stream=self.kind != "context-stack", grant=self.grant)
+        class GreenContext:
+            def __init__(self, sm_partition):  # the sm-partition shape's constructor
+                module._made(self, sm_partition.sm_count, sm_partition)
+
+            @classmethod
+            def create(cls, num_sms, device_id=0):
+                ctx = cls.__new__(cls)
+                module._made(ctx, num_sms, None)
+                return ctx
+
+            def set_context(self):
+                assert module.stack_top is None, "set_context twice"
+                module.stack_top = self
+                module.cuda.current = f"ctxdefault-{id(self)}"
+
+            def pop_context(self):
+                assert module.stack_top is self
+                module.stack_top = None
+                module.cuda.current = "default"
+
+        if kind != "context-stack":
+            GreenContext.Stream = lambda self: f"green-{id(self)}"
+        self.GreenContext = GreenContext
+        if kind == "sm-partition":
+            device = types.SimpleNamespace(split=self._split)
+            self.SMPartition = types.SimpleNamespace(split=1, from_device=lambda index: device)
+
+    def _made(self, ctx, num_sms, part):
+        ctx.requested, ctx.part = num_sms, part
+        ctx.granted = self.grant(num_sms) if self.grant else num_sms
         if self.readback:
             ctx.sm_count = ctx.granted
         self.created.append(ctx)
-        return ctx
 
-    def create(self, num_sms, device_index):
-        return self._ctx(num_sms)
-
-    def split(self, counts, device_index):
+    def _split(self, num_sms):
         if self.split_fails:
             raise RuntimeError("CUDA driver 12.8 < 13.1")
-        self.splits.append(tuple(counts))
-        return [types.SimpleNamespace(sm_count=n, index=i) for i, n in enumerate(counts)]
-
-    def from_partition(self, part):
-        return self._ctx(part.sm_count, part)
+        self.splits.append(tuple(num_sms))
+        parts = [types.SimpleNamespace(sm_count=n, index=i) for i, n in enumerate(num_sms)]
+        return parts, types.SimpleNamespace(sm_count=132 - sum(num_sms))
 
 
 def _green(kind, probe=None, **kw):
     cuda = FakeCuda()
-    api = FakeApi(kind, cuda, **kw)
-    return GreenContextBackend(HOPPER, api, 0, cuda, probe=probe), api, cuda
+    module = FakeGreenModule(kind, cuda, **kw)
+    api = detect_green_api(module, "fake", "12.8")
+    assert api.kind == kind
+    return GreenContextBackend(HOPPER, api, 0, cuda, probe=probe), module, cuda
 
 
 NOVA_A = Partition(vision=104 / 132, prefill=104 / 132, decode=24 / 132, name="nova")
@@ -345,7 +367,7 @@ def test_prepare_creates_the_policy_set_up_front():
 def test_granted_sms_are_read_back_and_shortfalls_reported(caplog):
     backend, _api, _ = _green("stream", grant=lambda n: n - 8)  # the driver grants fewer
     with (
-        caplog.at_level(logging.WARNING, logger="nova.gpu.partition"),
+        caplog.at_level(logging.WARNING, logger="nova.gpu.green_context"),
         backend.activate(Stage.DECODE, NOVA_A),
     ):
         pass
@@ -371,7 +393,7 @@ def test_granted_sms_from_the_driver_probe_when_the_api_cannot_tell():
 def test_failed_disjoint_split_falls_back_to_independent_contexts(caplog):
     backend, api, _ = _green("sm-partition", split_fails=True)
     with (
-        caplog.at_level(logging.WARNING, logger="nova.gpu.partition"),
+        caplog.at_level(logging.WARNING, logger="nova.gpu.green_context"),
         backend.activate(Stage.DECODE, NOVA_A),
     ):
         pass

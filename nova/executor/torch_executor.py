@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from nova.executor.base import FaultHook, run_isolated
-from nova.gpu.partition import PartitionBackend, make_backend
+from nova.gpu.backend import PartitionBackend
+from nova.gpu.partition import make_backend
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner

@@ -5,7 +5,6 @@ exported as Prometheus gauges (``nova_memory_*``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from torch import nn
 
@@ -35,7 +34,7 @@ class MemoryReport:
     def device_planned_bytes(self) -> int:
         return self.weights_resident_bytes + self.kv_cache_bytes + self.activation_reserve_bytes
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, str | int | None]:
         return asdict(self) | {"device_planned_bytes": self.device_planned_bytes}
 
     def lines(self) -> list[str]:

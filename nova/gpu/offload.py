@@ -27,14 +27,19 @@ SigLIP encoder's ``layers``, Qwen2-VL's ``blocks``); one caller at a time (the v
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
+
+# An event a StreamOps hands out and takes back (a CUDA event; None where copies are
+# synchronous); the streamer never looks inside.
+CopyEvent = object
 
 
 class StreamOps(Protocol):
@@ -44,15 +49,15 @@ class StreamOps(Protocol):
         layer: int,
         dst: Sequence[torch.Tensor],
         src: Sequence[torch.Tensor],
-        after: Any | None,
-    ) -> Any:
+        after: CopyEvent | None,
+    ) -> CopyEvent:
         """On the copy stream: wait for ``after`` (a compute event, or None), copy ``src`` into
         ``dst``; return an event that completes when the copy has."""
 
-    def wait(self, event: Any) -> None:
+    def wait(self, event: CopyEvent) -> None:
         """Make the current compute stream wait for ``event``."""
 
-    def record(self) -> Any:
+    def record(self) -> CopyEvent:
         """An event on the current compute stream (completes when the work so far has)."""
 
     def synchronize(self) -> None:
@@ -68,20 +73,26 @@ class HostStreamOps:
         layer: int,
         dst: Sequence[torch.Tensor],
         src: Sequence[torch.Tensor],
-        after: Any | None,
-    ) -> Any:
+        after: CopyEvent | None,
+    ) -> CopyEvent:
         for d, s in zip(dst, src):
             d.copy_(s)
         return None
 
-    def wait(self, event: Any) -> None:
+    def wait(self, event: CopyEvent) -> None:
         pass
 
-    def record(self) -> Any:
+    def record(self) -> CopyEvent:
         return None
 
     def synchronize(self) -> None:
         pass
+
+
+def _cuda_event(event: CopyEvent) -> torch.cuda.Event:
+    if not isinstance(event, torch.cuda.Event):
+        raise TypeError(f"CudaStreamOps waits for CUDA events, got {type(event).__name__}")
+    return event
 
 
 class CudaStreamOps:
@@ -99,21 +110,21 @@ class CudaStreamOps:
         layer: int,
         dst: Sequence[torch.Tensor],
         src: Sequence[torch.Tensor],
-        after: Any | None,
-    ) -> Any:
+        after: CopyEvent | None,
+    ) -> CopyEvent:
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
-                self.copy_stream.wait_event(after)
+                self.copy_stream.wait_event(_cuda_event(after))
             for d, s in zip(dst, src):
                 d.copy_(s, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         return done
 
-    def wait(self, event: Any) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+    def wait(self, event: CopyEvent) -> None:
+        torch.cuda.current_stream(self.device).wait_event(_cuda_event(event))
 
-    def record(self) -> Any:
+    def record(self) -> CopyEvent:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
@@ -210,8 +221,8 @@ class LayerStreamer:
         )
         self._step = 0  # the next step to compute
         self._slot_step = [-1] * num_slots  # the step whose layer each slot holds / is loading
-        self._copy_done: list[Any] = [None] * num_slots
-        self._hooks = []
+        self._copy_done: list[CopyEvent] = [None] * num_slots
+        self._hooks: list[RemovableHandle] = []
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i)))
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(i)))
@@ -224,7 +235,7 @@ class LayerStreamer:
         return host.pin_memory() if pin else host
 
     # -- the schedule ----------------------------------------------------------------------------
-    def _load(self, step: int, after: Any | None) -> None:
+    def _load(self, step: int, after: CopyEvent | None) -> None:
         """Enqueue the copy of ``step``'s layer into its slot, after ``after`` (a compute event)."""
         slot, layer = step % self.num_slots, step % self.num_layers
         self._slot_step[slot] = step
@@ -262,14 +273,16 @@ class LayerStreamer:
         self._load(self._step + self.num_slots, after=computed)
         self._step += 1
 
-    def _make_pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any) -> None:
+    def _make_pre_hook(self, layer: int) -> Callable[[nn.Module, tuple[object, ...]], None]:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
             self._before(layer)
 
         return hook
 
-    def _make_post_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def _make_post_hook(
+        self, layer: int
+    ) -> Callable[[nn.Module, tuple[object, ...], object], None]:
+        def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             self._after(layer)
 
         return hook
@@ -277,8 +290,8 @@ class LayerStreamer:
     def remove(self) -> None:
         """Stop streaming: wait for copies, put every layer back on the device (resident)."""
         self.ops.synchronize()
-        for h in self._hooks:
-            h.remove()
+        for handle in self._hooks:
+            handle.remove()
         with torch.no_grad():
             for ps, hs in zip(self.params, self.host):
                 for p, h in zip(ps, hs):

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nova.models.mrope import mrope_frequency_rows
-from nova.runtime.attention import SdpaPagedAttention
+from nova.runtime.attention_backend import AttentionBackend
+from nova.runtime.attention_sdpa import SdpaPagedAttention
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
 from nova.shapes import TextShape
@@ -118,7 +119,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: SdpaPagedAttention) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -145,7 +146,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        out = self._attn(q, k, v, self.layer, batch, kv_cache, self.scale)
+        out = self._attn(q, k, v, self.layer, batch.attn_metadata, kv_cache, self.scale)
         return self.o_proj(out)
 
 
@@ -163,7 +164,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: SdpaPagedAttention) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, attn)
         self.mlp = MLP(cfg)
@@ -183,7 +184,7 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: DecoderConfig, attn: SdpaPagedAttention) -> None:
+    def __init__(self, cfg: DecoderConfig, attn: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn) for i in range(cfg.num_layers))
@@ -202,7 +203,7 @@ class LlamaDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn_backend = SdpaPagedAttention()
+        self.attn_backend: AttentionBackend = SdpaPagedAttention()
         self.model = _Backbone(cfg, self.attn_backend)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -252,11 +253,12 @@ class LlamaDecoder(nn.Module):
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         return self.model.norm(hidden)
 
-    def set_attention_backend(self, backend) -> None:
-        """Swap the paged-attention implementation every layer calls (same ``__call__``)."""
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Swap the paged-attention backend every layer calls; forwards then carry its
+        metadata (``build_forward_batch(..., attention=backend)``)."""
         self.attn_backend = backend
         for layer in self.model.layers:
-            layer.self_attn._attn = backend
+            cast(DecoderLayer, layer).self_attn._attn = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

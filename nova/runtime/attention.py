@@ -1,14 +1,12 @@
-"""Attention over the paged KV cache.
+"""Choosing the attention backend: ``make_attention_backend`` for
+``EngineConfig.attention_backend``.
 
-``SdpaPagedAttention`` is the reference path (CPU and GPU): write the new K/V into their slots,
-gather each sequence's context from the cache into a padded ``[B, max_kv]`` view and call
-``torch.nn.functional.scaled_dot_product_attention`` with a causal+padding mask.
-
-Faster GPU paths read the cache in place behind the same ``__call__`` signature:
-``TritonPagedAttention`` (``nova.runtime.attention_triton``, our Triton kernel) and
-``FlexPagedAttention`` (``nova.runtime.attention_flex``, ``flex_attention`` with a BlockMask).
-``make_attention_backend`` picks one from ``EngineConfig.attention_backend``; ``auto`` follows a
-measurement written by ``benchmarks/attention_decode.py`` (see docs/attention.md).
+The backends (``nova.runtime.attention_backend.AttentionBackend`` subclasses, one call shape):
+``sdpa`` (``nova.runtime.attention_sdpa``, the reference: gather to a padded view + SDPA),
+``triton`` (``nova.runtime.attention_triton``, our kernel reading blocks in place) and ``flex``
+(``nova.runtime.attention_flex``, ``flex_attention`` with a BlockMask). ``auto`` follows the
+measured selection table of this GPU (package data written by ``benchmarks/attention_decode.py``;
+see docs/attention.md).
 """
 
 from __future__ import annotations
@@ -18,86 +16,30 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
-import torch.nn.functional as F
 
-from nova.runtime.forward_batch import ForwardBatch
-from nova.runtime.kv_cache import PagedKVCache
+from nova.runtime.attention_backend import AttentionBackend, PhaseSplitAttention
+from nova.runtime.attention_sdpa import SdpaPagedAttention
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("sdpa", "triton", "flex")
-# Where ``auto`` looks for a measured choice: $NOVA_ATTENTION_TABLE, else this file of the
-# source checkout, written by benchmarks/attention_decode.py on that GPU.
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# The measured selection tables shipped with the package: <gpu-slug>.json per GPU.
+# $NOVA_ATTENTION_TABLE names a table file to use instead.
+TABLES_DIR: Traversable = resources.files("nova.runtime").joinpath("attention_tables")
+TABLE_ENV = "NOVA_ATTENTION_TABLE"
 
 
-class SdpaPagedAttention:
-    name = "sdpa"
-    static_shapes = False  # gathers to [B, max_kv]: shapes follow the batch's longest context
-    needs_gather_views = True  # reads ForwardBatch.kv_gather_index / attn_mask
+class SelectionTable(TypedDict):
+    """A GPU's measured choice per phase (the file may hold more: gpu, source, rule)."""
 
-    def __call__(
-        self,
-        q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        layer: int,
-        batch: ForwardBatch,
-        kv_cache: PagedKVCache,
-        scale: float,
-    ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        if batch.kv_gather_index is None or batch.attn_mask is None:
-            raise ValueError(
-                "the sdpa attention backend needs a ForwardBatch built with gather_views=True"
-            )
-        kv_cache.write(layer, batch.slot_mapping, k, v)
-        _num_tokens, num_heads, head_dim = q.shape
-        b, max_q = batch.num_seqs, batch.max_query_len
-        q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
-        q_pad[batch.query_pad_index] = q
-        q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
-        k_ctx = kv_cache.k[layer][batch.kv_gather_index].to(q.dtype).transpose(1, 2)
-        v_ctx = kv_cache.v[layer][batch.kv_gather_index].to(q.dtype).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_pad,
-            k_ctx,
-            v_ctx,
-            attn_mask=batch.attn_mask,
-            scale=scale,
-            enable_gqa=num_heads != k_ctx.shape[1],
-        )
-        out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
-        return out[batch.query_pad_index]
-
-
-def needs_gather_views(backend: Any) -> bool:
-    """Whether ``backend`` reads the SDPA gather views of a ForwardBatch (unknown: assume so)."""
-    return bool(getattr(backend, "needs_gather_views", True))
-
-
-class PhaseSplitAttention:
-    """One backend for decode-only forwards (every sequence has one new token), another for
-    the rest (prefill, chunked prefill, mixed batches)."""
-
-    def __init__(self, decode: Any, prefill: Any) -> None:
-        self.decode, self.prefill = decode, prefill
-        self.name = decode.name if decode.name == prefill.name else f"{prefill.name}+{decode.name}"
-
-    @property
-    def static_shapes(self) -> bool:  # what matters for CUDA graphs: the decode path
-        return bool(getattr(self.decode, "static_shapes", False))
-
-    @property
-    def needs_gather_views(self) -> bool:
-        return needs_gather_views(self.decode) or needs_gather_views(self.prefill)
-
-    def __call__(self, q, k, v, layer, batch: ForwardBatch, kv_cache: PagedKVCache, scale: float):
-        backend = self.decode if batch.max_query_len == 1 else self.prefill
-        return backend(q, k, v, layer, batch, kv_cache, scale)
+    decode: str
+    prefill: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,17 +50,18 @@ class AttentionChoice:
 
 
 def gpu_slug(gpu_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the results folder name)."""
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (table and results file names)."""
     return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
 
 
-def selection_table_path(gpu_name: str) -> Path:
-    env = os.environ.get("NOVA_ATTENTION_TABLE")
-    return Path(env) if env else RESULTS_DIR / gpu_slug(gpu_name) / "attention.json"
+def selection_table_path(gpu_name: str) -> Traversable:
+    """``$NOVA_ATTENTION_TABLE`` if set, else this GPU's table in the package data."""
+    env = os.environ.get(TABLE_ENV)
+    return Path(env) if env else TABLES_DIR.joinpath(f"{gpu_slug(gpu_name)}.json")
 
 
-def load_selection_table(gpu_name: str) -> dict | None:
-    """The measured choice for this GPU (``{"decode": name, "prefill": name, ...}``) or None."""
+def load_selection_table(gpu_name: str) -> SelectionTable | None:
+    """The measured choice for this GPU, or None when there is no table for it."""
     path = selection_table_path(gpu_name)
     if not path.is_file():
         return None
@@ -128,11 +71,14 @@ def load_selection_table(gpu_name: str) -> dict | None:
             raise ValueError(
                 f"{path}: {phase!r} must be one of {BACKEND_NAMES}, got {table.get(phase)!r}"
             )
-    return table
+    return SelectionTable(decode=table["decode"], prefill=table["prefill"])
 
 
 def choose_attention(
-    requested: str, device_type: str, table: dict | None = None, cuda_graphs: bool = False
+    requested: str,
+    device_type: str,
+    table: SelectionTable | None = None,
+    cuda_graphs: bool = False,
 ) -> AttentionChoice:
     """Which backend runs decode and which runs prefill (plain logic; no imports of kernels).
 
@@ -157,7 +103,9 @@ def choose_attention(
     return AttentionChoice(decode, table["prefill"], reason)
 
 
-def _build_backend(name: str, device: torch.device) -> Any:
+def build_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend called ``name`` for a model on ``device`` (a clear error where it cannot
+    run)."""
     if name == "sdpa":
         return SdpaPagedAttention()
     if name == "triton":
@@ -179,15 +127,15 @@ def _build_backend(name: str, device: torch.device) -> Any:
 
 def make_attention_backend(
     requested: str, device: torch.device | str, cuda_graphs: bool = False
-) -> Any:
-    """The attention object the decoder calls, for ``EngineConfig.attention_backend``."""
+) -> AttentionBackend:
+    """The attention backend the decoder calls, for ``EngineConfig.attention_backend``."""
     device = torch.device(device)
     table = None
     if requested == "auto" and device.type == "cuda":
         table = load_selection_table(torch.cuda.get_device_name(device))
     choice = choose_attention(requested, device.type, table, cuda_graphs)
-    decode = _build_backend(choice.decode, device)
-    prefill = decode if choice.prefill == choice.decode else _build_backend(choice.prefill, device)
+    decode = build_backend(choice.decode, device)
+    prefill = decode if choice.prefill == choice.decode else build_backend(choice.prefill, device)
     backend = decode if prefill is decode else PhaseSplitAttention(decode, prefill)
     log.info(
         "attention backend: prefill %s, decode %s (%s)",

@@ -7,39 +7,50 @@ visits (KV block size = the cache's block size), and a ``mask_mod`` maps a slot 
 (owning sequence, logical position) so the causal rule "query at position p sees its own
 sequence's keys 0..p" holds exactly, also in PyTorch's eager (dense) flex path.
 
-Per forward, the slot -> (owner, logical block) maps are ``O(num_blocks)`` and are built once
-and shared by all layers (``ForwardBatch.attn_metadata``). On CUDA, ``flex_attention`` is
-wrapped in ``torch.compile`` (its eager path is a dense reference, not a kernel).
+Per forward, the slot -> (owner, logical block) maps are ``O(num_blocks)``: the BlockMask is
+built by the first layer's call (it needs the cache's geometry) and kept in the forward's
+``FlexMetadata`` for the other layers. On CUDA, ``flex_attention`` is wrapped in
+``torch.compile`` (its eager path is a dense reference, not a kernel).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 
-from nova.runtime.forward_batch import ForwardBatch
+from nova.runtime.attention_backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    PagedBatch,
+    padded_query_index,
+)
 from nova.runtime.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 Q_TILE = 128  # query rows per BlockMask row tile
 
 
 @dataclass(slots=True)
-class _FlexMeta:
-    block_mask: Any
-    query_pad_index: torch.Tensor
+class FlexMetadata(AttentionMetadata):
+    query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] queries
+    block_mask: BlockMask | None = None  # built by the first layer of the forward
 
 
-def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.device) -> _FlexMeta:
+def build_block_mask(paged: PagedBatch, kv_cache: PagedKVCache) -> BlockMask:
+    """The BlockMask of one forward over ``kv_cache`` (see the module docstring)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    device = paged.slot_mapping.device
     bs, num_blocks = kv_cache.block_size, kv_cache.num_blocks
-    b, max_q = batch.num_seqs, batch.max_query_len
-    tables = batch.block_tables.long()
-    seq_lens = batch.seq_lens.long()
-    q_lens = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]).long()
-    num_cached = seq_lens - q_lens
+    b, max_q = paged.num_seqs, paged.max_query_len
+    tables = paged.block_tables.long()
+    seq_lens = paged.seq_lens.long()
+    num_cached = seq_lens - paged.query_lens()
     logical = torch.arange(tables.shape[1], device=device)
     used = logical[None, :] * bs < seq_lens[:, None]  # [B, max_blocks]
     # owner[blk] = batch row owning physical block blk (-1: none); index num_blocks is a sink.
@@ -51,7 +62,9 @@ def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.devic
     owner[num_blocks] = -1
     q_pos = num_cached[:, None] + torch.arange(max_q, device=device)[None, :]  # [B, max_q]
 
-    def mask_mod(bi, hi, q_idx, kv_idx):
+    def mask_mod(
+        bi: torch.Tensor, hi: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
         blk = kv_idx // bs
         k_pos = block_logical[blk] * bs + kv_idx % bs
         return (owner[blk] == bi) & (k_pos <= q_pos[bi, q_idx])
@@ -62,11 +75,11 @@ def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.devic
     kv_tokens = torch.minimum(seq_lens[:, None], num_cached[:, None] + tile_end[None, :])
     kv_num_blocks = (-(-kv_tokens // bs)).to(torch.int32)[:, None, :]  # [B, 1, tiles]
     kv_indices = (
-        batch.block_tables.to(torch.int32)[:, None, None, :]
+        paged.block_tables.to(torch.int32)[:, None, None, :]
         .expand(b, 1, num_q_tiles, tables.shape[1])
         .contiguous()
     )
-    block_mask = BlockMask.from_kv_blocks(
+    return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices,
         BLOCK_SIZE=(Q_TILE, bs),
@@ -74,38 +87,37 @@ def _build_meta(batch: ForwardBatch, kv_cache: PagedKVCache, device: torch.devic
         seq_lengths=(max_q, num_blocks * bs),
         compute_q_blocks=False,
     )
-    return _FlexMeta(block_mask, batch.query_pad_index)
 
 
-class FlexPagedAttention:
+class FlexPagedAttention(AttentionBackend[FlexMetadata]):
     name = "flex"
-    needs_gather_views = False  # reads the paged cache in place
     static_shapes = False
+    metadata_type = FlexMetadata
 
     def __init__(self, use_compile: bool = False) -> None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        self._flex = torch.compile(flex_attention, dynamic=True) if use_compile else flex_attention
+        flex = torch.compile(flex_attention, dynamic=True) if use_compile else flex_attention
+        # Without return_lse, flex_attention returns the output tensor alone.
+        self._flex = cast(Callable[..., torch.Tensor], flex)
 
-    def __call__(
+    def build_metadata(self, paged: PagedBatch) -> FlexMetadata:
+        return FlexMetadata(paged, padded_query_index(paged))
+
+    def attend(
         self,
-        q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,
+        q: torch.Tensor,
         layer: int,
-        batch: ForwardBatch,
+        metadata: FlexMetadata,
         kv_cache: PagedKVCache,
         scale: float,
-    ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        batch.require_paged_metadata("flex")
-        kv_cache.write(layer, batch.slot_mapping, k, v)
-        meta = batch.attn_metadata.get("flex")
-        if meta is None:
-            meta = batch.attn_metadata["flex"] = _build_meta(batch, kv_cache, q.device)
+    ) -> torch.Tensor:
+        if metadata.block_mask is None:
+            metadata.block_mask = build_block_mask(metadata.paged, kv_cache)
         _num_tokens, num_heads, head_dim = q.shape
-        b, max_q = batch.num_seqs, batch.max_query_len
+        b, max_q = metadata.paged.num_seqs, metadata.paged.max_query_len
         q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
-        q_pad[meta.query_pad_index] = q
+        q_pad[metadata.query_pad_index] = q
         q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
         k_all = kv_cache.k[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
         v_all = kv_cache.v[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
@@ -113,9 +125,9 @@ class FlexPagedAttention:
             q_pad,
             k_all,
             v_all,
-            block_mask=meta.block_mask,
+            block_mask=metadata.block_mask,
             scale=scale,
             enable_gqa=num_heads != k_all.shape[1],
         )
         out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
-        return out[meta.query_pad_index]
+        return out[metadata.query_pad_index]

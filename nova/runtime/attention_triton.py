@@ -1,8 +1,8 @@
 """Paged attention through the Triton kernel in ``nova.runtime.kernels.paged_attention``.
 
-Same call as ``SdpaPagedAttention``; reads K/V from the cache in place through
-``ForwardBatch.block_tables`` / ``seq_lens`` / ``query_start_loc``. Its launch shape depends only
-on ``(num_seqs, max_query_len)``, so a decode step through it can be captured in a CUDA graph.
+Reads K/V from the cache in place through the ``PagedBatch``'s block tables, sequence lengths
+and query offsets, which are all its metadata. Its launch shape depends only on
+``(num_seqs, max_query_len)``, so a decode step through it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from nova.runtime.forward_batch import ForwardBatch
+from nova.runtime.attention_backend import AttentionBackend, AttentionMetadata, PagedBatch
 from nova.runtime.kv_cache import PagedKVCache
 
 
@@ -19,10 +19,10 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(AttentionBackend[AttentionMetadata]):
     name = "triton"
-    needs_gather_views = False  # reads the paged cache in place
     static_shapes = True  # capturable in a CUDA graph for fixed (num_seqs, max_query_len)
+    metadata_type = AttentionMetadata  # the PagedBatch alone
 
     def __init__(self) -> None:
         try:
@@ -33,26 +33,26 @@ class TritonPagedAttention:
             ) from exc
         self._kernel = kernel
 
-    def __call__(
+    def build_metadata(self, paged: PagedBatch) -> AttentionMetadata:
+        return AttentionMetadata(paged)  # views only: valid over refilled static buffers
+
+    def attend(
         self,
-        q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,
+        q: torch.Tensor,
         layer: int,
-        batch: ForwardBatch,
+        metadata: AttentionMetadata,
         kv_cache: PagedKVCache,
         scale: float,
-    ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        batch.require_paged_metadata("triton")
-        kv_cache.write(layer, batch.slot_mapping, k, v)
+    ) -> torch.Tensor:
+        paged = metadata.paged
         out = self._kernel.paged_attention(
             q.contiguous(),
             kv_cache.k[layer],
             kv_cache.v[layer],
-            batch.block_tables,
-            batch.seq_lens,
-            batch.query_start_loc,
-            batch.max_query_len,
+            paged.block_tables,
+            paged.seq_lens,
+            paged.query_start_loc,
+            paged.max_query_len,
             kv_cache.block_size,
             scale,
         )

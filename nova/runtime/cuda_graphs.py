@@ -14,7 +14,10 @@ address and shape, so a decode step is run on *static buffers* of ``bucket`` row
   block; the attention kernel reads only the first ``ceil(seq_len / block_size)`` entries.
 
 The attention backend must have static launch shapes (``static_shapes = True``: the Triton
-paged kernel, whose grid depends only on ``(num_seqs, max_query_len)``).
+paged kernel, whose grid depends only on ``(num_seqs, max_query_len)``). Its metadata is built
+once per (partition key, bucket), through the same ``build_metadata`` as an eager forward, over
+a ``PagedBatch`` of views into the static buffers; a static-shape backend's metadata only holds
+those views, so refilling the buffers before a replay updates what the graph reads.
 
 Partitions: kernels captured while a partition (e.g. a green context's stream) is current run
 with that partition's resources on replay, so graphs are kept per partition key -- an opaque
@@ -28,13 +31,21 @@ tests, or ``use_graphs=False``) or captures and replays it (CUDA).
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from nova.runtime.forward_batch import ForwardBatch, SeqInput, build_forward_batch
+from nova.runtime.attention_backend import AttentionBackend, PagedBatch
+from nova.runtime.forward_batch import (
+    ForwardBatch,
+    SeqInput,
+    build_paged_batch,
+    rotary_positions,
+    token_ids_tensor,
+)
 from nova.runtime.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -85,6 +96,14 @@ def scratch_rows(scratch_block: int, block_size: int) -> PaddedRows:
     return PaddedRows(slot=scratch_block * block_size, block=scratch_block)
 
 
+class DecodeModel(Protocol):
+    """What the static runner needs of a model (``nova.models.vlm.NovaModel``)."""
+
+    def last_token_logits(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+
 @dataclass(slots=True)
 class _StaticBuffers:
     """Max-size inputs shared by every bucket and partition (bucket b uses the first b rows;
@@ -102,7 +121,7 @@ class _StaticBuffers:
 @dataclass(slots=True)
 class _Entry:
     batch: ForwardBatch
-    graph: Any | None = None  # torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # the graph's output buffer [bucket, vocab]
     num_replays: int = 0
 
@@ -118,25 +137,33 @@ class StaticDecodeRunner:
     """Runs decode-only batches on static padded buffers; captures a CUDA graph per
     (partition key, bucket) when ``use_graphs``.
 
-    ``model`` is a ``NovaModel`` (``last_token_logits(batch, kv_cache)``); its attention backend
-    must have static shapes. ``scratch_block`` must be a cache block no sequence owns.
+    ``model`` is a ``NovaModel`` (``last_token_logits(batch, kv_cache)``) whose layers call
+    ``attention``, which must have static shapes. ``scratch_block`` must be a cache block no
+    sequence owns.
     """
 
     def __init__(
         self,
-        model: Any,
+        model: DecodeModel,
         kv_cache: PagedKVCache,
         max_num_seqs: int,
         max_model_len: int,
         scratch_block: int,
         device: torch.device | str,
+        attention: AttentionBackend,
         use_graphs: bool = True,
     ) -> None:
+        if not attention.static_shapes:
+            raise ValueError(
+                f"decode graphs need an attention backend with static shapes; "
+                f"{attention.name} has data-dependent shapes"
+            )
         if not 0 <= scratch_block < kv_cache.num_blocks:
             raise ValueError(
                 f"scratch block {scratch_block} is not in the cache (0..{kv_cache.num_blocks - 1})"
             )
         self.model = model
+        self.attention = attention
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = torch.device(device)
@@ -146,7 +173,10 @@ class StaticDecodeRunner:
         self.pad = scratch_rows(scratch_block, self.block_size)
         self.stats = GraphStats()
         self._entries: dict[tuple[Hashable, int], _Entry] = {}
-        self._pool = None
+        # One memory pool shared by every captured graph (only ever one replays at a time).
+        self._pool = (
+            torch.cuda.graph_pool_handle() if use_graphs and self.device.type == "cuda" else None
+        )
         rows = max(self.buckets)
         dev = self.device
         self._buf = _StaticBuffers(
@@ -182,9 +212,9 @@ class StaticDecodeRunner:
             if self.use_graphs:
                 self._capture(entry, partition_key)
                 self.stats.captured.append(key)
-        if entry.graph is not None:
+        logits = entry.logits  # the graph's output buffer (set with the graph)
+        if entry.graph is not None and logits is not None:
             entry.graph.replay()
-            logits = entry.logits
         else:
             logits = self.model.last_token_logits(entry.batch, self.kv_cache)
         entry.num_replays += 1
@@ -195,49 +225,53 @@ class StaticDecodeRunner:
     def _fill(self, seqs: list[SeqInput], bucket: int) -> None:
         """Copy the real rows into the static buffers and reset rows n..bucket-1 to padding."""
         n, buf = len(seqs), self._buf
-        # The eager builder gives positions in the model's layout ([T] or e.g. [3, T] for
-        # M-RoPE) and the slots; only the last dimension (tokens) is padded here.
-        eager = build_forward_batch(seqs, self.block_size, self.device, gather_views=False)
-        if buf.positions is None or buf.positions.shape[:-1] != eager.positions.shape[:-1]:
-            buf.positions = torch.zeros(
-                *eager.positions.shape[:-1],
+        # Positions in the model's layout ([T] or e.g. [3, T] for M-RoPE), as an eager forward
+        # has them; only the last dimension (tokens) is padded here.
+        positions = rotary_positions(seqs, self.device)
+        paged = build_paged_batch(seqs, self.block_size, self.device)
+        static_positions = buf.positions
+        if static_positions is None or static_positions.shape[:-1] != positions.shape[:-1]:
+            static_positions = buf.positions = torch.zeros(
+                *positions.shape[:-1],
                 buf.input_ids.shape[0],
-                dtype=eager.positions.dtype,
+                dtype=positions.dtype,
                 device=self.device,
             )
             self._entries.clear()  # graphs captured on the old buffer are stale
-        buf.input_ids[:n].copy_(eager.input_ids)
+        buf.input_ids[:n].copy_(token_ids_tensor(seqs, self.device))
         buf.input_ids[n:bucket].zero_()
-        buf.positions[..., :n].copy_(eager.positions)
-        buf.positions[..., n:bucket].zero_()
-        buf.slot_mapping[:n].copy_(eager.slot_mapping)
+        static_positions[..., :n].copy_(positions)
+        static_positions[..., n:bucket].zero_()
+        buf.slot_mapping[:n].copy_(paged.slot_mapping)
         buf.slot_mapping[n:bucket].fill_(self.pad.slot)
-        width = eager.block_tables.shape[1]
+        width = paged.block_tables.shape[1]
         buf.block_tables[:bucket].fill_(self.pad.block)
-        buf.block_tables[:n, :width].copy_(eager.block_tables)
-        buf.seq_lens[:n].copy_(eager.seq_lens)
+        buf.block_tables[:n, :width].copy_(paged.block_tables)
+        buf.seq_lens[:n].copy_(paged.seq_lens)
         buf.seq_lens[n:bucket].fill_(self.pad.seq_len)
 
     def _static_batch(self, bucket: int) -> ForwardBatch:
+        """The first ``bucket`` rows of the static buffers as a forward, with the backend's
+        metadata built over them (views: valid for every later fill)."""
         buf = self._buf
+        if buf.positions is None:
+            raise RuntimeError("the static buffers are filled before a batch is built on them")
         rows = buf.row_index[:bucket]
+        paged = PagedBatch(
+            slot_mapping=buf.slot_mapping[:bucket],
+            query_start_loc=buf.query_start_loc[: bucket + 1],
+            seq_lens=buf.seq_lens[:bucket],
+            block_tables=buf.block_tables[:bucket],
+            block_size=self.block_size,
+            max_query_len=1,
+            max_seq_len=self.max_blocks_per_seq * self.block_size,
+        )
         return ForwardBatch(
             input_ids=buf.input_ids[:bucket],
             positions=buf.positions[..., :bucket],
-            slot_mapping=buf.slot_mapping[:bucket],
-            query_pad_index=rows,
-            # Static-shape backends read the cache in place (the SDPA gather path is never
-            # captured).
-            kv_gather_index=None,
-            attn_mask=None,
             last_token_index=rows,
-            num_seqs=bucket,
-            max_query_len=1,
+            attn_metadata=self.attention.build_metadata(paged),
             mm_embeds=[None] * bucket,
-            block_tables=buf.block_tables[:bucket],
-            seq_lens=buf.seq_lens[:bucket],
-            query_start_loc=buf.query_start_loc[: bucket + 1],
-            max_seq_len=self.max_blocks_per_seq * self.block_size,
         )
 
     def _capture(self, entry: _Entry, partition_key: Hashable) -> None:
@@ -249,8 +283,6 @@ class StaticDecodeRunner:
         with torch.cuda.stream(side):
             self.model.last_token_logits(entry.batch, self.kv_cache)
         stream.wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # Capture on the caller's stream when it is not the default one (a partition's stream
         # must be current while its graph is captured).
@@ -259,11 +291,13 @@ class StaticDecodeRunner:
             entry.logits = self.model.last_token_logits(entry.batch, self.kv_cache)
         entry.graph = graph
         log.info(
-            "captured decode CUDA graph: partition %r, %d rows", partition_key, entry.batch.num_seqs
+            "captured decode CUDA graph: partition %r, %d rows",
+            partition_key,
+            entry.batch.paged.num_seqs,
         )
 
 
-def _move_plain_tensors(model: Any, device: torch.device) -> None:
+def _move_plain_tensors(model: DecodeModel, device: torch.device) -> None:
     """Move tensors held as plain attributes (not parameters/buffers: e.g. RoPE inverse
     frequencies kept on the CPU) to the device once, so the captured forward does no host
     copies (illegal during capture)."""
@@ -274,13 +308,13 @@ def _move_plain_tensors(model: Any, device: torch.device) -> None:
                 setattr(module, name, value.to(device))
 
 
-def graphs_unavailable_reason(device: torch.device, attention: Any) -> str | None:
+def graphs_unavailable_reason(device: torch.device, attention: AttentionBackend) -> str | None:
     """Why decode graphs are off for this runner (None: they can be used)."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if not getattr(attention, "static_shapes", False):
+    if not attention.static_shapes:
         return (
-            f"the {getattr(attention, 'name', '?')} attention backend has data-dependent "
+            f"the {attention.name} attention backend has data-dependent "
             f"shapes (use triton for decode graphs)"
         )
     return None

@@ -17,7 +17,7 @@ from nova.gpu.memory import MemoryReport, module_bytes
 from nova.gpu.offload import LayerStreamer, StreamOps, stream_vision_layers
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
-from nova.runtime.attention import make_attention_backend, needs_gather_views
+from nova.runtime.attention import make_attention_backend
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
 from nova.runtime.kv_cache import PagedKVCache
@@ -101,7 +101,6 @@ class ModelRunner:
         self.block_manager = BlockManager(num_blocks, cache.block_size)
         self.attention = make_attention_backend(attention_backend, self.device, cuda_graphs)
         self.model.decoder.set_attention_backend(self.attention)
-        self._gather_views = needs_gather_views(self.attention)
         no_graphs = (
             "disabled"
             if not cuda_graphs
@@ -127,6 +126,7 @@ class ModelRunner:
                 loaded.max_model_len,
                 scratch_block=num_blocks,
                 device=self.device,
+                attention=self.attention,
             )
         elif cuda_graphs:
             log.info("decode CUDA graphs off: %s", no_graphs)
@@ -182,5 +182,5 @@ class ModelRunner:
             logits = self.decode_graphs.run(seqs, partition_key)
             if logits is not None:
                 return logits
-        batch = build_forward_batch(seqs, self.block_size, self.device, self._gather_views)
+        batch = build_forward_batch(seqs, self.block_size, self.device, self.attention)
         return self.model.last_token_logits(batch, self.kv_cache)
