@@ -1,4 +1,4 @@
-"""Scheduler decision time and simulator speed (issue 4 targets: a decision < 100 us; 10,000
+"""Scheduler decision time and simulator speed (targets: a decision < 100 us; 10,000
 simulated requests < 10 s), for every policy, on this machine.
 
 Decision time: one ``Scheduler.schedule(stage, now)`` call (the policy's ``next_batch`` and
@@ -26,7 +26,7 @@ from runtime_throughput import machine
 from nova.cost.base import make_cost_model
 from nova.cost.model_spec import get_model_spec
 from nova.metrics import percentile
-from nova.sim.eval import EXPERIMENTS, _kv_blocks, build_policy
+from nova.sim.eval import EXPERIMENTS, build_policy, num_kv_blocks
 from nova.sim.simulator import Simulator, arrivals_from_workload
 from nova.workload import make_workload
 
@@ -55,7 +55,7 @@ def main() -> None:
             sim = Simulator(
                 build_policy(policy, exp, cost, spec),
                 cost,
-                _kv_blocks(cost, spec, 16),
+                num_kv_blocks(cost, spec, 16),
                 16,
                 spec.image_tokens,
             )
@@ -68,7 +68,7 @@ def main() -> None:
         sim = Simulator(
             build_policy(policy, exp, cost, spec),
             cost,
-            _kv_blocks(cost, spec, 16),
+            num_kv_blocks(cost, spec, 16),
             16,
             spec.image_tokens,
         )

@@ -19,6 +19,7 @@ from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequenc
 from nova.models.qwen_vl import QwenVLVision
 from nova.models.vision import LlavaVision
 from nova.models.vlm import NovaModel
+from nova.registry import Registry
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,7 +30,7 @@ class Architecture:
     text_config: Callable[[Any], Any]
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 @contextmanager
@@ -42,10 +43,19 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(prev)
 
 
-def register(name: str, text_config: Callable[[Any], Any]):
-    def wrap(fns: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+BuildFn = Callable[[Any, torch.dtype, torch.device], NovaModel]
+MapNameFn = Callable[[str], str | None]
+
+
+def register(
+    name: str, text_config: Callable[[Any], Any]
+) -> Callable[[tuple[BuildFn, MapNameFn]], tuple[BuildFn, MapNameFn]]:
+    """Register the architecture ``name`` (once): ``register(name, text_config)((build,
+    map_name))``."""
+
+    def wrap(fns: tuple[BuildFn, MapNameFn]) -> tuple[BuildFn, MapNameFn]:
         build, map_name = fns
-        ARCHITECTURES[name] = Architecture(name, build, map_name, text_config)
+        ARCHITECTURES.add(name, Architecture(name, build, map_name, text_config))
         return fns
 
     return wrap
