@@ -299,6 +299,20 @@ def test_fast_loop_makes_the_reference_loops_decisions(policy):
     assert preempted > 0  # the tight cache exercised preemption too
 
 
+@pytest.mark.parametrize("policy", ["multi_stream", "nova"])
+def test_the_cost_memo_changes_no_decision(policy):
+    """``memoize_costs=False`` (every rate asked of the cost model) decides exactly like the
+    default: the memo keys (``shape_key``, shares, mode) determine the answers."""
+    from nova.sim.simulator import arrivals_from_workload
+
+    wl, kv = _paper_workloads()["bursty-tight-kv"]
+    arrivals = arrivals_from_workload(wl)
+    memo = _paper_sim(policy, kv)
+    plain = _paper_sim(policy, kv)
+    plain.memoize_costs = False
+    assert _outcome(memo.run(arrivals)) == _outcome(plain.run(arrivals))
+
+
 @pytest.mark.parametrize("policy", [p for p in available_policies() if p != "nova"])
 def test_fast_loop_matches_reference_with_priorities_and_deadlines(policy):
     arrivals = [
@@ -324,3 +338,25 @@ def test_fast_loop_matches_reference_with_priorities_and_deadlines(policy):
         )
         runs.append(_outcome(_run(sim, arrivals, reference)))
     assert runs[0] == runs[1]
+
+
+def test_cost_model_gets_the_partitions_isolation_flag():
+    """The simulator asks the cost model in the mode the batch's partition declares
+    (``Partition.isolated``), whatever the partition's display name."""
+    from nova.types import Partition
+
+    class Recording(FixedCostModel):
+        def time_s(self, work, sm_share, co_running=(), isolated=True):
+            seen.add((work.stage, sm_share, isolated))
+            return super().time_s(work, sm_share, co_running, isolated)
+
+    assert not Partition.shared().isolated
+    for policy, isolated in (("multi_stream", False), ("static_partition", True)):
+        seen: set = set()
+        sim = Simulator(
+            make_policy(policy), Recording(DUR), num_kv_blocks=64, block_size=4, image_tokens=4
+        )
+        sim.run(_trace())
+        assert seen and {mode for _, _, mode in seen} == {isolated}, policy
+    part = make_policy("static_partition").partition(None, 0.0)
+    assert part.isolated and (part.vision, part.prefill, part.decode) == (0.4, 0.4, 0.2)

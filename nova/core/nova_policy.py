@@ -15,8 +15,9 @@ load changes:
 2. **Candidates.** When decode and a compute stage both have work: the decode share ``d`` on
    the GPU's SM granularity grid (at least ``min_decode_share``), the compute stages ``1 - d``.
    A lone stage gets the whole GPU.
-3. **Prediction** for each candidate, from the cost model (``time_s(work, share, co_running,
-   isolated=True)``, which includes bandwidth interference between co-running stages):
+3. **Prediction** for each candidate, from the cost model (``nova.cost.base.CostModel``:
+   ``time_s(work, share, co_running, isolated)``, which includes bandwidth interference between
+   co-running stages; nova's partitions are isolated, ``Partition.isolated``):
    - vision + prefill form one M/G/1 server (Pollaczek-Khinchine) with service
      ``S = f_img S_vision + S_prefill`` at share ``1 - d`` while decode co-runs:
      ``W = lam E[S^2] / (2 (1 - rho))``, ``E[S^2] = S^2 (1 + cv2)``; ``rho >= 1``: the partition

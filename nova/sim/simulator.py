@@ -2,7 +2,7 @@
 
 Only the executor differs from the engine: a batch's duration comes from a cost model. Batches
 of different stages may run at the same time; their speeds depend on each other (shared HBM
-bandwidth, and SMs too when the partition is ``shared``), so the simulator advances a fluid
+bandwidth, and SMs too when the partition is not ``isolated``), so the simulator advances a fluid
 model: each running batch has remaining work in [0, 1] and a rate ``1 / cost.time_s(work,
 share, co_running, isolated)`` that is recomputed whenever a batch starts or ends. A batch keeps
 the SM share it started with (partitions change at batch boundaries, as in the engine).
@@ -132,14 +132,19 @@ class _Uncached:
 _UNCACHED = _Uncached()
 
 
+def _no_key(work: StageWork) -> Hashable:
+    return _UNCACHED
+
+
 class Simulator:
     """Runs arrivals through a ``Scheduler`` on a virtual clock; see the module docstring.
 
     The event loop asks a stage for a batch only when it can get one, from the policy's
     declarations (``Policy.idle_without_queue``, ``Policy.one_batch_at_a_time``), and memoizes
     the cost model's answers per batch shape (its ``shape_key``, else the work itself if
-    hashable). ``tests/test_simulator.py`` holds the straightforward loop (every idle stage
-    asked after every event, every rate recomputed) and checks that both decide alike.
+    hashable; ``memoize_costs=False``: never). ``tests/test_simulator.py`` holds the
+    straightforward loop (every idle stage asked after every event, every rate recomputed) and
+    checks that both decide alike.
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class Simulator:
         max_model_len: int | None = None,
         work_fn: WorkFn = work_of,
         check_invariants: bool = False,
+        memoize_costs: bool = True,
     ) -> None:
         self.scheduler = Scheduler(
             policy, BlockManager(num_kv_blocks, block_size), (), max_model_len
@@ -160,6 +166,9 @@ class Simulator:
         self.image_tokens = image_tokens
         self.work_fn = work_fn
         self.check_invariants = check_invariants  # KV integrity after every event (tests)
+        # False: ask the cost model for every rate (for a cost model that is not a pure function
+        # of the batch shapes, shares and mode, e.g. one that samples noise)
+        self.memoize_costs = memoize_costs
         self._cost_cache: dict[Hashable, float] = {}
         self._seq = itertools.count()
 
@@ -239,7 +248,10 @@ class Simulator:
 
     def _shape_key_fn(self) -> Callable[[StageWork], Hashable]:
         """work -> memo key: the cost model's ``shape_key`` if it has one, else the work itself
-        if hashable; works that are neither are not cached."""
+        if hashable; works that are neither (or every work, without ``memoize_costs``) are not
+        cached."""
+        if not self.memoize_costs:
+            return _no_key
         shape_key: Callable[[StageWork], Hashable] | None = getattr(self.cost, "shape_key", None)
         if shape_key is not None:
             return shape_key
