@@ -153,8 +153,8 @@ def main() -> None:
 def _ask_every_stage(sim: Simulator) -> None:
     # instance attributes shadow the class's declarations: the simulator then asks every idle
     # stage after every event
-    sim.scheduler.policy.idle_without_queue = False  # type: ignore[misc]
-    sim.scheduler.policy.one_batch_at_a_time = False  # type: ignore[misc]
+    sim.scheduler.policy.idle_without_queue = False
+    sim.scheduler.policy.one_batch_at_a_time = False
 
 
 # variant -> (Simulator keyword arguments, a change to the built simulator, run with the

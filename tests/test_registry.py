@@ -41,7 +41,7 @@ def test_registry_unknown_name_names_the_choices_with_its_error_type():
     with pytest.raises(UnknownThing, match=r"^unknown thing 'z'; choose one of a, b$"):
         reg.lookup("z")
     with pytest.raises(UnknownThing):
-        reg.lookup(["unhashable"])  # type: ignore[arg-type]
+        reg.lookup(["unhashable"])
     with pytest.raises(KeyError):
         reg["z"]  # plain mapping access stays a KeyError
 
@@ -97,4 +97,4 @@ def test_lookups_keep_their_functions_and_messages():
     with pytest.raises(ValueError, match=r"unknown workload 'x'; choose one of .*poisson"):
         make_workload("x")
     with pytest.raises(ValueError, match=r"unknown experiment 'x'; choose one of .*paper-a6000"):
-        run_experiment("x", None, progress=lambda _: None)  # type: ignore[arg-type]
+        run_experiment("x", None, progress=lambda _: None)

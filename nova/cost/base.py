@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from nova.cost.gpus import GpuSpec
 from nova.registry import Registry
 from nova.types import Batch, Stage
+
+if TYPE_CHECKING:
+    from nova.cost.model_spec import ModelSpec
 
 
 class UnknownCostModelError(ValueError):
@@ -231,7 +234,7 @@ def available_cost_models() -> list[str]:
     return COST_MODELS.names()
 
 
-def make_cost_model(kind: str, gpu: str | GpuSpec, model: Any, **kw: Any) -> CostModel:
+def make_cost_model(kind: str, gpu: str | GpuSpec, model: ModelSpec | str, **kw: Any) -> CostModel:
     """A cost model of ``kind`` (``roofline``, ``profiled``) for ``model`` (a ``ModelSpec`` or a
     shipped name, see ``ModelSpec.named``) on ``gpu`` (a name from ``nova.cost.gpus``).
 
