@@ -1,4 +1,4 @@
-"""Scheduler decision time and simulator speed (issue 4 targets: a decision < 100 us; 10,000
+"""Scheduler decision time and simulator speed (targets: a decision < 100 us; 10,000
 simulated requests < 10 s), for every policy, on this machine.
 
 Decision time: one ``Scheduler.schedule(stage, now)`` call (the policy's ``next_batch`` and
@@ -10,24 +10,34 @@ Simulator speed: wall time to simulate 10,000 GUI-agent requests (Poisson) per p
 shared with other jobs: the fastest run is the least disturbed one), with every run's time and
 the 1-minute load average before each run. Decisions are timed in that fastest run.
 Writes benchmarks/results/scheduler_sim.{json,md}.
+
+``--ablate``: what each of the simulator's speed tricks is worth. Every policy runs with all
+tricks on and with each one switched off (stage skipping from the policy's declarations, the
+cost memo, unchecked ``StageWork`` construction, the paused garbage collector), interleaved,
+``--repeats`` times; reported is the least process CPU time per variant (CPU time, not wall
+time: the 2 cores are shared, and CPU time of this process is far less disturbed by other jobs).
+Writes benchmarks/results/scheduler_sim_ablation.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 from runtime_throughput import machine
 
-from nova.cost.base import make_cost_model
-from nova.cost.model_spec import get_model_spec
+from nova.cost.base import StageWork, make_cost_model
+from nova.cost.model_spec import ModelSpec, get_model_spec
 from nova.metrics import percentile
-from nova.sim.eval import EXPERIMENTS, _kv_blocks, build_policy
-from nova.sim.simulator import Simulator, arrivals_from_workload
+from nova.sim.eval import EXPERIMENTS, Experiment, build_policy, num_kv_blocks
+from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
 from nova.workload import make_workload
 
 
@@ -39,6 +49,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="runs per policy; the fastest is reported"
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--ablate", action="store_true", help="measure each speed trick instead")
     args = ap.parse_args()
 
     exp = EXPERIMENTS["paper-a6000"]
@@ -47,6 +58,9 @@ def main() -> None:
     arrivals = arrivals_from_workload(
         make_workload("poisson", rate_rps=args.rate_rps, num_requests=args.num_requests, seed=1)
     )
+    if args.ablate:
+        ablate(args, exp, spec, arrivals)
+        return
     rows = []
     for policy in (*exp.policies, "sequential", "static_partition"):
         runs = []
@@ -55,7 +69,7 @@ def main() -> None:
             sim = Simulator(
                 build_policy(policy, exp, cost, spec),
                 cost,
-                _kv_blocks(cost, spec, 16),
+                num_kv_blocks(cost, spec, 16),
                 16,
                 spec.image_tokens,
             )
@@ -68,7 +82,7 @@ def main() -> None:
         sim = Simulator(
             build_policy(policy, exp, cost, spec),
             cost,
-            _kv_blocks(cost, spec, 16),
+            num_kv_blocks(cost, spec, 16),
             16,
             spec.image_tokens,
         )
@@ -133,6 +147,94 @@ def main() -> None:
             f"| {r['decision_us_max']} |"
         )
     (args.out / "scheduler_sim.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _ask_every_stage(sim: Simulator) -> None:
+    # instance attributes shadow the class's declarations: the simulator then asks every idle
+    # stage after every event
+    sim.scheduler.policy.idle_without_queue = False
+    sim.scheduler.policy.one_batch_at_a_time = False
+
+
+# variant -> (Simulator keyword arguments, a change to the built simulator, run with the
+# garbage collector left running)
+ABLATIONS: dict[str, tuple[dict, Callable[[Simulator], None] | None, bool]] = {
+    "all tricks": ({}, None, False),
+    "every stage asked": ({}, _ask_every_stage, False),
+    "no cost memo": ({"memoize_costs": False}, None, False),
+    "checked StageWork": ({"work_fn": StageWork.from_batch}, None, False),
+    "gc running": ({}, None, True),
+}
+
+
+def ablate(
+    args: argparse.Namespace, exp: Experiment, spec: ModelSpec, arrivals: list[SimArrival]
+) -> None:
+    policies = (*exp.policies, "sequential", "static_partition")
+    cpu_s: dict[str, dict[str, list[float]]] = {p: {v: [] for v in ABLATIONS} for p in policies}
+    loads = []
+    for _ in range(args.repeats):
+        loads.append(round(os.getloadavg()[0], 2))
+        for policy in policies:
+            for variant, (kwargs, change, gc_running) in ABLATIONS.items():
+                fresh = make_cost_model("roofline", exp.gpu, spec)  # its own memo, like the first
+                sim = Simulator(
+                    build_policy(policy, exp, fresh, spec),
+                    fresh,
+                    num_kv_blocks(fresh, spec, 16),
+                    16,
+                    spec.image_tokens,
+                    **kwargs,
+                )
+                if change is not None:
+                    change(sim)
+                with mock.patch("gc.disable") if gc_running else contextlib.nullcontext():
+                    t0 = time.process_time()
+                    sim.run(arrivals)
+                    cpu_s[policy][variant].append(time.process_time() - t0)
+        print(f"repeat done, load {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for policy, runs in cpu_s.items():
+        base = min(runs["all tricks"])
+        row = {"policy": policy, "cpu_s": {v: round(min(r), 2) for v, r in runs.items()}}
+        row["slowdown_without"] = {
+            v: round(min(r) / base, 2) for v, r in runs.items() if v != "all tricks"
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {
+        "benchmark": "scheduler_sim_ablation",
+        "experiment": "paper-a6000",
+        "num_requests": args.num_requests,
+        "rate_rps": args.rate_rps,
+        "repeats": args.repeats,
+        "loadavg_1min_before_repeats": loads,
+        "machine": machine(),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scheduler_sim_ablation.json").write_text(json.dumps(report, indent=2) + "\n")
+    variants = [v for v in ABLATIONS if v != "all tricks"]
+    lines = [
+        "# What each simulator speed trick is worth",
+        "",
+        f"Machine: {report['machine']}; 1-minute load before each repeat: {loads}.",
+        "",
+        f"paper-a6000 setup, {args.num_requests} Poisson GUI-agent requests at {args.rate_rps} "
+        f"req/s. Least process CPU time of {args.repeats} interleaved runs per variant; "
+        "the columns give the slowdown with that one trick switched off (> 1: the trick pays).",
+        "",
+        "| policy | all tricks CPU s | " + " | ".join(variants) + " |",
+        "|---|---:|" + "---:|" * len(variants),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['policy']} | {r['cpu_s']['all tricks']} | "
+            + " | ".join(f"{r['slowdown_without'][v]}x" for v in variants)
+            + " |"
+        )
+    (args.out / "scheduler_sim_ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

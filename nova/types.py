@@ -81,7 +81,7 @@ class Request:
     arrival_s: float = 0.0
     status: RequestStatus = RequestStatus.WAITING_PREFILL
     output_token_ids: list[int] = field(default_factory=list)
-    times: RequestTimes | None = None
+    times: RequestTimes = field(init=False)  # starts at ``arrival_s``
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     num_preemptions: int = 0
@@ -90,8 +90,7 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
-        if self.times is None:
-            self.times = RequestTimes(arrival_s=self.arrival_s)
+        self.times = RequestTimes(arrival_s=self.arrival_s)
 
     @property
     def num_image_tokens(self) -> int:
@@ -103,8 +102,8 @@ class Request:
 
     @property
     def prefill_token_ids(self) -> list[int]:
-        """Tokens a (re)prefill computes: the prompt plus, after a preemption, the outputs so "
-        "far."""
+        """Tokens a (re)prefill computes: the prompt plus, after a preemption, the outputs so
+        far."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
@@ -119,12 +118,18 @@ class Request:
 @dataclass(slots=True, frozen=True)
 class Partition:
     """Share of the GPU's SMs per stage, each in (0, 1]. ``Partition.shared()`` = no limits
-    (every stage may use the whole GPU; streams contend freely)."""
+    (every stage may use the whole GPU; streams contend freely).
+
+    ``isolated``: the stages run on separate SM partitions (green contexts / SM masks), so
+    co-running stages share only memory bandwidth and caches; False: plain concurrent streams
+    that also contend for SMs. The cost models' ``isolated`` argument. ``name`` is for display.
+    """
 
     vision: float = 1.0
     prefill: float = 1.0
     decode: float = 1.0
     name: str = "shared"
+    isolated: bool = False
 
     def __post_init__(self) -> None:
         for stage in STAGES:
@@ -133,7 +138,9 @@ class Partition:
                 raise ValueError(f"SM share of {stage.value} must be in (0, 1], got {share}")
 
     def share(self, stage: Stage) -> float:
-        return getattr(self, stage.value)
+        if stage is Stage.DECODE:
+            return self.decode
+        return self.prefill if stage is Stage.PREFILL else self.vision
 
     @classmethod
     def shared(cls) -> Partition:

@@ -169,6 +169,8 @@ def test_nova_plans_on_the_pareto_frontier():
         for rate in (0.1, 0.3, 0.5)
     ]
     assert lats == sorted(lats)
+    # every partition nova may choose isolates its stages (the cost model is asked so)
+    assert all(p.isolated for p in pol.partition_set())
 
 
 def test_nova_decision_is_cheap_after_planning():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import time
 
 import pytest
@@ -12,8 +15,17 @@ from nova.core.scheduler import Scheduler
 from nova.engine.loop import EngineLoop
 from nova.executor.fake import FakeExecutor
 from nova.sampling_params import SamplingParams
-from nova.sim.simulator import FixedCostModel, SimArrival, Simulator
-from nova.types import ImageInput, Request, RequestStatus, Stage
+from nova.sim.simulator import (
+    DONE_EPS,
+    SIM_TOKEN,
+    TIME_EPS_S,
+    BatchRecord,
+    FixedCostModel,
+    SimArrival,
+    SimResult,
+    Simulator,
+)
+from nova.types import STAGES, ImageInput, Request, RequestStatus, Stage, StageResult
 
 DUR = {Stage.VISION: 0.06, Stage.PREFILL: 0.04, Stage.DECODE: 0.02}
 IMAGE_TOKENS = 4
@@ -142,10 +154,86 @@ def test_parity_engine_with_fake_executor_vs_simulator(policy):
 
 
 # -- the fast event loop decides exactly like the straightforward one ------------------------------
-def _paper_sim(policy: str, reference: bool, num_kv_blocks: int | None = None):
+def reference_run(sim: Simulator, arrivals) -> SimResult:
+    """The oracle for ``Simulator.run``: the straightforward event loop. After every event it
+    asks every idle stage for a batch and recomputes every running batch's rate from the cost
+    model (no stage skipped, nothing memoized); otherwise the same rules (a batch keeps the
+    share it started with, arrivals within ``TIME_EPS_S`` join an event, a closed-loop step is
+    sent ``think_time_s`` after its session's previous step finished)."""
+    sched = sim.scheduler
+    seq = itertools.count()
+    heap: list = []
+    by_session: dict[str, list[SimArrival]] = {}
+    for a in arrivals:
+        if a.arrival_s is not None:
+            heapq.heappush(heap, (a.arrival_s, next(seq), a))
+        else:
+            by_session.setdefault(a.session_id, []).append(a)
+    session_of = {a.request_id: a.session_id for a in arrivals if a.session_id}
+    requests, records = [], []
+    running: dict[Stage, list] = {}  # stage -> [batch, work, remaining, rate]
+    t = 0.0
+    changed = False
+    while True:
+        started = changed
+        for stage in STAGES:
+            if stage not in running:
+                batch = sched.schedule(stage, t)
+                if batch is not None:
+                    running[stage] = [batch, sim.work_fn(batch), 1.0, 0.0]
+                    started = True
+        if started:
+            for stage, r in running.items():
+                part = r[0].partition
+                others = [
+                    (o[1], o[0].partition.share(s)) for s, o in running.items() if s is not stage
+                ]
+                duration = sim.cost.time_s(r[1], part.share(stage), others, part.isolated)
+                r[3] = 1.0 / max(duration, 1e-9)
+        changed = False
+        next_done = min((t + r[2] / r[3] for r in running.values()), default=math.inf)
+        t_next = min(next_done, heap[0][0] if heap else math.inf)
+        if t_next == math.inf:
+            assert not sched.has_unfinished(), "the reference loop stalled"
+            break
+        for r in running.values():
+            r[2] -= r[3] * (t_next - t)
+        t = t_next
+        for stage in [s for s, r in running.items() if r[2] <= DONE_EPS]:
+            batch = running.pop(stage)[0]
+            changed = True
+            tokens = {it.request_id: SIM_TOKEN for it in batch.items if it.sample}
+            events = sched.complete(
+                StageResult(batch, t, tokens if stage is not Stage.VISION else {}), t
+            )
+            records.append(
+                BatchRecord(
+                    stage, batch.start_s, t, tuple(batch.request_ids), batch.partition.share(stage)
+                )
+            )
+            for ev in events:
+                sid = session_of.get(ev.request_id)
+                if ev.finished and by_session.get(sid):
+                    nxt = by_session[sid].pop(0)
+                    heapq.heappush(heap, (t + nxt.think_time_s, next(seq), nxt))
+        if sim.check_invariants:
+            sched.block_manager.check_integrity()
+        while heap and heap[0][0] <= t + TIME_EPS_S:
+            _, _, a = heapq.heappop(heap)
+            req = sim.make_request(a)
+            sched.add_request(req, max(t, a.arrival_s if a.arrival_s is not None else t))
+            requests.append(req)
+    return SimResult(requests, records, t, sched.state.num_preemptions)
+
+
+def _run(sim: Simulator, arrivals, reference: bool) -> SimResult:
+    return reference_run(sim, arrivals) if reference else sim.run(arrivals)
+
+
+def _paper_sim(policy: str, kv_blocks: int | None = None):
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import get_model_spec
-    from nova.sim.eval import EXPERIMENTS, _kv_blocks, build_policy
+    from nova.sim.eval import EXPERIMENTS, build_policy, num_kv_blocks
 
     exp = EXPERIMENTS["paper-a6000"]
     spec = get_model_spec(exp.model)
@@ -153,10 +241,9 @@ def _paper_sim(policy: str, reference: bool, num_kv_blocks: int | None = None):
     return Simulator(
         build_policy(policy, exp, cost, spec),
         cost,
-        num_kv_blocks or _kv_blocks(cost, spec, 16),
+        kv_blocks or num_kv_blocks(cost, spec, 16),
         16,
         spec.image_tokens,
-        reference=reference,
     )
 
 
@@ -204,12 +291,26 @@ def test_fast_loop_makes_the_reference_loops_decisions(policy):
     preempted = 0
     for name, (wl, kv) in _paper_workloads().items():
         arrivals = arrivals_from_workload(wl)
-        fast = _outcome(_paper_sim(policy, False, kv).run(arrivals))
-        ref = _outcome(_paper_sim(policy, True, kv).run(arrivals))
+        fast = _outcome(_paper_sim(policy, kv).run(arrivals))
+        ref = _outcome(reference_run(_paper_sim(policy, kv), arrivals))
         assert len(fast[0]) > len(arrivals), name  # it really simulated something
         assert fast == ref, name
         preempted += fast[2]
     assert preempted > 0  # the tight cache exercised preemption too
+
+
+@pytest.mark.parametrize("policy", ["multi_stream", "nova"])
+def test_the_cost_memo_changes_no_decision(policy):
+    """``memoize_costs=False`` (every rate asked of the cost model) decides exactly like the
+    default: the memo keys (``shape_key``, shares, mode) determine the answers."""
+    from nova.sim.simulator import arrivals_from_workload
+
+    wl, kv = _paper_workloads()["bursty-tight-kv"]
+    arrivals = arrivals_from_workload(wl)
+    memo = _paper_sim(policy, kv)
+    plain = _paper_sim(policy, kv)
+    plain.memoize_costs = False
+    assert _outcome(memo.run(arrivals)) == _outcome(plain.run(arrivals))
 
 
 @pytest.mark.parametrize("policy", [p for p in available_policies() if p != "nova"])
@@ -234,7 +335,28 @@ def test_fast_loop_matches_reference_with_priorities_and_deadlines(policy):
             num_kv_blocks=30,
             block_size=4,
             image_tokens=IMAGE_TOKENS,
-            reference=reference,
         )
-        runs.append(_outcome(sim.run(arrivals)))
+        runs.append(_outcome(_run(sim, arrivals, reference)))
     assert runs[0] == runs[1]
+
+
+def test_cost_model_gets_the_partitions_isolation_flag():
+    """The simulator asks the cost model in the mode the batch's partition declares
+    (``Partition.isolated``), whatever the partition's display name."""
+    from nova.types import Partition
+
+    class Recording(FixedCostModel):
+        def time_s(self, work, sm_share, co_running=(), isolated=True):
+            seen.add((work.stage, sm_share, isolated))
+            return super().time_s(work, sm_share, co_running, isolated)
+
+    assert not Partition.shared().isolated
+    for policy, isolated in (("multi_stream", False), ("static_partition", True)):
+        seen: set = set()
+        sim = Simulator(
+            make_policy(policy), Recording(DUR), num_kv_blocks=64, block_size=4, image_tokens=4
+        )
+        sim.run(_trace())
+        assert seen and {mode for _, _, mode in seen} == {isolated}, policy
+    part = make_policy("static_partition").partition(None, 0.0)
+    assert part.isolated and (part.vision, part.prefill, part.decode) == (0.4, 0.4, 0.2)

@@ -1,12 +1,16 @@
 """The baselines Nova is measured against, all behind the same ``Policy`` interface.
 
+- ``sequential``: one stage at a time, first come first served, run-to-completion batching (what
+  a naive server does).
+- ``multi_stream``: all stages concurrently whenever they have work, no SM partitioning (streams
+  contend for the whole GPU).
 - ``pf_limit``: time-sliced (one batch at a time on the whole GPU), prefill-first: waiting
   vision/prefill work runs before decode, but after ``max_consecutive_prefills`` front-stage
   batches in a row while sequences wait to decode, one decode step must run (the limit).
 - ``chunked_prefill``: time-sliced, vLLM-style: every step carries one decode token of every
   running sequence plus prompt chunks filling a token budget (default 128, decode tokens
   included); a request's images are encoded inline, in their own step, before its first chunk.
-- ``static_partition``: all stages concurrently, each on a fixed SM share.
+- ``static_partition``: all stages concurrently, each on a fixed, isolated SM share.
 """
 
 from __future__ import annotations
@@ -14,14 +18,84 @@ from __future__ import annotations
 from nova.core.policy import (
     BatchPlan,
     Policy,
+    SchedulerState,
     StageLimits,
-    _plan,
+    plan_in_service_order,
     prefill_head_fits,
     register_policy,
     service_order_key,
 )
-from nova.core.scheduler import SchedulerState
-from nova.types import Partition, Stage, StageResult
+from nova.types import STAGES, Partition, Request, Stage, StageResult
+
+
+@register_policy("multi_stream")
+class MultiStreamPolicy(Policy):
+    """All three stage workers run concurrently whenever they have work; no SM partitioning
+    (the paper's multi-stream baseline: streams contend for the whole GPU)."""
+
+    idle_without_queue = True
+
+    def __init__(self, limits: StageLimits | None = None) -> None:
+        self.limits = limits or StageLimits()
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        return plan_in_service_order(stage, state, self.limits)
+
+
+@register_policy("sequential")
+class SequentialPolicy(Policy):
+    """One stage at a time, first come first served: what a naive server does.
+
+    When nothing runs, the stage that holds the earliest-arrived waiting request goes next
+    (decoding requests count as waiting for decode), batched in arrival order. Because running
+    requests are older than new arrivals, the decode set drains before new requests start:
+    run-to-completion batching.
+    """
+
+    idle_without_queue = True
+    one_batch_at_a_time = True
+
+    def __init__(self, limits: StageLimits | None = None) -> None:
+        self.limits = limits or StageLimits()
+
+    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
+        if state.any_running():
+            return None
+        own = state.queue(stage)
+        if not own:
+            return None  # its head would be infinitely late
+        # ``stage`` goes iff its head is the earliest (ties: the earlier stage in STAGES); a
+        # prefill head that cannot get its blocks while sequences decode counts as never.
+        decoding = stage is Stage.DECODE or bool(state.queue(Stage.DECODE))
+        if stage is Stage.PREFILL and decoding and not prefill_head_fits(state):
+            return None
+        own_head = min([r.arrival_s for r in own])
+        own_index = STAGES.index(stage)
+        for other in _SEQUENTIAL_RIVALS:  # cheapest and likeliest rivals first
+            if other is stage:
+                continue
+            queue = state.queue(other)
+            if not queue:
+                continue
+            head = min([r.arrival_s for r in queue])
+            if head < own_head or (head == own_head and STAGES.index(other) < own_index):
+                if other is Stage.PREFILL and decoding and not prefill_head_fits(state):
+                    continue  # decode must free blocks first
+                return None
+        by_arrival = tuple([r.request_id for r in sorted(own, key=_arrival_s)])
+        limits = self.limits
+        if stage is Stage.VISION:
+            return BatchPlan(stage, by_arrival, max_images=limits.max_vision_images)
+        if stage is Stage.PREFILL:
+            return BatchPlan(stage, by_arrival, limits.max_num_seqs, limits.max_prefill_tokens)
+        return BatchPlan(stage, by_arrival, limits.max_num_seqs)
+
+
+_SEQUENTIAL_RIVALS = (Stage.DECODE, Stage.VISION, Stage.PREFILL)
+
+
+def _arrival_s(req: Request) -> float:
+    return req.arrival_s
 
 
 def _front_stage(state: SchedulerState) -> Stage | None:
@@ -65,7 +139,7 @@ class PrefillFirstLimitPolicy(Policy):
         # (an empty queue gets no plan whatever _choose says)
         if state.any_running() or not state.num_waiting(stage) or self._choose(state) is not stage:
             return None
-        return _plan(stage, state, self.limits)
+        return plan_in_service_order(stage, state, self.limits)
 
     def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
         self._streak = 0 if result.batch.stage is Stage.DECODE else self._streak + 1
@@ -131,10 +205,10 @@ class StaticPartitionPolicy(Policy):
         self, limits: StageLimits | None = None, partition: Partition | None = None
     ) -> None:
         self.limits = limits or StageLimits()
-        self.fixed = partition or Partition(vision=0.4, prefill=0.4, decode=0.2, name="static")
+        self.fixed = partition or Partition(0.4, 0.4, 0.2, name="static", isolated=True)
 
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        return _plan(stage, state, self.limits)
+        return plan_in_service_order(stage, state, self.limits)
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         return self.fixed

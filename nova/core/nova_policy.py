@@ -15,8 +15,9 @@ load changes:
 2. **Candidates.** When decode and a compute stage both have work: the decode share ``d`` on
    the GPU's SM granularity grid (at least ``min_decode_share``), the compute stages ``1 - d``.
    A lone stage gets the whole GPU.
-3. **Prediction** for each candidate, from the cost model (``time_s(work, share, co_running,
-   isolated=True)``, which includes bandwidth interference between co-running stages):
+3. **Prediction** for each candidate, from the cost model (``nova.cost.base.CostModel``:
+   ``time_s(work, share, co_running, isolated)``, which includes bandwidth interference between
+   co-running stages; nova's partitions are isolated, ``Partition.isolated``):
    - vision + prefill form one M/G/1 server (Pollaczek-Khinchine) with service
      ``S = f_img S_vision + S_prefill`` at share ``1 - d`` while decode co-runs:
      ``W = lam E[S^2] / (2 (1 - rho))``, ``E[S^2] = S^2 (1 + cv2)``; ``rho >= 1``: the partition
@@ -51,12 +52,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from nova.core.policy import BatchPlan, Policy, StageLimits, _plan, register_policy
-from nova.core.scheduler import SchedulerState
-from nova.types import Partition, RequestStatus, Stage
+from nova.core.policy import (
+    BatchPlan,
+    Policy,
+    SchedulerState,
+    StageLimits,
+    plan_in_service_order,
+    register_policy,
+)
+from nova.cost.base import CostModel, StageWork
+from nova.types import Partition, Request, RequestStatus, Stage
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,7 +87,7 @@ class Prediction:
 
 @dataclass(slots=True)
 class _Observed:
-    arrivals_s: deque = field(default_factory=deque)
+    arrivals_s: deque[float] = field(default_factory=deque)
     text_tokens: float = 200.0
     output_tokens: float = 50.0
     image_fraction: float = 1.0
@@ -93,7 +101,7 @@ def _compute_decode_partition(decode: float) -> Partition:
     Partition needs shares in (0, 1], so the idle side keeps a token share it never uses."""
     eps = 1e-3
     compute = 1.0 - decode if 0.0 < decode < 1.0 else (1.0 if decode == 0.0 else eps)
-    return Partition(vision=compute, prefill=compute, decode=max(decode, eps), name="nova")
+    return Partition(compute, compute, max(decode, eps), name="nova", isolated=True)
 
 
 _VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
@@ -118,7 +126,7 @@ class NovaPolicy(Policy):
     def __init__(
         self,
         limits: StageLimits | None = None,
-        cost_model: Any | None = None,
+        cost_model: CostModel | None = None,
         image_tokens: int = 576,
         sm_granularity_share: float = 1 / 14,
         min_decode_share: float = 1 / 7,
@@ -168,7 +176,7 @@ class NovaPolicy(Policy):
             starving = bool(vision_q) and now_s - vision_q[0].arrival_s >= self.vision_starvation_s
             if state.queue(Stage.PREFILL) and not starving:
                 return None  # prefill first
-        return _plan(stage, state, self.limits)
+        return plan_in_service_order(stage, state, self.limits)
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         self._observe(state, now_s)
@@ -220,6 +228,7 @@ class NovaPolicy(Policy):
                 arrivals.popleft()
             return
         self._num_added_seen = state.num_added
+        new: Iterable[Request]
         if num_new < 0 or num_new >= len(state.requests):
             new = state.requests.values()
         else:
@@ -261,9 +270,7 @@ class NovaPolicy(Policy):
         return (n - 1) / span if span < self.rate_window_s else n / self.rate_window_s
 
     # -- prediction ------------------------------------------------------------------------------
-    def _works(self, load: LoadEstimate, decode_batch: float) -> dict[Stage, Any]:
-        from nova.cost.base import StageWork
-
+    def _works(self, load: LoadEstimate, decode_batch: float) -> dict[Stage, StageWork]:
         n_img = max(1, round(load.images_per_request))
         prompt = int(load.text_tokens + load.image_fraction * n_img * self.image_tokens)
         ctx = prompt + int(load.output_tokens / 2)
@@ -286,8 +293,8 @@ class NovaPolicy(Policy):
         busy, service, second_moment = 0.0, 0.0, 0.0
         if has_compute:
             decode_co = [(works[Stage.DECODE], part.decode)] if has_decode else []
-            s_v = self.cost.time_s(works[Stage.VISION], compute_share, decode_co, True)
-            s_p = self.cost.time_s(works[Stage.PREFILL], compute_share, decode_co, True)
+            s_v = self.cost.time_s(works[Stage.VISION], compute_share, decode_co, part.isolated)
+            s_p = self.cost.time_s(works[Stage.PREFILL], compute_share, decode_co, part.isolated)
             service = load.image_fraction * s_v + s_p
             second_moment = service * service * (1.0 + self.cv2)
             busy = lam * service
@@ -300,11 +307,11 @@ class NovaPolicy(Policy):
                 works = self._works(load, batch)
                 co = [(works[Stage.PREFILL], compute_share)] if has_compute else []
                 t_co = (
-                    self.cost.time_s(works[Stage.DECODE], part.decode, co, True)
+                    self.cost.time_s(works[Stage.DECODE], part.decode, co, part.isolated)
                     if has_compute
                     else 0.0
                 )
-                t_alone = self.cost.time_s(works[Stage.DECODE], 1.0, (), True)
+                t_alone = self.cost.time_s(works[Stage.DECODE], 1.0, (), part.isolated)
                 t_step = busy * t_co + (1.0 - busy) * t_alone
                 batch = min(max(1.0, lam * n_out * t_step), float(self.limits.max_num_seqs))
             capacity = min(capacity, self.limits.max_num_seqs / t_step / n_out)

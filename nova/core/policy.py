@@ -1,24 +1,97 @@
-"""The scheduling policy interface, its registry, and the first two policies.
+"""The scheduling policy interface: what a policy sees, what it answers, and its registry.
 
 A policy decides *when* a stage may run, *which* waiting requests it should take and in what
-order, and the SM partition. The ``Scheduler`` (mechanism) turns a policy's ``BatchPlan`` into
-a ``Batch``: it admits prefills only while their KV blocks fit, grows decode sequences and
+order, and the SM partition. Its input is a ``SchedulerState`` (read-only for policies), its
+answer a ``BatchPlan``; the ``Scheduler`` (mechanism, ``nova.core.scheduler``) turns the plan
+into a ``Batch``: it admits prefills only while their KV blocks fit, grows decode sequences and
 preempts when blocks run out. Policies get the state and the time as arguments and never read
 a clock, so the real engine and the simulator drive the same objects.
+
+The policies themselves: ``nova.core.baselines`` (sequential, multi_stream, pf_limit,
+chunked_prefill, static_partition) and ``nova.core.nova_policy`` (nova).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
-from nova.types import STAGES, Partition, Request, Stage, StageResult
+from nova.core.block_manager import BlockManager
+from nova.registry import Registry
+from nova.types import Batch, Partition, Request, RequestStatus, Stage, StageResult
 
-if TYPE_CHECKING:
-    from nova.core.scheduler import SchedulerState
+# The status of a live request waiting for (or, for decode, between steps of) each stage.
+WAITING_STATUS: dict[Stage, RequestStatus] = {
+    Stage.VISION: RequestStatus.WAITING_VISION,
+    Stage.PREFILL: RequestStatus.WAITING_PREFILL,
+    Stage.DECODE: RequestStatus.DECODING,
+}
+
+# One frozen instance serves every batch of a policy that does not partition SMs.
+SHARED_PARTITION = Partition.shared()
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    """What policies may look at (the scheduler owns and mutates it; policies only read).
+
+    ``requests`` holds live (not yet done) requests in arrival order.
+    """
+
+    block_manager: BlockManager
+    requests: dict[str, Request] = field(default_factory=dict)
+    # live requests by status, each in the order they entered it (kept by ``set_status``)
+    by_status: dict[RequestStatus, dict[str, Request]] = field(
+        default_factory=lambda: {s: {} for s in WAITING_STATUS.values()}
+    )
+    running: dict[Stage, Batch | None] = field(default_factory=lambda: dict.fromkeys(Stage))
+    in_flight: dict[str, Stage] = field(default_factory=dict)
+    partition: Partition = SHARED_PARTITION
+    num_preemptions: int = 0
+    num_added: int = 0  # requests ever added (the newest are the last ``requests`` entries)
+
+    def set_status(self, req: Request, status: RequestStatus) -> None:
+        old = self.by_status.get(req.status)
+        if old is not None:
+            old.pop(req.request_id, None)
+        req.status = status
+        index = self.by_status.get(status)
+        if index is not None:
+            index[req.request_id] = req
+
+    def queue(self, stage: Stage) -> list[Request]:
+        """Requests waiting for ``stage`` and not inside a running batch, in the order they
+        entered that stage (arrival order, except that a preempted request re-enters prefill
+        later; policies rank with ``service_order_key`` anyway)."""
+        index = self.by_status[WAITING_STATUS[stage]]
+        in_flight = self.in_flight
+        if not in_flight:
+            return list(index.values())
+        return [r for rid, r in index.items() if rid not in in_flight]
+
+    def num_waiting(self, stage: Stage) -> int:
+        """``len(queue(stage))`` without building the list."""
+        index = self.by_status[WAITING_STATUS[stage]]
+        in_flight = self.in_flight
+        if not in_flight:
+            return len(index)
+        return sum([1 for rid in index if rid not in in_flight])
+
+    def num_in_stage(self, stage: Stage) -> int:
+        """Waiting for or running in ``stage``."""
+        return len(self.by_status[WAITING_STATUS[stage]])
+
+    def any_running(self) -> bool:
+        running = self.running
+        return (
+            running[Stage.VISION] is not None
+            or running[Stage.PREFILL] is not None
+            or running[Stage.DECODE] is not None
+        )
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +132,7 @@ class Policy(ABC):
         """The next batch for ``stage``, which is idle; None to leave it idle for now."""
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
-        return _SHARED  # == Partition.shared() (frozen: one instance serves every batch)
+        return SHARED_PARTITION
 
     def on_batch_done(  # noqa: B027 - optional hook, a no-op by default
         self, result: StageResult, state: SchedulerState, now_s: float
@@ -67,15 +140,17 @@ class Policy(ABC):
         """Told after the scheduler has applied ``result``."""
 
 
-_SHARED = Partition.shared()
+# -- registry ------------------------------------------------------------------------------------
+POLICIES: Registry[type[Policy]] = Registry("policy")
+_P = TypeVar("_P", bound=type[Policy])
 
-POLICIES: dict[str, Callable[..., Policy]] = {}
 
+def register_policy(name: str) -> Callable[[_P], _P]:
+    """Class decorator: register a ``Policy`` subclass under ``name`` (its ``name``)."""
 
-def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
-    def wrap(cls: type[Policy]) -> type[Policy]:
+    def wrap(cls: _P) -> _P:
+        POLICIES.add(name, cls)
         cls.name = name
-        POLICIES[name] = cls
         return cls
 
     return wrap
@@ -86,22 +161,26 @@ _BUILTIN_POLICY_MODULES = ("nova.core.baselines", "nova.core.nova_policy")
 
 def available_policies() -> list[str]:
     """Names of all registered policies (imports the built-in policy modules once)."""
-    import importlib
-
     for module in _BUILTIN_POLICY_MODULES:
         importlib.import_module(module)
-    return sorted(POLICIES)
+    return POLICIES.names()
 
 
 def make_policy(name: str, **kwargs: object) -> Policy:
+    """The policy registered as ``name``, built with ``kwargs``; ``ValueError`` naming the
+    choices if unknown."""
     available_policies()
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}"
-        ) from None
-    return factory(**kwargs)
+    return POLICIES.lookup(name)(**kwargs)
+
+
+# -- what policies share -------------------------------------------------------------------------
+@dataclass(slots=True)
+class StageLimits:
+    """Per-batch caps shared by the policies (engine flags set them)."""
+
+    max_vision_images: int = 8
+    max_prefill_tokens: int = 4096
+    max_num_seqs: int = 64
 
 
 def service_order_key(req: Request) -> tuple[int, float, float]:
@@ -127,16 +206,11 @@ def prefill_head_fits(state: SchedulerState, max_tokens: int | None = None) -> b
     return state.block_manager.can_allocate(head.request_id, head.num_computed_tokens + take)
 
 
-@dataclass(slots=True)
-class StageLimits:
-    """Per-batch caps shared by the policies (engine flags set them)."""
-
-    max_vision_images: int = 8
-    max_prefill_tokens: int = 4096
-    max_num_seqs: int = 64
-
-
-def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan | None:
+def plan_in_service_order(
+    stage: Stage, state: SchedulerState, limits: StageLimits
+) -> BatchPlan | None:
+    """Every request waiting for ``stage``, in service order (``service_order_key``), capped
+    by ``limits``; None if none waits."""
     queue = state.queue(stage)
     if not queue:
         return None
@@ -151,73 +225,3 @@ def _plan(stage: Stage, state: SchedulerState, limits: StageLimits) -> BatchPlan
             stage, ordered, max_tokens=limits.max_prefill_tokens, max_requests=limits.max_num_seqs
         )
     return BatchPlan(stage, ordered, max_requests=limits.max_num_seqs)
-
-
-@register_policy("multi_stream")
-class MultiStreamPolicy(Policy):
-    """All three stage workers run concurrently whenever they have work; no SM partitioning
-    (the paper's multi-stream baseline: streams contend for the whole GPU)."""
-
-    idle_without_queue = True
-
-    def __init__(self, limits: StageLimits | None = None) -> None:
-        self.limits = limits or StageLimits()
-
-    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        return _plan(stage, state, self.limits)
-
-
-@register_policy("sequential")
-class SequentialPolicy(Policy):
-    """One stage at a time, first come first served: what a naive server does.
-
-    When nothing runs, the stage that holds the earliest-arrived waiting request goes next
-    (decoding requests count as waiting for decode), batched in arrival order. Because running
-    requests are older than new arrivals, the decode set drains before new requests start:
-    run-to-completion batching.
-    """
-
-    idle_without_queue = True
-    one_batch_at_a_time = True
-
-    def __init__(self, limits: StageLimits | None = None) -> None:
-        self.limits = limits or StageLimits()
-
-    def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        if state.any_running():
-            return None
-        own = state.queue(stage)
-        if not own:
-            return None  # its head would be infinitely late
-        # ``stage`` goes iff its head is the earliest (ties: the earlier stage in STAGES); a
-        # prefill head that cannot get its blocks while sequences decode counts as never.
-        decoding = stage is Stage.DECODE or bool(state.queue(Stage.DECODE))
-        if stage is Stage.PREFILL and decoding and not prefill_head_fits(state):
-            return None
-        own_head = min([r.arrival_s for r in own])
-        own_index = STAGES.index(stage)
-        for other in _SEQUENTIAL_RIVALS:  # cheapest and likeliest rivals first
-            if other is stage:
-                continue
-            queue = state.queue(other)
-            if not queue:
-                continue
-            head = min([r.arrival_s for r in queue])
-            if head < own_head or (head == own_head and STAGES.index(other) < own_index):
-                if other is Stage.PREFILL and decoding and not prefill_head_fits(state):
-                    continue  # decode must free blocks first
-                return None
-        by_arrival = tuple([r.request_id for r in sorted(own, key=_arrival_s)])
-        limits = self.limits
-        if stage is Stage.VISION:
-            return BatchPlan(stage, by_arrival, max_images=limits.max_vision_images)
-        if stage is Stage.PREFILL:
-            return BatchPlan(stage, by_arrival, limits.max_num_seqs, limits.max_prefill_tokens)
-        return BatchPlan(stage, by_arrival, limits.max_num_seqs)
-
-
-_SEQUENTIAL_RIVALS = (Stage.DECODE, Stage.VISION, Stage.PREFILL)
-
-
-def _arrival_s(req: Request) -> float:
-    return req.arrival_s

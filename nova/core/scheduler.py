@@ -17,14 +17,11 @@ Memory rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from nova.core.block_manager import BlockManager, num_blocks_for
-from nova.core.policy import BatchPlan, Policy
+from nova.core.policy import WAITING_STATUS, BatchPlan, Policy, SchedulerState
 from nova.types import (
     Batch,
     BatchItem,
-    Partition,
     Request,
     RequestEvent,
     RequestStatus,
@@ -32,72 +29,9 @@ from nova.types import (
     StageResult,
 )
 
-_WAITING_STATUS = {
-    Stage.VISION: RequestStatus.WAITING_VISION,
-    Stage.PREFILL: RequestStatus.WAITING_PREFILL,
-    Stage.DECODE: RequestStatus.DECODING,
-}
-
 
 class RequestRejected(ValueError):
     """The request can never be served (e.g. larger than the whole KV cache)."""
-
-
-@dataclass(slots=True)
-class SchedulerState:
-    """What policies may look at. ``requests`` holds live (not yet done) requests in arrival "
-    "order."""
-
-    block_manager: BlockManager
-    requests: dict[str, Request] = field(default_factory=dict)
-    # live requests by status, each in the order they entered it (kept by ``set_status``)
-    by_status: dict[RequestStatus, dict[str, Request]] = field(
-        default_factory=lambda: {s: {} for s in _WAITING_STATUS.values()}
-    )
-    running: dict[Stage, Batch | None] = field(default_factory=lambda: dict.fromkeys(Stage))
-    in_flight: dict[str, Stage] = field(default_factory=dict)
-    partition: Partition = field(default_factory=Partition.shared)
-    num_preemptions: int = 0
-    num_added: int = 0  # requests ever added (the newest are the last ``requests`` entries)
-
-    def set_status(self, req: Request, status: RequestStatus) -> None:
-        old = self.by_status.get(req.status)
-        if old is not None:
-            old.pop(req.request_id, None)
-        req.status = status
-        index = self.by_status.get(status)
-        if index is not None:
-            index[req.request_id] = req
-
-    def queue(self, stage: Stage) -> list[Request]:
-        """Requests waiting for ``stage`` and not inside a running batch, in the order they
-        entered that stage (arrival order, except that a preempted request re-enters prefill
-        later; policies rank with ``service_order_key`` anyway)."""
-        index = self.by_status[_WAITING_STATUS[stage]]
-        in_flight = self.in_flight
-        if not in_flight:
-            return list(index.values())
-        return [r for rid, r in index.items() if rid not in in_flight]
-
-    def num_waiting(self, stage: Stage) -> int:
-        """``len(queue(stage))`` without building the list."""
-        index = self.by_status[_WAITING_STATUS[stage]]
-        in_flight = self.in_flight
-        if not in_flight:
-            return len(index)
-        return sum([1 for rid in index if rid not in in_flight])
-
-    def num_in_stage(self, stage: Stage) -> int:
-        """Waiting for or running in ``stage``."""
-        return len(self.by_status[_WAITING_STATUS[stage]])
-
-    def any_running(self) -> bool:
-        running = self.running
-        return (
-            running[Stage.VISION] is not None
-            or running[Stage.PREFILL] is not None
-            or running[Stage.DECODE] is not None
-        )
 
 
 class Scheduler:
@@ -219,7 +153,7 @@ class Scheduler:
     def _candidates(
         self, plan: BatchPlan, ids: tuple[str, ...] | None = None, stage: Stage | None = None
     ) -> list[Request]:
-        status = _WAITING_STATUS[stage or plan.stage]
+        status = WAITING_STATUS[stage or plan.stage]
         get = self.state.requests.get
         in_flight = self.state.in_flight
         out = []

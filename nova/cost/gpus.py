@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nova.registry import Registry
+
 _SHARE_EPS = 1e-9  # so that e.g. 0.5 * 84 = 42.000000001 is not rounded up to 44
 
 
@@ -88,28 +90,26 @@ def check_share(sm_share: float) -> None:
         raise ValueError(f"SM share must be in (0, 1], got {sm_share!r}")
 
 
-GPUS: dict[str, GpuSpec] = {}
+GPUS: Registry[GpuSpec] = Registry("GPU", UnknownGpuError)
 
 
 def register_gpu(spec: GpuSpec) -> GpuSpec:
-    if spec.name in GPUS:
-        raise ValueError(f"GPU {spec.name!r} is already registered")
-    GPUS[spec.name] = spec
-    return spec
+    """Register ``spec`` under its (lower-case) name, once."""
+    return GPUS.add(spec.name, spec)
 
 
 def get_gpu(name: str | GpuSpec) -> GpuSpec:
     """The registered GPU called ``name`` (case-insensitive); a ``GpuSpec`` passes through."""
     if isinstance(name, GpuSpec):
         return name
-    key = str(name).strip().lower()
-    if key not in GPUS:
-        raise UnknownGpuError(f"unknown GPU {name!r}; known GPUs: {', '.join(sorted(GPUS))}")
-    return GPUS[key]
+    spec = GPUS.get(str(name).strip().lower())
+    if spec is None:
+        raise GPUS.unknown(name)
+    return spec
 
 
 def available_gpus() -> list[str]:
-    return sorted(GPUS)
+    return GPUS.names()
 
 
 # PCIe per direction: 4.0 x16 = 16 GT/s x 16 lanes x 128/130 ~ 31.5 GB/s; 5.0 x16 ~ 63 GB/s.

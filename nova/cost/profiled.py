@@ -52,12 +52,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nova.cost.base import CoRunning, StageWork, register_cost_model
+from nova.cost.base import CoRunning, StageWork, TotalsKey, register_cost_model
 from nova.cost.gpus import GpuSpec, check_share, get_gpu
 from nova.types import Stage
 
@@ -352,7 +352,7 @@ class ProfiledCostModel:
         return tuple(self.tables)
 
     @staticmethod
-    def shape_key(work: StageWork) -> tuple:
+    def shape_key(work: StageWork) -> TotalsKey:
         """What ``time_s`` depends on in ``work``: the table coordinates are functions of its
         totals (``StageWork.totals_key``), so equal keys give equal times (a memo key)."""
         return work.totals_key()
@@ -401,7 +401,10 @@ def merge_profiles(
     """
     import statistics
 
-    reducers = {"min": min, "median": statistics.median}
+    reducers: dict[str, Callable[[list[float]], float]] = {
+        "min": min,
+        "median": statistics.median,
+    }
     if table_statistic not in reducers or corun_statistic not in reducers:
         raise ValueError(f"statistics must be one of {sorted(reducers)}")
     if not profiles:
@@ -412,8 +415,8 @@ def merge_profiles(
         if m.metadata.get("model") != first.metadata.get("model") or m.gpu() != first.gpu():
             raise ProfileError("can only merge profiles of the same model on the same device")
         for stage, table in first.raw_tables.items():
-            other = m.raw_tables.get(stage)
-            if other is None or other.grid != table.grid or other.shares != table.shares:
+            theirs = m.raw_tables.get(stage)
+            if theirs is None or theirs.grid != table.grid or theirs.shares != table.shares:
                 raise ProfileError(
                     f"can only merge profiles with the same {stage.value} grid and shares"
                 )

@@ -48,11 +48,11 @@ defaults of ``Calibration`` are that fit, and are used unchanged for the other G
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nova.cost.base import CoRunning, StageWork, register_cost_model
+from nova.cost.base import CoRunning, StageWork, TotalsKey, register_cost_model
 from nova.cost.gpus import GpuSpec, check_share, get_gpu
 from nova.cost.model_spec import ModelSpec, get_model_spec
 from nova.types import Stage
@@ -227,12 +227,12 @@ class RooflineCostModel:
         self.calib = calib or Calibration()
         self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
         self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # effective HBM B/s
-        self._solos: dict[tuple, Solo] = {}  # (shape key, share) -> solo terms
+        self._solos: dict[tuple[TotalsKey, float], Solo] = {}  # (shape key, share) -> solo terms
         self._granted: dict[float, float] = {}  # share asked -> share granted
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
-        self._memo: dict[tuple, Any] = {}
+        self._memo: dict[Hashable, float] = {}  # FLOPs, bytes, solo times
 
     def __repr__(self) -> str:
         return f"RooflineCostModel(gpu={self._gpu.name!r}, model={self.model.name!r})"
@@ -241,7 +241,7 @@ class RooflineCostModel:
         return self._gpu
 
     # -- work -> FLOPs / bytes -----------------------------------------------------------------
-    def _memoized(self, key: tuple, compute: Any) -> Any:
+    def _memoized(self, key: Hashable, compute: Callable[[], float]) -> float:
         value = self._memo.get(key)
         if value is None:
             if len(self._memo) >= self._MEMO_MAX:
@@ -250,22 +250,26 @@ class RooflineCostModel:
         return value
 
     @staticmethod
-    def shape_key(work: StageWork) -> tuple:
+    def shape_key(work: StageWork) -> TotalsKey:
         """What ``time_s`` depends on in ``work``: its totals (``StageWork.totals_key``; FLOPs
         and bytes are sums over the sequences). Equal keys, equal times: an exact memo key."""
         return work.totals_key()
 
-    def flops(self, work: StageWork, key: tuple | None = None) -> float:
-        key = ("flops", key or work.totals_key())
+    def flops(self, work: StageWork, key: TotalsKey | None = None) -> float:
+        memo_key = ("flops", key or work.totals_key())
         if work.stage is Stage.VISION:
-            return self._memoized(key, lambda: self.model.vision_flops(work.num_images))
-        return self._memoized(key, lambda: self.model.llm_flops(work.new_tokens, work.context_lens))
+            return self._memoized(memo_key, lambda: self.model.vision_flops(work.num_images))
+        return self._memoized(
+            memo_key, lambda: self.model.llm_flops(work.new_tokens, work.context_lens)
+        )
 
-    def bytes(self, work: StageWork, key: tuple | None = None) -> float:
-        key = ("bytes", key or work.totals_key())
+    def bytes(self, work: StageWork, key: TotalsKey | None = None) -> float:
+        memo_key = ("bytes", key or work.totals_key())
         if work.stage is Stage.VISION:
-            return self._memoized(key, lambda: self.model.vision_bytes(work.num_images))
-        return self._memoized(key, lambda: self.model.llm_bytes(work.new_tokens, work.context_lens))
+            return self._memoized(memo_key, lambda: self.model.vision_bytes(work.num_images))
+        return self._memoized(
+            memo_key, lambda: self.model.llm_bytes(work.new_tokens, work.context_lens)
+        )
 
     # -- solo ----------------------------------------------------------------------------------
     def attainable_bw_bytes_per_s(self, share: float) -> float:
@@ -273,7 +277,7 @@ class RooflineCostModel:
         c = self.calib
         return self._gpu.hbm_bytes_per_s * c.bw_eff * min(1.0, share / c.bw_saturation_share)
 
-    def solo(self, work: StageWork, share: float, key: tuple | None = None) -> Solo:
+    def solo(self, work: StageWork, share: float, key: TotalsKey | None = None) -> Solo:
         """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here).
         ``key``: ``shape_key(work)`` if the caller has it."""
         key = key or work.totals_key()
@@ -284,7 +288,7 @@ class RooflineCostModel:
             solo = self._solos[(key, share)] = self._solo(work, share, key)
         return solo
 
-    def _solo(self, work: StageWork, share: float, key: tuple) -> Solo:
+    def _solo(self, work: StageWork, share: float, key: TotalsKey) -> Solo:
         c, g = self.calib, self._gpu
         nbytes = self.bytes(work, key)
         compute_s = self.flops(work, key) / (g.peak_flops * share * c.mfu(work.stage))
@@ -305,7 +309,7 @@ class RooflineCostModel:
             granted = self._granted[share] = self._gpu.granted_share(share)
         return granted
 
-    def _sm_demand(self, work: StageWork, share: float, key: tuple | None = None) -> float:
+    def _sm_demand(self, work: StageWork, share: float, key: TotalsKey | None = None) -> float:
         """SM share a batch keeps busy when it may use ``share``: all of it if compute-bound,
         else what it needs to reach its bandwidth (>= ``bw_saturation_share``)."""
         s = self.solo(work, share, key)

@@ -18,6 +18,7 @@ from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequenc
 from nova.models.qwen_vl import QwenVLVision
 from nova.models.vision import LlavaVision
 from nova.models.vlm import NovaModel
+from nova.registry import Registry
 from nova.shapes import ModelShape, VisionShape, parse_model_config
 from nova.shapes.text import LLAMA, MISTRAL, QWEN2
 
@@ -30,7 +31,7 @@ class Architecture:
     text_config: Callable[[Any], Any]
 
 
-ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 @contextmanager
@@ -43,10 +44,19 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(prev)
 
 
-def register(name: str, text_config: Callable[[Any], Any]):
-    def wrap(fns: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+BuildFn = Callable[[Any, torch.dtype, torch.device], NovaModel]
+MapNameFn = Callable[[str], str | None]
+
+
+def register(
+    name: str, text_config: Callable[[Any], Any]
+) -> Callable[[tuple[BuildFn, MapNameFn]], tuple[BuildFn, MapNameFn]]:
+    """Register the architecture ``name`` (once): ``register(name, text_config)((build,
+    map_name))``."""
+
+    def wrap(fns: tuple[BuildFn, MapNameFn]) -> tuple[BuildFn, MapNameFn]:
         build, map_name = fns
-        ARCHITECTURES[name] = Architecture(name, build, map_name, text_config)
+        ARCHITECTURES.add(name, Architecture(name, build, map_name, text_config))
         return fns
 
     return wrap

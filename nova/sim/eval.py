@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nova.core.policy import StageLimits, make_policy
+from nova.core.policy import Policy, StageLimits, make_policy
+from nova.cost.base import CostModel, make_cost_model
+from nova.cost.model_spec import ModelSpec, get_model_spec
 from nova.metrics import request_metrics, summarize
+from nova.registry import Registry
 from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
+from nova.workload import make_workload
 
 BASELINES_PAPER = ("pf_limit", "chunked_prefill", "multi_stream")
 
@@ -45,21 +49,20 @@ class Experiment:
     seed: int = 0
 
 
-EXPERIMENTS: dict[str, Experiment] = {}
+EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
 
 def register_experiment(exp: Experiment) -> Experiment:
-    EXPERIMENTS[exp.name] = exp
-    return exp
+    """Register ``exp`` under its name (once)."""
+    return EXPERIMENTS.add(exp.name, exp)
 
 
 register_experiment(
     Experiment(
         "paper-a6000",
         "The Nova paper's setup: CogAgent-9B-shaped VLM on an RTX A6000 (cost model calibrated to "
-        "the "
-        "paper's stage times), GUI-agent requests (one 1120x1120 screenshot, 30-80 output tokens), "
-        "Poisson arrivals up to 0.8 req/s.",
+        "the paper's stage times), GUI-agent requests (one 1120x1120 screenshot, 30-80 output "
+        "tokens), Poisson arrivals up to 0.8 req/s.",
         gpu="a6000",
         model="cogagent-9b",
         rates_rps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -71,8 +74,7 @@ register_experiment(
     Experiment(
         "paper-h100",
         "The same experiment on an H100 SXM (same calibration constants, H100 specs); loads "
-        "scaled to "
-        "the H100's capacity.",
+        "scaled to the H100's capacity.",
         gpu="h100-sxm",
         model="cogagent-9b",
         rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
@@ -93,15 +95,17 @@ register_experiment(
 )
 
 
-def _kv_blocks(cost: Any, spec: Any, block_size: int) -> int:
-    """KV blocks that fit the GPU after weights and a 2 GiB activation reserve."""
+def num_kv_blocks(cost: CostModel, spec: ModelSpec, block_size: int) -> int:
+    """KV blocks of ``block_size`` tokens that fit the cost model's GPU after ``spec``'s
+    weights and a 2 GiB activation reserve (at least 64)."""
     gpu = cost.gpu()
     free = gpu.memory_gib * 2**30 - spec.num_params() * spec.bytes_per_param - 2 * 2**30
     per_block = spec.kv_bytes_per_token * block_size
     return max(64, int(free // per_block))
 
 
-def build_policy(name: str, exp: Experiment, cost: Any, spec: Any) -> Any:
+def build_policy(name: str, exp: Experiment, cost: CostModel, spec: ModelSpec) -> Policy:
+    """Policy ``name`` as ``exp`` runs it (nova: planning on ``cost``'s GPU grid)."""
     limits = StageLimits(max_num_seqs=exp.max_num_seqs)
     if name != "nova":
         return make_policy(name, limits=limits)
@@ -121,13 +125,18 @@ def build_policy(name: str, exp: Experiment, cost: Any, spec: Any) -> Any:
 
 
 def run_point(
-    exp: Experiment, policy: str, rate_rps: float, cost: Any, spec: Any, arrivals: list[SimArrival]
+    exp: Experiment,
+    policy: str,
+    rate_rps: float,
+    cost: CostModel,
+    spec: ModelSpec,
+    arrivals: list[SimArrival],
 ) -> dict[str, Any]:
     block_size = 16
     sim = Simulator(
         build_policy(policy, exp, cost, spec),
         cost,
-        _kv_blocks(cost, spec, block_size),
+        num_kv_blocks(cost, spec, block_size),
         block_size,
         spec.image_tokens,
     )
@@ -154,7 +163,10 @@ def run_point(
     }
 
 
-def _sustained(results: dict[str, list[dict]], tolerance: float = 0.05) -> float | None:
+Results = dict[str, list[dict[str, Any]]]  # policy -> its load points (``run_point``)
+
+
+def _sustained(results: Results, tolerance: float = 0.05) -> float | None:
     rates = sorted({p["rate_rps"] for pts in results.values() for p in pts})
     ok = [
         r
@@ -169,7 +181,7 @@ def _sustained(results: dict[str, list[dict]], tolerance: float = 0.05) -> float
     return max(ok) if ok else None
 
 
-def headline(results: dict[str, list[dict]], ours: str = "nova") -> dict[str, Any] | None:
+def headline(results: Results, ours: str = "nova") -> dict[str, Any] | None:
     rate = _sustained(results)
     if rate is None or ours not in results:
         return None
@@ -202,19 +214,11 @@ def run_experiment(
     num_requests: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from nova.cost.base import make_cost_model
-    from nova.cost.model_spec import get_model_spec
-    from nova.workload import make_workload
-
-    if name not in EXPERIMENTS:
-        raise ValueError(
-            f"unknown experiment {name!r}; choose one of {', '.join(sorted(EXPERIMENTS))}"
-        )
-    exp = EXPERIMENTS[name]
+    exp = EXPERIMENTS.lookup(name)
     spec = get_model_spec(exp.model)
     cost = make_cost_model(exp.cost_kind, exp.gpu, spec)
     n = num_requests or exp.num_requests
-    results: dict[str, list[dict]] = {p: [] for p in exp.policies}
+    results: Results = {p: [] for p in exp.policies}
     for rate in exp.rates_rps:
         wl = make_workload(
             exp.workload, rate_rps=rate, num_requests=n, seed=exp.seed, **exp.workload_kwargs
@@ -233,7 +237,7 @@ def run_experiment(
         "description": exp.description,
         "gpu": exp.gpu,
         "model": exp.model,
-        "cost_model": getattr(cost, "name", exp.cost_kind),
+        "cost_model": cost.name,
         "workload": exp.workload,
         "num_requests_per_point": n,
         "seed": exp.seed,
@@ -267,8 +271,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {policy} | {p['rate_rps']:.2f} | {p['throughput_rps']:.3f} | "
                 f"{p['mean_latency_s']:.2f} | {p['p99_latency_s']:.2f} | {p['max_latency_s']:.2f} "
-                "| "
-                f"{p['mean_ttft_s']:.2f} |"
+                f"| {p['mean_ttft_s']:.2f} |"
             )
     h = report["headline"]
     lines += ["", "## Headline", ""]
@@ -291,7 +294,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict]], report: dict[str, Any], out_dir: Path) -> None:
+def plot(results: Results, report: dict[str, Any], out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

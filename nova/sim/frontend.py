@@ -42,15 +42,16 @@ def through_frontend(arrivals: Sequence[SimArrival], model: FrontendModel) -> li
     """Open-loop arrivals (all with ``arrival_s``) -> the same requests arriving at the engine
     when the front end has prepared them (FIFO in client arrival order, ``model.workers``
     servers). Order of the result = order of ``arrivals``."""
-    if any(a.arrival_s is None for a in arrivals):
+    arrival_s = [a.arrival_s for a in arrivals]
+    if any(t is None for t in arrival_s):
         raise ValueError("through_frontend needs open-loop arrivals (every arrival_s set)")
-    order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
+    client_s = [t for t in arrival_s if t is not None]  # = arrival_s, all set
+    order = sorted(range(len(arrivals)), key=lambda i: (client_s[i], i))
     free_at = [0.0] * model.workers  # min-heap of the times each worker is next free
     ready: dict[int, float] = {}
     for i in order:
-        a = arrivals[i]
-        start = max(a.arrival_s, heapq.heappop(free_at))
-        done = start + model.service_s(a.num_images)
+        start = max(client_s[i], heapq.heappop(free_at))
+        done = start + model.service_s(arrivals[i].num_images)
         heapq.heappush(free_at, done)
         ready[i] = done
     return [dataclasses.replace(a, arrival_s=ready[i]) for i, a in enumerate(arrivals)]

@@ -2,7 +2,7 @@
 
 Only the executor differs from the engine: a batch's duration comes from a cost model. Batches
 of different stages may run at the same time; their speeds depend on each other (shared HBM
-bandwidth, and SMs too when the partition is ``shared``), so the simulator advances a fluid
+bandwidth, and SMs too when the partition is not ``isolated``), so the simulator advances a fluid
 model: each running batch has remaining work in [0, 1] and a rate ``1 / cost.time_s(work,
 share, co_running, isolated)`` that is recomputed whenever a batch starts or ends. A batch keeps
 the SM share it started with (partitions change at batch boundaries, as in the engine).
@@ -17,48 +17,57 @@ import gc
 import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from nova.core.block_manager import BlockManager
-from nova.core.policy import Policy
-from nova.core.scheduler import _WAITING_STATUS, Scheduler
+from nova.core.policy import WAITING_STATUS, Policy
+from nova.core.scheduler import Scheduler
+from nova.cost.base import CostModel, StageWork
+from nova.cost.gpus import GpuSpec, get_gpu
 from nova.sampling_params import SamplingParams
 from nova.types import STAGES, Batch, ImageInput, Request, Stage, StageResult
+from nova.workload.types import Workload
 
 SIM_TOKEN = 1  # placeholder token id of simulated outputs
-_EPS = 1e-9
+# An arrival within TIME_EPS_S after an event joins it; a batch with at most DONE_EPS of its
+# work left is done (float drift of the fluid model).
+TIME_EPS_S = 1e-9
+DONE_EPS = 1e-9
 _COST_CACHE_MAX = 200_000  # memoized cost-model answers kept (cleared when full)
-_UNCACHED = object()  # memo key of a work that cannot be cached
+
+WorkFn = Callable[[Batch], StageWork]
 
 
-class CostModelLike(Protocol):
-    def time_s(
-        self,
-        work: Any,
-        sm_share: float,
-        co_running: Sequence[tuple[Any, float]] = (),
-        isolated: bool = True,
-    ) -> float: ...
+def work_of(batch: Batch) -> StageWork:
+    """The cost model's view of a batch the scheduler built: ``StageWork.from_batch(batch)``,
+    without re-checking what is valid by construction (``StageWork.trusted``)."""
+    stage = batch.stage
+    items = batch.items
+    if stage is Stage.DECODE:
+        return _trusted_work(
+            stage, 0, (1,) * len(items), tuple([it.num_cached_tokens + 1 for it in items])
+        )
+    if stage is Stage.VISION:
+        return _trusted_work(stage, sum([it.num_images for it in items]))
+    new = tuple([len(it.token_ids) for it in items])
+    return _trusted_work(
+        stage, 0, new, tuple([it.num_cached_tokens + n for it, n in zip(items, new)])
+    )
 
 
-def work_of(batch: Batch) -> Any:
-    """The cost model's view of a batch (``nova.cost.base.StageWork``)."""
-    from nova.cost.base import StageWork
-
-    return StageWork.from_batch(batch)
+_trusted_work = StageWork.trusted
 
 
 @dataclass(slots=True)
 class _Running:
     batch: Batch
-    work: Any
+    work: StageWork
+    share: float  # its own SM share (the partition it started with)
+    isolated: bool  # its partition's mode (``Partition.isolated``)
+    key: Hashable  # the work's cost-memo key (``shape_key``), or ``_UNCACHED``
     remaining: float = 1.0  # fraction of the batch's work still to do
     rate: float = 0.0  # fraction per second at the current co-running set
-    share: float = 1.0  # its own SM share (the partition it started with)
-    isolated: bool = True  # SM-partitioned (not the ``shared`` multi-stream partition)
-    key: Any = None  # the work's cost-memo key (fast path)
 
 
 @dataclass(slots=True)
@@ -98,7 +107,7 @@ class SimArrival:
     deadline_s: float | None = None
 
 
-def arrivals_from_workload(workload: Any) -> list[SimArrival]:
+def arrivals_from_workload(workload: Workload) -> list[SimArrival]:
     """``nova.workload.Workload`` -> arrivals (keeps the workload's session structure)."""
     return [
         SimArrival(
@@ -116,18 +125,39 @@ def arrivals_from_workload(workload: Any) -> list[SimArrival]:
     ]
 
 
+class _Uncached:
+    """The memo key of a work the simulator cannot key (no ``shape_key``, unhashable)."""
+
+
+_UNCACHED = _Uncached()
+
+
+def _no_key(work: StageWork) -> Hashable:
+    return _UNCACHED
+
+
 class Simulator:
+    """Runs arrivals through a ``Scheduler`` on a virtual clock; see the module docstring.
+
+    The event loop asks a stage for a batch only when it can get one, from the policy's
+    declarations (``Policy.idle_without_queue``, ``Policy.one_batch_at_a_time``), and memoizes
+    the cost model's answers per batch shape (its ``shape_key``, else the work itself if
+    hashable; ``memoize_costs=False``: never). ``tests/test_simulator.py`` holds the
+    straightforward loop (every idle stage asked after every event, every rate recomputed) and
+    checks that both decide alike.
+    """
+
     def __init__(
         self,
         policy: Policy,
-        cost_model: CostModelLike,
+        cost_model: CostModel,
         num_kv_blocks: int,
         block_size: int = 16,
         image_tokens: int = 576,
         max_model_len: int | None = None,
-        work_fn: Any = work_of,
+        work_fn: WorkFn = work_of,
         check_invariants: bool = False,
-        reference: bool = False,
+        memoize_costs: bool = True,
     ) -> None:
         self.scheduler = Scheduler(
             policy, BlockManager(num_kv_blocks, block_size), (), max_model_len
@@ -136,13 +166,15 @@ class Simulator:
         self.image_tokens = image_tokens
         self.work_fn = work_fn
         self.check_invariants = check_invariants  # KV integrity after every event (tests)
-        # reference=True: the straightforward loop (every idle stage asked after every event,
-        # every rate recomputed from the cost model); the default fast loop must decide the same.
-        self.reference = reference
-        self._cost_cache: dict[tuple, float] = {}
+        # False: ask the cost model for every rate (for a cost model that is not a pure function
+        # of the batch shapes, shares and mode, e.g. one that samples noise)
+        self.memoize_costs = memoize_costs
+        self._cost_cache: dict[Hashable, float] = {}
         self._seq = itertools.count()
 
-    def _make_request(self, a: SimArrival) -> Request:
+    def make_request(self, a: SimArrival) -> Request:
+        """The scheduler's request for arrival ``a`` (placeholder prompt tokens; each image
+        fills ``image_tokens`` of them)."""
         n_prompt = max(1, a.num_text_tokens) + a.num_images * self.image_tokens
         images = [ImageInput(self.image_tokens, f"{a.request_id}/{i}") for i in range(a.num_images)]
         return Request(
@@ -154,15 +186,6 @@ class Simulator:
             a.deadline_s,
         )
 
-    def _update_rates(self, running: dict[Stage, _Running]) -> None:
-        for stage, r in running.items():
-            others = [
-                (o.work, o.batch.partition.share(s)) for s, o in running.items() if s is not stage
-            ]
-            isolated = r.batch.partition.name != "shared"
-            duration = self.cost.time_s(r.work, r.batch.partition.share(stage), others, isolated)
-            r.rate = 1.0 / max(duration, 1e-9)
-
     def run(self, arrivals: Sequence[SimArrival], max_time_s: float = math.inf) -> SimResult:
         """Simulate ``arrivals`` until every request is done (or ``max_time_s``).
 
@@ -172,14 +195,15 @@ class Simulator:
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            if self.reference:
-                return self._run_reference(arrivals, max_time_s)
-            return self._run_fast(arrivals, max_time_s)
+            return self._run(arrivals, max_time_s)
         finally:
             if gc_enabled:
                 gc.enable()
 
-    def _sessions(self, arrivals: Sequence[SimArrival]) -> tuple[list, dict[str, list[SimArrival]]]:
+    def _sessions(
+        self, arrivals: Sequence[SimArrival]
+    ) -> tuple[list[tuple[float, int, SimArrival]], dict[str, list[SimArrival]]]:
+        """The heap of open-loop arrivals, and each session's closed-loop steps in order."""
         heap: list[tuple[float, int, SimArrival]] = []
         by_session: dict[str, list[SimArrival]] = {}
         for a in arrivals:
@@ -187,80 +211,11 @@ class Simulator:
                 heapq.heappush(heap, (a.arrival_s, next(self._seq), a))
             elif a.session_id is None:
                 raise ValueError(f"{a.request_id}: a request without arrival time needs a session")
-            if a.session_id is not None and a.arrival_s is None:
+            else:
                 by_session.setdefault(a.session_id, []).append(a)
         return heap, by_session
 
-    def _run_reference(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
-        """The straightforward event loop: after every event, ask every idle stage for a batch
-        and recompute every running batch's rate from the cost model. ``_run_fast`` must make
-        exactly the same decisions (``tests/test_simulator.py`` compares them)."""
-        sched = self.scheduler
-        heap, by_session = self._sessions(arrivals)
-        session_of: dict[str, str] = {a.request_id: a.session_id for a in arrivals if a.session_id}
-        requests: list[Request] = []
-        records: list[BatchRecord] = []
-        running: dict[Stage, _Running] = {}
-        t = 0.0
-        changed = False  # the running set changed since the rates were computed
-        while True:
-            started = changed
-            for stage in STAGES:
-                if stage not in running:
-                    batch = sched.schedule(stage, t)
-                    if batch is not None:
-                        running[stage] = _Running(batch, self.work_fn(batch))
-                        started = True
-            if started:
-                self._update_rates(running)
-            changed = False
-            next_done = min((t + r.remaining / r.rate for r in running.values()), default=math.inf)
-            next_arrival = heap[0][0] if heap else math.inf
-            t_next = min(next_done, next_arrival)
-            if t_next == math.inf:
-                if sched.has_unfinished():
-                    raise RuntimeError(
-                        f"simulation stalled at t={t:.3f}s: {len(sched.state.requests)} requests "
-                        f"left but the policy schedules nothing"
-                    )
-                break
-            if t_next > max_time_s:
-                break
-            for r in running.values():
-                r.remaining -= r.rate * (t_next - t)
-            t = t_next
-            for stage in [s for s, r in running.items() if r.remaining <= 1e-9]:
-                r = running.pop(stage)
-                changed = True
-                tokens = {it.request_id: SIM_TOKEN for it in r.batch.items if it.sample}
-                events = sched.complete(
-                    StageResult(r.batch, t, tokens if stage is not Stage.VISION else {}), t
-                )
-                records.append(
-                    BatchRecord(
-                        stage,
-                        r.batch.start_s,
-                        t,
-                        tuple(r.batch.request_ids),
-                        r.batch.partition.share(stage),
-                    )
-                )
-                for ev in events:
-                    sid = session_of.get(ev.request_id)
-                    if ev.finished and sid in by_session and by_session[sid]:
-                        nxt = by_session[sid].pop(0)
-                        heapq.heappush(heap, (t + nxt.think_time_s, next(self._seq), nxt))
-            if self.check_invariants:
-                sched.block_manager.check_integrity()
-            while heap and heap[0][0] <= t + _EPS:
-                _, _, a = heapq.heappop(heap)
-                req = self._make_request(a)
-                sched.add_request(req, max(t, a.arrival_s if a.arrival_s is not None else t))
-                requests.append(req)
-        return SimResult(requests, records, t, sched.state.num_preemptions)
-
-    # -- the fast path -------------------------------------------------------------------------
-    def _duration_s(self, r: _Running, others: list[_Running], key: Any) -> float:
+    def _duration_s(self, r: _Running, others: list[_Running], key: Hashable) -> float:
         """``cost.time_s`` for ``r`` beside ``others``, memoized on ``key`` (shapes, shares and
         mode: cost models are pure functions of them); ``_UNCACHED``: not memoized."""
         cache = self._cost_cache
@@ -275,13 +230,15 @@ class Simulator:
                 cache[key] = duration
         return duration
 
-    def _fast_rates(self, running: dict[Stage, _Running]) -> None:
-        """``_update_rates`` with memoized durations (same floats, so the same schedule)."""
+    def _update_rates(self, running: dict[Stage, _Running]) -> None:
+        """Each running batch's rate beside the others (same floats as asking the cost model
+        directly, so the same schedule)."""
         batches = list(running.values())
         for r in batches:
             others = [o for o in batches if o is not r]
+            key: Hashable
             if r.key is _UNCACHED or any(o.key is _UNCACHED for o in others):
-                key: Any = _UNCACHED
+                key = _UNCACHED
             elif not others:
                 key = (r.key, r.share, r.isolated)
             else:
@@ -289,14 +246,17 @@ class Simulator:
             duration = self._duration_s(r, others, key)
             r.rate = 1.0 / max(duration, 1e-9)
 
-    def _shape_key_fn(self) -> Any:
+    def _shape_key_fn(self) -> Callable[[StageWork], Hashable]:
         """work -> memo key: the cost model's ``shape_key`` if it has one, else the work itself
-        if hashable; works that are neither are not cached."""
-        shape_key = getattr(self.cost, "shape_key", None)
+        if hashable; works that are neither (or every work, without ``memoize_costs``) are not
+        cached."""
+        if not self.memoize_costs:
+            return _no_key
+        shape_key: Callable[[StageWork], Hashable] | None = getattr(self.cost, "shape_key", None)
         if shape_key is not None:
             return shape_key
 
-        def key(work: Any) -> Any:
+        def key(work: StageWork) -> Hashable:
             try:
                 hash(work)
             except TypeError:
@@ -305,15 +265,15 @@ class Simulator:
 
         return key
 
-    def _run_fast(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
+    def _run(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
         sched = self.scheduler
         schedule, complete = sched.schedule, sched.complete
         heap, by_session = self._sessions(arrivals)
-        session_of: dict[str, str] = {a.request_id: a.session_id for a in arrivals if a.session_id}
+        session_of = {a.request_id: a.session_id for a in arrivals if a.session_id}
         requests: list[Request] = []
         records: list[BatchRecord] = []
         running: dict[Stage, _Running] = {}
-        work_fn = _fast_work if self.work_fn is work_of else self.work_fn
+        work_fn = self.work_fn
         shape_key = self._shape_key_fn()
         check = self.check_invariants
         vision, prefill, decode = Stage.VISION, Stage.PREFILL, Stage.DECODE
@@ -323,11 +283,12 @@ class Simulator:
         # Stages that cannot get a batch are not asked (the policy's declarations): none while
         # a time-sliced policy runs a batch; none for a stage no live request waits for.
         sliced = sched.policy.one_batch_at_a_time
-        waiting = (
-            [(stage, sched.state.by_status[_WAITING_STATUS[stage]]) for stage in STAGES]
+        waiting: list[tuple[Stage, dict[str, Request] | bool]] = [
+            (stage, sched.state.by_status[WAITING_STATUS[stage]])
             if sched.policy.idle_without_queue
-            else [(stage, True) for stage in STAGES]
-        )
+            else (stage, True)  # always asked
+            for stage in STAGES
+        ]
         while True:
             started = changed
             for stage, queue in waiting:
@@ -348,15 +309,11 @@ class Simulator:
                             else part.vision
                         )  # = part.share(stage)
                         running[stage] = _Running(
-                            batch,
-                            work,
-                            share=share,
-                            isolated=part.name != "shared",
-                            key=shape_key(work),
+                            batch, work, share, part.isolated, shape_key(work)
                         )
                         started = True
             if started:
-                self._fast_rates(running)
+                self._update_rates(running)
             changed = False
             next_done = inf
             for r in running.values():
@@ -375,10 +332,10 @@ class Simulator:
             if t_next > max_time_s:
                 break
             dt = t_next - t
-            finished = None
+            finished: list[Stage] | None = None
             for stage, r in running.items():
                 r.remaining -= r.rate * dt
-                if r.remaining <= 1e-9:
+                if r.remaining <= DONE_EPS:
                     if finished is None:
                         finished = [stage]
                     else:
@@ -409,58 +366,36 @@ class Simulator:
                                 heapq.heappush(heap, (t + nxt.think_time_s, next(self._seq), nxt))
             if check:
                 sched.block_manager.check_integrity()
-            while heap and heap[0][0] <= t + _EPS:
+            while heap and heap[0][0] <= t + TIME_EPS_S:
                 _, _, a = heapq.heappop(heap)
-                req = self._make_request(a)
+                req = self.make_request(a)
                 sched.add_request(req, max(t, a.arrival_s if a.arrival_s is not None else t))
                 requests.append(req)
         return SimResult(requests, records, t, sched.state.num_preemptions)
 
 
-def _fast_work(batch: Batch) -> Any:
-    """``work_of`` without re-validating what the scheduler built (same ``StageWork``)."""
-    trusted = _TRUSTED_WORK or _load_trusted_work()
-    stage = batch.stage
-    items = batch.items
-    if stage is _DECODE:
-        return trusted(
-            stage, 0, (1,) * len(items), tuple([it.num_cached_tokens + 1 for it in items])
-        )
-    if stage is _VISION:
-        return trusted(stage, sum([it.num_images for it in items]))
-    new = tuple([len(it.token_ids) for it in items])
-    return trusted(stage, 0, new, tuple([it.num_cached_tokens + n for it, n in zip(items, new)]))
-
-
-_VISION, _DECODE = Stage.VISION, Stage.DECODE
-_TRUSTED_WORK: Any = None
-
-
-def _load_trusted_work() -> Any:
-    global _TRUSTED_WORK
-    from nova.cost.base import StageWork
-
-    _TRUSTED_WORK = StageWork.trusted
-    return _TRUSTED_WORK
-
-
 @dataclass(slots=True)
 class FixedCostModel:
-    """Constant duration per stage, no interference: for parity tests and quick experiments."""
+    """Constant duration per stage, no interference: for parity tests and quick experiments.
+    ``gpu_spec``: the GPU the durations stand for (only reported; default the ``cpu`` spec)."""
 
     durations_s: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 0.01))
     name: str = "fixed"
+    gpu_spec: GpuSpec = field(default_factory=lambda: get_gpu("cpu"))
 
     def time_s(
         self,
-        work: Any,
+        work: StageWork,
         sm_share: float,
-        co_running: Sequence[tuple[Any, float]] = (),
+        co_running: Sequence[tuple[StageWork, float]] = (),
         isolated: bool = True,
     ) -> float:
         return self.durations_s[work.stage]
 
+    def gpu(self) -> GpuSpec:
+        return self.gpu_spec
+
     @staticmethod
-    def shape_key(work: Any) -> Any:
+    def shape_key(work: StageWork) -> Hashable:
         """The duration depends on the stage only."""
         return work.stage

@@ -15,23 +15,17 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from nova.registry import Registry
 from nova.workload.types import Workload
 
 WorkloadBuilder = Callable[..., Workload]
 
-WORKLOADS: dict[str, WorkloadBuilder] = {}
+WORKLOADS: Registry[WorkloadBuilder] = Registry("workload")
 
 
 def register_workload(name: str) -> Callable[[WorkloadBuilder], WorkloadBuilder]:
     """Decorator: register a builder under ``name`` (unique)."""
-
-    def wrap(fn: WorkloadBuilder) -> WorkloadBuilder:
-        if name in WORKLOADS:
-            raise ValueError(f"workload {name!r} is already registered")
-        WORKLOADS[name] = fn
-        return fn
-
-    return wrap
+    return WORKLOADS.register(name)
 
 
 def make_workload(name: str, **kwargs: Any) -> Workload:
@@ -40,24 +34,15 @@ def make_workload(name: str, **kwargs: Any) -> Workload:
     Raises ``ValueError`` naming the known workloads for an unknown name, and naming the
     parameter for an unknown, missing or bad parameter.
     """
-    try:
-        builder = WORKLOADS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
-        ) from None
+    builder = WORKLOADS.lookup(name)
     return builder(**_bind_kwargs(name, builder, kwargs))
 
 
 def workload_parameters(name: str) -> dict[str, Any]:
     """Parameter name -> default (``inspect.Parameter.empty`` if required) of a registered
     workload, with the content config's fields flattened in, as :func:`make_workload` takes them."""
-    if name not in WORKLOADS:
-        raise ValueError(
-            f"unknown workload {name!r}; known workloads: {', '.join(sorted(WORKLOADS))}"
-        )
     out: dict[str, Any] = {}
-    for pname, param in inspect.signature(WORKLOADS[name]).parameters.items():
+    for pname, param in inspect.signature(WORKLOADS.lookup(name)).parameters.items():
         if pname == "content":
             out.update({f.name: f.default for f in dataclasses.fields(_content_config_cls())})
         else:
