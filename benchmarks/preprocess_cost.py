@@ -44,7 +44,7 @@ def _median_ms(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from nova.models.demo import _make_image_processor
+    from nova.models.demo import make_image_processor
     from nova.server.media import open_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     processors = {
         "qwen2-vl": Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),
-        "siglip-224 (demo)": _make_image_processor(),
+        "siglip-224 (demo)": make_image_processor(),
     }
     rows = []
     for w, h in ((1920, 1080), (1280, 720), (1120, 1120)):

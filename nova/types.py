@@ -13,6 +13,11 @@ from enum import Enum
 from nova.sampling_params import SamplingParams
 
 
+class RequestRejected(ValueError):
+    """The request can never be served (e.g. larger than the whole KV cache). Raised by the
+    scheduler's admission check; front ends answer it with a 400 before a stream starts."""
+
+
 class Stage(str, Enum):
     VISION = "vision"
     PREFILL = "prefill"

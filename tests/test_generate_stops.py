@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from nova.core.scheduler import RequestRejected
 from nova.llm import LLM
 from nova.models.inputs import PromptInput
 from nova.sampling_params import SamplingParams
+from nova.types import RequestRejected
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ import httpx
 import pytest
 from typing_extensions import get_protocol_members
 
-from nova.core.scheduler import RequestRejected
 from nova.engine.async_engine import AsyncEngine
 from nova.engine.client import (
     EngineClient,
@@ -25,7 +24,7 @@ from nova.sampling_params import SamplingParams
 from nova.server.app import create_app
 from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
-from nova.types import Stage
+from nova.types import RequestRejected, Stage
 
 CONTEXT_TOKENS = 64
 KV_CAPACITY_TOKENS = 48  # the fake's admission rule: prompt + max_tokens must fit this

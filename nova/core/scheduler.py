@@ -24,14 +24,11 @@ from nova.types import (
     BatchItem,
     Request,
     RequestEvent,
+    RequestRejected,
     RequestStatus,
     Stage,
     StageResult,
 )
-
-
-class RequestRejected(ValueError):
-    """The request can never be served (e.g. larger than the whole KV cache)."""
 
 
 class Scheduler:

@@ -304,7 +304,7 @@ def _build_into(gguf_path: Path, out: Path) -> None:
         tokenizer.init_kwargs.pop(junk, None)
 
     text_config = LlamaConfig(**{**text_dict, "vocab_size": old_vocab + 1})
-    vision_config = SiglipVisionConfig(**VISION_CONFIG)
+    vision_config = SiglipVisionConfig(**VISION_CONFIG)  # type: ignore[arg-type]
     config = LlavaConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -343,7 +343,7 @@ def _build_into(gguf_path: Path, out: Path) -> None:
         SEED
     ):  # init of the LM is overwritten below; seed it anyway so nothing is left to chance
         model = LlavaForConditionalGeneration(config)
-    model = model.to(torch.float32).eval()
+    model = model.to(torch.float32).eval()  # type: ignore[arg-type]
     state = {
         f"model.language_model.{k[len('model.') :]}": v
         for k, v in text_state.items()
@@ -376,7 +376,7 @@ def _build_into(gguf_path: Path, out: Path) -> None:
     logger.info("Saving model to %s", out)
     model.save_pretrained(out, safe_serialization=True)
 
-    image_processor = _make_image_processor()
+    image_processor = make_image_processor()
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -476,7 +476,7 @@ def random_vision_weights(config, text_embed_rms: float) -> dict:
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     with _fork_rng(SEED):
-        vision_tower = SiglipVisionModel(config.vision_config).to(torch.float32).eval()
+        vision_tower = SiglipVisionModel(config.vision_config).to(torch.float32).eval()  # type: ignore[arg-type]
         projector = LlavaMultiModalProjector(config).to(torch.float32).eval()
         # Explicit, variance-preserving init (independent of transformers' default init schemes).
         with torch.no_grad():
@@ -525,7 +525,7 @@ def random_vision_weights(config, text_embed_rms: float) -> dict:
     return state
 
 
-def _make_image_processor():
+def make_image_processor():
     """SigLIP preprocessing: resize to 224x224 (bicubic), rescale to [0, 1], normalise with
     mean = std = 0.5. Uses the torchvision backend when available, else the PIL one; both save as
     the same config."""

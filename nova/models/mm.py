@@ -111,9 +111,10 @@ def encode_image_batch(
         return list(torch.split(embeds, sizes))
     if any(isinstance(x, VisionInput) for x in inputs):
         raise TypeError("cannot batch fixed-size pixel tensors with dynamic-resolution inputs")
-    embeds = encode(torch.cat(list(inputs)))
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    embeds = encode(torch.cat(tensors))
     out, offset = [], 0
-    for x in inputs:
+    for x in tensors:
         n = int(x.shape[0])
         out.append(embeds[offset : offset + n].reshape(-1, embeds.shape[-1]))
         offset += n

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from nova.core.scheduler import RequestRejected
 from nova.engine.client import EngineClient
 from nova.models.errors import InvalidInputError
 from nova.sampling_params import SamplingParams
@@ -22,6 +21,7 @@ from nova.server.errors import bad_request
 from nova.server.media import MediaError, load_image_url, open_image
 from nova.server.protocol import ChatCompletionRequest, CompletionRequest
 from nova.server.stops import single_token_stop_ids
+from nova.types import RequestRejected
 
 if TYPE_CHECKING:
     from nova.models.inputs import PromptInput

@@ -14,7 +14,6 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from nova.core.scheduler import RequestRejected
 from nova.engine.client import EngineClient
 from nova.metrics import RequestMetrics
 from nova.server.config import ServerConfig
@@ -36,6 +35,7 @@ from nova.server.responses import (
     wait_disconnect,
 )
 from nova.server.stops import StopMatcher
+from nova.types import RequestRejected
 
 
 class Admission:
