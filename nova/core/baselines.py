@@ -11,9 +11,17 @@
   running sequence plus prompt chunks filling a token budget (default 128, decode tokens
   included); a request's images are encoded inline, in their own step, before its first chunk.
 - ``static_partition``: all stages concurrently, each on a fixed, isolated SM share.
+
+Tuned variants are named with their parameters (``nova.core.policy.parse_policy_name``):
+``chunked_prefill[budget=512]``, ``pf_limit[limit=2]``,
+``static_partition[vision=0.4,prefill=0.4,decode=0.2]``. ``prefill_first_stage`` and
+``chunked_prefill_plan`` are the two time-sliced disciplines as functions, so the ``nova`` policy
+runs exactly the same discipline when it chooses one of them as its mode.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from nova.core.policy import (
     BatchPlan,
@@ -98,7 +106,7 @@ def _arrival_s(req: Request) -> float:
     return req.arrival_s
 
 
-def _front_stage(state: SchedulerState) -> Stage | None:
+def front_stage(state: SchedulerState) -> Stage | None:
     """VISION or PREFILL, whichever holds the best-ranked waiting request; None if neither."""
     # queue() is in arrival order, but priority/deadline may reorder: rank the whole queues
     # (the best of (rank, stage) pairs: equal ranks go to the smaller stage value, prefill)
@@ -112,10 +120,69 @@ def _front_stage(state: SchedulerState) -> Stage | None:
     return best[1] if best is not None else None
 
 
+def prefill_first_stage(state: SchedulerState, streak: int, limit: int) -> Stage | None:
+    """The stage a prefill-first, time-sliced server runs next: the front stage (vision or
+    prefill) unless ``streak`` front batches ran in a row while sequences wait to decode and
+    ``streak >= limit``; decode when the prefill head cannot get its KV blocks (only decode
+    frees them). None when nothing waits."""
+    front = front_stage(state)
+    has_decode = bool(state.queue(Stage.DECODE))
+    if front is Stage.PREFILL and has_decode and not prefill_head_fits(state):
+        front = Stage.VISION if state.queue(Stage.VISION) else None  # decode frees blocks
+    if front is not None and (not has_decode or streak < limit):
+        return front
+    return Stage.DECODE if has_decode else None
+
+
+def chunked_prefill_plan(
+    stage: Stage, state: SchedulerState, limits: StageLimits, token_budget: int
+) -> BatchPlan | None:
+    """vLLM-style chunked prefill for ``stage`` (time-sliced: the caller checks that nothing
+    runs): a request's images in their own step before its first chunk; otherwise one step of
+    every decoding sequence's next token plus prompt chunks filling ``token_budget`` (decode
+    tokens count); a plain decode step when no prompt waits."""
+    front = front_stage(state)
+    if front is Stage.VISION:
+        # Inline encoder step for the best-ranked request, before its first chunk.
+        if stage is not Stage.VISION:
+            return None
+        head = min(state.queue(Stage.VISION), key=service_order_key)
+        return BatchPlan(Stage.VISION, (head.request_id,), max_requests=1)
+    if front is Stage.PREFILL:
+        if stage is not Stage.PREFILL:
+            return None
+        ordered = tuple(
+            r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key)
+        )
+        return BatchPlan(
+            Stage.PREFILL,
+            ordered,
+            max_tokens=token_budget,
+            max_requests=limits.max_num_seqs,
+            chunked=True,
+            decode_ids=_decode_ids(state, limits),
+        )
+    if stage is not Stage.DECODE:
+        return None
+    decode_ids = _decode_ids(state, limits)
+    if decode_ids:
+        return BatchPlan(Stage.DECODE, decode_ids, max_requests=limits.max_num_seqs)
+    return None
+
+
+def _decode_ids(state: SchedulerState, limits: StageLimits) -> tuple[str, ...]:
+    """The decoding sequences, best-ranked first, at most ``max_num_seqs``."""
+    decode_ids = tuple(
+        r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key)
+    )
+    return decode_ids[: limits.max_num_seqs]
+
+
 @register_policy("pf_limit")
 class PrefillFirstLimitPolicy(Policy):
     idle_without_queue = True
     one_batch_at_a_time = True
+    variant_params: ClassVar[dict[str, str]] = {"limit": "max_consecutive_prefills"}
 
     def __init__(
         self, limits: StageLimits | None = None, max_consecutive_prefills: int = 4
@@ -126,18 +193,13 @@ class PrefillFirstLimitPolicy(Policy):
         self.max_consecutive_prefills = max_consecutive_prefills
         self._streak = 0  # front-stage batches since the last decode step
 
-    def _choose(self, state: SchedulerState) -> Stage | None:
-        front = _front_stage(state)
-        has_decode = bool(state.queue(Stage.DECODE))
-        if front is Stage.PREFILL and has_decode and not prefill_head_fits(state):
-            front = Stage.VISION if state.queue(Stage.VISION) else None  # decode frees blocks
-        if front is not None and (not has_decode or self._streak < self.max_consecutive_prefills):
-            return front
-        return Stage.DECODE if has_decode else None
-
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        # (an empty queue gets no plan whatever _choose says)
-        if state.any_running() or not state.num_waiting(stage) or self._choose(state) is not stage:
+        # (an empty queue gets no plan whatever prefill_first_stage says)
+        if (
+            state.any_running()
+            or not state.num_waiting(stage)
+            or prefill_first_stage(state, self._streak, self.max_consecutive_prefills) is not stage
+        ):
             return None
         return plan_in_service_order(stage, state, self.limits)
 
@@ -149,6 +211,7 @@ class PrefillFirstLimitPolicy(Policy):
 class ChunkedPrefillPolicy(Policy):
     idle_without_queue = True  # a mixed batch needs a waiting prefill (decode rides along)
     one_batch_at_a_time = True
+    variant_params: ClassVar[dict[str, str]] = {"budget": "token_budget"}
 
     def __init__(self, limits: StageLimits | None = None, token_budget: int = 128) -> None:
         if token_budget < 1:
@@ -156,56 +219,45 @@ class ChunkedPrefillPolicy(Policy):
         self.limits = limits or StageLimits()
         self.token_budget = token_budget
 
-    def _decode_ids(self, state: SchedulerState) -> tuple[str, ...]:
-        """The decoding sequences, best-ranked first, at most ``max_num_seqs``."""
-        decode_ids = tuple(
-            r.request_id for r in sorted(state.queue(Stage.DECODE), key=service_order_key)
-        )
-        return decode_ids[: self.limits.max_num_seqs]
-
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
         if state.any_running() or not state.num_waiting(stage):
-            return None  # (each branch below needs a request waiting for ``stage``)
-        front = _front_stage(state)
-        if front is Stage.VISION:
-            # Inline encoder step for the best-ranked request, before its first chunk.
-            if stage is not Stage.VISION:
-                return None
-            head = min(state.queue(Stage.VISION), key=service_order_key)
-            return BatchPlan(Stage.VISION, (head.request_id,), max_requests=1)
-        if front is Stage.PREFILL:
-            if stage is not Stage.PREFILL:
-                return None
-            ordered = tuple(
-                r.request_id for r in sorted(state.queue(Stage.PREFILL), key=service_order_key)
-            )
-            return BatchPlan(
-                Stage.PREFILL,
-                ordered,
-                max_tokens=self.token_budget,
-                max_requests=self.limits.max_num_seqs,
-                chunked=True,
-                decode_ids=self._decode_ids(state),
-            )
-        if stage is not Stage.DECODE:
-            return None
-        decode_ids = self._decode_ids(state)
-        if decode_ids:
-            return BatchPlan(Stage.DECODE, decode_ids, max_requests=self.limits.max_num_seqs)
-        return None
+            return None  # (each branch of chunked_prefill_plan needs a request waiting)
+        return chunked_prefill_plan(stage, state, self.limits, self.token_budget)
 
 
 @register_policy("static_partition")
 class StaticPartitionPolicy(Policy):
-    """All three stages concurrently, like ``multi_stream``, on a fixed SM split."""
+    """All three stages concurrently, like ``multi_stream``, on a fixed split: ``partition``,
+    or shares ``vision_share``/``prefill_share``/``decode_share`` (default the paper's
+    40/40/20). Shares that co-run must fit the device: their sum is at most 1."""
 
     idle_without_queue = True
+    variant_params: ClassVar[dict[str, str]] = {
+        "vision": "vision_share",
+        "prefill": "prefill_share",
+        "decode": "decode_share",
+    }
 
     def __init__(
-        self, limits: StageLimits | None = None, partition: Partition | None = None
+        self,
+        limits: StageLimits | None = None,
+        partition: Partition | None = None,
+        vision_share: float = 0.4,
+        prefill_share: float = 0.4,
+        decode_share: float = 0.2,
     ) -> None:
         self.limits = limits or StageLimits()
-        self.fixed = partition or Partition(0.4, 0.4, 0.2, name="static", isolated=True)
+        if partition is None:
+            total = vision_share + prefill_share + decode_share
+            if total > 1.0 + 1e-9:
+                raise ValueError(
+                    f"static_partition shares sum to {total:.3f} > 1: co-running stages cannot "
+                    "get more SMs than the device has"
+                )
+            partition = Partition(
+                vision_share, prefill_share, decode_share, name="static", isolated=True
+            )
+        self.fixed = partition
 
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
         return plan_in_service_order(stage, state, self.limits)

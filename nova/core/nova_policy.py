@@ -1,50 +1,38 @@
-"""``nova``: adaptive SM partitioning on the latency-throughput Pareto frontier.
+"""``nova``: choose how to run the GPU, spatially or in time slices, from one queueing model.
 
-Decode is memory-bound and reaches most of the HBM bandwidth with a fraction of the SMs; vision
-and prefill are compute-bound. So Nova overlaps decode with the compute stages: decode runs on a
-share ``d`` of the SMs and the compute partition ``1 - d`` runs vision or prefill. Vision and
-prefill never co-run: splitting SMs between two compute-bound stages only time-shares them more
-slowly (the paper's operating points are likewise "decode with vision" and "decode with
-prefill"); prefill goes first (its request is further along; shortest remaining work first),
-unless the oldest waiting image has waited ``vision_starvation_s``. The policy re-plans ``d`` as
-load changes:
+The decision space (``nova.core.nova_model.Mode``) holds the baselines' disciplines as well as
+Nova's own spatial sharing:
 
-1. **Load estimate.** From the requests it has seen (their arrival times, images, prompt and
-   output lengths) it keeps the arrival rate ``lam_rps`` over a sliding window and the mean
-   request shape.
-2. **Candidates.** When decode and a compute stage both have work: the decode share ``d`` on
-   the GPU's SM granularity grid (at least ``min_decode_share``), the compute stages ``1 - d``.
-   A lone stage gets the whole GPU.
-3. **Prediction** for each candidate, from the cost model (``nova.cost.base.CostModel``:
-   ``time_s(work, share, co_running, isolated)``, which includes bandwidth interference between
-   co-running stages; nova's partitions are isolated, ``Partition.isolated``):
-   - vision + prefill form one M/G/1 server (Pollaczek-Khinchine) with service
-     ``S = f_img S_vision + S_prefill`` at share ``1 - d`` while decode co-runs:
-     ``W = lam E[S^2] / (2 (1 - rho))``, ``E[S^2] = S^2 (1 + cv2)``; ``rho >= 1``: the partition
-     cannot carry the load;
-   - decode is a batch server: its batch ``B`` solves Little's law ``B = lam n_out T(B)`` (fixed
-     point); its step time is ``T(B, d, co-running)`` while the compute server is busy (a
-     fraction ``rho`` of the time) and ``T(B, 1.0)`` otherwise;
-   - tail latency: the waiting time is taken as exponential with the P-K mean (heavy-traffic
-     approximation), so its 99th percentile is ``W / rho * ln(100 rho)``; plus service and
-     ``n_out`` decode steps;
-   - capacity (requests/s): the smaller of the compute server's and decode's.
-4. **Choice.** Keep the Pareto frontier of (predicted p99 latency, capacity); pick the point with
-   the lowest predicted latency whose capacity is at least ``(1 + capacity_margin) * lam``; if
-   none can carry the load, the one with the most capacity.
-5. **Backlog.** When ``alpha`` or more requests wait for vision/prefill, decode drops to its
-   minimum share (``min_decode_share``) so the front stages drain the backlog (the paper's
-   queue threshold).
-6. **Hysteresis.** A plan is recomputed only when the arrival rate moved by more than
-   ``replan_rate_change`` since the last plan or the backlog state flipped; a new choice replaces
-   the current one only if it predicts ``hysteresis`` lower latency or the current one can no
-   longer carry the load. Plans are cached per (active set, rate bucket), so a decision is a
-   dictionary lookup most of the time.
+- **spatial**: decode on a slice of the SMs beside vision (``decode_vision_sms``) or beside
+  prefill (``decode_prefill_sms``), the compute stage on the exact remainder; vision and
+  prefill never co-run (splitting SMs between two compute-bound stages only time-shares them
+  more slowly); prefill goes first (its request is further along) unless the oldest waiting
+  image has waited ``vision_starvation_s``; a stage alone gets the whole GPU; vision batches of
+  at most ``vision_batch`` images;
+- **chunked**: ``chunked_prefill``'s fused steps with a chosen token budget;
+- **prefill_first**: ``pf_limit``'s whole-GPU time slices with a chosen limit.
 
-Assumptions, stated: Poisson-like arrivals (M/G/1), independent stages in series, service-time
-variability ``cv2`` (0.3 by default: screenshot sizes are similar), the cost model's interference
-model, and shares that take effect at batch boundaries (a batch keeps the share it started with,
-so the GPU can be briefly over- or under-subscribed after a switch).
+In the time-sliced modes nova runs exactly the baselines' disciplines
+(``nova.core.baselines.chunked_prefill_plan``, ``prefill_first_stage``).
+
+**Choosing.** After every batch (``on_batch_done``) the policy updates its load estimate:
+arrival rate over a sliding window, the request mix (image fraction, images per request,
+text tokens, output tokens) and the front backlog (requests waiting for or in vision/prefill).
+When the rate bucket, the backlog bucket or the mix moved, it re-plans: every candidate mode is
+scored by ``QueueModel.predict``; among the modes whose capacity carries the load with
+``capacity_margin`` to spare it takes the lowest predicted tail latency (then mean); when none
+does, the one with the most capacity (the capacity guard). It switches only for a
+``hysteresis`` gain or when the current mode can no longer carry the load. Plans are cached
+per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup.
+
+**SM accounting.** Shares are whole SMs: decode on the GPU's partition grid, the compute side
+the exact remainder. A batch keeps the SMs it started with, so a stage starts only on SMs that
+are free: a compute stage whose planned share does not fit beside the running decode step waits
+for that step to end (one decode step, tens of ms); decode takes the smaller of its planned
+slice and the SMs left. The SMs of co-running batches never sum past the device.
+
+``fixed_mode`` (``nova[mode=spatial:24:30:1]``) pins one mode: the static configurations the
+evaluation's hindsight oracle chooses from.
 """
 
 from __future__ import annotations
@@ -53,8 +41,18 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
+from nova.core.baselines import chunked_prefill_plan, prefill_first_stage
+from nova.core.nova_model import (
+    CHUNKED,
+    LoadEstimate,
+    Mode,
+    ModelLimits,
+    Prediction,
+    QueueModel,
+)
 from nova.core.policy import (
     BatchPlan,
     Policy,
@@ -63,26 +61,19 @@ from nova.core.policy import (
     plan_in_service_order,
     register_policy,
 )
-from nova.cost.base import CostModel, StageWork
-from nova.types import Partition, Request, RequestStatus, Stage
+from nova.cost.base import CostModel
+from nova.types import Batch, Partition, Request, RequestStatus, Stage, StageResult
 
+__all__ = ["LoadEstimate", "Mode", "NovaPolicy", "Prediction"]
 
-@dataclass(slots=True, frozen=True)
-class LoadEstimate:
-    lam_rps: float
-    image_fraction: float
-    images_per_request: float  # among requests with images
-    text_tokens: float
-    output_tokens: float
+_VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
+_WAITING_VISION, _WAITING_PREFILL = RequestStatus.WAITING_VISION, RequestStatus.WAITING_PREFILL
+_DECODING = RequestStatus.DECODING
+_EPS_SHARE = 1e-3  # the share Partition needs for a stage that gets nothing (never used)
+_SHARED = Partition.shared()
 
-
-@dataclass(slots=True, frozen=True)
-class Prediction:
-    partition: Partition
-    mean_latency_s: float
-    tail_latency_s: float
-    capacity_rps: float
-    decode_batch: float
+DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
+DEFAULT_LIMITS = (1, 2, 4, 8)
 
 
 @dataclass(slots=True)
@@ -90,53 +81,38 @@ class _Observed:
     arrivals_s: deque[float] = field(default_factory=deque)
     text_tokens: float = 200.0
     output_tokens: float = 50.0
+    output_tokens_sq: float = 2500.0
+    prompt_tokens: float = 0.0
+    prompt_tokens_sq: float = 0.0
     image_fraction: float = 1.0
     images_per_request: float = 1.0
     num_seen: int = 0
 
 
-def _compute_decode_partition(decode: float) -> Partition:
-    """Decode on ``decode``; vision and prefill (which never co-run) on the rest.
-    ``decode == 0`` (no decode work) or ``1`` (only decode) give the whole GPU to one side;
-    Partition needs shares in (0, 1], so the idle side keeps a token share it never uses."""
-    eps = 1e-3
-    compute = 1.0 - decode if 0.0 < decode < 1.0 else (1.0 if decode == 0.0 else eps)
-    return Partition(compute, compute, max(decode, eps), name="nova", isolated=True)
-
-
-_VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
-_WAITING_VISION, _WAITING_PREFILL = RequestStatus.WAITING_VISION, RequestStatus.WAITING_PREFILL
-_DECODING = RequestStatus.DECODING
-
-# (vision, prefill, decode have work) -> that set of stages
-_ACTIVE: dict[tuple[bool, bool, bool], frozenset[Stage]] = {
-    (v, p, d): frozenset(
-        s for s, on in zip((Stage.VISION, Stage.PREFILL, Stage.DECODE), (v, p, d)) if on
-    )
-    for v in (False, True)
-    for p in (False, True)
-    for d in (False, True)
-}
-
-
 @register_policy("nova")
 class NovaPolicy(Policy):
     idle_without_queue = True
+    variant_params: ClassVar[dict[str, str]] = {"mode": "fixed_mode"}
 
     def __init__(
         self,
         limits: StageLimits | None = None,
         cost_model: CostModel | None = None,
         image_tokens: int = 576,
-        sm_granularity_share: float = 1 / 14,
-        min_decode_share: float = 1 / 7,
-        alpha: int = 4,
-        capacity_margin: float = 0.1,
+        sm_granularity_share: float | None = None,
+        min_decode_share: float | None = None,
+        capacity_margin: float = 0.02,
         hysteresis: float = 0.05,
-        replan_rate_change: float = 0.15,
-        rate_window_s: float = 60.0,
-        cv2: float = 0.3,
+        rate_window_s: float = 300.0,
+        rate_window_requests: int = 512,
+        rate_bucket: float = 0.075,
+        cv2: float = 0.05,
         vision_starvation_s: float = 10.0,
+        fixed_mode: Mode | str | None = None,
+        token_budgets: Iterable[int] = DEFAULT_BUDGETS,
+        prefill_limits: Iterable[int] = DEFAULT_LIMITS,
+        allow_time_sliced: bool = True,
+        max_decode_fraction: float = 0.75,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -145,74 +121,193 @@ class NovaPolicy(Policy):
         self.limits = limits or StageLimits()
         self.cost = cost_model
         self.image_tokens = image_tokens
-        self.grid = sm_granularity_share
-        self.min_decode_share = min_decode_share
-        self.alpha = alpha
+        gpu = cost_model.gpu()
+        self.num_sms = gpu.num_sms
+        # the decode slice's grid: the partition backend's (``sm_granularity_share``), else the
+        # GPU spec's green-context step; at least the GPU's minimum partition
+        step = (
+            max(1, round(sm_granularity_share * self.num_sms))
+            if sm_granularity_share
+            else gpu.sm_granularity
+        )
+        self.sm_step = step
+        min_sms = max(step, gpu.min_partition_sms)
+        if min_decode_share is not None:
+            min_sms = max(min_sms, math.ceil(min_decode_share * self.num_sms / step - 1e-9) * step)
+        self.min_decode_sms = min(min_sms, self.num_sms)
+        self.max_decode_sms = max(
+            self.min_decode_sms,
+            min(
+                (int(max_decode_fraction * self.num_sms) // step) * step,
+                self.num_sms - gpu.min_partition_sms,
+            ),
+        )
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
-        self.replan_rate_change = replan_rate_change
         self.rate_window_s = rate_window_s
-        self.cv2 = cv2
+        self.rate_window_requests = rate_window_requests
+        self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
+        self.token_budgets = tuple(sorted(set(token_budgets)))
+        self.prefill_limits = tuple(sorted(set(prefill_limits)))
+        self.allow_time_sliced = allow_time_sliced
+        self.model = QueueModel(
+            cost_model,
+            self.num_sms,
+            image_tokens,
+            ModelLimits(
+                self.limits.max_num_seqs,
+                self.limits.max_prefill_tokens,
+                self.limits.max_vision_images,
+            ),
+            cv2=cv2,
+        )
+        if isinstance(fixed_mode, str):
+            fixed_mode = Mode.parse(fixed_mode)
+        self.fixed_mode = fixed_mode
+        self.mode: Mode = fixed_mode or self._initial_mode()
+        self._prediction: Prediction | None = None
         self._obs = _Observed()
         self._seen: set[str] = set()
-        self._plan_lam: float | None = None
-        self._plan_draining: bool | None = None
-        self._current: dict[tuple[frozenset[Stage], bool], Prediction] = {}
-        self._cache: dict[tuple[frozenset[Stage], bool, int], Prediction] = {}
-        self._log_bucket = math.log(1.0 + self.replan_rate_change / 2)  # rate buckets of the cache
-        self._num_added_seen = 0  # state.num_added at the last _observe
+        self._num_added_seen = 0
         self._observed_state: SchedulerState | None = None
-        self.num_replans = 0
+        self._plan_key: tuple[int, ...] | None = None
+        self._cache: dict[tuple[int, ...], Prediction] = {}
+        self._streak = 0  # front batches since the last decode step (prefill_first mode)
+        self.num_replans = 0  # plans computed (cache misses)
+        self.num_switches = 0
+        self.mode_log: list[tuple[float, str]] = [(0.0, self.mode.label)]
 
-    # -- the Policy interface ------------------------------------------------------------------
+    def _initial_mode(self) -> Mode:
+        d = self.min_decode_sms
+        return Mode.spatial(d, d, 1)
+
+    # -- decisions -------------------------------------------------------------------------------
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
-        if stage is Stage.PREFILL and state.running[Stage.VISION] is not None:
-            return None
-        if stage is Stage.VISION:
-            if state.running[Stage.PREFILL] is not None:
+        mode = self.mode
+        if mode.time_sliced:
+            if state.any_running() or not state.num_waiting(stage):
                 return None
-            vision_q = state.queue(Stage.VISION)
+            if mode.kind == CHUNKED:
+                return chunked_prefill_plan(stage, state, self.limits, mode.token_budget)
+            if prefill_first_stage(state, self._streak, mode.limit) is not stage:
+                return None
+            return plan_in_service_order(stage, state, self._vision_limits(mode))
+        running = state.running
+        if stage is _DECODE:
+            if self._free_sms(state, stage) < 1:
+                return None
+            return plan_in_service_order(stage, state, self.limits)
+        if stage is _PREFILL:
+            if running[_VISION] is not None:
+                return None
+        else:
+            if running[_PREFILL] is not None:
+                return None
+            vision_q = state.queue(_VISION)
             starving = bool(vision_q) and now_s - vision_q[0].arrival_s >= self.vision_starvation_s
-            if state.queue(Stage.PREFILL) and not starving:
+            if state.num_waiting(_PREFILL) and not starving:
                 return None  # prefill first
-        return plan_in_service_order(stage, state, self.limits)
+        if self._planned_compute_sms(state, stage) > self._free_sms(state, stage):
+            return None  # wait for the running decode step to leave the SMs
+        return plan_in_service_order(stage, state, self._vision_limits(mode))
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
-        self._observe(state, now_s)
+        mode = self.mode
+        if mode.time_sliced:
+            return _SHARED
+        n = self.num_sms
         by_status, running = state.by_status, state.running
-        waiting_vision, waiting_prefill = by_status[_WAITING_VISION], by_status[_WAITING_PREFILL]
-        # the stages with work (waiting or running), as a cached frozenset
-        active = _ACTIVE[
-            (
-                bool(waiting_vision) or running[_VISION] is not None,
-                bool(waiting_prefill) or running[_PREFILL] is not None,
-                bool(by_status[_DECODING]) or running[_DECODE] is not None,
-            )
-        ]
-        if not active:
-            return state.partition
-        if not waiting_vision and not waiting_prefill:
-            draining = self.alpha <= 0  # (= the count below: nothing waits)
+        decode_work = bool(by_status[_DECODING]) or running[_DECODE] is not None
+        compute = self._compute_stage(state, now_s)
+        if compute is None:  # decode alone: the whole GPU (it leaves it after its step)
+            decode_sms, compute_sms = n, n
+        elif not decode_work:
+            decode_sms, compute_sms = 0, n
         else:
-            draining = state.num_waiting(_VISION) + state.num_waiting(_PREFILL) >= self.alpha
-        lam = self._arrival_rate(now_s)
-        if (
-            self._plan_lam is None
-            or draining != self._plan_draining
-            or abs(lam - self._plan_lam) > self.replan_rate_change * max(self._plan_lam, 1e-3)
-        ):
-            self._plan_lam, self._plan_draining = lam, draining
-            self._current = {k: v for k, v in self._current.items() if k[1] == draining}
-            self.num_replans += 1
-        key = (active, draining)
-        best = self._best_at(active, draining, lam, now_s)
-        current = self._current.get(key)
-        if current is None or (best is not current and self._better_at(best, current, lam)):
-            self._current[key] = best
-        return self._current[key].partition
+            decode_sms = self._decode_sms(mode, compute)
+            compute_sms = n - decode_sms
+        held_compute = self._held(running[_VISION]) + self._held(running[_PREFILL])
+        if running[_DECODE] is None and held_compute:
+            decode_sms = min(decode_sms, n - held_compute)
+        return Partition(
+            max(compute_sms, 0) / n or _EPS_SHARE,
+            max(compute_sms, 0) / n or _EPS_SHARE,
+            max(decode_sms, 0) / n or _EPS_SHARE,
+            name="nova",
+            isolated=True,
+        )
 
-    # -- load ----------------------------------------------------------------------------------
+    def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
+        self._streak = 0 if result.batch.stage is _DECODE else self._streak + 1
+        self._observe(state, now_s)
+        if self.fixed_mode is None:
+            self._maybe_replan(state, now_s)
+
+    # -- SM accounting ---------------------------------------------------------------------------
+    def _vision_limits(self, mode: Mode) -> StageLimits:
+        if mode.vision_batch in (0, self.limits.max_vision_images):
+            return self.limits
+        return replace(
+            self.limits, max_vision_images=min(mode.vision_batch, self.limits.max_vision_images)
+        )
+
+    def _held(self, batch: Batch | None) -> int:
+        """SMs a running batch holds (its partition's share of its stage, as whole SMs)."""
+        if batch is None:
+            return 0
+        return round(batch.partition.share(batch.stage) * self.num_sms)
+
+    def _free_sms(self, state: SchedulerState, stage: Stage) -> int:
+        running = state.running
+        held = sum(self._held(running[s]) for s in (_VISION, _PREFILL, _DECODE) if s is not stage)
+        return self.num_sms - held
+
+    @staticmethod
+    def _decode_sms(mode: Mode, compute: Stage) -> int:
+        return mode.decode_vision_sms if compute is _VISION else mode.decode_prefill_sms
+
+    def _planned_compute_sms(self, state: SchedulerState, stage: Stage) -> int:
+        decode_work = bool(state.by_status[_DECODING]) or state.running[_DECODE] is not None
+        if not decode_work:
+            return self.num_sms
+        return self.num_sms - self._decode_sms(self.mode, stage)
+
+    def _compute_stage(self, state: SchedulerState, now_s: float) -> Stage | None:
+        """The compute stage that runs (or runs next): prefill first, as ``next_batch``."""
+        running = state.running
+        if running[_PREFILL] is not None:
+            return _PREFILL
+        if running[_VISION] is not None:
+            return _VISION
+        by_status = state.by_status
+        if by_status[_WAITING_PREFILL]:
+            vision_q = by_status[_WAITING_VISION]
+            if vision_q:
+                oldest = next(iter(vision_q.values()))
+                if now_s - oldest.arrival_s >= self.vision_starvation_s:
+                    return _VISION
+            return _PREFILL
+        if by_status[_WAITING_VISION]:
+            return _VISION
+        return None
+
+    def partition_set(self) -> list[Partition]:
+        """Every partition this policy may hand out (for backends that create them up front):
+        decode on each grid value with the compute side on the rest, and a stage alone."""
+        n = self.num_sms
+        parts: dict[Partition, None] = {}
+        for d in self.decode_grid():
+            parts.setdefault(Partition((n - d) / n, (n - d) / n, d / n, name="nova", isolated=True))
+        parts.setdefault(Partition(1.0, 1.0, 1.0, name="nova", isolated=True))
+        parts.setdefault(Partition(1.0, 1.0, _EPS_SHARE, name="nova", isolated=True))
+        return list(parts)
+
+    def decode_grid(self) -> list[int]:
+        """Decode slices (SMs) nova plans with: the grid from the minimum to the maximum."""
+        return list(range(self.min_decode_sms, self.max_decode_sms + 1, self.sm_step))
+
+    # -- load ------------------------------------------------------------------------------------
     def _observe(self, state: SchedulerState, now_s: float) -> None:
         obs = self._obs
         # Only requests added since the last call can be unseen: they are the newest entries
@@ -220,168 +315,172 @@ class NovaPolicy(Policy):
         if state is not self._observed_state:  # another scheduler's state: look at everything
             self._observed_state, self._num_added_seen = state, 0
         num_new = state.num_added - self._num_added_seen
-        if num_new == 0:  # nothing new: only the window moves (same steps as below)
-            if len(self._seen) > 100_000:
-                self._seen = set(state.requests)
-            arrivals, cutoff = obs.arrivals_s, now_s - self.rate_window_s
-            while arrivals and arrivals[0] < cutoff:
-                arrivals.popleft()
-            return
-        self._num_added_seen = state.num_added
-        new: Iterable[Request]
-        if num_new < 0 or num_new >= len(state.requests):
-            new = state.requests.values()
-        else:
-            new = list(itertools.islice(reversed(state.requests.values()), num_new))[::-1]
-        for req in new:
-            if req.request_id in self._seen:
-                continue
-            self._seen.add(req.request_id)
-            obs.arrivals_s.append(req.arrival_s)
-            a = 1.0 / min(obs.num_seen + 1, 50)  # running mean, then EWMA over ~50 requests
-            n_text = len(req.prompt_token_ids) - req.num_image_tokens
-            obs.text_tokens += a * (n_text - obs.text_tokens)
-            obs.output_tokens += a * (req.sampling.max_tokens - obs.output_tokens)
-            obs.image_fraction += a * ((1.0 if req.images else 0.0) - obs.image_fraction)
-            if req.images:
-                obs.images_per_request += a * (len(req.images) - obs.images_per_request)
-            obs.num_seen += 1
+        if num_new:
+            self._num_added_seen = state.num_added
+            new: Iterable[Request]
+            if num_new < 0 or num_new >= len(state.requests):
+                new = state.requests.values()
+            else:
+                new = list(itertools.islice(reversed(state.requests.values()), num_new))[::-1]
+            for req in new:
+                if req.request_id in self._seen:
+                    continue
+                self._seen.add(req.request_id)
+                obs.arrivals_s.append(req.arrival_s)
+                a = 1.0 / min(obs.num_seen + 1, 50)  # running mean, then EWMA over ~50 requests
+                n_text = len(req.prompt_token_ids) - req.num_computed_tokens - req.num_image_tokens
+                n_out = req.sampling.max_tokens
+                n_prompt = len(req.prompt_token_ids) - req.num_computed_tokens
+                obs.text_tokens += a * (max(1, n_text) - obs.text_tokens)
+                obs.prompt_tokens += a * (n_prompt - obs.prompt_tokens)
+                obs.prompt_tokens_sq += a * (n_prompt * n_prompt - obs.prompt_tokens_sq)
+                obs.output_tokens += a * (n_out - obs.output_tokens)
+                obs.output_tokens_sq += a * (n_out * n_out - obs.output_tokens_sq)
+                obs.image_fraction += a * ((1.0 if req.images else 0.0) - obs.image_fraction)
+                if req.images:
+                    obs.images_per_request += a * (len(req.images) - obs.images_per_request)
+                obs.num_seen += 1
         if len(self._seen) > 100_000:  # bounded memory: ids of long-gone requests
             self._seen = set(state.requests)
-        while obs.arrivals_s and obs.arrivals_s[0] < now_s - self.rate_window_s:
-            obs.arrivals_s.popleft()
-
-    def load_estimate(self, now_s: float) -> LoadEstimate:
-        obs = self._obs
-        return LoadEstimate(
-            self._arrival_rate(now_s),
-            obs.image_fraction,
-            obs.images_per_request,
-            obs.text_tokens,
-            obs.output_tokens,
-        )
+        arrivals, cutoff = obs.arrivals_s, now_s - self.rate_window_s
+        while arrivals and (arrivals[0] < cutoff or len(arrivals) > self.rate_window_requests):
+            arrivals.popleft()
 
     def _arrival_rate(self, now_s: float) -> float:
         arrivals = self._obs.arrivals_s
         n = len(arrivals)
         if n < 2:
             return 0.0
-        span = max(now_s - arrivals[0], arrivals[-1] - arrivals[0], 1e-6)
-        return (n - 1) / span if span < self.rate_window_s else n / self.rate_window_s
+        # n arrivals over the span from the first to now: (n - 1) gaps are complete
+        span = max(now_s - arrivals[0], 1e-6)
+        return (n - 1) / span
 
-    # -- prediction ------------------------------------------------------------------------------
-    def _works(self, load: LoadEstimate, decode_batch: float) -> dict[Stage, StageWork]:
-        n_img = max(1, round(load.images_per_request))
-        prompt = int(load.text_tokens + load.image_fraction * n_img * self.image_tokens)
-        ctx = prompt + int(load.output_tokens / 2)
-        b = max(1, round(decode_batch))
-        return {
-            Stage.VISION: StageWork(Stage.VISION, num_images=n_img),
-            Stage.PREFILL: StageWork(
-                Stage.PREFILL, new_tokens=(max(1, prompt),), context_lens=(max(1, prompt),)
-            ),
-            Stage.DECODE: StageWork(Stage.DECODE, new_tokens=(1,) * b, context_lens=(ctx,) * b),
-        }
+    def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
+        obs = self._obs
+        std = math.sqrt(max(0.0, obs.output_tokens_sq - obs.output_tokens**2))
+        mean_p = obs.prompt_tokens
+        cv2 = max(0.0, obs.prompt_tokens_sq / mean_p**2 - 1.0) if mean_p > 0 else 0.0
+        return LoadEstimate(
+            self._arrival_rate(now_s),
+            obs.image_fraction,
+            obs.images_per_request,
+            obs.text_tokens,
+            obs.output_tokens,
+            obs.output_tokens + 1.65 * std,  # ~p95 of a uniform/normal spread
+            backlog,
+            cv2,
+        )
 
-    def predict(self, part: Partition, active: frozenset[Stage], load: LoadEstimate) -> Prediction:
-        lam = load.lam_rps
-        n_out = max(1.0, load.output_tokens)
-        has_compute = bool(active & {Stage.VISION, Stage.PREFILL})
-        has_decode = Stage.DECODE in active
-        compute_share = part.prefill  # vision and prefill share one partition (never co-run)
-        works = self._works(load, 1.0)
-        busy, service, second_moment = 0.0, 0.0, 0.0
-        if has_compute:
-            decode_co = [(works[Stage.DECODE], part.decode)] if has_decode else []
-            s_v = self.cost.time_s(works[Stage.VISION], compute_share, decode_co, part.isolated)
-            s_p = self.cost.time_s(works[Stage.PREFILL], compute_share, decode_co, part.isolated)
-            service = load.image_fraction * s_v + s_p
-            second_moment = service * service * (1.0 + self.cv2)
-            busy = lam * service
-            if busy >= 1.0:
-                return Prediction(part, math.inf, math.inf, 1.0 / service, 1.0)
-        capacity = 1.0 / service if service > 0 else math.inf
-        t_step, batch = 0.0, 1.0
-        if has_decode:
-            for _ in range(6):  # Little's law fixed point for the decode batch
-                works = self._works(load, batch)
-                co = [(works[Stage.PREFILL], compute_share)] if has_compute else []
-                t_co = (
-                    self.cost.time_s(works[Stage.DECODE], part.decode, co, part.isolated)
-                    if has_compute
-                    else 0.0
-                )
-                t_alone = self.cost.time_s(works[Stage.DECODE], 1.0, (), part.isolated)
-                t_step = busy * t_co + (1.0 - busy) * t_alone
-                batch = min(max(1.0, lam * n_out * t_step), float(self.limits.max_num_seqs))
-            capacity = min(capacity, self.limits.max_num_seqs / t_step / n_out)
-        wait = lam * second_moment / (2.0 * (1.0 - busy)) if has_compute else 0.0
-        tail_wait = wait / busy * math.log(100 * busy) if busy > 0.01 else 0.0
-        mean = wait + service + n_out * t_step
-        tail = tail_wait + service + n_out * t_step
-        return Prediction(part, mean, tail, capacity, batch)
+    # -- planning --------------------------------------------------------------------------------
+    def _key(self, load: LoadEstimate) -> tuple[int, ...]:
+        """What a plan depends on, bucketed: rate (geometric buckets, ``math.floor`` so every
+        bucket has the same width), backlog (powers of two), the mix (10% buckets)."""
+        lb = self._log_rate_bucket
+        mix = math.log(1.1)
+        return (
+            math.floor(math.log(max(load.lam_rps, 1e-3)) / lb),
+            (load.backlog + 1).bit_length(),
+            round(10 * load.image_fraction),
+            round(load.images_per_request),
+            math.floor(math.log(max(load.text_tokens, 1.0)) / mix),
+            math.floor(math.log(max(load.output_tokens, 1.0)) / mix),
+        )
 
-    def candidates(self, active: frozenset[Stage], draining: bool) -> list[Partition]:
-        if Stage.DECODE in active and active & {Stage.VISION, Stage.PREFILL}:
-            steps = round(1.0 / self.grid)
-            shares = [
-                k * self.grid
-                for k in range(1, steps)
-                if k * self.grid >= self.min_decode_share - 1e-9
-            ]
-            if draining:
-                shares = shares[:1]
-        else:
-            shares = [1.0 if Stage.DECODE in active else 0.0]
-        return [_compute_decode_partition(d) for d in shares]
+    def _backlog(self, state: SchedulerState) -> int:
+        return state.num_in_stage(_VISION) + state.num_in_stage(_PREFILL)
 
-    def partition_set(self) -> list[Partition]:
-        """Every partition this policy may choose (for backends that create them up front)."""
-        compute_and_decode = frozenset({Stage.PREFILL, Stage.DECODE})
-        seen: dict[Partition, None] = {}
-        for active in (compute_and_decode, frozenset({Stage.DECODE}), frozenset({Stage.PREFILL})):
-            for draining in (False, True):
-                for part in self.candidates(active, draining):
-                    seen.setdefault(part)
-        return list(seen)
+    def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
+        load = self.load_estimate(now_s, self._backlog(state))
+        key = self._key(load)
+        if key == self._plan_key:
+            return
+        self._plan_key = key
+        best = self._cache.get(key)
+        if best is None:
+            best = self._cache[key] = self.plan(load)
+            self.num_replans += 1
+        if best.mode == self.mode:
+            return
+        current = self.model.predict(self.mode, load)
+        if self._better(best, current, load.lam_rps):
+            self.mode = best.mode
+            self.num_switches += 1
+            self.mode_log.append((now_s, best.mode.label))
 
-    def pareto_frontier(
-        self, active: frozenset[Stage], draining: bool, load: LoadEstimate
-    ) -> list[Prediction]:
-        preds = [self.predict(p, active, load) for p in self.candidates(active, draining)]
-        frontier = [
-            p
-            for p in preds
-            if not any(
-                q.tail_latency_s <= p.tail_latency_s
-                and q.capacity_rps >= p.capacity_rps
-                and (q.tail_latency_s < p.tail_latency_s or q.capacity_rps > p.capacity_rps)
-                for q in preds
-            )
-        ]
-        return sorted(frontier, key=lambda p: p.tail_latency_s)
-
-    def _best(self, active: frozenset[Stage], draining: bool, load: LoadEstimate) -> Prediction:
-        bucket = int(math.log(max(load.lam_rps, 1e-3)) / self._log_bucket)
-        key = (active, draining, bucket)
-        if key not in self._cache:
-            frontier = self.pareto_frontier(active, draining, load)
-            need = load.lam_rps * (1.0 + self.capacity_margin)
-            ok = [p for p in frontier if p.capacity_rps >= need and math.isfinite(p.tail_latency_s)]
-            self._cache[key] = ok[0] if ok else max(frontier, key=lambda p: p.capacity_rps)
-        return self._cache[key]
-
-    def _best_at(
-        self, active: frozenset[Stage], draining: bool, lam: float, now_s: float
-    ) -> Prediction:
-        """``_best`` for the load at ``now_s`` whose arrival rate is ``lam``; the full load
-        estimate is built only when the plan cache misses."""
-        best = self._cache.get((active, draining, int(math.log(max(lam, 1e-3)) / self._log_bucket)))
-        return best if best is not None else self._best(active, draining, self.load_estimate(now_s))
-
-    def _better_at(self, new: Prediction, cur: Prediction, lam: float) -> bool:
-        if new.partition == cur.partition:
-            return False
-        if cur.capacity_rps < lam * (1.0 + self.capacity_margin) <= new.capacity_rps:
+    def _better(self, new: Prediction, cur: Prediction, lam: float) -> bool:
+        need = lam * (1.0 + self.capacity_margin)
+        if cur.capacity_rps < need <= new.capacity_rps:
             return True
-        return new.tail_latency_s < (1.0 - self.hysteresis) * cur.tail_latency_s
+        if new.capacity_rps < need:  # neither carries the load: more capacity wins
+            return new.capacity_rps > cur.capacity_rps * (1.0 + self.hysteresis)
+        return _score(new) < (1.0 - self.hysteresis) * _score(cur)
+
+    def candidates(self, load: LoadEstimate) -> list[Prediction]:
+        """Predictions of the modes considered at ``load``: spatial ones from a coordinate
+        search over the decode slices, and every time-sliced mode."""
+        preds = self._spatial_search(load)
+        if self.allow_time_sliced:
+            predict = self.model.predict
+            preds += [predict(Mode.chunked(b), load) for b in self.token_budgets]
+            vb_max = self.limits.max_vision_images
+            for limit in self.prefill_limits:
+                for vb in sorted({1, vb_max}):
+                    preds.append(predict(Mode.prefill_first(limit, vb), load))
+        return preds
+
+    def plan(self, load: LoadEstimate) -> Prediction:
+        """The mode to run at ``load``: the lowest predicted tail latency (then mean) among the
+        modes whose capacity carries the load with the margin; else the most capacity."""
+        return self.choose(self.candidates(load), load.lam_rps)
+
+    def choose(self, preds: list[Prediction], lam: float) -> Prediction:
+        need = lam * (1.0 + self.capacity_margin)
+        ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
+        if ok:
+            return min(ok, key=_score)
+        return max(preds, key=lambda p: (p.capacity_rps, -p.tail_latency_s))
+
+    def _spatial_search(self, load: LoadEstimate) -> list[Prediction]:
+        """Coordinate search over (decode beside vision, decode beside prefill): a coarse sweep
+        of a common slice, then each side alone, then the grid around the best; vision batches
+        of one image and of the engine's cap."""
+        grid = self.decode_grid()
+        coarse_step = max(1, math.ceil(len(grid) / 12))
+        coarse = grid[::coarse_step]
+        if grid[-1] not in coarse:
+            coarse.append(grid[-1])
+        predict = self.model.predict
+        seen: dict[Mode, Prediction] = {}
+
+        def score(dv: int, dp: int, vb: int) -> Prediction:
+            mode = Mode.spatial(dv, dp, vb)
+            pred = seen.get(mode)
+            if pred is None:
+                pred = seen[mode] = predict(mode, load)
+            return pred
+
+        def rank(p: Prediction) -> tuple[float, float]:
+            return (_score(p), -p.capacity_rps)
+
+        best = min((score(d, d, 1) for d in coarse), key=rank)
+        dv, dp = best.mode.decode_vision_sms, best.mode.decode_prefill_sms
+        dv = min((score(v, dp, 1) for v in coarse), key=rank).mode.decode_vision_sms
+        dp = min((score(dv, p, 1) for p in coarse), key=rank).mode.decode_prefill_sms
+        i_v, i_p = grid.index(dv), grid.index(dp)
+        near = range(-coarse_step + 1, coarse_step)
+        dv = min(
+            (score(grid[i_v + k], dp, 1) for k in near if 0 <= i_v + k < len(grid)), key=rank
+        ).mode.decode_vision_sms
+        dp = min(
+            (score(dv, grid[i_p + k], 1) for k in near if 0 <= i_p + k < len(grid)), key=rank
+        ).mode.decode_prefill_sms
+        vb_max = self.limits.max_vision_images
+        if vb_max > 1:
+            score(dv, dp, vb_max)
+        return list(seen.values())
+
+
+def _score(pred: Prediction) -> float:
+    """What nova minimizes: predicted tail plus mean latency (both matter; the tail alone
+    cannot tell apart modes whose tails are within the model's error)."""
+    return pred.tail_latency_s + pred.mean_latency_s

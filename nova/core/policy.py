@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ class BatchPlan:
 
 class Policy(ABC):
     name: ClassVar[str]
+    # Variant parameters a policy name may carry, ``chunked_prefill[budget=512]``: short key ->
+    # constructor keyword (``make_policy`` parses them; see ``parse_policy_name``).
+    variant_params: ClassVar[dict[str, str]] = {}
     # Declarations the simulator's fast path relies on to skip asking a stage that cannot get
     # a batch (defaults assume nothing; ``tests/test_simulator.py`` checks the built-ins make
     # the same decisions either way):
@@ -168,9 +172,62 @@ def available_policies() -> list[str]:
 
 def make_policy(name: str, **kwargs: object) -> Policy:
     """The policy registered as ``name``, built with ``kwargs``; ``ValueError`` naming the
-    choices if unknown."""
+    choices if unknown. ``name`` may carry variant parameters, ``chunked_prefill[budget=512]``
+    (``parse_policy_name``); ``kwargs`` win over them."""
     available_policies()
-    return POLICIES.lookup(name)(**kwargs)
+    base, params = parse_policy_name(name)
+    cls = POLICIES.lookup(base)
+    variant: dict[str, object] = {}
+    for key, value in params.items():
+        if key not in cls.variant_params:
+            known = ", ".join(sorted(cls.variant_params)) or "none"
+            raise ValueError(
+                f"policy {base!r} has no variant parameter {key!r}; its parameters: {known}"
+            )
+        variant[cls.variant_params[key]] = value
+    return cls(**{**variant, **kwargs})
+
+
+_VARIANT_RE = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*$")
+
+
+def parse_policy_name(name: str) -> tuple[str, dict[str, int | float | str]]:
+    """``"chunked_prefill[budget=512]"`` -> ``("chunked_prefill", {"budget": 512})``: the base
+    name and its variant parameters (ints, floats, or strings as written). A plain name has
+    none. ``ValueError`` for a malformed name."""
+    match = _VARIANT_RE.match(name)
+    if match is None:
+        raise ValueError(f"malformed policy name {name!r}; expected NAME or NAME[key=value,...]")
+    base, body = match.group(1), match.group(2)
+    params: dict[str, int | float | str] = {}
+    if body is None:
+        return base, params
+    for part in body.split(","):
+        key, sep, raw = part.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"malformed variant parameter {part!r} in policy name {name!r}")
+        if key in params:
+            raise ValueError(f"variant parameter {key!r} given twice in {name!r}")
+        params[key] = _parse_value(raw)
+    return base, params
+
+
+def _parse_value(raw: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def policy_name(base: str, **params: object) -> str:
+    """The inverse of ``parse_policy_name``: ``policy_name("pf_limit", limit=2)`` ->
+    ``"pf_limit[limit=2]"`` (parameters in the order given)."""
+    if not params:
+        return base
+    return f"{base}[{','.join(f'{k}={v}' for k, v in params.items())}]"
 
 
 # -- what policies share -------------------------------------------------------------------------

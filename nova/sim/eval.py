@@ -1,152 +1,261 @@
-"""``nova eval``: named experiments run in the simulator, with results files and plots.
+"""``nova eval``: run an experiment in the simulator, compare policies the way a skeptic would,
+and write ``results.json``, ``results.md`` and plots.
 
-An experiment fixes a GPU, a model shape, a cost model, a workload family and a list of load
-points, and runs every policy at every load point on the same seeded requests. It writes
-``DIR/results.json`` (per policy, a list of load points with ``rate_rps``, ``throughput_rps``,
-``max_latency_s``, ``p99_latency_s``, ``mean_latency_s``, ``mean_ttft_s``, ``num_requests`` and
-more), ``DIR/results.md`` and plots: latency vs load, the latency-throughput Pareto view, and the
-E2E latency CDF at the highest sustained load.
+For every series and load point of an experiment (``nova.sim.experiments``), every policy runs
+on the same seeded requests for each seed (at least 3): ``nova``, every tuned baseline variant
+(``chunked_prefill[budget=128]`` ...), and nova's static modes (``nova[mode=...]``). Per point
+and policy the report keeps the mean over seeds of each metric, its spread (min, max, std) and
+the per-seed values.
 
-"Highest sustained load": the highest rate at which every policy's throughput is within 5% of
-the offered rate (above it some policy's queue grows without bound and latencies just measure
-the run's length). The headline compares ``nova`` against the best baseline there, per metric.
+- **Sustained**: throughput over the steady window (arrivals after the first 10% of requests,
+  up to the last arrival; the drain after it is left out) is at least 0.98 x the rate offered in
+  that window (mean over seeds). Closed-loop points are sustained by construction (the load
+  waits for the answers).
+- **Best tuned baseline** at a point: among the baseline variants that sustain it, the lowest
+  mean max latency, ties by mean latency.
+- **Oracle**: the best static configuration chosen after the fact, the same way, among the
+  baseline variants and nova's static modes: an upper bound for any policy that picks one
+  configuration per load.
+- **Checks** at every point where the best tuned baseline sustains: nova's max, p99 and mean
+  latency each <= 1.03 x the best tuned baseline's and its throughput >= 0.98 x; nova's max and
+  mean latency <= 1.05 x the oracle's; where the oracle beats the best tuned baseline's max
+  latency by more than 5%, nova beats it too.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
+import os
+import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nova.core.policy import Policy, StageLimits, make_policy
+from nova.core.policy import Policy, StageLimits, make_policy, parse_policy_name
 from nova.cost.base import CostModel, make_cost_model
+from nova.cost.gpus import GpuSpec
 from nova.cost.model_spec import ModelSpec, get_model_spec
 from nova.metrics import request_metrics, summarize
-from nova.registry import Registry
+from nova.sim.experiments import (
+    BASELINE_VARIANTS,
+    EXPERIMENTS,
+    NOVA,
+    ORACLE,
+    Experiment,
+    Series,
+    expand_policies,
+    register_experiment,
+    static_modes,
+)
 from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
+from nova.types import Request
 from nova.workload import make_workload
 
-BASELINES_PAPER = ("pf_limit", "chunked_prefill", "multi_stream")
+__all__ = [
+    "BASELINE_VARIANTS",
+    "EXPERIMENTS",
+    "Experiment",
+    "Series",
+    "analyse",
+    "build_policy",
+    "experiment_spec",
+    "num_kv_blocks",
+    "register_experiment",
+    "run_experiment",
+    "steady_window",
+]
 
-
-@dataclass(slots=True, frozen=True)
-class Experiment:
-    name: str
-    description: str
-    gpu: str
-    model: str
-    rates_rps: tuple[float, ...]
-    num_requests: int
-    policies: tuple[str, ...] = (*BASELINES_PAPER, "nova")
-    cost_kind: str = "roofline"
-    workload: str = "poisson"
-    workload_kwargs: dict[str, Any] = field(default_factory=dict)
-    min_decode_sms: int | None = None  # the paper's minimum decode share on its GPU
-    max_num_seqs: int = 64
-    seed: int = 0
-
-
-EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-
-
-def register_experiment(exp: Experiment) -> Experiment:
-    """Register ``exp`` under its name (once)."""
-    return EXPERIMENTS.add(exp.name, exp)
-
-
-register_experiment(
-    Experiment(
-        "paper-a6000",
-        "The Nova paper's setup: CogAgent-9B-shaped VLM on an RTX A6000 (cost model calibrated to "
-        "the paper's stage times), GUI-agent requests (one 1120x1120 screenshot, 30-80 output "
-        "tokens), Poisson arrivals up to 0.8 req/s.",
-        gpu="a6000",
-        model="cogagent-9b",
-        rates_rps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-        num_requests=400,
-        min_decode_sms=12,
-    )
+SUSTAINED_RATIO = 0.98
+WARMUP_FRACTION = 0.1
+MAX_RATIO, THROUGHPUT_RATIO, ORACLE_RATIO, ORACLE_GAIN = 1.03, 0.98, 1.05, 0.05
+METRICS = (
+    "throughput_rps",
+    "max_latency_s",
+    "p99_latency_s",
+    "p90_latency_s",
+    "p50_latency_s",
+    "mean_latency_s",
+    "mean_ttft_s",
+    "p99_ttft_s",
+    "mean_tpot_s",
+    "num_requests",
+    "num_preemptions",
+    "steady_throughput_rps",
+    "offered_rps",
+    "steady_ratio",
+    "rate_rps",
 )
-register_experiment(
-    Experiment(
-        "paper-h100",
-        "The same experiment on an H100 SXM (same calibration constants, H100 specs); loads "
-        "scaled to the H100's capacity.",
-        gpu="h100-sxm",
-        model="cogagent-9b",
-        rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
-        num_requests=600,
-        min_decode_sms=16,
-    )
-)
-register_experiment(
-    Experiment(
-        "quick-a6000",
-        "A small version of paper-a6000 for smoke tests (3 loads, 80 requests each).",
-        gpu="a6000",
-        model="cogagent-9b",
-        rates_rps=(0.2, 0.5, 0.8),
-        num_requests=80,
-        min_decode_sms=12,
-    )
-)
+RESIDENT_VISION_LAYERS = 2  # offloaded vision: layers resident on the GPU (the paper, Sec. V-D)
 
 
-def num_kv_blocks(cost: CostModel, spec: ModelSpec, block_size: int) -> int:
-    """KV blocks of ``block_size`` tokens that fit the cost model's GPU after ``spec``'s
-    weights and a 2 GiB activation reserve (at least 64)."""
+# -- building a point ------------------------------------------------------------------------
+def experiment_spec(exp: Experiment) -> ModelSpec:
+    """The model shape, sized for the experiment's screenshot (dynamic-resolution models)."""
+    spec = get_model_spec(exp.model)
+    if exp.image_size is not None and spec.has_vision:
+        spec = spec.for_image(*exp.image_size)
+    return spec
+
+
+def num_kv_blocks(
+    cost: CostModel, spec: ModelSpec, block_size: int, offload_vision: bool = False
+) -> int:
+    """KV blocks of ``block_size`` tokens that fit the cost model's GPU after the resident
+    weights and a 2 GiB activation reserve (at least 64). ``offload_vision``: the vision
+    weights live in host memory; only ``RESIDENT_VISION_LAYERS`` layers sit on the GPU."""
     gpu = cost.gpu()
-    free = gpu.memory_gib * 2**30 - spec.num_params() * spec.bytes_per_param - 2 * 2**30
+    params = spec.num_params()
+    if offload_vision and spec.has_vision:
+        layers = max(1, spec.vision_layers)
+        resident = spec.vision_params() * min(RESIDENT_VISION_LAYERS, layers) / layers
+        params = spec.text_params() + int(resident)
+    free = gpu.memory_gib * 2**30 - params * spec.bytes_per_param - 2 * 2**30
     per_block = spec.kv_bytes_per_token * block_size
     return max(64, int(free // per_block))
 
 
-def build_policy(name: str, exp: Experiment, cost: CostModel, spec: ModelSpec) -> Policy:
-    """Policy ``name`` as ``exp`` runs it (nova: planning on ``cost``'s GPU grid)."""
+def _grid_split(gpu: GpuSpec, vision: float, prefill: float, decode: float) -> tuple[float, ...]:
+    """A 3-way split of the SMs on the GPU's grid: decode and vision rounded to the grid (at
+    least the minimum partition), prefill the exact remainder; as shares."""
+    n, g = gpu.num_sms, gpu.sm_granularity
+    low = max(g, gpu.min_partition_sms)
+
+    def snap(share: float) -> int:
+        return max(low, math.floor(share * n / g + 0.5) * g)
+
+    d, v = snap(decode), snap(vision)
+    p = n - d - v
+    if p < low:
+        raise ValueError(f"split {vision}/{prefill}/{decode} leaves prefill {p} SMs on {gpu.name}")
+    return v / n, p / n, d / n
+
+
+def build_policy(name: str, exp: Experiment, cost: CostModel, spec: ModelSpec | None) -> Policy:
+    """Policy ``name`` (variant parameters allowed) as ``exp`` runs it: nova plans on the cost
+    model's GPU grid with the experiment's minimum decode slice; static splits are snapped to
+    the grid so co-running stages never get more SMs than the GPU has."""
     limits = StageLimits(max_num_seqs=exp.max_num_seqs)
-    if name != "nova":
-        return make_policy(name, limits=limits)
+    base, params = parse_policy_name(name)
     gpu = cost.gpu()
-    grid = gpu.sm_granularity / gpu.num_sms
-    steps = max(2, round(1.0 / grid))
-    grid = 1.0 / min(steps, 24)  # at most 24 steps: enough resolution, bounded planning time
-    min_decode = (exp.min_decode_sms or gpu.sm_granularity) / gpu.num_sms
-    return make_policy(
-        "nova",
-        limits=limits,
-        cost_model=cost,
-        image_tokens=spec.image_tokens,
-        sm_granularity_share=grid,
-        min_decode_share=min_decode,
+    if base == NOVA:
+        image_tokens = spec.image_tokens if spec is not None else 576
+        if spec is not None and exp.image_size is not None and spec.has_vision:
+            image_tokens = spec.image_tokens_for(*exp.image_size)
+        min_decode = (exp.min_decode_sms or gpu.sm_granularity) / gpu.num_sms
+        return make_policy(
+            name,
+            limits=limits,
+            cost_model=cost,
+            image_tokens=image_tokens,
+            min_decode_share=min_decode,
+        )
+    if base == "static_partition" and params:
+        v, p, d = _grid_split(
+            gpu,
+            float(params.get("vision", 0.4)),
+            float(params.get("prefill", 0.4)),
+            float(params.get("decode", 0.2)),
+        )
+        return make_policy(
+            "static_partition", limits=limits, vision_share=v, prefill_share=p, decode_share=d
+        )
+    return make_policy(name, limits=limits)
+
+
+def _workload_arrivals(exp: Experiment, series: Series, load: float, seed: int) -> list[SimArrival]:
+    kwargs: dict[str, Any] = dict(series.workload_kwargs)
+    if exp.image_size is not None:
+        kwargs.setdefault("image_width", exp.image_size[0])
+        kwargs.setdefault("image_height", exp.image_size[1])
+    if exp.closed_loop:
+        kwargs["num_sessions"] = int(load)
+    else:
+        kwargs["rate_rps"] = load
+        kwargs["num_requests"] = exp.num_requests
+    return arrivals_from_workload(make_workload(exp.workload, seed=seed, **kwargs))
+
+
+def steady_window(
+    requests: Sequence[Request], warmup_fraction: float = WARMUP_FRACTION, samples: int = 200
+) -> dict[str, float]:
+    """Throughput over the steady window: from the arrival of the request after the first
+    ``warmup_fraction`` of arrivals to the last arrival (warm-up and drain left out).
+
+    ``offered_rps``: arrivals in the window per second. ``steady_throughput_rps``: the offered
+    rate minus the growth rate of the backlog (requests arrived and not finished), the
+    least-squares slope of the backlog sampled ``samples`` times over the window: a queue that
+    keeps up has no trend, one that falls behind grows at (offered - served) per second. (A
+    plain count of completions in the window swings by the few requests in flight at its
+    edges.) ``steady_ratio``: served / offered."""
+    arrivals = sorted(r.times.arrival_s for r in requests)
+    if len(arrivals) < 3:
+        return {"steady_throughput_rps": 0.0, "offered_rps": 0.0, "steady_ratio": 1.0}
+    start = arrivals[min(len(arrivals) - 2, int(warmup_fraction * len(arrivals)))]
+    end = arrivals[-1]
+    span = end - start
+    if span <= 0:
+        return {"steady_throughput_rps": 0.0, "offered_rps": 0.0, "steady_ratio": 1.0}
+    finishes = sorted(
+        r.times.finish_s if r.times.finish_s is not None else math.inf for r in requests
     )
+    offered = (len(arrivals) - bisect.bisect_left(arrivals, start)) / span
+    ts = [start + span * i / (samples - 1) for i in range(samples)]
+    backlog = [bisect.bisect_right(arrivals, t) - bisect.bisect_right(finishes, t) for t in ts]
+    t_mean, b_mean = statistics.fmean(ts), statistics.fmean(backlog)
+    var = sum((t - t_mean) ** 2 for t in ts)
+    slope = sum((t - t_mean) * (b - b_mean) for t, b in zip(ts, backlog)) / var
+    served = offered - slope
+    return {
+        "steady_throughput_rps": served,
+        "offered_rps": offered,
+        "steady_ratio": served / offered if offered > 0 else 1.0,
+    }
 
 
-def run_point(
+def _mode_shares(policy: Policy, end_s: float) -> dict[str, float]:
+    """nova: the fraction of the run spent in each mode (by label)."""
+    log = getattr(policy, "mode_log", None)
+    if not log or end_s <= 0:
+        return {}
+    shares: dict[str, float] = {}
+    for (t, label), (t_next, _) in zip(log, [*log[1:], (end_s, "")]):
+        shares[label] = shares.get(label, 0.0) + max(0.0, min(t_next, end_s) - t) / end_s
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def run_one(
     exp: Experiment,
-    policy: str,
-    rate_rps: float,
+    policy_name: str,
     cost: CostModel,
     spec: ModelSpec,
     arrivals: list[SimArrival],
+    keep_e2e: bool = False,
 ) -> dict[str, Any]:
+    """One simulation: the per-seed metrics of ``policy_name`` on ``arrivals``."""
     block_size = 16
+    image_tokens = spec.image_tokens
+    if exp.image_size is not None and spec.has_vision:
+        image_tokens = spec.image_tokens_for(*exp.image_size)
+    policy = build_policy(policy_name, exp, cost, spec)
     sim = Simulator(
-        build_policy(policy, exp, cost, spec),
+        policy,
         cost,
-        num_kv_blocks(cost, spec, block_size),
+        num_kv_blocks(cost, spec, block_size, exp.offload_vision),
         block_size,
-        spec.image_tokens,
+        image_tokens,
     )
     t0 = time.perf_counter()
     res = sim.run(arrivals)
     metrics = [request_metrics(r) for r in res.requests]
     s = summarize(metrics)
-    e2e = sorted(m.e2e_s for m in metrics if m.e2e_s is not None)
-    return {
-        "rate_rps": rate_rps,
+    arrival_times = [r.times.arrival_s for r in res.requests]
+    span = max(arrival_times) - min(arrival_times) if len(arrival_times) > 1 else 0.0
+    out: dict[str, Any] = {
         "num_requests": len(res.requests),
         "throughput_rps": s.request_throughput_rps,
         "max_latency_s": s.e2e.max,
@@ -158,195 +267,412 @@ def run_point(
         "p99_ttft_s": s.ttft.p99,
         "mean_tpot_s": s.tpot.mean,
         "num_preemptions": res.num_preemptions,
+        "rate_rps": (len(arrival_times) - 1) / span if span > 0 else 0.0,
+        **steady_window(res.requests),
         "sim_wall_s": round(time.perf_counter() - t0, 3),
-        "e2e_s": e2e,
     }
-
-
-Results = dict[str, list[dict[str, Any]]]  # policy -> its load points (``run_point``)
-
-
-def _sustained(results: Results, tolerance: float = 0.05) -> float | None:
-    rates = sorted({p["rate_rps"] for pts in results.values() for p in pts})
-    ok = [
-        r
-        for r in rates
-        if all(
-            p["throughput_rps"] is not None and p["throughput_rps"] >= (1 - tolerance) * r
-            for pts in results.values()
-            for p in pts
-            if p["rate_rps"] == r
-        )
-    ]
-    return max(ok) if ok else None
-
-
-def headline(results: Results, ours: str = "nova") -> dict[str, Any] | None:
-    rate = _sustained(results)
-    if rate is None or ours not in results:
-        return None
-    at = {name: next(p for p in pts if p["rate_rps"] == rate) for name, pts in results.items()}
-    baselines = {k: v for k, v in at.items() if k != ours}
-    out: dict[str, Any] = {"rate_rps": rate, "ours": ours}
-    for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
-        best_name = min(baselines, key=lambda k: baselines[k][metric])
-        best = baselines[best_name][metric]
-        out[metric] = {
-            "nova": at[ours][metric],
-            "best_baseline": best_name,
-            "baseline": best,
-            "reduction": 1.0 - at[ours][metric] / best,
-        }
-    best_tp_name = max(baselines, key=lambda k: baselines[k]["throughput_rps"])
-    best_tp = baselines[best_tp_name]["throughput_rps"]
-    out["throughput_rps"] = {
-        "nova": at[ours]["throughput_rps"],
-        "best_baseline": best_tp_name,
-        "baseline": best_tp,
-        "ratio": at[ours]["throughput_rps"] / best_tp,
-    }
+    modes = _mode_shares(policy, res.end_s)
+    if modes:
+        out["modes"] = {k: round(v, 4) for k, v in modes.items()}
+        out["num_mode_switches"] = len(getattr(policy, "mode_log", [])) - 1
+    if keep_e2e:
+        out["e2e_s"] = sorted(m.e2e_s for m in metrics if m.e2e_s is not None)
     return out
 
 
+@dataclass(slots=True, frozen=True)
+class _Task:
+    exp: Experiment
+    series_index: int
+    load: float
+    seed: int
+    policies: tuple[str, ...]
+    keep_e2e: bool
+
+
+def _run_task(task: _Task) -> tuple[int, float, int, dict[str, dict[str, Any]]]:
+    exp = task.exp
+    spec = experiment_spec(exp)
+    cost = _cost_model(exp, spec)
+    series = exp.all_series()[task.series_index]
+    arrivals = _workload_arrivals(exp, series, task.load, task.seed)
+    out = {p: run_one(exp, p, cost, spec, arrivals, task.keep_e2e) for p in task.policies}
+    return task.series_index, task.load, task.seed, out
+
+
+def _cost_model(exp: Experiment, spec: ModelSpec) -> CostModel:
+    kwargs = dict(exp.cost_kwargs)
+    if exp.offload_vision:
+        kwargs.setdefault("offload_vision_weights", True)
+    return make_cost_model(exp.cost_kind, exp.gpu, spec, **kwargs)
+
+
+# -- aggregating ------------------------------------------------------------------------------
+def aggregate(per_seed: dict[int, dict[str, Any]], closed_loop: bool) -> dict[str, Any]:
+    """Mean over seeds of every metric, the spread (min, max, std), the per-seed values, and
+    whether the point is sustained (mean steady ratio >= ``SUSTAINED_RATIO``)."""
+    seeds = sorted(per_seed)
+    point: dict[str, Any] = {}
+    spread: dict[str, dict[str, float]] = {}
+    for key in METRICS:
+        values = [per_seed[s][key] for s in seeds if per_seed[s].get(key) is not None]
+        if not values:
+            point[key] = None
+            continue
+        point[key] = statistics.fmean(values)
+        spread[key] = {
+            "min": min(values),
+            "max": max(values),
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+        }
+    point["sustained"] = closed_loop or (point.get("steady_ratio") or 0.0) >= SUSTAINED_RATIO
+    point["spread"] = spread
+    point["seeds"] = [
+        {"seed": s, **{k: v for k, v in per_seed[s].items() if k != "e2e_s"}} for s in seeds
+    ]
+    return point
+
+
+def _rank(point: dict[str, Any]) -> tuple[float, float]:
+    return (point["max_latency_s"], point["mean_latency_s"])
+
+
+def best_of(points: dict[str, dict[str, Any]], names: Iterable[str]) -> str | None:
+    """The sustained configuration with the lowest max latency (ties: mean); None if none."""
+    ok = [n for n in names if n in points and points[n]["sustained"]]
+    return min(ok, key=lambda n: _rank(points[n])) if ok else None
+
+
+def analyse(
+    points: dict[str, dict[str, Any]], baselines: Sequence[str], statics: Sequence[str]
+) -> dict[str, Any]:
+    """Best tuned baseline, oracle and the checks at one point (``points``: policy -> its
+    aggregated point)."""
+    best = best_of(points, baselines)
+    oracle = best_of(points, [*baselines, *statics])
+    out: dict[str, Any] = {"best_baseline": best, "oracle": oracle, "must_hold": best is not None}
+    nova = points.get(NOVA)
+    if best is None or nova is None or oracle is None:
+        out["pass"] = best is None
+        out["checks"] = {}
+        return out
+    b, o = points[best], points[oracle]
+
+    def ratio(a: float | None, c: float | None) -> float:
+        if a is None or c is None:
+            return math.inf
+        return a / c if c > 0 else (1.0 if a == 0 else math.inf)
+
+    nb = {
+        "max": ratio(nova["max_latency_s"], b["max_latency_s"]),
+        "p99": ratio(nova["p99_latency_s"], b["p99_latency_s"]),
+        "mean": ratio(nova["mean_latency_s"], b["mean_latency_s"]),
+        "throughput": ratio(nova["throughput_rps"], b["throughput_rps"]),
+    }
+    no = {
+        "max": ratio(nova["max_latency_s"], o["max_latency_s"]),
+        "mean": ratio(nova["mean_latency_s"], o["mean_latency_s"]),
+    }
+    oracle_gain = 1.0 - ratio(o["max_latency_s"], b["max_latency_s"])
+    checks = {
+        "max_vs_best": nb["max"] <= MAX_RATIO,
+        "p99_vs_best": nb["p99"] <= MAX_RATIO,
+        "mean_vs_best": nb["mean"] <= MAX_RATIO,
+        "throughput_vs_best": nb["throughput"] >= THROUGHPUT_RATIO,
+        "sustained": bool(nova["sustained"]),
+        "max_vs_oracle": no["max"] <= ORACLE_RATIO,
+        "mean_vs_oracle": no["mean"] <= ORACLE_RATIO,
+    }
+    if oracle_gain > ORACLE_GAIN:
+        checks["beats_best_where_oracle_does"] = nb["max"] < 1.0
+    out.update(
+        nova_vs_best=nb,
+        nova_vs_oracle=no,
+        oracle_gain=oracle_gain,
+        nova_gain=1.0 - nb["max"],
+        nova_mean_gain=1.0 - nb["mean"],
+        checks=checks,
+        failed=[k for k, v in checks.items() if not v],
+    )
+    out["pass"] = all(checks.values())
+    return out
+
+
+# -- running an experiment --------------------------------------------------------------------
 def run_experiment(
-    name: str,
-    out_dir: Path,
+    name: str | Experiment,
+    out_dir: Path | None,
     num_requests: int | None = None,
     progress: Callable[[str], None] = print,
+    seeds: int | None = None,
+    workers: int | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
-    exp = EXPERIMENTS.lookup(name)
-    spec = get_model_spec(exp.model)
-    cost = make_cost_model(exp.cost_kind, exp.gpu, spec)
-    n = num_requests or exp.num_requests
-    results: Results = {p: [] for p in exp.policies}
-    for rate in exp.rates_rps:
-        wl = make_workload(
-            exp.workload, rate_rps=rate, num_requests=n, seed=exp.seed, **exp.workload_kwargs
-        )
-        arrivals = arrivals_from_workload(wl)
-        for policy in exp.policies:
-            point = run_point(exp, policy, rate, cost, spec, arrivals)
-            results[policy].append(point)
+    """Run ``name`` (a registered experiment or an ``Experiment``), write results under
+    ``out_dir`` (None: nothing written) and return the report. ``seeds``: how many seeds
+    (default the experiment's); ``workers``: processes (default ``NOVA_EVAL_WORKERS`` or 1)."""
+    exp = EXPERIMENTS.lookup(name) if isinstance(name, str) else name
+    if num_requests:
+        exp = replace(exp, num_requests=num_requests)
+    if seeds:
+        exp = replace(exp, seeds=tuple(range(seeds)))
+    spec = experiment_spec(exp)
+    cost = _cost_model(exp, spec)
+    baselines = expand_policies(list(exp.baselines))
+    statics = [f"{NOVA}[mode={m}]" for m in static_modes(exp, cost.gpu())]
+    compared = expand_policies(list(exp.policies))
+    policies = tuple(dict.fromkeys([*compared, *baselines, *statics]))
+    series_list = exp.all_series()
+    tasks = [
+        _Task(exp, i, load, seed, policies, keep_e2e=seed == exp.seeds[0])
+        for i, series in enumerate(series_list)
+        for load in series.loads
+        for seed in exp.seeds
+    ]
+    workers = workers or int(os.environ.get("NOVA_EVAL_WORKERS", "1"))
+    raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    t0 = time.perf_counter()
+    results: Iterable[tuple[int, float, int, dict[str, dict[str, Any]]]]
+    if workers > 1 and len(tasks) > 1:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_run_task, tasks)
+    else:
+        pool = None
+        results = map(_run_task, tasks)
+    try:
+        for done, (i, load, seed, out) in enumerate(results, 1):
+            cell = raw.setdefault((i, load), {})
+            for policy, metrics in out.items():
+                cell.setdefault(policy, {})[seed] = metrics
+            nova = out.get(NOVA)
+            label = series_list[i].label
             progress(
-                f"{name} {policy:16s} rate {rate:5.2f}/s: thr {point['throughput_rps']:.3f}/s "
-                f"mean {point['mean_latency_s']:.2f}s p99 {point['p99_latency_s']:.2f}s "
-                f"max {point['max_latency_s']:.2f}s ({point['sim_wall_s']:.1f}s sim)"
+                f"{exp.name} {label} {exp.load_param} {load:g} seed {seed}: "
+                + (
+                    f"nova max {nova['max_latency_s']:.2f}s mean {nova['mean_latency_s']:.2f}s "
+                    if nova
+                    else ""
+                )
+                + f"[{done}/{len(tasks)} {time.perf_counter() - t0:.0f}s]"
             )
-    report = {
-        "experiment": name,
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    report = _report(exp, cost, policies, baselines, statics, compared, raw)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out_dir / "results.md").write_text(render_markdown(report))
+        if plots:
+            from nova.sim.plots import plot_report
+
+            plot_report(report, raw, out_dir)
+    return report
+
+
+def _report(
+    exp: Experiment,
+    cost: CostModel,
+    policies: Sequence[str],
+    baselines: Sequence[str],
+    statics: Sequence[str],
+    compared: Sequence[str],
+    raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]],
+) -> dict[str, Any]:
+    by_policy: dict[str, list[dict[str, Any]]] = {p: [] for p in [*policies, ORACLE]}
+    analysis: list[dict[str, Any]] = []
+    for i, series in enumerate(exp.all_series()):
+        for load in series.loads:
+            cell = raw[(i, load)]
+            points = {p: aggregate(cell[p], exp.closed_loop) for p in policies}
+            for point in points.values():
+                point.update(series=series.label, load=load)
+                if not exp.closed_loop:
+                    point["rate_rps"] = load
+            a = analyse(points, baselines, statics)
+            a.update(series=series.label, load=load)
+            analysis.append(a)
+            for name in policies:
+                by_policy[name].append(points[name])
+            if a["oracle"] is not None:
+                by_policy[ORACLE].append({**points[a["oracle"]], "config": a["oracle"]})
+    headline = _headline(analysis, by_policy)
+    return {
+        "experiment": exp.name,
         "description": exp.description,
         "gpu": exp.gpu,
         "model": exp.model,
         "cost_model": cost.name,
         "workload": exp.workload,
-        "num_requests_per_point": n,
-        "seed": exp.seed,
-        "policies": {
-            p: [{k: v for k, v in pt.items() if k != "e2e_s"} for pt in pts]
-            for p, pts in results.items()
-        },
-        "headline": headline(results),
+        "load_param": exp.load_param,
+        "num_requests_per_point": exp.num_requests,
+        "seeds": list(exp.seeds),
+        "series": [s.label for s in exp.all_series()],
+        "compared": list(compared),
+        "baselines": list(baselines),
+        "static_modes": list(statics),
+        "policies": by_policy,
+        "analysis": analysis,
+        "checks_pass": all(a["pass"] for a in analysis),
+        "headline": headline,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "results.md").write_text(render_markdown(report))
-    plot(results, report, out_dir)
-    return report
+
+
+def _headline(
+    analysis: list[dict[str, Any]], by_policy: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """nova vs the best tuned baseline at the highest load the best baseline sustains (per
+    series: the first series)."""
+    if NOVA not in by_policy:
+        return None
+    series = analysis[0]["series"] if analysis else ""
+    held = [a for a in analysis if a["series"] == series and a["must_hold"]]
+    if not held:
+        return None
+    a = held[-1]
+    load = a["load"]
+    nova = next(p for p in by_policy[NOVA] if p["series"] == series and p["load"] == load)
+    best = next(
+        p for p in by_policy[a["best_baseline"]] if p["series"] == series and p["load"] == load
+    )
+    out: dict[str, Any] = {"series": series, "load": load, "best_baseline": a["best_baseline"]}
+    for metric in ("max_latency_s", "p99_latency_s", "mean_latency_s"):
+        out[metric] = {
+            "nova": nova[metric],
+            "baseline": best[metric],
+            "reduction": 1.0 - nova[metric] / best[metric] if best[metric] else 0.0,
+        }
+    out["throughput_ratio"] = (
+        nova["throughput_rps"] / best["throughput_rps"] if best["throughput_rps"] else None
+    )
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    load_name = "sessions" if report["load_param"] == "num_sessions" else "req/s"
     lines = [
         f"# {report['experiment']}",
         "",
         report["description"],
         "",
         f"GPU `{report['gpu']}`, model `{report['model']}`, cost model `{report['cost_model']}`, "
-        f"{report['num_requests_per_point']} requests per load point, seed {report['seed']}.",
+        f"workload `{report['workload']}`, "
+        + (
+            f"{report['num_requests_per_point']} requests per point, "
+            if report["num_requests_per_point"]
+            else ""
+        )
+        + f"seeds {report['seeds']} (every figure: mean over seeds; spread in results.json). "
+        f"Baselines: {len(report['baselines'])} tuned variants; oracle: the best of them and "
+        f"nova's {len(report['static_modes'])} static modes, chosen per point after the fact.",
         "",
-        "| policy | rate req/s | throughput req/s | mean s | p99 s | max s | mean TTFT s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "## nova vs the best tuned baseline and the oracle",
+        "",
+        f"| series | load {load_name} | best baseline | max s | p99 s | mean s | nova max s | "
+        "p99 s | mean s | nova/best max | p99 | mean | thr | oracle | oracle max s | "
+        "nova/oracle max | mean | checks |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
-    for policy, pts in report["policies"].items():
-        for p in pts:
-            lines.append(
-                f"| {policy} | {p['rate_rps']:.2f} | {p['throughput_rps']:.3f} | "
-                f"{p['mean_latency_s']:.2f} | {p['p99_latency_s']:.2f} | {p['max_latency_s']:.2f} "
-                f"| {p['mean_ttft_s']:.2f} |"
+    pols = report["policies"]
+
+    def at(name: str | None, a: dict[str, Any]) -> dict[str, Any] | None:
+        if name is None or name not in pols:
+            return None
+        return next(
+            (p for p in pols[name] if p["series"] == a["series"] and p["load"] == a["load"]), None
+        )
+
+    for a in report["analysis"]:
+        b, n, o = at(a["best_baseline"], a), at(NOVA, a), at(a["oracle"], a)
+        nb, no = a.get("nova_vs_best", {}), a.get("nova_vs_oracle", {})
+        verdict = (
+            "no baseline sustains"
+            if not a["must_hold"]
+            else ("pass" if a["pass"] else "FAIL: " + ", ".join(a.get("failed", [])))
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    a["series"] or "-",
+                    f"{a['load']:g}",
+                    f"`{a['best_baseline']}`" if a["best_baseline"] else "-",
+                    _fmt(b and b["max_latency_s"]),
+                    _fmt(b and b["p99_latency_s"]),
+                    _fmt(b and b["mean_latency_s"]),
+                    _fmt(n and n["max_latency_s"]),
+                    _fmt(n and n["p99_latency_s"]),
+                    _fmt(n and n["mean_latency_s"]),
+                    _fmt(nb.get("max"), ".3f"),
+                    _fmt(nb.get("p99"), ".3f"),
+                    _fmt(nb.get("mean"), ".3f"),
+                    _fmt(nb.get("throughput"), ".3f"),
+                    f"`{a['oracle']}`" if a["oracle"] else "-",
+                    _fmt(o and o["max_latency_s"]),
+                    _fmt(no.get("max"), ".3f"),
+                    _fmt(no.get("mean"), ".3f"),
+                    verdict,
+                ]
             )
+            + " |"
+        )
     h = report["headline"]
     lines += ["", "## Headline", ""]
     if h is None:
-        lines.append("No load point was sustained by every policy; no headline comparison.")
+        lines.append("The best tuned baseline sustains no load point: no headline comparison.")
     else:
-        lines.append(f"At the highest load every policy sustains ({h['rate_rps']:.2f} req/s):")
+        lines.append(
+            f"At the highest load the best tuned baseline sustains ({h['load']:g} {load_name}"
+            + (f", series {h['series']}" if h["series"] else "")
+            + f"; best baseline `{h['best_baseline']}`):"
+        )
         lines.append("")
-        for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
+        for metric in ("max_latency_s", "p99_latency_s", "mean_latency_s"):
             m = h[metric]
             lines.append(
-                f"- {metric}: nova {m['nova']:.2f} s vs best baseline {m['best_baseline']} "
-                f"{m['baseline']:.2f} s: {100 * m['reduction']:+.1f}% reduction"
+                f"- {metric}: nova {m['nova']:.2f} s vs {m['baseline']:.2f} s: "
+                f"{100 * m['reduction']:+.1f}% reduction"
             )
-        t = h["throughput_rps"]
         lines.append(
-            f"- throughput: nova {t['nova']:.3f} vs {t['best_baseline']} {t['baseline']:.3f} req/s "
-            f"(ratio {t['ratio']:.3f})"
+            f"- throughput ratio nova / best baseline: {_fmt(h['throughput_ratio'], '.3f')}"
         )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: Results, report: dict[str, Any], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for policy, pts in results.items():
-        rates = [p["rate_rps"] for p in pts]
-        axes[0].plot(rates, [p["max_latency_s"] for p in pts], marker="o", label=policy)
-        axes[1].plot(rates, [p["mean_latency_s"] for p in pts], marker="o", label=policy)
-    for ax, title in zip(axes, ("max E2E latency", "mean E2E latency")):
-        ax.set_xlabel("offered load (req/s)")
-        ax.set_ylabel("seconds")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(report["experiment"])
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_vs_load.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy, pts in results.items():
-        ax.plot(
-            [p["throughput_rps"] for p in pts],
-            [p["p99_latency_s"] for p in pts],
-            marker="o",
-            label=policy,
-        )
-    ax.set_xlabel("throughput (req/s)")
-    ax.set_ylabel("p99 E2E latency (s)")
-    ax.set_yscale("log")
-    ax.set_title(f"{report['experiment']}: latency-throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "pareto.png", dpi=110)
-    plt.close(fig)
-
-    rate = (report["headline"] or {}).get("rate_rps") or max(
-        p["rate_rps"] for p in next(iter(results.values()))
+    lines.append("")
+    lines.append(
+        f"All checks pass: **{'yes' if report['checks_pass'] else 'no'}** (checks at points "
+        "where the best tuned baseline sustains: nova max, p99, mean <= 1.03 x best, throughput "
+        ">= 0.98 x; nova max, mean <= 1.05 x oracle; nova beats the best baseline where the "
+        "oracle beats it by > 5%)."
     )
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy, pts in results.items():
-        e2e = next(p["e2e_s"] for p in pts if p["rate_rps"] == rate)
-        ax.plot(e2e, [(i + 1) / len(e2e) for i in range(len(e2e))], label=policy)
-    ax.set_xlabel("E2E latency (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(f"{report['experiment']}: latency CDF at {rate:.2f} req/s")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
-    plt.close(fig)
+    lines += ["", "## nova's modes (share of the run, seed 0)", ""]
+    for p in pols.get(NOVA, []):
+        modes = p["seeds"][0].get("modes", {}) if p["seeds"] else {}
+        top = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(modes.items())[:4])
+        lines.append(
+            f"- {p['series'] or '-'} {p['load']:g}: {top or '-'} "
+            f"({p['seeds'][0].get('num_mode_switches', 0) if p['seeds'] else 0} switches)"
+        )
+    lines += [
+        "",
+        "## Every configuration (mean over seeds; max latency min-max over seeds)",
+        "",
+        "| policy | series | load | thr req/s | sustained | mean s | p99 s | max s | "
+        "max range s | TTFT s |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for policy, pts in pols.items():
+        for p in pts:
+            rng = p["spread"].get("max_latency_s", {})
+            name = policy if policy != ORACLE else f"oracle ({p.get('config')})"
+            lines.append(
+                f"| `{name}` | {p['series'] or '-'} | {p['load']:g} | "
+                f"{_fmt(p['throughput_rps'], '.3f')} | {'yes' if p['sustained'] else 'no'} | "
+                f"{_fmt(p['mean_latency_s'])} | {_fmt(p['p99_latency_s'])} | "
+                f"{_fmt(p['max_latency_s'])} | {_fmt(rng.get('min'))}-{_fmt(rng.get('max'))} | "
+                f"{_fmt(p['mean_ttft_s'])} |"
+            )
+    return "\n".join(lines) + "\n"

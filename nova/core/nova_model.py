@@ -1,0 +1,443 @@
+"""The ``nova`` policy's decision space (``Mode``) and the one queueing model that scores it.
+
+Torch-free and clock-free: plain arithmetic on a load estimate and a cost model's answers
+(``nova.cost.base.CostModel``). ``docs/scheduler.md`` states the model and its assumptions.
+
+A mode is one way to run the GPU:
+
+- ``spatial``: decode on a slice of ``decode_vision_sms`` SMs beside vision, or
+  ``decode_prefill_sms`` beside prefill, the compute stage on the exact remainder (vision and
+  prefill never co-run); a stage alone gets the whole GPU; vision batches of at most
+  ``vision_batch`` images. (The Nova paper's A6000 operating points: 24 beside vision, 30 beside
+  prefill.)
+- ``chunked``: time-sliced fused steps, every decoding sequence's next token plus prompt chunks
+  up to ``token_budget`` tokens (what ``chunked_prefill`` does).
+- ``prefill_first``: time-sliced, the whole GPU to one stage at a time, vision and prefill first,
+  one decode step after at most ``limit`` front batches in a row (what ``pf_limit`` does).
+
+Every mode is scored by the same model: the front stages (vision + prefill) are an M/G/1 queue
+whose service time per request is what the mode makes it, decode is a batch server whose step
+time depends on what it runs beside, and the two are coupled through the decode batch size
+(Little's law) and the fraction of time the front is busy. See ``QueueModel.predict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from nova.cost.base import CostModel, StageWork
+from nova.types import Stage
+
+SPATIAL, CHUNKED, PREFILL_FIRST = "spatial", "chunked", "prefill_first"
+MODE_KINDS = (SPATIAL, CHUNKED, PREFILL_FIRST)
+
+
+@dataclass(slots=True, frozen=True)
+class Mode:
+    """One operating mode (see the module doc). Fields that do not apply to ``kind`` are 0."""
+
+    kind: str
+    decode_vision_sms: int = 0
+    decode_prefill_sms: int = 0
+    vision_batch: int = 0
+    token_budget: int = 0
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODE_KINDS:
+            raise ValueError(f"unknown mode kind {self.kind!r}; choose one of {MODE_KINDS}")
+        if self.kind == SPATIAL and min(self.decode_vision_sms, self.decode_prefill_sms) < 1:
+            raise ValueError(f"a spatial mode needs decode SMs >= 1 beside each stage: {self}")
+        if self.kind in (SPATIAL, PREFILL_FIRST) and self.vision_batch < 1:
+            raise ValueError(f"{self.kind} mode needs vision_batch >= 1: {self}")
+        if self.kind == CHUNKED and self.token_budget < 1:
+            raise ValueError(f"a chunked mode needs token_budget >= 1: {self}")
+        if self.kind == PREFILL_FIRST and self.limit < 1:
+            raise ValueError(f"a prefill_first mode needs limit >= 1: {self}")
+
+    @classmethod
+    def spatial(cls, decode_vision_sms: int, decode_prefill_sms: int, vision_batch: int) -> Mode:
+        return cls(SPATIAL, decode_vision_sms, decode_prefill_sms, vision_batch=vision_batch)
+
+    @classmethod
+    def chunked(cls, token_budget: int) -> Mode:
+        return cls(CHUNKED, token_budget=token_budget)
+
+    @classmethod
+    def prefill_first(cls, limit: int, vision_batch: int) -> Mode:
+        return cls(PREFILL_FIRST, vision_batch=vision_batch, limit=limit)
+
+    @property
+    def time_sliced(self) -> bool:
+        return self.kind != SPATIAL
+
+    @property
+    def label(self) -> str:
+        """``spatial:24:30:1`` / ``chunked:128`` / ``prefill_first:4:8`` (``Mode.parse``)."""
+        if self.kind == SPATIAL:
+            return (
+                f"{SPATIAL}:{self.decode_vision_sms}:{self.decode_prefill_sms}:{self.vision_batch}"
+            )
+        if self.kind == CHUNKED:
+            return f"{CHUNKED}:{self.token_budget}"
+        return f"{PREFILL_FIRST}:{self.limit}:{self.vision_batch}"
+
+    @classmethod
+    def parse(cls, label: str) -> Mode:
+        """The inverse of ``label``; ``ValueError`` naming the forms for anything else."""
+        kind, *raw = label.strip().split(":")
+        forms = "spatial:DV:DP:VB, chunked:BUDGET or prefill_first:LIMIT:VB"
+        try:
+            nums = [int(x) for x in raw]
+            if kind == SPATIAL and len(nums) == 3:
+                return cls.spatial(*nums)
+            if kind == CHUNKED and len(nums) == 1:
+                return cls.chunked(nums[0])
+            if kind == PREFILL_FIRST and len(nums) == 2:
+                return cls.prefill_first(*nums)
+        except ValueError as exc:
+            raise ValueError(f"bad mode {label!r} ({exc}); expected {forms}") from exc
+        raise ValueError(f"bad mode {label!r}; expected {forms}")
+
+
+@dataclass(slots=True, frozen=True)
+class LoadEstimate:
+    """What the policy has observed, as means per request. ``backlog`` counts requests waiting
+    for (or in) the front stages now: a burst shows up there before any rate estimate moves."""
+
+    lam_rps: float
+    image_fraction: float
+    images_per_request: float  # among requests with images
+    text_tokens: float
+    output_tokens: float
+    output_tokens_tail: float = 0.0  # a high quantile of output tokens (0: the mean)
+    backlog: int = 0
+    prompt_cv2: float = 0.0  # squared coefficient of variation of prompt tokens
+
+
+@dataclass(slots=True, frozen=True)
+class Prediction:
+    """The model's answer for one mode at one load (seconds; requests per second)."""
+
+    mode: Mode
+    mean_latency_s: float
+    tail_latency_s: float  # p99 of end-to-end latency, or the backlog's drain, if larger
+    capacity_rps: float
+    front_service_s: float  # mean front (vision + prefill) server time per request
+    time_per_token_s: float
+    decode_batch: float
+
+    @property
+    def feasible(self) -> bool:
+        return math.isfinite(self.tail_latency_s)
+
+
+@dataclass(slots=True, frozen=True)
+class _Front:
+    """The front server (vision + prefill) as a mode makes it: service per image request and
+    per text-only request (seconds of front time, decode's interruptions included), decode
+    tokens produced per request's front time, extra wait before service starts, capacity."""
+
+    image_s: float
+    text_s: float
+    image_fraction: float
+    tokens: float
+    extra_wait_s: float
+    capacity_rps: float
+    busy_s: float  # mean front time per request while decode runs beside it
+    tail_s: float  # an image request's front time when decode runs beside it (the slow case)
+
+    @property
+    def mean_s(self) -> float:
+        f = self.image_fraction
+        return f * self.image_s + (1 - f) * self.text_s
+
+
+@dataclass(slots=True, frozen=True)
+class ModelLimits:
+    """The engine's batch caps the model needs (``StageLimits``' values)."""
+
+    max_num_seqs: int = 64
+    max_prefill_tokens: int = 4096
+    max_vision_images: int = 8
+
+
+class QueueModel:
+    """Scores modes with one queueing model on a cost model's stage times.
+
+    ``num_sms``: the device's SMs (a mode's SM counts are shares of it). ``image_tokens``: prompt
+    tokens per image. ``cv2``: squared coefficient of variation of a request's front service
+    time beyond what the mix of image and text-only requests and the observed spread of prompt
+    lengths (``LoadEstimate.prompt_cv2``) explain. ``tail_quantile``: the
+    latency quantile scored as "tail".
+    """
+
+    def __init__(
+        self,
+        cost: CostModel,
+        num_sms: int,
+        image_tokens: int,
+        limits: ModelLimits | None = None,
+        cv2: float = 0.05,
+        tail_quantile: float = 0.99,
+    ) -> None:
+        self.cost = cost
+        self.num_sms = num_sms
+        self.image_tokens = image_tokens
+        self.limits = limits or ModelLimits()
+        self.cv2 = cv2
+        self.tail_quantile = tail_quantile
+        self._memo: dict[tuple[object, ...], float] = {}
+
+    # -- stage times ---------------------------------------------------------------------------
+    def _time(
+        self, work: StageWork, share: float, co: Sequence[tuple[StageWork, float]] = ()
+    ) -> float:
+        key = (work.totals_key(), share, tuple((w.totals_key(), s) for w, s in co))
+        t = self._memo.get(key)
+        if t is None:
+            if len(self._memo) > 50_000:
+                self._memo.clear()
+            t = self._memo[key] = self.cost.time_s(work, share, co, True)
+        return t
+
+    @staticmethod
+    def _decode_work(batch: float, context: float) -> StageWork:
+        b = max(1, round(batch))
+        return StageWork(
+            Stage.DECODE, new_tokens=(1,) * b, context_lens=(max(1, round(context)),) * b
+        )
+
+    @staticmethod
+    def _prefill_work(tokens: float) -> StageWork:
+        n = max(1, round(tokens))
+        return StageWork(Stage.PREFILL, new_tokens=(n,), context_lens=(n,))
+
+    @staticmethod
+    def _mixed_work(batch: float, chunk: float, chunk_context: float, context: float) -> StageWork:
+        """A fused step: ``batch`` decode tokens plus one prompt chunk of ``chunk`` tokens whose
+        KV after the step holds ``chunk_context`` tokens."""
+        b = max(0, round(batch))
+        c = max(1, round(chunk))
+        ctx = max(1, round(context))
+        return StageWork(
+            Stage.PREFILL,
+            new_tokens=(1,) * b + (c,),
+            context_lens=(ctx,) * b + (max(c, round(chunk_context)),),
+        )
+
+    # -- the model -------------------------------------------------------------------------------
+    def predict(self, mode: Mode, load: LoadEstimate) -> Prediction:
+        """Mean and tail latency and capacity of ``mode`` at ``load``. The decode batch and the
+        decode span depend on each other (Little's law: batch = rate x span): a few fixed-point
+        rounds from a batch of one."""
+        front_of = {SPATIAL: self._spatial, CHUNKED: self._chunked}.get(
+            mode.kind, self._prefill_first
+        )
+        lam = load.lam_rps
+        max_seqs = float(self.limits.max_num_seqs)
+        decoding = busy = 0.0
+        pred: Prediction | None = None
+        for _ in range(5):
+            front, step_s = front_of(mode, load, decoding, busy)
+            busy = min(1.0, lam * front.mean_s)
+            pred = self._finish(mode, load, front, step_s, max(1.0, decoding))
+            if not pred.feasible:
+                return pred
+            span = pred.time_per_token_s * max(1.0, load.output_tokens)
+            new_decoding = min(lam * span, max_seqs)
+            if lam * span > max_seqs:  # decode cannot hold everyone decoding: its capacity binds
+                cap = max_seqs / span
+                if cap < lam:
+                    return replace(
+                        pred,
+                        mean_latency_s=math.inf,
+                        tail_latency_s=math.inf,
+                        capacity_rps=min(pred.capacity_rps, cap),
+                    )
+            if abs(new_decoding - decoding) < 0.25:
+                break
+            decoding = new_decoding
+        assert pred is not None
+        return pred
+
+    def _shape(self, load: LoadEstimate) -> tuple[float, float, float, float, float, float]:
+        """(f, m, prompt tokens of an image request, of a text request, mean decode context,
+        output tokens)."""
+        f = min(1.0, max(0.0, load.image_fraction))
+        m = max(1.0, load.images_per_request)
+        text = max(1.0, load.text_tokens)
+        n = max(1.0, load.output_tokens)
+        prompt_img = text + m * self.image_tokens
+        prompt_mean = f * prompt_img + (1 - f) * text
+        return f, m, prompt_img, text, prompt_mean + n / 2, n
+
+    def _decode_span_s(
+        self, lam: float, n: float, sojourn_s: float, front: _Front, step_s: float
+    ) -> float:
+        """Seconds a request needs for its ``n`` output tokens after its prefill.
+
+        Decode shares the GPU with the front work that arrives meanwhile: the requests queued
+        behind it when its prefill ends (``lam * sojourn_s`` of them on average, Little's law)
+        and those arriving during its decode. Each request's front work takes ``front.busy_s``,
+        during which decode gets ``front.tokens`` tokens (a chunked step's decode tokens, a
+        forced decode step, or decode on its slice beside the compute stage); with the front
+        idle a token takes ``step_s``. The rest of the front time blocks decode, like
+        high-priority work in a preemptive-priority queue: the span is a delay busy period,
+        ``X = (b B + n t1) / (1 - lam b)`` for ``B`` requests queued and ``b`` blocking seconds
+        each; if the front alone supplies every token, ``X = n S / k`` (front busy throughout).
+        The queue is empty at the prefill's end with probability ``1 - rho`` (M/G/1: departures
+        see the time-average queue), so ``X`` is the mixture of the empty and non-empty cases.
+        """
+        s_busy, k = front.busy_s, front.tokens
+        blocking = s_busy - k * step_s  # front time per request beyond what decode gets
+        denom = 1.0 - lam * blocking
+        if denom <= 0:
+            return math.inf
+        rho = min(1.0, lam * front.mean_s)
+        full = n * s_busy / k if k > 0 else math.inf
+        floor = n * min(step_s, s_busy / k if k > 0 else step_s)
+
+        def span(backlog: float) -> float:
+            return max(floor, min(full, (backlog * blocking + n * step_s) / denom))
+
+        backlog = lam * sojourn_s
+        if rho <= 0.0:
+            return span(backlog)
+        return (1.0 - rho) * span(0.0) + rho * span(backlog / rho)
+
+    def _finish(
+        self, mode: Mode, load: LoadEstimate, front: _Front, step_s: float, batch: float
+    ) -> Prediction:
+        """Latency = front wait (M/G/1, Pollaczek-Khinchine over the two request classes) +
+        own front service + the decode span; the tail uses the waiting time's exponential tail
+        (heavy-traffic approximation with the P-K mean) and a high quantile of output tokens.
+        A backlog bounds the tail from below: its last request waits for all of it."""
+        lam = load.lam_rps
+        f, _, _, _, _, n = self._shape(load)
+        s_mean = front.mean_s
+        rho = lam * s_mean
+        if rho >= 1.0 or not math.isfinite(s_mean):
+            return Prediction(mode, math.inf, math.inf, front.capacity_rps, s_mean, math.inf, batch)
+        s_img, s_txt = front.image_s, front.text_s
+        second = (f * s_img * s_img + (1 - f) * s_txt * s_txt) * (1.0 + self.cv2 + load.prompt_cv2)
+        wait = lam * second / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
+        q = self.tail_quantile
+        tail_wait = wait / rho * math.log(rho / (1.0 - q)) if rho > 1.0 - q else wait
+        n_tail = max(n, load.output_tokens_tail)
+        s_tail = front.tail_s
+        span = self._decode_span_s(lam, n, wait + s_mean, front, step_s)
+        mean = wait + s_mean + span
+        tail = (
+            tail_wait + s_tail + self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s)
+        )
+        if load.backlog > 1:
+            # the last request of the backlog waits for all of it to be served first
+            drain = (load.backlog - 1) * s_mean
+            tail = max(
+                tail,
+                drain + s_tail + self._decode_span_s(lam, n_tail, drain + s_tail, front, step_s),
+            )
+        return Prediction(
+            mode, mean, tail, front.capacity_rps, s_mean, span / n if n else 0.0, batch
+        )
+
+    def _spatial(
+        self, mode: Mode, load: LoadEstimate, decoding: float, busy: float
+    ) -> tuple[_Front, float]:
+        """``decoding``: sequences decoding on average (the decode batch); ``busy``: the
+        fraction of time the front is busy."""
+        batch = max(1.0, decoding)
+        f, m, prompt_img, text, ctx, _ = self._shape(load)
+        big_n = self.num_sms
+        dv, dp = mode.decode_vision_sms / big_n, mode.decode_prefill_sms / big_n
+        vision_batch = max(1, min(mode.vision_batch, self.limits.max_vision_images))
+        img_per_batch = min(float(vision_batch), max(1.0, m))
+        vision = StageWork(Stage.VISION, num_images=max(1, round(img_per_batch)))
+        p_img, p_txt = self._prefill_work(prompt_img), self._prefill_work(text)
+        dwork = self._decode_work(batch, ctx)
+        # decode co-runs while some sequence decodes. Inside a front busy period (probability
+        # ``busy``) the previous request is still decoding (its decode outlasts a front
+        # service); otherwise P(>= 1 decoding), Poisson with mean ``decoding``.
+        co = 1.0 - (1.0 - busy) * math.exp(-decoding)
+        v_co = m * self._time(vision, 1 - dv, [(dwork, dv)]) / img_per_batch
+        v_solo = m * self._time(vision, 1.0) / img_per_batch
+        pi_co, pt_co = (self._time(w, 1 - dp, [(dwork, dp)]) for w in (p_img, p_txt))
+        pi_solo, pt_solo = self._time(p_img, 1.0), self._time(p_txt, 1.0)
+        t_v = self._time(dwork, dv, [(vision, 1 - dv)])
+        t_p = self._time(dwork, dp, [(p_img, 1 - dp)])
+        t_1 = self._time(dwork, 1.0)
+        image_s = co * (v_co + pi_co) + (1 - co) * (v_solo + pi_solo)
+        text_s = co * pt_co + (1 - co) * pt_solo
+        # a decoding request sees every front beside it: front time and tokens it yields
+        busy_img, busy_txt = v_co + pi_co, pt_co
+        tokens = f * (v_co / t_v + pi_co / t_p) + (1 - f) * pt_co / t_p
+        # an image waits for the others of its vision batch; a compute batch waits for the
+        # running decode step to leave its SMs (about half a step)
+        extra = (img_per_batch - 1) / 2 * v_co / m + co * t_1 / 2
+        busy_mean = f * busy_img + (1 - f) * busy_txt
+        front = _Front(
+            image_s,
+            text_s,
+            f,
+            tokens,
+            extra,
+            1.0 / busy_mean,
+            busy_mean,
+            busy_img if f > 0 else busy_txt,
+        )
+        return front, t_1
+
+    def _chunked(
+        self, mode: Mode, load: LoadEstimate, decoding: float, busy: float
+    ) -> tuple[_Front, float]:
+        batch = max(1.0, decoding)
+        f, m, prompt_img, text, ctx, _ = self._shape(load)
+        vision = self._time(StageWork(Stage.VISION, num_images=max(1, round(m))), 1.0)
+        t_1 = self._time(self._decode_work(batch, ctx), 1.0)
+        chunk = mode.token_budget - min(batch, float(self.limits.max_num_seqs))
+        if chunk < 1:  # decode fills the budget: prompts cannot progress
+            return _Front(math.inf, math.inf, f, 0.0, 0.0, 0.0, math.inf, math.inf), t_1
+        prompt_mean = f * prompt_img + (1 - f) * text
+        step = self._time(
+            self._mixed_work(batch, min(chunk, prompt_mean), prompt_mean / 2, ctx), 1.0
+        )
+        # chunks of consecutive prompts share steps: steps per prompt counted fractionally
+        steps_img, steps_txt = max(1.0, prompt_img / chunk), max(1.0, text / chunk)
+        image_s = (vision if f > 0 else 0.0) + steps_img * step
+        text_s = steps_txt * step
+        tokens = f * steps_img + (1 - f) * steps_txt  # one per fused step; none in vision steps
+        mean_s = f * image_s + (1 - f) * text_s
+        extra = max(0.0, 1 - lam_s(load, mean_s)) * t_1 / 2  # waits for a running decode step
+        tail_s = image_s if f > 0 else text_s
+        return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
+
+    def _prefill_first(
+        self, mode: Mode, load: LoadEstimate, decoding: float, busy: float
+    ) -> tuple[_Front, float]:
+        batch = max(1.0, decoding)
+        f, m, prompt_img, text, ctx, _ = self._shape(load)
+        vision_batch = max(1, min(mode.vision_batch, self.limits.max_vision_images))
+        img_per_batch = min(float(vision_batch), max(1.0, m))
+        per_img = self._time(StageWork(Stage.VISION, num_images=max(1, round(img_per_batch))), 1.0)
+        t_1 = self._time(self._decode_work(batch, ctx), 1.0)
+        v_img = m * per_img / img_per_batch
+        # front batches per request (vision, prefill); while the front stays busy one decode
+        # step runs after every ``limit`` of them
+        batches_img = math.ceil(m / img_per_batch) + 1.0
+        forced_img, forced_txt = batches_img / mode.limit, 1.0 / mode.limit
+        image_s = v_img + self._time(self._prefill_work(prompt_img), 1.0) + forced_img * t_1
+        text_s = self._time(self._prefill_work(text), 1.0) + forced_txt * t_1
+        tokens = f * forced_img + (1 - f) * forced_txt
+        mean_s = f * image_s + (1 - f) * text_s
+        extra = (img_per_batch - 1) / 2 * per_img / img_per_batch
+        extra += max(0.0, 1 - lam_s(load, mean_s)) * t_1 / 2
+        tail_s = image_s if f > 0 else text_s
+        return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
+
+
+def lam_s(load: LoadEstimate, service_s: float) -> float:
+    """Utilization ``lam * service``."""
+    return load.lam_rps * service_s
