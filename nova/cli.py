@@ -136,18 +136,89 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from nova.sim.eval import EXPERIMENTS, run_experiment
 
-    if args.list or not args.name:
+    custom = args.model is not None
+    if args.list or (not args.name and not custom):
         for name, exp in sorted(EXPERIMENTS.items()):
-            print(f"{name:14s} {exp.description}")
+            print(f"{name:26s} {exp.description}")
         return 0
+    if custom and args.name:
+        raise ValueError("give an experiment NAME or --model/--gpu/... flags, not both")
+    experiment = _custom_experiment(args) if custom else args.name
     from nova.extras import require_extra
 
     require_extra("plot", "nova eval")  # before minutes of simulation, not after
-    out = Path(args.out or f"eval-results/{args.name}")
-    report = run_experiment(args.name, out, num_requests=args.num_requests)
+    label = args.name or "custom"
+    out = Path(args.out or f"eval-results/{label}")
+    report = run_experiment(
+        experiment,
+        out,
+        num_requests=args.num_requests,
+        seeds=args.seeds,
+        workers=args.workers,
+    )
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}; plots: {out}/*.png")
     return 0 if report else 1
+
+
+def _custom_experiment(args: argparse.Namespace) -> Any:
+    """An ``Experiment`` from ``nova eval --model ... --gpu ...`` flags."""
+    from nova.sim.experiments import BASELINE_VARIANTS, NOVA, Experiment, Series, expand_policies
+
+    if args.gpu is None:
+        raise ValueError("nova eval --model needs --gpu (see nova.cost.gpus: a6000, h100-sxm, ...)")
+    closed = args.workload == "gui_sessions"
+    if closed and not args.num_sessions:
+        raise ValueError("--workload gui_sessions needs --num-sessions N [N ...]")
+    if not closed and not args.rates:
+        raise ValueError(f"--workload {args.workload} needs --rates R1 [R2 ...] (requests/s)")
+    if args.burstiness is not None and args.workload != "bursty":
+        raise ValueError("--burstiness applies to --workload bursty")
+    kwargs: dict[str, Any] = {}
+    if args.workload == "bursty":
+        cv = 2.0 if args.burstiness is None else args.burstiness
+        if cv <= 0:
+            raise ValueError(f"--burstiness (coefficient of variation) must be > 0, got {cv}")
+        kwargs["burstiness"] = 1.0 / cv**2  # gamma shape k: CV = 1/sqrt(k)
+    if closed:
+        kwargs["think_time_s"] = args.think_time_s
+        loads: tuple[float, ...] = tuple(float(n) for n in args.num_sessions)
+    else:
+        loads = tuple(args.rates)
+    image_size = None
+    if args.image_size:
+        width, _, height = args.image_size.lower().partition("x")
+        try:
+            image_size = (int(width), int(height))
+        except ValueError:
+            raise ValueError(
+                f"--image-size must be WxH (e.g. 1920x1080), got {args.image_size!r}"
+            ) from None
+    names = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else []
+    compared = tuple(n for n in names if not n.startswith(tuple(_baseline_bases())))
+    chosen = tuple(n for n in names if n not in compared)
+    return Experiment(
+        "custom",
+        f"{args.model} on {args.gpu}, {args.workload} workload (from flags)",
+        gpu=args.gpu,
+        model=args.model,
+        rates_rps=(),
+        num_requests=args.num_requests or 400,
+        policies=compared or (NOVA,),
+        workload=args.workload,
+        baselines=tuple(expand_policies(list(chosen))) if chosen else BASELINE_VARIANTS,
+        series=(Series("", kwargs, loads),),
+        load_param="num_sessions" if closed else "rate_rps",
+        image_size=image_size,
+        offload_vision=args.offload_vision,
+    )
+
+
+def _baseline_bases() -> list[str]:
+    from nova.core.policy import parse_policy_name
+    from nova.sim.experiments import BASELINE_VARIANTS
+
+    return sorted({parse_policy_name(v)[0] for v in BASELINE_VARIANTS})
 
 
 def _add_demo(sub: Any) -> None:
@@ -202,11 +273,39 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     p = sub.add_parser("models", help="list supported architectures and shipped configs")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("eval", help="run a named experiment in the simulator (results + plots)")
+    p = sub.add_parser(
+        "eval",
+        help="run an experiment in the simulator (results + plots): a named one, or your own "
+        "from --model/--gpu/--workload/--rates",
+    )
     p.add_argument("name", nargs="?", help="experiment name (see --list)")
     p.add_argument("--list", action="store_true", help="list the experiments")
     p.add_argument("--out", help="output directory (default eval-results/NAME)")
     p.add_argument("--num-requests", type=int, default=None, help="requests per load point")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3)")
+    p.add_argument("--workers", type=int, default=None, help="simulation processes")
+    g = p.add_argument_group("your own experiment")
+    g.add_argument("--model", help="shipped config name or model directory")
+    g.add_argument("--gpu", help="GPU spec name (a6000, rtx4090, a100-80g, h100-sxm, h200)")
+    g.add_argument("--workload", default="poisson", choices=("poisson", "bursty", "gui_sessions"))
+    g.add_argument(
+        "--burstiness",
+        type=float,
+        default=None,
+        help="bursty: coefficient of variation of the gaps (default 2; gamma shape 1/CV^2)",
+    )
+    g.add_argument("--num-sessions", type=int, nargs="+", help="gui_sessions: sessions per point")
+    g.add_argument("--think-time-s", type=float, default=2.0, help="gui_sessions: mean think time")
+    g.add_argument("--image-size", help="screenshot WxH, e.g. 1920x1080 (default 1120x1120)")
+    g.add_argument("--rates", type=float, nargs="+", help="arrival rates (req/s), one per point")
+    g.add_argument(
+        "--policies",
+        help="comma-separated: nova, baselines (a plain name = all its tuned variants), or "
+        "variants like chunked_prefill[budget=512] (default: nova and every tuned variant)",
+    )
+    g.add_argument(
+        "--offload-vision", action="store_true", help="vision weights stream from host memory"
+    )
     p.set_defaults(func=_cmd_eval)
 
     for name, ext in EXTERNAL.items():

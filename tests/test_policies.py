@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -107,14 +105,14 @@ def test_static_partition_runs_stages_concurrently_on_a_fixed_split():
     assert (vb.partition.vision, vb.partition.prefill, vb.partition.decode) == (0.4, 0.4, 0.2)
 
 
-# -- nova -------------------------------------------------------------------------------------
+# -- nova (more in tests/test_nova_policy.py) ---------------------------------------------------
 def test_nova_needs_a_cost_model():
     with pytest.raises(ValueError, match="needs a cost model"):
         make_policy("nova")
 
 
 def test_nova_never_coruns_vision_and_prefill_and_prefers_prefill():
-    s = make("nova")
+    s = make("nova", fixed_mode="spatial:12:12:1")
     s.add_request(req("img", images=1), 0)
     s.add_request(req("txt"), 0.1)
     assert s.schedule(Stage.VISION, 0.1) is None  # prefill waiting: it goes first
@@ -124,68 +122,10 @@ def test_nova_never_coruns_vision_and_prefill_and_prefers_prefill():
     done(s, pb, 0.5)
     vb = s.schedule(Stage.VISION, 0.5)
     assert vb is not None and s.schedule(Stage.PREFILL, 0.5) is None
-    # decode co-runs with vision on its own share, the compute stage on the rest
+    # decode co-runs with vision on its own slice, the compute stage on the exact rest
     db = s.schedule(Stage.DECODE, 0.5)
     assert db is not None
-    assert db.partition.decode + db.partition.vision == pytest.approx(1.0)
-
-
-def test_nova_drains_a_backlog_with_the_minimum_decode_share():
-    s = make("nova", alpha=3, min_decode_share=12 / 84, sm_granularity_share=1 / 42)
-    s.add_request(req("a"), 0)
-    done(s, s.schedule(Stage.PREFILL, 0), 0.3)  # a decodes
-    for i in range(5):
-        s.add_request(req(f"b{i}", images=1), 0.3 + 0.01 * i)
-    db = s.schedule(Stage.DECODE, 0.4)
-    assert db.partition.decode == pytest.approx(12 / 84, abs=1 / 42)
-
-
-def test_nova_plans_on_the_pareto_frontier():
-    from nova.core.nova_policy import LoadEstimate, NovaPolicy
-
-    pol = NovaPolicy(
-        cost_model=roofline(),
-        image_tokens=1600,
-        sm_granularity_share=1 / 21,
-        min_decode_share=12 / 84,
-    )
-    active = frozenset(Stage)
-    for lam in (0.1, 0.4, 0.7):
-        load = LoadEstimate(lam, 1.0, 1.0, 150, 55)
-        frontier = pol.pareto_frontier(active, False, load)
-        for p in frontier:  # nothing on the frontier is dominated by any candidate
-            for c in pol.candidates(active, False):
-                q = pol.predict(c, active, load)
-                assert not (q.tail_latency_s < p.tail_latency_s and q.capacity_rps > p.capacity_rps)
-        best = pol._best(active, False, load)
-        assert best in frontier
-        assert best.capacity_rps >= lam * 1.1 or best.capacity_rps == max(
-            p.capacity_rps for p in frontier
-        )
-    # more load never predicts less latency for the same partition
-    part = pol.candidates(active, False)[2]
-    lats = [
-        pol.predict(part, active, LoadEstimate(rate, 1.0, 1.0, 150, 55)).mean_latency_s
-        for rate in (0.1, 0.3, 0.5)
-    ]
-    assert lats == sorted(lats)
-    # every partition nova may choose isolates its stages (the cost model is asked so)
-    assert all(p.isolated for p in pol.partition_set())
-
-
-def test_nova_decision_is_cheap_after_planning():
-    import time
-
-    s = make("nova")
-    for i in range(20):
-        s.add_request(req(f"r{i}", images=i % 2), 0.05 * i)
-    s.policy.partition(s.state, 1.0)  # plan once
-    t0 = time.perf_counter()
-    for _ in range(200):
-        s.policy.next_batch(Stage.PREFILL, s.state, 1.0)
-        s.policy.partition(s.state, 1.0)
-    per_call_s = (time.perf_counter() - t0) / 200
-    assert per_call_s < 0.01  # generous bound here; the benchmark reports the real figure
+    assert round(db.partition.decode * 84) == 12 and round(vb.partition.vision * 84) == 72
 
 
 # -- properties over random workloads ----------------------------------------------------------
@@ -254,30 +194,3 @@ class _ScaledRoofline:
 
     def gpu(self):
         return self.inner.gpu()
-
-
-def test_nova_eval_quick_writes_results(tmp_path):
-    from nova.sim.eval import run_experiment
-
-    report = run_experiment("quick-a6000", tmp_path, num_requests=30, progress=lambda _: None)
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["policies"]) == {"pf_limit", "chunked_prefill", "multi_stream", "nova"}
-    for pts in data["policies"].values():
-        assert [p["rate_rps"] for p in pts] == [0.2, 0.5, 0.8]
-        for p in pts:
-            for key in (
-                "rate_rps",
-                "throughput_rps",
-                "max_latency_s",
-                "p99_latency_s",
-                "mean_latency_s",
-                "mean_ttft_s",
-                "num_requests",
-            ):
-                assert p[key] is not None and p[key] >= 0
-            assert p["num_requests"] == 30
-            assert p["max_latency_s"] >= p["p99_latency_s"] >= p["mean_latency_s"] * 0.0
-    for png in ("latency_vs_load.png", "pareto.png", "latency_cdf.png"):
-        assert (tmp_path / png).stat().st_size > 1000
-    assert "Headline" in (tmp_path / "results.md").read_text()
-    assert report["experiment"] == "quick-a6000"

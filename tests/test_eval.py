@@ -1,0 +1,270 @@
+"""``nova eval``: seeds and spreads, the steady window, tuned baselines, the oracle, the checks,
+experiments from flags, and the small CI version of the must-hold run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from nova.cost.base import make_cost_model
+from nova.cost.model_spec import get_model_spec
+from nova.sampling_params import SamplingParams
+from nova.sim.eval import (
+    EXPERIMENTS,
+    aggregate,
+    analyse,
+    experiment_spec,
+    num_kv_blocks,
+    run_experiment,
+    steady_window,
+)
+from nova.sim.experiments import BASELINE_VARIANTS, expand_policies, static_modes
+from nova.types import Request
+
+REQUIRED = (
+    "rate_rps",
+    "throughput_rps",
+    "max_latency_s",
+    "p99_latency_s",
+    "mean_latency_s",
+    "mean_ttft_s",
+    "num_requests",
+)
+
+
+def _req(i: int, arrival: float, finish: float | None) -> Request:
+    r = Request(f"r{i}", [1], SamplingParams(max_tokens=1), arrival_s=arrival)
+    r.times.finish_s = finish
+    return r
+
+
+def test_steady_window_tells_a_queue_that_keeps_up_from_one_that_grows():
+    keeps_up = [_req(i, i * 1.0, i * 1.0 + 3.0 + (i % 3)) for i in range(200)]
+    w = steady_window(keeps_up)
+    assert w["offered_rps"] == pytest.approx(1.0, rel=0.01)
+    assert w["steady_ratio"] == pytest.approx(1.0, abs=0.02)
+    # served at 0.8/s while 1/s arrive: the backlog grows at 0.2/s
+    grows = [_req(i, i * 1.0, 5.0 + i / 0.8) for i in range(200)]
+    assert steady_window(grows)["steady_ratio"] == pytest.approx(0.8, abs=0.02)
+    # never finished at all
+    assert steady_window([_req(i, i * 1.0, None) for i in range(50)])["steady_ratio"] < 0.1
+
+
+def test_aggregate_keeps_mean_spread_and_seeds():
+    per_seed = {
+        s: {"max_latency_s": 10.0 + s, "mean_latency_s": 3.0, "steady_ratio": 0.97 + 0.01 * s}
+        for s in range(3)
+    }
+    p = aggregate(per_seed, closed_loop=False)
+    assert p["max_latency_s"] == pytest.approx(11.0)
+    assert p["spread"]["max_latency_s"] == {
+        "min": 10.0,
+        "max": 12.0,
+        "std": pytest.approx(0.8165, rel=1e-3),
+    }
+    assert [s["seed"] for s in p["seeds"]] == [0, 1, 2]
+    assert p["sustained"] is True  # mean ratio 0.98
+    per_seed[0]["steady_ratio"] = 0.9
+    assert aggregate(per_seed, closed_loop=False)["sustained"] is False
+    assert aggregate(per_seed, closed_loop=True)["sustained"] is True
+
+
+def _pt(mx, mean, thr=1.0, sustained=True, p99=None):
+    return {
+        "max_latency_s": mx,
+        "p99_latency_s": p99 if p99 is not None else mx * 0.9,
+        "mean_latency_s": mean,
+        "throughput_rps": thr,
+        "sustained": sustained,
+    }
+
+
+def test_analyse_picks_best_baseline_and_oracle_and_checks():
+    points = {
+        "nova": _pt(8.8, 4.0),
+        "a": _pt(10.0, 5.0),
+        "b": _pt(8.0, 6.0, sustained=False),  # not sustained: not eligible
+        "nova[mode=x]": _pt(8.5, 4.1),
+    }
+    a = analyse(points, ["a", "b"], ["nova[mode=x]"])
+    assert a["best_baseline"] == "a" and a["oracle"] == "nova[mode=x]"
+    assert a["oracle_gain"] == pytest.approx(0.15)
+    assert a["checks"]["beats_best_where_oracle_does"] is True
+    assert a["checks"]["max_vs_oracle"] is True  # 8.8 / 8.5 = 1.035
+    points["nova"] = _pt(10.5, 4.0)  # 5% worse than the best baseline's max
+    a = analyse(points, ["a", "b"], ["nova[mode=x]"])
+    assert not a["pass"] and "max_vs_best" in a["failed"]
+    # ties in max latency go to the lower mean
+    points = {"nova": _pt(10, 5), "a": _pt(10, 6), "c": _pt(10, 5.5)}
+    assert analyse(points, ["a", "c"], [])["best_baseline"] == "c"
+    # no sustained baseline: nothing must hold there
+    points = {"nova": _pt(10, 5), "a": _pt(9, 4, sustained=False)}
+    a = analyse(points, ["a"], [])
+    assert a["must_hold"] is False and a["pass"] is True
+
+
+def test_analyse_max_vs_oracle_threshold():
+    points = {"nova": _pt(9.0, 4.0), "a": _pt(10.0, 5.0), "s": _pt(8.5, 4.1)}
+    a = analyse(points, ["a"], ["s"])
+    assert a["nova_vs_oracle"]["max"] == pytest.approx(9.0 / 8.5)
+    assert a["checks"]["max_vs_oracle"] is False  # 5.9% above the oracle
+
+
+def test_tuned_variants_and_expansion():
+    assert "chunked_prefill[budget=2048]" in BASELINE_VARIANTS
+    assert "pf_limit[limit=8]" in BASELINE_VARIANTS
+    assert "sequential" in BASELINE_VARIANTS and "multi_stream" in BASELINE_VARIANTS
+    assert expand_policies(["nova", "chunked_prefill"]) == [
+        "nova",
+        *[v for v in BASELINE_VARIANTS if v.startswith("chunked_prefill")],
+    ]
+    assert expand_policies(["pf_limit[limit=2]"]) == ["pf_limit[limit=2]"]
+
+
+def test_static_modes_are_on_the_grid_and_include_the_papers_point():
+    exp = EXPERIMENTS["paper-a6000"]
+    gpu = make_cost_model("roofline", "a6000", "cogagent-9b").gpu()
+    modes = static_modes(exp, gpu)
+    assert "spatial:24:30:1" in modes and "spatial:12:12:1" in modes
+    h100 = EXPERIMENTS["paper-h100"]
+    for label in static_modes(h100, make_cost_model("roofline", "h100-sxm", "cogagent-9b").gpu()):
+        _, dv, dp, _ = label.split(":")
+        assert int(dv) % 8 == 0 and int(dp) % 8 == 0 and int(dv) >= 16
+
+
+def test_offloaded_vision_weights_leave_room_for_the_kv_cache():
+    """CogAgent on a 24 GB RTX 4090 with the encoder offloaded: the KV cache holds requests
+    (subtracting the offloaded encoder's weights left only the 64-block floor: every request
+    was rejected)."""
+    exp = EXPERIMENTS["rtx4090-cogagent-offload"]
+    spec = experiment_spec(exp)
+    cost = make_cost_model("roofline", exp.gpu, spec, offload_vision_weights=True)
+    resident = num_kv_blocks(cost, spec, 16, offload_vision=False)
+    offloaded = num_kv_blocks(cost, spec, 16, offload_vision=True)
+    assert resident == 64  # the floor: weights alone do not fit
+    assert offloaded * 16 > 40 * 1800  # dozens of ~1800-token requests
+    report = run_experiment(
+        replace(exp, series=(), rates_rps=(0.2,), seeds=(0,), baselines=("pf_limit[limit=4]",)),
+        None,
+        num_requests=20,
+        progress=lambda _: None,
+    )
+    nova = report["policies"]["nova"][0]
+    assert nova["num_requests"] == 20 and nova["throughput_rps"] > 0
+
+
+def test_image_size_sets_the_image_tokens():
+    exp = EXPERIMENTS["h100-qwen2.5-vl-7b-1080p"]
+    assert experiment_spec(exp).image_tokens == 2691
+    assert get_model_spec("qwen2.5-vl-7b").image_tokens == 1600
+
+
+def test_quick_experiment_writes_results_and_its_checks_pass(tmp_path):
+    """The CI version of the must-hold run: 3 seeds, the tuned variants it lists, the oracle;
+    every check passes."""
+    report = run_experiment("quick-a6000", tmp_path, progress=lambda _: None)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["seeds"] == [0, 1, 2]
+    assert {"nova", "oracle", "chunked_prefill[budget=128]", "nova[mode=spatial:24:30:1]"} <= set(
+        data["policies"]
+    )
+    for name, pts in data["policies"].items():
+        assert [p["load"] for p in pts] == [0.2, 0.5], name
+        for p in pts:
+            for key in REQUIRED:
+                assert p[key] is not None and p[key] >= 0, (name, key)
+            assert isinstance(p["sustained"], bool)
+            assert (
+                len(p["seeds"]) == 3 and p["spread"]["max_latency_s"]["min"] <= p["max_latency_s"]
+            )
+            assert p["max_latency_s"] >= p["p99_latency_s"] >= 0
+    for png in ("latency_vs_load.png", "pareto.png", "latency_cdf.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    md = (tmp_path / "results.md").read_text()
+    assert "Headline" in md and "oracle" in md
+    failed = [(a["load"], a.get("failed")) for a in report["analysis"] if not a["pass"]]
+    assert report["checks_pass"], failed
+
+
+def test_custom_experiment_from_flags(tmp_path):
+    from nova.cli import main
+
+    code = main(
+        [
+            "eval",
+            "--model",
+            "qwen2.5-vl-7b",
+            "--gpu",
+            "rtx4090",
+            "--workload",
+            "bursty",
+            "--burstiness",
+            "2",
+            "--image-size",
+            "1280x720",
+            "--rates",
+            "0.5",
+            "--policies",
+            "nova,chunked_prefill[budget=256],pf_limit",
+            "--seeds",
+            "3",
+            "--num-requests",
+            "20",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["baselines"]) == {
+        "chunked_prefill[budget=256]",
+        "pf_limit[limit=2]",
+        "pf_limit[limit=4]",
+        "pf_limit[limit=8]",
+    }
+    assert data["workload"] == "bursty" and data["seeds"] == [0, 1, 2]
+    assert (tmp_path / "latency_vs_load.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "qwen2.5-vl-7b", "--rates", "1"], "needs --gpu"),
+        (["--model", "qwen2.5-vl-7b", "--gpu", "a6000"], "needs --rates"),
+        (
+            ["--model", "qwen2.5-vl-7b", "--gpu", "a6000", "--workload", "gui_sessions"],
+            "needs --num-sessions",
+        ),
+        (
+            ["--model", "qwen2.5-vl-7b", "--gpu", "a6000", "--rates", "1", "--image-size", "big"],
+            "WxH",
+        ),
+    ],
+)
+def test_custom_experiment_bad_flags(argv, message, capsys):
+    from nova.cli import main
+
+    assert main(["eval", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_named_experiments_are_listed():
+    for name in (
+        "paper-a6000",
+        "paper-h100",
+        "rtx4090-cogagent-offload",
+        "rtx4090-qwen2.5-vl-7b",
+        "h100-qwen2.5-vl-7b-1080p",
+        "bursty-a6000",
+        "sessions-a6000",
+        "quick-a6000",
+    ):
+        exp = EXPERIMENTS[name]
+        assert len(exp.seeds) >= 3
+    bursty = EXPERIMENTS["bursty-a6000"]
+    cvs = [1 / math.sqrt(s.workload_kwargs["burstiness"]) for s in bursty.all_series()]
+    assert cvs == pytest.approx([2, 3, 4])
+    assert EXPERIMENTS["sessions-a6000"].all_series()[0].loads == (16, 32)
