@@ -4,6 +4,8 @@ Used by the discrete-event simulator (``nova.sim``) and the adaptive (Nova) poli
 profiles are measured with the real runtime by ``nova.profiling`` (``nova profile``).
 
 - ``gpus``: ``GpuSpec`` and the ``GPUS`` registry (A6000, RTX 4090, A100, H100, H200, cpu).
+- ``sm_grid``: exact SM accounting: ``SmGrid`` (``GpuSpec.grid``), ``split_sms`` -> ``GrantedSMs``
+  (decode on an aligned group, the compute stages on the exact remainder).
 - ``model_spec``: ``ModelSpec`` (shape, params, FLOPs and bytes per stage) from a HF
   ``config.json`` or a shipped spec (``specs/cogagent-9b.json``, ``specs/demo.json``).
 - ``base``: ``StageWork``, the ``CostModel`` protocol, ``make_cost_model`` (registry).
@@ -32,6 +34,7 @@ from nova.cost.roofline import (
     calibrate_to_paper,
     paper_works,
 )
+from nova.cost.sm_grid import GrantedSMs, SmGrid, split_sms
 
 __all__ = [
     "COST_MODELS",
@@ -40,10 +43,12 @@ __all__ = [
     "Calibration",
     "CostModel",
     "GpuSpec",
+    "GrantedSMs",
     "ModelSpec",
     "ProfileError",
     "ProfiledCostModel",
     "RooflineCostModel",
+    "SmGrid",
     "StageWork",
     "UnknownCostModelError",
     "UnknownGpuError",
@@ -58,4 +63,5 @@ __all__ = [
     "make_cost_model",
     "paper_works",
     "register_cost_model",
+    "split_sms",
 ]
