@@ -9,7 +9,10 @@ profiles are measured with the real runtime by ``nova.profiling`` (``nova profil
 - ``model_spec``: ``ModelSpec`` (shape, params, FLOPs and bytes per stage) from a HF
   ``config.json`` or a shipped spec (``specs/cogagent-9b.json``, ``specs/demo.json``).
 - ``base``: ``StageWork``, the ``CostModel`` protocol, ``make_cost_model`` (registry).
-- ``roofline``: ``RooflineCostModel`` + ``Calibration`` fitted to the Nova paper.
+- ``evidence``: the roofline's per-GPU numbers from ``data/`` (every number names its source;
+  ``load_evidence``, ``GpuEvidence``, ``EvidenceError``).
+- ``roofline``: ``RooflineCostModel`` (wave quantization, bandwidth vs SMs, interference) and
+  ``Calibration`` per GPU (the A6000's fitted to the Nova paper).
 - ``profiled``: ``ProfiledCostModel`` over measured tables (``profiles/*.json``).
 """
 
@@ -24,6 +27,7 @@ from nova.cost.base import (
     make_cost_model,
     register_cost_model,
 )
+from nova.cost.evidence import EvidenceError, GpuEvidence, load_evidence
 from nova.cost.gpus import GPUS, GpuSpec, UnknownGpuError, available_gpus, get_gpu
 from nova.cost.model_spec import ModelSpec, UnknownModelError, available_model_specs, get_model_spec
 from nova.cost.profiled import ProfiledCostModel, ProfileError, available_profiles
@@ -42,6 +46,8 @@ __all__ = [
     "PAPER_STAGE_TIMES_S",
     "Calibration",
     "CostModel",
+    "EvidenceError",
+    "GpuEvidence",
     "GpuSpec",
     "GrantedSMs",
     "ModelSpec",
@@ -60,6 +66,7 @@ __all__ = [
     "calibrate_to_paper",
     "get_gpu",
     "get_model_spec",
+    "load_evidence",
     "make_cost_model",
     "paper_works",
     "register_cost_model",

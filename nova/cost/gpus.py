@@ -199,9 +199,13 @@ register_gpu(
         num_sms=1,
         sm_granularity=1,
         min_partition_sms=1,
-        # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
-        # policy's roofline fallback for a model without a CPU profile uses these throughputs.
-        bf16_dense_tflops=0.1,
+        # Nominal figures of the 2-core dev machine the shipped CPU profile was measured on
+        # (fp32): 2 cores x 2.6 GHz (/proc/cpuinfo) x 32 FLOP/cycle (two 256-bit FMA pipes of
+        # an AMD EPYC core) = 0.166 TFLOP/s; 20 GB/s of memory bandwidth (rough). The cpu
+        # evidence file's efficiencies are fitted to that profile, so only their products
+        # matter. CPU profiles use this entry; the nova policy's roofline fallback for a model
+        # without a CPU profile uses these throughputs.
+        bf16_dense_tflops=0.166,
         hbm_gbps=20.0,
         pcie_gbps=20.0,
         memory_gib=8.0,
