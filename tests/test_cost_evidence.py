@@ -86,7 +86,7 @@ def test_cpu_evidence_is_the_fit_to_our_committed_profile():
     for name in ("vision_mfu", "prefill_mfu", "bw_eff"):
         assert getattr(shipped, name) == pytest.approx(getattr(fit, name), rel=2e-3), (
             f"{name}: nova/cost/data/gpus/cpu.json is stale; rerun "
-            "benchmarks/calibration.py --refit-cpu after refreshing the CPU profile"
+            "benchmarks/calibration.py --refit after refreshing the CPU profile"
         )
     roofline = RooflineCostModel("cpu", spec)
     for stage, work in works.items():

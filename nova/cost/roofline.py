@@ -559,9 +559,12 @@ def calibrate_to_times(
     works: dict[Stage, StageWork],
     targets_s: dict[Stage, float],
     base: Calibration,
+    check_bounds: bool = True,
 ) -> Calibration:
     """Fit the stage efficiencies (vision, prefill) and the bandwidth fraction (decode) so that
-    ``works`` alone on the whole ``gpu`` take ``targets_s`` (see ``calibrate_to_paper``)."""
+    ``works`` alone on the whole ``gpu`` take ``targets_s`` (see ``calibrate_to_paper``).
+    ``check_bounds``: raise unless vision/prefill come out compute-bound and decode
+    memory-bound (the premise of fitting each stage's one term)."""
     probe = RooflineCostModel(gpu, spec, base)
     n = float(gpu.num_sms)
     fit: dict[str, float] = {}
@@ -576,7 +579,7 @@ def calibrate_to_times(
     calib = dataclasses.replace(base, **fit)
     fitted = RooflineCostModel(gpu, spec, calib)
     expected = {Stage.VISION: "compute", Stage.PREFILL: "compute", Stage.DECODE: "memory"}
-    for stage, work in works.items():
+    for stage, work in works.items() if check_bounds else ():
         got = fitted.breakdown(work, 1.0).bound
         if got != expected[stage]:
             raise ValueError(
