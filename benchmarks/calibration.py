@@ -6,6 +6,8 @@ Writes benchmarks/results/calibration.{json,md}.
 ``--refit``: refit the fitted numbers and write them back into their evidence files --
 the A6000's to the Nova paper's stage times (``calibrate_to_paper``), the cpu's to the shipped
 CPU profile (``nova/cost/profiles/demo-cpu.json``; run it after refreshing that profile).
+``--from-profile PATH``: a ``nova profile`` run with several SM shares becomes the GPU's measured
+bandwidth curve (``nova/cost/data/measured/<gpu>-profile-<name>.json``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def refit() -> None:
             doc["values"][key]["value"] = round(getattr(calib, field), 4)
         path.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"refit {path.relative_to(DATA_DIR.parent.parent.parent)}: {calib}")
+
+
+def from_profile(path: Path) -> None:
+    from nova.cost.profile_evidence import evidence_from_profile, profile_evidence_path
+    from nova.cost.profiled import ProfiledCostModel
+
+    profile = ProfiledCostModel.from_file(path)
+    overhead = Calibration.for_gpu(profile.gpu()).decode_overhead_s
+    doc = evidence_from_profile(profile, overhead, name=path.name)
+    out = profile_evidence_path(DATA_DIR, profile.gpu().name, path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out}: {len(doc['hbm_vs_sms']['points'])} points")
 
 
 def gpu_rows(works: dict[Stage, StageWork]) -> dict[str, Any]:
@@ -167,10 +182,14 @@ def markdown(rows: dict[str, Any], tradeoff: dict[str, float]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--refit", action="store_true", help="rewrite the fitted evidence values")
+    ap.add_argument("--from-profile", type=Path, help="a nova profile with several SM shares")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     if args.refit:
         refit()
+        return
+    if args.from_profile:
+        from_profile(args.from_profile)
         return
     works = paper_works()
     rows = gpu_rows(works)

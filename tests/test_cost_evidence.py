@@ -256,3 +256,55 @@ def test_stage_work_stages_cover_the_evidence():
     assert {s.value for s in Stage} == {"vision", "prefill", "decode"}
     for stage in ("vision", "prefill", "decode"):
         assert f"{stage}_efficiency" in VALUE_RANGES and f"{stage}_overhead_s" in VALUE_RANGES
+
+
+def test_a_profile_with_sm_shares_becomes_the_bandwidth_curve(tmp_path):
+    from nova.cost.profile_evidence import evidence_from_profile, profile_evidence_path
+    from nova.cost.profiled import ProfiledCostModel
+
+    overhead = 0.0015
+    shares = [12 / 84, 24 / 84, 0.5, 1.0]
+    memory_ms = {12 / 84: 40.0, 24 / 84: 25.0, 0.5: 21.0, 1.0: 20.0}
+    decode = [
+        [[overhead + memory_ms[s] / 1e3 * b / 8 for _ in (1, 2)] for b in (1, 8)] for s in shares
+    ]
+    profile = ProfiledCostModel.from_dict(
+        {
+            "format": "nova-cost-profile",
+            "version": 1,
+            "metadata": {"model": "m", "gpu": "a6000", "date": "2026-01-01"},
+            "stages": {
+                "decode": {
+                    "axes": ["batch_size", "mean_context_len"],
+                    "grid": [[1, 8], [100, 1000]],
+                    "shares": shares,
+                    "latency_s": decode,
+                }
+            },
+        }
+    )
+    doc = evidence_from_profile(profile, overhead, name="m-a6000.json")
+    points = {p["sms"]: p["fraction"] for p in doc["hbm_vs_sms"]["points"]}
+    assert points == {12: 0.5, 24: 0.8, 42: pytest.approx(20 / 21, abs=1e-4), 84: 1.0}
+    data = tmp_path / "data"
+    shutil.copytree(DATA_DIR, data)
+    path = profile_evidence_path(data, "a6000", Path("m-a6000.json"))
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(doc))
+    ev = load_evidence("a6000", data)
+    model = RooflineCostModel("a6000", "cogagent-9b", evidence=ev)
+    assert model.bandwidth_fraction(12) == 0.5 and model.bandwidth_fraction(24) == 0.8
+    one = ProfiledCostModel.from_dict(
+        {
+            **profile.to_dict(),
+            "stages": {
+                "decode": {
+                    **profile.to_dict()["stages"]["decode"],
+                    "shares": [1.0],
+                    "latency_s": [decode[-1]],
+                }
+            },
+        }
+    )
+    with pytest.raises(EvidenceError, match="at least two SM shares"):
+        evidence_from_profile(one, overhead)
