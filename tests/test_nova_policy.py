@@ -3,6 +3,7 @@ scores it, SM accounting, re-planning, and policy variant names."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -106,7 +107,7 @@ def test_the_papers_operating_points_are_expressible():
 def _max_concurrent_sms(res, num_sms: int) -> int:
     events = sorted({t for b in res.batches for t in (b.start_s, b.end_s)})
     worst = 0
-    for a, b in zip(events, events[1:]):
+    for a, b in itertools.pairwise(events):
         mid = (a + b) / 2
         held = sum(round(r.share * num_sms) for r in res.batches if r.start_s <= mid < r.end_s)
         worst = max(worst, held)
