@@ -181,7 +181,8 @@ class QueueModel:
         image_tokens: int,
         limits: ModelLimits | None = None,
         cv2: float = 0.05,
-        tail_quantile: float = 0.99,
+        tail_quantile: float = 0.998,
+        unlucky_quantile: float = 0.998,
     ) -> None:
         self.cost = cost
         self.num_sms = num_sms
@@ -189,6 +190,7 @@ class QueueModel:
         self.limits = limits or ModelLimits()
         self.cv2 = cv2
         self.tail_quantile = tail_quantile
+        self.unlucky_quantile = unlucky_quantile
         self._memo: dict[tuple[object, ...], float] = {}
 
     # -- stage times ---------------------------------------------------------------------------
@@ -308,12 +310,31 @@ class QueueModel:
             return span(backlog)
         return (1.0 - rho) * span(0.0) + rho * span(backlog / rho)
 
+    def _unlucky_span_s(
+        self, lam: float, n: float, mean_span_s: float, front: _Front, step_s: float
+    ) -> float:
+        """The decode span of a request that meets many arrivals while it decodes: as many as
+        the ``unlucky_quantile`` (about the worst of 500 requests) of a Poisson count with mean
+        ``lam * span`` (a fixed point from ``mean_span_s``), each blocking decode for its front
+        time beyond the tokens it yields. At low load this, not
+        the queue, makes the tail: a mode whose front stalls decode (a vision step, a long
+        fused step) hurts the requests that happen to overlap with others."""
+        k = front.tokens
+        blocking = max(0.0, front.busy_s - k * step_s)
+        cap = n * front.busy_s / k if k > 0 else math.inf
+        span = mean_span_s
+        for _ in range(3):  # the longer the span, the more requests arrive during it
+            arrivals = poisson_quantile(lam * span, self.unlucky_quantile)
+            span = min(cap, n * step_s + arrivals * blocking)
+        return span
+
     def _finish(
         self, mode: Mode, load: LoadEstimate, front: _Front, step_s: float, batch: float
     ) -> Prediction:
         """Latency = front wait (M/G/1, Pollaczek-Khinchine over the two request classes) +
         own front service + the decode span; the tail uses the waiting time's exponential tail
-        (heavy-traffic approximation with the P-K mean) and a high quantile of output tokens.
+        with its Cramer-Lundberg decay rate (``_decay_rate``), a high quantile of output tokens
+        and an unlucky decode span (``_unlucky_span_s``).
         A backlog bounds the tail from below: its last request waits for all of it."""
         lam = load.lam_rps
         f, _, _, _, _, n = self._shape(load)
@@ -325,14 +346,20 @@ class QueueModel:
         second = (f * s_img * s_img + (1 - f) * s_txt * s_txt) * (1.0 + self.cv2 + load.prompt_cv2)
         wait = lam * second / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
         q = self.tail_quantile
-        tail_wait = wait / rho * math.log(rho / (1.0 - q)) if rho > 1.0 - q else wait
+        var = self.cv2 + load.prompt_cv2
+        eta = _decay_rate(lam, ((f, s_img), (1.0 - f, s_txt)), var)
+        tail_wait = front.extra_wait_s
+        if rho > 1.0 - q and eta > 0:
+            tail_wait += math.log(rho / (1.0 - q)) / eta
         n_tail = max(n, load.output_tokens_tail)
         s_tail = front.tail_s
         span = self._decode_span_s(lam, n, wait + s_mean, front, step_s)
         mean = wait + s_mean + span
-        tail = (
-            tail_wait + s_tail + self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s)
+        tail_span = max(
+            self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s),
+            self._unlucky_span_s(lam, n_tail, span, front, step_s),
         )
+        tail = tail_wait + s_tail + tail_span
         if load.backlog > 1:
             # the last request of the backlog waits for all of it to be served first
             drain = (load.backlog - 1) * s_mean
@@ -436,6 +463,68 @@ class QueueModel:
         extra += max(0.0, 1 - lam_s(load, mean_s)) * t_1 / 2
         tail_s = image_s if f > 0 else text_s
         return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
+
+
+def _decay_rate(lam: float, classes: Sequence[tuple[float, float]], cv2: float) -> float:
+    """The exponential decay rate of the M/G/1 waiting time's tail (Cramer-Lundberg):
+    ``P(W > t) ~ rho exp(-eta t)`` with ``eta > 0`` solving ``lam (E[exp(eta S)] - 1) = eta``.
+    ``classes``: (probability, mean service) per request class; each class's service spread
+    has squared coefficient of variation ``cv2`` (a normal approximation of its moment
+    generating function). 0 when the queue is unstable. For nearly deterministic service this
+    is about twice the exponential approximation's rate (the M/D/1 tail)."""
+    if lam <= 0:
+        return math.inf
+
+    def excess(eta: float) -> float:
+        mgf = sum(
+            p * math.exp(min(700.0, eta * m + 0.5 * eta * eta * cv2 * m * m)) for p, m in classes
+        )
+        return lam * (mgf - 1.0) - eta
+
+    mean = sum(p * m for p, m in classes)
+    if lam * mean >= 1.0:
+        return 0.0
+    hi = 1.0 / max(mean, 1e-9)
+    while excess(hi) < 0:
+        hi *= 2.0
+        if hi > 1e9:
+            return hi
+    lo = 0.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if excess(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+_POISSON_QUANTILES: dict[tuple[float, float], int] = {}
+
+
+def poisson_quantile(mean: float, q: float) -> int:
+    """The smallest k with P(Poisson(mean) <= k) >= q, for ``mean`` rounded to 0.05 (memoized;
+    a normal approximation above 50)."""
+    mean = round(mean * 20.0) / 20.0
+    if mean <= 0.0:
+        return 0
+    key = (mean, q)
+    k = _POISSON_QUANTILES.get(key)
+    if k is not None:
+        return k
+    if mean > 50.0:
+        z = 2.878 if q >= 0.998 else 2.326 if q >= 0.99 else 1.645  # normal quantiles
+        k = math.ceil(mean + z * math.sqrt(mean))
+    else:
+        term = cdf = math.exp(-mean)
+        k = 0
+        while cdf < q:
+            k += 1
+            term *= mean / k
+            cdf += term
+    if len(_POISSON_QUANTILES) < 100_000:
+        _POISSON_QUANTILES[key] = k
+    return k
 
 
 def lam_s(load: LoadEstimate, service_s: float) -> float:
