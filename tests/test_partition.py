@@ -68,7 +68,12 @@ def test_the_hopper_overbooking_case_is_planned_within_the_device():
 
 
 def test_nova_partitions_merge_vision_and_prefill_and_keep_decode_on_grid():
-    policy = NovaPolicy(cost_model=object(), sm_granularity_share=HOPPER.share_step)
+    from nova.cost.base import make_cost_model
+
+    policy = NovaPolicy(
+        cost_model=make_cost_model("roofline", "h100-sxm", "cogagent-9b"),
+        sm_granularity_share=HOPPER.share_step,
+    )
     parts = policy.partition_set()
     assert len(parts) == len(set(parts)) > 5
     for part in parts:
@@ -355,7 +360,12 @@ def test_unlimited_stages_use_plain_streams_without_green_contexts():
 
 def test_prepare_creates_the_policy_set_up_front():
     backend, api, _ = _green("stream")
-    policy = NovaPolicy(cost_model=object(), sm_granularity_share=HOPPER.share_step)
+    from nova.cost.base import make_cost_model
+
+    policy = NovaPolicy(
+        cost_model=make_cost_model("roofline", "h100-sxm", "cogagent-9b"),
+        sm_granularity_share=HOPPER.share_step,
+    )
     backend.prepare(policy.partition_set())
     n = len(api.created)
     assert n >= 2 * len(policy.partition_set()) - 2

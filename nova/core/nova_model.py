@@ -181,7 +181,7 @@ class QueueModel:
         image_tokens: int,
         limits: ModelLimits | None = None,
         cv2: float = 0.05,
-        tail_quantile: float = 0.998,
+        tail_quantile: float = 0.99,
         unlucky_quantile: float = 0.998,
     ) -> None:
         self.cost = cost
@@ -293,22 +293,25 @@ class QueueModel:
         The queue is empty at the prefill's end with probability ``1 - rho`` (M/G/1: departures
         see the time-average queue), so ``X`` is the mixture of the empty and non-empty cases.
         """
+        rho = min(1.0, lam * front.mean_s)
+        backlog = lam * sojourn_s
+        if rho <= 0.0:
+            return self._span_behind(lam, n, backlog, front, step_s)
+        return (1.0 - rho) * self._span_behind(lam, n, 0.0, front, step_s) + rho * (
+            self._span_behind(lam, n, backlog / rho, front, step_s)
+        )
+
+    @staticmethod
+    def _span_behind(lam: float, n: float, backlog: float, front: _Front, step_s: float) -> float:
+        """``_decode_span_s`` with ``backlog`` requests queued at the prefill's end."""
         s_busy, k = front.busy_s, front.tokens
         blocking = s_busy - k * step_s  # front time per request beyond what decode gets
         denom = 1.0 - lam * blocking
         if denom <= 0:
             return math.inf
-        rho = min(1.0, lam * front.mean_s)
         full = n * s_busy / k if k > 0 else math.inf
         floor = n * min(step_s, s_busy / k if k > 0 else step_s)
-
-        def span(backlog: float) -> float:
-            return max(floor, min(full, (backlog * blocking + n * step_s) / denom))
-
-        backlog = lam * sojourn_s
-        if rho <= 0.0:
-            return span(backlog)
-        return (1.0 - rho) * span(0.0) + rho * span(backlog / rho)
+        return max(floor, min(full, (backlog * blocking + n * step_s) / denom))
 
     def _unlucky_span_s(
         self, lam: float, n: float, mean_span_s: float, front: _Front, step_s: float
@@ -355,18 +358,26 @@ class QueueModel:
         s_tail = front.tail_s
         span = self._decode_span_s(lam, n, wait + s_mean, front, step_s)
         mean = wait + s_mean + span
-        tail_span = max(
-            self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s),
-            self._unlucky_span_s(lam, n_tail, span, front, step_s),
+        # Two ways to be the worst request: a long wait, and then a decode slowed by the queue
+        # that built up behind it (correlated: added); or a wait and a decode that are each
+        # unlucky on their own (independent: their excesses over the mean add in quadrature).
+        correlated = (
+            tail_wait + s_tail + self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s)
         )
-        tail = tail_wait + s_tail + tail_span
+        typical = self._decode_span_s(lam, n_tail, wait + s_tail, front, step_s)
+        unlucky = self._unlucky_span_s(lam, n_tail, span, front, step_s)
+        independent = (
+            wait + s_tail + typical + math.hypot(tail_wait - wait, max(0.0, unlucky - typical))
+        )
+        tail = max(correlated, independent)
         if load.backlog > 1:
-            # the last request of the backlog waits for all of it to be served first
-            drain = (load.backlog - 1) * s_mean
-            tail = max(
-                tail,
-                drain + s_tail + self._decode_span_s(lam, n_tail, drain + s_tail, front, step_s),
-            )
+            # a burst: its first request decodes while the rest of it is served; its last
+            # waits for all of it first
+            behind = load.backlog - 1
+            drain = behind * s_mean
+            first = s_tail + self._span_behind(lam, n_tail, behind, front, step_s)
+            last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
+            tail = max(tail, first, last)
         return Prediction(
             mode, mean, tail, front.capacity_rps, s_mean, span / n if n else 0.0, batch
         )

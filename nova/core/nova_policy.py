@@ -123,25 +123,30 @@ class NovaPolicy(Policy):
         self.image_tokens = image_tokens
         gpu = cost_model.gpu()
         self.num_sms = gpu.num_sms
+        min_partition = gpu.min_partition_sms
+        if sm_granularity_share and gpu.num_sms == 1:
+            # a device the cost model sees as one unit (the CPU) that the partition backend
+            # splits in steps of ``sm_granularity_share``: plan in the backend's units
+            self.num_sms = max(1, round(1.0 / sm_granularity_share))
+            min_partition = 1
         # the decode slice's grid: the partition backend's (``sm_granularity_share``), else the
-        # GPU spec's green-context step; at least the GPU's minimum partition
+        # GPU's green-context step; at least the GPU's minimum partition
         step = (
             max(1, round(sm_granularity_share * self.num_sms))
             if sm_granularity_share
             else gpu.sm_granularity
         )
         self.sm_step = step
-        min_sms = max(step, gpu.min_partition_sms)
+        min_sms = max(step, min_partition)
         if min_decode_share is not None:
             min_sms = max(min_sms, math.ceil(min_decode_share * self.num_sms / step - 1e-9) * step)
-        self.min_decode_sms = min(min_sms, self.num_sms)
-        self.max_decode_sms = max(
-            self.min_decode_sms,
-            min(
-                (int(max_decode_fraction * self.num_sms) // step) * step,
-                self.num_sms - gpu.min_partition_sms,
-            ),
+        self.min_decode_sms = min_sms
+        self.max_decode_sms = min(
+            (int(max_decode_fraction * self.num_sms) // step) * step,
+            self.num_sms - min_partition,
         )
+        # spatial sharing needs a decode slice and a compute remainder on the device
+        self.allow_spatial = self.min_decode_sms <= self.max_decode_sms
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
         self.rate_window_s = rate_window_s
@@ -165,6 +170,8 @@ class NovaPolicy(Policy):
         if isinstance(fixed_mode, str):
             fixed_mode = Mode.parse(fixed_mode)
         self.fixed_mode = fixed_mode
+        if fixed_mode is not None and not fixed_mode.time_sliced and not self.allow_spatial:
+            raise ValueError(f"mode {fixed_mode.label}: this device cannot be split")
         self.mode: Mode = fixed_mode or self._initial_mode()
         self._prediction: Prediction | None = None
         self._obs = _Observed()
@@ -179,6 +186,8 @@ class NovaPolicy(Policy):
         self.mode_log: list[tuple[float, str]] = [(0.0, self.mode.label)]
 
     def _initial_mode(self) -> Mode:
+        if not self.allow_spatial:
+            return Mode.chunked(self.token_budgets[0])
         d = self.min_decode_sms
         return Mode.spatial(d, d, 1)
 
@@ -304,7 +313,8 @@ class NovaPolicy(Policy):
         return list(parts)
 
     def decode_grid(self) -> list[int]:
-        """Decode slices (SMs) nova plans with: the grid from the minimum to the maximum."""
+        """Decode slices (SMs) nova plans with: the grid from the minimum to the maximum (none
+        when the device cannot be split)."""
         return list(range(self.min_decode_sms, self.max_decode_sms + 1, self.sm_step))
 
     # -- load ------------------------------------------------------------------------------------
@@ -418,8 +428,8 @@ class NovaPolicy(Policy):
     def candidates(self, load: LoadEstimate) -> list[Prediction]:
         """Predictions of the modes considered at ``load``: spatial ones from a coordinate
         search over the decode slices, and every time-sliced mode."""
-        preds = self._spatial_search(load)
-        if self.allow_time_sliced:
+        preds = self._spatial_search(load) if self.allow_spatial else []
+        if self.allow_time_sliced or not preds:
             predict = self.model.predict
             preds += [predict(Mode.chunked(b), load) for b in self.token_budgets]
             vb_max = self.limits.max_vision_images
