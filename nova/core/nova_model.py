@@ -181,8 +181,10 @@ class QueueModel:
         image_tokens: int,
         limits: ModelLimits | None = None,
         cv2: float = 0.05,
-        tail_quantile: float = 0.99,
-        unlucky_quantile: float = 0.998,
+        tail_quantile: float = 0.995,
+        unlucky_quantile: float = 0.99,
+        rho_cap: float = 0.95,
+        overload_horizon_s: float = 60.0,
     ) -> None:
         self.cost = cost
         self.num_sms = num_sms
@@ -191,6 +193,8 @@ class QueueModel:
         self.cv2 = cv2
         self.tail_quantile = tail_quantile
         self.unlucky_quantile = unlucky_quantile
+        self.rho_cap = rho_cap
+        self.overload_horizon_s = overload_horizon_s
         self._memo: dict[tuple[object, ...], float] = {}
 
     # -- stage times ---------------------------------------------------------------------------
@@ -343,8 +347,19 @@ class QueueModel:
         f, _, _, _, _, n = self._shape(load)
         s_mean = front.mean_s
         rho = lam * s_mean
-        if rho >= 1.0 or not math.isfinite(s_mean):
+        if not math.isfinite(s_mean) or s_mean <= 0:
             return Prediction(mode, math.inf, math.inf, front.capacity_rps, s_mean, math.inf, batch)
+        # Overloaded (rho >= 1): the queue grows at lam - 1/S requests per second; over the
+        # ``overload_horizon_s`` a plan holds, the last request waits that much longer (a
+        # finite penalty, so that among modes that are all overloaded the one that serves the
+        # overload best wins, not the one with the most capacity whatever it does to decode).
+        overload_s = max(0.0, lam - 1.0 / s_mean) * self.overload_horizon_s * s_mean
+        if rho > self.rho_cap:
+            # Near saturation the steady state is out of reach: an M/G/1 queue relaxes to it
+            # in ~ E[S] / (1 - sqrt(rho))^2 (thousands of services at rho = 0.95), far longer
+            # than a plan holds. Queue terms are taken at ``rho_cap``; the capacity guard, not
+            # a 1/(1 - rho) blow-up, keeps modes below their capacity.
+            lam, rho = self.rho_cap / s_mean, self.rho_cap
         s_img, s_txt = front.image_s, front.text_s
         second = (f * s_img * s_img + (1 - f) * s_txt * s_txt) * (1.0 + self.cv2 + load.prompt_cv2)
         wait = lam * second / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
@@ -379,7 +394,13 @@ class QueueModel:
             last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
             tail = max(tail, first, last)
         return Prediction(
-            mode, mean, tail, front.capacity_rps, s_mean, span / n if n else 0.0, batch
+            mode,
+            mean + overload_s / 2,
+            tail + overload_s,
+            front.capacity_rps,
+            s_mean,
+            span / n if n else 0.0,
+            batch,
         )
 
     def _spatial(

@@ -73,6 +73,7 @@ _EPS_SHARE = 1e-3  # the share Partition needs for a stage that gets nothing (ne
 _SHARED = Partition.shared()
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
+_MIN_ARRIVALS = 16  # arrivals before the first rate estimate (two arrivals say little)
 DEFAULT_LIMITS = (1, 2, 4, 8)
 
 
@@ -101,10 +102,12 @@ class NovaPolicy(Policy):
         image_tokens: int = 576,
         sm_granularity_share: float | None = None,
         min_decode_share: float | None = None,
-        capacity_margin: float = 0.02,
+        capacity_margin: float = 0.0,
         hysteresis: float = 0.05,
-        rate_window_s: float = 300.0,
-        rate_window_requests: int = 512,
+        rate_window_s: float = 1800.0,
+        rate_window_requests: int = 1024,
+        rate_z: float = 4.0,
+        rate_shrink: float = 0.0,
         rate_bucket: float = 0.075,
         cv2: float = 0.05,
         vision_starvation_s: float = 10.0,
@@ -151,6 +154,12 @@ class NovaPolicy(Policy):
         self.hysteresis = hysteresis
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
+        self.rate_z = rate_z
+        self.rate_shrink = rate_shrink  # plan for the rate this many standard errors lower
+        self._plan_rate = 0.0  # the arrival rate plans are made for (``_planning_rate``)
+        self._plan_count = 0  # arrivals in the window when it was taken
+        self._plan_seen = 0  # requests seen then
+        self._plan_time_s = 0.0
         self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
         self.token_budgets = tuple(sorted(set(token_budgets)))
@@ -181,19 +190,28 @@ class NovaPolicy(Policy):
         self._plan_key: tuple[int, ...] | None = None
         self._cache: dict[tuple[int, ...], Prediction] = {}
         self._streak = 0  # front batches since the last decode step (prefill_first mode)
+        self._asked: Stage | None = None  # the compute stage ``next_batch`` last planned
         self.num_replans = 0  # plans computed (cache misses)
         self.num_switches = 0
         self.mode_log: list[tuple[float, str]] = [(0.0, self.mode.label)]
 
     def _initial_mode(self) -> Mode:
-        if not self.allow_spatial:
+        """The mode before the load is known (the first ``_MIN_ARRIVALS`` arrivals): the
+        chunked budget the model rates best at half the chunked modes' capacity, a mode that
+        is never far from the best at any load (fused steps keep decode moving)."""
+        load = LoadEstimate(0.0, 1.0, 1.0, 150.0, 50.0)
+        preds = [self.model.predict(Mode.chunked(b), load) for b in self.token_budgets]
+        cap = max(p.capacity_rps for p in preds)
+        if not math.isfinite(cap) or cap <= 0:
             return Mode.chunked(self.token_budgets[0])
-        d = self.min_decode_sms
-        return Mode.spatial(d, d, 1)
+        load = replace(load, lam_rps=cap / 2)
+        preds = [self.model.predict(Mode.chunked(b), load) for b in self.token_budgets]
+        return min(preds, key=_score).mode
 
     # -- decisions -------------------------------------------------------------------------------
     def next_batch(self, stage: Stage, state: SchedulerState, now_s: float) -> BatchPlan | None:
         mode = self.mode
+        self._asked = None
         if mode.time_sliced:
             if state.any_running() or not state.num_waiting(stage):
                 return None
@@ -208,18 +226,29 @@ class NovaPolicy(Policy):
                 return None
             return plan_in_service_order(stage, state, self.limits)
         if stage is _PREFILL:
-            if running[_VISION] is not None:
-                return None
+            if running[_VISION] is not None or self._vision_starving(state, now_s):
+                return None  # (a starving image goes first, even if it waits for SMs)
         else:
             if running[_PREFILL] is not None:
                 return None
-            vision_q = state.queue(_VISION)
-            starving = bool(vision_q) and now_s - vision_q[0].arrival_s >= self.vision_starvation_s
-            if state.num_waiting(_PREFILL) and not starving:
+            if state.num_waiting(_PREFILL) and not self._vision_starving(state, now_s):
                 return None  # prefill first
         if self._planned_compute_sms(state, stage) > self._free_sms(state, stage):
             return None  # wait for the running decode step to leave the SMs
+        self._asked = stage  # what ``partition``, called next for this batch, sizes
         return plan_in_service_order(stage, state, self._vision_limits(mode))
+
+    def _vision_starving(self, state: SchedulerState, now_s: float) -> bool:
+        """The oldest image waiting for vision (not in a running batch) has waited
+        ``vision_starvation_s``: vision goes before prefill."""
+        waiting = state.by_status[_WAITING_VISION]
+        if not waiting:
+            return False
+        in_flight = state.in_flight
+        for rid, req in waiting.items():
+            if rid not in in_flight:
+                return now_s - req.arrival_s >= self.vision_starvation_s
+        return False
 
     def partition(self, state: SchedulerState, now_s: float) -> Partition:
         mode = self.mode
@@ -229,6 +258,10 @@ class NovaPolicy(Policy):
         by_status, running = state.by_status, state.running
         decode_work = bool(by_status[_DECODING]) or running[_DECODE] is not None
         compute = self._compute_stage(state, now_s)
+        asked = self._asked
+        if asked is not None and running[_VISION] is None and running[_PREFILL] is None:
+            compute = asked  # the compute batch being formed (``next_batch`` just said so)
+        self._asked = None
         if compute is None:  # decode alone: the whole GPU (it leaves it after its step)
             decode_sms, compute_sms = n, n
         elif not decode_work:
@@ -291,12 +324,7 @@ class NovaPolicy(Policy):
             return _VISION
         by_status = state.by_status
         if by_status[_WAITING_PREFILL]:
-            vision_q = by_status[_WAITING_VISION]
-            if vision_q:
-                oldest = next(iter(vision_q.values()))
-                if now_s - oldest.arrival_s >= self.vision_starvation_s:
-                    return _VISION
-            return _PREFILL
+            return _VISION if self._vision_starving(state, now_s) else _PREFILL
         if by_status[_WAITING_VISION]:
             return _VISION
         return None
@@ -365,13 +393,37 @@ class NovaPolicy(Policy):
         span = max(now_s - arrivals[0], 1e-6)
         return (n - 1) / span
 
+    def _planning_rate(self, now_s: float) -> float:
+        """The arrival rate plans are made for: the window's estimate, taken anew only when it
+        carries more information (the window holds twice the arrivals it held at the last
+        update) or when the arrivals since then are significantly off the held rate (a
+        two-sided Poisson test at ``rate_z`` standard deviations; the window then restarts at
+        the last update, so the new rate comes from the arrivals after the change). Between
+        those the rate is held: the estimate's noise (+-1/sqrt(n)) does not move the plan, and
+        a long window makes it small; bursts show in the backlog."""
+        obs = self._obs
+        arrivals = obs.arrivals_s
+        since = obs.num_seen - self._plan_seen
+        expected = self._plan_rate * (now_s - self._plan_time_s)
+        # tested over a stretch with >= 50 expected arrivals: shorter clusters are bursts (the
+        # backlog's business), and testing after every batch would find them by chance
+        changed = expected >= 50.0 and abs(since - expected) > self.rate_z * math.sqrt(expected)
+        if changed:
+            while arrivals and arrivals[0] < self._plan_time_s:
+                arrivals.popleft()
+        n = len(arrivals)
+        if n >= _MIN_ARRIVALS and (changed or self._plan_rate == 0.0 or n >= 2 * self._plan_count):
+            self._plan_rate = self._arrival_rate(now_s) * (1.0 - self.rate_shrink / math.sqrt(n))
+            self._plan_count, self._plan_seen, self._plan_time_s = n, obs.num_seen, now_s
+        return self._plan_rate
+
     def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
         obs = self._obs
         std = math.sqrt(max(0.0, obs.output_tokens_sq - obs.output_tokens**2))
         mean_p = obs.prompt_tokens
         cv2 = max(0.0, obs.prompt_tokens_sq / mean_p**2 - 1.0) if mean_p > 0 else 0.0
         return LoadEstimate(
-            self._arrival_rate(now_s),
+            self._planning_rate(now_s),
             obs.image_fraction,
             obs.images_per_request,
             obs.text_tokens,
@@ -401,6 +453,8 @@ class NovaPolicy(Policy):
 
     def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
         load = self.load_estimate(now_s, self._backlog(state))
+        if load.lam_rps <= 0.0:
+            return  # too few arrivals to plan for: the initial mode holds
         key = self._key(load)
         if key == self._plan_key:
             return
@@ -421,8 +475,6 @@ class NovaPolicy(Policy):
         need = lam * (1.0 + self.capacity_margin)
         if cur.capacity_rps < need <= new.capacity_rps:
             return True
-        if new.capacity_rps < need:  # neither carries the load: more capacity wins
-            return new.capacity_rps > cur.capacity_rps * (1.0 + self.hysteresis)
         return _score(new) < (1.0 - self.hysteresis) * _score(cur)
 
     def candidates(self, load: LoadEstimate) -> list[Prediction]:
@@ -444,10 +496,17 @@ class NovaPolicy(Policy):
         return self.choose(self.candidates(load), load.lam_rps)
 
     def choose(self, preds: list[Prediction], lam: float) -> Prediction:
+        """The capacity guard, then the score: among modes whose capacity carries ``lam`` the
+        lowest predicted tail + mean; when none carries it, the lowest score with the
+        overload penalty (the queue's growth over the plan's horizon); the most capacity only
+        when nothing can be predicted."""
         need = lam * (1.0 + self.capacity_margin)
         ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
         if ok:
             return min(ok, key=_score)
+        finite = [p for p in preds if p.feasible]
+        if finite:
+            return min(finite, key=_score)
         return max(preds, key=lambda p: (p.capacity_rps, -p.tail_latency_s))
 
     def _spatial_search(self, load: LoadEstimate) -> list[Prediction]:
