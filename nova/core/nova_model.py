@@ -115,6 +115,7 @@ class LoadEstimate:
     output_tokens_tail: float = 0.0  # a high quantile of output tokens (0: the mean)
     backlog: int = 0
     prompt_cv2: float = 0.0  # squared coefficient of variation of prompt tokens
+    arrival_cv2: float = 1.0  # squared coefficient of variation of inter-arrival gaps (Poisson 1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -318,12 +319,19 @@ class QueueModel:
         return max(floor, min(full, (backlog * blocking + n * step_s) / denom))
 
     def _unlucky_span_s(
-        self, lam: float, n: float, mean_span_s: float, front: _Front, step_s: float
+        self,
+        lam: float,
+        n: float,
+        mean_span_s: float,
+        front: _Front,
+        step_s: float,
+        arrival_cv2: float = 1.0,
     ) -> float:
         """The decode span of a request that meets many arrivals while it decodes: as many as
         the ``unlucky_quantile`` (about the worst of 500 requests) of a Poisson count with mean
-        ``lam * span`` (a fixed point from ``mean_span_s``), each blocking decode for its front
-        time beyond the tokens it yields. At low load this, not
+        ``lam * span`` (a fixed point from ``mean_span_s``; bursty arrivals widen the count's
+        excess over its mean by ``sqrt(arrival_cv2)``, a renewal count's dispersion), each
+        blocking decode for its front time beyond the tokens it yields. At low load this, not
         the queue, makes the tail: a mode whose front stalls decode (a vision step, a long
         fused step) hurts the requests that happen to overlap with others."""
         k = front.tokens
@@ -331,7 +339,10 @@ class QueueModel:
         cap = n * front.busy_s / k if k > 0 else math.inf
         span = mean_span_s
         for _ in range(3):  # the longer the span, the more requests arrive during it
-            arrivals = poisson_quantile(lam * span, self.unlucky_quantile)
+            mean = lam * span
+            arrivals: float = poisson_quantile(mean, self.unlucky_quantile)
+            if arrival_cv2 > 1.0:
+                arrivals = mean + (arrivals - mean) * math.sqrt(arrival_cv2)
             span = min(cap, n * step_s + arrivals * blocking)
         return span
 
@@ -362,10 +373,15 @@ class QueueModel:
             lam, rho = self.rho_cap / s_mean, self.rho_cap
         s_img, s_txt = front.image_s, front.text_s
         second = (f * s_img * s_img + (1 - f) * s_txt * s_txt) * (1.0 + self.cv2 + load.prompt_cv2)
-        wait = lam * second / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
+        # Arrivals burstier than Poisson: Kingman's GI/G/1 approximation scales the M/G/1 wait
+        # by (ca2 + cs2) / (1 + cs2), and the waiting tail's decay rate by its inverse (the
+        # heavy-traffic diffusion limit)
+        cs2 = max(0.0, second / (s_mean * s_mean) - 1.0)
+        burst = max(1.0, (load.arrival_cv2 + cs2) / (1.0 + cs2))
+        wait = lam * second * burst / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
         q = self.tail_quantile
         var = self.cv2 + load.prompt_cv2
-        eta = _decay_rate(lam, ((f, s_img), (1.0 - f, s_txt)), var)
+        eta = _decay_rate(lam, ((f, s_img), (1.0 - f, s_txt)), var) / burst
         tail_wait = front.extra_wait_s
         if rho > 1.0 - q and eta > 0:
             tail_wait += math.log(rho / (1.0 - q)) / eta
@@ -380,7 +396,7 @@ class QueueModel:
             tail_wait + s_tail + self._decode_span_s(lam, n_tail, tail_wait + s_tail, front, step_s)
         )
         typical = self._decode_span_s(lam, n_tail, wait + s_tail, front, step_s)
-        unlucky = self._unlucky_span_s(lam, n_tail, span, front, step_s)
+        unlucky = self._unlucky_span_s(lam, n_tail, span, front, step_s, load.arrival_cv2)
         independent = (
             wait + s_tail + typical + math.hypot(tail_wait - wait, max(0.0, unlucky - typical))
         )

@@ -74,6 +74,8 @@ _SHARED = Partition.shared()
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
 _MIN_ARRIVALS = 16  # arrivals before the first rate estimate (two arrivals say little)
+_GAP_MEMORY = 500  # gaps the burstiness estimate averages over (a gamma gap with CV 3-4 is
+# heavy-tailed: a few hundred gaps before its squared CV settles within ~30%)
 DEFAULT_LIMITS = (1, 2, 4, 8)
 
 
@@ -88,6 +90,17 @@ class _Observed:
     image_fraction: float = 1.0
     images_per_request: float = 1.0
     num_seen: int = 0
+    last_arrival_s: float | None = None
+    num_gaps: int = 0
+    gap_s: float = 0.0  # running mean of inter-arrival gaps, then EWMA over ``_GAP_MEMORY``
+    gap_sq_s2: float = 0.0
+
+    def arrival_cv2(self) -> float:
+        """Squared coefficient of variation of the gaps between arrivals (1 until enough
+        gaps are seen; Poisson arrivals give 1)."""
+        if self.num_gaps < _MIN_ARRIVALS or self.gap_s <= 0.0:
+            return 1.0
+        return max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
 
 
 @register_policy("nova")
@@ -104,6 +117,7 @@ class NovaPolicy(Policy):
         min_decode_share: float | None = None,
         capacity_margin: float = 0.0,
         hysteresis: float = 0.05,
+        model_error: float = 0.05,
         rate_window_s: float = 1800.0,
         rate_window_requests: int = 1024,
         rate_z: float = 4.0,
@@ -152,6 +166,7 @@ class NovaPolicy(Policy):
         self.allow_spatial = self.min_decode_sms <= self.max_decode_sms
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
+        self.model_error = model_error
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
         self.rate_z = rate_z
@@ -160,6 +175,7 @@ class NovaPolicy(Policy):
         self._plan_count = 0  # arrivals in the window when it was taken
         self._plan_seen = 0  # requests seen then
         self._plan_time_s = 0.0
+        self._plan_cv2 = 1.0  # the arrivals' burstiness held with ``_plan_rate``
         self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
         self.token_budgets = tuple(sorted(set(token_budgets)))
@@ -365,6 +381,13 @@ class NovaPolicy(Policy):
                     continue
                 self._seen.add(req.request_id)
                 obs.arrivals_s.append(req.arrival_s)
+                if obs.last_arrival_s is not None:
+                    gap = abs(req.arrival_s - obs.last_arrival_s)
+                    obs.num_gaps += 1
+                    g = 1.0 / min(obs.num_gaps, _GAP_MEMORY)
+                    obs.gap_s += g * (gap - obs.gap_s)
+                    obs.gap_sq_s2 += g * (gap * gap - obs.gap_sq_s2)
+                obs.last_arrival_s = req.arrival_s
                 a = 1.0 / min(obs.num_seen + 1, 50)  # running mean, then EWMA over ~50 requests
                 n_text = len(req.prompt_token_ids) - req.num_computed_tokens - req.num_image_tokens
                 n_out = req.sampling.max_tokens
@@ -407,14 +430,20 @@ class NovaPolicy(Policy):
         expected = self._plan_rate * (now_s - self._plan_time_s)
         # tested over a stretch with >= 50 expected arrivals: shorter clusters are bursts (the
         # backlog's business), and testing after every batch would find them by chance
-        changed = expected >= 50.0 and abs(since - expected) > self.rate_z * math.sqrt(expected)
+        # (bursty arrivals: a renewal count's variance is ~ arrival_cv2 x its mean)
+        spread = math.sqrt(expected * max(1.0, self._plan_cv2))
+        changed = expected >= 50.0 and abs(since - expected) > self.rate_z * spread
         if changed:
             while arrivals and arrivals[0] < self._plan_time_s:
                 arrivals.popleft()
         n = len(arrivals)
-        if n >= _MIN_ARRIVALS and (changed or self._plan_rate == 0.0 or n >= 2 * self._plan_count):
+        # bursty arrivals: a rate estimate from n arrivals errs by ~ sqrt(arrival_cv2 / n), so
+        # the first plan waits for proportionally more of them
+        first = n >= _MIN_ARRIVALS * max(1.0, obs.arrival_cv2())
+        if first and (changed or self._plan_rate == 0.0 or n >= 2 * self._plan_count):
             self._plan_rate = self._arrival_rate(now_s) * (1.0 - self.rate_shrink / math.sqrt(n))
             self._plan_count, self._plan_seen, self._plan_time_s = n, obs.num_seen, now_s
+            self._plan_cv2 = obs.arrival_cv2()
         return self._plan_rate
 
     def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
@@ -431,6 +460,7 @@ class NovaPolicy(Policy):
             obs.output_tokens + 1.65 * std,  # ~p95 of a uniform/normal spread
             backlog,
             cv2,
+            self._plan_cv2,
         )
 
     # -- planning --------------------------------------------------------------------------------
@@ -446,6 +476,7 @@ class NovaPolicy(Policy):
             round(load.images_per_request),
             math.floor(math.log(max(load.text_tokens, 1.0)) / mix),
             math.floor(math.log(max(load.output_tokens, 1.0)) / mix),
+            math.floor(2.0 * math.log2(max(load.arrival_cv2, 0.5))),
         )
 
     def _backlog(self, state: SchedulerState) -> int:
@@ -503,7 +534,13 @@ class NovaPolicy(Policy):
         need = lam * (1.0 + self.capacity_margin)
         ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
         if ok:
-            return min(ok, key=_score)
+            # Scores within the model's error of the best are a tie: the mode with the most
+            # capacity among them wins (it absorbs a burst or an underestimated rate best)
+            bound = (1.0 + self.model_error) * min(_score(p) for p in ok)
+            return max(
+                (p for p in ok if _score(p) <= bound),
+                key=lambda p: (p.capacity_rps, -_score(p)),
+            )
         finite = [p for p in preds if p.feasible]
         if finite:
             return min(finite, key=_score)
