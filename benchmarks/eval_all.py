@@ -98,7 +98,9 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# nova eval: every experiment, the must-hold checks per point",
         "",
-        f"Machine: {meta['machine']}; wall time {meta.get('wall_s', '-')} s. Simulated (the "
+        f"Machine: {meta['machine']} (1-min load average at the end: "
+        f"{meta.get('loadavg_1min_at_end', '-')}; 2 cores shared with other jobs); wall time "
+        f"{meta.get('wall_s', '-')} s. Simulated (the "
         "roofline cost model from evidence, `docs/scheduler.md`), mean over each experiment's "
         "seeds; per-seed values and spreads in each `results.json`.",
         "",
@@ -128,7 +130,7 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", help="experiments to run (default: all but the smoke)")
     ap.add_argument("--workers", type=int, default=2)
@@ -136,8 +138,10 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--summary-only", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = args.only or [n for n in EXPERIMENTS.names() if n != SMOKE]
+    for name in names:
+        EXPERIMENTS.lookup(name)  # an unknown name fails before anything runs
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"machine": machine()}
     if not args.summary_only:
@@ -152,15 +156,22 @@ def main() -> None:
                 progress=lambda line: print(line, flush=True),
             )
         meta["wall_s"] = round(time.perf_counter() - t0)
+        meta["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
+
+    # the experiments named with --only, else every one written under --out but the smoke
+    def wanted(name: str) -> bool:
+        return name in args.only if args.only else name != SMOKE
+
     reports = {
         p.parent.name: json.loads(p.read_text())
         for p in sorted(args.out.glob("*/results.json"))
-        if p.parent.name != SMOKE
+        if wanted(p.parent.name)
     }
     summary = summarize(reports)
     (args.out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=1) + "\n")
     (args.out / "summary.md").write_text(render(summary, meta))
     print(render(summary, meta))
+    return summary
 
 
 if __name__ == "__main__":
