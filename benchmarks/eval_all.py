@@ -81,7 +81,29 @@ def summarize(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 }
             )
     held = [r for r in rows if r["must_hold"]]
+    experiments = []
+    for name, report in reports.items():
+        mine = [r for r in held if r["experiment"] == name]
+        gains = [r["nova_vs_best"]["max"] for r in mine if r["nova_vs_best"]]
+        oracle = [r["oracle_gain"] for r in mine if r["oracle_gain"] is not None]
+        experiments.append(
+            {
+                "experiment": name,
+                "requests_per_point": (
+                    None  # closed loop: sessions x steps, not a request count
+                    if report["load_param"] == "num_sessions"
+                    else report["num_requests_per_point"]
+                ),
+                "seeds": report["seeds"],
+                "points": sum(1 for r in rows if r["experiment"] == name),
+                "must_hold_points": len(mine),
+                "passing_points": sum(1 for r in mine if r["pass"]),
+                "nova_vs_best_max": [min(gains), max(gains)] if gains else None,
+                "oracle_gain_max": max(oracle) if oracle else None,
+            }
+        )
     return {
+        "experiments": experiments,
         "rows": rows,
         "points": len(rows),
         "must_hold_points": len(held),
@@ -106,6 +128,22 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"Points where the best tuned baseline sustains the load: {summary['must_hold_points']} "
         f"of {summary['points']}; all checks pass at {summary['passing_points']} of them.",
+        "",
+        "| experiment | requests per point | seeds | points | best baseline sustains | all "
+        "checks pass | nova / best tuned baseline, max latency (range) | oracle's largest gain "
+        "over the best baseline |",
+        "|---|---:|---|---:|---:|---:|---|---:|",
+        *(
+            f"| {e['experiment']} | {e['requests_per_point'] or 'closed loop'} | {e['seeds']} | {e['points']} | "
+            f"{e['must_hold_points']} | {e['passing_points']} | "
+            + (
+                "-"
+                if e["nova_vs_best_max"] is None
+                else f"{e['nova_vs_best_max'][0]:.3f} ... {e['nova_vs_best_max'][1]:.3f}"
+            )
+            + f" | {_f(e['oracle_gain_max'], '+.1%')} |"
+            for e in summary["experiments"]
+        ),
         "",
         "| experiment | series | load | best tuned baseline | best max s | nova max s | "
         "nova/best max | p99 | mean | thr | oracle | nova/oracle max | mean | oracle gain | "
@@ -144,6 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         EXPERIMENTS.lookup(name)  # an unknown name fails before anything runs
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"machine": machine()}
+    old = args.out / "summary.json"
+    if args.summary_only and old.is_file():  # keep the run's machine, load and wall time
+        prev = json.loads(old.read_text())
+        meta = {k: prev[k] for k in ("machine", "wall_s", "loadavg_1min_at_end") if k in prev}
     if not args.summary_only:
         for name in names:
             print(f"== {name}", flush=True)

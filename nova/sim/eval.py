@@ -412,7 +412,7 @@ def run_experiment(
     ``out_dir`` (None: nothing written) and return the report. ``seeds``: how many seeds
     (default the experiment's); ``workers``: processes (default ``NOVA_EVAL_WORKERS`` or 1)."""
     exp = EXPERIMENTS.lookup(name) if isinstance(name, str) else name
-    if num_requests:
+    if num_requests and not exp.closed_loop:  # closed loop: sessions x steps make the count
         exp = replace(exp, num_requests=num_requests)
     if seeds:
         exp = replace(exp, seeds=tuple(range(seeds)))
