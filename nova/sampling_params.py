@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nova.structured.compiler import CompiledGrammar
 
 
 @dataclass(slots=True, frozen=True)
@@ -13,6 +17,10 @@ class SamplingParams:
     those filters. ``seed`` makes one request's sampled tokens reproducible whatever else is
     batched with it. Generation stops at ``max_tokens`` or at a token in ``stop_token_ids``
     (the model's EOS ids are added by the runtime unless ``ignore_eos``).
+
+    ``structured_output``: a compiled grammar the output must match (``nova.structured``);
+    each sampled token is restricted to the tokens it allows, and once it is complete only EOS
+    is allowed, which then ends generation even with ``ignore_eos``.
     """
 
     max_tokens: int = 64
@@ -22,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    structured_output: CompiledGrammar | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -43,7 +52,9 @@ class SamplingParams:
     ) -> str | None:
         """Why generation ends after ``token`` (the ``num_output_tokens``-th output): "stop" for
         a stop token or EOS (unless ``ignore_eos``), "length" at ``max_tokens``; else None."""
-        if token in self.stop_token_ids or (not self.ignore_eos and token in eos_token_ids):
+        if token in self.stop_token_ids or (
+            token in eos_token_ids and (not self.ignore_eos or self.structured_output is not None)
+        ):
             return "stop"
         if num_output_tokens >= self.max_tokens:
             return "length"

@@ -35,6 +35,7 @@ class CharProcessor:
 
     tokenizer = None
     image_processor = None
+    grammar_compiler = None  # no tokenizer: no structured output
 
     def from_chat(self, messages, images=None) -> PromptInput:
         return self.from_text("".join(str(m["content"]) for m in messages), images)

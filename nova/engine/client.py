@@ -20,6 +20,7 @@ from nova.types import Stage
 
 if TYPE_CHECKING:
     from nova.models.inputs import PromptInput
+    from nova.structured.compiler import GrammarCompiler
 
 
 @dataclass(slots=True)
@@ -84,10 +85,18 @@ class PromptProcessor(Protocol):
     def image_processor(self) -> Any:
         """The image processor, or None for a text-only model."""
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler | None:
+        """Compiles structured-output grammars for this model (None: no structured output)."""
+
     def from_chat(
-        self, messages: list[dict[str, Any]], images: list[Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
-        """Apply the chat template to ``messages`` (images in the order of their parts)."""
+        """Apply the chat template to ``messages`` (images in the order of their parts) and
+        ``tools`` (OpenAI function tools; only passed when a request has them)."""
 
     def from_text(self, prompt: str, images: list[Any] | None = None) -> PromptInput:
         """Tokenise raw text (no chat template)."""

@@ -23,6 +23,8 @@ from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
 from nova.sampling_params import SamplingParams
+from nova.structured.apply import apply_token_bitmask_
+from nova.structured.matcher import GrammarMatcher, fill_bitmasks
 from nova.types import Batch, BatchItem, Partition, Stage, StageResult
 
 
@@ -35,6 +37,7 @@ class _Payload:
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
     mrope: Any | None = None  # MRopePlan: M-RoPE positions of a Qwen-VL prompt with images
+    grammar: GrammarMatcher | None = None  # structured output: the request's grammar state
 
 
 class TorchExecutor:
@@ -69,6 +72,7 @@ class TorchExecutor:
             if pixel_values is not None
             else None
         )
+        grammar = sampling.structured_output
         with self._lock:
             self._payloads[request_id] = _Payload(
                 sampling,
@@ -76,6 +80,7 @@ class TorchExecutor:
                 pixel_values,
                 tuple(prompt_token_ids),
                 mrope=plan,
+                grammar=grammar.new_matcher() if grammar is not None else None,
             )
 
     def release(self, request_id: str) -> None:
@@ -129,10 +134,43 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
-        tokens = sample(
-            logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads]
-        )
+        row_logits = logits[rows]  # a copy: masking it leaves ``logits`` as it was
+        bitmask = self._grammar_bitmask([items[i] for i in rows], payloads)
+        if bitmask is not None:
+            apply_token_bitmask_(row_logits, bitmask)
+        tokens = sample(row_logits, [p.sampling for p in payloads], [p.generator for p in payloads])
+        self._advance_grammars(payloads, tokens)
         return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
+
+    def _grammar_bitmask(self, items: list[BatchItem], payloads: list[_Payload]) -> Any:
+        """The allowed-token bitmask of the rows to sample (numpy int32 ``[rows, words]``,
+        all ones for unconstrained rows), or None when no row has a grammar. Raises for a
+        request whose grammar is in error or out of step with its output (that request
+        fails; ``run_isolated`` reruns the others)."""
+        if all(p.grammar is None for p in payloads):
+            return None
+        for it, p in zip(items, payloads):
+            g = p.grammar
+            if g is None:
+                continue
+            if g.is_error:
+                raise RuntimeError(f"request {it.request_id}: structured output failed: {g.error}")
+            generated = it.num_cached_tokens + len(it.token_ids) - len(p.prompt_token_ids)
+            if g.num_consumed != generated:
+                raise RuntimeError(
+                    f"request {it.request_id}: grammar state is at output token "
+                    f"{g.num_consumed}, the request at {generated}"
+                )
+        return fill_bitmasks([p.grammar for p in payloads], self.runner.vocab_size)
+
+    @staticmethod
+    def _advance_grammars(payloads: list[_Payload], tokens: list[int]) -> None:
+        """Each sampled token advances its request's grammar. Last step of a batch and never
+        raising, so a batch rerun (``run_isolated``) cannot advance a grammar twice; a token
+        the grammar rejects leaves it in error, which fails the request at its next step."""
+        for p, tok in zip(payloads, tokens):
+            if p.grammar is not None:
+                p.grammar.consume(tok)
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
         """The image embeddings for the placeholders inside this (possibly partial) prefill."""

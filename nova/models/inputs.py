@@ -17,6 +17,7 @@ from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
 from nova.shapes import REFERENCE_IMAGE_SIZE, ImageSizeError, ImageSizing
+from nova.structured.compiler import GrammarCompiler
 
 ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
 
@@ -130,6 +131,7 @@ class InputProcessor:
         # The server prepares requests on several threads; images are processed in parallel,
         # tokenizer calls one at a time.
         self._tokenizer_lock = threading.Lock()
+        self._grammar_compiler: GrammarCompiler | None = None
         self.image_processor = loaded.image_processor
         self.max_image_pixels = max_image_pixels
         self.image_token_id = loaded.model.image_token_id
@@ -170,11 +172,33 @@ class InputProcessor:
             )
         return self.tokenizer
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    @property
+    def grammar_compiler(self) -> GrammarCompiler | None:
+        """Structured output's grammar compiler for this model (None without a tokenizer):
+        masks as wide as the logits, a finished grammar allows the model's EOS ids."""
+        if self.tokenizer is None:
+            return None
+        with self._tokenizer_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer,
+                    self.loaded.model.decoder.cfg.vocab_size,
+                    self.loaded.eos_token_ids or (self.tokenizer.eos_token_id,),
+                )
+            return self._grammar_compiler
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The chat template applied to ``messages`` (and ``tools``, OpenAI's function-tool
+        dicts, for a template that renders them)."""
         tok = self._require_tokenizer()
+        extra = {"tools": tools} if tools else {}
         try:
             with self._tokenizer_lock:
-                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **extra
+                )
         except Exception as exc:
             raise InvalidInputError(f"chat template failed on these messages: {exc}") from exc
 
@@ -245,11 +269,14 @@ class InputProcessor:
         return self.from_token_ids(ids, images)
 
     def from_chat(
-        self, messages: list[dict[str, Any]], images: list[ImageSource] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        images: list[ImageSource] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
         """``messages`` in the OpenAI/HF shape; image parts render as the image placeholder."""
         # The chat template already writes any BOS the model wants.
-        return self.from_text(self.render_chat(messages), images, add_special_tokens=False)
+        return self.from_text(self.render_chat(messages, tools), images, add_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=True)

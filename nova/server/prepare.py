@@ -6,6 +6,8 @@ a worker pool), the chat template and tokenisation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -17,14 +19,24 @@ from nova.engine.client import EngineClient
 from nova.models.errors import InvalidInputError
 from nova.sampling_params import SamplingParams
 from nova.server.config import ServerConfig
+from nova.server.constraints import (
+    Constraints,
+    ToolMode,
+    chat_constraints,
+    completion_constraints,
+    grammar_error,
+)
 from nova.server.errors import bad_request
 from nova.server.media import MediaError, load_image_url, open_image
 from nova.server.protocol import ChatCompletionRequest, CompletionRequest
 from nova.server.stops import single_token_stop_ids
+from nova.structured.spec import GrammarError, GrammarSpec
+from nova.tools.render import detect_parser, fallback_messages, template_renders_tools
 from nova.types import RequestRejected
 
 if TYPE_CHECKING:
     from nova.models.inputs import PromptInput
+    from nova.structured.compiler import CompiledGrammar
 
 T = TypeVar("T")
 RequestBody = ChatCompletionRequest | CompletionRequest
@@ -48,6 +60,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_mode: ToolMode | None = None  # parse tool calls out of the output
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -77,6 +90,16 @@ class RequestPreparer:
         # test hooks for remote media (an httpx transport and a resolver)
         self.media_transport: Any = None
         self.media_resolver: Any = None
+        # Tools: the model's call format, and whether its template renders tools (if not,
+        # nova.tools.render's fallback does).
+        template = getattr(self.processor.tokenizer, "chat_template", None)
+        template = template if isinstance(template, str) else None
+        self.template_renders_tools = template_renders_tools(template)
+        self.tool_parser = (
+            detect_parser(template)
+            if config.tool_call_parser == "auto"
+            else config.tool_call_parser
+        )
 
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -165,8 +188,12 @@ class RequestPreparer:
         max_tokens: int | None,
         prompt_param: str,
         stops: tuple[str, ...],
+        grammar: CompiledGrammar | None = None,
+        tool_mode: ToolMode | None = None,
     ) -> Prepared:
         sampling = self._sampling(body, max_tokens, len(prompt.token_ids), prompt_param, stops)
+        if grammar is not None:
+            sampling = dataclasses.replace(sampling, structured_output=grammar)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return Prepared(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
@@ -178,6 +205,7 @@ class RequestPreparer:
             deadline_s=None if body.deadline_ms is None else body.deadline_ms / 1000.0,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            tool_mode=tool_mode,
         )
 
     def _chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[str]]:
@@ -185,6 +213,12 @@ class RequestPreparer:
         urls: list[str] = []
         for i, msg in enumerate(body.messages):
             role = "system" if msg.role == "developer" else msg.role
+            if msg.role == "tool":
+                messages.append(self._tool_message(i, msg))
+                continue
+            if msg.role == "assistant" and msg.tool_calls:
+                messages.append(self._tool_calls_message(i, msg))
+                continue
             if msg.content is None:  # an assistant turn without text
                 messages.append({"role": role, "content": ""})
                 continue
@@ -206,11 +240,69 @@ class RequestPreparer:
             messages.append({"role": role, "content": parts})
         return messages, urls
 
+    def _tool_message(self, i: int, msg: Any) -> dict[str, Any]:
+        if isinstance(msg.content, str):
+            text = msg.content
+        else:
+            text = "\n".join(part.text for part in msg.content)
+        self._check_text(text, f"messages[{i}].content")
+        return {"role": "tool", "content": text, "tool_call_id": msg.tool_call_id}
+
+    def _tool_calls_message(self, i: int, msg: Any) -> dict[str, Any]:
+        """An assistant turn with tool calls, for a template: arguments as dicts."""
+        calls = []
+        for j, call in enumerate(msg.tool_calls):
+            param = f"messages[{i}].tool_calls[{j}].function.arguments"
+            self._check_text(call.function.arguments, param)
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError as exc:
+                raise bad_request(f"{param} is not valid JSON: {exc}", param) from exc
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": arguments},
+                }
+            )
+        content = msg.content
+        if isinstance(content, list):
+            content = "\n".join(p.text for p in content if p.type == "text")
+        return {"role": "assistant", "content": content or "", "tool_calls": calls}
+
+    async def _compile(self, grammar: GrammarSpec | None, param: str | None) -> Any:
+        """The compiled grammar (on the preparation pool; cached by the compiler), or None."""
+        if grammar is None:
+            return None
+        compiler = self.processor.grammar_compiler
+        if compiler is None:
+            raise bad_request(
+                "structured output needs a model with a tokenizer", param, "unsupported_parameter"
+            )
+        try:
+            return await self._in_pool(compiler.compile, grammar)
+        except GrammarError as exc:
+            raise grammar_error(exc, param) from exc
+
+    def _with_tools(
+        self, messages: list[dict[str, Any]], c: Constraints
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """(messages, tools for the template): a template that does not render tools gets
+        the messages rewritten by the fallback and no tools argument."""
+        history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if self.template_renders_tools:
+            return messages, [t.as_openai() for t in c.tools] or None
+        if c.tools or history:
+            return fallback_messages(messages, c.tools), None
+        return messages, None
+
     async def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         t0 = time.perf_counter()
         self._check_common(body)
         stops = self._stops(body.stop)
+        constraints = chat_constraints(body, self.tool_parser)
         messages, urls = self._chat_messages(body)
+        messages, tools = self._with_tools(messages, constraints)
         if len(urls) > self.config.max_images_per_request:
             raise bad_request(
                 f"{len(urls)} images in one request; the limit is "
@@ -220,15 +312,25 @@ class RequestPreparer:
             )
         if urls and self.processor.image_processor is None:
             raise bad_request("this model does not take images", "messages", "images_not_supported")
+        grammar = await self._compile(constraints.grammar, constraints.grammar_param)
         blobs = await self._fetch_images(urls)
-        prompt = await self._in_pool(self._chat_prompt, messages, blobs)
+        prompt = await self._in_pool(self._chat_prompt, messages, blobs, tools)
         self.on_prepared(time.perf_counter() - t0)
         max_tokens = (
             body.max_completion_tokens
             if body.max_completion_tokens is not None
             else body.max_tokens
         )
-        return self._prepared("chat", body, prompt, max_tokens, "messages", stops)
+        return self._prepared(
+            "chat",
+            body,
+            prompt,
+            max_tokens,
+            "messages",
+            stops,
+            grammar,
+            constraints.tool_mode,
+        )
 
     async def _fetch_images(self, urls: list[str]) -> list[bytes]:
         if not urls:
@@ -252,7 +354,12 @@ class RequestPreparer:
             if client is not None:
                 await client.aclose()
 
-    def _chat_prompt(self, messages: list[dict[str, Any]], blobs: list[bytes]) -> PromptInput:
+    def _chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        blobs: list[bytes],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> PromptInput:
         images = []
         for k, data in enumerate(blobs):
             try:
@@ -260,6 +367,8 @@ class RequestPreparer:
             except MediaError as exc:
                 raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
         try:
+            if tools:
+                return self.processor.from_chat(messages, images, tools=tools)
             return self.processor.from_chat(messages, images)
         except InvalidInputError as exc:
             raise bad_request(str(exc), "messages") from exc
@@ -280,9 +389,11 @@ class RequestPreparer:
             prompt_in = prompt_in[0]
         if isinstance(prompt_in, str):
             self._check_text(prompt_in, "prompt")
+        constraints = completion_constraints(body)
+        grammar = await self._compile(constraints.grammar, constraints.grammar_param)
         prompt = await self._in_pool(self._completion_prompt, prompt_in)
         self.on_prepared(time.perf_counter() - t0)
-        return self._prepared("completion", body, prompt, body.max_tokens, "prompt", stops)
+        return self._prepared("completion", body, prompt, body.max_tokens, "prompt", stops, grammar)
 
     def _completion_prompt(self, prompt: str | list[int]) -> PromptInput:
         try:

@@ -7,7 +7,7 @@ path); the response models here document them in the OpenAPI schema.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,13 +77,118 @@ class UserMessage(_Strict):
     name: str | None = None
 
 
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, serialised")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Structured output and tools
+# --------------------------------------------------------------------------------------------
+
+
+class ResponseFormatText(_Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(
+        strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True
+    )
+
+    name: str = Field(max_length=64, pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="the JSON schema the output follows (absent: any JSON value)",
+    )
+    strict: bool | None = Field(
+        None,
+        description="accepted; output always follows the schema, and objects that list "
+        "properties get no other keys unless additionalProperties says so",
+    )
+
+
+class ResponseFormatJSONSchema(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
+    Field(discriminator="type"),
+]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs`` extension: exactly one of the constraints."""
+
+    json_: dict[str, Any] | str | None = Field(
+        None, alias="json", description="a JSON schema (object or its JSON text)"
+    )
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="a Lark (llguidance dialect) or GBNF grammar")
+    json_object: bool | None = None
+
+    model_config = ConfigDict(
+        strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True
+    )
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON schema of the arguments object (absent: no arguments)"
+    )
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -145,6 +250,18 @@ class ChatCompletionRequest(_SamplingFields):
     )
     logprobs: Literal[False] | None = Field(None, description="log probabilities are not supported")
     top_logprobs: Literal[0] | None = Field(None, description="log probabilities are not supported")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None,
+        description="extension (as vLLM): constrain the output; exclusive with response_format",
+    )
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='default "auto" when tools are given, else "none"'
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="default true; false: at most one call"
+    )
 
 
 class CompletionRequest(_SamplingFields):
@@ -156,6 +273,11 @@ class CompletionRequest(_SamplingFields):
     echo: Literal[False] = Field(False, description="echoing the prompt is not supported")
     suffix: None = Field(None, description="suffixes are not supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    response_format: ResponseFormat | None = Field(None, description="extension (as vLLM)")
+    structured_outputs: StructuredOutputs | None = Field(
+        None,
+        description="extension (as vLLM): constrain the output; exclusive with response_format",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,16 +302,23 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort"] | None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -7,15 +7,17 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from nova.server.constraints import ToolMode
 from nova.server.errors import GenerationFailed, OpenAIError, generation_failed, internal_error
 from nova.server.prepare import Prepared
+from nova.tools.parsers import ToolCall, ToolCallDelta, ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,58 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text to send for a request; the last piece of a request has its finish reason."""
+    """Text (and tool-call deltas) to send for a request; the last piece of a request has its
+    finish reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+    def extend(self, other: Piece) -> None:
+        self.text += other.text
+        self.tool_calls.extend(other.tool_calls)
+        self.num_output_tokens = max(self.num_output_tokens, other.num_output_tokens)
+
+
+@dataclass(slots=True)
+class Collected:
+    """A whole (non-streamed) answer."""
+
+    text: str
+    finish_reason: str | None
+    num_output_tokens: int
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+class ToolPieces:
+    """Text pieces -> pieces with tool calls parsed out (``mode`` None: text passes through)."""
+
+    def __init__(self, mode: ToolMode | None) -> None:
+        self.mode = mode
+        self.stream: ToolCallStream | None = mode.new_stream() if mode is not None else None
+
+    @property
+    def done(self) -> bool:
+        """The last tool call allowed is complete: generation should end."""
+        return self.stream is not None and self.stream.done
+
+    def piece(self, text: str, finish: str | None, num_output_tokens: int) -> Piece:
+        if self.stream is None:
+            return Piece(text, finish, num_output_tokens)
+        parsed = self.stream.feed(text)
+        return Piece(parsed.content, finish, num_output_tokens, parsed.tool_calls)
+
+    def last(self, piece: Piece, finish: str | None) -> Piece:
+        """``piece`` as the last one: the parser's held-back text, the finish reason."""
+        if self.stream is None or self.mode is None:
+            piece.finish_reason = finish
+            return piece
+        rest = self.stream.finish()
+        piece.text += rest.content
+        piece.tool_calls.extend(rest.tool_calls)
+        piece.finish_reason = self.mode.finish_reason(finish, self.stream.num_calls)
+        return piece
 
 
 def usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
@@ -53,13 +102,24 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, text: str, finish: str | None, n: int) -> dict[str, Any]:
+def chat_body(
+    p: Prepared,
+    model: str,
+    text: str,
+    finish: str | None,
+    n: int,
+    calls: list[ToolCall] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["content"] = text or None
+        message["tool_calls"] = [c.as_openai() for c in calls]
     return {
         **response_head(p, "chat.completion", model),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish,
             }
@@ -90,13 +150,20 @@ async def sse_events(
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(
+        text: str | None,
+        finish: str | None,
+        role: bool = False,
+        tool_calls: list[ToolCallDelta] | None = None,
+    ) -> str:
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [d.as_openai() for d in tool_calls]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -113,6 +180,8 @@ async def sse_events(
             async for piece in ps:
                 if piece.text:
                     yield chunk(piece.text, None)
+                if piece.tool_calls:
+                    yield chunk(None, None, tool_calls=piece.tool_calls)
                 if piece.finish_reason is not None:
                     n = piece.num_output_tokens
                     yield chunk(None if chat else "", piece.finish_reason)

@@ -27,14 +27,17 @@ from nova.server.errors import (
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
+    Collected,
     EngineStream,
     Piece,
+    ToolPieces,
     chat_body,
     completion_body,
     sse_events,
     wait_disconnect,
 )
 from nova.server.stops import StopMatcher
+from nova.tools.parsers import ToolCallDelta, merge_tool_calls
 from nova.types import RequestRejected
 
 
@@ -83,8 +86,10 @@ class NovaService:
 
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> text pieces (stop strings applied); records the outcome."""
+        """Engine deltas -> text pieces (stop strings applied, tool calls parsed out when the
+        request has tools); records the outcome."""
         matcher = StopMatcher(p.stops)
+        tools = ToolPieces(p.tool_mode)
         outcome = "aborted"
         final: RequestMetrics | None = None
         stopped_at: int | None = None  # output tokens when a stop string matched
@@ -99,20 +104,24 @@ class NovaService:
                     if stopped_at is not None:
                         continue  # draining after our abort, for the final metrics
                     text = matcher.feed(d.text_delta)
-                    if matcher.stopped:
+                    piece = tools.piece(text, None, d.num_output_tokens)
+                    if matcher.stopped or tools.done:
+                        # a stop string, or the last tool call allowed (parallel_tool_calls
+                        # false): end here
                         stopped_at = d.num_output_tokens
                         outcome = "finished"
                         if not d.finished:
                             await self.client.abort(p.request_id)
-                        yield Piece(text, "stop", stopped_at)
+                        yield tools.last(piece, "stop")
                     elif d.finished:
                         if d.finish_reason == "error":
                             outcome = "failed"
                             raise GenerationFailed(d.error or "the engine failed this request")
                         outcome = "finished" if d.finish_reason in ("stop", "length") else "aborted"
-                        yield Piece(text + matcher.flush(), d.finish_reason, d.num_output_tokens)
-                    elif text:
-                        yield Piece(text, None, d.num_output_tokens)
+                        piece.extend(tools.piece(matcher.flush(), None, d.num_output_tokens))
+                        yield tools.last(piece, d.finish_reason)
+                    elif piece.text or piece.tool_calls:
+                        yield piece
         except RequestRejected as exc:
             outcome = "rejected"
             raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
@@ -121,20 +130,22 @@ class NovaService:
                 self.metrics.prompt_tokens.inc(p.num_prompt_tokens)
                 self.metrics.observe_final(outcome, final)
 
-    async def collect(self, p: Prepared) -> tuple[str, str | None, int]:
+    async def collect(self, p: Prepared) -> Collected:
+        """The whole answer: the pieces' text and tool calls merged (so a non-streamed answer
+        is exactly what the stream of the same output would send)."""
         texts: list[str] = []
+        calls: list[ToolCallDelta] = []
         finish: str | None = None
         n = 0
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
                 texts.append(piece.text)
+                calls.extend(piece.tool_calls)
                 if piece.finish_reason is not None:
                     finish, n = piece.finish_reason, piece.num_output_tokens
-        return "".join(texts), finish, n
+        return Collected("".join(texts), finish, n, merge_tool_calls(calls))
 
-    async def collect_unless_gone(
-        self, p: Prepared, request: Request
-    ) -> tuple[str, str | None, int]:
+    async def collect_unless_gone(self, p: Prepared, request: Request) -> Collected:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -157,12 +168,17 @@ class NovaService:
             events = sse_events(p, model, self.run(p), self.metrics.rejected)
             return EngineStream(events, self.admission.release)
         try:
-            text, finish, n = await self.collect_unless_gone(p, request)
+            out = await self.collect_unless_gone(p, request)
         except ClientGone:
             return Response(status_code=499)
         except GenerationFailed as exc:
             raise generation_failed(str(exc)) from exc
         finally:
             self.admission.release()
-        build = chat_body if p.kind == "chat" else completion_body
-        return JSONResponse(build(p, model, text, finish, n))
+        if p.kind == "chat":
+            return JSONResponse(
+                chat_body(p, model, out.text, out.finish_reason, out.num_output_tokens, out.calls)
+            )
+        return JSONResponse(
+            completion_body(p, model, out.text, out.finish_reason, out.num_output_tokens)
+        )
