@@ -1,10 +1,48 @@
-"""Pick next tokens from logits, per request: greedy, temperature, top-k, top-p, seeded."""
+"""Batched sampling: logits [B, vocab] -> one token per row, and its log-probabilities.
+
+Every step below is one set of tensor ops over the rows that need it (no Python loop over
+vocabulary-sized rows); a row's result depends only on its own logits, parameters, history and
+RNG, never on what else is in the batch. In order:
+
+1. ``allowed_token_bitmask`` (structured output): tokens whose bit is 0 get -inf. The mask is
+   int32, packed 32 tokens a word, token ``t`` allowed iff ``(mask[row, t // 32] >> (t % 32))
+   & 1`` (llguidance's and xgrammar's layout), shape [B, ceil(vocab / 32)]; a row of all -1
+   words is unconstrained.
+2. Penalties: ``repetition_penalty`` over the tokens of the prompt and the output (a positive
+   logit is divided by it, a negative one multiplied), then ``presence_penalty`` and
+   ``frequency_penalty`` over the output tokens (OpenAI: ``logit -= presence * (count > 0) +
+   frequency * count``).
+3. ``logit_bias`` is added.
+4. ``min_tokens``: while a request has fewer outputs, its EOS ids (unless ``ignore_eos``) and
+   ``stop_token_ids`` get -inf, unless that would leave the row no token at all (the mask of
+   step 1 wins: a grammar that only allows EOS ends the output).
+
+   The result is the *processed logits*. Log-probabilities (``SamplingParams.logprobs``) are
+   ``log_softmax`` of the processed logits in float32: after the mask, penalties, bias and
+   min_tokens, before temperature, min-p, top-k and top-p (vLLM's ``processed_logprobs``
+   would be after those; its default ``raw_logprobs`` before step 2).
+5. Greedy rows take the argmax of the processed logits (no sort). Sampled rows divide by their
+   temperature, apply ``min_p`` (drop tokens below ``min_p`` times the top probability),
+   ``top_k`` (one ``topk`` at the batch's largest k) and ``top_p`` (on the top candidates
+   only, with a full sort just for rows whose candidates hold less than ``top_p`` of the
+   mass), and draw the token by inverse CDF with one uniform number from the row's own
+   generator (so a seeded request replays exactly whatever it is batched with).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from nova.sampling_params import SamplingParams
+from nova.types import TokenLogprobs
+
+# Candidates top-p first looks at: enough to hold top_p of the mass in almost every row of a
+# trained model; rows where they do not fall back to a full sort.
+TOP_P_CANDIDATES = 256
+_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -15,37 +53,391 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+class TokenHistory:
+    """What the penalties and ``min_tokens`` of one request need to know of its tokens, kept
+    up to date by ``sample_batch`` (which appends each token it samples for the request).
+
+    ``output_counts``: [vocab] float32 count of each output token (presence/frequency
+    penalties); ``seen``: [vocab] bool, token in the prompt or the output (repetition
+    penalty); both on the logits' device, None when the request does not need them.
+    """
+
+    __slots__ = ("num_output_tokens", "output_counts", "seen")
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        output_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.num_output_tokens = 0
+        self.output_counts: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = torch.tensor(list(prompt_token_ids), dtype=torch.long)
+            ids = ids[(ids >= 0) & (ids < vocab_size)]  # image placeholders beyond the vocab
+            self.seen[ids.to(device)] = True
+        for tok in output_token_ids:
+            self.append(tok)
+
+    def append(self, token_id: int) -> None:
+        self.num_output_tokens += 1
+        if self.output_counts is not None:
+            self.output_counts[token_id] += 1.0
+        if self.seen is not None:
+            self.seen[token_id] = True
+
+    def copy(self) -> TokenHistory:
+        """An independent copy (a request forked into several sequences)."""
+        out = TokenHistory.__new__(TokenHistory)
+        out.num_output_tokens = self.num_output_tokens
+        out.output_counts = None if self.output_counts is None else self.output_counts.clone()
+        out.seen = None if self.seen is None else self.seen.clone()
+        return out
+
+
+def make_history(
+    params: SamplingParams,
+    prompt_token_ids: Sequence[int],
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+) -> TokenHistory | None:
+    """The request's ``TokenHistory``, or None when its parameters need none."""
+    if not params.needs_token_history:
+        return None
+    return TokenHistory(params, prompt_token_ids, vocab_size, device)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: its token's log-probabilities, or None when the request did not ask for them
+    logprobs: list[TokenLogprobs | None]
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, ceil(V/32)] packed mask -> bool [R, V] (True: allowed)."""
+    words = (vocab_size + 31) // 32
+    if bitmask.dim() != 2 or bitmask.shape[1] < words:
+        raise ValueError(
+            f"allowed_token_bitmask must be int32 [rows, >= {words}] for a vocabulary of "
+            f"{vocab_size}, got {tuple(bitmask.shape)}"
+        )
+    shifts = _SHIFTS.to(bitmask.device)
+    bits = (bitmask[:, :words].to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], words * 32)[:, :vocab_size].bool()
+
+
+def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | None:
+    """Indices of the True rows; None if there are none."""
+    idx = [i for i, m in enumerate(mask) if m]
+    return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
+
+
+def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
+    bitmask = bitmask.to(x.device)
+    if bitmask.shape[0] != x.shape[0]:
+        raise ValueError(f"allowed_token_bitmask has {bitmask.shape[0]} rows for {x.shape[0]}")
+    words = (x.shape[1] + 31) // 32
+    constrained = (bitmask[:, :words] != -1).any(dim=1).nonzero().flatten()
+    if constrained.numel() == 0:
+        return
+    allowed = unpack_bitmask(bitmask[constrained], x.shape[1])
+    x[constrained] = x[constrained].masked_fill(~allowed, float("-inf"))
+
+
+def _apply_penalties(
+    x: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None]
+) -> None:
+    dev = x.device
+    rep = [h is not None and h.seen is not None for h in histories]
+    rows = _rows(rep, dev)
+    if rows is not None:
+        seen = torch.stack(
+            [h.seen for h, r in zip(histories, rep) if r and h and h.seen is not None]
+        )
+        pen = torch.tensor(
+            [p.repetition_penalty for p, r in zip(params, rep) if r], dtype=x.dtype, device=dev
+        ).unsqueeze(1)
+        sub = x[rows]
+        penalised = torch.where(sub > 0, sub / pen, sub * pen)
+        x[rows] = torch.where(seen, penalised, sub)
+    occ = [h is not None and h.output_counts is not None for h in histories]
+    rows = _rows(occ, dev)
+    if rows is not None:
+        counts = torch.stack(
+            [
+                h.output_counts
+                for h, o in zip(histories, occ)
+                if o and h and h.output_counts is not None
+            ]
+        )
+        freq = torch.tensor(
+            [p.frequency_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
+        ).unsqueeze(1)
+        pres = torch.tensor(
+            [p.presence_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
+        ).unsqueeze(1)
+        x[rows] = x[rows] - freq * counts - pres * (counts > 0).to(x.dtype)
+
+
+def _apply_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    vocab = x.shape[1]
+    rows: list[int] = []
+    ids: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for tok, bias in p.logit_bias:
+            if tok >= vocab:
+                raise ValueError(f"logit_bias token {tok} is outside the vocabulary ({vocab})")
+            rows.append(i)
+            ids.append(tok)
+            values.append(bias)
+    if rows:
+        dev = x.device
+        index = (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev))
+        x.index_put_(index, torch.tensor(values, dtype=x.dtype, device=dev), accumulate=True)
+
+
+def _apply_min_tokens(
+    x: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[TokenHistory | None],
+    eos_token_ids: Sequence[int],
+) -> None:
+    vocab = x.shape[1]
+    rows: list[int] = []
+    ids: list[int] = []
+    for i, (p, h) in enumerate(zip(params, histories)):
+        if p.min_tokens == 0 or h is None or h.num_output_tokens >= p.min_tokens:
+            continue
+        stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        for tok in sorted(t for t in stop if 0 <= t < vocab):
+            rows.append(i)
+            ids.append(tok)
+    if not rows:
+        return
+    dev = x.device
+    index = (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev))
+    saved = x[index]
+    x.index_put_(index, torch.full_like(saved, float("-inf")))
+    touched = torch.tensor(sorted(set(rows)), device=dev)
+    empty = touched[torch.isneginf(x[touched].amax(dim=1))]
+    if empty.numel():  # nothing but a stop token is allowed: let it through
+        restore = torch.isin(index[0], empty)
+        x.index_put_((index[0][restore], index[1][restore]), saved[restore])
+
+
+def _top_k(y: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    vocab = y.shape[1]
+    k_max = max(ks)
+    if k_max >= vocab and all(k >= vocab for k in ks):
+        return y
+    values = torch.topk(y, min(k_max, vocab), dim=1).values  # sorted, largest first
+    k = torch.tensor([min(k, vocab) for k in ks], device=y.device).clamp(max=values.shape[1])
+    kth = values.gather(1, (k - 1).unsqueeze(1))
+    kth = torch.where(
+        torch.tensor([kk >= vocab for kk in ks], device=y.device).unsqueeze(1),
+        torch.full_like(kth, float("-inf")),
+        kth,
+    )
+    return y.masked_fill(y < kth, float("-inf"))
+
+
+def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """bool [R, V], the tokens top-p keeps: a token is dropped when the mass of strictly more
+    likely tokens already reaches top_p (the most likely token is always kept; ties are cut
+    in ``topk``/``sort`` order)."""
+    vocab = probs.shape[1]
+    k = min(vocab, TOP_P_CANDIDATES)
+    if k < vocab:
+        values, order = torch.topk(probs, k, dim=1)
+    else:
+        values, order = probs.sort(dim=1, descending=True)
+    keep = _keep_sorted(values, top_p)
+    out = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep)
+    if k < vocab:
+        short = (values.sum(dim=1) < top_p).nonzero().flatten()  # cut beyond the candidates
+        if short.numel():
+            values, order = probs[short].sort(dim=1, descending=True)
+            out[short] = torch.zeros_like(values, dtype=torch.bool).scatter_(
+                1, order, _keep_sorted(values, top_p[short])
+            )
+    return out
+
+
+def _keep_sorted(values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """For probabilities sorted largest first: which to keep."""
+    keep = (values.cumsum(dim=1) - values) < top_p.unsqueeze(1)
+    keep[:, 0] = True  # even when a tiny top_p rounds to 0 in float32
+    return keep
+
+
+def _filter(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, min-p, top-k, top-p over float32 rows -> probabilities."""
+    dev = y.device
+    temps = torch.tensor([p.temperature for p in params], dtype=y.dtype, device=dev)
+    y = y / temps.unsqueeze(1)
+    if any(p.min_p > 0.0 for p in params):
+        probs = y.softmax(dim=1)
+        min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
+        floor = probs.amax(dim=1, keepdim=True) * min_p.unsqueeze(1)
+        y = y.masked_fill(probs < floor, float("-inf"))
+    vocab = y.shape[1]
+    if any(p.top_k is not None and p.top_k < vocab for p in params):
+        y = _top_k(y, [p.top_k if p.top_k is not None else vocab for p in params])
+    probs = y.softmax(dim=1)
+    nucleus = [p.top_p < 1.0 for p in params]
+    rows = _rows(nucleus, dev)
+    if rows is not None:
+        top_p = torch.tensor([p.top_p for p in params if p.top_p < 1.0], dtype=y.dtype, device=dev)
+        sub = probs[rows]
+        sub = sub.masked_fill(~_top_p_keep(sub, top_p), 0.0)
+        probs[rows] = sub / sub.sum(dim=1, keepdim=True)
+    return probs
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [vocab] after temperature, top-k and top-p (float32)."""
-    logits = logits.float() / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass of strictly more likely tokens already reaches top_p;
-        # the most likely token is always kept.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop[0] = False  # even when a tiny top_p rounds to 0 in float32
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(-1)
+    """Probabilities [vocab] of one row after temperature, min-p, top-k and top-p (float32)."""
+    return _filter(logits.float().unsqueeze(0), [params]).squeeze(0)
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row by inverse CDF; one uniform from each row's generator."""
+    u = [
+        float(torch.rand((), generator=g).item()) if g is not None else float(torch.rand(()))
+        for g in generators
+    ]
+    cdf = probs.cumsum(dim=1)
+    target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]
+    idx = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+    # u * total rounding up to the total: the last token with any mass
+    over = idx >= probs.shape[1]
+    if bool(over.any()):
+        last = probs.shape[1] - 1 - (probs.flip(1) > 0).int().argmax(dim=1)
+        idx = torch.where(over, last, idx)
+    return idx
+
+
+def _logprobs(
+    x: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    want = [p.logprobs is not None for p in params]
+    rows = _rows(want, x.device)
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    if rows is None:
+        return out
+    lp = torch.log_softmax(x[rows].float(), dim=1)
+    chosen = tokens[rows].unsqueeze(1)
+    chosen_lp = lp.gather(1, chosen)
+    ranks = (lp > chosen_lp).sum(dim=1) + 1
+    n_top = max(p.logprobs or 0 for p, w in zip(params, want) if w)
+    top_v: list[list[float]] = []
+    top_i: list[list[int]] = []
+    if n_top > 0:
+        tv, ti = torch.topk(lp, min(n_top, lp.shape[1]), dim=1)
+        top_v, top_i = tv.tolist(), ti.tolist()
+    chosen_l, chosen_lp_l, ranks_l = (
+        chosen.squeeze(1).tolist(),
+        chosen_lp.squeeze(1).tolist(),
+        ranks.tolist(),
+    )
+    for j, i in enumerate(rows.tolist()):
+        n = params[i].logprobs or 0
+        top = (
+            tuple(
+                (tok, val) for tok, val in zip(top_i[j][:n], top_v[j][:n]) if val != float("-inf")
+            )
+            if n
+            else ()
+        )
+        out[i] = TokenLogprobs(int(chosen_l[j]), float(chosen_lp_l[j]), int(ranks_l[j]), top)
+    return out
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    *,
+    allowed_token_bitmask: torch.Tensor | None = None,
+    histories: Sequence[TokenHistory | None] | None = None,
+    eos_token_ids: Sequence[int] = (),
+) -> SamplerOutput:
+    """logits [B, vocab] -> one token id per row (and log-probabilities where asked).
+
+    ``allowed_token_bitmask``: int32 [B, ceil(vocab/32)] or None (no row constrained).
+    ``histories``: each row's ``TokenHistory`` (None for a row whose parameters need none;
+    a request with penalties or ``min_tokens`` and no history is an error); the sampled token
+    is appended to it. ``eos_token_ids``: the model's EOS ids (for ``min_tokens``).
+    """
+    num_rows = logits.shape[0]
+    if num_rows != len(params) or num_rows != len(generators):
+        raise ValueError(
+            f"{num_rows} logit rows for {len(params)} requests and {len(generators)} generators"
+        )
+    hist: Sequence[TokenHistory | None] = histories if histories is not None else [None] * num_rows
+    if len(hist) != num_rows:
+        raise ValueError(f"{len(hist)} token histories for {num_rows} logit rows")
+    for i, (p, h) in enumerate(zip(params, hist)):
+        if h is None and p.needs_token_history:
+            raise ValueError(f"row {i}: penalties or min_tokens need the request's TokenHistory")
+    processed = (
+        allowed_token_bitmask is not None
+        or any(h is not None for h in hist)
+        or any(p.logit_bias for p in params)
+    )
+    if not processed and all(p.is_greedy and p.logprobs is None for p in params):
+        return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
+
+    x = logits.float()
+    if processed:
+        if x is logits:
+            x = x.clone()
+        if allowed_token_bitmask is not None:
+            _apply_mask(x, allowed_token_bitmask)
+        _apply_penalties(x, params, hist)
+        _apply_bias(x, params)
+        _apply_min_tokens(x, params, hist, eos_token_ids)
+        dead = torch.isneginf(x.amax(dim=1)).nonzero().flatten().tolist()
+        if dead:
+            raise ValueError(f"rows {dead}: no token is allowed (an empty allowed-token mask)")
+
+    tokens = x.argmax(dim=1)
+    sampled = [not p.is_greedy for p in params]
+    rows = _rows(sampled, x.device)
+    if rows is not None:
+        sub_params = [p for p, s in zip(params, sampled) if s]
+        probs = _filter(x[rows], sub_params)
+        tokens[rows] = _draw(probs, [g for g, s in zip(generators, sampled) if s])
+    logprobs = _logprobs(x, tokens, params)
+    out = tokens.tolist()
+    for h, tok in zip(hist, out):
+        if h is not None:
+            h.append(tok)
+    return SamplerOutput(out, logprobs)
 
 
 def sample(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    *,
+    allowed_token_bitmask: torch.Tensor | None = None,
+    histories: Sequence[TokenHistory | None] | None = None,
+    eos_token_ids: Sequence[int] = (),
 ) -> list[int]:
-    """logits [B, vocab] -> one token id per row."""
-    if logits.shape[0] != len(params):
-        raise ValueError(f"{logits.shape[0]} logit rows for {len(params)} requests")
-    greedy = logits.argmax(-1).tolist()
-    out: list[int] = []
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.is_greedy:
-            out.append(int(greedy[row]))
-            continue
-        probs = filtered_probs(logits[row].cpu(), p)
-        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
-    return out
+    """logits [B, vocab] -> one token id per row (``sample_batch`` without the logprobs)."""
+    return sample_batch(
+        logits,
+        params,
+        generators,
+        allowed_token_bitmask=allowed_token_bitmask,
+        histories=histories,
+        eos_token_ids=eos_token_ids,
+    ).token_ids
