@@ -23,7 +23,6 @@ from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
 from nova.runtime.sampler import make_generator, sample
 from nova.sampling_params import SamplingParams
-from nova.structured.apply import apply_token_bitmask_
 from nova.structured.matcher import GrammarMatcher, fill_bitmasks
 from nova.types import Batch, BatchItem, Partition, Stage, StageResult
 
@@ -134,11 +133,13 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
-        row_logits = logits[rows]  # a copy: masking it leaves ``logits`` as it was
         bitmask = self._grammar_bitmask([items[i] for i in rows], payloads)
-        if bitmask is not None:
-            apply_token_bitmask_(row_logits, bitmask)
-        tokens = sample(row_logits, [p.sampling for p in payloads], [p.generator for p in payloads])
+        tokens = sample(
+            logits[rows],
+            [p.sampling for p in payloads],
+            [p.generator for p in payloads],
+            allowed_token_bitmask=None if bitmask is None else torch.from_numpy(bitmask),
+        )
         self._advance_grammars(payloads, tokens)
         return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
 
