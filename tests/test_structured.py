@@ -4,7 +4,6 @@ with the demo model's real tokenizer (no model weights run here)."""
 from __future__ import annotations
 
 import json
-import random
 
 import jsonschema
 import numpy as np

@@ -301,7 +301,8 @@ def test_fallback_renders_tools_calls_and_results_as_text():
     # consecutive tool results: one user turn
     assert out[3] == {
         "role": "user",
-        "content": "<tool_response>\n18C\n</tool_response>\n<tool_response>\nsunny\n</tool_response>",
+        "content": "<tool_response>\n18C\n</tool_response>\n"
+        "<tool_response>\nsunny\n</tool_response>",
     }
     assert len(out) == 4
     # an existing system message keeps its text and gets the tools after it
