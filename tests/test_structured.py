@@ -16,7 +16,7 @@ from nova.sampling_params import SamplingParams
 from nova.structured import GrammarError, GrammarSpec
 from nova.structured.compiler import GrammarCompiler
 from nova.structured.matcher import allocate_bitmask, allowed_token_ids, fill_bitmasks
-from nova.structured.spec import closed_objects
+from nova.structured.spec import generation_schema
 
 EOS = 2  # SmolLM2's <|im_end|>
 EXTRA_EOS = 0  # <|endoftext|>, passed as a second EOS id
@@ -79,7 +79,7 @@ def test_key_order_is_kept_in_the_cache_key():
     assert a != b  # properties are generated in schema order: two different grammars
 
 
-def test_closed_objects_closes_declared_objects_only():
+def test_generation_schema_closes_declared_objects_and_bounds_fractions():
     schema = {
         "type": "object",
         "properties": {
@@ -91,7 +91,7 @@ def test_closed_objects_closes_declared_objects_only():
         },
         "$defs": {"P": {"properties": {"q": {}}}},
     }
-    out = closed_objects(schema)
+    out = generation_schema(schema)
     assert out["additionalProperties"] is False
     props = out["properties"]
     assert props["a"]["additionalProperties"] is False
@@ -102,7 +102,26 @@ def test_closed_objects_closes_declared_objects_only():
     assert out["$defs"]["P"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the input is not changed
     with_all_of = {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
-    assert closed_objects(with_all_of) == with_all_of
+    assert generation_schema(with_all_of) == with_all_of  # closing would forbid a or b
+    numbers = generation_schema(
+        {
+            "type": "array",
+            "items": {"anyOf": [{"type": "number"}, {"type": ["number", "null"]}]},
+            "prefixItems": [{"type": "number", "multipleOf": 0.5}, {"type": "integer"}],
+        }
+    )
+    assert [b["multipleOf"] for b in numbers["items"]["anyOf"]] == [1e-6, 1e-6]
+    assert numbers["prefixItems"] == [{"type": "number", "multipleOf": 0.5}, {"type": "integer"}]
+
+
+def test_generated_numbers_have_at_most_six_fraction_digits(compiler, tokenizer):
+    g = compiler.compile(GrammarSpec.json_schema({"type": "number", "minimum": 0, "maximum": 9}))
+
+    def accepts(text: str) -> bool:
+        m = g.new_matcher()
+        return all(m.consume(t) for t in tokenizer.encode(text)) and m.is_accepting
+
+    assert accepts("1.258888") and accepts("3") and not accepts("1.2588888")
 
 
 # -- compiler -----------------------------------------------------------------------------------

@@ -147,6 +147,19 @@ def test_an_incomplete_call_keeps_what_was_sent_and_says_so():
     assert s.errors == ["tool call 0 is incomplete"]
 
 
+def test_a_forced_block_cut_off_before_its_name_is_dropped():
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n\n<tool_call>\n{"na'
+    auto = HermesToolStream(make_id=ids())
+    content, calls, _ = run(auto, text, [])
+    assert content == '\n\n<tool_call>\n{"na' and len(calls) == 1
+    forced = HermesToolStream(make_id=ids(), forced=True)
+    content, calls, _ = run(forced, text, [])
+    assert content == "" and len(calls) == 1
+    assert forced.errors == ["tool call 1 was cut off before its function name"]
+    llama = Llama3JsonToolStream(make_id=ids(), forced=True)
+    assert run(llama, '{"na', [])[:2] == ("", [])
+
+
 def test_max_calls_stops_after_the_first_call():
     s = HermesToolStream(max_calls=1, make_id=ids())
     out = s.feed(HERMES_TWO_CALLS)

@@ -45,7 +45,7 @@ class ToolMode:
         kw: dict[str, Any] = {} if make_id is None else {"make_id": make_id}
         if self.named is not None:
             return ArgumentsStream(self.named, **kw)
-        return TOOL_PARSERS.lookup(self.parser)(self.max_calls, **kw)
+        return TOOL_PARSERS.lookup(self.parser)(self.max_calls, forced=self.forced, **kw)
 
     def finish_reason(self, engine_reason: str | None, num_calls: int) -> str | None:
         """OpenAI's finish reason: ``tool_calls`` when the answer is calls (a named function:

@@ -28,6 +28,10 @@ JSON_OPTIONS: dict[str, Any] = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
+# Fraction digits a generated JSON number may have (``generation_schema`` adds ``multipleOf``
+# 1e-6 to number schemas that set none): a small model otherwise repeats a digit until
+# max_tokens ("1.25888888..."); six places keep coordinates, scores and prices exact enough.
+FRACTION_DIGITS = 6
 # Keywords whose subschemas are schemas (for walking a schema).
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
@@ -63,11 +67,9 @@ class GrammarSpec:
             raise GrammarError(f"a {self.kind} grammar's source must be text")
 
     @classmethod
-    def json_schema(
-        cls, schema: dict[str, Any] | bool | str, close_objects: bool = True
-    ) -> GrammarSpec:
+    def json_schema(cls, schema: dict[str, Any] | bool | str, tighten: bool = True) -> GrammarSpec:
         """A JSON schema given as a dict (or ``true``), or as its JSON text.
-        ``close_objects``: see ``closed_objects``."""
+        ``tighten``: see ``generation_schema``."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -79,8 +81,8 @@ class GrammarSpec:
             raise GrammarError(
                 f"a JSON schema must be an object (or true), got {type(schema).__name__}"
             )
-        if close_objects:
-            schema = closed_objects(schema)
+        if tighten:
+            schema = generation_schema(schema)
         try:
             source = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
@@ -112,7 +114,7 @@ class GrammarSpec:
         return cls("grammar", text)
 
 
-def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
+def generation_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with ``"additionalProperties": false`` on every object schema that lists
     ``properties`` and says nothing about other keys (no ``additionalProperties``,
     ``patternProperties`` or ``unevaluatedProperties``).
@@ -122,10 +124,12 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
     what OpenAI's strict mode requires of a schema and what vLLM's default grammar backend
     (xgrammar in strict mode) does; the output still validates against the original schema.
     A schema that uses ``allOf`` is left as it is (closing each branch would forbid the other
-    branches' keys). Returns a new dict; ``schema`` is not changed."""
-    if _uses_all_of(schema):
-        return schema
-    return _close(schema)
+    branches' keys).
+
+    Likewise every ``number`` schema without ``multipleOf`` gets ``multipleOf: 1e-6`` (at
+    most ``FRACTION_DIGITS`` digits after the point): the value still validates against the
+    original schema. Returns a new dict; ``schema`` is not changed."""
+    return _tighten(schema, close=not _uses_all_of(schema))
 
 
 def _uses_all_of(node: Any) -> bool:
@@ -136,23 +140,32 @@ def _uses_all_of(node: Any) -> bool:
     return False
 
 
-def _close(node: Any) -> Any:
+def _tighten(node: Any, close: bool) -> Any:
     if not isinstance(node, dict):
         return node
     out = dict(node)
     for key in _SCHEMA_MAPS:
         sub = out.get(key)
         if isinstance(sub, dict):
-            out[key] = {k: _close(v) for k, v in sub.items()}
-    for key in _SCHEMA_LISTS:
+            out[key] = {k: _tighten(v, close) for k, v in sub.items()}
+    for key in (*_SCHEMA_LISTS, "allOf"):
         sub = out.get(key)
         if isinstance(sub, list):
-            out[key] = [_close(v) for v in sub]
+            out[key] = [_tighten(v, close) for v in sub]
     for key in _SCHEMA_ONE:
         if key in out:
-            out[key] = _close(out[key])
-    if isinstance(out.get("properties"), dict) and not (
-        {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
+            out[key] = _tighten(out[key], close)
+    if (
+        close
+        and isinstance(out.get("properties"), dict)
+        and not (
+            {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
+        )
     ):
         out["additionalProperties"] = False
+    kind = out.get("type")
+    if (kind == "number" or (isinstance(kind, list) and "number" in kind)) and (
+        "multipleOf" not in out
+    ):
+        out["multipleOf"] = 10.0**-FRACTION_DIGITS
     return out

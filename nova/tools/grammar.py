@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nova.structured.spec import JSON_OPTIONS, GrammarError, GrammarSpec, closed_objects
+from nova.structured.spec import JSON_OPTIONS, GrammarError, GrammarSpec, generation_schema
 
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 # Top-level keys of the arguments key per format.
@@ -82,7 +82,7 @@ def call_schema(tools: Sequence[FunctionTool], arguments_key: str) -> dict[str, 
         schema.update(branches[0])
     else:
         schema["anyOf"] = branches
-    return closed_objects(schema)
+    return generation_schema(schema)
 
 
 def required_grammar(
@@ -104,7 +104,7 @@ def required_grammar(
         rules = [f"call: %json {call}"]
         calls = "call"
     if answer_schema is not None:
-        answer = dict(closed_objects(answer_schema))
+        answer = dict(generation_schema(answer_schema))
         answer.setdefault("x-guidance", JSON_OPTIONS)
         rules.append(f"answer: %json {json.dumps(answer, ensure_ascii=False)}")
         calls = f"{calls} | answer"

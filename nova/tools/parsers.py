@@ -100,11 +100,19 @@ def merge_tool_calls(deltas: list[ToolCallDelta]) -> list[ToolCall]:
 
 class ToolCallStream:
     """Base of the per-request parsers. ``max_calls``: stop parsing after this many complete
-    calls (``parallel_tool_calls: false``); ``done`` then tells the caller to end generation."""
+    calls (``parallel_tool_calls: false``); ``done`` then tells the caller to end generation.
+    ``forced``: a grammar makes the whole output calls, so a block cut off (``max_tokens``)
+    before its function name is dropped rather than returned as content."""
 
-    def __init__(self, max_calls: int | None = None, make_id: Callable[[], str] = new_call_id):
+    def __init__(
+        self,
+        max_calls: int | None = None,
+        make_id: Callable[[], str] = new_call_id,
+        forced: bool = False,
+    ) -> None:
         self.max_calls = max_calls
         self.make_id = make_id
+        self.forced = forced
         self.num_calls = 0  # calls started (their first delta sent)
         self.num_complete = 0
         self.errors: list[str] = []
@@ -130,6 +138,13 @@ class ToolCallStream:
             out.content += self._pending_ws + body
             self._pending_ws = ""
         self._pending_ws += text[len(body) :]
+
+    def _unfinished_block(self, out: ParsedDelta, index: int, text: str) -> None:
+        """The output ended inside a block that never got its function name."""
+        if self.forced:
+            self.errors.append(f"tool call {index} was cut off before its function name")
+        else:
+            self._content(out, text)
 
     def _flush_pending(self, out: ParsedDelta) -> None:
         if self._pending_ws and self.num_calls == 0:
@@ -177,8 +192,13 @@ class _CallState:
 class HermesToolStream(ToolCallStream):
     """``<tool_call>{json}</tool_call>`` blocks amid content."""
 
-    def __init__(self, max_calls: int | None = None, make_id: Callable[[], str] = new_call_id):
-        super().__init__(max_calls, make_id)
+    def __init__(
+        self,
+        max_calls: int | None = None,
+        make_id: Callable[[], str] = new_call_id,
+        forced: bool = False,
+    ) -> None:
+        super().__init__(max_calls, make_id, forced)
         self._mode = "content"  # content | call | after_call | skip
         self._buf = ""  # text not yet classified
         self._call: _CallState | None = None
@@ -204,8 +224,8 @@ class HermesToolStream(ToolCallStream):
         if self._mode == "call" and call is not None:
             if call.sent_header:
                 self.errors.append(f"tool call {call.index} is incomplete")
-            else:  # never became a call: it was content
-                self._content(out, TOOL_CALL_OPEN + self._raw)
+            else:  # never became a call
+                self._unfinished_block(out, call.index, TOOL_CALL_OPEN + self._raw)
         elif self._mode == "content" and not self.done:
             self._content(out, self._buf)
         self._call, self._buf, self._mode = None, "", "content"
@@ -270,8 +290,13 @@ class HermesToolStream(ToolCallStream):
 class Llama3JsonToolStream(ToolCallStream):
     """An answer that is one or more JSON calls (``;``-separated), or content."""
 
-    def __init__(self, max_calls: int | None = None, make_id: Callable[[], str] = new_call_id):
-        super().__init__(max_calls, make_id)
+    def __init__(
+        self,
+        max_calls: int | None = None,
+        make_id: Callable[[], str] = new_call_id,
+        forced: bool = False,
+    ) -> None:
+        super().__init__(max_calls, make_id, forced)
         self._mode = "start"  # start | call | between | content
         self._buf = ""
         self._call: _CallState | None = None
@@ -324,7 +349,7 @@ class Llama3JsonToolStream(ToolCallStream):
         out = ParsedDelta()
         call = self._call
         if call is not None and not call.sent_header:
-            self._content(out, call.scanner.text)
+            self._unfinished_block(out, call.index, call.scanner.text)
         elif call is not None:
             self.errors.append(f"tool call {call.index} is incomplete")
         elif self._buf and self._mode in ("start", "content"):
@@ -339,7 +364,7 @@ class ArgumentsStream(ToolCallStream):
     arguments object, so the whole text is that call's arguments."""
 
     def __init__(self, function_name: str, make_id: Callable[[], str] = new_call_id) -> None:
-        super().__init__(1, make_id)
+        super().__init__(1, make_id, forced=True)
         self.function_name = function_name
         self._sent_header = False
 
