@@ -238,6 +238,18 @@ def test_matchers_from_one_grammar_are_independent(compiler, tokenizer):
     assert b.allowed_tokens() == g.new_matcher().allowed_tokens()
 
 
+def test_a_copied_matcher_continues_independently(compiler, tokenizer):
+    g = compiler.compile(GrammarSpec.choice(["yes", "yellow"]))
+    a = g.new_matcher()
+    for t in tokenizer.encode("ye"):
+        assert a.consume(t)
+    b = a.copy()
+    assert b.num_consumed == a.num_consumed and b.allowed_tokens() == a.allowed_tokens()
+    for t in tokenizer.encode("s"):
+        assert a.consume(t)
+    assert a.is_stopped and not b.is_stopped
+
+
 def test_batch_bitmask_rows_follow_their_matchers(compiler, tokenizer):
     g = compiler.compile(GrammarSpec.choice(["yes", "no"]))
     matchers = [g.new_matcher() if i % 3 else None for i in range(7)]  # 4+ rows: parallel fill

@@ -58,7 +58,9 @@ class ClientGone(Exception):
 
 
 # discriminator values of the tagged unions in nova.server.protocol (a list item's type)
-_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "image_url"})
+_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "text", "image_url"})
+# ... and of tagged union fields (the tag pydantic inserts after the field's name)
+_FIELD_UNION_TAGS = {"response_format": frozenset({"text", "json_object", "json_schema"})}
 _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -77,6 +79,7 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
                 "[" in item
                 or item in _BRANCH_LABELS
                 or (isinstance(prev, int) and item in _UNION_TAGS)
+                or (isinstance(prev, str) and item in _FIELD_UNION_TAGS.get(prev, ()))
             )
             prev = item
             if skip:

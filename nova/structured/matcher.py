@@ -71,6 +71,13 @@ class GrammarMatcher:
     def is_accepting(self) -> bool:
         return bool(self._m.is_accepting())
 
+    def copy(self) -> GrammarMatcher:
+        """An independent matcher in the same state (a request forked into several
+        sequences continues each from here)."""
+        out = GrammarMatcher(self._m.deep_copy(), self.vocab_size)
+        out.num_consumed = self.num_consumed
+        return out
+
     def fill(self, bitmask: np.ndarray, row: int) -> None:
         llg_numpy.fill_next_token_bitmask(self._m, bitmask, row)
 
