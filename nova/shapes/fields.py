@@ -9,7 +9,7 @@ booleans are never integers.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -23,16 +23,19 @@ class ConfigError(ValueError):
     """A model or processor config that cannot be read as a model shape; the message says why."""
 
 
-def read_json_dict(file: Path) -> dict[str, object]:
-    """The JSON object in ``file``; ``ConfigError`` naming the file if it is not one."""
+def read_json_dict(
+    file: Path, error: Callable[[str], Exception] = ConfigError
+) -> dict[str, object]:
+    """The JSON object in ``file``; ``error(message)`` (default ``ConfigError``) naming the file
+    if it cannot be read or does not hold one."""
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {file}: {exc}") from exc
+        raise error(f"cannot read {file}: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file} is not valid JSON: {exc}") from exc
+        raise error(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{file} does not hold a JSON object")
+        raise error(f"{file} does not hold a JSON object")
     return data
 
 
