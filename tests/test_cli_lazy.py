@@ -121,3 +121,19 @@ def test_require_extra(monkeypatch):
         require_extra("server", "nova serve")
     with pytest.raises(ValueError, match="unknown extra"):
         missing_modules("gui")
+
+
+def test_external_subcommand_help_matches_the_modules_own():
+    """``nova --help`` lists external subcommands from ``EXTERNAL`` without importing them; the
+    text must be the one their own parser registers."""
+    import argparse
+    import importlib
+
+    from nova.cli import EXTERNAL
+
+    for name, ext in EXTERNAL.items():
+        parser = argparse.ArgumentParser(prog="nova")
+        sub = parser.add_subparsers()
+        getattr(importlib.import_module(ext.module), ext.adder)(sub)
+        [action] = [a for a in sub._choices_actions if a.dest == name]
+        assert action.help == ext.help, name

@@ -20,6 +20,7 @@ from nova.models.errors import ModelLoadError
 from nova.models.registry import ARCHITECTURES, Architecture
 from nova.models.vlm import NovaModel
 from nova.shapes import SHIPPED_CONFIGS_DIR, ConfigError, ModelShape, read_model_shape
+from nova.shapes.fields import read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,8 @@ def read_config(model_dir: Path) -> tuple[Architecture, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
-    archs = raw.get("architectures") or []
+    raw = read_json_dict(config_file, ModelLoadError)
+    archs: Any = raw.get("architectures") or []
     supported = [a for a in archs if a in ARCHITECTURES]
     if not supported:
         raise ModelLoadError(

@@ -139,13 +139,7 @@ def create_app(
         summary="Chat completion (text and image_url parts)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        svc.admit()
-        try:
-            p = await svc.preparer.prepare_chat(body)
-        except BaseException:
-            svc.admission.release()
-            raise
-        return await svc.handle(p, request)
+        return await svc.serve(lambda: svc.preparer.prepare_chat(body), request)
 
     @v1.post(
         "/completions",
@@ -154,13 +148,7 @@ def create_app(
         summary="Text completion (a string or a list of token ids)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        svc.admit()
-        try:
-            p = await svc.preparer.prepare_completion(body)
-        except BaseException:
-            svc.admission.release()
-            raise
-        return await svc.handle(p, request)
+        return await svc.serve(lambda: svc.preparer.prepare_completion(body), request)
 
     @v1.get("/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -83,6 +83,17 @@ class NovaService:
                 code="overloaded",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
+
+    async def serve(self, prepare: Callable[[], Awaitable[Prepared]], request: Request) -> Response:
+        """Admit, prepare (``prepare()``, called once admitted) and handle one request; the
+        admission slot is released here if preparing fails, else by ``handle``."""
+        self.admit()
+        try:
+            p = await prepare()
+        except BaseException:
+            self.admission.release()
+            raise
+        return await self.handle(p, request)
 
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
