@@ -126,3 +126,19 @@ def test_invalid_combinations_name_their_field(kw, param):
     with pytest.raises(OpenAIError) as err:
         chat_constraints(chat(**kw), "hermes")
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_the_parser_flag_lists_every_parser_and_overrides_detection():
+    import argparse
+
+    from nova.server.cli import add_serve_args
+    from nova.server.config import TOOL_CALL_PARSERS, ServerConfig
+    from nova.tools.parsers import TOOL_PARSERS
+
+    assert set(TOOL_CALL_PARSERS) == {"auto", *TOOL_PARSERS}
+    args = add_serve_args(argparse.ArgumentParser()).parse_args(
+        ["--tool-call-parser", "llama3_json"]
+    )
+    assert ServerConfig.from_args(args).tool_call_parser == "llama3_json"
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerConfig(tool_call_parser="mistral")

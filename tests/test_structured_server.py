@@ -351,6 +351,59 @@ def test_a_tool_call_history_renders_through_the_fallback(app, engine, oai):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+TOOLS_TEMPLATE = (  # a Qwen2.5-like template that renders tools and calls itself
+    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- elif m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_a_template_that_renders_tools_gets_them_and_arguments_as_dicts(app, engine):
+    tok = engine.processor.tokenizer
+    preparer = app.state.service.preparer
+    saved = (tok.chat_template, preparer.template_renders_tools)
+    tok.chat_template, preparer.template_renders_tools = TOOLS_TEMPLATE, True
+    try:
+        body = ChatCompletionRequest.model_validate(
+            {
+                "model": "demo",
+                "max_tokens": 5,
+                "tools": [WEATHER],
+                "messages": [
+                    {"role": "user", "content": "Weather?"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {
+                                    "name": "get_weather",
+                                    "arguments": '{"city": "Oslo"}',
+                                },
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "-3C"},
+                ],
+            }
+        )
+        text = tok.decode(asyncio.run(preparer.prepare_chat(body)).prompt.token_ids)
+    finally:
+        tok.chat_template, preparer.template_renders_tools = saved
+    assert '"name": "get_weather"' in text.split("</tools>")[0]  # the tool, from the template
+    assert '{"name": "get_weather", "arguments": {"city": "Oslo"}}' in text  # not re-encoded
+    assert "<tool_response>\n-3C\n</tool_response>" in text
+    assert "You can call functions" not in text  # no fallback block
+
+
 def test_tool_choice_none_answers_in_text(oai):
     r = oai.chat.completions.create(
         model="demo",
