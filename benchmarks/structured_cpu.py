@@ -10,9 +10,12 @@ engine on the demo model, in two conditions that produce the same number of toke
   timing (as the server's cache would have it), each request gets its own matcher.
 
 Rounds interleave the conditions (ABBA order) so machine load drifts hit both alike; each
-round's figure is the mean TPOT over the burst's requests; the table gives the median over
-rounds and the overhead = constrained / unconstrained - 1. The per-step grammar work (mask fill
-and apply) is also timed in isolation. The 1-minute load average is recorded before and after.
+round's figures are the mean TPOT over the burst's requests and the process's CPU time per
+output token; the table gives the medians over rounds and the overheads = constrained /
+unconstrained - 1. The per-step grammar work (mask fill, masked vs plain sampling) is also timed
+in isolation, in process CPU time with one torch thread and the engine stopped, which a loaded
+machine inflates far less than wall time. The 1-minute load average is recorded before and
+after.
 
 Results: benchmarks/results/structured_cpu.{json,md}.
 Usage: .venv/bin/python benchmarks/structured_cpu.py [--batch-sizes 1 4 8] [--rounds 6]
@@ -27,6 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from runtime_throughput import machine
 
@@ -34,7 +38,7 @@ from nova.config import EngineConfig
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import request_metrics
 from nova.models.inputs import chat_messages
-from nova.runtime.sampler import sample
+from nova.runtime.sampler import sample, unpack_bitmask
 from nova.sampling_params import SamplingParams
 from nova.structured import GrammarSpec
 from nova.structured.matcher import fill_bitmasks
@@ -63,45 +67,69 @@ PROMPT = "List the elements on the screen as JSON."
 
 
 def run_burst(engine: LLMEngine, prompt, params: SamplingParams, batch: int) -> dict:
+    """One burst: mean TPOT (wall) and the process's CPU time per output token."""
+    cpu0 = time.process_time()
     reqs = engine.run_all([prompt] * batch, [params] * batch)
+    cpu_s = time.process_time() - cpu0
     metrics = [request_metrics(r) for r in reqs]
     bad = [r.request_id for r in reqs if len(r.output_token_ids) != params.max_tokens]
     if bad:
         raise RuntimeError(f"requests {bad} did not produce {params.max_tokens} tokens")
     tpots = [m.tpot_s for m in metrics if m.tpot_s is not None]
-    return {"tpot_ms": 1000 * statistics.mean(tpots), "e2e_s": max(m.e2e_s or 0 for m in metrics)}
+    return {
+        "tpot_ms": 1000 * statistics.mean(tpots),
+        "cpu_ms_per_token": 1000 * cpu_s / (batch * params.max_tokens),
+    }
+
+
+def _unpack_numpy(mask: np.ndarray, vocab: int) -> torch.Tensor:
+    """bool [R, V] allowed, by numpy's unpackbits (one byte per token)."""
+    bits = np.unpackbits(mask.view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
+    return torch.from_numpy(bits).bool()
 
 
 def grammar_step_cost(engine: LLMEngine, grammar, batch: int, steps: int) -> dict:
-    """Per decode step, outside the engine: fill the batch's masks, sample with the mask,
-    advance the matchers (what the executor adds to a constrained step), on random logits."""
+    """Per decode step, outside the engine, on random logits and one torch thread, in CPU time
+    of this thread (so other processes' load does not count): filling the batch's masks,
+    sampling with the mask vs without (what the executor adds to a constrained step), and the
+    mask unpacking alone, the sampler's int32 shifts vs numpy's unpackbits."""
     vocab = engine.runner.vocab_size
     matchers = [grammar.new_matcher() for _ in range(batch)]
     params = [SamplingParams(max_tokens=steps)] * batch
     gen = torch.Generator().manual_seed(0)
-    fill_s, sample_masked_s, sample_plain_s = [], [], []
-    for _ in range(steps):
-        logits = torch.randn(batch, vocab, generator=gen) * 4
-        t0 = time.perf_counter()
-        mask = fill_bitmasks(matchers, vocab)
-        t1 = time.perf_counter()
-        toks = sample(logits, params, [None] * batch, allowed_token_bitmask=torch.from_numpy(mask))
-        t2 = time.perf_counter()
-        sample(logits, params, [None] * batch)
-        t3 = time.perf_counter()
-        for m, t in zip(matchers, toks):
-            if not m.consume(t):
-                raise RuntimeError(m.error)
-        fill_s.append(t1 - t0)
-        sample_masked_s.append(t2 - t1)
-        sample_plain_s.append(t3 - t2)
-    med = statistics.median
-    return {
-        "fill_ms": 1000 * med(fill_s),
-        "masked_sample_ms": 1000 * med(sample_masked_s),
-        "plain_sample_ms": 1000 * med(sample_plain_s),
-        "added_ms": 1000 * (med(fill_s) + med(sample_masked_s) - med(sample_plain_s)),
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cost: dict[str, list[float]] = {
+        k: [] for k in ("fill", "masked_sample", "plain_sample", "unpack_shifts", "unpack_numpy")
     }
+
+    def timed(name: str, fn):
+        t0 = time.process_time()  # the engine is stopped: only this work (and its pool) runs
+        out = fn()
+        cost[name].append(time.process_time() - t0)
+        return out
+
+    try:
+        for _ in range(steps):
+            logits = torch.randn(batch, vocab, generator=gen) * 4
+            mask = timed("fill", lambda: fill_bitmasks(matchers, vocab))
+            tmask = torch.from_numpy(mask)
+            toks = timed(
+                "masked_sample",
+                lambda: sample(logits, params, [None] * batch, allowed_token_bitmask=tmask),
+            )
+            timed("plain_sample", lambda: sample(logits, params, [None] * batch))
+            a = timed("unpack_shifts", lambda: unpack_bitmask(tmask, vocab))
+            b = timed("unpack_numpy", lambda: _unpack_numpy(mask, vocab))
+            assert torch.equal(a, b)
+            for m, t in zip(matchers, toks):
+                if not m.consume(t):
+                    raise RuntimeError(m.error)
+    finally:
+        torch.set_num_threads(threads)
+    med = {k: 1000 * statistics.median(v) for k, v in cost.items()}
+    med["added"] = med["fill"] + med["masked_sample"] - med["plain_sample"]
+    return {f"{k}_cpu_ms": v for k, v in med.items()}
 
 
 def main() -> None:
@@ -111,7 +139,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument(
+        "--render", type=Path, help="only rewrite the markdown of this results JSON, then exit"
+    )
     args = ap.parse_args()
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(report))
+        return
 
     load_before = round(os.getloadavg()[0], 2)
     engine = LLMEngine(EngineConfig(model=args.model))
@@ -130,21 +165,29 @@ def main() -> None:
     rows = []
     for batch in args.batch_sizes:
         per: dict[str, list[float]] = {k: [] for k in conditions}
+        cpu: dict[str, list[float]] = {k: [] for k in conditions}
         for r in range(args.rounds):
             order = list(conditions) if r % 2 == 0 else list(reversed(conditions))
             for name in order:
-                per[name].append(run_burst(engine, prompt, conditions[name], batch)["tpot_ms"])
+                out = run_burst(engine, prompt, conditions[name], batch)
+                per[name].append(out["tpot_ms"])
+                cpu[name].append(out["cpu_ms_per_token"])
         unc, con = statistics.median(per["unconstrained"]), statistics.median(per["constrained"])
+        cpu_unc = statistics.median(cpu["unconstrained"])
+        cpu_con = statistics.median(cpu["constrained"])
         rows.append(
             {
                 "batch": batch,
                 "unconstrained_tpot_ms": round(unc, 2),
                 "constrained_tpot_ms": round(con, 2),
                 "overhead": round(con / unc - 1, 4),
+                "unconstrained_cpu_ms_per_token": round(cpu_unc, 2),
+                "constrained_cpu_ms_per_token": round(cpu_con, 2),
+                "cpu_overhead": round(cpu_con / cpu_unc - 1, 4),
                 "rounds_unconstrained_ms": [round(x, 2) for x in per["unconstrained"]],
                 "rounds_constrained_ms": [round(x, 2) for x in per["constrained"]],
                 "grammar_step": {
-                    k: round(v, 3) for k, v in grammar_step_cost(engine, grammar, batch, 48).items()
+                    k: round(v, 3) for k, v in grammar_step_cost(engine, grammar, batch, 96).items()
                 },
             }
         )
@@ -163,35 +206,71 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "structured_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "structured_cpu.md").write_text(text)
+    print(text)
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    load_before, load_after = report["loadavg_1min_before_after"]
     lines = [
         "# Structured output on the CPU: TPOT with a JSON-schema grammar vs without",
         "",
         f"Machine: {report['machine']}; 1-minute load average before/after: "
-        f"{load_before}/{load_after}. Model: {args.model}; {args.max_tokens} output tokens per "
-        f"request; {args.rounds} interleaved rounds (ABBA); median of the rounds' mean TPOT. "
-        f"First compile of the schema (includes building llguidance's tokenizer): "
-        f"{compile_s:.2f} s. Produced by `benchmarks/structured_cpu.py`.",
+        f"{load_before}/{load_after}; {report['date']}. Model: {report['model']}; "
+        f"{report['max_tokens']} output tokens per request; {report['rounds']} interleaved "
+        f"rounds (ABBA); medians over rounds. First compile of the schema (includes building "
+        f"llguidance's tokenizer): {report['first_compile_s']:.2f} s. Produced by "
+        "`benchmarks/structured_cpu.py`.",
         "",
-        "| batch | TPOT unconstrained (ms) | TPOT constrained (ms) | overhead | grammar step: "
-        "mask fill (ms) | masked sample (ms) | plain sample (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | TPOT unconstrained (ms) [rounds' range] | TPOT constrained (ms) [range] | "
+        "overhead | CPU/token unconstrained (ms) | CPU/token constrained (ms) | CPU overhead | "
+        "added CPU per step (ms) | added / fastest TPOT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        g = row["grammar_step"]
+        ru, rc = row["rounds_unconstrained_ms"], row["rounds_constrained_ms"]
+        lines.append(
+            f"| {row['batch']} | {row['unconstrained_tpot_ms']:.1f} "
+            f"[{min(ru):.0f}-{max(ru):.0f}] | {row['constrained_tpot_ms']:.1f} "
+            f"[{min(rc):.0f}-{max(rc):.0f}] | {100 * row['overhead']:+.1f}% | "
+            f"{row['unconstrained_cpu_ms_per_token']:.1f} | "
+            f"{row['constrained_cpu_ms_per_token']:.1f} | {100 * row['cpu_overhead']:+.1f}% | "
+            f"{g['added_cpu_ms']:.3f} | "
+            f"{100 * g['added_cpu_ms'] / min(row['unconstrained_tpot_ms'], min(ru)):.2f}% |"
+        )
+    lines += [
+        "",
+        "Per decode step, the executor's added work alone (process CPU ms, one torch thread, "
+        "engine stopped, random logits):",
+        "",
+        "| batch | mask fill (llguidance) | sample with mask | sample without | "
+        "unpack: sampler's int32 shifts | unpack: numpy unpackbits |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         g = row["grammar_step"]
         lines.append(
-            f"| {row['batch']} | {row['unconstrained_tpot_ms']:.1f} | "
-            f"{row['constrained_tpot_ms']:.1f} | {100 * row['overhead']:+.1f}% | "
-            f"{g['fill_ms']:.3f} | {g['masked_sample_ms']:.3f} | {g['plain_sample_ms']:.3f} |"
+            f"| {row['batch']} | {g['fill_cpu_ms']:.3f} | {g['masked_sample_cpu_ms']:.3f} | "
+            f"{g['plain_sample_cpu_ms']:.3f} | {g['unpack_shifts_cpu_ms']:.3f} | "
+            f"{g['unpack_numpy_cpu_ms']:.3f} |"
         )
     lines += [
         "",
-        "The grammar-step columns time the executor's added work alone, on random logits: "
-        "filling the batch's allowed-token bitmask (llguidance) and sampling with the mask "
-        "(`nova.runtime.sampler.sample(..., allowed_token_bitmask=...)`) vs without.",
+        "TPOT: wall time in the engine (all rows of a burst constrained, or none); on a loaded "
+        "machine the rounds' range shows how much of a difference is noise. CPU/token: the "
+        "process's CPU time over the burst per output token (prefill included; threads that "
+        "spin while waiting for a core inflate it too). Added CPU per step = mask fill + "
+        "sample with mask - sample without (`nova.runtime.sampler.sample(..., "
+        "allowed_token_bitmask=...)`); the last column divides it by the fastest "
+        "unconstrained TPOT seen: the grammar's work as a share of a decode step, which is "
+        "what its TPOT overhead should be on a quiet machine. The unpack columns compare two "
+        "ways of turning the packed mask into a boolean [B, V] mask.",
         "",
     ]
-    (args.out / "structured_cpu.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
