@@ -234,18 +234,23 @@ def test_min_p_filter():
     assert (p > 0).tolist() == [True, True, False, False]
 
 
-def test_top_p_falls_back_to_a_full_sort_beyond_the_candidates():
+def test_top_p_exact_on_every_rung_of_candidates():
+    """Rows whose cut lies in the first rung, the second, or beyond both (full sort), in one
+    batch: each keeps exactly the tokens a full sort keeps."""
     from nova.runtime import sampler as s
 
-    # a flat distribution: the top candidates hold too little mass, the exact cut is far out
-    vocab = s.TOP_P_CANDIDATES * 8
-    logits = torch.zeros(vocab)
-    logits[0] = 3.0
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
-    probs = logits.softmax(0)
-    sorted_p = probs.sort(descending=True).values
-    expected_kept = int(((sorted_p.cumsum(0) - sorted_p) < 0.5).sum())
-    assert int((p > 0).sum()) == expected_kept > s.TOP_P_CANDIDATES
+    vocab = s.TOP_P_CANDIDATES[-1] * 4
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.stack([torch.randn(vocab, generator=gen) * scale for scale in (8.0, 2.0, 0.1)])
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * 3
+    probs = s._filter(logits, params)
+    kept = []
+    for row in range(3):
+        sorted_p = logits[row].softmax(0).sort(descending=True).values
+        expected = int(((sorted_p.cumsum(0) - sorted_p) < 0.9).sum())
+        assert int((probs[row] > 0).sum()) == expected
+        kept.append(expected)
+    assert kept[0] <= s.TOP_P_CANDIDATES[0] < kept[1] <= s.TOP_P_CANDIDATES[1] < kept[2]
 
 
 def test_mixed_batch_matches_rows_alone():

@@ -20,7 +20,7 @@ from nova.engine.client import (
     PromptProcessor,
 )
 from nova.models.inputs import PromptInput
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.server.app import create_app
 from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
@@ -35,8 +35,10 @@ class CharProcessor:
 
     tokenizer = None
     image_processor = None
+    vocab_size = 0x110000
+    max_token_chars = 1
 
-    def from_chat(self, messages, images=None) -> PromptInput:
+    def from_chat(self, messages, images=None, image_limits=None) -> PromptInput:
         return self.from_text("".join(str(m["content"]) for m in messages), images)
 
     def from_text(self, prompt, images=None) -> PromptInput:
@@ -64,6 +66,10 @@ class FakeClient:
     @property
     def processor(self) -> PromptProcessor:
         return self._processor
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return GenerationDefaults()
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens + max_tokens > KV_CAPACITY_TOKENS:
@@ -135,6 +141,7 @@ def test_the_fake_has_exactly_the_protocols_members():
     expected = {
         "max_model_len",
         "processor",
+        "sampling_defaults",
         "check_admissible",
         "is_healthy",
         "snapshot",

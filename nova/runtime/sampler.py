@@ -39,9 +39,10 @@ import torch
 from nova.sampling_params import SamplingParams
 from nova.types import TokenLogprobs
 
-# Candidates top-p first looks at: enough to hold top_p of the mass in almost every row of a
-# trained model; rows where they do not fall back to a full sort.
-TOP_P_CANDIDATES = 256
+# Candidates top-p looks at, rung by rung, before a full sort (``topk`` of 256 of 49k tokens
+# costs ~1/40 of a sort on our CPU, 2048 ~1/6: benchmarks/results/sampler_cpu.md): a trained
+# model's top_p of the mass usually lies in the first rung.
+TOP_P_CANDIDATES = (256, 2048)
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
@@ -252,22 +253,27 @@ def _top_k(y: torch.Tensor, ks: list[int]) -> torch.Tensor:
 def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """bool [R, V], the tokens top-p keeps: a token is dropped when the mass of strictly more
     likely tokens already reaches top_p (the most likely token is always kept; ties are cut
-    in ``topk``/``sort`` order)."""
+    in ``topk``/``sort`` order). The cut is looked for among the top ``TOP_P_CANDIDATES[0]``
+    tokens, then the next rung, then a full sort, each for the rows still short of top_p."""
     vocab = probs.shape[1]
-    k = min(vocab, TOP_P_CANDIDATES)
-    if k < vocab:
-        values, order = torch.topk(probs, k, dim=1)
-    else:
-        values, order = probs.sort(dim=1, descending=True)
-    keep = _keep_sorted(values, top_p)
-    out = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep)
-    if k < vocab:
-        short = (values.sum(dim=1) < top_p).nonzero().flatten()  # cut beyond the candidates
-        if short.numel():
-            values, order = probs[short].sort(dim=1, descending=True)
-            out[short] = torch.zeros_like(values, dtype=torch.bool).scatter_(
-                1, order, _keep_sorted(values, top_p[short])
-            )
+    out = torch.zeros_like(probs, dtype=torch.bool)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for k in (*TOP_P_CANDIDATES, vocab):
+        sub = probs[rows] if rows.numel() != probs.shape[0] else probs
+        if k < vocab:
+            values, order = torch.topk(sub, k, dim=1)
+        else:
+            values, order = sub.sort(dim=1, descending=True)
+        mass = values.sum(dim=1)
+        done = (mass >= top_p[rows]) | (k >= vocab)
+        if k >= vocab or bool(done.all()):
+            out[rows] = out[rows].scatter_(1, order, _keep_sorted(values, top_p[rows]))
+            return out
+        got = done.nonzero().flatten()
+        if got.numel():
+            keep = _keep_sorted(values[got], top_p[rows[got]])
+            out[rows[got]] = out[rows[got]].scatter_(1, order[got], keep)
+        rows = rows[~done]
     return out
 
 

@@ -49,6 +49,7 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "model not served (code model_not_found)"},
     413: {"model": ErrorResponse, "description": "request body too large"},
     503: {"model": ErrorResponse, "description": "overloaded; see Retry-After"},
 }

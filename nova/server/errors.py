@@ -76,6 +76,7 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
             skip = (
                 "[" in item
                 or item in _BRANCH_LABELS
+                or item.startswith("constrained-")
                 or (isinstance(prev, int) and item in _UNION_TAGS)
             )
             prev = item
