@@ -278,3 +278,21 @@ def test_mixed_batch_matches_rows_alone():
     for i in range(5):
         alone = run([i])
         assert [t[0] for t in alone] == [t[i] for t in together]
+
+
+def test_extreme_penalties_stay_finite():
+    """A repetition penalty of 5e-324 (float32: 0) divides positive logits into +inf; the
+    sampler keeps the order and returns finite logprobs instead of NaN."""
+    from nova.runtime.sampler import TokenHistory
+
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    for p in (
+        SamplingParams(repetition_penalty=5e-324, logprobs=2),
+        SamplingParams(repetition_penalty=5e-324, temperature=1e-5, seed=0, logprobs=2),
+    ):
+        hist = TokenHistory(p, prompt_token_ids=[1, 3], vocab_size=4)
+        out = sample_batch(logits, [p], [make_generator(p)], histories=[hist])
+        lp = out.logprobs[0]
+        assert out.token_ids[0] in (1, 3)
+        assert all(v == v and v != float("inf") for _, v in lp.top)  # no NaN, no +inf
+        assert lp.logprob == lp.logprob

@@ -431,7 +431,7 @@ BAD_CHAT = {
         "stream_options",
         "stream",
     ),
-    "empty stop string": ({"messages": USER, "stop": [""]}, "stop", "empty"),
+    "empty stop string": ({"messages": USER, "stop": [""]}, "stop[0]", "at least 1 character"),
     "lone surrogate": (
         '{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
         "messages[0].content",

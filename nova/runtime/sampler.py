@@ -51,7 +51,7 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.is_greedy:
         return None
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    return torch.Generator(device="cpu").manual_seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed % 2**64)  # any integer seeds
 
 
 class TokenHistory:
@@ -234,6 +234,15 @@ def _apply_min_tokens(
         x.index_put_((index[0][restore], index[1][restore]), saved[restore])
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """In place: +inf (an extreme penalty or temperature overflowing float32) becomes the
+    largest float, NaN (inf - inf) becomes -inf; -inf (masked) stays. The order of the finite
+    logits is unchanged."""
+    return torch.nan_to_num_(
+        x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf")
+    )
+
+
 def _top_k(y: torch.Tensor, ks: list[int]) -> torch.Tensor:
     vocab = y.shape[1]
     k_max = max(ks)
@@ -288,7 +297,7 @@ def _filter(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, min-p, top-k, top-p over float32 rows -> probabilities."""
     dev = y.device
     temps = torch.tensor([p.temperature for p in params], dtype=y.dtype, device=dev)
-    y = y / temps.unsqueeze(1)
+    y = _finite(y / temps.unsqueeze(1))
     if any(p.min_p > 0.0 for p in params):
         probs = y.softmax(dim=1)
         min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
@@ -410,6 +419,7 @@ def sample_batch(
         _apply_penalties(x, params, hist)
         _apply_bias(x, params)
         _apply_min_tokens(x, params, hist, eos_token_ids)
+        _finite(x)
         dead = torch.isneginf(x.amax(dim=1)).nonzero().flatten().tolist()
         if dead:
             raise ValueError(f"rows {dead}: no token is allowed (an empty allowed-token mask)")

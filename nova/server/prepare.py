@@ -37,6 +37,24 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's, when neither the request nor the model se
 # context and the server's limits); the schemathesis tests accept only these for valid bodies.
 CONTEXT_CODE = "context_length_exceeded"
 VOCAB_CODE = "token_out_of_vocabulary"
+COMBINATION_CODE = "invalid_field_combination"  # fields valid alone, not together
+IMAGE_LIMITS_CODE = "image_limits"  # mm_processor_kwargs outside the server's limits
+# Every code a schema-valid request can still be refused with, and why the schema cannot say
+# it: the context length and the vocabulary are the model's, images are only known once
+# decoded, and JSON Schema cannot relate two fields.
+SCHEMA_INVISIBLE_CODES = frozenset(
+    {
+        CONTEXT_CODE,
+        VOCAB_CODE,
+        COMBINATION_CODE,
+        IMAGE_LIMITS_CODE,
+        "too_many_images",
+        "images_not_supported",
+        "invalid_image",
+        "image_too_large",
+        "media_not_allowed",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -133,7 +151,9 @@ class RequestPreparer:
             )
         if body.stream_options is not None and not body.stream:
             raise bad_request(
-                "stream_options is only allowed when stream is true", "stream_options"
+                "stream_options is only allowed when stream is true",
+                "stream_options",
+                COMBINATION_CODE,
             )
 
     def _stops(self, stop: str | list[str] | None) -> tuple[str, ...]:
@@ -219,7 +239,7 @@ class RequestPreparer:
             raise bad_request(
                 f"min_tokens ({min_tokens}) is larger than max_tokens ({max_tokens})",
                 "min_tokens",
-                CONTEXT_CODE if body.max_tokens is None else "invalid_value",
+                CONTEXT_CODE if body.max_tokens is None else COMBINATION_CODE,
             )
         try:
             return SamplingParams(
@@ -312,7 +332,7 @@ class RequestPreparer:
         t0 = time.perf_counter()
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs", COMBINATION_CODE)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         stops = self._stops(body.stop)
         messages, urls = self._chat_messages(body)
@@ -372,17 +392,15 @@ class RequestPreparer:
         try:
             return self.processor.from_chat(messages, images, image_limits)
         except InvalidInputError as exc:
-            limits = str(exc).startswith("mm_processor_kwargs")
-            raise bad_request(str(exc), "mm_processor_kwargs" if limits else "messages") from exc
+            if str(exc).startswith("mm_processor_kwargs"):
+                raise bad_request(str(exc), "mm_processor_kwargs", IMAGE_LIMITS_CODE) from exc
+            code = "invalid_image" if images else "invalid_value"  # e.g. its size, its ratio
+            raise bad_request(str(exc), "messages", code) from exc
 
     async def prepare_completion(self, body: CompletionRequest) -> Prepared:
         t0 = time.perf_counter()
         self._check_common(body)
         stops = self._stops(body.stop)
-        if body.mm_processor_kwargs is not None:
-            raise bad_request(
-                "mm_processor_kwargs applies to chat requests with images", "mm_processor_kwargs"
-            )
         prompt_in: Any = body.prompt
         if isinstance(prompt_in, list) and prompt_in and not isinstance(prompt_in[0], int):
             prompt_in = prompt_in[0]  # the schema allows one

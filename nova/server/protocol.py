@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -20,9 +21,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-# torch.Generator.manual_seed accepts [-2**63, 2**64 - 1].
-SEED_MIN = -(2**63)
-SEED_MAX = 2**64 - 1
 PRIORITY_LIMIT = 2**31
 
 
@@ -107,6 +105,17 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = Field(
         None, description="accepted; chunks are never padded (no obfuscation field)"
     )
+
+
+def _a_bool(value: object) -> object:
+    """``Literal[False]`` alone would take 0 (0 == False): only JSON booleans pass."""
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+    return value
+
+
+OnlyFalse = Annotated[Literal[False], BeforeValidator(_a_bool)]
+OnlyTrue = Annotated[Literal[True], BeforeValidator(_a_bool)]
 
 
 class MMProcessorKwargs(_Strict):
@@ -203,12 +212,12 @@ class UnsupportedFields(_Strict):
     verbosity: None = Field(None, description="verbosity control is not supported")
     functions: None = Field(None, description="deprecated: not supported")
     function_call: None = Field(None, description="deprecated: not supported")
-    use_beam_search: Literal[False] = Field(False, description="extension: not supported")
+    use_beam_search: OnlyFalse = Field(False, description="extension: not supported")
     prompt_logprobs: None = Field(None, description="extension: not supported")
     allowed_token_ids: None = Field(None, description="extension: not supported")
     bad_words: None = Field(None, description="extension: not supported")
     truncate_prompt_tokens: None = Field(None, description="extension: not supported")
-    skip_special_tokens: Literal[True] = Field(
+    skip_special_tokens: OnlyTrue = Field(
         True, description="extension: special tokens are always left out of the text"
     )
 
@@ -249,8 +258,14 @@ class _SamplingFields(UnsupportedFields):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="extension; -1 or 0 disables")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension")
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = Field(None, description="up to 16 non-empty strings")
+    seed: int | None = Field(
+        None, description="any integer (taken modulo 2**64): the same seed, the same tokens"
+    )
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
+        | None
+    ) = Field(None, description="up to 16 non-empty strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="choices per request: only 1 is supported")
@@ -282,11 +297,6 @@ class _SamplingFields(UnsupportedFields):
     include_stop_str_in_output: bool = Field(
         False, description="extension: keep the matched stop string at the end of the text"
     )
-    mm_processor_kwargs: MMProcessorKwargs | None = Field(
-        None,
-        description="extension: min_pixels/max_pixels bounding this request's image resize "
-        "(dynamic-resolution models), within the server's limits",
-    )
     # Accepted, do not change the answer (docs/server.md lists them).
     metadata: dict[str, str] | None = Field(None, description="accepted; not stored")
     store: bool | None = Field(None, description="accepted; nothing is stored")
@@ -306,9 +316,14 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="alternatives per token; needs logprobs=true"
     )
-    echo: Literal[False] = Field(False, description="extension: not supported")
-    add_generation_prompt: Literal[True] = Field(True, description="extension: not supported")
-    continue_final_message: Literal[False] = Field(False, description="extension: not supported")
+    mm_processor_kwargs: MMProcessorKwargs | None = Field(
+        None,
+        description="extension: min_pixels/max_pixels bounding this request's image resize "
+        "(dynamic-resolution models), within the server's limits",
+    )
+    echo: OnlyFalse = Field(False, description="extension: not supported")
+    add_generation_prompt: OnlyTrue = Field(True, description="extension: not supported")
+    continue_final_message: OnlyFalse = Field(False, description="extension: not supported")
     chat_template: None = Field(None, description="extension: the model's template is used")
     chat_template_kwargs: None = Field(None, description="extension: not supported")
 
@@ -321,7 +336,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(
         None, ge=0, le=20, description="alternatives per token (the sampled token's is added)"
     )
-    echo: Literal[False] = Field(False, description="echoing the prompt is not supported")
+    echo: OnlyFalse = Field(False, description="echoing the prompt is not supported")
     suffix: None = Field(None, description="suffixes are not supported")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
 
