@@ -251,3 +251,15 @@ def test_the_server_imports_neither_the_engine_nor_torch():
         "assert not inside, inside"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_invalid_utf8_body_is_a_400_that_says_so(http):
+    r = http.post(
+        "/v1/completions",
+        content=b'{"prompt": "ab\xff\xfe", "max_tokens": 2}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_utf8" and "UTF-8" in err["message"] and "0xff" in err["message"]
+    assert http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200

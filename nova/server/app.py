@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nova.engine.client import EngineClient
 from nova.server.config import ServerConfig
-from nova.server.errors import OpenAIError, internal_error, validation_error
+from nova.server.errors import OpenAIError, body_parse_error, internal_error, validation_error
 from nova.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from nova.server.protocol import (
     ChatCompletionRequest,
@@ -117,6 +117,9 @@ def create_app(
         if isinstance(cause, OpenAIError):
             _count_rejection(request, cause.status)
             return cause.response()
+        if exc.status_code == 400 and cause is not None:  # the body could not be parsed
+            _count_rejection(request, 400)
+            return body_parse_error(cause).response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return OpenAIError(
             exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)

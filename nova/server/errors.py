@@ -123,6 +123,21 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     )
 
 
+def body_parse_error(cause: BaseException) -> OpenAIError:
+    """400 for a body FastAPI could not parse, naming why (invalid UTF-8 above all)."""
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start : cause.start + 1].hex()
+        return bad_request(
+            f"the request body is not valid UTF-8: byte 0x{bad} at offset {cause.start} "
+            f"({cause.reason}); JSON must be UTF-8 encoded",
+            code="invalid_utf8",
+        )
+    return bad_request(
+        f"the request body could not be parsed as JSON ({cause.__class__.__name__})",
+        code="invalid_json",
+    )
+
+
 def generation_failed(message: str) -> OpenAIError:
     """500 for a request the engine failed (an executor error)."""
     return OpenAIError(500, message, "server_error", code="generation_failed")
