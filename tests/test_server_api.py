@@ -298,3 +298,25 @@ def test_a_50mb_text_is_refused_before_tokenising_and_memory_comes_back(http):
     assert rss_bytes() - before < 100_000_000
     ok = http.post("/v1/chat/completions", json={"messages": FRANCE, "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_a_rejected_long_prompt_logs_no_tokenizer_warning(http, engine, capfd, caplog):
+    """transformers warns "Token indices sequence length is longer than ..." when a text
+    longer than the model's limit is tokenised; the server rejects such a prompt itself."""
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(engine.llm_engine.loaded.model_dir)
+    assert fresh.model_max_length < 9001  # so the warning would fire without verbose=False
+    processor = engine.processor
+    processor.tokenizer, saved = fresh, processor.tokenizer
+    try:
+        with caplog.at_level("WARNING"):
+            r = http.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hello " * 9000}]},
+            )
+    finally:
+        processor.tokenizer = saved
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    out = capfd.readouterr()
+    assert "indexing errors" not in caplog.text + out.err + out.out
