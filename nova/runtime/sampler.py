@@ -31,6 +31,7 @@ RNG, never on what else is in the batch. In order:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ from nova.types import TokenLogprobs
 # costs ~1/40 of a sort on our CPU, 2048 ~1/6: benchmarks/results/sampler_cpu.md): a trained
 # model's top_p of the mass usually lies in the first rung.
 TOP_P_CANDIDATES = (256, 2048)
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# bit j of byte b, for every byte value: [256, 8] bool
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -129,15 +131,24 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
             f"allowed_token_bitmask must be int32 [rows, >= {words}] for a vocabulary of "
             f"{vocab_size}, got {tuple(bitmask.shape)}"
         )
-    shifts = _SHIFTS.to(bitmask.device)
-    bits = (bitmask[:, :words].to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], words * 32)[:, :vocab_size].bool()
+    # bytes of the little-endian int32 words, each looked up as its 8 bits (one gather: ~80x
+    # faster than shifting every word 32 ways at batch 64 on our CPU)
+    if sys.byteorder != "little":
+        raise RuntimeError("unpack_bitmask assumes little-endian int32 words")
+    data = bitmask[:, :words].to(torch.int32).contiguous().view(torch.uint8).flatten()
+    bits = torch.index_select(_BYTE_BITS.to(bitmask.device), 0, data.long())
+    return bits.reshape(bitmask.shape[0], words * 32)[:, :vocab_size]
 
 
-def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | None:
-    """Indices of the True rows; None if there are none."""
+def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | slice | None:
+    """The True rows: None if there are none, ``slice(None)`` if all are (indexing with it is
+    a view, not a copy), else their indices."""
     idx = [i for i, m in enumerate(mask) if m]
-    return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
+    if not idx:
+        return None
+    if len(idx) == len(mask):
+        return slice(None)
+    return torch.tensor(idx, dtype=torch.long, device=device)
 
 
 def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -145,11 +156,14 @@ def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     if bitmask.shape[0] != x.shape[0]:
         raise ValueError(f"allowed_token_bitmask has {bitmask.shape[0]} rows for {x.shape[0]}")
     words = (x.shape[1] + 31) // 32
-    constrained = (bitmask[:, :words] != -1).any(dim=1).nonzero().flatten()
-    if constrained.numel() == 0:
+    rows = _rows((bitmask[:, :words] != -1).any(dim=1).tolist(), x.device)
+    if rows is None:
         return
-    allowed = unpack_bitmask(bitmask[constrained], x.shape[1])
-    x[constrained] = x[constrained].masked_fill(~allowed, float("-inf"))
+    allowed = unpack_bitmask(bitmask[rows], x.shape[1])
+    if isinstance(rows, slice):
+        x.masked_fill_(~allowed, float("-inf"))
+    else:
+        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
 
 
 def _apply_penalties(
@@ -347,6 +361,7 @@ def _logprobs(
     out: list[TokenLogprobs | None] = [None] * len(params)
     if rows is None:
         return out
+    indices = [i for i, w in enumerate(want) if w]
     lp = torch.log_softmax(x[rows].float(), dim=1)
     chosen = tokens[rows].unsqueeze(1)
     chosen_lp = lp.gather(1, chosen)
@@ -362,7 +377,7 @@ def _logprobs(
         chosen_lp.squeeze(1).tolist(),
         ranks.tolist(),
     )
-    for j, i in enumerate(rows.tolist()):
+    for j, i in enumerate(indices):
         n = params[i].logprobs or 0
         top = (
             tuple(
