@@ -5,8 +5,11 @@ token vocabulary (the demo model's logits width), against the per-row sampler it
 Scenarios: greedy; temperature + top-p 0.95 (seeded); temperature + top-k 50; sampling with
 repetition/presence/frequency penalties, a logit bias and min_tokens; greedy with 5 top
 logprobs; greedy under a random half allowed-token mask (structured output). The baseline has
-no penalties, bias, logprobs or mask: those rows show only the new sampler. Logits are
-``randn * 4`` float32 (a peaked distribution; top-p 0.95 keeps a few hundred tokens).
+no penalties, bias, logprobs or mask: those rows show only the new sampler. Two sources of
+logits: ``model``, the demo language model's next-token logits at 64 positions of a text
+(README.md), what a server samples from; ``randn``, ``randn * 4`` (a flat distribution: top-p
+0.95 needs hundreds to thousands of tokens, the top-p fallback's worst case). The mask is a
+random half of the vocabulary (the worst case for a branchy masked fill).
 
 Writes ``benchmarks/results/sampler_cpu.{json,md}``: median microseconds per call over
 ``--repeats`` calls after a warm-up, the machine, torch threads and load.
@@ -15,6 +18,7 @@ Writes ``benchmarks/results/sampler_cpu.{json,md}``: median microseconds per cal
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -91,6 +95,22 @@ SCENARIOS: dict[str, tuple[SamplingParams, bool, bool]] = {
 }
 
 
+def model_logits(rows: int) -> torch.Tensor:
+    """The demo LM's next-token logits at ``rows`` positions of README.md (float32)."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from nova.models.demo import build_demo_model
+
+    path = build_demo_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok((ROOT / "README.md").read_text()[:6000], return_tensors="pt")["input_ids"][:, :512]
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    step = max(1, logits.shape[0] // rows)
+    return logits[step - 1 :: step][:rows].contiguous()
+
+
 def _median_us(fn: Callable[[], object], repeats: int) -> float:
     fn()
     fn()
@@ -112,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     load_before = round(os.getloadavg()[0], 2)
     gen = torch.Generator().manual_seed(0)
+    sources = {
+        "model": model_logits(max(BATCHES)),
+        "randn": torch.randn(max(BATCHES), VOCAB, generator=gen) * 4,
+    }
     rows = []
-    for batch in BATCHES:
-        logits = torch.randn(batch, VOCAB, generator=gen) * 4
+    for (source, all_logits), batch in itertools.product(sources.items(), BATCHES):
+        logits = all_logits[:batch]
         prompt = torch.randint(0, VOCAB, (512,), generator=gen).tolist()
         words = (VOCAB + 31) // 32
         half_mask = torch.randint(-(2**31), 2**31 - 1, (batch, words), dtype=torch.int32)
@@ -131,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             def new(ps=ps, gens=gens, hists=hists, mask=mask, logits=logits):
                 return sample_batch(logits, ps, gens, allowed_token_bitmask=mask, histories=hists)
 
-            row = {"batch": batch, "scenario": name, "new_us": _median_us(new, args.repeats)}
+            row = {
+                "logits": source,
+                "batch": batch,
+                "scenario": name,
+                "new_us": _median_us(new, args.repeats),
+            }
             if baseline_ok:
                 row["reference_us"] = _median_us(
                     lambda ps=ps, gens=gens, logits=logits: reference_sample(logits, ps, gens),
@@ -158,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "warm-up; `reference` is the per-row sampler the batched one replaced (no penalties, "
         "bias, logprobs or mask: blank there).",
         "",
-        "| batch | scenario | new µs | reference µs | speed-up |",
-        "|---:|---|---:|---:|---:|",
+        "| logits | batch | scenario | new µs | reference µs | speed-up |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['batch']} | {r['scenario']} | {r['new_us']} | {r.get('reference_us', '')} | "
-        f"{r.get('speedup', '')} |"
+        f"| {r['logits']} | {r['batch']} | {r['scenario']} | {r['new_us']} | "
+        f"{r.get('reference_us', '')} | {r.get('speedup', '')} |"
         for r in rows
     ]
     (args.out / "sampler_cpu.md").write_text("\n".join(lines) + "\n")

@@ -243,7 +243,7 @@ def test_top_p_exact_on_every_rung_of_candidates():
     gen = torch.Generator().manual_seed(5)
     logits = torch.stack([torch.randn(vocab, generator=gen) * scale for scale in (8.0, 2.0, 0.1)])
     params = [SamplingParams(temperature=1.0, top_p=0.9)] * 3
-    probs = s._filter(logits, params)
+    probs = s.filtered_probs_batch(logits, params)
     kept = []
     for row in range(3):
         sorted_p = logits[row].softmax(0).sort(descending=True).values

@@ -40,9 +40,9 @@ import torch
 from nova.sampling_params import SamplingParams
 from nova.types import TokenLogprobs
 
-# Candidates top-p looks at, rung by rung, before a full sort (``topk`` of 256 of 49k tokens
-# costs ~1/40 of a sort on our CPU, 2048 ~1/6: benchmarks/results/sampler_cpu.md): a trained
-# model's top_p of the mass usually lies in the first rung.
+# Candidates top-p looks at, rung by rung, before a full sort (on our CPU ``topk`` of 256 of
+# 49k tokens costs ~1/40 of a sort, 2048 ~1/6): a trained model's top_p of the mass usually
+# lies in the first rung.
 TOP_P_CANDIDATES = (256, 2048)
 # bit j of byte b, for every byte value: [256, 8] bool
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
@@ -123,21 +123,35 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 [R, ceil(V/32)] packed mask -> bool [R, V] (True: allowed)."""
+def _bitmask_bytes(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The bytes of the mask's little-endian int32 words, flattened (the first
+    ceil(vocab/32) words of each row)."""
     words = (vocab_size + 31) // 32
     if bitmask.dim() != 2 or bitmask.shape[1] < words:
         raise ValueError(
             f"allowed_token_bitmask must be int32 [rows, >= {words}] for a vocabulary of "
             f"{vocab_size}, got {tuple(bitmask.shape)}"
         )
-    # bytes of the little-endian int32 words, each looked up as its 8 bits (one gather: ~80x
-    # faster than shifting every word 32 ways at batch 64 on our CPU)
     if sys.byteorder != "little":
-        raise RuntimeError("unpack_bitmask assumes little-endian int32 words")
-    data = bitmask[:, :words].to(torch.int32).contiguous().view(torch.uint8).flatten()
-    bits = torch.index_select(_BYTE_BITS.to(bitmask.device), 0, data.long())
-    return bits.reshape(bitmask.shape[0], words * 32)[:, :vocab_size]
+        raise RuntimeError("the allowed-token bitmask is read as little-endian int32 words")
+    return bitmask[:, :words].to(torch.int32).contiguous().view(torch.uint8).flatten().long()
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, ceil(V/32)] packed mask -> bool [R, V] (True: allowed)."""
+    data = _bitmask_bytes(bitmask, vocab_size)
+    bits = torch.index_select(_BYTE_BITS.to(bitmask.device), 0, data)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].contiguous()
+
+
+def bitmask_bias(bitmask: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [R, ceil(V/32)] packed mask -> [R, V] additive bias: 0 allowed, -inf not. Each
+    mask byte is looked up as its 8 values (one gather) and added: on our CPU at batch 64
+    ~2 ms, where a bool mask and ``masked_fill_`` take ~13 ms (branchy on a random mask) and
+    shifting every word 32 ways ~60 ms."""
+    data = _bitmask_bytes(bitmask, vocab_size)
+    table = torch.where(_BYTE_BITS, 0.0, float("-inf")).to(device=bitmask.device, dtype=dtype)
+    return torch.index_select(table, 0, data).reshape(bitmask.shape[0], -1)[:, :vocab_size]
 
 
 def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | slice | None:
@@ -159,11 +173,11 @@ def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     rows = _rows((bitmask[:, :words] != -1).any(dim=1).tolist(), x.device)
     if rows is None:
         return
-    allowed = unpack_bitmask(bitmask[rows], x.shape[1])
+    bias = bitmask_bias(bitmask[rows], x.shape[1], x.dtype)
     if isinstance(rows, slice):
-        x.masked_fill_(~allowed, float("-inf"))
+        x.add_(bias)  # a +inf logit meets -inf as NaN: _finite makes it -inf (masked)
     else:
-        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
+        x[rows] = x[rows] + bias
 
 
 def _apply_penalties(
@@ -257,100 +271,123 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _top_k(y: torch.Tensor, ks: list[int]) -> torch.Tensor:
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``, without a copy when ``rows`` are all of them in order."""
+    return x if rows == list(range(x.shape[0])) else x[rows]
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """Some rows' sampling distributions: ``probs`` [R, K] normalised, over token ids ``ids``
+    [R, K] (None: the whole vocabulary in id order, K = vocab)."""
+
+    rows: list[int]
+    probs: torch.Tensor
+    ids: torch.Tensor | None
+
+
+def _tempered(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature and min-p over float32 rows (a new tensor)."""
+    dev = x.device
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)
+    y = _finite(x / temps.unsqueeze(1))
+    if any(p.min_p > 0.0 for p in params):
+        # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed
+        min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
+        floor = y.amax(dim=1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+        y = y.masked_fill(y < floor, float("-inf"))
+    return y
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities sorted largest first -> top-p kept and renormalised: a token is dropped
+    when the mass of strictly more likely tokens already reaches top_p (the most likely token
+    is always kept, even when a tiny top_p rounds to 0 in float32)."""
+    keep = (probs.cumsum(dim=1) - probs) < top_p.unsqueeze(1)
+    keep[:, 0] = True
+    kept = probs * keep
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def _candidates(y: torch.Tensor, params: Sequence[SamplingParams]) -> list[_Candidates]:
+    """The rows' distributions after top-k and top-p, on as few tokens as possible: top-k rows
+    on their ``topk`` candidates; top-p rows on the top ``TOP_P_CANDIDATES`` rung that holds
+    top_p of their mass (a full sort for rows no rung covers); the other rows on the whole
+    vocabulary."""
     vocab = y.shape[1]
-    k_max = max(ks)
-    if k_max >= vocab and all(k >= vocab for k in ks):
-        return y
-    values = torch.topk(y, min(k_max, vocab), dim=1).values  # sorted, largest first
-    k = torch.tensor([min(k, vocab) for k in ks], device=y.device).clamp(max=values.shape[1])
-    kth = values.gather(1, (k - 1).unsqueeze(1))
-    kth = torch.where(
-        torch.tensor([kk >= vocab for kk in ks], device=y.device).unsqueeze(1),
-        torch.full_like(kth, float("-inf")),
-        kth,
-    )
-    return y.masked_fill(y < kth, float("-inf"))
-
-
-def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """bool [R, V], the tokens top-p keeps: a token is dropped when the mass of strictly more
-    likely tokens already reaches top_p (the most likely token is always kept; ties are cut
-    in ``topk``/``sort`` order). The cut is looked for among the top ``TOP_P_CANDIDATES[0]``
-    tokens, then the next rung, then a full sort, each for the rows still short of top_p."""
-    vocab = probs.shape[1]
-    out = torch.zeros_like(probs, dtype=torch.bool)
-    rows = torch.arange(probs.shape[0], device=probs.device)
-    for k in (*TOP_P_CANDIDATES, vocab):
-        sub = probs[rows] if rows.numel() != probs.shape[0] else probs
-        if k < vocab:
-            values, order = torch.topk(sub, k, dim=1)
-        else:
-            values, order = sub.sort(dim=1, descending=True)
-        mass = values.sum(dim=1)
-        done = (mass >= top_p[rows]) | (k >= vocab)
-        if k >= vocab or bool(done.all()):
-            out[rows] = out[rows].scatter_(1, order, _keep_sorted(values, top_p[rows]))
-            return out
-        got = done.nonzero().flatten()
-        if got.numel():
-            keep = _keep_sorted(values[got], top_p[rows[got]])
-            out[rows[got]] = out[rows[got]].scatter_(1, order[got], keep)
-        rows = rows[~done]
+    dev = y.device
+    out: list[_Candidates] = []
+    top_k = [i for i, p in enumerate(params) if p.top_k is not None and p.top_k < vocab]
+    in_top_k = set(top_k)
+    if top_k:
+        ks = [int(params[i].top_k or vocab) for i in top_k]
+        values, ids = torch.topk(_take(y, top_k), max(ks), dim=1)  # sorted, largest first
+        beyond = torch.arange(max(ks), device=dev) >= torch.tensor(ks, device=dev).unsqueeze(1)
+        probs = values.masked_fill(beyond, float("-inf")).softmax(dim=1)
+        top_p = torch.tensor([params[i].top_p for i in top_k], dtype=y.dtype, device=dev)
+        out.append(_Candidates(top_k, _nucleus(probs, top_p), ids))
+    nucleus = [i for i, p in enumerate(params) if i not in in_top_k and p.top_p < 1.0]
+    if nucleus:
+        full = _take(y, nucleus).softmax(dim=1)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=y.dtype, device=dev)
+        left = torch.arange(len(nucleus), device=dev)
+        for k in (*[c for c in TOP_P_CANDIDATES if c < vocab], vocab):
+            if k < vocab:
+                values, ids = torch.topk(full[left], k, dim=1)
+                done = values.sum(dim=1) >= top_p[left]
+            else:
+                values, ids = full[left].sort(dim=1, descending=True)
+                done = torch.ones(len(left), dtype=torch.bool, device=dev)
+            got = done.nonzero().flatten()
+            if got.numel():
+                rows = [nucleus[int(r)] for r in left[got].tolist()]
+                out.append(_Candidates(rows, _nucleus(values[got], top_p[left[got]]), ids[got]))
+            left = left[~done]
+            if left.numel() == 0:
+                break
+    plain = [i for i, p in enumerate(params) if i not in in_top_k and p.top_p >= 1.0]
+    if plain:
+        out.append(_Candidates(plain, _take(y, plain).softmax(dim=1), None))
     return out
 
 
-def _keep_sorted(values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """For probabilities sorted largest first: which to keep."""
-    keep = (values.cumsum(dim=1) - values) < top_p.unsqueeze(1)
-    keep[:, 0] = True  # even when a tiny top_p rounds to 0 in float32
-    return keep
-
-
-def _filter(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, min-p, top-k, top-p over float32 rows -> probabilities."""
-    dev = y.device
-    temps = torch.tensor([p.temperature for p in params], dtype=y.dtype, device=dev)
-    y = _finite(y / temps.unsqueeze(1))
-    if any(p.min_p > 0.0 for p in params):
-        probs = y.softmax(dim=1)
-        min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
-        floor = probs.amax(dim=1, keepdim=True) * min_p.unsqueeze(1)
-        y = y.masked_fill(probs < floor, float("-inf"))
-    vocab = y.shape[1]
-    if any(p.top_k is not None and p.top_k < vocab for p in params):
-        y = _top_k(y, [p.top_k if p.top_k is not None else vocab for p in params])
-    probs = y.softmax(dim=1)
-    nucleus = [p.top_p < 1.0 for p in params]
-    rows = _rows(nucleus, dev)
-    if rows is not None:
-        top_p = torch.tensor([p.top_p for p in params if p.top_p < 1.0], dtype=y.dtype, device=dev)
-        sub = probs[rows]
-        sub = sub.masked_fill(~_top_p_keep(sub, top_p), 0.0)
-        probs[rows] = sub / sub.sum(dim=1, keepdim=True)
-    return probs
+def filtered_probs_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities [R, vocab] the sampler draws from for rows of logits (temperature, min-p,
+    top-k, top-p; float32): the candidates scattered back over the vocabulary."""
+    y = _tempered(logits.float(), params)
+    out = torch.zeros_like(y)
+    for c in _candidates(y, params):
+        if c.ids is None:
+            out[c.rows] = c.probs
+        else:
+            out[c.rows] = torch.zeros_like(y[c.rows]).scatter_(1, c.ids, c.probs)
+    return out
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [vocab] of one row after temperature, min-p, top-k and top-p (float32)."""
-    return _filter(logits.float().unsqueeze(0), [params]).squeeze(0)
+    return filtered_probs_batch(logits.unsqueeze(0), [params]).squeeze(0)
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row by inverse CDF; one uniform from each row's generator."""
+def _draw(c: _Candidates, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``c`` by inverse CDF; one uniform from each row's generator."""
     u = [
-        float(torch.rand((), generator=g).item()) if g is not None else float(torch.rand(()))
-        for g in generators
+        float(torch.rand((), generator=generators[r]).item())
+        if generators[r] is not None
+        else float(torch.rand(()))
+        for r in c.rows
     ]
-    cdf = probs.cumsum(dim=1)
+    cdf = c.probs.cumsum(dim=1)
     target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]
-    idx = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
-    # u * total rounding up to the total: the last token with any mass
-    over = idx >= probs.shape[1]
-    if bool(over.any()):
-        last = probs.shape[1] - 1 - (probs.flip(1) > 0).int().argmax(dim=1)
-        idx = torch.where(over, last, idx)
-    return idx
+    pos = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+    width = c.probs.shape[1]
+    over = pos >= width
+    if bool(over.any()):  # u * total rounding up to the total: the last token with any mass
+        last = width - 1 - (c.probs.flip(1) > 0).int().argmax(dim=1)
+        pos = torch.where(over, last, pos)
+    if c.ids is None:
+        return pos
+    return c.ids.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
 def _logprobs(
@@ -439,13 +476,19 @@ def sample_batch(
         if dead:
             raise ValueError(f"rows {dead}: no token is allowed (an empty allowed-token mask)")
 
-    tokens = x.argmax(dim=1)
-    sampled = [not p.is_greedy for p in params]
-    rows = _rows(sampled, x.device)
-    if rows is not None:
-        sub_params = [p for p, s in zip(params, sampled) if s]
-        probs = _filter(x[rows], sub_params)
-        tokens[rows] = _draw(probs, [g for g, s in zip(generators, sampled) if s])
+    sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not sampled:
+        tokens = x.argmax(dim=1)
+    else:
+        tokens = torch.zeros(num_rows, dtype=torch.long, device=x.device)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        if greedy:
+            tokens[greedy] = x[greedy].argmax(dim=1)
+        sub_params = [params[i] for i in sampled]
+        sub_gens = [generators[i] for i in sampled]
+        y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)
+        for c in _candidates(y, sub_params):
+            tokens[[sampled[r] for r in c.rows]] = _draw(c, sub_gens)
     logprobs = _logprobs(x, tokens, params)
     out = tokens.tolist()
     for h, tok in zip(hist, out):
