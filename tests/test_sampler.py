@@ -250,7 +250,7 @@ def test_top_p_exact_on_every_rung_of_candidates():
         expected = int(((sorted_p.cumsum(0) - sorted_p) < 0.9).sum())
         assert int((probs[row] > 0).sum()) == expected
         kept.append(expected)
-    assert kept[0] <= s.TOP_P_CANDIDATES[0] < kept[1] <= s.TOP_P_CANDIDATES[1] < kept[2]
+    assert kept[0] <= s.TOP_P_CANDIDATES[0] < kept[1] <= s.TOP_P_CANDIDATES[-1] < kept[2]
 
 
 def test_mixed_batch_matches_rows_alone():
@@ -296,3 +296,18 @@ def test_extreme_penalties_stay_finite():
         assert out.token_ids[0] in (1, 3)
         assert all(v == v and v != float("inf") for _, v in lp.top)  # no NaN, no +inf
         assert lp.logprob == lp.logprob
+
+
+def test_token_history_is_sparse_and_copies_independently():
+    from nova.runtime.sampler import TokenHistory
+
+    p = SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5)
+    h = TokenHistory(p, prompt_token_ids=[5, 5, 7, 10**6], vocab_size=100)  # 10**6: a placeholder
+    assert sorted(h.seen_ids.tolist()) == [5, 7]
+    for t in (3, 3, 5):
+        h.append(t)
+    twin = h.copy()
+    twin.append(9)
+    assert dict(zip(h.output_ids.tolist(), h.output_counts.tolist())) == {3: 2.0, 5: 1.0}
+    assert sorted(h.seen_ids.tolist()) == [3, 5, 7] and h.num_output_tokens == 3
+    assert sorted(twin.seen_ids.tolist()) == [3, 5, 7, 9] and twin.num_output_tokens == 4

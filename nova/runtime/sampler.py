@@ -40,10 +40,11 @@ import torch
 from nova.sampling_params import SamplingParams
 from nova.types import TokenLogprobs
 
-# Candidates top-p looks at, rung by rung, before a full sort (on our CPU ``topk`` of 256 of
-# 49k tokens costs ~1/40 of a sort, 2048 ~1/6): a trained model's top_p of the mass usually
-# lies in the first rung.
-TOP_P_CANDIDATES = (256, 2048)
+# Candidates top-p looks at, rung by rung, before a full sort. Per row of 49k tokens on our
+# CPU: topk of 256 ~75 us, 1024 ~275 us, 4096 ~560 us, a full sort ~3 ms. The demo LM's top_p
+# 0.95 at temperature 0.8 keeps <= 256 tokens in 50 of 64 text positions, <= 1178 in all
+# (benchmarks/sampler_micro.py's logits).
+TOP_P_CANDIDATES = (256, 1024, 4096)
 # bit j of byte b, for every byte value: [256, 8] bool
 _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
@@ -60,12 +61,21 @@ class TokenHistory:
     """What the penalties and ``min_tokens`` of one request need to know of its tokens, kept
     up to date by ``sample_batch`` (which appends each token it samples for the request).
 
-    ``output_counts``: [vocab] float32 count of each output token (presence/frequency
-    penalties); ``seen``: [vocab] bool, token in the prompt or the output (repetition
-    penalty); both on the logits' device, None when the request does not need them.
+    Sparse, so a step costs O(distinct tokens), not O(vocabulary): ``seen_ids`` (int64, the
+    distinct tokens of the prompt and the output: repetition penalty), ``output_ids`` and
+    ``output_counts`` (int64 / float32, aligned: each distinct output token and how often it
+    came: presence/frequency penalties); on the logits' device, None when not needed.
     """
 
-    __slots__ = ("num_output_tokens", "output_counts", "seen")
+    __slots__ = (
+        "_out_pos",
+        "_seen",
+        "device",
+        "num_output_tokens",
+        "output_counts",
+        "output_ids",
+        "seen_ids",
+    )
 
     def __init__(
         self,
@@ -75,32 +85,49 @@ class TokenHistory:
         device: torch.device | str = "cpu",
         output_token_ids: Sequence[int] = (),
     ) -> None:
+        self.device = torch.device(device)
         self.num_output_tokens = 0
+        self.output_ids: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
-        self.seen: torch.Tensor | None = None
+        self._out_pos: dict[int, int] = {}
+        self.seen_ids: torch.Tensor | None = None
+        self._seen: set[int] = set()
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.output_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+            self.output_counts = torch.zeros(0, dtype=torch.float32, device=self.device)
         if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor(list(prompt_token_ids), dtype=torch.long)
-            ids = ids[(ids >= 0) & (ids < vocab_size)]  # image placeholders beyond the vocab
-            self.seen[ids.to(device)] = True
+            # image placeholders may lie beyond the vocabulary: not text, not penalised
+            self._seen = {int(t) for t in prompt_token_ids if 0 <= int(t) < vocab_size}
+            self.seen_ids = torch.tensor(sorted(self._seen), dtype=torch.long, device=self.device)
         for tok in output_token_ids:
             self.append(tok)
 
     def append(self, token_id: int) -> None:
         self.num_output_tokens += 1
-        if self.output_counts is not None:
-            self.output_counts[token_id] += 1.0
-        if self.seen is not None:
-            self.seen[token_id] = True
+        if self.output_ids is not None and self.output_counts is not None:
+            pos = self._out_pos.get(token_id)
+            if pos is None:
+                self._out_pos[token_id] = len(self._out_pos)
+                new = torch.tensor([token_id], dtype=torch.long, device=self.device)
+                self.output_ids = torch.cat([self.output_ids, new])
+                self.output_counts = torch.cat([self.output_counts, torch.ones_like(new).float()])
+            else:
+                self.output_counts[pos] += 1.0
+        if self.seen_ids is not None and token_id not in self._seen:
+            self._seen.add(token_id)
+            new = torch.tensor([token_id], dtype=torch.long, device=self.device)
+            self.seen_ids = torch.cat([self.seen_ids, new])
 
     def copy(self) -> TokenHistory:
         """An independent copy (a request forked into several sequences)."""
         out = TokenHistory.__new__(TokenHistory)
+        out.device = self.device
         out.num_output_tokens = self.num_output_tokens
+        out.output_ids = self.output_ids  # replaced, never changed in place, by append
         out.output_counts = None if self.output_counts is None else self.output_counts.clone()
-        out.seen = None if self.seen is None else self.seen.clone()
+        out._out_pos = dict(self._out_pos)
+        out.seen_ids = self.seen_ids
+        out._seen = set(self._seen)
         return out
 
 
@@ -180,39 +207,51 @@ def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
         x[rows] = x[rows] + bias
 
 
+def _gather_rows(
+    parts: list[tuple[int, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row index per element, token ids, lengths) of per-row id tensors, concatenated."""
+    lengths = torch.tensor([len(t) for _, t in parts], device=device)
+    rows = torch.repeat_interleave(torch.tensor([r for r, _ in parts], device=device), lengths)
+    return rows, torch.cat([t for _, t in parts]), lengths
+
+
 def _apply_penalties(
     x: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None]
 ) -> None:
+    """Repetition, then presence and frequency penalties, at the tokens each row has seen only
+    (a gather and a scatter over the batch's distinct tokens, not the whole vocabulary)."""
     dev = x.device
-    rep = [h is not None and h.seen is not None for h in histories]
-    rows = _rows(rep, dev)
-    if rows is not None:
-        seen = torch.stack(
-            [h.seen for h, r in zip(histories, rep) if r and h and h.seen is not None]
-        )
+    rep = [
+        (i, h.seen_ids) for i, h in enumerate(histories) if h is not None and h.seen_ids is not None
+    ]
+    rep = [(i, t) for i, t in rep if t.numel()]
+    if rep:
+        rows, ids, lengths = _gather_rows(rep, dev)
         pen = torch.tensor(
-            [p.repetition_penalty for p, r in zip(params, rep) if r], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
-        sub = x[rows]
-        penalised = torch.where(sub > 0, sub / pen, sub * pen)
-        x[rows] = torch.where(seen, penalised, sub)
-    occ = [h is not None and h.output_counts is not None for h in histories]
-    rows = _rows(occ, dev)
-    if rows is not None:
-        counts = torch.stack(
-            [
-                h.output_counts
-                for h, o in zip(histories, occ)
-                if o and h and h.output_counts is not None
-            ]
+            [params[i].repetition_penalty for i, _ in rep], dtype=x.dtype, device=dev
         )
+        pen = torch.repeat_interleave(pen, lengths)
+        vals = x[rows, ids]
+        x[rows, ids] = torch.where(vals > 0, vals / pen, vals * pen)
+    occ = [
+        (i, h.output_ids, h.output_counts)
+        for i, h in enumerate(histories)
+        if h is not None and h.output_ids is not None and h.output_counts is not None
+    ]
+    occ = [o for o in occ if o[1].numel()]
+    if occ:
+        rows, ids, lengths = _gather_rows([(i, t) for i, t, _ in occ], dev)
+        counts = torch.cat([c for _, _, c in occ]).to(x.dtype)
         freq = torch.tensor(
-            [p.frequency_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
+            [params[i].frequency_penalty for i, _, _ in occ], dtype=x.dtype, device=dev
+        )
         pres = torch.tensor(
-            [p.presence_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
-        x[rows] = x[rows] - freq * counts - pres * (counts > 0).to(x.dtype)
+            [params[i].presence_penalty for i, _, _ in occ], dtype=x.dtype, device=dev
+        )
+        x[rows, ids] -= torch.repeat_interleave(freq, lengths) * counts + torch.repeat_interleave(
+            pres, lengths
+        )
 
 
 def _apply_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
