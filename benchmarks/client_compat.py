@@ -179,8 +179,19 @@ def hub_cache_with(tokenizer_dir: str, cache: Path, repo: str = "nova/demo") -> 
     return repo
 
 
-def run_aiperf(exe: str, base_url: str, tokenizer: str, args: argparse.Namespace, work: Path):
-    out_dir = work / "aiperf"
+def run_aiperf(
+    exe: str,
+    base_url: str,
+    tokenizer: str,
+    args: argparse.Namespace,
+    work: Path,
+    server_counts: bool = True,
+):
+    """aiperf, counting tokens from the server's usage (``--use-server-token-count``) or, with
+    ``server_counts=False``, its default: re-tokenising the streamed text on the client, which
+    need not give back the generated token count (the decoded text of random tokens can
+    re-tokenise with more merges): that run's output tokens are informational."""
+    out_dir = work / ("aiperf" if server_counts else "aiperf-client-tokens")
     cache = work / "hf-hub"
     tokenizer = hub_cache_with(tokenizer, cache)
     run(
@@ -220,6 +231,7 @@ def run_aiperf(exe: str, base_url: str, tokenizer: str, args: argparse.Namespace
             "--no-gpu-telemetry",
             "--workers-max",
             "1",
+            *(["--use-server-token-count"] if server_counts else []),
         ],
         {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
     )
@@ -237,15 +249,16 @@ def run_aiperf(exe: str, base_url: str, tokenizer: str, args: argparse.Namespace
             sum((rec.get("metrics", {}).get(metric) or {}).get("value", 0) or 0 for rec in records)
         )
 
-    return {
+    out = {
         "completed": stat("request_count"),
         "mean_ttft_ms": stat("time_to_first_token"),
+        "input_tokens": total("input_sequence_length"),
         "output_tokens": total("output_sequence_length"),
-        # aiperf counts tokens on the client: outputs by re-tokenising the streamed text (equal
-        # here), inputs by tokenising the prompt text without the chat template (so fewer than
-        # the server's prompt tokens: informational, not checked)
-        "client_input_tokens": total("input_sequence_length"),
     }
+    if not server_counts:  # client-side counts: shown, not checked
+        out["client_output_tokens"] = out.pop("output_tokens")
+        out["client_input_tokens"] = out.pop("input_tokens")
+    return out
 
 
 def run_guidellm(exe: str, base_url: str, tokenizer: str, args: argparse.Namespace, work: Path):
@@ -346,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=300,
                 trust_env=False,
             )
-            runners = {"vllm": run_vllm, "aiperf": run_aiperf, "guidellm": run_guidellm}
-            for name, exe in exes.items():
+            runners = {
+                "vllm": run_vllm,
+                "aiperf": run_aiperf,
+                "aiperf (client tokenizer)": lambda *a: run_aiperf(*a, server_counts=False),
+                "guidellm": run_guidellm,
+            }
+            for name in runners:
+                exe = exes[name.split()[0]]
                 if exe is None:
                     results[name] = {"skipped": "not installed"}
                     continue
@@ -400,12 +419,23 @@ def main(argv: list[str] | None = None) -> int:
         c, s = r["client"], r["server"]
         lines.append(
             f"| {name} | {c.get('completed')} / {s.get('finished')} | "
-            f"{c.get('output_tokens')} / {s.get('nova_generation_tokens_total')} | "
+            f"{c.get('output_tokens', c.get('client_output_tokens'))} / "
+            f"{s.get('nova_generation_tokens_total')} | "
             f"{c.get('input_tokens', c.get('client_input_tokens', '-'))} / "
             f"{s.get('nova_prompt_tokens_total')} | "
             f"{_ms(c.get('mean_ttft_ms'))} / {_ms(s.get('server_mean_ttft_ms'))} | "
             f"{', '.join(f'{k}={v}' for k, v in r['checks'].items())} |"
         )
+    lines += [
+        "",
+        "Checked: requests, and tokens where the client takes them from the server's usage "
+        "(vLLM, guidellm, aiperf with --use-server-token-count) must equal the /metrics "
+        "deltas; vLLM's mean TTFT must be within 10% of the server's. Client TTFT includes "
+        "the HTTP round trip and the request's preparation (chat template, tokenisation), the "
+        "server's histogram starts at the engine. aiperf (client tokenizer) counts tokens by "
+        "tokenising text on the client (input: the prompt without the chat template; output: "
+        "the streamed text, which random tokens need not re-tokenise to): shown, not checked.",
+    ]
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     failed = [
