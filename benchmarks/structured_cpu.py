@@ -92,7 +92,7 @@ def grammar_step_cost(engine: LLMEngine, grammar, batch: int, steps: int) -> dic
     """Per decode step, outside the engine, on random logits and one torch thread, in CPU time
     of this thread (so other processes' load does not count): filling the batch's masks,
     sampling with the mask vs without (what the executor adds to a constrained step), and the
-    mask unpacking alone, the sampler's int32 shifts vs numpy's unpackbits."""
+    mask unpacking alone, the sampler's unpack_bitmask vs numpy's unpackbits."""
     vocab = engine.runner.vocab_size
     matchers = [grammar.new_matcher() for _ in range(batch)]
     params = [SamplingParams(max_tokens=steps)] * batch
@@ -100,7 +100,7 @@ def grammar_step_cost(engine: LLMEngine, grammar, batch: int, steps: int) -> dic
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cost: dict[str, list[float]] = {
-        k: [] for k in ("fill", "masked_sample", "plain_sample", "unpack_shifts", "unpack_numpy")
+        k: [] for k in ("fill", "masked_sample", "plain_sample", "unpack_sampler", "unpack_numpy")
     }
 
     def timed(name: str, fn):
@@ -119,7 +119,7 @@ def grammar_step_cost(engine: LLMEngine, grammar, batch: int, steps: int) -> dic
                 lambda: sample(logits, params, [None] * batch, allowed_token_bitmask=tmask),
             )
             timed("plain_sample", lambda: sample(logits, params, [None] * batch))
-            a = timed("unpack_shifts", lambda: unpack_bitmask(tmask, vocab))
+            a = timed("unpack_sampler", lambda: unpack_bitmask(tmask, vocab))
             b = timed("unpack_numpy", lambda: _unpack_numpy(mask, vocab))
             assert torch.equal(a, b)
             for m, t in zip(matchers, toks):
@@ -247,14 +247,14 @@ def markdown(report: dict) -> str:
         "engine stopped, random logits):",
         "",
         "| batch | mask fill (llguidance) | sample with mask | sample without | "
-        "unpack: sampler's int32 shifts | unpack: numpy unpackbits |",
+        "unpack: the sampler's unpack_bitmask | unpack: numpy unpackbits |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         g = row["grammar_step"]
         lines.append(
             f"| {row['batch']} | {g['fill_cpu_ms']:.3f} | {g['masked_sample_cpu_ms']:.3f} | "
-            f"{g['plain_sample_cpu_ms']:.3f} | {g['unpack_shifts_cpu_ms']:.3f} | "
+            f"{g['plain_sample_cpu_ms']:.3f} | {g['unpack_sampler_cpu_ms']:.3f} | "
             f"{g['unpack_numpy_cpu_ms']:.3f} |"
         )
     lines += [

@@ -124,3 +124,65 @@ class SamplingParams:
         if num_output_tokens >= self.max_tokens:
             return "length"
         return None
+
+
+# generation_config.json keys a request's unset sampling fields default to (as vLLM reads them);
+# max_new_tokens becomes the default max_tokens.
+GENERATION_CONFIG_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationDefaults:
+    """A model's sampling defaults (its ``generation_config.json``), for requests that do not
+    set a field; None: the server's own default. ``source`` names where they came from."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    source: str = "none"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object], source: str) -> GenerationDefaults:
+        """From a parsed ``generation_config.json``; a value of the wrong type or range is a
+        ValueError naming the key (a model's defaults are checked once, at load)."""
+        out: dict[str, float | int | None] = {}
+        for key in GENERATION_CONFIG_KEYS:
+            value = d.get(key)
+            if value is None:
+                continue
+            name = "max_tokens" if key == "max_new_tokens" else key
+            integral = key in ("top_k", "max_new_tokens")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+            if integral and not float(value).is_integer():
+                raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+            out[name] = int(value) if integral else float(value)
+        defaults = cls(**out, source=source)  # type: ignore[arg-type]
+        defaults.check()
+        return defaults
+
+    def check(self) -> None:
+        bad = (
+            (self.temperature is not None and not self.temperature >= 0.0)
+            or (self.top_p is not None and not 0.0 < self.top_p <= 1.0)
+            or (self.min_p is not None and not 0.0 <= self.min_p <= 1.0)
+            or (self.repetition_penalty is not None and not self.repetition_penalty > 0.0)
+            or (self.max_tokens is not None and self.max_tokens < 1)
+        )
+        if bad:
+            raise ValueError(f"{self.source}: sampling defaults out of range: {self}")
+
+    def describe(self) -> str:
+        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+        set_ = [f"{f}={getattr(self, f)}" for f in fields if getattr(self, f) is not None]
+        return f"{', '.join(set_) or 'none'} (from {self.source})"

@@ -234,18 +234,23 @@ def test_min_p_filter():
     assert (p > 0).tolist() == [True, True, False, False]
 
 
-def test_top_p_falls_back_to_a_full_sort_beyond_the_candidates():
+def test_top_p_exact_on_every_rung_of_candidates():
+    """Rows whose cut lies in the first rung, the second, or beyond both (full sort), in one
+    batch: each keeps exactly the tokens a full sort keeps."""
     from nova.runtime import sampler as s
 
-    # a flat distribution: the top candidates hold too little mass, the exact cut is far out
-    vocab = s.TOP_P_CANDIDATES * 8
-    logits = torch.zeros(vocab)
-    logits[0] = 3.0
-    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
-    probs = logits.softmax(0)
-    sorted_p = probs.sort(descending=True).values
-    expected_kept = int(((sorted_p.cumsum(0) - sorted_p) < 0.5).sum())
-    assert int((p > 0).sum()) == expected_kept > s.TOP_P_CANDIDATES
+    vocab = s.TOP_P_CANDIDATES[-1] * 4
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.stack([torch.randn(vocab, generator=gen) * scale for scale in (8.0, 2.0, 0.1)])
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * 3
+    probs = s.filtered_probs_batch(logits, params)
+    kept = []
+    for row in range(3):
+        sorted_p = logits[row].softmax(0).sort(descending=True).values
+        expected = int(((sorted_p.cumsum(0) - sorted_p) < 0.9).sum())
+        assert int((probs[row] > 0).sum()) == expected
+        kept.append(expected)
+    assert kept[0] <= s.TOP_P_CANDIDATES[0] < kept[1] <= s.TOP_P_CANDIDATES[-1] < kept[2]
 
 
 def test_mixed_batch_matches_rows_alone():
@@ -273,3 +278,36 @@ def test_mixed_batch_matches_rows_alone():
     for i in range(5):
         alone = run([i])
         assert [t[0] for t in alone] == [t[i] for t in together]
+
+
+def test_extreme_penalties_stay_finite():
+    """A repetition penalty of 5e-324 (float32: 0) divides positive logits into +inf; the
+    sampler keeps the order and returns finite logprobs instead of NaN."""
+    from nova.runtime.sampler import TokenHistory
+
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    for p in (
+        SamplingParams(repetition_penalty=5e-324, logprobs=2),
+        SamplingParams(repetition_penalty=5e-324, temperature=1e-5, seed=0, logprobs=2),
+    ):
+        hist = TokenHistory(p, prompt_token_ids=[1, 3], vocab_size=4)
+        out = sample_batch(logits, [p], [make_generator(p)], histories=[hist])
+        lp = out.logprobs[0]
+        assert out.token_ids[0] in (1, 3)
+        assert all(v == v and v != float("inf") for _, v in lp.top)  # no NaN, no +inf
+        assert lp.logprob == lp.logprob
+
+
+def test_token_history_is_sparse_and_copies_independently():
+    from nova.runtime.sampler import TokenHistory
+
+    p = SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5)
+    h = TokenHistory(p, prompt_token_ids=[5, 5, 7, 10**6], vocab_size=100)  # 10**6: a placeholder
+    assert sorted(h.seen_ids.tolist()) == [5, 7]
+    for t in (3, 3, 5):
+        h.append(t)
+    twin = h.copy()
+    twin.append(9)
+    assert dict(zip(h.output_ids.tolist(), h.output_counts.tolist())) == {3: 2.0, 5: 1.0}
+    assert sorted(h.seen_ids.tolist()) == [3, 5, 7] and h.num_output_tokens == 3
+    assert sorted(twin.seen_ids.tolist()) == [3, 5, 7, 9] and twin.num_output_tokens == 4

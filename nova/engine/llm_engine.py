@@ -23,7 +23,7 @@ from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model
 from nova.models.mm import num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import ImageInput, Request
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,12 @@ class LLMEngine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.loaded = loaded or load_model(
-            config.model, config.load_format, config.torch_dtype, config.device, config.seed
+            config.model,
+            config.load_format,
+            config.torch_dtype,
+            config.device,
+            config.seed,
+            config.generation_config,
         )
         self.processor = InputProcessor(
             self.loaded,
@@ -134,6 +139,10 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return int(self.loaded.max_model_len)
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return self.loaded.generation_defaults
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``RequestRejected`` if such a request could never be served (reads only

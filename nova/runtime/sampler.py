@@ -31,6 +31,7 @@ RNG, never on what else is in the batch. In order:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,10 +40,13 @@ import torch
 from nova.sampling_params import SamplingParams
 from nova.types import TokenLogprobs
 
-# Candidates top-p first looks at: enough to hold top_p of the mass in almost every row of a
-# trained model; rows where they do not fall back to a full sort.
-TOP_P_CANDIDATES = 256
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# Candidates top-p looks at, rung by rung, before a full sort. Per row of 49k tokens on our
+# CPU: topk of 256 ~75 us, 1024 ~275 us, 4096 ~560 us, a full sort ~3 ms. The demo LM's top_p
+# 0.95 at temperature 0.8 keeps <= 256 tokens in 50 of 64 text positions, <= 1178 in all
+# (benchmarks/sampler_micro.py's logits).
+TOP_P_CANDIDATES = (256, 1024, 4096)
+# bit j of byte b, for every byte value: [256, 8] bool
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -50,19 +54,28 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.is_greedy:
         return None
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    return torch.Generator(device="cpu").manual_seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed % 2**64)  # any integer seeds
 
 
 class TokenHistory:
     """What the penalties and ``min_tokens`` of one request need to know of its tokens, kept
     up to date by ``sample_batch`` (which appends each token it samples for the request).
 
-    ``output_counts``: [vocab] float32 count of each output token (presence/frequency
-    penalties); ``seen``: [vocab] bool, token in the prompt or the output (repetition
-    penalty); both on the logits' device, None when the request does not need them.
+    Sparse, so a step costs O(distinct tokens), not O(vocabulary): ``seen_ids`` (int64, the
+    distinct tokens of the prompt and the output: repetition penalty), ``output_ids`` and
+    ``output_counts`` (int64 / float32, aligned: each distinct output token and how often it
+    came: presence/frequency penalties); on the logits' device, None when not needed.
     """
 
-    __slots__ = ("num_output_tokens", "output_counts", "seen")
+    __slots__ = (
+        "_out_pos",
+        "_seen",
+        "device",
+        "num_output_tokens",
+        "output_counts",
+        "output_ids",
+        "seen_ids",
+    )
 
     def __init__(
         self,
@@ -72,32 +85,49 @@ class TokenHistory:
         device: torch.device | str = "cpu",
         output_token_ids: Sequence[int] = (),
     ) -> None:
+        self.device = torch.device(device)
         self.num_output_tokens = 0
+        self.output_ids: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
-        self.seen: torch.Tensor | None = None
+        self._out_pos: dict[int, int] = {}
+        self.seen_ids: torch.Tensor | None = None
+        self._seen: set[int] = set()
         if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-            self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self.output_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+            self.output_counts = torch.zeros(0, dtype=torch.float32, device=self.device)
         if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor(list(prompt_token_ids), dtype=torch.long)
-            ids = ids[(ids >= 0) & (ids < vocab_size)]  # image placeholders beyond the vocab
-            self.seen[ids.to(device)] = True
+            # image placeholders may lie beyond the vocabulary: not text, not penalised
+            self._seen = {int(t) for t in prompt_token_ids if 0 <= int(t) < vocab_size}
+            self.seen_ids = torch.tensor(sorted(self._seen), dtype=torch.long, device=self.device)
         for tok in output_token_ids:
             self.append(tok)
 
     def append(self, token_id: int) -> None:
         self.num_output_tokens += 1
-        if self.output_counts is not None:
-            self.output_counts[token_id] += 1.0
-        if self.seen is not None:
-            self.seen[token_id] = True
+        if self.output_ids is not None and self.output_counts is not None:
+            pos = self._out_pos.get(token_id)
+            if pos is None:
+                self._out_pos[token_id] = len(self._out_pos)
+                new = torch.tensor([token_id], dtype=torch.long, device=self.device)
+                self.output_ids = torch.cat([self.output_ids, new])
+                self.output_counts = torch.cat([self.output_counts, torch.ones_like(new).float()])
+            else:
+                self.output_counts[pos] += 1.0
+        if self.seen_ids is not None and token_id not in self._seen:
+            self._seen.add(token_id)
+            new = torch.tensor([token_id], dtype=torch.long, device=self.device)
+            self.seen_ids = torch.cat([self.seen_ids, new])
 
     def copy(self) -> TokenHistory:
         """An independent copy (a request forked into several sequences)."""
         out = TokenHistory.__new__(TokenHistory)
+        out.device = self.device
         out.num_output_tokens = self.num_output_tokens
+        out.output_ids = self.output_ids  # replaced, never changed in place, by append
         out.output_counts = None if self.output_counts is None else self.output_counts.clone()
-        out.seen = None if self.seen is None else self.seen.clone()
+        out._out_pos = dict(self._out_pos)
+        out.seen_ids = self.seen_ids
+        out._seen = set(self._seen)
         return out
 
 
@@ -120,23 +150,46 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 [R, ceil(V/32)] packed mask -> bool [R, V] (True: allowed)."""
+def _bitmask_bytes(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The bytes of the mask's little-endian int32 words, flattened (the first
+    ceil(vocab/32) words of each row)."""
     words = (vocab_size + 31) // 32
     if bitmask.dim() != 2 or bitmask.shape[1] < words:
         raise ValueError(
             f"allowed_token_bitmask must be int32 [rows, >= {words}] for a vocabulary of "
             f"{vocab_size}, got {tuple(bitmask.shape)}"
         )
-    shifts = _SHIFTS.to(bitmask.device)
-    bits = (bitmask[:, :words].to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], words * 32)[:, :vocab_size].bool()
+    if sys.byteorder != "little":
+        raise RuntimeError("the allowed-token bitmask is read as little-endian int32 words")
+    return bitmask[:, :words].to(torch.int32).contiguous().view(torch.uint8).flatten().long()
 
 
-def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | None:
-    """Indices of the True rows; None if there are none."""
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, ceil(V/32)] packed mask -> bool [R, V] (True: allowed)."""
+    data = _bitmask_bytes(bitmask, vocab_size)
+    bits = torch.index_select(_BYTE_BITS.to(bitmask.device), 0, data)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].contiguous()
+
+
+def bitmask_bias(bitmask: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [R, ceil(V/32)] packed mask -> [R, V] additive bias: 0 allowed, -inf not. Each
+    mask byte is looked up as its 8 values (one gather) and added: on our CPU at batch 64
+    ~2 ms, where a bool mask and ``masked_fill_`` take ~13 ms (branchy on a random mask) and
+    shifting every word 32 ways ~60 ms."""
+    data = _bitmask_bytes(bitmask, vocab_size)
+    table = torch.where(_BYTE_BITS, 0.0, float("-inf")).to(device=bitmask.device, dtype=dtype)
+    return torch.index_select(table, 0, data).reshape(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+def _rows(mask: list[bool], device: torch.device) -> torch.Tensor | slice | None:
+    """The True rows: None if there are none, ``slice(None)`` if all are (indexing with it is
+    a view, not a copy), else their indices."""
     idx = [i for i, m in enumerate(mask) if m]
-    return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
+    if not idx:
+        return None
+    if len(idx) == len(mask):
+        return slice(None)
+    return torch.tensor(idx, dtype=torch.long, device=device)
 
 
 def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -144,46 +197,61 @@ def _apply_mask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     if bitmask.shape[0] != x.shape[0]:
         raise ValueError(f"allowed_token_bitmask has {bitmask.shape[0]} rows for {x.shape[0]}")
     words = (x.shape[1] + 31) // 32
-    constrained = (bitmask[:, :words] != -1).any(dim=1).nonzero().flatten()
-    if constrained.numel() == 0:
+    rows = _rows((bitmask[:, :words] != -1).any(dim=1).tolist(), x.device)
+    if rows is None:
         return
-    allowed = unpack_bitmask(bitmask[constrained], x.shape[1])
-    x[constrained] = x[constrained].masked_fill(~allowed, float("-inf"))
+    bias = bitmask_bias(bitmask[rows], x.shape[1], x.dtype)
+    if isinstance(rows, slice):
+        x.add_(bias)  # a +inf logit meets -inf as NaN: _finite makes it -inf (masked)
+    else:
+        x[rows] = x[rows] + bias
+
+
+def _gather_rows(
+    parts: list[tuple[int, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row index per element, token ids, lengths) of per-row id tensors, concatenated."""
+    lengths = torch.tensor([len(t) for _, t in parts], device=device)
+    rows = torch.repeat_interleave(torch.tensor([r for r, _ in parts], device=device), lengths)
+    return rows, torch.cat([t for _, t in parts]), lengths
 
 
 def _apply_penalties(
     x: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None]
 ) -> None:
+    """Repetition, then presence and frequency penalties, at the tokens each row has seen only
+    (a gather and a scatter over the batch's distinct tokens, not the whole vocabulary)."""
     dev = x.device
-    rep = [h is not None and h.seen is not None for h in histories]
-    rows = _rows(rep, dev)
-    if rows is not None:
-        seen = torch.stack(
-            [h.seen for h, r in zip(histories, rep) if r and h and h.seen is not None]
-        )
+    rep = [
+        (i, h.seen_ids) for i, h in enumerate(histories) if h is not None and h.seen_ids is not None
+    ]
+    rep = [(i, t) for i, t in rep if t.numel()]
+    if rep:
+        rows, ids, lengths = _gather_rows(rep, dev)
         pen = torch.tensor(
-            [p.repetition_penalty for p, r in zip(params, rep) if r], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
-        sub = x[rows]
-        penalised = torch.where(sub > 0, sub / pen, sub * pen)
-        x[rows] = torch.where(seen, penalised, sub)
-    occ = [h is not None and h.output_counts is not None for h in histories]
-    rows = _rows(occ, dev)
-    if rows is not None:
-        counts = torch.stack(
-            [
-                h.output_counts
-                for h, o in zip(histories, occ)
-                if o and h and h.output_counts is not None
-            ]
+            [params[i].repetition_penalty for i, _ in rep], dtype=x.dtype, device=dev
         )
+        pen = torch.repeat_interleave(pen, lengths)
+        vals = x[rows, ids]
+        x[rows, ids] = torch.where(vals > 0, vals / pen, vals * pen)
+    occ = [
+        (i, h.output_ids, h.output_counts)
+        for i, h in enumerate(histories)
+        if h is not None and h.output_ids is not None and h.output_counts is not None
+    ]
+    occ = [o for o in occ if o[1].numel()]
+    if occ:
+        rows, ids, lengths = _gather_rows([(i, t) for i, t, _ in occ], dev)
+        counts = torch.cat([c for _, _, c in occ]).to(x.dtype)
         freq = torch.tensor(
-            [p.frequency_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
+            [params[i].frequency_penalty for i, _, _ in occ], dtype=x.dtype, device=dev
+        )
         pres = torch.tensor(
-            [p.presence_penalty for p, o in zip(params, occ) if o], dtype=x.dtype, device=dev
-        ).unsqueeze(1)
-        x[rows] = x[rows] - freq * counts - pres * (counts > 0).to(x.dtype)
+            [params[i].presence_penalty for i, _, _ in occ], dtype=x.dtype, device=dev
+        )
+        x[rows, ids] -= torch.repeat_interleave(freq, lengths) * counts + torch.repeat_interleave(
+            pres, lengths
+        )
 
 
 def _apply_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
@@ -233,95 +301,132 @@ def _apply_min_tokens(
         x.index_put_((index[0][restore], index[1][restore]), saved[restore])
 
 
-def _top_k(y: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    vocab = y.shape[1]
-    k_max = max(ks)
-    if k_max >= vocab and all(k >= vocab for k in ks):
-        return y
-    values = torch.topk(y, min(k_max, vocab), dim=1).values  # sorted, largest first
-    k = torch.tensor([min(k, vocab) for k in ks], device=y.device).clamp(max=values.shape[1])
-    kth = values.gather(1, (k - 1).unsqueeze(1))
-    kth = torch.where(
-        torch.tensor([kk >= vocab for kk in ks], device=y.device).unsqueeze(1),
-        torch.full_like(kth, float("-inf")),
-        kth,
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """In place: +inf (an extreme penalty or temperature overflowing float32) becomes the
+    largest float, NaN (inf - inf) becomes -inf; -inf (masked) stays. The order of the finite
+    logits is unchanged."""
+    return torch.nan_to_num_(
+        x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf")
     )
-    return y.masked_fill(y < kth, float("-inf"))
 
 
-def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """bool [R, V], the tokens top-p keeps: a token is dropped when the mass of strictly more
-    likely tokens already reaches top_p (the most likely token is always kept; ties are cut
-    in ``topk``/``sort`` order)."""
-    vocab = probs.shape[1]
-    k = min(vocab, TOP_P_CANDIDATES)
-    if k < vocab:
-        values, order = torch.topk(probs, k, dim=1)
-    else:
-        values, order = probs.sort(dim=1, descending=True)
-    keep = _keep_sorted(values, top_p)
-    out = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep)
-    if k < vocab:
-        short = (values.sum(dim=1) < top_p).nonzero().flatten()  # cut beyond the candidates
-        if short.numel():
-            values, order = probs[short].sort(dim=1, descending=True)
-            out[short] = torch.zeros_like(values, dtype=torch.bool).scatter_(
-                1, order, _keep_sorted(values, top_p[short])
-            )
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``, without a copy when ``rows`` are all of them in order."""
+    return x if rows == list(range(x.shape[0])) else x[rows]
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """Some rows' sampling distributions: ``probs`` [R, K] normalised, over token ids ``ids``
+    [R, K] (None: the whole vocabulary in id order, K = vocab)."""
+
+    rows: list[int]
+    probs: torch.Tensor
+    ids: torch.Tensor | None
+
+
+def _tempered(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature and min-p over float32 rows (a new tensor)."""
+    dev = x.device
+    temps = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)
+    y = _finite(x / temps.unsqueeze(1))
+    if any(p.min_p > 0.0 for p in params):
+        # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed
+        min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
+        floor = y.amax(dim=1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+        y = y.masked_fill(y < floor, float("-inf"))
+    return y
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities sorted largest first -> top-p kept and renormalised: a token is dropped
+    when the mass of strictly more likely tokens already reaches top_p (the most likely token
+    is always kept, even when a tiny top_p rounds to 0 in float32)."""
+    keep = (probs.cumsum(dim=1) - probs) < top_p.unsqueeze(1)
+    keep[:, 0] = True
+    kept = probs * keep
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
+def _candidates(y: torch.Tensor, params: Sequence[SamplingParams]) -> list[_Candidates]:
+    """The rows' distributions after top-k and top-p, on as few tokens as possible: top-k rows
+    on their ``topk`` candidates; top-p rows on the top ``TOP_P_CANDIDATES`` rung that holds
+    top_p of their mass (a full sort for rows no rung covers); the other rows on the whole
+    vocabulary."""
+    vocab = y.shape[1]
+    dev = y.device
+    out: list[_Candidates] = []
+    top_k = [i for i, p in enumerate(params) if p.top_k is not None and p.top_k < vocab]
+    in_top_k = set(top_k)
+    if top_k:
+        ks = [int(params[i].top_k or vocab) for i in top_k]
+        values, ids = torch.topk(_take(y, top_k), max(ks), dim=1)  # sorted, largest first
+        beyond = torch.arange(max(ks), device=dev) >= torch.tensor(ks, device=dev).unsqueeze(1)
+        probs = values.masked_fill(beyond, float("-inf")).softmax(dim=1)
+        top_p = torch.tensor([params[i].top_p for i in top_k], dtype=y.dtype, device=dev)
+        out.append(_Candidates(top_k, _nucleus(probs, top_p), ids))
+    nucleus = [i for i, p in enumerate(params) if i not in in_top_k and p.top_p < 1.0]
+    if nucleus:
+        full = _take(y, nucleus).softmax(dim=1)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=y.dtype, device=dev)
+        left = torch.arange(len(nucleus), device=dev)
+        for k in (*[c for c in TOP_P_CANDIDATES if c < vocab], vocab):
+            if k < vocab:
+                values, ids = torch.topk(full[left], k, dim=1)
+                done = values.sum(dim=1) >= top_p[left]
+            else:
+                values, ids = full[left].sort(dim=1, descending=True)
+                done = torch.ones(len(left), dtype=torch.bool, device=dev)
+            got = done.nonzero().flatten()
+            if got.numel():
+                rows = [nucleus[int(r)] for r in left[got].tolist()]
+                out.append(_Candidates(rows, _nucleus(values[got], top_p[left[got]]), ids[got]))
+            left = left[~done]
+            if left.numel() == 0:
+                break
+    plain = [i for i, p in enumerate(params) if i not in in_top_k and p.top_p >= 1.0]
+    if plain:
+        out.append(_Candidates(plain, _take(y, plain).softmax(dim=1), None))
     return out
 
 
-def _keep_sorted(values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """For probabilities sorted largest first: which to keep."""
-    keep = (values.cumsum(dim=1) - values) < top_p.unsqueeze(1)
-    keep[:, 0] = True  # even when a tiny top_p rounds to 0 in float32
-    return keep
-
-
-def _filter(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, min-p, top-k, top-p over float32 rows -> probabilities."""
-    dev = y.device
-    temps = torch.tensor([p.temperature for p in params], dtype=y.dtype, device=dev)
-    y = y / temps.unsqueeze(1)
-    if any(p.min_p > 0.0 for p in params):
-        probs = y.softmax(dim=1)
-        min_p = torch.tensor([p.min_p for p in params], dtype=y.dtype, device=dev)
-        floor = probs.amax(dim=1, keepdim=True) * min_p.unsqueeze(1)
-        y = y.masked_fill(probs < floor, float("-inf"))
-    vocab = y.shape[1]
-    if any(p.top_k is not None and p.top_k < vocab for p in params):
-        y = _top_k(y, [p.top_k if p.top_k is not None else vocab for p in params])
-    probs = y.softmax(dim=1)
-    nucleus = [p.top_p < 1.0 for p in params]
-    rows = _rows(nucleus, dev)
-    if rows is not None:
-        top_p = torch.tensor([p.top_p for p in params if p.top_p < 1.0], dtype=y.dtype, device=dev)
-        sub = probs[rows]
-        sub = sub.masked_fill(~_top_p_keep(sub, top_p), 0.0)
-        probs[rows] = sub / sub.sum(dim=1, keepdim=True)
-    return probs
+def filtered_probs_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities [R, vocab] the sampler draws from for rows of logits (temperature, min-p,
+    top-k, top-p; float32): the candidates scattered back over the vocabulary."""
+    y = _tempered(logits.float(), params)
+    out = torch.zeros_like(y)
+    for c in _candidates(y, params):
+        if c.ids is None:
+            out[c.rows] = c.probs
+        else:
+            out[c.rows] = torch.zeros_like(y[c.rows]).scatter_(1, c.ids, c.probs)
+    return out
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [vocab] of one row after temperature, min-p, top-k and top-p (float32)."""
-    return _filter(logits.float().unsqueeze(0), [params]).squeeze(0)
+    return filtered_probs_batch(logits.unsqueeze(0), [params]).squeeze(0)
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row by inverse CDF; one uniform from each row's generator."""
+def _draw(c: _Candidates, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``c`` by inverse CDF; one uniform from each row's generator."""
     u = [
-        float(torch.rand((), generator=g).item()) if g is not None else float(torch.rand(()))
-        for g in generators
+        float(torch.rand((), generator=generators[r]).item())
+        if generators[r] is not None
+        else float(torch.rand(()))
+        for r in c.rows
     ]
-    cdf = probs.cumsum(dim=1)
+    cdf = c.probs.cumsum(dim=1)
     target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]
-    idx = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
-    # u * total rounding up to the total: the last token with any mass
-    over = idx >= probs.shape[1]
-    if bool(over.any()):
-        last = probs.shape[1] - 1 - (probs.flip(1) > 0).int().argmax(dim=1)
-        idx = torch.where(over, last, idx)
-    return idx
+    pos = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+    width = c.probs.shape[1]
+    over = pos >= width
+    if bool(over.any()):  # u * total rounding up to the total: the last token with any mass
+        last = width - 1 - (c.probs.flip(1) > 0).int().argmax(dim=1)
+        pos = torch.where(over, last, pos)
+    if c.ids is None:
+        return pos
+    return c.ids.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
 def _logprobs(
@@ -332,6 +437,7 @@ def _logprobs(
     out: list[TokenLogprobs | None] = [None] * len(params)
     if rows is None:
         return out
+    indices = [i for i, w in enumerate(want) if w]
     lp = torch.log_softmax(x[rows].float(), dim=1)
     chosen = tokens[rows].unsqueeze(1)
     chosen_lp = lp.gather(1, chosen)
@@ -347,7 +453,7 @@ def _logprobs(
         chosen_lp.squeeze(1).tolist(),
         ranks.tolist(),
     )
-    for j, i in enumerate(rows.tolist()):
+    for j, i in enumerate(indices):
         n = params[i].logprobs or 0
         top = (
             tuple(
@@ -404,17 +510,24 @@ def sample_batch(
         _apply_penalties(x, params, hist)
         _apply_bias(x, params)
         _apply_min_tokens(x, params, hist, eos_token_ids)
+        _finite(x)
         dead = torch.isneginf(x.amax(dim=1)).nonzero().flatten().tolist()
         if dead:
             raise ValueError(f"rows {dead}: no token is allowed (an empty allowed-token mask)")
 
-    tokens = x.argmax(dim=1)
-    sampled = [not p.is_greedy for p in params]
-    rows = _rows(sampled, x.device)
-    if rows is not None:
-        sub_params = [p for p, s in zip(params, sampled) if s]
-        probs = _filter(x[rows], sub_params)
-        tokens[rows] = _draw(probs, [g for g, s in zip(generators, sampled) if s])
+    sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not sampled:
+        tokens = x.argmax(dim=1)
+    else:
+        tokens = torch.zeros(num_rows, dtype=torch.long, device=x.device)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        if greedy:
+            tokens[greedy] = x[greedy].argmax(dim=1)
+        sub_params = [params[i] for i in sampled]
+        sub_gens = [generators[i] for i in sampled]
+        y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)
+        for c in _candidates(y, sub_params):
+            tokens[[sampled[r] for r in c.rows]] = _draw(c, sub_gens)
     logprobs = _logprobs(x, tokens, params)
     out = tokens.tolist()
     for h, tok in zip(hist, out):
