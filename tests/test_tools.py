@@ -156,6 +156,10 @@ def test_a_forced_block_cut_off_before_its_name_is_dropped():
     content, calls, _ = run(forced, text, [])
     assert content == "" and len(calls) == 1
     assert forced.errors == ["tool call 1 was cut off before its function name"]
+    forced = HermesToolStream(make_id=ids(), forced=True)
+    content, calls, _ = run(forced, text[: text.rindex("<tool_call>") + 6], [])
+    assert content == "" and len(calls) == 1  # cut inside the opening tag
+    assert forced.errors == ["tool call 1 was cut off in its opening tag"]
     llama = Llama3JsonToolStream(make_id=ids(), forced=True)
     assert run(llama, '{"na', [])[:2] == ("", [])
 

@@ -226,8 +226,11 @@ class HermesToolStream(ToolCallStream):
                 self.errors.append(f"tool call {call.index} is incomplete")
             else:  # never became a call
                 self._unfinished_block(out, call.index, TOOL_CALL_OPEN + self._raw)
-        elif self._mode == "content" and not self.done:
-            self._content(out, self._buf)
+        elif self._mode == "content" and not self.done and self._buf:
+            if self.forced and TOOL_CALL_OPEN.startswith(self._buf):
+                self.errors.append(f"tool call {self.num_calls} was cut off in its opening tag")
+            else:
+                self._content(out, self._buf)
         self._call, self._buf, self._mode = None, "", "content"
         self._flush_pending(out)
         return out
