@@ -5,6 +5,7 @@ and pixel values. Images are checked here; a bad one raises ``InvalidInputError`
 from __future__ import annotations
 
 import io
+import json
 import re
 import secrets
 import threading
@@ -381,6 +382,7 @@ class InputProcessor:
         The messages' text is text: only the template writes special tokens (a ``<image>`` or
         ``<|im_end|>`` typed by a user is tokenised as those characters)."""
         # The chat template already writes any BOS the model wants.
+        self._check_tool_text(messages, tools)
         if not self._special_pattern or not any(
             self._special_pattern.search(t) for t in message_texts(messages)
         ):
@@ -388,6 +390,26 @@ class InputProcessor:
         else:
             ids = self._encode_chat_text_safely(messages, tools)
         return self.from_token_ids(ids, images, image_limits)
+
+    def _check_tool_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> None:
+        """Tools and tool-call arguments reach a template as data it writes itself (``tojson``),
+        not as message text, so their special-token strings cannot be kept as text: refuse
+        them (``InvalidInputError``) instead of letting them become control tokens."""
+        if self._special_pattern is None:
+            return
+        data: list[tuple[str, Any]] = [("tools", tools)] if tools else []
+        for i, m in enumerate(messages):
+            if m.get("tool_calls"):
+                data.append((f"messages[{i}].tool_calls", m["tool_calls"]))
+        for where, value in data:
+            found = self._special_pattern.search(json.dumps(value, ensure_ascii=False))
+            if found:
+                raise InvalidInputError(
+                    f"{where} contains the special token {found.group(0)!r}, which this "
+                    "model's chat template cannot write as text"
+                )
 
     def _encode_chat_text_safely(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
