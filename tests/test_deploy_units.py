@@ -239,7 +239,7 @@ def test_a_consumer_that_goes_away_disconnects_the_app():
 
 
 def test_an_app_error_is_the_apps_500():
-    start, chunks = asyncio.run(_collect(_slow_app([]), "GET", "/boom"))
+    start, _chunks = asyncio.run(_collect(_slow_app([]), "GET", "/boom"))
     assert start.status == 500
 
 
@@ -283,9 +283,10 @@ def test_serve_options_follow_the_server_and_engine_settings():
     assert gpu["ray_actor_options"]["num_gpus"] == 1.0
     assert gpu["request_router_config"]["request_router_kwargs"]["saturated_at"] == 16
     assert saturation_threshold(DeployConfig(saturated_at=5), 64, 512) == 5
-    assert replica_options(DeployConfig(gpus_per_replica=0.5), "cuda", 8, None)[
-        "max_queued_requests"
-    ] == -1
+    assert (
+        replica_options(DeployConfig(gpus_per_replica=0.5), "cuda", 8, None)["max_queued_requests"]
+        == -1
+    )
     with pytest.raises(ValueError):
         DeployConfig(replicas=0)
 
