@@ -179,6 +179,38 @@ class Forwarder:
         return None
 
     # -- forwarding -------------------------------------------------------------------------
+    async def _open(
+        self, handle: Any, request: Request, headers: Headers, body: bytes
+    ) -> tuple[Any, str | None, ResponseStart | None]:
+        """Send the request through ``handle``: (the response's item stream, the replica's
+        name, the ``ResponseStart``); (stream, None, None) when no replica took it within
+        ``--queue-timeout-s``. Serve's errors propagate."""
+        gen = handle.http.remote(
+            request.method, request.url.path, request.url.query.encode(), headers, body
+        )
+        try:
+            replica = await asyncio.wait_for(gen.__anext__(), self.deploy_config.queue_timeout_s)
+        except TimeoutError:
+            gen.cancel()
+            return gen, None, None
+        except BaseException:
+            gen.cancel()
+            raise
+        start = await gen.__anext__()
+        if not isinstance(start, ResponseStart) or not isinstance(replica, str):
+            gen.cancel()
+            raise RuntimeError(f"unexpected items from the replica: {replica!r}, {start!r}")
+        return gen, replica, start
+
+    async def _spill_target(self, key: SessionKey, full: str) -> str | None:
+        """The unique id of the replica a request refused by the full replica ``full`` goes to:
+        the session's next ring replica, or another replica for a request without a session."""
+        router = state.ROUTERS.get(self.deploy_config.app_name)
+        if router is None:
+            return None
+        other = router.alternative(key.key, full)
+        return str(other.replica_id.unique_id) if other is not None else None
+
     async def forward(self, request: Request) -> Response:
         try:
             body = await request.body()  # the size limit's 413 is raised here
@@ -193,21 +225,26 @@ class Forwarder:
         )
         self.metrics.sessions.labels(key.source).inc()
         handle = self.stream.options(session_id=key.key) if key.key else self.stream
-        gen = handle.http.remote(
-            request.method, request.url.path, request.url.query.encode(), headers, body
-        )
+        gen: Any = None
         replica: str | None = None
         try:
-            try:
-                replica = await asyncio.wait_for(
-                    gen.__anext__(), self.deploy_config.queue_timeout_s
-                )
-            except TimeoutError:
-                gen.cancel()
+            gen, replica, start = await self._open(handle, request, headers, body)
+            if replica is None or start is None:
                 return self.reject("queue_timeout", None, None).response()
-            start = await gen.__anext__()
-            if not isinstance(start, ResponseStart) or not isinstance(replica, str):
-                raise RuntimeError(f"unexpected items from the replica: {replica!r}, {start!r}")
+            if start.status == 503:
+                # The replica's own admission refused it (it has --max-queue unfinished
+                # requests; nothing was run): the session's other replica gets one try.
+                content = b"".join([chunk async for chunk in gen])
+                target = await self._spill_target(key, replica) if _overloaded(content) else None
+                if target is not None:
+                    self.metrics.decisions.labels("spill").inc()
+                    pinned = self.stream.options(session_id=PIN_PREFIX + target)
+                    gen, replica, start = await self._open(pinned, request, headers, body)
+                    if replica is None or start is None:
+                        return self.reject("queue_timeout", None, None).response()
+                else:
+                    self._count(key, replica)
+                    return _response(start, content, replica)
             self._count(key, replica)
             if "text/event-stream" in _content_type(start.headers):
                 resp: Response = StreamingResponse(
@@ -217,12 +254,14 @@ class Forwarder:
                 return resp
             content = b"".join([chunk async for chunk in gen])
         except asyncio.CancelledError:  # the client went away: stop the replica's work too
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
             raise
         except RequestCancelledError:
             return Response(status_code=499)
         except Exception as exc:  # every failure gets an OpenAI error body
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
             err = self._reject_for(exc, replica)
             if err is None:
                 log.exception("forwarding %s %s failed", request.method, request.url.path)
@@ -231,12 +270,7 @@ class Forwarder:
             if replica is not None:
                 resp.headers[REPLICA_HEADER] = replica
             return resp
-        resp = Response(content, status_code=start.status)
-        resp.raw_headers = [
-            (b"content-length", str(len(content)).encode()),
-            *_header_pairs(start.headers, replica),
-        ]
-        return resp
+        return _response(start, content, replica)
 
     def _count(self, key: SessionKey, replica: str) -> None:
         self.metrics.routed.labels(replica).inc()
@@ -308,6 +342,23 @@ class Forwarder:
         self.metrics.replicas.set(len(names))
         groups.append(relabel(self.metrics.render().decode()))
         return Response(merge(groups), media_type=CONTENT_TYPE_LATEST)
+
+
+def _response(start: ResponseStart, content: bytes, replica: str) -> Response:
+    resp = Response(content, status_code=start.status)
+    resp.raw_headers = [
+        (b"content-length", str(len(content)).encode()),
+        *_header_pairs(start.headers, replica),
+    ]
+    return resp
+
+
+def _overloaded(content: bytes) -> bool:
+    """A replica's 503 body says its admission queue is full (``nova serve``'s 503)."""
+    try:
+        return bool(json.loads(content)["error"]["code"] == "overloaded")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 async def _drain(gen: Any) -> tuple[int, bytes]:

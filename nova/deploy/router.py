@@ -11,6 +11,9 @@ routing loop (which holds on to every request of a same-session burst) and repla
   ``saturated_at`` requests in flight, to the less loaded of the session's two ring replicas
   (power of two choices among the session's candidates); when it refuses (full), to the second;
 - a request without a session goes to the less loaded of two random replicas;
+- a request the chosen replica's own admission refuses (503: it has ``--max-queue`` unfinished
+  requests) is sent once more by the ingress, to ``alternative()``: the session's next ring
+  replica (exact, where the saturation test above works on Serve's cached queue lengths);
 - a session id ``pin:<unique id>`` goes to exactly that replica (the ingress's metrics and health
   fan-out).
 
@@ -66,6 +69,21 @@ class NovaRouter(ConsistentHashRouter):  # type: ignore[misc]
     def owner(self, session_id: str) -> str | None:
         """The name of the session's ring replica among the current replicas."""
         return self.ring()[0].owner(session_id)
+
+    def alternative(self, session_id: str | None, exclude: str) -> RunningReplica | None:
+        """Where a request that replica ``exclude`` refused goes: the session's next ring
+        replica after ``exclude``, or (no session) a random other replica; None if none."""
+        ring, by_name = self.ring()
+        if session_id:
+            names = ring.lookup(session_id, len(by_name))
+            if exclude in names:  # the ring order continues after the replica that refused
+                i = names.index(exclude)
+                names = names[i + 1 :] + names[:i]
+            others = [n for n in names if n != exclude]
+        else:
+            others = [n for n in by_name if n != exclude]
+            random.shuffle(others)
+        return by_name[others[0]] if others else None
 
     # -- the choice ------------------------------------------------------------------------
     def _count(self, pending_request: PendingRequest, decision: str) -> None:

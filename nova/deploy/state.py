@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 # the ingress's handle creates it, on the handle's first request)
 ROUTERS: dict[str, Any] = {}
 
-DECISIONS = ("primary", "p2c", "pinned", "random")
+DECISIONS = ("primary", "p2c", "spill", "pinned", "random")
 REJECTIONS = ("backpressure", "replica_failed", "queue_timeout", "no_replicas")
 
 
@@ -35,8 +35,9 @@ class IngressMetrics:
         self.decisions = Counter(
             "nova_ingress_routing_decisions",
             "Router decisions: primary (the session's ring replica), p2c (it was saturated: "
-            "the less loaded of the session's two ring replicas), pinned (metrics and health "
-            "calls to one replica), random (requests without a session)",
+            "the less loaded of the session's two ring replicas), spill (the chosen replica "
+            "was full: sent to the session's next one), pinned (metrics and health calls to "
+            "one replica), random (requests without a session)",
             ["decision"],
             registry=r,
         )
