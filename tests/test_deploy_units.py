@@ -364,3 +364,25 @@ def test_replicas_without_ray_name_the_extra():
     assert res.returncode == 2
     assert "pip install 'nova-serve[ray]'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_waiting_body_messages_are_sent_as_one_chunk():
+    """A stream whose consumer is slower than the app gets its events joined, in order."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(5):
+            await send({"type": "http.response.body", "body": f"{i};".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+
+    async def read_slowly():
+        chunks = []
+        async for item in drive_asgi(app, "GET", "/", b"", [], b""):
+            await asyncio.sleep(0.05)  # the app runs ahead meanwhile
+            if isinstance(item, bytes):
+                chunks.append(item)
+        return chunks
+
+    chunks = asyncio.run(read_slowly())
+    assert b"".join(chunks) == b"0;1;2;3;4;end"
+    assert len(chunks) < 6

@@ -114,9 +114,23 @@ async def drive_asgi(
                     [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]],
                 )
             elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield bytes(message["body"])
-                if not message.get("more_body", False):
+                # Body messages already waiting are sent as one chunk: under load a stream's
+                # events cross the process boundary in fewer, larger items, and an idle stream
+                # still sends each event at once.
+                data = bytearray(message.get("body", b""))
+                last = not message.get("more_body", False)
+                app_done = False
+                while not last and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        app_done = True
+                        break
+                    if nxt["type"] == "http.response.body":
+                        data += nxt.get("body", b"")
+                        last = not nxt.get("more_body", False)
+                if data:
+                    yield bytes(data)
+                if last or app_done:
                     break
         finished = True
         done, _ = await asyncio.wait({task}, timeout=FINISH_GRACE_S)
