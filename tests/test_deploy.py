@@ -499,6 +499,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(server, http
             return streams, unary, time.monotonic() - t_kill
 
     streams, unary, settle_s = asyncio.run(run())
+    t_back = time.monotonic() - settle_s  # the kill, on this clock
     print(f"\nin-flight requests settled {settle_s:.2f} s after the kill")
 
     def ended_cleanly(s: dict) -> str:
@@ -514,6 +515,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(server, http
 
     assert [s["replica"] for s in streams] == ["replica-0", "replica-0", "replica-1"]
     outcomes = [ended_cleanly(s) for s in streams]
+    print(f"streams: {outcomes}; the unary request: {unary['status']}")
     assert outcomes[2] == "finished"  # the other replica's stream is untouched
     assert "failed" in outcomes[:2], "the victim's streams were in flight when it was killed"
     if unary["status"] != 200:
@@ -529,6 +531,11 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(server, http
             headers={"x-session-id": session},
         )
         assert r.status_code == 200, r.text
+        if r.headers["x-nova-replica"] == "replica-0":  # only if it is the restarted one
+            now = {x["name"]: x["pid"] for x in http.get("/health").json()["replicas"]}
+            assert now.get("replica-0") not in (None, victim["pid"])
+        else:
+            assert r.headers["x-nova-replica"] == "replica-1"
     metrics = http.get("/metrics").text
     assert _sample(metrics, "nova_ingress_rejected_total", reason="replica_failed") >= 1
 
@@ -547,6 +554,7 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(server, http
         )
         time.sleep(1)
     assert back is not None, f"replica-0 was not restarted:\n{server.log_tail()}"
+    print(f"replica-0 back (pid {back['pid']}) {time.monotonic() - t_back:.1f} s after the kill")
     r = http.post(
         "/v1/chat/completions",
         json={"model": MODEL_NAME, "messages": [user("back?")], "max_tokens": 4},
