@@ -150,7 +150,7 @@ AUTH = (("authorization", "Bearer k"),)
 
 def test_drive_asgi_answers_as_the_app_does_over_http(fake_app):
     bad = [
-        json.dumps({"prompt": "abc", "max_tokens": -1}).encode(),
+        json.dumps({"model": "fake", "prompt": "abc", "max_tokens": -1}).encode(),
         b"{not json",
         json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(),
     ]
@@ -170,14 +170,16 @@ def test_drive_asgi_answers_as_the_app_does_over_http(fake_app):
         assert b"".join(chunks) == expected
     start, chunks = asyncio.run(_collect(fake_app, "POST", "/v1/completions", bad[0]))
     assert start.status == 401 and b"".join(chunks) == unauth
-    ok = json.dumps({"prompt": "abcdef", "max_tokens": 4}).encode()
+    ok = json.dumps({"model": "fake", "prompt": "abcdef", "max_tokens": 4}).encode()
     start, chunks = asyncio.run(_collect(fake_app, "POST", "/v1/completions", ok, AUTH))
     assert start.status == 200
     assert json.loads(b"".join(chunks))["choices"][0]["text"] == "fedc"
 
 
 def test_drive_asgi_streams_server_sent_events(fake_app):
-    body = json.dumps({"prompt": "abcdef", "max_tokens": 4, "stream": True}).encode()
+    body = json.dumps(
+        {"model": "fake", "prompt": "abcdef", "max_tokens": 4, "stream": True}
+    ).encode()
     start, chunks = asyncio.run(_collect(fake_app, "POST", "/v1/completions", body, AUTH))
     assert start.status == 200
     assert dict(start.headers)["content-type"].startswith("text/event-stream")
