@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from nova.config import EngineConfig
+from nova.deploy.config import DeployConfig
 from nova.flags import add_flags, from_flags
 from nova.server.config import SERVER_GROUP, ServerConfig
 
@@ -29,6 +30,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     groups: dict[str, Any] = {}
     add_flags(p, EngineConfig, group=ENGINE_GROUP, groups=groups)
     add_flags(p, ServerConfig, defaults=SERVE_FLAG_DEFAULTS, groups=groups)
+    add_flags(p, DeployConfig, groups=groups)
     groups[SERVER_GROUP].add_argument(
         "--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -71,6 +73,10 @@ def print_startup(about: EngineDescription, server_config: ServerConfig) -> None
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "replicas", None) is not None:  # Ray Serve; Ray is imported only here
+        from nova.deploy.cli import run_replicas
+
+        return run_replicas(args)
     import uvicorn
 
     from nova.engine.async_engine import AsyncEngine
