@@ -156,3 +156,20 @@ def test_granted_together_does_not_depend_on_the_order(gpu_name, shares):
     forward = grid.granted_together(shares)
     backward = grid.granted_together(shares[::-1])
     assert forward == backward[::-1]
+
+
+def test_cpu_cores_play_the_role_of_sms():
+    from nova.cost import StageWork, make_cost_model
+    from nova.cost.gpus import cpu_spec
+
+    cpu16 = cpu_spec(16)
+    assert cpu16.name == "cpu" and cpu16.grid == SmGrid(16, 1, 1)
+    g = split_sms(cpu16, 4)
+    assert (g.decode, g.compute) == (4, (12,))
+    model = make_cost_model("roofline", cpu16, "demo")
+    prefill = StageWork.prefill(256)
+    quarter, whole = model.breakdown(prefill, 4 / 16), model.breakdown(prefill, 1.0)
+    assert quarter.compute_s == pytest.approx(4 * whole.compute_s, rel=1e-3)
+    assert quarter.time_s > whole.time_s
+    with pytest.raises(ValueError, match="core"):
+        cpu_spec(0)
