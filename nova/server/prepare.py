@@ -390,6 +390,8 @@ class RequestPreparer:
             except MediaError as exc:
                 raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
         try:
+            if image_limits is None:  # the two-argument call of processors without limits
+                return self.processor.from_chat(messages, images)
             return self.processor.from_chat(messages, images, image_limits)
         except InvalidInputError as exc:
             if str(exc).startswith("mm_processor_kwargs"):
