@@ -21,9 +21,9 @@ from nova.gpu.partition import make_backend
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
-from nova.runtime.sampler import make_generator, sample
+from nova.runtime.sampler import TokenHistory, make_generator, make_history, sample_batch
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, Partition, Stage, StageResult
+from nova.types import Batch, BatchItem, Partition, Stage, StageResult, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -35,6 +35,10 @@ class _Payload:
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
     mrope: Any | None = None  # MRopePlan: M-RoPE positions of a Qwen-VL prompt with images
+    # the tokens penalties and min_tokens look at (None when the request has neither)
+    history: TokenHistory | None = None
+    # log-probabilities of the token sampled by the batch now running (taken by ``execute``)
+    last_logprobs: TokenLogprobs | None = None
 
 
 class TorchExecutor:
@@ -69,6 +73,9 @@ class TorchExecutor:
             if pixel_values is not None
             else None
         )
+        history = make_history(
+            sampling, prompt_token_ids, self.runner.vocab_size, self.runner.device
+        )
         with self._lock:
             self._payloads[request_id] = _Payload(
                 sampling,
@@ -76,6 +83,7 @@ class TorchExecutor:
                 pixel_values,
                 tuple(prompt_token_ids),
                 mrope=plan,
+                history=history,
             )
 
     def release(self, request_id: str) -> None:
@@ -99,6 +107,11 @@ class TorchExecutor:
             out = run_isolated(batch, fn, self.fault_hook)
             if stream is not None:
                 stream.synchronize()
+        with self._lock:
+            for rid in out.new_token_ids:
+                p = self._payloads.get(rid)
+                if p is not None and p.last_logprobs is not None:
+                    out.logprobs[rid], p.last_logprobs = p.last_logprobs, None
         self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
         return out
 
@@ -129,10 +142,16 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
-        tokens = sample(
-            logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads]
+        out = sample_batch(
+            logits[rows],
+            [p.sampling for p in payloads],
+            [p.generator for p in payloads],
+            histories=[p.history for p in payloads],
+            eos_token_ids=self.runner.loaded.eos_token_ids,
         )
-        return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
+        for p, lp in zip(payloads, out.logprobs):
+            p.last_logprobs = lp
+        return {items[i].request_id: tok for i, tok in zip(rows, out.token_ids)}
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
         """The image embeddings for the placeholders inside this (possibly partial) prefill."""

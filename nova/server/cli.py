@@ -72,6 +72,16 @@ def print_startup(about: EngineDescription, server_config: ServerConfig) -> None
     print(f"nova serve: partitions: {about.partition_backend}", file=sys.stderr, flush=True)
 
 
+def _check_servable(engine: Any) -> None:
+    """A model that could not take a single image request fails at start-up, not per request
+    (``load_format=dummy`` serves shapes only: let it through)."""
+    from nova.models.errors import ModelLoadError
+
+    problem = engine.llm_engine.unservable_reason()
+    if problem is not None:
+        raise ModelLoadError(problem)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if getattr(args, "replicas", None) is not None:  # Ray Serve; Ray is imported only here
         from nova.deploy.cli import run_replicas
@@ -87,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"nova serve: loading {args.model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine(engine_config)
     try:
+        _check_servable(engine)
         app = create_app(engine, server_config)
         print_startup(engine.describe(), server_config)
         uvicorn.run(

@@ -76,6 +76,7 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
             skip = (
                 "[" in item
                 or item in _BRANCH_LABELS
+                or item.startswith("constrained-")
                 or (isinstance(prev, int) and item in _UNION_TAGS)
             )
             prev = item
@@ -119,6 +120,21 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     where = param or "request body"
     return bad_request(
         f"{where}: {msg}{more}", param=param, code=str(err.get("type") or "invalid_value")
+    )
+
+
+def body_parse_error(cause: BaseException) -> OpenAIError:
+    """400 for a body FastAPI could not parse, naming why (invalid UTF-8 above all)."""
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start : cause.start + 1].hex()
+        return bad_request(
+            f"the request body is not valid UTF-8: byte 0x{bad} at offset {cause.start} "
+            f"({cause.reason}); JSON must be UTF-8 encoded",
+            code="invalid_utf8",
+        )
+    return bad_request(
+        f"the request body could not be parsed as JSON ({cause.__class__.__name__})",
+        code="invalid_json",
     )
 
 

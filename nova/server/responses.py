@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -15,7 +15,9 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from nova.server.errors import GenerationFailed, OpenAIError, generation_failed, internal_error
+from nova.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from nova.server.prepare import Prepared
+from nova.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,39 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text to send for a request; the last piece of a request has its finish reason."""
+    """Text to send for a request (possibly empty: the first piece comes with the first
+    token whatever its text); the last piece of a request has its finish reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of this piece's tokens
+
+
+@dataclass(slots=True)
+class Collected:
+    """A whole (non-streamed) response's output."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+def image_sizes(p: Prepared) -> list[dict[str, int]] | None:
+    """The extension field ``image_sizes``: each image as given and as the model saw it."""
+    sizes = p.prompt.image_sizes
+    if not sizes:
+        return None
+    return [
+        {
+            "width": s.width,
+            "height": s.height,
+            "resized_width": s.resized_width,
+            "resized_height": s.resized_height,
+        }
+        for s in sizes
+    ]
 
 
 def usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
@@ -53,28 +83,35 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, text: str, finish: str | None, n: int) -> dict[str, Any]:
-    return {
+def chat_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
+    body = {
         **response_head(p, "chat.completion", model),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": (
+                    chat_logprobs(out.logprobs, texts) if p.logprobs is not None else None
+                ),
+                "finish_reason": out.finish_reason,
             }
         ],
-        "usage": usage(p, n),
+        "usage": usage(p, out.num_output_tokens),
     }
+    sizes = image_sizes(p)
+    if sizes is not None:
+        body["image_sizes"] = sizes
+    return body
 
 
-def completion_body(
-    p: Prepared, model: str, text: str, finish: str | None, n: int
-) -> dict[str, Any]:
+def completion_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
+    logprobs = completion_logprobs(out.logprobs, texts)[0] if p.logprobs is not None else None
     return {
         **response_head(p, "text_completion", model),
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(p, n),
+        "choices": [
+            {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        ],
+        "usage": usage(p, out.num_output_tokens),
     }
 
 
@@ -83,39 +120,60 @@ async def sse_events(
     model: str,
     pieces: AsyncGenerator[Piece, None],
     on_rejected: Callable[[], None],
+    texts: TokenTexts,
 ) -> AsyncGenerator[str, None]:
-    """The events of a streamed response over ``pieces`` (closed when done). An error after the
-    stream started is sent as an error event followed by ``[DONE]``; ``on_rejected`` is called
-    for a 4xx-style ``OpenAIError``."""
+    """The events of a streamed response over ``pieces`` (closed when done). The first chunk
+    goes out with the first token (a chat's carries the role and that token's text, and the
+    ``image_sizes`` extension), never before: clients time the first token by it. An error
+    after the stream started is sent as an error event followed by ``[DONE]``;
+    ``on_rejected`` is called for a 4xx-style ``OpenAIError``."""
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
+    offset = 0  # completions' text_offset: output characters before the chunk's tokens
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(
+        text: str | None,
+        finish: str | None,
+        num_tokens: int,
+        entries: list[TokenLogprobs] | None = None,
+        first: bool = False,
+    ) -> str:
+        nonlocal offset
+        logprobs: dict[str, Any] | None = None
+        if p.logprobs is not None and entries is not None:
+            if chat:
+                logprobs = chat_logprobs(entries, texts)
+            else:
+                logprobs, offset = completion_logprobs(entries, texts, offset)
         if chat:
             delta: dict[str, Any] = {}
-            if role:
+            if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = {**head, "choices": [choice]}
-        if p.include_usage:
+        if first and chat and p.prompt.image_sizes:
+            obj["image_sizes"] = image_sizes(p)
+        if p.continuous_usage:
+            obj["usage"] = usage(p, num_tokens)
+        elif p.include_usage:
             obj["usage"] = None
         return sse_event(obj)
 
-    if chat:
-        yield chunk("", None, role=True)
     n = 0
+    first = True
     try:
         async with contextlib.aclosing(pieces) as ps:
             async for piece in ps:
-                if piece.text:
-                    yield chunk(piece.text, None)
+                if first or piece.text or piece.logprobs:
+                    yield chunk(piece.text, None, piece.num_output_tokens, piece.logprobs, first)
+                    first = False
                 if piece.finish_reason is not None:
                     n = piece.num_output_tokens
-                    yield chunk(None if chat else "", piece.finish_reason)
+                    yield chunk(None if chat else "", piece.finish_reason, n)
     except OpenAIError as exc:
         on_rejected()
         yield sse_event(exc.body())

@@ -24,9 +24,11 @@ from nova.server.errors import (
     bad_request,
     generation_failed,
 )
+from nova.server.logprobs import TokenTexts
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
+    Collected,
     EngineStream,
     Piece,
     chat_body,
@@ -68,6 +70,7 @@ class NovaService:
         self.preparer = RequestPreparer(client, config, self.metrics.prepare.observe)
         self.max_model_len = self.preparer.max_model_len
         self.created = int(time.time())
+        self.token_texts = TokenTexts(client.processor.tokenizer)
 
     def admit(self) -> None:
         """Take an admission slot, or raise 503 with Retry-After."""
@@ -94,7 +97,9 @@ class NovaService:
 
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> text pieces (stop strings applied); records the outcome."""
+        """Engine deltas -> pieces (stop strings applied): one per delta that brought tokens
+        (its text may be empty: held back by a possible stop string or a partial character),
+        and a last one with the finish reason. Records the outcome."""
         matcher = StopMatcher(p.stops)
         outcome = "aborted"
         final: RequestMetrics | None = None
@@ -109,21 +114,28 @@ class NovaService:
                         final = d.metrics
                     if stopped_at is not None:
                         continue  # draining after our abort, for the final metrics
-                    text = matcher.feed(d.text_delta)
+                    text = matcher.feed(d.text_delta, armed=d.num_output_tokens > p.min_tokens)
                     if matcher.stopped:
                         stopped_at = d.num_output_tokens
                         outcome = "finished"
                         if not d.finished:
                             await self.client.abort(p.request_id)
-                        yield Piece(text, "stop", stopped_at)
+                        if p.include_stop_str and matcher.matched:
+                            text += matcher.matched
+                        yield Piece(text, "stop", stopped_at, d.logprobs)
                     elif d.finished:
                         if d.finish_reason == "error":
                             outcome = "failed"
                             raise GenerationFailed(d.error or "the engine failed this request")
                         outcome = "finished" if d.finish_reason in ("stop", "length") else "aborted"
-                        yield Piece(text + matcher.flush(), d.finish_reason, d.num_output_tokens)
-                    elif text:
-                        yield Piece(text, None, d.num_output_tokens)
+                        yield Piece(
+                            text + matcher.flush(),
+                            d.finish_reason,
+                            d.num_output_tokens,
+                            d.logprobs,
+                        )
+                    elif text or d.new_token_ids:
+                        yield Piece(text, None, d.num_output_tokens, d.logprobs)
         except RequestRejected as exc:
             outcome = "rejected"
             raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
@@ -132,20 +144,20 @@ class NovaService:
                 self.metrics.prompt_tokens.inc(p.num_prompt_tokens)
                 self.metrics.observe_final(outcome, final)
 
-    async def collect(self, p: Prepared) -> tuple[str, str | None, int]:
+    async def collect(self, p: Prepared) -> Collected:
+        out = Collected()
         texts: list[str] = []
-        finish: str | None = None
-        n = 0
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
                 texts.append(piece.text)
+                out.logprobs.extend(piece.logprobs)
                 if piece.finish_reason is not None:
-                    finish, n = piece.finish_reason, piece.num_output_tokens
-        return "".join(texts), finish, n
+                    out.finish_reason = piece.finish_reason
+                    out.num_output_tokens = piece.num_output_tokens
+        out.text = "".join(texts)
+        return out
 
-    async def collect_unless_gone(
-        self, p: Prepared, request: Request
-    ) -> tuple[str, str | None, int]:
+    async def collect_unless_gone(self, p: Prepared, request: Request) -> Collected:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -165,15 +177,16 @@ class NovaService:
         """Run a prepared request; owns one admission slot and releases it when done."""
         model = self.config.served_model_name
         if p.stream:
-            events = sse_events(p, model, self.run(p), self.metrics.rejected)
+            events = sse_events(p, model, self.run(p), self.metrics.rejected, self.token_texts)
             return EngineStream(events, self.admission.release)
         try:
-            text, finish, n = await self.collect_unless_gone(p, request)
+            done = await self.collect_unless_gone(p, request)
         except ClientGone:
             return Response(status_code=499)
         except GenerationFailed as exc:
             raise generation_failed(str(exc)) from exc
         finally:
             self.admission.release()
-        build = chat_body if p.kind == "chat" else completion_body
-        return JSONResponse(build(p, model, text, finish, n))
+        if p.kind == "chat":
+            return JSONResponse(chat_body(p, model, done, self.token_texts))
+        return JSONResponse(completion_body(p, model, done, self.token_texts))
