@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with ServerThread(app) as srv:
                 proc = subprocess.run(
-                    [*cmd, f"{srv.base_url}/openapi.json"], capture_output=True, text=True, env=env
+                    [*cmd, f"{srv.base_url}/openapi.json"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=tmp,  # schemathesis keeps a cache in its cwd
                 )
         finally:
             engine.shutdown()

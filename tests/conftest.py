@@ -89,20 +89,7 @@ def save_tiny_llava(path: Path, text: str, vision: str, strategy: str) -> Path:
     )
     model = LlavaForConditionalGeneration(cfg)
     model.save_pretrained(path)
-    save_tiny_image_processor(path, vision)
     return path
-
-
-def save_tiny_image_processor(path: Path, vision: str) -> None:
-    """The tower's image processor at the tiny image size (a real checkpoint ships one)."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
-    size = tiny_vision_config(vision).image_size
-    if vision == "clip":
-        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size)
-    else:
-        proc = SiglipImageProcessor(size={"height": size, "width": size})
-    proc.save_pretrained(path)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ command that needs a missing extra says which one to install."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -104,7 +105,7 @@ def test_extras_match_pyproject():
         "optional-dependencies"
     ]
     for extra, modules in EXTRAS.items():
-        names = {req.split(">")[0].split("=")[0].split("<")[0].strip() for req in declared[extra]}
+        names = {re.split(r"[<>=\[]", req)[0].strip() for req in declared[extra]}
         assert names == set(modules), extra
     # every runtime dependency of the core is not an extra: no extra repeats a core dependency
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -114,13 +114,27 @@ def test_a_loaded_model_carries_its_defaults(tiny_dirs, tmp_path):
 
 
 def test_multimodal_checkpoint_without_image_processor_fails_at_load(tiny_dirs, tmp_path):
+    from nova.config import EngineConfig
+    from nova.engine.async_engine import AsyncEngine
+    from nova.models.loader import missing_image_processor
+    from nova.server.cli import _check_servable
+
     d = tmp_path / "llava"
-    shutil.copytree(tiny_dirs["llava-clip"], d)
-    (d / "preprocessor_config.json").unlink()
-    with pytest.raises(ModelLoadError, match="no image processor config"):
-        load_model(d)
-    assert load_model(d, load_format="dummy").image_processor is None  # shapes only: allowed
-    # a processor config that names no loadable processor: also at load, naming it
+    shutil.copytree(tiny_dirs["llava-clip"], d)  # saved without its processor
+    assert not (d / "preprocessor_config.json").exists()
+    loaded = load_model(d)  # offline use with pixel tensors still loads
+    assert "no image processor config" in missing_image_processor(loaded)
+    engine = AsyncEngine(EngineConfig(model=str(d), num_kv_blocks=16))
+    try:
+        with pytest.raises(ModelLoadError, match="no image processor config"):
+            _check_servable(engine)  # what nova serve runs before serving
+    finally:
+        engine.shutdown()
+    from nova.server.testing import build_tiny_chat_model
+
+    with_processor = build_tiny_chat_model(tmp_path / "with-processor")
+    assert missing_image_processor(load_model(with_processor)) is None
+    # a processor config that names no loadable processor: at load, naming it
     (d / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "NoSuchOne"}))
     with pytest.raises(ModelLoadError, match="image processor cannot be loaded"):
         load_model(d)

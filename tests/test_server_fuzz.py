@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run_schemathesis(base_url: str, max_examples: int, extra: list[str] | None =
         "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
         "NO_COLOR": "1",
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    with tempfile.TemporaryDirectory() as cwd:  # schemathesis keeps a cache in its cwd
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=cwd)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -20,7 +20,7 @@ from nova.executor.base import FaultHook
 from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
-from nova.models.loader import LoadedModel, load_model
+from nova.models.loader import LoadedModel, load_model, missing_image_processor
 from nova.models.mm import num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import GenerationDefaults, SamplingParams
@@ -127,6 +127,14 @@ class LLMEngine:
         self.executor = TorchExecutor(self.runner, fault_hook, self.partition_backend)
         self.loop = EngineLoop(self.scheduler, self.executor)
         self._ids = itertools.count()
+
+    def unservable_reason(self) -> str | None:
+        """Why this model cannot be served over the API as loaded (a multimodal checkpoint
+        without its image processor: every image request would fail), or None. Dummy
+        weights serve shapes only and pass."""
+        if self.loaded.load_format == "dummy":
+            return None
+        return missing_image_processor(self.loaded)
 
     def start(self) -> LLMEngine:
         self.loop.start()

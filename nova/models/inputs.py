@@ -454,9 +454,10 @@ class InputProcessor:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=True)
 
 
-# Tokenising this much text leaves the allocator holding its peak (the tokenizer's buffers);
-# give it back to the OS afterwards.
-RELEASE_MEMORY_CHARS = 1 << 20
+# Tokenising this much text leaves the allocator holding its peak (the tokenizer's buffers,
+# tens of bytes per character); give it back to the OS afterwards (malloc_trim: ~1 ms). The
+# demo's longest acceptable text is 663,552 characters (docs/server.md).
+RELEASE_MEMORY_CHARS = 1 << 18
 
 
 def release_freed_memory() -> None:

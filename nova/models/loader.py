@@ -217,6 +217,22 @@ def read_shape(model_dir: Path) -> ModelShape:
     return shape
 
 
+def missing_image_processor(loaded: LoadedModel) -> str | None:
+    """Why ``loaded`` cannot take images although it is multimodal (a fixed-resolution tower
+    whose directory has no processor config: its resize and normalisation are unknown), or
+    None. ``nova serve`` refuses to start on such a model rather than answer every image
+    request with a 400; offline use (pixel tensors given directly) still loads it."""
+    if not loaded.model.is_multimodal or loaded.image_processor is not None:
+        return None
+    if loaded.shape.image_sizing is not None:  # dynamic resolution: the published defaults
+        return None
+    return (
+        f"{loaded.model_dir} is a multimodal model but has no image processor config "
+        "(processor_config.json with an image_processor entry, or preprocessor_config.json); "
+        "save the model's processor next to it (AutoProcessor.save_pretrained)"
+    )
+
+
 def _load_image_processor(model_dir: Path, shape: ModelShape) -> Any | None:
     """The image processor of a multimodal model, from either processor config layout
     (``nova.shapes.processor``); a ``ModelLoadError`` when the config names none that loads.
@@ -333,19 +349,6 @@ def load_model(
         load_safetensors_weights(nova_model, arch, model_dir)
     nova_model.eval().requires_grad_(False)
     tokenizer = _load_tokenizer(model_dir)
-    if (
-        nova_model.is_multimodal
-        and shape.processor_file is None
-        and shape.image_sizing is None
-        and load_format != "dummy"
-    ):
-        # A fixed-resolution tower's resize and normalisation are the checkpoint's own: without
-        # them every image request would fail; say so now (dummy weights: shapes only).
-        raise ModelLoadError(
-            f"{model_dir} is a multimodal model but has no image processor config "
-            "(processor_config.json with an image_processor entry, or preprocessor_config.json); "
-            "save the model's processor next to it (AutoProcessor.save_pretrained)"
-        )
     loaded = LoadedModel(
         model=nova_model,
         hf_config=hf_config,

@@ -343,6 +343,7 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     when the mass of strictly more likely tokens already reaches top_p (the most likely token
     is always kept, even when a tiny top_p rounds to 0 in float32)."""
     keep = (probs.cumsum(dim=1) - probs) < top_p.unsqueeze(1)
+    keep |= (top_p >= 1.0).unsqueeze(1)  # no cut at all, whatever the cumsum's rounding
     keep[:, 0] = True
     kept = probs * keep
     return kept / kept.sum(dim=1, keepdim=True)

@@ -500,6 +500,8 @@ class RequestPreparer:
         try:
             if tools:
                 return self.processor.from_chat(messages, images, image_limits, tools=tools)
+            if image_limits is None:  # the two-argument call of processors without limits
+                return self.processor.from_chat(messages, images)
             return self.processor.from_chat(messages, images, image_limits)
         except InvalidInputError as exc:
             if str(exc).startswith("mm_processor_kwargs"):
