@@ -369,7 +369,9 @@ class RequestPreparer:
             try:
                 arguments = json.loads(call.function.arguments or "{}")
             except json.JSONDecodeError as exc:
-                raise bad_request(f"{param} is not valid JSON: {exc}", param, JSON_TEXT_CODE) from exc
+                raise bad_request(
+                    f"{param} is not valid JSON: {exc}", param, JSON_TEXT_CODE
+                ) from exc
             calls.append(
                 {
                     "id": call.id,
