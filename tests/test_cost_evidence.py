@@ -308,3 +308,15 @@ def test_a_profile_with_sm_shares_becomes_the_bandwidth_curve(tmp_path):
     )
     with pytest.raises(EvidenceError, match="at least two SM shares"):
         evidence_from_profile(one, overhead)
+
+
+def test_co_running_partitions_never_get_more_sms_than_the_gpu():
+    """Shares a policy did not build with split_sms: each rounded on its own would overbook
+    (72 + 64 of 132); side by side the cost model grants them within the device."""
+    m = make_cost_model("roofline", "h100-sxm", "cogagent-9b")
+    decode, prefill = StageWork.decode([1800] * 4), StageWork.prefill(1750)
+    d = m.breakdown(decode, 70 / 132, [(prefill, 62 / 132)]).effective_share
+    p = m.breakdown(prefill, 62 / 132, [(decode, 70 / 132)]).effective_share
+    assert d * 132 + p * 132 <= 132
+    general = m._terms(decode, 70 / 132, [(prefill, 62 / 132)], True, pair_path=False)
+    assert general == m._terms(decode, 70 / 132, [(prefill, 62 / 132)], True)

@@ -117,3 +117,59 @@ def test_granted_is_on_the_grid_or_a_remainder(gpu_name, share):
     assert 1 <= n <= gpu.num_sms
     assert n == gpu.num_sms or grid.is_aligned(n) or grid.is_remainder(n)
     assert abs(n - share * gpu.num_sms) <= max(grid.step, grid.min_sms)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gpu_name=st.sampled_from(ALL_GPUS),
+    shares=st.lists(st.floats(1e-3, 1.0), min_size=1, max_size=3),
+)
+def test_granted_together_never_overbooks(gpu_name, shares):
+    gpu = get_gpu(gpu_name)
+    grid = gpu.grid
+    counts = grid.granted_together(shares)
+    if grid.min_sms * len(shares) <= gpu.num_sms:
+        assert sum(counts) <= gpu.num_sms
+    assert all(n >= grid.min_sms for n in counts)
+    for n, s in zip(counts, shares):
+        assert n <= max(grid.granted(s), grid.min_sms)
+
+
+def test_granted_together_keeps_split_sms_counts_and_fixes_independent_rounding():
+    h100 = get_gpu("h100-sxm")
+    g = split_sms(h100, 24, (0.58, 0.42))
+    assert h100.grid.granted_together((g.decode_share, *g.compute_shares)) == (24, 64, 44)
+    # 70 and 62 of 132 SMs each round up on their own (72 + 64 = 136): together they fit
+    assert h100.granted_sms(70 / 132) + h100.granted_sms(62 / 132) == 136
+    assert sum(h100.grid.granted_together((70 / 132, 62 / 132))) <= 132
+    a6000 = get_gpu("a6000")
+    assert sum(a6000.grid.granted_together((7 / 84, 77 / 84))) <= 84  # 8 + 78 on their own
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gpu_name=st.sampled_from(ALL_GPUS),
+    shares=st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=3),
+)
+def test_granted_together_does_not_depend_on_the_order(gpu_name, shares):
+    grid = get_gpu(gpu_name).grid
+    forward = grid.granted_together(shares)
+    backward = grid.granted_together(shares[::-1])
+    assert forward == backward[::-1]
+
+
+def test_cpu_cores_play_the_role_of_sms():
+    from nova.cost import StageWork, make_cost_model
+    from nova.cost.gpus import cpu_spec
+
+    cpu16 = cpu_spec(16)
+    assert cpu16.name == "cpu" and cpu16.grid == SmGrid(16, 1, 1)
+    g = split_sms(cpu16, 4)
+    assert (g.decode, g.compute) == (4, (12,))
+    model = make_cost_model("roofline", cpu16, "demo")
+    prefill = StageWork.prefill(256)
+    quarter, whole = model.breakdown(prefill, 4 / 16), model.breakdown(prefill, 1.0)
+    assert quarter.compute_s == pytest.approx(4 * whole.compute_s, rel=1e-3)
+    assert quarter.time_s > whole.time_s
+    with pytest.raises(ValueError, match="core"):
+        cpu_spec(0)

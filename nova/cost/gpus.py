@@ -193,6 +193,7 @@ register_gpu(
         compute_capability="9.0",
     )
 )
+_CPU_NOMINAL_CORES = 2  # the machine the cpu entry's figures (and its evidence) describe
 register_gpu(
     GpuSpec(
         "cpu",
@@ -212,6 +213,27 @@ register_gpu(
         description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
     )
 )
+
+
+def cpu_spec(num_cores: int) -> GpuSpec:
+    """The ``cpu`` pseudo-GPU with ``num_cores`` cores as its SMs (partitions of whole cores,
+    for CPU core partitions). Throughputs scale with the cores from the registered 2-core
+    figures; the ``cpu`` evidence (``nova/cost/data/gpus/cpu.json``) applies to it."""
+    if num_cores < 1:
+        raise ValueError(f"a CPU needs >= 1 core, got {num_cores}")
+    base = GPUS["cpu"]
+    per_core = 1 / _CPU_NOMINAL_CORES
+    return GpuSpec(
+        "cpu",
+        num_sms=num_cores,
+        sm_granularity=1,
+        min_partition_sms=1,
+        bf16_dense_tflops=base.bf16_dense_tflops * num_cores * per_core,
+        hbm_gbps=base.hbm_gbps,  # memory bandwidth does not grow with the cores used
+        pcie_gbps=base.pcie_gbps,
+        memory_gib=base.memory_gib,
+        description=f"pseudo-GPU for a CPU: {num_cores} cores as SMs",
+    )
 
 
 # Substrings of CUDA device names (``torch.cuda.get_device_name``) -> registered spec names,

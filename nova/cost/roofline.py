@@ -244,6 +244,7 @@ class RooflineCostModel:
         "_curve",
         "_gpu",
         "_granted",
+        "_granted_pairs",
         "_memo",
         "_overhead_s",
         "_per_sm_flops",
@@ -285,6 +286,8 @@ class RooflineCostModel:
         )
         self._solos: dict[tuple[TotalsKey, float], Solo] = {}  # (shape key, SMs) -> solo terms
         self._granted: dict[float, float] = {}  # share asked -> SMs granted
+        # (share, co-runner's share) -> SMs granted to both side by side (isolated)
+        self._granted_pairs: dict[tuple[float, float], tuple[float, float]] = {}
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
@@ -395,6 +398,18 @@ class RooflineCostModel:
             granted = self._granted[share] = float(self._gpu.granted_sms(share))
         return granted
 
+    def _granted_side_by_side(self, shares: Sequence[float]) -> list[float]:
+        """SMs of isolated partitions that run together: ``SmGrid.granted_together`` (never
+        more than the device in all, whatever shares the policy asked for)."""
+        return [float(n) for n in self._gpu.grid.granted_together(shares)]
+
+    def _granted_pair(self, share: float, other: float) -> tuple[float, float]:
+        pair = self._granted_pairs.get((share, other))
+        if pair is None:
+            a, b = self._granted_side_by_side((share, other))
+            pair = self._granted_pairs[(share, other)] = (a, b)
+        return pair
+
     def _sm_demand(self, work: StageWork, sms: float, key: TotalsKey | None = None) -> float:
         """SMs a batch keeps busy when it may use ``sms``: all of them if compute-bound, else
         what it needs to reach its bandwidth (at least where the curve reaches 95%)."""
@@ -440,7 +455,11 @@ class RooflineCostModel:
             keys = [w.totals_key() for w in works]
             for _, s in co_running:
                 check_share(s)
-            sms = [self._granted_sms(sm_share)] + [self._granted_sms(s) for _, s in co_running]
+            shares = [sm_share] + [s for _, s in co_running]
+            if isolated:
+                sms = self._granted_side_by_side(shares)
+            else:
+                sms = [self._granted_sms(s) for s in shares]
         else:
             works, keys, sms = [work], [work.totals_key()], [self._granted_sms(sm_share)]
         contention = 1.0
@@ -485,7 +504,10 @@ class RooflineCostModel:
         other_work, other_share = other
         check_share(other_share)
         key, other_key = work.totals_key(), other_work.totals_key()
-        sms, sms_o = self._granted_sms(sm_share), self._granted_sms(other_share)
+        if isolated:
+            sms, sms_o = self._granted_pair(sm_share, other_share)
+        else:
+            sms, sms_o = self._granted_sms(sm_share), self._granted_sms(other_share)
         contention = 1.0
         if not isolated:
             d0 = self._sm_demand(work, sms, key)

@@ -20,6 +20,8 @@ Public API (what the policies build their partitions with):
 - ``SmGrid(num_sms, step, min_sms)``; ``GpuSpec.grid`` is the GPU's;
   ``grid.decode_choices()``: every aligned decode count that leaves a remainder;
   ``grid.granted(share)``: the SMs a stage with ``share`` of the device runs on;
+  ``grid.granted_together(shares)``: the same for stages on partitions side by side, never
+  more than the device (the cost models use it for co-running batches);
 - ``split_sms(gpu_or_grid, decode_sms, compute_shares=(1.0,)) -> GrantedSMs``: decode on an
   aligned group, the compute stages on the rest;
 - ``GrantedSMs``: the counts, and the shares (``count / num_sms``) to put in a ``Partition``;
@@ -127,6 +129,31 @@ class SmGrid:
     def granted_share(self, share: float) -> float:
         return self.granted(share) / self.num_sms
 
+    def granted_together(self, shares: Sequence[float]) -> tuple[int, ...]:
+        """SMs of stages that run at the same time on their own partitions with ``shares``:
+        each ``granted(share)``, then, while they sum past the device, the count rounded up
+        the most gives back a step (as the engine's SM planner does). Counts ``split_sms``
+        built sum to at most the device already and come back unchanged. Only when the
+        minimum partitions alone exceed the device (e.g. three stages on a 1-SM cpu) do the
+        counts stay over it: the device then time-shares them."""
+        counts = [self.granted(s) for s in shares]
+        while sum(counts) > self.num_sms:
+            # who gives back: rounded up the most, then the larger, then the larger share; ties
+            # all give back at once, so the answer does not depend on the order of ``shares``
+            keys = {
+                i: (n - s * self.num_sms, n, s)
+                for i, (n, s) in enumerate(zip(counts, shares))
+                if n - self.step >= self.min_sms
+            }
+            if not keys:
+                break
+            top = max(keys.values())
+            for i, key in keys.items():
+                if key == top:
+                    n = counts[i]
+                    counts[i] = self.align_down(n - 1) if n % self.step else n - self.step
+        return tuple(counts)
+
 
 @dataclass(slots=True, frozen=True)
 class GrantedSMs:
@@ -160,8 +187,9 @@ def split_sms(
     """Decode on ``decode_sms`` (aligned to the grid: nearest aligned count that leaves every
     compute stage at least the grid minimum; 0: no decode partition), the compute stages on
     the rest, split by ``compute_shares`` (fractions of the rest, each in [0, 1], summing to at
-    most 1). All compute counts but the last are aligned (nearest); the last is the exact
-    remainder when the shares sum to 1, else aligned (rounded down). A zero share gets 0 SMs.
+    most 1). When the shares sum to 1, all compute counts but the last are aligned (nearest)
+    and the last is the exact remainder; otherwise every count is aligned, rounded down (at
+    least the minimum). A zero share gets 0 SMs.
 
     Raises ``ValueError`` when the device cannot hold the asked-for stages at the grid minimum
     each (e.g. a 1-SM device split in two).
@@ -193,14 +221,21 @@ def split_sms(
         )
     whole = sum(shares) >= 1.0 - _INTEGRAL_EPS
     counts = [0] * len(shares)
+    if not whole:  # every stage rounded down (at least the minimum); then fit
+        for i in active:
+            counts[i] = max(grid.min_sms, grid.align_down(shares[i] * rest))
+        while sum(counts) > rest:
+            fits = [(counts[i], i) for i in active if counts[i] - grid.step >= grid.min_sms]
+            if not fits:
+                raise ValueError(f"cannot fit compute shares {shares} in {rest} SMs")
+            counts[max(fits)[1]] -= grid.step
+        return GrantedSMs(decode, tuple(counts), grid.num_sms)
     left = rest
     for rank, i in enumerate(active):
-        still_needed = grid.min_sms * (len(active) - rank - 1)  # for the stages after this one
         if rank == len(active) - 1:
-            counts[i] = left if whole else max(grid.min_sms, grid.align_down(shares[i] * rest))
-            if counts[i] > left:
-                raise ValueError(f"cannot fit compute share {shares[i]} in {left} SMs")
+            counts[i] = left  # the exact remainder (>= min_sms: reserved below)
             break
+        still_needed = grid.min_sms * (len(active) - rank - 1)  # for the stages after this one
         n = grid.align(shares[i] * rest)
         while n > left - still_needed and n - grid.step >= grid.min_sms:
             n -= grid.step

@@ -43,6 +43,35 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# Error codes of 400s for requests the schema cannot rule out (they depend on the model, its
+# context and the server's limits); the schemathesis tests accept only these for valid bodies.
+CONTEXT_CODE = "context_length_exceeded"
+VOCAB_CODE = "token_out_of_vocabulary"
+COMBINATION_CODE = "invalid_field_combination"  # fields valid alone, not together
+IMAGE_LIMITS_CODE = "image_limits"  # mm_processor_kwargs outside the server's limits
+JSON_TEXT_CODE = "invalid_json_text"  # a string field whose text must parse as JSON
+# Every code a schema-valid request can still be refused with, and why the schema cannot say
+# it: the context length and the vocabulary are the model's, images are only known once
+# decoded, and JSON Schema cannot relate two fields.
+SCHEMA_INVISIBLE_CODES = frozenset(
+    {
+        CONTEXT_CODE,
+        VOCAB_CODE,
+        COMBINATION_CODE,
+        IMAGE_LIMITS_CODE,
+        JSON_TEXT_CODE,
+        "too_many_images",
+        "images_not_supported",
+        "invalid_image",
+        "image_too_large",
+        "media_not_allowed",
+        # a regex, grammar or JSON schema the grammar engine cannot compile: its text is a
+        # plain string to the published schema
+        "invalid_grammar",
+    }
+)
+
+
 def bad_request(
     message: str, param: str | None = None, code: str | None = "invalid_value"
 ) -> OpenAIError:
@@ -58,7 +87,9 @@ class ClientGone(Exception):
 
 
 # discriminator values of the tagged unions in nova.server.protocol (a list item's type)
-_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "image_url"})
+_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "text", "image_url"})
+# ... and of tagged union fields (the tag pydantic inserts after the field's name)
+_FIELD_UNION_TAGS = {"response_format": frozenset({"text", "json_object", "json_schema"})}
 _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -76,7 +107,9 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
             skip = (
                 "[" in item
                 or item in _BRANCH_LABELS
+                or item.startswith("constrained-")
                 or (isinstance(prev, int) and item in _UNION_TAGS)
+                or (isinstance(prev, str) and item in _FIELD_UNION_TAGS.get(prev, ()))
             )
             prev = item
             if skip:
@@ -119,6 +152,21 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     where = param or "request body"
     return bad_request(
         f"{where}: {msg}{more}", param=param, code=str(err.get("type") or "invalid_value")
+    )
+
+
+def body_parse_error(cause: BaseException) -> OpenAIError:
+    """400 for a body FastAPI could not parse, naming why (invalid UTF-8 above all)."""
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start : cause.start + 1].hex()
+        return bad_request(
+            f"the request body is not valid UTF-8: byte 0x{bad} at offset {cause.start} "
+            f"({cause.reason}); JSON must be UTF-8 encoded",
+            code="invalid_utf8",
+        )
+    return bad_request(
+        f"the request body could not be parsed as JSON ({cause.__class__.__name__})",
+        code="invalid_json",
     )
 
 
