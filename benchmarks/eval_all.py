@@ -134,7 +134,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "over the best baseline |",
         "|---|---:|---|---:|---:|---:|---|---:|",
         *(
-            f"| {e['experiment']} | {e['requests_per_point'] or 'closed loop'} | {e['seeds']} | {e['points']} | "
+            f"| {e['experiment']} | {e['requests_per_point'] or 'closed loop'} | "
+            f"{e['seeds']} | {e['points']} | "
             f"{e['must_hold_points']} | {e['passing_points']} | "
             + (
                 "-"
