@@ -218,7 +218,9 @@ def test_quick_experiment_writes_results_and_the_must_hold_summary(tmp_path):
         # never worse than the best tuned baseline (a regression guard: deterministic seeds)
         never_worse = ("max_vs_best", "p99_vs_best", "mean_vs_best", "throughput_vs_best")
         assert all(row["checks"][k] for k in never_worse), row
-    assert (tmp_path / "summary.md").read_text().count("| quick-a6000 |") == 2
+    # one roll-up row for the experiment, one row per point
+    assert (tmp_path / "summary.md").read_text().count("| quick-a6000 |") == 1 + 2
+    assert summary["experiments"][0]["must_hold_points"] == 2
 
 
 def test_custom_experiment_from_flags(tmp_path):
