@@ -369,9 +369,152 @@ def simulate(
     }
 
 
-def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
-    from nova.sim.eval import headline, plot, render_markdown
+# The single-run report of this script (one seed, rates as loads): its own headline, table
+# and plots; ``nova eval``'s multi-seed report (``nova.sim.eval``) has another schema.
+Results = dict[str, list[dict[str, Any]]]  # policy -> its load points
 
+
+def _sustained(results: Results, tolerance: float = 0.05) -> float | None:
+    rates = sorted({p["rate_rps"] for pts in results.values() for p in pts})
+    ok = [
+        r
+        for r in rates
+        if all(
+            p["throughput_rps"] is not None and p["throughput_rps"] >= (1 - tolerance) * r
+            for pts in results.values()
+            for p in pts
+            if p["rate_rps"] == r
+        )
+    ]
+    return max(ok) if ok else None
+
+
+def headline(results: Results, ours: str = "nova") -> dict[str, Any] | None:
+    rate = _sustained(results)
+    if rate is None or ours not in results:
+        return None
+    at = {name: next(p for p in pts if p["rate_rps"] == rate) for name, pts in results.items()}
+    baselines = {k: v for k, v in at.items() if k != ours}
+    out: dict[str, Any] = {"rate_rps": rate, "ours": ours}
+    for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
+        best_name = min(baselines, key=lambda k: baselines[k][metric])
+        best = baselines[best_name][metric]
+        out[metric] = {
+            "nova": at[ours][metric],
+            "best_baseline": best_name,
+            "baseline": best,
+            "reduction": 1.0 - at[ours][metric] / best,
+        }
+    best_tp_name = max(baselines, key=lambda k: baselines[k]["throughput_rps"])
+    best_tp = baselines[best_tp_name]["throughput_rps"]
+    out["throughput_rps"] = {
+        "nova": at[ours]["throughput_rps"],
+        "best_baseline": best_tp_name,
+        "baseline": best_tp,
+        "ratio": at[ours]["throughput_rps"] / best_tp,
+    }
+    return out
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# {report['experiment']}",
+        "",
+        report["description"],
+        "",
+        f"GPU `{report['gpu']}`, model `{report['model']}`, cost model `{report['cost_model']}`, "
+        f"{report['num_requests_per_point']} requests per load point, seed {report['seed']}.",
+        "",
+        "| policy | rate req/s | throughput req/s | mean s | p99 s | max s | mean TTFT s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy, pts in report["policies"].items():
+        for p in pts:
+            lines.append(
+                f"| {policy} | {p['rate_rps']:.2f} | {p['throughput_rps']:.3f} | "
+                f"{p['mean_latency_s']:.2f} | {p['p99_latency_s']:.2f} | {p['max_latency_s']:.2f} "
+                f"| {p['mean_ttft_s']:.2f} |"
+            )
+    h = report["headline"]
+    lines += ["", "## Headline", ""]
+    if h is None:
+        lines.append("No load point was sustained by every policy; no headline comparison.")
+    else:
+        lines.append(f"At the highest load every policy sustains ({h['rate_rps']:.2f} req/s):")
+        lines.append("")
+        for metric in ("max_latency_s", "mean_latency_s", "p99_latency_s"):
+            m = h[metric]
+            lines.append(
+                f"- {metric}: nova {m['nova']:.2f} s vs best baseline {m['best_baseline']} "
+                f"{m['baseline']:.2f} s: {100 * m['reduction']:+.1f}% reduction"
+            )
+        t = h["throughput_rps"]
+        lines.append(
+            f"- throughput: nova {t['nova']:.3f} vs {t['best_baseline']} {t['baseline']:.3f} req/s "
+            f"(ratio {t['ratio']:.3f})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Results, report: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for policy, pts in results.items():
+        rates = [p["rate_rps"] for p in pts]
+        axes[0].plot(rates, [p["max_latency_s"] for p in pts], marker="o", label=policy)
+        axes[1].plot(rates, [p["mean_latency_s"] for p in pts], marker="o", label=policy)
+    for ax, title in zip(axes, ("max E2E latency", "mean E2E latency")):
+        ax.set_xlabel("offered load (req/s)")
+        ax.set_ylabel("seconds")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(report["experiment"])
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_vs_load.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, pts in results.items():
+        ax.plot(
+            [p["throughput_rps"] for p in pts],
+            [p["p99_latency_s"] for p in pts],
+            marker="o",
+            label=policy,
+        )
+    ax.set_xlabel("throughput (req/s)")
+    ax.set_ylabel("p99 E2E latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"{report['experiment']}: latency-throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=110)
+    plt.close(fig)
+
+    rate = (report["headline"] or {}).get("rate_rps") or max(
+        p["rate_rps"] for p in next(iter(results.values()))
+    )
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, pts in results.items():
+        e2e = next(p["e2e_s"] for p in pts if p["rate_rps"] == rate)
+        ax.plot(e2e, [(i + 1) / len(e2e) for i in range(len(e2e))], label=policy)
+    ax.set_xlabel("E2E latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{report['experiment']}: latency CDF at {rate:.2f} req/s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace, points: list[Point]) -> dict[str, Any]:
     results: dict[str, list[dict]] = {}
     by_kind: dict[str, dict[str, list[dict]]] = {"poisson": {}, "sessions": {}}
     if args.profile:  # read once for every point
