@@ -204,6 +204,8 @@ class NovaPolicy(Policy):
         self._num_added_seen = 0
         self._observed_state: SchedulerState | None = None
         self._plan_key: tuple[int, ...] | None = None
+        self._key_stamp: tuple[float, float, int] | None = None  # what ``_key_base`` was made of
+        self._key_base: tuple[int, ...] = ()
         self._cache: dict[tuple[int, ...], Prediction] = {}
         self._streak = 0  # front batches since the last decode step (prefill_first mode)
         self._asked: Stage | None = None  # the compute stage ``next_batch`` last planned
@@ -447,12 +449,15 @@ class NovaPolicy(Policy):
         return self._plan_rate
 
     def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
+        return self._load(self._planning_rate(now_s), backlog)
+
+    def _load(self, rate_rps: float, backlog: int) -> LoadEstimate:
         obs = self._obs
         std = math.sqrt(max(0.0, obs.output_tokens_sq - obs.output_tokens**2))
         mean_p = obs.prompt_tokens
         cv2 = max(0.0, obs.prompt_tokens_sq / mean_p**2 - 1.0) if mean_p > 0 else 0.0
         return LoadEstimate(
-            self._planning_rate(now_s),
+            rate_rps,
             obs.image_fraction,
             obs.images_per_request,
             obs.text_tokens,
@@ -483,12 +488,21 @@ class NovaPolicy(Policy):
         return state.num_in_stage(_VISION) + state.num_in_stage(_PREFILL)
 
     def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
-        load = self.load_estimate(now_s, self._backlog(state))
-        if load.lam_rps <= 0.0:
+        backlog = self._backlog(state)
+        rate = self._planning_rate(now_s)
+        if rate <= 0.0:
             return  # too few arrivals to plan for: the initial mode holds
-        key = self._key(load)
+        # Every part of the key but the backlog's changes only with the held rate (and its
+        # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
+        stamp = (rate, self._plan_cv2, self._obs.num_seen)
+        if stamp != self._key_stamp:
+            self._key_stamp = stamp
+            self._key_base = self._key(self._load(rate, 0))
+        base = self._key_base
+        key = (base[0], (backlog + 1).bit_length(), *base[2:])
         if key == self._plan_key:
             return
+        load = self._load(rate, backlog)
         self._plan_key = key
         best = self._cache.get(key)
         if best is None:
