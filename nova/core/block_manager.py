@@ -118,6 +118,11 @@ class BlockManager:
     def num_tokens(self, seq_id: str) -> int:
         return self._require(seq_id).num_tokens
 
+    def num_committed_blocks(self, seq_id: str) -> int:
+        """Leading blocks of ``seq_id`` already offered to the prefix cache (0 if unknown)."""
+        seq = self._seqs.get(seq_id)
+        return seq.num_committed_blocks if seq is not None else 0
+
     def ref_count(self, block_id: int) -> int:
         return self._refs[block_id]
 

@@ -457,7 +457,7 @@ class Scheduler:
                 self._probe_prefix(req)
                 continue
             num_computed = item.num_cached_tokens + len(item.token_ids)
-            if caching and num_computed // bm.block_size > len(req.block_hashes):
+            if caching and num_computed // bm.block_size > bm.num_committed_blocks(rid):
                 bm.commit(rid, extend_block_hashes(req, bm.block_size, num_computed), num_computed)
             if not item.sample:  # a prefill chunk short of the prompt's end: progress only
                 req.num_computed_tokens = num_computed

@@ -13,12 +13,16 @@ from typing import Any
 
 import torch
 
+from nova.core.hashing import image_context, image_key
 from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
+from nova.models.mm_cache import CachedImage, EmbeddingStore, KeyedImage
 from nova.shapes import REFERENCE_IMAGE_SIZE, ImageSizeError, ImageSizing
+from nova.types import ImageInput
 
-ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
+# Any: a PIL.Image.Image; a CachedImage (encoder-cache hit) or a KeyedImage (decoded, keyed)
+ImageSource = bytes | str | Path | Any
 
 
 @dataclass(slots=True)
@@ -32,6 +36,34 @@ class PromptInput:
     # Placeholder tokens each image fills, in order (empty: every image fills the model's fixed
     # ``InputProcessor.num_image_tokens``).
     image_token_counts: list[int] = field(default_factory=list)
+    # Per image, in order: its key (``nova.core.hashing.image_key``; None: not hashed, so
+    # neither cache is used for it) and, for Qwen-VL, its (t, h, w) patch grid.
+    image_keys: list[str | None] = field(default_factory=list)
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # Images whose embeddings came from the encoder cache (index -> entry); ``pixel_values``
+    # holds only the other images' pixels, in order.
+    cached_images: dict[int, CachedImage] = field(default_factory=dict)
+
+    def image_inputs(self, image_token_id: int | None, fixed_tokens: int) -> list[ImageInput]:
+        """The scheduler's view of the images: token count, key, first placeholder, grid."""
+        n = self.num_images
+        counts = self.image_token_counts or [fixed_tokens] * n
+        offsets: list[int | None] = [None] * n
+        if image_token_id is not None and n:
+            where = [i for i, t in enumerate(self.token_ids) if t == image_token_id]
+            k = 0
+            for i, c in enumerate(counts):
+                if k < len(where) and c > 0 and where[k + c - 1] - where[k] == c - 1:
+                    offsets[i] = where[k]
+                k += c
+        keys = self.image_keys or [None] * n
+        grids: list[tuple[int, int, int] | None] = list(self.image_grids) or [None] * n
+        return [
+            ImageInput(
+                int(counts[i]), keys[i], offsets[i], grids[i], has_embeds=i in self.cached_images
+            )
+            for i in range(n)
+        ]
 
 
 def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
@@ -127,6 +159,11 @@ class InputProcessor:
         overriding the image processor's; None keeps the processor's."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        # Caches (the engine sets these): hash images (the encoder cache's and the prefix
+        # cache's key), and look embeddings up in the encoder cache before decoding.
+        self.hash_images = False
+        self.encoder_store: EmbeddingStore | None = None
+        self.model_id = f"{loaded.model_dir}|{loaded.dtype}"
         # The server prepares requests on several threads; images are processed in parallel,
         # tokenizer calls one at a time.
         self._tokenizer_lock = threading.Lock()
@@ -163,6 +200,50 @@ class InputProcessor:
             raise InvalidInputError("this model does not take images")
         return self.num_image_tokens
 
+    def image_key(
+        self, data: bytes, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> str:
+        """The encoder-cache key of an image's raw bytes under the effective resize limits
+        (a request's own, else the engine's; fixed-size towers have none)."""
+        lo = hi = None
+        if self.sizing is not None:
+            lo = min_pixels if min_pixels is not None else self.sizing.min_pixels
+            hi = max_pixels if max_pixels is not None else self.sizing.max_pixels
+        return image_key(data, image_context(self.model_id, lo, hi))
+
+    def cached_image(self, key: str | None) -> CachedImage | None:
+        """The encoder cache's entry for ``key`` (None: not cached, or the cache is off)."""
+        store = self.encoder_store
+        return store.get(key) if store is not None else None
+
+    def _keyed(self, source: ImageSource) -> tuple[str | None, Any]:
+        """(key, what to decode) of one image source; (key, CachedImage) on a cache hit."""
+        from PIL import Image
+
+        if isinstance(source, CachedImage):
+            return source.key, source
+        if not self.hash_images:
+            return None, source.image if isinstance(source, KeyedImage) else source
+        if isinstance(source, KeyedImage):
+            key, source = source.key, source.image
+        elif isinstance(source, bytes):
+            key = self.image_key(source)
+        elif isinstance(source, str | Path):
+            try:
+                data = Path(source).read_bytes()
+            except OSError as exc:
+                raise InvalidInputError(f"image file not found: {source}") from exc
+            key, source = self.image_key(data), data
+        elif isinstance(source, Image.Image):
+            ctx = f"pixels|{source.mode}|{source.size}|" + image_context(self.model_id, None, None)
+            if self.sizing is not None:
+                ctx += f"|{self.sizing.min_pixels}|{self.sizing.max_pixels}"
+            key = image_key(source.tobytes(), ctx)
+        else:
+            return None, source
+        cached = self.cached_image(key)
+        return key, cached if cached is not None else source
+
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise InvalidInputError(
@@ -195,6 +276,41 @@ class InputProcessor:
             return out["pixel_values"], [self.num_image_tokens] * len(pil)
         return self._dynamic_resolution_pixels(pil)
 
+    def _prompt_images(self, ids: list[int], images: list[ImageSource]) -> PromptInput:
+        """Key each image, take hits from the encoder cache (no decoding, no preprocessing),
+        decode and preprocess the rest; the placeholders expanded to every image's count."""
+        keyed = [self._keyed(img) for img in images]
+        cached = {i: c for i, (_, c) in enumerate(keyed) if isinstance(c, CachedImage)}
+        misses = [src for _, src in keyed if not isinstance(src, CachedImage)]
+        pixels, miss_counts = self.process_images(misses)
+        miss_grids = pixels.grids if isinstance(pixels, VisionInput) else []
+        counts: list[int] = []
+        grids: list[tuple[int, int, int]] = []
+        m = 0
+        for i in range(len(images)):
+            if i in cached:
+                counts.append(cached[i].num_tokens)
+                grid = cached[i].grid
+            else:
+                counts.append(miss_counts[m])
+                grid = miss_grids[m] if miss_grids else None
+                m += 1
+            if self.sizing is not None:
+                if grid is None:
+                    raise ValueError("a dynamic-resolution image without a grid")
+                grids.append(grid)
+        if self.image_token_id is not None:
+            ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
+        return PromptInput(
+            ids,
+            pixels,
+            len(images),
+            counts,
+            [k for k, _ in keyed] if self.hash_images else [],
+            grids,
+            cached,
+        )
+
     def _dynamic_resolution_pixels(self, pil: list[Any]) -> tuple[VisionInput, list[int]]:
         sizing, processor = self.sizing, self.image_processor
         if sizing is None or processor is None:
@@ -225,16 +341,16 @@ class InputProcessor:
         if images and self.image_token_id is None:
             raise InvalidInputError("this model does not take images")
         ids = [int(t) for t in token_ids]
-        pixels, counts = self.process_images(images)
-        if self.image_token_id is not None:
-            ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
-        if not ids:
+        if images and self.image_processor is None:
+            raise InvalidInputError("this model does not take images")
+        prompt = self._prompt_images(ids, images)
+        if not prompt.token_ids:
             raise InvalidInputError("the prompt is empty")
         vocab = self.loaded.model.decoder.cfg.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
+        bad = [t for t in prompt.token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidInputError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        return PromptInput(ids, pixels, len(images), counts)
+        return prompt
 
     def from_text(
         self, prompt: str, images: list[ImageSource] | None = None, add_special_tokens: bool = True

@@ -150,6 +150,11 @@ MEMORY_GAUGES = (  # EngineSnapshot.memory_bytes key (MemoryReport field) -> (me
         "Device memory kept free for activations when the KV cache was sized",
     ),
     ("device_total_bytes", "nova_memory_device_total_bytes", "Device memory in all (GPU only)"),
+    (
+        "encoder_cache_bytes",
+        "nova_memory_encoder_cache_bytes",
+        "Capacity of the encoder cache (image embeddings kept on the device)",
+    ),
 )
 
 
