@@ -31,7 +31,7 @@ def test_commit_match_share_and_lru_eviction():
     bm.allocate("a", 10)
     assert bm.commit("a", chain(a, 4), 10) == 2
     # a second prompt with the same 8 leading tokens reuses both blocks
-    b = a[:8] + [99, 98, 97]
+    b = [*a[:8], 99, 98, 97]
     hit = bm.match_prefix(chain(b, 4), max_blocks=(len(b) - 1) // 4)
     assert hit == bm.block_table("a")[:2]
     bm.allocate("b", len(b), hit)

@@ -35,6 +35,13 @@ class CharProcessor:
 
     tokenizer = None
     image_processor = None
+    hash_images = False
+
+    def image_key(self, data, min_pixels=None, max_pixels=None) -> str:
+        raise AssertionError("the fake caches nothing: preparation must not key images")
+
+    def cached_image(self, key):
+        return None
 
     def from_chat(self, messages, images=None) -> PromptInput:
         return self.from_text("".join(str(m["content"]) for m in messages), images)
@@ -93,6 +100,7 @@ class FakeClient:
         request_id: str | None = None,
         priority: int = 0,
         deadline_s: float | None = None,
+        n: int = 1,
     ):
         sampling = sampling or SamplingParams()
         self.check_admissible(len(prompt.token_ids), sampling.max_tokens)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from nova.engine.client import EngineClient
 from nova.models.errors import InvalidInputError
+from nova.models.mm_cache import KeyedImage
 from nova.sampling_params import SamplingParams
 from nova.server.config import ServerConfig
 from nova.server.errors import bad_request
@@ -48,6 +49,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1  # choices
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -178,6 +180,7 @@ class RequestPreparer:
             deadline_s=None if body.deadline_ms is None else body.deadline_ms / 1000.0,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            n=body.n or 1,
         )
 
     def _chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[str]]:
@@ -252,13 +255,24 @@ class RequestPreparer:
             if client is not None:
                 await client.aclose()
 
+    def _image(self, k: int, data: bytes) -> Any:
+        """One image, in a preparation thread: keyed by its raw bytes when the engine caches
+        (``image_key``: BLAKE3, a few GB/s); an encoder-cache hit is taken as it is (no
+        decoding, no preprocessing); otherwise decoded and checked."""
+        key = None
+        if self.processor.hash_images:
+            key = self.processor.image_key(data)
+            cached = self.processor.cached_image(key)
+            if cached is not None:
+                return cached
+        try:
+            image = open_image(data, self.media.max_image_pixels)
+        except MediaError as exc:
+            raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
+        return image if key is None else KeyedImage(key, image)
+
     def _chat_prompt(self, messages: list[dict[str, Any]], blobs: list[bytes]) -> PromptInput:
-        images = []
-        for k, data in enumerate(blobs):
-            try:
-                images.append(open_image(data, self.media.max_image_pixels))
-            except MediaError as exc:
-                raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
+        images = [self._image(k, data) for k, data in enumerate(blobs)]
         try:
             return self.processor.from_chat(messages, images)
         except InvalidInputError as exc:

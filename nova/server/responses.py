@@ -24,18 +24,45 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text to send for a request; the last piece of a request has its finish reason."""
+    """Text to send for one choice of a request; the last piece of a choice has its finish
+    reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
+    index: int = 0  # the choice (0 .. n-1)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
-def usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
+@dataclass(slots=True)
+class Choices:
+    """A finished request's choices (index i of each list is choice i)."""
+
+    texts: list[str]
+    finish_reasons: list[str | None]
+    num_output_tokens: list[int]
+    num_cached_tokens: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> Choices:
+        return cls([""] * n, [None] * n, [0] * n)
+
+    def add(self, piece: Piece) -> None:
+        i = piece.index
+        self.texts[i] += piece.text
+        if piece.finish_reason is not None:
+            self.finish_reasons[i] = piece.finish_reason
+            self.num_output_tokens[i] = piece.num_output_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, piece.num_cached_tokens)
+
+
+def usage(p: Prepared, num_output_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
+    """The prompt once, the completions of all choices together."""
     return {
         "prompt_tokens": p.num_prompt_tokens,
         "completion_tokens": num_output_tokens,
         "total_tokens": p.num_prompt_tokens + num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
 
 
@@ -53,28 +80,30 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, text: str, finish: str | None, n: int) -> dict[str, Any]:
+def chat_body(p: Prepared, model: str, c: Choices) -> dict[str, Any]:
     return {
         **response_head(p, "chat.completion", model),
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
             }
+            for i, (text, finish) in enumerate(zip(c.texts, c.finish_reasons))
         ],
-        "usage": usage(p, n),
+        "usage": usage(p, sum(c.num_output_tokens), c.num_cached_tokens),
     }
 
 
-def completion_body(
-    p: Prepared, model: str, text: str, finish: str | None, n: int
-) -> dict[str, Any]:
+def completion_body(p: Prepared, model: str, c: Choices) -> dict[str, Any]:
     return {
         **response_head(p, "text_completion", model),
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(p, n),
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i, (text, finish) in enumerate(zip(c.texts, c.finish_reasons))
+        ],
+        "usage": usage(p, sum(c.num_output_tokens), c.num_cached_tokens),
     }
 
 
@@ -90,32 +119,46 @@ async def sse_events(
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None, index: int = 0, role: bool = False) -> str:
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": finish,
+            }
         obj = {**head, "choices": [choice]}
         if p.include_usage:
             obj["usage"] = None
         return sse_event(obj)
 
     if chat:
-        yield chunk("", None, role=True)
-    n = 0
+        for i in range(p.n):
+            yield chunk("", None, i, role=True)
+    collected = Choices.empty(p.n)
     try:
         async with contextlib.aclosing(pieces) as ps:
             async for piece in ps:
+                collected.add(
+                    Piece(
+                        "",
+                        piece.finish_reason,
+                        piece.num_output_tokens,
+                        piece.index,
+                        piece.num_cached_tokens,
+                    )
+                )
                 if piece.text:
-                    yield chunk(piece.text, None)
+                    yield chunk(piece.text, None, piece.index)
                 if piece.finish_reason is not None:
-                    n = piece.num_output_tokens
-                    yield chunk(None if chat else "", piece.finish_reason)
+                    yield chunk(None if chat else "", piece.finish_reason, piece.index)
     except OpenAIError as exc:
         on_rejected()
         yield sse_event(exc.body())
@@ -131,7 +174,8 @@ async def sse_events(
         yield SSE_DONE
         return
     if p.include_usage:
-        yield sse_event({**head, "choices": [], "usage": usage(p, n)})
+        used = usage(p, sum(collected.num_output_tokens), collected.num_cached_tokens)
+        yield sse_event({**head, "choices": [], "usage": used})
     yield SSE_DONE
 
 

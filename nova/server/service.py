@@ -27,6 +27,7 @@ from nova.server.errors import (
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
+    Choices,
     EngineStream,
     Piece,
     chat_body,
@@ -83,36 +84,47 @@ class NovaService:
 
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> text pieces (stop strings applied); records the outcome."""
-        matcher = StopMatcher(p.stops)
+        """Engine deltas -> text pieces per choice (stop strings applied to each); records the
+        outcome (finished when every choice finished)."""
+        matchers = [StopMatcher(p.stops) for _ in range(p.n)]
+        done = [False] * p.n  # the choice's last piece was yielded
+        num_ok = 0  # choices that finished (stop, length, or a stop string)
         outcome = "aborted"
         final: RequestMetrics | None = None
-        stopped_at: int | None = None  # output tokens when a stop string matched
-        gen = self.client.generate(p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s)
+        extra = {"n": p.n} if p.n > 1 else {}
+        gen = self.client.generate(
+            p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s, **extra
+        )
         try:
             async with contextlib.aclosing(gen) as deltas:
                 async for d in deltas:
+                    i = d.index
                     if d.new_token_ids:
                         self.metrics.generation_tokens.inc(len(d.new_token_ids))
-                    if d.finished:
+                    if d.finished and i == 0:
                         final = d.metrics
-                    if stopped_at is not None:
+                    if done[i]:
                         continue  # draining after our abort, for the final metrics
+                    matcher = matchers[i]
                     text = matcher.feed(d.text_delta)
+                    cached = d.num_cached_tokens
                     if matcher.stopped:
-                        stopped_at = d.num_output_tokens
-                        outcome = "finished"
+                        done[i] = True
+                        num_ok += 1
                         if not d.finished:
-                            await self.client.abort(p.request_id)
-                        yield Piece(text, "stop", stopped_at)
+                            await self.client.abort(d.request_id)
+                        yield Piece(text, "stop", d.num_output_tokens, i, cached)
                     elif d.finished:
+                        done[i] = True
                         if d.finish_reason == "error":
                             outcome = "failed"
                             raise GenerationFailed(d.error or "the engine failed this request")
-                        outcome = "finished" if d.finish_reason in ("stop", "length") else "aborted"
-                        yield Piece(text + matcher.flush(), d.finish_reason, d.num_output_tokens)
+                        num_ok += d.finish_reason in ("stop", "length")
+                        reason = d.finish_reason
+                        yield Piece(text + matcher.flush(), reason, d.num_output_tokens, i, cached)
                     elif text:
-                        yield Piece(text, None, d.num_output_tokens)
+                        yield Piece(text, None, d.num_output_tokens, i, cached)
+            outcome = "finished" if num_ok == p.n else "aborted"
         except RequestRejected as exc:
             outcome = "rejected"
             raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
@@ -121,20 +133,14 @@ class NovaService:
                 self.metrics.prompt_tokens.inc(p.num_prompt_tokens)
                 self.metrics.observe_final(outcome, final)
 
-    async def collect(self, p: Prepared) -> tuple[str, str | None, int]:
-        texts: list[str] = []
-        finish: str | None = None
-        n = 0
+    async def collect(self, p: Prepared) -> Choices:
+        out = Choices.empty(p.n)
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
-                texts.append(piece.text)
-                if piece.finish_reason is not None:
-                    finish, n = piece.finish_reason, piece.num_output_tokens
-        return "".join(texts), finish, n
+                out.add(piece)
+        return out
 
-    async def collect_unless_gone(
-        self, p: Prepared, request: Request
-    ) -> tuple[str, str | None, int]:
+    async def collect_unless_gone(self, p: Prepared, request: Request) -> Choices:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -157,7 +163,7 @@ class NovaService:
             events = sse_events(p, model, self.run(p), self.metrics.rejected)
             return EngineStream(events, self.admission.release)
         try:
-            text, finish, n = await self.collect_unless_gone(p, request)
+            choices = await self.collect_unless_gone(p, request)
         except ClientGone:
             return Response(status_code=499)
         except GenerationFailed as exc:
@@ -165,4 +171,4 @@ class NovaService:
         finally:
             self.admission.release()
         build = chat_body if p.kind == "chat" else completion_body
-        return JSONResponse(build(p, model, text, finish, n))
+        return JSONResponse(build(p, model, choices))
