@@ -346,7 +346,8 @@ BAD_CHAT = {
         "max_tokens",
         "context length",
     ),
-    "n=2": ({"messages": USER, "n": 2}, "n", "less than or equal to 1"),
+    "n=0": ({"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
+    "n too large": ({"messages": USER, "n": 10**6}, "n", "less than or equal to 128"),
     "logprobs": ({"messages": USER, "logprobs": True}, "logprobs", "false"),
     "presence_penalty": ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "0"),
     "stream_options without stream": (

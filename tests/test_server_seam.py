@@ -196,7 +196,12 @@ def test_completion_runs_through_the_client(http):
     body = r.json()
     assert body["choices"][0]["text"] == "fedc"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 4,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_streamed_chat_with_a_stop_string_aborts_in_the_client(http, fake):
