@@ -63,7 +63,7 @@ def session_prompts(kind: str) -> list[tuple[list[int], list[bytes]]]:
     ph = placeholder(kind) if kind != "llama" else []
     a, b, c = png(100, 60, 1), png(60, 100, 2), png(100, 60, 3)  # c: a's size, other pixels
     if not ph:
-        p1 = SYS + [50, 51]
+        p1 = [*SYS, 50, 51]
         p2 = [*p1, 60, 61, 62, 63]
         return [(p1, []), (p2, []), ([*SYS, 80, 81], []), (p2, [])]
     p1 = [*SYS, *ph, 50, 51]
