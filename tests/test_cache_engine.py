@@ -207,3 +207,20 @@ def test_seeded_choices_use_seed_plus_index(model_dirs):
     )
     assert group[1].output_token_ids == one.output_token_ids
     assert group[0].output_token_ids != group[1].output_token_ids
+
+
+def test_cache_flags_come_from_the_config():
+    import argparse
+
+    from nova.flags import add_flags, from_flags
+
+    p = argparse.ArgumentParser()
+    add_flags(p, EngineConfig)
+    default = from_flags(EngineConfig, p.parse_args([]))
+    assert default.prefix_caching and default.encoder_cache_bytes == 1 << 30
+    off = from_flags(
+        EngineConfig, p.parse_args(["--no-prefix-caching", "--encoder-cache-bytes", "0"])
+    )
+    assert not off.prefix_caching and off.encoder_cache_bytes == 0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--encoder-cache-bytes", "-1"])
