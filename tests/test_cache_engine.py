@@ -224,3 +224,42 @@ def test_cache_flags_come_from_the_config():
     assert not off.prefix_caching and off.encoder_cache_bytes == 0
     with pytest.raises(SystemExit):
         p.parse_args(["--encoder-cache-bytes", "-1"])
+
+
+def test_recompute_with_a_generated_image_token_treats_it_as_text(model_dirs):
+    """A preempted request recomputes prompt + outputs; an output token equal to the image
+    token is text, not a placeholder (the prompt's placeholders take the embeddings)."""
+    from nova.executor.torch_executor import TorchExecutor
+    from nova.models.inputs import InputProcessor
+    from nova.models.loader import load_model
+    from nova.runtime.runner import CacheConfig, ModelRunner
+    from nova.types import Batch, BatchItem, Partition
+
+    loaded = load_model(model_dirs["llava-clip"])
+    runner = ModelRunner(loaded, CacheConfig(block_size=4, num_blocks=64))
+    ex = TorchExecutor(runner)
+    proc = InputProcessor(loaded)
+    prompt = proc.from_token_ids([1, 7, IMAGE_TOKEN_ID, 8], [png(40, 40, 3)])
+    outputs = [IMAGE_TOKEN_ID, 9]
+    sp = SamplingParams(max_tokens=8)
+    bm = runner.block_manager
+    batch_ids = iter(range(100))
+
+    def run(stage, items):
+        return ex.execute(Batch(next(batch_ids), stage, tuple(items), Partition.shared(), 0.0))
+
+    images = tuple(prompt.image_inputs(proc.image_token_id, proc.num_image_tokens))
+    tokens = list(prompt.token_ids)
+    for rid in ("step", "once"):
+        ex.register(rid, sp, prompt.pixel_values, tuple(tokens), images)
+        run(Stage.VISION, [BatchItem(rid, num_images=1)])
+    # step by step: the prompt, then each output as a decode step
+    table = tuple(bm.allocate("step", len(tokens) + 2))
+    run(Stage.PREFILL, [BatchItem("step", tuple(tokens), 0, table, 1)])
+    run(Stage.DECODE, [BatchItem("step", (outputs[0],), len(tokens), table)])
+    want = run(Stage.DECODE, [BatchItem("step", (outputs[1],), len(tokens) + 1, table)])
+    # at once (a recompute): the output image token must not take an image embedding
+    table = tuple(bm.allocate("once", len(tokens) + 2))
+    got = run(Stage.PREFILL, [BatchItem("once", (*tokens, *outputs), 0, table, 1)])
+    assert not got.failed, got.failed
+    assert got.new_token_ids["once"] == want.new_token_ids["step"]

@@ -143,7 +143,8 @@ class TorchExecutor:
         # each item names (encoder-cache misses), split per request, then per image.
         pixels, wanted = [], []
         for it, p in zip(items, payloads):
-            idx = list(it.encode_images) or [i for i, e in enumerate(p.embeds) if e is None]
+            # unnamed (callers that build batches by hand): every image that came with pixels
+            idx = list(it.encode_images) or sorted(p.pixel_index)
             if p.pixel_values is None or any(i not in p.pixel_index for i in idx):
                 raise RuntimeError(f"request {it.request_id} reached vision without its pixels")
             pixels.append(select_images(p.pixel_values, [p.pixel_index[i] for i in idx]))
@@ -208,7 +209,10 @@ class TorchExecutor:
         image_token = self.runner.model.image_token_id
         if image_token is None:
             return None
-        num_here = it.token_ids.count(image_token)
+        # placeholders are prompt tokens; an output token equal to the image token (a recompute
+        # after preemption) is text
+        in_prompt = max(0, len(p.prompt_token_ids) - it.num_cached_tokens)
+        num_here = it.token_ids[:in_prompt].count(image_token)
         if num_here == 0:
             return None
         if any(e is None for e in p.embeds):

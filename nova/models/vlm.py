@@ -93,12 +93,30 @@ class NovaModel(nn.Module):
         )
         num_placeholders = int(is_image.sum())
         if num_placeholders != embeds.shape[0]:
+            is_image = self._placeholders(batch, is_image, int(hidden.shape[-1]))
+            num_placeholders = int(is_image.sum())
+        if num_placeholders != embeds.shape[0]:
             raise ValueError(
                 f"{num_placeholders} image placeholder tokens but {embeds.shape[0]} image "
                 "embeddings"
             )
         hidden[is_image] = embeds.to(hidden.dtype)
         return hidden
+
+    @staticmethod
+    def _placeholders(batch: ForwardBatch, is_image: torch.Tensor, hidden: int) -> torch.Tensor:
+        """Image-token positions that take embeddings: in each sequence, the first ones, as
+        many as it brought embeddings for (the prompt's placeholders come before any output;
+        an output token equal to the image token, recomputed after a preemption, is text)."""
+        mask = torch.zeros_like(is_image)
+        bounds = batch.paged.query_start_loc.tolist()
+        for i, e in enumerate(batch.mm_embeds):
+            if e is None:
+                continue
+            start, end = int(bounds[i]), int(bounds[i + 1])
+            where = torch.nonzero(is_image[start:end]).flatten()[: e.numel() // hidden]
+            mask[start + where] = True
+        return mask
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
