@@ -194,6 +194,27 @@ class Partition:
 
 
 @dataclass(slots=True, frozen=True)
+class ItemExtras:
+    """The rarer parts of a batch item (kept apart so that the common item, a decode step,
+    is built with few fields: the simulator builds millions)."""
+
+    # KV blocks to copy (src, dst) before the item's tokens are written: copy-on-write of a
+    # partially filled block it shares with a fork
+    block_copies: tuple[tuple[int, int], ...] = ()
+    # vision: the images (indices into the request's images) to encode; the others come from
+    # the encoder cache or the front end. Of those, ``cache_images`` are kept in the encoder
+    # cache under their hash once encoded.
+    encode_images: tuple[int, ...] = ()
+    cache_images: tuple[int, ...] = ()
+    # prefill that reaches the end of the prompt: the forks (``n`` > 1) that also sample a
+    # first token from this item's logits and then share its blocks
+    fork_ids: tuple[str, ...] = ()
+
+
+NO_EXTRAS = ItemExtras()
+
+
+@dataclass(slots=True, frozen=True)
 class BatchItem:
     """One request's part of a batch: everything the executor needs, as plain data."""
 
@@ -205,17 +226,23 @@ class BatchItem:
     # False for a prefill chunk that does not reach the end of the prompt: no token is sampled
     # (and no RNG state consumed) for it.
     sample: bool = True
-    # KV blocks to copy (src, dst) before this item's tokens are written: copy-on-write of a
-    # partially filled block it shares with a fork
-    block_copies: tuple[tuple[int, int], ...] = ()
-    # vision: the images (indices into the request's images) to encode; the others come from
-    # the encoder cache or the front end. Of those, ``cache_images`` are kept in the encoder
-    # cache under their hash once encoded.
-    encode_images: tuple[int, ...] = ()
-    cache_images: tuple[int, ...] = ()
-    # prefill that reaches the end of the prompt: the forks (``n`` > 1) that also sample a
-    # first token from this item's logits and then share its blocks
-    fork_ids: tuple[str, ...] = ()
+    extras: ItemExtras = NO_EXTRAS
+
+    @property
+    def block_copies(self) -> tuple[tuple[int, int], ...]:
+        return self.extras.block_copies
+
+    @property
+    def encode_images(self) -> tuple[int, ...]:
+        return self.extras.encode_images
+
+    @property
+    def cache_images(self) -> tuple[int, ...]:
+        return self.extras.cache_images
+
+    @property
+    def fork_ids(self) -> tuple[str, ...]:
+        return self.extras.fork_ids
 
 
 @dataclass(slots=True, frozen=True)

@@ -142,12 +142,21 @@ class BlockManager:
         ``num_tokens`` would take from the free and evictable pools. Reused blocks cost nothing
         unless they are evictable now (using them takes them out of that pool); a copy-on-write
         costs one."""
+        bs = self.block_size
         seq = self._seqs.get(seq_id)
         if seq is None:
-            new = max(0, num_blocks_for(num_tokens, self.block_size) - len(prefix_blocks))
-            return new + sum([1 for b in prefix_blocks if self._refs[b] == 0])
-        need = max(0, num_blocks_for(num_tokens, self.block_size) - len(seq.block_ids))
-        return need + (1 if self._needs_copy(seq, num_tokens) else 0)
+            new = max(0, -(-num_tokens // bs) - len(prefix_blocks))
+            if not prefix_blocks:
+                return new
+            refs = self._refs
+            return new + sum([1 for b in prefix_blocks if refs[b] == 0])
+        blocks = seq.block_ids
+        need = -(-num_tokens // bs) - len(blocks)
+        old = seq.num_tokens
+        # = _needs_copy(seq, num_tokens), inline: the decode hot path
+        if num_tokens > old and old % bs and self._refs[blocks[-1]] > 1:
+            return max(0, need) + 1
+        return need if need > 0 else 0
 
     def can_allocate(self, seq_id: str, num_tokens: int, prefix_blocks: Sequence[int] = ()) -> bool:
         return self.num_new_blocks_needed(seq_id, num_tokens, prefix_blocks) <= (
@@ -230,7 +239,10 @@ class BlockManager:
                 f"sequence {seq_id!r} cannot shrink from {seq.num_tokens} to {num_tokens} tokens"
             )
         needed = self.num_new_blocks_needed(seq_id, num_tokens)
-        if needed > self.num_free_blocks:
+        if needed == 0:  # the common decode step: room left in the last, private block
+            seq.num_tokens = num_tokens
+            return []
+        if needed > len(self._free) + len(self._cached):
             raise OutOfBlocksError(seq_id, needed, self.num_free_blocks)
         if self._needs_copy(seq, num_tokens):
             src = seq.block_ids[-1]

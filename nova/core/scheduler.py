@@ -36,8 +36,10 @@ from nova.core.encoder_cache import EncoderCacheAccounting
 from nova.core.policy import WAITING_STATUS, BatchPlan, Policy, SchedulerState
 from nova.core.prefix_keys import extend_block_hashes
 from nova.types import (
+    NO_EXTRAS,
     Batch,
     BatchItem,
+    ItemExtras,
     Request,
     RequestEvent,
     RequestRejected,
@@ -272,14 +274,8 @@ class Scheduler:
                         keep.append(i)
                         self._evict += evicted
                         self._reserved.setdefault(req.request_id, []).append(img.mm_hash)
-            items.append(
-                BatchItem(
-                    req.request_id,
-                    num_images=n,
-                    encode_images=tuple(to_encode),
-                    cache_images=tuple(keep),
-                )
-            )
+            extras = ItemExtras(encode_images=tuple(to_encode), cache_images=tuple(keep))
+            items.append(BatchItem(req.request_id, num_images=n, extras=extras))
             num_images += n
         return items
 
@@ -339,6 +335,12 @@ class Scheduler:
             )
             sample = done + take == num_prefill
             forks = self._forks.get(rid) if sample else None
+            extras = NO_EXTRAS
+            if forks or bm.has_copies(rid):
+                extras = ItemExtras(
+                    block_copies=tuple(bm.take_copies(rid)),
+                    fork_ids=tuple([f.request_id for f in forks]) if forks else (),
+                )
             items.append(
                 BatchItem(
                     rid,
@@ -346,9 +348,8 @@ class Scheduler:
                     done,
                     tuple(bm.block_table(rid)),
                     self._images_in(req, done, done + take) if req.images else 0,
-                    sample=sample,
-                    block_copies=tuple(bm.take_copies(rid)),
-                    fork_ids=tuple([f.request_id for f in forks]) if forks else (),
+                    sample,
+                    extras,
                 )
             )
             num_tokens += take
@@ -383,15 +384,16 @@ class Scheduler:
                     self._preempt(req)
                     continue
             bm.grow(rid, num_tokens)
-            items.append(
-                BatchItem(
-                    rid,
-                    (req.output_token_ids[-1],),
-                    num_tokens - 1,
-                    tuple(bm.block_table(rid)),
-                    block_copies=tuple(bm.take_copies(rid)) if bm.has_copies(rid) else (),
+            table = tuple(bm.block_table(rid))
+            if bm.has_copies(rid):  # copy-on-write of a block shared with a fork
+                extras = ItemExtras(block_copies=tuple(bm.take_copies(rid)))
+                items.append(
+                    BatchItem(
+                        rid, (req.output_token_ids[-1],), num_tokens - 1, table, 0, True, extras
+                    )
                 )
-            )
+            else:
+                items.append(BatchItem(rid, (req.output_token_ids[-1],), num_tokens - 1, table))
         return items
 
     def _free_partial_prefills_for(
@@ -435,10 +437,12 @@ class Scheduler:
         )
         bm = self.block_manager
         caching = bm.enable_prefix_caching
+        vision, prefill = batch.stage is Stage.VISION, batch.stage is Stage.PREFILL
+        settle = vision and bool(self._reserved)
         for item in batch.items:
             rid = item.request_id
             in_flight.pop(rid, None)
-            if batch.stage is Stage.VISION and self._reserved:
+            if settle:
                 self._settle_reserved(rid, bool(failed) and rid in failed)
             if aborted and rid in aborted:
                 aborted.discard(rid)
@@ -450,17 +454,19 @@ class Scheduler:
                 self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=failed[rid])
                 events.append(RequestEvent(rid, (), True, "error", req.error))
                 continue
-            if batch.stage is Stage.VISION:
+            if vision:
                 req.times.vision_end_s = result.end_s
                 req.images_to_encode = []
                 self.state.set_status(req, RequestStatus.WAITING_PREFILL)
                 self._probe_prefix(req)
                 continue
-            num_computed = item.num_cached_tokens + len(item.token_ids)
-            if caching and num_computed // bm.block_size > bm.num_committed_blocks(rid):
-                bm.commit(rid, extend_block_hashes(req, bm.block_size, num_computed), num_computed)
+            if caching:
+                num_computed = item.num_cached_tokens + len(item.token_ids)
+                if num_computed // bm.block_size > bm.num_committed_blocks(rid):
+                    hashes = extend_block_hashes(req, bm.block_size, num_computed)
+                    bm.commit(rid, hashes, num_computed)
             if not item.sample:  # a prefill chunk short of the prompt's end: progress only
-                req.num_computed_tokens = num_computed
+                req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
                 continue
             token = result.new_token_ids.get(rid)
             if token is None:
@@ -468,9 +474,9 @@ class Scheduler:
                 self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=reason)
                 events.append(RequestEvent(rid, (), True, "error", reason))
                 continue
-            if batch.stage is Stage.PREFILL:
+            if prefill:
                 self.encoder_cache.release(rid)  # the executor holds its embeddings now
-                if item.fork_ids:
+                if item.extras is not NO_EXTRAS and item.fork_ids:
                     events += self._fork(req, item, result)
             events.append(self._append_token(req, item, token, batch.stage, result.end_s))
         self.policy.on_batch_done(result, self.state, now_s)
