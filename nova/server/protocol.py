@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 PRIORITY_LIMIT = 2**31
-MAX_CHOICES = 128  # n: choices per request (each one a sequence in the engine)
+MAX_CHOICES = 16  # n: choices per request (each one a sequence in the engine, decoding)
 
 
 def _integral(value: object) -> object:
