@@ -180,6 +180,17 @@ def test_n_choices_share_the_prompt_and_equal_n_1(servers):
     u = three["usage"]
     assert u["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counted once
     assert u["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    # logprobs per choice (a fork's first token's too): greedy choices, the same entries
+    lp_one = chat(on, messages, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]
+    lp_two = chat(on, messages, n=2, logprobs=True, top_logprobs=2)["choices"]
+    assert len(lp_one["content"]) == 5
+    for c in lp_two:
+        got = c["logprobs"]["content"]
+        assert [e["token"] for e in got] == [e["token"] for e in lp_one["content"]]
+        assert [len(e["top_logprobs"]) for e in got] == [2] * 5
+        assert [e["logprob"] for e in got] == pytest.approx(
+            [e["logprob"] for e in lp_one["content"]], abs=1e-4
+        )
     # streamed: every chunk names its choice; each choice gets a role chunk and a finish
     body = {
         "messages": messages,
@@ -190,7 +201,7 @@ def test_n_choices_share_the_prompt_and_equal_n_1(servers):
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    texts, roles, finishes, usage = ["", ""], set(), {}, None
+    texts, roles, finishes, usage, firsts = ["", ""], set(), {}, None, []
     with httpx.stream("POST", on.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -202,10 +213,13 @@ def test_n_choices_share_the_prompt_and_equal_n_1(servers):
                 i = ch["index"]
                 if ch["delta"].get("role"):
                     roles.add(i)
+                    firsts.append(ch["delta"].get("content"))
                 texts[i] += ch["delta"].get("content") or ""
                 if ch["finish_reason"]:
                     finishes[i] = ch["finish_reason"]
     assert roles == {0, 1} and finishes == {0: "length", 1: "length"}
+    # each choice's role chunk comes with its first token's text (which may be empty)
+    assert len(firsts) == 2 and all(f is not None and want.startswith(f) for f in firsts)
     assert texts == [want, want]
     assert usage["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0

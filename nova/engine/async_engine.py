@@ -16,7 +16,7 @@ from nova.engine.detokenizer import IncrementalDetokenizer
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import request_metrics
 from nova.models.inputs import InputProcessor, PromptInput
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Request, RequestEvent
 
 __all__ = ["AsyncEngine", "OutputDelta"]
@@ -37,6 +37,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.llm_engine.max_model_len
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return self.llm_engine.sampling_defaults
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         self.llm_engine.check_admissible(num_prompt_tokens, max_tokens)
@@ -90,6 +94,7 @@ class AsyncEngine:
                     metrics=request_metrics(req) if finished else None,
                     index=i,
                     num_cached_tokens=req.num_cached_prompt_tokens,
+                    logprobs=list(ev.logprobs),
                 )
         finally:
             # the consumer went away (client disconnect, cancellation): abort what still runs

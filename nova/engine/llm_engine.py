@@ -21,9 +21,9 @@ from nova.executor.base import FaultHook
 from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
-from nova.models.loader import LoadedModel, load_model
+from nova.models.loader import LoadedModel, load_model, missing_image_processor
 from nova.runtime.runner import CacheConfig, ModelRunner
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Request
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,12 @@ class LLMEngine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.loaded = loaded or load_model(
-            config.model, config.load_format, config.torch_dtype, config.device, config.seed
+            config.model,
+            config.load_format,
+            config.torch_dtype,
+            config.device,
+            config.seed,
+            config.generation_config,
         )
         self.processor = InputProcessor(
             self.loaded,
@@ -136,6 +141,14 @@ class LLMEngine:
         self.loop = EngineLoop(self.scheduler, self.executor)
         self._ids = itertools.count()
 
+    def unservable_reason(self) -> str | None:
+        """Why this model cannot be served over the API as loaded (a multimodal checkpoint
+        without its image processor: every image request would fail), or None. Dummy
+        weights serve shapes only and pass."""
+        if self.loaded.load_format == "dummy":
+            return None
+        return missing_image_processor(self.loaded)
+
     def start(self) -> LLMEngine:
         self.loop.start()
         return self
@@ -147,6 +160,10 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return int(self.loaded.max_model_len)
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return self.loaded.generation_defaults
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``RequestRejected`` if such a request could never be served (reads only

@@ -29,9 +29,18 @@ from nova.models.mm import VisionInput, encode_image_batch, num_images, select_i
 from nova.models.mm_cache import CachedImage, EmbeddingStore
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
-from nova.runtime.sampler import make_generator, sample
+from nova.runtime.sampler import TokenHistory, make_generator, make_history, sample_batch
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, ImageInput, Partition, Stage, StageResult
+from nova.structured.matcher import GrammarMatcher, fill_bitmasks
+from nova.types import (
+    Batch,
+    BatchItem,
+    ImageInput,
+    Partition,
+    Stage,
+    StageResult,
+    TokenLogprobs,
+)
 
 
 @dataclass(slots=True)
@@ -48,6 +57,11 @@ class _Payload:
     embeds: list[torch.Tensor | None] = field(default_factory=list)
     ready: list[Any] = field(default_factory=list)
     mrope: Any | None = None  # MRopePlan: M-RoPE positions of a Qwen-VL prompt with images
+    # the tokens penalties and min_tokens look at (None when the request has neither)
+    history: TokenHistory | None = None
+    # log-probabilities of the token sampled by the batch now running (taken by ``execute``)
+    last_logprobs: TokenLogprobs | None = None
+    grammar: GrammarMatcher | None = None  # structured output: the request's grammar state
 
 
 class TorchExecutor:
@@ -98,6 +112,10 @@ class TorchExecutor:
             if n and plan_input is not None
             else None
         )
+        history = make_history(
+            sampling, prompt_token_ids, self.runner.vocab_size, self.runner.device
+        )
+        grammar = sampling.structured_output
         with self._lock:
             self._payloads[request_id] = _Payload(
                 sampling,
@@ -109,6 +127,8 @@ class TorchExecutor:
                 [supplied[i].embeds if i in supplied else None for i in range(n)],
                 [supplied[i].ready if i in supplied else None for i in range(n)],
                 mrope=plan,
+                history=history,
+                grammar=grammar.new_matcher() if grammar is not None else None,
             )
 
     def release(self, request_id: str) -> None:
@@ -134,6 +154,11 @@ class TorchExecutor:
             out = run_isolated(batch, fn, self.fault_hook)
             if stream is not None:
                 stream.synchronize()
+        with self._lock:
+            for rid in out.new_token_ids:
+                p = self._payloads.get(rid)
+                if p is not None and p.last_logprobs is not None:
+                    out.logprobs[rid], p.last_logprobs = p.last_logprobs, None
         self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
         return out
 
@@ -190,10 +215,19 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(rid) for rid in ids]
-        tokens = sample(
-            logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads]
+        bitmask = self._grammar_bitmask(ids, [items[i] for i in rows], payloads)
+        out = sample_batch(
+            logits[rows],
+            [p.sampling for p in payloads],
+            [p.generator for p in payloads],
+            allowed_token_bitmask=None if bitmask is None else torch.from_numpy(bitmask),
+            histories=[p.history for p in payloads],
+            eos_token_ids=self.runner.loaded.eos_token_ids,
         )
-        return dict(zip(ids, tokens))
+        for p, lp in zip(payloads, out.logprobs):
+            p.last_logprobs = lp
+        self._advance_grammars(payloads, out.token_ids)
+        return dict(zip(ids, out.token_ids))
 
     def _resolve_embeds(self, p: _Payload) -> None:
         """Embeddings of images the encoder cache had (pinned for this request until its
@@ -203,6 +237,38 @@ class TorchExecutor:
                 entry = self.encoder_store.get(p.images[i].mm_hash)
                 if entry is not None:
                     p.embeds[i], p.ready[i] = entry.embeds, entry.ready
+
+    def _grammar_bitmask(
+        self, ids: list[str], items: list[BatchItem], payloads: list[_Payload]
+    ) -> Any:
+        """The allowed-token bitmask of the rows to sample (numpy int32 ``[rows, words]``,
+        all ones for unconstrained rows), or None when no row has a grammar. Raises for a
+        request whose grammar is in error or out of step with its output (that request
+        fails; ``run_isolated`` reruns the others)."""
+        if all(p.grammar is None for p in payloads):
+            return None
+        for rid, it, p in zip(ids, items, payloads):
+            g = p.grammar
+            if g is None:
+                continue
+            if g.is_error:
+                raise RuntimeError(f"request {rid}: structured output failed: {g.error}")
+            generated = it.num_cached_tokens + len(it.token_ids) - len(p.prompt_token_ids)
+            if g.num_consumed != generated:
+                raise RuntimeError(
+                    f"request {rid}: grammar state is at output token "
+                    f"{g.num_consumed}, the request at {generated}"
+                )
+        return fill_bitmasks([p.grammar for p in payloads], self.runner.vocab_size)
+
+    @staticmethod
+    def _advance_grammars(payloads: list[_Payload], tokens: list[int]) -> None:
+        """Each sampled token advances its request's grammar. Last step of a batch and never
+        raising, so a batch rerun (``run_isolated``) cannot advance a grammar twice; a token
+        the grammar rejects leaves it in error, which fails the request at its next step."""
+        for p, tok in zip(payloads, tokens):
+            if p.grammar is not None:
+                p.grammar.consume(tok)
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
         """The image embeddings for the placeholders inside this (possibly partial) prefill."""

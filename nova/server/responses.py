@@ -7,15 +7,19 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from nova.server.constraints import ToolMode
 from nova.server.errors import GenerationFailed, OpenAIError, generation_failed, internal_error
+from nova.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from nova.server.prepare import Prepared
+from nova.tools.parsers import ToolCall, ToolCallDelta, ToolCallStream
+from nova.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -24,36 +28,100 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text to send for one choice of a request; the last piece of a choice has its finish
-    reason."""
+    """Text (and tool-call deltas) to send for one choice of a request (possibly empty: a
+    choice's first piece comes with its first token whatever its text); the last piece of a
+    choice has its finish reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of this piece's tokens
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
     index: int = 0  # the choice (0 .. n-1)
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 @dataclass(slots=True)
-class Choices:
-    """A finished request's choices (index i of each list is choice i)."""
+class Collected:
+    """One choice's whole (non-streamed) output."""
 
-    texts: list[str]
-    finish_reasons: list[str | None]
-    num_output_tokens: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Choices:
+    """A finished request's choices (``outputs[i]`` is choice i) and the prompt tokens the
+    prefix cache served."""
+
+    outputs: list[Collected]
     num_cached_tokens: int = 0
 
     @classmethod
     def empty(cls, n: int) -> Choices:
-        return cls([""] * n, [None] * n, [0] * n)
+        return cls([Collected() for _ in range(n)])
 
-    def add(self, piece: Piece) -> None:
-        i = piece.index
-        self.texts[i] += piece.text
-        if piece.finish_reason is not None:
-            self.finish_reasons[i] = piece.finish_reason
-            self.num_output_tokens[i] = piece.num_output_tokens
-        self.num_cached_tokens = max(self.num_cached_tokens, piece.num_cached_tokens)
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.num_output_tokens for c in self.outputs)
+
+
+class ToolPieces:
+    """Pieces -> pieces with tool calls parsed out of their text (``mode`` None: pieces pass
+    through). Logprobs stay with the piece whose tokens they describe. One per choice."""
+
+    def __init__(self, mode: ToolMode | None) -> None:
+        self.mode = mode
+        self.stream: ToolCallStream | None = mode.new_stream() if mode is not None else None
+
+    @property
+    def done(self) -> bool:
+        """The last tool call allowed is complete: generation should end."""
+        return self.stream is not None and self.stream.done
+
+    def piece(self, raw: Piece) -> Piece:
+        if self.stream is None:
+            return raw
+        parsed = self.stream.feed(raw.text)
+        return Piece(
+            parsed.content,
+            raw.finish_reason,
+            raw.num_output_tokens,
+            raw.logprobs,
+            parsed.tool_calls,
+            raw.index,
+            raw.num_cached_tokens,
+        )
+
+    def last(self, piece: Piece, finish: str | None) -> Piece:
+        """``piece`` as the last one: the parser's held-back text, the finish reason."""
+        if self.stream is None or self.mode is None:
+            piece.finish_reason = finish
+            return piece
+        rest = self.stream.finish()
+        piece.text += rest.content
+        piece.tool_calls.extend(rest.tool_calls)
+        piece.finish_reason = self.mode.finish_reason(finish, self.stream.num_calls)
+        return piece
+
+
+def image_sizes(p: Prepared) -> list[dict[str, int]] | None:
+    """The extension field ``image_sizes``: each image as given and as the model saw it."""
+    sizes = p.prompt.image_sizes
+    if not sizes:
+        return None
+    return [
+        {
+            "width": s.width,
+            "height": s.height,
+            "resized_width": s.resized_width,
+            "resized_height": s.resized_height,
+        }
+        for s in sizes
+    ]
 
 
 def usage(p: Prepared, num_output_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
@@ -80,30 +148,44 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, c: Choices) -> dict[str, Any]:
-    return {
-        **response_head(p, "chat.completion", model),
-        "choices": [
+def chat_body(p: Prepared, model: str, c: Choices, texts: TokenTexts) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(c.outputs):
+        message: dict[str, Any] = {"role": "assistant", "content": out.text}
+        if out.calls:
+            message["content"] = out.text or None
+            message["tool_calls"] = [call.as_openai() for call in out.calls]
+        logprobs = chat_logprobs(out.logprobs, texts) if p.logprobs is not None else None
+        choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason,
             }
-            for i, (text, finish) in enumerate(zip(c.texts, c.finish_reasons))
-        ],
-        "usage": usage(p, sum(c.num_output_tokens), c.num_cached_tokens),
+        )
+    body = {
+        **response_head(p, "chat.completion", model),
+        "choices": choices,
+        "usage": usage(p, c.num_output_tokens, c.num_cached_tokens),
     }
+    sizes = image_sizes(p)
+    if sizes is not None:
+        body["image_sizes"] = sizes
+    return body
 
 
-def completion_body(p: Prepared, model: str, c: Choices) -> dict[str, Any]:
+def completion_body(p: Prepared, model: str, c: Choices, texts: TokenTexts) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(c.outputs):
+        logprobs = completion_logprobs(out.logprobs, texts)[0] if p.logprobs is not None else None
+        choices.append(
+            {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        )
     return {
         **response_head(p, "text_completion", model),
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            for i, (text, finish) in enumerate(zip(c.texts, c.finish_reasons))
-        ],
-        "usage": usage(p, sum(c.num_output_tokens), c.num_cached_tokens),
+        "choices": choices,
+        "usage": usage(p, c.num_output_tokens, c.num_cached_tokens),
     }
 
 
@@ -112,53 +194,74 @@ async def sse_events(
     model: str,
     pieces: AsyncGenerator[Piece, None],
     on_rejected: Callable[[], None],
+    texts: TokenTexts,
 ) -> AsyncGenerator[str, None]:
-    """The events of a streamed response over ``pieces`` (closed when done). An error after the
-    stream started is sent as an error event followed by ``[DONE]``; ``on_rejected`` is called
-    for a 4xx-style ``OpenAIError``."""
+    """The events of a streamed response over ``pieces`` (closed when done). The first chunk
+    goes out with the first token (a chat's carries the role and that token's text, and the
+    ``image_sizes`` extension), never before: clients time the first token by it. An error
+    after the stream started is sent as an error event followed by ``[DONE]``;
+    ``on_rejected`` is called for a 4xx-style ``OpenAIError``."""
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
+    # completions' text_offset per choice: output characters before the chunk's tokens
+    offsets = [0] * p.n
 
-    def chunk(text: str | None, finish: str | None, index: int = 0, role: bool = False) -> str:
+    def chunk(
+        text: str | None,
+        finish: str | None,
+        index: int,
+        entries: list[TokenLogprobs] | None = None,
+        first: bool = False,
+        tool_calls: list[ToolCallDelta] | None = None,
+    ) -> str:
+        logprobs: dict[str, Any] | None = None
+        if p.logprobs is not None and entries is not None:
+            if chat:
+                logprobs = chat_logprobs(entries, texts)
+            else:
+                logprobs, offsets[index] = completion_logprobs(entries, texts, offsets[index])
         if chat:
             delta: dict[str, Any] = {}
-            if role:
+            if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if tool_calls:
+                delta["tool_calls"] = [d.as_openai() for d in tool_calls]
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {
                 "index": index,
                 "text": text or "",
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         obj = {**head, "choices": [choice]}
-        if p.include_usage:
+        if first and chat and p.prompt.image_sizes and not any(started):
+            obj["image_sizes"] = image_sizes(p)
+        if p.continuous_usage:
+            obj["usage"] = usage(p, sum(counts), cached)
+        elif p.include_usage:
             obj["usage"] = None
         return sse_event(obj)
 
-    if chat:
-        for i in range(p.n):
-            yield chunk("", None, i, role=True)
-    collected = Choices.empty(p.n)
+    counts = [0] * p.n  # output tokens of each choice so far
+    started = [False] * p.n  # the choice's first chunk (with its first token) was sent
+    cached = 0  # prompt tokens the prefix cache served
     try:
         async with contextlib.aclosing(pieces) as ps:
             async for piece in ps:
-                collected.add(
-                    Piece(
-                        "",
-                        piece.finish_reason,
-                        piece.num_output_tokens,
-                        piece.index,
-                        piece.num_cached_tokens,
-                    )
-                )
-                if piece.text:
-                    yield chunk(piece.text, None, piece.index)
+                i = piece.index
+                counts[i] = piece.num_output_tokens
+                cached = max(cached, piece.num_cached_tokens)
+                first = not started[i]
+                if first or piece.text or piece.logprobs or piece.tool_calls:
+                    # with tool calls and no text, a chat delta has no content
+                    text = piece.text if piece.text or not piece.tool_calls else None
+                    yield chunk(text, None, i, piece.logprobs, first, piece.tool_calls)
+                    started[i] = True
                 if piece.finish_reason is not None:
-                    yield chunk(None if chat else "", piece.finish_reason, piece.index)
+                    yield chunk(None if chat else "", piece.finish_reason, i)
     except OpenAIError as exc:
         on_rejected()
         yield sse_event(exc.body())
@@ -174,8 +277,7 @@ async def sse_events(
         yield SSE_DONE
         return
     if p.include_usage:
-        used = usage(p, sum(collected.num_output_tokens), collected.num_cached_tokens)
-        yield sse_event({**head, "choices": [], "usage": used})
+        yield sse_event({**head, "choices": [], "usage": usage(p, sum(counts), cached)})
     yield SSE_DONE
 
 

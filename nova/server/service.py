@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -24,18 +24,21 @@ from nova.server.errors import (
     bad_request,
     generation_failed,
 )
+from nova.server.logprobs import TokenTexts
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
     Choices,
     EngineStream,
     Piece,
+    ToolPieces,
     chat_body,
     completion_body,
     sse_events,
     wait_disconnect,
 )
 from nova.server.stops import StopMatcher
+from nova.tools.parsers import ToolCallDelta, merge_tool_calls
 from nova.types import RequestRejected
 
 
@@ -69,6 +72,7 @@ class NovaService:
         self.preparer = RequestPreparer(client, config, self.metrics.prepare.observe)
         self.max_model_len = self.preparer.max_model_len
         self.created = int(time.time())
+        self.token_texts = TokenTexts(client.processor.tokenizer)
 
     def admit(self) -> None:
         """Take an admission slot, or raise 503 with Retry-After."""
@@ -82,13 +86,28 @@ class NovaService:
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
 
+    async def serve(self, prepare: Callable[[], Awaitable[Prepared]], request: Request) -> Response:
+        """Admit, prepare (``prepare()``, called once admitted) and handle one request; the
+        admission slot is released here if preparing fails, else by ``handle``."""
+        self.admit()
+        try:
+            p = await prepare()
+        except BaseException:
+            self.admission.release()
+            raise
+        return await self.handle(p, request)
+
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> text pieces per choice (stop strings applied to each); records the
-        outcome (finished when every choice finished)."""
+        """Engine deltas -> pieces per choice (stop strings applied, then tool calls parsed out
+        when the request has tools): one per delta that brought tokens (its text may be empty:
+        held back by a possible stop string, a partial character or a possible tool call), and
+        a last one per choice with the finish reason. Records the outcome (finished when every
+        choice finished)."""
         matchers = [StopMatcher(p.stops) for _ in range(p.n)]
+        tools = [ToolPieces(p.tool_mode) for _ in range(p.n)]
         done = [False] * p.n  # the choice's last piece was yielded
-        num_ok = 0  # choices that finished (stop, length, or a stop string)
+        num_ok = 0  # choices that finished (stop, length, a stop string, the last tool call)
         outcome = "aborted"
         final: RequestMetrics | None = None
         extra = {"n": p.n} if p.n > 1 else {}
@@ -106,25 +125,36 @@ class NovaService:
                     if done[i]:
                         continue  # draining after our abort, for the final metrics
                     matcher = matchers[i]
-                    text = matcher.feed(d.text_delta)
-                    cached = d.num_cached_tokens
+                    text = matcher.feed(d.text_delta, armed=d.num_output_tokens > p.min_tokens)
+                    finish: str | None = None
                     if matcher.stopped:
-                        done[i] = True
-                        num_ok += 1
-                        if not d.finished:
-                            await self.client.abort(d.request_id)
-                        yield Piece(text, "stop", d.num_output_tokens, i, cached)
+                        if p.include_stop_str and matcher.matched:
+                            text += matcher.matched
+                        finish = "stop"
                     elif d.finished:
-                        done[i] = True
                         if d.finish_reason == "error":
                             outcome = "failed"
                             raise GenerationFailed(d.error or "the engine failed this request")
-                        num_ok += d.finish_reason in ("stop", "length")
-                        reason = d.finish_reason
-                        yield Piece(text + matcher.flush(), reason, d.num_output_tokens, i, cached)
-                    elif text:
-                        yield Piece(text, None, d.num_output_tokens, i, cached)
-            outcome = "finished" if num_ok == p.n else "aborted"
+                        text += matcher.flush()
+                        finish = d.finish_reason
+                    raw = Piece(
+                        text, None, d.num_output_tokens, d.logprobs, [], i, d.num_cached_tokens
+                    )
+                    piece = tools[i].piece(raw)
+                    if finish is None and tools[i].done:
+                        finish = "stop"  # the last tool call allowed (parallel_tool_calls false)
+                    if finish is not None:
+                        done[i] = True
+                        # a stop string or the last allowed call: we end the choice here
+                        ours = matcher.stopped or not d.finished
+                        num_ok += ours or finish in ("stop", "length")
+                        if num_ok == p.n:
+                            outcome = "finished"
+                        if not d.finished:
+                            await self.client.abort(d.request_id)
+                        yield tools[i].last(piece, finish)
+                    elif piece.text or d.new_token_ids or piece.tool_calls:
+                        yield piece
         except RequestRejected as exc:
             outcome = "rejected"
             raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
@@ -134,10 +164,25 @@ class NovaService:
                 self.metrics.observe_final(outcome, final)
 
     async def collect(self, p: Prepared) -> Choices:
+        """The whole answer: each choice's pieces' text, logprobs and tool calls merged (so a
+        non-streamed answer is exactly what the stream of the same output would send)."""
         out = Choices.empty(p.n)
+        texts: list[list[str]] = [[] for _ in range(p.n)]
+        calls: list[list[ToolCallDelta]] = [[] for _ in range(p.n)]
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
-                out.add(piece)
+                i = piece.index
+                texts[i].append(piece.text)
+                calls[i].extend(piece.tool_calls)
+                choice = out.outputs[i]
+                choice.logprobs.extend(piece.logprobs)
+                out.num_cached_tokens = max(out.num_cached_tokens, piece.num_cached_tokens)
+                if piece.finish_reason is not None:
+                    choice.finish_reason = piece.finish_reason
+                    choice.num_output_tokens = piece.num_output_tokens
+        for choice, text, delta in zip(out.outputs, texts, calls):
+            choice.text = "".join(text)
+            choice.calls = merge_tool_calls(delta)
         return out
 
     async def collect_unless_gone(self, p: Prepared, request: Request) -> Choices:
@@ -160,7 +205,7 @@ class NovaService:
         """Run a prepared request; owns one admission slot and releases it when done."""
         model = self.config.served_model_name
         if p.stream:
-            events = sse_events(p, model, self.run(p), self.metrics.rejected)
+            events = sse_events(p, model, self.run(p), self.metrics.rejected, self.token_texts)
             return EngineStream(events, self.admission.release)
         try:
             choices = await self.collect_unless_gone(p, request)
@@ -171,4 +216,4 @@ class NovaService:
         finally:
             self.admission.release()
         build = chat_body if p.kind == "chat" else completion_body
-        return JSONResponse(build(p, model, choices))
+        return JSONResponse(build(p, model, choices, self.token_texts))
