@@ -223,3 +223,25 @@ def test_n_choices_share_the_prompt_and_equal_n_1(servers):
     assert texts == [want, want]
     assert usage["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_n_choices_each_follow_the_grammar_and_their_own_seed(servers):
+    """Every fork gets its own grammar state and generator: sampled choices differ in order of
+    their seeds, and each is one of the schema's values."""
+    on = servers("qwen2.5-vl")["on"][1]
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "schema": {"type": "string", "enum": ["yes", "no", "maybe", "later"]},
+        },
+    }
+    body = chat(
+        on, conversation()[0], n=4, temperature=1.0, seed=7, max_tokens=20, response_format=fmt
+    )
+    got = [c["message"]["content"] for c in body["choices"]]
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 4
+    assert all(json.loads(g) in ("yes", "no", "maybe", "later") for g in got), got
+    # choice i samples with seed + i: choice 1 of seed 7 is choice 0 of seed 8
+    alone = chat(on, conversation()[0], temperature=1.0, seed=8, max_tokens=20, response_format=fmt)
+    assert alone["choices"][0]["message"]["content"] == got[1]
