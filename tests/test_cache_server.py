@@ -245,3 +245,24 @@ def test_n_choices_each_follow_the_grammar_and_their_own_seed(servers):
     # choice i samples with seed + i: choice 1 of seed 7 is choice 0 of seed 8
     alone = chat(on, conversation()[0], temperature=1.0, seed=8, max_tokens=20, response_format=fmt)
     assert alone["choices"][0]["message"]["content"] == got[1]
+
+
+def test_image_sizes_of_an_encoder_cache_hit(servers):
+    """An image the encoder cache had is never decoded; its sizes (the ``image_sizes``
+    extension) are still those of the first request that sent it, and off equals on."""
+    (_, on), (_, off) = servers("qwen2-vl")["on"], servers("qwen2-vl")["off"]
+    url = png_url(90, 50, 11)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Where?"},
+            ],
+        }
+    ]
+    hits = counter(on, "nova_encoder_cache_hit_images_total")
+    first, second = chat(on, messages), chat(on, messages)
+    assert counter(on, "nova_encoder_cache_hit_images_total") == hits + 1
+    assert first["image_sizes"] == second["image_sizes"] == chat(off, messages)["image_sizes"]
+    assert first["image_sizes"][0]["width"] == 90 and first["image_sizes"][0]["height"] == 50
