@@ -27,7 +27,15 @@ from nova.server.constraints import (
     completion_constraints,
     grammar_error,
 )
-from nova.server.errors import OpenAIError, bad_request
+from nova.server.errors import (
+    COMBINATION_CODE,
+    CONTEXT_CODE,
+    IMAGE_LIMITS_CODE,
+    JSON_TEXT_CODE,
+    VOCAB_CODE,
+    OpenAIError,
+    bad_request,
+)
 from nova.server.media import MediaError, load_image_url, open_image
 from nova.server.protocol import ChatCompletionRequest, CompletionRequest
 from nova.server.stops import single_token_stop_ids
@@ -46,28 +54,6 @@ GREEDY_EPS = 1e-5  # temperatures below this are greedy (as vLLM)
 MIN_TOP_P = 1e-6
 MAX_STOP_STRINGS = 16
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's, when neither the request nor the model sets one
-# Error codes of 400s for requests the schema cannot rule out (they depend on the model, its
-# context and the server's limits); the schemathesis tests accept only these for valid bodies.
-CONTEXT_CODE = "context_length_exceeded"
-VOCAB_CODE = "token_out_of_vocabulary"
-COMBINATION_CODE = "invalid_field_combination"  # fields valid alone, not together
-IMAGE_LIMITS_CODE = "image_limits"  # mm_processor_kwargs outside the server's limits
-# Every code a schema-valid request can still be refused with, and why the schema cannot say
-# it: the context length and the vocabulary are the model's, images are only known once
-# decoded, and JSON Schema cannot relate two fields.
-SCHEMA_INVISIBLE_CODES = frozenset(
-    {
-        CONTEXT_CODE,
-        VOCAB_CODE,
-        COMBINATION_CODE,
-        IMAGE_LIMITS_CODE,
-        "too_many_images",
-        "images_not_supported",
-        "invalid_image",
-        "image_too_large",
-        "media_not_allowed",
-    }
-)
 
 
 @dataclass(slots=True)
@@ -386,7 +372,9 @@ class RequestPreparer:
             try:
                 arguments = json.loads(call.function.arguments or "{}")
             except json.JSONDecodeError as exc:
-                raise bad_request(f"{param} is not valid JSON: {exc}", param) from exc
+                raise bad_request(
+                    f"{param} is not valid JSON: {exc}", param, JSON_TEXT_CODE
+                ) from exc
             calls.append(
                 {
                     "id": call.id,

@@ -171,7 +171,9 @@ class StructuredOutputs(_Strict):
         None, alias="json", description="a JSON schema (object or its JSON text)"
     )
     regex: str | None = None
-    choice: list[str] | None = Field(None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="one or more non-empty strings"
+    )
     grammar: str | None = Field(None, description="a Lark (llguidance dialect) or GBNF grammar")
     json_object: bool | None = None
 
