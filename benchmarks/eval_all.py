@@ -205,11 +205,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def wanted(name: str) -> bool:
         return name in args.only if args.only else name != SMOKE
 
-    reports = {
+    loaded = {
         p.parent.name: json.loads(p.read_text())
         for p in sorted(args.out.glob("*/results.json"))
         if wanted(p.parent.name)
     }
+    # results written by an older nova eval (one seed, no checks) cannot be summarized
+    reports = {name: r for name, r in loaded.items() if "analysis" in r}
+    for name in sorted(set(loaded) - set(reports)):
+        print(f"skipped {name}: results.json from an older nova eval (no checks); rerun it")
     summary = summarize(reports)
     (args.out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=1) + "\n")
     (args.out / "summary.md").write_text(render(summary, meta))

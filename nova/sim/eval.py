@@ -177,7 +177,9 @@ def _workload_arrivals(exp: Experiment, series: Series, load: float, seed: int) 
     else:
         kwargs["rate_rps"] = load
         kwargs["num_requests"] = exp.num_requests
-    return arrivals_from_workload(make_workload(exp.workload, seed=seed, **kwargs))
+    return arrivals_from_workload(
+        make_workload(exp.workload, seed=seed, **kwargs), segments=exp.caches
+    )
 
 
 def steady_window(
@@ -242,12 +244,19 @@ def run_one(
     if exp.image_size is not None and spec.has_vision:
         image_tokens = spec.image_tokens_for(*exp.image_size)
     policy = build_policy(policy_name, exp, cost, spec)
+    encoder_bytes = int(exp.encoder_cache_gib * 2**30) if exp.caches else 0
+    # the encoder cache's device memory comes out of the KV cache's
+    kv_blocks = num_kv_blocks(cost, spec, block_size, exp.offload_vision)
+    kv_blocks -= int(encoder_bytes // (spec.kv_bytes_per_token * block_size))
     sim = Simulator(
         policy,
         cost,
-        num_kv_blocks(cost, spec, block_size, exp.offload_vision),
+        max(64, kv_blocks),
         block_size,
         image_tokens,
+        prefix_caching=exp.caches,
+        encoder_cache_bytes=encoder_bytes,
+        embed_bytes_per_token=max(1, int(spec.text_hidden * spec.bytes_per_param)),
     )
     t0 = time.perf_counter()
     res = sim.run(arrivals)
@@ -267,6 +276,16 @@ def run_one(
         "p99_ttft_s": s.ttft.p99,
         "mean_tpot_s": s.tpot.mean,
         "num_preemptions": res.num_preemptions,
+        "prefix_cache_hit_rate": (
+            res.prefix_cache_hit_tokens / res.prefix_cache_queried_tokens
+            if res.prefix_cache_queried_tokens
+            else None
+        ),
+        "encoder_cache_hit_rate": (
+            res.encoder_cache_hit_images / res.encoder_cache_queried_images
+            if res.encoder_cache_queried_images
+            else None
+        ),
         "rate_rps": (len(arrival_times) - 1) / span if span > 0 else 0.0,
         **steady_window(res.requests),
         "sim_wall_s": round(time.perf_counter() - t0, 3),

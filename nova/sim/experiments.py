@@ -88,6 +88,12 @@ class Experiment:
     image_size: tuple[int, int] | None = None
     offload_vision: bool = False
     cost_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Caches across requests, modelled with the engine's own code (nova.core): the prefix
+    # cache over each request's content (``request_segments``) and an encoder cache of
+    # ``encoder_cache_gib`` (embeddings of ``text_hidden`` values of the model's dtype per
+    # image token). Off: every request computes everything (the paper's setup).
+    caches: bool = False
+    encoder_cache_gib: float = 4.0
 
     def __post_init__(self) -> None:
         if len(self.seeds) < 1:
@@ -232,6 +238,23 @@ register_experiment(
                 (16, 32),
             ),
         ),
+    )
+)
+register_experiment(
+    Experiment(
+        "agent-sessions-h100",
+        "UI-TARS-style agent sessions (10 steps; each step resends the system prompt, the "
+        "history and the last 5 screenshots of 1120x1120) on a Qwen2.5-VL-7B-shaped VLM on an "
+        "H100 SXM, with the prefix cache and a 4 GiB encoder cache modelled; session starts "
+        "Poisson, loads in requests/s.",
+        gpu="h100-sxm",
+        model="qwen2.5-vl-7b",
+        rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+        num_requests=200,
+        workload="agent_sessions",
+        workload_kwargs={"image_width": 1120, "image_height": 1120, "think_time_s": 1.0},
+        min_decode_sms=16,
+        caches=True,
     )
 )
 register_experiment(
