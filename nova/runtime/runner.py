@@ -106,17 +106,21 @@ class ModelRunner:
             if not cuda_graphs
             else graphs_unavailable_reason(self.device, self.attention)
         )
-        # Decode graphs pad their batch with rows that write a scratch block: one block beyond
-        # the block manager's, so no sequence ever owns it.
+        # Decode graphs pad their batch with rows that write a scratch block, and gathering
+        # backends pad contexts with reads of it: one block beyond the block manager's, so no
+        # sequence ever owns it (graph padding rows write finite values only).
+        scratch = no_graphs is None or self.attention.needs_pad_slot
         self.kv_cache = PagedKVCache(
             dcfg.num_layers,
-            num_blocks + (no_graphs is None),
+            num_blocks + scratch,
             cache.block_size,
             dcfg.num_kv_heads,
             dcfg.head_dim,
             loaded.dtype,
             self.device,
         )
+        if scratch:
+            self.kv_cache.pad_slot = num_blocks * cache.block_size
         self.decode_graphs: StaticDecodeRunner | None = None
         if no_graphs is None:
             self.decode_graphs = StaticDecodeRunner(
