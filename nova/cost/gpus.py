@@ -19,6 +19,7 @@ SM granularity (the step in which SMs can be handed to a partition):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from nova.registry import Registry
@@ -182,10 +183,20 @@ register_gpu(
         description="NVIDIA H200 SXM 141GB (HBM3e; 141 GB as marketed)",
     )
 )
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 register_gpu(
     GpuSpec(
         "cpu",
-        num_sms=1,
+        # CPU partitions hand out whole cores (nova.gpu.cpu_cores): one "SM" per usable core.
+        num_sms=_usable_cores(),
         sm_granularity=1,
         min_partition_sms=1,
         # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
@@ -194,7 +205,7 @@ register_gpu(
         hbm_gbps=20.0,
         pcie_gbps=20.0,
         memory_gib=8.0,
-        description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
+        description="the CPU: one 'SM' per usable core, partitions of whole cores",
     )
 )
 

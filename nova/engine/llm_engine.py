@@ -109,8 +109,11 @@ class LLMEngine:
                 "cost_model": cost_model,
                 "image_tokens": max(1, self.processor.num_image_tokens),
             }
-            if self.partition_backend.enforces_limits:  # plan on the device's real SM grid
-                extra["sm_granularity_share"] = self.partition_backend.grid.share_step
+            grid = self.partition_backend.grid
+            if self.partition_backend.enforces_limits and grid.num_sms > 1:
+                # plan on the device's real SM grid (CPU: its cores); with one core there is
+                # nothing to split and the stages time-share it
+                extra["sm_granularity_share"] = grid.share_step
         policy = make_policy(config.policy, limits=limits, **extra)
         if self.partition_backend.enforces_limits and hasattr(policy, "partition_set"):
             self.partition_backend.prepare(policy.partition_set())  # created once, up front
