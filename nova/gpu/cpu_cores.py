@@ -95,7 +95,7 @@ def shared_core_slices(
             out[s] = (cores[start : start + sizes[s]], False)
             start += sizes[s]
         return out
-    others = [s for s in order if s is not Stage.DECODE]
+    others: list[Stage] = [s for s in order if s is not Stage.DECODE]
     pool = cores
     if Stage.DECODE in order and n >= 2:
         out[Stage.DECODE] = ((cores[-1],), False)

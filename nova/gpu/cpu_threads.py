@@ -64,7 +64,7 @@ def _thread_name() -> str | None:
 def team_thread_ids(name: str, own_tid: int) -> list[int]:
     """Thread ids in this process named ``name`` other than ``own_tid`` (the OpenMP threads a
     worker started inherit its name)."""
-    out = []
+    out: list[int] = []
     try:
         entries = list(_TASKS.iterdir())
     except OSError:
