@@ -66,8 +66,8 @@ def isolated_core_sets(plan: PartitionPlan, cores: Sequence[int]) -> dict[Stage,
             chosen, bottom = cores[bottom : bottom + n], bottom + n
         for s in stages:
             out[s] = chosen
-    for s, n in plan.sms:
-        if n is None:
+    for s, limit in plan.sms:
+        if limit is None:
             out[s] = cores
     return out
 
