@@ -71,15 +71,16 @@ class AsyncEngine:
             while not finished:
                 ev, req = await queue.get()
                 finished = ev.finished
-                tokens = list(req.output_token_ids)
+                new_tokens = list(ev.new_token_ids)
+                text = detok.push(new_tokens, finished)  # keeps the output's tokens, in order
                 yield OutputDelta(
                     request_id=ev.request_id,
-                    new_token_ids=list(ev.new_token_ids),
-                    text_delta=detok.delta(tokens, finished),
+                    new_token_ids=new_tokens,
+                    text_delta=text,
                     finished=finished,
                     finish_reason=ev.finish_reason,
                     error=ev.error,
-                    num_output_tokens=len(tokens),
+                    num_output_tokens=len(detok.token_ids),
                     metrics=request_metrics(req) if finished else None,
                 )
         finally:
