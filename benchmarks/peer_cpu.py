@@ -43,6 +43,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+LOGS = Path(tempfile.gettempdir())  # the workers' and servers' own output: LOGS/peer_*.log
 
 TOPICS = (
     "how a bicycle stays upright",
@@ -204,7 +205,7 @@ class Worker:
         cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--model", args.model]
         cmd += ["--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens)]
         self.kind = kind
-        self.log = open(RESULTS / f".peer_{kind}.log", "w")  # noqa: SIM115 - closed in close()
+        self.log = open(LOGS / f"peer_{kind}.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -318,7 +319,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def start_server(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Any]:
-    log = open(RESULTS / f".serve_{kind}.log", "w")  # noqa: SIM115 - closed by the caller
+    log = open(LOGS / f"serve_{kind}.log", "w")  # noqa: SIM115 - closed by the caller
     if kind == "nova":
         cmd = [sys.executable, "-m", "nova.cli", "serve", "--model", args.model]
         cmd += ["--dtype", "bfloat16", "--port", str(port), "--served-model-name", "peer"]

@@ -4,7 +4,8 @@ Each stage worker thread calls ``execute`` for its own stage. On CUDA each stage
 stream; image embeddings stay on the device from vision to prefill, and prefill waits on the
 event recorded after the vision batch that produced them (no host round trip). On a CPU the
 streams are absent and ops run in the calling thread (PyTorch releases the GIL inside ops, so
-the three workers do overlap).
+the three workers do overlap); the ``cpu`` partition backend runs each batch on the worker's
+cores for that batch, with that many intra-op threads (``nova.gpu.cpu_cores``).
 """
 
 from __future__ import annotations
@@ -129,9 +130,9 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
-        tokens = sample(
-            logits[rows], [p.sampling for p in payloads], [p.generator for p in payloads]
-        )
+        if len(rows) != len(items):  # (a copy of the [rows, vocab] logits: only when needed)
+            logits = logits[rows]
+        tokens = sample(logits, [p.sampling for p in payloads], [p.generator for p in payloads])
         return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
