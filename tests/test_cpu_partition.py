@@ -101,6 +101,58 @@ def test_cpu_backend_prepares_and_reports_what_it_granted():
     assert "4 cores" in backend.describe()
 
 
+def test_batches_run_on_team_threads_that_keep_openmp_pools_within_the_cores():
+    backend = CpuBackend(cores=(0, 1))
+    applied = []
+    backend._apply = lambda cores: applied.append((threading.get_native_id(), cores))
+    shared = Partition.shared()
+    me = threading.get_native_id()
+
+    def where(stream):
+        assert stream is None
+        return threading.get_native_id()
+
+    vision_tid = backend.run(V, shared, where)
+    assert vision_tid != me and applied[-1] == (vision_tid, (0, 1))
+    assert backend.run(V, shared, where) == vision_tid  # the same thread, batch after batch
+    # decode alone on both cores: vision's idle 2-thread pool would make 3 pool threads on
+    # 2 cores, so vision's team thread is retired first
+    decode_tid = backend.run(D, shared, where)
+    assert decode_tid != vision_tid and set(backend._teams) == {D}
+    with pytest.raises(ZeroDivisionError):  # a batch's exception reaches the caller
+        backend.run(D, shared, lambda stream: 1 / 0)
+    assert backend.run(D, shared, where) == decode_tid
+    assert not backend.broker.running()
+    started = backend.num_team_threads_started
+    backend.close()
+    assert not backend._teams and started == 2
+
+
+def test_a_team_thread_whose_pool_outgrew_its_cores_is_replaced():
+    backend = CpuBackend(cores=(0, 1, 2, 3))
+    backend._apply = lambda cores: None
+    shared = Partition.shared()
+    tid = lambda stream: threading.get_native_id()  # noqa: E731
+    wide = backend.run(P, shared, tid)  # prefill alone: a 4-thread pool
+    hold, release = threading.Event(), threading.Event()
+
+    def long_decode(stream):
+        hold.set()
+        release.wait()
+
+    t = threading.Thread(target=backend.run, args=(D, shared, long_decode))
+    t.start()
+    hold.wait()  # decode alone: all 4 cores (a 4-thread pool), and it keeps them mid-batch
+    # prefill's next batch gets half: its 4-thread pool beside decode's would make 1 + 3 + 3
+    # pooled threads on 4 cores; it needs 2 threads, so a fresh team thread takes the batch
+    narrow = backend.run(P, shared, tid)
+    release.set()
+    t.join()
+    assert narrow != wide and backend._teams[P].pool_size == 2
+    assert backend.broker.last[P].cores == (0, 1) and backend.broker.last[D].cores == (0, 1, 2, 3)
+    backend.close()
+
+
 # -- the thread mechanics (real threads) ---------------------------------------------------------
 def _in_thread(fn):
     out: dict = {}

@@ -426,9 +426,9 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
             self.activations = []
             self._apply = lambda cores: None  # 4 planned cores, whatever this machine has
 
-        def activate(self, stage, partition):
+        def run(self, stage, partition, fn):
             self.activations.append((stage, partition))
-            return super().activate(stage, partition)
+            return super().run(stage, partition, fn)
 
     backend = Recording()
     monkeypatch.setattr(llm_engine, "make_backend", lambda name, device: backend)

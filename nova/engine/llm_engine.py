@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from nova.config import EngineConfig
 from nova.core.policy import StageLimits, make_policy
@@ -27,6 +27,7 @@ from nova.sampling_params import SamplingParams
 from nova.types import ImageInput, Request
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def device_gpu_spec(device: str) -> str:
@@ -63,6 +64,17 @@ def default_cost_model(
     return make_cost_model("roofline", gpu, spec)
 
 
+def _on_fresh_thread_if_cpu(device: str, fn: Callable[[], T]) -> T:
+    """On a CPU, ``fn()`` (model loading, KV-cache allocation: many parallel ops) runs on a
+    thread that ends afterwards, so the OpenMP pool those ops start does not outlive it and
+    count against the stage workers' pools (``nova.gpu.cpu_threads.TeamThread``)."""
+    if not device.startswith("cpu"):
+        return fn()
+    from nova.gpu.cpu_threads import run_in_fresh_thread
+
+    return run_in_fresh_thread(fn)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -71,8 +83,11 @@ class LLMEngine:
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(
-            config.model, config.load_format, config.torch_dtype, config.device, config.seed
+        self.loaded = loaded or _on_fresh_thread_if_cpu(
+            config.device,
+            lambda: load_model(
+                config.model, config.load_format, config.torch_dtype, config.device, config.seed
+            ),
         )
         self.processor = InputProcessor(
             self.loaded,
@@ -83,17 +98,20 @@ class LLMEngine:
         # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
         # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
         self.partition_backend = make_backend(config.partition, self.loaded.device)
-        self.runner = ModelRunner(
-            self.loaded,
-            CacheConfig(
-                block_size=config.block_size,
-                num_blocks=config.num_kv_blocks,
-                kv_cache_bytes=config.kv_cache_bytes,
+        self.runner = _on_fresh_thread_if_cpu(
+            config.device,
+            lambda: ModelRunner(
+                self.loaded,
+                CacheConfig(
+                    block_size=config.block_size,
+                    num_blocks=config.num_kv_blocks,
+                    kv_cache_bytes=config.kv_cache_bytes,
+                ),
+                attention_backend=config.attention_backend,
+                cuda_graphs=config.cuda_graphs,
+                max_num_seqs=config.max_num_seqs,
+                vision_offload_layers=config.vision_offload_layers,
             ),
-            attention_backend=config.attention_backend,
-            cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
-            vision_offload_layers=config.vision_offload_layers,
         )
         log.info("partition backend: %s", self.partition_backend.describe())
         log.info("%s", self.runner.memory)
@@ -132,6 +150,7 @@ class LLMEngine:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.partition_backend.close()
 
     # -- what a front end asks (nova.engine.client.EngineClient, through AsyncEngine) ---------
     @property

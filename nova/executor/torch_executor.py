@@ -95,11 +95,16 @@ class TorchExecutor:
         run = {Stage.VISION: self._vision, Stage.PREFILL: self._prefill, Stage.DECODE: self._decode}
         fn = run[batch.stage]
         partition = self.partitions.get(batch.stage, batch.partition)
-        # The stage's stream (in the green context of its SM share, if the backend has them).
-        with self.partition_backend.activate(batch.stage, partition) as stream:
-            out = run_isolated(batch, fn, self.fault_hook)
+
+        def run_batch(stream: Any) -> StageResult:
+            result = run_isolated(batch, fn, self.fault_hook)
             if stream is not None:
                 stream.synchronize()
+            return result
+
+        # On the stage's stream (in the green context of its SM share, if the backend has
+        # them); on a CPU, on the stage's team thread and cores (nova.gpu.cpu_threads).
+        out = self.partition_backend.run(batch.stage, partition, run_batch)
         self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
         return out
 

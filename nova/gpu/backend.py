@@ -15,14 +15,19 @@ picks one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nova.gpu.cpu_cores import CoreBroker
+from nova.gpu.cpu_threads import TeamThread, apply_cores, available_cores, cores_for_block
 from nova.gpu.sm_plan import SHARE_EPS, SMGrid
 from nova.gpu.streams import CudaStream, CudaStreams
 from nova.types import STAGES, Partition, Stage
+
+T = TypeVar("T")
 
 
 class PartitionUnavailable(ValueError):
@@ -61,9 +66,18 @@ class PartitionBackend:
         synchronise (``None`` on a CPU)."""
         yield None
 
+    def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
+        """``fn(stream)`` as ``stage``'s batch under ``partition``: inside ``activate`` on the
+        calling thread (the CPU backend runs it on the stage's team thread instead)."""
+        with self.activate(stage, partition) as stream:
+            return fn(stream)
+
     def granted_sms(self, stage: Stage, partition: Partition) -> int:
         """SMs the stage really runs on under ``partition`` (the whole device if unlimited)."""
         return self.grid.num_sms
+
+    def close(self) -> None:
+        """Release what ``run`` keeps between batches (the engine calls it when it stops)."""
 
     def share_context(self, share: float) -> AbstractContextManager[object]:
         """A context manager running the enclosed work on ``share`` of the SMs (for
@@ -99,8 +113,6 @@ class CpuBackend(PartitionBackend):
     name = "cpu"
 
     def __init__(self, num_cores: int | None = None, cores: Sequence[int] | None = None) -> None:
-        from nova.gpu.cpu_threads import available_cores
-
         if cores is None:
             cores = available_cores()
             if num_cores is not None:
@@ -109,6 +121,9 @@ class CpuBackend(PartitionBackend):
         super().__init__(self.broker.grid)
         self._apply = _apply_cores  # tests swap in a recorder
         self._created: dict[tuple[str, str], GrantedPartition] = {}
+        self._teams: dict[Stage, TeamThread] = {}
+        self._teams_lock = threading.Lock()
+        self.num_team_threads_started = 0
 
     @property
     def enforces_limits(self) -> bool:
@@ -144,6 +159,50 @@ class CpuBackend(PartitionBackend):
         finally:
             self.broker.release(stage)
 
+    def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
+        """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""
+        grant = self.broker.acquire(stage, partition)
+        try:
+            team = self._team(stage, grant.num_cores)
+            return team.run(grant.cores, lambda: fn(None))
+        finally:
+            self.broker.release(stage)
+
+    def _team(self, stage: Stage, num_cores: int) -> TeamThread:
+        """The stage's team thread for a batch on ``num_cores`` cores, keeping the OpenMP pools
+        of all team threads within the cores (``TeamThread`` says why): idle team threads of
+        other stages with pools are retired first, then this stage's own if its pool is larger
+        than this batch needs. A pool held by a running batch stays until that batch ends."""
+        with self._teams_lock:
+            team = self._teams.get(stage)
+
+            def pooled() -> int:  # pool threads after this batch starts, + the initial thread
+                mine = max(team.pool_size if team else 1, num_cores)
+                others = sum(t.pool_size - 1 for s, t in self._teams.items() if s is not stage)
+                return 1 + (mine - 1) + others
+
+            for other, t in list(self._teams.items()):
+                if pooled() <= self.grid.num_sms:
+                    break
+                if other is not stage and not t.busy and t.pool_size > 1:
+                    t.retire()
+                    del self._teams[other]
+            if team is not None and pooled() > self.grid.num_sms and team.pool_size > num_cores:
+                team.retire()
+                team = None
+            if team is None:
+                team = TeamThread(f"nova-{stage.value}-team", self._apply)
+                self._teams[stage] = team
+                self.num_team_threads_started += 1
+            return team
+
+    def close(self) -> None:
+        """Retire every team thread (the engine calls it when it stops)."""
+        with self._teams_lock:
+            for t in self._teams.values():
+                t.retire()
+            self._teams.clear()
+
     def granted_sms(self, stage: Stage, partition: Partition) -> int:
         """Cores the stage's last batch ran on (before its first batch: what it would get)."""
         last = self.broker.last.get(stage)
@@ -155,8 +214,6 @@ class CpuBackend(PartitionBackend):
 
     def share_context(self, share: float) -> AbstractContextManager[object]:
         """The calling thread on ``share`` of the cores (the first ones), for ``nova profile``."""
-        from nova.gpu.cpu_threads import cores_for_block
-
         return cores_for_block(self.cores[: self.grid.sms_for_share(share)])
 
     def share_granted_sms(self, share: float) -> int:
@@ -173,8 +230,6 @@ class CpuBackend(PartitionBackend):
 
 
 def _apply_cores(cores: Sequence[int]) -> None:
-    from nova.gpu.cpu_threads import apply_cores
-
     apply_cores(cores)
 
 

@@ -21,10 +21,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ _TASKS = Path("/proc/self/task")
 _state = threading.local()
 _names = iter(range(1 << 30))
 _names_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def available_cores() -> tuple[int, ...]:
@@ -126,3 +129,78 @@ def cores_for_block(cores: Sequence[int]) -> Iterator[tuple[int, ...]]:
             apply_cores(restore)
         torch.set_num_threads(before_threads)
         _state.cores = before_cores
+
+
+class TeamThread:
+    """A thread that runs one stage's batches on given cores; its OpenMP team ends with it.
+
+    Why batches run here and not in the stage worker: libgomp keeps a thread pool per thread
+    that ever ran a parallel region, never shrinks a pool below its largest team, and counts
+    every pool thread. Once the pools in the process hold more threads than there are cores,
+    its idle threads stop spinning between parallel regions (``throttled`` spin count, 100
+    spins) and every small op pays a futex wake-up: measured on 2 cores, 16 us -> 110 us for
+    three small ops once a second 2-thread pool exists. Ending the thread is the only way to
+    free its pool, so the backend retires a team thread whose pool is larger than the cores
+    its stage now has, when the pools would otherwise exceed the cores (``CpuBackend``).
+    """
+
+    def __init__(self, name: str, apply: Callable[[Sequence[int]], object] | None = None) -> None:
+        self._apply = apply or apply_cores  # (tests pass a recorder)
+        self.pool_size = 1  # the largest team it ran (its pool holds pool_size - 1 threads)
+        self.busy = False
+        self._queue: queue.SimpleQueue[tuple[tuple[int, ...], Callable[[], Any], _Box] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, cores: Sequence[int], fn: Callable[[], T]) -> T:
+        """``fn()`` on this thread with ``cores`` (waits for it; its exception is re-raised)."""
+        cores = tuple(sorted(cores))
+        self.pool_size = max(self.pool_size, len(cores))
+        box = _Box()
+        self.busy = True
+        try:
+            self._queue.put((cores, fn, box))
+            box.done.wait()
+        finally:
+            self.busy = False
+        if box.error is not None:
+            raise box.error
+        return box.value
+
+    def retire(self) -> None:
+        """End the thread (and its OpenMP pool) after anything already queued."""
+        self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            cores, fn, box = item
+            try:
+                self._apply(cores)
+                box.value = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box.error = exc
+            finally:
+                box.done.set()
+
+
+class _Box:
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.value: Any = None
+
+
+def run_in_fresh_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread of its own that ends afterwards, with it any OpenMP pool ``fn``'s
+    parallel ops started (model loading on a CPU: see ``TeamThread``)."""
+    team = TeamThread("nova-init")
+    try:
+        return team.run(available_cores(), fn)
+    finally:
+        team.retire()

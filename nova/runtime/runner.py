@@ -20,6 +20,7 @@ from nova.models.mm import VisionInput
 from nova.runtime.attention import make_attention_backend
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
+from nova.runtime.host_memory import keep_freed_host_memory
 from nova.runtime.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ModelRunner:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         cache = cache or CacheConfig()
         dcfg = self.model.decoder.cfg
         per_block = PagedKVCache.bytes_per_block(
