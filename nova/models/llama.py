@@ -27,6 +27,7 @@ from torch import nn
 from nova.models.mrope import mrope_frequency_rows
 from nova.runtime.attention_backend import AttentionBackend
 from nova.runtime.attention_sdpa import SdpaPagedAttention
+from nova.runtime.cpu_linear import PackedLinear
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
 from nova.shapes import TextShape
@@ -140,8 +141,11 @@ class _Fused:
         assert self.weight is not None
         return self.weight, self.bias
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def _fuse(self) -> None:
+        # (normal tensors even when the first forward runs under inference mode: the loader
+        # may still write the parameters, and a packed copy tracks their version counter)
         weights = [lin.weight for lin in self.linears]
         self.weight = torch.cat([w.detach() for w in weights])
         _make_views(weights, self.weight)
@@ -183,6 +187,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self._attn = attn
         self._qkv = _Fused(self.q_proj, self.k_proj, self.v_proj)
+        self._qkv_linear, self._o_linear = PackedLinear(), PackedLinear()
 
     def forward(
         self,
@@ -194,13 +199,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, *self._qkv.get())
+        qkv = self._qkv_linear(x, *self._qkv.get())
         qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), cos, sin)
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         out = self._attn(
             qk[:, :h], qk[:, h:], v, self.layer, batch.attn_metadata, kv_cache, self.scale
         )
-        return self.o_proj(out)
+        return self._o_linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -215,11 +220,12 @@ class MLP(nn.Module):
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
         self._gate_up = _Fused(self.gate_proj, self.up_proj)
         self._inter = cfg.intermediate_size
+        self._gate_up_linear, self._down_linear = PackedLinear(), PackedLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, *self._gate_up.get())
+        gate_up = self._gate_up_linear(x, *self._gate_up.get())
         gate, up = gate_up[:, : self._inter], gate_up[:, self._inter :]
-        return self.down_proj(F.silu(gate) * up)
+        return self._down_linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -265,6 +271,7 @@ class LlamaDecoder(nn.Module):
         self.attn_backend: AttentionBackend = SdpaPagedAttention()
         self.model = _Backbone(cfg, self.attn_backend)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._lm_head_linear = PackedLinear()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Not a registered buffer: it is derived from the config, never loaded, and must survive
@@ -357,4 +364,4 @@ class LlamaDecoder(nn.Module):
             cast(DecoderLayer, layer).self_attn._attn = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self._lm_head_linear(hidden, self.lm_head.weight).float()
