@@ -6,21 +6,17 @@ Kept import-light: ``import nova`` does not import torch, so the torch-free part
 
 from __future__ import annotations
 
+from nova.lazy import lazy_attributes
+
 __version__ = "0.1.0"
 
-_LAZY = {
-    "LLM": ("nova.llm", "LLM"),
-    "AsyncEngine": ("nova.engine.async_engine", "AsyncEngine"),
-    "SamplingParams": ("nova.sampling_params", "SamplingParams"),
-    "EngineConfig": ("nova.config", "EngineConfig"),
-}
-
-
-def __getattr__(name: str):
-    """``nova.LLM`` etc. import their (torch-using) modules only on first use."""
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'nova' has no attribute {name!r}")
+# ``nova.LLM`` etc. import their (torch-using) modules only on first use.
+__getattr__ = lazy_attributes(
+    "nova",
+    {
+        "LLM": "nova.llm",
+        "AsyncEngine": "nova.engine.async_engine",
+        "SamplingParams": "nova.sampling_params",
+        "EngineConfig": "nova.config",
+    },
+)

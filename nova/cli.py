@@ -36,7 +36,7 @@ EXTERNAL: dict[str, External] = {
         "nova.server.cli", "add_serve_parser", "serve the OpenAI-compatible API", "server"
     ),
     "bench": External(
-        "nova.bench.cli", "add_bench_parser", "load an OpenAI-compatible server", "bench"
+        "nova.bench.cli", "add_bench_parser", "load-test an OpenAI-compatible server", "bench"
     ),
     "profile": External(
         "nova.profiling.cli",

@@ -109,6 +109,17 @@ class EngineConfig:
         metadata=flag("Qwen2-VL family: override the processor's max_pixels", minimum=1),
     )
 
+    # Sampling defaults for fields a request leaves unset (nova.models.loader
+    # .read_generation_defaults): the model's generation_config.json, vLLM's switch.
+    generation_config: str = field(
+        default="auto",
+        metadata=flag(
+            "sampling defaults for unset request fields: 'auto' = the model's "
+            "generation_config.json, 'vllm' = ignore it, or a directory holding one",
+            metavar="auto|vllm|DIR",
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")

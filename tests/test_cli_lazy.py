@@ -5,6 +5,7 @@ command that needs a missing extra says which one to install."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -104,7 +105,7 @@ def test_extras_match_pyproject():
         "optional-dependencies"
     ]
     for extra, modules in EXTRAS.items():
-        names = {req.split(">")[0].split("=")[0].split("<")[0].strip() for req in declared[extra]}
+        names = {re.split(r"[<>=\[]", req)[0].strip() for req in declared[extra]}
         assert names == set(modules), extra
     # every runtime dependency of the core is not an extra: no extra repeats a core dependency
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -121,3 +122,19 @@ def test_require_extra(monkeypatch):
         require_extra("server", "nova serve")
     with pytest.raises(ValueError, match="unknown extra"):
         missing_modules("gui")
+
+
+def test_external_subcommand_help_matches_the_modules_own():
+    """``nova --help`` lists external subcommands from ``EXTERNAL`` without importing them; the
+    text must be the one their own parser registers."""
+    import argparse
+    import importlib
+
+    from nova.cli import EXTERNAL
+
+    for name, ext in EXTERNAL.items():
+        parser = argparse.ArgumentParser(prog="nova")
+        sub = parser.add_subparsers()
+        getattr(importlib.import_module(ext.module), ext.adder)(sub)
+        [action] = [a for a in sub._choices_actions if a.dest == name]
+        assert action.help == ext.help, name

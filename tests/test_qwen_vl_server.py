@@ -153,3 +153,60 @@ def test_image_outside_the_servers_pixel_limits_is_a_400_and_serving_goes_on(qwe
         assert "pixels" in r.text.lower()
         r2 = http.post("/v1/chat/completions", json=good)
         assert r2.status_code == 200, r2.text
+
+
+def test_per_request_pixel_limits_resize_that_requests_images(qwen_server):
+    """mm_processor_kwargs bounds one request's resize (within the server's limits); the
+    response's image_sizes extension gives each image as sent and as the model saw it."""
+    engine, srv = qwen_server
+    url = png_url(300, 300, 5)
+
+    def ask(**extra):
+        body = {"messages": _chat("where?", [url]), "max_tokens": 2, "temperature": 0, **extra}
+        with httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http:
+            return http.post("/v1/chat/completions", json=body)
+
+    served = ask()
+    small = ask(mm_processor_kwargs={"max_pixels": 28 * 28 * 9})
+    assert served.status_code == 200 and small.status_code == 200, small.text
+    big, few = served.json(), small.json()
+    assert big["image_sizes"][0]["width"] == 300 and big["image_sizes"][0]["height"] == 300
+    seen = few["image_sizes"][0]
+    assert seen["resized_width"] * seen["resized_height"] <= 28 * 28 * 9
+    assert (seen["resized_width"], seen["resized_height"]) == (84, 84)
+    sizing = engine.processor.sizing
+    assert (big["image_sizes"][0]["resized_width"], big["image_sizes"][0]["resized_height"]) == (
+        sizing.resize(300, 300)
+    )
+    # fewer pixels, fewer image tokens in the prompt
+    assert few["usage"]["prompt_tokens"] < big["usage"]["prompt_tokens"]
+    # beyond the server's own limits: a 400 naming the field
+    for kw in (
+        {"max_pixels": SERVER_MAX_PIXELS * 2},
+        {"min_pixels": 10},
+        {"min_pixels": 5000, "max_pixels": 4000},
+    ):
+        r = ask(mm_processor_kwargs=kw)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "mm_processor_kwargs"
+
+
+def test_image_sizes_in_the_first_streamed_chunk(qwen_server):
+    _, srv = qwen_server
+    body = {
+        "messages": _chat("where?", [png_url(120, 90, 1)]),
+        "max_tokens": 3,
+        "temperature": 0,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    import json
+
+    first = json.loads(lines[0])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert first["image_sizes"][0]["width"] == 120 and first["image_sizes"][0]["height"] == 90
+    assert all("image_sizes" not in json.loads(x) for x in lines[1:-1])

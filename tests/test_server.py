@@ -347,31 +347,106 @@ BAD_CHAT = {
         "context length",
     ),
     "n=2": ({"messages": USER, "n": 2}, "n", "less than or equal to 1"),
-    "logprobs": ({"messages": USER, "logprobs": True}, "logprobs", "false"),
-    "presence_penalty": ({"messages": USER, "presence_penalty": 0.5}, "presence_penalty", "0"),
+    "logprobs: 0": ({"messages": USER, "logprobs": 0}, "logprobs", "boolean"),
+    "top_logprobs: false": (
+        {"messages": USER, "logprobs": True, "top_logprobs": False},
+        "top_logprobs",
+        "integer",
+    ),
+    "top_logprobs without logprobs": (
+        {"messages": USER, "top_logprobs": 2},
+        "top_logprobs",
+        "logprobs",
+    ),
+    "top_logprobs over 20": (
+        {"messages": USER, "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+        "less than or equal to 20",
+    ),
+    "presence_penalty": ({"messages": USER, "presence_penalty": 2.5}, "presence_penalty", "2"),
+    "repetition_penalty zero": (
+        {"messages": USER, "repetition_penalty": 0},
+        "repetition_penalty",
+        "greater than 0",
+    ),
+    "logit_bias key": ({"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias.abc", "pattern"),
+    "logit_bias value": ({"messages": USER, "logit_bias": {"5": 101}}, "logit_bias.5", "100"),
+    "logit_bias out of vocabulary": (
+        {"messages": USER, "logit_bias": {"999999": 1}},
+        "logit_bias",
+        "vocabulary",
+    ),
+    "stop_token_ids out of vocabulary": (
+        {"messages": USER, "stop_token_ids": [49153]},
+        "stop_token_ids",
+        "vocabulary",
+    ),
+    "min_tokens over max_tokens": (
+        {"messages": USER, "min_tokens": 5, "max_tokens": 2},
+        "min_tokens",
+        "max_tokens",
+    ),
+    "audio output": (
+        {"messages": USER, "audio": {"voice": "alloy", "format": "wav"}},
+        "audio",
+        "none",
+    ),
+    "audio modality": (
+        {"messages": USER, "modalities": ["text", "audio"]},
+        "modalities[1]",
+        "text",
+    ),
+    "reasoning_effort": (
+        {"messages": USER, "reasoning_effort": "high"},
+        "reasoning_effort",
+        "none",
+    ),
+    "web_search_options": (
+        {"messages": USER, "web_search_options": {}},
+        "web_search_options",
+        "none",
+    ),
+    "skip_special_tokens false": (
+        {"messages": USER, "skip_special_tokens": False},
+        "skip_special_tokens",
+        "true",
+    ),
+    "mm_processor_kwargs on a fixed-size model": (
+        {"messages": USER, "mm_processor_kwargs": {"max_pixels": 50000}},
+        "mm_processor_kwargs",
+        "dynamic-resolution",
+    ),
+    "mm_processor_kwargs unknown key": (
+        {"messages": USER, "mm_processor_kwargs": {"size": 5}},
+        "mm_processor_kwargs.size",
+        "extra",
+    ),
+    "text beyond what the context can hold": (
+        {"messages": [{"role": "user", "content": "x" * 3_000_000}]},
+        "messages",
+        "characters",
+    ),
     "stream_options without stream": (
         {"messages": USER, "stream_options": {"include_usage": True}},
         "stream_options",
         "stream",
     ),
-    "empty stop string": ({"messages": USER, "stop": [""]}, "stop", "empty"),
+    "empty stop string": ({"messages": USER, "stop": [""]}, "stop[0]", "at least 1 character"),
     "lone surrogate": (
         '{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
         "messages[0].content",
         "unicode",
     ),
-    "image placeholder in text": (
-        {"messages": [{"role": "user", "content": "<image> hi"}]},
-        "messages",
-        "placeholder",
-    ),
 }
 
 BAD_COMPLETION = {
-    "batched prompts": ({"prompt": ["a", "b"]}, "prompt", "batched"),
-    "token id out of range": ({"prompt": [1, 2, 10**7]}, "prompt", "out of range"),
-    "empty token list": ({"prompt": []}, "prompt", "empty"),
-    "prompt wrong type": ({"prompt": {"x": 1}}, "prompt", "valid"),
+    "batched prompts": ({"prompt": ["a", "b"]}, "prompt", "at most 1"),
+    "token id out of range": ({"prompt": [1, 2, 10**7]}, "prompt", "vocabulary"),
+    "empty token list": ({"prompt": []}, "prompt", "at least 1"),
+    "empty prompt": ({"prompt": ""}, "prompt", "at least 1"),
+    "logprobs over 20": ({"prompt": "hi", "logprobs": 21}, "logprobs", "20"),
+    "logprobs: false": ({"prompt": "hi", "logprobs": False}, "logprobs", "integer"),
+    "prompt wrong type": ({"prompt": {"x": 1}}, "prompt", "list of token ids"),
     "echo": ({"prompt": "hi", "echo": True}, "echo", "false"),
     "best_of": ({"prompt": "hi", "best_of": 3}, "best_of", "less than or equal to 1"),
 }

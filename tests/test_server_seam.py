@@ -20,7 +20,7 @@ from nova.engine.client import (
     PromptProcessor,
 )
 from nova.models.inputs import PromptInput
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.server.app import create_app
 from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
@@ -35,8 +35,11 @@ class CharProcessor:
 
     tokenizer = None
     image_processor = None
+    grammar_compiler = None  # no tokenizer: no structured output
+    vocab_size = 0x110000
+    max_token_chars = 1
 
-    def from_chat(self, messages, images=None) -> PromptInput:
+    def from_chat(self, messages, images=None, image_limits=None) -> PromptInput:
         return self.from_text("".join(str(m["content"]) for m in messages), images)
 
     def from_text(self, prompt, images=None) -> PromptInput:
@@ -64,6 +67,10 @@ class FakeClient:
     @property
     def processor(self) -> PromptProcessor:
         return self._processor
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return GenerationDefaults()
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens + max_tokens > KV_CAPACITY_TOKENS:
@@ -135,6 +142,7 @@ def test_the_fake_has_exactly_the_protocols_members():
     expected = {
         "max_model_len",
         "processor",
+        "sampling_defaults",
         "check_admissible",
         "is_healthy",
         "snapshot",
@@ -244,3 +252,15 @@ def test_the_server_imports_neither_the_engine_nor_torch():
         "assert not inside, inside"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_invalid_utf8_body_is_a_400_that_says_so(http):
+    r = http.post(
+        "/v1/completions",
+        content=b'{"prompt": "ab\xff\xfe", "max_tokens": 2}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_utf8" and "UTF-8" in err["message"] and "0xff" in err["message"]
+    assert http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200

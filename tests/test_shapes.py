@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from nova.cost.model_spec import SPECS_DIR, ModelSpec
-from nova.models.llama import DecoderConfig
 from nova.shapes import (
     SHIPPED_CONFIGS_DIR,
     ConfigError,
     ImageSizing,
     ModelShape,
+    TextShape,
     parse_model_config,
     read_model_shape,
     read_processor_config,
@@ -45,7 +45,7 @@ SHARED_FIELDS = [
 ]
 
 
-def _assert_agree(decoder: DecoderConfig, spec: ModelSpec, what: str) -> None:
+def _assert_agree(decoder: TextShape, spec: ModelSpec, what: str) -> None:
     for ours, theirs in SHARED_FIELDS:
         assert getattr(decoder, ours) == getattr(spec, theirs), (what, ours)
 
@@ -69,7 +69,7 @@ def test_parse_is_torch_and_transformers_free():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_decoder_config_and_model_spec_agree_for_shipped_configs(name):
     shape = read_model_shape(SHIPPED_CONFIGS_DIR / name)
-    _assert_agree(DecoderConfig.from_shape(shape.text), ModelSpec.named(name), name)
+    _assert_agree(shape.text, ModelSpec.named(name), name)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -100,7 +100,7 @@ def test_cost_specs_agree_with_their_models():
     for name, model_dir in model_dirs.items():
         shape = read_model_shape(model_dir)
         spec = ModelSpec.named(name)
-        _assert_agree(DecoderConfig.from_shape(shape.text), spec, name)
+        _assert_agree(shape.text, spec, name)
         assert spec.image_tokens == shape.vision.image_tokens
     for name in SPEC_ONLY:
         spec = ModelSpec.named(name)
@@ -116,7 +116,7 @@ def test_tiny_checkpoints_parse_alike_raw_and_loaded(tiny_dirs, tiny_qwen_vl_dir
     for name, d in {**tiny_dirs, **tiny_qwen_vl_dirs}.items():
         loaded = load_model(d, load_format="dummy")
         shape = read_model_shape(d)
-        assert loaded.model.decoder.cfg == DecoderConfig.from_shape(shape.text), name
+        assert loaded.model.decoder.cfg == shape.text, name
         assert loaded.shape == shape
         _assert_agree(loaded.model.decoder.cfg, ModelSpec.from_dir(d), name)
 
@@ -183,7 +183,7 @@ HEAD_DIM_CASES = [(f, hd) for f in FAMILIES for hd in (None, 32) if hd is None o
 def test_head_dim_and_bias_rules_equal_transformers(family, head_dim, flags):
     kw = dict(flags, **({} if head_dim is None else {"head_dim": head_dim}))
     cfg, _, attn, mlp = _tiny_transformers_model(family, **kw)
-    ours = DecoderConfig.from_shape(parse_model_config(cfg.to_dict()).text)
+    ours = parse_model_config(cfg.to_dict()).text
     assert attn.q_proj.out_features == ours.num_heads * ours.head_dim
     assert attn.k_proj.out_features == ours.num_kv_heads * ours.head_dim
     assert ours.head_dim == (head_dim or TINY["hidden_size"] // TINY["num_attention_heads"])

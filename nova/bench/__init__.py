@@ -5,18 +5,15 @@ violations; JSON, markdown and CDF-plot results. ``add_bench_parser(subparsers)`
 
 from __future__ import annotations
 
-from typing import Any
+from nova.lazy import lazy_attributes
 
 __all__ = ["BenchConfig", "add_bench_parser", "run_workload"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "add_bench_parser":
-        from nova.bench.cli import add_bench_parser
-
-        return add_bench_parser
-    if name in ("BenchConfig", "run_workload"):
-        from nova.bench import driver
-
-        return getattr(driver, name)
-    raise AttributeError(f"module 'nova.bench' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    "nova.bench",
+    {
+        "add_bench_parser": "nova.bench.cli",
+        "BenchConfig": "nova.bench.driver",
+        "run_workload": "nova.bench.driver",
+    },
+)

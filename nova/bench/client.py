@@ -1,8 +1,10 @@
 """One streamed request to an OpenAI-compatible chat endpoint, timed on the client.
 
 Times are ``time.perf_counter()`` seconds. The time to first token is the first SSE chunk that
-carries text (the role-only first chunk does not count, as in ``vllm bench serve``); each later
-chunk with text gives one inter-token latency. Token counts come from the final ``usage`` chunk
+carries text (a role-only chunk, which some servers send before prefill, does not count; aiperf
+and guidellm also wait for text, while ``vllm bench serve`` takes the first chunk with any
+``choices``, so Nova sends its first chunk only with the first token); each later chunk with
+text gives one inter-token latency. Token counts come from the final ``usage`` chunk
 (``stream_options.include_usage``); without one, the number of text chunks is used.
 """
 

@@ -10,21 +10,20 @@ SM granularity (the step in which SMs can be handed to a partition):
   contexts on compute capability 8.x agree: "minimum count is 4 SMs and must be a multiple
   of 2" (CUDA driver API, Green Contexts, guideline per architecture).
 - Hopper (H100, H200), compute capability 9.0: green contexts need "a minimum of 8 SMs and a
-  multiple of 8" (same source). The driver *rounds the requested count up* to the alignment;
-  ``GpuSpec.granted_sms`` mirrors that (capped at the GPU's SM count).
-  The real granted count should still be read back from the driver by the executor
-  (``sm.smCount``) -- these numbers are the documented guideline, not a guarantee.
+  multiple of 8" (same source).
+  ``GpuSpec.grid`` (``nova.cost.sm_grid.SmGrid``) holds the grid; ``GpuSpec.granted_sms``
+  maps a share to the SMs it runs on (aligned counts and exact remainders as they are, other
+  shares to the nearest aligned count; see ``nova.cost.sm_grid``). The real granted count is
+  still read back from the driver by the executor (``sm.smCount``) -- these numbers are the
+  documented guideline, not a guarantee.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
+from nova.cost.sm_grid import SmGrid, guideline_min_and_step
 from nova.registry import Registry
-
-_SHARE_EPS = 1e-9  # so that e.g. 0.5 * 84 = 42.000000001 is not rounded up to 44
 
 
 class UnknownGpuError(ValueError):
@@ -39,7 +38,9 @@ class GpuSpec:
     ``hbm_gbps``: peak device-memory bandwidth, GB/s (1e9 bytes/s).
     ``pcie_gbps``: host<->device bandwidth per direction, GB/s (for weight streaming).
     ``sm_granularity``: SMs are assigned in multiples of this; ``min_partition_sms``: the
-    smallest partition the GPU's partitioning mechanism grants.
+    smallest partition the GPU's partitioning mechanism grants (``grid``: both as an
+    ``SmGrid``). ``compute_capability``: "major.minor" ("" for the cpu pseudo-GPU).
+    For the ``cpu`` pseudo-GPU, CPU cores play the role of SMs.
     """
 
     name: str
@@ -51,6 +52,7 @@ class GpuSpec:
     memory_gib: float
     min_partition_sms: int = 1
     description: str = ""
+    compute_capability: str = ""
 
     def __post_init__(self) -> None:
         if self.num_sms < 1 or self.sm_granularity < 1 or self.min_partition_sms < 1:
@@ -58,15 +60,17 @@ class GpuSpec:
         if min(self.bf16_dense_tflops, self.hbm_gbps, self.pcie_gbps, self.memory_gib) <= 0:
             raise ValueError(f"GPU {self.name!r}: throughput and memory figures must be > 0")
 
+    @property
+    def grid(self) -> SmGrid:
+        """The SM counts this GPU's partitions come in (``nova.cost.sm_grid``)."""
+        return SmGrid(self.num_sms, self.sm_granularity, min(self.min_partition_sms, self.num_sms))
+
     def granted_sms(self, sm_share: float) -> int:
-        """SMs a partition asking for ``sm_share`` of the GPU gets: rounded *up* to the
-        granularity and the minimum partition size, capped at ``num_sms``. Share in (0, 1]."""
+        """SMs a stage whose partition is ``sm_share`` of the GPU runs on (``SmGrid.granted``:
+        aligned counts and exact remainders as they are, other shares to the nearest aligned
+        count, at least the minimum partition). Share in (0, 1]."""
         check_share(sm_share)
-        if sm_share >= 1.0 - _SHARE_EPS:
-            return self.num_sms
-        wanted = sm_share * self.num_sms - _SHARE_EPS
-        steps = max(1, math.ceil(wanted / self.sm_granularity))
-        return min(self.num_sms, max(self.min_partition_sms, steps * self.sm_granularity))
+        return self.grid.granted(sm_share)
 
     def granted_share(self, sm_share: float) -> float:
         """``granted_sms(sm_share) / num_sms``: the share the stage really runs with."""
@@ -113,6 +117,12 @@ def available_gpus() -> list[str]:
     return GPUS.names()
 
 
+def _green_context_grid(cc_major: int) -> dict[str, int]:
+    """``sm_granularity`` and ``min_partition_sms`` from the green-context guideline."""
+    min_sms, step = guideline_min_and_step(cc_major)
+    return {"sm_granularity": step, "min_partition_sms": min_sms}
+
+
 # PCIe per direction: 4.0 x16 = 16 GT/s x 16 lanes x 128/130 ~ 31.5 GB/s; 5.0 x16 ~ 63 GB/s.
 PCIE4_X16_GBPS = 32.0
 PCIE5_X16_GBPS = 64.0
@@ -121,93 +131,109 @@ register_gpu(
     GpuSpec(
         "a6000",
         num_sms=84,
-        sm_granularity=2,
-        min_partition_sms=4,
+        **_green_context_grid(8),
         bf16_dense_tflops=154.8,
         hbm_gbps=768.0,
         pcie_gbps=PCIE4_X16_GBPS,
         memory_gib=48.0,
         description="NVIDIA RTX A6000 (GA102, 48 GB GDDR6); the Nova paper's main GPU",
+        compute_capability="8.6",
     )
 )
 register_gpu(
     GpuSpec(
         "rtx4090",
         num_sms=128,
-        sm_granularity=2,
-        min_partition_sms=4,
+        **_green_context_grid(8),
         # 165.2 dense with fp32 accumulate (330 with 2:4 sparsity; fp16-accumulate rate is 2x).
         bf16_dense_tflops=165.2,
         hbm_gbps=1008.0,
         pcie_gbps=PCIE4_X16_GBPS,
         memory_gib=24.0,
         description="NVIDIA GeForce RTX 4090 (AD102, 24 GB GDDR6X); the paper's trace GPU",
+        compute_capability="8.9",
     )
 )
 register_gpu(
     GpuSpec(
         "a100-80g",
         num_sms=108,
-        sm_granularity=2,
-        min_partition_sms=4,
+        **_green_context_grid(8),
         bf16_dense_tflops=312.0,
         hbm_gbps=2039.0,
         pcie_gbps=PCIE4_X16_GBPS,
         memory_gib=80.0,
         description="NVIDIA A100 80GB SXM4 (HBM2e)",
+        compute_capability="8.0",
     )
 )
 register_gpu(
     GpuSpec(
         "h100-sxm",
         num_sms=132,
-        sm_granularity=8,
-        min_partition_sms=8,
+        **_green_context_grid(9),
         bf16_dense_tflops=989.4,
         hbm_gbps=3350.0,
         pcie_gbps=PCIE5_X16_GBPS,
         memory_gib=80.0,
         description="NVIDIA H100 SXM5 80GB (HBM3)",
+        compute_capability="9.0",
     )
 )
 register_gpu(
     GpuSpec(
         "h200",
         num_sms=132,
-        sm_granularity=8,
-        min_partition_sms=8,
+        **_green_context_grid(9),
         bf16_dense_tflops=989.4,
         hbm_gbps=4800.0,
         pcie_gbps=PCIE5_X16_GBPS,
         memory_gib=141.0,
         description="NVIDIA H200 SXM 141GB (HBM3e; 141 GB as marketed)",
+        compute_capability="9.0",
     )
 )
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity mask where the platform has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
+_CPU_NOMINAL_CORES = 2  # the machine the cpu entry's figures (and its evidence) describe
 register_gpu(
     GpuSpec(
         "cpu",
-        # CPU partitions hand out whole cores (nova.gpu.cpu_cores): one "SM" per usable core.
-        num_sms=_usable_cores(),
+        num_sms=1,
         sm_granularity=1,
         min_partition_sms=1,
-        # Rough figures for a 2-core AVX2 machine (fp32). CPU profiles use this entry; the nova
-        # policy's roofline fallback for a model without a CPU profile uses these throughputs.
-        bf16_dense_tflops=0.1,
+        # Nominal figures of the 2-core dev machine the shipped CPU profile was measured on
+        # (fp32): 2 cores x 2.6 GHz (/proc/cpuinfo) x 32 FLOP/cycle (two 256-bit FMA pipes of
+        # an AMD EPYC core) = 0.166 TFLOP/s; 20 GB/s of memory bandwidth (rough). The cpu
+        # evidence file's efficiencies are fitted to that profile, so only their products
+        # matter. CPU profiles use this entry; the nova policy's roofline fallback for a model
+        # without a CPU profile uses these throughputs.
+        bf16_dense_tflops=0.166,
         hbm_gbps=20.0,
         pcie_gbps=20.0,
         memory_gib=8.0,
-        description="the CPU: one 'SM' per usable core, partitions of whole cores",
+        description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
     )
 )
+
+
+def cpu_spec(num_cores: int) -> GpuSpec:
+    """The ``cpu`` pseudo-GPU with ``num_cores`` cores as its SMs (partitions of whole cores,
+    for CPU core partitions). Throughputs scale with the cores from the registered 2-core
+    figures; the ``cpu`` evidence (``nova/cost/data/gpus/cpu.json``) applies to it."""
+    if num_cores < 1:
+        raise ValueError(f"a CPU needs >= 1 core, got {num_cores}")
+    base = GPUS["cpu"]
+    per_core = 1 / _CPU_NOMINAL_CORES
+    return GpuSpec(
+        "cpu",
+        num_sms=num_cores,
+        sm_granularity=1,
+        min_partition_sms=1,
+        bf16_dense_tflops=base.bf16_dense_tflops * num_cores * per_core,
+        hbm_gbps=base.hbm_gbps,  # memory bandwidth does not grow with the cores used
+        pcie_gbps=base.pcie_gbps,
+        memory_gib=base.memory_gib,
+        description=f"pseudo-GPU for a CPU: {num_cores} cores as SMs",
+    )
 
 
 # Substrings of CUDA device names (``torch.cuda.get_device_name``) -> registered spec names,

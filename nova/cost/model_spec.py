@@ -67,6 +67,10 @@ _DTYPE_BYTES = {
 }
 
 
+# One GEMM shape: (M rows, N columns, K inner dimension, how many times it runs).
+Gemm = tuple[int, int, int, int]
+
+
 class UnknownModelError(ValueError):
     """An unknown model name or an unusable config (a ``ValueError`` for CLIs)."""
 
@@ -278,6 +282,21 @@ class ModelSpec:
         projector = 2.0 * self.projector_params * self.image_tokens
         return num_images * (dense + attn + patch + projector)
 
+    def vision_gemms(self, num_images: int = 1) -> tuple[Gemm, ...]:
+        """The tower's per-layer GEMMs as ``(M, N, K, count)`` (``count`` layers), images
+        batched along M: qkv, out projection, the MLP's up (fused gate+up for SwiGLU) and down.
+        They hold all of ``vision_layer_params``; patch embedding, projector and attention are
+        the rest of ``vision_flops``."""
+        self._require_vision()
+        m, h, i, n = (
+            num_images * self.vision_tokens,
+            self.vision_hidden,
+            self.vision_intermediate,
+            self.vision_layers,
+        )
+        up = (self.vision_mlp_matrices - 1) * i
+        return ((m, 3 * h, h, n), (m, h, h, n), (m, up, h, n), (m, h, i, n))
+
     def _vision_attention_pairs(self) -> float:
         """(query, key) pairs of one image summed over layers: full attention sees all
         ``vision_tokens``; a windowed layer at most ``vision_window_tokens`` keys per query."""
@@ -311,6 +330,22 @@ class ModelSpec:
         attn = 4.0 * self.text_layers * self.text_heads * self.text_head_dim * pairs
         lm_head = 2.0 * self.lm_head_params * len(new)
         return dense + attn + lm_head
+
+    def llm_gemms(self, num_tokens: int, num_seqs: int) -> tuple[Gemm, ...]:
+        """The decoder's GEMMs for a forward over ``num_tokens`` new tokens of ``num_seqs``
+        sequences, as ``(M, N, K, count)``: per layer fused qkv, out projection, the MLP's up
+        (fused gate+up) and down; then the LM head on each sequence's last token. They hold all
+        of ``llm_flops`` but attention."""
+        h, i, hd, n = self.text_hidden, self.text_intermediate, self.text_head_dim, self.text_layers
+        q, kv = self.text_heads * hd, self.text_kv_heads * hd
+        up = (self.text_mlp_matrices - 1) * i
+        return (
+            (num_tokens, q + 2 * kv, h, n),
+            (num_tokens, h, q, n),
+            (num_tokens, up, h, n),
+            (num_tokens, h, i, n),
+            (num_seqs, self.vocab_size, h, 1),
+        )
 
     def llm_bytes(
         self, new_tokens: Sequence[int] | int, context_lens: Sequence[int] | int

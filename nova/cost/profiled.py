@@ -59,6 +59,7 @@ from typing import Any
 
 from nova.cost.base import CoRunning, StageWork, TotalsKey, register_cost_model
 from nova.cost.gpus import GpuSpec, check_share, get_gpu
+from nova.shapes.fields import read_json_dict
 from nova.types import Stage
 
 PROFILE_FORMAT = "nova-cost-profile"
@@ -316,10 +317,7 @@ class ProfiledCostModel:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ProfileError(f"no cost profile at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"{path} is not valid JSON: {exc}") from exc
+        d = read_json_dict(path, ProfileError)
         return cls.from_dict(d, monotone=monotone, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,60 +1,62 @@
-"""Analytic roofline cost model: a stage batch's latency from FLOPs, bytes and the SM share.
+"""Analytic roofline cost model: a stage batch's latency from FLOPs, bytes and the SMs it runs on.
 
-Torch-free. For a batch alone on its SMs (``solo``):
+Torch-free. Every constant comes from the GPU's evidence files (``nova.cost.evidence``,
+``nova/cost/data/``), each naming its source; ``docs/scheduler.md`` ("Cost model") lists them.
+A batch alone on ``k`` SMs (``k = GpuSpec.granted_sms(share)``: the count the partition really
+has, ``nova.cost.sm_grid``) of a GPU with ``N``:
 
-    compute_s = FLOPs / (peak_flops * share * mfu[stage])
-    memory_s  = bytes / (hbm_bandwidth * bw_eff * min(1, share / bw_saturation_share))
-    time_s    = max(compute_s, memory_s) + overhead_s[stage]
+    compute_s = sum over GEMMs g of flops_g / wave_efficiency_g(k) + other FLOPs
+                ------------------------------------------------------------------
+                        k / N * peak_flops * efficiency[stage]
+    memory_s  = bytes / (hbm_bandwidth * decode_bandwidth_fraction * hbm_vs_sms(k))
+    time_s    = max(compute_s, memory_s, pcie_s) + overhead_s[stage]
 
-``share`` is what the GPU grants (``GpuSpec.granted_share``: rounded up to the SM
-granularity). Compute scales linearly with SMs. Bandwidth does not: each SM can keep only so
-many memory requests in flight, so HBM saturates once enough SMs issue loads; memory-bound
-decode reaches (nearly) the full bandwidth with ~30% of the SMs (``bw_saturation_share``).
-That asymmetry is why spatial sharing pays: decode on a third of the GPU runs almost as fast
-as on all of it, and the other two thirds go to the compute-bound vision and prefill stages.
-(The 0.3 is a documented assumption in line with the Nova paper's operating points -- decode
-keeps 24-30 of the A6000's 84 SMs -- and with published bandwidth-vs-SM measurements on
-Ampere/Hopper; replace it with a profiled curve when one is measured.)
+- **Wave quantization** (Bullet, arXiv 2504.19516 §2.2.1): a GEMM of ``M x N`` with output
+  tiles ``gemm_tile_m x gemm_tile_n`` has ``tiles = ceil(M/tm) * ceil(N/tn)`` thread blocks;
+  on ``k`` SMs running ``ctas_per_sm`` each they take ``waves = ceil(tiles / slots)`` waves, and
+  the efficiency is ``tiles / (waves * slots)`` (the last wave's idle SMs). A GEMM with fewer
+  tiles than slots is assumed to fill the partition (cuBLAS picks split-K or smaller tiles for
+  such shapes). Decode's GEMMs (M = batch) are not quantized (GEMV-like kernels). Attention,
+  patch embedding and the projector scale with ``k`` without quantization.
+- **Bandwidth vs SMs**: ``hbm_vs_sms`` is a measured curve per GPU family (``evidence``),
+  not a fixed saturation point: a partition reaches a fraction of the bandwidth that depends on
+  how many bytes its SMs keep in flight.
+- ``efficiency[stage]`` is the fraction of peak tensor FLOP/s a stage's GEMMs reach in full
+  waves: on the A6000 fitted to the Nova paper's stage times (``calibrate_to_paper``); on other
+  GPUs their measured large-GEMM ceiling times the A6000 fit's ratio to its own ceiling (the
+  data files say so). ``Calibration`` holds these per GPU.
 
 Interference with co-running batches (``time_s(..., co_running, isolated)``), a steady-state
 model (the co-running set is assumed fixed for the batch's duration):
 
 - HBM bandwidth is always shared. Each running batch demands ``bytes / solo_time`` bytes/s;
-  if the demands exceed the effective capacity ``hbm * bw_eff``, the capacity is divided
-  max-min fairly (water-filling): batches demanding less than an equal split get all they
-  ask, the rest is split among the heavy ones. (A split proportional to demand would starve
-  light, compute-bound batches of the little bandwidth they need, which memory controllers
-  do not do: their queues serve whoever has requests outstanding.) A batch that gets less
-  than it demands takes ``bytes / allocated`` instead.
-- Compute-bound work also slows a little when others load the memory system (L2 and memory
-  queueing): compute time x (1 + ``hbm_contention_penalty`` x min(1, others' demand /
-  capacity)). 0.08 is an estimate (SM-partitioned prefill/decode co-location is reported to
-  cost prefill a few to ~10%); a profile replaces it.
-- ``isolated=False`` (plain multi-stream, no SM partitions): stages also share SMs. Each
-  batch's SM demand is its share if it is compute-bound, else the share it needs to reach its
-  bandwidth (at least ``bw_saturation_share``); when the demands add up to more than the GPU,
-  each batch gets SMs in proportion to its demand. On top, the batch's time is multiplied by
-  (1 + ``multistream_overhead``) = 1.15 whenever anything co-runs: the block scheduler
-  interleaves kernels of both streams, kernels wait on each other's tails, and caches thrash.
-  The Nova paper reports heavy contention and unpredictable latency for this mode; 10-25% is
-  the range reported for unpartitioned co-location of LLM stages; 15% is the middle. It is an
-  uncalibrated estimate: profile the real multi-stream slowdown to replace it.
-
-Calibration: ``calibrate_to_paper()`` fits the per-stage efficiencies so that the CogAgent-9B
-shape (``specs/cogagent-9b.json``) on the A6000 reproduces the paper's stage times; the
-defaults of ``Calibration`` are that fit, and are used unchanged for the other GPUs.
+  if the demands exceed the achievable capacity (``hbm * decode_bandwidth_fraction``), it is
+  divided max-min fairly (water-filling): batches demanding less than an equal split get all
+  they ask, the rest is split among the heavy ones. A batch that gets less than it demands
+  takes ``bytes / allocated``.
+- Beyond raw bandwidth (L2, memory queues): compute time x (1 + ``interference_compute_per_load``
+  x the others' bandwidth demand / capacity) (Bullet Fig. 10: < 8% beside a copy kernel); a
+  memory-bound batch's memory time x (1 + ``interference_memory_beside_compute``) while a
+  compute-bound batch co-runs (NanoFlow Table 3, MuxWise: decode is the sensitive side).
+- ``isolated=False`` (plain multi-stream, no SM partitions): stages also share SMs. Each batch's
+  SM demand is its share if it is compute-bound, else the SMs it needs to reach its bandwidth
+  (at least where ``hbm_vs_sms`` reaches 95%); when the demands exceed the GPU, SMs are split in
+  proportion to demand. Every batch is then slowed by (1 + ``multistream_overhead``) (Bullet
+  §4.4: unpartitioned decode beside prefill 1.19-1.20x worse than partitioned).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nova.cost.base import CoRunning, StageWork, TotalsKey, register_cost_model
+from nova.cost.evidence import BandwidthCurve, GpuEvidence, load_evidence
 from nova.cost.gpus import GpuSpec, check_share, get_gpu
-from nova.cost.model_spec import ModelSpec, get_model_spec
+from nova.cost.model_spec import Gemm, ModelSpec, get_model_spec
 from nova.types import Stage
 
 # The Nova paper's stage times (RTX A6000, CogAgent-9B, 1120x1120 screenshot), seconds.
@@ -84,48 +86,50 @@ def paper_works(model: ModelSpec | None = None) -> dict[Stage, StageWork]:
 
 @dataclass(slots=True, frozen=True)
 class Calibration:
-    """Efficiency constants of the roofline model (dimensionless unless suffixed).
+    """The per-GPU efficiency constants of the roofline model (dimensionless unless suffixed).
 
-    ``*_mfu``: achieved fraction of peak tensor FLOP/s for that stage's matmuls.
-    ``bw_eff``: achieved fraction of peak HBM bandwidth for streaming weights / KV.
-    ``*_overhead_s``: fixed time per batch (kernel launches, Python, sampling).
-    Defaults: the fit of ``calibrate_to_paper()`` (rounded to 4 digits), given the overheads
-    below (assumed: ~40 layers x ~10 eager kernel launches x ~4 us each).
+    ``*_mfu``: fraction of peak tensor FLOP/s a stage's GEMMs reach in full waves (the
+    evidence's ``*_efficiency``). ``bw_eff``: fraction of peak HBM bandwidth the decode step
+    reaches on the whole GPU (``decode_bandwidth_fraction``). ``*_overhead_s``: fixed time per
+    batch. ``pcie_eff``: achieved fraction of the PCIe link. ``Calibration.for_gpu(name)``: the
+    shipped evidence's values; ``calibrate_to_paper()`` refits the A6000's.
     """
 
-    vision_mfu: float = 0.5936
-    prefill_mfu: float = 0.5928
-    decode_mfu: float = 0.5  # not fitted (decode is memory-bound at the paper's batch 1)
-    bw_eff: float = 0.8381
-    vision_overhead_s: float = 0.002
-    prefill_overhead_s: float = 0.002
-    decode_overhead_s: float = 0.0015
-    bw_saturation_share: float = 0.3
-    hbm_contention_penalty: float = 0.08
-    multistream_overhead: float = 0.15
-    pcie_eff: float = 0.8
+    vision_mfu: float
+    prefill_mfu: float
+    decode_mfu: float
+    bw_eff: float
+    vision_overhead_s: float
+    prefill_overhead_s: float
+    decode_overhead_s: float
+    pcie_eff: float
 
     def __post_init__(self) -> None:
-        for name in (
-            "vision_mfu",
-            "prefill_mfu",
-            "decode_mfu",
-            "bw_eff",
-            "bw_saturation_share",
-            "pcie_eff",
-        ):
+        for name in ("vision_mfu", "prefill_mfu", "decode_mfu", "bw_eff", "pcie_eff"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"Calibration.{name} must be in (0, 1], got {value!r}")
-        for name in (
-            "vision_overhead_s",
-            "prefill_overhead_s",
-            "decode_overhead_s",
-            "hbm_contention_penalty",
-            "multistream_overhead",
-        ):
+        for name in ("vision_overhead_s", "prefill_overhead_s", "decode_overhead_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Calibration.{name} must be >= 0")
+
+    @classmethod
+    def from_evidence(cls, ev: GpuEvidence) -> Calibration:
+        return cls(
+            vision_mfu=ev["vision_efficiency"],
+            prefill_mfu=ev["prefill_efficiency"],
+            decode_mfu=ev["decode_efficiency"],
+            bw_eff=ev["decode_bandwidth_fraction"],
+            vision_overhead_s=ev["vision_overhead_s"],
+            prefill_overhead_s=ev["prefill_overhead_s"],
+            decode_overhead_s=ev["decode_overhead_s"],
+            pcie_eff=ev["pcie_efficiency"],
+        )
+
+    @classmethod
+    def for_gpu(cls, gpu: GpuSpec | str) -> Calibration:
+        """The shipped evidence's calibration of ``gpu``."""
+        return cls.from_evidence(load_evidence(get_gpu(gpu).name))
 
     def mfu(self, stage: Stage) -> float:
         return {
@@ -146,14 +150,42 @@ class Calibration:
 
 
 @dataclass(slots=True, frozen=True)
+class Interference:
+    """Co-running constants (see the module doc; values from the evidence files)."""
+
+    compute_per_load: float
+    memory_beside_compute: float
+    multistream_overhead: float
+
+    @classmethod
+    def from_evidence(cls, ev: GpuEvidence) -> Interference:
+        return cls(
+            ev["interference_compute_per_load"],
+            ev["interference_memory_beside_compute"],
+            ev["multistream_overhead"],
+        )
+
+
+def wave_efficiency(m: int, n: int, slots: float, tile_m: int, tile_n: int) -> float:
+    """Useful share of ``slots`` thread-block slots over the waves an ``m x n`` GEMM output
+    needs in ``tile_m x tile_n`` tiles (Bullet §2.2.1); 1.0 when the tiles do not fill one wave
+    (the library then splits K or picks smaller tiles)."""
+    tiles = -(-m // tile_m) * -(-n // tile_n)
+    if tiles <= slots:
+        return 1.0
+    waves = math.ceil(tiles / slots - 1e-9)
+    return tiles / (waves * slots)
+
+
+@dataclass(slots=True, frozen=True)
 class Solo:
-    """A batch alone on ``share`` of the SMs: its roofline terms (seconds) and traffic."""
+    """A batch alone on ``sms`` SMs: its roofline terms (seconds) and traffic."""
 
     compute_s: float
     memory_s: float
     pcie_s: float  # weight streaming over PCIe (vision offload), overlapped with compute
     bytes: float
-    share: float
+    sms: float
 
     @property
     def busy_s(self) -> float:
@@ -163,6 +195,10 @@ class Solo:
     def demand_bytes_per_s(self) -> float:
         """HBM bandwidth the batch uses on average while it runs alone."""
         return self.bytes / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def compute_bound(self) -> bool:
+        return self.compute_s >= self.memory_s
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,7 +210,7 @@ class Breakdown:
     memory_s: float
     pcie_s: float
     overhead_s: float
-    effective_share: float  # SM share after granularity and (multi-stream) SM sharing
+    effective_share: float  # SM share after granting and (multi-stream) SM sharing
     contention_factor: float  # multi-stream overhead multiplier (1.0 when isolated / alone)
 
     @property
@@ -196,17 +232,28 @@ def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
     return alloc
 
 
+# Multi-stream: a memory-bound batch keeps at least the SMs where its curve reaches this.
+_SATURATION_LEVEL = 0.95
+
+
 class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
     __slots__ = (
         "_capacity",
+        "_curve",
         "_gpu",
         "_granted",
+        "_granted_pairs",
         "_memo",
         "_overhead_s",
+        "_per_sm_flops",
+        "_saturation_share",
         "_solos",
+        "_tile",
         "calib",
+        "evidence",
+        "interference",
         "model",
         "name",
         "offload_vision_weights",
@@ -220,15 +267,27 @@ class RooflineCostModel:
         calib: Calibration | None = None,
         *,
         offload_vision_weights: bool = False,
+        evidence: GpuEvidence | None = None,
     ) -> None:
         self.name = "roofline"
         self._gpu = get_gpu(gpu)
         self.model = get_model_spec(model)
-        self.calib = calib or Calibration()
+        self.evidence = evidence or load_evidence(self._gpu.name)
+        self.calib = calib or Calibration.from_evidence(self.evidence)
+        self.interference = Interference.from_evidence(self.evidence)
+        ev = self.evidence
+        self._tile = (int(ev["gemm_tile_m"]), int(ev["gemm_tile_n"]), ev["ctas_per_sm"])
+        self._curve: BandwidthCurve = ev.hbm_vs_sms
         self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
-        self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # effective HBM B/s
-        self._solos: dict[tuple[TotalsKey, float], Solo] = {}  # (shape key, share) -> solo terms
-        self._granted: dict[float, float] = {}  # share asked -> share granted
+        self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # achievable HBM B/s
+        self._per_sm_flops = self._gpu.peak_flops / self._gpu.num_sms
+        self._saturation_share = (
+            self._curve.sms_for(_SATURATION_LEVEL, self._gpu.num_sms) / self._gpu.num_sms
+        )
+        self._solos: dict[tuple[TotalsKey, float], Solo] = {}  # (shape key, SMs) -> solo terms
+        self._granted: dict[float, float] = {}  # share asked -> SMs granted
+        # (share, co-runner's share) -> SMs granted to both side by side (isolated)
+        self._granted_pairs: dict[tuple[float, float], tuple[float, float]] = {}
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
@@ -251,8 +310,9 @@ class RooflineCostModel:
 
     @staticmethod
     def shape_key(work: StageWork) -> TotalsKey:
-        """What ``time_s`` depends on in ``work``: its totals (``StageWork.totals_key``; FLOPs
-        and bytes are sums over the sequences). Equal keys, equal times: an exact memo key."""
+        """What ``time_s`` depends on in ``work``: its totals (``StageWork.totals_key``; FLOPs,
+        bytes and GEMM shapes are functions of the totals). Equal keys, equal times: an exact
+        memo key."""
         return work.totals_key()
 
     def flops(self, work: StageWork, key: TotalsKey | None = None) -> float:
@@ -271,28 +331,57 @@ class RooflineCostModel:
             memo_key, lambda: self.model.llm_bytes(work.new_tokens, work.context_lens)
         )
 
-    # -- solo ----------------------------------------------------------------------------------
-    def attainable_bw_bytes_per_s(self, share: float) -> float:
-        """Effective HBM bandwidth reachable with ``share`` of the SMs (no co-runners)."""
-        c = self.calib
-        return self._gpu.hbm_bytes_per_s * c.bw_eff * min(1.0, share / c.bw_saturation_share)
+    def gemms(self, work: StageWork) -> tuple[Gemm, ...]:
+        """The GEMMs wave quantization applies to (none for decode)."""
+        if work.stage is Stage.VISION:
+            return self.model.vision_gemms(work.num_images)
+        if work.stage is Stage.PREFILL:
+            return self.model.llm_gemms(work.total_new_tokens, work.num_seqs)
+        return ()
 
-    def solo(self, work: StageWork, share: float, key: TotalsKey | None = None) -> Solo:
-        """Roofline terms with exactly ``share`` of the SMs (no granularity rounding here).
-        ``key``: ``shape_key(work)`` if the caller has it."""
+    def quantized_flops(self, work: StageWork, sms: float, key: TotalsKey | None = None) -> float:
+        """FLOPs as if every GEMM ran full waves: each GEMM's FLOPs / its wave efficiency on
+        ``sms`` SMs, plus the FLOPs wave quantization does not apply to."""
         key = key or work.totals_key()
-        solo = self._solos.get((key, share))
+
+        def compute() -> float:
+            total = self.flops(work, key)
+            tile_m, tile_n, ctas = self._tile
+            slots = sms * ctas
+            out = total
+            for m, n, k, count in self.gemms(work):
+                f = 2.0 * m * n * k * count
+                out += f / wave_efficiency(m, n, slots, tile_m, tile_n) - f
+            return out
+
+        return self._memoized(("qflops", key, sms), compute)
+
+    # -- solo ----------------------------------------------------------------------------------
+    def bandwidth_fraction(self, sms: float) -> float:
+        """Fraction of the achievable bandwidth ``sms`` SMs reach (``hbm_vs_sms``)."""
+        return self._curve.fraction(sms, self._gpu.num_sms)
+
+    def attainable_bw_bytes_per_s(self, share: float) -> float:
+        """Achievable HBM bandwidth with ``share`` of the SMs (granted; nothing co-running)."""
+        return self._capacity * self.bandwidth_fraction(self._gpu.granted_sms(share))
+
+    def solo(self, work: StageWork, sms: float, key: TotalsKey | None = None) -> Solo:
+        """Roofline terms on exactly ``sms`` SMs (no granting here; may be fractional when
+        streams share SMs). ``key``: ``shape_key(work)`` if the caller has it."""
+        key = key or work.totals_key()
+        solo = self._solos.get((key, sms))
         if solo is None:
             if len(self._solos) >= self._MEMO_MAX:
                 self._solos.clear()
-            solo = self._solos[(key, share)] = self._solo(work, share, key)
+            solo = self._solos[(key, sms)] = self._solo(work, sms, key)
         return solo
 
-    def _solo(self, work: StageWork, share: float, key: TotalsKey) -> Solo:
+    def _solo(self, work: StageWork, sms: float, key: TotalsKey) -> Solo:
         c, g = self.calib, self._gpu
         nbytes = self.bytes(work, key)
-        compute_s = self.flops(work, key) / (g.peak_flops * share * c.mfu(work.stage))
-        memory_s = nbytes / self.attainable_bw_bytes_per_s(share)
+        flops = self.quantized_flops(work, sms, key)
+        compute_s = flops / (self._per_sm_flops * sms * c.mfu(work.stage))
+        memory_s = nbytes / (self._capacity * self.bandwidth_fraction(sms))
         pcie_s = 0.0
         if self.offload_vision_weights and work.stage is Stage.VISION:
             pcie_s = (
@@ -300,22 +389,35 @@ class RooflineCostModel:
                 * self.model.bytes_per_param
                 / (g.pcie_bytes_per_s * c.pcie_eff)
             )
-        return Solo(compute_s, memory_s, pcie_s, nbytes, share)
+        return Solo(compute_s, memory_s, pcie_s, nbytes, sms)
 
-    def _granted_share(self, share: float) -> float:
-        """``GpuSpec.granted_share``, memoized (it validates the share on the first call)."""
+    def _granted_sms(self, share: float) -> float:
+        """``GpuSpec.granted_sms``, memoized (it validates the share on the first call)."""
         granted = self._granted.get(share)
         if granted is None:
-            granted = self._granted[share] = self._gpu.granted_share(share)
+            granted = self._granted[share] = float(self._gpu.granted_sms(share))
         return granted
 
-    def _sm_demand(self, work: StageWork, share: float, key: TotalsKey | None = None) -> float:
-        """SM share a batch keeps busy when it may use ``share``: all of it if compute-bound,
-        else what it needs to reach its bandwidth (>= ``bw_saturation_share``)."""
-        s = self.solo(work, share, key)
+    def _granted_side_by_side(self, shares: Sequence[float]) -> list[float]:
+        """SMs of isolated partitions that run together: ``SmGrid.granted_together`` (never
+        more than the device in all, whatever shares the policy asked for)."""
+        return [float(n) for n in self._gpu.grid.granted_together(shares)]
+
+    def _granted_pair(self, share: float, other: float) -> tuple[float, float]:
+        pair = self._granted_pairs.get((share, other))
+        if pair is None:
+            a, b = self._granted_side_by_side((share, other))
+            pair = self._granted_pairs[(share, other)] = (a, b)
+        return pair
+
+    def _sm_demand(self, work: StageWork, sms: float, key: TotalsKey | None = None) -> float:
+        """SMs a batch keeps busy when it may use ``sms``: all of them if compute-bound, else
+        what it needs to reach its bandwidth (at least where the curve reaches 95%)."""
+        s = self.solo(work, sms, key)
         if s.compute_s >= s.memory_s:
-            return share
-        return min(share, max(self.calib.bw_saturation_share, share * s.compute_s / s.memory_s))
+            return sms
+        floor = self._saturation_share * self._gpu.num_sms
+        return min(sms, max(floor, sms * s.compute_s / s.memory_s))
 
     # -- the CostModel interface ---------------------------------------------------------------
     def time_s(
@@ -347,35 +449,39 @@ class RooflineCostModel:
         ``pair_path=False``: the general code even for one co-runner (tests compare them)."""
         if pair_path and len(co_running) == 1:
             return self._terms_pair(work, sm_share, co_running[0], isolated)
-        c, g = self.calib, self._gpu
+        inter, n = self.interference, self._gpu.num_sms
         if co_running:
             works = [work] + [w for w, _ in co_running]
             keys = [w.totals_key() for w in works]
             for _, s in co_running:
                 check_share(s)
-            shares = [self._granted_share(sm_share)] + [
-                self._granted_share(s) for _, s in co_running
-            ]
+            shares = [sm_share] + [s for _, s in co_running]
+            if isolated:
+                sms = self._granted_side_by_side(shares)
+            else:
+                sms = [self._granted_sms(s) for s in shares]
         else:
-            works, keys, shares = [work], [work.totals_key()], [self._granted_share(sm_share)]
+            works, keys, sms = [work], [work.totals_key()], [self._granted_sms(sm_share)]
         contention = 1.0
         if not isolated and co_running:
-            demands = [self._sm_demand(w, s, k) for w, s, k in zip(works, shares, keys)]
+            demands = [self._sm_demand(w, k_sms, k) for w, k_sms, k in zip(works, sms, keys)]
             total = sum(demands)
-            if total > 1.0:
-                shares = [d / total for d in demands]
-            contention = 1.0 + c.multistream_overhead
-        solos = [self.solo(w, s, k) for w, s, k in zip(works, shares, keys)]
+            if total > n:
+                sms = [d / total * n for d in demands]
+            contention = 1.0 + inter.multistream_overhead
+        solos = [self.solo(w, k_sms, k) for w, k_sms, k in zip(works, sms, keys)]
         me = solos[0]
         compute_s, memory_s = me.compute_s, me.memory_s
         if co_running:
-            capacity = g.hbm_bytes_per_s * c.bw_eff
+            capacity = self._capacity
             rates = [s.demand_bytes_per_s for s in solos]
             alloc = water_fill(capacity, rates)[0]
             if alloc < rates[0]:
                 memory_s = max(memory_s, me.bytes / alloc)
+            if any(s.compute_bound for s in solos[1:]):
+                memory_s *= 1.0 + inter.memory_beside_compute
             others_load = min(1.0, sum(rates[1:]) / capacity)
-            compute_s *= 1.0 + c.hbm_contention_penalty * others_load
+            compute_s *= 1.0 + inter.compute_per_load * others_load
         busy_s = max(compute_s, memory_s, me.pcie_s) * contention
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
         overhead_s = self._overhead_s[work.stage] + startup_s
@@ -385,7 +491,7 @@ class RooflineCostModel:
             memory_s,
             me.pcie_s,
             overhead_s,
-            shares[0],
+            sms[0] / n,
             contention,
         )
 
@@ -394,21 +500,24 @@ class RooflineCostModel:
     ) -> tuple[float, float, float, float, float, float, float]:
         """``_terms`` with exactly one co-runner (the common case), the same arithmetic in the
         same order without the lists (the simulator asks this for most events)."""
-        c = self.calib
+        inter, n = self.interference, self._gpu.num_sms
         other_work, other_share = other
         check_share(other_share)
         key, other_key = work.totals_key(), other_work.totals_key()
-        share, share_o = self._granted_share(sm_share), self._granted_share(other_share)
+        if isolated:
+            sms, sms_o = self._granted_pair(sm_share, other_share)
+        else:
+            sms, sms_o = self._granted_sms(sm_share), self._granted_sms(other_share)
         contention = 1.0
         if not isolated:
-            d0 = self._sm_demand(work, share, key)
-            d1 = self._sm_demand(other_work, share_o, other_key)
+            d0 = self._sm_demand(work, sms, key)
+            d1 = self._sm_demand(other_work, sms_o, other_key)
             total = d0 + d1
-            if total > 1.0:
-                share, share_o = d0 / total, d1 / total
-            contention = 1.0 + c.multistream_overhead
-        me = self.solo(work, share, key)
-        them = self.solo(other_work, share_o, other_key)
+            if total > n:
+                sms, sms_o = d0 / total * n, d1 / total * n
+            contention = 1.0 + inter.multistream_overhead
+        me = self.solo(work, sms, key)
+        them = self.solo(other_work, sms_o, other_key)
         compute_s, memory_s = me.compute_s, me.memory_s
         capacity = self._capacity
         busy = max(me.compute_s, me.memory_s, me.pcie_s)
@@ -422,12 +531,22 @@ class RooflineCostModel:
             alloc = min(rate0, capacity - min(rate1, capacity / 2))
         if alloc < rate0:
             memory_s = max(memory_s, me.bytes / alloc)
+        if them.compute_s >= them.memory_s:
+            memory_s *= 1.0 + inter.memory_beside_compute
         others_load = min(1.0, rate1 / capacity)
-        compute_s *= 1.0 + c.hbm_contention_penalty * others_load
+        compute_s *= 1.0 + inter.compute_per_load * others_load
         busy_s = max(compute_s, memory_s, me.pcie_s) * contention
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
         overhead_s = self._overhead_s[work.stage] + startup_s
-        return (busy_s + overhead_s, compute_s, memory_s, me.pcie_s, overhead_s, share, contention)
+        return (
+            busy_s + overhead_s,
+            compute_s,
+            memory_s,
+            me.pcie_s,
+            overhead_s,
+            sms / n,
+            contention,
+        )
 
 
 @register_cost_model("roofline")
@@ -447,27 +566,76 @@ def calibrate_to_paper(
     nothing co-running) takes ``targets_s`` (default: the paper's times) for ``paper_works``.
 
     Exact by construction: vision and prefill are compute-bound there (checked), decode is
-    memory-bound (checked); the per-batch overheads of ``base`` are kept.
+    memory-bound (checked); the per-batch overheads of ``base`` (default: the GPU's evidence)
+    are kept, and so is wave quantization at the full GPU (the efficiencies are per full wave).
     """
-    base = base or Calibration()
-    targets = targets_s or PAPER_STAGE_TIMES_S
     g, spec = get_gpu(gpu), get_model_spec(model)
-    works = paper_works(spec)
-    probe = RooflineCostModel(g, spec, base)
+    base = base or Calibration.for_gpu(g)
+    targets = targets_s or PAPER_STAGE_TIMES_S
+    return calibrate_to_times(g, spec, paper_works(spec), targets, base)
+
+
+def calibrate_to_times(
+    gpu: GpuSpec,
+    spec: ModelSpec,
+    works: dict[Stage, StageWork],
+    targets_s: dict[Stage, float],
+    base: Calibration,
+    check_bounds: bool = True,
+) -> Calibration:
+    """Fit the stage efficiencies (vision, prefill) and the bandwidth fraction (decode) so that
+    ``works`` alone on the whole ``gpu`` take ``targets_s`` (see ``calibrate_to_paper``).
+    ``check_bounds``: raise unless vision/prefill come out compute-bound and decode
+    memory-bound (the premise of fitting each stage's one term)."""
+    probe = RooflineCostModel(gpu, spec, base)
+    n = float(gpu.num_sms)
     fit: dict[str, float] = {}
     for stage, field_name in ((Stage.VISION, "vision_mfu"), (Stage.PREFILL, "prefill_mfu")):
-        busy_s = targets[stage] - base.overhead_s(stage)
-        fit[field_name] = probe.flops(works[stage]) / (g.peak_flops * busy_s)
-    busy_s = targets[Stage.DECODE] - base.overhead_s(Stage.DECODE)
-    fit["bw_eff"] = probe.bytes(works[Stage.DECODE]) / (g.hbm_bytes_per_s * busy_s)
+        if stage not in works:
+            continue
+        busy_s = targets_s[stage] - base.overhead_s(stage)
+        fit[field_name] = probe.quantized_flops(works[stage], n) / (gpu.peak_flops * busy_s)
+    if Stage.DECODE in works:
+        busy_s = targets_s[Stage.DECODE] - base.overhead_s(Stage.DECODE)
+        fit["bw_eff"] = probe.bytes(works[Stage.DECODE]) / (gpu.hbm_bytes_per_s * busy_s)
     calib = dataclasses.replace(base, **fit)
-    fitted = RooflineCostModel(g, spec, calib)
+    fitted = RooflineCostModel(gpu, spec, calib)
     expected = {Stage.VISION: "compute", Stage.PREFILL: "compute", Stage.DECODE: "memory"}
-    for stage, bound in expected.items():
-        got = fitted.breakdown(works[stage], 1.0).bound
-        if got != bound:
+    for stage, work in works.items() if check_bounds else ():
+        got = fitted.breakdown(work, 1.0).bound
+        if got != expected[stage]:
             raise ValueError(
-                f"calibration: {stage.value} should be {bound}-bound at the paper's "
+                f"calibration: {stage.value} should be {expected[stage]}-bound at the fitted "
                 f"shape, the fit makes it {got}-bound"
             )
     return calib
+
+
+def profile_works(metadata: dict[str, Any], spec: ModelSpec) -> dict[Stage, StageWork]:
+    """The representative shapes a ``nova profile`` run recorded (``metadata.corun_works``:
+    vision ``[images]``, prefill ``[tokens, seqs]``, decode ``[batch, context]``); defaults
+    1 image, 256 tokens, 4 x 256 when absent."""
+    raw = metadata.get("corun_works", {})
+    vision = raw.get("vision", [1])
+    prefill = raw.get("prefill", [256, 1])
+    decode = raw.get("decode", [4, 256])
+    tokens, seqs = int(prefill[0]), max(1, int(prefill[1]))
+    works = {
+        Stage.PREFILL: StageWork.prefill([tokens // seqs] * seqs),
+        Stage.DECODE: StageWork.decode([int(decode[1])] * int(decode[0])),
+    }
+    if spec.has_vision:
+        works[Stage.VISION] = StageWork.vision(int(vision[0]))
+    return works
+
+
+def calibrate_to_profile(
+    times_s: dict[Stage, float],
+    works: dict[Stage, StageWork],
+    gpu: GpuSpec | str,
+    model: ModelSpec | str,
+    base: Calibration,
+) -> Calibration:
+    """Fit the roofline to measured stage times (e.g. a ``nova profile`` table at
+    ``profile_works``), as ``calibrate_to_paper`` does to the paper's."""
+    return calibrate_to_times(get_gpu(gpu), get_model_spec(model), works, times_s, base)

@@ -16,7 +16,7 @@ from nova.engine.detokenizer import IncrementalDetokenizer
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import request_metrics
 from nova.models.inputs import InputProcessor, PromptInput
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Request, RequestEvent
 
 __all__ = ["AsyncEngine", "OutputDelta"]
@@ -37,6 +37,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.llm_engine.max_model_len
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return self.llm_engine.sampling_defaults
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         self.llm_engine.check_admissible(num_prompt_tokens, max_tokens)
@@ -82,6 +86,7 @@ class AsyncEngine:
                     error=ev.error,
                     num_output_tokens=len(detok.token_ids),
                     metrics=request_metrics(req) if finished else None,
+                    logprobs=list(ev.logprobs),
                 )
         finally:
             if not finished:  # the consumer went away (client disconnect, cancellation)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from nova.metrics import RequestMetrics
-from nova.sampling_params import SamplingParams
-from nova.types import Stage
+from nova.sampling_params import GenerationDefaults, SamplingParams
+from nova.types import Stage, TokenLogprobs
 
 if TYPE_CHECKING:
     from nova.models.inputs import PromptInput
+    from nova.structured.compiler import GrammarCompiler
 
 
 @dataclass(slots=True)
@@ -34,6 +35,8 @@ class OutputDelta:
     error: str | None = None
     num_output_tokens: int = 0
     metrics: RequestMetrics | None = None  # set on the final delta
+    # log-probabilities of ``new_token_ids`` when the request asked for them (else empty)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,10 +87,33 @@ class PromptProcessor(Protocol):
     def image_processor(self) -> Any:
         """The image processor, or None for a text-only model."""
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler | None:
+        """Compiles structured-output grammars for this model (None: no structured output)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits: token ids (prompts, ``logit_bias``, stop tokens)
+        must be below it."""
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (>= 1): a text of more than
+        ``context length * max_token_chars`` characters cannot fit, whatever its tokens."""
+
     def from_chat(
-        self, messages: list[dict[str, Any]], images: list[Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any] | None = None,
+        image_limits: tuple[int | None, int | None] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
-        """Apply the chat template to ``messages`` (images in the order of their parts)."""
+        """Apply the chat template to ``messages`` (images in the order of their parts) and
+        ``tools`` (OpenAI function tools; only passed when a request has them). Text
+        in the messages is text: a special token's string in it (``<image>``,
+        ``<|im_start|>``) is never parsed as that token. ``image_limits``: (min_pixels,
+        max_pixels) to resize this request's images within (dynamic-resolution models only;
+        None in either: the served value); outside the served limits: ``InvalidInputError``."""
 
     def from_text(self, prompt: str, images: list[Any] | None = None) -> PromptInput:
         """Tokenise raw text (no chat template)."""
@@ -107,6 +133,10 @@ class EngineClient(Protocol):
     @property
     def processor(self) -> PromptProcessor:
         """The input processor requests are prepared with before ``generate``."""
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        """The model's defaults for sampling fields a request leaves unset."""
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``nova.core.scheduler.RequestRejected`` if such a request could never be

@@ -20,10 +20,10 @@ from nova.executor.base import FaultHook
 from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
-from nova.models.loader import LoadedModel, load_model
+from nova.models.loader import LoadedModel, load_model, missing_image_processor
 from nova.models.mm import num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
-from nova.sampling_params import SamplingParams
+from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import ImageInput, Request
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,11 @@ def default_cost_model(
     spec = ModelSpec.from_dir(loaded.model_dir)
     if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):
         spec = spec.with_pixel_limits(min_pixels, max_pixels)
+    if gpu == "cpu":  # the cores this process may use play the SMs (CPU partitions)
+        from nova.cost.gpus import cpu_spec
+        from nova.gpu.cpu_threads import available_cores
+
+        return make_cost_model("roofline", cpu_spec(len(available_cores())), spec)
     return make_cost_model("roofline", gpu, spec)
 
 
@@ -86,7 +91,12 @@ class LLMEngine:
         self.loaded = loaded or _on_fresh_thread_if_cpu(
             config.device,
             lambda: load_model(
-                config.model, config.load_format, config.torch_dtype, config.device, config.seed
+                config.model,
+                config.load_format,
+                config.torch_dtype,
+                config.device,
+                config.seed,
+                config.generation_config,
             ),
         )
         self.processor = InputProcessor(
@@ -144,6 +154,14 @@ class LLMEngine:
         self.loop = EngineLoop(self.scheduler, self.executor)
         self._ids = itertools.count()
 
+    def unservable_reason(self) -> str | None:
+        """Why this model cannot be served over the API as loaded (a multimodal checkpoint
+        without its image processor: every image request would fail), or None. Dummy
+        weights serve shapes only and pass."""
+        if self.loaded.load_format == "dummy":
+            return None
+        return missing_image_processor(self.loaded)
+
     def start(self) -> LLMEngine:
         self.loop.start()
         return self
@@ -156,6 +174,10 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return int(self.loaded.max_model_len)
+
+    @property
+    def sampling_defaults(self) -> GenerationDefaults:
+        return self.loaded.generation_defaults
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``RequestRejected`` if such a request could never be served (reads only

@@ -9,6 +9,7 @@ called from worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -160,6 +161,8 @@ class EngineLoop:
             with self._cond:
                 end_s = result.end_s = self.now()
                 events = self.scheduler.complete(result, end_s)
+                if result.logprobs:
+                    events = [_with_logprobs(ev, result) for ev in events]
                 self.num_batches[stage] += 1
                 delivered = self._deliver_locked(events)
                 for rid in batch.request_ids:
@@ -194,3 +197,11 @@ class EngineLoop:
                 listener(ev, req)
             except Exception:
                 log.exception("listener of request %s raised", ev.request_id)
+
+
+def _with_logprobs(ev: RequestEvent, result: StageResult) -> RequestEvent:
+    """The event carrying the log-probabilities the executor computed for its new token."""
+    lp = result.logprobs.get(ev.request_id)
+    if lp is None or not ev.new_token_ids:
+        return ev
+    return dataclasses.replace(ev, logprobs=(lp,))

@@ -22,9 +22,10 @@ from nova.gpu.partition import make_backend
 from nova.models.mm import VisionInput, encode_image_batch
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import ModelRunner
-from nova.runtime.sampler import make_generator, sample
+from nova.runtime.sampler import TokenHistory, make_generator, make_history, sample_batch
 from nova.sampling_params import SamplingParams
-from nova.types import Batch, BatchItem, Partition, Stage, StageResult
+from nova.structured.matcher import GrammarMatcher, fill_bitmasks
+from nova.types import Batch, BatchItem, Partition, Stage, StageResult, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -36,6 +37,11 @@ class _Payload:
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, hidden] on the device
     embeds_ready: Any | None = None  # torch.cuda.Event recorded after vision, or None
     mrope: Any | None = None  # MRopePlan: M-RoPE positions of a Qwen-VL prompt with images
+    # the tokens penalties and min_tokens look at (None when the request has neither)
+    history: TokenHistory | None = None
+    # log-probabilities of the token sampled by the batch now running (taken by ``execute``)
+    last_logprobs: TokenLogprobs | None = None
+    grammar: GrammarMatcher | None = None  # structured output: the request's grammar state
 
 
 class TorchExecutor:
@@ -70,6 +76,10 @@ class TorchExecutor:
             if pixel_values is not None
             else None
         )
+        history = make_history(
+            sampling, prompt_token_ids, self.runner.vocab_size, self.runner.device
+        )
+        grammar = sampling.structured_output
         with self._lock:
             self._payloads[request_id] = _Payload(
                 sampling,
@@ -77,6 +87,8 @@ class TorchExecutor:
                 pixel_values,
                 tuple(prompt_token_ids),
                 mrope=plan,
+                history=history,
+                grammar=grammar.new_matcher() if grammar is not None else None,
             )
 
     def release(self, request_id: str) -> None:
@@ -105,6 +117,11 @@ class TorchExecutor:
         # On the stage's stream (in the green context of its SM share, if the backend has
         # them); on a CPU, on the stage's team thread and cores (nova.gpu.cpu_threads).
         out = self.partition_backend.run(batch.stage, partition, run_batch)
+        with self._lock:
+            for rid in out.new_token_ids:
+                p = self._payloads.get(rid)
+                if p is not None and p.last_logprobs is not None:
+                    out.logprobs[rid], p.last_logprobs = p.last_logprobs, None
         self.granted_sms[batch.stage] = self.partition_backend.granted_sms(batch.stage, partition)
         return out
 
@@ -135,10 +152,51 @@ class TorchExecutor:
         if not rows:
             return {}
         payloads = [self._payload(items[i].request_id) for i in rows]
+        bitmask = self._grammar_bitmask([items[i] for i in rows], payloads)
         if len(rows) != len(items):  # (a copy of the [rows, vocab] logits: only when needed)
             logits = logits[rows]
-        tokens = sample(logits, [p.sampling for p in payloads], [p.generator for p in payloads])
-        return {items[i].request_id: tok for i, tok in zip(rows, tokens)}
+        out = sample_batch(
+            logits,
+            [p.sampling for p in payloads],
+            [p.generator for p in payloads],
+            allowed_token_bitmask=None if bitmask is None else torch.from_numpy(bitmask),
+            histories=[p.history for p in payloads],
+            eos_token_ids=self.runner.loaded.eos_token_ids,
+        )
+        for p, lp in zip(payloads, out.logprobs):
+            p.last_logprobs = lp
+        self._advance_grammars(payloads, out.token_ids)
+        return {items[i].request_id: tok for i, tok in zip(rows, out.token_ids)}
+
+    def _grammar_bitmask(self, items: list[BatchItem], payloads: list[_Payload]) -> Any:
+        """The allowed-token bitmask of the rows to sample (numpy int32 ``[rows, words]``,
+        all ones for unconstrained rows), or None when no row has a grammar. Raises for a
+        request whose grammar is in error or out of step with its output (that request
+        fails; ``run_isolated`` reruns the others)."""
+        if all(p.grammar is None for p in payloads):
+            return None
+        for it, p in zip(items, payloads):
+            g = p.grammar
+            if g is None:
+                continue
+            if g.is_error:
+                raise RuntimeError(f"request {it.request_id}: structured output failed: {g.error}")
+            generated = it.num_cached_tokens + len(it.token_ids) - len(p.prompt_token_ids)
+            if g.num_consumed != generated:
+                raise RuntimeError(
+                    f"request {it.request_id}: grammar state is at output token "
+                    f"{g.num_consumed}, the request at {generated}"
+                )
+        return fill_bitmasks([p.grammar for p in payloads], self.runner.vocab_size)
+
+    @staticmethod
+    def _advance_grammars(payloads: list[_Payload], tokens: list[int]) -> None:
+        """Each sampled token advances its request's grammar. Last step of a batch and never
+        raising, so a batch rerun (``run_isolated``) cannot advance a grammar twice; a token
+        the grammar rejects leaves it in error, which fails the request at its next step."""
+        for p, tok in zip(payloads, tokens):
+            if p.grammar is not None:
+                p.grammar.consume(tok)
 
     def _chunk_embeds(self, it: BatchItem, p: _Payload) -> torch.Tensor | None:
         """The image embeddings for the placeholders inside this (possibly partial) prefill."""

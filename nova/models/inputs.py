@@ -5,6 +5,9 @@ and pixel values. Images are checked here; a bad one raises ``InvalidInputError`
 from __future__ import annotations
 
 import io
+import json
+import re
+import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,8 +20,11 @@ from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
 from nova.shapes import REFERENCE_IMAGE_SIZE, ImageSizeError, ImageSizing
+from nova.structured.compiler import GrammarCompiler
 
 ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
+# A request's (min_pixels, max_pixels) for its images; None in either keeps the served value.
+ImageLimits = tuple[int | None, int | None]
 
 
 @dataclass(slots=True)
@@ -32,6 +38,21 @@ class PromptInput:
     # Placeholder tokens each image fills, in order (empty: every image fills the model's fixed
     # ``InputProcessor.num_image_tokens``).
     image_token_counts: list[int] = field(default_factory=list)
+    # Per image: (width, height) as given and as the vision tower saw it after resizing, in
+    # pixels (empty for a prompt without images); lets a caller map coordinates back.
+    image_sizes: list[ImageSize] = field(default_factory=list)
+    # (min_pixels, max_pixels) the images were resized within (dynamic resolution), else None
+    image_limits: ImageLimits | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ImageSize:
+    """One image's size as given and as the model saw it (pixels)."""
+
+    width: int
+    height: int
+    resized_width: int
+    resized_height: int
 
 
 def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
@@ -130,9 +151,12 @@ class InputProcessor:
         # The server prepares requests on several threads; images are processed in parallel,
         # tokenizer calls one at a time.
         self._tokenizer_lock = threading.Lock()
+        self._grammar_compiler: GrammarCompiler | None = None
         self.image_processor = loaded.image_processor
         self.max_image_pixels = max_image_pixels
         self.image_token_id = loaded.model.image_token_id
+        self._max_token_chars: int | None = None
+        self._special_pattern = _special_token_pattern(self.tokenizer)
         # Dynamic resolution: the resize limits and patch geometry images are sized with (the
         # model's processor config as parsed by nova.shapes, then the server's overrides); the
         # image processor is always called with these limits.
@@ -170,33 +194,99 @@ class InputProcessor:
             )
         return self.tokenizer
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    @property
+    def grammar_compiler(self) -> GrammarCompiler | None:
+        """Structured output's grammar compiler for this model (None without a tokenizer):
+        masks as wide as the logits, a finished grammar allows the model's EOS ids."""
+        if self.tokenizer is None:
+            return None
+        with self._tokenizer_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer,
+                    self.loaded.model.decoder.cfg.vocab_size,
+                    self.loaded.eos_token_ids or (self.tokenizer.eos_token_id,),
+                )
+            return self._grammar_compiler
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The chat template applied to ``messages`` (and ``tools``, OpenAI's function-tool
+        dicts, for a template that renders them)."""
         tok = self._require_tokenizer()
+        extra = {"tools": tools} if tools else {}
         try:
             with self._tokenizer_lock:
-                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **extra
+                )
         except Exception as exc:
             raise InvalidInputError(f"chat template failed on these messages: {exc}") from exc
 
     def pixel_values(self, images: list[ImageSource]) -> torch.Tensor | VisionInput | None:
         return self.process_images(images)[0]
 
+    def sizing_for(self, image_limits: ImageLimits | None) -> ImageSizing | None:
+        """The sizing of a request with its own (min_pixels, max_pixels) (None in either: the
+        served value): within the served limits (an ``InvalidInputError`` naming them
+        otherwise). None: the served sizing (None for a fixed-resolution model)."""
+        if image_limits is None:
+            return self.sizing
+        if self.sizing is None:
+            raise InvalidInputError(
+                "mm_processor_kwargs: min_pixels/max_pixels apply to dynamic-resolution "
+                "models (Qwen2-VL family); this model resizes every image to one fixed size"
+            )
+        served = self.sizing
+        low = served.min_pixels if image_limits[0] is None else image_limits[0]
+        high = served.max_pixels if image_limits[1] is None else image_limits[1]
+        if not served.min_pixels <= low <= high <= served.max_pixels:
+            raise InvalidInputError(
+                f"mm_processor_kwargs: need {served.min_pixels} <= min_pixels ({low}) <= "
+                f"max_pixels ({high}) <= {served.max_pixels} (the server's limits)"
+            )
+        try:
+            return served.with_limits(low, high)
+        except ValueError as exc:
+            raise InvalidInputError(f"mm_processor_kwargs: {exc}") from exc
+
     def process_images(
-        self, images: list[ImageSource]
+        self, images: list[ImageSource], image_limits: ImageLimits | None = None
     ) -> tuple[torch.Tensor | VisionInput | None, list[int]]:
         """(pixels for the vision stage, placeholder tokens of each image)."""
+        pixels, counts, _ = self.process_images_sized(images, image_limits)
+        return pixels, counts
+
+    def process_images_sized(
+        self, images: list[ImageSource], image_limits: ImageLimits | None = None
+    ) -> tuple[torch.Tensor | VisionInput | None, list[int], list[ImageSize]]:
+        """(pixels, placeholder tokens of each image, each image's size given and seen)."""
+        sizing = self.sizing_for(image_limits)
         if not images:
-            return None, []
+            return None, [], []
         if self.image_processor is None:
             raise InvalidInputError("this model does not take images")
         pil = [load_image(img, self.max_image_pixels) for img in images]
-        if self.sizing is None:
+        if sizing is None:
             out = self.image_processor(images=pil, return_tensors="pt")
-            return out["pixel_values"], [self.num_image_tokens] * len(pil)
-        return self._dynamic_resolution_pixels(pil)
+            pixels = out["pixel_values"]
+            height, width = int(pixels.shape[-2]), int(pixels.shape[-1])
+            sizes = [ImageSize(im.size[0], im.size[1], width, height) for im in pil]
+            return pixels, [self.num_image_tokens] * len(pil), sizes
+        vision, counts = self._dynamic_resolution_pixels(pil, sizing)
+        patch = sizing.patch_size
+        sizes = [
+            ImageSize(im.size[0], im.size[1], int(w) * patch, int(h) * patch)
+            for im, (_, h, w) in zip(pil, vision.image_grid_thw.tolist())
+        ]
+        return vision, counts, sizes
 
-    def _dynamic_resolution_pixels(self, pil: list[Any]) -> tuple[VisionInput, list[int]]:
-        sizing, processor = self.sizing, self.image_processor
+    def _dynamic_resolution_pixels(
+        self, pil: list[Any], sizing: ImageSizing | None = None
+    ) -> tuple[VisionInput, list[int]]:
+        sizing = sizing or self.sizing
+        processor = self.image_processor
         if sizing is None or processor is None:
             raise ValueError("dynamic-resolution pixels need the sizing and an image processor")
         grids = []
@@ -218,41 +308,231 @@ class InputProcessor:
         vision = VisionInput(out["pixel_values"], grid_thw, sizing.merge_size)
         return vision, vision.tokens_per_image
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.loaded.model.decoder.cfg.vocab_size)
+
+    @property
+    def max_token_chars(self) -> int:
+        if self._max_token_chars is None:
+            # A token's string in the vocabulary (byte-level: one character per byte;
+            # SentencePiece: '▁' per space, '<0x0A>' per byte) is at least as long as the text
+            # it decodes to.
+            tok = self.tokenizer
+            longest = max((len(t) for t in tok.get_vocab()), default=1) if tok else 1
+            self._max_token_chars = max(1, longest)
+        return self._max_token_chars
+
     def from_token_ids(
-        self, token_ids: list[int], images: list[ImageSource] | None = None
+        self,
+        token_ids: list[int],
+        images: list[ImageSource] | None = None,
+        image_limits: ImageLimits | None = None,
     ) -> PromptInput:
         images = images or []
         if images and self.image_token_id is None:
             raise InvalidInputError("this model does not take images")
         ids = [int(t) for t in token_ids]
-        pixels, counts = self.process_images(images)
+        pixels, counts, sizes = self.process_images_sized(images, image_limits)
         if self.image_token_id is not None:
             ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
         if not ids:
             raise InvalidInputError("the prompt is empty")
-        vocab = self.loaded.model.decoder.cfg.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidInputError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        return PromptInput(ids, pixels, len(images), counts)
+        sizing = self.sizing_for(image_limits) if images else None
+        limits = (sizing.min_pixels, sizing.max_pixels) if sizing is not None else None
+        return PromptInput(ids, pixels, len(images), counts, sizes, limits)
+
+    def _encode(self, text: str, add_special_tokens: bool, split_special_tokens: bool) -> list[int]:
+        tok = self._require_tokenizer()
+        # verbose=False: a prompt longer than the model's limit is the server's to reject (no
+        # "Token indices sequence length is longer than ..." warning per request)
+        kwargs: dict[str, Any] = {"add_special_tokens": add_special_tokens, "verbose": False}
+        if split_special_tokens:
+            kwargs["split_special_tokens"] = True
+        with self._tokenizer_lock:  # a fast tokenizer's call mutates its padding/truncation state
+            ids = list(tok(text, **kwargs)["input_ids"])
+        if len(text) >= RELEASE_MEMORY_CHARS:
+            release_freed_memory()
+        return ids
 
     def from_text(
-        self, prompt: str, images: list[ImageSource] | None = None, add_special_tokens: bool = True
+        self,
+        prompt: str,
+        images: list[ImageSource] | None = None,
+        add_special_tokens: bool = True,
+        image_limits: ImageLimits | None = None,
     ) -> PromptInput:
-        tok = self._require_tokenizer()
-        with self._tokenizer_lock:  # a fast tokenizer's call mutates its padding/truncation state
-            ids = tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        return self.from_token_ids(ids, images)
+        """Tokenise raw text; special tokens' strings in it are parsed as those tokens (a raw
+        completion prompt writes the model's own markup)."""
+        ids = self._encode(prompt, add_special_tokens, split_special_tokens=False)
+        return self.from_token_ids(ids, images, image_limits)
 
     def from_chat(
-        self, messages: list[dict[str, Any]], images: list[ImageSource] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        images: list[ImageSource] | None = None,
+        image_limits: ImageLimits | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
-        """``messages`` in the OpenAI/HF shape; image parts render as the image placeholder."""
+        """``messages`` in the OpenAI/HF shape; image parts render as the image placeholder.
+        The messages' text is text: only the template writes special tokens (a ``<image>`` or
+        ``<|im_end|>`` typed by a user is tokenised as those characters)."""
         # The chat template already writes any BOS the model wants.
-        return self.from_text(self.render_chat(messages), images, add_special_tokens=False)
+        self._check_tool_text(messages, tools)
+        if not self._special_pattern or not any(
+            self._special_pattern.search(t) for t in message_texts(messages)
+        ):
+            ids = self._encode(self.render_chat(messages, tools), False, split_special_tokens=False)
+        else:
+            ids = self._encode_chat_text_safely(messages, tools)
+        return self.from_token_ids(ids, images, image_limits)
+
+    def _check_tool_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> None:
+        """Tools and tool-call arguments reach a template as data it writes itself (``tojson``),
+        not as message text, so their special-token strings cannot be kept as text: refuse
+        them (``InvalidInputError``) instead of letting them become control tokens."""
+        if self._special_pattern is None:
+            return
+        data: list[tuple[str, Any]] = [("tools", tools)] if tools else []
+        for i, m in enumerate(messages):
+            if m.get("tool_calls"):
+                data.append((f"messages[{i}].tool_calls", m["tool_calls"]))
+        for where, value in data:
+            found = self._special_pattern.search(json.dumps(value, ensure_ascii=False))
+            if found:
+                raise InvalidInputError(
+                    f"{where} contains the special token {found.group(0)!r}, which this "
+                    "model's chat template cannot write as text"
+                )
+
+    def _encode_chat_text_safely(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Tokens of the rendered chat where the messages' text never becomes a special token:
+        the template is rendered with a sentinel in place of each text; the special tokens
+        left in the rendering are the template's own; every stretch between two of them
+        (template text and message text together, so merges across their boundary are as in
+        a plain tokenisation) is tokenised with special-token parsing off."""
+        nonce = secrets.token_hex(4)
+        texts: list[str] = []
+
+        def stand_in(text: str) -> str:
+            texts.append(text)
+            return f"\ue000{nonce}:{len(texts) - 1}\ue001"
+
+        rendered = self.render_chat(map_message_texts(messages, stand_in), tools)
+        sentinel = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        pattern = self._special_pattern
+        if pattern is None:
+            raise RuntimeError("no special tokens to protect")
+        tok = self._require_tokenizer()
+        ids: list[int] = []
+        stretch: list[str] = []
+
+        def flush() -> None:
+            if stretch:
+                ids.extend(self._encode("".join(stretch), False, split_special_tokens=True))
+                stretch.clear()
+
+        pos = 0
+        for m in sentinel.finditer(rendered):
+            template = rendered[pos : m.start()]
+            pos = m.end()
+            _split_specials(template, pattern, stretch, ids, flush, tok)
+            stretch.append(texts[int(m.group(1))])
+        _split_specials(rendered[pos:], pattern, stretch, ids, flush, tok)
+        flush()
+        return ids
 
     def decode(self, token_ids: list[int]) -> str:
         return self._require_tokenizer().decode(token_ids, skip_special_tokens=True)
+
+
+# Tokenising this much text leaves the allocator holding its peak (the tokenizer's buffers,
+# tens of bytes per character); give it back to the OS afterwards (malloc_trim: ~1 ms). The
+# demo's longest acceptable text is 663,552 characters (docs/server.md).
+RELEASE_MEMORY_CHARS = 1 << 18
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def message_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """Every client-written string of chat messages: contents, text parts, names."""
+    out: list[str] = []
+
+    def keep(text: str) -> str:
+        out.append(text)
+        return text
+
+    map_message_texts(messages, keep)
+    return out
+
+
+def map_message_texts(messages: list[dict[str, Any]], fn: Any) -> list[dict[str, Any]]:
+    """Copies of ``messages`` with ``fn`` applied to each string content, text part and name."""
+    out = []
+    for msg in messages:
+        new = dict(msg)
+        content = msg.get("content")
+        if isinstance(content, str):
+            new["content"] = fn(content)
+        elif isinstance(content, list):
+            new["content"] = [
+                {**part, "text": fn(part["text"])}
+                if part.get("type") == "text" and isinstance(part.get("text"), str)
+                else part
+                for part in content
+            ]
+        if isinstance(msg.get("name"), str):
+            new["name"] = fn(msg["name"])
+        out.append(new)
+    return out
+
+
+def _split_specials(
+    text: str,
+    pattern: re.Pattern[str],
+    stretch: list[str],
+    ids: list[int],
+    flush: Any,
+    tok: Any,
+) -> None:
+    """Template text: its special tokens become their ids, the text between joins the
+    current stretch."""
+    pos = 0
+    for m in pattern.finditer(text):
+        stretch.append(text[pos : m.start()])
+        flush()
+        ids.append(int(tok.convert_tokens_to_ids(m.group(0))))
+        pos = m.end()
+    stretch.append(text[pos:])
+
+
+def _special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching the tokenizer's special tokens (longest first), or None."""
+    if tokenizer is None:
+        return None
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {str(t) for t in decoder.values() if getattr(t, "special", False)}
+    specials |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials.discard("")
+    if not specials:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
 
 
 def _default_qwen_processor(sizing: ImageSizing) -> Any:

@@ -2,8 +2,8 @@
 
 Parameter names equal those of ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
 (``model.layers.N.self_attn.q_proj.weight`` ...), so their checkpoints load unchanged.
-Differences between the family members are config fields (``DecoderConfig``, derived from the
-one parse of the model's config, ``nova.shapes``, which writes each family's rules out): Qwen2
+Differences between the family members are fields of the decoder's config, the ``TextShape`` of
+the one parse of the model's config (``nova.shapes``, which writes each family's rules out): Qwen2
 has biases on q/k/v, Llama-3.1 uses ``llama3`` RoPE scaling (inverse frequencies come from
 ``transformers``' own RoPE init functions, so every rope type they know is supported). The
 Qwen2-VL / Qwen2.5-VL text models are Qwen2 with M-RoPE: given ``[3, T]`` positions (temporal,
@@ -17,7 +17,6 @@ The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -31,45 +30,6 @@ from nova.runtime.cpu_linear import PackedLinear
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
 from nova.shapes import TextShape
-
-
-@dataclass(slots=True, frozen=True)
-class DecoderConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    hidden_act: str
-
-    @classmethod
-    def from_shape(cls, text: TextShape) -> DecoderConfig:
-        """From the one parse of the model's config (``nova.shapes``), which applies each
-        family's head_dim and bias rules as transformers does."""
-        return cls(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_layers,
-            num_heads=text.num_heads,
-            num_kv_heads=text.num_kv_heads,
-            head_dim=text.head_dim,
-            rms_norm_eps=text.rms_norm_eps,
-            qkv_bias=text.qkv_bias,
-            o_bias=text.o_bias,
-            mlp_bias=text.mlp_bias,
-            tie_word_embeddings=text.tie_word_embeddings,
-            max_position_embeddings=text.max_position_embeddings,
-            hidden_act=text.hidden_act,
-        )
 
 
 def rope_inverse_frequencies(hf_config: Any, text: TextShape) -> tuple[torch.Tensor, float]:
@@ -172,7 +132,7 @@ class Attention(nn.Module):
     """q/k/v are one GEMM (``_Fused``; the checkpoint's separate q/k/v weights load into views
     of it) and the rotary embedding is applied to the queries and keys in one pass."""
 
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: AttentionBackend) -> None:
+    def __init__(self, cfg: TextShape, layer: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -211,7 +171,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """gate and up are one GEMM (``_Fused``), loaded from the checkpoint's separate weights."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: TextShape) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -229,7 +189,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: AttentionBackend) -> None:
+    def __init__(self, cfg: TextShape, layer: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, attn)
         self.mlp = MLP(cfg)
@@ -249,7 +209,7 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: DecoderConfig, attn: AttentionBackend) -> None:
+    def __init__(self, cfg: TextShape, attn: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn) for i in range(cfg.num_layers))
@@ -261,10 +221,9 @@ class LlamaDecoder(nn.Module):
 
     def __init__(
         self,
-        cfg: DecoderConfig,
+        cfg: TextShape,
         inv_freq: torch.Tensor,
         rope_scaling: float = 1.0,
-        mrope_section: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -283,6 +242,7 @@ class LlamaDecoder(nn.Module):
             tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
         ] = {}
         # M-RoPE (Qwen-VL): which position row (t, h, w) each rotary frequency uses; None = 1-D.
+        mrope_section = cfg.rope.mrope_section
         self.mrope_section = tuple(int(s) for s in mrope_section) if mrope_section else None
         self._mrope_rows = (
             mrope_frequency_rows(self.mrope_section, self._inv_freq.numel())

@@ -19,7 +19,9 @@ import torch
 from nova.models.errors import ModelLoadError
 from nova.models.registry import ARCHITECTURES, Architecture
 from nova.models.vlm import NovaModel
+from nova.sampling_params import GenerationDefaults
 from nova.shapes import SHIPPED_CONFIGS_DIR, ConfigError, ModelShape, read_model_shape
+from nova.shapes.fields import read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class LoadedModel:
     tokenizer: Any | None = None
     image_processor: Any | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # sampling defaults of the model's generation_config.json (see ``read_generation_defaults``)
+    generation_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def text_config(self) -> Any:
@@ -60,8 +64,15 @@ def shipped_configs() -> list[str]:
 def resolve_model_dir(model: str | Path) -> Path:
     """ "demo" -> the cached demo model (built on first use); a directory; or a shipped config."""
     if str(model) == "demo":
-        from nova.models.demo import build_demo_model
+        from nova.models.demo import build_demo_model, locate_gguf
 
+        try:
+            locate_gguf()  # the weights' package: a clear error instead of a traceback
+        except RuntimeError as exc:
+            from nova.models.demo import demo_model_dir, is_complete
+
+            if not is_complete(demo_model_dir()):
+                raise ModelLoadError(str(exc)) from exc
         return build_demo_model()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -80,11 +91,8 @@ def read_config(model_dir: Path) -> tuple[Architecture, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
-    archs = raw.get("architectures") or []
+    raw = read_json_dict(config_file, ModelLoadError)
+    archs: Any = raw.get("architectures") or []
     supported = [a for a in archs if a in ARCHITECTURES]
     if not supported:
         raise ModelLoadError(
@@ -209,15 +217,96 @@ def read_shape(model_dir: Path) -> ModelShape:
     return shape
 
 
+def missing_image_processor(loaded: LoadedModel) -> str | None:
+    """Why ``loaded`` cannot take images although it is multimodal (a fixed-resolution tower
+    whose directory has no processor config: its resize and normalisation are unknown), or
+    None. ``nova serve`` refuses to start on such a model rather than answer every image
+    request with a 400; offline use (pixel tensors given directly) still loads it."""
+    if not loaded.model.is_multimodal or loaded.image_processor is not None:
+        return None
+    if loaded.shape.image_sizing is not None:  # dynamic resolution: the published defaults
+        return None
+    return (
+        f"{loaded.model_dir} is a multimodal model but has no image processor config "
+        "(processor_config.json with an image_processor entry, or preprocessor_config.json); "
+        "save the model's processor next to it (AutoProcessor.save_pretrained)"
+    )
+
+
 def _load_image_processor(model_dir: Path, shape: ModelShape) -> Any | None:
+    """The image processor of a multimodal model, from either processor config layout
+    (``nova.shapes.processor``); a ``ModelLoadError`` when the config names none that loads.
+    None only when the directory has no processor config at all (``read_shape`` warned)."""
     if shape.processor_file is None:
         return None
     from transformers import AutoImageProcessor
 
+    errors = []
+    # transformers reads either layout itself; the nested entry is tried explicitly too, for
+    # versions that read only preprocessor_config.json
     try:
         return AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the image processor in {model_dir}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        errors.append(f"AutoImageProcessor: {exc}")
+    nested = _nested_image_processor(model_dir)
+    if nested is not None:
+        try:
+            return _image_processor_from_dict(nested)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"processor_config.json image_processor: {exc}")
+    raise ModelLoadError(
+        f"{model_dir} is multimodal but its image processor cannot be loaded from "
+        f"{shape.processor_file}: {'; '.join(errors)}"
+    )
+
+
+def _nested_image_processor(model_dir: Path) -> dict[str, Any] | None:
+    file = model_dir / "processor_config.json"
+    if not file.is_file():
+        return None
+    try:
+        entry = json.loads(file.read_text()).get("image_processor")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _image_processor_from_dict(d: dict[str, Any]) -> Any:
+    import transformers
+
+    name = d.get("image_processor_type")
+    if not isinstance(name, str):
+        raise ValueError("no image_processor_type")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"transformers has no {name}")
+    kwargs = {k: v for k, v in d.items() if k not in ("image_processor_type", "processor_class")}
+    return cls(**kwargs)
+
+
+GENERATION_CONFIG_MODES = ("auto", "vllm")
+
+
+def read_generation_defaults(model_dir: Path, mode: str = "auto") -> GenerationDefaults:
+    """The sampling defaults requests get when they leave a field unset: ``auto`` reads the
+    model's ``generation_config.json`` (temperature, top_p, top_k, min_p, repetition_penalty,
+    max_new_tokens); ``vllm`` ignores it (the server's own defaults); another value is a
+    directory holding a ``generation_config.json``. A malformed file is a ``ModelLoadError``."""
+    if mode == "vllm":
+        return GenerationDefaults(source="--generation-config vllm")
+    folder = model_dir if mode == "auto" else Path(mode).expanduser()
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        if mode != "auto":
+            raise ModelLoadError(f"--generation-config {mode}: no generation_config.json there")
+        return GenerationDefaults(source=f"{model_dir} has no generation_config.json")
+    try:
+        raw = json.loads(file.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return GenerationDefaults.from_dict(raw, str(file))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: {exc}") from exc
 
 
 def _eos_token_ids(model_dir: Path, text_config: Any, tokenizer: Any | None) -> tuple[int, ...]:
@@ -241,6 +330,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    generation_config: str = "auto",
 ) -> LoadedModel:
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; choose one of {LOAD_FORMATS}")
@@ -273,6 +363,7 @@ def load_model(
             _load_image_processor(model_dir, shape) if nova_model.is_multimodal else None
         ),
         eos_token_ids=_eos_token_ids(model_dir, arch.text_config(hf_config), tokenizer),
+        generation_defaults=read_generation_defaults(model_dir, generation_config),
     )
     log.info(
         "loaded %s (%s, %.1fM params, %s) from %s",

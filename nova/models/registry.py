@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nova.models.llama import DecoderConfig, LlamaDecoder, rope_inverse_frequencies
+from nova.models.llama import LlamaDecoder, rope_inverse_frequencies
 from nova.models.qwen_vl import QwenVLVision
 from nova.models.vision import LlavaVision
 from nova.models.vlm import NovaModel
@@ -77,14 +77,13 @@ def _vision_shape(shape: ModelShape) -> VisionShape:
 def _build_decoder(
     shape: ModelShape, text_cfg: Any, dtype: torch.dtype, device: torch.device
 ) -> LlamaDecoder:
-    cfg = DecoderConfig.from_shape(shape.text)
     inv_freq, scaling = rope_inverse_frequencies(text_cfg, shape.text)
     # Built on the meta device then materialised empty: no time spent on random init of weights
     # that the loader (or the dummy initialiser) overwrites anyway.
     with torch.device("meta"), default_dtype(dtype):
-        decoder = LlamaDecoder(cfg, inv_freq, scaling, shape.text.rope.mrope_section)
+        decoder = LlamaDecoder(shape.text, inv_freq, scaling)
     decoder = decoder.to_empty(device=device)
-    if cfg.tie_word_embeddings:
+    if shape.text.tie_word_embeddings:
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
     return decoder
 

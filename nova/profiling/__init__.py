@@ -16,22 +16,15 @@ Importing ``nova.profiling`` itself imports nothing heavy; ``profile_model`` etc
 
 from __future__ import annotations
 
-from typing import Any
+from nova.lazy import lazy_attributes
 
 __all__ = ["ProfileGrid", "profile_model", "summarize"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "ProfileGrid":
-        from nova.profiling.grid import ProfileGrid
-
-        return ProfileGrid
-    if name == "profile_model":
-        from nova.profiling.profile import profile_model
-
-        return profile_model
-    if name == "summarize":
-        from nova.profiling.summary import summarize
-
-        return summarize
-    raise AttributeError(f"module 'nova.profiling' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    "nova.profiling",
+    {
+        "ProfileGrid": "nova.profiling.grid",
+        "profile_model": "nova.profiling.profile",
+        "summarize": "nova.profiling.summary",
+    },
+)

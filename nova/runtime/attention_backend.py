@@ -70,6 +70,28 @@ class AttentionMetadata:
     paged: PagedBatch
 
 
+@dataclass(slots=True)
+class PaddedQueryMetadata(AttentionMetadata):
+    """Metadata of a backend that runs its kernel on queries padded to ``[B, num_heads,
+    max_query_len, head_dim]`` (one row of ``max_query_len`` per sequence)."""
+
+    query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] queries
+
+    def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` [T, num_heads, head_dim] -> [B, num_heads, max_q, head_dim], zeros as padding."""
+        _num_tokens, num_heads, head_dim = q.shape
+        b, max_q = self.paged.num_seqs, self.paged.max_query_len
+        q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
+        q_pad[self.query_pad_index] = q
+        return q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
+
+    def unpad_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's ``out`` [B, num_heads, max_q, head_dim] -> [T, num_heads * head_dim]."""
+        b, num_heads, max_q, head_dim = out.shape
+        out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
+        return out[self.query_pad_index]
+
+
 MetadataT = TypeVar("MetadataT", bound=AttentionMetadata)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from nova.runtime.attention_backend import (
     AttentionBackend,
-    AttentionMetadata,
+    PaddedQueryMetadata,
     PagedBatch,
     padded_query_index,
 )
@@ -36,8 +36,7 @@ Q_TILE = 128  # query rows per BlockMask row tile
 
 
 @dataclass(slots=True)
-class FlexMetadata(AttentionMetadata):
-    query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] queries
+class FlexMetadata(PaddedQueryMetadata):
     block_mask: BlockMask | None = None  # built by the first layer of the forward
 
 
@@ -114,11 +113,8 @@ class FlexPagedAttention(AttentionBackend[FlexMetadata]):
     ) -> torch.Tensor:
         if metadata.block_mask is None:
             metadata.block_mask = build_block_mask(metadata.paged, kv_cache)
-        _num_tokens, num_heads, head_dim = q.shape
-        b, max_q = metadata.paged.num_seqs, metadata.paged.max_query_len
-        q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
-        q_pad[metadata.query_pad_index] = q
-        q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
+        q_pad = metadata.pad_queries(q)
+        b = metadata.paged.num_seqs
         k_all = kv_cache.k[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
         v_all = kv_cache.v[layer].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
         out = self._flex(
@@ -127,7 +123,6 @@ class FlexPagedAttention(AttentionBackend[FlexMetadata]):
             v_all,
             block_mask=metadata.block_mask,
             scale=scale,
-            enable_gqa=num_heads != k_all.shape[1],
+            enable_gqa=q.shape[1] != k_all.shape[1],
         )
-        out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
-        return out[metadata.query_pad_index]
+        return metadata.unpad_output(out)

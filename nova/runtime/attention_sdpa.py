@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nova.runtime.attention_backend import (
     AttentionBackend,
-    AttentionMetadata,
+    PaddedQueryMetadata,
     PagedBatch,
     padded_query_index,
 )
@@ -19,8 +19,7 @@ from nova.runtime.kv_cache import PagedKVCache
 
 
 @dataclass(slots=True)
-class SdpaMetadata(AttentionMetadata):
-    query_pad_index: torch.Tensor  # [T] int64, index into the flattened [B * max_q] queries
+class SdpaMetadata(PaddedQueryMetadata):
     kv_gather_index: torch.Tensor  # [B, max_kv] int64, slots to read (padding reads slot 0)
     attn_mask: torch.Tensor  # [B, 1, max_q, max_kv] bool, True = may attend
 
@@ -66,11 +65,7 @@ class SdpaPagedAttention(AttentionBackend[SdpaMetadata]):
         kv_cache: PagedKVCache,
         scale: float,
     ) -> torch.Tensor:
-        _num_tokens, num_heads, head_dim = q.shape
-        b, max_q = metadata.paged.num_seqs, metadata.paged.max_query_len
-        q_pad = q.new_zeros(b * max_q, num_heads, head_dim)
-        q_pad[metadata.query_pad_index] = q
-        q_pad = q_pad.view(b, max_q, num_heads, head_dim).transpose(1, 2)
+        q_pad = metadata.pad_queries(q)
         k_ctx = kv_cache.k[layer][metadata.kv_gather_index].to(q.dtype).transpose(1, 2)
         v_ctx = kv_cache.v[layer][metadata.kv_gather_index].to(q.dtype).transpose(1, 2)
         out = F.scaled_dot_product_attention(
@@ -79,7 +74,6 @@ class SdpaPagedAttention(AttentionBackend[SdpaMetadata]):
             v_ctx,
             attn_mask=metadata.attn_mask,
             scale=scale,
-            enable_gqa=num_heads != k_ctx.shape[1],
+            enable_gqa=q.shape[1] != k_ctx.shape[1],
         )
-        out = out.transpose(1, 2).reshape(b * max_q, num_heads * head_dim)
-        return out[metadata.query_pad_index]
+        return metadata.unpad_output(out)

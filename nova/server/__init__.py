@@ -8,22 +8,15 @@ Imports are lazy so that ``import nova.server`` stays light.
 
 from __future__ import annotations
 
-from typing import Any
+from nova.lazy import lazy_attributes
 
 __all__ = ["ServerConfig", "add_serve_parser", "create_app"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "create_app":
-        from nova.server.app import create_app
-
-        return create_app
-    if name == "ServerConfig":
-        from nova.server.config import ServerConfig
-
-        return ServerConfig
-    if name == "add_serve_parser":
-        from nova.server.cli import add_serve_parser
-
-        return add_serve_parser
-    raise AttributeError(f"module 'nova.server' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    "nova.server",
+    {
+        "create_app": "nova.server.app",
+        "ServerConfig": "nova.server.config",
+        "add_serve_parser": "nova.server.cli",
+    },
+)

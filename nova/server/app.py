@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nova.engine.client import EngineClient
 from nova.server.config import ServerConfig
-from nova.server.errors import OpenAIError, internal_error, validation_error
+from nova.server.errors import OpenAIError, body_parse_error, internal_error, validation_error
 from nova.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from nova.server.protocol import (
     ChatCompletionRequest,
@@ -49,6 +49,7 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "model not served (code model_not_found)"},
     413: {"model": ErrorResponse, "description": "request body too large"},
     503: {"model": ErrorResponse, "description": "overloaded; see Retry-After"},
 }
@@ -116,6 +117,9 @@ def create_app(
         if isinstance(cause, OpenAIError):
             _count_rejection(request, cause.status)
             return cause.response()
+        if exc.status_code == 400 and cause is not None:  # the body could not be parsed
+            _count_rejection(request, 400)
+            return body_parse_error(cause).response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return OpenAIError(
             exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None)
@@ -139,13 +143,7 @@ def create_app(
         summary="Chat completion (text and image_url parts)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        svc.admit()
-        try:
-            p = await svc.preparer.prepare_chat(body)
-        except BaseException:
-            svc.admission.release()
-            raise
-        return await svc.handle(p, request)
+        return await svc.serve(lambda: svc.preparer.prepare_chat(body), request)
 
     @v1.post(
         "/completions",
@@ -154,13 +152,7 @@ def create_app(
         summary="Text completion (a string or a list of token ids)",
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        svc.admit()
-        try:
-            p = await svc.preparer.prepare_completion(body)
-        except BaseException:
-            svc.admission.release()
-            raise
-        return await svc.handle(p, request)
+        return await svc.serve(lambda: svc.preparer.prepare_completion(body), request)
 
     @v1.get("/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from nova.config import EngineConfig
+from nova.deploy.config import DeployConfig
 from nova.flags import add_flags, from_flags
 from nova.server.config import SERVER_GROUP, ServerConfig
 
@@ -29,6 +30,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     groups: dict[str, Any] = {}
     add_flags(p, EngineConfig, group=ENGINE_GROUP, groups=groups)
     add_flags(p, ServerConfig, defaults=SERVE_FLAG_DEFAULTS, groups=groups)
+    add_flags(p, DeployConfig, groups=groups)
     groups[SERVER_GROUP].add_argument(
         "--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -70,7 +72,21 @@ def print_startup(about: EngineDescription, server_config: ServerConfig) -> None
     print(f"nova serve: partitions: {about.partition_backend}", file=sys.stderr, flush=True)
 
 
+def _check_servable(engine: Any) -> None:
+    """A model that could not take a single image request fails at start-up, not per request
+    (``load_format=dummy`` serves shapes only: let it through)."""
+    from nova.models.errors import ModelLoadError
+
+    problem = engine.llm_engine.unservable_reason()
+    if problem is not None:
+        raise ModelLoadError(problem)
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "replicas", None) is not None:  # Ray Serve; Ray is imported only here
+        from nova.deploy.cli import run_replicas
+
+        return run_replicas(args)
     import uvicorn
 
     from nova.engine.async_engine import AsyncEngine
@@ -81,6 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"nova serve: loading {args.model} ...", file=sys.stderr, flush=True)
     engine = AsyncEngine(engine_config)
     try:
+        _check_servable(engine)
         app = create_app(engine, server_config)
         print_startup(engine.describe(), server_config)
         uvicorn.run(

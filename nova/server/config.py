@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from nova.server.media import MediaPolicy
 
 DEFAULT_MAX_QUEUE = 512
+# "auto" and the names of nova.tools.parsers.TOOL_PARSERS (kept here: building the flags must
+# not import the parsers)
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 SERVER_GROUP = "server"
 MEDIA_GROUP = "media"
 
@@ -102,7 +105,23 @@ class ServerConfig:
         ),
     )
 
+    # How tool calls are read from the model's text (nova.tools.parsers); "auto": from the chat
+    # template (Llama 3 JSON for Llama 3 templates, else Hermes <tool_call> blocks).
+    tool_call_parser: str = field(
+        default="auto",
+        metadata=flag(
+            "tool-call format of the model: auto (from its chat template), hermes, llama3_json",
+            choices=TOOL_CALL_PARSERS,
+            group=SERVER_GROUP,
+        ),
+    )
+
     def __post_init__(self) -> None:
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, "
+                f"got {self.tool_call_parser!r}"
+            )
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
             self.max_image_pixels = None
         check_minimums(self)  # the flags' minimums: max_queue >= 1, ...

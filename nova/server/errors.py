@@ -58,7 +58,9 @@ class ClientGone(Exception):
 
 
 # discriminator values of the tagged unions in nova.server.protocol (a list item's type)
-_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "text", "image_url"})
+_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "text", "image_url"})
+# ... and of tagged union fields (the tag pydantic inserts after the field's name)
+_FIELD_UNION_TAGS = {"response_format": frozenset({"text", "json_object", "json_schema"})}
 _BRANCH_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -76,7 +78,9 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
             skip = (
                 "[" in item
                 or item in _BRANCH_LABELS
+                or item.startswith("constrained-")
                 or (isinstance(prev, int) and item in _UNION_TAGS)
+                or (isinstance(prev, str) and item in _FIELD_UNION_TAGS.get(prev, ()))
             )
             prev = item
             if skip:
@@ -119,6 +123,21 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     where = param or "request body"
     return bad_request(
         f"{where}: {msg}{more}", param=param, code=str(err.get("type") or "invalid_value")
+    )
+
+
+def body_parse_error(cause: BaseException) -> OpenAIError:
+    """400 for a body FastAPI could not parse, naming why (invalid UTF-8 above all)."""
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start : cause.start + 1].hex()
+        return bad_request(
+            f"the request body is not valid UTF-8: byte 0x{bad} at offset {cause.start} "
+            f"({cause.reason}); JSON must be UTF-8 encoded",
+            code="invalid_utf8",
+        )
+    return bad_request(
+        f"the request body could not be parsed as JSON ({cause.__class__.__name__})",
+        code="invalid_json",
     )
 
 

@@ -8,7 +8,7 @@ partition) is read at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from nova.engine.client import EngineClient, EngineSnapshot
 from nova.metrics import RequestMetrics
-from nova.types import STAGES
+from nova.types import STAGES, Stage
 
 OUTCOMES = ("finished", "aborted", "failed", "rejected")
 
@@ -97,24 +97,16 @@ class _EngineStateCollector(Collector):
         snap = self.client.snapshot()
         in_stage, usage, shares = snap.requests_in_stage, snap.kv_cache_usage, snap.sm_shares
         num_free, num_preemptions = snap.num_free_blocks, snap.num_preemptions
-        g = GaugeMetricFamily(
-            "nova_requests_in_stage",
-            "Requests waiting for or running in each stage",
-            labels=["stage"],
+        yield _stage_gauge(
+            "nova_requests_in_stage", "Requests waiting for or running in each stage", in_stage
         )
-        for s in STAGES:
-            g.add_metric([s.value], in_stage[s])
-        yield g
         yield GaugeMetricFamily(
             "nova_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", value=usage
         )
         yield GaugeMetricFamily("nova_kv_cache_free_blocks", "Free KV-cache blocks", value=num_free)
-        g = GaugeMetricFamily(
-            "nova_sm_share", "SM share of each stage in the current partition", labels=["stage"]
+        yield _stage_gauge(
+            "nova_sm_share", "SM share of each stage in the current partition", shares
         )
-        for s in STAGES:
-            g.add_metric([s.value], shares[s])
-        yield g
         yield CounterMetricFamily(
             "nova_preemptions", "Preemptions (recomputes) so far", value=num_preemptions
         )
@@ -159,16 +151,21 @@ def _gpu_gauges(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily]:
         value = snap.memory_bytes.get(field)
         if value is not None:
             yield GaugeMetricFamily(name, doc, value=value)
-    g = GaugeMetricFamily(
+    yield _stage_gauge(
         "nova_sm_granted",
         "SMs the stage's last batch ran on (read back from the driver; the whole device when "
         "unpartitioned; CPU cores on a CPU)",
-        labels=["stage"],
+        snap.granted_sms,  # a stage is absent before its first batch
     )
+
+
+def _stage_gauge(name: str, doc: str, values: Mapping[Stage, float]) -> GaugeMetricFamily:
+    """A gauge labelled by stage, in ``STAGES`` order, for the stages ``values`` holds."""
+    g = GaugeMetricFamily(name, doc, labels=["stage"])
     for s in STAGES:
-        if s in snap.granted_sms:  # absent before the stage's first batch
-            g.add_metric([s.value], snap.granted_sms[s])
-    yield g
+        if s in values:
+            g.add_metric([s.value], values[s])
+    return g
 
 
 class ServerMetrics:

@@ -7,15 +7,19 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from nova.server.constraints import ToolMode
 from nova.server.errors import GenerationFailed, OpenAIError, generation_failed, internal_error
+from nova.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from nova.server.prepare import Prepared
+from nova.tools.parsers import ToolCall, ToolCallDelta, ToolCallStream
+from nova.types import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +28,79 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text to send for a request; the last piece of a request has its finish reason."""
+    """Text (and tool-call deltas) to send for a request (possibly empty: the first piece
+    comes with the first token whatever its text); the last piece of a request has its finish
+    reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of this piece's tokens
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Collected:
+    """A whole (non-streamed) response's output."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+class ToolPieces:
+    """Pieces -> pieces with tool calls parsed out of their text (``mode`` None: pieces pass
+    through). Logprobs stay with the piece whose tokens they describe."""
+
+    def __init__(self, mode: ToolMode | None) -> None:
+        self.mode = mode
+        self.stream: ToolCallStream | None = mode.new_stream() if mode is not None else None
+
+    @property
+    def done(self) -> bool:
+        """The last tool call allowed is complete: generation should end."""
+        return self.stream is not None and self.stream.done
+
+    def piece(self, raw: Piece) -> Piece:
+        if self.stream is None:
+            return raw
+        parsed = self.stream.feed(raw.text)
+        return Piece(
+            parsed.content,
+            raw.finish_reason,
+            raw.num_output_tokens,
+            raw.logprobs,
+            parsed.tool_calls,
+        )
+
+    def last(self, piece: Piece, finish: str | None) -> Piece:
+        """``piece`` as the last one: the parser's held-back text, the finish reason."""
+        if self.stream is None or self.mode is None:
+            piece.finish_reason = finish
+            return piece
+        rest = self.stream.finish()
+        piece.text += rest.content
+        piece.tool_calls.extend(rest.tool_calls)
+        piece.finish_reason = self.mode.finish_reason(finish, self.stream.num_calls)
+        return piece
+
+
+def image_sizes(p: Prepared) -> list[dict[str, int]] | None:
+    """The extension field ``image_sizes``: each image as given and as the model saw it."""
+    sizes = p.prompt.image_sizes
+    if not sizes:
+        return None
+    return [
+        {
+            "width": s.width,
+            "height": s.height,
+            "resized_width": s.resized_width,
+            "resized_height": s.resized_height,
+        }
+        for s in sizes
+    ]
 
 
 def usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
@@ -53,28 +125,39 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, text: str, finish: str | None, n: int) -> dict[str, Any]:
-    return {
+def chat_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": out.text}
+    if out.calls:
+        message["content"] = out.text or None
+        message["tool_calls"] = [c.as_openai() for c in out.calls]
+    body = {
         **response_head(p, "chat.completion", model),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
+                "message": message,
+                "logprobs": (
+                    chat_logprobs(out.logprobs, texts) if p.logprobs is not None else None
+                ),
+                "finish_reason": out.finish_reason,
             }
         ],
-        "usage": usage(p, n),
+        "usage": usage(p, out.num_output_tokens),
     }
+    sizes = image_sizes(p)
+    if sizes is not None:
+        body["image_sizes"] = sizes
+    return body
 
 
-def completion_body(
-    p: Prepared, model: str, text: str, finish: str | None, n: int
-) -> dict[str, Any]:
+def completion_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
+    logprobs = completion_logprobs(out.logprobs, texts)[0] if p.logprobs is not None else None
     return {
         **response_head(p, "text_completion", model),
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(p, n),
+        "choices": [
+            {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        ],
+        "usage": usage(p, out.num_output_tokens),
     }
 
 
@@ -83,39 +166,72 @@ async def sse_events(
     model: str,
     pieces: AsyncGenerator[Piece, None],
     on_rejected: Callable[[], None],
+    texts: TokenTexts,
 ) -> AsyncGenerator[str, None]:
-    """The events of a streamed response over ``pieces`` (closed when done). An error after the
-    stream started is sent as an error event followed by ``[DONE]``; ``on_rejected`` is called
-    for a 4xx-style ``OpenAIError``."""
+    """The events of a streamed response over ``pieces`` (closed when done). The first chunk
+    goes out with the first token (a chat's carries the role and that token's text, and the
+    ``image_sizes`` extension), never before: clients time the first token by it. An error
+    after the stream started is sent as an error event followed by ``[DONE]``;
+    ``on_rejected`` is called for a 4xx-style ``OpenAIError``."""
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
+    offset = 0  # completions' text_offset: output characters before the chunk's tokens
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(
+        text: str | None,
+        finish: str | None,
+        num_tokens: int,
+        entries: list[TokenLogprobs] | None = None,
+        first: bool = False,
+        tool_calls: list[ToolCallDelta] | None = None,
+    ) -> str:
+        nonlocal offset
+        logprobs: dict[str, Any] | None = None
+        if p.logprobs is not None and entries is not None:
+            if chat:
+                logprobs = chat_logprobs(entries, texts)
+            else:
+                logprobs, offset = completion_logprobs(entries, texts, offset)
         if chat:
             delta: dict[str, Any] = {}
-            if role:
+            if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if tool_calls:
+                delta["tool_calls"] = [d.as_openai() for d in tool_calls]
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = {**head, "choices": [choice]}
-        if p.include_usage:
+        if first and chat and p.prompt.image_sizes:
+            obj["image_sizes"] = image_sizes(p)
+        if p.continuous_usage:
+            obj["usage"] = usage(p, num_tokens)
+        elif p.include_usage:
             obj["usage"] = None
         return sse_event(obj)
 
-    if chat:
-        yield chunk("", None, role=True)
     n = 0
+    first = True
     try:
         async with contextlib.aclosing(pieces) as ps:
             async for piece in ps:
-                if piece.text:
-                    yield chunk(piece.text, None)
+                if first or piece.text or piece.logprobs or piece.tool_calls:
+                    # with tool calls and no text, a chat delta has no content
+                    text = piece.text if piece.text or not piece.tool_calls else None
+                    yield chunk(
+                        text,
+                        None,
+                        piece.num_output_tokens,
+                        piece.logprobs,
+                        first,
+                        piece.tool_calls,
+                    )
+                    first = False
                 if piece.finish_reason is not None:
                     n = piece.num_output_tokens
-                    yield chunk(None if chat else "", piece.finish_reason)
+                    yield chunk(None if chat else "", piece.finish_reason, n)
     except OpenAIError as exc:
         on_rejected()
         yield sse_event(exc.body())

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -24,17 +24,21 @@ from nova.server.errors import (
     bad_request,
     generation_failed,
 )
+from nova.server.logprobs import TokenTexts
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
+    Collected,
     EngineStream,
     Piece,
+    ToolPieces,
     chat_body,
     completion_body,
     sse_events,
     wait_disconnect,
 )
 from nova.server.stops import StopMatcher
+from nova.tools.parsers import ToolCallDelta, merge_tool_calls
 from nova.types import RequestRejected
 
 
@@ -68,6 +72,7 @@ class NovaService:
         self.preparer = RequestPreparer(client, config, self.metrics.prepare.observe)
         self.max_model_len = self.preparer.max_model_len
         self.created = int(time.time())
+        self.token_texts = TokenTexts(client.processor.tokenizer)
 
     def admit(self) -> None:
         """Take an admission slot, or raise 503 with Retry-After."""
@@ -81,13 +86,28 @@ class NovaService:
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
 
+    async def serve(self, prepare: Callable[[], Awaitable[Prepared]], request: Request) -> Response:
+        """Admit, prepare (``prepare()``, called once admitted) and handle one request; the
+        admission slot is released here if preparing fails, else by ``handle``."""
+        self.admit()
+        try:
+            p = await prepare()
+        except BaseException:
+            self.admission.release()
+            raise
+        return await self.handle(p, request)
+
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> text pieces (stop strings applied); records the outcome."""
+        """Engine deltas -> pieces (stop strings applied, then tool calls parsed out when the
+        request has tools): one per delta that brought tokens (its text may be empty: held
+        back by a possible stop string, a partial character or a possible tool call), and a
+        last one with the finish reason. Records the outcome."""
         matcher = StopMatcher(p.stops)
+        tools = ToolPieces(p.tool_mode)
         outcome = "aborted"
         final: RequestMetrics | None = None
-        stopped_at: int | None = None  # output tokens when a stop string matched
+        stopped_at: int | None = None  # output tokens when we ended the request
         gen = self.client.generate(p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s)
         try:
             async with contextlib.aclosing(gen) as deltas:
@@ -98,21 +118,32 @@ class NovaService:
                         final = d.metrics
                     if stopped_at is not None:
                         continue  # draining after our abort, for the final metrics
-                    text = matcher.feed(d.text_delta)
+                    text = matcher.feed(d.text_delta, armed=d.num_output_tokens > p.min_tokens)
+                    finish: str | None = None
                     if matcher.stopped:
-                        stopped_at = d.num_output_tokens
-                        outcome = "finished"
-                        if not d.finished:
-                            await self.client.abort(p.request_id)
-                        yield Piece(text, "stop", stopped_at)
+                        if p.include_stop_str and matcher.matched:
+                            text += matcher.matched
+                        finish = "stop"
                     elif d.finished:
                         if d.finish_reason == "error":
                             outcome = "failed"
                             raise GenerationFailed(d.error or "the engine failed this request")
-                        outcome = "finished" if d.finish_reason in ("stop", "length") else "aborted"
-                        yield Piece(text + matcher.flush(), d.finish_reason, d.num_output_tokens)
-                    elif text:
-                        yield Piece(text, None, d.num_output_tokens)
+                        text += matcher.flush()
+                        finish = d.finish_reason
+                        outcome = "finished" if finish in ("stop", "length") else "aborted"
+                    piece = tools.piece(Piece(text, None, d.num_output_tokens, d.logprobs))
+                    if finish is None and tools.done:
+                        finish = "stop"  # the last tool call allowed (parallel_tool_calls false)
+                    if finish is not None and not (d.finished and not matcher.stopped):
+                        # a stop string or the last allowed call: we end the request here
+                        stopped_at = d.num_output_tokens
+                        outcome = "finished"
+                        if not d.finished:
+                            await self.client.abort(p.request_id)
+                    if finish is not None:
+                        yield tools.last(piece, finish)
+                    elif piece.text or d.new_token_ids or piece.tool_calls:
+                        yield piece
         except RequestRejected as exc:
             outcome = "rejected"
             raise bad_request(str(exc), "max_tokens", "context_length_exceeded") from exc
@@ -121,20 +152,25 @@ class NovaService:
                 self.metrics.prompt_tokens.inc(p.num_prompt_tokens)
                 self.metrics.observe_final(outcome, final)
 
-    async def collect(self, p: Prepared) -> tuple[str, str | None, int]:
+    async def collect(self, p: Prepared) -> Collected:
+        """The whole answer: the pieces' text, logprobs and tool calls merged (so a
+        non-streamed answer is exactly what the stream of the same output would send)."""
+        out = Collected()
         texts: list[str] = []
-        finish: str | None = None
-        n = 0
+        calls: list[ToolCallDelta] = []
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
                 texts.append(piece.text)
+                out.logprobs.extend(piece.logprobs)
+                calls.extend(piece.tool_calls)
                 if piece.finish_reason is not None:
-                    finish, n = piece.finish_reason, piece.num_output_tokens
-        return "".join(texts), finish, n
+                    out.finish_reason = piece.finish_reason
+                    out.num_output_tokens = piece.num_output_tokens
+        out.text = "".join(texts)
+        out.calls = merge_tool_calls(calls)
+        return out
 
-    async def collect_unless_gone(
-        self, p: Prepared, request: Request
-    ) -> tuple[str, str | None, int]:
+    async def collect_unless_gone(self, p: Prepared, request: Request) -> Collected:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -154,15 +190,16 @@ class NovaService:
         """Run a prepared request; owns one admission slot and releases it when done."""
         model = self.config.served_model_name
         if p.stream:
-            events = sse_events(p, model, self.run(p), self.metrics.rejected)
+            events = sse_events(p, model, self.run(p), self.metrics.rejected, self.token_texts)
             return EngineStream(events, self.admission.release)
         try:
-            text, finish, n = await self.collect_unless_gone(p, request)
+            done = await self.collect_unless_gone(p, request)
         except ClientGone:
             return Response(status_code=499)
         except GenerationFailed as exc:
             raise generation_failed(str(exc)) from exc
         finally:
             self.admission.release()
-        build = chat_body if p.kind == "chat" else completion_body
-        return JSONResponse(build(p, model, text, finish, n))
+        if p.kind == "chat":
+            return JSONResponse(chat_body(p, model, done, self.token_texts))
+        return JSONResponse(completion_body(p, model, done, self.token_texts))

@@ -17,11 +17,13 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str, armed: bool = True) -> str:
+        """``armed=False``: the text is passed through unsearched (before ``min_tokens``)."""
         if self.stopped:
             return ""
-        if not self.stops:
+        if not self.stops or (not armed and not self.pending):
             return delta
         self.pending += delta
         # the occurrence that completes first wins (ties: the one that starts first), as when
@@ -31,6 +33,7 @@ class StopMatcher:
             i = self.pending.find(s)
             if i >= 0 and (best is None or (i + len(s), i) < best):
                 best = (i + len(s), i)
+                self.matched = s
         if best is not None:
             out, self.pending, self.stopped = self.pending[: best[1]], "", True
             return out

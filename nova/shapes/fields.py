@@ -9,47 +9,70 @@ booleans are never integers.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar, cast
 
 JsonDict = Mapping[str, object]
+T = TypeVar("T")
+# What a JSON object may be given as (mypy takes no abstract class for a ``type[T]`` argument).
+_JSON_OBJECT = cast("type[JsonDict]", Mapping)
 
 
 class ConfigError(ValueError):
     """A model or processor config that cannot be read as a model shape; the message says why."""
 
 
-def read_json_dict(file: Path) -> dict[str, object]:
-    """The JSON object in ``file``; ``ConfigError`` naming the file if it is not one."""
+def read_json_dict(
+    file: Path, error: Callable[[str], Exception] = ConfigError
+) -> dict[str, object]:
+    """The JSON object in ``file``; ``error(message)`` (default ``ConfigError``) naming the file
+    if it cannot be read or does not hold one."""
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {file}: {exc}") from exc
+        raise error(f"cannot read {file}: {exc}") from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file} is not valid JSON: {exc}") from exc
+        raise error(f"{file} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{file} does not hold a JSON object")
+        raise error(f"{file} does not hold a JSON object")
     return data
 
 
-def dict_field(d: JsonDict, key: str, where: str) -> JsonDict | None:
+def _opt(d: JsonDict, key: str, where: str, kind: type[T], noun: str) -> T | None:
+    """``d[key]`` if it is a ``kind``; None when absent or null; else ``ConfigError`` saying it
+    must be ``noun``."""
     value = d.get(key)
     if value is None:
         return None
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: {key!r} must be an object, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: {key!r} must be {noun}, got {value!r}")
     return value
 
 
-def opt_int(d: JsonDict, key: str, where: str) -> int | None:
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _opt_number(d: JsonDict, key: str, where: str, noun: str) -> int | float | None:
+    """An int or float (never a bool), or None when absent."""
     value = d.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: {key!r} must be an integer, got {value!r}")
+        raise ConfigError(f"{where}: {key!r} must be {noun}, got {value!r}")
+    return value
+
+
+def dict_field(d: JsonDict, key: str, where: str) -> JsonDict | None:
+    return _opt(d, key, where, _JSON_OBJECT, "an object")
+
+
+def opt_int(d: JsonDict, key: str, where: str) -> int | None:
+    value = _opt_number(d, key, where, "an integer")
     if isinstance(value, float) and not value.is_integer():
         raise ConfigError(f"{where}: {key!r} must be an integer, got {value!r}")
-    return int(value)
+    return None if value is None else int(value)
 
 
 def req_int(d: JsonDict, key: str, where: str) -> int:
@@ -60,45 +83,28 @@ def req_int(d: JsonDict, key: str, where: str) -> int:
 
 
 def int_or(d: JsonDict, key: str, where: str, default: int) -> int:
-    value = opt_int(d, key, where)
-    return default if value is None else value
+    return _or(opt_int(d, key, where), default)
 
 
 def float_or(d: JsonDict, key: str, where: str, default: float) -> float:
-    value = d.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: {key!r} must be a number, got {value!r}")
-    return float(value)
+    value = _opt_number(d, key, where, "a number")
+    return default if value is None else float(value)
 
 
 def opt_bool(d: JsonDict, key: str, where: str) -> bool | None:
-    value = d.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key!r} must be true or false, got {value!r}")
-    return value
+    return _opt(d, key, where, bool, "true or false")
 
 
 def bool_or(d: JsonDict, key: str, where: str, default: bool) -> bool:
-    value = opt_bool(d, key, where)
-    return default if value is None else value
+    return _or(opt_bool(d, key, where), default)
 
 
 def opt_str(d: JsonDict, key: str, where: str) -> str | None:
-    value = d.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key!r} must be a string, got {value!r}")
-    return value
+    return _opt(d, key, where, str, "a string")
 
 
 def str_or(d: JsonDict, key: str, where: str, default: str) -> str:
-    value = opt_str(d, key, where)
-    return default if value is None else value
+    return _or(opt_str(d, key, where), default)
 
 
 def int_list(d: JsonDict, key: str, where: str) -> tuple[int, ...] | None:

@@ -1,7 +1,7 @@
 """A model's whole shape: text decoder, vision tower and image sizing, from a model directory's
-``config.json`` and processor config. The one parse both the runtime's decoder config
-(``nova.models.llama.DecoderConfig.from_shape``) and the cost model's spec
-(``nova.cost.model_spec.ModelSpec.from_shape``) derive from.
+``config.json`` and processor config. The one parse both the runtime's decoder
+(``nova.models.llama.LlamaDecoder`` takes the ``TextShape`` as its config) and the cost model's
+spec (``nova.cost.model_spec.ModelSpec.from_shape``) derive from.
 """
 
 from __future__ import annotations

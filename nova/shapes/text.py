@@ -92,7 +92,7 @@ class RopeShape:
 
 @dataclass(slots=True, frozen=True)
 class TextShape:
-    """The text decoder's shape; field names follow ``nova.models.llama.DecoderConfig``."""
+    """The text decoder's shape; ``nova.models.llama.LlamaDecoder`` takes it as its config."""
 
     family: str  # llama, qwen2, mistral, qwen2_vl, qwen2_5_vl; another model_type as written
     vocab_size: int

@@ -272,8 +272,13 @@ def _replay(
     scan: _Scan,
     opts: ReplayOptions,
     notes: list[str],
-    make_request: Callable[[random.Random, str, float, TraceRow], WorkloadRequest],
+    instruction: Callable[[random.Random, TraceRow], str],
+    image: ImageSpec,
+    images_per_request: int | None,
 ) -> Workload:
+    """The workload of the scanned rows: re-timed, with ``instruction(rng, row)`` as the text
+    (``num_text_tokens`` = the row's input tokens, ``max_tokens`` its output tokens) and
+    ``images_per_request`` copies of ``image`` (None: the row's own image count)."""
     notes = scan.notes(file.name) + notes
     rows = _sorted_rows(scan.rows, notes)
     arrivals_s, factor = retime_s([r.timestamp_s for r in rows], opts)
@@ -282,20 +287,34 @@ def _replay(
             f"scaled inter-arrival times by {factor:.6g} for a mean rate of {opts.rate_rps:g} req/s"
         )
     _, content_rng = split_rng(opts.seed)
+
+    def images(row: TraceRow) -> tuple[ImageSpec, ...]:
+        return (image,) * (row.num_images if images_per_request is None else images_per_request)
+
     requests = tuple(
-        make_request(content_rng, f"{name}-{i:06d}", arrival_s, row)
+        WorkloadRequest(
+            request_id=f"{name}-{i:06d}",
+            arrival_s=arrival_s,
+            instruction=instruction(content_rng, row),
+            num_text_tokens=row.num_input_tokens,
+            images=images(row),
+            max_tokens=row.num_output_tokens,
+            seed=content_rng.getrandbits(31),
+        )
         for i, (arrival_s, row) in enumerate(zip(arrivals_s, rows))
     )
     return Workload(name=name, requests=requests, notes=tuple(notes))
 
 
-def _images(num: int, width: int, height: int) -> tuple[ImageSpec, ...]:
-    return (ImageSpec(width, height),) * num
+def _synthetic_text(rng: random.Random, row: TraceRow) -> str:
+    return text_for_tokens(rng, row.num_input_tokens)
 
 
-def _check_image_size(width: Any, height: Any) -> None:
+def _image(width: Any, height: Any) -> ImageSpec:
+    """The screenshot every request of a trace carries, its size checked."""
     check_int("image_width", width, 1)
     check_int("image_height", height, 1)
+    return ImageSpec(width, height)
 
 
 # --- Azure LMM 2025 -----------------------------------------------------------------------------
@@ -332,7 +351,7 @@ def azure_lmm(
     Without a NumImages column (Azure's text-only LLM traces) requests have no images.
     """
     opts = ReplayOptions(max_requests, time_scale, rate_rps, start_at_zero, seed)
-    _check_image_size(image_width, image_height)
+    image = _image(image_width, image_height)
     file = _check_path(path)
     scan = _scan(
         file,
@@ -341,21 +360,7 @@ def azure_lmm(
         opts.max_requests,
     )
     notes = ["num_text_tokens = ContextTokens, which includes image tokens"]
-
-    def make_request(
-        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
-    ) -> WorkloadRequest:
-        return WorkloadRequest(
-            request_id=request_id,
-            arrival_s=arrival_s,
-            instruction=text_for_tokens(rng, row.num_input_tokens),
-            num_text_tokens=row.num_input_tokens,
-            images=_images(row.num_images, image_width, image_height),
-            max_tokens=row.num_output_tokens,
-            seed=rng.getrandbits(31),
-        )
-
-    return _replay("azure_lmm", file, scan, opts, notes, make_request)
+    return _replay("azure_lmm", file, scan, opts, notes, _synthetic_text, image, None)
 
 
 # --- Mooncake -----------------------------------------------------------------------------------
@@ -424,25 +429,11 @@ def mooncake(
     """
     opts = ReplayOptions(max_requests, time_scale, rate_rps, start_at_zero, seed)
     check_int("images_per_request", images_per_request, 0)
-    _check_image_size(image_width, image_height)
+    image = _image(image_width, image_height)
     file = _check_path(path)
     scan = _scan(file, _jsonl_records(file), _parse_mooncake, opts.max_requests)
     blocks = _BlockText(opts.seed)
-
-    def make_request(
-        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
-    ) -> WorkloadRequest:
-        return WorkloadRequest(
-            request_id=request_id,
-            arrival_s=arrival_s,
-            instruction=blocks.text(rng, row),
-            num_text_tokens=row.num_input_tokens,
-            images=_images(images_per_request, image_width, image_height),
-            max_tokens=row.num_output_tokens,
-            seed=rng.getrandbits(31),
-        )
-
-    return _replay("mooncake", file, scan, opts, [], make_request)
+    return _replay("mooncake", file, scan, opts, [], blocks.text, image, images_per_request)
 
 
 # --- BurstGPT -----------------------------------------------------------------------------------
@@ -492,22 +483,8 @@ def burstgpt(
     if model is not None and not isinstance(model, str):
         raise ValueError(f"model must be a string, got {model!r}")
     check_int("images_per_request", images_per_request, 0)
-    _check_image_size(image_width, image_height)
+    image = _image(image_width, image_height)
     file = _check_path(path)
     records = _csv_records(file, ("Timestamp", "Request tokens", "Response tokens"), ("Model",))
     scan = _scan(file, records, _parse_burstgpt(model), opts.max_requests)
-
-    def make_request(
-        rng: random.Random, request_id: str, arrival_s: float, row: TraceRow
-    ) -> WorkloadRequest:
-        return WorkloadRequest(
-            request_id=request_id,
-            arrival_s=arrival_s,
-            instruction=text_for_tokens(rng, row.num_input_tokens),
-            num_text_tokens=row.num_input_tokens,
-            images=_images(images_per_request, image_width, image_height),
-            max_tokens=row.num_output_tokens,
-            seed=rng.getrandbits(31),
-        )
-
-    return _replay("burstgpt", file, scan, opts, [], make_request)
+    return _replay("burstgpt", file, scan, opts, [], _synthetic_text, image, images_per_request)
