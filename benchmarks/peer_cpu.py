@@ -124,12 +124,12 @@ class NovaWorker:
             self.llms[system] = LLM(self.model, **NOVA_SYSTEMS[system])
         return self.llms[system]
 
-    def run(self, system: str) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
         from nova.sampling_params import SamplingParams
 
         llm = self._llm(system)
         params = SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
-        inputs = [{"messages": m} for m in self.chats]
+        inputs = [{"messages": m} for m in self.chats[:num_prompts]]
         t0 = time.perf_counter()
         outs = llm.generate(inputs, params)
         wall = time.perf_counter() - t0
@@ -155,9 +155,9 @@ class VllmWorker:
         self.params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         self.llm = LLM(model=model, dtype="bfloat16", max_num_seqs=max(num_prompts, 1))
 
-    def run(self, system: str) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        outs = self.llm.chat(self.chats, self.params, use_tqdm=False)
+        outs = self.llm.chat(self.chats[:num_prompts], self.params, use_tqdm=False)
         wall = time.perf_counter() - t0
         return {
             "wall_s": wall,
@@ -185,7 +185,7 @@ def worker_main(kind: str, model: str, num_prompts: int, max_tokens: int) -> Non
         msg = json.loads(line)
         if msg.get("quit"):
             break
-        out.write(json.dumps(worker.run(msg["run"])) + "\n")
+        out.write(json.dumps(worker.run(msg["run"], msg.get("num_prompts"))) + "\n")
 
 
 def vllm_env(cores: int) -> dict[str, str]:
@@ -224,9 +224,9 @@ class Worker:
             raise RuntimeError(f"{self.kind} worker exited; see {self.log.name}")
         return json.loads(line)
 
-    def run(self, system: str) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"run": system}) + "\n")
+        self.proc.stdin.write(json.dumps({"run": system, "num_prompts": num_prompts}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -248,7 +248,10 @@ def vllm_available(python: str | None) -> bool:
     return probe.returncode == 0
 
 
-def run_offline(args: argparse.Namespace, systems: list[str]) -> dict[str, Any]:
+def run_offline(args: argparse.Namespace, systems: list[str], on_run: Any = None) -> dict[str, Any]:
+    """Warm-up per system (``--warmup-prompts`` of the prompts, untimed), then ``--rounds``
+    rounds of every system in turn; systems other than ``nova`` and ``vllm`` run in the first
+    ``--reference-rounds`` rounds only. ``on_run(partial_result)`` after every timed run."""
     workers: dict[str, Worker] = {}
     cores = os.cpu_count() or 1
     if any(s.startswith("nova") for s in systems):
@@ -257,11 +260,13 @@ def run_offline(args: argparse.Namespace, systems: list[str]) -> dict[str, Any]:
         workers["vllm"] = Worker(args.vllm_python, "vllm", args, vllm_env(cores))
     runs: list[dict[str, Any]] = []
     try:
-        for system in systems:  # warm-up: one untimed run of the whole workload each
-            r = workers[system.split("-")[0]].run(system)
+        for system in systems:  # warm-up: one untimed run each
+            r = workers[system.split("-")[0]].run(system, args.warmup_prompts)
             print(f"warm-up {system}: {r['output_tokens'] / r['wall_s']:.1f} tok/s", flush=True)
         for rnd in range(args.rounds):
             for system in systems:
+                if system not in ("nova", "vllm") and rnd >= args.reference_rounds:
+                    continue
                 before = loadavg()
                 r = workers[system.split("-")[0]].run(system)
                 r.update(
@@ -277,12 +282,22 @@ def run_offline(args: argparse.Namespace, systems: list[str]) -> dict[str, Any]:
                     f"({r['output_tokens']} tokens, {r['wall_s']:.2f} s, load {before[0]})",
                     flush=True,
                 )
+                if on_run is not None:
+                    on_run(_offline_result(workers, runs, systems))
     finally:
         for w in workers.values():
             w.close()
-    summary = {}
+    return _offline_result(workers, runs, systems)
+
+
+def _offline_result(
+    workers: dict[str, Worker], runs: list[dict[str, Any]], systems: list[str]
+) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
     for system in systems:
         rates = [r["output_tok_s"] for r in runs if r["system"] == system]
+        if not rates:
+            continue
         summary[system] = {
             "best_tok_s": round(max(rates), 1),
             "median_tok_s": round(statistics.median(rates), 1),
@@ -344,11 +359,14 @@ def stop_server(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def bench_serve(args: argparse.Namespace, port: int, concurrency: int, tmp: Path) -> dict:
-    """``vllm bench serve`` against the server on ``port``; its saved result dict."""
+def bench_serve(
+    args: argparse.Namespace, port: int, concurrency: int, tmp: Path, num: int | None = None
+) -> dict:
+    """``vllm bench serve`` against the server on ``port`` (``num`` prompts; default
+    ``--served-prompts``); its saved result dict."""
     vllm = str(Path(args.vllm_python).parent / "vllm")
     name = f"bench_{port}_{concurrency}_{time.monotonic_ns()}.json"
-    num = args.served_prompts or max(4 * concurrency, 64)
+    num = num or args.served_prompts or max(4 * concurrency, 64)
     cmd = [
         vllm, "bench", "serve", "--backend", "openai-chat",
         "--endpoint", "/v1/chat/completions", "--base-url", f"http://127.0.0.1:{port}",
@@ -364,6 +382,7 @@ def bench_serve(args: argparse.Namespace, port: int, concurrency: int, tmp: Path
     return json.loads((tmp / name).read_text())
 
 
+SERVED_CLIENT = "vllm bench serve (random dataset, ignore_eos)"
 SERVED_KEYS = (
     "completed",
     "output_throughput",
@@ -380,7 +399,7 @@ SERVED_KEYS = (
 )
 
 
-def run_served(args: argparse.Namespace) -> dict[str, Any]:
+def run_served(args: argparse.Namespace, on_row: Any = None) -> dict[str, Any]:
     ports = {"nova": args.port, "vllm": args.port + 1}
     servers = {}
     rows: list[dict[str, Any]] = []
@@ -390,8 +409,8 @@ def run_served(args: argparse.Namespace) -> dict[str, Any]:
             servers[kind] = start_server(kind, args, port)
         for kind, port in ports.items():
             wait_healthy(f"http://127.0.0.1:{port}", servers[kind][0], args.startup_timeout_s)
-        for port in ports.values():  # warm-up
-            bench_serve(args, port, min(args.concurrency), tmp)
+        for port in ports.values():  # warm-up (untimed)
+            bench_serve(args, port, min(args.concurrency), tmp, 2 * min(args.concurrency))
         for rnd in range(args.rounds):
             for conc in args.concurrency:
                 for kind, port in ports.items():
@@ -406,6 +425,8 @@ def run_served(args: argparse.Namespace) -> dict[str, Any]:
                         loadavg_after=loadavg(),
                     )
                     rows.append(row)
+                    if on_row is not None:
+                        on_row({"client": SERVED_CLIENT, "rows": rows})
                     print(
                         f"served round {rnd} c={conc} {kind}: "
                         f"{row['output_throughput']:.1f} tok/s, TTFT p99 {row['p99_ttft_ms']:.0f}"
@@ -417,7 +438,7 @@ def run_served(args: argparse.Namespace) -> dict[str, Any]:
             stop_server(proc)
             log.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"client": "vllm bench serve (random dataset, ignore_eos)", "rows": rows}
+    return {"client": SERVED_CLIENT, "rows": rows}
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -431,7 +452,8 @@ def write_report(report: dict[str, Any], tag: str) -> Path:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; {report['date']}; load average at start "
         f"{report['loadavg_start']}, at end {report['loadavg_end']}.",
-        f"Model: {report['model']} (bf16 unless named). {report['note']}",
+        f"Model: {report['model']} (bf16 unless named). {report['note']}"
+        + ("" if report.get("complete") else " **Partial: the run was still going.**"),
         "",
     ]
     off = report.get("offline")
@@ -487,6 +509,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
+        "--reference-rounds",
+        type=int,
+        default=None,
+        help="rounds of the systems other than nova and vllm (default: --rounds)",
+    )
+    ap.add_argument(
+        "--warmup-prompts", type=int, default=None, help="prompts of the warm-up run (default: all)"
+    )
+    ap.add_argument(
         "--systems",
         nargs="+",
         default=["nova", "vllm", "nova-fp32", "nova-sequential"],
@@ -519,6 +550,8 @@ def main() -> None:
     if not have_vllm:
         print("vLLM not available (--vllm-python): Nova's rows only", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.reference_rounds is None:
+        args.reference_rounds = args.rounds
     report: dict[str, Any] = {
         "benchmark": "peer_cpu",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -527,14 +560,28 @@ def main() -> None:
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "reference_rounds": args.reference_rounds,
+        "warmup_prompts": args.warmup_prompts,
+        "served_prompts": args.served_prompts,
         "loadavg_start": loadavg(),
         "note": args.note,
     }
+    report["loadavg_end"] = None  # (a partial report until the end)
+
+    def save(part: str) -> Any:
+        def update(value: dict[str, Any]) -> None:
+            report[part] = value
+            report["loadavg_end"] = loadavg()
+            write_report(report, args.tag)
+
+        return update
+
     if not args.no_offline:
-        report["offline"] = run_offline(args, systems)
+        report["offline"] = run_offline(args, systems, save("offline"))
     if args.served and have_vllm:
-        report["served"] = run_served(args)
+        report["served"] = run_served(args, save("served"))
     report["loadavg_end"] = loadavg()
+    report["complete"] = True
     stem = write_report(report, args.tag)
     print(stem.with_suffix(".md").read_text())
 
