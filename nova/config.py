@@ -99,6 +99,21 @@ class EngineConfig:
             metavar="K",
         ),
     )
+    # Caches across requests (agent sessions resend the same prompt prefix and screenshots).
+    prefix_caching: bool = field(
+        default=True,
+        metadata=flag(
+            "do not reuse the KV blocks of prompt prefixes (and images) earlier requests computed"
+        ),
+    )
+    encoder_cache_bytes: int = field(
+        default=1 << 30,
+        metadata=flag(
+            "device memory for image embeddings kept by image hash, so a resent image skips "
+            "decoding, preprocessing and the vision encoder (0: off)",
+            minimum=0,
+        ),
+    )
     # Dynamic-resolution vision (Qwen2-VL family): None keeps the processor's value.
     min_pixels: int | None = field(
         default=None,

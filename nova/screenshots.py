@@ -62,3 +62,35 @@ def make_screenshot(seed: int = 0, width: int = 360, height: int = 640) -> Any:
     )
     draw.text((width // 2 - 14, height - row_h + row_h // 4), "OK", fill=(255, 255, 255))
     return img
+
+
+def make_session_screenshot(seed: int, revision: int, width: int = 360, height: int = 640) -> Any:
+    """The screen of one agent session (``seed``) after ``revision`` steps: the same app screen
+    as ``make_screenshot(seed)`` with small step-to-step changes (the clock, where the last tap
+    landed, text typed so far, one toggled switch), as consecutive screenshots of an agent's
+    phone differ. Deterministic: equal arguments give byte-identical images."""
+    from PIL import ImageDraw
+
+    img = make_screenshot(seed, width, height)
+    if revision == 0:
+        return img
+    rng = random.Random(seed * 1_000_003 + revision)
+    draw = ImageDraw.Draw(img)
+    bar = max(12, height // 30)
+    row_h = max(20, height // 14)
+    draw.rectangle([0, 0, width // 3, bar], fill=(30, 30, 30))  # the clock moves on
+    draw.text((6, 1), f"12:{(seed + revision) % 60:02d}", fill=(255, 255, 255))
+    x, y = rng.randint(8, width - 24), rng.randint(bar * 3, height - 3 * row_h)
+    r = max(4, row_h // 4)
+    draw.ellipse([x - r, y - r, x + r, y + r], outline=(220, 40, 40), width=2)  # last tap
+    typed = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(min(revision, 24)))
+    top = height - 2 * row_h
+    draw.rectangle([9, top + 1, width - 9, height - row_h - 9], fill=(255, 255, 255))
+    draw.text((16, top + row_h // 3), typed or "Type a message", fill=(20, 20, 20))
+    toggle_y = bar * 3 + 8 + row_h * (revision % 5)
+    draw.rounded_rectangle(
+        [width - 56, toggle_y + 6, width - 16, toggle_y + row_h - 10],
+        radius=8,
+        fill=(40, 160, 90) if revision % 2 else (180, 180, 180),
+    )
+    return img

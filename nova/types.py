@@ -43,10 +43,21 @@ class RequestStatus(str, Enum):
 @dataclass(slots=True, frozen=True)
 class ImageInput:
     """One image of a request: how many placeholder tokens it fills, and optionally a content
-    hash (a key for caching its encoder output; None when nobody computed one)."""
+    hash (``nova.core.hashing.image_key``: the encoder cache's key and part of the prefix-cache
+    key of the blocks it covers; None when nobody computed one: then neither cache is used for
+    it, nor for any KV block from its first placeholder on).
+
+    ``offset``: index of its first placeholder token in the prompt (None: unknown, which also
+    keeps the blocks it covers out of the prefix cache). ``grid``: its (t, h, w) patch grid
+    (Qwen-VL; M-RoPE positions depend on it), None for fixed-size towers. ``has_embeds``: the
+    front end already holds its embeddings (an encoder-cache hit when the request was
+    prepared), so it needs no vision work whatever the cache holds by the time it is added."""
 
     num_tokens: int
     mm_hash: str | None = None
+    offset: int | None = None
+    grid: tuple[int, int, int] | None = None
+    has_embeds: bool = False
 
     def __post_init__(self) -> None:
         # Loud on the old field order (hash first), where a str lands in num_tokens.
@@ -104,6 +115,24 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # -- caches (the scheduler fills these) --
+    # hashes of the full KV blocks of ``prefill_token_ids`` computed so far
+    # (``nova.core.hashing.block_hash`` chain); stops before the first block that cannot be
+    # keyed (an image without hash or offset)
+    block_hashes: list[bytes] = field(default_factory=list)
+    # prompt tokens found in the prefix cache by the latest lookup (when the request entered
+    # the prefill queue, then at each admission to a prefill); a multiple of the block size
+    prefix_hit_tokens: int = 0
+    # prompt tokens served from the prefix cache at the first prefill (usage.cached_tokens)
+    num_cached_prompt_tokens: int = 0
+    # per image: True if its embeddings came from the encoder cache (or the front end's hit)
+    encoder_cache_hits: list[bool] = field(default_factory=list)
+    # images (indices into ``images``) the vision stage still has to encode
+    images_to_encode: list[int] = field(default_factory=list)
+    # ``n`` > 1: the request whose prefill this one shares (None: its own prefill), and its
+    # index among the choices (0 for the request that prefills)
+    parent_id: str | None = None
+    choice_index: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -116,7 +145,19 @@ class Request:
 
     @property
     def needs_vision(self) -> bool:
-        return bool(self.images)
+        """Some image still has to go through the vision encoder (after the encoder-cache
+        lookup at ``Scheduler.add_request``; before it: any image without embeddings)."""
+        if self.encoder_cache_hits:
+            return bool(self.images_to_encode)
+        return any(not img.has_embeds for img in self.images)
+
+    @property
+    def num_uncached_prompt_tokens(self) -> int:
+        """Tokens a (re)prefill of this request still has to compute: the prompt (plus, after
+        a preemption, the outputs so far) minus what is in the KV cache or, before admission,
+        what the latest prefix-cache lookup found. What policies should plan and cost."""
+        done = max(self.num_computed_tokens, self.prefix_hit_tokens)
+        return max(0, len(self.prompt_token_ids) + len(self.output_token_ids) - done)
 
     @property
     def prefill_token_ids(self) -> list[int]:
@@ -166,6 +207,27 @@ class Partition:
 
 
 @dataclass(slots=True, frozen=True)
+class ItemExtras:
+    """The rarer parts of a batch item (kept apart so that the common item, a decode step,
+    is built with few fields: the simulator builds millions)."""
+
+    # KV blocks to copy (src, dst) before the item's tokens are written: copy-on-write of a
+    # partially filled block it shares with a fork
+    block_copies: tuple[tuple[int, int], ...] = ()
+    # vision: the images (indices into the request's images) to encode; the others come from
+    # the encoder cache or the front end. Of those, ``cache_images`` are kept in the encoder
+    # cache under their hash once encoded.
+    encode_images: tuple[int, ...] = ()
+    cache_images: tuple[int, ...] = ()
+    # prefill that reaches the end of the prompt: the forks (``n`` > 1) that also sample a
+    # first token from this item's logits and then share its blocks
+    fork_ids: tuple[str, ...] = ()
+
+
+NO_EXTRAS = ItemExtras()
+
+
+@dataclass(slots=True, frozen=True)
 class BatchItem:
     """One request's part of a batch: everything the executor needs, as plain data."""
 
@@ -177,6 +239,23 @@ class BatchItem:
     # False for a prefill chunk that does not reach the end of the prompt: no token is sampled
     # (and no RNG state consumed) for it.
     sample: bool = True
+    extras: ItemExtras = NO_EXTRAS
+
+    @property
+    def block_copies(self) -> tuple[tuple[int, int], ...]:
+        return self.extras.block_copies
+
+    @property
+    def encode_images(self) -> tuple[int, ...]:
+        return self.extras.encode_images
+
+    @property
+    def cache_images(self) -> tuple[int, ...]:
+        return self.extras.cache_images
+
+    @property
+    def fork_ids(self) -> tuple[str, ...]:
+        return self.extras.fork_ids
 
 
 @dataclass(slots=True, frozen=True)
@@ -186,6 +265,9 @@ class Batch:
     items: tuple[BatchItem, ...]
     partition: Partition
     start_s: float
+    # encoder-cache entries (image hashes) to drop before the batch runs (evicted to make room
+    # for the ones this batch adds)
+    evict_mm_hashes: tuple[str, ...] = ()
 
     @property
     def request_ids(self) -> list[str]:

@@ -4,7 +4,7 @@ on the path; tests/test_server_fuzz.py and benchmarks/schemathesis_long.py use i
 ``positive_data_acceptance_nova`` stands in for schemathesis's ``positive_data_acceptance``
 (run with ``--exclude-checks positive_data_acceptance``): a schema-valid request must get a
 2xx, 404 or 5xx as there, or a 400 whose error code is one of
-``nova.server.prepare.SCHEMA_INVISIBLE_CODES``: refusals the published schema cannot express
+``nova.server.errors.SCHEMA_INVISIBLE_CODES``: refusals the published schema cannot express
 (the model's context length and vocabulary, image contents and counts, two fields that are
 valid alone but not together). Any other 400 for valid data is a failure.
 """
@@ -15,7 +15,7 @@ import json
 
 import schemathesis
 
-from nova.server.prepare import SCHEMA_INVISIBLE_CODES
+from nova.server.errors import SCHEMA_INVISIBLE_CODES
 
 
 @schemathesis.check

@@ -212,13 +212,14 @@ def test_stop_strings_trim_text_plain_and_streamed(oai):
     kw = dict(
         model="demo", messages=[{"role": "user", "content": FRANCE}], max_tokens=32, temperature=0
     )
-    full = oai.chat.completions.create(**kw).choices[0].message.content
+    first = oai.chat.completions.create(**kw)
+    full = first.choices[0].message.content
     assert "Paris" in full
     cut = full.index("Paris")
     resp = oai.chat.completions.create(**kw, stop=["Paris", "never-appears"])
     assert resp.choices[0].message.content == full[:cut]
     assert resp.choices[0].finish_reason == "stop"
-    assert resp.usage.completion_tokens < oai.chat.completions.create(**kw).usage.completion_tokens
+    assert resp.usage.completion_tokens < first.usage.completion_tokens
     streamed = "".join(
         c.choices[0].delta.content or ""
         for c in oai.chat.completions.create(**kw, stop="Paris", stream=True)
@@ -346,7 +347,8 @@ BAD_CHAT = {
         "max_tokens",
         "context length",
     ),
-    "n=2": ({"messages": USER, "n": 2}, "n", "less than or equal to 1"),
+    "n=0": ({"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
+    "n too large": ({"messages": USER, "n": 10**6}, "n", "less than or equal to 16"),
     "logprobs: 0": ({"messages": USER, "logprobs": 0}, "logprobs", "boolean"),
     "top_logprobs: false": (
         {"messages": USER, "logprobs": True, "top_logprobs": False},

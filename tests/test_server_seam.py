@@ -38,6 +38,13 @@ class CharProcessor:
     grammar_compiler = None  # no tokenizer: no structured output
     vocab_size = 0x110000
     max_token_chars = 1
+    hash_images = False
+
+    def image_key(self, data, min_pixels=None, max_pixels=None) -> str:
+        raise AssertionError("the fake caches nothing: preparation must not key images")
+
+    def cached_image(self, key):
+        return None
 
     def from_chat(self, messages, images=None, image_limits=None) -> PromptInput:
         return self.from_text("".join(str(m["content"]) for m in messages), images)
@@ -100,6 +107,7 @@ class FakeClient:
         request_id: str | None = None,
         priority: int = 0,
         deadline_s: float | None = None,
+        n: int = 1,
     ):
         sampling = sampling or SamplingParams()
         self.check_admissible(len(prompt.token_ids), sampling.max_tokens)
@@ -196,7 +204,12 @@ def test_completion_runs_through_the_client(http):
     body = r.json()
     assert body["choices"][0]["text"] == "fedc"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
+    assert body["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 4,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_streamed_chat_with_a_stop_string_aborts_in_the_client(http, fake):

@@ -574,3 +574,42 @@ def test_preemption_by_recompute_keeps_grammars_in_step():
     for (prompt, schema), out in zip(picks, outs):
         assert out.error is None and out.finish_reason == "stop", (prompt, out.text)
         jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_n_choices_each_parse_their_own_tool_calls(oai):
+    """``n`` = 2 greedy choices with a required tool: each choice's calls are parsed by its own
+    parser (JSON and SSE, chunks carrying their choice index) and equal the ``n`` = 1 call."""
+    kw = dict(
+        model="demo",
+        messages=user(TOOL_PROMPTS[1]),
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=0,
+    )
+    _, want, _ = plain(oai, **kw)
+    r = oai.chat.completions.create(n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice in r.choices:
+        calls = [
+            {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            for c in choice.message.tool_calls or []
+        ]
+        assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+        assert without_ids(calls) == without_ids(want)
+    per: dict[int, dict[int, dict]] = {0: {}, 1: {}}
+    finishes = {}
+    for chunk in oai.chat.completions.create(stream=True, n=2, **kw):
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                call = per[choice.index].setdefault(
+                    tc.index, {"id": tc.id, "name": "", "arguments": ""}
+                )
+                call["name"] += tc.function.name or ""
+                call["arguments"] += tc.function.arguments or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    for i in (0, 1):
+        assert without_ids([per[i][k] for k in sorted(per[i])]) == without_ids(want)

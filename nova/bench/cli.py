@@ -101,6 +101,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--num-sessions", type=_positive_int, default=None, help="gui_sessions: sessions"
     )
+    g.add_argument(
+        "--screenshot-window",
+        type=_positive_int,
+        default=None,
+        help="agent_sessions: screenshots each step resends (the last K; default 5)",
+    )
     g.add_argument("--image-width", type=_positive_int, default=None)
     g.add_argument("--image-height", type=_positive_int, default=None)
     g.add_argument("--images-per-request", type=int, default=None)
@@ -198,6 +204,7 @@ def build_workload(args: argparse.Namespace):
             )
     for flag, key in (
         ("num_sessions", "num_sessions"),
+        ("screenshot_window", "window"),
         ("image_width", "image_width"),
         ("image_height", "image_height"),
         ("images_per_request", "images_per_request"),

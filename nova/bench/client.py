@@ -31,6 +31,7 @@ class RequestRecord:
     chunk_s: list[float] = field(default_factory=list)  # arrival of each chunk carrying text
     text: str = ""
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     completion_tokens: int | None = None
     finish_reason: str | None = None
     status_code: int | None = None
@@ -88,6 +89,7 @@ class RequestRecord:
             "tpot_s": m.tpot_s,
             "e2e_s": m.e2e_s,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "num_text_chunks": len(self.chunk_s),
             "num_images": self.num_images,
@@ -141,6 +143,8 @@ async def stream_request(
                 usage = obj.get("usage")
                 if usage:
                     record.prompt_tokens = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details") or {}
+                    record.cached_tokens = details.get("cached_tokens")
                     record.completion_tokens = usage.get("completion_tokens")
                 for choice in obj.get("choices") or ():
                     delta = choice.get("delta") or {}

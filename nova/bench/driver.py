@@ -23,6 +23,8 @@ from nova.bench.client import RequestRecord, stream_request
 from nova.bench.payload import request_body
 from nova.workload.types import Workload, WorkloadRequest
 
+SESSION_HEADER = "x-session-id"  # sent with every request of a session (and ``user``)
+
 
 @dataclass(slots=True)
 class BenchConfig:
@@ -118,9 +120,12 @@ async def _drive(
 
     async def send(req: WorkloadRequest) -> RequestRecord:
         rec = RequestRecord(req.request_id, req.num_images, req.deadline_s)
+        headers = cfg.headers
+        if req.session_id is not None:  # a router can keep a session on one replica
+            headers = {**headers, SESSION_HEADER: req.session_id}
         async with sem if sem is not None else nullcontext():
             await stream_request(
-                client, cfg.url, bodies[req.request_id], rec, cfg.headers, cfg.timeout_s
+                client, cfg.url, bodies[req.request_id], rec, headers, cfg.timeout_s
             )
         records.append(rec)
         bar.update(1)

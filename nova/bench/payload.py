@@ -13,16 +13,46 @@ from nova.workload.types import WorkloadRequest
 
 
 @lru_cache(maxsize=256)
-def screenshot_data_url(seed: int, width: int, height: int) -> str:
-    from nova.screenshots import make_screenshot
+def screenshot_data_url(seed: int, width: int, height: int, revision: int | None = None) -> str:
+    """A PNG data URL of ``make_screenshot(seed)``, or with ``revision`` of
+    ``make_session_screenshot(seed, revision)`` (one session's screen after that many steps)."""
+    from nova.screenshots import make_screenshot, make_session_screenshot
+
+    def draw(w: int, h: int) -> Any:
+        if revision is None:
+            return make_screenshot(seed, w, h)
+        return make_session_screenshot(seed, revision, w, h)
 
     try:
-        image = make_screenshot(seed, width, height)
+        image = draw(width, height)
     except ValueError:  # too small for its layout: draw it larger, then scale down
-        image = make_screenshot(seed, max(width, 160), max(height, 320)).resize((width, height))
+        image = draw(max(width, 160), max(height, 320)).resize((width, height))
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def turn_messages(req: WorkloadRequest) -> list[dict[str, Any]]:
+    """The chat messages of a multi-turn request (``req.turns``): each image before its turn's
+    text, as a UI-TARS-style client sends screenshots."""
+    messages: list[dict[str, Any]] = []
+    for turn in req.turns:
+        if turn.image is None:
+            messages.append({"role": turn.role, "content": turn.text})
+            continue
+        img = turn.image
+        seed = img.seed if img.seed is not None else req.seed
+        content: list[dict[str, Any]] = [
+            _image_part(screenshot_data_url(seed & 0x7FFFFFFF, img.width, img.height, img.revision))
+        ]
+        if turn.text:
+            content.append({"type": "text", "text": turn.text})
+        messages.append({"role": turn.role, "content": content})
+    return messages
 
 
 def is_chat_endpoint(endpoint: str) -> bool:
@@ -59,8 +89,12 @@ def chat_body(
     ignore_eos: bool = False,
     nova_extensions: bool = True,
 ) -> dict[str, Any]:
-    """The chat request for ``req``: its images first, then its instruction, as one user turn."""
-    if req.images:
+    """The chat request for ``req``: its conversation (``req.turns``), or its images first,
+    then its instruction, as one user turn. A session's requests name it as ``user``."""
+    messages: list[dict[str, Any]]
+    if req.turns:
+        messages = turn_messages(req)
+    elif req.images:
         content: Any = [
             {
                 "type": "image_url",
@@ -71,14 +105,17 @@ def chat_body(
             for k, img in enumerate(req.images)
         ]
         content.append({"type": "text", "text": req.instruction})
+        messages = [{"role": "user", "content": content}]
     else:
-        content = req.instruction
+        messages = [{"role": "user", "content": req.instruction}]
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": messages,
         "max_tokens": req.max_tokens,
         "temperature": temperature,
     }
+    if req.session_id is not None:
+        body["user"] = req.session_id
     if ignore_eos:
         body["ignore_eos"] = True
     if nova_extensions:

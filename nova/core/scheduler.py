@@ -13,15 +13,33 @@ Memory rules:
 - finished, failed and aborted requests free their blocks at once — except that a request
   aborted while its batch is running keeps them until that batch completes, because the
   executor may still be writing into them.
+
+Caches (see ``nova.core.block_manager`` and ``nova.core.encoder_cache``):
+- prefix cache: a prefill admitted from scratch first looks up its prompt's leading full
+  blocks; a hit (a multiple of the block size, never the whole prompt: at least one token is
+  computed, so there are logits) is shared, and only the rest is planned, computed and costed.
+  Blocks are offered to the cache as their K/V are computed (prefill chunks, decode steps).
+- encoder cache: at ``add_request`` each image is looked up; a request whose images all hit
+  (or came with embeddings) skips the vision queue, and a vision batch encodes only misses.
+  Its hits stay pinned until its prefill has taken the embeddings.
+- ``n`` > 1: ``add_request(req, now, forks)``: the forks wait while ``req`` prefills; the
+  prefill samples a first token for each, and they then share ``req``'s blocks (``fork``;
+  the partially filled last block is copied on write) and decode on their own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from nova.core.block_manager import BlockManager, num_blocks_for
+from nova.core.encoder_cache import EncoderCacheAccounting
 from nova.core.policy import WAITING_STATUS, BatchPlan, Policy, SchedulerState
+from nova.core.prefix_keys import extend_block_hashes
 from nova.types import (
+    NO_EXTRAS,
     Batch,
     BatchItem,
+    ItemExtras,
     Request,
     RequestEvent,
     RequestRejected,
@@ -38,13 +56,20 @@ class Scheduler:
         block_manager: BlockManager,
         eos_token_ids: tuple[int, ...] = (),
         max_model_len: int | None = None,
+        encoder_cache: EncoderCacheAccounting | None = None,
     ) -> None:
         self.policy = policy
         self.state = SchedulerState(block_manager)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        self.encoder_cache = encoder_cache or EncoderCacheAccounting(0)
         self._next_batch_id = 0
         self._abort_in_flight: set[str] = set()
+        self._forks: dict[str, list[Request]] = {}  # parent id -> forks waiting for its prefill
+        self._fork_parent: dict[str, str] = {}  # waiting fork id -> parent id
+        self._reserved: dict[str, list[str]] = {}  # vision item -> encoder entries it adds
+        self._evict: list[str] = []  # encoder entries evicted for the batch being built
+        self._events: list[RequestEvent] = []  # see take_events
 
     @property
     def block_manager(self) -> BlockManager:
@@ -54,17 +79,70 @@ class Scheduler:
         return bool(self.state.requests) or self.state.any_running()
 
     # -- requests --------------------------------------------------------------------------
-    def add_request(self, req: Request, now_s: float) -> None:
-        if req.request_id in self.state.requests:
-            raise RequestRejected(f"request id {req.request_id!r} is already in use")
+    def add_request(self, req: Request, now_s: float, forks: Sequence[Request] = ()) -> None:
+        """Admit ``req``; ``forks``: further choices of the same prompt (``n`` > 1) that share
+        its prefill (their prompts and images are ``req``'s; each has its own sampling)."""
+        ids = [req.request_id] + [f.request_id for f in forks]
+        for rid in ids:
+            if rid in self.state.requests or rid in self._fork_parent:
+                raise RequestRejected(f"request id {rid!r} is already in use")
+        if len(set(ids)) != len(ids):
+            raise RequestRejected(f"request ids {ids} repeat")
         self.check_admissible(len(req.prompt_token_ids), req.sampling.max_tokens)
         req.arrival_s = now_s
         req.times.arrival_s = now_s
+        self._lookup_images(req)
         self.state.requests[req.request_id] = req
         self.state.num_added += 1
-        self.state.set_status(
-            req, RequestStatus.WAITING_VISION if req.needs_vision else RequestStatus.WAITING_PREFILL
-        )
+        if req.needs_vision:
+            self.state.set_status(req, RequestStatus.WAITING_VISION)
+        else:
+            self.state.set_status(req, RequestStatus.WAITING_PREFILL)
+            self._probe_prefix(req)
+        for i, child in enumerate(forks, start=1):
+            child.parent_id = req.request_id
+            child.choice_index = i
+            child.arrival_s = now_s
+            child.times.arrival_s = now_s
+            self._fork_parent[child.request_id] = req.request_id
+        if forks:
+            self._forks[req.request_id] = list(forks)
+
+    def _lookup_images(self, req: Request) -> None:
+        """Encoder-cache lookup of each image: hits are pinned for ``req``; the misses are
+        what its vision batch encodes."""
+        cache, rid = self.encoder_cache, req.request_id
+        hits: list[bool] = []
+        supplied = 0
+        for img in req.images:
+            if img.has_embeds:  # the front end holds them: pin if cached, count as a hit
+                cache.lookup(img.mm_hash, rid, count=False)
+                supplied += 1
+                hits.append(True)
+            else:
+                hits.append(cache.lookup(img.mm_hash, rid))
+        cache.count(supplied, supplied)
+        req.encoder_cache_hits = hits
+        req.images_to_encode = [i for i, hit in enumerate(hits) if not hit]
+
+    def _probe_prefix(self, req: Request) -> list[int]:
+        """The cached blocks a prefill of ``req`` from scratch would reuse now (also stored as
+        ``req.prefix_hit_tokens``). At most ``len - 1`` tokens: one is always computed."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return []
+        n = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
+        hashes = extend_block_hashes(req, bm.block_size, n)
+        blocks = bm.match_prefix(hashes, n // bm.block_size)
+        req.prefix_hit_tokens = len(blocks) * bm.block_size
+        return blocks
+
+    def take_events(self) -> list[RequestEvent]:
+        """Events produced outside ``complete``'s and ``abort``'s return values: forks that
+        ended with their parent before its prefill (aborted or failed). Drained by the caller
+        after every ``abort``, ``fail`` and ``complete``."""
+        out, self._events = self._events, []
+        return out
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ``RequestRejected`` if such a request could never be served: a prompt that
@@ -89,13 +167,21 @@ class Scheduler:
         """Abort a live request; None if unknown or already done."""
         req = self.state.requests.get(request_id)
         if req is None:
-            return None
+            parent = self._fork_parent.pop(request_id, None)
+            if parent is None:
+                return None
+            forks = self._forks[parent]
+            child = next(f for f in forks if f.request_id == request_id)
+            forks.remove(child)
+            self._end_fork(child, RequestStatus.ABORTED, "abort", now_s, None, emit=False)
+            return RequestEvent(request_id, (), True, "abort")
         if request_id in self.state.in_flight:
             self._abort_in_flight.add(request_id)  # blocks freed when its batch completes
             self.state.set_status(req, RequestStatus.ABORTED)
             req.finish_reason = "abort"
             req.times.finish_s = now_s
             del self.state.requests[request_id]
+            self._end_forks_of(req, RequestStatus.ABORTED, "abort", now_s, None)
         else:
             self._finish(req, RequestStatus.ABORTED, "abort", now_s)
         return RequestEvent(request_id, (), True, "abort")
@@ -129,7 +215,10 @@ class Scheduler:
         if not items:
             return None
         state.partition = partition = self.policy.partition(state, now_s)
-        batch = Batch(self._next_batch_id, stage, tuple(items), partition, now_s)
+        evict: tuple[str, ...] = ()
+        if self._evict:
+            evict, self._evict = tuple(self._evict), []
+        batch = Batch(self._next_batch_id, stage, tuple(items), partition, now_s, evict)
         self._next_batch_id += 1
         in_flight = state.in_flight
         if stage is Stage.DECODE:
@@ -161,17 +250,45 @@ class Scheduler:
         return out
 
     def _admit_vision(self, plan: BatchPlan) -> list[BatchItem]:
+        """Requests in order while their images fit ``max_images``; each item encodes the
+        request's encoder-cache misses and reserves cache room for them (LRU evictions ride
+        on the batch)."""
         items: list[BatchItem] = []
         num_images = 0
+        cache = self.encoder_cache
         for req in self._candidates(plan):
-            n = len(req.images)
+            to_encode = req.images_to_encode
+            n = len(to_encode)
             if items and plan.max_images is not None and num_images + n > plan.max_images:
                 break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
-            items.append(BatchItem(req.request_id, num_images=n))
+            keep: list[int] = []
+            if cache.enabled:
+                for i in to_encode:
+                    img = req.images[i]
+                    if img.mm_hash is None:
+                        continue
+                    evicted = cache.reserve(img.mm_hash, img.num_tokens, req.request_id)
+                    if evicted is not None:
+                        keep.append(i)
+                        self._evict += evicted
+                        self._reserved.setdefault(req.request_id, []).append(img.mm_hash)
+            extras = ItemExtras(encode_images=tuple(to_encode), cache_images=tuple(keep))
+            items.append(BatchItem(req.request_id, num_images=n, extras=extras))
             num_images += n
         return items
+
+    def _images_in(self, req: Request, start: int, end: int) -> int:
+        """Images whose placeholders fall in tokens [start, end) (position unknown: counted
+        with the chunk that starts at 0)."""
+        n = 0
+        for img in req.images:
+            if img.offset is None:
+                n += start == 0
+            elif img.offset < end and img.offset + img.num_tokens > start:
+                n += 1
+        return n
 
     def _admit_prefill(self, plan: BatchPlan, num_tokens: int = 0) -> list[BatchItem]:
         """Whole prompts (or, for a chunked plan, chunks filling the token budget) in order.
@@ -182,9 +299,13 @@ class Scheduler:
         items: list[BatchItem] = []
         num_decode_items = num_tokens
         for req in self._candidates(plan):
+            rid = req.request_id
             prompt, outputs = req.prompt_token_ids, req.output_token_ids
             num_prefill = len(prompt) + len(outputs)  # = len(req.prefill_token_ids)
             done = req.num_computed_tokens  # > 0: earlier chunks are in the cache
+            fresh = done == 0 and not bm.has_seq(rid)
+            prefix: list[int] = self._probe_prefix(req) if fresh else []
+            done += len(prefix) * bm.block_size
             take = num_prefill - done
             budget_left = None if plan.max_tokens is None else plan.max_tokens - num_tokens
             if budget_left is not None and take > budget_left:
@@ -194,33 +315,41 @@ class Scheduler:
                     break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
-            if (
-                not bm.can_allocate(req.request_id, done + take)
-                and not items
-                and not num_decode_items
-            ):
-                self._free_partial_prefills_for(req, done + take)
-            if not bm.can_allocate(req.request_id, done + take):
+            if not bm.can_allocate(rid, done + take, prefix) and not items and not num_decode_items:
+                self._free_partial_prefills_for(req, done + take, prefix)
+            if not bm.can_allocate(rid, done + take, prefix):
                 break  # FCFS: do not let later, smaller prompts overtake the head
-            if bm.has_seq(req.request_id):
-                bm.grow(req.request_id, done + take)
+            if bm.has_seq(rid):
+                bm.grow(rid, done + take)
             else:
-                bm.allocate(req.request_id, done + take)
-            images = len(req.images) if done == 0 else 0
+                bm.allocate(rid, done + take, prefix)
+            if fresh and bm.enable_prefix_caching:
+                bm.record_lookup(num_prefill, done)
+                if req.times.prefill_start_s is None:  # the first prefill: what usage reports
+                    req.num_cached_prompt_tokens = min(done, len(prompt))
             # = tuple(req.prefill_token_ids[done: done + take]), without joining prompt + outputs
             chunk = (
                 prompt[done : done + take]
                 if done + take <= len(prompt)
                 else (prompt + outputs)[done : done + take]
             )
+            sample = done + take == num_prefill
+            forks = self._forks.get(rid) if sample else None
+            extras = NO_EXTRAS
+            if forks or bm.has_copies(rid):
+                extras = ItemExtras(
+                    block_copies=tuple(bm.take_copies(rid)),
+                    fork_ids=tuple([f.request_id for f in forks]) if forks else (),
+                )
             items.append(
                 BatchItem(
-                    req.request_id,
+                    rid,
                     tuple(chunk),
                     done,
-                    tuple(bm.block_table(req.request_id)),
-                    images,
-                    sample=done + take == num_prefill,
+                    tuple(bm.block_table(rid)),
+                    self._images_in(req, done, done + take) if req.images else 0,
+                    sample,
+                    extras,
                 )
             )
             num_tokens += take
@@ -255,14 +384,21 @@ class Scheduler:
                     self._preempt(req)
                     continue
             bm.grow(rid, num_tokens)
-            items.append(
-                BatchItem(
-                    rid, (req.output_token_ids[-1],), num_tokens - 1, tuple(bm.block_table(rid))
+            table = tuple(bm.block_table(rid))
+            if bm.has_copies(rid):  # copy-on-write of a block shared with a fork
+                extras = ItemExtras(block_copies=tuple(bm.take_copies(rid)))
+                items.append(
+                    BatchItem(
+                        rid, (req.output_token_ids[-1],), num_tokens - 1, table, 0, True, extras
+                    )
                 )
-            )
+            else:
+                items.append(BatchItem(rid, (req.output_token_ids[-1],), num_tokens - 1, table))
         return items
 
-    def _free_partial_prefills_for(self, head: Request, num_tokens: int) -> None:
+    def _free_partial_prefills_for(
+        self, head: Request, num_tokens: int, prefix: Sequence[int] = ()
+    ) -> None:
         """Chunked prefill: lower-ranked, partially prefilled requests may hold the blocks the
         head needs; preempt them (last first) until the head fits or none is left."""
         bm = self.block_manager
@@ -274,11 +410,12 @@ class Scheduler:
             and r.num_computed_tokens > 0
             and r.request_id not in self.state.in_flight
         ]
-        while holders and not bm.can_allocate(head.request_id, num_tokens):
+        while holders and not bm.can_allocate(head.request_id, num_tokens, prefix):
             self._preempt(holders.pop())
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req.request_id)
+        self.encoder_cache.release(req.request_id)
         self.state.set_status(req, RequestStatus.WAITING_PREFILL)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -298,22 +435,36 @@ class Scheduler:
             self._abort_in_flight,
             result.failed,
         )
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
+        vision, prefill = batch.stage is Stage.VISION, batch.stage is Stage.PREFILL
+        settle = vision and bool(self._reserved)
         for item in batch.items:
             rid = item.request_id
             in_flight.pop(rid, None)
+            if settle:
+                self._settle_reserved(rid, bool(failed) and rid in failed)
             if aborted and rid in aborted:
                 aborted.discard(rid)
-                self.block_manager.free(rid)
+                bm.free(rid)
+                self.encoder_cache.release(rid)
                 continue
             req = requests[rid]
             if failed and rid in failed:
                 self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=failed[rid])
                 events.append(RequestEvent(rid, (), True, "error", req.error))
                 continue
-            if batch.stage is Stage.VISION:
+            if vision:
                 req.times.vision_end_s = result.end_s
+                req.images_to_encode = []
                 self.state.set_status(req, RequestStatus.WAITING_PREFILL)
+                self._probe_prefix(req)
                 continue
+            if caching:
+                num_computed = item.num_cached_tokens + len(item.token_ids)
+                if num_computed // bm.block_size > bm.num_committed_blocks(rid):
+                    hashes = extend_block_hashes(req, bm.block_size, num_computed)
+                    bm.commit(rid, hashes, num_computed)
             if not item.sample:  # a prefill chunk short of the prompt's end: progress only
                 req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
                 continue
@@ -323,9 +474,74 @@ class Scheduler:
                 self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=reason)
                 events.append(RequestEvent(rid, (), True, "error", reason))
                 continue
+            if prefill:
+                self.encoder_cache.release(rid)  # the executor holds its embeddings now
+                if item.extras is not NO_EXTRAS and item.fork_ids:
+                    events += self._fork(req, item, result)
             events.append(self._append_token(req, item, token, batch.stage, result.end_s))
         self.policy.on_batch_done(result, self.state, now_s)
         return events
+
+    def _settle_reserved(self, rid: str, failed: bool) -> None:
+        """The encoder entries a vision item reserved: ready if it ran (the executor kept the
+        embeddings), dropped if it failed."""
+        cache = self.encoder_cache
+        for key in self._reserved.pop(rid, ()):
+            if failed:
+                cache.discard(key)
+            else:
+                cache.mark_ready(key)
+
+    def _fork(self, parent: Request, item: BatchItem, result: StageResult) -> list[RequestEvent]:
+        """Parent's prefill done: each waiting fork shares its blocks and takes the first token
+        sampled for it (a fork without one fails)."""
+        events: list[RequestEvent] = []
+        forks = self._forks.pop(parent.request_id, [])
+        for child in forks:
+            cid = child.request_id
+            self._fork_parent.pop(cid, None)
+            token = result.new_token_ids.get(cid)
+            if token is None or cid not in item.fork_ids:
+                reason = f"executor returned no token for fork {cid}"
+                self._end_fork(child, RequestStatus.FAILED, "error", result.end_s, reason, False)
+                events.append(RequestEvent(cid, (), True, "error", reason))
+                continue
+            self.block_manager.fork(parent.request_id, cid)
+            child.block_hashes = list(parent.block_hashes)
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.prefix_hit_tokens = parent.prefix_hit_tokens
+            child.encoder_cache_hits = list(parent.encoder_cache_hits)
+            times, ptimes = child.times, parent.times
+            times.vision_start_s, times.vision_end_s = ptimes.vision_start_s, ptimes.vision_end_s
+            times.prefill_start_s = ptimes.prefill_start_s
+            self.state.requests[cid] = child
+            self.state.num_added += 1
+            events.append(self._append_token(child, item, token, Stage.PREFILL, result.end_s))
+        return events
+
+    def _end_fork(
+        self,
+        child: Request,
+        status: RequestStatus,
+        reason: str,
+        now_s: float,
+        error: str | None,
+        emit: bool = True,
+    ) -> None:
+        child.status = status
+        child.finish_reason = reason
+        child.error = error
+        child.times.finish_s = now_s
+        if emit:
+            self._events.append(RequestEvent(child.request_id, (), True, reason, error))
+
+    def _end_forks_of(
+        self, req: Request, status: RequestStatus, reason: str, now_s: float, error: str | None
+    ) -> None:
+        """``req`` ended before its prefill: its waiting forks end with it."""
+        for child in self._forks.pop(req.request_id, ()):
+            self._fork_parent.pop(child.request_id, None)
+            self._end_fork(child, status, reason, now_s, error)
 
     def _append_token(
         self, req: Request, item: BatchItem, token: int, stage: Stage, end_s: float
@@ -365,8 +581,11 @@ class Scheduler:
         error: str | None = None,
     ) -> None:
         self.block_manager.free(req.request_id)
+        self.encoder_cache.release(req.request_id)
         self.state.set_status(req, status)
         req.finish_reason = reason
         req.error = error
         req.times.finish_s = now_s
         self.state.requests.pop(req.request_id, None)
+        if self._forks:
+            self._end_forks_of(req, status, reason, now_s, error)

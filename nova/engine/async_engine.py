@@ -61,6 +61,7 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         deadline_s: float | None = None,
+        n: int = 1,
     ) -> AsyncGenerator[OutputDelta, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[RequestEvent, Request]] = asyncio.Queue()
@@ -68,15 +69,21 @@ class AsyncEngine:
         def listener(ev: RequestEvent, req: Request) -> None:  # worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (ev, req))
 
-        req = self.llm_engine.submit(prompt, sampling, request_id, priority, deadline_s, listener)
-        detok = IncrementalDetokenizer(self.llm_engine.processor)
-        finished = False
+        reqs = self.llm_engine.submit_group(
+            prompt, sampling, request_id, priority, deadline_s, listener, n
+        )
+        index = {r.request_id: i for i, r in enumerate(reqs)}
+        detoks = [IncrementalDetokenizer(self.llm_engine.processor) for _ in reqs]
+        unfinished = set(index)
         try:
-            while not finished:
+            while unfinished:
                 ev, req = await queue.get()
+                i = index[ev.request_id]
                 finished = ev.finished
+                if finished:
+                    unfinished.discard(ev.request_id)
                 new_tokens = list(ev.new_token_ids)
-                text = detok.push(new_tokens, finished)  # keeps the output's tokens, in order
+                text = detoks[i].push(new_tokens, finished)  # keeps the output's tokens, in order
                 yield OutputDelta(
                     request_id=ev.request_id,
                     new_token_ids=new_tokens,
@@ -84,13 +91,16 @@ class AsyncEngine:
                     finished=finished,
                     finish_reason=ev.finish_reason,
                     error=ev.error,
-                    num_output_tokens=len(detok.token_ids),
+                    num_output_tokens=len(detoks[i].token_ids),
                     metrics=request_metrics(req) if finished else None,
+                    index=i,
+                    num_cached_tokens=req.num_cached_prompt_tokens,
                     logprobs=list(ev.logprobs),
                 )
         finally:
-            if not finished:  # the consumer went away (client disconnect, cancellation)
-                self.llm_engine.abort(req.request_id)
+            # the consumer went away (client disconnect, cancellation): abort what still runs
+            for rid in unfinished:
+                self.llm_engine.abort(rid)
 
     async def abort(self, request_id: str) -> bool:
         return self.llm_engine.abort(request_id)

@@ -35,6 +35,9 @@ class OutputDelta:
     error: str | None = None
     num_output_tokens: int = 0
     metrics: RequestMetrics | None = None  # set on the final delta
+    index: int = 0  # which of the request's ``n`` choices (0 .. n-1)
+    # prompt tokens whose KV came from the prefix cache (known from the first token on)
+    num_cached_tokens: int = 0
     # log-probabilities of ``new_token_ids`` when the request asked for them (else empty)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
@@ -48,7 +51,10 @@ class EngineSnapshot:
     current partition, in (0, 1]; ``num_preemptions``: so far. ``memory_bytes``: the start-up
     memory accounting (``nova.gpu.memory.MemoryReport`` field -> value; fields that are unknown
     on this device are absent; ``kv_cache_blocks`` is a count); ``granted_sms``: the SMs each
-    stage's last batch ran on (CPU cores on a CPU; absent before its first batch)."""
+    stage's last batch ran on (CPU cores on a CPU; absent before its first batch).
+    Cache counters (since start): prompt tokens looked up in the prefix cache and found there;
+    images looked up in the encoder cache and found there; and the encoder cache's bytes in
+    use and the KV blocks kept only as cache (evictable)."""
 
     requests_in_stage: dict[Stage, int]
     kv_cache_usage: float
@@ -57,6 +63,12 @@ class EngineSnapshot:
     num_preemptions: int
     memory_bytes: dict[str, int] = field(default_factory=dict)
     granted_sms: dict[Stage, int] = field(default_factory=dict)
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    encoder_cache_queried_images: int = 0
+    encoder_cache_hit_images: int = 0
+    encoder_cache_used_bytes: int = 0
+    kv_cache_cached_blocks: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,6 +133,20 @@ class PromptProcessor(Protocol):
     def from_token_ids(self, token_ids: list[int], images: list[Any] | None = None) -> PromptInput:
         """Take token ids as they are (a model's image placeholders are expanded)."""
 
+    @property
+    def hash_images(self) -> bool:
+        """Whether images are keyed (a cache is on): then preparation should key each image's
+        raw bytes (``image_key``, off the event loop) and look it up (``cached_image``)."""
+
+    def image_key(
+        self, data: bytes, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> str:
+        """The encoder-cache key of an image's raw bytes under the effective resize limits."""
+
+    def cached_image(self, key: str | None) -> Any:
+        """The encoder cache's entry for ``key`` (an opaque handle a prompt can carry instead
+        of the image), or None."""
+
 
 @runtime_checkable
 class EngineClient(Protocol):
@@ -158,10 +184,15 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         priority: int = 0,
         deadline_s: float | None = None,
+        n: int = 1,
     ) -> AsyncGenerator[OutputDelta, None]:
         """Submit a request and stream its deltas; the last has ``finished`` set. Raises
         ``RequestRejected`` on the first iteration for a request that can never be served.
-        Closing the iterator before the last delta aborts the request."""
+        Closing the iterator before the last delta aborts the request.
+
+        ``n`` > 1: n choices of one prompt, prefilled once (deltas carry their ``index``; each
+        choice finishes on its own; the stream ends when all have; a seed gives choice i the
+        seed + i)."""
 
     async def abort(self, request_id: str) -> bool:
         """Abort a live request (its KV blocks are freed); False if unknown or already done."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from nova.config import EngineConfig
+from nova.core.encoder_cache import EncoderCacheAccounting
 from nova.core.policy import StageLimits, make_policy
 from nova.core.scheduler import Scheduler
 from nova.cost.base import CostModel
@@ -21,10 +22,9 @@ from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model, missing_image_processor
-from nova.models.mm import num_images
 from nova.runtime.runner import CacheConfig, ModelRunner
 from nova.sampling_params import GenerationDefaults, SamplingParams
-from nova.types import ImageInput, Request
+from nova.types import Request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +116,8 @@ class LLMEngine:
                     block_size=config.block_size,
                     num_blocks=config.num_kv_blocks,
                     kv_cache_bytes=config.kv_cache_bytes,
+                    prefix_caching=config.prefix_caching,
+                    encoder_cache_bytes=config.encoder_cache_bytes,
                 ),
                 attention_backend=config.attention_backend,
                 cuda_graphs=config.cuda_graphs,
@@ -147,10 +149,21 @@ class LLMEngine:
             self.partition_backend.prepare(policy.partition_set())  # created once, up front
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
         # (nothing else may allocate from it while the loop runs).
+        dcfg = self.loaded.model.decoder.cfg
+        embed_bytes = dcfg.hidden_size * self.loaded.model.decoder.lm_head.weight.element_size()
         self.scheduler = Scheduler(
-            policy, self.runner.block_manager, self.loaded.eos_token_ids, self.loaded.max_model_len
+            policy,
+            self.runner.block_manager,
+            self.loaded.eos_token_ids,
+            self.loaded.max_model_len,
+            EncoderCacheAccounting(config.encoder_cache_bytes, embed_bytes),
         )
         self.executor = TorchExecutor(self.runner, fault_hook, self.partition_backend)
+        # Images are keyed when either cache is on; the encoder cache's entries are looked up
+        # while a request is prepared, so a hit skips decoding and preprocessing too.
+        self.processor.hash_images = config.prefix_caching or config.encoder_cache_bytes > 0
+        if config.encoder_cache_bytes > 0:
+            self.processor.encoder_store = self.executor.encoder_store
         self.loop = EngineLoop(self.scheduler, self.executor)
         self._ids = itertools.count()
 
@@ -263,20 +276,47 @@ class LLMEngine:
         deadline_s: float | None = None,
         listener: Listener | None = None,
     ) -> Request:
-        images = []
-        if prompt.pixel_values is not None:
-            # Per image: its placeholder count (Qwen-VL: from its resolution; LLaVA: fixed).
-            counts = prompt.image_token_counts or [self.processor.num_image_tokens] * num_images(
-                prompt.pixel_values
+        return self.submit_group(prompt, sampling, request_id, priority, deadline_s, listener)[0]
+
+    def submit_group(
+        self,
+        prompt: PromptInput,
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        deadline_s: float | None = None,
+        listener: Listener | None = None,
+        n: int = 1,
+    ) -> list[Request]:
+        """Submit ``n`` choices of one prompt: the first request prefills it, the others fork
+        from it when its prefill completes (sharing its KV blocks) and sample their own tokens
+        (choice i: seed + i when a seed is given). Ids: ``request_id``, then ``request_id-1``
+        ... for the other choices. Returns the n requests in choice order."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        sampling = sampling or SamplingParams()
+        rid = request_id or self.new_request_id()
+        images = prompt.image_inputs(self.processor.image_token_id, self.processor.num_image_tokens)
+        req = Request(rid, list(prompt.token_ids), sampling, images, priority, deadline_s)
+        forks = []
+        for i in range(1, n):
+            child_sampling = sampling
+            if sampling.seed is not None:  # torch seeds are in [-2**63, 2**64): wrap at the top
+                seed = sampling.seed + i
+                child_sampling = dataclasses.replace(
+                    sampling, seed=seed - 2**64 if seed >= 2**64 else seed
+                )
+            forks.append(
+                Request(
+                    f"{rid}-{i}",
+                    list(prompt.token_ids),
+                    child_sampling,
+                    images,
+                    priority,
+                    deadline_s,
+                )
             )
-            images = [ImageInput(int(n)) for n in counts]
-        req = Request(
-            request_id or self.new_request_id(),
-            list(prompt.token_ids),
-            sampling or SamplingParams(),
-            images,
-            priority,
-            deadline_s,
+        self.loop.add_request(
+            req, prompt.pixel_values, listener, forks=forks, supplied=prompt.cached_images
         )
-        self.loop.add_request(req, prompt.pixel_values, listener)
-        return req
+        return [req, *forks]

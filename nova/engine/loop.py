@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nova.core.scheduler import Scheduler
@@ -80,22 +80,38 @@ class EngineLoop:
 
     # -- requests --------------------------------------------------------------------------
     def add_request(
-        self, req: Request, pixel_values: Any | None = None, listener: Listener | None = None
+        self,
+        req: Request,
+        pixel_values: Any | None = None,
+        listener: Listener | None = None,
+        forks: Sequence[Request] = (),
+        supplied: dict[int, Any] | None = None,
     ) -> None:
-        """Submit ``req`` (its arrival time is set to now). Raises ``RequestRejected`` if it can
-        never be served; nothing is kept then."""
-        self.executor.register(
-            req.request_id, req.sampling, pixel_values, tuple(req.prompt_token_ids)
-        )
+        """Submit ``req`` (its arrival time is set to now) and its ``forks`` (``n`` > 1: more
+        choices of the same prompt; ``listener`` hears them all). ``supplied``: image index ->
+        embeddings the front end took from the encoder cache. Raises ``RequestRejected`` if it
+        can never be served; nothing is kept then."""
+        prompt = tuple(req.prompt_token_ids)
+        if supplied or req.images:
+            self.executor.register(
+                req.request_id, req.sampling, pixel_values, prompt, tuple(req.images), supplied
+            )
+        else:
+            self.executor.register(req.request_id, req.sampling, pixel_values, prompt)
+        for f in forks:
+            self.executor.register(f.request_id, f.sampling, None, prompt)
+        group = [req, *forks]
         with self._cond:
             try:
-                self.scheduler.add_request(req, self.now())
+                self.scheduler.add_request(req, self.now(), forks)
             except Exception:
-                self.executor.release(req.request_id)
+                for r in group:
+                    self.executor.release(r.request_id)
                 raise
-            self._requests[req.request_id] = req
-            if listener is not None:
-                self._listeners[req.request_id] = listener
+            for r in group:
+                self._requests[r.request_id] = r
+                if listener is not None:
+                    self._listeners[r.request_id] = listener
             self._cond.notify_all()
 
     def abort(self, request_id: str) -> bool:
@@ -103,7 +119,7 @@ class EngineLoop:
             event = self.scheduler.abort(request_id, self.now())
             if event is None:
                 return False
-            delivered = self._deliver_locked([event])
+            delivered = self._deliver_locked([event, *self.scheduler.take_events()])
             self._cond.notify_all()
         self._dispatch(delivered)
         return True
@@ -118,12 +134,19 @@ class EngineLoop:
         not know the device; ``LLMEngine.snapshot`` adds them)."""
         with self._cond:
             state, bm = self.scheduler.state, self.scheduler.block_manager
+            enc = self.scheduler.encoder_cache
             return EngineSnapshot(
                 {s: state.num_in_stage(s) for s in Stage},
                 bm.usage,
                 bm.num_free_blocks,
                 {s: state.partition.share(s) for s in Stage},
                 state.num_preemptions,
+                prefix_cache_queried_tokens=bm.num_queried_tokens,
+                prefix_cache_hit_tokens=bm.num_hit_tokens,
+                encoder_cache_queried_images=enc.num_queried_images,
+                encoder_cache_hit_images=enc.num_hit_images,
+                encoder_cache_used_bytes=enc.used_bytes,
+                kv_cache_cached_blocks=bm.num_cached_blocks,
             )
 
     def has_unfinished(self) -> bool:
@@ -163,6 +186,7 @@ class EngineLoop:
                 events = self.scheduler.complete(result, end_s)
                 if result.logprobs:
                     events = [_with_logprobs(ev, result) for ev in events]
+                events += self.scheduler.take_events()
                 self.num_batches[stage] += 1
                 delivered = self._deliver_locked(events)
                 for rid in batch.request_ids:

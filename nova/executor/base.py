@@ -27,8 +27,12 @@ class Executor(Protocol):
         sampling: SamplingParams,
         pixel_values: Any | None,
         prompt_token_ids: tuple[int, ...] = (),
+        images: tuple[Any, ...] = (),
+        supplied: dict[int, Any] | None = None,
     ) -> None:
-        """Take a new request's payload (before it is scheduled)."""
+        """Take a new request's payload (before it is scheduled). ``images``: its
+        ``ImageInput``s; ``supplied``: image index -> embeddings from the encoder cache (those
+        images have no pixels in ``pixel_values``)."""
 
     def execute(self, batch: Batch) -> StageResult:
         """Run ``batch``; called from the stage's own worker thread. ``end_s`` of the result

@@ -17,7 +17,9 @@ class MemoryReport:
     ``offload_saved_bytes``: device memory streaming freed (streamed minus slots), which the KV
     cache received; ``activation_reserve_bytes``: kept free for activations when sizing the KV
     cache from device memory (0 when the size was given or on a CPU); ``device_total_bytes``:
-    the GPU's memory (None on a CPU)."""
+    the GPU's memory (None on a CPU). ``encoder_cache_bytes``: the encoder cache's capacity
+    (image embeddings kept on the device; 0: off); ``prefix_caching``: KV blocks are reused
+    across requests (the KV cache's size is unchanged)."""
 
     device: str
     weights_resident_bytes: int
@@ -29,10 +31,17 @@ class MemoryReport:
     kv_block_size_tokens: int
     activation_reserve_bytes: int
     device_total_bytes: int | None = None
+    encoder_cache_bytes: int = 0
+    prefix_caching: bool = False
 
     @property
     def device_planned_bytes(self) -> int:
-        return self.weights_resident_bytes + self.kv_cache_bytes + self.activation_reserve_bytes
+        return (
+            self.weights_resident_bytes
+            + self.kv_cache_bytes
+            + self.activation_reserve_bytes
+            + self.encoder_cache_bytes
+        )
 
     def as_dict(self) -> dict[str, str | int | None]:
         return asdict(self) | {"device_planned_bytes": self.device_planned_bytes}
@@ -53,7 +62,12 @@ class MemoryReport:
             )
         out.append(
             f"  KV cache           {mib(self.kv_cache_bytes)} = {self.kv_cache_blocks} "
-            f"blocks x {self.kv_block_size_tokens} tokens"
+            f"blocks x {self.kv_block_size_tokens} tokens, prefix caching "
+            f"{'on' if self.prefix_caching else 'off'}"
+        )
+        out.append(
+            f"  encoder cache      {mib(self.encoder_cache_bytes)}"
+            + ("" if self.encoder_cache_bytes else " (off)")
         )
         out.append(f"  activation reserve {mib(self.activation_reserve_bytes)}")
         if self.device_total_bytes:

@@ -9,6 +9,7 @@ import json
 import re
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Any
 
 import torch
 
+from nova.core.hashing import image_context, image_key
 from nova.models.errors import InvalidInputError
 from nova.models.loader import LoadedModel
 from nova.models.mm import VisionInput
+from nova.models.mm_cache import CachedImage, EmbeddingStore, KeyedImage
 from nova.shapes import REFERENCE_IMAGE_SIZE, ImageSizeError, ImageSizing
 from nova.structured.compiler import GrammarCompiler
+from nova.types import ImageInput
 
-ImageSource = bytes | str | Path | Any  # Any: a PIL.Image.Image
+# Any: a PIL.Image.Image; a CachedImage (encoder-cache hit) or a KeyedImage (decoded, keyed)
+ImageSource = bytes | str | Path | Any
 # A request's (min_pixels, max_pixels) for its images; None in either keeps the served value.
 ImageLimits = tuple[int | None, int | None]
 
@@ -44,6 +49,35 @@ class PromptInput:
     # (min_pixels, max_pixels) the images were resized within (dynamic resolution), else None
     image_limits: ImageLimits | None = None
 
+    # Per image, in order: its key (``nova.core.hashing.image_key``; None: not hashed, so
+    # neither cache is used for it) and, for Qwen-VL, its (t, h, w) patch grid.
+    image_keys: list[str | None] = field(default_factory=list)
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # Images whose embeddings came from the encoder cache (index -> entry); ``pixel_values``
+    # holds only the other images' pixels, in order.
+    cached_images: dict[int, CachedImage] = field(default_factory=dict)
+
+    def image_inputs(self, image_token_id: int | None, fixed_tokens: int) -> list[ImageInput]:
+        """The scheduler's view of the images: token count, key, first placeholder, grid."""
+        n = self.num_images
+        counts = self.image_token_counts or [fixed_tokens] * n
+        offsets: list[int | None] = [None] * n
+        if image_token_id is not None and n:
+            where = [i for i, t in enumerate(self.token_ids) if t == image_token_id]
+            k = 0
+            for i, c in enumerate(counts):
+                if k < len(where) and c > 0 and where[k + c - 1] - where[k] == c - 1:
+                    offsets[i] = where[k]
+                k += c
+        keys = self.image_keys or [None] * n
+        grids: list[tuple[int, int, int] | None] = list(self.image_grids) or [None] * n
+        return [
+            ImageInput(
+                int(counts[i]), keys[i], offsets[i], grids[i], has_embeds=i in self.cached_images
+            )
+            for i in range(n)
+        ]
+
 
 @dataclass(slots=True, frozen=True)
 class ImageSize:
@@ -53,6 +87,33 @@ class ImageSize:
     height: int
     resized_width: int
     resized_height: int
+
+
+# Image sizes remembered per key (a few dozen bytes each): far more than an encoder cache holds.
+SEEN_SIZES_MAX_ENTRIES = 65536
+
+
+class _SizeMemo:
+    """A thread-safe LRU map of image key -> ``ImageSize`` (preparation runs on many threads)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._entries: OrderedDict[str, ImageSize] = OrderedDict()
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> ImageSize | None:
+        with self._lock:
+            size = self._entries.get(key)
+            if size is not None:
+                self._entries.move_to_end(key)
+            return size
+
+    def put(self, key: str, size: ImageSize) -> None:
+        with self._lock:
+            self._entries[key] = size
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
 
 
 def load_image(source: ImageSource, max_pixels: int | None = None) -> Any:
@@ -148,6 +209,14 @@ class InputProcessor:
         overriding the image processor's; None keeps the processor's."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        # Caches (the engine sets these): hash images (the encoder cache's and the prefix
+        # cache's key), and look embeddings up in the encoder cache before decoding.
+        self.hash_images = False
+        self.encoder_store: EmbeddingStore | None = None
+        self.model_id = f"{loaded.model_dir}|{loaded.dtype}"
+        # image key -> the image's size given and seen, for the ``image_sizes`` of a request
+        # whose image hit the encoder cache (never decoded); bounded, least recently used out
+        self._seen_sizes: _SizeMemo = _SizeMemo(SEEN_SIZES_MAX_ENTRIES)
         # The server prepares requests on several threads; images are processed in parallel,
         # tokenizer calls one at a time.
         self._tokenizer_lock = threading.Lock()
@@ -186,6 +255,51 @@ class InputProcessor:
         if not self.loaded.model.is_multimodal:
             raise InvalidInputError("this model does not take images")
         return self.num_image_tokens
+
+    def image_key(
+        self, data: bytes, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> str:
+        """The encoder-cache key of an image's raw bytes under the effective resize limits
+        (a request's own, else the engine's; fixed-size towers have none)."""
+        lo = hi = None
+        if self.sizing is not None:
+            lo = min_pixels if min_pixels is not None else self.sizing.min_pixels
+            hi = max_pixels if max_pixels is not None else self.sizing.max_pixels
+        return image_key(data, image_context(self.model_id, lo, hi))
+
+    def cached_image(self, key: str | None) -> CachedImage | None:
+        """The encoder cache's entry for ``key`` (None: not cached, or the cache is off)."""
+        store = self.encoder_store
+        return store.get(key) if store is not None else None
+
+    def _keyed(self, source: ImageSource, sizing: ImageSizing | None) -> tuple[str | None, Any]:
+        """(key, what to decode) of one image source resized within ``sizing``'s limits;
+        (key, CachedImage) on a cache hit."""
+        from PIL import Image
+
+        if isinstance(source, CachedImage):
+            return source.key, source
+        if not self.hash_images:
+            return None, source.image if isinstance(source, KeyedImage) else source
+        lo = sizing.min_pixels if sizing is not None else None
+        hi = sizing.max_pixels if sizing is not None else None
+        if isinstance(source, KeyedImage):  # keyed by the caller under the same limits
+            key, source = source.key, source.image
+        elif isinstance(source, bytes):
+            key = self.image_key(source, lo, hi)
+        elif isinstance(source, str | Path):
+            try:
+                data = Path(source).read_bytes()
+            except OSError as exc:
+                raise InvalidInputError(f"image file not found: {source}") from exc
+            key, source = self.image_key(data, lo, hi), data
+        elif isinstance(source, Image.Image):
+            ctx = f"pixels|{source.mode}|{source.size}|" + image_context(self.model_id, lo, hi)
+            key = image_key(source.tobytes(), ctx)
+        else:
+            return None, source
+        cached = self.cached_image(key)
+        return key, cached if cached is not None else source
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -282,6 +396,56 @@ class InputProcessor:
         ]
         return vision, counts, sizes
 
+    def _prompt_images(
+        self, ids: list[int], images: list[ImageSource], image_limits: ImageLimits | None
+    ) -> PromptInput:
+        """Key each image under the effective resize limits, take hits from the encoder cache
+        (no decoding, no preprocessing), decode and preprocess the rest; the placeholders
+        expanded to every image's count."""
+        sizing = self.sizing_for(image_limits)
+        keyed = [self._keyed(img, sizing) for img in images]
+        cached = {i: c for i, (_, c) in enumerate(keyed) if isinstance(c, CachedImage)}
+        misses = [src for _, src in keyed if not isinstance(src, CachedImage)]
+        pixels, miss_counts, miss_sizes = self.process_images_sized(misses, image_limits)
+        miss_grids = pixels.grids if isinstance(pixels, VisionInput) else []
+        counts: list[int] = []
+        grids: list[tuple[int, int, int]] = []
+        sizes: list[ImageSize] = []
+        m = 0
+        for i, (key, _) in enumerate(keyed):
+            if i in cached:
+                counts.append(cached[i].num_tokens)
+                grid = cached[i].grid
+                size = self._seen_sizes.get(key) if key is not None else None
+            else:
+                counts.append(miss_counts[m])
+                grid = miss_grids[m] if miss_grids else None
+                size = miss_sizes[m]
+                if key is not None:
+                    self._seen_sizes.put(key, size)
+                m += 1
+            if size is not None:
+                sizes.append(size)
+            if sizing is not None:
+                if grid is None:
+                    raise ValueError("a dynamic-resolution image without a grid")
+                grids.append(grid)
+        if len(sizes) != len(images):  # a hit whose size was forgotten: sizes are all or none
+            sizes = []
+        if self.image_token_id is not None:
+            ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
+        return PromptInput(
+            ids,
+            pixels,
+            len(images),
+            counts,
+            image_sizes=sizes,
+            image_limits=(sizing.min_pixels, sizing.max_pixels) if sizing and images else None,
+            image_keys=[k for k, _ in keyed] if self.hash_images else [],
+            image_grids=grids,
+            cached_images=cached,
+        )
+
     def _dynamic_resolution_pixels(
         self, pil: list[Any], sizing: ImageSizing | None = None
     ) -> tuple[VisionInput, list[int]]:
@@ -333,18 +497,14 @@ class InputProcessor:
         if images and self.image_token_id is None:
             raise InvalidInputError("this model does not take images")
         ids = [int(t) for t in token_ids]
-        pixels, counts, sizes = self.process_images_sized(images, image_limits)
-        if self.image_token_id is not None:
-            ids = expand_image_placeholders(ids, self.image_token_id, counts, len(images))
-        if not ids:
+        prompt = self._prompt_images(ids, images, image_limits)
+        if not prompt.token_ids:
             raise InvalidInputError("the prompt is empty")
         vocab = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
+        bad = [t for t in prompt.token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidInputError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        sizing = self.sizing_for(image_limits) if images else None
-        limits = (sizing.min_pixels, sizing.max_pixels) if sizing is not None else None
-        return PromptInput(ids, pixels, len(images), counts, sizes, limits)
+        return prompt
 
     def _encode(self, text: str, add_special_tokens: bool, split_special_tokens: bool) -> list[int]:
         tok = self._require_tokenizer()

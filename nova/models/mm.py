@@ -66,6 +66,15 @@ class VisionInput:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.image_patches())
 
+    def select(self, indices: Sequence[int]) -> VisionInput:
+        """The images at ``indices`` (in that order)."""
+        parts = self.image_patches()
+        return VisionInput(
+            torch.cat([parts[i] for i in indices]),
+            self.image_grid_thw[list(indices)],
+            self.spatial_merge_size,
+        )
+
     def to(self, device: torch.device | str) -> VisionInput:
         return VisionInput(
             self.pixel_values.to(device), self.image_grid_thw.to(device), self.spatial_merge_size
@@ -87,6 +96,17 @@ class VisionInput:
 
 def num_images(pixels: torch.Tensor | VisionInput) -> int:
     return len(pixels) if isinstance(pixels, VisionInput) else int(pixels.shape[0])
+
+
+def select_images(
+    pixels: torch.Tensor | VisionInput, indices: Sequence[int]
+) -> torch.Tensor | VisionInput:
+    """The images at ``indices`` of a batch of pixels, either form."""
+    if isinstance(pixels, VisionInput):
+        return pixels.select(indices)
+    if list(indices) == list(range(int(pixels.shape[0]))):
+        return pixels
+    return pixels[list(indices)]
 
 
 def encode_image_batch(

@@ -58,19 +58,27 @@ class NovaModel(nn.Module):
         return self.vision(pixel_values).to(dtype)
 
     def position_plan(
-        self, token_ids: Sequence[int], pixel_values: torch.Tensor | VisionInput | None
+        self,
+        token_ids: Sequence[int],
+        pixel_values: torch.Tensor | VisionInput | Sequence[Sequence[int]] | None,
     ) -> MRopePlan | None:
         """M-RoPE positions of a prompt with images; None where plain positions are right
-        (no M-RoPE, or no image: text-only M-RoPE positions equal token indices)."""
-        if (
-            not self.uses_mrope
-            or not isinstance(pixel_values, VisionInput)
-            or self.image_token_id is None
-        ):
+        (no M-RoPE, or no image: text-only M-RoPE positions equal token indices).
+        ``pixel_values``: the images' ``VisionInput``, or their (t, h, w) grids in prompt order
+        (images from the encoder cache come without pixels)."""
+        if not self.uses_mrope or self.image_token_id is None or pixel_values is None:
             return None
-        return mrope_plan(
-            token_ids, self.image_token_id, pixel_values.grids, pixel_values.spatial_merge_size
-        )
+        if isinstance(pixel_values, VisionInput):
+            grids: Sequence[Sequence[int]] = pixel_values.grids
+            merge = pixel_values.spatial_merge_size
+        elif isinstance(pixel_values, torch.Tensor):
+            return None
+        else:
+            grids = pixel_values
+            merge = int(getattr(self.vision, "spatial_merge_size", 2))
+        if not grids:
+            return None
+        return mrope_plan(token_ids, self.image_token_id, grids, merge)
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """Token embeddings with image embeddings merged at the image-placeholder positions."""
@@ -85,12 +93,30 @@ class NovaModel(nn.Module):
         )
         num_placeholders = int(is_image.sum())
         if num_placeholders != embeds.shape[0]:
+            is_image = self._placeholders(batch, is_image, int(hidden.shape[-1]))
+            num_placeholders = int(is_image.sum())
+        if num_placeholders != embeds.shape[0]:
             raise ValueError(
                 f"{num_placeholders} image placeholder tokens but {embeds.shape[0]} image "
                 "embeddings"
             )
         hidden[is_image] = embeds.to(hidden.dtype)
         return hidden
+
+    @staticmethod
+    def _placeholders(batch: ForwardBatch, is_image: torch.Tensor, hidden: int) -> torch.Tensor:
+        """Image-token positions that take embeddings: in each sequence, the first ones, as
+        many as it brought embeddings for (the prompt's placeholders come before any output;
+        an output token equal to the image token, recomputed after a preemption, is text)."""
+        mask = torch.zeros_like(is_image)
+        bounds = batch.paged.query_start_loc.tolist()
+        for i, e in enumerate(batch.mm_embeds):
+            if e is None:
+                continue
+            start, end = int(bounds[i]), int(bounds[i + 1])
+            where = torch.nonzero(is_image[start:end]).flatten()[: e.numel() // hidden]
+            mask[start + where] = True
+        return mask
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:

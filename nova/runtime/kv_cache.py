@@ -52,3 +52,17 @@ class PagedKVCache:
         """Store new keys/values ``[num_tokens, num_kv_heads, head_dim]`` at their slots."""
         self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write of a block shared by
+        forks). All sources are read before any destination is written."""
+        if not pairs:
+            return
+        bs = self.block_size
+        device = self.k[0].device
+        offsets = torch.arange(bs, device=device)
+        src = (torch.tensor([a for a, _ in pairs], device=device)[:, None] * bs + offsets).flatten()
+        dst = (torch.tensor([b for _, b in pairs], device=device)[:, None] * bs + offsets).flatten()
+        for layer in range(self.num_layers):
+            self.k[layer].index_copy_(0, dst, self.k[layer].index_select(0, src))
+            self.v[layer].index_copy_(0, dst, self.v[layer].index_select(0, src))

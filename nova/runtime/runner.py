@@ -39,6 +39,9 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    prefix_caching: bool = False
+    # device memory set aside for the encoder cache (taken out of a KV cache sized from memory)
+    encoder_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -58,7 +61,12 @@ def _kv_budget_bytes(cfg: CacheConfig, device: torch.device, freed_bytes: int = 
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         used = torch.cuda.memory_allocated(device)
-        return int(total * cfg.gpu_memory_utilization) - used - GPU_ACTIVATION_RESERVE_BYTES
+        return (
+            int(total * cfg.gpu_memory_utilization)
+            - used
+            - GPU_ACTIVATION_RESERVE_BYTES
+            - cfg.encoder_cache_bytes
+        )
     return DEFAULT_CPU_KV_CACHE_BYTES + freed_bytes
 
 
@@ -101,7 +109,7 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"KV cache budget too small for a single block of {per_block} bytes")
         self.block_size = cache.block_size
-        self.block_manager = BlockManager(num_blocks, cache.block_size)
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.prefix_caching)
         self.attention = make_attention_backend(attention_backend, self.device, cuda_graphs)
         self.model.decoder.set_attention_backend(self.attention)
         no_graphs = (
@@ -168,6 +176,8 @@ class ModelRunner:
             cache.block_size,
             _activation_reserve_bytes(cache, self.device),
             total,
+            cache.encoder_cache_bytes,
+            cache.prefix_caching,
         )
 
     @property
@@ -177,6 +187,10 @@ class ModelRunner:
     def encode_images(self, pixel_values: torch.Tensor | VisionInput) -> torch.Tensor:
         """[N, 3, H, W] -> [N, num_image_tokens, hidden] on the model's device."""
         return self.model.encode_images(pixel_values.to(self.device))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (src, dst) in every layer: copy-on-write for forks."""
+        self.kv_cache.copy_blocks(pairs)
 
     def forward(self, seqs: list[SeqInput], partition_key: Hashable = None) -> torch.Tensor:
         """Run new tokens of several sequences; logits [B, vocab] at each one's last token.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nova.server.errors import OpenAIError, bad_request
+from nova.server.errors import COMBINATION_CODE, OpenAIError, bad_request
 from nova.structured.spec import GrammarError, GrammarSpec
 from nova.tools.grammar import FunctionTool, arguments_grammar, required_grammar
 from nova.tools.parsers import TOOL_PARSERS, ArgumentsStream, ToolCallStream
@@ -77,6 +77,7 @@ def _format_spec(body: ChatCompletionRequest | CompletionRequest) -> tuple[Gramm
         raise bad_request(
             "response_format and structured_outputs cannot both constrain the output",
             "structured_outputs",
+            COMBINATION_CODE,
         )
     if so is not None:
         given = [
@@ -95,6 +96,7 @@ def _format_spec(body: ChatCompletionRequest | CompletionRequest) -> tuple[Gramm
                 "structured_outputs needs exactly one of json, regex, choice, grammar, "
                 f"json_object; got {given or 'none'}",
                 "structured_outputs",
+                COMBINATION_CODE,
             )
         kind = given[0]
         param = f"structured_outputs.{kind}"
@@ -139,7 +141,7 @@ def chat_constraints(body: ChatCompletionRequest, parser: str) -> Constraints:
     names = [t.name for t in tools]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise bad_request(f"tools define {dupes} more than once", "tools")
+        raise bad_request(f"tools define {dupes} more than once", "tools", COMBINATION_CODE)
     choice = body.tool_choice
     if choice is None:
         choice = "auto" if tools else "none"
@@ -148,6 +150,7 @@ def chat_constraints(body: ChatCompletionRequest, parser: str) -> Constraints:
             raise bad_request(
                 "tool_choice and parallel_tool_calls need tools",
                 "tool_choice" if body.tool_choice is not None else "parallel_tool_calls",
+                COMBINATION_CODE,
             )
         out = Constraints()
         if found is not None:
@@ -173,6 +176,7 @@ def chat_constraints(body: ChatCompletionRequest, parser: str) -> Constraints:
             f"tool_choice {_choice_label(choice)} forces a tool call; it cannot be combined "
             f"with {found[1].split('.')[0]}",
             "tool_choice",
+            COMBINATION_CODE,
         )
     if choice == "required":
         grammar = _spec(lambda: required_grammar(tools, parser, max_calls is None), "tools")
@@ -187,6 +191,7 @@ def chat_constraints(body: ChatCompletionRequest, parser: str) -> Constraints:
         raise bad_request(
             f"tool_choice names function {name!r}, which is not among the tools {names}",
             "tool_choice.function.name",
+            COMBINATION_CODE,
         )
     tool = tools[names.index(name)]
     grammar = _spec(lambda: arguments_grammar(tool), "tools")
@@ -199,6 +204,7 @@ def _answer_schema(spec: GrammarSpec, param: str) -> dict[str, Any]:
             "with tools and tool_choice auto, only a JSON response format can be combined "
             f"(got {param})",
             param,
+            COMBINATION_CODE,
         )
     schema: dict[str, Any] = json.loads(spec.source)
     return schema

@@ -43,6 +43,35 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# Error codes of 400s for requests the schema cannot rule out (they depend on the model, its
+# context and the server's limits); the schemathesis tests accept only these for valid bodies.
+CONTEXT_CODE = "context_length_exceeded"
+VOCAB_CODE = "token_out_of_vocabulary"
+COMBINATION_CODE = "invalid_field_combination"  # fields valid alone, not together
+IMAGE_LIMITS_CODE = "image_limits"  # mm_processor_kwargs outside the server's limits
+JSON_TEXT_CODE = "invalid_json_text"  # a string field whose text must parse as JSON
+# Every code a schema-valid request can still be refused with, and why the schema cannot say
+# it: the context length and the vocabulary are the model's, images are only known once
+# decoded, and JSON Schema cannot relate two fields.
+SCHEMA_INVISIBLE_CODES = frozenset(
+    {
+        CONTEXT_CODE,
+        VOCAB_CODE,
+        COMBINATION_CODE,
+        IMAGE_LIMITS_CODE,
+        JSON_TEXT_CODE,
+        "too_many_images",
+        "images_not_supported",
+        "invalid_image",
+        "image_too_large",
+        "media_not_allowed",
+        # a regex, grammar or JSON schema the grammar engine cannot compile: its text is a
+        # plain string to the published schema
+        "invalid_grammar",
+    }
+)
+
+
 def bad_request(
     message: str, param: str | None = None, code: str | None = "invalid_value"
 ) -> OpenAIError:

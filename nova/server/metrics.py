@@ -110,6 +110,7 @@ class _EngineStateCollector(Collector):
         yield CounterMetricFamily(
             "nova_preemptions", "Preemptions (recomputes) so far", value=num_preemptions
         )
+        yield from _cache_metrics(snap)
         yield from _gpu_gauges(snap)
         yield GaugeMetricFamily(
             "nova_server_unfinished_requests",
@@ -142,7 +143,47 @@ MEMORY_GAUGES = (  # EngineSnapshot.memory_bytes key (MemoryReport field) -> (me
         "Device memory kept free for activations when the KV cache was sized",
     ),
     ("device_total_bytes", "nova_memory_device_total_bytes", "Device memory in all (GPU only)"),
+    (
+        "encoder_cache_bytes",
+        "nova_memory_encoder_cache_bytes",
+        "Capacity of the encoder cache (image embeddings kept on the device)",
+    ),
 )
+
+
+def _cache_metrics(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The prefix cache and the encoder cache: lookups and hits since start, and what they
+    hold now."""
+    yield CounterMetricFamily(
+        "nova_prefix_cache_queried_tokens",
+        "Prompt tokens looked up in the prefix cache (once per prefill admitted from scratch)",
+        value=snap.prefix_cache_queried_tokens,
+    )
+    yield CounterMetricFamily(
+        "nova_prefix_cache_hit_tokens",
+        "Prompt tokens whose KV blocks were found in the prefix cache",
+        value=snap.prefix_cache_hit_tokens,
+    )
+    yield CounterMetricFamily(
+        "nova_encoder_cache_queried_images",
+        "Images looked up in the encoder cache",
+        value=snap.encoder_cache_queried_images,
+    )
+    yield CounterMetricFamily(
+        "nova_encoder_cache_hit_images",
+        "Images whose embeddings were found in the encoder cache",
+        value=snap.encoder_cache_hit_images,
+    )
+    yield GaugeMetricFamily(
+        "nova_encoder_cache_used_bytes",
+        "Bytes of image embeddings the encoder cache holds",
+        value=snap.encoder_cache_used_bytes,
+    )
+    yield GaugeMetricFamily(
+        "nova_kv_cache_cached_blocks",
+        "KV blocks no request uses, kept for their content (evicted when blocks run out)",
+        value=snap.kv_cache_cached_blocks,
+    )
 
 
 def _gpu_gauges(snap: EngineSnapshot) -> Iterator[GaugeMetricFamily]:

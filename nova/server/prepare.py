@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from nova.engine.client import EngineClient
 from nova.models.errors import InvalidInputError
+from nova.models.mm_cache import KeyedImage
 from nova.sampling_params import SamplingParams
 from nova.server.config import ServerConfig
 from nova.server.constraints import (
@@ -26,7 +27,15 @@ from nova.server.constraints import (
     completion_constraints,
     grammar_error,
 )
-from nova.server.errors import OpenAIError, bad_request
+from nova.server.errors import (
+    COMBINATION_CODE,
+    CONTEXT_CODE,
+    IMAGE_LIMITS_CODE,
+    JSON_TEXT_CODE,
+    VOCAB_CODE,
+    OpenAIError,
+    bad_request,
+)
 from nova.server.media import MediaError, load_image_url, open_image
 from nova.server.protocol import ChatCompletionRequest, CompletionRequest
 from nova.server.stops import single_token_stop_ids
@@ -45,28 +54,6 @@ GREEDY_EPS = 1e-5  # temperatures below this are greedy (as vLLM)
 MIN_TOP_P = 1e-6
 MAX_STOP_STRINGS = 16
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's, when neither the request nor the model sets one
-# Error codes of 400s for requests the schema cannot rule out (they depend on the model, its
-# context and the server's limits); the schemathesis tests accept only these for valid bodies.
-CONTEXT_CODE = "context_length_exceeded"
-VOCAB_CODE = "token_out_of_vocabulary"
-COMBINATION_CODE = "invalid_field_combination"  # fields valid alone, not together
-IMAGE_LIMITS_CODE = "image_limits"  # mm_processor_kwargs outside the server's limits
-# Every code a schema-valid request can still be refused with, and why the schema cannot say
-# it: the context length and the vocabulary are the model's, images are only known once
-# decoded, and JSON Schema cannot relate two fields.
-SCHEMA_INVISIBLE_CODES = frozenset(
-    {
-        CONTEXT_CODE,
-        VOCAB_CODE,
-        COMBINATION_CODE,
-        IMAGE_LIMITS_CODE,
-        "too_many_images",
-        "images_not_supported",
-        "invalid_image",
-        "image_too_large",
-        "media_not_allowed",
-    }
-)
 
 
 @dataclass(slots=True)
@@ -89,6 +76,7 @@ class Prepared:
     include_stop_str: bool = False  # keep the matched stop string in the text
     min_tokens: int = 0  # stop strings are looked for only after this many output tokens
     tool_mode: ToolMode | None = None  # parse tool calls out of the output
+    n: int = 1  # choices
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -319,6 +307,7 @@ class RequestPreparer:
             include_stop_str=body.include_stop_str_in_output,
             min_tokens=sampling.min_tokens,
             tool_mode=tool_mode,
+            n=body.n or 1,
         )
 
     def _chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[str]]:
@@ -383,7 +372,9 @@ class RequestPreparer:
             try:
                 arguments = json.loads(call.function.arguments or "{}")
             except json.JSONDecodeError as exc:
-                raise bad_request(f"{param} is not valid JSON: {exc}", param) from exc
+                raise bad_request(
+                    f"{param} is not valid JSON: {exc}", param, JSON_TEXT_CODE
+                ) from exc
             calls.append(
                 {
                     "id": call.id,
@@ -484,6 +475,26 @@ class RequestPreparer:
             if client is not None:
                 await client.aclose()
 
+    def _image(
+        self, k: int, data: bytes, image_limits: tuple[int | None, int | None] | None
+    ) -> Any:
+        """One image, in a preparation thread: keyed by its raw bytes and the request's
+        effective resize limits when the engine caches (``image_key``: BLAKE3, a few GB/s); an
+        encoder-cache hit is taken as it is (no decoding, no preprocessing); otherwise decoded
+        and checked."""
+        key = None
+        if self.processor.hash_images:
+            lo, hi = image_limits if image_limits is not None else (None, None)
+            key = self.processor.image_key(data, lo, hi)
+            cached = self.processor.cached_image(key)
+            if cached is not None:
+                return cached
+        try:
+            image = open_image(data, self.media.max_image_pixels)
+        except MediaError as exc:
+            raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
+        return image if key is None else KeyedImage(key, image)
+
     def _chat_prompt(
         self,
         messages: list[dict[str, Any]],
@@ -491,12 +502,7 @@ class RequestPreparer:
         image_limits: tuple[int | None, int | None] | None,
         tools: list[dict[str, Any]] | None = None,
     ) -> PromptInput:
-        images = []
-        for k, data in enumerate(blobs):
-            try:
-                images.append(open_image(data, self.media.max_image_pixels))
-            except MediaError as exc:
-                raise bad_request(f"image {k}: {exc}", "messages", exc.code) from exc
+        images = [self._image(k, data, image_limits) for k, data in enumerate(blobs)]
         try:
             if tools:
                 return self.processor.from_chat(messages, images, image_limits, tools=tools)

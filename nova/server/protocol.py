@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 PRIORITY_LIMIT = 2**31
+MAX_CHOICES = 16  # n: choices per request (each one a sequence in the engine, decoding)
 
 
 def _integral(value: object) -> object:
@@ -170,7 +171,9 @@ class StructuredOutputs(_Strict):
         None, alias="json", description="a JSON schema (object or its JSON text)"
     )
     regex: str | None = None
-    choice: list[str] | None = Field(None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="one or more non-empty strings"
+    )
     grammar: str | None = Field(None, description="a Lark (llguidance dialect) or GBNF grammar")
     json_object: bool | None = None
 
@@ -373,7 +376,12 @@ class _SamplingFields(UnsupportedFields):
     ) = Field(None, description="up to 16 non-empty strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="choices per request: only 1 is supported")
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="choices per request: the prompt is prefilled once and its KV cache shared",
+    )
     ignore_eos: bool = Field(False, description="extension: do not stop at the model's EOS token")
     priority: int = Field(
         0,
@@ -483,10 +491,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV came from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="all choices together")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ResponseToolCall(BaseModel):

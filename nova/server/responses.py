@@ -28,20 +28,22 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class Piece:
-    """Text (and tool-call deltas) to send for a request (possibly empty: the first piece
-    comes with the first token whatever its text); the last piece of a request has its finish
-    reason."""
+    """Text (and tool-call deltas) to send for one choice of a request (possibly empty: a
+    choice's first piece comes with its first token whatever its text); the last piece of a
+    choice has its finish reason."""
 
     text: str
     finish_reason: str | None = None  # set on the last piece
     num_output_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of this piece's tokens
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    index: int = 0  # the choice (0 .. n-1)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 @dataclass(slots=True)
 class Collected:
-    """A whole (non-streamed) response's output."""
+    """One choice's whole (non-streamed) output."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -50,9 +52,26 @@ class Collected:
     calls: list[ToolCall] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Choices:
+    """A finished request's choices (``outputs[i]`` is choice i) and the prompt tokens the
+    prefix cache served."""
+
+    outputs: list[Collected]
+    num_cached_tokens: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> Choices:
+        return cls([Collected() for _ in range(n)])
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.num_output_tokens for c in self.outputs)
+
+
 class ToolPieces:
     """Pieces -> pieces with tool calls parsed out of their text (``mode`` None: pieces pass
-    through). Logprobs stay with the piece whose tokens they describe."""
+    through). Logprobs stay with the piece whose tokens they describe. One per choice."""
 
     def __init__(self, mode: ToolMode | None) -> None:
         self.mode = mode
@@ -73,6 +92,8 @@ class ToolPieces:
             raw.num_output_tokens,
             raw.logprobs,
             parsed.tool_calls,
+            raw.index,
+            raw.num_cached_tokens,
         )
 
     def last(self, piece: Piece, finish: str | None) -> Piece:
@@ -103,11 +124,13 @@ def image_sizes(p: Prepared) -> list[dict[str, int]] | None:
     ]
 
 
-def usage(p: Prepared, num_output_tokens: int) -> dict[str, int]:
+def usage(p: Prepared, num_output_tokens: int, num_cached_tokens: int = 0) -> dict[str, Any]:
+    """The prompt once, the completions of all choices together."""
     return {
         "prompt_tokens": p.num_prompt_tokens,
         "completion_tokens": num_output_tokens,
         "total_tokens": p.num_prompt_tokens + num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
 
 
@@ -125,24 +148,26 @@ def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     }
 
 
-def chat_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": out.text}
-    if out.calls:
-        message["content"] = out.text or None
-        message["tool_calls"] = [c.as_openai() for c in out.calls]
-    body = {
-        **response_head(p, "chat.completion", model),
-        "choices": [
+def chat_body(p: Prepared, model: str, c: Choices, texts: TokenTexts) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(c.outputs):
+        message: dict[str, Any] = {"role": "assistant", "content": out.text}
+        if out.calls:
+            message["content"] = out.text or None
+            message["tool_calls"] = [call.as_openai() for call in out.calls]
+        logprobs = chat_logprobs(out.logprobs, texts) if p.logprobs is not None else None
+        choices.append(
             {
-                "index": 0,
+                "index": i,
                 "message": message,
-                "logprobs": (
-                    chat_logprobs(out.logprobs, texts) if p.logprobs is not None else None
-                ),
+                "logprobs": logprobs,
                 "finish_reason": out.finish_reason,
             }
-        ],
-        "usage": usage(p, out.num_output_tokens),
+        )
+    body = {
+        **response_head(p, "chat.completion", model),
+        "choices": choices,
+        "usage": usage(p, c.num_output_tokens, c.num_cached_tokens),
     }
     sizes = image_sizes(p)
     if sizes is not None:
@@ -150,14 +175,17 @@ def chat_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dic
     return body
 
 
-def completion_body(p: Prepared, model: str, out: Collected, texts: TokenTexts) -> dict[str, Any]:
-    logprobs = completion_logprobs(out.logprobs, texts)[0] if p.logprobs is not None else None
+def completion_body(p: Prepared, model: str, c: Choices, texts: TokenTexts) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(c.outputs):
+        logprobs = completion_logprobs(out.logprobs, texts)[0] if p.logprobs is not None else None
+        choices.append(
+            {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        )
     return {
         **response_head(p, "text_completion", model),
-        "choices": [
-            {"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-        ],
-        "usage": usage(p, out.num_output_tokens),
+        "choices": choices,
+        "usage": usage(p, c.num_output_tokens, c.num_cached_tokens),
     }
 
 
@@ -175,23 +203,23 @@ async def sse_events(
     ``on_rejected`` is called for a 4xx-style ``OpenAIError``."""
     chat = p.kind == "chat"
     head = response_head(p, "chat.completion.chunk" if chat else "text_completion", model)
-    offset = 0  # completions' text_offset: output characters before the chunk's tokens
+    # completions' text_offset per choice: output characters before the chunk's tokens
+    offsets = [0] * p.n
 
     def chunk(
         text: str | None,
         finish: str | None,
-        num_tokens: int,
+        index: int,
         entries: list[TokenLogprobs] | None = None,
         first: bool = False,
         tool_calls: list[ToolCallDelta] | None = None,
     ) -> str:
-        nonlocal offset
         logprobs: dict[str, Any] | None = None
         if p.logprobs is not None and entries is not None:
             if chat:
                 logprobs = chat_logprobs(entries, texts)
             else:
-                logprobs, offset = completion_logprobs(entries, texts, offset)
+                logprobs, offsets[index] = completion_logprobs(entries, texts, offsets[index])
         if chat:
             delta: dict[str, Any] = {}
             if first:
@@ -200,38 +228,40 @@ async def sse_events(
                 delta["content"] = text
             if tool_calls:
                 delta["tool_calls"] = [d.as_openai() for d in tool_calls]
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         obj = {**head, "choices": [choice]}
-        if first and chat and p.prompt.image_sizes:
+        if first and chat and p.prompt.image_sizes and not any(started):
             obj["image_sizes"] = image_sizes(p)
         if p.continuous_usage:
-            obj["usage"] = usage(p, num_tokens)
+            obj["usage"] = usage(p, sum(counts), cached)
         elif p.include_usage:
             obj["usage"] = None
         return sse_event(obj)
 
-    n = 0
-    first = True
+    counts = [0] * p.n  # output tokens of each choice so far
+    started = [False] * p.n  # the choice's first chunk (with its first token) was sent
+    cached = 0  # prompt tokens the prefix cache served
     try:
         async with contextlib.aclosing(pieces) as ps:
             async for piece in ps:
+                i = piece.index
+                counts[i] = piece.num_output_tokens
+                cached = max(cached, piece.num_cached_tokens)
+                first = not started[i]
                 if first or piece.text or piece.logprobs or piece.tool_calls:
                     # with tool calls and no text, a chat delta has no content
                     text = piece.text if piece.text or not piece.tool_calls else None
-                    yield chunk(
-                        text,
-                        None,
-                        piece.num_output_tokens,
-                        piece.logprobs,
-                        first,
-                        piece.tool_calls,
-                    )
-                    first = False
+                    yield chunk(text, None, i, piece.logprobs, first, piece.tool_calls)
+                    started[i] = True
                 if piece.finish_reason is not None:
-                    n = piece.num_output_tokens
-                    yield chunk(None if chat else "", piece.finish_reason, n)
+                    yield chunk(None if chat else "", piece.finish_reason, i)
     except OpenAIError as exc:
         on_rejected()
         yield sse_event(exc.body())
@@ -247,7 +277,7 @@ async def sse_events(
         yield SSE_DONE
         return
     if p.include_usage:
-        yield sse_event({**head, "choices": [], "usage": usage(p, n)})
+        yield sse_event({**head, "choices": [], "usage": usage(p, sum(counts), cached)})
     yield SSE_DONE
 
 

@@ -28,7 +28,7 @@ from nova.server.logprobs import TokenTexts
 from nova.server.metrics import ServerMetrics
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
-    Collected,
+    Choices,
     EngineStream,
     Piece,
     ToolPieces,
@@ -99,25 +99,32 @@ class NovaService:
 
     # -- generation -----------------------------------------------------------------------
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Engine deltas -> pieces (stop strings applied, then tool calls parsed out when the
-        request has tools): one per delta that brought tokens (its text may be empty: held
-        back by a possible stop string, a partial character or a possible tool call), and a
-        last one with the finish reason. Records the outcome."""
-        matcher = StopMatcher(p.stops)
-        tools = ToolPieces(p.tool_mode)
+        """Engine deltas -> pieces per choice (stop strings applied, then tool calls parsed out
+        when the request has tools): one per delta that brought tokens (its text may be empty:
+        held back by a possible stop string, a partial character or a possible tool call), and
+        a last one per choice with the finish reason. Records the outcome (finished when every
+        choice finished)."""
+        matchers = [StopMatcher(p.stops) for _ in range(p.n)]
+        tools = [ToolPieces(p.tool_mode) for _ in range(p.n)]
+        done = [False] * p.n  # the choice's last piece was yielded
+        num_ok = 0  # choices that finished (stop, length, a stop string, the last tool call)
         outcome = "aborted"
         final: RequestMetrics | None = None
-        stopped_at: int | None = None  # output tokens when we ended the request
-        gen = self.client.generate(p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s)
+        extra = {"n": p.n} if p.n > 1 else {}
+        gen = self.client.generate(
+            p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s, **extra
+        )
         try:
             async with contextlib.aclosing(gen) as deltas:
                 async for d in deltas:
+                    i = d.index
                     if d.new_token_ids:
                         self.metrics.generation_tokens.inc(len(d.new_token_ids))
-                    if d.finished:
+                    if d.finished and i == 0:
                         final = d.metrics
-                    if stopped_at is not None:
+                    if done[i]:
                         continue  # draining after our abort, for the final metrics
+                    matcher = matchers[i]
                     text = matcher.feed(d.text_delta, armed=d.num_output_tokens > p.min_tokens)
                     finish: str | None = None
                     if matcher.stopped:
@@ -130,18 +137,22 @@ class NovaService:
                             raise GenerationFailed(d.error or "the engine failed this request")
                         text += matcher.flush()
                         finish = d.finish_reason
-                        outcome = "finished" if finish in ("stop", "length") else "aborted"
-                    piece = tools.piece(Piece(text, None, d.num_output_tokens, d.logprobs))
-                    if finish is None and tools.done:
+                    raw = Piece(
+                        text, None, d.num_output_tokens, d.logprobs, [], i, d.num_cached_tokens
+                    )
+                    piece = tools[i].piece(raw)
+                    if finish is None and tools[i].done:
                         finish = "stop"  # the last tool call allowed (parallel_tool_calls false)
-                    if finish is not None and not (d.finished and not matcher.stopped):
-                        # a stop string or the last allowed call: we end the request here
-                        stopped_at = d.num_output_tokens
-                        outcome = "finished"
-                        if not d.finished:
-                            await self.client.abort(p.request_id)
                     if finish is not None:
-                        yield tools.last(piece, finish)
+                        done[i] = True
+                        # a stop string or the last allowed call: we end the choice here
+                        ours = matcher.stopped or not d.finished
+                        num_ok += ours or finish in ("stop", "length")
+                        if num_ok == p.n:
+                            outcome = "finished"
+                        if not d.finished:
+                            await self.client.abort(d.request_id)
+                        yield tools[i].last(piece, finish)
                     elif piece.text or d.new_token_ids or piece.tool_calls:
                         yield piece
         except RequestRejected as exc:
@@ -152,25 +163,29 @@ class NovaService:
                 self.metrics.prompt_tokens.inc(p.num_prompt_tokens)
                 self.metrics.observe_final(outcome, final)
 
-    async def collect(self, p: Prepared) -> Collected:
-        """The whole answer: the pieces' text, logprobs and tool calls merged (so a
+    async def collect(self, p: Prepared) -> Choices:
+        """The whole answer: each choice's pieces' text, logprobs and tool calls merged (so a
         non-streamed answer is exactly what the stream of the same output would send)."""
-        out = Collected()
-        texts: list[str] = []
-        calls: list[ToolCallDelta] = []
+        out = Choices.empty(p.n)
+        texts: list[list[str]] = [[] for _ in range(p.n)]
+        calls: list[list[ToolCallDelta]] = [[] for _ in range(p.n)]
         async with contextlib.aclosing(self.run(p)) as pieces:
             async for piece in pieces:
-                texts.append(piece.text)
-                out.logprobs.extend(piece.logprobs)
-                calls.extend(piece.tool_calls)
+                i = piece.index
+                texts[i].append(piece.text)
+                calls[i].extend(piece.tool_calls)
+                choice = out.outputs[i]
+                choice.logprobs.extend(piece.logprobs)
+                out.num_cached_tokens = max(out.num_cached_tokens, piece.num_cached_tokens)
                 if piece.finish_reason is not None:
-                    out.finish_reason = piece.finish_reason
-                    out.num_output_tokens = piece.num_output_tokens
-        out.text = "".join(texts)
-        out.calls = merge_tool_calls(calls)
+                    choice.finish_reason = piece.finish_reason
+                    choice.num_output_tokens = piece.num_output_tokens
+        for choice, text, delta in zip(out.outputs, texts, calls):
+            choice.text = "".join(text)
+            choice.calls = merge_tool_calls(delta)
         return out
 
-    async def collect_unless_gone(self, p: Prepared, request: Request) -> Collected:
+    async def collect_unless_gone(self, p: Prepared, request: Request) -> Choices:
         work = asyncio.ensure_future(self.collect(p))
         watch = asyncio.ensure_future(wait_disconnect(request))
         try:
@@ -193,13 +208,12 @@ class NovaService:
             events = sse_events(p, model, self.run(p), self.metrics.rejected, self.token_texts)
             return EngineStream(events, self.admission.release)
         try:
-            done = await self.collect_unless_gone(p, request)
+            choices = await self.collect_unless_gone(p, request)
         except ClientGone:
             return Response(status_code=499)
         except GenerationFailed as exc:
             raise generation_failed(str(exc)) from exc
         finally:
             self.admission.release()
-        if p.kind == "chat":
-            return JSONResponse(chat_body(p, model, done, self.token_texts))
-        return JSONResponse(completion_body(p, model, done, self.token_texts))
+        build = chat_body if p.kind == "chat" else completion_body
+        return JSONResponse(build(p, model, choices, self.token_texts))

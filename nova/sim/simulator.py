@@ -9,6 +9,15 @@ the SM share it started with (partitions change at batch boundaries, as in the e
 
 Torch-free. Output tokens are placeholders (EOS is never produced; requests run to max_tokens),
 which is what latency simulation needs.
+
+Caches: the scheduler's own prefix cache (block manager) and encoder-cache accounting run here
+as in the engine. For them to see what requests share, an arrival may carry its prompt as
+``segments`` (text pieces whose equal keys stand for equal tokens, and images keyed by their
+content, e.g. a session's screenshot resent in later steps); ``arrivals_from_workload`` derives
+them from a multi-turn workload request's conversation. Arrivals without segments get prompts
+no other request shares (a unique first token), so the caches change nothing for them. A hit
+skips the vision batch (all images cached) or shrinks it (misses only), and prefill is costed
+for the uncached suffix only (``work_of`` counts the tokens a batch computes).
 """
 
 from __future__ import annotations
@@ -17,19 +26,25 @@ import gc
 import heapq
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from nova.core.block_manager import BlockManager
+from nova.core.encoder_cache import EncoderCacheAccounting
 from nova.core.policy import WAITING_STATUS, Policy
 from nova.core.scheduler import Scheduler
 from nova.cost.base import CostModel, StageWork
 from nova.cost.gpus import GpuSpec, get_gpu
 from nova.sampling_params import SamplingParams
 from nova.types import STAGES, Batch, ImageInput, Request, Stage, StageResult
-from nova.workload.types import Workload
+from nova.workload.agent_sessions import turn_text_tokens
+from nova.workload.gui_agent import CHAT_TEMPLATE_TOKENS
+from nova.workload.types import Workload, WorkloadRequest
 
 SIM_TOKEN = 1  # placeholder token id of simulated outputs
+SIM_IMAGE_TOKEN = 0  # placeholder token id of simulated image tokens
+_UNIQUE_TOKEN0 = 1 << 40  # first tokens of prompts that share nothing (above any text token)
 # An arrival within TIME_EPS_S after an event joins it; a batch with at most DONE_EPS of its
 # work left is done (float drift of the fluid model).
 TIME_EPS_S = 1e-9
@@ -85,6 +100,11 @@ class SimResult:
     batches: list[BatchRecord]
     end_s: float
     num_preemptions: int
+    # the caches' counters over the run (see ``nova.engine.client.EngineSnapshot``)
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    encoder_cache_queried_images: int = 0
+    encoder_cache_hit_images: int = 0
 
     def decisions(self, stage: Stage) -> list[tuple[str, ...]]:
         """The sequence of batches (request ids) the policy ran for ``stage``."""
@@ -92,9 +112,22 @@ class SimResult:
 
 
 @dataclass(slots=True, frozen=True)
+class PromptSegment:
+    """A piece of a simulated prompt: ``num_tokens`` text tokens that equal those of any
+    segment with the same ``key``, or (``image``) one image whose content is ``key`` (its
+    tokens: ``num_tokens``, or the simulator's ``image_tokens`` when 0)."""
+
+    key: str
+    num_tokens: int = 0
+    image: bool = False
+
+
+@dataclass(slots=True, frozen=True)
 class SimArrival:
     """One request to simulate. ``arrival_s`` None: a closed-loop step sent ``think_time_s``
-    after the previous step of ``session_id`` finished."""
+    after the previous step of ``session_id`` finished. ``segments``: the prompt's content
+    (see ``PromptSegment``; empty: ``num_text_tokens`` then ``num_images`` images that no
+    other request shares)."""
 
     request_id: str
     arrival_s: float | None
@@ -105,10 +138,39 @@ class SimArrival:
     think_time_s: float = 0.0
     priority: int = 0
     deadline_s: float | None = None
+    segments: tuple[PromptSegment, ...] = ()
 
 
-def arrivals_from_workload(workload: Workload) -> list[SimArrival]:
-    """``nova.workload.Workload`` -> arrivals (keeps the workload's session structure)."""
+def request_segments(r: WorkloadRequest) -> tuple[PromptSegment, ...]:
+    """The content of a workload request as prompt segments: a multi-turn request's turns (each
+    turn's template and text, then its image), else the chat template, the images and the
+    instruction of one user turn. Images are keyed by their content when the workload names
+    it (``ImageSpec.content_key``), else by request and position (never shared)."""
+    out: list[PromptSegment] = []
+
+    def image(k: int, key: str | None) -> PromptSegment:
+        return PromptSegment(key or f"{r.request_id}/image{k}", image=True)
+
+    if r.turns:
+        k = 0
+        for turn in r.turns:
+            out.append(PromptSegment(f"{turn.role}|{turn.text}", turn_text_tokens(turn)))
+            if turn.image is not None:
+                out.append(image(k, turn.image.content_key))
+                k += 1
+        return tuple(out)
+    out.append(PromptSegment("template", min(CHAT_TEMPLATE_TOKENS, r.num_text_tokens)))
+    out += [image(k, img.content_key) for k, img in enumerate(r.images)]
+    rest = r.num_text_tokens - CHAT_TEMPLATE_TOKENS
+    if rest > 0:
+        out.append(PromptSegment(f"user|{r.instruction}", rest))
+    return tuple(out)
+
+
+def arrivals_from_workload(workload: Workload, segments: bool | None = None) -> list[SimArrival]:
+    """``nova.workload.Workload`` -> arrivals (keeps the workload's session structure).
+    ``segments``: give every arrival its content (``request_segments``), so the caches can see
+    what requests share; None: only multi-turn requests (whose sharing is the point)."""
     return [
         SimArrival(
             r.request_id,
@@ -120,6 +182,7 @@ def arrivals_from_workload(workload: Workload) -> list[SimArrival]:
             r.think_time_s,
             r.priority,
             r.deadline_s,
+            request_segments(r) if (segments or (segments is None and r.turns)) else (),
         )
         for r in workload.requests
     ]
@@ -158,10 +221,22 @@ class Simulator:
         work_fn: WorkFn = work_of,
         check_invariants: bool = False,
         memoize_costs: bool = True,
+        prefix_caching: bool | None = None,
+        encoder_cache_bytes: int = 0,
+        embed_bytes_per_token: int = 1,
     ) -> None:
+        """``prefix_caching``: model the prefix cache (None: when some arrival has
+        ``segments``); ``encoder_cache_bytes``: the encoder cache's capacity (0: off), an image
+        token's embedding taking ``embed_bytes_per_token`` (hidden size x bytes per value)."""
         self.scheduler = Scheduler(
-            policy, BlockManager(num_kv_blocks, block_size), (), max_model_len
+            policy,
+            BlockManager(num_kv_blocks, block_size, bool(prefix_caching)),
+            (),
+            max_model_len,
+            EncoderCacheAccounting(encoder_cache_bytes, embed_bytes_per_token),
         )
+        self.prefix_caching = prefix_caching
+        self._segment_tokens: dict[tuple[str, int], list[int]] = {}
         self.cost = cost_model
         self.image_tokens = image_tokens
         self.work_fn = work_fn
@@ -172,15 +247,39 @@ class Simulator:
         self._cost_cache: dict[Hashable, float] = {}
         self._seq = itertools.count()
 
+    def _text_tokens(self, key: str, n: int) -> list[int]:
+        """Tokens standing for text ``key``: equal keys give equal tokens (crc32-seeded)."""
+        tokens = self._segment_tokens.get((key, n))
+        if tokens is None:
+            base = zlib.crc32(key.encode("utf-8"))
+            tokens = [2 + (base + 7919 * i) % 1_000_003 for i in range(n)]
+            self._segment_tokens[(key, n)] = tokens
+        return tokens
+
     def make_request(self, a: SimArrival) -> Request:
-        """The scheduler's request for arrival ``a`` (placeholder prompt tokens; each image
-        fills ``image_tokens`` of them)."""
+        """The scheduler's request for arrival ``a``: its segments' tokens and images, or
+        placeholder tokens that no other request shares (each image fills ``image_tokens``)."""
+        sampling = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)
+        if a.segments:
+            tokens: list[int] = []
+            images: list[ImageInput] = []
+            for seg in a.segments:
+                if seg.image:
+                    n = seg.num_tokens or self.image_tokens
+                    images.append(ImageInput(n, seg.key, offset=len(tokens)))
+                    tokens += [SIM_IMAGE_TOKEN] * n
+                else:
+                    tokens += self._text_tokens(seg.key, seg.num_tokens)
+            if not tokens:
+                tokens = [SIM_TOKEN]
+            return Request(a.request_id, tokens, sampling, images, a.priority, a.deadline_s)
         n_prompt = max(1, a.num_text_tokens) + a.num_images * self.image_tokens
         images = [ImageInput(self.image_tokens, f"{a.request_id}/{i}") for i in range(a.num_images)]
+        first = _UNIQUE_TOKEN0 + next(self._seq)  # shares no block with any other request
         return Request(
             a.request_id,
-            [SIM_TOKEN] * n_prompt,
-            SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
+            [first] + [SIM_TOKEN] * (n_prompt - 1),
+            sampling,
             images,
             a.priority,
             a.deadline_s,
@@ -267,6 +366,8 @@ class Simulator:
 
     def _run(self, arrivals: Sequence[SimArrival], max_time_s: float) -> SimResult:
         sched = self.scheduler
+        if self.prefix_caching is None:
+            sched.block_manager.enable_prefix_caching = any(a.segments for a in arrivals)
         schedule, complete = sched.schedule, sched.complete
         heap, by_session = self._sessions(arrivals)
         session_of = {a.request_id: a.session_id for a in arrivals if a.session_id}
@@ -366,12 +467,23 @@ class Simulator:
                                 heapq.heappush(heap, (t + nxt.think_time_s, next(self._seq), nxt))
             if check:
                 sched.block_manager.check_integrity()
+                sched.encoder_cache.check_integrity()
             while heap and heap[0][0] <= t + TIME_EPS_S:
                 _, _, a = heapq.heappop(heap)
                 req = self.make_request(a)
                 sched.add_request(req, max(t, a.arrival_s if a.arrival_s is not None else t))
                 requests.append(req)
-        return SimResult(requests, records, t, sched.state.num_preemptions)
+        bm, enc = sched.block_manager, sched.encoder_cache
+        return SimResult(
+            requests,
+            records,
+            t,
+            sched.state.num_preemptions,
+            bm.num_queried_tokens,
+            bm.num_hit_tokens,
+            enc.num_queried_images,
+            enc.num_hit_images,
+        )
 
 
 @dataclass(slots=True)

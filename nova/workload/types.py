@@ -13,14 +13,44 @@ from dataclasses import dataclass
 
 @dataclass(slots=True, frozen=True)
 class ImageSpec:
-    """One image of a request, in pixels. Its content is synthesised from the request's seed."""
+    """One image of a request, in pixels. Its content is synthesised from the request's seed,
+    or, when ``seed`` is set, from ``seed`` and ``revision``: the screen of one agent session
+    (``seed``) after ``revision`` steps, a little different from the one before
+    (``nova.screenshots.make_session_screenshot``); equal specs are byte-identical images."""
 
     width: int
     height: int
+    seed: int | None = None
+    revision: int = 0
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0:
             raise ValueError(f"image size must be positive, got {self.width}x{self.height}")
+        if self.revision < 0:
+            raise ValueError(f"revision must be >= 0, got {self.revision}")
+
+    @property
+    def content_key(self) -> str | None:
+        """Identifies the image's content across requests (None: synthesised per request)."""
+        if self.seed is None:
+            return None
+        return f"screen:{self.seed}:{self.revision}:{self.width}x{self.height}"
+
+
+@dataclass(slots=True, frozen=True)
+class ChatTurn:
+    """One message of a multi-turn request: a role ("system", "user", "assistant"), its text
+    and optionally one image (shown before the text)."""
+
+    role: str
+    text: str = ""
+    image: ImageSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role {self.role!r}")
+        if self.image is not None and self.role != "user":
+            raise ValueError("only user turns carry images")
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +66,10 @@ class WorkloadRequest:
     ``think_time_s``: closed loop: wait after the previous step's answer before sending this.
     ``deadline_s``: optional latency target, seconds after arrival. ``priority``: lower first.
     ``seed``: seeds a deterministic synthetic screenshot for this request's images.
+    ``turns``: the whole conversation, when the request is multi-turn (agent sessions resend
+    the system prompt, the history and the last screenshots every step); then ``images`` are
+    the turns' images in order and ``instruction`` is the last user text. Empty: one user turn
+    of ``images`` then ``instruction``.
     """
 
     request_id: str
@@ -50,8 +84,13 @@ class WorkloadRequest:
     deadline_s: float | None = None
     priority: int = 0
     seed: int = 0
+    turns: tuple[ChatTurn, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.turns:
+            turn_images = tuple(t.image for t in self.turns if t.image is not None)
+            if turn_images != self.images:
+                raise ValueError(f"request {self.request_id!r}: images differ from the turns'")
         if self.max_tokens < 1:
             raise ValueError(
                 f"request {self.request_id!r}: max_tokens must be >= 1, got {self.max_tokens}"
