@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -145,62 +146,88 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--policies", nargs="+", default=["multi_stream", "sequential"])
+    ap.add_argument("--policies", nargs="+", default=["multi_stream", "nova", "sequential"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run the policies in turn this many times"
+    )
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-one-at-a-time", action="store_true")
+    ap.add_argument("--tag", default="", help="results file suffix (e.g. the load it ran under)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
 
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    nova = None
-    results = {}
+    engines: dict[str, LLMEngine] = {}
+    loaded = None
     for policy in args.policies:
-        nova = LLMEngine(
-            EngineConfig(model=args.model, policy=policy), loaded=nova.loaded if nova else None
+        engines[policy] = LLMEngine(
+            EngineConfig(model=args.model, policy=policy, dtype=args.dtype), loaded=loaded
         )
-        prompts = build_prompts(nova, args.num_requests)
-        reqs, wall = run_engine(nova, prompts, params)
-        results[f"engine:{policy}"] = (reqs, wall)
-    results["one_at_a_time"] = run_one_at_a_time(nova, prompts, params)
+        loaded = engines[policy].loaded
+    nova = engines[args.policies[-1]]
+    prompts = build_prompts(nova, args.num_requests)
+    results: list[tuple[str, int, list[Request], float, float]] = []
+    for rnd in range(args.rounds):  # interleaved: A B C A B C ...
+        for policy, engine in engines.items():
+            load = os.getloadavg()[0]
+            reqs, wall = run_engine(engine, prompts, params)
+            results.append((f"engine:{policy}", rnd, reqs, wall, load))
+    if not args.skip_one_at_a_time:
+        load = os.getloadavg()[0]
+        results.append(("one_at_a_time", 0, *run_one_at_a_time(nova, prompts, params), load))
     if not args.skip_transformers:
-        results["transformers_batched"] = run_transformers(nova, prompts, args.max_tokens)
+        load = os.getloadavg()[0]
+        reqs, wall = run_transformers(nova, prompts, args.max_tokens)
+        results.append(("transformers_batched", 0, reqs, wall, load))
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     report = {
         "benchmark": "engine_latency",
         "model": args.model,
+        "dtype": args.dtype,
         "num_requests": args.num_requests,
         "num_with_image": sum(p.pixel_values is not None for p in prompts),
         "max_tokens": args.max_tokens,
         "arrivals": "one burst at t=0",
         "machine": machine(),
+        "partition_backend": nova.partition_backend.describe(),
         "systems": {},
     }
     lines = [
         f"# Engine latency: {args.num_requests} requests in one burst, {args.model} ({device})",
         "",
-        f"Machine: {report['machine']}",
+        f"Machine: {report['machine']}; {args.dtype}; partition backend: "
+        f"{report['partition_backend']}",
         "",
         f"{report['num_with_image']} with a screenshot, the rest text; {args.max_tokens} output "
-        "tokens each (EOS ignored); latencies from the burst.",
+        "tokens each (EOS ignored); latencies from the burst; systems run in turn "
+        f"({args.rounds} round(s)), 1-min load average at each start.",
         "",
-        "| system | wall s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E "
-        "mean ms | E2E p50 ms | E2E p99 ms | E2E max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | round | load | wall s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
+        "| TPOT p50 ms | E2E mean ms | E2E p50 ms | E2E p99 ms | E2E max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, (reqs, wall) in results.items():
+    for name, rnd, reqs, wall, load in results:
         s = summarize([request_metrics(r) for r in reqs], duration_s=wall)
-        report["systems"][name] = {"wall_s": round(wall, 3), **summary_to_dict(s)}
-        print(format_summary_table(s, title=name), flush=True)
+        key = name if args.rounds == 1 else f"{name}#{rnd}"
+        report["systems"][key] = {
+            "wall_s": round(wall, 3),
+            "loadavg_1min": round(load, 2),
+            **summary_to_dict(s),
+        }
+        print(format_summary_table(s, title=key), flush=True)
         ms = lambda v: f"{v * 1e3:.0f}"  # noqa: E731
         lines.append(
-            f"| {name} | {wall:.2f} | {s.request_throughput_rps:.2f} | "
+            f"| {name} | {rnd} | {load:.1f} | {wall:.2f} | {s.request_throughput_rps:.2f} | "
             f"{s.output_throughput_tps:.1f} "
             f"| {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p50)} | {ms(s.e2e.mean)} "
             f"| {ms(s.e2e.p50)} | {ms(s.e2e.p99)} | {ms(s.e2e.max)} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"engine_{device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"engine_{device}.md").write_text("\n".join(lines) + "\n")
+    stem = f"engine_{device}{('_' + args.tag) if args.tag else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

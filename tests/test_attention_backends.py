@@ -33,6 +33,7 @@ from nova.runtime.attention_backend import (  # noqa: E402
     AttentionMetadata,
     PhaseSplitAttention,
 )
+from nova.runtime.attention_cpu import CpuPagedAttention  # noqa: E402
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
 from nova.runtime.attention_sdpa import SdpaPagedAttention, causal_gather_views  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
@@ -83,6 +84,9 @@ def make_case(
         for h in (num_heads, num_kv_heads, num_kv_heads)
     )
     owned = set(perm[:used])
+    # One block no sequence owns is the pad slot's (the runner reserves one the same way).
+    cache.pad_slot = perm[-1] * block_size
+    owned.add(perm[-1])
     return cache, batch, q, k, v, owned
 
 
@@ -149,6 +153,30 @@ def test_triton_kernel_matches_sdpa(case, heads, block_size, head_dim):
     )
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,block_size,head_dim", [((6, 2), 4, 16), ((4, 4), 16, 24)])
+def test_cpu_backend_matches_sdpa(case, heads, block_size, head_dim):
+    # Poisoned unowned blocks: padding must read only the reserved pad slot.
+    check_against_sdpa(CpuPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_cpu_backend_bf16_close_to_sdpa(case):
+    # bf16 scores are rounded once before the softmax (SDPA's flash kernel keeps them fp32).
+    check_against_sdpa(CpuPagedAttention(), case, 9, 3, 64, 16, atol=3e-2, dtype=torch.bfloat16)
+
+
+def test_cpu_backend_pad_slot_is_a_reserved_block(tiny_dirs):
+    runner = ModelRunner(load_model(tiny_dirs["llama"]), CacheConfig(block_size=4, num_blocks=8))
+    assert runner.attention.name == "cpu" and runner.attention.needs_pad_slot
+    assert runner.block_manager.num_blocks == 8 and runner.kv_cache.num_blocks == 9
+    assert runner.kv_cache.pad_slot == 8 * 4
+    sdpa = ModelRunner(
+        load_model(tiny_dirs["llama"]), CacheConfig(block_size=4, num_blocks=8), "sdpa"
+    )
+    assert sdpa.kv_cache.num_blocks == 8 and sdpa.kv_cache.pad_slot is None
+
+
 def test_triton_kernel_groups_of_eight_heads():
     check_against_sdpa(TritonPagedAttention(), "mixed", 16, 2, 16, 16, atol=1e-5, device=DEVICE)
 
@@ -188,7 +216,7 @@ def test_choose_attention_rule():
     assert choose_attention("flex", "cuda") == choose_attention("flex", "cpu")
     assert choose_attention("flex", "cuda").decode == "flex"
     auto_cpu = choose_attention("auto", "cpu", {"decode": "flex", "prefill": "flex"})
-    assert (auto_cpu.decode, auto_cpu.prefill) == ("sdpa", "sdpa")
+    assert (auto_cpu.decode, auto_cpu.prefill) == ("cpu", "cpu")
     none = choose_attention("auto", "cuda", None)
     assert (none.decode, none.prefill) == ("triton", "triton")
     table = {"decode": "flex", "prefill": "sdpa"}
@@ -216,10 +244,10 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs a CUDA device.*TRITON_INTERPRET"):
         make_attention_backend("triton", "cpu")
-    assert isinstance(make_attention_backend("auto", "cpu"), SdpaPagedAttention)
+    assert isinstance(make_attention_backend("auto", "cpu"), CpuPagedAttention)
 
 
-@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "flex"])
 def test_decoder_with_backend_matches_sdpa_decoder(tiny_dirs, backend):
     """Batched varlen prefill, then two decode steps: the decoder's logits with the backend
     equal those with SDPA (tiny Llama, GQA 4:2, block size 4)."""

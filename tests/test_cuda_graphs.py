@@ -62,10 +62,13 @@ def test_graphs_off_on_cpu_and_for_dynamic_backends(tiny_dirs):
     assert "CUDA device" in graphs_unavailable_reason(torch.device("cpu"), object())
     assert "triton" in graphs_unavailable_reason(torch.device("cuda"), SdpaPagedAttention())
     runner = ModelRunner(
-        load_model(tiny_dirs["llama"]), CacheConfig(block_size=4, num_blocks=16), cuda_graphs=True
+        load_model(tiny_dirs["llama"]),
+        CacheConfig(block_size=4, num_blocks=16),
+        attention_backend="sdpa",
+        cuda_graphs=True,
     )
     assert runner.decode_graphs is None
-    assert runner.kv_cache.num_blocks == 16  # no scratch block without graphs
+    assert runner.kv_cache.num_blocks == 16  # no scratch block without graphs (or padding)
     with pytest.raises(ValueError, match="static shapes"):
         StaticDecodeRunner(
             runner.model, runner.kv_cache, 4, 64, 15, "cpu", attention=SdpaPagedAttention()

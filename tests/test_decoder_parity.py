@@ -34,7 +34,7 @@ def test_batched_prefill_then_decode_match_transformers(tiny_dirs, kind, block_s
     runner = ModelRunner(loaded, CacheConfig(block_size=block_size, num_blocks=128))
     bm = runner.block_manager
     seqs = [SeqInput(p, 0, bm.allocate(str(i), len(p))) for i, p in enumerate(PROMPTS)]
-    batch = build_forward_batch(seqs, block_size, "cpu")
+    batch = build_forward_batch(seqs, block_size, "cpu", runner.attention)
     with torch.inference_mode():
         ours = loaded.model.decoder.compute_logits(loaded.model.forward(batch, runner.kv_cache))
     offset = 0

@@ -365,7 +365,7 @@ def test_runner_gives_the_freed_memory_to_the_kv_cache(llava_dirs, monkeypatch):
     )
     st = off.vision_streamer.stats
     assert st.saved_bytes == (NUM_VISION_LAYERS - 2) * st.layer_bytes > 0
-    per_block = base.kv_cache.num_bytes // base.block_manager.num_blocks
+    per_block = base.kv_cache.num_bytes // base.kv_cache.num_blocks
     assert off.block_manager.num_blocks == ((1 << 20) + st.saved_bytes) // per_block
     assert off.block_manager.num_blocks > base.block_manager.num_blocks
     assert off.memory.weights_streamed_bytes == st.streamed_bytes

@@ -178,16 +178,17 @@ def test_selection_on_cpu():
         make_backend("mps_masks", "cpu")
 
 
-def test_cpu_backend_reports_cores_and_cannot_limit():
-    backend = CpuBackend(num_cores=6)
-    part = Partition(0.5, 0.5, 0.5)
-    assert backend.granted_sms(Stage.DECODE, part) == 6
+def test_cpu_backend_reports_cores_and_limits_them():
+    backend = CpuBackend(cores=range(6))
+    applied = []
+    backend._apply = applied.append  # record instead of pinning the test's thread
+    part = Partition(0.5, 0.5, 0.5, isolated=True)
+    assert backend.enforces_limits and backend.grid.num_sms == 6
+    assert backend.granted_sms(Stage.DECODE, part) == 3
     with backend.activate(Stage.DECODE, part) as stream:
         assert stream is None
-    with backend.share_context(1.0):
-        pass
-    with pytest.raises(PartitionUnavailable, match="cannot limit SMs"):
-        backend.share_context(0.5)
+    assert applied == [(3, 4, 5)] and backend.granted_sms(Stage.DECODE, part) == 3
+    assert backend.share_granted_sms(0.5) == 3 and backend.share_granted_sms(1.0) == 6
 
 
 def test_engine_rejects_an_explicit_green_context_request_on_cpu(tiny_dirs):
@@ -435,10 +436,11 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
         def __init__(self):
             super().__init__(num_cores=4)
             self.activations = []
+            self._apply = lambda cores: None  # 4 planned cores, whatever this machine has
 
-        def activate(self, stage, partition):
+        def run(self, stage, partition, fn):
             self.activations.append((stage, partition))
-            return super().activate(stage, partition)
+            return super().run(stage, partition, fn)
 
     backend = Recording()
     monkeypatch.setattr(llm_engine, "make_backend", lambda name, device: backend)
@@ -453,7 +455,8 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
     stages = {s for s, _ in backend.activations}
     assert {Stage.PREFILL, Stage.DECODE} <= stages
     assert all(p.name == "static" for _, p in backend.activations)
-    assert nova.executor.granted_sms[Stage.DECODE] == 4
+    # static_partition's decode share 0.2 of 4 cores: one core of its own
+    assert nova.executor.granted_sms[Stage.DECODE] == 1
 
 
 # -- real green contexts (GPU) -------------------------------------------------------------------

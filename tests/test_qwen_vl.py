@@ -119,7 +119,7 @@ def test_batched_prefill_and_decode_after_images_match_transformers(setups, kind
         )
         for i, (p, plan) in enumerate(zip(prompts, plans))
     ]
-    batch = build_forward_batch(seqs, runner.block_size, "cpu")
+    batch = build_forward_batch(seqs, runner.block_size, "cpu", runner.attention)
     assert tuple(batch.positions.shape) == (3, batch.input_ids.numel())
     with torch.inference_mode():
         ours = model.decoder.compute_logits(model.forward(batch, runner.kv_cache))

@@ -82,15 +82,16 @@ class AsyncEngine:
                 finished = ev.finished
                 if finished:
                     unfinished.discard(ev.request_id)
-                tokens = list(req.output_token_ids)
+                new_tokens = list(ev.new_token_ids)
+                text = detoks[i].push(new_tokens, finished)  # keeps the output's tokens, in order
                 yield OutputDelta(
                     request_id=ev.request_id,
-                    new_token_ids=list(ev.new_token_ids),
-                    text_delta=detoks[i].delta(tokens, finished),
+                    new_token_ids=new_tokens,
+                    text_delta=text,
                     finished=finished,
                     finish_reason=ev.finish_reason,
                     error=ev.error,
-                    num_output_tokens=len(tokens),
+                    num_output_tokens=len(detoks[i].token_ids),
                     metrics=request_metrics(req) if finished else None,
                     index=i,
                     num_cached_tokens=req.num_cached_prompt_tokens,

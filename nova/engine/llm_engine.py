@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from nova.config import EngineConfig
 from nova.core.encoder_cache import EncoderCacheAccounting
@@ -27,6 +27,7 @@ from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Request
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def device_gpu_spec(device: str) -> str:
@@ -60,7 +61,23 @@ def default_cost_model(
     spec = ModelSpec.from_dir(loaded.model_dir)
     if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):
         spec = spec.with_pixel_limits(min_pixels, max_pixels)
+    if gpu == "cpu":  # the cores this process may use play the SMs (CPU partitions)
+        from nova.cost.gpus import cpu_spec
+        from nova.gpu.cpu_threads import available_cores
+
+        return make_cost_model("roofline", cpu_spec(len(available_cores())), spec)
     return make_cost_model("roofline", gpu, spec)
+
+
+def _on_fresh_thread_if_cpu(device: str, fn: Callable[[], T]) -> T:
+    """On a CPU, ``fn()`` (model loading, KV-cache allocation: many parallel ops) runs on a
+    thread that ends afterwards, so the OpenMP pool those ops start does not outlive it and
+    count against the stage workers' pools (``nova.gpu.cpu_threads.TeamThread``)."""
+    if not device.startswith("cpu"):
+        return fn()
+    from nova.gpu.cpu_threads import run_in_fresh_thread
+
+    return run_in_fresh_thread(fn)
 
 
 class LLMEngine:
@@ -71,13 +88,16 @@ class LLMEngine:
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(
-            config.model,
-            config.load_format,
-            config.torch_dtype,
+        self.loaded = loaded or _on_fresh_thread_if_cpu(
             config.device,
-            config.seed,
-            config.generation_config,
+            lambda: load_model(
+                config.model,
+                config.load_format,
+                config.torch_dtype,
+                config.device,
+                config.seed,
+                config.generation_config,
+            ),
         )
         self.processor = InputProcessor(
             self.loaded,
@@ -88,19 +108,22 @@ class LLMEngine:
         # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
         # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
         self.partition_backend = make_backend(config.partition, self.loaded.device)
-        self.runner = ModelRunner(
-            self.loaded,
-            CacheConfig(
-                block_size=config.block_size,
-                num_blocks=config.num_kv_blocks,
-                kv_cache_bytes=config.kv_cache_bytes,
-                prefix_caching=config.prefix_caching,
-                encoder_cache_bytes=config.encoder_cache_bytes,
+        self.runner = _on_fresh_thread_if_cpu(
+            config.device,
+            lambda: ModelRunner(
+                self.loaded,
+                CacheConfig(
+                    block_size=config.block_size,
+                    num_blocks=config.num_kv_blocks,
+                    kv_cache_bytes=config.kv_cache_bytes,
+                    prefix_caching=config.prefix_caching,
+                    encoder_cache_bytes=config.encoder_cache_bytes,
+                ),
+                attention_backend=config.attention_backend,
+                cuda_graphs=config.cuda_graphs,
+                max_num_seqs=config.max_num_seqs,
+                vision_offload_layers=config.vision_offload_layers,
             ),
-            attention_backend=config.attention_backend,
-            cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
-            vision_offload_layers=config.vision_offload_layers,
         )
         log.info("partition backend: %s", self.partition_backend.describe())
         log.info("%s", self.runner.memory)
@@ -116,8 +139,11 @@ class LLMEngine:
                 "cost_model": cost_model,
                 "image_tokens": max(1, self.processor.num_image_tokens),
             }
-            if self.partition_backend.enforces_limits:  # plan on the device's real SM grid
-                extra["sm_granularity_share"] = self.partition_backend.grid.share_step
+            grid = self.partition_backend.grid
+            if self.partition_backend.enforces_limits and grid.num_sms > 1:
+                # plan on the device's real SM grid (CPU: its cores); with one core there is
+                # nothing to split and the stages time-share it
+                extra["sm_granularity_share"] = grid.share_step
         policy = make_policy(config.policy, limits=limits, **extra)
         if self.partition_backend.enforces_limits and hasattr(policy, "partition_set"):
             self.partition_backend.prepare(policy.partition_set())  # created once, up front
@@ -155,6 +181,7 @@ class LLMEngine:
 
     def stop(self) -> None:
         self.loop.stop()
+        self.partition_backend.close()
 
     # -- what a front end asks (nova.engine.client.EngineClient, through AsyncEngine) ---------
     @property

@@ -4,7 +4,8 @@ Each stage worker thread calls ``execute`` for its own stage. On CUDA each stage
 stream; image embeddings stay on the device from vision to prefill, and prefill waits on the
 event recorded after the vision batch that produced them (no host round trip). On a CPU the
 streams are absent and ops run in the calling thread (PyTorch releases the GIL inside ops, so
-the three workers do overlap).
+the three workers do overlap); the ``cpu`` partition backend runs each batch on the worker's
+cores for that batch, with that many intra-op threads (``nova.gpu.cpu_cores``).
 
 Caches: the encoder cache's tensors live in ``encoder_store`` (``nova.models.mm_cache``); a
 vision batch first drops the entries the scheduler evicted, encodes only the images it names
@@ -149,11 +150,16 @@ class TorchExecutor:
         partition = self.partitions.get(batch.stage, batch.partition)
         if batch.evict_mm_hashes:  # unpinned entries: no running batch reads them
             self.encoder_store.drop(batch.evict_mm_hashes)
-        # The stage's stream (in the green context of its SM share, if the backend has them).
-        with self.partition_backend.activate(batch.stage, partition) as stream:
-            out = run_isolated(batch, fn, self.fault_hook)
+
+        def run_batch(stream: Any) -> StageResult:
+            result = run_isolated(batch, fn, self.fault_hook)
             if stream is not None:
                 stream.synchronize()
+            return result
+
+        # On the stage's stream (in the green context of its SM share, if the backend has
+        # them); on a CPU, on the stage's team thread and cores (nova.gpu.cpu_threads).
+        out = self.partition_backend.run(batch.stage, partition, run_batch)
         with self._lock:
             for rid in out.new_token_ids:
                 p = self._payloads.get(rid)
@@ -216,8 +222,10 @@ class TorchExecutor:
             return {}
         payloads = [self._payload(rid) for rid in ids]
         bitmask = self._grammar_bitmask(ids, [items[i] for i in rows], payloads)
+        if rows != list(range(len(items))):  # (a [rows, vocab] logits copy: only when needed)
+            logits = logits[rows]
         out = sample_batch(
-            logits[rows],
+            logits,
             [p.sampling for p in payloads],
             [p.generator for p in payloads],
             allowed_token_bitmask=None if bitmask is None else torch.from_numpy(bitmask),

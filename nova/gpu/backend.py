@@ -3,7 +3,8 @@
 A backend runs a stage's batch inside ``activate(stage, partition)``: on the stream (and, for
 green contexts, the SMs) that the stage gets under that partition.
 
-- ``cpu`` (``CpuBackend``): no streams, no limits; the core count is reported as the "SMs".
+- ``cpu`` (``CpuBackend``): CPU partitions: each stage worker on its own cores with its own
+  intra-op thread count (``nova.gpu.cpu_cores``, ``nova.gpu.cpu_threads``); cores are the "SMs".
 - ``none`` (``StreamBackend``): one CUDA stream per stage; partitions are recorded, not
   enforced (stages contend freely).
 
@@ -14,14 +15,19 @@ picks one.
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TypeVar
 
+from nova.gpu.cpu_cores import CoreBroker
+from nova.gpu.cpu_threads import TeamThread, apply_cores, available_cores, cores_for_block
 from nova.gpu.sm_plan import SHARE_EPS, SMGrid
 from nova.gpu.streams import CudaStream, CudaStreams
 from nova.types import STAGES, Partition, Stage
+
+T = TypeVar("T")
 
 
 class PartitionUnavailable(ValueError):
@@ -60,9 +66,18 @@ class PartitionBackend:
         synchronise (``None`` on a CPU)."""
         yield None
 
+    def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
+        """``fn(stream)`` as ``stage``'s batch under ``partition``: inside ``activate`` on the
+        calling thread (the CPU backend runs it on the stage's team thread instead)."""
+        with self.activate(stage, partition) as stream:
+            return fn(stream)
+
     def granted_sms(self, stage: Stage, partition: Partition) -> int:
         """SMs the stage really runs on under ``partition`` (the whole device if unlimited)."""
         return self.grid.num_sms
+
+    def close(self) -> None:
+        """Release what ``run`` keeps between batches (the engine calls it when it stops)."""
 
     def share_context(self, share: float) -> AbstractContextManager[object]:
         """A context manager running the enclosed work on ``share`` of the SMs (for
@@ -91,15 +106,131 @@ class PartitionBackend:
 
 
 class CpuBackend(PartitionBackend):
-    """No streams, no SM limits; the core count stands in for the SM count."""
+    """CPU partitions: each stage's batch runs on its own cores with as many intra-op threads
+    (``nova.gpu.cpu_cores`` plans, ``nova.gpu.cpu_threads`` applies), switched at batch
+    boundaries. Cores stand in for SMs: ``grid`` has one "SM" per core, step 1."""
 
     name = "cpu"
 
-    def __init__(self, num_cores: int | None = None) -> None:
-        super().__init__(SMGrid(num_cores or os.cpu_count() or 1))
+    def __init__(self, num_cores: int | None = None, cores: Sequence[int] | None = None) -> None:
+        if cores is None:
+            cores = available_cores()
+            if num_cores is not None:
+                cores = tuple(range(num_cores)) if num_cores > len(cores) else cores[:num_cores]
+        self.broker = CoreBroker(cores)
+        super().__init__(self.broker.grid)
+        self._apply = _apply_cores  # tests swap in a recorder
+        self._created: dict[tuple[str, str], GrantedPartition] = {}
+        self._teams: dict[Stage, TeamThread] = {}
+        self._teams_lock = threading.Lock()
+        self.num_team_threads_started = 0
+
+    @property
+    def enforces_limits(self) -> bool:
+        return True
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        return self.broker.cores
+
+    def prepare(self, partitions: Iterable[Partition]) -> None:
+        for part in partitions:
+            if part.isolated:
+                self._record(part, self.broker.isolated_sets(part))
+
+    def _record(self, partition: Partition, sets: dict[Stage, tuple[int, ...]]) -> None:
+        plan = self.broker.plan(partition)
+        for stage in STAGES:
+            limit = plan.stage_sms(stage) if plan is not None else None
+            requested = limit or self.grid.num_sms
+            described = plan.describe() if plan is not None else "time-shared"
+            key = (stage.value, described)
+            if key not in self._created:
+                self._created[key] = GrantedPartition(
+                    stage.value, described, requested, len(sets[stage]), "affinity"
+                )
+
+    @contextlib.contextmanager
+    def activate(self, stage: Stage, partition: Partition) -> Iterator[CudaStream | None]:
+        grant = self.broker.acquire(stage, partition)
+        try:
+            self._apply(grant.cores)
+            yield None
+        finally:
+            self.broker.release(stage)
+
+    def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
+        """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""
+        grant = self.broker.acquire(stage, partition)
+        try:
+            team = self._team(stage, grant.num_cores)
+            return team.run(grant.cores, lambda: fn(None))
+        finally:
+            self.broker.release(stage)
+
+    def _team(self, stage: Stage, num_cores: int) -> TeamThread:
+        """The stage's team thread for a batch on ``num_cores`` cores, keeping the OpenMP pools
+        of all team threads within the cores (``TeamThread`` says why): idle team threads of
+        other stages with pools are retired first, then this stage's own if its pool is larger
+        than this batch needs. A pool held by a running batch stays until that batch ends."""
+        with self._teams_lock:
+            team = self._teams.get(stage)
+
+            def pooled() -> int:  # pool threads after this batch starts, + the initial thread
+                mine = max(team.pool_size if team else 1, num_cores)
+                others = sum(t.pool_size - 1 for s, t in self._teams.items() if s is not stage)
+                return 1 + (mine - 1) + others
+
+            for other, t in list(self._teams.items()):
+                if pooled() <= self.grid.num_sms:
+                    break
+                if other is not stage and not t.busy and t.pool_size > 1:
+                    t.retire()
+                    del self._teams[other]
+            if team is not None and pooled() > self.grid.num_sms and team.pool_size > num_cores:
+                team.retire()
+                team = None
+            if team is None:
+                team = TeamThread(f"nova-{stage.value}-team", self._apply)
+                self._teams[stage] = team
+                self.num_team_threads_started += 1
+            return team
+
+    def close(self) -> None:
+        """Retire every team thread (the engine calls it when it stops)."""
+        with self._teams_lock:
+            for t in self._teams.values():
+                t.retire()
+            self._teams.clear()
+
+    def granted_sms(self, stage: Stage, partition: Partition) -> int:
+        """Cores the stage's last batch ran on (before its first batch: what it would get)."""
+        last = self.broker.last.get(stage)
+        if last is not None:
+            return last.num_cores
+        if partition.isolated:
+            return len(self.broker.isolated_sets(partition)[stage])
+        return self.grid.num_sms
+
+    def share_context(self, share: float) -> AbstractContextManager[object]:
+        """The calling thread on ``share`` of the cores (the first ones), for ``nova profile``."""
+        return cores_for_block(self.cores[: self.grid.sms_for_share(share)])
+
+    def share_granted_sms(self, share: float) -> int:
+        return self.grid.sms_for_share(share)
+
+    def created(self) -> list[GrantedPartition]:
+        return list(self._created.values())
 
     def describe(self) -> str:
-        return f"cpu: {self.grid.num_sms} cores reported as SMs; no partitioning on a CPU"
+        return (
+            f"cpu: {self.grid.num_sms} cores {list(self.cores)}; each stage worker on its own "
+            "cores with as many intra-op threads, shared partitions split among running stages"
+        )
+
+
+def _apply_cores(cores: Sequence[int]) -> None:
+    apply_cores(cores)
 
 
 class StreamBackend(PartitionBackend):

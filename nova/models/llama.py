@@ -16,6 +16,7 @@ The forward works on packed tokens ``[num_tokens, hidden]`` of several sequences
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from nova.models.mrope import mrope_frequency_rows
 from nova.runtime.attention_backend import AttentionBackend
 from nova.runtime.attention_sdpa import SdpaPagedAttention
+from nova.runtime.cpu_linear import PackedLinear
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
 from nova.shapes import TextShape
@@ -77,7 +79,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
+class _Fused:
+    """One weight (and bias) made of several ``nn.Linear`` modules' rows, so one GEMM computes
+    them all; the modules' parameters become views into it.
+
+    Invariant: while the views hold, writing a module's parameter (the loader's ``copy_``)
+    writes the fused tensor. Anything that replaces a parameter's storage (``Module.to``,
+    ``to_empty``, ``load_state_dict(assign=True)``) breaks the views; ``get`` notices by the
+    data pointer of the first weight and rebuilds from the current parameters.
+    """
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        first = self.linears[0].weight
+        if self.weight is None or first.data_ptr() != self.weight.data_ptr():
+            self._fuse()
+        assert self.weight is not None
+        return self.weight, self.bias
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def _fuse(self) -> None:
+        # (normal tensors even when the first forward runs under inference mode: the loader
+        # may still write the parameters, and a packed copy tracks their version counter)
+        weights = [lin.weight for lin in self.linears]
+        self.weight = torch.cat([w.detach() for w in weights])
+        _make_views(weights, self.weight)
+        biases = [lin.bias for lin in self.linears]
+        if all(b is None for b in biases):
+            self.bias = None
+            return
+        if any(b is None for b in biases):
+            raise ValueError("fused projections need a bias on all of them or none")
+        present = [b for b in biases if b is not None]
+        self.bias = torch.cat([b.detach() for b in present])
+        _make_views(present, self.bias)
+
+
+def _make_views(params: Sequence[torch.Tensor], fused: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = fused[offset : offset + n]
+        offset += n
+
+
 class Attention(nn.Module):
+    """q/k/v are one GEMM (``_Fused``; the checkpoint's separate q/k/v weights load into views
+    of it) and the rotary embedding is applied to the queries and keys in one pass."""
+
     def __init__(self, cfg: TextShape, layer: int, attn: AttentionBackend) -> None:
         super().__init__()
         self.layer = layer
@@ -92,6 +146,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
         self._attn = attn
+        self._qkv = _Fused(self.q_proj, self.k_proj, self.v_proj)
+        self._qkv_linear, self._o_linear = PackedLinear(), PackedLinear()
 
     def forward(
         self,
@@ -102,14 +158,19 @@ class Attention(nn.Module):
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        out = self._attn(q, k, v, self.layer, batch.attn_metadata, kv_cache, self.scale)
-        return self.o_proj(out)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._qkv_linear(x, *self._qkv.get())
+        qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), cos, sin)
+        v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+        out = self._attn(
+            qk[:, :h], qk[:, h:], v, self.layer, batch.attn_metadata, kv_cache, self.scale
+        )
+        return self._o_linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
+    """gate and up are one GEMM (``_Fused``), loaded from the checkpoint's separate weights."""
+
     def __init__(self, cfg: TextShape) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -117,9 +178,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu)")
+        self._gate_up = _Fused(self.gate_proj, self.up_proj)
+        self._inter = cfg.intermediate_size
+        self._gate_up_linear, self._down_linear = PackedLinear(), PackedLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self._gate_up_linear(x, *self._gate_up.get())
+        gate, up = gate_up[:, : self._inter], gate_up[:, self._inter :]
+        return self._down_linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -164,12 +230,17 @@ class LlamaDecoder(nn.Module):
         self.attn_backend: AttentionBackend = SdpaPagedAttention()
         self.model = _Backbone(cfg, self.attn_backend)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._lm_head_linear = PackedLinear()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Not a registered buffer: it is derived from the config, never loaded, and must survive
         # construction on the meta device.
         self._inv_freq = inv_freq.float()
         self._rope_scaling = rope_scaling
+        # (device, dtype) -> (cos, sin) [positions, head_dim]: see ``_rope_table``.
+        self._rope_tables: dict[
+            tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
+        ] = {}
         # M-RoPE (Qwen-VL): which position row (t, h, w) each rotary frequency uses; None = 1-D.
         mrope_section = cfg.rope.mrope_section
         self.mrope_section = tuple(int(s) for s in mrope_section) if mrope_section else None
@@ -197,6 +268,42 @@ class LlamaDecoder(nn.Module):
         rows = self._mrope_rows.to(positions.device)
         return angles.gather(0, rows.view(1, 1, -1).expand(1, positions.shape[1], -1))[0]
 
+    def rope_cos_sin(
+        self, batch: ForwardBatch, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim] in ``dtype`` for the batch's rotary positions: rows of a
+        table of every position below the batch's longest context (1-D positions), computed
+        as ``transformers`` does (float32 angles, scaled, then cast), or from the angles of
+        M-RoPE positions."""
+        positions = batch.positions.to(device)
+        if positions.dim() == 1 and self._mrope_rows is None:
+            cos_table, sin_table = self._rope_table(batch.paged.max_seq_len, device, dtype)
+            return cos_table.index_select(0, positions), sin_table.index_select(0, positions)
+        freqs = self.rope_angles(positions)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self._rope_scaling).to(dtype)
+        sin = (emb.sin() * self._rope_scaling).to(dtype)
+        return cos, sin
+
+    def _rope_table(
+        self, num_positions: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions ``0..n-1`` (n >= num_positions, grown by doubling), per device
+        and dtype."""
+        key = (device, dtype)
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < num_positions:
+            have = 0 if table is None else table[0].shape[0]
+            n = max(num_positions, 2 * have, 256)
+            freqs = self.rope_angles(torch.arange(n, device=device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            table = (
+                (emb.cos() * self._rope_scaling).to(dtype),
+                (emb.sin() * self._rope_scaling).to(dtype),
+            )
+            self._rope_tables[key] = table
+        return table
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
@@ -204,10 +311,7 @@ class LlamaDecoder(nn.Module):
         self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache
     ) -> torch.Tensor:
         """hidden: embedded new tokens [T, hidden] -> final-norm hidden states [T, hidden]."""
-        freqs = self.rope_angles(batch.positions.to(hidden.device))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self._rope_scaling).to(hidden.dtype)
-        sin = (emb.sin() * self._rope_scaling).to(hidden.dtype)
+        cos, sin = self.rope_cos_sin(batch, hidden.device, hidden.dtype)
         for layer in self.model.layers:
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         return self.model.norm(hidden)
@@ -220,4 +324,4 @@ class LlamaDecoder(nn.Module):
             cast(DecoderLayer, layer).self_attn._attn = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self._lm_head_linear(hidden, self.lm_head.weight).float()

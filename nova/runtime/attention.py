@@ -3,6 +3,7 @@
 
 The backends (``nova.runtime.attention_backend.AttentionBackend`` subclasses, one call shape):
 ``sdpa`` (``nova.runtime.attention_sdpa``, the reference: gather to a padded view + SDPA),
+``cpu`` (``nova.runtime.attention_cpu``, grouped-query batched matmuls; ``auto`` on a CPU),
 ``triton`` (``nova.runtime.attention_triton``, our kernel reading blocks in place) and ``flex``
 (``nova.runtime.attention_flex``, ``flex_attention`` with a BlockMask). ``auto`` follows the
 measured selection table of this GPU (package data written by ``benchmarks/attention_decode.py``;
@@ -24,11 +25,12 @@ from typing import TypedDict
 import torch
 
 from nova.runtime.attention_backend import AttentionBackend, PhaseSplitAttention
+from nova.runtime.attention_cpu import CpuPagedAttention
 from nova.runtime.attention_sdpa import SdpaPagedAttention
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("sdpa", "triton", "flex")
+BACKEND_NAMES = ("cpu", "sdpa", "triton", "flex")
 # The measured selection tables shipped with the package: <gpu-slug>.json per GPU.
 # $NOVA_ATTENTION_TABLE names a table file to use instead.
 TABLES_DIR: Traversable = resources.files("nova.runtime").joinpath("attention_tables")
@@ -83,7 +85,8 @@ def choose_attention(
     """Which backend runs decode and which runs prefill (plain logic; no imports of kernels).
 
     - an explicit name is used for both phases;
-    - ``auto`` on a CPU: ``sdpa`` (the Triton kernel needs a GPU; flex is a dense reference);
+    - ``auto`` on a CPU: ``cpu`` (grouped-query batched matmuls; the Triton kernel needs a GPU,
+      flex is a dense reference);
     - ``auto`` on CUDA: the measured table's choice per phase, ``triton`` where there is none;
       with CUDA graphs on, decode uses ``triton``, the one backend with static launch shapes.
     """
@@ -94,7 +97,7 @@ def choose_attention(
             )
         return AttentionChoice(requested, requested, "requested")
     if device_type != "cuda":
-        return AttentionChoice("sdpa", "sdpa", "auto on CPU")
+        return AttentionChoice("cpu", "cpu", "auto on CPU")
     if table is None:
         return AttentionChoice("triton", "triton", "auto on CUDA, no measurement for this GPU")
     decode, reason = table["decode"], "auto: measured table"
@@ -108,6 +111,8 @@ def build_backend(name: str, device: torch.device) -> AttentionBackend:
     run)."""
     if name == "sdpa":
         return SdpaPagedAttention()
+    if name == "cpu":
+        return CpuPagedAttention()
     if name == "triton":
         from nova.runtime.attention_triton import TritonPagedAttention, triton_interpreter_on
 

@@ -106,6 +106,9 @@ class AttentionBackend(ABC, Generic[MetadataT]):
 
     name: str = "base"
     static_shapes: bool = False
+    # Pads gathered contexts with reads of ``PagedKVCache.pad_slot`` (the runner reserves a
+    # block for it).
+    needs_pad_slot: bool = False
     metadata_type: type[AttentionMetadata] = AttentionMetadata
 
     @abstractmethod
@@ -159,6 +162,7 @@ class PhaseSplitAttention(AttentionBackend[AttentionMetadata]):
         self.name = decode.name if decode.name == prefill.name else f"{prefill.name}+{decode.name}"
         # What matters for CUDA graphs: the decode path.
         self.static_shapes = decode.static_shapes
+        self.needs_pad_slot = decode.needs_pad_slot or prefill.needs_pad_slot
 
     def phase(self, paged: PagedBatch) -> AttentionBackend:
         return self.decode if paged.max_query_len == 1 else self.prefill

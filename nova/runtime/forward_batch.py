@@ -100,34 +100,46 @@ def token_ids_tensor(seqs: list[SeqInput], device: torch.device | str) -> torch.
 def build_paged_batch(
     seqs: list[SeqInput], block_size: int, device: torch.device | str
 ) -> PagedBatch:
-    """Where the new tokens of ``seqs`` sit in the paged cache (checks every block table)."""
+    """Where the new tokens of ``seqs`` sit in the paged cache (checks every block table).
+
+    Built in plain Python and turned into tensors once (five small copies per forward): the
+    per-sequence work is a few integer operations per new token, whatever the context length.
+    """
     if not seqs:
         raise ValueError("a forward needs at least one sequence")
     slots: list[int] = []
     starts = [0]
+    seq_lens: list[int] = []
     max_blocks = max(1, max(len(s.block_table) for s in seqs))
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    tables: list[int] = []
     for b, s in enumerate(seqs):
-        if s.num_new_tokens == 0:
+        table, cached = s.block_table, s.num_cached_tokens
+        num_new = len(s.token_ids)
+        if num_new == 0:
             raise ValueError(f"sequence {b} has no new tokens")
-        if len(s.block_table) * block_size < s.context_len:
+        context = cached + num_new
+        if len(table) * block_size < context:
             raise ValueError(
-                f"sequence {b}: block table of {len(s.block_table)} blocks cannot hold "
-                f"{s.context_len} tokens at block size {block_size}"
+                f"sequence {b}: block table of {len(table)} blocks cannot hold "
+                f"{context} tokens at block size {block_size}"
             )
-        table = torch.tensor(s.block_table, dtype=torch.long)
-        pos = torch.arange(s.num_cached_tokens, s.context_len, dtype=torch.long)
-        slots.extend((table[pos // block_size] * block_size + pos % block_size).tolist())
-        tables[b, : len(s.block_table)] = table.to(torch.int32)
-        starts.append(starts[-1] + s.num_new_tokens)
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(cached, context)
+        )
+        tables.extend(table)
+        tables.extend([0] * (max_blocks - len(table)))
+        starts.append(starts[-1] + num_new)
+        seq_lens.append(context)
     return PagedBatch(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([s.context_len for s in seqs], dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device).view(
+            len(seqs), max_blocks
+        ),
         block_size=block_size,
-        max_query_len=max(s.num_new_tokens for s in seqs),
-        max_seq_len=max(s.context_len for s in seqs),
+        max_query_len=max(starts[i + 1] - starts[i] for i in range(len(seqs))),
+        max_seq_len=max(seq_lens),
     )
 
 

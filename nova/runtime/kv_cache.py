@@ -27,6 +27,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # A slot no sequence ever owns (in a block the runner keeps out of the block manager),
+        # read by backends that pad gathered contexts; None when the cache has no such block.
+        self.pad_slot: int | None = None
         num_slots = num_blocks * block_size
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

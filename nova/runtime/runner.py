@@ -20,6 +20,7 @@ from nova.models.mm import VisionInput
 from nova.runtime.attention import make_attention_backend
 from nova.runtime.cuda_graphs import StaticDecodeRunner, graphs_unavailable_reason
 from nova.runtime.forward_batch import SeqInput, build_forward_batch
+from nova.runtime.host_memory import keep_freed_host_memory
 from nova.runtime.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class ModelRunner:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         cache = cache or CacheConfig()
         dcfg = self.model.decoder.cfg
         per_block = PagedKVCache.bytes_per_block(
@@ -114,17 +117,21 @@ class ModelRunner:
             if not cuda_graphs
             else graphs_unavailable_reason(self.device, self.attention)
         )
-        # Decode graphs pad their batch with rows that write a scratch block: one block beyond
-        # the block manager's, so no sequence ever owns it.
+        # Decode graphs pad their batch with rows that write a scratch block, and gathering
+        # backends pad contexts with reads of it: one block beyond the block manager's, so no
+        # sequence ever owns it (graph padding rows write finite values only).
+        scratch = no_graphs is None or self.attention.needs_pad_slot
         self.kv_cache = PagedKVCache(
             dcfg.num_layers,
-            num_blocks + (no_graphs is None),
+            num_blocks + scratch,
             cache.block_size,
             dcfg.num_kv_heads,
             dcfg.head_dim,
             loaded.dtype,
             self.device,
         )
+        if scratch:
+            self.kv_cache.pad_slot = num_blocks * cache.block_size
         self.decode_graphs: StaticDecodeRunner | None = None
         if no_graphs is None:
             self.decode_graphs = StaticDecodeRunner(

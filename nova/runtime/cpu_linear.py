@@ -1,0 +1,79 @@
+"""Linear layers on a CPU with weights prepacked for oneDNN (bf16).
+
+``F.linear`` on a CPU in bf16 reaches oneDNN with the weight in its plain ``[out, in]`` layout,
+which oneDNN reorders into its blocked GEMM layout inside every call. Reordering once
+(``torch.ops.mkldnn._reorder_linear_weight``, what Inductor's CPU weight prepacking uses) and
+calling ``torch.ops.mkldnn._linear_pointwise`` with the packed weight gives the same results
+(bit for bit on the shapes tested in ``tests/test_cpu_linear.py``) faster: one forward's GEMMs
+of SmolLM2-135M on one thread cost 0.63x (8 tokens), 0.89x (64 tokens, a 64-sequence decode
+step) and 0.97x (1024 tokens) of ``F.linear``'s thread CPU time, interleaved
+(``benchmarks/cpu_linear.py``, benchmarks/results/cpu_linear.md).
+
+The packed copy is rebuilt whenever the weight changes (its storage or version counter: a
+loader's ``copy_`` bumps it) and costs a second copy of each packed weight in memory.
+``NOVA_CPU_PREPACK=0`` turns it off; other devices and dtypes always use ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# The batch size oneDNN picks the packed layout for (decode batches; prefill reuses it).
+PACK_BATCH_HINT = 64
+
+
+def prepack_available() -> bool:
+    """oneDNN bf16 linear with packed weights is usable here (and not turned off)."""
+    if os.environ.get("NOVA_CPU_PREPACK") == "0":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_AVAILABLE: bool | None = None
+
+
+def _available() -> bool:
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = prepack_available()
+    return _AVAILABLE
+
+
+class PackedLinear:
+    """``F.linear(x, weight, bias)``, with ``weight`` prepacked on a CPU in bf16.
+
+    One instance per weight it is called with (a layer's projection); holds the packed copy
+    and the key of the weight it was made from."""
+
+    __slots__ = ("_key", "_packed")
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, tuple[int, ...]] | None = None
+        self._packed: torch.Tensor | None = None
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (
+            weight.device.type != "cpu"
+            or weight.dtype != torch.bfloat16
+            or x.dtype != torch.bfloat16
+            or weight.is_inference()
+            or torch.is_grad_enabled()
+            or not _available()
+        ):
+            return F.linear(x, weight, bias)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if key != self._key or self._packed is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(
+                    weight.detach(), PACK_BATCH_HINT
+                )
+            self._key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")

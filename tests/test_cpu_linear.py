@@ -1,0 +1,58 @@
+"""Prepacked oneDNN linear layers on a CPU (bf16): same outputs as F.linear, repacked when the
+weight changes, plain F.linear wherever packing does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nova.runtime.cpu_linear import PackedLinear, prepack_available
+
+needs_prepack = pytest.mark.skipif(not prepack_available(), reason="no oneDNN bf16 here")
+
+
+@needs_prepack
+@pytest.mark.parametrize("shape", [(64, 576, 960), (7, 576, 49153), (300, 1536, 576), (1, 64, 8)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_equals_f_linear_in_bf16(shape, with_bias):
+    tokens, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    lin = PackedLinear()
+    with torch.inference_mode():
+        out = lin(x, w, b)
+        assert lin._packed is not None  # it did pack
+        torch.testing.assert_close(out, F.linear(x, w, b), atol=0, rtol=0)
+        strided = torch.randn(tokens, 2, k, generator=gen).bfloat16()[:, 1]
+        torch.testing.assert_close(lin(strided, w, b), F.linear(strided, w, b), atol=0, rtol=0)
+
+
+@needs_prepack
+def test_repacks_when_the_weight_is_written():
+    w = torch.randn(32, 16).bfloat16()
+    x = torch.randn(4, 16).bfloat16()
+    lin = PackedLinear()
+    with torch.inference_mode():
+        first = lin(x, w)
+        packed = lin._packed
+    with torch.no_grad():
+        w.copy_(torch.randn(32, 16).bfloat16())  # what a loader does
+    with torch.inference_mode():
+        second = lin(x, w)
+        assert lin._packed is not packed
+        torch.testing.assert_close(second, F.linear(x, w), atol=0, rtol=0)
+        assert not torch.equal(first, second)
+
+
+def test_plain_linear_where_packing_does_not_apply():
+    lin = PackedLinear()
+    x32, w32 = torch.randn(4, 16), torch.randn(8, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x32, w32), F.linear(x32, w32))
+    assert lin._packed is None  # fp32: F.linear
+    w = torch.randn(8, 16).bfloat16().requires_grad_()
+    out = lin(torch.randn(4, 16).bfloat16(), w)  # autograd on: F.linear, gradients flow
+    assert out.requires_grad and lin._packed is None
