@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from nova.core.nova_policy import NovaPolicy
+from nova.cost.base import make_cost_model
+from nova.cost.model_spec import get_model_spec
 from nova.gpu.backend import CpuBackend
 from nova.gpu.cpu_cores import CoreBroker, isolated_core_sets, shared_core_slices
 from nova.gpu.cpu_threads import apply_cores, cores_for_block, team_thread_ids
 from nova.gpu.sm_plan import plan_partition
 from nova.types import STAGES, Partition, Stage
+
+# the nova policy scores its modes with a real cost model (its candidates come from it)
+_CPU_COST = make_cost_model("roofline", "cpu", get_model_spec("cogagent-9b"))
 
 V, P, D = Stage.VISION, Stage.PREFILL, Stage.DECODE
 HAS_AFFINITY = hasattr(os, "sched_setaffinity")
@@ -54,7 +59,7 @@ def test_partitions_that_do_not_fit_time_share():
 @pytest.mark.parametrize("num_cores", [2, 3, 8, 16])
 def test_nova_partitions_get_disjoint_cores(num_cores):
     cores = tuple(range(100, 100 + num_cores))
-    policy = NovaPolicy(cost_model=object(), sm_granularity_share=1 / num_cores)
+    policy = NovaPolicy(cost_model=_CPU_COST, sm_granularity_share=1 / num_cores)
     for part in policy.partition_set():
         plan = plan_partition(part, CoreBroker(cores).grid)
         sets = isolated_core_sets(plan, cores)
@@ -93,7 +98,7 @@ def test_a_broker_needs_cores():
 def test_cpu_backend_prepares_and_reports_what_it_granted():
     backend = CpuBackend(cores=range(4))
     backend._apply = lambda cores: None
-    policy = NovaPolicy(cost_model=object(), sm_granularity_share=backend.grid.share_step)
+    policy = NovaPolicy(cost_model=_CPU_COST, sm_granularity_share=backend.grid.share_step)
     backend.prepare(policy.partition_set())
     created = backend.created()
     assert created and all(g.granted_source == "affinity" for g in created)
