@@ -153,6 +153,12 @@ def main() -> None:
     )
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-one-at-a-time", action="store_true")
+    ap.add_argument(
+        "--caches",
+        action="store_true",
+        help="keep the prefix and encoder caches on (off by default: every round repeats the "
+        "same requests on the same engines, so later rounds would measure cache hits)",
+    )
     ap.add_argument("--tag", default="", help="results file suffix (e.g. the load it ran under)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -162,7 +168,14 @@ def main() -> None:
     loaded = None
     for policy in args.policies:
         engines[policy] = LLMEngine(
-            EngineConfig(model=args.model, policy=policy, dtype=args.dtype), loaded=loaded
+            EngineConfig(
+                model=args.model,
+                policy=policy,
+                dtype=args.dtype,
+                prefix_caching=args.caches,
+                encoder_cache_bytes=EngineConfig.encoder_cache_bytes if args.caches else 0,
+            ),
+            loaded=loaded,
         )
         loaded = engines[policy].loaded
     nova = engines[args.policies[-1]]
@@ -197,7 +210,8 @@ def main() -> None:
     lines = [
         f"# Engine latency: {args.num_requests} requests in one burst, {args.model} ({device})",
         "",
-        f"Machine: {report['machine']}; {args.dtype}; partition backend: "
+        f"Machine: {report['machine']}; {args.dtype}; caches {'on' if args.caches else 'off'}; "
+        "partition backend: "
         f"{report['partition_backend']}",
         "",
         f"{report['num_with_image']} with a screenshot, the rest text; {args.max_tokens} output "
