@@ -181,11 +181,19 @@ def main() -> None:
     nova = engines[args.policies[-1]]
     prompts = build_prompts(nova, args.num_requests)
     results: list[tuple[str, int, list[Request], float, float]] = []
+    modes: dict[str, list[list[str]]] = {}  # the nova policy's modes per round, in order
     for rnd in range(args.rounds):  # interleaved: A B C A B C ...
         for policy, engine in engines.items():
             load = os.getloadavg()[0]
+            mode_log = getattr(engine.scheduler.policy, "mode_log", None)
+            seen = len(mode_log) if mode_log is not None else 0
             reqs, wall = run_engine(engine, prompts, params)
             results.append((f"engine:{policy}", rnd, reqs, wall, load))
+            if mode_log is not None:  # the mode it started the round in, then its switches
+                current = mode_log[seen - 1][1] if seen else ""
+                modes.setdefault(policy, []).append(
+                    [current, *(label for _, label in mode_log[seen:])]
+                )
     if not args.skip_one_at_a_time:
         load = os.getloadavg()[0]
         results.append(("one_at_a_time", 0, *run_one_at_a_time(nova, prompts, params), load))
@@ -238,6 +246,10 @@ def main() -> None:
             f"| {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p50)} | {ms(s.e2e.mean)} "
             f"| {ms(s.e2e.p50)} | {ms(s.e2e.p99)} | {ms(s.e2e.max)} |"
         )
+    if modes:
+        report["nova_modes"] = modes
+        lines += ["", "Modes the nova policy ran in, per round (start, then each switch):", ""]
+        lines += [f"- {p}: " + "; ".join(" -> ".join(r) for r in rs) for p, rs in modes.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"engine_{device}{('_' + args.tag) if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

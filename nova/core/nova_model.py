@@ -14,6 +14,10 @@ A mode is one way to run the GPU:
   up to ``token_budget`` tokens (what ``chunked_prefill`` does).
 - ``prefill_first``: time-sliced, the whole GPU to one stage at a time, vision and prefill first,
   one decode step after at most ``limit`` front batches in a row (what ``pf_limit`` does).
+- ``decode_first``: time-sliced, the whole device to one stage at a time, decode whenever a
+  sequence decodes (run to completion: front work waits for the decode set to drain), vision
+  batches of at most ``vision_batch`` images. Only offered on a device too coarse to split
+  usefully (``NovaPolicy``), where it keeps decode steps free of front work.
 
 Every mode is scored by the same model: the front stages (vision + prefill) are an M/G/1 queue
 whose service time per request is what the mode makes it, decode is a batch server whose step
@@ -31,7 +35,8 @@ from nova.cost.base import CostModel, StageWork
 from nova.types import Stage
 
 SPATIAL, CHUNKED, PREFILL_FIRST = "spatial", "chunked", "prefill_first"
-MODE_KINDS = (SPATIAL, CHUNKED, PREFILL_FIRST)
+DECODE_FIRST = "decode_first"
+MODE_KINDS = (SPATIAL, CHUNKED, PREFILL_FIRST, DECODE_FIRST)
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,7 +55,7 @@ class Mode:
             raise ValueError(f"unknown mode kind {self.kind!r}; choose one of {MODE_KINDS}")
         if self.kind == SPATIAL and min(self.decode_vision_sms, self.decode_prefill_sms) < 1:
             raise ValueError(f"a spatial mode needs decode SMs >= 1 beside each stage: {self}")
-        if self.kind in (SPATIAL, PREFILL_FIRST) and self.vision_batch < 1:
+        if self.kind in (SPATIAL, PREFILL_FIRST, DECODE_FIRST) and self.vision_batch < 1:
             raise ValueError(f"{self.kind} mode needs vision_batch >= 1: {self}")
         if self.kind == CHUNKED and self.token_budget < 1:
             raise ValueError(f"a chunked mode needs token_budget >= 1: {self}")
@@ -69,13 +74,20 @@ class Mode:
     def prefill_first(cls, limit: int, vision_batch: int) -> Mode:
         return cls(PREFILL_FIRST, vision_batch=vision_batch, limit=limit)
 
+    @classmethod
+    def decode_first(cls, vision_batch: int) -> Mode:
+        return cls(DECODE_FIRST, vision_batch=vision_batch)
+
     @property
     def time_sliced(self) -> bool:
         return self.kind != SPATIAL
 
     @property
     def label(self) -> str:
-        """``spatial:24:30:1`` / ``chunked:128`` / ``prefill_first:4:8`` (``Mode.parse``)."""
+        """``spatial:24:30:1`` / ``chunked:128`` / ``prefill_first:4:8`` / ``decode_first:8``
+        (``Mode.parse``)."""
+        if self.kind == DECODE_FIRST:
+            return f"{DECODE_FIRST}:{self.vision_batch}"
         if self.kind == SPATIAL:
             return (
                 f"{SPATIAL}:{self.decode_vision_sms}:{self.decode_prefill_sms}:{self.vision_batch}"
@@ -88,7 +100,7 @@ class Mode:
     def parse(cls, label: str) -> Mode:
         """The inverse of ``label``; ``ValueError`` naming the forms for anything else."""
         kind, *raw = label.strip().split(":")
-        forms = "spatial:DV:DP:VB, chunked:BUDGET or prefill_first:LIMIT:VB"
+        forms = "spatial:DV:DP:VB, chunked:BUDGET, prefill_first:LIMIT:VB or decode_first:VB"
         try:
             nums = [int(x) for x in raw]
             if kind == SPATIAL and len(nums) == 3:
@@ -97,6 +109,8 @@ class Mode:
                 return cls.chunked(nums[0])
             if kind == PREFILL_FIRST and len(nums) == 2:
                 return cls.prefill_first(*nums)
+            if kind == DECODE_FIRST and len(nums) == 1:
+                return cls.decode_first(nums[0])
         except ValueError as exc:
             raise ValueError(f"bad mode {label!r} ({exc}); expected {forms}") from exc
         raise ValueError(f"bad mode {label!r}; expected {forms}")
@@ -240,9 +254,11 @@ class QueueModel:
         """Mean and tail latency and capacity of ``mode`` at ``load``. The decode batch and the
         decode span depend on each other (Little's law: batch = rate x span): a few fixed-point
         rounds from a batch of one."""
-        front_of = {SPATIAL: self._spatial, CHUNKED: self._chunked}.get(
-            mode.kind, self._prefill_first
-        )
+        front_of = {
+            SPATIAL: self._spatial,
+            CHUNKED: self._chunked,
+            DECODE_FIRST: self._decode_first,
+        }.get(mode.kind, self._prefill_first)
         lam = load.lam_rps
         max_seqs = float(self.limits.max_num_seqs)
         decoding = busy = 0.0
@@ -510,6 +526,34 @@ class QueueModel:
         extra = (img_per_batch - 1) / 2 * per_img / img_per_batch
         extra += max(0.0, 1 - lam_s(load, mean_s)) * t_1 / 2
         tail_s = image_s if f > 0 else text_s
+        return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
+
+    def _decode_first(
+        self, mode: Mode, load: LoadEstimate, decoding: float, busy: float
+    ) -> tuple[_Front, float]:
+        """Decode never waits for front work: a sequence's tokens come one solo decode step
+        apart, so the front yields decode its full rate (``tokens = busy_s / step``: nothing
+        blocks it, and ``_decode_span_s`` is ``n`` steps). The front waits instead: each
+        request's front service carries its share of the decode steps that run ahead of
+        front work, ``n`` steps of a batch of ``decoding`` sequences shared among them; a
+        front batch also waits for the decode set that is draining when it arrives (half a
+        drain, ``n / 2`` steps, while anything decodes)."""
+        batch = max(1.0, decoding)
+        f, m, prompt_img, text, ctx, n = self._shape(load)
+        vision_batch = max(1, min(mode.vision_batch, self.limits.max_vision_images))
+        img_per_batch = min(float(vision_batch), max(1.0, m))
+        per_img = self._time(StageWork(Stage.VISION, num_images=max(1, round(img_per_batch))), 1.0)
+        t_1 = self._time(self._decode_work(batch, ctx), 1.0)
+        decode_s = n * t_1 / batch  # device time per request spent on its decode steps
+        v_img = m * per_img / img_per_batch
+        own_img = v_img + self._time(self._prefill_work(prompt_img), 1.0)
+        own_txt = self._time(self._prefill_work(text), 1.0)
+        image_s, text_s = own_img + decode_s, own_txt + decode_s
+        mean_s = f * image_s + (1 - f) * text_s
+        extra = (img_per_batch - 1) / 2 * per_img / img_per_batch
+        extra += (1.0 - math.exp(-decoding)) * n * t_1 / 2
+        tail_s = image_s if f > 0 else text_s
+        tokens = mean_s / t_1
         return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
 
 

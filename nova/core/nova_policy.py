@@ -10,7 +10,16 @@ Nova's own spatial sharing:
   image has waited ``vision_starvation_s``; a stage alone gets the whole GPU; vision batches of
   at most ``vision_batch`` images;
 - **chunked**: ``chunked_prefill``'s fused steps with a chosen token budget;
-- **prefill_first**: ``pf_limit``'s whole-GPU time slices with a chosen limit.
+- **prefill_first**: ``pf_limit``'s whole-GPU time slices with a chosen limit;
+- **decode_first** (only on a coarse device, below): whole-device time slices, decode whenever
+  a sequence decodes, the front between decode sets (run to completion, like ``sequential``).
+
+**Coarse devices.** When decode's smallest slice is half the device or more (a 2-core CPU: one
+core of two; a device the cost model sees as one unit), a split cannot give decode a small
+slice beside a large compute share: any co-running halves both stages. There nova adds the
+decode_first modes to its candidates and starts in one of them: decode steps run alone, at the
+device's full speed, and no work is added by the ordering. On every other device (GPUs) the
+decision space is unchanged.
 
 In the time-sliced modes nova runs exactly the baselines' disciplines
 (``nova.core.baselines.chunked_prefill_plan``, ``prefill_first_stage``).
@@ -44,9 +53,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from nova.core.baselines import chunked_prefill_plan, prefill_first_stage
+from nova.core.baselines import chunked_prefill_plan, front_stage, prefill_first_stage
 from nova.core.nova_model import (
     CHUNKED,
+    DECODE_FIRST,
     LoadEstimate,
     Mode,
     ModelLimits,
@@ -162,8 +172,12 @@ class NovaPolicy(Policy):
             (int(max_decode_fraction * self.num_sms) // step) * step,
             self.num_sms - min_partition,
         )
-        # spatial sharing needs a decode slice and a compute remainder on the device
-        self.allow_spatial = self.min_decode_sms <= self.max_decode_sms
+        # spatial sharing needs a decode slice and a compute remainder on the device, and a
+        # cost model that can price a slice: one that sees the device as one unit (a CPU
+        # profile) answers the whole device's time for any share, so every split would look free
+        self.allow_spatial = self.min_decode_sms <= self.max_decode_sms and gpu.num_sms > 1
+        # a coarse device: decode's smallest slice is half of it or more (see the module doc)
+        self.coarse_device = 2 * self.min_decode_sms >= self.num_sms
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
         self.model_error = model_error
@@ -213,11 +227,29 @@ class NovaPolicy(Policy):
         self.num_switches = 0
         self.mode_log: list[tuple[float, str]] = [(0.0, self.mode.label)]
 
+    def _decode_first_modes(self) -> list[Mode]:
+        """The decode_first candidates (coarse devices only): vision batches of the engine's
+        cap (a vision batch takes what waits, so a lone image does not wait for others; each
+        decode set should hold as many sequences as the front can hand it)."""
+        if not (self.coarse_device and self.allow_time_sliced):
+            return []
+        return [Mode.decode_first(self.limits.max_vision_images)]
+
     def _initial_mode(self) -> Mode:
-        """The mode before the load is known (the first ``_MIN_ARRIVALS`` arrivals): the
-        chunked budget the model rates best at half the chunked modes' capacity, a mode that
-        is never far from the best at any load (fused steps keep decode moving)."""
+        """The mode before the load is known (the first ``_MIN_ARRIVALS`` arrivals, or a burst
+        no mode can carry): the chunked budget the model rates best at half the chunked
+        modes' capacity, a mode that is never far from the best at any load (fused steps keep
+        decode moving); on a coarse device the decode_first mode rated best there (decode
+        steps alone at full speed; a fused step there costs decode a whole prompt chunk)."""
         load = LoadEstimate(0.0, 1.0, 1.0, 150.0, 50.0)
+        first = self._decode_first_modes()
+        if first:
+            preds = [self.model.predict(m, load) for m in first]
+            cap = max(p.capacity_rps for p in preds)
+            if math.isfinite(cap) and cap > 0:
+                load = replace(load, lam_rps=cap / 2)
+                preds = [self.model.predict(m, load) for m in first]
+            return min(preds, key=_score).mode
         preds = [self.model.predict(Mode.chunked(b), load) for b in self.token_budgets]
         cap = max(p.capacity_rps for p in preds)
         if not math.isfinite(cap) or cap <= 0:
@@ -235,6 +267,10 @@ class NovaPolicy(Policy):
                 return None
             if mode.kind == CHUNKED:
                 return chunked_prefill_plan(stage, state, self.limits, mode.token_budget)
+            if mode.kind == DECODE_FIRST:
+                if decode_first_stage(state) is not stage:
+                    return None
+                return plan_in_service_order(stage, state, self._vision_limits(mode))
             if prefill_first_stage(state, self._streak, mode.limit) is not stage:
                 return None
             return plan_in_service_order(stage, state, self._vision_limits(mode))
@@ -533,6 +569,7 @@ class NovaPolicy(Policy):
             for limit in self.prefill_limits:
                 for vb in sorted({1, vb_max}):
                     preds.append(predict(Mode.prefill_first(limit, vb), load))
+            preds += [predict(m, load) for m in self._decode_first_modes()]
         return preds
 
     def plan(self, load: LoadEstimate) -> Prediction:
@@ -598,6 +635,15 @@ class NovaPolicy(Policy):
         if vb_max > 1:
             score(dv, dp, vb_max)
         return list(seen.values())
+
+
+def decode_first_stage(state: SchedulerState) -> Stage | None:
+    """The stage a decode-first, time-sliced server runs next: decode while any sequence
+    waits to decode (the decode set drains before front work runs: run to completion), else
+    the front stage holding the best-ranked waiting request. None when nothing waits."""
+    if state.queue(_DECODE):
+        return _DECODE
+    return front_stage(state)
 
 
 def _score(pred: Prediction) -> float:

@@ -1,0 +1,123 @@
+"""The nova policy on a coarse device (a 2-core CPU): the decode_first mode it adds there, the
+discipline that mode runs (decode sets drain before front work), that a cost model seeing the
+device as one unit cannot offer spatial splits, and that GPUs keep their decision space."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from nova.core.nova_model import DECODE_FIRST, LoadEstimate, Mode
+from nova.core.nova_policy import NovaPolicy
+from nova.core.policy import StageLimits
+from nova.cost.base import make_cost_model
+from nova.cost.gpus import cpu_spec
+from nova.cost.model_spec import get_model_spec
+from nova.metrics import request_metrics, summarize
+from nova.sim.simulator import SimArrival, Simulator
+from nova.types import Stage
+
+# the engine's setting for the demo model on this machine's 2 cores: the shipped CPU profile
+# (one "SM") planned on the cpu backend's 2-core grid
+_LIMITS = StageLimits(8, 4096, 64)
+_IMAGE_TOKENS = 196  # the demo model's tokens per image
+
+
+def _demo_cpu_policy(**kw) -> NovaPolicy:
+    cost = make_cost_model("profiled", "cpu", "demo")
+    return NovaPolicy(_LIMITS, cost, image_tokens=_IMAGE_TOKENS, sm_granularity_share=0.5, **kw)
+
+
+def _burst(n: int = 64) -> list[SimArrival]:
+    """``engine_latency``'s burst: 3 of 4 requests with a screenshot, 32 output tokens."""
+    return [
+        SimArrival(f"r{i}", 0.0, 35 if i % 4 == 3 else 54, 0 if i % 4 == 3 else 1, 32)
+        for i in range(n)
+    ]
+
+
+def _run(policy, n: int = 64):
+    cost = make_cost_model("profiled", "cpu", "demo")
+    return Simulator(policy, cost, 4000, 16, _IMAGE_TOKENS).run(_burst(n))
+
+
+def test_decode_first_labels_round_trip_and_need_a_vision_batch():
+    mode = Mode.decode_first(8)
+    assert mode.time_sliced and mode.label == "decode_first:8"
+    assert Mode.parse("decode_first:8") == mode
+    with pytest.raises(ValueError, match="vision_batch"):
+        Mode.decode_first(0)
+    with pytest.raises(ValueError, match="decode_first:VB"):
+        Mode.parse("decode_first:1:2")
+
+
+def test_a_two_core_cpu_is_coarse_and_a_one_unit_cost_model_offers_no_split():
+    policy = _demo_cpu_policy()
+    assert policy.num_sms == 2 and policy.coarse_device
+    assert not policy.allow_spatial  # the profile prices half the cores like all of them
+    assert policy.mode == Mode.decode_first(_LIMITS.max_vision_images)
+    kinds = {p.mode.kind for p in policy.candidates(LoadEstimate(0.5, 0.75, 1.0, 50.0, 32.0))}
+    assert DECODE_FIRST in kinds and "spatial" not in kinds
+
+
+def test_a_cpu_roofline_prices_the_split_and_still_adds_decode_first():
+    spec = get_model_spec("cogagent-9b")
+    two = NovaPolicy(
+        _LIMITS, make_cost_model("roofline", cpu_spec(2), spec), sm_granularity_share=0.5
+    )
+    assert two.coarse_device and two.allow_spatial
+    kinds = {p.mode.kind for p in two.candidates(LoadEstimate(0.05, 1.0, 1.0, 150.0, 50.0))}
+    assert {"spatial", DECODE_FIRST} <= kinds
+    eight = NovaPolicy(
+        _LIMITS, make_cost_model("roofline", cpu_spec(8), spec), sm_granularity_share=1 / 8
+    )
+    assert not eight.coarse_device  # decode can get 1 core of 8: the split is worth scoring
+    assert all(
+        p.mode.kind != DECODE_FIRST for p in eight.candidates(LoadEstimate(0.05, 1, 1, 150, 50))
+    )
+
+
+@pytest.mark.parametrize("gpu", ["a6000", "h100-sxm"])
+def test_gpus_keep_their_decision_space(gpu):
+    cost = make_cost_model("roofline", gpu, "cogagent-9b")
+    policy = NovaPolicy(StageLimits(), cost, image_tokens=1600)
+    assert not policy.coarse_device and policy.allow_spatial
+    assert policy.mode.kind == "chunked"
+    load = LoadEstimate(0.5, 1.0, 1.0, 150.0, 55.0)
+    assert {p.mode.kind for p in policy.candidates(load)} == {"spatial", "chunked", "prefill_first"}
+
+
+def test_decode_first_drains_each_decode_set_before_front_work():
+    res = _run(_demo_cpu_policy(fixed_mode="decode_first:8"), n=24)
+    decode = [b for b in res.batches if b.stage is Stage.DECODE]
+    front = [b for b in res.batches if b.stage is not Stage.DECODE]
+    assert decode and front
+    for b in front:  # no front batch starts while a sequence waits to decode
+        decoding = [
+            r
+            for r in res.requests
+            if r.times.prefill_end_s is not None
+            and r.times.prefill_end_s <= b.start_s
+            and r.times.finish_s is not None
+            and r.times.finish_s > b.start_s
+        ]
+        assert not decoding, (b.stage, b.start_s, [r.request_id for r in decoding])
+    # time-sliced: batches never overlap
+    ordered = sorted(res.batches, key=lambda b: b.start_s)
+    assert all(a.end_s <= b.start_s + 1e-9 for a, b in itertools.pairwise(ordered))
+
+
+def test_on_a_burst_the_cpu_policy_stays_decode_first_and_decode_steps_run_alone():
+    policy = _demo_cpu_policy()
+    res = _run(policy)
+    assert {label for _, label in policy.mode_log} == {"decode_first:8"}
+    chunked = _run(_demo_cpu_policy(fixed_mode="chunked:128"))
+
+    def tpot_p50(r):
+        return summarize([request_metrics(q) for q in r.requests], duration_s=r.end_s).tpot.p50
+
+    # a decoding sequence's tokens come one plain decode step apart, never behind a prompt
+    # chunk: its TPOT is below the fused steps' of the chunked mode nova used to start in
+    assert tpot_p50(res) < tpot_p50(chunked)
+    assert all(len(r.output_token_ids) == 32 for r in res.requests)
