@@ -459,6 +459,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 def plot(results: Results, report: dict[str, Any], out_dir: Path) -> None:
     import matplotlib
 
+    from nova.sim.plots import plot_pareto
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -479,23 +481,7 @@ def plot(results: Results, report: dict[str, Any], out_dir: Path) -> None:
     fig.savefig(out_dir / "latency_vs_load.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy, pts in results.items():
-        ax.plot(
-            [p["throughput_rps"] for p in pts],
-            [p["p99_latency_s"] for p in pts],
-            marker="o",
-            label=policy,
-        )
-    ax.set_xlabel("throughput (req/s)")
-    ax.set_ylabel("p99 E2E latency (s)")
-    ax.set_yscale("log")
-    ax.set_title(f"{report['experiment']}: latency-throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "pareto.png", dpi=110)
-    plt.close(fig)
+    plot_pareto(results, report["experiment"], out_dir / "pareto.png", dpi=110)
 
     rate = (report["headline"] or {}).get("rate_rps") or max(
         p["rate_rps"] for p in next(iter(results.values()))

@@ -14,6 +14,40 @@ def _series_points(report: dict[str, Any], policy: str, series: str) -> list[dic
     return [p for p in report["policies"].get(policy, []) if p["series"] == series]
 
 
+def plot_pareto(
+    curves: dict[str, list[dict[str, Any]]],
+    experiment: str,
+    path: Path,
+    dpi: int = 100,
+    legend_fontsize: float | None = None,
+) -> None:
+    """p99 E2E latency against throughput, one line per policy (policies without points are
+    left out), written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, pts in curves.items():
+        if pts:
+            ax.plot(
+                [p["throughput_rps"] for p in pts],
+                [p["p99_latency_s"] for p in pts],
+                marker="o",
+                label=policy,
+            )
+    ax.set_xlabel("throughput (req/s)")
+    ax.set_ylabel("p99 E2E latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"{experiment}: latency-throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_report(
     report: dict[str, Any],
     raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]],
@@ -65,26 +99,9 @@ def plot_report(
     fig.savefig(out_dir / "latency_vs_load.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     label0 = series_labels[0]
-    for policy in (NOVA, ORACLE, *PAPER_SETTINGS):
-        pts = _series_points(report, policy, label0)
-        if pts:
-            ax.plot(
-                [p["throughput_rps"] for p in pts],
-                [p["p99_latency_s"] for p in pts],
-                marker="o",
-                label=policy,
-            )
-    ax.set_xlabel("throughput (req/s)")
-    ax.set_ylabel("p99 E2E latency (s)")
-    ax.set_yscale("log")
-    ax.set_title(f"{report['experiment']}: latency-throughput")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "pareto.png", dpi=100)
-    plt.close(fig)
+    curves = {p: _series_points(report, p, label0) for p in (NOVA, ORACLE, *PAPER_SETTINGS)}
+    plot_pareto(curves, report["experiment"], out_dir / "pareto.png", dpi=100, legend_fontsize=7)
 
     h = report["headline"]
     if h is None:
