@@ -122,6 +122,7 @@ class CpuBackend(PartitionBackend):
         self._apply = _apply_cores  # tests swap in a recorder
         self._created: dict[tuple[str, str], GrantedPartition] = {}
         self._teams: dict[Stage, TeamThread] = {}
+        self._retired: list[TeamThread] = []  # retired while running; joined by ``close``
         self._teams_lock = threading.Lock()
         self.num_team_threads_started = 0
 
@@ -175,6 +176,7 @@ class CpuBackend(PartitionBackend):
         than this batch needs. A pool held by a running batch stays until that batch ends."""
         with self._teams_lock:
             team = self._teams.get(stage)
+            self._retired = [t for t in self._retired if t.alive]  # (ended: nothing to join)
 
             def pooled() -> int:  # pool threads after this batch starts, + the initial thread
                 mine = max(team.pool_size if team else 1, num_cores)
@@ -186,9 +188,11 @@ class CpuBackend(PartitionBackend):
                     break
                 if other is not stage and not t.busy and t.pool_size > 1:
                     t.retire()
+                    self._retired.append(t)
                     del self._teams[other]
             if team is not None and pooled() > self.grid.num_sms and team.pool_size > num_cores:
                 team.retire()
+                self._retired.append(team)
                 team = None
             if team is None:
                 team = TeamThread(f"nova-{stage.value}-team", self._apply)
@@ -201,7 +205,11 @@ class CpuBackend(PartitionBackend):
         with self._teams_lock:
             for t in self._teams.values():
                 t.retire()
+            teams = [*self._retired, *self._teams.values()]
             self._teams.clear()
+            self._retired.clear()
+        for t in teams:  # (outside the lock: a thread ends after its queued batch)
+            t.join()
 
     def granted_sms(self, stage: Stage, partition: Partition) -> int:
         """Cores the stage's last batch ran on (before its first batch: what it would get)."""

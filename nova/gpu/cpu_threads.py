@@ -172,6 +172,16 @@ class TeamThread:
         """End the thread (and its OpenMP pool) after anything already queued."""
         self._queue.put(None)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for a retired thread to end. A thread (and its OpenMP pool) still being torn
+        down while the process exits can abort it ("terminate called without an active
+        exception"), so whoever retires threads for good waits for them."""
+        self._thread.join(timeout_s)
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -204,3 +214,4 @@ def run_in_fresh_thread(fn: Callable[[], T]) -> T:
         return team.run(available_cores(), fn)
     finally:
         team.retire()
+        team.join()
