@@ -106,12 +106,17 @@ class _Observed:
     gap_sq_s2: float = 0.0
 
     def arrival_cv2(self) -> float:
-        """Squared coefficient of variation of the gaps between arrivals (1 until the gaps of
-        ``_MIN_ARRIVALS`` arrivals are seen, so the first plan knows how bursty they are;
-        Poisson arrivals give 1)."""
-        if self.num_gaps < _MIN_ARRIVALS - 1 or self.gap_s <= 0.0:
+        """Squared coefficient of variation of the gaps between arrivals (Poisson arrivals give
+        1). From the gaps of ``_MIN_ARRIVALS`` arrivals on, the estimate; before that 1, unless
+        the few gaps seen are already significantly burstier than Poisson (two standard errors
+        of an exponential sample's squared CV, ``sqrt(23 / n)``), so the first plan knows that
+        the arrivals are bursty without acting on a Poisson sample's noise."""
+        if self.num_gaps < 2 or self.gap_s <= 0.0:
             return 1.0
-        return max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
+        estimate = max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
+        if self.num_gaps >= _MIN_ARRIVALS:
+            return estimate
+        return estimate if estimate > 1.0 + 2.0 * math.sqrt(23.0 / self.num_gaps) else 1.0
 
 
 @register_policy("nova")

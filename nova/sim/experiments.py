@@ -254,7 +254,7 @@ register_experiment(
         gpu="h100-sxm",
         model="qwen2.5-vl-7b",
         rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
-        num_requests=800,
+        num_requests=400,  # 40 sessions of 10 steps (the caches make each step dearer to simulate)
         workload="agent_sessions",
         workload_kwargs={"image_width": 1120, "image_height": 1120, "think_time_s": 1.0},
         min_decode_sms=16,
