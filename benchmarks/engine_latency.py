@@ -10,7 +10,12 @@ same work) arrive together as one burst at t=0, and each system serves them:
 - ``transformers_batched``: ``LlavaForConditionalGeneration.generate`` on all N at once
   (left padding); per-token times come from a streamer hook, so TTFT is the batch's first token.
 
-Latencies are measured from the burst (t=0). Results: benchmarks/results/engine_<device>.{json,md}.
+Latencies are measured from the burst (t=0). Every engine batch is traced (stage, wall time,
+size, cores granted), and the report splits the decode steps into those that ran alone and those
+that ran beside a vision or prefill batch (on a CPU, shared partitions split the cores among the
+stages running). A policy can be given front-stage limits: ``multi_stream/512/2`` = at most 512
+prefill tokens and 2 images per batch.
+Results: benchmarks/results/engine_<device>.{json,md}.
 Usage: .venv/bin/python benchmarks/engine_latency.py [--num-requests 64] [--max-tokens 32]
 """
 
@@ -20,8 +25,10 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from runtime_throughput import machine
@@ -33,7 +40,75 @@ from nova.metrics import format_summary_table, request_metrics, summarize, summa
 from nova.models.inputs import PromptInput, chat_messages
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
-from nova.types import Request, RequestStatus, RequestTimes
+from nova.types import Batch, Request, RequestStatus, RequestTimes, Stage, StageResult
+
+
+class BatchTrace:
+    """Records every batch ``engine`` runs: (stage, start s, end s, requests, cores granted;
+    cores are -1 where the partition backend grants none)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.rows: list[tuple[str, float, float, int, int]] = []
+        executor = engine.executor
+        run = executor.execute
+        broker = getattr(executor.partition_backend, "broker", None)
+
+        def execute(batch: Batch) -> StageResult:
+            start = time.perf_counter()
+            out = run(batch)
+            grant = broker.last.get(batch.stage) if broker is not None else None
+            cores = grant.num_cores if grant is not None else -1
+            self.rows.append(
+                (batch.stage.value, start, time.perf_counter(), len(batch.items), cores)
+            )
+            return out
+
+        executor.execute = execute  # type: ignore[method-assign]
+
+    def take(self) -> list[tuple[str, float, float, int, int]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+def decode_overlap(rows: list[tuple[str, float, float, int, int]]) -> dict[str, Any]:
+    """Decode steps alone vs beside a vision/prefill batch (overlapping it in time): count,
+    mean wall ms, mean cores granted, mean sequences; and the front stages' busy time."""
+    front = [r for r in rows if r[0] != Stage.DECODE.value]
+    decode = [r for r in rows if r[0] == Stage.DECODE.value]
+
+    def beside(d: tuple[str, float, float, int, int]) -> bool:
+        return any(f[1] < d[2] and f[2] > d[1] for f in front)
+
+    def stats(xs: list[tuple[str, float, float, int, int]]) -> dict[str, float]:
+        if not xs:
+            return {"steps": 0}
+        return {
+            "steps": len(xs),
+            "mean_ms": 1e3 * statistics.mean(x[2] - x[1] for x in xs),
+            "mean_cores": statistics.mean(x[4] for x in xs),
+            "mean_seqs": statistics.mean(x[3] for x in xs),
+        }
+
+    out: dict[str, Any] = {
+        "alone": stats([d for d in decode if not beside(d)]),
+        "beside_front": stats([d for d in decode if beside(d)]),
+    }
+    for stage in (Stage.VISION, Stage.PREFILL):
+        xs = [r for r in front if r[0] == stage.value]
+        out[f"{stage.value}_batches"] = len(xs)
+        out[f"{stage.value}_mean_ms"] = 1e3 * statistics.mean(x[2] - x[1] for x in xs) if xs else 0
+    if rows:
+        out["span_s"] = max(r[2] for r in rows) - min(r[1] for r in rows)
+    return out
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, int]]:
+    """``policy[/max_prefill_tokens[/max_vision_images]]`` -> (policy, EngineConfig fields)."""
+    name, *limits = spec.split("/")
+    if len(limits) > 2 or not all(x.isdigit() and int(x) > 0 for x in limits):
+        raise SystemExit(f"bad policy spec {spec!r}: policy[/max_prefill_tokens[/max_images]]")
+    fields = dict(zip(("max_prefill_tokens", "max_vision_images"), map(int, limits)))
+    return name, fields
 
 
 def build_prompts(nova: LLMEngine, n: int) -> list[PromptInput]:
@@ -146,7 +221,12 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--policies", nargs="+", default=["multi_stream", "nova", "sequential"])
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        default=["multi_stream", "nova", "sequential"],
+        help="policy[/max_prefill_tokens[/max_vision_images]] each",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument(
         "--rounds", type=int, default=1, help="run the policies in turn this many times"
@@ -165,30 +245,37 @@ def main() -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     engines: dict[str, LLMEngine] = {}
+    traces: dict[str, BatchTrace] = {}
     loaded = None
-    for policy in args.policies:
-        engines[policy] = LLMEngine(
+    for spec in args.policies:
+        policy, limits = parse_policy(spec)
+        engines[spec] = LLMEngine(
             EngineConfig(
                 model=args.model,
                 policy=policy,
                 dtype=args.dtype,
                 prefix_caching=args.caches,
                 encoder_cache_bytes=EngineConfig.encoder_cache_bytes if args.caches else 0,
+                **limits,
             ),
             loaded=loaded,
         )
-        loaded = engines[policy].loaded
+        traces[spec] = BatchTrace(engines[spec])
+        loaded = engines[spec].loaded
     nova = engines[args.policies[-1]]
     prompts = build_prompts(nova, args.num_requests)
     results: list[tuple[str, int, list[Request], float, float]] = []
+    overlaps: list[tuple[str, int, dict[str, Any]]] = []
     modes: dict[str, list[list[str]]] = {}  # the nova policy's modes per round, in order
     for rnd in range(args.rounds):  # interleaved: A B C A B C ...
         for policy, engine in engines.items():
             load = os.getloadavg()[0]
             mode_log = getattr(engine.scheduler.policy, "mode_log", None)
             seen = len(mode_log) if mode_log is not None else 0
+            traces[policy].take()
             reqs, wall = run_engine(engine, prompts, params)
             results.append((f"engine:{policy}", rnd, reqs, wall, load))
+            overlaps.append((f"engine:{policy}", rnd, decode_overlap(traces[policy].take())))
             if mode_log is not None:  # the mode it started the round in, then its switches
                 current = mode_log[seen - 1][1] if seen else ""
                 modes.setdefault(policy, []).append(
@@ -224,7 +311,8 @@ def main() -> None:
         "",
         f"{report['num_with_image']} with a screenshot, the rest text; {args.max_tokens} output "
         "tokens each (EOS ignored); latencies from the burst; systems run in turn "
-        f"({args.rounds} round(s)), 1-min load average at each start.",
+        f"({args.rounds} round(s)), 1-min load average at each start. OpenMP environment: "
+        f"{ {k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')} }.",
         "",
         "| system | round | load | wall s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
         "| TPOT p50 ms | E2E mean ms | E2E p50 ms | E2E p99 ms | E2E max ms |",
@@ -245,6 +333,32 @@ def main() -> None:
             f"{s.output_throughput_tps:.1f} "
             f"| {ms(s.ttft.p50)} | {ms(s.ttft.p99)} | {ms(s.tpot.p50)} | {ms(s.e2e.mean)} "
             f"| {ms(s.e2e.p50)} | {ms(s.e2e.p99)} | {ms(s.e2e.max)} |"
+        )
+    report["decode_overlap"] = [{"system": n, "round": r, **o} for n, r, o in overlaps]
+    lines += [
+        "",
+        "Decode steps alone vs beside a vision or prefill batch (overlapping it in time): "
+        "steps, mean wall ms, mean cores granted, mean sequences per step; the front stages' "
+        "batches and their mean wall ms.",
+        "",
+        "| system | round | decode alone | decode beside front | prefill batches | "
+        "vision batches |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for name, rnd, o in overlaps:
+
+        def cell(d: dict[str, float]) -> str:
+            if not d["steps"]:
+                return "0"
+            return (
+                f"{d['steps']} x {d['mean_ms']:.0f} ms, {d['mean_cores']:.2f} cores, "
+                f"{d['mean_seqs']:.1f} seqs"
+            )
+
+        lines.append(
+            f"| {name} | {rnd} | {cell(o['alone'])} | {cell(o['beside_front'])} | "
+            f"{o['prefill_batches']} x {o['prefill_mean_ms']:.0f} ms | "
+            f"{o['vision_batches']} x {o['vision_mean_ms']:.0f} ms |"
         )
     if modes:
         report["nova_modes"] = modes

@@ -12,6 +12,14 @@ Each run starts a fresh engine (cold caches); runs alternate on/off (``--repeats
 order flipped every pair) so load changes on a shared machine hit both alike; per step the
 median over repeats is reported. EOS is ignored, so both modes generate the same tokens.
 
+Where step TTFT goes: every step's engine-side phases (vision queue and encoder, prefill queue
+and prefill, from the engine's own request times) are recorded; what is left of the client's
+TTFT is the front end (HTTP, base64, hashing, image decoding and preprocessing, tokenisation,
+streaming the first chunk). Then the last step's compute on one core (thread CPU time, so other
+jobs on the machine do not count): the vision encoder for the images each mode encodes, and the
+prefill forward of the tokens each mode computes; their ratio is the floor the caches can reach
+for that step on this machine whatever the scheduling.
+
 Then the same session in the simulator for Qwen2.5-VL-7B on an H100 SXM (roofline cost model;
 1920x1080 screenshots, i.e. 2691 image tokens each), caches modelled with the engine's code.
 
@@ -26,15 +34,18 @@ import asyncio
 import json
 import os
 import statistics
+import threading
 import time
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime_throughput import machine
 
 from nova.bench.driver import BenchConfig, run_workload
 from nova.config import EngineConfig
-from nova.engine.async_engine import AsyncEngine
+from nova.engine.async_engine import AsyncEngine, OutputDelta
+from nova.metrics import RequestMetrics
 from nova.server.app import create_app
 from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
@@ -44,6 +55,23 @@ MODES = {
     "on": {"prefix_caching": True, "encoder_cache_bytes": 1 << 30},
     "off": {"prefix_caching": False, "encoder_cache_bytes": 0},
 }
+
+
+T = TypeVar("T")
+
+
+class RecordingEngine(AsyncEngine):
+    """The engine, keeping each finished request's engine-side metrics (arrival order)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.finished: list[RequestMetrics] = []
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncGenerator[OutputDelta, None]:
+        async for delta in super().generate(*args, **kwargs):
+            if delta.finished and delta.metrics is not None:
+                self.finished.append(delta.metrics)
+            yield delta
 
 
 def load_avg() -> list[float]:
@@ -67,7 +95,7 @@ def session(args: argparse.Namespace) -> Workload:
 
 def run_cpu(mode: str, wl: Workload, args: argparse.Namespace) -> dict[str, Any]:
     cfg = EngineConfig(model=args.model, num_kv_blocks=args.kv_blocks, **MODES[mode])
-    engine = AsyncEngine(cfg)
+    engine = RecordingEngine(cfg)
     try:
         app = create_app(engine, ServerConfig(served_model_name="demo"))
         with ServerThread(app) as srv:
@@ -80,8 +108,12 @@ def run_cpu(mode: str, wl: Workload, args: argparse.Namespace) -> dict[str, Any]
     finally:
         engine.shutdown()
     recs = sorted(run.records, key=lambda r: r.request_id)
+    # one closed-loop session: the engine saw the steps in order
+    engine_side = sorted(engine.finished, key=lambda m: m.arrival_s)
+    if len(engine_side) != len(recs):
+        raise RuntimeError(f"{mode}: {len(recs)} steps, {len(engine_side)} engine records")
     steps = []
-    for r in recs:
+    for r, em in zip(recs, engine_side):
         m = r.metrics(run.t0_s)
         if not r.ok:
             raise RuntimeError(f"{mode}: {r.request_id} failed: {r.error}")
@@ -93,6 +125,7 @@ def run_cpu(mode: str, wl: Workload, args: argparse.Namespace) -> dict[str, Any]
                 "prompt_tokens": r.prompt_tokens,
                 "cached_tokens": r.cached_tokens,
                 "completion_tokens": r.completion_tokens,
+                **engine_phases(em),
             }
         )
     return {
@@ -108,9 +141,114 @@ def run_cpu(mode: str, wl: Workload, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
+def engine_phases(m: RequestMetrics) -> dict[str, float]:
+    """A step's engine-side TTFT and its phases (s; 0 for a phase that did not run: the
+    vision stage is skipped when every image hit the encoder cache)."""
+    return {
+        "engine_ttft_s": m.ttft_s or 0.0,
+        "vision_queue_s": m.vision_queue_s or 0.0,
+        "vision_s": m.vision_s or 0.0,
+        "prefill_queue_s": m.prefill_queue_s or 0.0,
+        "prefill_s": m.prefill_s or 0.0,
+    }
+
+
+def on_worker_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a fresh thread, as the engine's stage workers run (glibc gives each thread
+    its own malloc arena: a worker's large temporaries are served differently from the main
+    thread's)."""
+    out: list[T] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    if not out:
+        raise RuntimeError("the measurement thread failed")
+    return out[0]
+
+
+def compute_floor(
+    args: argparse.Namespace, prompt_tokens: int, cached_tokens: int, repeats: int = 3
+) -> dict[str, Any]:
+    """The last step's compute in each mode on one core (thread CPU s, median of ``repeats``):
+    ``off`` encodes the window's images and prefills the whole prompt; ``on`` encodes the one
+    new screenshot and prefills the uncached tokens on top of the cached ones."""
+    import torch
+
+    from nova.models.loader import load_model
+    from nova.runtime.forward_batch import SeqInput
+    from nova.runtime.runner import CacheConfig, ModelRunner
+
+    def measure() -> dict[str, Any]:
+        torch.set_num_threads(1)
+        loaded = load_model(args.model, "auto", torch.float32, "cpu", 0, "auto")
+        runner = ModelRunner(loaded, CacheConfig(num_blocks=args.kv_blocks))
+        vision = loaded.model.vision
+        if vision is None or loaded.model.dynamic_resolution:
+            raise ValueError("the compute floor is measured for fixed-size (LLaVA) image models")
+        side = int(vision.vision_tower.config.image_size)
+        blocks = list(range(-(-prompt_tokens // runner.block_size)))
+
+        def cpu_s(fn: Callable[[], Any]) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.thread_time()
+                fn()
+                times.append(time.thread_time() - t0)
+            return statistics.median(times)
+
+        with torch.inference_mode():
+            pix = {n: torch.randn(n, 3, side, side) for n in (1, args.window)}
+            res = {
+                "vision_on_s": cpu_s(lambda: runner.encode_images(pix[1])),
+                "vision_off_s": cpu_s(lambda: runner.encode_images(pix[args.window])),
+                "prefill_off_s": cpu_s(
+                    lambda: runner.forward([SeqInput([1] * prompt_tokens, 0, blocks)])
+                ),
+                "prefill_on_s": cpu_s(
+                    lambda: runner.forward(
+                        [SeqInput([1] * (prompt_tokens - cached_tokens), cached_tokens, blocks)]
+                    )
+                ),
+                "prefill_uncached_alone_s": cpu_s(
+                    lambda: runner.forward(
+                        [SeqInput([1] * (prompt_tokens - cached_tokens), 0, blocks)]
+                    )
+                ),
+            }
+        res["images_on"], res["images_off"] = 1, args.window
+        res["prompt_tokens"], res["cached_tokens"] = prompt_tokens, cached_tokens
+        res["ratio"] = (res["vision_on_s"] + res["prefill_on_s"]) / (
+            res["vision_off_s"] + res["prefill_off_s"]
+        )
+        return res
+
+    threads = torch.get_num_threads()
+    try:
+        return on_worker_thread(measure)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def per_step_medians(runs: list[dict[str, Any]], key: str) -> list[float]:
     n = len(runs[0]["steps"])
     return [statistics.median(r["steps"][i][key] for r in runs) for i in range(n)]
+
+
+PHASES = ("vision_queue_s", "vision_s", "prefill_queue_s", "prefill_s")
+
+
+def last_step_phases(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The last step's TTFT split (medians over runs, s): the front end (client TTFT minus the
+    engine's), the engine's phases, and the rest of the engine's TTFT (first token's delivery)."""
+    last = [r["steps"][-1] for r in runs]
+    out = {"ttft_s": statistics.median(s["ttft_s"] for s in last)}
+    out["front_s"] = statistics.median(s["ttft_s"] - s["engine_ttft_s"] for s in last)
+    for k in PHASES:
+        out[k] = statistics.median(s[k] for s in last)
+    out["engine_other_s"] = statistics.median(
+        s["engine_ttft_s"] - sum(s[k] for k in PHASES) for s in last
+    )
+    return out
 
 
 def run_sim(args: argparse.Namespace, window: int) -> dict[str, Any]:
@@ -189,13 +327,79 @@ def sim_table(sim: dict[str, Any]) -> list[str]:
     return lines
 
 
+def phase_lines(cpu: dict[str, Any], last: int) -> list[str]:
+    phases = cpu.get("last_step_phases")
+    if not phases:
+        return []
+    cols = [
+        ("TTFT", "ttft_s"),
+        ("front end", "front_s"),
+        ("vision queue", "vision_queue_s"),
+        ("vision", "vision_s"),
+        ("prefill queue", "prefill_queue_s"),
+        ("prefill", "prefill_s"),
+        ("engine, rest", "engine_other_s"),
+    ]
+    lines = [
+        "",
+        f"### Where step {last}'s TTFT goes (s, median of the runs)",
+        "",
+        "`front end`: the client's TTFT minus the engine's (HTTP, base64, hashing, decoding and "
+        "preprocessing the images the encoder cache does not have, the chat template and "
+        "tokens, the first streamed chunk). The engine's phases come from its request times; "
+        "`prefill` is one forward here (the prompt fits one prefill batch). `engine, rest`: "
+        "the engine's TTFT minus its phases (handing the first token to the server).",
+        "",
+        "| caches | " + " | ".join(name for name, _ in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for mode in ("on", "off"):
+        ph = phases[mode]
+        lines.append(f"| {mode} | " + " | ".join(f"{ph[k]:.3f}" for _, k in cols) + " |")
+    return lines
+
+
+def floor_lines(floor: dict[str, Any] | None, ratio: float, last: int) -> list[str]:
+    if not floor:
+        return []
+    on = floor["vision_on_s"] + floor["prefill_on_s"]
+    off = floor["vision_off_s"] + floor["prefill_off_s"]
+    uncached = floor["prompt_tokens"] - floor["cached_tokens"]
+    return [
+        "",
+        f"### The floor: step {last}'s compute on one core (thread CPU s, median of 3)",
+        "",
+        "What each mode must compute for the step, measured alone on one core (a worker "
+        "thread, as the engine's stages run; other jobs on the machine do not count in thread "
+        "CPU time):",
+        "",
+        "| caches | vision encoder | prefill forward | total |",
+        "|---|---:|---:|---:|",
+        f"| on | {floor['vision_on_s']:.3f} ({floor['images_on']} image) | "
+        f"{floor['prefill_on_s']:.3f} ({uncached} tokens on {floor['cached_tokens']} cached) "
+        f"| {on:.3f} |",
+        f"| off | {floor['vision_off_s']:.3f} ({floor['images_off']} images) | "
+        f"{floor['prefill_off_s']:.3f} ({floor['prompt_tokens']} tokens) | {off:.3f} |",
+        "",
+        f"Compute ratio on/off: **{floor['ratio']:.2f}** (measured TTFT ratio {ratio:.2f}). "
+        f"The {uncached} uncached tokens alone, with no cached prefix to attend to, cost "
+        f"{floor['prefill_uncached_alone_s']:.3f} s: the linear layers scale with the "
+        f"recomputed share ({uncached / floor['prompt_tokens']:.0%} of the prompt), attention "
+        "with it times the context. The front end's share (decoding and preprocessing the "
+        "window's images without the encoder cache) is in the table above. Whatever the "
+        "scheduling, a step whose prompt changed before its kept screenshots cannot cost less "
+        "than this compute with exact (recomputed) KV.",
+    ]
+
+
 def render(report: dict[str, Any]) -> str:
     cpu, sim, args = report["cpu"], report["sim"], report["args"]
     lines = [
         "# Agent session with the caches on vs off",
         "",
         f"Machine: {report['machine']}. Load average (1/5/15 min) at the start: "
-        f"{report['load_start']}, at the end: {report['load_end']}.",
+        f"{report['load_start']}, at the end: {report['load_end']}. OpenMP environment: "
+        f"{report.get('env', {})}.",
         "",
         f"One `agent_sessions` session: {args['steps']} steps, a window of the last "
         f"{args['window']} screenshots ({args['width']}x{args['height']} PNG), "
@@ -230,6 +434,8 @@ def render(report: dict[str, Any]) -> str:
         "screenshots' among them. The encoder cache removes the kept screenshots' decoding, "
         "preprocessing and vision encoder, so the ratio can sit below that share, but the "
         "prefill of those tokens stays.",
+        *phase_lines(cpu, last),
+        *floor_lines(report.get("floor"), ratio, last),
         "",
         "## Simulator: Qwen2.5-VL-7B on an H100 SXM (roofline)",
         "",
@@ -282,6 +488,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "machine": machine(),
         "load_start": load_avg(),
+        # libgomp reads these once at start-up (docs/cpu.md: waiting under contention)
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     sim = run_sim(args, args.window)
@@ -316,7 +524,10 @@ def main() -> None:
             "cached_tokens_on": [s["cached_tokens"] for s in on[0]["steps"]],
         }
         cpu["last_step_ttft_ratio"] = cpu["ttft_on_s"][-1] / cpu["ttft_off_s"][-1]
+        cpu["last_step_phases"] = {mode: last_step_phases(runs[mode]) for mode in runs}
         report["cpu"] = cpu
+        report["floor"] = compute_floor(args, cpu["prompt_tokens"][-1], cpu["cached_tokens_on"][-1])
+        print(f"compute floor of step {args.steps}: {report['floor']}")
         report["load_end"] = load_avg()
         print(f"step {args.steps} TTFT on/off: {cpu['last_step_ttft_ratio']:.2f}")
         args.out.mkdir(parents=True, exist_ok=True)

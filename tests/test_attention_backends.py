@@ -15,6 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 
@@ -33,7 +34,7 @@ from nova.runtime.attention_backend import (  # noqa: E402
     AttentionMetadata,
     PhaseSplitAttention,
 )
-from nova.runtime.attention_cpu import CpuPagedAttention  # noqa: E402
+from nova.runtime.attention_cpu import CpuPagedAttention, query_tiles  # noqa: E402
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
 from nova.runtime.attention_sdpa import SdpaPagedAttention, causal_gather_views  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
@@ -393,3 +394,40 @@ def test_selection_tables_are_package_data(tmp_path, monkeypatch):
     override.write_text(json.dumps({"decode": "sdpa", "prefill": "sdpa"}))
     monkeypatch.setenv("NOVA_ATTENTION_TABLE", str(override))
     assert load_selection_table("NVIDIA H200")["decode"] == "sdpa"
+
+
+@pytest.mark.parametrize("case", ["varlen_prefill", "chunked_prefill", "mixed"])
+@pytest.mark.parametrize("tile_bytes", [1, 700, 4096])
+def test_cpu_backend_tiled_prefill_matches_sdpa(case, tile_bytes):
+    # Tiles of one row up to several: every tile reads only the keys its rows may see, and
+    # padding still reads the pad slot only (unowned blocks are poisoned).
+    backend = CpuPagedAttention(score_tile_bytes=tile_bytes)
+    check_against_sdpa(backend, case, 6, 2, 16, 4, atol=1e-5)
+
+
+def test_query_tiles_cover_rows_within_budget():
+    # (seq_lens, query_lens): a prompt on a cached prefix, a fresh one, and a decode row.
+    seq_lens, query_lens = [40, 25, 31], [20, 25, 1]
+    heads, budget = 4, 3 * 4 * 4 * 40 * 3  # three rows of the widest keys
+    tiles = query_tiles(seq_lens, query_lens, heads, budget)
+    assert tiles[0][0] == 0 and tiles[-1][1] == max(query_lens)
+    for (_, r1, _), (r0, _, _) in itertools.pairwise(tiles):
+        assert r1 == r0  # contiguous, no gaps or overlaps
+    for r0, r1, kv_len in tiles:
+        assert r1 > r0
+        # rows r0..r1 see at most: sequence 0 keys 0..20+r1, sequence 1 keys 0..r1, the decode
+        # row keys 0..31 (its padded rows see key 0)
+        assert kv_len == max(min(40, 20 + r1), min(25, r1), 31)
+        assert len(seq_lens) * heads * 4 * (r1 - r0) * kv_len <= budget or r1 - r0 == 1
+    # a budget below one row still makes progress, one row per tile
+    assert [r1 - r0 for r0, r1, _ in query_tiles([10], [10], 2, 1)] == [1] * 10
+    with pytest.raises(ValueError, match="tile_bytes"):
+        query_tiles([10], [10], 2, 0)
+
+
+def test_query_tiles_skip_keys_past_causality():
+    # one 1000-token prompt: the first tile reads far fewer keys than the prompt has
+    tiles = query_tiles([1000], [1000], 9, 2 << 20)
+    assert len(tiles) > 1
+    assert tiles[0][2] < 1000 and tiles[-1][2] == 1000
+    assert [kv for _, _, kv in tiles] == sorted(kv for _, _, kv in tiles)

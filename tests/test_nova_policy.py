@@ -264,3 +264,61 @@ def test_nova_finishes_closed_loop_sessions():
     res = simulate(nova(), cost, workload="gui_sessions", num_sessions=4, steps_per_session=3)
     assert len(res.requests) == 12
     assert all(len(r.output_token_ids) == r.sampling.max_tokens for r in res.requests)
+
+
+def test_nova_plans_the_work_the_caches_leave():
+    """Requests resending one long system prompt and one screenshot: with the prefix and
+    encoder caches on, nova's load estimate counts what is computed (a short uncached suffix,
+    no image to encode), not the whole prompt; with them off, everything."""
+    from nova.sim.simulator import PromptSegment
+
+    def arrivals() -> list[SimArrival]:
+        return [
+            SimArrival(
+                f"r{i}",
+                i * 5.0,
+                0,
+                0,
+                20,
+                segments=(
+                    PromptSegment("system", 2000),
+                    PromptSegment("shot", image=True),
+                    PromptSegment(f"user|{i}", 30),
+                ),
+            )
+            for i in range(40)
+        ]
+
+    estimates = {}
+    for caches in (False, True):
+        policy = nova()
+        sim = Simulator(
+            policy,
+            roofline(),
+            8000,
+            16,
+            1600,
+            prefix_caching=caches,
+            encoder_cache_bytes=(1 << 30) if caches else 0,
+        )
+        res = sim.run(arrivals())
+        estimates[caches] = policy.load_estimate(res.end_s)
+    off, on = estimates[False], estimates[True]
+    assert off.text_tokens > 2000 and off.image_fraction > 0.95
+    # the suffix after the cached blocks: the user turn plus the partial block before it
+    assert on.text_tokens < 100
+    assert on.image_fraction < 0.1
+
+
+def test_nova_plans_a_burst_before_its_rate_is_held():
+    """Clusters of arrivals with long pauses between them: the gaps are so uneven that the
+    held rate waits for many more arrivals (16 x their squared CV), but nova plans for the
+    rate so far meanwhile, and the first plan already knows the arrivals are bursty."""
+    cost = roofline()
+    policy = nova()
+    times = [30.0 * (i // 6) + 0.01 * (i % 6) for i in range(30)]  # 5 clusters of 6
+    arrivals = [SimArrival(f"r{i}", t, 150, 1, 50) for i, t in enumerate(times)]
+    Simulator(policy, cost, 8000, 16, 1600).run(arrivals)
+    assert policy._obs.arrival_cv2() > 2.0
+    assert policy._plan_rate == 0.0  # never held: too few arrivals for gaps this uneven
+    assert policy.num_replans >= 1  # planned anyway, for what fills the queues

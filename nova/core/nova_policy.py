@@ -106,11 +106,17 @@ class _Observed:
     gap_sq_s2: float = 0.0
 
     def arrival_cv2(self) -> float:
-        """Squared coefficient of variation of the gaps between arrivals (1 until enough
-        gaps are seen; Poisson arrivals give 1)."""
-        if self.num_gaps < _MIN_ARRIVALS or self.gap_s <= 0.0:
+        """Squared coefficient of variation of the gaps between arrivals (Poisson arrivals give
+        1). From the gaps of ``_MIN_ARRIVALS`` arrivals on, the estimate; before that 1, unless
+        the few gaps seen are already significantly burstier than Poisson (two standard errors
+        of an exponential sample's squared CV, ``sqrt(23 / n)``), so the first plan knows that
+        the arrivals are bursty without acting on a Poisson sample's noise."""
+        if self.num_gaps < 2 or self.gap_s <= 0.0:
             return 1.0
-        return max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
+        estimate = max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
+        if self.num_gaps >= _MIN_ARRIVALS:
+            return estimate
+        return estimate if estimate > 1.0 + 2.0 * math.sqrt(23.0 / self.num_gaps) else 1.0
 
 
 @register_policy("nova")
@@ -427,17 +433,23 @@ class NovaPolicy(Policy):
                     obs.gap_sq_s2 += g * (gap * gap - obs.gap_sq_s2)
                 obs.last_arrival_s = req.arrival_s
                 a = 1.0 / min(obs.num_seen + 1, 50)  # running mean, then EWMA over ~50 requests
-                n_text = len(req.prompt_token_ids) - req.num_computed_tokens - req.num_image_tokens
+                # the work it brings, caches counted: the images its vision batch encodes (the
+                # encoder cache's misses) and the prompt its prefill computes (the uncached
+                # suffix, image tokens of kept screenshots included: "text" to the model)
+                # (the prefix cache's latest lookup: at arrival, then at the first prefill; an
+                # observation after the prefill ran sees the same)
+                to_encode = _images_to_encode(req)
                 n_out = req.sampling.max_tokens
-                n_prompt = len(req.prompt_token_ids) - req.num_computed_tokens
+                n_prompt = max(1, len(req.prompt_token_ids) - req.prefix_hit_tokens)
+                n_text = n_prompt - sum(req.images[i].num_tokens for i in to_encode)
                 obs.text_tokens += a * (max(1, n_text) - obs.text_tokens)
                 obs.prompt_tokens += a * (n_prompt - obs.prompt_tokens)
                 obs.prompt_tokens_sq += a * (n_prompt * n_prompt - obs.prompt_tokens_sq)
                 obs.output_tokens += a * (n_out - obs.output_tokens)
                 obs.output_tokens_sq += a * (n_out * n_out - obs.output_tokens_sq)
-                obs.image_fraction += a * ((1.0 if req.images else 0.0) - obs.image_fraction)
-                if req.images:
-                    obs.images_per_request += a * (len(req.images) - obs.images_per_request)
+                obs.image_fraction += a * ((1.0 if to_encode else 0.0) - obs.image_fraction)
+                if to_encode:
+                    obs.images_per_request += a * (len(to_encode) - obs.images_per_request)
                 obs.num_seen += 1
         if len(self._seen) > 100_000:  # bounded memory: ids of long-gone requests
             self._seen = set(state.requests)
@@ -527,7 +539,11 @@ class NovaPolicy(Policy):
         backlog = self._backlog(state)
         rate = self._planning_rate(now_s)
         if rate <= 0.0:
-            return  # too few arrivals to plan for: the initial mode holds
+            if len(self._obs.arrivals_s) < _MIN_ARRIVALS:
+                return  # too few arrivals to plan for: the initial mode holds
+            # bursty arrivals: the held rate waits for more of them, but the queues may be
+            # filling now; plan for the rate so far (not held: taken anew after every batch)
+            rate = self._arrival_rate(now_s)
         # Every part of the key but the backlog's changes only with the held rate (and its
         # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
         stamp = (rate, self._plan_cv2, self._obs.num_seen)
@@ -635,6 +651,14 @@ class NovaPolicy(Policy):
         if vb_max > 1:
             score(dv, dp, vb_max)
         return list(seen.values())
+
+
+def _images_to_encode(req: Request) -> list[int]:
+    """Indices of ``req``'s images its vision batch encodes (or encoded): the encoder cache's
+    misses once the scheduler looked them up, else every image without embeddings."""
+    if req.encoder_cache_hits:
+        return [i for i, hit in enumerate(req.encoder_cache_hits) if not hit]
+    return [i for i, img in enumerate(req.images) if not img.has_embeds]
 
 
 def decode_first_stage(state: SchedulerState) -> Stage | None:

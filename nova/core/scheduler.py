@@ -98,7 +98,9 @@ class Scheduler:
             self.state.set_status(req, RequestStatus.WAITING_VISION)
         else:
             self.state.set_status(req, RequestStatus.WAITING_PREFILL)
-            self._probe_prefix(req)
+        # what its prefill will reuse, as far as the cache knows now (policies plan the
+        # uncached suffix from it; taken anew when it enters the prefill queue and at admission)
+        self._probe_prefix(req)
         for i, child in enumerate(forks, start=1):
             child.parent_id = req.request_id
             child.choice_index = i

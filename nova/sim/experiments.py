@@ -138,6 +138,10 @@ def static_modes(exp: Experiment, gpu: GpuSpec) -> list[str]:
 
 
 # -- the named experiments --------------------------------------------------------------------
+# 800 requests per point (open loop): near saturation a run of 200 ends long before its queue
+# reaches steady state, which rewards the mode with the least capacity that still drains in
+# time (paper-a6000 at 0.8 req/s: chunked_prefill[budget=128] beat [256] by 8% in max latency
+# over 200 requests and lost by 44% over 800; benchmarks/results/eval/summary.md).
 A6000_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 register_experiment(
@@ -149,7 +153,7 @@ register_experiment(
         gpu="a6000",
         model="cogagent-9b",
         rates_rps=A6000_RATES,
-        num_requests=400,
+        num_requests=800,
         min_decode_sms=12,
     )
 )
@@ -160,7 +164,7 @@ register_experiment(
         gpu="h100-sxm",
         model="cogagent-9b",
         rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
-        num_requests=600,
+        num_requests=800,
         min_decode_sms=16,
     )
 )
@@ -173,7 +177,7 @@ register_experiment(
         gpu="rtx4090",
         model="cogagent-9b",
         rates_rps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-        num_requests=400,
+        num_requests=800,
         min_decode_sms=12,
         offload_vision=True,
     )
@@ -186,7 +190,7 @@ register_experiment(
         gpu="rtx4090",
         model="qwen2.5-vl-7b",
         rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
-        num_requests=600,
+        num_requests=800,
     )
 )
 register_experiment(
@@ -209,7 +213,7 @@ register_experiment(
         gpu="a6000",
         model="cogagent-9b",
         rates_rps=(),
-        num_requests=400,
+        num_requests=800,
         workload="bursty",
         min_decode_sms=12,
         series=tuple(
@@ -250,7 +254,7 @@ register_experiment(
         gpu="h100-sxm",
         model="qwen2.5-vl-7b",
         rates_rps=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
-        num_requests=200,
+        num_requests=400,  # 40 sessions of 10 steps (the caches make each step dearer to simulate)
         workload="agent_sessions",
         workload_kwargs={"image_width": 1120, "image_height": 1120, "think_time_s": 1.0},
         min_decode_sms=16,
