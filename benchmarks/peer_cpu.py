@@ -12,6 +12,7 @@ prompts; output tok/s = output tokens / its wall time. Nova runs in its default 
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
 alternating between the servers; TTFT, TPOT and output tok/s from the client.
+``--served-systems`` adds ``nova-passive``: ``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``.
 
 Writes benchmarks/results/peer_cpu.{json,md} (``--tag`` adds a suffix) with the machine and
 its load average before and after every run. Without vLLM installed (no ``--vllm-python``
@@ -333,12 +334,22 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"{url} not healthy after {timeout_s} s")
 
 
+# served Nova variants -> environment of their ``nova serve`` ("nova": as it is started by
+# default; "nova-passive": libgomp's idle team threads sleep instead of spinning, which libgomp
+# reads once, when torch loads it)
+SERVED_NOVA_ENV: dict[str, dict[str, str]] = {
+    "nova": {},
+    "nova-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
 def start_server(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Any]:
     log = open(LOGS / f"serve_{kind}.log", "w")  # noqa: SIM115 - closed by the caller
-    if kind == "nova":
+    if kind.startswith("nova"):
         cmd = [sys.executable, "-m", "nova.cli", "serve", "--model", args.model]
         cmd += ["--dtype", "bfloat16", "--port", str(port), "--served-model-name", "peer"]
         env = dict(os.environ)
+        env.update(SERVED_NOVA_ENV[kind])
     else:
         vllm = str(Path(args.vllm_python).parent / "vllm")
         cmd = [vllm, "serve", args.model, "--dtype", "bfloat16", "--port", str(port)]
@@ -400,7 +411,7 @@ SERVED_KEYS = (
 
 
 def run_served(args: argparse.Namespace, on_row: Any = None) -> dict[str, Any]:
-    ports = {"nova": args.port, "vllm": args.port + 1}
+    ports = {kind: args.port + i for i, kind in enumerate(args.served_systems)}
     servers = {}
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="peer_serve_"))
@@ -527,6 +538,13 @@ def main() -> None:
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--served", action="store_true")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    ap.add_argument(
+        "--served-systems",
+        nargs="+",
+        default=["nova", "vllm"],
+        choices=[*SERVED_NOVA_ENV, "vllm"],
+        help="servers to compare, each on its own port (default: nova vllm)",
+    )
     ap.add_argument("--served-prompts", type=int, default=None, help="default: 4 x concurrency")
     ap.add_argument("--served-input-len", type=int, default=48)
     ap.add_argument("--port", type=int, default=8310)
@@ -563,6 +581,7 @@ def main() -> None:
         "reference_rounds": args.reference_rounds,
         "warmup_prompts": args.warmup_prompts,
         "served_prompts": args.served_prompts,
+        "served_systems": args.served_systems if args.served else None,
         "loadavg_start": loadavg(),
         "note": args.note,
     }

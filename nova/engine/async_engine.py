@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 
 from nova.config import EngineConfig
 from nova.engine.client import EngineDescription, EngineSnapshot, OutputDelta
+from nova.engine.delivery import LoopDelivery
 from nova.engine.detokenizer import IncrementalDetokenizer
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import request_metrics
@@ -28,6 +29,15 @@ class AsyncEngine:
     ) -> None:
         self.llm_engine = llm_engine or LLMEngine(config)
         self.llm_engine.start()
+        # the event loop requests are being served on (the last one seen; a request keeps the
+        # delivery of its own loop)
+        self._delivery: LoopDelivery | None = None
+
+    def delivery(self, loop: asyncio.AbstractEventLoop) -> LoopDelivery:
+        """The delivery of engine events to ``loop`` (one wake-up per burst of events)."""
+        if self._delivery is None or self._delivery.loop is not loop:
+            self._delivery = LoopDelivery(loop)
+        return self._delivery
 
     # -- EngineClient ------------------------------------------------------------------------
     @property
@@ -63,11 +73,11 @@ class AsyncEngine:
         deadline_s: float | None = None,
         n: int = 1,
     ) -> AsyncGenerator[OutputDelta, None]:
-        loop = asyncio.get_running_loop()
+        delivery = self.delivery(asyncio.get_running_loop())
         queue: asyncio.Queue[tuple[RequestEvent, Request]] = asyncio.Queue()
 
         def listener(ev: RequestEvent, req: Request) -> None:  # worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, (ev, req))
+            delivery.post(queue, (ev, req))
 
         reqs = self.llm_engine.submit_group(
             prompt, sampling, request_id, priority, deadline_s, listener, n

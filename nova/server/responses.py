@@ -138,6 +138,18 @@ def sse_event(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+# A text no request produces (a private-use character and NUL): marks where a chunk's text goes
+TEXT_MARK = "\ue000\x00nova-text\x00\ue000"
+_TEXT_MARK_JSON = json.dumps(TEXT_MARK, ensure_ascii=False)
+
+
+def text_template(event: str) -> tuple[str, str] | None:
+    """The event ``event`` (written with ``TEXT_MARK`` as its text) split around the JSON
+    string of that text; None if the mark is not there exactly once."""
+    parts = event.split(_TEXT_MARK_JSON)
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
 def response_head(p: Prepared, obj: str, model: str) -> dict[str, Any]:
     return {
         "id": p.request_id,
@@ -206,7 +218,29 @@ async def sse_events(
     # completions' text_offset per choice: output characters before the chunk's tokens
     offsets = [0] * p.n
 
+    # A text-only chunk in the middle of a choice (no logprobs, tool calls, finish reason or
+    # running usage) differs from the next only in its text: its event is a per-choice
+    # template around the JSON string of the text, byte for byte what ``general`` writes.
+    plain = p.logprobs is None and not p.continuous_usage
+    templates: dict[int, tuple[str, str] | None] = {}
+
     def chunk(
+        text: str | None,
+        finish: str | None,
+        index: int,
+        entries: list[TokenLogprobs] | None = None,
+        first: bool = False,
+        tool_calls: list[ToolCallDelta] | None = None,
+    ) -> str:
+        if plain and text is not None and finish is None and not first and not tool_calls:
+            if index not in templates:
+                templates[index] = text_template(general(TEXT_MARK, None, index))
+            template = templates[index]
+            if template is not None:
+                return template[0] + json.dumps(text, ensure_ascii=False) + template[1]
+        return general(text, finish, index, entries, first, tool_calls)
+
+    def general(
         text: str | None,
         finish: str | None,
         index: int,
