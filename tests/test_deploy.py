@@ -31,6 +31,7 @@ import pytest
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
+from clients import http_client, openai_client  # noqa: E402
 
 from nova.config import EngineConfig  # noqa: E402
 from nova.deploy.ring import ring_owner  # noqa: E402
@@ -139,15 +140,13 @@ def server(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=HTTP_TIMEOUT_S, trust_env=False) as c:
+    with http_client(server.base_url, HTTP_TIMEOUT_S) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(
-        base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=HTTP_TIMEOUT_S
-    )
+    return openai_client(server.base_url, HTTP_TIMEOUT_S)
 
 
 def png_data_url(size: int = 32) -> str:

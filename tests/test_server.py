@@ -23,6 +23,7 @@ from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
 
 openai = pytest.importorskip("openai")
+from clients import http_client, openai_client  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +69,13 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60, trust_env=False) as client:
+    with http_client(server.base_url, 60) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def oai(server):
-    client = openai.OpenAI(
-        base_url=server.base_url + "/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=httpx.Client(trust_env=False, timeout=60),
-    )
+    client = openai_client(server.base_url, 60)
     yield client
     client.close()
 
@@ -546,20 +542,10 @@ def test_api_key_required_on_v1_only(engine):
     assert spec["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
 
     with ServerThread(app) as srv:  # and through the official client
-        bad = openai.OpenAI(
-            base_url=srv.base_url + "/v1",
-            api_key="nope",
-            max_retries=0,
-            http_client=httpx.Client(trust_env=False),
-        )
+        bad = openai_client(srv.base_url, api_key="nope")
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(model="demo", messages=USER, max_tokens=2)
-        good = openai.OpenAI(
-            base_url=srv.base_url + "/v1",
-            api_key="sekret",
-            max_retries=0,
-            http_client=httpx.Client(trust_env=False),
-        )
+        good = openai_client(srv.base_url, api_key="sekret")
         assert (
             good.chat.completions.create(
                 model="demo", messages=USER, max_tokens=2

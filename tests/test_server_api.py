@@ -10,7 +10,6 @@ import base64
 import io
 import json
 
-import httpx
 import pytest
 
 from nova.config import EngineConfig
@@ -20,6 +19,7 @@ from nova.server.config import ServerConfig
 from nova.server.testing import ServerThread
 
 openai = pytest.importorskip("openai")
+from clients import http_client, openai_client  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,13 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=120, trust_env=False) as client:
+    with http_client(server.base_url, 120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def oai(server):
-    client = openai.OpenAI(
-        base_url=server.base_url + "/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=httpx.Client(trust_env=False, timeout=120),
-    )
+    client = openai_client(server.base_url, 120)
     yield client
     client.close()
 

@@ -28,6 +28,8 @@ from nova.server.testing import ServerThread
 from nova.structured import GrammarSpec
 
 openai = pytest.importorskip("openai")
+from clients import openai_client  # noqa: E402
+
 pydantic = pytest.importorskip("pydantic")
 
 pytestmark = pytest.mark.slow
@@ -92,12 +94,7 @@ def server(app):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    client = openai.OpenAI(
-        base_url=server.base_url + "/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=httpx.Client(trust_env=False, timeout=600),
-    )
+    client = openai_client(server.base_url, 600)
     yield client
     client.close()
 
