@@ -5,15 +5,18 @@ counters and the memory report; ``n`` choices (JSON and SSE)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 
 import httpx
-import numpy as np
 import pytest
-from conftest import IMAGE_TOKEN_ID, QWEN_VL_IMAGE_TOKEN_ID, QWEN_VL_VISION_END_ID
+from conftest import (
+    IMAGE_TOKEN_ID,
+    QWEN_VL_IMAGE_TOKEN_ID,
+    QWEN_VL_VISION_END_ID,
+    png_data_url,
+    save_byte_level_tokenizer,
+)
 from conftest import QWEN_VL_VISION_START_ID as VSTART
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -29,36 +32,6 @@ def template(image_text: str) -> str:
     )
 
 
-def save_tokenizer(path, specials: dict[str, int], chat_template: str) -> None:
-    """Byte-level BPE without merges (ids 3..258: bytes; 0..2: end of text, im_start, im_end)
-    plus the model's image specials at the tiny config's ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
-    vocab.update(specials)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = chat_template
-    fast.save_pretrained(path)
-
-
-def png_url(width: int, height: int, seed: int) -> str:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def model_dir(kind: str, tiny_dirs, tiny_qwen_vl_dirs, root):
     from transformers import CLIPImageProcessor
 
@@ -70,10 +43,10 @@ def model_dir(kind: str, tiny_dirs, tiny_qwen_vl_dirs, root):
             "<|vision_start|>": VSTART,
             "<|vision_end|>": QWEN_VL_VISION_END_ID,
         }
-        save_tokenizer(out, specials, template(QWEN_IMAGE))
+        save_byte_level_tokenizer(out, specials, template(QWEN_IMAGE))
     else:
         shutil.copytree(tiny_dirs[kind], out)
-        save_tokenizer(out, {"<image>": IMAGE_TOKEN_ID}, template("<image>"))
+        save_byte_level_tokenizer(out, {"<image>": IMAGE_TOKEN_ID}, template("<image>"))
         CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ).save_pretrained(out)
@@ -123,7 +96,7 @@ SYSTEM = {"role": "system", "content": "You are a GUI agent. Answer with one act
 
 
 def conversation() -> list[list[dict]]:
-    a, b, c = png_url(100, 60, 1), png_url(60, 100, 2), png_url(100, 60, 3)
+    a, b, c = png_data_url(100, 60, 1), png_data_url(60, 100, 2), png_data_url(100, 60, 3)
 
     def user(url: str | None, text: str) -> dict:
         parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
@@ -251,7 +224,7 @@ def test_image_sizes_of_an_encoder_cache_hit(servers):
     """An image the encoder cache had is never decoded; its sizes (the ``image_sizes``
     extension) are still those of the first request that sent it, and off equals on."""
     (_, on), (_, off) = servers("qwen2-vl")["on"], servers("qwen2-vl")["off"]
-    url = png_url(90, 50, 11)
+    url = png_data_url(90, 50, 11)
     messages = [
         {
             "role": "user",

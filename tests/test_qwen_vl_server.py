@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 
 import httpx
 import pytest
-from conftest import QWEN_VL_IMAGE_TOKEN_ID, QWEN_VL_VISION_END_ID, QWEN_VL_VISION_START_ID
+from conftest import (
+    QWEN_VL_IMAGE_TOKEN_ID,
+    QWEN_VL_VISION_END_ID,
+    QWEN_VL_VISION_START_ID,
+    png_data_url,
+    save_byte_level_tokenizer,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -23,41 +28,14 @@ CHAT_TEMPLATE = (
 
 
 def save_tiny_tokenizer(path) -> None:
-    """Byte-level BPE without merges: ids 3..258 are the 256 byte symbols; the Qwen specials sit
-    at the ids the tiny config uses (image 300, vision start/end 301/302)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
+    """The Qwen specials at the ids the tiny config uses (image 300, vision start/end 301/302)."""
     specials = {
         "<|image_pad|>": QWEN_VL_IMAGE_TOKEN_ID,
         "<|vision_start|>": QWEN_VL_VISION_START_ID,
         "<|vision_end|>": QWEN_VL_VISION_END_ID,
         "<|video_pad|>": 303,
     }
-    vocab.update(specials)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *specials])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-
-
-def png_url(width: int, height: int, seed: int) -> str:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    save_byte_level_tokenizer(path, specials, CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +80,7 @@ def test_two_images_of_different_sizes_over_http_equal_the_engine(qwen_server):
     from nova.sampling_params import SamplingParams
 
     engine, srv = qwen_server
-    urls = [png_url(120, 90, 1), png_url(64, 150, 2), png_url(300, 300, 5)]
+    urls = [png_data_url(120, 90, 1), png_data_url(64, 150, 2), png_data_url(300, 300, 5)]
     body = {
         "model": "tiny-qwen",
         "messages": _chat("click the red button", urls),
@@ -145,8 +123,16 @@ def test_image_outside_the_servers_pixel_limits_is_a_400_and_serving_goes_on(qwe
     _, srv = qwen_server
     # A 1000x28 strip fits the checkpoint's max_pixels (31360) but cannot shrink under the
     # server's (15680): each side stays >= 28 px.
-    bad = {"model": "tiny-qwen", "messages": _chat("hi", [png_url(1000, 28, 3)]), "max_tokens": 4}
-    good = {"model": "tiny-qwen", "messages": _chat("hi", [png_url(56, 56, 4)]), "max_tokens": 4}
+    bad = {
+        "model": "tiny-qwen",
+        "messages": _chat("hi", [png_data_url(1000, 28, 3)]),
+        "max_tokens": 4,
+    }
+    good = {
+        "model": "tiny-qwen",
+        "messages": _chat("hi", [png_data_url(56, 56, 4)]),
+        "max_tokens": 4,
+    }
     with httpx.Client(base_url=srv.base_url, timeout=120, trust_env=False) as http:
         r = http.post("/v1/chat/completions", json=bad)
         assert r.status_code == 400, r.text
@@ -159,7 +145,7 @@ def test_per_request_pixel_limits_resize_that_requests_images(qwen_server):
     """mm_processor_kwargs bounds one request's resize (within the server's limits); the
     response's image_sizes extension gives each image as sent and as the model saw it."""
     engine, srv = qwen_server
-    url = png_url(300, 300, 5)
+    url = png_data_url(300, 300, 5)
 
     def ask(**extra):
         body = {"messages": _chat("where?", [url]), "max_tokens": 2, "temperature": 0, **extra}
@@ -194,7 +180,7 @@ def test_per_request_pixel_limits_resize_that_requests_images(qwen_server):
 def test_image_sizes_in_the_first_streamed_chunk(qwen_server):
     _, srv = qwen_server
     body = {
-        "messages": _chat("where?", [png_url(120, 90, 1)]),
+        "messages": _chat("where?", [png_data_url(120, 90, 1)]),
         "max_tokens": 3,
         "temperature": 0,
         "stream": True,
