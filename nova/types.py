@@ -152,6 +152,16 @@ class Request:
         return any(not img.has_embeds for img in self.images)
 
     @property
+    def encoder_cache_misses(self) -> list[int]:
+        """Indices of the images the vision stage encodes (or encoded) for this request: the
+        encoder cache's misses once ``Scheduler.add_request`` looked them up (unlike
+        ``images_to_encode``, kept after the vision batch), before that every image without
+        embeddings."""
+        if self.encoder_cache_hits:
+            return [i for i, hit in enumerate(self.encoder_cache_hits) if not hit]
+        return [i for i, img in enumerate(self.images) if not img.has_embeds]
+
+    @property
     def num_uncached_prompt_tokens(self) -> int:
         """Tokens a (re)prefill of this request still has to compute: the prompt (plus, after
         a preemption, the outputs so far) minus what is in the KV cache or, before admission,

@@ -434,11 +434,10 @@ class NovaPolicy(Policy):
                 obs.last_arrival_s = req.arrival_s
                 a = 1.0 / min(obs.num_seen + 1, 50)  # running mean, then EWMA over ~50 requests
                 # the work it brings, caches counted: the images its vision batch encodes (the
-                # encoder cache's misses) and the prompt its prefill computes (the uncached
-                # suffix, image tokens of kept screenshots included: "text" to the model)
-                # (the prefix cache's latest lookup: at arrival, then at the first prefill; an
-                # observation after the prefill ran sees the same)
-                to_encode = _images_to_encode(req)
+                # encoder cache's misses) and the prompt its prefill computes (the suffix after
+                # the prefix cache's latest hit, taken at arrival and at the first prefill;
+                # image tokens of kept screenshots included: "text" to the model)
+                to_encode = req.encoder_cache_misses
                 n_out = req.sampling.max_tokens
                 n_prompt = max(1, len(req.prompt_token_ids) - req.prefix_hit_tokens)
                 n_text = n_prompt - sum(req.images[i].num_tokens for i in to_encode)
@@ -651,14 +650,6 @@ class NovaPolicy(Policy):
         if vb_max > 1:
             score(dv, dp, vb_max)
         return list(seen.values())
-
-
-def _images_to_encode(req: Request) -> list[int]:
-    """Indices of ``req``'s images its vision batch encodes (or encoded): the encoder cache's
-    misses once the scheduler looked them up, else every image without embeddings."""
-    if req.encoder_cache_hits:
-        return [i for i, hit in enumerate(req.encoder_cache_hits) if not hit]
-    return [i for i, img in enumerate(req.images) if not img.has_embeds]
 
 
 def decode_first_stage(state: SchedulerState) -> Stage | None:

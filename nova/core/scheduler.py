@@ -125,7 +125,7 @@ class Scheduler:
                 hits.append(cache.lookup(img.mm_hash, rid))
         cache.count(supplied, supplied)
         req.encoder_cache_hits = hits
-        req.images_to_encode = [i for i, hit in enumerate(hits) if not hit]
+        req.images_to_encode = req.encoder_cache_misses
 
     def _probe_prefix(self, req: Request) -> list[int]:
         """The cached blocks a prefill of ``req`` from scratch would reuse now (also stored as
