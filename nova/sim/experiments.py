@@ -141,7 +141,8 @@ def static_modes(exp: Experiment, gpu: GpuSpec) -> list[str]:
 # 800 requests per point (open loop): near saturation a run of 200 ends long before its queue
 # reaches steady state, which rewards the mode with the least capacity that still drains in
 # time (paper-a6000 at 0.8 req/s: chunked_prefill[budget=128] beat [256] by 8% in max latency
-# over 200 requests and lost by 44% over 800; benchmarks/results/eval/summary.md).
+# over 200 requests and lost by 44% over 800; benchmarks/results/eval/paper-a6000/results.json,
+# the 200-request run as committed in d379047).
 A6000_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 register_experiment(
