@@ -10,7 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nova.core.nova_model import LoadEstimate, Mode, QueueModel
+from nova.core.nova_model import (
+    LoadEstimate,
+    Mode,
+    QueueModel,
+    cluster_quantile,
+    gamma_cdf,
+    short_gap_probability,
+)
 from nova.core.nova_policy import NovaPolicy
 from nova.core.policy import StageLimits, make_policy, parse_policy_name, policy_name
 from nova.cost.base import make_cost_model
@@ -322,3 +329,68 @@ def test_nova_plans_a_burst_before_its_rate_is_held():
     assert policy._obs.arrival_cv2() > 2.0
     assert policy._plan_rate == 0.0  # never held: too few arrivals for gaps this uneven
     assert policy.num_replans >= 1  # planned anyway, for what fills the queues
+
+
+def test_provisional_plans_know_the_arrivals_are_clustered():
+    """Before the first held rate, plans take the burstiness seen so far (not Poisson's)."""
+    policy = nova()
+    times = [30.0 * (i // 6) + 0.01 * (i % 6) for i in range(30)]
+    arrivals = [SimArrival(f"r{i}", t, 150, 1, 50) for i, t in enumerate(times)]
+    Simulator(policy, roofline(), 8000, 16, 1600).run(arrivals)
+    assert policy._plan_rate == 0.0
+    load = policy._load(0.2, 0)
+    assert load.clustered and load.arrival_cv2 == pytest.approx(policy._obs.arrival_cv2())
+    assert load.arrival_cv2 > 2.0
+
+
+def test_gamma_cdf_matches_closed_forms():
+    for x in (0.01, 0.5, 1.0, 3.0, 20.0):
+        assert gamma_cdf(x, 1.0, 2.0) == pytest.approx(1.0 - math.exp(-2.0 * x), rel=1e-9)
+        assert gamma_cdf(x, 2.0, 1.0) == pytest.approx(
+            1.0 - math.exp(-x) * (1.0 + x), rel=1e-9, abs=1e-12
+        )
+    # shape 1/2: the chi-square with 1 degree of freedom, P = erf(sqrt(x))
+    for x in (0.05, 0.7, 4.0):
+        assert gamma_cdf(x, 0.5, 1.0) == pytest.approx(math.erf(math.sqrt(x)), rel=1e-9)
+    assert gamma_cdf(0.0, 0.5, 1.0) == 0.0
+
+
+def test_clusters_grow_with_burstiness_not_only_with_load():
+    """At a tenth of a request per second and a second of service, Poisson arrivals rarely
+    find the previous one in service; gamma gaps with a CV of 4 mostly do (most gaps are tiny,
+    a few huge), so a long cluster is likely even though the load is light."""
+    assert short_gap_probability(0.1, 1.0, 1.0) == pytest.approx(1.0 - math.exp(-0.1))
+    poisson = cluster_quantile(0.1, 1.0, 1.0, 0.995)
+    bursty = [cluster_quantile(0.1, 1.0, cv2, 0.995) for cv2 in (4.0, 9.0, 16.0)]
+    assert poisson < 4.0
+    assert bursty == sorted(bursty) and bursty[-1] > 10.0
+
+
+def test_clustered_arrivals_price_the_drain_of_a_cluster():
+    """The same rate and burstiness with and without the clustered flag: the flag adds the
+    drain of a long cluster to the tail, and it costs a spatial mode (its front on the
+    remainder throughout the cluster) more than a time-sliced one."""
+    policy = nova()
+    calm = LoadEstimate(0.13, **PAPER_LOAD, arrival_cv2=14.0)
+    clustered = LoadEstimate(0.13, **PAPER_LOAD, arrival_cv2=14.0, clustered=True)
+    spatial, chunked = Mode.spatial(24, 24, 1), Mode.chunked(128)
+    added = {}
+    for mode in (spatial, chunked):
+        a, b = policy.model.predict(mode, calm), policy.model.predict(mode, clustered)
+        assert b.tail_latency_s >= a.tail_latency_s and b.mean_latency_s >= a.mean_latency_s
+        added[mode] = b.tail_latency_s - a.tail_latency_s
+    assert added[spatial] > added[chunked]
+    assert policy.plan(clustered).mode.time_sliced
+
+
+def test_clustered_ties_go_to_the_time_sliced_mode_whose_decode_keeps_moving():
+    policy = nova()
+    load = LoadEstimate(0.13, **PAPER_LOAD, arrival_cv2=14.0, clustered=True)
+    preds = policy.candidates(load)
+    best = policy.choose(preds, load.lam_rps, clustered=True)
+    ok = [p for p in preds if p.capacity_rps >= load.lam_rps and p.feasible]
+    low = min(p.tail_latency_s + p.mean_latency_s for p in ok)
+    tied = [p for p in ok if p.tail_latency_s + p.mean_latency_s <= 1.05 * low]
+    assert best in tied and best.mode.time_sliced
+    sliced = [p for p in tied if p.mode.time_sliced]
+    assert best.busy_time_per_token_s == min(p.busy_time_per_token_s for p in sliced)

@@ -130,6 +130,9 @@ class LoadEstimate:
     backlog: int = 0
     prompt_cv2: float = 0.0  # squared coefficient of variation of prompt tokens
     arrival_cv2: float = 1.0  # squared coefficient of variation of inter-arrival gaps (Poisson 1)
+    # the arrivals are significantly burstier than Poisson (the policy's test): they come in
+    # clusters whose drain makes the tail (``cluster_quantile``)
+    clustered: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,6 +146,9 @@ class Prediction:
     front_service_s: float  # mean front (vision + prefill) server time per request
     time_per_token_s: float
     decode_batch: float
+    # seconds per decode token while the front is busy (the front's time per request over the
+    # tokens decode gets meanwhile): how fast a request decodes inside a cluster of arrivals
+    busy_time_per_token_s: float = math.inf
 
     @property
     def feasible(self) -> bool:
@@ -417,6 +423,30 @@ class QueueModel:
             wait + s_tail + typical + math.hypot(tail_wait - wait, max(0.0, unlucky - typical))
         )
         tail = max(correlated, independent)
+        if load.clustered:
+            # clustered arrivals: the worst request is the last of a long cluster (arrivals
+            # closer together than a front service), whatever the load. Inside a cluster the
+            # earlier requests decode, so every front service runs beside decode
+            # (``front.busy_s``): the mode whose front keeps its speed beside decode drains it
+            # fastest.
+            # A request in a cluster has on average as many requests ahead of it in the
+            # cluster as behind it (geometric sizes: p / (1 - p) each): it waits for the ones
+            # ahead, then decodes while the ones behind are served.
+            s_busy = front.busy_s
+            p_short = short_gap_probability(load.lam_rps, s_busy, load.arrival_cv2)
+            others = p_short / (1.0 - p_short)
+            mean = max(
+                mean,
+                others * s_busy + s_mean + self._span_behind(lam, n, others, front, step_s),
+            )
+            behind = cluster_quantile(load.lam_rps, s_busy, load.arrival_cv2, q) - 1.0
+            if behind > 0:
+                # its last request waits for all of it; its first decodes while the rest is
+                # served (a mode whose front steps starve decode makes this the worst)
+                drain = behind * s_busy
+                last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
+                first = s_tail + self._span_behind(lam, n_tail, behind, front, step_s)
+                tail = max(tail, first, last)
         if load.backlog > 1:
             # a burst: its first request decodes while the rest of it is served; its last
             # waits for all of it first
@@ -433,6 +463,7 @@ class QueueModel:
             s_mean,
             span / n if n else 0.0,
             batch,
+            front.busy_s / front.tokens if front.tokens > 0 else math.inf,
         )
 
     def _spatial(
@@ -592,6 +623,49 @@ def _decay_rate(lam: float, classes: Sequence[tuple[float, float]], cv2: float) 
 
 
 _POISSON_QUANTILES: dict[tuple[float, float], int] = {}
+
+
+def gamma_cdf(x: float, shape: float, rate: float) -> float:
+    """P(G <= x) for a gamma variable with ``shape`` and ``rate``: the regularized lower
+    incomplete gamma function by its power series (terms fall once n > x; arguments here are
+    well under 50)."""
+    z = rate * x
+    if z <= 0.0:
+        return 0.0
+    if z > 50.0:
+        return 1.0
+    term = 1.0 / shape
+    total = term
+    n = 1
+    while n < 500:
+        term *= z / (shape + n)
+        total += term
+        if term < 1e-12 * total:
+            break
+        n += 1
+    return min(1.0, math.exp(shape * math.log(z) - z - math.lgamma(shape)) * total)
+
+
+def short_gap_probability(lam: float, service_s: float, arrival_cv2: float) -> float:
+    """P(gap < ``service_s``) for gamma-distributed gaps with mean ``1 / lam`` and squared CV
+    ``arrival_cv2`` (Poisson: the exponential), at most 0.999 (so clusters stay finite)."""
+    if lam <= 0.0 or service_s <= 0.0 or not math.isfinite(service_s):
+        return 0.0
+    shape = 1.0 / max(arrival_cv2, 1e-3)
+    return min(0.999, gamma_cdf(service_s, shape, lam * shape))
+
+
+def cluster_quantile(lam: float, service_s: float, arrival_cv2: float, q: float) -> float:
+    """The ``q`` quantile of a cluster's size: consecutive arrivals whose gaps are shorter than
+    ``service_s``, so that each finds the previous one still in service. Gaps are taken as
+    gamma-distributed with mean ``1 / lam`` and squared CV ``arrival_cv2`` (Poisson: the
+    exponential); a gap is short with probability ``p``, and a cluster's size is geometric:
+    ``P(size > k) = p ** k``. Bursty gaps at low load are mostly tiny and sometimes huge, so
+    ``p`` stays high while the rate is low: clusters, not the utilization, make the tail."""
+    p = short_gap_probability(lam, service_s, arrival_cv2)
+    if p <= 0.0:
+        return 1.0
+    return 1.0 + math.log(1.0 - q) / math.log(p)
 
 
 def poisson_quantile(mean: float, q: float) -> int:

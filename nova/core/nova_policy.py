@@ -116,7 +116,15 @@ class _Observed:
         estimate = max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
         if self.num_gaps >= _MIN_ARRIVALS:
             return estimate
-        return estimate if estimate > 1.0 + 2.0 * math.sqrt(23.0 / self.num_gaps) else 1.0
+        return estimate if self.clustered() else 1.0
+
+    def clustered(self) -> bool:
+        """The gaps are significantly burstier than Poisson: their squared CV is more than two
+        standard errors of an exponential sample's (``sqrt(23 / n)``) above 1."""
+        if self.num_gaps < 2 or self.gap_s <= 0.0:
+            return False
+        estimate = self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0
+        return estimate > 1.0 + 2.0 * math.sqrt(23.0 / min(self.num_gaps, _GAP_MEMORY))
 
 
 @register_policy("nova")
@@ -196,6 +204,7 @@ class NovaPolicy(Policy):
         self._plan_seen = 0  # requests seen then
         self._plan_time_s = 0.0
         self._plan_cv2 = 1.0  # the arrivals' burstiness held with ``_plan_rate``
+        self._plan_clustered = False  # and whether it is significantly above Poisson
         self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
         self.token_budgets = tuple(sorted(set(token_budgets)))
@@ -224,7 +233,8 @@ class NovaPolicy(Policy):
         self._num_added_seen = 0
         self._observed_state: SchedulerState | None = None
         self._plan_key: tuple[int, ...] | None = None
-        self._key_stamp: tuple[float, float, int] | None = None  # what ``_key_base`` was made of
+        # what ``_key_base`` was made of
+        self._key_stamp: tuple[float, float, bool, int] | None = None
         self._key_base: tuple[int, ...] = ()
         self._cache: dict[tuple[int, ...], Prediction] = {}
         self._streak = 0  # front batches since the last decode step (prefill_first mode)
@@ -493,13 +503,23 @@ class NovaPolicy(Policy):
             self._plan_rate = self._arrival_rate(now_s) * (1.0 - self.rate_shrink / math.sqrt(n))
             self._plan_count, self._plan_seen, self._plan_time_s = n, obs.num_seen, now_s
             self._plan_cv2 = obs.arrival_cv2()
+            self._plan_clustered = obs.clustered()
         return self._plan_rate
 
     def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
         return self._load(self._planning_rate(now_s), backlog)
 
+    def _burstiness(self) -> tuple[float, bool]:
+        """The arrivals' squared CV and whether it is significant, as plans take them: held with
+        the planning rate; before the first held rate (provisional plans), the estimate now."""
+        if self._plan_rate > 0.0:
+            return self._plan_cv2, self._plan_clustered
+        obs = self._obs
+        return obs.arrival_cv2(), obs.clustered()
+
     def _load(self, rate_rps: float, backlog: int) -> LoadEstimate:
         obs = self._obs
+        arrival_cv2, clustered = self._burstiness()
         std = math.sqrt(max(0.0, obs.output_tokens_sq - obs.output_tokens**2))
         mean_p = obs.prompt_tokens
         cv2 = max(0.0, obs.prompt_tokens_sq / mean_p**2 - 1.0) if mean_p > 0 else 0.0
@@ -512,7 +532,8 @@ class NovaPolicy(Policy):
             obs.output_tokens + 1.65 * std,  # ~p95 of a uniform/normal spread
             backlog,
             cv2,
-            self._plan_cv2,
+            arrival_cv2,
+            clustered,
         )
 
     # -- planning --------------------------------------------------------------------------------
@@ -529,6 +550,7 @@ class NovaPolicy(Policy):
             math.floor(math.log(max(load.text_tokens, 1.0)) / mix),
             math.floor(math.log(max(load.output_tokens, 1.0)) / mix),
             math.floor(2.0 * math.log2(max(load.arrival_cv2, 0.5))),
+            int(load.clustered),
         )
 
     def _backlog(self, state: SchedulerState) -> int:
@@ -545,7 +567,7 @@ class NovaPolicy(Policy):
             rate = self._arrival_rate(now_s)
         # Every part of the key but the backlog's changes only with the held rate (and its
         # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
-        stamp = (rate, self._plan_cv2, self._obs.num_seen)
+        stamp = (rate, *self._burstiness(), self._obs.num_seen)
         if stamp != self._key_stamp:
             self._key_stamp = stamp
             self._key_base = self._key(self._load(rate, 0))
@@ -590,9 +612,9 @@ class NovaPolicy(Policy):
     def plan(self, load: LoadEstimate) -> Prediction:
         """The mode to run at ``load``: the lowest predicted tail latency (then mean) among the
         modes whose capacity carries the load with the margin; else the most capacity."""
-        return self.choose(self.candidates(load), load.lam_rps)
+        return self.choose(self.candidates(load), load.lam_rps, load.clustered)
 
-    def choose(self, preds: list[Prediction], lam: float) -> Prediction:
+    def choose(self, preds: list[Prediction], lam: float, clustered: bool = False) -> Prediction:
         """The capacity guard, then the score: among modes whose capacity carries ``lam`` the
         lowest predicted tail + mean; when none carries it, the lowest score with the
         overload penalty (the queue's growth over the plan's horizon); the most capacity only
@@ -600,13 +622,22 @@ class NovaPolicy(Policy):
         need = lam * (1.0 + self.capacity_margin)
         ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
         if ok:
-            # Scores within the model's error of the best are a tie: the mode with the most
-            # capacity among them wins (it absorbs a burst or an underestimated rate best)
+            # Scores within the model's error of the best are a tie. Poisson-like arrivals: the
+            # mode with the most capacity among them wins (it absorbs a burst or an
+            # underestimated rate best). Clustered arrivals: a time-sliced mode (the front gets
+            # the whole GPU: a spatial mode's front runs on the remainder throughout a
+            # cluster), then the one whose decode is fastest while the front is busy (the
+            # model prices decode's stalls at the mean cluster; consecutive clusters merge,
+            # and the front is then busy whenever a request decodes). Tuned on the simulator's
+            # bursty runs (docs/scheduler.md, "Clustered arrivals").
             bound = (1.0 + self.model_error) * min(_score(p) for p in ok)
-            return max(
-                (p for p in ok if _score(p) <= bound),
-                key=lambda p: (p.capacity_rps, -_score(p)),
-            )
+            tied = [p for p in ok if _score(p) <= bound]
+            if clustered:
+                return min(
+                    tied,
+                    key=lambda p: (not p.mode.time_sliced, p.busy_time_per_token_s, _score(p)),
+                )
+            return max(tied, key=lambda p: (p.capacity_rps, -_score(p)))
         finite = [p for p in preds if p.feasible]
         if finite:
             return min(finite, key=_score)
