@@ -99,6 +99,13 @@ class EngineConfig:
             metavar="K",
         ),
     )
+    cpu_adapt_threads: bool = field(
+        default=True,
+        metadata=flag(
+            "on a CPU, keep one intra-op thread per core of this process however busy the "
+            "cores are (by default batches run on fewer cores while other processes use them)"
+        ),
+    )
     # Caches across requests (agent sessions resend the same prompt prefix and screenshots).
     prefix_caching: bool = field(
         default=True,

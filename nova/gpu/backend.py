@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nova.gpu.cpu_contention import ContentionMonitor
 from nova.gpu.cpu_cores import CoreBroker
 from nova.gpu.cpu_threads import TeamThread, apply_cores, available_cores, cores_for_block
 from nova.gpu.sm_plan import SHARE_EPS, SMGrid
@@ -112,12 +113,22 @@ class CpuBackend(PartitionBackend):
 
     name = "cpu"
 
-    def __init__(self, num_cores: int | None = None, cores: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        num_cores: int | None = None,
+        cores: Sequence[int] | None = None,
+        adapt_to_contention: bool = False,
+        monitor: ContentionMonitor | None = None,
+    ) -> None:
         if cores is None:
             cores = available_cores()
             if num_cores is not None:
                 cores = tuple(range(num_cores)) if num_cores > len(cores) else cores[:num_cores]
-        self.broker = CoreBroker(cores)
+        # other processes on these cores: batches run on fewer of them (``cpu_contention``)
+        if monitor is None and adapt_to_contention and len(cores) > 1:
+            monitor = ContentionMonitor(cores)
+        self.monitor = monitor
+        self.broker = CoreBroker(cores, monitor.current if monitor is not None else None)
         super().__init__(self.broker.grid)
         self._apply = _apply_cores  # tests swap in a recorder
         self._created: dict[tuple[str, str], GrantedPartition] = {}

@@ -21,7 +21,7 @@ cores: a 64-sequence decode step went from 140 ms to 3.4 s with another job on t
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nova.gpu.sm_plan import PartitionPlan, SMGrid, plan_partition
@@ -116,10 +116,13 @@ class CoreBroker:
     settles within one batch of each running stage.
     """
 
-    def __init__(self, cores: Sequence[int]) -> None:
+    def __init__(self, cores: Sequence[int], usable: Callable[[], int] | None = None) -> None:
         if not cores:
             raise ValueError("a CPU partition needs at least one core")
         self.cores = tuple(sorted(cores))
+        # how many of the cores batches may run on now (other processes' use: the contention
+        # monitor); None: all of them
+        self._usable = usable
         self.grid = core_grid(self.cores)
         self._lock = threading.Lock()
         self._plans: dict[Partition, PartitionPlan | None] = {}
@@ -158,9 +161,17 @@ class CoreBroker:
         return sets
 
     def acquire(self, stage: Stage, partition: Partition) -> CoreGrant:
+        usable = self._usable() if self._usable is not None else len(self.cores)
         with self._lock:
             plan = self._plan_locked(partition)
-            if partition.isolated and plan is not None and not plan.is_unlimited:
+            if usable < len(self.cores):
+                # other processes use some of the cores: the running stages split the first
+                # ``usable`` (one thread per core: a team thread the OS deschedules stalls its
+                # partners at every barrier)
+                running = [*self._running, stage]
+                cores, shared = shared_core_slices(running, self.cores[: max(1, usable)])[stage]
+                grant = CoreGrant(stage, cores, shared)
+            elif partition.isolated and plan is not None and not plan.is_unlimited:
                 grant = CoreGrant(stage, self._isolated_locked(plan)[stage])
             else:
                 running = [*self._running, stage]

@@ -32,11 +32,15 @@ log = logging.getLogger(__name__)
 BACKEND_CHOICES = ("auto", "green_context", "none", "cpu")
 
 
-def make_backend(requested: str, device: torch.device | str) -> PartitionBackend:
+def make_backend(
+    requested: str, device: torch.device | str, cpu_adapt_threads: bool = True
+) -> PartitionBackend:
     """The backend for ``--partition requested`` on ``device`` (a ``torch.device`` or string).
 
     ``auto``: green contexts when available, else ``none`` on CUDA / ``cpu`` on a CPU (logged).
     ``green_context`` that cannot be had raises ``PartitionUnavailable`` with the reason.
+    ``cpu_adapt_threads``: the CPU backend runs batches on fewer cores while other processes
+    use them (``nova.gpu.cpu_contention``).
     """
     import torch
 
@@ -52,7 +56,7 @@ def make_backend(requested: str, device: torch.device | str) -> PartitionBackend
             )
         if requested == "none":
             log.info("partition none on %s: no streams on a CPU, using the cpu backend", device)
-        return CpuBackend()
+        return CpuBackend(adapt_to_contention=cpu_adapt_threads)
     if requested == "cpu":
         raise PartitionUnavailable(
             "--partition cpu is for CPU devices; on CUDA use auto, green_context or none"
