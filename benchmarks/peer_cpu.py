@@ -12,7 +12,8 @@ prompts; output tok/s = output tokens / its wall time. Nova runs in its default 
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
 alternating between the servers; TTFT, TPOT and output tok/s from the client.
-``--served-systems`` adds ``nova-passive``: ``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``.
+``--served-systems`` adds ``nova-passive`` (``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``) and
+``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes).
 
 Writes benchmarks/results/peer_cpu.{json,md} (``--tag`` adds a suffix) with the machine and
 its load average before and after every run. Without vLLM installed (no ``--vllm-python``
@@ -336,11 +337,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 # served Nova variants -> environment of their ``nova serve`` ("nova": as it is started by
 # default; "nova-passive": libgomp's idle team threads sleep instead of spinning, which libgomp
-# reads once, when torch loads it)
+# reads once, when torch loads it; "nova-fixed": the intra-op thread count stays at the cores
+# whatever else runs on them)
 SERVED_NOVA_ENV: dict[str, dict[str, str]] = {
     "nova": {},
     "nova-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "nova-fixed": {},
 }
+SERVED_NOVA_FLAGS: dict[str, list[str]] = {"nova-fixed": ["--no-cpu-adapt-threads"]}
 
 
 def start_server(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Any]:
@@ -348,6 +352,7 @@ def start_server(kind: str, args: argparse.Namespace, port: int) -> tuple[subpro
     if kind.startswith("nova"):
         cmd = [sys.executable, "-m", "nova.cli", "serve", "--model", args.model]
         cmd += ["--dtype", "bfloat16", "--port", str(port), "--served-model-name", "peer"]
+        cmd += SERVED_NOVA_FLAGS.get(kind, [])
         env = dict(os.environ)
         env.update(SERVED_NOVA_ENV[kind])
     else:
