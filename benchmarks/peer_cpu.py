@@ -13,7 +13,8 @@ Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
 alternating between the servers; TTFT, TPOT and output tok/s from the client.
 ``--served-systems`` adds ``nova-passive`` (``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``) and
-``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes).
+``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes) and
+``nova-chunked`` (``--policy chunked_prefill``: prompt chunks fused into the decode steps).
 
 Writes benchmarks/results/peer_cpu.{json,md} (``--tag`` adds a suffix) with the machine and
 its load average before and after every run. Without vLLM installed (no ``--vllm-python``
@@ -343,8 +344,12 @@ SERVED_NOVA_ENV: dict[str, dict[str, str]] = {
     "nova": {},
     "nova-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "nova-fixed": {},
+    "nova-chunked": {},
 }
-SERVED_NOVA_FLAGS: dict[str, list[str]] = {"nova-fixed": ["--no-cpu-adapt-threads"]}
+SERVED_NOVA_FLAGS: dict[str, list[str]] = {
+    "nova-fixed": ["--no-cpu-adapt-threads"],
+    "nova-chunked": ["--policy", "chunked_prefill"],  # prompts fused into decode steps
+}
 
 
 def start_server(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, Any]:
