@@ -123,7 +123,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -
                 for r in rows
                 if r["condition"] == cond and r["system"] == name and "output_tok_s" in r
             ]
-            summary.setdefault(cond, {})[name] = statistics.median(vals) if vals else None
+            summary.setdefault(cond, {})[name] = round(statistics.median(vals), 1) if vals else None
     data = {
         "machine": machine,
         "args": {
