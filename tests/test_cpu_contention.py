@@ -87,6 +87,23 @@ def test_the_monitor_measures_at_most_once_per_interval():
     assert reads == [0.0, 1.0, 2.0]
 
 
+def test_an_idle_stretch_only_restarts_the_measurement():
+    """Another process busy while no batch ran (a client starting up, say) does not cost the
+    next batch a core: a baseline older than three intervals is replaced, not compared with."""
+    now = [0.0]
+    samples = iter(
+        [CpuSample(0.0, 0.0, 0.0), CpuSample(10.0, 0.0, 10.0), CpuSample(10.1, 1.0, 11.0)]
+    )
+    mon = ContentionMonitor(
+        (0, 1), interval_s=1.0, read=lambda: next(samples), clock=lambda: now[0]
+    )
+    assert mon.current() == 2
+    now[0] = 10.0
+    assert mon.current() == 2  # 10 s of others' use while idle: stale, not counted
+    now[0] = 11.0
+    assert mon.current() == 2 and mon.num_changes == 0
+
+
 def test_the_broker_grants_only_the_usable_cores():
     usable = [4]
     broker = CoreBroker((0, 1, 2, 3), lambda: usable[0])

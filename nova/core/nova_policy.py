@@ -154,6 +154,7 @@ class NovaPolicy(Policy):
         prefill_limits: Iterable[int] = DEFAULT_LIMITS,
         allow_time_sliced: bool = True,
         max_decode_fraction: float = 0.75,
+        ignore_cluster_backlog: bool = True,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -207,6 +208,7 @@ class NovaPolicy(Policy):
         self._plan_clustered = False  # and whether it is significantly above Poisson
         self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
+        self.ignore_cluster_backlog = ignore_cluster_backlog
         self.token_budgets = tuple(sorted(set(token_budgets)))
         self.prefill_limits = tuple(sorted(set(prefill_limits)))
         self.allow_time_sliced = allow_time_sliced
@@ -572,6 +574,11 @@ class NovaPolicy(Policy):
             self._key_stamp = stamp
             self._key_base = self._key(self._load(rate, 0))
         base = self._key_base
+        if base[-1] and self.ignore_cluster_backlog:
+            # clustered arrivals: every plan already drains a long cluster (the model's
+            # cluster terms); the backlog is that cluster, and re-planning on it would flap
+            # between modes at every burst
+            backlog = 0
         key = (base[0], (backlog + 1).bit_length(), *base[2:])
         if key == self._plan_key:
             return

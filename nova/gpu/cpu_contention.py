@@ -107,6 +107,7 @@ class ContentionMonitor:
     ) -> None:
         self.cores = tuple(sorted(cores))
         self.interval_s = interval_s
+        self.stale_after_s = max(3.0 * interval_s, 3.0)
         self._clock = clock
         self._read = read or self._read_proc
         self._lock = threading.Lock()
@@ -143,7 +144,12 @@ class ContentionMonitor:
             sample = self._read()
             if sample is None:
                 return self.usable
-            if self._last is not None:
+            stale = self._last is not None and sample.wall_s - self._last.wall_s > (
+                self.stale_after_s
+            )
+            if self._last is not None and not stale:
+                # (a stale baseline, from before an idle stretch, only restarts the
+                # measurement: what others did while no batch ran cost no batch anything)
                 self.others = others_cores(self._last, sample)
                 usable = usable_cores(len(self.cores), self.others, self.usable)
                 if usable != self.usable:
