@@ -11,7 +11,8 @@ prompts; output tok/s = output tokens / its wall time. Nova runs in its default 
 
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
-alternating between the servers; TTFT, TPOT and output tok/s from the client.
+alternating between the servers; TTFT, TPOT and output tok/s from the client. Each round has
+its own prompt seed (the servers see the same prompts within a round, none from an earlier one).
 ``--served-systems`` adds ``nova-passive`` (``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``) and
 ``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes) and
 ``nova-chunked`` (``--policy chunked_prefill``: prompt chunks fused into the decode steps).
@@ -381,10 +382,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def bench_serve(
-    args: argparse.Namespace, port: int, concurrency: int, tmp: Path, num: int | None = None
+    args: argparse.Namespace,
+    port: int,
+    concurrency: int,
+    tmp: Path,
+    num: int | None = None,
+    seed: int = 0,
 ) -> dict:
     """``vllm bench serve`` against the server on ``port`` (``num`` prompts; default
-    ``--served-prompts``); its saved result dict."""
+    ``--served-prompts``); its saved result dict. ``seed``: the random prompts' seed (each round
+    its own, so that no server answers prompts it has already cached in an earlier round)."""
     vllm = str(Path(args.vllm_python).parent / "vllm")
     name = f"bench_{port}_{concurrency}_{time.monotonic_ns()}.json"
     num = num or args.served_prompts or max(4 * concurrency, 64)
@@ -395,7 +402,7 @@ def bench_serve(
         "--random-input-len", str(args.served_input_len),
         "--random-output-len", str(args.max_tokens), "--ignore-eos",
         "--num-prompts", str(num), "--max-concurrency", str(concurrency),
-        "--request-rate", "inf", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--request-rate", "inf", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(tmp),
         "--result-filename", name,
     ]  # fmt: skip
@@ -431,12 +438,12 @@ def run_served(args: argparse.Namespace, on_row: Any = None) -> dict[str, Any]:
         for kind, port in ports.items():
             wait_healthy(f"http://127.0.0.1:{port}", servers[kind][0], args.startup_timeout_s)
         for port in ports.values():  # warm-up (untimed)
-            bench_serve(args, port, min(args.concurrency), tmp, 2 * min(args.concurrency))
+            bench_serve(args, port, min(args.concurrency), tmp, 2 * min(args.concurrency), 1000)
         for rnd in range(args.rounds):
             for conc in args.concurrency:
                 for kind, port in ports.items():
                     before = loadavg()
-                    res = bench_serve(args, port, conc, tmp)
+                    res = bench_serve(args, port, conc, tmp, seed=rnd)
                     row = {k: res.get(k) for k in SERVED_KEYS}
                     row.update(
                         system=kind,
