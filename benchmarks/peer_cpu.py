@@ -80,6 +80,7 @@ NOVA_SYSTEMS = {
     "nova-fp32": {"dtype": "float32"},
     "nova-sequential": {"dtype": "bfloat16", "policy": "sequential"},
     "nova-policy-nova": {"dtype": "bfloat16", "policy": "nova"},
+    "nova-chunked": {"dtype": "bfloat16", "policy": "chunked_prefill"},
 }
 
 
@@ -410,6 +411,24 @@ def bench_serve(
     return json.loads((tmp / name).read_text())
 
 
+def prefix_cache_tokens(port: int) -> tuple[float, float] | None:
+    """(hit, queried) prompt tokens of a Nova server's prefix cache so far (its /metrics)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.removesuffix("_total")  # (a counter's exposition name)
+        if name in ("nova_prefix_cache_hit_tokens", "nova_prefix_cache_queried_tokens"):
+            found[name] = float(value)
+    if len(found) != 2:
+        return None
+    return found["nova_prefix_cache_hit_tokens"], found["nova_prefix_cache_queried_tokens"]
+
+
 SERVED_CLIENT = "vllm bench serve (random dataset, ignore_eos)"
 SERVED_KEYS = (
     "completed",
@@ -443,8 +462,15 @@ def run_served(args: argparse.Namespace, on_row: Any = None) -> dict[str, Any]:
             for conc in args.concurrency:
                 for kind, port in ports.items():
                     before = loadavg()
-                    res = bench_serve(args, port, conc, tmp, seed=rnd)
+                    cached0 = prefix_cache_tokens(port) if kind.startswith("nova") else None
+                    seed = 0 if args.same_seed else rnd
+                    res = bench_serve(args, port, conc, tmp, seed=seed)
                     row = {k: res.get(k) for k in SERVED_KEYS}
+                    cached1 = prefix_cache_tokens(port) if kind.startswith("nova") else None
+                    if cached0 is not None and cached1 is not None:
+                        # prompt tokens the server's prefix cache answered during the run
+                        row["prefix_cache_hit_tokens"] = cached1[0] - cached0[0]
+                        row["prefix_cache_queried_tokens"] = cached1[1] - cached0[1]
                     row.update(
                         system=kind,
                         concurrency=conc,
@@ -514,15 +540,17 @@ def write_report(report: dict[str, Any], tag: str) -> Path:
             f"## Served: {served['client']}",
             "",
             "| system | concurrency | round | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
-            "| TPOT p99 ms | load 1-min |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| TPOT p99 ms | load 1-min | prompt tokens from Nova's prefix cache |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in served["rows"]:
+            hit, queried = r.get("prefix_cache_hit_tokens"), r.get("prefix_cache_queried_tokens")
+            cached = f"{hit:.0f} of {queried:.0f}" if hit is not None and queried else "-"
             lines.append(
                 f"| {r['system']} | {r['concurrency']} | {r['round']} | "
                 f"{r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} | "
                 f"{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} | {r['p99_tpot_ms']:.1f} | "
-                f"{r['loadavg_before'][0]} |"
+                f"{r['loadavg_before'][0]} | {cached} |"
             )
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
@@ -563,6 +591,11 @@ def main() -> None:
         help="servers to compare, each on its own port (default: nova vllm)",
     )
     ap.add_argument("--served-prompts", type=int, default=None, help="default: 4 x concurrency")
+    ap.add_argument(
+        "--same-seed",
+        action="store_true",
+        help="every served round with prompt seed 0 (as before: later rounds repeat prompts)",
+    )
     ap.add_argument("--served-input-len", type=int, default=48)
     ap.add_argument("--port", type=int, default=8310)
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
