@@ -6,7 +6,9 @@ tokens (``ignore_eos``), greedy. Each system lives in its own long-lived worker 
 this venv; vLLM in ``--vllm-python``'s venv, ``LLM.chat``), warmed up with one untimed run of
 the whole workload (vLLM's compile cache and Nova's first-forward work happen there), then the
 rounds alternate: A B C ... A B C ... Each timed run is one ``generate``/``chat`` call over all
-prompts; output tok/s = output tokens / its wall time. Nova runs in its default configuration
+prompts; output tok/s = output tokens / its wall time. Every run's messages start with a
+salt of its own ("Warm-up. ", "Run 0. ", ...), so no engine's prefix cache answers a run from
+an earlier one. Nova runs in its default configuration
 (bf16, ``multi_stream``), and in fp32, ``sequential`` and ``nova`` for reference.
 
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
@@ -84,13 +86,15 @@ NOVA_SYSTEMS = {
 }
 
 
-def chat_prompts(n: int) -> list[list[dict[str, str]]]:
-    """``n`` different one-turn chats (the same list for every system)."""
+def chat_prompts(n: int, salt: str = "") -> list[list[dict[str, str]]]:
+    """``n`` different one-turn chats (the same list for every system). ``salt`` starts every
+    message: each run gets its own (the warm-up and every round), so that no engine's prefix
+    cache answers a run from an earlier one (the chat template's own prefix stays shared)."""
     out = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
         style = STYLES[(i // len(TOPICS)) % len(STYLES)]
-        out.append([{"role": "user", "content": style.format(t=topic)}])
+        out.append([{"role": "user", "content": salt + style.format(t=topic)}])
     return out
 
 
@@ -118,8 +122,7 @@ def loadavg() -> list[float]:
 # -- workers (one process per system family) ---------------------------------------------------
 class NovaWorker:
     def __init__(self, model: str, num_prompts: int, max_tokens: int) -> None:
-        self.model, self.max_tokens = model, max_tokens
-        self.chats = chat_prompts(num_prompts)
+        self.model, self.max_tokens, self.num_prompts = model, max_tokens, num_prompts
         self.llms: dict[str, Any] = {}
 
     def _llm(self, system: str) -> Any:
@@ -129,12 +132,13 @@ class NovaWorker:
             self.llms[system] = LLM(self.model, **NOVA_SYSTEMS[system])
         return self.llms[system]
 
-    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None, salt: str = "") -> dict[str, Any]:
         from nova.sampling_params import SamplingParams
 
         llm = self._llm(system)
         params = SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
-        inputs = [{"messages": m} for m in self.chats[:num_prompts]]
+        chats = chat_prompts(self.num_prompts, salt)
+        inputs = [{"messages": m} for m in chats[:num_prompts]]
         t0 = time.perf_counter()
         outs = llm.generate(inputs, params)
         wall = time.perf_counter() - t0
@@ -156,13 +160,14 @@ class VllmWorker:
     def __init__(self, model: str, num_prompts: int, max_tokens: int) -> None:
         from vllm import LLM, SamplingParams
 
-        self.chats = chat_prompts(num_prompts)
+        self.num_prompts = num_prompts
         self.params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         self.llm = LLM(model=model, dtype="bfloat16", max_num_seqs=max(num_prompts, 1))
 
-    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None, salt: str = "") -> dict[str, Any]:
+        chats = chat_prompts(self.num_prompts, salt)
         t0 = time.perf_counter()
-        outs = self.llm.chat(self.chats[:num_prompts], self.params, use_tqdm=False)
+        outs = self.llm.chat(chats[:num_prompts], self.params, use_tqdm=False)
         wall = time.perf_counter() - t0
         return {
             "wall_s": wall,
@@ -190,7 +195,8 @@ def worker_main(kind: str, model: str, num_prompts: int, max_tokens: int) -> Non
         msg = json.loads(line)
         if msg.get("quit"):
             break
-        out.write(json.dumps(worker.run(msg["run"], msg.get("num_prompts"))) + "\n")
+        answer = worker.run(msg["run"], msg.get("num_prompts"), msg.get("salt", ""))
+        out.write(json.dumps(answer) + "\n")
 
 
 def vllm_env(cores: int) -> dict[str, str]:
@@ -229,9 +235,10 @@ class Worker:
             raise RuntimeError(f"{self.kind} worker exited; see {self.log.name}")
         return json.loads(line)
 
-    def run(self, system: str, num_prompts: int | None = None) -> dict[str, Any]:
+    def run(self, system: str, num_prompts: int | None = None, salt: str = "") -> dict[str, Any]:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"run": system, "num_prompts": num_prompts}) + "\n")
+        msg = {"run": system, "num_prompts": num_prompts, "salt": salt}
+        self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -266,14 +273,14 @@ def run_offline(args: argparse.Namespace, systems: list[str], on_run: Any = None
     runs: list[dict[str, Any]] = []
     try:
         for system in systems:  # warm-up: one untimed run each
-            r = workers[system.split("-")[0]].run(system, args.warmup_prompts)
+            r = workers[system.split("-")[0]].run(system, args.warmup_prompts, "Warm-up. ")
             print(f"warm-up {system}: {r['output_tokens'] / r['wall_s']:.1f} tok/s", flush=True)
         for rnd in range(args.rounds):
             for system in systems:
                 if system not in ("nova", "vllm") and rnd >= args.reference_rounds:
                     continue
                 before = loadavg()
-                r = workers[system.split("-")[0]].run(system)
+                r = workers[system.split("-")[0]].run(system, None, f"Run {rnd}. ")
                 r.update(
                     system=system,
                     round=rnd,
