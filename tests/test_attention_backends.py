@@ -34,7 +34,7 @@ from nova.runtime.attention_backend import (  # noqa: E402
     AttentionMetadata,
     PhaseSplitAttention,
 )
-from nova.runtime.attention_cpu import CpuPagedAttention, query_tiles  # noqa: E402
+from nova.runtime.attention_cpu import CpuPagedAttention, query_tiles, sub_batch  # noqa: E402
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
 from nova.runtime.attention_sdpa import SdpaPagedAttention, causal_gather_views  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
@@ -53,6 +53,8 @@ CASES = {
     "varlen_prefill": [(5, 0), (1, 0), (19, 0), (8, 0)],
     "chunked_prefill": [(7, 9), (3, 4), (12, 0)],
     "mixed": [(1, 30), (6, 5), (1, 0), (20, 0)],
+    # a fused chunked-prefill step: decodes beside one long chunk of a cached prompt
+    "fused_step": [(1, 30), (1, 12), (1, 0), (1, 7), (33, 9), (1, 3)],
 }
 
 
@@ -161,7 +163,27 @@ def test_cpu_backend_matches_sdpa(case, heads, block_size, head_dim):
     check_against_sdpa(CpuPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_cpu_backend_attends_a_fused_step_in_two_parts():
+    """Decode sequences beside prompt chunks are attended apart (the decodes unpadded), and
+    each token's output lands where it was (``test_cpu_backend_matches_sdpa``, fused_step)."""
+    _, batch, *_ = make_case(CASES["fused_step"], 6, 2, 16, 4)
+    md = CpuPagedAttention().build_metadata(batch.paged)
+    assert md.parts is not None
+    (dec_idx, dec), (pre_idx, pre) = md.parts
+    assert dec.paged.max_query_len == 1 and dec.parts is None and dec.query_pad_index is None
+    assert dec_idx.tolist() == [0, 1, 2, 3, 37] and dec.paged.num_seqs == 5
+    assert pre.paged.max_query_len == 33 and pre_idx.tolist() == list(range(4, 37))
+    assert pre.paged.seq_lens.tolist() == [42]
+    torch.testing.assert_close(pre.paged.slot_mapping, batch.paged.slot_mapping[4:37])
+    plain = CpuPagedAttention().build_metadata(sub_batch_of(batch.paged, [0]))
+    assert plain.parts is None  # a decode-only batch is not split
+
+
+def sub_batch_of(paged, seqs):
+    return sub_batch(paged, seqs, paged.query_lens().tolist())[1]
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed", "fused_step"])
 def test_cpu_backend_bf16_close_to_sdpa(case):
     # bf16 scores are rounded once before the softmax (SDPA's flash kernel keeps them fp32).
     check_against_sdpa(CpuPagedAttention(), case, 9, 3, 64, 16, atol=3e-2, dtype=torch.bfloat16)

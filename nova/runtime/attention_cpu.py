@@ -59,6 +59,52 @@ class CpuMetadata(AttentionMetadata):
     additive_mask: torch.Tensor | None = None  # [B, 1, max_q, 1, max_kv]: 0 or -inf
     # prefill: (first row, end row, keys seen) per tile of padded query rows (``query_tiles``)
     tiles: list[tuple[int, int, int]] | None = None
+    # a mixed batch (decode tokens beside prompt chunks: a fused chunked-prefill step): the
+    # token indices and metadata of its decode sequences and of its prompt sequences, each
+    # attended on its own (``split_mixed``); None otherwise
+    parts: list[tuple[torch.Tensor, CpuMetadata]] | None = None
+
+
+def sub_batch(
+    paged: PagedBatch, seqs: list[int], query_lens: list[int]
+) -> tuple[torch.Tensor, PagedBatch]:
+    """The sequences ``seqs`` of ``paged`` (in order) as a batch of their own, with the
+    indices of their tokens in ``paged``'s ``T`` new tokens."""
+    device = paged.slot_mapping.device
+    starts = paged.query_start_loc.tolist()
+    tokens = [t for b in seqs for t in range(starts[b], starts[b + 1])]
+    token_index = torch.tensor(tokens, dtype=torch.long, device=device)
+    seq_index = torch.tensor(seqs, dtype=torch.long, device=device)
+    lens = [query_lens[b] for b in seqs]
+    loc = torch.zeros(len(seqs) + 1, dtype=paged.query_start_loc.dtype)
+    loc[1:] = torch.tensor(lens).cumsum(0)
+    seq_lens = paged.seq_lens.index_select(0, seq_index)
+    part = PagedBatch(
+        paged.slot_mapping.index_select(0, token_index),
+        loc.to(device),
+        seq_lens,
+        paged.block_tables.index_select(0, seq_index),
+        paged.block_size,
+        max(lens),
+        int(seq_lens.max()),
+    )
+    return token_index, part
+
+
+def split_mixed(paged: PagedBatch) -> list[tuple[torch.Tensor, PagedBatch]] | None:
+    """A batch with one-token (decode) sequences beside longer ones, as two batches: the
+    decode sequences and the others, each with the indices of its tokens in the whole batch.
+    Attended together, every decode sequence would be padded to the longest prompt chunk's
+    query rows (a fused step of 31 decodes and one 70-token chunk: 32 x 70 rows for 101 real
+    ones). None when the batch is not mixed."""
+    if paged.max_query_len == 1:
+        return None
+    query_lens = paged.query_lens().tolist()
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
+    if not decode:
+        return None
+    prompt = [b for b, n in enumerate(query_lens) if n != 1]
+    return [sub_batch(paged, seqs, query_lens) for seqs in (decode, prompt)]
 
 
 def key_slots_and_mask(paged: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +181,14 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         self.score_tile_bytes = score_tile_bytes
 
     def build_metadata(self, paged: PagedBatch) -> CpuMetadata:
+        split = split_mixed(paged)
+        if split is not None:
+            parts = [(index, self.build_metadata(part)) for index, part in split]
+            # (the whole batch's own fields are unused: every layer attends the parts)
+            empty = torch.empty(0, dtype=torch.long, device=paged.slot_mapping.device)
+            md = CpuMetadata(paged, None, empty, empty.bool())
+            md.parts = parts
+            return md
         key_slots, allowed = key_slots_and_mask(paged)
         pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
         return CpuMetadata(paged, pad_index, key_slots, allowed)
@@ -160,6 +214,11 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         scale: float,
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
+        if metadata.parts is not None:
+            out = q.new_empty(num_tokens, num_heads * head_dim)
+            for index, part in metadata.parts:
+                out[index] = self.attend(q.index_select(0, index), layer, part, kv_cache, scale)
+            return out
         if metadata.kv_index is None or metadata.additive_mask is None:
             self._layer_views(metadata, kv_cache, q.dtype)
         assert metadata.kv_index is not None and metadata.additive_mask is not None
