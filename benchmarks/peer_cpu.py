@@ -354,10 +354,13 @@ SERVED_NOVA_ENV: dict[str, dict[str, str]] = {
     "nova-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "nova-fixed": {},
     "nova-chunked": {},
+    "nova-chunked2048": {},
 }
 SERVED_NOVA_FLAGS: dict[str, list[str]] = {
     "nova-fixed": ["--no-cpu-adapt-threads"],
     "nova-chunked": ["--policy", "chunked_prefill"],  # prompts fused into decode steps
+    # (a step of 2048 tokens: a wave of 32 short prompts in one or two steps, as vLLM's budget)
+    "nova-chunked2048": ["--policy", "chunked_prefill[budget=2048]"],
 }
 
 

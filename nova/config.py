@@ -161,12 +161,15 @@ class EngineConfig:
             and self.min_pixels > self.max_pixels
         ):
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
-        from nova.core.policy import available_policies
+        from nova.core.policy import check_policy_name
 
-        if self.policy not in available_policies():
+        try:  # a registered name, with variant parameters if any: chunked_prefill[budget=2048]
+            check_policy_name(self.policy)
+        except (KeyError, ValueError) as exc:
+            reason = exc.args[0] if exc.args else str(exc)
             raise ValueError(
-                f"unknown policy {self.policy!r}; choose one of {', '.join(available_policies())}"
-            )
+                f"{reason} (a policy may carry variant parameters: chunked_prefill[budget=2048])"
+            ) from exc
 
     @property
     def torch_dtype(self) -> Any:

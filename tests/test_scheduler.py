@@ -293,3 +293,15 @@ def test_long_random_run_keeps_integrity_and_finishes_everything(policy, seed):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown policy 'nope'; choose one of"):
         make_policy("nope")
+
+
+def test_engine_config_takes_policy_variants_and_names_a_bad_one():
+    from nova.config import EngineConfig
+
+    assert EngineConfig(policy="chunked_prefill[budget=2048]").policy.endswith("=2048]")
+    with pytest.raises(ValueError, match="unknown policy 'nope'; choose one of"):
+        EngineConfig(policy="nope")
+    with pytest.raises(ValueError, match="no variant parameter 'x'; its parameters: budget"):
+        EngineConfig(policy="chunked_prefill[x=1]")
+    with pytest.raises(ValueError, match="malformed policy name"):
+        EngineConfig(policy="chunked_prefill[budget")

@@ -174,18 +174,24 @@ def make_policy(name: str, **kwargs: object) -> Policy:
     """The policy registered as ``name``, built with ``kwargs``; ``ValueError`` naming the
     choices if unknown. ``name`` may carry variant parameters, ``chunked_prefill[budget=512]``
     (``parse_policy_name``); ``kwargs`` win over them."""
+    cls, params = check_policy_name(name)
+    variant = {cls.variant_params[key]: value for key, value in params.items()}
+    return cls(**{**variant, **kwargs})
+
+
+def check_policy_name(name: str) -> tuple[type[Policy], dict[str, int | float | str]]:
+    """The policy class ``name`` names and its variant parameters, checked (``ValueError``
+    naming the choices for an unknown policy or parameter), without building it."""
     available_policies()
     base, params = parse_policy_name(name)
     cls = POLICIES.lookup(base)
-    variant: dict[str, object] = {}
-    for key, value in params.items():
+    for key in params:
         if key not in cls.variant_params:
             known = ", ".join(sorted(cls.variant_params)) or "none"
             raise ValueError(
                 f"policy {base!r} has no variant parameter {key!r}; its parameters: {known}"
             )
-        variant[cls.variant_params[key]] = value
-    return cls(**{**variant, **kwargs})
+    return cls, params
 
 
 _VARIANT_RE = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*$")
