@@ -83,6 +83,7 @@ NOVA_SYSTEMS = {
     "nova-sequential": {"dtype": "bfloat16", "policy": "sequential"},
     "nova-policy-nova": {"dtype": "bfloat16", "policy": "nova"},
     "nova-chunked": {"dtype": "bfloat16", "policy": "chunked_prefill"},
+    "nova-chunked2048": {"dtype": "bfloat16", "policy": "chunked_prefill[budget=2048]"},
 }
 
 
