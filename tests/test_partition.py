@@ -443,7 +443,7 @@ def test_executor_switches_partition_at_batch_boundaries(tiny_dirs, monkeypatch)
             return super().run(stage, partition, fn)
 
     backend = Recording()
-    monkeypatch.setattr(llm_engine, "make_backend", lambda name, device: backend)
+    monkeypatch.setattr(llm_engine, "make_backend", lambda name, device, *_: backend)
     nova = llm_engine.LLMEngine(
         EngineConfig(model=str(tiny_dirs["llama"]), policy="static_partition", num_kv_blocks=32)
     )
