@@ -340,6 +340,24 @@ class QueueModel:
         floor = n * min(step_s, s_busy / k if k > 0 else step_s)
         return max(floor, min(full, (backlog * blocking + n * step_s) / denom))
 
+    def _burst_tail(
+        self,
+        lam: float,
+        n_tail: float,
+        behind: float,
+        service_s: float,
+        s_tail: float,
+        front: _Front,
+        step_s: float,
+    ) -> float:
+        """The worse end of a burst with ``behind`` requests after its first, each served in
+        ``service_s``: its first request decodes while the rest of it is served; its last waits
+        for all of it first."""
+        drain = behind * service_s
+        first = s_tail + self._span_behind(lam, n_tail, behind, front, step_s)
+        last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
+        return max(first, last)
+
     def _unlucky_span_s(
         self,
         lam: float,
@@ -439,22 +457,16 @@ class QueueModel:
                 mean,
                 others * s_busy + s_mean + self._span_behind(lam, n, others, front, step_s),
             )
-            behind = cluster_quantile(load.lam_rps, s_busy, load.arrival_cv2, q) - 1.0
+            behind = geometric_quantile(p_short, q) - 1.0
             if behind > 0:
-                # its last request waits for all of it; its first decodes while the rest is
-                # served (a mode whose front steps starve decode makes this the worst)
-                drain = behind * s_busy
-                last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
-                first = s_tail + self._span_behind(lam, n_tail, behind, front, step_s)
-                tail = max(tail, first, last)
+                # (a mode whose front steps starve decode makes the first one the worst)
+                tail = max(
+                    tail, self._burst_tail(lam, n_tail, behind, s_busy, s_tail, front, step_s)
+                )
         if load.backlog > 1:
-            # a burst: its first request decodes while the rest of it is served; its last
-            # waits for all of it first
-            behind = load.backlog - 1
-            drain = behind * s_mean
-            first = s_tail + self._span_behind(lam, n_tail, behind, front, step_s)
-            last = drain + s_tail + self._span_behind(lam, n_tail, lam * drain, front, step_s)
-            tail = max(tail, first, last)
+            tail = max(
+                tail, self._burst_tail(lam, n_tail, load.backlog - 1, s_mean, s_tail, front, step_s)
+            )
         return Prediction(
             mode,
             mean + overload_s / 2,
@@ -662,7 +674,11 @@ def cluster_quantile(lam: float, service_s: float, arrival_cv2: float, q: float)
     exponential); a gap is short with probability ``p``, and a cluster's size is geometric:
     ``P(size > k) = p ** k``. Bursty gaps at low load are mostly tiny and sometimes huge, so
     ``p`` stays high while the rate is low: clusters, not the utilization, make the tail."""
-    p = short_gap_probability(lam, service_s, arrival_cv2)
+    return geometric_quantile(short_gap_probability(lam, service_s, arrival_cv2), q)
+
+
+def geometric_quantile(p: float, q: float) -> float:
+    """The ``q`` quantile of a size with ``P(size > k) = p ** k`` (1 when ``p`` is 0)."""
     if p <= 0.0:
         return 1.0
     return 1.0 + math.log(1.0 - q) / math.log(p)

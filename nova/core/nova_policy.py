@@ -111,19 +111,26 @@ class _Observed:
         the few gaps seen are already significantly burstier than Poisson (two standard errors
         of an exponential sample's squared CV, ``sqrt(23 / n)``), so the first plan knows that
         the arrivals are bursty without acting on a Poisson sample's noise."""
-        if self.num_gaps < 2 or self.gap_s <= 0.0:
+        estimate = self._gap_cv2()
+        if estimate is None:
             return 1.0
-        estimate = max(0.0, self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0)
-        if self.num_gaps >= _MIN_ARRIVALS:
-            return estimate
-        return estimate if self.clustered() else 1.0
+        if self.num_gaps >= _MIN_ARRIVALS or self._significant(estimate):
+            return max(0.0, estimate)
+        return 1.0
 
     def clustered(self) -> bool:
         """The gaps are significantly burstier than Poisson: their squared CV is more than two
         standard errors of an exponential sample's (``sqrt(23 / n)``) above 1."""
+        estimate = self._gap_cv2()
+        return estimate is not None and self._significant(estimate)
+
+    def _gap_cv2(self) -> float | None:
+        """The gaps' squared CV as estimated (None before two gaps)."""
         if self.num_gaps < 2 or self.gap_s <= 0.0:
-            return False
-        estimate = self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0
+            return None
+        return self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0
+
+    def _significant(self, estimate: float) -> bool:
         return estimate > 1.0 + 2.0 * math.sqrt(23.0 / min(self.num_gaps, _GAP_MEMORY))
 
 

@@ -164,18 +164,16 @@ class CoreBroker:
         usable = self._usable() if self._usable is not None else len(self.cores)
         with self._lock:
             plan = self._plan_locked(partition)
-            if usable < len(self.cores):
-                # other processes use some of the cores: the running stages split the first
-                # ``usable`` (one thread per core: a team thread the OS deschedules stalls its
-                # partners at every barrier)
-                running = [*self._running, stage]
-                cores, shared = shared_core_slices(running, self.cores[: max(1, usable)])[stage]
-                grant = CoreGrant(stage, cores, shared)
-            elif partition.isolated and plan is not None and not plan.is_unlimited:
+            # other processes use some of the cores: the running stages split the first
+            # ``usable`` (one thread per core: a team thread the OS deschedules stalls its
+            # partners at every barrier), whatever the partition
+            capped = usable < len(self.cores)
+            if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
                 grant = CoreGrant(stage, self._isolated_locked(plan)[stage])
             else:
                 running = [*self._running, stage]
-                cores, shared = shared_core_slices(running, self.cores)[stage]
+                pool = self.cores[: max(1, usable)]
+                cores, shared = shared_core_slices(running, pool)[stage]
                 grant = CoreGrant(stage, cores, shared)
             self._running[stage] = self.last[stage] = grant
             return grant
