@@ -3,7 +3,8 @@ that follows contention (``nova.gpu.cpu_contention``, the default) against a fix
 libgomp's default spinning and ``OMP_WAIT_POLICY=PASSIVE``.
 
 Each run is a fresh process: ``nova.LLM`` on the peer text model (``peer_model.py``, bf16),
-an untimed 8-prompt warm-up, then 64 chat prompts x ``--max-tokens`` forced tokens, timed.
+an untimed 8-prompt warm-up, then 64 chat prompts x ``--max-tokens`` forced tokens, timed
+(``cpu_omp_wait.timed_generate``).
 Conditions: ``quiet`` (nothing added; whatever else runs on the machine is recorded as the load
 average) and ``hogs`` (one busy-looping process per core, started before the engine and
 stopped after it: another job using every core). Systems and conditions interleave per round
@@ -44,28 +45,18 @@ def _spin(stop_at: float) -> None:
 def one_run(adapt: bool, max_tokens: int, num_prompts: int) -> dict[str, Any]:
     """In the child process: the timed engine run."""
     sys.path.insert(0, str(HERE))
+    from cpu_omp_wait import timed_generate
     from peer_model import export_text_model
 
     from nova.llm import LLM
-    from nova.sampling_params import SamplingParams
 
     llm = LLM(
         str(export_text_model()), dtype="bfloat16", policy="multi_stream", cpu_adapt_threads=adapt
     )
-    chats = [
-        [{"role": "user", "content": f"Write a short paragraph about topic {i}."}]
-        for i in range(num_prompts)
-    ]
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    llm.generate([{"messages": m} for m in chats[:8]], params)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    outs = llm.generate([{"messages": m} for m in chats], params)
-    wall_s, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
+    run = timed_generate(llm, max_tokens, num_prompts)
     monitor = getattr(llm.llm_engine.partition_backend, "monitor", None)
     return {
-        "output_tok_s": round(sum(len(o.output_token_ids) for o in outs) / wall_s, 1),
-        "wall_s": round(wall_s, 2),
-        "process_cpu_s": round(cpu_s, 2),
+        **run,
         "usable_cores_at_end": monitor.usable if monitor is not None else None,
         "others_cores_at_end": round(monitor.others, 2) if monitor is not None else None,
         "thread_count_changes": monitor.num_changes if monitor is not None else None,

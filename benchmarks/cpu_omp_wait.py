@@ -14,11 +14,35 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 from peer_model import export_text_model
 
 from nova.llm import LLM
 from nova.sampling_params import SamplingParams
+
+
+def timed_generate(llm: LLM, max_tokens: int, num_prompts: int) -> dict[str, Any]:
+    """``num_prompts`` chat prompts x ``max_tokens`` forced tokens through ``llm`` after an
+    untimed 8-prompt warm-up: output tok/s, wall and process CPU seconds, batches per stage."""
+    chats = [
+        [{"role": "user", "content": f"Write a short paragraph about topic {i}."}]
+        for i in range(num_prompts)
+    ]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([{"messages": m} for m in chats[:8]], params)
+    loop = llm.llm_engine.loop
+    before = dict(loop.num_batches)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    outs = llm.generate([{"messages": m} for m in chats], params)
+    wall_s, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
+    tokens = sum(len(o.output_token_ids) for o in outs)
+    return {
+        "output_tok_s": round(tokens / wall_s, 1),
+        "wall_s": round(wall_s, 2),
+        "process_cpu_s": round(cpu_s, 2),
+        "batches": {s.value: loop.num_batches[s] - before[s] for s in before},
+    }
 
 
 def main() -> None:
@@ -29,28 +53,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     args = ap.parse_args()
     llm = LLM(str(export_text_model()), dtype=args.dtype, policy=args.policy)
-    chats = [
-        [{"role": "user", "content": f"Write a short paragraph about topic {i}."}]
-        for i in range(args.num_prompts)
-    ]
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate([{"messages": m} for m in chats[:8]], params)
-    loop = llm.llm_engine.loop
-    before = dict(loop.num_batches)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    outs = llm.generate([{"messages": m} for m in chats], params)
-    wall_s, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
-    tokens = sum(len(o.output_token_ids) for o in outs)
+    run = timed_generate(llm, args.max_tokens, args.num_prompts)
     print(
         json.dumps(
             {
                 "policy": args.policy,
                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                 "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-                "output_tok_s": round(tokens / wall_s, 1),
-                "wall_s": round(wall_s, 2),
-                "process_cpu_s": round(cpu_s, 2),
-                "batches": {s.value: loop.num_batches[s] - before[s] for s in before},
+                **run,
                 "loadavg_1min": round(os.getloadavg()[0], 2),
             }
         ),
