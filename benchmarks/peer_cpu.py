@@ -429,15 +429,18 @@ def prefix_cache_tokens(port: int) -> tuple[float, float] | None:
             text = resp.read().decode()
     except OSError:
         return None
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        name = name.removesuffix("_total")  # (a counter's exposition name)
-        if name in ("nova_prefix_cache_hit_tokens", "nova_prefix_cache_queried_tokens"):
-            found[name] = float(value)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = ("nova_prefix_cache_hit_tokens_total", "nova_prefix_cache_queried_tokens_total")
+    found = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name in wanted
+    }
     if len(found) != 2:
         return None
-    return found["nova_prefix_cache_hit_tokens"], found["nova_prefix_cache_queried_tokens"]
+    return found[wanted[0]], found[wanted[1]]
 
 
 SERVED_CLIENT = "vllm bench serve (random dataset, ignore_eos)"
