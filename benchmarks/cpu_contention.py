@@ -6,8 +6,9 @@ Each run is a fresh process: ``nova.LLM`` on the peer text model (``peer_model.p
 an untimed 8-prompt warm-up, then 64 chat prompts x ``--max-tokens`` forced tokens, timed
 (``cpu_omp_wait.timed_generate``).
 Conditions: ``quiet`` (nothing added; whatever else runs on the machine is recorded as the load
-average) and ``hogs`` (one busy-looping process per core, started before the engine and
-stopped after it: another job using every core). Systems and conditions interleave per round
+average), ``hogs`` (one busy-looping process per core, started before the engine and
+stopped after it: another job using every core) and ``idle-hogs`` (the same at idle priority,
+``SCHED_IDLE``: a job that takes only what Nova leaves). Systems and conditions interleave per round
 (A B C, A B C, ...). Writes ``benchmarks/results/cpu_contention.{json,md}``.
 
 Usage: .venv/bin/python benchmarks/cpu_contention.py [--rounds 2] [--max-tokens 64] [--smoke]
@@ -42,6 +43,12 @@ def _spin(stop_at: float) -> None:
         pass
 
 
+def _spin_idle(stop_at: float) -> None:
+    """A busy loop at idle priority (``SCHED_IDLE``): a job that only takes what is left."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    _spin(stop_at)
+
+
 def one_run(adapt: bool, max_tokens: int, num_prompts: int) -> dict[str, Any]:
     """In the child process: the timed engine run."""
     sys.path.insert(0, str(HERE))
@@ -58,7 +65,7 @@ def one_run(adapt: bool, max_tokens: int, num_prompts: int) -> dict[str, Any]:
     return {
         **run,
         "usable_cores_at_end": monitor.usable if monitor is not None else None,
-        "others_cores_at_end": round(monitor.others, 2) if monitor is not None else None,
+        "last_on_core_share": round(monitor.share, 2) if monitor is not None else None,
         "thread_count_changes": monitor.num_changes if monitor is not None else None,
     }
 
@@ -67,10 +74,11 @@ def run_system(name: str, condition: str, args: argparse.Namespace) -> dict[str,
     env_extra, adapt = SYSTEMS[name]
     env = {**os.environ, **env_extra}
     hogs: list[mp.process.BaseProcess] = []
-    if condition == "hogs":
+    if condition in ("hogs", "idle-hogs"):
         ctx = mp.get_context("spawn")
         stop_at = time.monotonic() + args.timeout_s
-        hogs = [ctx.Process(target=_spin, args=(stop_at,)) for _ in range(os.cpu_count() or 1)]
+        target = _spin if condition == "hogs" else _spin_idle
+        hogs = [ctx.Process(target=target, args=(stop_at,)) for _ in range(os.cpu_count() or 1)]
         for h in hogs:
             h.start()
         time.sleep(1.0)
@@ -133,11 +141,12 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -
         f"64 chat prompts x {args.max_tokens} forced tokens (EOS ignored), peer text model "
         "(SmolLM2-135M-Instruct architecture, bf16), `multi_stream`, offline `nova.LLM`, a fresh "
         "process per run; conditions and systems interleaved per round. `hogs`: one "
-        "busy-looping process per core during the run. `quiet`: nothing added (the 1-minute "
+        "busy-looping process per core during the run; `idle-hogs`: the same at idle priority "
+        "(`SCHED_IDLE`). `quiet`: nothing added (the 1-minute "
         "load average at each start is in the table: other jobs on the machine count).",
         "",
         "| round | condition | system | output tok/s | process CPU s | wall s | usable cores at "
-        "end | others' cores at end | load 1-min |",
+        "end | last on-core share | load 1-min |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -150,7 +159,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -
         lines.append(
             f"| {r['round']} | {r['condition']} | {r['system']} | {r['output_tok_s']} | "
             f"{r['process_cpu_s']} | {r['wall_s']} | {r['usable_cores_at_end']} | "
-            f"{r['others_cores_at_end']} | {r['loadavg_1min']} |"
+            f"{r['last_on_core_share']} | {r['loadavg_1min']} |"
         )
     lines += ["", "Median output tok/s:", ""]
     lines += ["| condition | " + " | ".join(SYSTEMS) + " |", "|---|" + "---:|" * len(SYSTEMS)]
@@ -169,7 +178,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--conditions", nargs="+", default=["quiet", "hogs"])
+    ap.add_argument("--conditions", nargs="+", default=["quiet", "hogs", "idle-hogs"])
     ap.add_argument("--timeout-s", type=float, default=600.0)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--smoke", action="store_true", help="1 round, 8 tokens (checks the script)")

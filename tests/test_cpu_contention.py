@@ -1,5 +1,5 @@
 """Fewer intra-op threads while other processes use the cores: the measurement
-(``/proc/stat`` minus this process's CPU time), the hysteresis, and the CPU backend's grants."""
+(on-core share of the batches), the probing, and the CPU backend's grants."""
 
 from __future__ import annotations
 
@@ -10,98 +10,115 @@ import time
 
 import pytest
 
+from nova.gpu.backend import CpuBackend
 from nova.gpu.cpu_contention import (
+    MAX_PROBE_WAIT,
     ContentionMonitor,
-    CpuSample,
-    others_cores,
-    read_cores_busy_s,
-    usable_cores,
+    ProbeState,
+    TimedCall,
+    contended_below,
+    next_usable,
 )
 from nova.gpu.cpu_cores import CoreBroker
 from nova.types import Partition, Stage
 
-STAT = """cpu  900 0 300 5000 10 0 5 0 0 0
-cpu0 100 0 50 2000 5 0 2 3 0 0
-cpu1 200 10 40 2000 5 1 3 0 0 0
-cpu2 600 0 210 1000 0 0 0 0 0 0
-intr 12345
-"""
 
-
-def test_busy_time_of_the_processs_cores_from_proc_stat():
-    # busy = user + nice + system + irq + softirq + steal; idle and iowait are not busy
-    assert read_cores_busy_s((0,), STAT, 100.0) == pytest.approx((100 + 50 + 2 + 3) / 100)
-    assert read_cores_busy_s((0, 1), STAT, 100.0) == pytest.approx((155 + 254) / 100)
-    assert read_cores_busy_s((0, 7), STAT, 100.0) is None  # a core it cannot see
-
-
-def test_others_use_is_the_cores_busy_time_minus_ours():
-    a = CpuSample(cores_busy_s=10.0, own_cpu_s=3.0, wall_s=100.0)
-    b = CpuSample(cores_busy_s=13.0, own_cpu_s=4.0, wall_s=102.0)
-    assert others_cores(a, b) == pytest.approx(1.0)  # 3 s busy, 1 s of it ours, over 2 s
-    assert others_cores(b, b) == 0.0
-    assert others_cores(a, CpuSample(10.5, 4.0, 101.0)) == 0.0  # never negative
+def test_the_contention_threshold_lies_between_alone_and_one_competitor():
+    for n in (1, 2, 4, 8, 64):
+        assert n / (n + 1) < contended_below(n) < 1.0
+    assert contended_below(2) == pytest.approx(1 - 0.5 / 3)
 
 
 @pytest.mark.parametrize(
-    ("total", "others", "current", "expected"),
+    ("total", "usable", "share", "expected"),
     [
-        (2, 0.0, 2, 2),
-        (2, 0.4, 2, 2),  # a little background: keep both
-        (2, 0.6, 2, 1),  # half a core busy elsewhere: one thread
-        (2, 1.8, 2, 1),
-        (2, 0.3, 1, 1),  # not yet quiet enough to go back
-        (2, 0.2, 1, 2),
-        (16, 3.0, 16, 13),
-        (16, 1.0, 13, 15),
-        (16, 15.5, 16, 1),
+        (2, 2, 0.99, 2),  # alone on its cores: keep both
+        (2, 2, 0.9, 2),
+        (2, 2, 0.67, 1),  # a busy thread beside the team (3 on 2 cores): one core
+        (2, 2, 0.5, 1),
+        (16, 16, 0.5, 8),  # about the cores' worth it had
+        (16, 16, 0.94, 15),  # one competitor: at least one fewer
+        (16, 16, 0.99, 16),
+        (2, 1, 0.5, 1),  # never below one core
     ],
 )
-def test_usable_cores_with_hysteresis(total, others, current, expected):
-    assert usable_cores(total, others, current) == expected
+def test_fewer_cores_when_descheduled(total, usable, share, expected):
+    assert next_usable(total, ProbeState(usable), share).usable == expected
 
 
-def test_the_monitor_measures_at_most_once_per_interval():
+def test_probing_back_up_backs_off_while_the_competitor_stays():
+    """At the reduced count an uncontended sample leads to a probe one core up; a probe that
+    is contended again doubles the wait before the next one, up to ``MAX_PROBE_WAIT``; a probe
+    that holds resets it."""
+    state = next_usable(2, ProbeState(2), 0.6)
+    assert (state.usable, state.wait) == (1, 1)
+    waits = []
+    for _ in range(8):
+        state = next_usable(2, state, 1.0)  # alone on the one core
+        while state.usable == 1:
+            state = next_usable(2, state, 1.0)
+        assert state.probing and state.usable == 2
+        state = next_usable(2, state, 0.6)  # the probe is contended
+        waits.append(state.wait)
+    assert waits == [2, 4, 8, 16, 32, 32, 32, 32] and MAX_PROBE_WAIT == 32
+    while state.usable == 1:
+        state = next_usable(2, state, 1.0)
+    state = next_usable(2, state, 0.99)  # the competitor left: the probe holds
+    assert state.usable == 2 and state.backoff == 1 and not state.probing
+    assert next_usable(2, state, 0.6).wait == 1
+
+
+def test_the_monitor_judges_recorded_batches_at_most_once_per_interval():
     now = [0.0]
-    samples = iter(
-        [
-            CpuSample(0.0, 0.0, 0.0),
-            CpuSample(3.0, 1.0, 1.0),  # others: 2 cores' worth
-            CpuSample(3.2, 2.0, 2.0),  # quiet again (others 0)
-        ]
-    )
-    reads = []
-
-    def read():
-        reads.append(now[0])
-        return next(samples)
-
-    mon = ContentionMonitor((0, 1), interval_s=1.0, read=read, clock=lambda: now[0])
-    assert mon.current() == 2  # the first sample only sets the baseline
+    mon = ContentionMonitor(2, interval_s=1.0, clock=lambda: now[0])
+    mon.record(0.1, 0.05)
+    assert mon.current() == 2  # too little batch time to judge
+    mon.record(0.4, 0.2)  # descheduled half the time
+    assert mon.current() == 1 and mon.share == pytest.approx(0.5)
+    mon.record(1.0, 1.0)
     now[0] = 0.5
-    assert mon.current() == 2 and len(reads) == 1  # within the interval: no reading
+    assert mon.current() == 1  # within the interval: not judged
     now[0] = 1.0
-    assert mon.current() == 1 and mon.others == pytest.approx(2.0)
+    assert mon.current() == 1 and mon.share == pytest.approx(1.0)  # waits one sample
+    mon.record(1.0, 1.0)
     now[0] = 2.0
-    assert mon.current() == 2 and mon.num_changes == 2
-    assert reads == [0.0, 1.0, 2.0]
+    assert mon.current() == 2 and mon.num_changes == 2  # the probe
 
 
-def test_an_idle_stretch_only_restarts_the_measurement():
-    """Another process busy while no batch ran (a client starting up, say) does not cost the
-    next batch a core: a baseline older than three intervals is replaced, not compared with."""
-    now = [0.0]
-    samples = iter(
-        [CpuSample(0.0, 0.0, 0.0), CpuSample(10.0, 0.0, 10.0), CpuSample(10.1, 1.0, 11.0)]
-    )
-    mon = ContentionMonitor(
-        (0, 1), interval_s=1.0, read=lambda: next(samples), clock=lambda: now[0]
-    )
-    assert mon.current() == 2
-    now[0] = 10.0
-    assert mon.current() == 2  # 10 s of others' use while idle: stale, not counted
-    now[0] = 11.0
-    assert mon.current() == 2 and mon.num_changes == 0
+def test_timed_call_measures_on_the_thread_that_runs():
+    import threading
+
+    timed: TimedCall[int] = TimedCall()
+    fn = timed.wrap(lambda: (_spin(0.05), 7)[1])
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    assert out == [7] and timed.wall_s >= 0.05 and 0.0 < timed.cpu_s <= timed.wall_s + 1e-3
+
+
+def test_the_broker_says_whether_a_batch_ran_alone():
+    broker = CoreBroker((0, 1))
+    shared = Partition.shared()
+    broker.acquire(Stage.DECODE, shared)
+    assert broker.release(Stage.DECODE)
+    broker.acquire(Stage.DECODE, shared)
+    broker.acquire(Stage.PREFILL, shared)  # starts beside decode
+    assert not broker.release(Stage.PREFILL)
+    assert not broker.release(Stage.DECODE)  # prefill ran beside it for a while
+    broker.acquire(Stage.DECODE, shared)
+    assert broker.release(Stage.DECODE)
+
+
+def test_the_backend_records_only_batches_that_ran_alone():
+    mon = ContentionMonitor(2, interval_s=0.0)
+    backend = CpuBackend(cores=(0, 1), monitor=mon)
+    backend._apply = lambda cores: None
+    try:
+        backend.run(Stage.DECODE, Partition.shared(), lambda _: _spin(0.05))
+        assert mon._wall_s >= 0.05 and mon._cpu_s > 0.0
+    finally:
+        backend.close()
 
 
 def test_the_broker_grants_only_the_usable_cores():
@@ -132,28 +149,53 @@ def _spin(seconds: float) -> None:
         pass
 
 
+def _engine_like(mon: ContentionMonitor, seconds: float) -> float:
+    """Busy batches of 50 ms (one spinning thread: two Python threads would share the GIL),
+    recorded as the CPU backend does; returns their on-core share over the whole run."""
+    end = time.monotonic() + seconds
+    wall = cpu = 0.0
+    while time.monotonic() < end:
+        timed: TimedCall[None] = TimedCall()
+        timed.wrap(lambda: _spin(0.05))()
+        mon.record(timed.wall_s, timed.cpu_s)
+        mon.current()
+        wall, cpu = wall + timed.wall_s, cpu + timed.cpu_s
+    return cpu / wall
+
+
+def _spin_at_idle_priority(seconds: float) -> None:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    _spin(seconds)
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
-    reason="reads /proc/stat and needs two cores",
+    reason="needs Linux scheduling classes and two cores",
 )
-def test_the_monitor_sees_other_processes_on_the_cores():
-    """Two busy processes pinned to this process's first two cores: the real monitor (on
-    ``/proc/stat``) reports more than a core's worth of others' use and drops to one core."""
+@pytest.mark.parametrize(("hog", "expected"), [(_spin, 1), (_spin_at_idle_priority, 2)])
+def test_the_monitor_yields_to_competitors_not_to_idle_jobs(hog, expected):
+    """A busy thread on two cores with a busy process pinned to each core: at the same
+    priority the thread is descheduled (3 threads on 2 cores) and the monitor drops to one
+    core; at idle priority (a job that only uses what is left) it is not, and keeps both."""
     cores = tuple(sorted(os.sched_getaffinity(0)))[:2]
-    mon = ContentionMonitor(cores, interval_s=0.0)
+    mon = ContentionMonitor(2, interval_s=0.3)
     ctx = mp.get_context("spawn")
-    hogs = [ctx.Process(target=_spin, args=(4.0,)) for _ in cores]
+    hogs = [ctx.Process(target=hog, args=(6.0,)) for _ in cores]
+    old = os.sched_getaffinity(0)
     for h in hogs:
         h.start()
     try:
         for h, core in zip(hogs, cores, strict=True):
             os.sched_setaffinity(h.pid, {core})
-        time.sleep(0.5)  # (the spawned interpreters start)
-        mon.current()
-        time.sleep(1.5)
-        assert mon.current() == 1
-        assert mon.others > 1.0
+        os.sched_setaffinity(0, set(cores))
+        time.sleep(0.8)  # (the spawned interpreters start)
+        share = _engine_like(mon, 2.0)
+        if expected == 1:
+            assert share < contended_below(2) and mon.num_changes >= 1
+        else:
+            assert share > contended_below(2)
     finally:
+        os.sched_setaffinity(0, old)
         for h in hogs:
             h.terminate()
             h.join()

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from nova.gpu.cpu_contention import ContentionMonitor
+from nova.gpu.cpu_contention import ContentionMonitor, TimedCall
 from nova.gpu.cpu_cores import CoreBroker
 from nova.gpu.cpu_threads import TeamThread, apply_cores, available_cores, cores_for_block
 from nova.gpu.sm_plan import SHARE_EPS, SMGrid
@@ -126,7 +126,7 @@ class CpuBackend(PartitionBackend):
                 cores = tuple(range(num_cores)) if num_cores > len(cores) else cores[:num_cores]
         # other processes on these cores: batches run on fewer of them (``cpu_contention``)
         if monitor is None and adapt_to_contention and len(cores) > 1:
-            monitor = ContentionMonitor(cores)
+            monitor = ContentionMonitor(len(cores))
         self.monitor = monitor
         self.broker = CoreBroker(cores, monitor.current if monitor is not None else None)
         super().__init__(self.broker.grid)
@@ -174,11 +174,15 @@ class CpuBackend(PartitionBackend):
     def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
         """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""
         grant = self.broker.acquire(stage, partition)
+        timed: TimedCall[T] = TimedCall()
         try:
             team = self._team(stage, grant.num_cores)
-            return team.run(grant.cores, lambda: fn(None))
+            return team.run(grant.cores, timed.wrap(lambda: fn(None)))
         finally:
-            self.broker.release(stage)
+            alone = self.broker.release(stage)
+            if alone and self.monitor is not None:
+                # (beside another of our stages a thread shares cores by plan: not contention)
+                self.monitor.record(timed.wall_s, timed.cpu_s)
 
     def _team(self, stage: Stage, num_cores: int) -> TeamThread:
         """The stage's team thread for a batch on ``num_cores`` cores, keeping the OpenMP pools

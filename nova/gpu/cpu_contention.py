@@ -1,159 +1,157 @@
-"""How many of its cores Nova should run threads on while other processes use them (Linux).
+"""How many of its cores Nova should run threads on while other processes compete for them.
 
 Why: an OpenMP team of ``n`` threads meets at a barrier after every parallel region, and
-libgomp's idle threads spin there before sleeping. On cores that other processes also use, the
+libgomp's idle threads spin there before sleeping. On cores that other processes also want, the
 OS deschedules one team thread while its partners spin for it, and every region waits for the
-slowest. Measured here (``benchmarks/results/cpu_contention.md``): on the 2-core machine with
-other jobs on both cores, one intra-op thread decodes faster than two, spinning or passive
-(``docs/cpu.md``, "Contention"). Measured on a quiet machine the two threads win, so the count
-has to follow the load.
+slowest. Measured here (``benchmarks/results/cpu_contention.md``): on the 2-core machine with a
+busy process on each core, one intra-op thread decodes faster than two, spinning or passive
+(``docs/cpu.md``, "Contention"). On a quiet machine the two threads win, so the count has to
+follow the load.
 
-``ContentionMonitor`` measures the other processes' CPU use on this process's cores: the busy
-time ``/proc/stat`` reports for those cores, minus this process's own CPU time
-(``os.times``), over the wall time between two samples (at most one sample per
-``interval_s``, taken when a batch asks). ``usable_cores`` turns that into a thread count with
-hysteresis. The CPU partition backend (``nova.gpu.backend.CpuBackend``) hands stage batches
-cores from the first ``usable`` only.
+What is measured: the share of its batches' wall time that a batch's team thread spent on a
+core (``time.thread_time`` over wall time, per batch, only for batches that ran with no other
+stage of this process beside them). A thread that only runs is descheduled when, and only when,
+something the OS ranks at least as high wants its core. The CPU other processes merely *use*
+is not the signal: an idle-priority or ``nice``d job fills the cycles Nova leaves free and
+yields them back at once, and counting it (as this module did before, from ``/proc/stat``)
+made Nova give a core away to it, which that job then filled, which kept Nova on one core.
 
-Off Linux (no ``/proc/stat``) the monitor reports no contention and every core stays usable.
+``next_usable`` turns the share into a core count: fewer when the share falls below
+``1 - 0.5 / (usable + 1)`` (halfway between an uncontended team, share 1, and one competing
+with one other busy thread, ``usable / (usable + 1)``); back up by probing: after a sample at
+the reduced count that shows no descheduling, the next batches run on one core more, and if
+that sample shows contention again the wait before the next probe doubles (to at most
+``MAX_PROBE_WAIT`` samples), so a persistent competitor costs one contended sample per probe
+and probes grow rare.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Generic, TypeVar
 
-_PROC_STAT = Path("/proc/stat")
-# /proc/stat's per-core fields: user nice system idle iowait irq softirq steal (guest time is
-# already inside user): busy = all but idle and iowait. Steal (another VM on the host core) is
-# contention too.
-_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+T = TypeVar("T")
+
+# Samples at the reduced count to wait before the next probe, at most (each sample is at least
+# ``interval_s``): a persistent competitor costs one contended sample per this many.
+MAX_PROBE_WAIT = 32
+# A sample's share is judged only over at least this much batch wall time (seconds): one short
+# batch's ratio is mostly timer and scheduling noise.
+MIN_SAMPLE_WALL_S = 0.2
+
+
+def contended_below(usable: int) -> float:
+    """The on-core share under which ``usable`` threads count as contended: halfway between
+    1 (alone) and ``usable / (usable + 1)`` (one more busy thread than cores)."""
+    return 1.0 - 0.5 / (usable + 1)
 
 
 @dataclass(slots=True, frozen=True)
-class CpuSample:
-    """One reading: the cores' busy seconds, this process's CPU seconds, the wall clock."""
+class ProbeState:
+    """The count, and the probing schedule: ``wait`` samples to go before the next probe,
+    ``backoff`` the wait after a failed one, ``probing`` whether the count was just raised."""
 
-    cores_busy_s: float
-    own_cpu_s: float
-    wall_s: float
-
-
-def read_cores_busy_s(cores: Sequence[int], stat_text: str, ticks_per_s: float) -> float | None:
-    """Busy seconds of ``cores`` since boot from the text of ``/proc/stat`` (None: a core's
-    line is missing)."""
-    wanted = {f"cpu{c}" for c in cores}
-    total = 0.0
-    found = 0
-    for line in stat_text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name not in wanted:
-            continue
-        fields = rest.split()
-        total += sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields))
-        found += 1
-    if found != len(wanted):
-        return None
-    return total / ticks_per_s
+    usable: int
+    wait: int = 0
+    backoff: int = 1
+    probing: bool = False
 
 
-def others_cores(before: CpuSample, after: CpuSample) -> float:
-    """Cores' worth of CPU that other processes used between two samples (>= 0)."""
-    wall = after.wall_s - before.wall_s
-    if wall <= 0.0:
-        return 0.0
-    busy = after.cores_busy_s - before.cores_busy_s
-    own = after.own_cpu_s - before.own_cpu_s
-    return max(0.0, (busy - own) / wall)
-
-
-def usable_cores(
-    total: int,
-    others: float,
-    current: int,
-    down_margin: float = 0.5,
-    up_margin: float = 0.75,
-) -> int:
-    """Cores to run threads on, given ``others`` cores' worth of other processes' use.
-
-    Fewer when the free cores (``total - others``) fall ``down_margin`` below the current count
-    (on 2 cores: others use half a core or more), more only when they rise ``up_margin`` above
-    the next count (others below a quarter of a core): a sample's noise does not flip the
-    count back and forth. Always at least one core."""
-    free = total - others
-    current = min(max(current, 1), total)
-    if free < current - down_margin:
-        return max(1, min(total, math.floor(free + down_margin)))
-    if current < total and free >= current + up_margin:
-        return min(total, max(current + 1, math.floor(free + 1.0 - up_margin)))
-    return current
+def next_usable(total: int, state: ProbeState, share: float) -> ProbeState:
+    """The next state after a sample whose batches were on a core ``share`` of their wall
+    time (0..1) at ``state.usable`` cores of ``total``."""
+    usable = min(max(state.usable, 1), total)
+    if share < contended_below(usable):
+        if usable == 1:
+            return ProbeState(1, state.wait, state.backoff, False)
+        # about the cores' worth the team really had, at least one fewer
+        fewer = max(1, min(usable - 1, math.floor(usable * share + 0.5)))
+        backoff = min(MAX_PROBE_WAIT, 2 * state.backoff) if state.probing else state.backoff
+        return ProbeState(fewer, backoff, backoff, False)
+    if usable < total:
+        if state.wait > 0:
+            return ProbeState(usable, state.wait - 1, state.backoff, False)
+        return ProbeState(usable + 1, 0, state.backoff, True)
+    # all cores, uncontended: a probe that holds resets the backoff
+    return ProbeState(usable, 0, 1 if state.probing else state.backoff, False)
 
 
 class ContentionMonitor:
-    """The usable core count, re-measured at most once per ``interval_s`` when asked
-    (thread-safe). ``read`` and ``clock`` are for tests."""
+    """The usable core count, re-judged at most once per ``interval_s`` (thread-safe).
+
+    Batches report their wall and team-thread CPU time (``record``); ``current`` judges the
+    batches recorded since the last judgement once ``interval_s`` has passed and they span at
+    least ``MIN_SAMPLE_WALL_S`` of wall time. ``clock`` is for tests."""
 
     def __init__(
         self,
-        cores: Sequence[int],
+        num_cores: int,
         interval_s: float = 1.0,
-        read: Callable[[], CpuSample | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cores = tuple(sorted(cores))
+        if num_cores < 1:
+            raise ValueError(f"num_cores must be >= 1, got {num_cores}")
+        self.total = num_cores
         self.interval_s = interval_s
-        self.stale_after_s = max(3.0 * interval_s, 3.0)
         self._clock = clock
-        self._read = read or self._read_proc
         self._lock = threading.Lock()
-        self._last: CpuSample | None = None
+        self._state = ProbeState(num_cores)
         self._next_s = 0.0
-        self.usable = len(self.cores)
-        self.others = 0.0  # the last measurement (cores' worth)
+        self._wall_s = 0.0
+        self._cpu_s = 0.0
+        self.share = 1.0  # the last judged sample's on-core share
         self.num_changes = 0
-        try:
-            self._ticks = float(os.sysconf("SC_CLK_TCK"))
-        except (AttributeError, OSError, ValueError):
-            self._ticks = 100.0
 
-    def _read_proc(self) -> CpuSample | None:
-        try:
-            text = _PROC_STAT.read_text()
-        except OSError:
-            return None
-        busy = read_cores_busy_s(self.cores, text, self._ticks)
-        if busy is None:
-            return None
-        t = os.times()
-        return CpuSample(busy, t.user + t.system, self._clock())
+    @property
+    def usable(self) -> int:
+        return self._state.usable
+
+    def record(self, wall_s: float, cpu_s: float) -> None:
+        """A batch that ran alone: ``wall_s`` long, its team thread on a core ``cpu_s``."""
+        if wall_s <= 0.0:
+            return
+        with self._lock:
+            self._wall_s += wall_s
+            self._cpu_s += min(cpu_s, wall_s)
 
     def current(self) -> int:
-        """The usable core count now (measures when ``interval_s`` has passed)."""
+        """The usable core count now (judges a new sample when one is due)."""
         now = self._clock()
         if now < self._next_s:
-            return self.usable
+            return self._state.usable
         with self._lock:
-            if now < self._next_s:
-                return self.usable
+            if now < self._next_s or self._wall_s < MIN_SAMPLE_WALL_S:
+                return self._state.usable
             self._next_s = now + self.interval_s
-            sample = self._read()
-            if sample is None:
-                return self.usable
-            stale = self._last is not None and sample.wall_s - self._last.wall_s > (
-                self.stale_after_s
-            )
-            if self._last is not None and not stale:
-                # (a stale baseline, from before an idle stretch, only restarts the
-                # measurement: what others did while no batch ran cost no batch anything)
-                self.others = others_cores(self._last, sample)
-                usable = usable_cores(len(self.cores), self.others, self.usable)
-                if usable != self.usable:
-                    self.usable = usable
-                    self.num_changes += 1
-            self._last = sample
-            return self.usable
+            self.share = self._cpu_s / self._wall_s
+            self._wall_s = self._cpu_s = 0.0
+            before = self._state.usable
+            self._state = next_usable(self.total, self._state, self.share)
+            if self._state.usable != before:
+                self.num_changes += 1
+            return self._state.usable
+
+
+class TimedCall(Generic[T]):
+    """Wall and thread-CPU time of a call, taken on the thread that runs it."""
+
+    __slots__ = ("cpu_s", "wall_s")
+
+    def __init__(self) -> None:
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+
+    def wrap(self, fn: Callable[[], T]) -> Callable[[], T]:
+        def timed() -> T:
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn()
+            finally:
+                self.cpu_s = time.thread_time() - c0
+                self.wall_s = time.perf_counter() - w0
+
+        return timed

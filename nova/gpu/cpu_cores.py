@@ -128,6 +128,8 @@ class CoreBroker:
         self._plans: dict[Partition, PartitionPlan | None] = {}
         self._isolated: dict[tuple[int | None, ...], dict[Stage, tuple[int, ...]]] = {}
         self._running: dict[Stage, CoreGrant] = {}
+        # running stages that have had another stage's batch beside them since they started
+        self._overlapped: set[Stage] = set()
         self.last: dict[Stage, CoreGrant] = {}
 
     def plan(self, partition: Partition) -> PartitionPlan | None:
@@ -175,12 +177,19 @@ class CoreBroker:
                 pool = self.cores[: max(1, usable)]
                 cores, shared = shared_core_slices(running, pool)[stage]
                 grant = CoreGrant(stage, cores, shared)
+            if self._running:
+                self._overlapped.update(self._running)
+                self._overlapped.add(stage)
             self._running[stage] = self.last[stage] = grant
             return grant
 
-    def release(self, stage: Stage) -> None:
+    def release(self, stage: Stage) -> bool:
+        """End ``stage``'s batch; True when no other stage's batch ran beside it."""
         with self._lock:
             self._running.pop(stage, None)
+            alone = stage not in self._overlapped
+            self._overlapped.discard(stage)
+            return alone
 
     def running(self) -> dict[Stage, CoreGrant]:
         with self._lock:
