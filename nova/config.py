@@ -23,6 +23,23 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+AUTO_POLICY = "auto"
+# The default on a CPU: chunked prefill, one fused step of at most 2048 tokens. It is what
+# vLLM's CPU backend does by default for its server (max_num_batched_tokens 2048 on a CPU,
+# vllm/engine/arg_utils.py in vLLM 0.32), and of the policies measured here against vLLM-CPU it
+# is the one that matched it served at concurrency 32 (docs/cpu.md, "Against vLLM-CPU").
+CPU_DEFAULT_POLICY = "chunked_prefill[budget=2048]"
+# On a GPU the stage workers run concurrently on streams, as before.
+GPU_DEFAULT_POLICY = "multi_stream"
+
+
+def resolve_policy(policy: str, device: str) -> str:
+    """``policy``, or for ``auto`` the default for ``device`` (a torch device string)."""
+    if policy != AUTO_POLICY:
+        return policy
+    return CPU_DEFAULT_POLICY if device.split(":")[0] == "cpu" else GPU_DEFAULT_POLICY
+
+
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
     """What the engine is built from. Each field's metadata declares its command-line flag
@@ -43,7 +60,11 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata=flag("weight dtype", choices=DTYPE_NAMES))
     device: str = field(default="cpu", metadata=flag("torch device, e.g. cpu, cuda, cuda:1"))
     policy: str = field(
-        default="multi_stream", metadata=flag("scheduling policy (see 'nova models')")
+        default="auto",
+        metadata=flag(
+            "scheduling policy (see 'nova models'); auto: chunked_prefill[budget=2048] on a "
+            "CPU, multi_stream on a GPU"
+        ),
     )
     block_size: int = field(default=16, metadata=flag("tokens per KV-cache block", minimum=1))
     num_kv_blocks: int | None = field(
@@ -164,12 +185,17 @@ class EngineConfig:
         from nova.core.policy import check_policy_name
 
         try:  # a registered name, with variant parameters if any: chunked_prefill[budget=2048]
-            check_policy_name(self.policy)
+            check_policy_name(self.resolved_policy)
         except (KeyError, ValueError) as exc:
             reason = exc.args[0] if exc.args else str(exc)
             raise ValueError(
                 f"{reason} (a policy may carry variant parameters: chunked_prefill[budget=2048])"
             ) from exc
+
+    @property
+    def resolved_policy(self) -> str:
+        """The policy the engine runs: ``policy``, with ``auto`` resolved for ``device``."""
+        return resolve_policy(self.policy, self.device)
 
     @property
     def torch_dtype(self) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nova.config import EngineConfig
+from nova.config import EngineConfig, resolve_policy
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import format_summary_table, format_timeline, request_metrics, summarize
 from nova.models.inputs import InputProcessor, PromptInput, chat_messages
@@ -75,7 +75,7 @@ def run_demo(
     model: str = "demo",
     max_tokens: int = 48,
     device: str = "cpu",
-    policy: str = "multi_stream",
+    policy: str = "auto",
     num_agent_steps: int = 6,
     partition: str = "auto",
     vision_offload_layers: int = 0,
@@ -92,6 +92,7 @@ def run_demo(
         )
     )
     loaded, proc = engine.loaded, engine.processor
+    policy = engine.config.resolved_policy
     print(f"Nova demo: {loaded.architecture} from {loaded.model_dir}")
     print(
         f"  {loaded.num_params() / 1e6:.1f}M parameters, {loaded.dtype}, {device}, "
@@ -179,7 +180,7 @@ def compare_policies(
 
 def demo_via_server(
     model: str = "demo",
-    policy: str = "multi_stream",
+    policy: str = "auto",
     device: str = "cpu",
     num_prompts: int = 8,
     request_rate: float = 2.0,
@@ -200,7 +201,8 @@ def demo_via_server(
     try:
         with ServerThread(create_app(engine, ServerConfig())) as srv:
             print(
-                f"\nnova serve ({policy}) on {srv.base_url}; nova bench sends {num_prompts} "
+                f"\nnova serve ({resolve_policy(policy, device)}) on {srv.base_url}; nova bench "
+                f"sends {num_prompts} "
                 f"GUI-agent requests (Poisson, {request_rate} req/s):"
             )
             args = add_bench_args(argparse.ArgumentParser()).parse_args(

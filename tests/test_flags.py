@@ -227,3 +227,15 @@ def test_a_field_without_a_declaration_is_an_error():
 
     with pytest.raises(TypeError, match="declares neither"):
         add_flags(argparse.ArgumentParser(), Undeclared)
+
+
+def test_the_auto_policy_resolves_per_device():
+    from nova.config import CPU_DEFAULT_POLICY, GPU_DEFAULT_POLICY, resolve_policy
+
+    assert EngineConfig().policy == "auto"
+    assert EngineConfig().resolved_policy == CPU_DEFAULT_POLICY == "chunked_prefill[budget=2048]"
+    assert resolve_policy("auto", "cuda:1") == GPU_DEFAULT_POLICY == "multi_stream"
+    assert resolve_policy("sequential", "cpu") == "sequential"  # a named policy stays
+    assert EngineConfig(device="cuda").resolved_policy == "multi_stream"
+    with pytest.raises(ValueError, match="nonesuch"):
+        EngineConfig(policy="nonesuch")

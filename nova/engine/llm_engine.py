@@ -133,7 +133,8 @@ class LLMEngine:
             config.max_vision_images, config.max_prefill_tokens, config.max_num_seqs
         )
         extra: dict[str, Any] = {}
-        if config.policy == "nova":
+        policy_name = config.resolved_policy
+        if policy_name == "nova":
             cost_model = default_cost_model(
                 self.loaded, config.device, config.min_pixels, config.max_pixels
             )
@@ -146,7 +147,7 @@ class LLMEngine:
                 # plan on the device's real SM grid (CPU: its cores); with one core there is
                 # nothing to split and the stages time-share it
                 extra["sm_granularity_share"] = grid.share_step
-        policy = make_policy(config.policy, limits=limits, **extra)
+        policy = make_policy(policy_name, limits=limits, **extra)
         if self.partition_backend.enforces_limits and hasattr(policy, "partition_set"):
             self.partition_backend.prepare(policy.partition_set())  # created once, up front
         # One accounting of the one KV cache: the scheduler owns the runner's block manager
@@ -224,7 +225,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             num_kv_blocks=bm.num_blocks,
             block_size_tokens=bm.block_size,
-            policy=self.config.policy,
+            policy=self.config.resolved_policy,
             memory_lines=tuple(self.runner.memory.lines()),
             partition_backend=self.partition_backend.describe(),
         )
