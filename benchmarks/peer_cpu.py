@@ -9,7 +9,9 @@ rounds alternate: A B C ... A B C ... Each timed run is one ``generate``/``chat`
 prompts; output tok/s = output tokens / its wall time. Every run's messages start with a
 salt of its own ("Warm-up. ", "Run 0. ", ...), so no engine's prefix cache answers a run from
 an earlier one. Nova runs in its default configuration
-(bf16, ``multi_stream``), and in fp32, ``sequential`` and ``nova`` for reference.
+(bf16, policy ``auto``: ``chunked_prefill[budget=2048]`` on a CPU; decode attention through
+Nova's C++ kernel), and in fp32, ``sequential``, ``multi_stream`` (``nova-multistream``, the
+default before) and with eager decode attention (``nova-eager``) for reference.
 
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
@@ -17,7 +19,8 @@ alternating between the servers; TTFT, TPOT and output tok/s from the client. Ea
 its own prompt seed (the servers see the same prompts within a round, none from an earlier one).
 ``--served-systems`` adds ``nova-passive`` (``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``) and
 ``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes) and
-``nova-chunked`` (``--policy chunked_prefill``: prompt chunks fused into the decode steps).
+``nova-chunked`` (``--policy chunked_prefill``: prompt chunks fused into the decode steps, the
+paper's budget of 128), ``nova-multistream`` and ``nova-eager``.
 
 Writes benchmarks/results/peer_cpu.{json,md} (``--tag`` adds a suffix) with the machine and
 its load average before and after every run. Without vLLM installed (no ``--vllm-python``
@@ -84,6 +87,9 @@ NOVA_SYSTEMS = {
     "nova-policy-nova": {"dtype": "bfloat16", "policy": "nova"},
     "nova-chunked": {"dtype": "bfloat16", "policy": "chunked_prefill"},
     "nova-chunked2048": {"dtype": "bfloat16", "policy": "chunked_prefill[budget=2048]"},
+    "nova-multistream": {"dtype": "bfloat16", "policy": "multi_stream"},  # the default until s5
+    # decode attention without Nova's C++ kernel (gather + bmm), the default before it
+    "nova-eager": {"dtype": "bfloat16", "attention_backend": "cpu_eager"},
 }
 
 
@@ -356,12 +362,16 @@ SERVED_NOVA_ENV: dict[str, dict[str, str]] = {
     "nova-fixed": {},
     "nova-chunked": {},
     "nova-chunked2048": {},
+    "nova-multistream": {},
+    "nova-eager": {},
 }
 SERVED_NOVA_FLAGS: dict[str, list[str]] = {
     "nova-fixed": ["--no-cpu-adapt-threads"],
     "nova-chunked": ["--policy", "chunked_prefill"],  # prompts fused into decode steps
     # (a step of 2048 tokens: a wave of 32 short prompts in one or two steps, as vLLM's budget)
     "nova-chunked2048": ["--policy", "chunked_prefill[budget=2048]"],
+    "nova-multistream": ["--policy", "multi_stream"],
+    "nova-eager": ["--attention-backend", "cpu_eager"],
 }
 
 

@@ -11,7 +11,7 @@ from nova.flags import check_minimums, flag, no_flag
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PARTITION_NAMES = ("auto", "green_context", "none", "cpu")
-ATTENTION_NAMES = ("auto", "cpu", "sdpa", "triton", "flex")
+ATTENTION_NAMES = ("auto", "cpu", "cpu_eager", "sdpa", "triton", "flex")
 
 
 def torch_dtype(name: str) -> Any:

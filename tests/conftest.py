@@ -12,6 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Nova's C++ CPU kernels must build here (a failed build is an error, not a quiet fallback to
+# the eager path, which tests/test_cpu_kernels.py checks on its own)
+os.environ.setdefault("NOVA_CPU_KERNELS", "require")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TEXT_KW = dict(

@@ -3,7 +3,9 @@
 
 The backends (``nova.runtime.attention_backend.AttentionBackend`` subclasses, one call shape):
 ``sdpa`` (``nova.runtime.attention_sdpa``, the reference: gather to a padded view + SDPA),
-``cpu`` (``nova.runtime.attention_cpu``, grouped-query batched matmuls; ``auto`` on a CPU),
+``cpu`` (``nova.runtime.attention_cpu``, grouped-query batched matmuls, decode through Nova's
+C++ kernel reading the cache in place (``nova.runtime.cpu_kernels``); ``auto`` on a CPU),
+``cpu_eager`` (the same without the kernel: decode gathers the context and runs two ``bmm``s),
 ``triton`` (``nova.runtime.attention_triton``, our kernel reading blocks in place) and ``flex``
 (``nova.runtime.attention_flex``, ``flex_attention`` with a BlockMask). ``auto`` follows the
 measured selection table of this GPU (package data written by ``benchmarks/attention_decode.py``;
@@ -30,7 +32,7 @@ from nova.runtime.attention_sdpa import SdpaPagedAttention
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("cpu", "sdpa", "triton", "flex")
+BACKEND_NAMES = ("cpu", "cpu_eager", "sdpa", "triton", "flex")
 # The measured selection tables shipped with the package: <gpu-slug>.json per GPU.
 # $NOVA_ATTENTION_TABLE names a table file to use instead.
 TABLES_DIR: Traversable = resources.files("nova.runtime").joinpath("attention_tables")
@@ -111,8 +113,10 @@ def build_backend(name: str, device: torch.device) -> AttentionBackend:
     run)."""
     if name == "sdpa":
         return SdpaPagedAttention()
-    if name == "cpu":
-        return CpuPagedAttention()
+    if name == "cpu":  # (the C++ decode kernel is built for CPU tensors only)
+        return CpuPagedAttention(kernels=device.type == "cpu")
+    if name == "cpu_eager":
+        return CpuPagedAttention(kernels=False)
     if name == "triton":
         from nova.runtime.attention_triton import TritonPagedAttention, triton_interpreter_on
 

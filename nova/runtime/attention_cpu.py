@@ -15,6 +15,8 @@ per KV head:
 
 Decode (one new token per sequence) needs no query padding at all: ``q [B, H, D]`` *is*
 ``[B * kv_heads, G, D]``. Query head ``h`` uses KV head ``h // G``, as in ``transformers``.
+When Nova's C++ kernels built (``nova.runtime.cpu_kernels``), decode skips the gather: the
+kernel reads each sequence's keys and values in place through its block table.
 
 Prefill runs in tiles of query rows (``score_tile_bytes``): the scores of all rows at once are
 ``B x H x max_q x max_kv`` floats (76 MB per layer for one 1,453-token prompt), and the scores,
@@ -37,9 +39,11 @@ softmax row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
+from nova.runtime import cpu_kernels
 from nova.runtime.attention_backend import (
     AttentionBackend,
     AttentionMetadata,
@@ -175,10 +179,17 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
     needs_pad_slot = True
     metadata_type = CpuMetadata
 
-    def __init__(self, score_tile_bytes: int = SCORE_TILE_BYTES) -> None:
+    def __init__(
+        self, score_tile_bytes: int = SCORE_TILE_BYTES, kernels: ModuleType | bool | None = True
+    ) -> None:
         if score_tile_bytes < 1:
             raise ValueError(f"score_tile_bytes must be >= 1, got {score_tile_bytes}")
         self.score_tile_bytes = score_tile_bytes
+        # Nova's C++ decode attention (``cpu_kernels``): True loads it (built on first use),
+        # False / None runs decode attention eager (gather + bmm)
+        if kernels is True:
+            kernels = cpu_kernels.load()
+        self.kernels: ModuleType | None = kernels or None
 
     def build_metadata(self, paged: PagedBatch) -> CpuMetadata:
         split = split_mixed(paged)
@@ -189,6 +200,10 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             md = CpuMetadata(paged, None, empty, empty.bool())
             md.parts = parts
             return md
+        if paged.max_query_len == 1 and self.kernels is not None and paged.seq_lens.is_cpu:
+            # (the kernel reads the block tables itself: no gather index, no mask)
+            empty = torch.empty(0, dtype=torch.long, device=paged.slot_mapping.device)
+            return CpuMetadata(paged, None, empty, empty.bool())
         key_slots, allowed = key_slots_and_mask(paged)
         pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
         return CpuMetadata(paged, pad_index, key_slots, allowed)
@@ -219,6 +234,23 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             for index, part in metadata.parts:
                 out[index] = self.attend(q.index_select(0, index), layer, part, kv_cache, scale)
             return out
+        if (
+            metadata.query_pad_index is None
+            and self.kernels is not None
+            and q.device.type == "cpu"
+            and kv_cache.k[layer].dtype == q.dtype
+        ):  # decode, keys and values read in place
+            paged = metadata.paged
+            out = self.kernels.decode_attention(
+                q.contiguous(),
+                kv_cache.k[layer],
+                kv_cache.v[layer],
+                paged.block_tables.contiguous(),
+                paged.seq_lens.contiguous(),
+                paged.block_size,
+                scale,
+            )
+            return out.view(num_tokens, num_heads * head_dim)
         if metadata.kv_index is None or metadata.additive_mask is None:
             self._layer_views(metadata, kv_cache, q.dtype)
         assert metadata.kv_index is not None and metadata.additive_mask is not None

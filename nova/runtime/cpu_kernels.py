@@ -1,0 +1,89 @@
+"""Nova's own CPU kernels (C++, ``nova/runtime/csrc``), built on first use for this machine.
+
+``decode_attention`` reads a decode step's keys and values in place from the paged KV cache
+(``csrc/cpu_decode_attention.cpp`` says why). The source is compiled with
+``torch.utils.cpp_extension`` (gcc and ninja) for the CPU it runs on (``-march=native``) into
+``~/.cache/nova/cpu_kernels/<key>``, keyed by the source, the flags, torch's version and the
+CPU's model and flags, so a second process loads the built library in well under a second.
+
+``NOVA_CPU_KERNELS=0`` turns the kernels off (the eager path runs). A build that fails is
+logged once with the compiler's message and the eager path runs; ``NOVA_CPU_KERNELS=require``
+makes that failure an error instead (the tests use it, so a broken build cannot pass as a
+fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_decode_attention.cpp"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def build_key() -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode()):
+        h.update(part)
+    h.update(_cpu_identity().encode())
+    return h.hexdigest()[:16]
+
+
+def mode() -> str:
+    """``off``, ``on`` (fall back to eager when the build fails) or ``require``."""
+    value = os.environ.get("NOVA_CPU_KERNELS", "1").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "require" if value == "require" else "on"
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, or None (turned off, or the build failed and fallback is on)."""
+    m = mode()
+    if m == "off":
+        return None
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        key = build_key()
+        build_dir = Path.home() / ".cache" / "nova" / "cpu_kernels" / key
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            build_dir.mkdir(parents=True, exist_ok=True)
+            module = load_extension(
+                name=f"nova_cpu_kernels_{key}",
+                sources=[str(SOURCE)],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+        except Exception as exc:  # (a compiler error is a RuntimeError with its output)
+            if m == "require":
+                raise RuntimeError(f"building Nova's CPU kernels failed: {exc}") from exc
+            log.warning("Nova's CPU kernels did not build; decode attention runs eager: %s", exc)
+            module = None
+        _state["module"] = module
+        return module
