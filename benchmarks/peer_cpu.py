@@ -16,7 +16,8 @@ default before) and with eager decode attention (``nova-eager``) for reference.
 Served (``--served``): ``nova serve`` and ``vllm serve`` on the same model, both driven by the
 same client (``vllm bench serve``, random dataset, ``ignore_eos``) at each ``--concurrency``,
 alternating between the servers; TTFT, TPOT and output tok/s from the client. Each round has
-its own prompt seed (the servers see the same prompts within a round, none from an earlier one).
+its own prompt seed per concurrency (the servers see the same prompts in a round at one
+concurrency, none from an earlier run).
 ``--served-systems`` adds ``nova-passive`` (``nova serve`` with ``OMP_WAIT_POLICY=PASSIVE``) and
 ``nova-fixed`` (``--no-cpu-adapt-threads``: the thread count ignores other processes) and
 ``nova-chunked`` (``--policy chunked_prefill``: prompt chunks fused into the decode steps, the
@@ -483,11 +484,13 @@ def run_served(args: argparse.Namespace, on_row: Any = None) -> dict[str, Any]:
         for port in ports.values():  # warm-up (untimed)
             bench_serve(args, port, min(args.concurrency), tmp, 2 * min(args.concurrency), 1000)
         for rnd in range(args.rounds):
-            for conc in args.concurrency:
+            for ci, conc in enumerate(args.concurrency):
                 for kind, port in ports.items():
                     before = loadavg()
                     cached0 = prefix_cache_tokens(port) if kind.startswith("nova") else None
-                    seed = 0 if args.same_seed else rnd
+                    # (a seed per round and concurrency: a run at one concurrency would
+                    # otherwise repeat the prompts of the run before it at another)
+                    seed = 0 if args.same_seed else 1 + rnd * len(args.concurrency) + ci
                     res = bench_serve(args, port, conc, tmp, seed=seed)
                     row = {k: res.get(k) for k in SERVED_KEYS}
                     cached1 = prefix_cache_tokens(port) if kind.startswith("nova") else None
