@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +51,19 @@ def build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _ninja_on_path() -> None:
+    """``torch.utils.cpp_extension`` runs ``ninja`` from ``PATH``; the ``ninja`` package
+    installed with Nova puts it in the venv's ``bin``, which is on ``PATH`` only when the venv
+    is activated (``.venv/bin/python -m pytest`` does not activate it)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def mode() -> str:
     """``off``, ``on`` (fall back to eager when the build fails) or ``require``."""
     value = os.environ.get("NOVA_CPU_KERNELS", "1").strip().lower()
@@ -71,6 +85,7 @@ def load() -> ModuleType | None:
         try:
             from torch.utils.cpp_extension import load as load_extension
 
+            _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
             module = load_extension(
                 name=f"nova_cpu_kernels_{key}",
