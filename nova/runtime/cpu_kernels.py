@@ -3,7 +3,7 @@
 ``decode_attention`` reads a decode step's keys and values in place from the paged KV cache
 (``csrc/cpu_decode_attention.cpp`` says why). The source is compiled with
 ``torch.utils.cpp_extension`` (gcc and ninja) for the CPU it runs on (``-march=native``) into
-``~/.cache/nova/cpu_kernels/<key>``, keyed by the source, the flags, torch's version and the
+``$NOVA_CACHE_DIR/cpu_kernels/<key>`` (``~/.cache/nova`` without it), keyed by the source, the flags, torch's version and the
 CPU's model and flags, so a second process loads the built library in well under a second.
 
 ``NOVA_CPU_KERNELS=0`` turns the kernels off (the eager path runs). A build that fails is
@@ -81,7 +81,8 @@ def load() -> ModuleType | None:
         if "module" in _state:
             return _state["module"]
         key = build_key()
-        build_dir = Path.home() / ".cache" / "nova" / "cpu_kernels" / key
+        cache = os.environ.get("NOVA_CACHE_DIR") or Path.home() / ".cache" / "nova"
+        build_dir = Path(cache) / "cpu_kernels" / key
         try:
             from torch.utils.cpp_extension import load as load_extension
 
