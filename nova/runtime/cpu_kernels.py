@@ -3,8 +3,9 @@
 ``decode_attention`` reads a decode step's keys and values in place from the paged KV cache
 (``csrc/cpu_decode_attention.cpp`` says why). The source is compiled with
 ``torch.utils.cpp_extension`` (gcc and ninja) for the CPU it runs on (``-march=native``) into
-``$NOVA_CACHE_DIR/cpu_kernels/<key>`` (``~/.cache/nova`` without it), keyed by the source, the flags, torch's version and the
-CPU's model and flags, so a second process loads the built library in well under a second.
+``$NOVA_CACHE_DIR/cpu_kernels/<key>`` (``~/.cache/nova`` without it), keyed by the source, the
+flags, torch's version and the CPU's model and flags, so a second process loads the built
+library in well under a second.
 
 ``NOVA_CPU_KERNELS=0`` turns the kernels off (the eager path runs). A build that fails is
 logged once with the compiler's message and the eager path runs; ``NOVA_CPU_KERNELS=require``
