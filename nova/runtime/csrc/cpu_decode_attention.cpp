@@ -139,40 +139,37 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
       prefetch_row(vp + (base + o) * slot_stride + h * D, D);
     }
   };
+  // fn(t, row) for each context position t in order, row: this head's row in ``cache``;
+  // ``ahead``: at each block's start, prefetch the rows of the block two ahead
+  auto each_row = [&](const T* cache, bool ahead, auto&& fn) {
+    for (int64_t blk = 0; blk < num_blocks; ++blk) {
+      if (ahead) prefetch_block(blk + 2);
+      const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
+      const int64_t n = std::min(block_size, len - blk * block_size);
+      for (int64_t o = 0; o < n; ++o)
+        fn(blk * block_size + o, cache + (base + o) * slot_stride + h * D);
+    }
+  };
   prefetch_block(0);
   prefetch_block(1);
 #ifdef NOVA_AVX512_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16> && kD > 0 && kD % 32 == 0) {
     std::vector<const c10::BFloat16*> rows(len);
-    for (int64_t blk = 0; blk < num_blocks; ++blk) {
-      const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
-      const int64_t n = std::min(block_size, len - blk * block_size);
-      for (int64_t o = 0; o < n; ++o)
-        rows[blk * block_size + o] = kp + (base + o) * slot_stride + h * D;
-    }
-    // (prefetch as the generic loop does, a block ahead of each 16 keys' block)
-    for (int64_t blk = 2; blk < num_blocks; ++blk) prefetch_block(blk);
+    each_row(kp, true, [&](int64_t t, const T* k) { rows[t] = k; });
     bf16_scores<kD>(qp, rows.data(), len, G, scale, scores.data());
   } else
 #endif
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    prefetch_block(blk + 2);
-    const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
-    const int64_t n = std::min(block_size, len - blk * block_size);
-    for (int64_t o = 0; o < n; ++o) {
-      const T* k = kp + (base + o) * slot_stride + h * D;
+  each_row(kp, true, [&](int64_t t, const T* k) {  // scores[g][t] = q_g . k_t
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) row[d] = to_f32(k[d]);
-      const int64_t t = blk * block_size + o;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
-        float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) row[d] = to_f32(k[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
-        scores[g * len + t] = s;
-      }
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * row[d];
+      scores[g * len + t] = s;
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g) {  // softmax per query row
     float* s = scores.data() + g * len;
     float m = -std::numeric_limits<float>::infinity();
@@ -187,22 +184,16 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
   std::fill(acc, acc + G * D, 0.0f);
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {  // out_g = sum_t p[g][t] v_t
-    const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
-    const int64_t n = std::min(block_size, len - blk * block_size);
-    for (int64_t o = 0; o < n; ++o) {
-      const T* v = vp + (base + o) * slot_stride + h * D;
+  each_row(vp, false, [&](int64_t t, const T* v) {  // out_g = sum_t p[g][t] v_t
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) row[d] = to_f32(v[d]);
-      const int64_t t = blk * block_size + o;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[g * len + t];
-        float* a = acc + g * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = to_f32(v[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * len + t];
+      float* a = acc + g * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * row[d];
-      }
+      for (int64_t d = 0; d < D; ++d) a[d] += p * row[d];
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) op[g * D + d] = static_cast<T>(acc[g * D + d]);
 }
