@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from nova.core.nova_model import (
     LoadEstimate,
     Mode,
+    Prediction,
     QueueModel,
     cluster_quantile,
     gamma_cdf,
@@ -329,6 +331,67 @@ def test_nova_plans_a_burst_before_its_rate_is_held():
     assert policy._obs.arrival_cv2() > 2.0
     assert policy._plan_rate == 0.0  # never held: too few arrivals for gaps this uneven
     assert policy.num_replans >= 1  # planned anyway, for what fills the queues
+
+
+def _feed_gaps(policy: NovaPolicy, times: list[float]) -> None:
+    """Arrivals at ``times`` as ``_observe`` records them (window and gap statistics)."""
+    obs = policy._obs
+    for t in times:
+        obs.arrivals_s.append(t)
+        if obs.last_arrival_s is not None:
+            gap = t - obs.last_arrival_s
+            obs.num_gaps += 1
+            g = 1.0 / obs.num_gaps
+            obs.gap_s += g * (gap - obs.gap_s)
+            obs.gap_sq_s2 += g * (gap * gap - obs.gap_sq_s2)
+        obs.last_arrival_s = t
+        obs.num_seen += 1
+
+
+def test_provisional_plans_take_the_rate_one_standard_error_low():
+    """Before the first held rate (clustered gaps: it waits for 16 x their squared CV
+    arrivals), a plan takes the rate so far one standard error (``sqrt(ca2 / n)``) low: the
+    rate is mostly estimated inside a cluster, where it reads several times the true one; when
+    the bound is not above zero, nothing is planned and the current mode holds."""
+    state = Simulator(nova(), roofline(), 4000, 16, 1600).scheduler.state
+    # 3 clusters of 6 one second apart, 60 s between clusters: ca2 ~ 4.7, n = 18
+    times = [60.0 * (i // 6) + 1.0 * (i % 6) for i in range(18)]
+    policy = nova()
+    _feed_gaps(policy, times)
+    cv2 = policy._obs.arrival_cv2()
+    assert cv2 > 2.0 and len(times) < 16 * cv2  # the held rate is not taken yet
+    now = times[-1] + 0.5
+    raw = policy._arrival_rate(now)
+    policy._maybe_replan(state, now)
+    assert policy._plan_rate == 0.0 and policy.num_replans == 1
+    rel = math.sqrt(cv2 / len(times))
+    assert policy._key_stamp is not None
+    assert policy._key_stamp[0] == pytest.approx(raw * (1.0 - rel))
+    # a stricter bound (two standard errors) on far burstier gaps (one long pause): the
+    # bound is below zero, nothing is planned
+    policy = nova(provisional_z=2.0)
+    _feed_gaps(policy, [0.1 * i for i in range(16)] + [2000.0, 2000.1])
+    assert policy._rate_rel_err() > 0.5
+    policy._maybe_replan(state, 2000.2)
+    assert policy.num_replans == 0 and policy.num_switches == 0
+
+
+def test_a_switch_for_capacity_needs_a_significant_excess():
+    """The capacity guard switches modes only when the rate's lower bound (one standard
+    error below the estimate) exceeds the current mode's capacity by more than the model's
+    error. A closed loop's arrival rate is its throughput: under ``chunked:128`` it reads a
+    few percent above that mode's modelled capacity, and switching then gave the requests in
+    flight the old mode's queue and the new one's slower decode (``sessions-a6000``)."""
+    policy = nova()
+    _feed_gaps(policy, [1.2 * i for i in range(128)])  # Poisson-like window of 128 arrivals
+    cur = Prediction(Mode.chunked(128), 10.0, 40.0, 0.82, 1.2, 0.09, 4.0)
+    new = Prediction(Mode.chunked(256), 11.0, 41.0, 1.2, 1.1, 0.17, 4.0)
+    # new scores worse: only the capacity guard can make the switch
+    assert not policy._better(new, cur, 0.865)  # 5% over capacity: within both errors
+    assert not policy._better(new, cur, 0.92)  # one standard error low: 0.84 < 0.82 x 1.05
+    assert policy._better(new, cur, 1.0)  # 0.91 > 0.861: significantly over
+    # and never toward a mode that cannot carry it either
+    assert not policy._better(replace(new, capacity_rps=0.9), cur, 1.0)
 
 
 def test_provisional_plans_know_the_arrivals_are_clustered():

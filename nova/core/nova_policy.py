@@ -31,7 +31,8 @@ When the rate bucket, the backlog bucket or the mix moved, it re-plans: every ca
 scored by ``QueueModel.predict``; among the modes whose capacity carries the load with
 ``capacity_margin`` to spare it takes the lowest predicted tail latency (then mean); when none
 does, the one with the most capacity (the capacity guard). It switches only for a
-``hysteresis`` gain or when the current mode can no longer carry the load. Plans are cached
+``hysteresis`` gain or when the current mode can no longer carry the load (the rate one
+standard error low above its capacity by more than ``model_error``). Plans are cached
 per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup.
 
 **SM accounting.** Shares are whole SMs: decode on the GPU's partition grid, the compute side
@@ -162,6 +163,7 @@ class NovaPolicy(Policy):
         allow_time_sliced: bool = True,
         max_decode_fraction: float = 0.75,
         ignore_cluster_backlog: bool = True,
+        provisional_z: float = 1.0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -216,6 +218,7 @@ class NovaPolicy(Policy):
         self._log_rate_bucket = math.log(1.0 + rate_bucket)
         self.vision_starvation_s = vision_starvation_s
         self.ignore_cluster_backlog = ignore_cluster_backlog
+        self.provisional_z = provisional_z
         self.token_budgets = tuple(sorted(set(token_budgets)))
         self.prefill_limits = tuple(sorted(set(prefill_limits)))
         self.allow_time_sliced = allow_time_sliced
@@ -515,6 +518,13 @@ class NovaPolicy(Policy):
             self._plan_clustered = obs.clustered()
         return self._plan_rate
 
+    def _rate_rel_err(self) -> float:
+        """The relative standard error of a rate estimated from the window's arrivals
+        (``sqrt(arrival_cv2 / n)``: a renewal count's variance is ~ arrival_cv2 x its mean)."""
+        obs = self._obs
+        n = len(obs.arrivals_s)
+        return math.sqrt(max(1.0, obs.arrival_cv2()) / n) if n else 1.0
+
     def load_estimate(self, now_s: float, backlog: int = 0) -> LoadEstimate:
         return self._load(self._planning_rate(now_s), backlog)
 
@@ -573,7 +583,9 @@ class NovaPolicy(Policy):
                 return  # too few arrivals to plan for: the initial mode holds
             # bursty arrivals: the held rate waits for more of them, but the queues may be
             # filling now; plan for the rate so far (not held: taken anew after every batch)
-            rate = self._arrival_rate(now_s)
+            rate = self._arrival_rate(now_s) * (1.0 - self.provisional_z * self._rate_rel_err())
+            if rate <= 0.0:
+                return
         # Every part of the key but the backlog's changes only with the held rate (and its
         # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
         stamp = (rate, *self._burstiness(), self._obs.num_seen)
@@ -605,7 +617,10 @@ class NovaPolicy(Policy):
 
     def _better(self, new: Prediction, cur: Prediction, lam: float) -> bool:
         need = lam * (1.0 + self.capacity_margin)
-        if cur.capacity_rps < need <= new.capacity_rps:
+        # the current mode cannot carry the load only when the rate's lower bound (one
+        # standard error below) exceeds its capacity by more than the model's error
+        low = need * (1.0 - self._rate_rel_err())
+        if cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps:
             return True
         return _score(new) < (1.0 - self.hysteresis) * _score(cur)
 
