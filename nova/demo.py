@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nova.config import EngineConfig, resolve_policy
+from nova.config import EngineConfig
 from nova.engine.llm_engine import LLMEngine
 from nova.metrics import format_summary_table, format_timeline, request_metrics, summarize
 from nova.models.inputs import InputProcessor, PromptInput, chat_messages
@@ -201,8 +201,8 @@ def demo_via_server(
     try:
         with ServerThread(create_app(engine, ServerConfig())) as srv:
             print(
-                f"\nnova serve ({resolve_policy(policy, device)}) on {srv.base_url}; nova bench "
-                f"sends {num_prompts} "
+                f"\nnova serve ({engine.llm_engine.config.resolved_policy}) on {srv.base_url}; "
+                f"nova bench sends {num_prompts} "
                 f"GUI-agent requests (Poisson, {request_rate} req/s):"
             )
             args = add_bench_args(argparse.ArgumentParser()).parse_args(

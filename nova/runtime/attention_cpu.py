@@ -67,6 +67,15 @@ class CpuMetadata(AttentionMetadata):
     # token indices and metadata of its decode sequences and of its prompt sequences, each
     # attended on its own (``split_mixed``); None otherwise
     parts: list[tuple[torch.Tensor, CpuMetadata]] | None = None
+    # decode through the C++ kernel, which reads the block tables itself (no gather index,
+    # no mask: ``key_slots`` and ``allowed`` are empty)
+    in_place: bool = False
+
+    @classmethod
+    def without_gather(cls, paged: PagedBatch) -> CpuMetadata:
+        """Metadata whose own gather fields are empty (its batch is attended otherwise)."""
+        empty = torch.empty(0, dtype=torch.long, device=paged.slot_mapping.device)
+        return cls(paged, None, empty, empty.bool())
 
 
 def sub_batch(
@@ -194,16 +203,14 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
     def build_metadata(self, paged: PagedBatch) -> CpuMetadata:
         split = split_mixed(paged)
         if split is not None:
-            parts = [(index, self.build_metadata(part)) for index, part in split]
             # (the whole batch's own fields are unused: every layer attends the parts)
-            empty = torch.empty(0, dtype=torch.long, device=paged.slot_mapping.device)
-            md = CpuMetadata(paged, None, empty, empty.bool())
-            md.parts = parts
+            md = CpuMetadata.without_gather(paged)
+            md.parts = [(index, self.build_metadata(part)) for index, part in split]
             return md
         if paged.max_query_len == 1 and self.kernels is not None and paged.seq_lens.is_cpu:
-            # (the kernel reads the block tables itself: no gather index, no mask)
-            empty = torch.empty(0, dtype=torch.long, device=paged.slot_mapping.device)
-            return CpuMetadata(paged, None, empty, empty.bool())
+            md = CpuMetadata.without_gather(paged)
+            md.in_place = True
+            return md
         key_slots, allowed = key_slots_and_mask(paged)
         pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
         return CpuMetadata(paged, pad_index, key_slots, allowed)
@@ -234,12 +241,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             for index, part in metadata.parts:
                 out[index] = self.attend(q.index_select(0, index), layer, part, kv_cache, scale)
             return out
-        if (
-            metadata.query_pad_index is None
-            and self.kernels is not None
-            and q.device.type == "cpu"
-            and kv_cache.k[layer].dtype == q.dtype
-        ):  # decode, keys and values read in place
+        if metadata.in_place and self.kernels is not None:  # decode, read in place
             paged = metadata.paged
             out = self.kernels.decode_attention(
                 q.contiguous(),
