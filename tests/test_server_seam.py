@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
 from typing_extensions import get_protocol_members
 
+from nova.engine.arrivals import Arrivals, ExpectedRequest
 from nova.engine.async_engine import AsyncEngine
 from nova.engine.client import (
     EngineClient,
@@ -66,6 +68,8 @@ class FakeClient:
         self._live: set[str] = set()
         self._aborted: list[str] = []
         self._num_requests = 0
+        self._arrivals = Arrivals(threading.Condition())
+        self._pending_at_submit: list[int] = []  # announced requests still on their way
 
     @property
     def max_model_len(self) -> int:
@@ -108,8 +112,12 @@ class FakeClient:
         priority: int = 0,
         deadline_s: float | None = None,
         n: int = 1,
+        arrival: ExpectedRequest | None = None,
     ):
         sampling = sampling or SamplingParams()
+        self._pending_at_submit.append(self._arrivals.pending)
+        if arrival is not None:
+            arrival.done()
         self.check_admissible(len(prompt.token_ids), sampling.max_tokens)
         self._num_requests += 1
         rid = request_id or f"fake-{self._num_requests}"
@@ -130,6 +138,9 @@ class FakeClient:
                 )
         finally:
             self._live.discard(rid)
+
+    def expect_request(self) -> ExpectedRequest:
+        return self._arrivals.expect()
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._live:
@@ -155,6 +166,7 @@ def test_the_fake_has_exactly_the_protocols_members():
         "is_healthy",
         "snapshot",
         "describe",
+        "expect_request",
         "generate",
         "abort",
     }
@@ -232,6 +244,21 @@ def test_streamed_chat_with_a_stop_string_aborts_in_the_client(http, fake):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     rid = chunks[0]["id"]
     assert rid in fake._aborted  # the rest of the request was aborted in the engine
+
+
+def test_generation_requests_are_announced_until_the_engine_has_them(http, fake):
+    """Each generation request is announced before its body is read and is done once
+    submitted, whatever the outcome: nothing stays pending for an idle engine to wait on."""
+    fake._pending_at_submit.clear()
+    ok = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+    assert ok.status_code == 200
+    assert fake._pending_at_submit == [1]  # itself, until submitted
+    bad = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": -1})  # 400, never
+    assert bad.status_code == 400  # submitted: settled when the response ends
+    rejected = http.post("/v1/completions", json={"prompt": "abcdef", "max_tokens": 50})
+    assert rejected.status_code == 400  # rejected at submission
+    http.get("/v1/models")  # not a generation request: never announced
+    assert fake._arrivals.pending == 0
 
 
 def test_the_clients_admission_rule_answers_400(http):

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from nova.config import EngineConfig
+from nova.engine.arrivals import ExpectedRequest
 from nova.engine.client import EngineDescription, EngineSnapshot, OutputDelta
 from nova.engine.delivery import LoopDelivery
 from nova.engine.detokenizer import IncrementalDetokenizer
@@ -61,6 +62,9 @@ class AsyncEngine:
     def snapshot(self) -> EngineSnapshot:
         return self.llm_engine.snapshot()
 
+    def expect_request(self) -> ExpectedRequest:
+        return self.llm_engine.loop.arrivals.expect()
+
     def describe(self) -> EngineDescription:
         return self.llm_engine.describe()
 
@@ -72,6 +76,7 @@ class AsyncEngine:
         priority: int = 0,
         deadline_s: float | None = None,
         n: int = 1,
+        arrival: ExpectedRequest | None = None,
     ) -> AsyncGenerator[OutputDelta, None]:
         delivery = self.delivery(asyncio.get_running_loop())
         queue: asyncio.Queue[tuple[RequestEvent, Request]] = asyncio.Queue()
@@ -79,9 +84,13 @@ class AsyncEngine:
         def listener(ev: RequestEvent, req: Request) -> None:  # worker thread
             delivery.post(queue, (ev, req))
 
-        reqs = self.llm_engine.submit_group(
-            prompt, sampling, request_id, priority, deadline_s, listener, n
-        )
+        try:
+            reqs = self.llm_engine.submit_group(
+                prompt, sampling, request_id, priority, deadline_s, listener, n
+            )
+        finally:
+            if arrival is not None:  # submitted (or rejected): no longer on its way
+                arrival.done()
         index = {r.request_id: i for i, r in enumerate(reqs)}
         detoks = [IncrementalDetokenizer(self.llm_engine.processor) for _ in reqs]
         unfinished = set(index)

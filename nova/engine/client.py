@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from nova.engine.arrivals import ExpectedRequest
 from nova.metrics import RequestMetrics
 from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Stage, TokenLogprobs
@@ -177,6 +178,12 @@ class EngineClient(Protocol):
     def describe(self) -> EngineDescription:
         """The model, its context, the KV cache, memory and partitions, for start-up logs."""
 
+    def expect_request(self) -> ExpectedRequest:
+        """Announce a request the front end accepted and is still preparing: an idle engine
+        waits a little for announced requests, so a burst starts in one batch
+        (``nova.engine.arrivals``). ``generate(..., arrival=)`` marks it done once submitted;
+        the front end calls ``done()`` itself (idempotent) when the request ends before that."""
+
     def generate(
         self,
         prompt: PromptInput,
@@ -185,6 +192,7 @@ class EngineClient(Protocol):
         priority: int = 0,
         deadline_s: float | None = None,
         n: int = 1,
+        arrival: ExpectedRequest | None = None,
     ) -> AsyncGenerator[OutputDelta, None]:
         """Submit a request and stream its deltas; the last has ``finished`` set. Raises
         ``RequestRejected`` on the first iteration for a request that can never be served.

@@ -167,7 +167,9 @@ class LLMEngine:
         self.processor.hash_images = config.prefix_caching or config.encoder_cache_bytes > 0
         if config.encoder_cache_bytes > 0:
             self.processor.encoder_store = self.executor.encoder_store
-        self.loop = EngineLoop(self.scheduler, self.executor)
+        self.loop = EngineLoop(
+            self.scheduler, self.executor, arrival_wait_s=config.resolved_arrival_wait_s
+        )
         self._ids = itertools.count()
 
     def unservable_reason(self) -> str | None:

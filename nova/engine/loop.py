@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nova.core.scheduler import Scheduler
+from nova.engine.arrivals import ArrivalHold, Arrivals
 from nova.engine.client import EngineSnapshot
 from nova.executor.base import Executor, describe_error
 from nova.types import Request, RequestEvent, Stage, StageResult
@@ -35,12 +36,18 @@ class EngineLoop:
         scheduler: Scheduler,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
+        arrival_wait_s: float = 0.0,
     ) -> None:
+        """``arrival_wait_s``: how long an idle loop waits for the requests a front end
+        announced (``arrivals``) before it starts the ones queued (``nova.engine.arrivals``)."""
         self.scheduler = scheduler
         self.executor = executor
         self._clock = clock
         self._t0 = clock()
         self._cond = threading.Condition()
+        self.arrivals = Arrivals(self._cond)
+        self._hold = ArrivalHold(arrival_wait_s)
+        self._num_running = 0  # batches handed to the executor and not yet completed
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
         self._threads: list[threading.Thread] = []
@@ -170,10 +177,16 @@ class EngineLoop:
             with self._cond:
                 if self._stopping:
                     return
-                batch = self.scheduler.schedule(stage, self.now())
+                now = self.now()
+                hold_s = self._arrival_hold_s(now)
+                if hold_s > 0:
+                    self._cond.wait(timeout=hold_s)
+                    continue
+                batch = self.scheduler.schedule(stage, now)
                 if batch is None:
                     self._cond.wait(timeout=IDLE_WAIT_S)
                     continue
+                self._num_running += 1
             self.executor.set_partition(stage, batch.partition)
             try:
                 result = self.executor.execute(batch)
@@ -183,6 +196,7 @@ class EngineLoop:
                 result = StageResult(batch, batch.start_s, failed=failed)
             with self._cond:
                 end_s = result.end_s = self.now()
+                self._num_running -= 1
                 events = self.scheduler.complete(result, end_s)
                 if result.logprobs:
                     events = [_with_logprobs(ev, result) for ev in events]
@@ -194,6 +208,17 @@ class EngineLoop:
                         self.executor.release(rid)
                 self._cond.notify_all()
             self._dispatch(delivered)
+
+    def _arrival_hold_s(self, now_s: float) -> float:
+        """(Under the lock.) Seconds to keep waiting for announced requests before starting
+        the queued ones: only while no batch runs and nothing is decoding."""
+        state = self.scheduler.state
+        return self._hold.wait_s(
+            now_s,
+            pending=self.arrivals.pending,
+            idle=self._num_running == 0 and state.num_in_stage(Stage.DECODE) == 0,
+            queued=self.scheduler.has_unfinished(),
+        )
 
     def _deliver_locked(
         self, events: list[RequestEvent]

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nova.engine.client import EngineClient
 from nova.server.config import ServerConfig
 from nova.server.errors import OpenAIError, body_parse_error, internal_error, validation_error
-from nova.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from nova.server.middleware import APIKeyMiddleware, ArrivalMiddleware, BodyLimitMiddleware
 from nova.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -130,7 +130,9 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error(exc).response()
 
-    # added last = outermost: the API key is checked before anything reads the body
+    # added last = outermost: the API key is checked before anything reads the body; a
+    # request refused by either is never announced to the engine
+    app.add_middleware(ArrivalMiddleware, expect=client.expect_request)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)

@@ -1,13 +1,19 @@
-"""ASGI middleware that answers before the app reads a request: the API key on ``/v1/*``
-(401) and the request-body size limit (413)."""
+"""ASGI middleware that acts before the app reads a request: the API key on ``/v1/*`` (401),
+the request-body size limit (413), and the announcement of generation requests to the engine."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nova.engine.arrivals import ExpectedRequest
 from nova.server.errors import OpenAIError
+
+# where ArrivalMiddleware leaves a request's announcement for the endpoint (the ASGI scope)
+ARRIVAL_SCOPE_KEY = "nova.arrival"
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 class APIKeyMiddleware:
@@ -75,3 +81,30 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class ArrivalMiddleware:
+    """Announces each generation request to the engine (``expect``) as it comes in, before
+    its body is read, parsed and prepared: an idle engine then waits for a burst still being
+    prepared and starts it in one batch (``nova.engine.arrivals``). The announcement is in the
+    scope under ``ARRIVAL_SCOPE_KEY``; the engine marks it done when it has the request, and
+    this marks it done when the request ends in any case (an error, a disconnect)."""
+
+    def __init__(self, app: ASGIApp, expect: Callable[[], ExpectedRequest]) -> None:
+        self.app = app
+        self.expect = expect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope["path"] not in GENERATION_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        arrival = self.expect()
+        scope[ARRIVAL_SCOPE_KEY] = arrival
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrival.done()

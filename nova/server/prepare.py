@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nova.engine.arrivals import ExpectedRequest
 from nova.engine.client import EngineClient
 from nova.models.errors import InvalidInputError
 from nova.models.mm_cache import KeyedImage
@@ -77,6 +78,9 @@ class Prepared:
     min_tokens: int = 0  # stop strings are looked for only after this many output tokens
     tool_mode: ToolMode | None = None  # parse tool calls out of the output
     n: int = 1  # choices
+    # the request's announcement to the engine (``EngineClient.expect_request``), done once
+    # the engine has it; None when the front end did not announce it
+    arrival: ExpectedRequest | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

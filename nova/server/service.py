@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +28,7 @@ from nova.server.errors import (
 )
 from nova.server.logprobs import TokenTexts
 from nova.server.metrics import ServerMetrics
+from nova.server.middleware import ARRIVAL_SCOPE_KEY
 from nova.server.prepare import Prepared, RequestPreparer
 from nova.server.responses import (
     Choices,
@@ -95,6 +98,9 @@ class NovaService:
         except BaseException:
             self.admission.release()
             raise
+        arrival = request.scope.get(ARRIVAL_SCOPE_KEY)
+        if arrival is not None:
+            p = dataclasses.replace(p, arrival=arrival)
         return await self.handle(p, request)
 
     # -- generation -----------------------------------------------------------------------
@@ -110,7 +116,9 @@ class NovaService:
         num_ok = 0  # choices that finished (stop, length, a stop string, the last tool call)
         outcome = "aborted"
         final: RequestMetrics | None = None
-        extra = {"n": p.n} if p.n > 1 else {}
+        extra: dict[str, Any] = {"n": p.n} if p.n > 1 else {}
+        if p.arrival is not None:
+            extra["arrival"] = p.arrival
         gen = self.client.generate(
             p.prompt, p.sampling, p.request_id, p.priority, p.deadline_s, **extra
         )

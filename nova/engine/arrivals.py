@@ -1,0 +1,77 @@
+"""Requests on their way to the engine, and how long an idle engine waits for them.
+
+A front end (the HTTP server) announces each generation request when it accepts it
+(``Arrivals.expect``), before it reads the body, applies the chat template, tokenizes and decodes
+images, and marks it done once it submitted it to the engine or answered it with an error. An
+idle engine that knows requests are on their way waits for them, at most ``max_wait_s`` from the
+first request queued, so that a burst starts in one batch: otherwise its first request runs
+alone while the front end prepares the rest, on the same cores when the engine runs on the CPU,
+and the rest wait for that batch too. Only an idle engine waits (no batch running, nothing
+decoding): a running one admits arrivals at its next step as before, so time per output token is
+never held up. Counts only; torch-free and clock-free (the loop passes times in).
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class ExpectedRequest:
+    """One announced request; ``done()`` (idempotent) when it was submitted or never will be."""
+
+    __slots__ = ("_arrivals", "_done")
+
+    def __init__(self, arrivals: Arrivals) -> None:
+        self._arrivals = arrivals
+        self._done = False
+
+    def done(self) -> None:
+        if not self._done:
+            self._done = True
+            self._arrivals._settle()
+
+
+class Arrivals:
+    """The count of announced requests not yet done, guarded by (and announced on) ``cond``:
+    the engine loop's condition, so a waiting worker wakes when the count falls."""
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self._pending = 0
+
+    def expect(self) -> ExpectedRequest:
+        with self._cond:
+            self._pending += 1
+        return ExpectedRequest(self)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _settle(self) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
+
+
+class ArrivalHold:
+    """When an idle engine should start: ``wait_s`` answers how much longer to wait for the
+    requests on their way (0: start now). The wait begins when the engine is first found idle
+    with work queued and requests pending, and ends at ``max_wait_s`` after that, or as soon as
+    nothing is pending or the engine is busy; it begins anew the next time."""
+
+    def __init__(self, max_wait_s: float) -> None:
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.max_wait_s = max_wait_s
+        self._since_s: float | None = None
+        self.num_holds = 0  # waits begun (for tests and reports)
+
+    def wait_s(self, now_s: float, *, pending: int, idle: bool, queued: bool) -> float:
+        if self.max_wait_s == 0 or pending == 0 or not idle or not queued:
+            self._since_s = None
+            return 0.0
+        if self._since_s is None:
+            self._since_s = now_s
+            self.num_holds += 1
+        return max(0.0, self._since_s + self.max_wait_s - now_s)

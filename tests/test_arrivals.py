@@ -1,0 +1,148 @@
+"""An idle engine waits for the requests a front end announced, so that a burst starts in one
+batch (``nova.engine.arrivals``): the hold rule, the count, the loop, and the server's side."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from nova.core.block_manager import BlockManager
+from nova.core.policy import StageLimits, make_policy
+from nova.core.scheduler import Scheduler
+from nova.engine.arrivals import ArrivalHold, Arrivals
+from nova.engine.loop import EngineLoop
+from nova.executor.fake import FakeExecutor
+from nova.sampling_params import SamplingParams
+from nova.types import Request, Stage
+
+# -- the hold rule --------------------------------------------------------------------------
+
+
+def test_hold_waits_only_while_idle_with_work_queued_and_requests_on_their_way():
+    hold = ArrivalHold(0.05)
+    assert hold.wait_s(1.0, pending=0, idle=True, queued=True) == 0.0
+    assert hold.wait_s(1.0, pending=2, idle=False, queued=True) == 0.0
+    assert hold.wait_s(1.0, pending=2, idle=True, queued=False) == 0.0
+    assert hold.num_holds == 0
+    assert hold.wait_s(1.0, pending=2, idle=True, queued=True) == pytest.approx(0.05)
+    assert hold.wait_s(1.03, pending=1, idle=True, queued=True) == pytest.approx(0.02)
+    assert hold.wait_s(1.06, pending=1, idle=True, queued=True) == 0.0  # at most max_wait_s
+    assert hold.wait_s(1.07, pending=1, idle=True, queued=True) == 0.0  # still the same wait
+    assert hold.num_holds == 1
+    assert hold.wait_s(1.08, pending=1, idle=False, queued=True) == 0.0  # busy: the wait ends
+    assert hold.wait_s(2.0, pending=1, idle=True, queued=True) == pytest.approx(0.05)  # anew
+    assert hold.num_holds == 2
+
+
+def test_hold_of_zero_never_waits_and_a_negative_one_is_refused():
+    assert ArrivalHold(0.0).wait_s(0.0, pending=5, idle=True, queued=True) == 0.0
+    with pytest.raises(ValueError, match="max_wait_s"):
+        ArrivalHold(-0.01)
+
+
+def test_arrivals_count_settles_once_per_request_and_wakes_a_waiter():
+    cond = threading.Condition()
+    arrivals = Arrivals(cond)
+    a, b = arrivals.expect(), arrivals.expect()
+    assert arrivals.pending == 2
+    woke = threading.Event()
+
+    def waiter() -> None:
+        with cond:
+            while arrivals.pending == 2:
+                cond.wait(timeout=5)
+        woke.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    a.done()
+    a.done()  # idempotent
+    t.join(timeout=5)
+    assert woke.is_set() and arrivals.pending == 1
+    b.done()
+    assert arrivals.pending == 0
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+def _loop(wait_s: float) -> tuple[EngineLoop, FakeExecutor]:
+    sched = Scheduler(
+        make_policy("chunked_prefill", limits=StageLimits(max_num_seqs=16)), BlockManager(64, 4)
+    )
+    ex = FakeExecutor(1000, {Stage.PREFILL: 0.001, Stage.DECODE: 0.001})
+    return EngineLoop(sched, ex, arrival_wait_s=wait_s), ex
+
+
+def _req(i: int) -> Request:
+    return Request(f"r{i}", [i + 1] * 6, SamplingParams(max_tokens=3, ignore_eos=True))
+
+
+def _first_batch_ids(ex: FakeExecutor) -> list[str]:
+    return ex.batches[0].request_ids
+
+
+def test_an_idle_loop_starts_a_burst_in_one_batch_once_the_last_request_is_in():
+    loop, ex = _loop(wait_s=30.0)  # longer than the test: only the arrivals end the wait
+    with loop:
+        first, second = loop.arrivals.expect(), loop.arrivals.expect()
+        loop.add_request(_req(0))
+        first.done()
+        time.sleep(0.2)
+        assert ex.batches == []  # the second request is still on its way
+        loop.add_request(_req(1))
+        second.done()
+        assert loop.wait_idle(timeout_s=10)
+    assert _first_batch_ids(ex) == ["r0", "r1"]
+
+
+def test_the_wait_is_bounded_when_an_announced_request_never_comes():
+    loop, ex = _loop(wait_s=0.1)
+    with loop:
+        lost = loop.arrivals.expect()  # never submitted, never done
+        t0 = time.monotonic()
+        loop.add_request(_req(0))
+        assert loop.wait_idle(timeout_s=10)
+        waited = time.monotonic() - t0
+        lost.done()
+    assert _first_batch_ids(ex) == ["r0"]
+    assert 0.1 <= waited < 5.0
+
+
+def test_without_announcements_or_with_the_wait_off_the_loop_starts_at_once():
+    for wait_s, announce in ((30.0, False), (0.0, True)):
+        loop, ex = _loop(wait_s)
+        with loop:
+            pending = loop.arrivals.expect() if announce else None
+            loop.add_request(_req(0))
+            assert loop.wait_idle(timeout_s=10)  # a 30 s wait would time this out
+            if pending is not None:
+                pending.done()
+        assert _first_batch_ids(ex) == ["r0"]
+
+
+def test_a_busy_loop_does_not_wait_for_announced_requests():
+    loop, ex = _loop(wait_s=30.0)  # a wait while busy would stall the run past its timeout
+    ex.delay_s[Stage.DECODE] = 0.02
+    finished: list[str] = []
+
+    def listener(ev, req) -> None:
+        if ev.finished:
+            finished.append(ev.request_id)
+
+    with loop:
+        loop.add_request(
+            Request("long", [7] * 6, SamplingParams(max_tokens=40, ignore_eos=True)),
+            listener=listener,
+        )
+        deadline = time.monotonic() + 10
+        while loop.scheduler.state.num_in_stage(Stage.DECODE) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        pending = loop.arrivals.expect()  # on its way (never comes) while "long" decodes
+        loop.add_request(_req(1), listener=listener)
+        assert loop.wait_idle(timeout_s=10)
+        pending.done()
+    assert finished == ["r1", "long"]  # admitted beside the running decode, not held
