@@ -62,6 +62,7 @@ def test_policy_names_carry_variant_parameters():
     assert make_policy("pf_limit[limit=2]").max_consecutive_prefills == 2
     p = make_policy("nova[mode=spatial:24:30:1]", cost_model=roofline())
     assert p.fixed_mode == Mode.spatial(24, 30, 1) and p.mode == p.fixed_mode
+    assert make_policy("nova[provisional_z=0.5]", cost_model=roofline()).provisional_z == 0.5
     with pytest.raises(ValueError, match="no variant parameter 'x'; its parameters: budget"):
         make_policy("chunked_prefill[x=1]")
     with pytest.raises(ValueError, match="malformed"):
@@ -457,3 +458,45 @@ def test_clustered_ties_go_to_the_time_sliced_mode_whose_decode_keeps_moving():
     assert best in tied and best.mode.time_sliced
     sliced = [p for p in tied if p.mode.time_sliced]
     assert best.busy_time_per_token_s == min(p.busy_time_per_token_s for p in sliced)
+
+
+class _NoShortcuts(NovaPolicy):
+    """nova without its per-batch shortcuts: the re-plan check builds the full plan key after
+    every batch, every partition is built anew, held SMs come from ``Partition.share``."""
+
+    def _maybe_replan(self, state, now_s):
+        self._plan_base = None  # never the "same key as last time" shortcut
+        super()._maybe_replan(state, now_s)
+
+    def _spatial_partition(self, compute_sms, decode_sms):
+        self._partitions.clear()
+        return super()._spatial_partition(compute_sms, decode_sms)
+
+    def _held(self, running, stages):
+        return sum(
+            round(running[s].partition.share(s) * self.num_sms)
+            for s in stages
+            if running[s] is not None
+        )
+
+
+@pytest.mark.parametrize(
+    "workload, rate, kw",
+    [("poisson", 0.6, {}), ("bursty", 0.4, {"burstiness": 1 / 9})],
+)
+def test_nova_shortcuts_decide_as_the_plain_computation(workload, rate, kw):
+    """The per-batch shortcuts (the plan-key check, cached partitions, inlined SM shares)
+    change nothing: the same batches at the same times, the same modes."""
+    cost = roofline()
+    runs = []
+    for cls in (NovaPolicy, _NoShortcuts):
+        policy = cls(StageLimits(), cost, 1600, min_decode_share=12 / 84)
+        res = simulate(policy, cost, rate=rate, n=120, seed=1, workload=workload, **kw)
+        runs.append((res, policy))
+    (fast, fast_policy), (plain, plain_policy) = runs
+    assert plain_policy.num_replans > 1  # re-planned along the way: the check was exercised
+    assert fast_policy.mode_log == plain_policy.mode_log
+    assert [(b.stage, b.start_s, b.end_s, b.request_ids, b.share) for b in fast.batches] == [
+        (b.stage, b.start_s, b.end_s, b.request_ids, b.share) for b in plain.batches
+    ]
+    assert [r.times.finish_s for r in fast.requests] == [r.times.finish_s for r in plain.requests]

@@ -82,6 +82,8 @@ _WAITING_VISION, _WAITING_PREFILL = RequestStatus.WAITING_VISION, RequestStatus.
 _DECODING = RequestStatus.DECODING
 _EPS_SHARE = 1e-3  # the share Partition needs for a stage that gets nothing (never used)
 _SHARED = Partition.shared()
+_COMPUTE_STAGES = (_VISION, _PREFILL)
+_OTHER_STAGES = {s: tuple(o for o in (_VISION, _PREFILL, _DECODE) if o is not s) for s in Stage}
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
 _MIN_ARRIVALS = 16  # arrivals before the first rate estimate (two arrivals say little)
@@ -138,7 +140,10 @@ class _Observed:
 @register_policy("nova")
 class NovaPolicy(Policy):
     idle_without_queue = True
-    variant_params: ClassVar[dict[str, str]] = {"mode": "fixed_mode"}
+    variant_params: ClassVar[dict[str, str]] = {
+        "mode": "fixed_mode",
+        "provisional_z": "provisional_z",
+    }
 
     def __init__(
         self,
@@ -245,12 +250,16 @@ class NovaPolicy(Policy):
         self._num_added_seen = 0
         self._observed_state: SchedulerState | None = None
         self._plan_key: tuple[int, ...] | None = None
+        # the ``_key_base`` object and backlog bucket ``_plan_key`` was last compared for
+        self._plan_base: tuple[int, ...] | None = None
+        self._plan_bucket = 0
         # what ``_key_base`` was made of
         self._key_stamp: tuple[float, float, bool, int] | None = None
         self._key_base: tuple[int, ...] = ()
         self._cache: dict[tuple[int, ...], Prediction] = {}
         self._streak = 0  # front batches since the last decode step (prefill_first mode)
         self._asked: Stage | None = None  # the compute stage ``next_batch`` last planned
+        self._partitions: dict[tuple[int, int], Partition] = {}  # (compute, decode SMs) ->
         self.num_replans = 0  # plans computed (cache misses)
         self.num_switches = 0
         self.mode_log: list[tuple[float, str]] = [(0.0, self.mode.label)]
@@ -351,16 +360,25 @@ class NovaPolicy(Policy):
         else:
             decode_sms = self._decode_sms(mode, compute)
             compute_sms = n - decode_sms
-        held_compute = self._held(running[_VISION]) + self._held(running[_PREFILL])
-        if running[_DECODE] is None and held_compute:
-            decode_sms = min(decode_sms, n - held_compute)
-        return Partition(
-            max(compute_sms, 0) / n or _EPS_SHARE,
-            max(compute_sms, 0) / n or _EPS_SHARE,
-            max(decode_sms, 0) / n or _EPS_SHARE,
-            name="nova",
-            isolated=True,
-        )
+        if running[_DECODE] is None:
+            held_compute = self._held(running, _COMPUTE_STAGES)
+            if held_compute:
+                decode_sms = min(decode_sms, n - held_compute)
+        return self._spatial_partition(compute_sms, decode_sms)
+
+    def _spatial_partition(self, compute_sms: int, decode_sms: int) -> Partition:
+        """The partition of ``compute_sms`` for vision and prefill and ``decode_sms`` for
+        decode (built once per pair: a few pairs occur, and a batch is formed per step)."""
+        key = (compute_sms, decode_sms)
+        part = self._partitions.get(key)
+        if part is None:
+            n = self.num_sms
+            compute = max(compute_sms, 0) / n or _EPS_SHARE
+            part = Partition(
+                compute, compute, max(decode_sms, 0) / n or _EPS_SHARE, name="nova", isolated=True
+            )
+            self._partitions[key] = part
+        return part
 
     def on_batch_done(self, result: StageResult, state: SchedulerState, now_s: float) -> None:
         self._streak = 0 if result.batch.stage is _DECODE else self._streak + 1
@@ -376,16 +394,26 @@ class NovaPolicy(Policy):
             self.limits, max_vision_images=min(mode.vision_batch, self.limits.max_vision_images)
         )
 
-    def _held(self, batch: Batch | None) -> int:
-        """SMs a running batch holds (its partition's share of its stage, as whole SMs)."""
-        if batch is None:
-            return 0
-        return round(batch.partition.share(batch.stage) * self.num_sms)
+    def _held(self, running: dict[Stage, Batch | None], stages: tuple[Stage, ...]) -> int:
+        """SMs the running batches of ``stages`` hold (each its partition's share of its stage,
+        as whole SMs)."""
+        held = 0
+        for stage in stages:
+            batch = running[stage]
+            if batch is not None:
+                part = batch.partition  # part.share(stage), inlined: called for every batch
+                share = (
+                    part.decode
+                    if stage is _DECODE
+                    else part.prefill
+                    if stage is _PREFILL
+                    else part.vision
+                )
+                held += round(share * self.num_sms)
+        return held
 
     def _free_sms(self, state: SchedulerState, stage: Stage) -> int:
-        running = state.running
-        held = sum(self._held(running[s]) for s in (_VISION, _PREFILL, _DECODE) if s is not stage)
-        return self.num_sms - held
+        return self.num_sms - self._held(state.running, _OTHER_STAGES[stage])
 
     @staticmethod
     def _decode_sms(mode: Mode, compute: Stage) -> int:
@@ -502,16 +530,18 @@ class NovaPolicy(Policy):
         # tested over a stretch with >= 50 expected arrivals: shorter clusters are bursts (the
         # backlog's business), and testing after every batch would find them by chance
         # (bursty arrivals: a renewal count's variance is ~ arrival_cv2 x its mean)
-        spread = math.sqrt(expected * max(1.0, self._plan_cv2))
-        changed = expected >= 50.0 and abs(since - expected) > self.rate_z * spread
+        changed = expected >= 50.0 and abs(since - expected) > self.rate_z * math.sqrt(
+            expected * max(1.0, self._plan_cv2)
+        )
         if changed:
             while arrivals and arrivals[0] < self._plan_time_s:
                 arrivals.popleft()
         n = len(arrivals)
+        if not (changed or self._plan_rate == 0.0 or n >= 2 * self._plan_count):
+            return self._plan_rate
         # bursty arrivals: a rate estimate from n arrivals errs by ~ sqrt(arrival_cv2 / n), so
         # the first plan waits for proportionally more of them
-        first = n >= _MIN_ARRIVALS * max(1.0, obs.arrival_cv2())
-        if first and (changed or self._plan_rate == 0.0 or n >= 2 * self._plan_count):
+        if n >= _MIN_ARRIVALS * max(1.0, obs.arrival_cv2()):
             self._plan_rate = self._arrival_rate(now_s) * (1.0 - self.rate_shrink / math.sqrt(n))
             self._plan_count, self._plan_seen, self._plan_time_s = n, obs.num_seen, now_s
             self._plan_cv2 = obs.arrival_cv2()
@@ -572,11 +602,13 @@ class NovaPolicy(Policy):
             int(load.clustered),
         )
 
-    def _backlog(self, state: SchedulerState) -> int:
-        return state.num_in_stage(_VISION) + state.num_in_stage(_PREFILL)
+    @staticmethod
+    def _backlog(state: SchedulerState) -> int:
+        """Requests waiting for or in vision or prefill (``num_in_stage`` of both, inlined)."""
+        by_status = state.by_status
+        return len(by_status[_WAITING_VISION]) + len(by_status[_WAITING_PREFILL])
 
     def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
-        backlog = self._backlog(state)
         rate = self._planning_rate(now_s)
         if rate <= 0.0:
             if len(self._obs.arrivals_s) < _MIN_ARRIVALS:
@@ -593,12 +625,16 @@ class NovaPolicy(Policy):
             self._key_stamp = stamp
             self._key_base = self._key(self._load(rate, 0))
         base = self._key_base
-        if base[-1] and self.ignore_cluster_backlog:
-            # clustered arrivals: every plan already drains a long cluster (the model's
-            # cluster terms); the backlog is that cluster, and re-planning on it would flap
-            # between modes at every burst
-            backlog = 0
-        key = (base[0], (backlog + 1).bit_length(), *base[2:])
+        # clustered arrivals: every plan already drains a long cluster (the model's cluster
+        # terms); the backlog is that cluster, and re-planning on it would flap between modes
+        # at every burst
+        ignore_backlog = base[-1] and self.ignore_cluster_backlog
+        backlog = 0 if ignore_backlog else self._backlog(state)
+        bucket = (backlog + 1).bit_length()
+        if base is self._plan_base and bucket == self._plan_bucket:
+            return  # the key planned last (the common case: skips building the key)
+        key = (base[0], bucket, *base[2:])
+        self._plan_base, self._plan_bucket = base, bucket
         if key == self._plan_key:
             return
         load = self._load(rate, backlog)

@@ -52,7 +52,7 @@ from nova.sim.experiments import (
     register_experiment,
     static_modes,
 )
-from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
+from nova.sim.simulator import SimArrival, SimResult, Simulator, arrivals_from_workload
 from nova.types import Request
 from nova.workload import make_workload
 
@@ -230,20 +230,15 @@ def _mode_shares(policy: Policy, end_s: float) -> dict[str, float]:
     return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
-def run_one(
-    exp: Experiment,
-    policy_name: str,
-    cost: CostModel,
-    spec: ModelSpec,
-    arrivals: list[SimArrival],
-    keep_e2e: bool = False,
-) -> dict[str, Any]:
-    """One simulation: the per-seed metrics of ``policy_name`` on ``arrivals``."""
+def simulate(
+    exp: Experiment, policy: Policy, cost: CostModel, spec: ModelSpec, arrivals: list[SimArrival]
+) -> SimResult:
+    """``policy`` (built by ``build_policy``) on ``arrivals``, as ``exp`` runs it: its KV cache,
+    image tokens and caches."""
     block_size = 16
     image_tokens = spec.image_tokens
     if exp.image_size is not None and spec.has_vision:
         image_tokens = spec.image_tokens_for(*exp.image_size)
-    policy = build_policy(policy_name, exp, cost, spec)
     encoder_bytes = int(exp.encoder_cache_gib * 2**30) if exp.caches else 0
     # the encoder cache's device memory comes out of the KV cache's
     kv_blocks = num_kv_blocks(cost, spec, block_size, exp.offload_vision)
@@ -258,8 +253,21 @@ def run_one(
         encoder_cache_bytes=encoder_bytes,
         embed_bytes_per_token=max(1, int(spec.text_hidden * spec.bytes_per_param)),
     )
+    return sim.run(arrivals)
+
+
+def run_one(
+    exp: Experiment,
+    policy_name: str,
+    cost: CostModel,
+    spec: ModelSpec,
+    arrivals: list[SimArrival],
+    keep_e2e: bool = False,
+) -> dict[str, Any]:
+    """One simulation: the per-seed metrics of ``policy_name`` on ``arrivals``."""
+    policy = build_policy(policy_name, exp, cost, spec)
     t0 = time.perf_counter()
-    res = sim.run(arrivals)
+    res = simulate(exp, policy, cost, spec, arrivals)
     metrics = [request_metrics(r) for r in res.requests]
     s = summarize(metrics)
     arrival_times = [r.times.arrival_s for r in res.requests]

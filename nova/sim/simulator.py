@@ -333,13 +333,20 @@ class Simulator:
         """Each running batch's rate beside the others (same floats as asking the cost model
         directly, so the same schedule)."""
         batches = list(running.values())
+        key: Hashable
+        if len(batches) == 1:  # the common case: one batch alone (no others to key on)
+            r = batches[0]
+            key = _UNCACHED if r.key is _UNCACHED else (r.key, r.share, r.isolated)
+            r.rate = 1.0 / max(self._duration_s(r, [], key), 1e-9)
+            return
+        uncached = False
+        for r in batches:
+            if r.key is _UNCACHED:
+                uncached = True
         for r in batches:
             others = [o for o in batches if o is not r]
-            key: Hashable
-            if r.key is _UNCACHED or any(o.key is _UNCACHED for o in others):
+            if uncached:
                 key = _UNCACHED
-            elif not others:
-                key = (r.key, r.share, r.isolated)
             else:
                 key = (r.key, r.share, tuple([(o.key, o.share) for o in others]), r.isolated)
             duration = self._duration_s(r, others, key)
