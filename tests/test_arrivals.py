@@ -36,6 +36,27 @@ def test_hold_waits_only_while_idle_with_work_queued_and_requests_on_their_way()
     assert hold.num_holds == 2
 
 
+def test_hold_waits_while_requests_keep_coming_in_within_the_quiet_gap():
+    hold = ArrivalHold(0.05, quiet_s=0.005)
+    # nothing announced, but the last request came in 1 ms ago: a burst may still be arriving
+    assert hold.wait_s(1.000, pending=0, idle=True, queued=True, last_arrival_s=0.999) == (
+        pytest.approx(0.004)
+    )
+    assert hold.wait_s(1.006, pending=0, idle=True, queued=True, last_arrival_s=0.999) == 0.0
+    # a steady trickle 2 ms apart is still bounded by max_wait_s from the first hold
+    hold = ArrivalHold(0.05, quiet_s=0.005)
+    t = 2.0
+    while hold.wait_s(t, pending=0, idle=True, queued=True, last_arrival_s=t - 0.001) > 0:
+        t += 0.002
+    assert t == pytest.approx(2.05, abs=0.003)
+    assert (
+        ArrivalHold(0.0, quiet_s=0.005).wait_s(
+            1.0, pending=0, idle=True, queued=True, last_arrival_s=1.0
+        )
+        == 0.0
+    )  # off: no quiet wait either
+
+
 def test_hold_of_zero_never_waits_and_a_negative_one_is_refused():
     assert ArrivalHold(0.0).wait_s(0.0, pending=5, idle=True, queued=True) == 0.0
     with pytest.raises(ValueError, match="max_wait_s"):

@@ -12,6 +12,7 @@ import pytest
 
 from nova.gpu.backend import CpuBackend
 from nova.gpu.cpu_contention import (
+    IDLE_REPROBE_S,
     MAX_PROBE_WAIT,
     ContentionMonitor,
     ProbeState,
@@ -83,6 +84,24 @@ def test_the_monitor_judges_recorded_batches_at_most_once_per_interval():
     mon.record(1.0, 1.0)
     now[0] = 2.0
     assert mon.current() == 2 and mon.num_changes == 2  # the probe
+
+
+def test_a_count_found_before_an_idle_spell_is_probed_again():
+    now = [0.0]
+    mon = ContentionMonitor(2, interval_s=1.0, clock=lambda: now[0])
+    mon.record(0.4, 0.2)
+    assert mon.current() == 1  # contended
+    now[0] = IDLE_REPROBE_S * 0.9
+    assert mon.current() == 1  # not idle long enough: the count holds
+    now[0] = IDLE_REPROBE_S * 1.5  # no batch since 0.0 for longer than IDLE_REPROBE_S
+    assert mon.current() == 2 and mon.num_changes == 2  # all cores, as a probe
+    mon.record(0.4, 0.2)  # the probe's sample is contended again
+    now[0] += 1.0
+    assert mon.current() == 1
+    mon.record(0.4, 0.4)
+    now[0] += 1.0
+    # the failed probe doubled the wait: one uncontended sample is not enough to go back up
+    assert mon.current() == 1
 
 
 def test_timed_call_measures_on_the_thread_that_runs():

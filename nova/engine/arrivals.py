@@ -3,17 +3,23 @@
 A front end (the HTTP server) announces each generation request when it accepts it
 (``Arrivals.expect``), before it reads the body, applies the chat template, tokenizes and decodes
 images, and marks it done once it submitted it to the engine or answered it with an error. An
-idle engine that knows requests are on their way waits for them, at most ``max_wait_s`` from the
-first request queued, so that a burst starts in one batch: otherwise its first request runs
-alone while the front end prepares the rest, on the same cores when the engine runs on the CPU,
-and the rest wait for that batch too. Only an idle engine waits (no batch running, nothing
-decoding): a running one admits arrivals at its next step as before, so time per output token is
-never held up. Counts only; torch-free and clock-free (the loop passes times in).
+idle engine waits while requests are on their way, announced or still coming in (the last
+arrived less than ``QUIET_S`` ago), at most ``max_wait_s`` from the first request queued, so that
+a burst starts in one batch: otherwise its first request runs alone while the front end
+prepares the rest, on the same cores when the engine runs on the CPU, and the rest wait for that
+batch too. Only an idle engine waits (no batch running, nothing decoding): a running one admits
+arrivals at its next step as before, so time per output token is never held up. Counts only;
+torch-free and clock-free (the loop passes times in).
 """
 
 from __future__ import annotations
 
 import threading
+
+# A burst is still coming in while its requests arrive less than this apart. A client sending
+# 32 requests at once (vllm bench serve, concurrency 32) delivered them to the engine over
+# ~36 ms, 1-10 ms apart, on the 2-core machine of docs/cpu.md ("A wave of requests").
+QUIET_S = 0.005
 
 
 class ExpectedRequest:
@@ -55,23 +61,44 @@ class Arrivals:
 
 
 class ArrivalHold:
-    """When an idle engine should start: ``wait_s`` answers how much longer to wait for the
-    requests on their way (0: start now). The wait begins when the engine is first found idle
-    with work queued and requests pending, and ends at ``max_wait_s`` after that, or as soon as
-    nothing is pending or the engine is busy; it begins anew the next time."""
+    """When an idle engine should start: ``wait_s`` answers how much longer to wait (0: start
+    now) while requests are on their way: announced and not yet submitted, or still coming
+    in (the last one arrived less than ``quiet_s`` ago: a client sends a burst over a few
+    milliseconds, faster than one step). The wait begins when the engine is first found idle
+    with work queued and something on its way, ends at ``max_wait_s`` after that at the
+    latest, or as soon as nothing is on its way or the engine is busy, and begins anew the
+    next time."""
 
-    def __init__(self, max_wait_s: float) -> None:
-        if max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+    def __init__(self, max_wait_s: float, quiet_s: float = 0.0) -> None:
+        if max_wait_s < 0 or quiet_s < 0:
+            raise ValueError(f"waits must be >= 0, got max_wait_s={max_wait_s}, quiet_s={quiet_s}")
         self.max_wait_s = max_wait_s
+        self.quiet_s = min(quiet_s, max_wait_s)
         self._since_s: float | None = None
         self.num_holds = 0  # waits begun (for tests and reports)
 
-    def wait_s(self, now_s: float, *, pending: int, idle: bool, queued: bool) -> float:
-        if self.max_wait_s == 0 or pending == 0 or not idle or not queued:
+    def wait_s(
+        self,
+        now_s: float,
+        *,
+        pending: int,
+        idle: bool,
+        queued: bool,
+        last_arrival_s: float = float("-inf"),
+    ) -> float:
+        coming_until_s = last_arrival_s + self.quiet_s
+        if (
+            self.max_wait_s == 0
+            or not idle
+            or not queued
+            or (pending == 0 and now_s >= coming_until_s)
+        ):
             self._since_s = None
             return 0.0
         if self._since_s is None:
             self._since_s = now_s
             self.num_holds += 1
-        return max(0.0, self._since_s + self.max_wait_s - now_s)
+        until_s = self._since_s + self.max_wait_s
+        if pending == 0:
+            until_s = min(until_s, coming_until_s)
+        return max(0.0, until_s - now_s)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nova.core.scheduler import Scheduler
-from nova.engine.arrivals import ArrivalHold, Arrivals
+from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals
 from nova.engine.client import EngineSnapshot
 from nova.executor.base import Executor, describe_error
 from nova.types import Request, RequestEvent, Stage, StageResult
@@ -46,7 +46,8 @@ class EngineLoop:
         self._t0 = clock()
         self._cond = threading.Condition()
         self.arrivals = Arrivals(self._cond)
-        self._hold = ArrivalHold(arrival_wait_s)
+        self._hold = ArrivalHold(arrival_wait_s, QUIET_S)
+        self._last_arrival_s = float("-inf")
         self._num_running = 0  # batches handed to the executor and not yet completed
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
@@ -115,6 +116,7 @@ class EngineLoop:
                 for r in group:
                     self.executor.release(r.request_id)
                 raise
+            self._last_arrival_s = self.now()
             for r in group:
                 self._requests[r.request_id] = r
                 if listener is not None:
@@ -218,6 +220,7 @@ class EngineLoop:
             pending=self.arrivals.pending,
             idle=self._num_running == 0 and state.num_in_stage(Stage.DECODE) == 0,
             queued=self.scheduler.has_unfinished(),
+            last_arrival_s=self._last_arrival_s,
         )
 
     def _deliver_locked(

@@ -22,7 +22,9 @@ with one other busy thread, ``usable / (usable + 1)``); back up by probing: afte
 the reduced count that shows no descheduling, the next batches run on one core more, and if
 that sample shows contention again the wait before the next probe doubles (to at most
 ``MAX_PROBE_WAIT`` samples), so a persistent competitor costs one contended sample per probe
-and probes grow rare.
+and probes grow rare. A count found before an idle spell (no batch for ``IDLE_REPROBE_S``) is
+stale, since the competitor may have gone (a benchmark client that was starting up, say): the
+first batch after it probes all cores, and the probe's sample decides as any probe does.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ MAX_PROBE_WAIT = 32
 # A sample's share is judged only over at least this much batch wall time (seconds): one short
 # batch's ratio is mostly timer and scheduling noise.
 MIN_SAMPLE_WALL_S = 0.2
+# No batch for this long (seconds): the reduced count is stale, and the next batch probes all
+# cores. The first wave of a served benchmark otherwise ran on one core for its whole first
+# prefill (1.26 s against 0.70 s on two; docs/cpu.md, "A wave of requests"), on a count judged
+# while the benchmark's client was starting up.
+IDLE_REPROBE_S = 2.0
 
 
 def contended_below(usable: int) -> float:
@@ -103,6 +110,7 @@ class ContentionMonitor:
         self._next_s = 0.0
         self._wall_s = 0.0
         self._cpu_s = 0.0
+        self._last_record_s = clock()
         self.share = 1.0  # the last judged sample's on-core share
         self.num_changes = 0
 
@@ -117,10 +125,14 @@ class ContentionMonitor:
         with self._lock:
             self._wall_s += wall_s
             self._cpu_s += min(cpu_s, wall_s)
+            self._last_record_s = self._clock()
 
     def current(self) -> int:
         """The usable core count now (judges a new sample when one is due)."""
         now = self._clock()
+        if now - self._last_record_s >= IDLE_REPROBE_S and self._state.usable < self.total:
+            with self._lock:
+                self._reprobe_after_idle(now)
         if now < self._next_s:
             return self._state.usable
         with self._lock:
@@ -134,6 +146,15 @@ class ContentionMonitor:
             if self._state.usable != before:
                 self.num_changes += 1
             return self._state.usable
+
+    def _reprobe_after_idle(self, now: float) -> None:
+        """(Under the lock.) All cores again, as a probe: a failed one backs off as usual."""
+        if now - self._last_record_s < IDLE_REPROBE_S or self._state.usable == self.total:
+            return  # another thread got here first
+        self._state = ProbeState(self.total, 0, self._state.backoff, True)
+        self._wall_s = self._cpu_s = 0.0
+        self._last_record_s = now
+        self.num_changes += 1
 
 
 class TimedCall(Generic[T]):
