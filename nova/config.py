@@ -34,8 +34,9 @@ GPU_DEFAULT_POLICY = "multi_stream"
 
 
 # An idle engine on a CPU waits this long at most for a burst the server is still preparing
-# (nova.engine.arrivals): 32 chat requests took ~36 ms to reach the engine here while its first
-# request ran alone (docs/cpu.md, "A wave of requests").
+# (nova.engine.arrivals): a wave of 32 chat requests reached the engine over a few tens of
+# milliseconds in scratch traces here (docs/cpu.md, "A wave of requests"); the bound keeps a
+# request whose announced companions never come from waiting longer.
 CPU_ARRIVAL_WAIT_MS = 50.0
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import threading
 
 # A burst is still coming in while its requests arrive less than this apart. A client sending
-# 32 requests at once (vllm bench serve, concurrency 32) delivered them to the engine over
-# ~36 ms, 1-10 ms apart, on the 2-core machine of docs/cpu.md ("A wave of requests").
+# 32 requests at once (vllm bench serve, concurrency 32) delivered most of them to the engine
+# about a millisecond apart in scratch traces on the 2-core machine of docs/cpu.md ("A wave of
+# requests"); a lone request on an idle engine pays this wait, so it is kept short.
 QUIET_S = 0.005
 
 

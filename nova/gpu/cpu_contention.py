@@ -45,9 +45,9 @@ MAX_PROBE_WAIT = 32
 # batch's ratio is mostly timer and scheduling noise.
 MIN_SAMPLE_WALL_S = 0.2
 # No batch for this long (seconds): the reduced count is stale, and the next batch probes all
-# cores. The first wave of a served benchmark otherwise ran on one core for its whole first
-# prefill (1.26 s against 0.70 s on two; docs/cpu.md, "A wave of requests"), on a count judged
-# while the benchmark's client was starting up.
+# cores. The first wave of a served benchmark otherwise sometimes ran its whole first prefill
+# on one core, on a count judged while the benchmark's client was starting up (scratch traces;
+# docs/cpu.md, "A wave of requests").
 IDLE_REPROBE_S = 2.0
 
 
