@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
+
+from eval_all import machine  # the same machine record as the evaluation (benchmarks/)
 
 from nova.core.nova_policy import NovaPolicy
 from nova.sim.eval import (
@@ -54,15 +55,6 @@ LIGHT_POINTS = (
     ("rtx4090-cogagent-offload", 0.2, 0),
     ("h100-qwen2.5-vl-7b-1080p", 2.0, 0),
 )
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_1min": round(os.getloadavg()[0], 2),
-    }
 
 
 def committed(name: str) -> dict[str, Any]:
