@@ -34,14 +34,14 @@ from nova.core.nova_policy import NovaPolicy
 from nova.sim.eval import (
     EXPERIMENTS,
     NOVA,
-    _cost_model,
-    _workload_arrivals,
     aggregate,
     analyse,
     build_policy,
+    experiment_cost_model,
     experiment_spec,
     run_one,
     simulate,
+    workload_arrivals,
 )
 from nova.types import StageResult
 
@@ -71,7 +71,7 @@ def committed_point(report: dict[str, Any], policy: str, series: str, load: floa
 def z_sweep(smoke: bool) -> dict[str, Any]:
     exp = EXPERIMENTS["bursty-a6000"]
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     report = committed(exp.name)
     others = [p for p in report["policies"] if p not in (NOVA, "oracle")]
     series_list = exp.all_series()[:1] if smoke else exp.all_series()
@@ -84,9 +84,7 @@ def z_sweep(smoke: bool) -> dict[str, Any]:
             loads = series.loads[:1] if smoke else series.loads
             for load in loads:
                 per_seed = {
-                    seed: run_one(
-                        exp, name, cost, spec, _workload_arrivals(exp, series, load, seed)
-                    )
+                    seed: run_one(exp, name, cost, spec, workload_arrivals(exp, series, load, seed))
                     for seed in seeds
                 }
                 nova = aggregate(per_seed, exp.closed_loop)
@@ -114,7 +112,7 @@ def early_rates(smoke: bool) -> list[dict[str, Any]]:
     ``z`` shrink) and the burstiness estimate, read from the policy."""
     exp = EXPERIMENTS["bursty-a6000"]
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     series = next(s for s in exp.all_series() if s.label == "cv2")
     rows = []
     for seed in (1,) if smoke else (0, 1):
@@ -129,7 +127,7 @@ def early_rates(smoke: bool) -> list[dict[str, Any]]:
                 readings.append((now_s, _p._arrival_rate(now_s), _p._obs.arrival_cv2()))
 
         policy.on_batch_done = hook  # type: ignore[method-assign]
-        res = simulate(exp, policy, cost, spec, _workload_arrivals(exp, series, 0.4, seed))
+        res = simulate(exp, policy, cost, spec, workload_arrivals(exp, series, 0.4, seed))
         first = readings[0] if readings else None
         top = max(readings, key=lambda r: r[1]) if readings else None
         rows.append(
@@ -162,9 +160,9 @@ def light_load(smoke: bool) -> list[dict[str, Any]]:
     for name, load, seed in LIGHT_POINTS[1:2] if smoke else LIGHT_POINTS:
         exp = EXPERIMENTS[name]
         spec = experiment_spec(exp)
-        cost = _cost_model(exp, spec)
+        cost = experiment_cost_model(exp, spec)
         series = exp.all_series()[0]
-        arrivals = _workload_arrivals(exp, series, load, seed)
+        arrivals = workload_arrivals(exp, series, load, seed)
         analysis = next(
             a
             for a in committed(name)["analysis"]

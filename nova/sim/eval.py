@@ -167,7 +167,8 @@ def build_policy(name: str, exp: Experiment, cost: CostModel, spec: ModelSpec | 
     return make_policy(name, limits=limits)
 
 
-def _workload_arrivals(exp: Experiment, series: Series, load: float, seed: int) -> list[SimArrival]:
+def workload_arrivals(exp: Experiment, series: Series, load: float, seed: int) -> list[SimArrival]:
+    """The arrivals of ``exp``'s ``series`` at ``load`` for ``seed`` (as every policy sees)."""
     kwargs: dict[str, Any] = dict(series.workload_kwargs)
     if exp.image_size is not None:
         kwargs.setdefault("image_width", exp.image_size[0])
@@ -320,14 +321,15 @@ class _Task:
 def _run_task(task: _Task) -> tuple[int, float, int, dict[str, dict[str, Any]]]:
     exp = task.exp
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     series = exp.all_series()[task.series_index]
-    arrivals = _workload_arrivals(exp, series, task.load, task.seed)
+    arrivals = workload_arrivals(exp, series, task.load, task.seed)
     out = {p: run_one(exp, p, cost, spec, arrivals, task.keep_e2e) for p in task.policies}
     return task.series_index, task.load, task.seed, out
 
 
-def _cost_model(exp: Experiment, spec: ModelSpec) -> CostModel:
+def experiment_cost_model(exp: Experiment, spec: ModelSpec) -> CostModel:
+    """The cost model ``exp`` simulates ``spec`` with (its GPU, kind and offload)."""
     kwargs = dict(exp.cost_kwargs)
     if exp.offload_vision:
         kwargs.setdefault("offload_vision_weights", True)
@@ -444,7 +446,7 @@ def run_experiment(
     if seeds:
         exp = replace(exp, seeds=tuple(range(seeds)))
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     baselines = expand_policies(list(exp.baselines))
     statics = [f"{NOVA}[mode={m}]" for m in static_modes(exp, cost.gpu())]
     compared = expand_policies(list(exp.policies))
