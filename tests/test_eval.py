@@ -343,3 +343,33 @@ def test_eval_quantile_reruns_nova_alone_with_the_quantile_it_is_given(tmp_path)
     assert "| quick-a6000 | 2 |" in text and f"q={default}" in text and "q=0.5" in text
     mod.main([*args, "--summary-only"])
     assert (out / "summary.md").read_text() == text
+
+
+def test_summary_names_the_experiments_its_wall_time_is_for():
+    """A summary rebuilt over results from two runs (--only, then --summary-only) says which
+    experiments the recorded wall time is for; a summary of one run says nothing more."""
+    ev = _eval_all()
+    exp = {
+        "requests_per_point": 60,
+        "seeds": [0],
+        "points": 1,
+        "must_hold_points": 1,
+        "passing_points": 1,
+        "nova_vs_best_max": None,
+        "oracle_gain_max": None,
+    }
+    summary = {
+        "experiments": [{**exp, "experiment": "a"}, {**exp, "experiment": "b"}],
+        "rows": [],
+        "points": 2,
+        "must_hold_points": 2,
+        "passing_points": 2,
+    }
+    meta = {"machine": {}, "wall_s": 12}
+    part = ev.render(summary, {**meta, "experiments_run": ["b"]})
+    assert "wall time 12 s for b (this run;" in part and "carried over" in part
+    for whole in (
+        ev.render(summary, {**meta, "experiments_run": ["a", "b"]}),
+        ev.render(summary, meta),
+    ):
+        assert "wall time 12 s. " in whole and "carried over" not in whole
