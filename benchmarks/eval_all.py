@@ -116,13 +116,25 @@ def _f(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _carried(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Which experiments the wall time is for, when the summary also covers results written by
+    an earlier run (``--only``, then ``--summary-only``)."""
+    ran = meta.get("experiments_run")
+    if not ran or set(ran) >= {e["experiment"] for e in summary["experiments"]}:
+        return ""
+    return (
+        f" for {', '.join(ran)} (this run; the other experiments' `results.json` are carried "
+        "over from an earlier run)"
+    )
+
+
 def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# nova eval: every experiment, the must-hold checks per point",
         "",
         f"Machine: {meta['machine']} (1-min load average at the end: "
         f"{meta.get('loadavg_1min_at_end', '-')}; 2 cores shared with other jobs); wall time "
-        f"{meta.get('wall_s', '-')} s. Simulated (the "
+        f"{meta.get('wall_s', '-')} s{_carried(summary, meta)}. Simulated (the "
         "roofline cost model from evidence, `docs/scheduler.md`), mean over each experiment's "
         "seeds; per-seed values and spreads in each `results.json`.",
         "",
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     old = args.out / "summary.json"
     if args.summary_only and old.is_file():  # keep the run's machine, load and wall time
         prev = json.loads(old.read_text())
-        meta = {k: prev[k] for k in ("machine", "wall_s", "loadavg_1min_at_end") if k in prev}
+        keep = ("machine", "wall_s", "loadavg_1min_at_end", "experiments_run")
+        meta = {k: prev[k] for k in keep if k in prev}
     if not args.summary_only:
         for name in names:
             print(f"== {name}", flush=True)
@@ -199,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 progress=lambda line: print(line, flush=True),
             )
         meta["wall_s"] = round(time.perf_counter() - t0)
+        meta["experiments_run"] = names
         meta["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
 
     # the experiments named with --only, else every one written under --out but the smoke

@@ -18,6 +18,7 @@ from nova.sim.eval import (
     EXPERIMENTS,
     aggregate,
     analyse,
+    build_policy,
     experiment_spec,
     num_kv_blocks,
     run_experiment,
@@ -164,14 +165,18 @@ def test_image_size_sets_the_image_tokens():
     assert get_model_spec("qwen2.5-vl-7b").image_tokens == 1600
 
 
-def _eval_all():
+def _bench(name: str):
     spec = importlib.util.spec_from_file_location(
-        "eval_all", Path(__file__).resolve().parents[1] / "benchmarks" / "eval_all.py"
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _eval_all():
+    return _bench("eval_all")
 
 
 def test_quick_experiment_writes_results_and_the_must_hold_summary(tmp_path):
@@ -302,3 +307,69 @@ def test_named_experiments_are_listed():
     cvs = [1 / math.sqrt(s.workload_kwargs["burstiness"]) for s in bursty.all_series()]
     assert cvs == pytest.approx([2, 3, 4])
     assert EXPERIMENTS["sessions-a6000"].all_series()[0].loads == (16, 32)
+
+
+def test_eval_quantile_reruns_nova_alone_with_the_quantile_it_is_given(tmp_path):
+    """benchmarks/eval_quantile.py: nova's queueing model takes the quantile only inside the
+    run (restored after); at nova's default quantile the re-run reproduces the full
+    evaluation's verdicts and ratios (deterministic seeds, the other configurations reused);
+    its results keep nova and the configurations the analysis names; --summary-only rebuilds
+    the same comparison."""
+    mod = _bench("eval_quantile")
+    exp = EXPERIMENTS["quick-a6000"]
+    spec = experiment_spec(exp)
+    cost = make_cost_model("roofline", exp.gpu, spec)
+    default = build_policy("nova", exp, cost, spec).model.unlucky_quantile
+    with mod.unlucky_quantile(0.5):
+        assert build_policy("nova", exp, cost, spec).model.unlucky_quantile == 0.5
+    assert build_policy("nova", exp, cost, spec).model.unlucky_quantile == default
+
+    base = tmp_path / "base"
+    _eval_all().main(["--only", "quick-a6000", "--out", str(base), "--workers", "1"])
+    out = tmp_path / "q"
+    args = ["--quantiles", str(default), "0.5", "--base", str(base), "--out", str(out), "--quiet"]
+    runs = mod.main(args)
+    assert len(runs["base"]["rows"]) == len(runs[str(default)]["rows"]) == 2
+    for b, q in zip(runs["base"]["rows"], runs[str(default)]["rows"], strict=True):
+        assert (b["load"], b["pass"], b["failed"]) == (q["load"], q["pass"], q["failed"])
+        assert b["nova_vs_best"] == pytest.approx(q["nova_vs_best"], rel=1e-12)
+        assert b["nova_vs_oracle"] == pytest.approx(q["nova_vs_oracle"], rel=1e-12)
+    kept = json.loads((out / "q0.5" / "quick-a6000" / "results.json").read_text())
+    named = {a[k] for a in kept["analysis"] for k in ("best_baseline", "oracle")}
+    assert set(kept["policies"]) == {"nova", "oracle"} | named
+    full = json.loads((base / "quick-a6000" / "results.json").read_text())
+    assert set(full["policies"]) - set(kept["policies"])  # the others are left to the base
+    text = (out / "summary.md").read_text()
+    assert "| quick-a6000 | 2 |" in text and f"q={default}" in text and "q=0.5" in text
+    mod.main([*args, "--summary-only"])
+    assert (out / "summary.md").read_text() == text
+
+
+def test_summary_names_the_experiments_its_wall_time_is_for():
+    """A summary rebuilt over results from two runs (--only, then --summary-only) says which
+    experiments the recorded wall time is for; a summary of one run says nothing more."""
+    ev = _eval_all()
+    exp = {
+        "requests_per_point": 60,
+        "seeds": [0],
+        "points": 1,
+        "must_hold_points": 1,
+        "passing_points": 1,
+        "nova_vs_best_max": None,
+        "oracle_gain_max": None,
+    }
+    summary = {
+        "experiments": [{**exp, "experiment": "a"}, {**exp, "experiment": "b"}],
+        "rows": [],
+        "points": 2,
+        "must_hold_points": 2,
+        "passing_points": 2,
+    }
+    meta = {"machine": {}, "wall_s": 12}
+    part = ev.render(summary, {**meta, "experiments_run": ["b"]})
+    assert "wall time 12 s for b (this run;" in part and "carried over" in part
+    for whole in (
+        ev.render(summary, {**meta, "experiments_run": ["a", "b"]}),
+        ev.render(summary, meta),
+    ):
+        assert "wall time 12 s. " in whole and "carried over" not in whole

@@ -192,7 +192,8 @@ class QueueModel:
     tokens per image. ``cv2``: squared coefficient of variation of a request's front service
     time beyond what the mix of image and text-only requests and the observed spread of prompt
     lengths (``LoadEstimate.prompt_cv2``) explain. ``tail_quantile``: the
-    latency quantile scored as "tail".
+    latency quantile scored as "tail". ``unlucky_quantile``: the quantile of the arrivals during
+    one request's decode that the tail prices (``_unlucky_span_s``).
     """
 
     def __init__(
@@ -203,7 +204,10 @@ class QueueModel:
         limits: ModelLimits | None = None,
         cv2: float = 0.05,
         tail_quantile: float = 0.995,
-        unlucky_quantile: float = 0.99,
+        # 0.995, not 0.99: over the full evaluation 51 of 61 points pass against 50, none lost
+        # (benchmarks/results/eval_quantile/summary.md, q0.995/; benchmarks/results/eval/
+        # summary.md); 0.998 passes 50 (two points gained, two lost: eval_quantile/q0.998/).
+        unlucky_quantile: float = 0.995,
         rho_cap: float = 0.95,
         overload_horizon_s: float = 60.0,
     ) -> None:
@@ -368,7 +372,7 @@ class QueueModel:
         arrival_cv2: float = 1.0,
     ) -> float:
         """The decode span of a request that meets many arrivals while it decodes: as many as
-        the ``unlucky_quantile`` (about the worst of 500 requests) of a Poisson count with mean
+        the ``unlucky_quantile`` (0.995: about the worst of 200) of a Poisson count with mean
         ``lam * span`` (a fixed point from ``mean_span_s``; bursty arrivals widen the count's
         excess over its mean by ``sqrt(arrival_cv2)``, a renewal count's dispersion), each
         blocking decode for its front time beyond the tokens it yields. At low load this, not
