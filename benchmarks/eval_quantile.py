@@ -35,15 +35,15 @@ from nova.sim.eval import (
     EXPERIMENTS,
     NOVA,
     ORACLE,
-    _cost_model,
-    _report,
-    _run_task,
-    _Task,
-    _workload_arrivals,
+    PointTask,
     build_policy,
+    build_report,
+    experiment_cost_model,
     experiment_spec,
     render_markdown,
+    run_point_task,
     simulate,
+    workload_arrivals,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -76,7 +76,7 @@ def rerun(name: str, base: dict[str, Any], progress: bool = True) -> dict[str, A
     if not exp.closed_loop:
         exp = replace(exp, num_requests=base["num_requests_per_point"])
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     labels = [s.label for s in exp.all_series()]
     policies = [p for p in base["policies"] if p != ORACLE]
     raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
@@ -86,7 +86,7 @@ def rerun(name: str, base: dict[str, Any], progress: bool = True) -> dict[str, A
             cell[p] = {s["seed"]: dict(s) for s in point["seeds"]}
     for (i, load), cell in sorted(raw.items()):
         for seed in exp.seeds:
-            _, _, _, out = _run_task(_Task(exp, i, load, seed, (NOVA,), False))
+            _, _, _, out = run_point_task(PointTask(exp, i, load, seed, (NOVA,), False))
             cell[NOVA][seed] = {"seed": seed, **out[NOVA]}
             if progress:
                 m = out[NOVA]
@@ -95,7 +95,7 @@ def rerun(name: str, base: dict[str, Any], progress: bool = True) -> dict[str, A
                     f"{m['max_latency_s']:.2f}s modes {m.get('modes')}",
                     flush=True,
                 )
-    return _report(
+    return build_report(
         exp, cost, policies, base["baselines"], base["static_modes"], base["compared"], raw
     )
 
@@ -126,7 +126,7 @@ def worst_requests(name: str, load: float, quantiles: list[float], top: int = 3)
     before or after nova's plan moves."""
     exp = EXPERIMENTS.lookup(name)
     spec = experiment_spec(exp)
-    cost = _cost_model(exp, spec)
+    cost = experiment_cost_model(exp, spec)
     series = exp.all_series()[0]
     base = json.loads((HERE / "eval" / name / "results.json").read_text())
     best = next(a for a in base["analysis"] if a["load"] == load)["best_baseline"]
@@ -141,7 +141,7 @@ def worst_requests(name: str, load: float, quantiles: list[float], top: int = 3)
     ]
     runs = [(f"nova, q={q}", q) for q in quantiles] + [(f"`{best}`", None)]
     for seed in exp.seeds:
-        arrivals = _workload_arrivals(exp, series, load, seed)
+        arrivals = workload_arrivals(exp, series, load, seed)
         for label, q in runs:
             with unlucky_quantile(q) if q is not None else nullcontext():
                 policy = build_policy(NOVA if q is not None else best, exp, cost, spec)

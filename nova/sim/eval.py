@@ -309,7 +309,10 @@ def run_one(
 
 
 @dataclass(slots=True, frozen=True)
-class _Task:
+class PointTask:
+    """One (series, load, seed) point of an experiment, run for ``policies`` (picklable, for
+    the worker pool); ``keep_e2e``: keep every request's latency (for plots)."""
+
     exp: Experiment
     series_index: int
     load: float
@@ -318,7 +321,8 @@ class _Task:
     keep_e2e: bool
 
 
-def _run_task(task: _Task) -> tuple[int, float, int, dict[str, dict[str, Any]]]:
+def run_point_task(task: PointTask) -> tuple[int, float, int, dict[str, dict[str, Any]]]:
+    """Simulate ``task``'s point once per policy: (series index, load, seed, policy -> result)."""
     exp = task.exp
     spec = experiment_spec(exp)
     cost = experiment_cost_model(exp, spec)
@@ -453,7 +457,7 @@ def run_experiment(
     policies = tuple(dict.fromkeys([*compared, *baselines, *statics]))
     series_list = exp.all_series()
     tasks = [
-        _Task(exp, i, load, seed, policies, keep_e2e=seed == exp.seeds[0])
+        PointTask(exp, i, load, seed, policies, keep_e2e=seed == exp.seeds[0])
         for i, series in enumerate(series_list)
         for load in series.loads
         for seed in exp.seeds
@@ -464,10 +468,10 @@ def run_experiment(
     results: Iterable[tuple[int, float, int, dict[str, dict[str, Any]]]]
     if workers > 1 and len(tasks) > 1:
         pool = ProcessPoolExecutor(max_workers=workers)
-        results = pool.map(_run_task, tasks)
+        results = pool.map(run_point_task, tasks)
     else:
         pool = None
-        results = map(_run_task, tasks)
+        results = map(run_point_task, tasks)
     try:
         for done, (i, load, seed, out) in enumerate(results, 1):
             cell = raw.setdefault((i, load), {})
@@ -487,7 +491,7 @@ def run_experiment(
     finally:
         if pool is not None:
             pool.shutdown()
-    report = _report(exp, cost, policies, baselines, statics, compared, raw)
+    report = build_report(exp, cost, policies, baselines, statics, compared, raw)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -499,7 +503,7 @@ def run_experiment(
     return report
 
 
-def _report(
+def build_report(
     exp: Experiment,
     cost: CostModel,
     policies: Sequence[str],
