@@ -40,11 +40,16 @@ GPU_DEFAULT_POLICY = "multi_stream"
 CPU_ARRIVAL_WAIT_MS = 50.0
 
 
+def is_cpu_device(device: str) -> bool:
+    """Whether ``device`` (a torch device string: cpu, cuda, cuda:1) is the CPU."""
+    return device.split(":")[0] == "cpu"
+
+
 def resolve_policy(policy: str, device: str) -> str:
     """``policy``, or for ``auto`` the default for ``device`` (a torch device string)."""
     if policy != AUTO_POLICY:
         return policy
-    return CPU_DEFAULT_POLICY if device.split(":")[0] == "cpu" else GPU_DEFAULT_POLICY
+    return CPU_DEFAULT_POLICY if is_cpu_device(device) else GPU_DEFAULT_POLICY
 
 
 @dataclass(slots=True, frozen=True)
@@ -214,7 +219,7 @@ class EngineConfig:
         """``arrival_wait_ms`` in seconds, the default for ``device`` when unset."""
         if self.arrival_wait_ms is not None:
             return self.arrival_wait_ms / 1000.0
-        return CPU_ARRIVAL_WAIT_MS / 1000.0 if self.device.split(":")[0] == "cpu" else 0.0
+        return CPU_ARRIVAL_WAIT_MS / 1000.0 if is_cpu_device(self.device) else 0.0
 
     @property
     def resolved_policy(self) -> str:

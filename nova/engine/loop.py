@@ -48,7 +48,6 @@ class EngineLoop:
         self.arrivals = Arrivals(self._cond)
         self._hold = ArrivalHold(arrival_wait_s, QUIET_S)
         self._last_arrival_s = float("-inf")
-        self._num_running = 0  # batches handed to the executor and not yet completed
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
         self._threads: list[threading.Thread] = []
@@ -188,7 +187,6 @@ class EngineLoop:
                 if batch is None:
                     self._cond.wait(timeout=IDLE_WAIT_S)
                     continue
-                self._num_running += 1
             self.executor.set_partition(stage, batch.partition)
             try:
                 result = self.executor.execute(batch)
@@ -198,7 +196,6 @@ class EngineLoop:
                 result = StageResult(batch, batch.start_s, failed=failed)
             with self._cond:
                 end_s = result.end_s = self.now()
-                self._num_running -= 1
                 events = self.scheduler.complete(result, end_s)
                 if result.logprobs:
                     events = [_with_logprobs(ev, result) for ev in events]
@@ -218,7 +215,7 @@ class EngineLoop:
         return self._hold.wait_s(
             now_s,
             pending=self.arrivals.pending,
-            idle=self._num_running == 0 and state.num_in_stage(Stage.DECODE) == 0,
+            idle=not state.any_running() and state.num_in_stage(Stage.DECODE) == 0,
             queued=self.scheduler.has_unfinished(),
             last_arrival_s=self._last_arrival_s,
         )
