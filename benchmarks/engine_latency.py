@@ -13,8 +13,10 @@ same work) arrive together as one burst at t=0, and each system serves them:
 Latencies are measured from the burst (t=0). Every engine batch is traced (stage, wall time,
 size, cores granted), and the report splits the decode steps into those that ran alone and those
 that ran beside a vision or prefill batch (on a CPU, shared partitions split the cores among the
-stages running). A policy can be given front-stage limits: ``multi_stream/512/2`` = at most 512
-prefill tokens and 2 images per batch.
+stages running, or they take turns when a split would leave a stage fewer than
+``--cpu-min-split-cores``; a batch's time counts from when it got its cores). A policy can be
+given front-stage limits: ``multi_stream/512/2`` = at most 512 prefill tokens and 2 images per
+batch; and a CPU split floor: ``multi_stream@1`` = split down to 1 core per stage (no turns).
 Results: benchmarks/results/engine_<device>.{json,md}.
 Usage: .venv/bin/python benchmarks/engine_latency.py [--num-requests 64] [--max-tokens 32]
 """
@@ -45,19 +47,31 @@ from nova.types import Batch, Request, RequestStatus, RequestTimes, Stage, Stage
 
 class BatchTrace:
     """Records every batch ``engine`` runs: (stage, start s, end s, requests, cores granted;
-    cores are -1 where the partition backend grants none)."""
+    cores are -1 where the partition backend grants none). A batch starts when it got its
+    cores (on a CPU it may wait for a turn first)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.rows: list[tuple[str, float, float, int, int]] = []
         executor = engine.executor
         run = executor.execute
         broker = getattr(executor.partition_backend, "broker", None)
+        granted_s: dict[Stage, float] = {}
+        if broker is not None:
+            acquire = broker.acquire
+
+            def timed_acquire(stage: Stage, *args: Any, **kwargs: Any) -> Any:
+                grant = acquire(stage, *args, **kwargs)
+                granted_s[stage] = time.perf_counter()
+                return grant
+
+            broker.acquire = timed_acquire
 
         def execute(batch: Batch) -> StageResult:
             start = time.perf_counter()
             out = run(batch)
             grant = broker.last.get(batch.stage) if broker is not None else None
             cores = grant.num_cores if grant is not None else -1
+            start = max(start, granted_s.get(batch.stage, start))
             self.rows.append(
                 (batch.stage.value, start, time.perf_counter(), len(batch.items), cores)
             )
@@ -103,11 +117,17 @@ def decode_overlap(rows: list[tuple[str, float, float, int, int]]) -> dict[str, 
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, int]]:
-    """``policy[/max_prefill_tokens[/max_vision_images]]`` -> (policy, EngineConfig fields)."""
-    name, *limits = spec.split("/")
-    if len(limits) > 2 or not all(x.isdigit() and int(x) > 0 for x in limits):
-        raise SystemExit(f"bad policy spec {spec!r}: policy[/max_prefill_tokens[/max_images]]")
+    """``policy[/max_prefill_tokens[/max_vision_images]][@cpu_min_split_cores]`` ->
+    (policy, EngineConfig fields)."""
+    usage = f"bad policy spec {spec!r}: policy[/max_prefill_tokens[/max_images]][@min_split_cores]"
+    head, at, split = spec.partition("@")
+    name, *limits = head.split("/")
+    numbers = [*limits, split] if at else limits
+    if len(limits) > 2 or not all(x.isdigit() and int(x) > 0 for x in numbers):
+        raise SystemExit(usage)
     fields = dict(zip(("max_prefill_tokens", "max_vision_images"), map(int, limits)))
+    if at:
+        fields["cpu_min_split_cores"] = int(split)
     return name, fields
 
 
@@ -225,7 +245,7 @@ def main() -> None:
         "--policies",
         nargs="+",
         default=["multi_stream", "nova", "sequential"],
-        help="policy[/max_prefill_tokens[/max_vision_images]] each",
+        help="policy[/max_prefill_tokens[/max_vision_images]][@cpu_min_split_cores] each",
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument(

@@ -149,6 +149,15 @@ class EngineConfig:
             "cores are (by default batches run on fewer cores while other processes use them)"
         ),
     )
+    cpu_min_split_cores: int = field(
+        default=2,  # nova.gpu.cpu_cores.MIN_SPLIT_CORES (its source is there)
+        metadata=flag(
+            "on a CPU, the fewest cores a stage is split down to when stages run at once; "
+            "below that they take turns on every core, decode first (1: always split)",
+            minimum=1,
+            metavar="N",
+        ),
+    )
     # Caches across requests (agent sessions resend the same prompt prefix and screenshots).
     prefix_caching: bool = field(
         default=True,

@@ -117,7 +117,7 @@ def test_timed_call_measures_on_the_thread_that_runs():
 
 
 def test_the_broker_says_whether_a_batch_ran_alone():
-    broker = CoreBroker((0, 1))
+    broker = CoreBroker((0, 1), min_split_cores=1)  # (split: stages may run side by side)
     shared = Partition.shared()
     broker.acquire(Stage.DECODE, shared)
     assert broker.release(Stage.DECODE)
@@ -142,13 +142,14 @@ def test_the_backend_records_only_batches_that_ran_alone():
 
 def test_the_broker_grants_only_the_usable_cores():
     usable = [4]
-    broker = CoreBroker((0, 1, 2, 3), lambda: usable[0])
+    broker = CoreBroker((0, 1, 2, 3), lambda: usable[0], min_split_cores=1)
     shared = Partition.shared()
     assert broker.acquire(Stage.DECODE, shared).cores == (0, 1, 2, 3)
     broker.release(Stage.DECODE)
     usable[0] = 1
+    # (one usable core: the stages would take turns; take_turns=False shows the split)
     decode = broker.acquire(Stage.DECODE, shared)
-    prefill = broker.acquire(Stage.PREFILL, shared)
+    prefill = broker.acquire(Stage.PREFILL, shared, take_turns=False)
     assert decode.cores == (0,) and prefill.cores == (0,) and prefill.time_shared
     broker.release(Stage.DECODE)
     broker.release(Stage.PREFILL)

@@ -6,19 +6,26 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from nova.core.block_manager import BlockManager
 from nova.core.nova_policy import NovaPolicy
+from nova.core.policy import make_policy
+from nova.core.scheduler import Scheduler
 from nova.cost.base import make_cost_model
 from nova.cost.model_spec import get_model_spec
+from nova.engine.loop import EngineLoop
+from nova.executor.fake import FakeExecutor
 from nova.gpu.backend import CpuBackend
 from nova.gpu.cpu_cores import CoreBroker, isolated_core_sets, shared_core_slices
 from nova.gpu.cpu_threads import apply_cores, cores_for_block, team_thread_ids
 from nova.gpu.sm_plan import plan_partition
-from nova.types import STAGES, Partition, Stage
+from nova.sampling_params import SamplingParams
+from nova.types import STAGES, Partition, Request, Stage
 
 # the nova policy scores its modes with a real cost model (its candidates come from it)
 _CPU_COST = make_cost_model("roofline", "cpu", get_model_spec("cogagent-9b"))
@@ -52,8 +59,150 @@ def test_partitions_that_do_not_fit_time_share():
     broker = CoreBroker([3])
     part = Partition(0.001, 0.001, 1.0, name="nova", isolated=True)
     assert broker.plan(part) is None  # two groups, one core
-    assert broker.acquire(P, part).cores == (3,) and broker.acquire(D, part).cores == (3,)
+    assert broker.acquire(P, part).cores == (3,)
+    waiter = _Acquirer(broker, D, part)  # one core: decode takes its turn after prefill's batch
+    assert waiter.waiting()
+    broker.release(P)
+    assert waiter.granted().cores == (3,)
     assert broker.isolated_sets(part) == {V: (3,), P: (3,), D: (3,)}
+
+
+def _wait_until(cond, within_s: float = 2.0) -> None:
+    end = time.monotonic() + within_s
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.001)
+
+
+class _Acquirer:
+    """``broker.acquire(stage, part)`` on its own thread (it may block for a turn)."""
+
+    def __init__(self, broker: CoreBroker, stage: Stage, part: Partition) -> None:
+        self.broker, self.stage = broker, stage
+        self.out: list = []
+        self.thread = threading.Thread(
+            target=lambda: self.out.append(broker.acquire(stage, part)), daemon=True
+        )
+        self.thread.start()
+
+    def waiting(self, within_s: float = 2.0) -> bool:
+        """True once the thread waits for a turn (False if it was granted at once)."""
+        end = time.monotonic() + within_s
+        while time.monotonic() < end:
+            with self.broker._lock:
+                if self.stage in self.broker._waiting:
+                    return True
+            if self.out:
+                return False
+            time.sleep(0.001)
+        raise AssertionError("the acquiring thread neither waited nor was granted")
+
+    def granted(self, within_s: float = 2.0):
+        self.thread.join(within_s)
+        assert self.out, f"{self.stage} was not granted within {within_s} s"
+        return self.out[0]
+
+
+def test_on_two_cores_stages_take_turns_decode_first():
+    now = [100.0]
+    broker = CoreBroker((0, 1), clock=lambda: now[0], decode_grace_s=0.02)
+    shared = Partition.shared()
+    assert broker.acquire(P, shared).cores == (0, 1)
+    vision = _Acquirer(broker, V, shared)  # asks first
+    assert vision.waiting()
+    decode = _Acquirer(broker, D, shared)
+    assert decode.waiting()  # a 1-core split each would be no faster than turns
+    broker.release(P)
+    assert decode.granted().cores == (0, 1)  # decode first, every core
+    assert vision.waiting(0.05) and set(broker.running()) == {D}
+    broker.release(D)
+    time.sleep(0.05)  # (real time passes; the injected clock does not)
+    assert vision.waiting(0.01)  # within decode's grace: decode's next step may come
+    assert broker.acquire(D, shared).cores == (0, 1)  # and it does, ahead of vision
+    broker.release(D)
+    now[0] += 0.021  # decode stays away past its grace: vision's turn
+    assert vision.granted().cores == (0, 1)
+    assert not broker.running()[V].time_shared and broker.turns_waited == 2
+    assert broker.release(V)  # a turn is a batch alone
+
+
+def test_after_a_prefill_batch_decode_goes_before_a_waiting_front_stage():
+    now = [0.0]
+    broker = CoreBroker((0, 1), clock=lambda: now[0], decode_grace_s=0.02)
+    shared = Partition.shared()
+    broker.acquire(P, shared)
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    broker.release(P)  # its sequences' first decode step is being dispatched
+    time.sleep(0.05)
+    assert vision.waiting(0.01)
+    assert broker.acquire(D, shared).cores == (0, 1)
+    broker.release(D)
+    now[0] += 0.03
+    assert vision.granted().cores == (0, 1)
+    broker.release(V)
+    broker.acquire(V, shared)  # a vision batch ending gives no grace: prefill goes at once
+    prefill = _Acquirer(broker, P, shared)
+    assert prefill.waiting()
+    broker.release(V)
+    assert prefill.granted().cores == (0, 1)
+
+
+def test_waiting_for_a_turn_takes_no_cores():
+    broker = CoreBroker((0, 1), clock=lambda: 0.0, decode_grace_s=0.0)
+    shared = Partition.shared()
+    broker.acquire(P, shared)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (broker.wait_turn(D, shared), done.set()), daemon=True)
+    t.start()
+    assert not done.wait(0.05)  # prefill's batch runs
+    broker.release(P)
+    assert done.wait(2) and not broker.running()  # decode may start now; nothing taken yet
+    t.join()
+    broker.wait_turn(V, shared)  # nothing running: at once
+    # a stage that had its turn and then found nothing to run lets the next one in line go
+    broker.acquire(D, shared)
+    looked = threading.Event()
+    first = threading.Thread(
+        target=lambda: (broker.wait_turn(P, shared), looked.set()), daemon=True
+    )
+    first.start()
+    _wait_until(lambda: P in broker._waiting)
+    vision = _Acquirer(broker, V, shared)  # behind prefill
+    assert vision.waiting()
+    broker.release(D)
+    assert looked.wait(2)  # prefill's turn; it takes nothing
+    assert vision.granted().cores == (0, 1)
+    first.join()
+    broker.release(V)
+    four = CoreBroker((0, 1, 2, 3))
+    iso = Partition(0.5, 0.5, 0.5, isolated=True)
+    four.acquire(P, iso)
+    four.wait_turn(D, iso)  # an isolated plan that fits: its own cores, no turns
+
+
+def test_more_cores_split_until_a_stage_would_get_fewer_than_the_minimum():
+    broker = CoreBroker((0, 1, 2, 3))  # MIN_SPLIT_CORES = 2
+    shared = Partition.shared()
+    assert broker.acquire(D, shared).cores == (0, 1, 2, 3)
+    assert broker.acquire(P, shared).cores == (0, 1)  # 2 each: split
+    vision = _Acquirer(broker, V, shared)  # a third would get 1 core: it waits
+    assert vision.waiting()
+    broker.release(P)
+    broker.release(D)
+    assert vision.granted().cores == (0, 1, 2, 3)
+    broker.release(V)
+    loose = CoreBroker((0, 1), min_split_cores=1)  # 1: always split (the old behaviour)
+    assert loose.acquire(D, shared).cores == (0, 1)
+    assert loose.acquire(P, shared).cores == (0,)
+    third = loose.acquire(V, shared)  # more stages than cores: they share a core, no turns
+    assert third.cores == (0,) and third.time_shared
+    strict = CoreBroker((0, 1))
+    strict.acquire(D, shared)
+    # tools that time stages side by side co-run as asked
+    assert strict.acquire(P, shared, take_turns=False).cores == (0,)
+    with pytest.raises(ValueError, match="min_split_cores"):
+        CoreBroker((0, 1), min_split_cores=0)
 
 
 @pytest.mark.parametrize("num_cores", [2, 3, 8, 16])
@@ -131,6 +280,35 @@ def test_batches_run_on_team_threads_that_keep_openmp_pools_within_the_cores():
     started = backend.num_team_threads_started
     backend.close()
     assert not backend._teams and started == 2
+
+
+def test_on_two_cores_a_batch_waits_for_the_running_one_then_gets_every_core():
+    backend = CpuBackend(cores=(0, 1))
+    backend._apply = lambda cores: None
+    shared = Partition.shared()
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def long_prefill(stream):
+        started.set()
+        release.wait()
+        order.append("prefill")
+
+    t = threading.Thread(target=backend.run, args=(P, shared, long_prefill))
+    t.start()
+    started.wait()
+    out: list = []
+    d = threading.Thread(target=lambda: out.append(backend.run(D, shared, lambda s: "decode")))
+    d.start()
+    time.sleep(0.05)
+    assert not out  # decode waits for prefill's batch instead of running beside it on 1 core
+    release.set()
+    t.join()
+    d.join(5)
+    assert out == ["decode"] and order == ["prefill"]
+    assert backend.broker.last[D].cores == (0, 1) and backend.broker.turns_waited == 1
+    assert "down to 2 cores each" in backend.describe()
+    backend.close()
 
 
 def test_a_team_thread_whose_pool_outgrew_its_cores_is_replaced():
@@ -270,3 +448,40 @@ def test_engine_runs_stage_workers_on_cpu_partitions(tiny_dirs, policy):
     assert (os.sched_getaffinity(0) if HAS_AFFINITY else None, torch.get_num_threads()) == (
         main_state
     )
+
+
+# -- the engine loop waits for a stage's turn before it plans the batch --------------------------
+class _GatedTurns(FakeExecutor):
+    """Prefill's turn comes only when the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__(1000)
+        self.asked, self.gate = threading.Event(), threading.Event()
+
+    def wait_turn(self, stage: Stage) -> None:
+        if stage is P and not self.gate.is_set():
+            self.asked.set()
+            assert self.gate.wait(10)
+
+
+def test_a_batch_is_planned_after_the_stage_got_its_turn_with_what_queued_meanwhile():
+    sched = Scheduler(make_policy("multi_stream"), BlockManager(64, 4))
+    ex = _GatedTurns()
+    loop = EngineLoop(sched, ex, arrival_wait_s=0.0)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    with loop:
+        loop.add_request(Request("r0", [1] * 6, params))
+        assert ex.asked.wait(10)  # prefill's worker has work and waits for its turn
+        loop.add_request(Request("r1", [2] * 6, params))
+        loop.add_request(Request("r2", [3] * 6, params))
+        ex.gate.set()
+        assert loop.wait_idle(timeout_s=10)
+    prefill = [b for b in ex.batches if b.stage is P]
+    assert prefill[0].request_ids == ["r0", "r1", "r2"]  # not r0 alone, planned before the wait
+
+
+def test_the_engine_default_is_the_measured_minimum():
+    from nova.config import EngineConfig
+    from nova.gpu.cpu_cores import MIN_SPLIT_CORES
+
+    assert EngineConfig().cpu_min_split_cores == MIN_SPLIT_CORES

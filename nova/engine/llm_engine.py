@@ -108,7 +108,10 @@ class LLMEngine:
         # SM partitions (green contexts / streams / cpu): an explicit backend that cannot run
         # here is an error; ``auto`` falls back with a logged reason (nova.gpu.partition).
         self.partition_backend = make_backend(
-            config.partition, self.loaded.device, config.cpu_adapt_threads
+            config.partition,
+            self.loaded.device,
+            config.cpu_adapt_threads,
+            config.cpu_min_split_cores,
         )
         self.runner = _on_fresh_thread_if_cpu(
             config.device,

@@ -20,7 +20,7 @@ from nova.core.scheduler import Scheduler
 from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals
 from nova.engine.client import EngineSnapshot
 from nova.executor.base import Executor, describe_error
-from nova.types import Request, RequestEvent, Stage, StageResult
+from nova.types import Batch, Request, RequestEvent, Stage, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ class EngineLoop:
 
     # -- workers ---------------------------------------------------------------------------
     def _worker(self, stage: Stage) -> None:
+        had_turn = False  # waited for this stage's turn since it last planned a batch
         while True:
             with self._cond:
                 if self._stopping:
@@ -183,10 +184,20 @@ class EngineLoop:
                 if hold_s > 0:
                     self._cond.wait(timeout=hold_s)
                     continue
-                batch = self.scheduler.schedule(stage, now)
-                if batch is None:
-                    self._cond.wait(timeout=IDLE_WAIT_S)
-                    continue
+                batch: Batch | None = None
+                if had_turn or not self.scheduler.state.queue(stage):
+                    had_turn = False
+                    batch = self.scheduler.schedule(stage, now)
+                    if batch is None:
+                        self._cond.wait(timeout=IDLE_WAIT_S)
+                        continue
+            if batch is None:
+                # work is queued: where stages take turns on the device (a CPU with few
+                # cores), wait for ours before planning the batch, so that it holds what
+                # queued meanwhile
+                self.executor.wait_turn(stage)
+                had_turn = True
+                continue
             self.executor.set_partition(stage, batch.partition)
             try:
                 result = self.executor.execute(batch)

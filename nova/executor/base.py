@@ -44,6 +44,11 @@ class Executor(Protocol):
     def set_partition(self, stage: Stage, partition: Partition) -> None:
         """Use ``partition``'s share for ``stage`` from the next batch on."""
 
+    def wait_turn(self, stage: Stage) -> None:
+        """Block until ``stage``'s next batch could start at once (on a CPU whose stages take
+        turns on the cores: its turn); called by the stage's worker before it plans the
+        batch, outside the engine's lock."""
+
 
 def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"

@@ -69,6 +69,9 @@ class FakeExecutor:
     def set_partition(self, stage: Stage, partition: Partition) -> None:
         self.partitions[stage] = partition
 
+    def wait_turn(self, stage: Stage) -> None:
+        pass  # no device to share: batches start at once
+
     def execute(self, batch: Batch) -> StageResult:
         with self._lock:
             self.batches.append(batch)

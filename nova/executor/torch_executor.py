@@ -140,6 +140,10 @@ class TorchExecutor:
         # Takes effect with the stage's next batch (``execute`` activates it).
         self.partitions[stage] = partition
 
+    def wait_turn(self, stage: Stage) -> None:
+        # (the stage's partition so far; its first batch: the shared one)
+        self.partition_backend.wait_turn(stage, self.partitions.get(stage, Partition.shared()))
+
     def _payload(self, request_id: str) -> _Payload:
         with self._lock:
             return self._payloads[request_id]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
 from nova.gpu.cpu_contention import ContentionMonitor, TimedCall
-from nova.gpu.cpu_cores import CoreBroker
+from nova.gpu.cpu_cores import MIN_SPLIT_CORES, CoreBroker
 from nova.gpu.cpu_threads import TeamThread, apply_cores, available_cores, cores_for_block
 from nova.gpu.sm_plan import SHARE_EPS, SMGrid
 from nova.gpu.streams import CudaStream, CudaStreams
@@ -77,6 +78,11 @@ class PartitionBackend:
         """SMs the stage really runs on under ``partition`` (the whole device if unlimited)."""
         return self.grid.num_sms
 
+    def wait_turn(self, stage: Stage, partition: Partition) -> None:
+        """Block until ``stage`` could start a batch under ``partition`` at once (where
+        stages take turns on the device; at once here). Stage workers call it before they
+        plan a batch, so the batch holds what queued while they waited."""
+
     def close(self) -> None:
         """Release what ``run`` keeps between batches (the engine calls it when it stops)."""
 
@@ -119,6 +125,7 @@ class CpuBackend(PartitionBackend):
         cores: Sequence[int] | None = None,
         adapt_to_contention: bool = False,
         monitor: ContentionMonitor | None = None,
+        min_split_cores: int = MIN_SPLIT_CORES,
     ) -> None:
         if cores is None:
             cores = available_cores()
@@ -128,7 +135,12 @@ class CpuBackend(PartitionBackend):
         if monitor is None and adapt_to_contention and len(cores) > 1:
             monitor = ContentionMonitor(len(cores))
         self.monitor = monitor
-        self.broker = CoreBroker(cores, monitor.current if monitor is not None else None)
+        self.broker = CoreBroker(
+            cores,
+            monitor.current if monitor is not None else None,
+            min_split_cores=min_split_cores,
+            clock=time.monotonic,
+        )
         super().__init__(self.broker.grid)
         self._apply = _apply_cores  # tests swap in a recorder
         self._created: dict[tuple[str, str], GrantedPartition] = {}
@@ -164,12 +176,17 @@ class CpuBackend(PartitionBackend):
 
     @contextlib.contextmanager
     def activate(self, stage: Stage, partition: Partition) -> Iterator[CudaStream | None]:
-        grant = self.broker.acquire(stage, partition)
+        # co-runs as asked, without turns: tools that time stages beside each other
+        # (``benchmarks/gpu_sm_curves.py --smoke``) nest one activation inside another's
+        grant = self.broker.acquire(stage, partition, take_turns=False)
         try:
             self._apply(grant.cores)
             yield None
         finally:
             self.broker.release(stage)
+
+    def wait_turn(self, stage: Stage, partition: Partition) -> None:
+        self.broker.wait_turn(stage, partition)
 
     def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
         """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""
@@ -246,9 +263,11 @@ class CpuBackend(PartitionBackend):
         return list(self._created.values())
 
     def describe(self) -> str:
+        n = self.broker.min_split_cores
         return (
             f"cpu: {self.grid.num_sms} cores {list(self.cores)}; each stage worker on its own "
-            "cores with as many intra-op threads, shared partitions split among running stages"
+            "cores with as many intra-op threads, shared partitions split among running stages "
+            f"down to {n} core{'s' if n > 1 else ''} each, else they take turns (decode first)"
         )
 
 

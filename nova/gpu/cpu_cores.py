@@ -1,4 +1,4 @@
-"""CPU partitions, planned: which cores each stage worker runs on (torch-free, clock-free).
+"""CPU partitions, planned: which cores each stage worker runs on (torch-free; clock passed in).
 
 The CPU's version of SM partitions. A partition's shares become whole cores with the same
 planning as SMs (``nova.gpu.sm_plan.plan_partition`` on a grid of the machine's cores, step 1),
@@ -7,9 +7,15 @@ the core list, vision/prefill from the bottom, so a stage keeps its cores when t
 
 Shared partitions (``Partition.shared()``: ``multi_stream``, the time-sliced baselines) have no
 shares; there the cores are split evenly, at each batch start, among the stages running at that
-moment (``CoreBroker``): a stage alone gets every core, two running stages get half each. When
-more stages run than there are cores they time-share: decode keeps a core of its own when there
-are at least two, the others take turns on the rest (one core: everyone shares it).
+moment (``CoreBroker``): a stage alone gets every core, two running stages get half each.
+
+A split that would leave a stage fewer than ``min_split_cores`` cores is not made: the stages
+take turns on every core instead, a batch at a time, decode first (``CoreBroker.acquire``);
+``min_split_cores=1`` always splits. On 2 cores that is every split: a batch on 1 core runs
+1.8-2.0x as long as on 2 (``benchmarks/results/engine_cpu_overlap.md``: decode steps 214 vs
+382 ms; the front stages scale the same way), so two stages on a core each finish no sooner
+than in turns, and decode's steps take twice as long (``docs/cpu.md``). ``shared_core_slices``
+says how cores are split when more stages than cores run together (``min_split_cores=1``).
 
 Why split at all: PyTorch's intra-op pool (OpenMP) of each worker thread starts as many threads
 as it is told; three workers each starting a pool of every core put 3x the threads on the
@@ -32,6 +38,17 @@ from nova.types import Partition, Stage
 _LAYOUT = (Stage.VISION, Stage.PREFILL, Stage.DECODE)
 # Who gets a core left over by an uneven split.
 _REMAINDER_FIRST = (Stage.DECODE, Stage.PREFILL, Stage.VISION)
+# The fewest cores a stage is split down to before stages take turns instead. 2: on this
+# project's 2-core machine a batch on 1 core takes 1.8-2.0x its 2-core time (module docstring),
+# so a 1-core split never beats turns. Splits into >= 2 cores per stage are not measured here
+# (no machine with more cores): they keep the split.
+MIN_SPLIT_CORES = 2
+# After a decode step or a prefill batch ends, the other stages wait this long for decode's
+# next step before taking a turn: the engine dispatches that step only after it has read the
+# last batch's tokens (well under 1 ms on the 2-core machine in a scratch trace of the
+# screenshot burst), so without it a waiting front batch would slip in between every two
+# decode steps, and between a prefill batch and its sequences' first decode step.
+DECODE_GRACE_S = 0.02
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,15 +133,32 @@ class CoreBroker:
     settles within one batch of each running stage.
     """
 
-    def __init__(self, cores: Sequence[int], usable: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[int],
+        usable: Callable[[], int] | None = None,
+        min_split_cores: int = MIN_SPLIT_CORES,
+        decode_grace_s: float = DECODE_GRACE_S,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         if not cores:
             raise ValueError("a CPU partition needs at least one core")
+        if min_split_cores < 1:
+            raise ValueError(f"min_split_cores must be at least 1, got {min_split_cores}")
         self.cores = tuple(sorted(cores))
+        self.min_split_cores = min_split_cores
+        self.decode_grace_s = decode_grace_s
+        self._clock = clock
         # how many of the cores batches may run on now (other processes' use: the contention
         # monitor); None: all of them
         self._usable = usable
         self.grid = core_grid(self.cores)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        # stages waiting for a turn, in the order they came (decode goes first regardless)
+        self._waiting: list[Stage] = []
+        # when the last decode step or prefill batch ended (clock): decode may come next
+        self._decode_due_s: float | None = None
+        self.turns_waited = 0  # batches that waited for a turn (for reports and tests)
         self._plans: dict[Partition, PartitionPlan | None] = {}
         self._isolated: dict[tuple[int | None, ...], dict[Stage, tuple[int, ...]]] = {}
         self._running: dict[Stage, CoreGrant] = {}
@@ -162,7 +196,12 @@ class CoreBroker:
             sets = self._isolated[plan.key] = isolated_core_sets(plan, self.cores)
         return sets
 
-    def acquire(self, stage: Stage, partition: Partition) -> CoreGrant:
+    def acquire(self, stage: Stage, partition: Partition, take_turns: bool = True) -> CoreGrant:
+        """The cores for ``stage``'s next batch. A shared split that would leave a stage fewer
+        than ``min_split_cores`` cores waits instead (blocking) until the stage may run alone:
+        no batch running, decode first, then in the order the stages asked; after a decode
+        step or a prefill batch the others give decode ``decode_grace_s`` to come.
+        ``take_turns=False`` co-runs as asked (tools that measure co-running)."""
         usable = self._usable() if self._usable is not None else len(self.cores)
         with self._lock:
             plan = self._plan_locked(partition)
@@ -173,15 +212,77 @@ class CoreBroker:
             if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
                 grant = CoreGrant(stage, self._isolated_locked(plan)[stage])
             else:
-                running = [*self._running, stage]
                 pool = self.cores[: max(1, usable)]
-                cores, shared = shared_core_slices(running, pool)[stage]
-                grant = CoreGrant(stage, cores, shared)
+                if take_turns and self._must_take_turns(len(pool)):
+                    waited = self._wait_turn_locked(stage)  # (releases the lock meanwhile)
+                    self.turns_waited += waited
+                    grant = CoreGrant(stage, pool)
+                else:
+                    running = [*self._running, stage]
+                    cores, shared = shared_core_slices(running, pool)[stage]
+                    grant = CoreGrant(stage, cores, shared)
             if self._running:
                 self._overlapped.update(self._running)
                 self._overlapped.add(stage)
             self._running[stage] = self.last[stage] = grant
             return grant
+
+    def _must_take_turns(self, num_cores: int) -> bool:
+        """Whether stages take turns on ``num_cores``: always when no two stages could split
+        them (even with nothing running now: a front batch must not slip in between two
+        decode steps), else when a stage starting beside those running would get too few."""
+        if self.min_split_cores == 1:
+            return False  # always split (more stages than cores share them: the OS's turns)
+        if num_cores // 2 < self.min_split_cores:
+            return True
+        return num_cores // (len(self._running) + 1) < self.min_split_cores
+
+    def wait_turn(self, stage: Stage, partition: Partition) -> None:
+        """Block until ``stage`` could start a batch under ``partition`` without waiting (its
+        turn, where stages take turns; at once otherwise), without taking the cores: the
+        caller plans the batch now, with what has queued meanwhile, then ``acquire``s."""
+        usable = self._usable() if self._usable is not None else len(self.cores)
+        with self._lock:
+            plan = self._plan_locked(partition)
+            capped = usable < len(self.cores)
+            if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
+                return
+            if self._must_take_turns(len(self.cores[: max(1, usable)])):
+                self._wait_turn_locked(stage)
+
+    def _wait_turn_locked(self, stage: Stage) -> bool:
+        """Wait for ``stage``'s turn; True if it had to wait."""
+        self._waiting.append(stage)
+        waited = False
+        try:
+            while True:
+                delay_s = self._turn_delay_locked(stage)
+                if delay_s == 0.0:
+                    return waited
+                waited = True
+                self._lock.wait(delay_s)  # None: until a release or a waiter leaves
+        finally:
+            self._waiting.remove(stage)
+            # the next waiter in line may go now (``wait_turn`` takes no cores, so no
+            # release follows when its stage then finds nothing to run)
+            self._lock.notify_all()
+
+    def _turn_delay_locked(self, stage: Stage) -> float | None:
+        """0: ``stage`` may start now; else how long to wait before looking again (None: until
+        a batch ends)."""
+        if self._running:
+            return None
+        if stage is Stage.DECODE:
+            return 0.0
+        if Stage.DECODE in self._waiting:
+            return None
+        if next(s for s in self._waiting if s is not Stage.DECODE) is not stage:
+            return None  # an earlier front stage goes first
+        if self._decode_due_s is not None and self._clock is not None:
+            left_s = self._decode_due_s + self.decode_grace_s - self._clock()
+            if left_s > 0:
+                return left_s
+        return 0.0
 
     def release(self, stage: Stage) -> bool:
         """End ``stage``'s batch; True when no other stage's batch ran beside it."""
@@ -189,6 +290,9 @@ class CoreBroker:
             self._running.pop(stage, None)
             alone = stage not in self._overlapped
             self._overlapped.discard(stage)
+            if stage is not Stage.VISION and self._clock is not None:
+                self._decode_due_s = self._clock()
+            self._lock.notify_all()
             return alone
 
     def running(self) -> dict[Stage, CoreGrant]:

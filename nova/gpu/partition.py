@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from nova.gpu.backend import CpuBackend, PartitionBackend, PartitionUnavailable, StreamBackend
+from nova.gpu.cpu_cores import MIN_SPLIT_CORES
 from nova.gpu.driver_probe import DriverProbe
 from nova.gpu.green_api import detect_green_api, import_green_module
 from nova.gpu.green_context import GreenContextBackend
@@ -33,14 +34,18 @@ BACKEND_CHOICES = ("auto", "green_context", "none", "cpu")
 
 
 def make_backend(
-    requested: str, device: torch.device | str, cpu_adapt_threads: bool = True
+    requested: str,
+    device: torch.device | str,
+    cpu_adapt_threads: bool = True,
+    cpu_min_split_cores: int = MIN_SPLIT_CORES,
 ) -> PartitionBackend:
     """The backend for ``--partition requested`` on ``device`` (a ``torch.device`` or string).
 
     ``auto``: green contexts when available, else ``none`` on CUDA / ``cpu`` on a CPU (logged).
     ``green_context`` that cannot be had raises ``PartitionUnavailable`` with the reason.
     ``cpu_adapt_threads``: the CPU backend runs batches on fewer cores while other processes
-    use them (``nova.gpu.cpu_contention``).
+    use them (``nova.gpu.cpu_contention``). ``cpu_min_split_cores``: below this many cores
+    per stage, stages take turns instead of splitting the cores (``nova.gpu.cpu_cores``).
     """
     import torch
 
@@ -56,7 +61,9 @@ def make_backend(
             )
         if requested == "none":
             log.info("partition none on %s: no streams on a CPU, using the cpu backend", device)
-        return CpuBackend(adapt_to_contention=cpu_adapt_threads)
+        return CpuBackend(
+            adapt_to_contention=cpu_adapt_threads, min_split_cores=cpu_min_split_cores
+        )
     if requested == "cpu":
         raise PartitionUnavailable(
             "--partition cpu is for CPU devices; on CUDA use auto, green_context or none"
