@@ -76,6 +76,7 @@ def main() -> None:
     )
     rows = []
     loaded = None
+    turns_seen: set[bool] = set()
     for policy in args.policies:
         nova = LLMEngine(
             EngineConfig(model="demo", policy=policy, num_kv_blocks=1024), loaded=loaded
@@ -105,8 +106,16 @@ def main() -> None:
             rates_rps=(args.rate_rps,),
             num_requests=args.num_requests,
         )
+        # the real engine's CPU backend: stages take turns on cores too few to split
+        turns = bool(getattr(nova.partition_backend, "stages_take_turns", False))
+        turns_seen.add(turns)
         sim = Simulator(
-            build_policy(policy, exp, cost, None), cost, 1024, 16, proc.num_image_tokens
+            build_policy(policy, exp, cost, None),
+            cost,
+            1024,
+            16,
+            proc.num_image_tokens,
+            stages_take_turns=turns,
         ).run(arrivals)
         s_sum = summarize([request_metrics(r) for r in sim.requests])
         for run in range(args.repeats):
@@ -145,9 +154,9 @@ def main() -> None:
             for k in ("date", "timed", "statistic", "passes", "repeats", "loadavg_1min")
         },
         "workload": f"poisson {args.rate_rps} req/s, {args.num_requests} requests, seed "
-        "{args.seed}, "
-        "16-32 output tokens, one screenshot each",
+        f"{args.seed}, 16-32 output tokens, one screenshot each",
         "machine": machine(),
+        "stages_take_turns": sorted(turns_seen),
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +168,8 @@ def main() -> None:
         "",
         f"Workload: {report['workload']}. Cost model: profiled on this CPU ({PROFILE.name}, "
         f"{meta.get('date')}, {meta.get('statistic')}, timed: {meta.get('timed')}, "
-        f"load during profiling {meta.get('loadavg_1min')}).",
+        f"load during profiling {meta.get('loadavg_1min')}). Stages take turns on the cores "
+        f"(engine's CPU backend, and simulated alike): {report['stages_take_turns']}.",
         "",
         "| policy | run | load before/after | real mean s | sim mean s | error | real p99 s | sim "
         "p99 s | error |",

@@ -58,6 +58,33 @@ def test_every_policy_finishes_everything(policy):
     assert all(len(r.output_token_ids) == r.sampling.max_tokens for r in res.requests)
 
 
+def test_stages_that_take_turns_run_one_batch_at_a_time_decode_first():
+    def run(turns: bool):
+        sim = Simulator(
+            make_policy("multi_stream", limits=StageLimits(max_num_seqs=8)),
+            FixedCostModel(DUR),
+            num_kv_blocks=256,
+            block_size=4,
+            image_tokens=IMAGE_TOKENS,
+            work_fn=lambda b: b,
+            stages_take_turns=turns,
+        )
+        return sim.run(_trace())
+
+    split, turns = run(False), run(True)
+    assert all(r.status is RequestStatus.FINISHED for r in turns.requests)
+
+    def overlaps(res):
+        recs = sorted(res.batches, key=lambda b: b.start_s)
+        return sum(b.start_s < a.end_s - 1e-12 for a, b in itertools.pairwise(recs))
+
+    assert overlaps(split) > 0 and overlaps(turns) == 0  # multi_stream co-runs unless turns
+    # decode first: a prefill batch's sequences decode before any other front batch runs
+    recs = sorted(turns.batches, key=lambda b: b.start_s)
+    after_prefill = [b.stage for a, b in itertools.pairwise(recs) if a.stage is Stage.PREFILL]
+    assert after_prefill and set(after_prefill) == {Stage.DECODE}
+
+
 def test_sequential_timeline_is_exact():
     # one request with an image: vision 0.06, prefill 0.04, then 2 decode steps of 0.02
     res = _sim("sequential", [SimArrival("a", 0.5, 3, 1, 3)])

@@ -188,6 +188,11 @@ class CpuBackend(PartitionBackend):
     def wait_turn(self, stage: Stage, partition: Partition) -> None:
         self.broker.wait_turn(stage, partition)
 
+    @property
+    def stages_take_turns(self) -> bool:
+        """Whether shared batches always take turns here (too few cores to split)."""
+        return self.broker.stages_take_turns
+
     def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
         """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""
         grant = self.broker.acquire(stage, partition)

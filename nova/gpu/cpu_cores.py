@@ -227,6 +227,11 @@ class CoreBroker:
             self._running[stage] = self.last[stage] = grant
             return grant
 
+    @property
+    def stages_take_turns(self) -> bool:
+        """Whether every shared batch takes a turn (no two stages could split the cores)."""
+        return self.min_split_cores > 1 and len(self.cores) // 2 < self.min_split_cores
+
     def _must_take_turns(self, num_cores: int) -> bool:
         """Whether stages take turns on ``num_cores``: always when no two stages could split
         them (even with nothing running now: a front batch must not slip in between two

@@ -224,10 +224,16 @@ class Simulator:
         prefix_caching: bool | None = None,
         encoder_cache_bytes: int = 0,
         embed_bytes_per_token: int = 1,
+        stages_take_turns: bool = False,
     ) -> None:
         """``prefix_caching``: model the prefix cache (None: when some arrival has
         ``segments``); ``encoder_cache_bytes``: the encoder cache's capacity (0: off), an image
-        token's embedding taking ``embed_bytes_per_token`` (hidden size x bytes per value)."""
+        token's embedding taking ``embed_bytes_per_token`` (hidden size x bytes per value).
+        ``stages_take_turns``: the device runs one batch at a time, decode first, then the
+        front stage that ran least recently (the ``cpu`` partition backend on a CPU whose
+        cores cannot be split into slices of ``--cpu-min-split-cores``: ``nova.gpu.cpu_cores``);
+        a batch is planned when its turn comes."""
+        self.stages_take_turns = stages_take_turns
         self.scheduler = Scheduler(
             policy,
             BlockManager(num_kv_blocks, block_size, bool(prefix_caching)),
@@ -390,13 +396,16 @@ class Simulator:
         changed = False  # the running set changed since the rates were computed
         # Stages that cannot get a batch are not asked (the policy's declarations): none while
         # a time-sliced policy runs a batch; none for a stage no live request waits for.
-        sliced = sched.policy.one_batch_at_a_time
+        turns = self.stages_take_turns
+        sliced = sched.policy.one_batch_at_a_time or turns
         waiting: list[tuple[Stage, dict[str, Request] | bool]] = [
             (stage, sched.state.by_status[WAITING_STATUS[stage]])
             if sched.policy.idle_without_queue
             else (stage, True)  # always asked
             for stage in STAGES
         ]
+        if turns:  # decode first; the front stages in the order they last ran (below)
+            waiting.sort(key=lambda w: w[0] is not decode)
         while True:
             started = changed
             for stage, queue in waiting:
@@ -453,6 +462,8 @@ class Simulator:
                 changed = True
                 for stage in finished:
                     r = running.pop(stage)
+                    if turns and stage is not decode:  # the other front stage goes next
+                        waiting.sort(key=lambda w: (w[0] is not decode, w[0] is stage))
                     batch = r.batch
                     items = batch.items
                     tokens = (
