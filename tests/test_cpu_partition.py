@@ -181,6 +181,21 @@ def test_waiting_for_a_turn_takes_no_cores():
     four.wait_turn(D, iso)  # an isolated plan that fits: its own cores, no turns
 
 
+def test_decode_declining_its_turn_ends_the_front_stages_wait_for_it():
+    broker = CoreBroker((0, 1), clock=lambda: 0.0, decode_grace_s=0.02)  # the clock stands
+    shared = Partition.shared()
+    broker.acquire(D, shared)
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    broker.release(D)
+    time.sleep(0.05)
+    assert vision.waiting(0.01)  # decode's grace, which on this clock never runs out
+    broker.decline_turn(P)  # (only decode's declining counts)
+    assert vision.waiting(0.01)
+    broker.decline_turn(D)  # decode's worker found nothing to run (e.g. the policy's choice)
+    assert vision.granted().cores == (0, 1)
+
+
 def test_more_cores_split_until_a_stage_would_get_fewer_than_the_minimum():
     broker = CoreBroker((0, 1, 2, 3))  # MIN_SPLIT_CORES = 2
     shared = Partition.shared()

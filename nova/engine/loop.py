@@ -189,6 +189,9 @@ class EngineLoop:
                     had_turn = False
                     batch = self.scheduler.schedule(stage, now)
                     if batch is None:
+                        # (on a CPU whose stages take turns, a front batch waiting to see
+                        # whether decode comes back after its last step need not wait more)
+                        self.executor.decline_turn(stage)
                         self._cond.wait(timeout=IDLE_WAIT_S)
                         continue
             if batch is None:

@@ -49,6 +49,10 @@ class Executor(Protocol):
         turns on the cores: its turn); called by the stage's worker before it plans the
         batch, outside the engine's lock."""
 
+    def decline_turn(self, stage: Stage) -> None:
+        """``stage`` has nothing to run now (its worker asked the scheduler and got no
+        batch): stages that wait to see whether it runs next need not wait any longer."""
+
 
 def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"

@@ -72,6 +72,9 @@ class FakeExecutor:
     def wait_turn(self, stage: Stage) -> None:
         pass  # no device to share: batches start at once
 
+    def decline_turn(self, stage: Stage) -> None:
+        pass
+
     def execute(self, batch: Batch) -> StageResult:
         with self._lock:
             self.batches.append(batch)

@@ -144,6 +144,9 @@ class TorchExecutor:
         # (the stage's partition so far; its first batch: the shared one)
         self.partition_backend.wait_turn(stage, self.partitions.get(stage, Partition.shared()))
 
+    def decline_turn(self, stage: Stage) -> None:
+        self.partition_backend.decline_turn(stage)
+
     def _payload(self, request_id: str) -> _Payload:
         with self._lock:
             return self._payloads[request_id]

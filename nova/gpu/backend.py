@@ -83,6 +83,9 @@ class PartitionBackend:
         stages take turns on the device; at once here). Stage workers call it before they
         plan a batch, so the batch holds what queued while they waited."""
 
+    def decline_turn(self, stage: Stage) -> None:
+        """``stage``'s worker found nothing to run: stages waiting for it need not."""
+
     def close(self) -> None:
         """Release what ``run`` keeps between batches (the engine calls it when it stops)."""
 
@@ -187,6 +190,9 @@ class CpuBackend(PartitionBackend):
 
     def wait_turn(self, stage: Stage, partition: Partition) -> None:
         self.broker.wait_turn(stage, partition)
+
+    def decline_turn(self, stage: Stage) -> None:
+        self.broker.decline_turn(stage)
 
     @property
     def stages_take_turns(self) -> bool:

@@ -255,6 +255,17 @@ class CoreBroker:
             if self._must_take_turns(len(self.cores[: max(1, usable)])):
                 self._wait_turn_locked(stage)
 
+    def decline_turn(self, stage: Stage) -> None:
+        """``stage`` has nothing to run now: no one waits for it. (After a decode step or a
+        prefill batch the front stages give decode ``decode_grace_s`` to come back; decode's
+        worker declining ends that wait, e.g. when the policy picks a front batch next.)"""
+        if stage is not Stage.DECODE:
+            return
+        with self._lock:
+            if self._decode_due_s is not None:
+                self._decode_due_s = None
+                self._lock.notify_all()
+
     def _wait_turn_locked(self, stage: Stage) -> bool:
         """Wait for ``stage``'s turn; True if it had to wait."""
         self._waiting.append(stage)
