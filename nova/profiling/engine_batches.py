@@ -45,9 +45,15 @@ class EngineBatches:
         self.runner = runner
         self.block_manager = runner.block_manager
         # the profile times stages beside each other as asked (its co-run factors), so on a
-        # CPU the backend splits the cores instead of making them take turns
+        # CPU the backend splits the cores instead of making them take turns; and on every
+        # core: a thread count cut for other processes' load would time a smaller machine
         on_cuda = runner.device.type == "cuda"
-        backend = make_backend("none" if on_cuda else "cpu", runner.device, cpu_min_split_cores=1)
+        backend = make_backend(
+            "none" if on_cuda else "cpu",
+            runner.device,
+            cpu_adapt_threads=False,
+            cpu_min_split_cores=1,
+        )
         self.executor = TorchExecutor(runner, partition_backend=backend)
         self.seed = seed
         self._text = TextTokens(runner.vocab_size, loaded.model.image_token_id)
