@@ -5,10 +5,13 @@ pinned static modes (``nova[mode=...]``, the oracle's candidates) never re-plan,
 simulator is deterministic per seed. So this re-runs ``nova`` alone on every experiment's
 points and seeds with each quantile given, takes every other configuration's per-seed results
 from an existing full evaluation (``--base``, default ``benchmarks/results/eval``), and rebuilds
-the reports and the must-hold checks with ``nova.sim.eval``'s own functions. It writes
-``<out>/q<quantile>/<experiment>/results.json``, ``<out>/q<quantile>/summary.{json,md}`` and
-``<out>/summary.md``: the pass counts per experiment for the base and each quantile, and every
-point whose verdict differs from the base's.
+the reports and the must-hold checks with ``nova.sim.eval``'s own functions. With the default
+quantile (0.995) it is the quick check of any change to nova's planning that leaves the
+baselines and the pinned modes alone (``--out`` elsewhere, e.g.
+``benchmarks/results/eval_early``). It writes ``<out>/q<quantile>/<experiment>/results.json``,
+``<out>/q<quantile>/summary.{json,md}`` and ``<out>/summary.md``: the pass counts per
+experiment for the base and each quantile, and every point whose verdict differs from the
+base's.
 
 Usage: ``python benchmarks/eval_quantile.py --quantiles 0.995 0.998 [--only NAME ...]
 [--base DIR] [--out DIR] [--summary-only]``. Each ``results.json`` written keeps the per-point
@@ -182,7 +185,8 @@ def compare(base: dict[str, Any], runs: dict[str, dict[str, Any]], base_dir: Pat
     names = sorted({r["experiment"] for r in base["rows"]})
     b = verdicts(base)
     lines = [
-        "# nova with another `unlucky_quantile`: the must-hold checks against the base run",
+        "# nova re-run alone (the code as run) with each `unlucky_quantile`: the must-hold "
+        "checks against the base run",
         "",
         "Written by `benchmarks/eval_quantile.py`. Base: "
         f"`{base_dir}/summary.md`{committed(base_dir)}. "

@@ -377,6 +377,74 @@ def test_provisional_plans_take_the_rate_one_standard_error_low():
     assert policy.num_replans == 0 and policy.num_switches == 0
 
 
+def _state():
+    return Simulator(nova(), roofline(), 4000, 16, 1600).scheduler.state
+
+
+def test_early_plans_move_to_a_light_load_mode_before_the_held_rate():
+    """From the 8th arrival to the first held rate (16), nova plans for the rate so far one
+    standard error high when that bound is below the load its initial mode was chosen for (half
+    the chunked modes' capacity): at 0.2 req/s on the paper's A6000 it leaves ``chunked:128``
+    for a spatial mode after 10 arrivals (it waited for 16 before: the worst request of
+    ``paper-a6000`` 0.2 req/s, seed 0, was the 10th, served in ``chunked:128``)."""
+    policy = nova()
+    initial = policy.mode
+    assert initial.time_sliced and policy._initial_rate > 0.3
+    times = [5.0 * i for i in range(10)]  # 0.2 req/s
+    _feed_gaps(policy, times)
+    now = times[-1] + 1.0
+    raw = policy._arrival_rate(now)
+    policy._maybe_replan(_state(), now)
+    assert policy._plan_rate == 0.0  # not held yet: 10 < 16 arrivals
+    assert policy._key_stamp is not None
+    assert policy._key_stamp[0] == pytest.approx(raw * (1.0 + 1.0 / math.sqrt(10)))
+    assert policy.num_replans == 1 and policy.mode != initial and not policy.mode.time_sliced
+    # fewer than 8 arrivals: the initial mode holds
+    policy = nova()
+    _feed_gaps(policy, times[:7])
+    policy._maybe_replan(_state(), times[6] + 1.0)
+    assert policy.num_replans == 0 and policy.mode == initial
+    # nova[early_from=16] is the policy without early plans
+    policy = nova(early_from=16)
+    _feed_gaps(policy, times)
+    policy._maybe_replan(_state(), now)
+    assert policy.num_replans == 0 and policy.mode == initial
+
+
+def test_early_plans_never_act_on_a_heavier_load():
+    """Early arrivals faster than the initial mode's load (a closed loop's start, a burst) do
+    not move the plan: that waits for the held rate and the backlog, as before."""
+    policy = nova()
+    initial = policy.mode
+    times = [1.0 * i for i in range(12)]  # 1 req/s: above every mode's capacity here
+    _feed_gaps(policy, times)
+    policy._maybe_replan(_state(), times[-1] + 0.5)
+    assert policy.num_replans == 0 and policy.mode == initial
+
+
+def test_the_first_held_plan_replaces_an_early_mode_without_hysteresis():
+    """An early plan's mode was chosen on a few arrivals: the first plan after the early ones
+    (here on the held rate) takes its own mode even when the hysteresis would keep the current
+    one; a mode chosen otherwise keeps the hysteresis."""
+    times = [5.0 * i for i in range(10)]
+    more = [times[-1] + 5.0 * (i + 1) for i in range(8)]
+    for early_mode in (True, False):
+        policy = nova()
+        _feed_gaps(policy, times)
+        policy._maybe_replan(_state(), times[-1] + 1.0)
+        assert policy._early_mode and policy.num_switches == 1
+        policy.mode = Mode.chunked(2048)  # as if the early plan had chosen it
+        policy._early_mode = early_mode
+        policy._better = lambda *a: False  # type: ignore[method-assign]  # hysteresis: never
+        _feed_gaps(policy, more)
+        policy._maybe_replan(_state(), more[-1] + 0.5)
+        assert policy._plan_rate > 0.0  # held: 18 arrivals
+        held = policy._cache[policy._plan_key]  # type: ignore[index]
+        assert held.mode != Mode.chunked(2048)
+        assert policy.mode == (held.mode if early_mode else Mode.chunked(2048))
+        assert not policy._early_mode
+
+
 def test_a_switch_for_capacity_needs_a_significant_excess():
     """The capacity guard switches modes only when the rate's lower bound (one standard
     error below the estimate) exceeds the current mode's capacity by more than the model's

@@ -35,6 +35,13 @@ does, the one with the most capacity (the capacity guard). It switches only for 
 standard error low above its capacity by more than ``model_error``). Plans are cached
 per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup.
 
+**Early plans.** Before the first held rate (16 arrivals) the initial mode is a bet on half the
+chunked modes' capacity. From the ``early_from``-th arrival nova plans for the rate so far one
+standard error *high*, but only while that bound is below the initial mode's load: a few
+arrivals can show that the load is lighter than the bet (the light-load modes are then safe);
+a heavier load waits for the held rate, the backlog and the capacity guard. The first plan
+after the early ones replaces an early plan's mode without the hysteresis.
+
 **SM accounting.** Shares are whole SMs: decode on the GPU's partition grid, the compute side
 the exact remainder. A batch keeps the SMs it started with, so a stage starts only on SMs that
 are free: a compute stage whose planned share does not fit beside the running decode step waits
@@ -87,6 +94,9 @@ _OTHER_STAGES = {s: tuple(o for o in (_VISION, _PREFILL, _DECODE) if o is not s)
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
 _MIN_ARRIVALS = 16  # arrivals before the first rate estimate (two arrivals say little)
+# arrivals before the first early plan (below ``_MIN_ARRIVALS``: the rate so far, one standard
+# error high, 1/sqrt(8) = 35%); tuned on the evaluation (docs/scheduler.md, "Early plans")
+_EARLY_ARRIVALS = 8
 _GAP_MEMORY = 500  # gaps the burstiness estimate averages over (a gamma gap with CV 3-4 is
 # heavy-tailed: a few hundred gaps before its squared CV settles within ~30%)
 DEFAULT_LIMITS = (1, 2, 4, 8)
@@ -143,6 +153,7 @@ class NovaPolicy(Policy):
     variant_params: ClassVar[dict[str, str]] = {
         "mode": "fixed_mode",
         "provisional_z": "provisional_z",
+        "early_from": "early_from",
     }
 
     def __init__(
@@ -169,6 +180,7 @@ class NovaPolicy(Policy):
         max_decode_fraction: float = 0.75,
         ignore_cluster_backlog: bool = True,
         provisional_z: float = 1.0,
+        early_from: int = _EARLY_ARRIVALS,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -224,6 +236,9 @@ class NovaPolicy(Policy):
         self.vision_starvation_s = vision_starvation_s
         self.ignore_cluster_backlog = ignore_cluster_backlog
         self.provisional_z = provisional_z
+        self.early_from = early_from
+        self._initial_rate = 0.0  # the load the initial mode is chosen for (``_initial_mode``)
+        self._early_mode = False  # the mode was chosen by an early plan (``_maybe_replan``)
         self.token_budgets = tuple(sorted(set(token_budgets)))
         self.prefill_limits = tuple(sorted(set(prefill_limits)))
         self.allow_time_sliced = allow_time_sliced
@@ -291,6 +306,7 @@ class NovaPolicy(Policy):
         cap = max(p.capacity_rps for p in preds)
         if not math.isfinite(cap) or cap <= 0:
             return Mode.chunked(self.token_budgets[0])
+        self._initial_rate = cap / 2
         load = replace(load, lam_rps=cap / 2)
         preds = [self.model.predict(Mode.chunked(b), load) for b in self.token_budgets]
         return min(preds, key=_score).mode
@@ -610,14 +626,29 @@ class NovaPolicy(Policy):
 
     def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
         rate = self._planning_rate(now_s)
+        early = False
         if rate <= 0.0:
-            if len(self._obs.arrivals_s) < _MIN_ARRIVALS:
-                return  # too few arrivals to plan for: the initial mode holds
-            # bursty arrivals: the held rate waits for more of them, but the queues may be
-            # filling now; plan for the rate so far (not held: taken anew after every batch)
-            rate = self._arrival_rate(now_s) * (1.0 - self.provisional_z * self._rate_rel_err())
-            if rate <= 0.0:
-                return
+            n = len(self._obs.arrivals_s)
+            if n < _MIN_ARRIVALS:
+                if n < self.early_from:
+                    return  # too few arrivals to plan for: the initial mode holds
+                # an early plan: only for a load that is, at one standard error (the rate so
+                # far one standard error *high*), lighter than the one the initial mode was
+                # chosen for; evidence of a heavier load waits for the held rate and the
+                # backlog (an underestimated rate costs capacity, an overestimated one only the
+                # light-load modes' edge; a closed loop starts with a ramp of arrivals faster
+                # than its steady rate)
+                rate = self._arrival_rate(now_s) * (1.0 + self.provisional_z * self._rate_rel_err())
+                if rate >= self._initial_rate:
+                    return
+                early = True
+            else:
+                # bursty arrivals: the held rate waits for more of them, but the queues may be
+                # filling now; plan for the rate so far (not held: taken anew after every
+                # batch), one standard error low
+                rate = self._arrival_rate(now_s) * (1.0 - self.provisional_z * self._rate_rel_err())
+                if rate <= 0.0:
+                    return
         # Every part of the key but the backlog's changes only with the held rate (and its
         # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
         stamp = (rate, *self._burstiness(), self._obs.num_seen)
@@ -643,10 +674,16 @@ class NovaPolicy(Policy):
         if best is None:
             best = self._cache[key] = self.plan(load)
             self.num_replans += 1
+        # the first plan after the early ones replaces an early plan's mode without hysteresis:
+        # that mode was chosen on a few arrivals, this plan on the rate the policy trusts
+        replace_early = self._early_mode and not early
+        if replace_early:
+            self._early_mode = False
         if best.mode == self.mode:
             return
         current = self.model.predict(self.mode, load)
-        if self._better(best, current, load.lam_rps):
+        if replace_early or self._better(best, current, load.lam_rps):
+            self._early_mode = early
             self.mode = best.mode
             self.num_switches += 1
             self.mode_log.append((now_s, best.mode.label))
