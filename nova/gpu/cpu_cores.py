@@ -12,8 +12,8 @@ moment (``CoreBroker``): a stage alone gets every core, two running stages get h
 A split that would leave a stage fewer than ``min_split_cores`` cores is not made: the stages
 take turns on every core instead, a batch at a time, decode first (``CoreBroker.acquire``);
 ``min_split_cores=1`` always splits. On 2 cores that is every split: a batch on 1 core runs
-1.7-2.0x as long as on 2 (decode steps of 16 sequences: ``engine_cpu_overlap.md`` 214 vs 382
-ms, ``engine_cpu.md`` 72-83 vs 143-145 ms; the front stages scale the same way), so two
+1.8-2.0x as long as on 2 (decode steps of 16 sequences: ``engine_cpu_overlap.md`` 214 vs 382
+ms, ``engine_cpu.md`` 82-84 vs 153-161 ms; the front stages scale the same way), so two
 stages on a core each finish no sooner than in turns, and decode's steps take twice as long
 (``docs/cpu.md``). ``shared_core_slices`` says how cores are split when more stages than cores
 run together (``min_split_cores=1``).
@@ -40,7 +40,7 @@ _LAYOUT = (Stage.VISION, Stage.PREFILL, Stage.DECODE)
 # Who gets a core left over by an uneven split.
 _REMAINDER_FIRST = (Stage.DECODE, Stage.PREFILL, Stage.VISION)
 # The fewest cores a stage is split down to before stages take turns instead. 2: on this
-# project's 2-core machine a batch on 1 core takes 1.7-2.0x its 2-core time (module docstring),
+# project's 2-core machine a batch on 1 core takes 1.8-2.0x its 2-core time (module docstring),
 # so a 1-core split never beats turns. Splits into >= 2 cores per stage are not measured here
 # (no machine with more cores): they keep the split.
 MIN_SPLIT_CORES = 2
