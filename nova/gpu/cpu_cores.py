@@ -205,33 +205,45 @@ class CoreBroker:
         ``take_turns=False`` co-runs as asked (tools that measure co-running)."""
         usable = self._usable() if self._usable is not None else len(self.cores)
         with self._lock:
-            plan = self._plan_locked(partition)
-            # other processes use some of the cores: the running stages split the first
-            # ``usable`` (one thread per core: a team thread the OS deschedules stalls its
-            # partners at every barrier), whatever the partition
-            capped = usable < len(self.cores)
-            if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
+            pool = self._shared_pool_locked(partition, usable)
+            if pool is None:
+                plan = self._plan_locked(partition)
+                assert plan is not None  # (``_shared_pool_locked``: a plan that fits)
                 grant = CoreGrant(stage, self._isolated_locked(plan)[stage])
+            elif take_turns and self._must_take_turns(len(pool)):
+                waited = self._wait_turn_locked(stage)  # (releases the lock meanwhile)
+                self.turns_waited += waited
+                grant = CoreGrant(stage, pool)
             else:
-                pool = self.cores[: max(1, usable)]
-                if take_turns and self._must_take_turns(len(pool)):
-                    waited = self._wait_turn_locked(stage)  # (releases the lock meanwhile)
-                    self.turns_waited += waited
-                    grant = CoreGrant(stage, pool)
-                else:
-                    running = [*self._running, stage]
-                    cores, shared = shared_core_slices(running, pool)[stage]
-                    grant = CoreGrant(stage, cores, shared)
+                running = [*self._running, stage]
+                cores, shared = shared_core_slices(running, pool)[stage]
+                grant = CoreGrant(stage, cores, shared)
             if self._running:
                 self._overlapped.update(self._running)
                 self._overlapped.add(stage)
             self._running[stage] = self.last[stage] = grant
             return grant
 
+    def _shared_pool_locked(self, partition: Partition, usable: int) -> tuple[int, ...] | None:
+        """The cores ``partition``'s running stages share out, or None where it is isolated
+        and its plan fits (each stage then has its own planned cores). Other processes using
+        some of the cores make every partition shared: the running stages split the first
+        ``usable`` (one thread per core: a team thread the OS deschedules stalls its partners
+        at every barrier)."""
+        plan = self._plan_locked(partition)
+        capped = usable < len(self.cores)
+        if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
+            return None
+        return self.cores[: max(1, usable)]
+
     @property
     def stages_take_turns(self) -> bool:
         """Whether every shared batch takes a turn (no two stages could split the cores)."""
-        return self.min_split_cores > 1 and len(self.cores) // 2 < self.min_split_cores
+        return self._never_split(len(self.cores))
+
+    def _never_split(self, num_cores: int) -> bool:
+        """No two stages could split ``num_cores`` with ``min_split_cores`` each."""
+        return self.min_split_cores > 1 and num_cores // 2 < self.min_split_cores
 
     def _must_take_turns(self, num_cores: int) -> bool:
         """Whether stages take turns on ``num_cores``: always when no two stages could split
@@ -239,7 +251,7 @@ class CoreBroker:
         decode steps), else when a stage starting beside those running would get too few."""
         if self.min_split_cores == 1:
             return False  # always split (more stages than cores share them: the OS's turns)
-        if num_cores // 2 < self.min_split_cores:
+        if self._never_split(num_cores):
             return True
         return num_cores // (len(self._running) + 1) < self.min_split_cores
 
@@ -249,11 +261,8 @@ class CoreBroker:
         caller plans the batch now, with what has queued meanwhile, then ``acquire``s."""
         usable = self._usable() if self._usable is not None else len(self.cores)
         with self._lock:
-            plan = self._plan_locked(partition)
-            capped = usable < len(self.cores)
-            if not capped and partition.isolated and plan is not None and not plan.is_unlimited:
-                return
-            if self._must_take_turns(len(self.cores[: max(1, usable)])):
+            pool = self._shared_pool_locked(partition, usable)
+            if pool is not None and self._must_take_turns(len(pool)):
                 self._wait_turn_locked(stage)
 
     def decline_turn(self, stage: Stage) -> None:
