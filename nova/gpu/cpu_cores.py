@@ -48,7 +48,10 @@ MIN_SPLIT_CORES = 2
 # next step before taking a turn: the engine dispatches that step only after it has read the
 # last batch's tokens (well under 1 ms on the 2-core machine in a scratch trace of the
 # screenshot burst), so without it a waiting front batch would slip in between every two
-# decode steps, and between a prefill batch and its sequences' first decode step.
+# decode steps, and between a prefill batch and its sequences' first decode step. 20 ms is a
+# chosen margin, not a measurement: far above that gap, a fraction of one decode step (tens
+# of ms here, ``engine_cpu.md``), and cut short when decode's worker declines
+# (``decline_turn``).
 DECODE_GRACE_S = 0.02
 
 
