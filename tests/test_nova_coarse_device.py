@@ -5,6 +5,7 @@ device as one unit cannot offer spatial splits, and that GPUs keep their decisio
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -121,3 +122,41 @@ def test_on_a_burst_the_cpu_policy_stays_decode_first_and_decode_steps_run_alone
     # chunk: its TPOT is below the fused steps' of the chunked mode nova used to start in
     assert tpot_p50(res) < tpot_p50(chunked)
     assert all(len(r.output_token_ids) == 32 for r in res.requests)
+
+
+def _poisson(rate_rps: float, n: int, seed: int) -> list[SimArrival]:
+    """Poisson arrivals of ``engine_latency``'s mix: 3 of 4 with a screenshot, 32 tokens out."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate_rps)
+        image = rng.random() < 0.75
+        out.append(SimArrival(f"r{i}", t, 54 if image else 35, 1 if image else 0, 32))
+    return out
+
+
+@pytest.mark.parametrize("rate_rps", [0.8, 1.3])
+def test_the_decode_first_model_tracks_the_simulated_cycles(rate_rps):
+    """decode_first runs gated cycles (a vision batch, a prefill batch, the decode set drained):
+    its batches grow with the load. The model's mean latency stays within 25% of the
+    simulator's running the same mode on the same profile, its tail within 0.7-1.6x the
+    simulated p99 (an M/G/1 model with the decode steps as a fixed batch's service priced the
+    mean at 7x and the capacity at a third of the cycles')."""
+    policy = _demo_cpu_policy(fixed_mode="decode_first:8")
+    cost = make_cost_model("profiled", "cpu", "demo")
+    sim = Simulator(policy, cost, 4000, 16, _IMAGE_TOKENS, stages_take_turns=True)
+    res = sim.run(_poisson(rate_rps, 300, 0))
+    got = summarize([request_metrics(q) for q in res.requests], duration_s=res.end_s)
+    pred = policy.model.predict(
+        Mode.decode_first(8), LoadEstimate(rate_rps, 0.75, 1.0, 47.0, 32.0, 32.0)
+    )
+    assert 0.75 * got.e2e.mean <= pred.mean_latency_s <= 1.25 * got.e2e.mean
+    assert 0.7 * got.e2e.p99 <= pred.tail_latency_s <= 1.6 * got.e2e.p99
+    # the burst: 64 requests drain at about the cycles' capacity
+    burst = Simulator(policy, cost, 4000, 16, _IMAGE_TOKENS, stages_take_turns=True).run(
+        [
+            SimArrival(f"b{i}", 1e-3 * i, 35 if i % 4 == 3 else 54, 0 if i % 4 == 3 else 1, 32)
+            for i in range(64)
+        ]
+    )
+    assert 0.75 <= pred.capacity_rps / (64 / burst.end_s) <= 1.25

@@ -264,11 +264,11 @@ class QueueModel:
         """Mean and tail latency and capacity of ``mode`` at ``load``. The decode batch and the
         decode span depend on each other (Little's law: batch = rate x span): a few fixed-point
         rounds from a batch of one."""
-        front_of = {
-            SPATIAL: self._spatial,
-            CHUNKED: self._chunked,
-            DECODE_FIRST: self._decode_first,
-        }.get(mode.kind, self._prefill_first)
+        if mode.kind == DECODE_FIRST:
+            return self._decode_first(mode, load)
+        front_of = {SPATIAL: self._spatial, CHUNKED: self._chunked}.get(
+            mode.kind, self._prefill_first
+        )
         lam = load.lam_rps
         max_seqs = float(self.limits.max_num_seqs)
         decoding = busy = 0.0
@@ -575,33 +575,126 @@ class QueueModel:
         tail_s = image_s if f > 0 else text_s
         return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
 
-    def _decode_first(
-        self, mode: Mode, load: LoadEstimate, decoding: float, busy: float
-    ) -> tuple[_Front, float]:
-        """Decode never waits for front work: a sequence's tokens come one solo decode step
-        apart, so the front yields decode its full rate (``tokens = busy_s / step``: nothing
-        blocks it, and ``_decode_span_s`` is ``n`` steps). The front waits instead: each
-        request's front service carries its share of the decode steps that run ahead of
-        front work, ``n`` steps of a batch of ``decoding`` sequences shared among them; a
-        front batch also waits for the decode set that is draining when it arrives (half a
-        drain, ``n / 2`` steps, while anything decodes)."""
-        batch = max(1.0, decoding)
+    def _decode_first(self, mode: Mode, load: LoadEstimate) -> Prediction:
+        """Gated cycles (a polling server with batch service): a cycle is one vision batch (at
+        most ``vision_batch`` images), one prefill batch (the requests whose images it encoded
+        and the text-only ones queued with them, at most ``max_prefill_tokens``), then decode
+        steps until that decode set drains (``decode_first_stage``). Arrivals during a cycle
+        wait for the next one, so the batch size ``b`` and the cycle time ``T(b)`` settle
+        where ``b = lam T(b)`` (a fixed point): the decode drain costs about the same steps for
+        one sequence or many, so unlike an M/G/1 server whose service is the decode steps
+        shared by a fixed batch, the cycles grow their batches with the load until a cycle
+        holds ``b_max`` requests (the vision batch's images or the prefill batch's tokens);
+        the capacity is ``b_max / T(b_max)``.
+
+        Mean latency: the residual of the cycle running at arrival (half a cycle while the
+        device is busy), the queue of requests that did not fit one cycle (a bulk-service
+        queue's diffusion approximation: ``sigma^2 / (2 (b_max - mu))`` requests, ``mu`` the
+        arrivals per cycle, ``sigma^2`` their variance ``mu * max(1, arrival_cv2)``), then the
+        request's own cycle: its front batches and its ``n`` decode steps. Tail: a request
+        arriving as a gate closes waits a whole cycle carrying the ``unlucky_quantile`` of the
+        arrivals in one cycle (a typical cycle while the device is busy), then its own cycle
+        holding the ``unlucky_quantile`` of the arrivals in one cycle, with the tail's output
+        tokens; requests beyond ``b_max`` wait further cycles. A backlog drains ``b_max``
+        requests a cycle."""
         f, m, prompt_img, text, ctx, n = self._shape(load)
-        vision_batch = max(1, min(mode.vision_batch, self.limits.max_vision_images))
-        img_per_batch = min(float(vision_batch), max(1.0, m))
-        per_img = self._time(StageWork(Stage.VISION, num_images=max(1, round(img_per_batch))), 1.0)
-        t_1 = self._time(self._decode_work(batch, ctx), 1.0)
-        decode_s = n * t_1 / batch  # device time per request spent on its decode steps
-        v_img = m * per_img / img_per_batch
-        own_img = v_img + self._time(self._prefill_work(prompt_img), 1.0)
-        own_txt = self._time(self._prefill_work(text), 1.0)
-        image_s, text_s = own_img + decode_s, own_txt + decode_s
-        mean_s = f * image_s + (1 - f) * text_s
-        extra = (img_per_batch - 1) / 2 * per_img / img_per_batch
-        extra += (1.0 - math.exp(-decoding)) * n * t_1 / 2
-        tail_s = image_s if f > 0 else text_s
-        tokens = mean_s / t_1
-        return _Front(image_s, text_s, f, tokens, extra, 1.0 / mean_s, mean_s, tail_s), t_1
+        n_tail = max(n, load.output_tokens_tail)
+        vb = max(1, min(mode.vision_batch, self.limits.max_vision_images))
+        prompt_mean = f * prompt_img + (1 - f) * text
+        b_max = min(
+            vb / (f * m) if f > 0 else math.inf,
+            self.limits.max_prefill_tokens / prompt_mean,
+            float(self.limits.max_num_seqs),
+        )
+        b_max = max(1.0, b_max)
+        t_img = {}
+
+        def vision_s(b: float) -> float:
+            images = b * f * m
+            if images <= 0:
+                return 0.0
+            k = max(1, round(images))
+            if k not in t_img:
+                t_img[k] = self._time(StageWork(Stage.VISION, num_images=k), 1.0)
+            return t_img[k] * images / k  # (fewer than one image a cycle: its expected share)
+
+        def prefill_s(b: float) -> float:
+            k = max(1, round(b))
+            p = max(1, round(prompt_mean))
+            work = StageWork(Stage.PREFILL, new_tokens=(p,) * k, context_lens=(p,) * k)
+            return self._time(work, 1.0) * max(b, 1e-9) / k
+
+        def step_s(b: float) -> float:
+            # between whole batch sizes, the mix of the two (a cycle's set is a random count)
+            lo = max(1, math.floor(b))
+            t_lo = self._time(self._decode_work(lo, ctx), 1.0)
+            if b <= lo:
+                return t_lo
+            t_hi = self._time(self._decode_work(lo + 1, ctx), 1.0)
+            return t_lo + (b - lo) * (t_hi - t_lo)
+
+        def drain_steps(b: float, tokens: float) -> float:
+            # a set of b sequences decodes until its longest is done: the mean's n steps for
+            # one, towards the tail's for many
+            return n + (tokens - n) * (1.0 - 1.0 / max(1.0, b))
+
+        def front_s(b: float) -> float:
+            return vision_s(b) + prefill_s(b)
+
+        def cycle_s(b: float, tokens: float = n_tail) -> float:
+            b = max(1.0, b)
+            return front_s(b) + drain_steps(b, tokens) * step_s(b)
+
+        t_full = cycle_s(b_max)
+        capacity = b_max / t_full
+        lam = load.lam_rps
+        lam_eff = min(lam, self.rho_cap * capacity)
+        b = 1.0
+        for _ in range(30):  # b = lam T(b), from a batch of one
+            new_b = min(b_max, max(1.0, lam_eff * cycle_s(b)))
+            if abs(new_b - b) < 0.01:
+                b = new_b
+                break
+            b = new_b
+        t_cycle = cycle_s(b)
+        busy = min(1.0, lam_eff * t_cycle / b)  # the device's busy fraction
+        mu = lam_eff * t_cycle  # arrivals per cycle
+        dispersion = max(1.0, load.arrival_cv2)
+        queued = mu * dispersion / (2.0 * max(b_max - mu, 1e-9))
+        queue_wait = queued / lam_eff if lam_eff > 0 else 0.0
+        own = front_s(b) + n * step_s(b)
+        mean = busy * t_cycle / 2.0 + queue_wait + own
+        # the tail: a full cycle of the unlucky count, then its own cycle at that size
+        others: float = poisson_quantile(mu, self.unlucky_quantile)
+        others = mu + (others - mu) * math.sqrt(dispersion)
+        size = min(b_max, max(1.0, others))
+        extra_cycles = max(0.0, math.ceil((others + 1.0) / b_max) - 1.0)
+        tail_wait = queue_wait * math.log(1.0 / (1.0 - self.tail_quantile))
+        tail = (
+            busy * t_cycle
+            + extra_cycles * t_full
+            + tail_wait
+            + front_s(size)
+            + n_tail * step_s(size)
+        )
+        if load.backlog > 1:
+            rest = load.backlog % b_max or b_max
+            cycles = math.ceil(load.backlog / b_max) - 1
+            tail = max(tail, t_cycle + cycles * t_full + front_s(rest) + n_tail * step_s(rest))
+        tail = max(tail, mean)
+        # over capacity: the queue grows at lam - capacity over the horizon a plan holds
+        overload_s = max(0.0, lam - capacity) * self.overload_horizon_s / capacity
+        t1 = step_s(b)
+        return Prediction(
+            mode,
+            mean + overload_s / 2,
+            tail + overload_s,
+            capacity,
+            t_cycle / b,
+            t1,
+            b,
+            t1,  # decode never waits for front work
+        )
 
 
 def _decay_rate(lam: float, classes: Sequence[tuple[float, float]], cv2: float) -> float:
