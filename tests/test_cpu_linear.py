@@ -1,5 +1,6 @@
-"""Prepacked oneDNN linear layers on a CPU (bf16): same outputs as F.linear, repacked when the
-weight changes, plain F.linear wherever packing does not apply."""
+"""Prepacked oneDNN linear layers on a CPU (bf16, fp32): same outputs as F.linear (bf16 bit for
+bit, fp32 to float32 rounding), repacked when the weight changes, plain F.linear wherever
+packing does not apply."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from nova.runtime.cpu_linear import PackedLinear, prepack_available
 
 needs_prepack = pytest.mark.skipif(not prepack_available(), reason="no oneDNN bf16 here")
+needs_fp32_prepack = pytest.mark.skipif(
+    not prepack_available(torch.float32), reason="no oneDNN here"
+)
 
 
 @needs_prepack
@@ -47,12 +51,37 @@ def test_repacks_when_the_weight_is_written():
         assert not torch.equal(first, second)
 
 
+@needs_fp32_prepack
+@pytest.mark.parametrize(
+    "shape", [(1, 576, 960), (16, 576, 3072), (7, 576, 49153), (300, 1536, 576)]
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_matches_f_linear_in_fp32(shape, with_bias):
+    """fp32: another summation order, so float32 rounding apart, and no further from the
+    float64 product than F.linear is (within 4x its error)."""
+    tokens, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
+    lin = PackedLinear()
+    with torch.inference_mode():
+        out = lin(x, w, b)
+        assert lin._packed is not None  # it did pack
+        plain = F.linear(x, w, b)
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-4)
+    err_packed = (out.double() - exact).abs().max().item()
+    err_plain = (plain.double() - exact).abs().max().item()
+    assert err_packed <= 4 * err_plain + 1e-6
+
+
 def test_plain_linear_where_packing_does_not_apply():
     lin = PackedLinear()
-    x32, w32 = torch.randn(4, 16), torch.randn(8, 16)
+    x64, w64 = torch.randn(4, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
     with torch.inference_mode():
-        torch.testing.assert_close(lin(x32, w32), F.linear(x32, w32))
-    assert lin._packed is None  # fp32: F.linear
+        torch.testing.assert_close(lin(x64, w64), F.linear(x64, w64))
+    assert lin._packed is None  # fp64: F.linear
     w = torch.randn(8, 16).bfloat16().requires_grad_()
     out = lin(torch.randn(4, 16).bfloat16(), w)  # autograd on: F.linear, gradients flow
     assert out.requires_grad and lin._packed is None

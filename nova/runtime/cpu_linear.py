@@ -1,4 +1,4 @@
-"""Linear layers on a CPU with weights prepacked for oneDNN (bf16).
+"""Linear layers on a CPU with weights prepacked for oneDNN (bf16 and fp32).
 
 ``F.linear`` on a CPU in bf16 reaches oneDNN with the weight in its plain ``[out, in]`` layout,
 which oneDNN reorders into its blocked GEMM layout inside every call. Reordering once
@@ -9,9 +9,17 @@ of SmolLM2-135M on one thread cost 0.63x (8 tokens), 0.89x (64 tokens, a 64-sequ
 step) and 0.97x (1024 tokens) of ``F.linear``'s thread CPU time, interleaved
 (``benchmarks/cpu_linear.py``, benchmarks/results/cpu_linear.md).
 
+In fp32, ``F.linear`` goes to MKL's sgemm; oneDNN with the packed weight sums in another order
+(float32 rounding apart; its error against the float64 product within 4x F.linear's: the
+tests) and in the engine it is
+about twice as fast: the demo model's decode step of 1-16 sequences 18-33 ms against 38-78 ms,
+a prefill of 224-3590 tokens 0.49-0.55x the time
+(``benchmarks/cpu_prepack_engine.py``, benchmarks/results/cpu_prepack_engine_float32.md).
+
 The packed copy is rebuilt whenever the weight changes (its storage or version counter: a
-loader's ``copy_`` bumps it) and costs a second copy of each packed weight in memory.
-``NOVA_CPU_PREPACK=0`` turns it off; other devices and dtypes always use ``F.linear``.
+loader's ``copy_`` bumps it) and costs a second copy of each packed weight in memory (the CPU's
+KV cache has a fixed size, so it does not shrink it). ``NOVA_CPU_PREPACK=0`` turns it off;
+other devices and dtypes always use ``F.linear``.
 """
 
 from __future__ import annotations
@@ -23,30 +31,33 @@ import torch.nn.functional as F
 
 # The batch size oneDNN picks the packed layout for (decode batches; prefill reuses it).
 PACK_BATCH_HINT = 64
+_PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def prepack_available() -> bool:
-    """oneDNN bf16 linear with packed weights is usable here (and not turned off)."""
+def prepack_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN linear with packed weights is usable here for ``dtype`` (and not turned off):
+    float32 wherever oneDNN is, bfloat16 where oneDNN supports it on this CPU."""
     if os.environ.get("NOVA_CPU_PREPACK") == "0":
         return False
+    return _AVAILABLE.setdefault(dtype, _supported(dtype))
+
+
+def _supported(dtype: torch.dtype) -> bool:
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float32:
+            return bool(torch.backends.mkldnn.is_available())
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        return False
+        pass
+    return False
 
 
-_AVAILABLE: bool | None = None
-
-
-def _available() -> bool:
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        _AVAILABLE = prepack_available()
-    return _AVAILABLE
+_AVAILABLE: dict[torch.dtype, bool] = {}
 
 
 class PackedLinear:
-    """``F.linear(x, weight, bias)``, with ``weight`` prepacked on a CPU in bf16.
+    """``F.linear(x, weight, bias)``, with ``weight`` prepacked on a CPU (bf16 or fp32).
 
     One instance per weight it is called with (a layer's projection); holds the packed copy
     and the key of the weight it was made from."""
@@ -62,11 +73,11 @@ class PackedLinear:
     ) -> torch.Tensor:
         if (
             weight.device.type != "cpu"
-            or weight.dtype != torch.bfloat16
-            or x.dtype != torch.bfloat16
+            or weight.dtype not in _PACKED_DTYPES
+            or x.dtype != weight.dtype
             or weight.is_inference()
             or torch.is_grad_enabled()
-            or not _available()
+            or not prepack_available(weight.dtype)
         ):
             return F.linear(x, weight, bias)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))

@@ -1,0 +1,130 @@
+"""Prepacked oneDNN linear layers in the engine: decode step and prefill batch times with the
+packed weights (the default) and with ``NOVA_CPU_PREPACK=0`` (``F.linear``), interleaved.
+
+Each variant runs in its own process (the switch is read once per process), in turn, for
+``--rounds`` rounds: the demo model on this CPU, policy ``sequential`` (one batch at a time),
+for each batch size ``k`` a batch of ``k`` text prompts of ~230 tokens prefilled together, then
+decoded for 32 tokens. Per batch size: the median decode step of ``k`` sequences and the
+prefill batch's time (wall ms, from ``engine_latency.BatchTrace``).
+Writes ``benchmarks/results/cpu_prepack_engine_<dtype>.{json,md}``.
+
+Usage: ``python benchmarks/cpu_prepack_engine.py [--dtype float32] [--rounds 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+BATCHES = (1, 2, 4, 8, 16)
+PROMPT = "Describe the next step of the agent on the settings page and click the button. " * 12
+
+
+def child(dtype: str) -> None:
+    from engine_latency import BatchTrace
+
+    from nova.config import EngineConfig
+    from nova.engine.llm_engine import LLMEngine
+    from nova.models.inputs import chat_messages
+    from nova.sampling_params import SamplingParams
+
+    engine = LLMEngine(
+        EngineConfig(
+            model="demo",
+            policy="sequential",
+            dtype=dtype,
+            prefix_caching=False,
+            encoder_cache_bytes=0,
+        )
+    )
+    trace = BatchTrace(engine)
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    engine.run_all(  # warm-up (first calls pack the weights)
+        [engine.processor.from_chat(chat_messages(PROMPT))], [params], ["warm"]
+    )
+    trace.take()
+    out = {}
+    for k in BATCHES:
+        prompts = [engine.processor.from_chat(chat_messages(f"{i} {PROMPT}")) for i in range(k)]
+        engine.run_all(prompts, [params] * k, [f"k{k}r{i}" for i in range(k)])
+        rows = trace.take()
+        decode = [e - s for stage, s, e, n, _ in rows if stage == "decode" and n == k]
+        prefill = [e - s for stage, s, e, n, _ in rows if stage == "prefill"]
+        out[k] = {
+            "decode_step_ms": 1e3 * statistics.median(decode),
+            "prefill_ms": 1e3 * sum(prefill),
+            "prompt_tokens": sum(len(p.token_ids) for p in prompts),
+        }
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    if args.child:
+        child(args.dtype)
+        return
+    from runtime_throughput import machine
+
+    runs: dict[str, list[dict]] = {"packed": [], "F.linear": []}
+    loads = []
+    for _ in range(args.rounds):
+        for variant in runs:
+            env = dict(os.environ, NOVA_CPU_PREPACK="0" if variant == "F.linear" else "1")
+            loads.append(round(os.getloadavg()[0], 2))
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", "--dtype", args.dtype],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(variant, runs[variant][-1], flush=True)
+    result = {
+        "benchmark": "cpu_prepack_engine",
+        "dtype": args.dtype,
+        "machine": machine(),
+        "loadavg_1min_at_each_start": loads,
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cpu_prepack_engine_{args.dtype}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def cells(variant: str, k: int, key: str) -> str:
+        return " / ".join(f"{r[str(k)][key]:.0f}" for r in runs[variant])
+
+    lines = [
+        f"# Prepacked oneDNN linear vs F.linear in the engine ({args.dtype}, demo model)",
+        "",
+        f"Machine: {result['machine']}; 1-min load average at each start: {loads}. Policy "
+        "`sequential`; per batch size k: k text prompts prefilled in one batch, then 32 decode "
+        "steps; each variant in its own process, in turn (packed, F.linear, packed, ...); "
+        "one figure per round. Written by `benchmarks/cpu_prepack_engine.py`.",
+        "",
+        "| k | prompt tokens | decode step ms, packed | decode step ms, F.linear "
+        "| prefill ms, packed | prefill ms, F.linear |",
+        "|---:|---:|---|---|---|---|",
+    ]
+    for k in BATCHES:
+        tokens = runs["packed"][0][str(k)]["prompt_tokens"]
+        lines.append(
+            f"| {k} | {tokens} | {cells('packed', k, 'decode_step_ms')} "
+            f"| {cells('F.linear', k, 'decode_step_ms')} | {cells('packed', k, 'prefill_ms')} "
+            f"| {cells('F.linear', k, 'prefill_ms')} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
