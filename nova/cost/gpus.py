@@ -201,13 +201,15 @@ register_gpu(
         sm_granularity=1,
         min_partition_sms=1,
         # Nominal figures of the 2-core dev machine the shipped CPU profile was measured on
-        # (fp32): 2 cores x 2.6 GHz (/proc/cpuinfo) x 32 FLOP/cycle (two 256-bit FMA pipes of
-        # an AMD EPYC core) = 0.166 TFLOP/s; 20 GB/s of memory bandwidth (rough). The cpu
+        # (fp32): 2 cores x 2.6 GHz (/proc/cpuinfo) x 64 FLOP/cycle (an AMD EPYC of CPU family
+        # 26, Zen 5: two FMA pipes with a full 512-bit AVX-512 datapath, AMD's Zen 5
+        # documentation) = 0.333 TFLOP/s; 48.9 GB/s of memory read bandwidth (our measurement:
+        # benchmarks/cpu_bandwidth.py, benchmarks/results/cpu_bandwidth.md). The cpu
         # evidence file's efficiencies are fitted to that profile, so only their products
         # matter. CPU profiles use this entry; the nova policy's roofline fallback for a model
         # without a CPU profile uses these throughputs.
-        bf16_dense_tflops=0.166,
-        hbm_gbps=20.0,
+        bf16_dense_tflops=0.333,
+        hbm_gbps=48.9,
         pcie_gbps=20.0,
         memory_gib=8.0,
         description="pseudo-GPU for CPU profiles: one 'SM', no partitioning",
