@@ -5,7 +5,8 @@ Each variant runs in its own process (the switch is read once per process), in t
 ``--rounds`` rounds: the demo model on this CPU, policy ``sequential`` (one batch at a time),
 for each batch size ``k`` a batch of ``k`` text prompts of ~230 tokens prefilled together, then
 decoded for 32 tokens. Per batch size: the median decode step of ``k`` sequences and the
-prefill batch's time (wall ms, from ``engine_latency.BatchTrace``).
+prefill batch's time (wall ms, from ``engine_latency.BatchTrace``); then one vision batch of
+8 screenshots (the vision tower's linear layers are packed too).
 Writes ``benchmarks/results/cpu_prepack_engine_<dtype>.{json,md}``.
 
 Usage: ``python benchmarks/cpu_prepack_engine.py [--dtype float32] [--rounds 2]``
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 BATCHES = (1, 2, 4, 8, 16)
+VISION_IMAGES = 8
 PROMPT = "Describe the next step of the agent on the settings page and click the button. " * 12
 
 
@@ -32,6 +34,7 @@ def child(dtype: str) -> None:
     from nova.engine.llm_engine import LLMEngine
     from nova.models.inputs import chat_messages
     from nova.sampling_params import SamplingParams
+    from nova.screenshots import make_screenshot
 
     engine = LLMEngine(
         EngineConfig(
@@ -60,6 +63,15 @@ def child(dtype: str) -> None:
             "prefill_ms": 1e3 * sum(prefill),
             "prompt_tokens": sum(len(p.token_ids) for p in prompts),
         }
+    # a vision batch: 8 requests with a 1080p screenshot each (one vision batch of 8 images)
+    images = [make_screenshot(seed=i) for i in range(VISION_IMAGES)]
+    prompts = [
+        engine.processor.from_chat(chat_messages("Click OK.", num_images=1), [image])
+        for image in images
+    ]
+    engine.run_all(prompts, [params] * VISION_IMAGES, [f"v{i}" for i in range(VISION_IMAGES)])
+    vision = [e - s for stage, s, e, n, _ in trace.take() if stage == "vision"]
+    out["vision"] = {"batches": len(vision), "vision_ms": 1e3 * sum(vision)}
     print(json.dumps(out))
 
 
@@ -123,6 +135,15 @@ def main() -> None:
             f"| {cells('F.linear', k, 'decode_step_ms')} | {cells('packed', k, 'prefill_ms')} "
             f"| {cells('F.linear', k, 'prefill_ms')} |"
         )
+    vision = " / ".join(
+        f"{r['vision']['vision_ms']:.0f} ms packed, {f['vision']['vision_ms']:.0f} ms F.linear"
+        for r, f in zip(runs["packed"], runs["F.linear"])
+    )
+    lines += [
+        "",
+        f"Vision encoder, {VISION_IMAGES} requests with a 1080p screenshot each (one vision "
+        f"batch of {VISION_IMAGES} images, per round): {vision}.",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

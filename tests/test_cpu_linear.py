@@ -85,3 +85,28 @@ def test_plain_linear_where_packing_does_not_apply():
     w = torch.randn(8, 16).bfloat16().requires_grad_()
     out = lin(torch.randn(4, 16).bfloat16(), w)  # autograd on: F.linear, gradients flow
     assert out.requires_grad and lin._packed is None
+
+
+def test_pack_linear_modules_swaps_plain_linears_in_place():
+    """A vision tower's linears: same parameters and names, outputs to float32 rounding, and
+    only plain nn.Linear (not subclasses, not other modules) swapped."""
+    from torch import nn
+
+    from nova.runtime.cpu_linear import PackedLinearModule, pack_linear_modules
+
+    class Custom(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), Custom(8, 8))
+    keys = list(tower.state_dict())
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        before = tower(x)
+    assert pack_linear_modules(tower) == 2
+    assert list(tower.state_dict()) == keys
+    assert type(tower[0]) is PackedLinearModule and type(tower[3]) is Custom
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(x), before, rtol=1e-5, atol=1e-5)
+    if prepack_available(torch.float32):
+        assert tower[0]._packed_call._packed is not None  # it did pack

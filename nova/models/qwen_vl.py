@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nova.runtime.cpu_linear import pack_linear_modules
 from nova.shapes import VisionShape
 
 # model_type of the top-level config -> (vision model_type, tower class name in transformers)
@@ -60,6 +61,7 @@ class QwenVLVision(nn.Module):
         self.visual = cls._from_config(
             hf_config.vision_config, dtype=dtype or torch.get_default_dtype()
         )
+        pack_linear_modules(self.visual)  # prepacked weights on a CPU (nova.runtime.cpu_linear)
         self.spatial_merge_size = shape.merge_size
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nova.runtime.cpu_linear import pack_linear_modules
 from nova.shapes import VisionShape
 
 
@@ -28,6 +29,7 @@ class LlavaVision(nn.Module):
 
         self.vision_tower = AutoModel.from_config(hf_config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(hf_config)
+        pack_linear_modules(self)  # prepacked weights on a CPU (nova.runtime.cpu_linear)
         self.feature_layers = shape.feature_layers
         self.select_strategy = shape.feature_select_strategy
         # Known before the tower runs (for KV admission).

@@ -127,14 +127,29 @@ def profile_model(
         )
     load_before = loadavg_1min()
 
-    loaded = load_model(model, load_format=load_format, dtype=dtype, device=torch_device)
-    grid = (grid or (ProfileGrid.quick() if quick else ProfileGrid())).clipped(loaded.max_model_len)
-    runner = ModelRunner(
-        loaded, CacheConfig(block_size=block_size, num_blocks=grid.kv_blocks_needed(block_size))
-    )
-    work: Any = (
-        EngineBatches(loaded, runner) if through == "executor" else RunnerBatches(loaded, runner)
-    )
+    def setup() -> tuple[Any, ProfileGrid, Any]:
+        loaded = load_model(model, load_format=load_format, dtype=dtype, device=torch_device)
+        clipped = (grid or (ProfileGrid.quick() if quick else ProfileGrid())).clipped(
+            loaded.max_model_len
+        )
+        runner = ModelRunner(
+            loaded,
+            CacheConfig(block_size=block_size, num_blocks=clipped.kv_blocks_needed(block_size)),
+        )
+        make = EngineBatches if through == "executor" else RunnerBatches
+        batches: Any = make(loaded, runner)
+        return loaded, clipped, batches
+
+    if torch_device.type == "cpu":
+        # as the engine does (``LLMEngine``): loading's parallel ops on a thread that ends, so
+        # their OpenMP pool does not outlive it; one more pool than the stage workers' made
+        # the idle OpenMP threads stop spinning and every small op of a timed batch pay a
+        # wake-up (``nova.gpu.cpu_threads.TeamThread``): decode steps timed ~1.4x the engine's
+        from nova.gpu.cpu_threads import run_in_fresh_thread
+
+        loaded, grid, work = run_in_fresh_thread(setup)
+    else:
+        loaded, grid, work = setup()
     dev = DeviceTimer(torch_device)
     threads = StageThreads()
     multimodal = loaded.model.is_multimodal

@@ -25,9 +25,11 @@ other devices and dtypes always use ``F.linear``.
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # The batch size oneDNN picks the packed layout for (decode batches; prefill reuses it).
 PACK_BATCH_HINT = 64
@@ -88,3 +90,26 @@ class PackedLinear:
                 )
             self._key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+
+class PackedLinearModule(nn.Linear):
+    """An ``nn.Linear`` whose forward goes through ``PackedLinear`` (prepacked on a CPU, plain
+    ``F.linear`` elsewhere). Made by ``pack_linear_modules`` from a module's own linears."""
+
+    _packed_call: PackedLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed_call(x, self.weight, self.bias)
+
+
+def pack_linear_modules(module: nn.Module) -> int:
+    """Every plain ``nn.Linear`` under ``module`` (a ``transformers`` vision tower's) calls
+    ``PackedLinear`` from now on: the class is swapped in place, so parameters, their names and
+    the module tree stay as they are. Returns how many."""
+    count = 0
+    for sub in module.modules():
+        if type(sub) is nn.Linear:
+            sub.__class__ = PackedLinearModule
+            cast(PackedLinearModule, sub)._packed_call = PackedLinear()
+            count += 1
+    return count
