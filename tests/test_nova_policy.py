@@ -24,7 +24,7 @@ from nova.core.nova_policy import NovaPolicy
 from nova.core.policy import StageLimits, make_policy, parse_policy_name, policy_name
 from nova.cost.base import make_cost_model
 from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
-from nova.types import Stage
+from nova.types import Request, Stage
 from nova.workload import make_workload
 
 PAPER_LOAD = dict(image_fraction=1.0, images_per_request=1.0, text_tokens=150, output_tokens=55)
@@ -443,6 +443,53 @@ def test_the_first_held_plan_replaces_an_early_mode_without_hysteresis():
         assert held.mode != Mode.chunked(2048)
         assert policy.mode == (held.mode if early_mode else Mode.chunked(2048))
         assert not policy._early_mode
+
+
+def _pred(mode: Mode, score: float, capacity: float) -> Prediction:
+    return Prediction(mode, score / 3, 2 * score / 3, capacity, 0.2, 0.01, 1.0)
+
+
+def test_an_early_plan_takes_the_lowest_score_among_modes_that_carry_the_initial_load():
+    """An early plan plans for a rate below the initial mode's load (``floor``): among the
+    modes whose capacity carries that load it takes the lowest score, where the tie rule would
+    take the most capacity among scores within the model's error; a mode below the floor is
+    never taken; clustered arrivals keep their tie rule."""
+    policy = nova()
+    chunked = _pred(Mode.chunked(256), 2.457, 5.2)
+    spatial = _pred(Mode.spatial(48, 48, 1), 2.398, 3.5)  # 2.4% better: a tie
+    small = _pred(Mode.spatial(12, 12, 1), 2.0, 2.0)  # best, but below the floor
+    preds = [chunked, spatial, small]
+    assert policy.choose([chunked, spatial], 1.2) is chunked  # the tie: most capacity
+    assert policy.choose(preds, 1.2, floor=2.8) is spatial
+    assert policy.choose(preds, 1.2, floor=1.5) is small
+    assert policy.choose([chunked, spatial], 1.2, clustered=True, floor=2.8) is chunked
+
+
+def test_an_unvetted_switch_waits_for_the_system_to_empty():
+    """A switch made without the hysteresis (an early plan's, or the first held plan's out of
+    an early mode) waits until no request is live, a request arriving meanwhile included; with
+    nothing in flight it is made at once."""
+    times = [5.0 * i for i in range(10)]  # 0.2 req/s: an early plan leaves the initial mode
+    policy = nova()
+    initial = policy.mode
+    state = _state()
+    state.requests["old"] = Request("old", [1], arrival_s=times[-1] - 0.5)
+    _feed_gaps(policy, times)
+    now = times[-1] + 1.0
+    policy._maybe_replan(state, now)
+    planned = policy._pending
+    assert planned is not None and planned != initial and policy.mode == initial
+    del state.requests["old"]
+    state.requests["new"] = Request("new", [1], arrival_s=now + 0.2)
+    policy._apply_pending(state, now + 0.5)  # "new" arrived under the initial mode
+    assert policy.mode == initial
+    del state.requests["new"]
+    policy._apply_pending(state, now + 1.0)
+    assert policy.mode == planned and policy._pending is None and policy.num_switches == 1
+    policy = nova()
+    _feed_gaps(policy, times)
+    policy._maybe_replan(_state(), now)
+    assert policy._pending is None and policy.mode == planned
 
 
 def test_a_switch_for_capacity_needs_a_significant_excess():

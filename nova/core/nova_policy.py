@@ -39,8 +39,14 @@ per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup
 chunked modes' capacity. From the ``early_from``-th arrival nova plans for the rate so far one
 standard error *high*, but only while that bound is below the initial mode's load: a few
 arrivals can show that the load is lighter than the bet (the light-load modes are then safe);
-a heavier load waits for the held rate, the backlog and the capacity guard. The first plan
-after the early ones replaces an early plan's mode without the hysteresis.
+a heavier load waits for the held rate, the backlog and the capacity guard. An early plan takes
+the lowest score among the modes that carry the initial mode's load (that capacity is its
+insurance against a rate read low, not the tie rule's) and replaces the initial mode, or an
+earlier early plan's, without the hysteresis (the initial mode rests on no arrivals at all).
+The first plan after the early ones replaces an early plan's mode without the hysteresis. Such
+unvetted switches (out of the initial or an early mode) wait for the system to empty, so that
+no request in flight sees one: a switch under requests admitted in the other mode cost them
+more than the new mode gained (docs/scheduler.md, "Early plans, revisited").
 
 **SM accounting.** Shares are whole SMs: decode on the GPU's partition grid, the compute side
 the exact remainder. A batch keeps the SMs it started with, so a stage starts only on SMs that
@@ -239,6 +245,8 @@ class NovaPolicy(Policy):
         self.early_from = early_from
         self._initial_rate = 0.0  # the load the initial mode is chosen for (``_initial_mode``)
         self._early_mode = False  # the mode was chosen by an early plan (``_maybe_replan``)
+        # a switch that waits for the system to empty (``_maybe_replan``)
+        self._pending: Mode | None = None
         self.token_budgets = tuple(sorted(set(token_budgets)))
         self.prefill_limits = tuple(sorted(set(prefill_limits)))
         self.allow_time_sliced = allow_time_sliced
@@ -400,7 +408,22 @@ class NovaPolicy(Policy):
         self._streak = 0 if result.batch.stage is _DECODE else self._streak + 1
         self._observe(state, now_s)
         if self.fixed_mode is None:
+            if self._pending is not None:
+                self._apply_pending(state, now_s)
             self._maybe_replan(state, now_s)
+
+    def _apply_pending(self, state: SchedulerState, now_s: float) -> None:
+        """Make the waiting switch when no request is live: the end of the busy period the
+        requests in flight at its decision belong to, so no request sees the switch."""
+        assert self._pending is not None
+        if not state.requests:
+            self._switch(self._pending, now_s)
+
+    def _switch(self, mode: Mode, now_s: float) -> None:
+        self._pending = None
+        self.mode = mode
+        self.num_switches += 1
+        self.mode_log.append((now_s, mode.label))
 
     # -- SM accounting ---------------------------------------------------------------------------
     def _vision_limits(self, mode: Mode) -> StageLimits:
@@ -664,7 +687,8 @@ class NovaPolicy(Policy):
         bucket = (backlog + 1).bit_length()
         if base is self._plan_base and bucket == self._plan_bucket:
             return  # the key planned last (the common case: skips building the key)
-        key = (base[0], bucket, *base[2:])
+        # an early plan chooses by its own rule (``choose``'s ``floor``): its own cache entries
+        key = (base[0], bucket, *base[2:], early)
         self._plan_base, self._plan_bucket = base, bucket
         if key == self._plan_key:
             return
@@ -672,28 +696,46 @@ class NovaPolicy(Policy):
         self._plan_key = key
         best = self._cache.get(key)
         if best is None:
-            best = self._cache[key] = self.plan(load)
+            best = self._cache[key] = self.plan(load, self._initial_rate if early else None)
             self.num_replans += 1
         # the first plan after the early ones replaces an early plan's mode without hysteresis:
-        # that mode was chosen on a few arrivals, this plan on the rate the policy trusts
+        # that mode was chosen on a few arrivals, this plan on the rate the policy trusts. An
+        # early plan replaces the initial mode (chosen on no arrivals) or an earlier early plan's
+        # likewise.
         replace_early = self._early_mode and not early
         if replace_early:
             self._early_mode = False
         if best.mode == self.mode:
+            self._pending = None
             return
         current = self.model.predict(self.mode, load)
-        if replace_early or self._better(best, current, load.lam_rps):
+        if early or replace_early or self._better(best, current, load.lam_rps):
             self._early_mode = early
-            self.mode = best.mode
-            self.num_switches += 1
-            self.mode_log.append((now_s, best.mode.label))
+            if (
+                (early or replace_early)
+                and state.requests
+                and not self._cannot_carry(current, best, load.lam_rps)
+            ):
+                # a switch the hysteresis did not vet (out of the initial mode or an early
+                # plan's, made at a light load) waits for the system to empty: the requests in
+                # flight, and those arriving while they are, finish in the mode they were
+                # admitted under (at a light load the system empties within seconds;
+                # ``on_batch_done``). Made at once, it met a cluster of early arrivals in flight
+                # (docs/scheduler.md, "Early plans, revisited"). The capacity guard, and any
+                # later plan that clears the hysteresis, still switch at once.
+                self._pending = best.mode
+                return
+            self._switch(best.mode, now_s)
+
+    def _cannot_carry(self, cur: Prediction, new: Prediction, lam: float) -> bool:
+        """The current mode cannot carry the load and ``new`` can: only when the rate's lower
+        bound (one standard error below) exceeds its capacity by more than the model's error."""
+        need = lam * (1.0 + self.capacity_margin)
+        low = need * (1.0 - self._rate_rel_err())
+        return cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps
 
     def _better(self, new: Prediction, cur: Prediction, lam: float) -> bool:
-        need = lam * (1.0 + self.capacity_margin)
-        # the current mode cannot carry the load only when the rate's lower bound (one
-        # standard error below) exceeds its capacity by more than the model's error
-        low = need * (1.0 - self._rate_rel_err())
-        if cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps:
+        if self._cannot_carry(cur, new, lam):
             return True
         return _score(new) < (1.0 - self.hysteresis) * _score(cur)
 
@@ -711,18 +753,35 @@ class NovaPolicy(Policy):
             preds += [predict(m, load) for m in self._decode_first_modes()]
         return preds
 
-    def plan(self, load: LoadEstimate) -> Prediction:
+    def plan(self, load: LoadEstimate, floor: float | None = None) -> Prediction:
         """The mode to run at ``load``: the lowest predicted tail latency (then mean) among the
-        modes whose capacity carries the load with the margin; else the most capacity."""
-        return self.choose(self.candidates(load), load.lam_rps, load.clustered)
+        modes whose capacity carries the load with the margin; else the most capacity.
+        ``floor``: an early plan's (``choose``)."""
+        return self.choose(self.candidates(load), load.lam_rps, load.clustered, floor)
 
-    def choose(self, preds: list[Prediction], lam: float, clustered: bool = False) -> Prediction:
+    def choose(
+        self,
+        preds: list[Prediction],
+        lam: float,
+        clustered: bool = False,
+        floor: float | None = None,
+    ) -> Prediction:
         """The capacity guard, then the score: among modes whose capacity carries ``lam`` the
         lowest predicted tail + mean; when none carries it, the lowest score with the
         overload penalty (the queue's growth over the plan's horizon); the most capacity only
-        when nothing can be predicted."""
+        when nothing can be predicted.
+
+        ``floor`` (an early plan: the load its initial mode was chosen for, above the rate it
+        plans for): the lowest score among the modes whose capacity carries ``floor``, no tie
+        rule. The tie rule's capacity preference insures against a rate read low; an early
+        plan's insurance is the floor, a load it has evidence the rate is below. Poisson-like
+        arrivals only: clustered ones keep their tie rule."""
         need = lam * (1.0 + self.capacity_margin)
         ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
+        if floor is not None and not clustered:
+            safe = [p for p in ok if p.capacity_rps >= floor]
+            if safe:
+                return min(safe, key=_score)
         if ok:
             # Scores within the model's error of the best are a tie. Poisson-like arrivals: the
             # mode with the most capacity among them wins (it absorbs a burst or an
