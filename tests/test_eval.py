@@ -3,13 +3,12 @@ experiments from flags, and the small CI version of the must-hold run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from nova.cost.base import make_cost_model
 from nova.cost.model_spec import get_model_spec
@@ -166,13 +165,7 @@ def test_image_size_sets_the_image_tokens():
 
 
 def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 def _eval_all():

@@ -5,9 +5,9 @@ device as one unit cannot offer spatial splits, and that GPUs keep their decisio
 from __future__ import annotations
 
 import itertools
-import random
 
 import pytest
+from conftest import load_benchmark
 
 from nova.core.nova_model import DECODE_FIRST, LoadEstimate, Mode
 from nova.core.nova_policy import NovaPolicy
@@ -125,14 +125,8 @@ def test_on_a_burst_the_cpu_policy_stays_decode_first_and_decode_steps_run_alone
 
 
 def _poisson(rate_rps: float, n: int, seed: int) -> list[SimArrival]:
-    """Poisson arrivals of ``engine_latency``'s mix: 3 of 4 with a screenshot, 32 tokens out."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for i in range(n):
-        t += rng.expovariate(rate_rps)
-        image = rng.random() < 0.75
-        out.append(SimArrival(f"r{i}", t, 54 if image else 35, 1 if image else 0, 32))
-    return out
+    """Poisson arrivals of ``engine_latency``'s mix: ``benchmarks/decode_first_model.py``'s."""
+    return load_benchmark("decode_first_model").arrivals(rate_rps, n, seed)
 
 
 @pytest.mark.parametrize("rate_rps", [0.8, 1.3])
