@@ -12,8 +12,8 @@ step) and 0.97x (1024 tokens) of ``F.linear``'s thread CPU time, interleaved
 In fp32, ``F.linear`` goes to MKL's sgemm; oneDNN with the packed weight sums in another order
 (float32 rounding apart; its error against the float64 product within 4x F.linear's: the
 tests) and in the engine it is
-about twice as fast: the demo model's decode step of 1-16 sequences 18-33 ms against 38-78 ms,
-a prefill of 224-3590 tokens 0.49-0.55x the time
+about twice as fast: the demo model's decode step of 1-16 sequences 16-34 ms against 37-80 ms,
+a prefill of 224-3590 tokens 0.50-0.54x the time
 (``benchmarks/cpu_prepack_engine.py``, benchmarks/results/cpu_prepack_engine_float32.md).
 
 The packed copy is rebuilt whenever the weight changes (its storage or version counter: a
