@@ -592,9 +592,8 @@ class QueueModel:
         queue's diffusion approximation: ``sigma^2 / (2 (b_max - mu))`` requests, ``mu`` the
         arrivals per cycle, ``sigma^2`` their variance ``mu * max(1, arrival_cv2)``), then the
         request's own cycle: its front batches and its ``n`` decode steps. Tail: a request
-        arriving as a gate closes waits a whole cycle carrying the ``unlucky_quantile`` of the
-        arrivals in one cycle (a typical cycle while the device is busy), then its own cycle
-        holding the ``unlucky_quantile`` of the arrivals in one cycle, with the tail's output
+        arriving as a gate closes waits a typical cycle (while the device is busy), then its own
+        cycle holding the ``unlucky_quantile`` of a cycle's arrivals, with the tail's output
         tokens; requests beyond ``b_max`` wait further cycles. A backlog drains ``b_max``
         requests a cycle."""
         f, m, prompt_img, text, ctx, n = self._shape(load)
@@ -607,16 +606,14 @@ class QueueModel:
             float(self.limits.max_num_seqs),
         )
         b_max = max(1.0, b_max)
-        t_img = {}
 
         def vision_s(b: float) -> float:
             images = b * f * m
             if images <= 0:
                 return 0.0
             k = max(1, round(images))
-            if k not in t_img:
-                t_img[k] = self._time(StageWork(Stage.VISION, num_images=k), 1.0)
-            return t_img[k] * images / k  # (fewer than one image a cycle: its expected share)
+            # (fewer than one image a cycle: its expected share)
+            return self._time(StageWork(Stage.VISION, num_images=k), 1.0) * images / k
 
         def prefill_s(b: float) -> float:
             k = max(1, round(b))
@@ -633,17 +630,15 @@ class QueueModel:
             t_hi = self._time(self._decode_work(lo + 1, ctx), 1.0)
             return t_lo + (b - lo) * (t_hi - t_lo)
 
-        def drain_steps(b: float, tokens: float) -> float:
-            # a set of b sequences decodes until its longest is done: the mean's n steps for
-            # one, towards the tail's for many
-            return n + (tokens - n) * (1.0 - 1.0 / max(1.0, b))
-
         def front_s(b: float) -> float:
             return vision_s(b) + prefill_s(b)
 
-        def cycle_s(b: float, tokens: float = n_tail) -> float:
+        def cycle_s(b: float) -> float:
+            # a set of b sequences decodes until its longest is done: the mean's n steps for
+            # one, towards the tail's for many
             b = max(1.0, b)
-            return front_s(b) + drain_steps(b, tokens) * step_s(b)
+            drain_steps = n + (n_tail - n) * (1.0 - 1.0 / b)
+            return front_s(b) + drain_steps * step_s(b)
 
         t_full = cycle_s(b_max)
         capacity = b_max / t_full
@@ -664,7 +659,7 @@ class QueueModel:
         queue_wait = queued / lam_eff if lam_eff > 0 else 0.0
         own = front_s(b) + n * step_s(b)
         mean = busy * t_cycle / 2.0 + queue_wait + own
-        # the tail: a full cycle of the unlucky count, then its own cycle at that size
+        # the tail: the cycle running at arrival, then its own cycle of the unlucky count
         others: float = poisson_quantile(mu, self.unlucky_quantile)
         others = mu + (others - mu) * math.sqrt(dispersion)
         size = min(b_max, max(1.0, others))

@@ -33,7 +33,6 @@ from torch import nn
 
 # The batch size oneDNN picks the packed layout for (decode batches; prefill reuses it).
 PACK_BATCH_HINT = 64
-_PACKED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def prepack_available(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -41,10 +40,6 @@ def prepack_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     float32 wherever oneDNN is, bfloat16 where oneDNN supports it on this CPU."""
     if os.environ.get("NOVA_CPU_PREPACK") == "0":
         return False
-    return _AVAILABLE.setdefault(dtype, _supported(dtype))
-
-
-def _supported(dtype: torch.dtype) -> bool:
     try:
         if dtype == torch.float32:
             return bool(torch.backends.mkldnn.is_available())
@@ -55,7 +50,14 @@ def _supported(dtype: torch.dtype) -> bool:
     return False
 
 
-_AVAILABLE: dict[torch.dtype, bool] = {}
+_AVAILABLE: dict[torch.dtype, bool] = {}  # ``prepack_available`` per dtype, asked once
+
+
+def _available(dtype: torch.dtype) -> bool:
+    usable = _AVAILABLE.get(dtype)
+    if usable is None:
+        usable = _AVAILABLE[dtype] = prepack_available(dtype)
+    return usable
 
 
 class PackedLinear:
@@ -75,11 +77,10 @@ class PackedLinear:
     ) -> torch.Tensor:
         if (
             weight.device.type != "cpu"
-            or weight.dtype not in _PACKED_DTYPES
             or x.dtype != weight.dtype
             or weight.is_inference()
             or torch.is_grad_enabled()
-            or not prepack_available(weight.dtype)
+            or not _available(weight.dtype)
         ):
             return F.linear(x, weight, bias)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
