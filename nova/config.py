@@ -131,6 +131,13 @@ class EngineConfig:
         default=True,
         metadata=flag("run decode eagerly on CUDA (graphs are never used on a CPU)"),
     )
+    warmup: bool = field(
+        default=True,
+        metadata=flag(
+            "skip the start-up warm-up forward (vision, prefill, decode on scratch KV blocks); "
+            "the first requests then pay the one-time costs (a CPU's weight packing)"
+        ),
+    )
     attention_backend: str = field(
         default="auto", metadata=flag("paged attention kernel", choices=ATTENTION_NAMES)
     )

@@ -22,7 +22,9 @@ from nova.executor.torch_executor import TorchExecutor
 from nova.gpu.partition import make_backend
 from nova.models.inputs import InputProcessor, PromptInput
 from nova.models.loader import LoadedModel, load_model, missing_image_processor
+from nova.runtime.cpu_linear import packed_weight_bytes
 from nova.runtime.runner import CacheConfig, ModelRunner
+from nova.runtime.warmup import WarmUpReport, blank_image_pixels, warm_up
 from nova.sampling_params import GenerationDefaults, SamplingParams
 from nova.types import Request
 
@@ -130,6 +132,9 @@ class LLMEngine:
                 vision_offload_layers=config.vision_offload_layers,
             ),
         )
+        self.warm_up_report: WarmUpReport | None = None
+        if config.warmup:
+            self._warm_up()
         log.info("partition backend: %s", self.partition_backend.describe())
         log.info("%s", self.runner.memory)
         limits = StageLimits(
@@ -174,6 +179,23 @@ class LLMEngine:
             self.scheduler, self.executor, arrival_wait_s=config.resolved_arrival_wait_s
         )
         self._ids = itertools.count()
+
+    def _warm_up(self) -> None:
+        """One forward per stage before serving (``nova.runtime.warmup``), on a thread that
+        ends (CPU, as for loading); the packed weights it makes join the memory report."""
+        proc = self.processor
+        token_id = 1 if proc.image_token_id == 0 else 0
+        report = _on_fresh_thread_if_cpu(
+            self.config.device,
+            lambda: warm_up(self.runner, blank_image_pixels(proc), token_id),
+        )
+        self.warm_up_report = report
+        packed = packed_weight_bytes(self.loaded.model)
+        if packed:
+            self.runner.memory = dataclasses.replace(
+                self.runner.memory, weights_packed_bytes=packed
+            )
+        log.info("%s", report.line())
 
     def unservable_reason(self) -> str | None:
         """Why this model cannot be served over the API as loaded (a multimodal checkpoint

@@ -33,6 +33,9 @@ class MemoryReport:
     device_total_bytes: int | None = None
     encoder_cache_bytes: int = 0
     prefix_caching: bool = False
+    # a CPU's linear weights packed for oneDNN (nova.runtime.cpu_linear): a second copy in
+    # host memory beside the weights, made by the start-up warm-up (0 before it, or off)
+    weights_packed_bytes: int = 0
 
     @property
     def device_planned_bytes(self) -> int:
@@ -54,6 +57,11 @@ class MemoryReport:
             f"memory on {self.device}:",
             f"  weights resident   {mib(self.weights_resident_bytes)}",
         ]
+        if self.weights_packed_bytes:
+            out.append(
+                f"  weights packed     {mib(self.weights_packed_bytes)} (a copy of the linear "
+                "weights in oneDNN's layout)"
+            )
         if self.weights_streamed_bytes:
             out.append(
                 f"  weights streamed   {mib(self.weights_streamed_bytes)} in host memory "

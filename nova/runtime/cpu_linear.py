@@ -114,3 +114,19 @@ def pack_linear_modules(module: nn.Module) -> int:
             cast(PackedLinearModule, sub)._packed_call = PackedLinear()
             count += 1
     return count
+
+
+def packed_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the packed copies ``PackedLinear`` holds under ``module`` (each once): the
+    memory the packing adds beside the weights (0 before the first forward or with packing
+    off)."""
+    seen: set[int] = set()
+    total = 0
+    for sub in module.modules():
+        for value in vars(sub).values():
+            packed = value._packed if isinstance(value, PackedLinear) else None
+            if packed is None or id(packed) in seen:
+                continue
+            seen.add(id(packed))
+            total += packed.numel() * packed.element_size()
+    return total

@@ -135,6 +135,11 @@ MEMORY_GAUGES = (  # EngineSnapshot.memory_bytes key (MemoryReport field) -> (me
         "nova_memory_offload_saved_bytes",
         "Device memory freed by vision weight streaming (given to the KV cache)",
     ),
+    (
+        "weights_packed_bytes",
+        "nova_memory_weights_packed_bytes",
+        "A CPU's linear weights packed for oneDNN: a second copy beside the weights",
+    ),
     ("kv_cache_bytes", "nova_memory_kv_cache_bytes", "KV-cache tensors on the device"),
     ("kv_cache_blocks", "nova_memory_kv_cache_blocks", "KV-cache blocks"),
     (
