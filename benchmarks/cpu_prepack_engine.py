@@ -9,7 +9,11 @@ prefill batch's time (wall ms, from ``engine_latency.BatchTrace``); then one vis
 8 screenshots (the vision tower's linear layers are packed too).
 Writes ``benchmarks/results/cpu_prepack_engine_<dtype>.{json,md}``.
 
-Usage: ``python benchmarks/cpu_prepack_engine.py [--dtype float32] [--rounds 2]``
+``--dtypes``: instead, the packed path in float32 and in bfloat16 (what ``--dtype auto`` runs
+a bfloat16 checkpoint in on a CPU with bfloat16 support), interleaved the same way; writes
+``benchmarks/results/cpu_prepack_engine_dtypes.{json,md}``.
+
+Usage: ``python benchmarks/cpu_prepack_engine.py [--dtype float32 | --dtypes] [--rounds 2]``
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtypes", action="store_true", help="float32 vs bfloat16, both packed")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -87,14 +92,20 @@ def main() -> None:
         return
     from runtime_throughput import machine
 
-    runs: dict[str, list[dict]] = {"packed": [], "F.linear": []}
+    # variant -> (dtype, NOVA_CPU_PREPACK)
+    variants = (
+        {"float32": ("float32", "1"), "bfloat16": ("bfloat16", "1")}
+        if args.dtypes
+        else {"packed": (args.dtype, "1"), "F.linear": (args.dtype, "0")}
+    )
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     loads = []
     for _ in range(args.rounds):
-        for variant in runs:
-            env = dict(os.environ, NOVA_CPU_PREPACK="0" if variant == "F.linear" else "1")
+        for variant, (dtype, prepack) in variants.items():
+            env = dict(os.environ, NOVA_CPU_PREPACK=prepack)
             loads.append(round(os.getloadavg()[0], 2))
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", "--dtype", args.dtype],
+                [sys.executable, __file__, "--child", "--dtype", dtype],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -102,6 +113,9 @@ def main() -> None:
             )
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(variant, runs[variant][-1], flush=True)
+    if args.dtypes:
+        write_dtypes(args, runs, loads)
+        return
     result = {
         "benchmark": "cpu_prepack_engine",
         "dtype": args.dtype,
@@ -145,6 +159,52 @@ def main() -> None:
         f"batch of {VISION_IMAGES} images, per round): {vision}.",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def write_dtypes(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list) -> None:
+    from runtime_throughput import machine
+
+    result = {
+        "benchmark": "cpu_prepack_engine --dtypes",
+        "machine": machine(),
+        "loadavg_1min_at_each_start": loads,
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "cpu_prepack_engine_dtypes"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def cells(variant: str, k: int, key: str) -> str:
+        return " / ".join(f"{r[str(k)][key]:.0f}" for r in runs[variant])
+
+    lines = [
+        "# Packed oneDNN linear layers in float32 and in bfloat16 in the engine (demo model)",
+        "",
+        f"Machine: {result['machine']}; 1-min load average at each start: {loads}. Policy "
+        "`sequential`; per batch size k: k text prompts prefilled in one batch, then 32 decode "
+        "steps; each variant in its own process, in turn (float32, bfloat16, float32, ...); "
+        "one figure per round. The demo checkpoint is float32; bfloat16 is what "
+        "`--dtype auto` runs a bfloat16 checkpoint in on this CPU. Written by "
+        "`benchmarks/cpu_prepack_engine.py --dtypes`.",
+        "",
+        "| k | prompt tokens | decode step ms, float32 | decode step ms, bfloat16 "
+        "| prefill ms, float32 | prefill ms, bfloat16 |",
+        "|---:|---:|---|---|---|---|",
+    ]
+    for k in BATCHES:
+        tokens = runs["float32"][0][str(k)]["prompt_tokens"]
+        lines.append(
+            f"| {k} | {tokens} | {cells('float32', k, 'decode_step_ms')} "
+            f"| {cells('bfloat16', k, 'decode_step_ms')} | {cells('float32', k, 'prefill_ms')} "
+            f"| {cells('bfloat16', k, 'prefill_ms')} |"
+        )
+    vision = " / ".join(
+        f"{a['vision']['vision_ms']:.0f} ms float32, {b['vision']['vision_ms']:.0f} ms bfloat16"
+        for a, b in zip(runs["float32"], runs["bfloat16"])
+    )
+    lines += ["", f"Vision encoder, {VISION_IMAGES} screenshots in one batch: {vision}."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -103,8 +103,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     first = runs[VARIANTS[0]][0]
     lines = [
-        "# Start-up warm-up: its cost at start-up, the first requests' latency with it and "
-        "without",
+        "# Start-up warm-up: its cost at start-up, the first requests' latency with it and without",
         "",
         f"Machine: {result['machine']}; 1-min load average at each start: {loads}. The demo "
         f"model, {first['dtype']}, policy {first['policy']}; each variant in its own process, "

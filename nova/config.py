@@ -9,15 +9,19 @@ from typing import Any
 from nova.flags import check_minimums, flag, no_flag
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+AUTO_DTYPE = "auto"  # the checkpoint's own dtype (``nova.models.loader.resolve_dtype``)
 PARTITION_NAMES = ("auto", "green_context", "none", "cpu")
 ATTENTION_NAMES = ("auto", "cpu", "cpu_eager", "sdpa", "triton", "flex")
 
 
 def torch_dtype(name: str) -> Any:
-    """``"bfloat16"`` -> ``torch.bfloat16``; a ValueError naming the choices otherwise."""
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` -> None (the loader reads the
+    checkpoint's); a ValueError naming the choices otherwise."""
     if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; choose {', '.join(DTYPE_NAMES)}")
+    if name == AUTO_DTYPE:
+        return None
     import torch
 
     return getattr(torch, name)
@@ -69,7 +73,15 @@ class EngineConfig:
             choices=LOAD_FORMATS,
         ),
     )
-    dtype: str = field(default="float32", metadata=flag("weight dtype", choices=DTYPE_NAMES))
+    dtype: str = field(
+        default=AUTO_DTYPE,
+        metadata=flag(
+            "weight dtype; auto: the checkpoint's (its config's torch_dtype; float16 runs as "
+            "bfloat16 on a CPU, and a CPU without bfloat16 support runs float32; float32 when "
+            "the config names none)",
+            choices=DTYPE_NAMES,
+        ),
+    )
     device: str = field(default="cpu", metadata=flag("torch device, e.g. cpu, cuda, cuda:1"))
     policy: str = field(
         default="auto",

@@ -366,3 +366,37 @@ def test_summary_names_the_experiments_its_wall_time_is_for():
         ev.render(summary, meta),
     ):
         assert "wall time 12 s. " in whole and "carried over" not in whole
+
+
+def test_heldout_seeds_rerun_the_committed_choices(tmp_path):
+    """benchmarks/eval_heldout.py on the small experiment: every must-hold point re-run on a
+    seed the evaluation did not use, against the best baseline and oracle it chose; the
+    verdicts follow from the held-out ratios; the paired interval brackets its mean."""
+    base = tmp_path / "base"
+    _eval_all().main(["--only", "quick-a6000", "--out", str(base), "--workers", "1"])
+    heldout = _bench("eval_heldout")
+    summary = heldout.main(
+        ["--base", str(base), "--seeds", "3", "4", "--workers", "1", "--out", str(tmp_path / "h")]
+    )
+    committed = json.loads((base / "quick-a6000" / "results.json").read_text())["analysis"]
+    rows = summary["points"]
+    assert [(r["series"], r["load"]) for r in rows] == [
+        (a["series"], a["load"]) for a in committed if a["must_hold"]
+    ]
+    for r, a in zip(rows, committed):
+        assert r["best_baseline"] == a["best_baseline"] and r["committed_pass"] == a["pass"]
+        nb = r["nova_vs_best"]
+        assert r["checks"]["max_vs_best"] == (nb["max"] <= 1.03)
+        assert r["checks"]["throughput_vs_best"] == (nb["throughput"] >= 0.98)
+        assert r["pass"] == all(r["checks"].values())
+        pi = r["max_ratio_paired"]
+        assert pi["low95"] <= pi["geomean"] <= pi["high95"]
+    assert (tmp_path / "h" / "summary.md").read_text().count("| quick-a6000 |") == len(rows)
+
+
+def test_paired_interval_of_log_ratios():
+    interval = _bench("eval_heldout").paired_interval
+    assert interval([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == pytest.approx((2.0, 2.0, 2.0))
+    gm, low, high = interval([1.1, 0.9, 1.2, 1.0], [1.0, 1.0, 1.0, 1.0])
+    assert low < gm < high and gm == pytest.approx((1.1 * 0.9 * 1.2) ** 0.25)
+    assert high / low > 1.2  # four noisy seeds: a wide interval

@@ -208,3 +208,62 @@ def test_small_screenshots_render():
 
     for h in (40, 100, 159, 640):
         assert make_screenshot(seed=1, width=60, height=h).size == (60, h)
+
+
+def test_checkpoint_dtype_is_read_from_the_config(tiny_dirs):
+    from nova.models.loader import checkpoint_dtype
+
+    _, fp16 = read_config(SHIPPED_CONFIGS_DIR / "llava-1.5-7b")
+    _, bf16 = read_config(SHIPPED_CONFIGS_DIR / "qwen2.5-vl-7b")
+    _, fp32 = read_config(tiny_dirs["llama"])  # saved from a float32 model
+    assert checkpoint_dtype(fp16) == torch.float16
+    assert checkpoint_dtype(bf16) == torch.bfloat16
+    assert checkpoint_dtype(fp32) == torch.float32
+    fp32.dtype = None
+    assert checkpoint_dtype(fp32) is None
+
+
+@pytest.mark.parametrize("bf16_cpu", [True, False])
+def test_auto_dtype_per_device(monkeypatch, bf16_cpu):
+    """``--dtype auto``: the checkpoint's dtype; on a CPU float16 runs as bfloat16, and both
+    run as float32 where the CPU has no bfloat16; float32 when the config names none."""
+    from types import SimpleNamespace
+
+    from nova.models import loader
+    from nova.runtime import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "cpu_bf16_supported", lambda: bf16_cpu)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    half = torch.bfloat16 if bf16_cpu else torch.float32
+    for named, on_cpu, on_cuda in (
+        (torch.float16, half, torch.float16),
+        (torch.bfloat16, half, torch.bfloat16),
+        (torch.float32, torch.float32, torch.float32),
+        (None, torch.float32, torch.float32),
+    ):
+        cfg = SimpleNamespace(dtype=named)
+        assert loader.resolve_dtype(cfg, cpu) == on_cpu, named
+        assert loader.resolve_dtype(cfg, cuda) == on_cuda, named
+
+
+def test_engine_default_dtype_is_the_checkpoints(tiny_dirs, tmp_path):
+    from nova.config import EngineConfig
+    from nova.engine.llm_engine import LLMEngine
+    from nova.runtime.cpu_linear import cpu_bf16_supported
+
+    assert EngineConfig().dtype == "auto" and EngineConfig().torch_dtype is None
+    path = tmp_path / "bf16"
+    shutil.copytree(tiny_dirs["llama"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(cfg))
+    want = torch.bfloat16 if cpu_bf16_supported() else torch.float32
+    eng = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=16, warmup=False))
+    assert eng.loaded.dtype == want
+    assert next(eng.loaded.model.parameters()).dtype == want
+    explicit = LLMEngine(
+        EngineConfig(model=str(path), num_kv_blocks=16, dtype="float32", warmup=False)
+    )
+    assert explicit.loaded.dtype == torch.float32
+    default = LLMEngine(EngineConfig(model=str(tiny_dirs["llama"]), num_kv_blocks=16))
+    assert default.loaded.dtype == torch.float32  # saved in float32

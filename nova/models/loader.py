@@ -324,10 +324,37 @@ def _eos_token_ids(model_dir: Path, text_config: Any, tokenizer: Any | None) -> 
     return tuple(ids)
 
 
+def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
+    """The dtype the checkpoint's config names (``torch_dtype``, or ``dtype`` as newer
+    ``transformers`` write it; the text model's for a VLM that names none at the top), or
+    None."""
+    for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        # (``dtype`` first: reading ``torch_dtype`` warns in transformers 5)
+        value = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype") if cfg else None
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return None
+
+
+def resolve_dtype(hf_config: Any, device: torch.device) -> torch.dtype:
+    """``--dtype auto``: the checkpoint's dtype (what vLLM's ``auto`` starts from), float32 when
+    its config names none. On a CPU, float16 runs as bfloat16 (same width, and oneDNN's
+    bfloat16 GEMMs are the fast path; float16 ones are not on most CPUs), and bfloat16 runs as
+    float32 where the CPU has no bfloat16 support (it would be emulated)."""
+    dtype = checkpoint_dtype(hf_config) or torch.float32
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        from nova.runtime.cpu_linear import cpu_bf16_supported
+
+        return torch.bfloat16 if cpu_bf16_supported() else torch.float32
+    return dtype
+
+
 def load_model(
     model: str | Path,
     load_format: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
     generation_config: str = "auto",
@@ -338,6 +365,8 @@ def load_model(
     arch, hf_config = read_config(model_dir)
     shape = read_shape(model_dir)
     device = torch.device(device)
+    if dtype is None:  # --dtype auto
+        dtype = resolve_dtype(hf_config, device)
     torch.manual_seed(seed)
     try:
         nova_model = arch.build(hf_config, dtype, device)

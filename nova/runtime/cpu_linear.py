@@ -35,6 +35,14 @@ from torch import nn
 PACK_BATCH_HINT = 64
 
 
+def cpu_bf16_supported() -> bool:
+    """oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX, or AVX512 core)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def prepack_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """oneDNN linear with packed weights is usable here for ``dtype`` (and not turned off):
     float32 wherever oneDNN is, bfloat16 where oneDNN supports it on this CPU."""
@@ -44,7 +52,7 @@ def prepack_available(dtype: torch.dtype = torch.bfloat16) -> bool:
         if dtype == torch.float32:
             return bool(torch.backends.mkldnn.is_available())
         if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            return cpu_bf16_supported()
     except (AttributeError, RuntimeError):
         pass
     return False
