@@ -17,9 +17,12 @@ the same arrivals per seed; a t interval of the mean of the per-seed log ratios)
 chooses anything on the new seeds, so the figures are unbiased estimates of how nova compares
 with those configurations.
 
-Usage: ``python benchmarks/eval_heldout.py [--seeds 3 4 ...] [--workers 2] [--only NAME ...]``.
-Writes ``benchmarks/results/eval_heldout/summary.{json,md}`` with the machine and its load.
-Simulated figures, like ``eval_all.py``'s.
+Usage: ``python benchmarks/eval_heldout.py [--seeds 3 4 ...] [--workers 2] [--only NAME ...]
+[--reuse DIR]``. Writes ``benchmarks/results/eval_heldout/summary.{json,md}`` with the machine
+and its load, and ``per_seed.json`` (every run's per-seed metrics). ``--reuse DIR``: take the
+baselines' and oracles' runs from ``DIR/per_seed.json`` (a held-out run on the same seeds; they
+do not depend on nova's code) and re-run nova alone: the quick held-out check of a change to
+nova's planning. Simulated figures, like ``eval_all.py``'s.
 """
 
 from __future__ import annotations
@@ -84,6 +87,20 @@ def paired_interval(nova: list[float], other: list[float]) -> tuple[float, float
     return math.exp(m), math.exp(m - half), math.exp(m + half)
 
 
+def reused(path: Path, seeds: list[int]) -> dict:
+    """The runs of every configuration but nova in a held-out run's ``per_seed.json``, keyed as
+    ``main`` keeps them; the seeds must be the ones asked for."""
+    raw: dict[tuple[str, str, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    for row in json.loads(path.read_text()):
+        if row["policy"] == NOVA:
+            continue
+        if row["seed"] not in seeds:
+            raise SystemExit(f"{path} has seed {row['seed']}, not among --seeds {seeds}")
+        key = (row["experiment"], row["series"], row["load"])
+        raw.setdefault(key, {}).setdefault(row["policy"], {})[row["seed"]] = row["metrics"]
+    return raw
+
+
 def point_tasks(report: dict[str, Any], seeds: list[int]) -> list[tuple[dict, PointTask]]:
     exp = EXPERIMENTS.lookup(report["experiment"])
     exp = replace(exp, seeds=tuple(seeds))
@@ -143,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", nargs="+", help="experiments (default: every one in --base)")
     ap.add_argument("--base", type=Path, default=HERE / "eval")
     ap.add_argument("--out", type=Path, default=HERE / "eval_heldout")
+    ap.add_argument("--reuse", type=Path, help="a held-out run whose other configurations to reuse")
     args = ap.parse_args(argv)
     reports = {
         p.parent.name: json.loads(p.read_text()) for p in sorted(args.base.glob("*/results.json"))
@@ -155,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (name, a, task) for name, r in reports.items() for a, task in point_tasks(r, args.seeds)
     ]
     raw: dict[tuple[str, str, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    if args.reuse is not None:
+        raw = reused(args.reuse / "per_seed.json", args.seeds)
+        jobs = [(name, a, replace(task, policies=(NOVA,))) for name, a, task in jobs]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = pool.map(run_point_task, [task for _, _, task in jobs])
         for done, ((name, a, _), (_, load, seed, out)) in enumerate(zip(jobs, results), 1):
@@ -200,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "points": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    per_seed = [
+        {"experiment": n, "series": sr, "load": ld, "policy": p, "seed": seed, "metrics": m}
+        for (n, sr, ld), cell in raw.items()
+        for p, runs in cell.items()
+        for seed, m in runs.items()
+    ]
+    (args.out / "per_seed.json").write_text(json.dumps(per_seed, separators=(",", ":")) + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.out / "summary.md").write_text(render(summary))
     print(render(summary))

@@ -392,6 +392,15 @@ def test_heldout_seeds_rerun_the_committed_choices(tmp_path):
         pi = r["max_ratio_paired"]
         assert pi["low95"] <= pi["geomean"] <= pi["high95"]
     assert (tmp_path / "h" / "summary.md").read_text().count("| quick-a6000 |") == len(rows)
+    # nova alone, the other configurations' runs reused: the same figures (deterministic per
+    # seed), and a reuse on other seeds is refused
+    again = heldout.main(
+        ["--base", str(base), "--seeds", "3", "4", "--workers", "1", "--out", str(tmp_path / "r")]
+        + ["--reuse", str(tmp_path / "h")]
+    )
+    assert [r["nova_vs_best"] for r in again["points"]] == [r["nova_vs_best"] for r in rows]
+    with pytest.raises(SystemExit):
+        heldout.main(["--base", str(base), "--seeds", "3", "--reuse", str(tmp_path / "h")])
 
 
 def test_paired_interval_of_log_ratios():
