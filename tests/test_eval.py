@@ -394,10 +394,8 @@ def test_heldout_seeds_rerun_the_committed_choices(tmp_path):
     assert (tmp_path / "h" / "summary.md").read_text().count("| quick-a6000 |") == len(rows)
     # nova alone, the other configurations' runs reused: the same figures (deterministic per
     # seed), and a reuse on other seeds is refused
-    again = heldout.main(
-        ["--base", str(base), "--seeds", "3", "4", "--workers", "1", "--out", str(tmp_path / "r")]
-        + ["--reuse", str(tmp_path / "h")]
-    )
+    reuse = ["--reuse", str(tmp_path / "h"), "--out", str(tmp_path / "r")]
+    again = heldout.main(["--base", str(base), "--seeds", "3", "4", "--workers", "1", *reuse])
     assert [r["nova_vs_best"] for r in again["points"]] == [r["nova_vs_best"] for r in rows]
     with pytest.raises(SystemExit):
         heldout.main(["--base", str(base), "--seeds", "3", "--reuse", str(tmp_path / "h")])

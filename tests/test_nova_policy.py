@@ -190,8 +190,9 @@ def test_a_backlog_moves_the_plan_toward_capacity():
 
 def test_capacity_guard():
     """Never a mode whose capacity is below the load while another carries it; among those
-    the lowest predicted tail + mean, a tie within the model's error going to capacity; when
-    none carries it, the least bad with the overload penalty."""
+    the lowest predicted tail + mean, a tie within the model's error going to capacity (or,
+    among tied modes at most half loaded, to the lowest score); when none carries it, the least
+    bad with the overload penalty."""
     policy = nova()
     for lam in (0.2, 0.5, 0.75, 0.85, 1.5):
         load = LoadEstimate(lam, **PAPER_LOAD)
@@ -205,7 +206,12 @@ def test_capacity_guard():
             # within the model's error of the lowest score; among those, the most capacity
             assert score <= (1 + policy.model_error) * low
             tied = [p for p in ok if p.tail_latency_s + p.mean_latency_s <= (1 + 0.05) * low]
-            assert best.capacity_rps == max(p.capacity_rps for p in tied)
+            ample = [p for p in tied if lam <= 0.5 * p.capacity_rps]
+            if ample:
+                assert best in ample
+                assert score == min(p.tail_latency_s + p.mean_latency_s for p in ample)
+            else:
+                assert best.capacity_rps == max(p.capacity_rps for p in tied)
         else:  # all overloaded: the least bad with the overload penalty
             score = best.tail_latency_s + best.mean_latency_s
             assert all(score <= p.tail_latency_s + p.mean_latency_s for p in preds if p.feasible)
@@ -459,10 +465,27 @@ def test_an_early_plan_takes_the_lowest_score_among_modes_that_carry_the_initial
     spatial = _pred(Mode.spatial(48, 48, 1), 2.398, 3.5)  # 2.4% better: a tie
     small = _pred(Mode.spatial(12, 12, 1), 2.0, 2.0)  # best, but below the floor
     preds = [chunked, spatial, small]
-    assert policy.choose([chunked, spatial], 1.2) is chunked  # the tie: most capacity
+    assert policy.choose([chunked, spatial], 2.0) is chunked  # the tie: most capacity
     assert policy.choose(preds, 1.2, floor=2.8) is spatial
     assert policy.choose(preds, 1.2, floor=1.5) is small
     assert policy.choose([chunked, spatial], 1.2, clustered=True, floor=2.8) is chunked
+
+
+def test_poisson_ties_take_capacity_unless_it_is_ample():
+    """A tie (scores within the model's error) under Poisson-like arrivals goes to the mode
+    with the most capacity, unless some of the tied modes carry the load at most
+    ``ample_utilization`` (half) loaded: the lowest score among those. A mode outside the tie
+    never wins for its capacity."""
+    policy = nova()
+    chunked = _pred(Mode.chunked(256), 2.457, 5.2)
+    spatial = _pred(Mode.spatial(48, 48, 1), 2.398, 3.5)  # 2.4% better: a tie
+    assert policy.choose([chunked, spatial], 2.0) is chunked  # spatial 57% loaded
+    assert policy.choose([chunked, spatial], 1.2) is spatial  # both under half loaded
+    assert policy.choose([chunked, spatial], 1.75) is spatial  # exactly half: ample
+    roomy = _pred(Mode.chunked(512), 2.7, 9.0)  # 12.6% worse: no tie
+    assert policy.choose([roomy, spatial], 2.0) is spatial
+    assert nova(ample_utilization=0.0).choose([chunked, spatial], 1.2) is chunked  # the old rule
+    assert policy.choose([chunked, spatial], 1.2, clustered=True) is chunked  # its own rule
 
 
 def test_an_unvetted_switch_waits_for_the_system_to_empty():

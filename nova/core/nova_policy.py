@@ -29,8 +29,10 @@ arrival rate over a sliding window, the request mix (image fraction, images per 
 text tokens, output tokens) and the front backlog (requests waiting for or in vision/prefill).
 When the rate bucket, the backlog bucket or the mix moved, it re-plans: every candidate mode is
 scored by ``QueueModel.predict``; among the modes whose capacity carries the load with
-``capacity_margin`` to spare it takes the lowest predicted tail latency (then mean); when none
-does, the one with the most capacity (the capacity guard). It switches only for a
+``capacity_margin`` to spare it takes the lowest predicted tail latency plus mean, scores within
+``model_error`` of the lowest being a tie that goes to the most capacity, or, among tied modes
+at most ``ample_utilization`` loaded, to the lowest score; when none carries the load, the one
+with the most capacity (the capacity guard). It switches only for a
 ``hysteresis`` gain or when the current mode can no longer carry the load (the rate one
 standard error low above its capacity by more than ``model_error``). Plans are cached
 per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup.
@@ -160,6 +162,7 @@ class NovaPolicy(Policy):
         "mode": "fixed_mode",
         "provisional_z": "provisional_z",
         "early_from": "early_from",
+        "ample_utilization": "ample_utilization",
     }
 
     def __init__(
@@ -172,6 +175,7 @@ class NovaPolicy(Policy):
         capacity_margin: float = 0.0,
         hysteresis: float = 0.05,
         model_error: float = 0.05,
+        ample_utilization: float = 0.5,
         rate_window_s: float = 1800.0,
         rate_window_requests: int = 1024,
         rate_z: float = 4.0,
@@ -228,6 +232,7 @@ class NovaPolicy(Policy):
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
         self.model_error = model_error
+        self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
         self.rate_z = rate_z
@@ -785,12 +790,13 @@ class NovaPolicy(Policy):
         if ok:
             # Scores within the model's error of the best are a tie. Poisson-like arrivals: the
             # mode with the most capacity among them wins (it absorbs a burst or an
-            # underestimated rate best). Clustered arrivals: a time-sliced mode (the front gets
-            # the whole GPU: a spatial mode's front runs on the remainder throughout a
-            # cluster), then the one whose decode is fastest while the front is busy (the
-            # model prices decode's stalls at the mean cluster; consecutive clusters merge,
-            # and the front is then busy whenever a request decodes). Tuned on the simulator's
-            # bursty runs (docs/scheduler.md, "Clustered arrivals").
+            # underestimated rate best), unless some carry the load with ample room (below).
+            # Clustered arrivals: a time-sliced mode (the front gets the whole GPU: a spatial
+            # mode's front runs on the remainder throughout a cluster), then the one whose
+            # decode is fastest while the front is busy (the model prices decode's stalls at
+            # the mean cluster; consecutive clusters merge, and the front is then busy whenever
+            # a request decodes). Tuned on the simulator's bursty runs (docs/scheduler.md,
+            # "Clustered arrivals").
             bound = (1.0 + self.model_error) * min(_score(p) for p in ok)
             tied = [p for p in ok if _score(p) <= bound]
             if clustered:
@@ -798,6 +804,13 @@ class NovaPolicy(Policy):
                     tied,
                     key=lambda p: (not p.mode.time_sliced, p.busy_time_per_token_s, _score(p)),
                 )
+            # Poisson-like: the capacity preference is insurance against a burst or a rate read
+            # low, worth nothing where capacity is ample (the load at most
+            # ``ample_utilization`` of it): among such tied modes the lowest score (held-out
+            # seeds, docs/scheduler.md "Ties at ample capacity")
+            ample = [p for p in tied if lam <= self.ample_utilization * p.capacity_rps]
+            if ample:
+                return min(ample, key=_score)
             return max(tied, key=lambda p: (p.capacity_rps, -_score(p)))
         finite = [p for p in preds if p.feasible]
         if finite:
