@@ -90,8 +90,6 @@ def main() -> None:
     if args.child:
         child(args.dtype)
         return
-    from runtime_throughput import machine
-
     # variant -> (dtype, NOVA_CPU_PREPACK)
     variants = (
         {"float32": ("float32", "1"), "bfloat16": ("bfloat16", "1")}
@@ -114,95 +112,69 @@ def main() -> None:
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(variant, runs[variant][-1], flush=True)
     if args.dtypes:
-        write_dtypes(args, runs, loads)
+        write(
+            args.out / "cpu_prepack_engine_dtypes",
+            {"benchmark": "cpu_prepack_engine --dtypes"},
+            runs,
+            loads,
+            "# Packed oneDNN linear layers in float32 and in bfloat16 in the engine (demo model)",
+            "(float32, bfloat16, float32, ...); one figure per round. The demo checkpoint is "
+            "float32; bfloat16 is what `--dtype auto` runs a bfloat16 checkpoint in on this CPU. "
+            "Written by `benchmarks/cpu_prepack_engine.py --dtypes`.",
+        )
         return
-    result = {
-        "benchmark": "cpu_prepack_engine",
-        "dtype": args.dtype,
-        "machine": machine(),
-        "loadavg_1min_at_each_start": loads,
-        "runs": runs,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cpu_prepack_engine_{args.dtype}"
+    write(
+        args.out / f"cpu_prepack_engine_{args.dtype}",
+        {"benchmark": "cpu_prepack_engine", "dtype": args.dtype},
+        runs,
+        loads,
+        f"# Prepacked oneDNN linear vs F.linear in the engine ({args.dtype}, demo model)",
+        "(packed, F.linear, packed, ...); one figure per round. Written by "
+        "`benchmarks/cpu_prepack_engine.py`.",
+    )
+
+
+def write(
+    stem: Path, head: dict, runs: dict[str, list[dict]], loads: list, title: str, how: str
+) -> None:
+    """``stem``.json (``head``, the machine, the loads, the runs) and ``stem``.md: the two
+    variants' decode step and prefill times per batch size and their vision batches."""
+    from runtime_throughput import machine
+
+    a, b = runs  # the two variants, in the order they ran
+    result = {**head, "machine": machine(), "loadavg_1min_at_each_start": loads, "runs": runs}
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
     def cells(variant: str, k: int, key: str) -> str:
         return " / ".join(f"{r[str(k)][key]:.0f}" for r in runs[variant])
 
     lines = [
-        f"# Prepacked oneDNN linear vs F.linear in the engine ({args.dtype}, demo model)",
+        title,
         "",
         f"Machine: {result['machine']}; 1-min load average at each start: {loads}. Policy "
         "`sequential`; per batch size k: k text prompts prefilled in one batch, then 32 decode "
-        "steps; each variant in its own process, in turn (packed, F.linear, packed, ...); "
-        "one figure per round. Written by `benchmarks/cpu_prepack_engine.py`.",
+        f"steps; each variant in its own process, in turn {how}",
         "",
-        "| k | prompt tokens | decode step ms, packed | decode step ms, F.linear "
-        "| prefill ms, packed | prefill ms, F.linear |",
+        f"| k | prompt tokens | decode step ms, {a} | decode step ms, {b} | prefill ms, {a} "
+        f"| prefill ms, {b} |",
         "|---:|---:|---|---|---|---|",
     ]
     for k in BATCHES:
-        tokens = runs["packed"][0][str(k)]["prompt_tokens"]
+        tokens = runs[a][0][str(k)]["prompt_tokens"]
         lines.append(
-            f"| {k} | {tokens} | {cells('packed', k, 'decode_step_ms')} "
-            f"| {cells('F.linear', k, 'decode_step_ms')} | {cells('packed', k, 'prefill_ms')} "
-            f"| {cells('F.linear', k, 'prefill_ms')} |"
+            f"| {k} | {tokens} | {cells(a, k, 'decode_step_ms')} | {cells(b, k, 'decode_step_ms')} "
+            f"| {cells(a, k, 'prefill_ms')} | {cells(b, k, 'prefill_ms')} |"
         )
     vision = " / ".join(
-        f"{r['vision']['vision_ms']:.0f} ms packed, {f['vision']['vision_ms']:.0f} ms F.linear"
-        for r, f in zip(runs["packed"], runs["F.linear"])
+        f"{x['vision']['vision_ms']:.0f} ms {a}, {y['vision']['vision_ms']:.0f} ms {b}"
+        for x, y in zip(runs[a], runs[b])
     )
     lines += [
         "",
         f"Vision encoder, {VISION_IMAGES} requests with a 1080p screenshot each (one vision "
         f"batch of {VISION_IMAGES} images, per round): {vision}.",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def write_dtypes(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list) -> None:
-    from runtime_throughput import machine
-
-    result = {
-        "benchmark": "cpu_prepack_engine --dtypes",
-        "machine": machine(),
-        "loadavg_1min_at_each_start": loads,
-        "runs": runs,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_prepack_engine_dtypes"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-
-    def cells(variant: str, k: int, key: str) -> str:
-        return " / ".join(f"{r[str(k)][key]:.0f}" for r in runs[variant])
-
-    lines = [
-        "# Packed oneDNN linear layers in float32 and in bfloat16 in the engine (demo model)",
-        "",
-        f"Machine: {result['machine']}; 1-min load average at each start: {loads}. Policy "
-        "`sequential`; per batch size k: k text prompts prefilled in one batch, then 32 decode "
-        "steps; each variant in its own process, in turn (float32, bfloat16, float32, ...); "
-        "one figure per round. The demo checkpoint is float32; bfloat16 is what "
-        "`--dtype auto` runs a bfloat16 checkpoint in on this CPU. Written by "
-        "`benchmarks/cpu_prepack_engine.py --dtypes`.",
-        "",
-        "| k | prompt tokens | decode step ms, float32 | decode step ms, bfloat16 "
-        "| prefill ms, float32 | prefill ms, bfloat16 |",
-        "|---:|---:|---|---|---|---|",
-    ]
-    for k in BATCHES:
-        tokens = runs["float32"][0][str(k)]["prompt_tokens"]
-        lines.append(
-            f"| {k} | {tokens} | {cells('float32', k, 'decode_step_ms')} "
-            f"| {cells('bfloat16', k, 'decode_step_ms')} | {cells('float32', k, 'prefill_ms')} "
-            f"| {cells('bfloat16', k, 'prefill_ms')} |"
-        )
-    vision = " / ".join(
-        f"{a['vision']['vision_ms']:.0f} ms float32, {b['vision']['vision_ms']:.0f} ms bfloat16"
-        for a, b in zip(runs["float32"], runs["bfloat16"])
-    )
-    lines += ["", f"Vision encoder, {VISION_IMAGES} screenshots in one batch: {vision}."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
