@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base", type=Path, default=HERE / "eval")
     ap.add_argument("--out", type=Path, default=HERE / "eval_heldout")
     ap.add_argument("--reuse", type=Path, help="a held-out run whose other configurations to reuse")
+    ap.add_argument(
+        "--nova",
+        default=NOVA,
+        help="the policy that stands for nova, e.g. 'nova[ample_utilization=0]' (default: nova)",
+    )
     args = ap.parse_args(argv)
     reports = {
         p.parent.name: json.loads(p.read_text()) for p in sorted(args.base.glob("*/results.json"))
@@ -166,12 +171,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.reuse is not None:
         raw = reused(args.reuse / "per_seed.json", args.seeds)
         jobs = [(name, a, replace(task, policies=(NOVA,))) for name, a, task in jobs]
+    if args.nova != NOVA:  # a variant stands for nova: run it in nova's place
+        jobs = [
+            (
+                name,
+                a,
+                replace(task, policies=tuple(args.nova if p == NOVA else p for p in task.policies)),
+            )
+            for name, a, task in jobs
+        ]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = pool.map(run_point_task, [task for _, _, task in jobs])
         for done, ((name, a, _), (_, load, seed, out)) in enumerate(zip(jobs, results), 1):
             cell = raw.setdefault((name, a["series"], load), {})
             for policy, metrics in out.items():
-                cell.setdefault(policy, {})[seed] = metrics
+                cell.setdefault(NOVA if policy == args.nova else policy, {})[seed] = metrics
             if done % 20 == 0 or done == len(jobs):
                 print(f"[{done}/{len(jobs)} {time.perf_counter() - t0:.0f}s]", flush=True)
     rows = []
@@ -201,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
         "wall_s": round(time.perf_counter() - t0, 1),
         "seeds": args.seeds,
+        "nova": args.nova,
         "base": _relative(args.base),
         "limits": {
             "max_ratio": MAX_RATIO,
@@ -246,7 +261,8 @@ def render(summary: dict[str, Any]) -> str:
         "",
         f"Written by `benchmarks/eval_heldout.py`. Machine: {summary['machine']}; 1-min load "
         f"average at the start and end: {summary['loadavg_1min_start_end']}; wall time "
-        f"{summary['wall_s']} s. Simulated (the evaluation's cost model and simulator).",
+        f"{summary['wall_s']} s. Simulated (the evaluation's cost model and simulator). "
+        f"nova: `{summary.get('nova', NOVA)}`.",
         "",
         f"At every point where the committed evaluation (`{summary['base']}`, seeds 0-2) has a "
         "best tuned baseline, nova, that best baseline and the oracle's configuration (both as "
