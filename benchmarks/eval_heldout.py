@@ -49,6 +49,7 @@ from nova.sim.eval import (
     PointTask,
     aggregate,
     must_hold_checks,
+    nova_ratios,
     run_point_task,
 )
 
@@ -119,13 +120,7 @@ def point_tasks(report: dict[str, Any], seeds: list[int]) -> list[tuple[dict, Po
 def check(a: dict[str, Any], points: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The evaluation's checks on the held-out means, against the committed choices."""
     nova, best, oracle = points[NOVA], points[a["best_baseline"]], points[a["oracle"]]
-
-    def ratio(key: str, other: dict[str, Any]) -> float:
-        return nova[key] / other[key] if other[key] else math.inf
-
-    nb = {k: ratio(f"{k}_latency_s", best) for k in ("max", "p99", "mean")}
-    nb["throughput"] = ratio("throughput_rps", best)
-    no = {k: ratio(f"{k}_latency_s", oracle) for k in ("max", "mean")}
+    nb, no = nova_ratios(nova, best, oracle)
     checks = must_hold_checks(nb, no, bool(nova["sustained"]), a["oracle_gain"])
     per_seed = {
         name: [s["max_latency_s"] for s in points[name]["seeds"]]

@@ -376,6 +376,23 @@ def best_of(points: dict[str, dict[str, Any]], names: Iterable[str]) -> str | No
     return min(ok, key=lambda n: _rank(points[n])) if ok else None
 
 
+def _ratio(a: float | None, c: float | None) -> float:
+    if a is None or c is None:
+        return math.inf
+    return a / c if c > 0 else (1.0 if a == 0 else math.inf)
+
+
+def nova_ratios(
+    nova: dict[str, Any], best: dict[str, Any], oracle: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """nova's aggregated point over the best tuned baseline's (max, p99, mean latency;
+    throughput) and over the oracle's (max, mean latency)."""
+    nb = {k: _ratio(nova[f"{k}_latency_s"], best[f"{k}_latency_s"]) for k in ("max", "p99", "mean")}
+    nb["throughput"] = _ratio(nova["throughput_rps"], best["throughput_rps"])
+    no = {k: _ratio(nova[f"{k}_latency_s"], oracle[f"{k}_latency_s"]) for k in ("max", "mean")}
+    return nb, no
+
+
 def must_hold_checks(
     nova_vs_best: dict[str, float],
     nova_vs_oracle: dict[str, float],
@@ -414,23 +431,8 @@ def analyse(
         out["checks"] = {}
         return out
     b, o = points[best], points[oracle]
-
-    def ratio(a: float | None, c: float | None) -> float:
-        if a is None or c is None:
-            return math.inf
-        return a / c if c > 0 else (1.0 if a == 0 else math.inf)
-
-    nb = {
-        "max": ratio(nova["max_latency_s"], b["max_latency_s"]),
-        "p99": ratio(nova["p99_latency_s"], b["p99_latency_s"]),
-        "mean": ratio(nova["mean_latency_s"], b["mean_latency_s"]),
-        "throughput": ratio(nova["throughput_rps"], b["throughput_rps"]),
-    }
-    no = {
-        "max": ratio(nova["max_latency_s"], o["max_latency_s"]),
-        "mean": ratio(nova["mean_latency_s"], o["mean_latency_s"]),
-    }
-    oracle_gain = 1.0 - ratio(o["max_latency_s"], b["max_latency_s"])
+    nb, no = nova_ratios(nova, b, o)
+    oracle_gain = 1.0 - _ratio(o["max_latency_s"], b["max_latency_s"])
     checks = must_hold_checks(nb, no, bool(nova["sustained"]), oracle_gain)
     out.update(
         nova_vs_best=nb,
