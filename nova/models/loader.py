@@ -329,8 +329,10 @@ def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
     ``transformers`` write it; the text model's for a VLM that names none at the top), or
     None."""
     for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        if cfg is None:
+            continue
         # (``dtype`` first: reading ``torch_dtype`` warns in transformers 5)
-        value = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype") if cfg else None
+        value = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype")
         if isinstance(value, str):
             value = getattr(torch, value, None)
         if isinstance(value, torch.dtype) and value.is_floating_point:

@@ -12,12 +12,13 @@ the scheduler, so no policy sees an arrival and no metric counts a request.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from nova.profiling.timing import DeviceTimer
 from nova.runtime.forward_batch import SeqInput
 
 WARMUP_PROMPT_TOKENS = 16  # a prompt that needs more than one block at the default 16 tokens
@@ -58,24 +59,14 @@ def warm_up(runner: Any, pixels: Any = None, token_id: int = 0) -> WarmUpReport:
     capacity = runner.block_manager.num_blocks * block
     tokens = max(1, min(WARMUP_PROMPT_TOKENS, capacity - 1))
     table = list(range(math.ceil((tokens + 1) / block)))
-    vision_s = None
+    timer = DeviceTimer(runner.device)
+
+    def seconds(job: Callable[[], Any]) -> float:
+        return timer.time_s(job, warmup=0, repeats=1)[0]
+
+    decode = [SeqInput([token_id], tokens, table) for _ in range(WARMUP_DECODE_BATCH)]
     with torch.inference_mode():
-        if pixels is not None:
-            t0 = time.perf_counter()
-            runner.encode_images(pixels)
-            _sync(runner.device)
-            vision_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        runner.forward([SeqInput([token_id] * tokens, 0, table)])
-        _sync(runner.device)
-        prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        runner.forward([SeqInput([token_id], tokens, table) for _ in range(WARMUP_DECODE_BATCH)])
-        _sync(runner.device)
-        decode_s = time.perf_counter() - t0
+        vision_s = None if pixels is None else seconds(lambda: runner.encode_images(pixels))
+        prefill_s = seconds(lambda: runner.forward([SeqInput([token_id] * tokens, 0, table)]))
+        decode_s = seconds(lambda: runner.forward(decode))
     return WarmUpReport(vision_s, prefill_s, decode_s)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
