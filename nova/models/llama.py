@@ -26,6 +26,7 @@ from torch import nn
 from nova.models.mrope import mrope_frequency_rows
 from nova.runtime.attention_backend import AttentionBackend
 from nova.runtime.attention_sdpa import SdpaPagedAttention
+from nova.runtime.cpu_fused import kernels_for
 from nova.runtime.cpu_linear import PackedLinear
 from nova.runtime.forward_batch import ForwardBatch
 from nova.runtime.kv_cache import PagedKVCache
@@ -57,16 +58,37 @@ def _rope_inverse_frequencies(hf_config: Any, text: TextShape) -> tuple[torch.Te
 
 
 class RMSNorm(nn.Module):
+    """``transformers``' Llama RMSNorm: normalized in fp32, rounded to the input's dtype, times
+    the weight. On a CPU one fused kernel pass (``nova.runtime.cpu_fused``) when it applies."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def _kernels(self, x: torch.Tensor) -> Any:
+        fits = x.dim() == 2 and x.stride(-1) == 1 and self.weight.dtype == x.dtype
+        return kernels_for(x) if fits else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels(x)
+        if kernels is not None:
+            return kernels.rms_norm(x, self.weight, self.eps)
         in_dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(in_dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, this norm of it): the residual add and the next norm in one pass."""
+        kernels = self._kernels(x)
+        if kernels is not None and residual.shape == x.shape and residual.stride(-1) == 1:
+            total, normed = kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return total, normed
+        total = residual + x
+        return total, self(total)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +97,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. One kernel pass on a CPU when it
+    applies (``nova.runtime.cpu_fused``)."""
+    fits = x.stride(-1) == 1 and cos.dtype == sin.dtype == x.dtype
+    kernels = kernels_for(x) if fits and cos.is_contiguous() and sin.is_contiguous() else None
+    if kernels is not None:
+        return kernels.rope(x, cos, sin)
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
@@ -184,8 +211,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self._gate_up_linear(x, *self._gate_up.get())
-        gate, up = gate_up[:, : self._inter], gate_up[:, self._inter :]
-        return self._down_linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        kernels = kernels_for(gate_up) if gate_up.stride(-1) == 1 else None
+        if kernels is not None:
+            act = kernels.silu_mul(gate_up)
+        else:
+            act = F.silu(gate_up[:, : self._inter]) * gate_up[:, self._inter :]
+        return self._down_linear(act, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -198,14 +229,21 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        normed: torch.Tensor,
+        residual: torch.Tensor,
+        next_norm: RMSNorm,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: PagedKVCache,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm layer ``h += attn(norm1(h)); h += mlp(norm2(h))`` with each residual
+        add fused into the norm after it. ``residual`` is h, ``normed`` is
+        ``input_layernorm(h)``; returns (the new h, ``next_norm`` of it): the next layer's
+        input norm, or the final norm after the last layer."""
+        attn = self.self_attn(normed, cos, sin, batch, kv_cache)
+        residual, normed = self.post_attention_layernorm.add_forward(attn, residual)
+        return next_norm.add_forward(self.mlp(normed), residual)
 
 
 class _Backbone(nn.Module):
@@ -312,9 +350,14 @@ class LlamaDecoder(nn.Module):
     ) -> torch.Tensor:
         """hidden: embedded new tokens [T, hidden] -> final-norm hidden states [T, hidden]."""
         cos, sin = self.rope_cos_sin(batch, hidden.device, hidden.dtype)
-        for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, batch, kv_cache)
-        return self.model.norm(hidden)
+        layers = [cast(DecoderLayer, layer) for layer in self.model.layers]
+        if not layers:
+            return self.model.norm(hidden)
+        norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
+        residual, normed = hidden, layers[0].input_layernorm(hidden)
+        for layer, next_norm in zip(layers, norms):
+            residual, normed = layer(normed, residual, next_norm, cos, sin, batch, kv_cache)
+        return normed
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Swap the paged-attention backend every layer calls; forwards then carry its

@@ -1,7 +1,9 @@
 """Nova's own CPU kernels (C++, ``nova/runtime/csrc``), built on first use for this machine.
 
 ``decode_attention`` reads a decode step's keys and values in place from the paged KV cache
-(``csrc/cpu_decode_attention.cpp`` says why). The source is compiled with
+(``csrc/cpu_decode_attention.cpp`` says why); ``rms_norm``, ``add_rms_norm``, ``silu_mul`` and
+``rope`` do the decoder's elementwise work in one pass each (``csrc/cpu_elementwise.cpp``; the
+decoder calls them through ``nova.runtime.cpu_fused``). The sources are compiled with
 ``torch.utils.cpp_extension`` (gcc and ninja) for the CPU it runs on (``-march=native``) into
 ``$NOVA_CACHE_DIR/cpu_kernels/<key>`` (``~/.cache/nova`` without it), keyed by the source, the
 flags, torch's version and the CPU's model and flags, so a second process loads the built
@@ -26,8 +28,10 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode_attention.cpp"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "module.cpp", CSRC / "cpu_decode_attention.cpp", CSRC / "cpu_elementwise.cpp")
+HEADERS = (CSRC / "cpu_math.h",)
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno")
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -46,7 +50,9 @@ def build_key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode()):
+    for path in SOURCES + HEADERS:
+        h.update(path.read_bytes())
+    for part in (" ".join(CFLAGS).encode(), torch.__version__.encode()):
         h.update(part)
     h.update(_cpu_identity().encode())
     return h.hexdigest()[:16]
@@ -78,6 +84,8 @@ def load() -> ModuleType | None:
     m = mode()
     if m == "off":
         return None
+    if "module" in _state:  # (the decoder asks several times per layer: no lock once built)
+        return _state["module"]
     with _lock:
         if "module" in _state:
             return _state["module"]
@@ -91,7 +99,7 @@ def load() -> ModuleType | None:
             build_dir.mkdir(parents=True, exist_ok=True)
             module = load_extension(
                 name=f"nova_cpu_kernels_{key}",
-                sources=[str(SOURCE)],
+                sources=[str(p) for p in SOURCES],
                 extra_cflags=list(CFLAGS),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
@@ -100,7 +108,7 @@ def load() -> ModuleType | None:
         except Exception as exc:  # (a compiler error is a RuntimeError with its output)
             if m == "require":
                 raise RuntimeError(f"building Nova's CPU kernels failed: {exc}") from exc
-            log.warning("Nova's CPU kernels did not build; decode attention runs eager: %s", exc)
+            log.warning("Nova's CPU kernels did not build; the eager path runs: %s", exc)
             module = None
         _state["module"] = module
         return module

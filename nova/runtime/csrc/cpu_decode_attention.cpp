@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_math.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -29,29 +31,8 @@
 
 namespace {
 
-inline float to_f32(float x) { return x; }
-inline float to_f32(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
-inline float to_f32(c10::Half x) { return static_cast<float>(x); }
-
-// exp(x) for x <= 0 (softmax after subtracting the row's maximum), written so that a loop of it
-// vectorizes (std::exp is a scalar libm call): x = n ln2 + y with |y| <= ln2 / 2, e^y from its
-// Taylor series to degree 7 (truncation below 6e-9 relative), 2^n from the exponent bits.
-// Inputs below -87 return about 1.6e-38 instead of less (their share of a sum is nil anyway).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float y = x - n * 0.693147180559945309f;
-  float p = 1.0f / 5040.0f;
-  p = p * y + 1.0f / 720.0f;
-  p = p * y + 1.0f / 120.0f;
-  p = p * y + 1.0f / 24.0f;
-  p = p * y + 1.0f / 6.0f;
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
+using nova_cpu::exp_clamped;
+using nova_cpu::to_f32;
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define NOVA_AVX512_BF16 1
@@ -177,7 +158,7 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < len; ++t) {
-      s[t] = exp_nonpositive(s[t] - m);
+      s[t] = exp_clamped(s[t] - m);
       sum += s[t];
     }
     const float inv = 1.0f / sum;
@@ -243,6 +224,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
+}  // namespace
+
+namespace nova_cpu {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, int64_t block_size, double scale) {
@@ -282,11 +267,4 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // (the GIL is released while the kernel runs, as PyTorch's own ops do)
-  m.def("decode_attention", &decode_attention,
-        "paged decode attention reading K/V in place (CPU)",
-        py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace nova_cpu

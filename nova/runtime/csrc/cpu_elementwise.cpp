@@ -1,0 +1,215 @@
+// The decoder's elementwise work on the CPU in one pass each: RMSNorm (with the residual add
+// before it), SiLU(gate) * up, and the rotary embedding of queries and keys.
+//
+// Why (docs/cpu.md, "Fused elementwise kernels"): written as PyTorch ops these are 4-7 passes
+// over the activations each (RMSNorm alone: to fp32, pow, mean, add, rsqrt, mul, to bf16, mul),
+// every pass a full read and write plus an op dispatch; in a 2,000-token bf16 prefill of the
+// peer model they took about a third of the time, more than the attention.
+//
+// Each kernel rounds to the storage dtype exactly where the eager ops it replaces round (an
+// eager bf16 op computes in fp32 and rounds its output), so results match the eager path up to
+// the last bit of fp32 arithmetic (summation order, exp and rsqrt), which a bf16 rounding
+// almost always absorbs. In fp32 no rounding step exists and the kernels agree with the eager
+// path to float precision.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "cpu_math.h"
+
+namespace nova_cpu {
+namespace {
+
+// Rows per task: enough elements that a thread's share outweighs waking it.
+inline int64_t grain_rows(int64_t row_elems) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems));
+}
+
+// out = weight * round(v * rsqrt(mean(v^2) + eps)) with v = x, or with a residual:
+// sum = round(x + residual), v = sum (what `h = h + x; norm(h)` computes).
+template <typename T>
+void rms_norm_rows(const raw_t<T>* x, int64_t x_stride, const raw_t<T>* residual, int64_t res_stride,
+                   const raw_t<T>* weight, raw_t<T>* sum, raw_t<T>* out, int64_t rows, int64_t H, float eps) {
+  using S = Storage<T>;
+  using R = raw_t<T>;
+  at::parallel_for(0, rows, grain_rows(H), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const R* xr = x + r * x_stride;
+      R* o = out + r * H;
+      const R* v = xr;
+      if (residual != nullptr) {
+        const R* rr = residual + r * res_stride;
+        R* s = sum + r * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) s[i] = S::store(S::load(xr[i]) + S::load(rr[i]));
+        v = s;
+      }
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < H; ++i) {
+        const float f = S::load(v[i]);
+        ss += f * f;
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i)
+        o[i] = S::store(S::load(weight[i]) * round_to<T>(S::load(v[i]) * inv));
+    }
+  });
+}
+
+// out[r, i] = round(round(silu(gate[r, i])) * up[r, i]); gate = gu[r, :I], up = gu[r, I:].
+template <typename T>
+void silu_mul_rows(const raw_t<T>* gu, int64_t stride, raw_t<T>* out, int64_t rows, int64_t I) {
+  using S = Storage<T>;
+  using R = raw_t<T>;
+  at::parallel_for(0, rows, grain_rows(I), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const R* g = gu + r * stride;
+      const R* u = g + I;
+      R* o = out + r * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float x = S::load(g[i]);
+        const float s = round_to<T>(x / (1.0f + exp_clamped(-x)));
+        o[i] = S::store(s * S::load(u[i]));
+      }
+    }
+  });
+}
+
+// out[t, n] = round(round(x * cos) + round(rotate_half(x) * sin)), rotate_half(x) =
+// (-x[half:], x[:half]); x[t, n] at x + t * st + n * sn (a strided view of the q/k/v GEMM's
+// output), cos/sin rows [T, D], out contiguous [T, N, D].
+template <typename T>
+void rope_rows(const raw_t<T>* x, int64_t st, int64_t sn, const raw_t<T>* cos, const raw_t<T>* sin, raw_t<T>* out,
+               int64_t tokens, int64_t N, int64_t D) {
+  using S = Storage<T>;
+  using R = raw_t<T>;
+  const int64_t half = D / 2;
+  at::parallel_for(0, tokens, grain_rows(N * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const R* c = cos + t * D;
+      const R* s = sin + t * D;
+      for (int64_t n = 0; n < N; ++n) {
+        const R* xr = x + t * st + n * sn;
+        R* o = out + (t * N + n) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = round_to<T>(S::load(xr[i]) * S::load(c[i]));
+          const float b = round_to<T>(-S::load(xr[i + half]) * S::load(s[i]));
+          o[i] = S::store(a + b);
+        }
+#pragma omp simd
+        for (int64_t i = half; i < D; ++i) {
+          const float a = round_to<T>(S::load(xr[i]) * S::load(c[i]));
+          const float b = round_to<T>(S::load(xr[i - half]) * S::load(s[i]));
+          o[i] = S::store(a + b);
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+// A tensor's data as its dtype's raw elements (Storage<T>::raw).
+template <typename T>
+typename Storage<T>::raw* raw(const at::Tensor& t) {
+  return reinterpret_cast<typename Storage<T>::raw*>(t.data_ptr<T>());
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2, name, ": expected [rows, features], got ", x.dim(), " dims");
+  TORCH_CHECK(x.stride(1) == 1, name, ": the feature dimension must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "rms_norm: weight must be contiguous [features]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: x and weight dtypes differ");
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_rows<T>(raw<T>(x), x.stride(0), nullptr, 0, raw<T>(weight), nullptr, raw<T>(out),
+                     x.size(0), x.size(1), static_cast<float>(eps));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_rows(x, "add_rms_norm");
+  check_rows(residual, "add_rms_norm");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: x and residual shapes differ");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "add_rms_norm: weight must be contiguous [features]");
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() &&
+                  x.scalar_type() == weight.scalar_type(),
+              "add_rms_norm: x, residual and weight dtypes differ");
+  auto sum = at::empty({x.size(0), x.size(1)}, x.options());
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  dispatch(x.scalar_type(), "add_rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_rows<T>(raw<T>(x), x.stride(0), raw<T>(residual), residual.stride(0),
+                     raw<T>(weight), raw<T>(sum), raw<T>(out), x.size(0), x.size(1),
+                     static_cast<float>(eps));
+  });
+  return {sum, out};
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "silu_mul");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: expected [rows, 2 * intermediate]");
+  const int64_t inter = gate_up.size(1) / 2;
+  auto out = at::empty({gate_up.size(0), inter}, gate_up.options());
+  dispatch(gate_up.scalar_type(), "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    silu_mul_rows<T>(raw<T>(gate_up), gate_up.stride(0), raw<T>(out), gate_up.size(0), inter);
+  });
+  return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu(), "rope: CPU tensors only");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rope: x must be [tokens, heads, head_dim] "
+              "with a contiguous last dimension");
+  const int64_t T = x.size(0), N = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 2 == 0, "rope: head_dim must be even");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && sin.dim() == 2 &&
+                  cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "rope: cos and sin must be contiguous [tokens, head_dim]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: x, cos and sin dtypes differ");
+  auto out = at::empty({T, N, D}, x.options());
+  dispatch(x.scalar_type(), "rope", [&](auto tag) {
+    using Tp = decltype(tag);
+    rope_rows<Tp>(raw<Tp>(x), x.stride(0), x.stride(1), raw<Tp>(cos), raw<Tp>(sin),
+                  raw<Tp>(out), T, N, D);
+  });
+  return out;
+}
+
+}  // namespace nova_cpu

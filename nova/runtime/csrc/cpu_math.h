@@ -1,0 +1,84 @@
+// Scalar helpers shared by Nova's CPU kernels, written so that loops over them vectorize
+// (-O3 -march=native): conversions between fp32 and the storage dtypes, and exp without libm.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+namespace nova_cpu {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(c10::BFloat16 x) { return std::bit_cast<float>(uint32_t(x.x) << 16); }
+inline float to_f32(c10::Half x) { return static_cast<float>(x); }
+
+// A storage dtype's raw element and its conversions to and from fp32. bf16 is handled as its
+// uint16_t bits: loops over them vectorize, while stores through c10::BFloat16 objects do not.
+// fp32 -> storage rounds to nearest even as PyTorch's own conversions do (NaN stays NaN), so a
+// kernel that rounds where an eager op would round reproduces its result.
+template <typename T>
+struct Storage;
+template <>
+struct Storage<float> {
+  using raw = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+template <>
+struct Storage<c10::Half> {
+  using raw = c10::Half;
+  static float load(c10::Half x) { return static_cast<float>(x); }
+  static c10::Half store(float x) { return static_cast<c10::Half>(x); }
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using raw = uint16_t;
+  static float load(uint16_t x) { return std::bit_cast<float>(uint32_t(x) << 16); }
+  static uint16_t store(float x) {
+    const uint32_t u = std::bit_cast<uint32_t>(x);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    // (NaN by the bits: an integer select keeps the loop vectorized)
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return nan ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+};
+
+template <typename T>
+using raw_t = typename Storage<T>::raw;
+
+// The value after a round trip through the storage dtype (the rounding an eager op's output
+// gets), as fp32.
+template <typename T>
+inline float round_to(float x) {
+  return Storage<T>::load(Storage<T>::store(x));
+}
+
+// exp(x) without libm (std::exp is a scalar call; this vectorizes): x = n ln2 + y with
+// |y| <= ln2 / 2, e^y from its Taylor series to degree 7 (truncation below 6e-9 relative), 2^n
+// from the exponent bits. x is clamped to [-87, 89]: below, about 1.6e-38 instead of less (nil
+// in a softmax's sum); from about 88.73 on, 2^128 is inf and so is the result, as with expf
+// (so silu of a large negative x is -0, as PyTorch's).
+inline float exp_clamped(float x) {
+  x = std::min(x, 89.0f);
+  x = std::max(x, -87.0f);
+  // n = x / ln2 rounded to the nearest integer by adding and subtracting 1.5 * 2^23 (std::floor
+  // or std::nearbyint would keep the loop scalar)
+  constexpr float kRound = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float y = x - n * 0.693147180559945309f;
+  float p = 1.0f / 5040.0f;
+  p = p * y + 1.0f / 720.0f;
+  p = p * y + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+}  // namespace nova_cpu

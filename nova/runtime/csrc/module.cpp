@@ -1,0 +1,28 @@
+// The Python module of Nova's CPU kernels (nova/runtime/cpu_kernels.py builds it): one binding
+// per kernel; each releases the GIL while it runs, as PyTorch's own ops do.
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace nova_cpu {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, int64_t block_size, double scale);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+}  // namespace nova_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("decode_attention", &nova_cpu::decode_attention,
+        "paged decode attention reading K/V in place (CPU)", release());
+  m.def("rms_norm", &nova_cpu::rms_norm, "RMSNorm of rows in one pass (CPU)", release());
+  m.def("add_rms_norm", &nova_cpu::add_rms_norm,
+        "(x + residual, RMSNorm(x + residual)) in one pass (CPU)", release());
+  m.def("silu_mul", &nova_cpu::silu_mul, "SiLU(gate) * up of [rows, 2 * I] (CPU)", release());
+  m.def("rope", &nova_cpu::rope, "rotary embedding of [tokens, heads, head_dim] (CPU)",
+        release());
+}
