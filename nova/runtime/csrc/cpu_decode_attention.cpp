@@ -87,6 +87,48 @@ void bf16_scores(const c10::BFloat16* q, const c10::BFloat16* const* rows, int64
     }
   }
 }
+
+// out_g = sum_t p[g][t] v_t for NG (<= 4) query rows g of one KV head, kD a multiple of 16:
+// the NG x kD/16 accumulators stay in registers while the value rows stream past (each row
+// widened from bf16 to fp32 once and used by every row g); the outputs rounded to bf16.
+template <int kD, int NG>
+void bf16_values(const c10::BFloat16* const* rows, int64_t len, const float* probs,
+                 int64_t probs_stride, c10::BFloat16* out) {
+  static_assert(kD % 16 == 0, "bf16_values needs head_dim % 16 == 0");
+  constexpr int kC = kD / 16;
+  __m512 acc[NG][kC];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < kC; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    __m512 v[kC];
+    for (int c = 0; c < kC; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + 16 * c));
+      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    for (int g = 0; g < NG; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g * probs_stride + t]);
+      for (int c = 0; c < kC; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < kC; ++c)  // round to nearest even, as c10::BFloat16's conversion
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * kD + 16 * c),
+                          (__m256i)_mm512_cvtneps_pbh(acc[g][c]));
+}
+
+// bf16_values for any number of query rows G, four at a time.
+template <int kD>
+void bf16_values_rows(const c10::BFloat16* const* rows, int64_t len, const float* probs,
+                      int64_t G, c10::BFloat16* out) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) bf16_values<kD, 4>(rows, len, probs + g * len, len, out + g * kD);
+  const int64_t rest = G - g;
+  const float* pr = probs + g * len;
+  c10::BFloat16* o = out + g * kD;
+  if (rest == 3) bf16_values<kD, 3>(rows, len, pr, len, o);
+  if (rest == 2) bf16_values<kD, 2>(rows, len, pr, len, o);
+  if (rest == 1) bf16_values<kD, 1>(rows, len, pr, len, o);
+}
 #endif
 
 template <typename T>
@@ -102,7 +144,7 @@ template <typename T, int kD>
 void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, int64_t len,
                  int64_t block_size, int64_t slot_stride, int64_t h, int64_t G, int64_t rt_D,
                  float scale, T* op, float* qf, float* row, float* acc,
-                 std::vector<float>& scores) {
+                 std::vector<float>& scores, std::vector<const T*>& rows) {
   const int64_t D = kD > 0 ? kD : rt_D;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f32(qp[g * D + d]) * scale;
@@ -134,8 +176,9 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
   prefetch_block(0);
   prefetch_block(1);
 #ifdef NOVA_AVX512_BF16
-  if constexpr (std::is_same_v<T, c10::BFloat16> && kD > 0 && kD % 32 == 0) {
-    std::vector<const c10::BFloat16*> rows(len);
+  constexpr bool kBf16Path = std::is_same_v<T, c10::BFloat16> && kD > 0 && kD % 32 == 0;
+  if constexpr (kBf16Path) {
+    rows.resize(len);
     each_row(kp, true, [&](int64_t t, const T* k) { rows[t] = k; });
     bf16_scores<kD>(qp, rows.data(), len, G, scale, scores.data());
   } else
@@ -164,6 +207,13 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
     const float inv = 1.0f / sum;
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
+#ifdef NOVA_AVX512_BF16
+  if constexpr (kBf16Path) {
+    each_row(vp, false, [&](int64_t t, const T* v) { rows[t] = v; });
+    bf16_values_rows<kD>(rows.data(), len, scores.data(), G, op);
+    return;
+  }
+#endif
   std::fill(acc, acc + G * D, 0.0f);
   each_row(vp, false, [&](int64_t t, const T* v) {  // out_g = sum_t p[g][t] v_t
 #pragma omp simd
@@ -199,6 +249,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), row(D), acc(G * D), scores;
+    std::vector<const T*> rows;  // (the AVX-512 bf16 path's row pointers, reused per item)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH, h = item % KVH;
       const int64_t len = lens[b];
@@ -212,7 +263,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
       auto run = [&](auto d_tag) {
         attend_item<T, decltype(d_tag)::value>(qrows, kp, vp, table, len, block_size,
                                                slot_stride, h, G, D, fscale, o, qf.data(),
-                                               row.data(), acc.data(), scores);
+                                               row.data(), acc.data(), scores, rows);
       };
       if (D == 64)
         run(std::integral_constant<int, 64>{});
