@@ -34,7 +34,13 @@ from nova.runtime.attention_backend import (  # noqa: E402
     AttentionMetadata,
     PhaseSplitAttention,
 )
-from nova.runtime.attention_cpu import CpuPagedAttention, query_tiles, sub_batch  # noqa: E402
+from nova.runtime.attention_cpu import (  # noqa: E402
+    CpuPagedAttention,
+    key_slots_and_mask,
+    prefill_row_lens,
+    query_tiles,
+    sub_batch,
+)
 from nova.runtime.attention_flex import FlexPagedAttention  # noqa: E402
 from nova.runtime.attention_sdpa import SdpaPagedAttention, causal_gather_views  # noqa: E402
 from nova.runtime.attention_triton import TritonPagedAttention  # noqa: E402
@@ -187,6 +193,33 @@ def sub_batch_of(paged, seqs):
 def test_cpu_backend_bf16_close_to_sdpa(case):
     # bf16 scores are rounded once before the softmax (SDPA's flash kernel keeps them fp32).
     check_against_sdpa(CpuPagedAttention(), case, 9, 3, 64, 16, atol=3e-2, dtype=torch.bfloat16)
+
+
+# (bf16: an exp a last fp32 bit apart can round a probability, then an output, one bf16 step)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", ["varlen_prefill", "chunked_prefill", "mixed", "fused_step"])
+def test_cpu_prefill_softmax_kernel_equals_the_masked_softmax(case, dtype, tol, monkeypatch):
+    """The C++ causal softmax over each row's key prefix against the mask add and PyTorch's
+    softmax it replaces (``NOVA_CPU_KERNELS=0``), tiles of one row included."""
+    cache, batch, q, k, v, _ = make_case(CASES[case], 9, 3, 64, 16, dtype)
+    outs = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("NOVA_CPU_KERNELS", kernels)
+        for tile_bytes in (2 << 20, 1):
+            backend = CpuPagedAttention(score_tile_bytes=tile_bytes)
+            md = backend.build_metadata(batch.paged)
+            outs.append(backend(q, k, v, 0, md, clone_cache(cache), 0.125))
+    for out in outs[1:]:
+        torch.testing.assert_close(out.float(), outs[0].float(), atol=tol, rtol=tol)
+
+
+def test_prefill_row_lens_are_the_causal_mask_as_prefix_lengths():
+    _, batch, *_ = make_case(CASES["mixed"], 6, 2, 16, 4)
+    _, allowed = key_slots_and_mask(batch.paged)
+    lens = prefill_row_lens(batch.paged)
+    assert lens.dtype == torch.int32 and lens.is_contiguous()
+    keys = torch.arange(allowed.shape[-1])
+    assert torch.equal(allowed, keys[None, None, :] < lens[:, :, None].long())
 
 
 def test_cpu_backend_pad_slot_is_a_reserved_block(tiny_dirs):

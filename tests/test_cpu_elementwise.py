@@ -105,6 +105,11 @@ def test_bad_shapes_are_errors_naming_the_problem(kernels):
         kernels.rope(torch.randn(2, 3, 8), torch.randn(2, 6), torch.randn(2, 6))
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         kernels.silu_mul(torch.zeros(2, 4, dtype=torch.float64))
+    scores = torch.randn(2, 1, 3, 1, 5)
+    with pytest.raises(RuntimeError, match="row_lens must be contiguous int32"):
+        kernels.prefix_softmax_(scores, torch.ones(2, 3), 0, 1.0)
+    with pytest.raises(RuntimeError, match="must lie within row_lens"):
+        kernels.prefix_softmax_(scores, torch.ones(2, 3, dtype=torch.int32), 1, 1.0)
 
 
 def test_which_tensors_take_the_kernels(kernels, monkeypatch):

@@ -44,6 +44,7 @@ from types import ModuleType
 import torch
 
 from nova.runtime import cpu_kernels
+from nova.runtime.cpu_fused import kernels_for
 from nova.runtime.attention_backend import (
     AttentionBackend,
     AttentionMetadata,
@@ -70,6 +71,9 @@ class CpuMetadata(AttentionMetadata):
     # decode through the C++ kernel, which reads the block tables itself (no gather index,
     # no mask: ``key_slots`` and ``allowed`` are empty)
     in_place: bool = False
+    # prefill with the C++ softmax: keys each padded query row sees, [B, max_q] int32 (the
+    # causal mask as lengths: row i of sequence b sees its keys 0..cached_b + i; padding key 0)
+    row_lens: torch.Tensor | None = None
 
     @classmethod
     def without_gather(cls, paged: PagedBatch) -> CpuMetadata:
@@ -139,6 +143,16 @@ def key_slots_and_mask(paged: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
     allowed[:, :, 0] |= ~q_valid
     return key_slots, allowed
+
+
+def prefill_row_lens(paged: PagedBatch) -> torch.Tensor:
+    """[B, max_q] int32: keys padded query row ``i`` of sequence ``b`` may attend, a prefix
+    ``0..cached_b + i`` (``key_slots_and_mask``'s ``allowed`` as lengths); padded rows 1."""
+    q_lens = paged.query_lens().long()
+    cached = paged.seq_lens.long() - q_lens
+    q_idx = torch.arange(paged.max_query_len, device=q_lens.device)
+    lens = cached[:, None] + q_idx[None, :] + 1
+    return torch.where(q_idx[None, :] < q_lens[:, None], lens, 1).to(torch.int32).contiguous()
 
 
 # Scores of one prefill tile (fp32 bytes): fits a core's share of the L3 cache, and far below
@@ -281,13 +295,22 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         q_pad[metadata.query_pad_index] = q
         q_rows = q_pad.view(b, max_q, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
         out = q.new_empty(b, max_q, kv_heads, group, head_dim)
+        # (the causal softmax in one C++ pass over each row's key prefix, in place, where the
+        # kernels are on: no mask add, no masked tail through exp)
+        fused = kernels_for(q) if self.kernels is not None else None
+        if fused is not None and metadata.row_lens is None:
+            metadata.row_lens = prefill_row_lens(paged)
         for r0, r1, kv_len in metadata.tiles:
             n = r1 - r0
             rows = q_rows[:, :, r0:r1].reshape(b * kv_heads, n * group, head_dim)
             keys = k[:, :kv_len]
             scores = torch.bmm(rows, keys.transpose(1, 2)).view(b, kv_heads, n, group, kv_len)
-            mask = metadata.additive_mask[:, :, r0:r1, :, :kv_len]
-            probs = torch.add(mask, scores, alpha=scale).softmax(-1)
+            if fused is not None and metadata.row_lens is not None:
+                fused.prefix_softmax_(scores, metadata.row_lens, r0, scale)
+                probs = scores
+            else:
+                mask = metadata.additive_mask[:, :, r0:r1, :, :kv_len]
+                probs = torch.add(mask, scores, alpha=scale).softmax(-1)
             tile = torch.bmm(probs.view(b * kv_heads, n * group, kv_len), v[:, :kv_len])
             out[:, r0:r1] = tile.view(b, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4)
         return out.view(b * max_q, num_heads * head_dim)[metadata.query_pad_index]

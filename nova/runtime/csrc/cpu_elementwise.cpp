@@ -14,8 +14,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "cpu_math.h"
@@ -110,6 +112,35 @@ void rope_rows(const raw_t<T>* x, int64_t st, int64_t sn, const raw_t<T>* cos, c
           o[i] = S::store(a + b);
         }
       }
+    }
+  });
+}
+
+// In place, per row of a prefill tile's scores [B, KVH, n, G, kv]: row (b, ., i, .) sees keys
+// 0..L-1 with L = row_lens[b, row0 + i] (clipped to kv); p = softmax(round(scale * s)) over
+// them and 0 after (what adding the causal mask's 0 / -inf and PyTorch's softmax compute).
+template <typename T>
+void prefix_softmax_rows(raw_t<T>* scores, const int32_t* row_lens, int64_t lens_stride,
+                         int64_t row0, int64_t B, int64_t KVH, int64_t n, int64_t G, int64_t kv,
+                         float scale) {
+  using S = Storage<T>;
+  const int64_t rows = B * KVH * n * G;
+  at::parallel_for(0, rows, grain_rows(kv), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (KVH * n * G);
+      const int64_t i = (r / G) % n;
+      const int64_t len = std::min<int64_t>(kv, std::max<int32_t>(1, row_lens[b * lens_stride + row0 + i]));
+      raw_t<T>* s = scores + r * kv;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < len; ++t) m = std::max(m, round_to<T>(scale * S::load(s[t])));
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < len; ++t) sum += exp_clamped(round_to<T>(scale * S::load(s[t])) - m);
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t)
+        s[t] = S::store(exp_clamped(round_to<T>(scale * S::load(s[t])) - m) * inv);
+      for (int64_t t = len; t < kv; ++t) s[t] = S::store(0.0f);
     }
   });
 }
@@ -210,6 +241,22 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
                   raw<Tp>(out), T, N, D);
   });
   return out;
+}
+
+void prefix_softmax_(at::Tensor& scores, const at::Tensor& row_lens, int64_t row0, double scale) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 5 && scores.is_contiguous(),
+              "prefix_softmax_: scores must be contiguous [B, KVH, rows, G, keys] on the CPU");
+  TORCH_CHECK(row_lens.scalar_type() == at::kInt && row_lens.dim() == 2 &&
+                  row_lens.is_contiguous() && row_lens.size(0) == scores.size(0),
+              "prefix_softmax_: row_lens must be contiguous int32 [B, max_rows]");
+  TORCH_CHECK(row0 >= 0 && row0 + scores.size(2) <= row_lens.size(1),
+              "prefix_softmax_: rows row0..row0+rows must lie within row_lens");
+  dispatch(scores.scalar_type(), "prefix_softmax_", [&](auto tag) {
+    using Tp = decltype(tag);
+    prefix_softmax_rows<Tp>(raw<Tp>(scores), row_lens.data_ptr<int32_t>(), row_lens.size(1), row0,
+                            scores.size(0), scores.size(1), scores.size(2), scores.size(3),
+                            scores.size(4), static_cast<float>(scale));
+  });
 }
 
 }  // namespace nova_cpu

@@ -13,6 +13,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
                                                 const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void prefix_softmax_(at::Tensor& scores, const at::Tensor& row_lens, int64_t row0, double scale);
 }  // namespace nova_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,5 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(x + residual, RMSNorm(x + residual)) in one pass (CPU)", release());
   m.def("silu_mul", &nova_cpu::silu_mul, "SiLU(gate) * up of [rows, 2 * I] (CPU)", release());
   m.def("rope", &nova_cpu::rope, "rotary embedding of [tokens, heads, head_dim] (CPU)",
+        release());
+  m.def("prefix_softmax_", &nova_cpu::prefix_softmax_,
+        "in place: causal softmax of a prefill tile's scores, each row over its key prefix (CPU)",
         release());
 }
