@@ -44,13 +44,13 @@ from types import ModuleType
 import torch
 
 from nova.runtime import cpu_kernels
-from nova.runtime.cpu_fused import kernels_for
 from nova.runtime.attention_backend import (
     AttentionBackend,
     AttentionMetadata,
     PagedBatch,
     padded_query_index,
 )
+from nova.runtime.cpu_fused import kernels_for
 from nova.runtime.kv_cache import PagedKVCache
 
 
