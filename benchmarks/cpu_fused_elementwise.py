@@ -2,7 +2,8 @@
 
 Two levels, both in one process with the kernels switched per call (``NOVA_CPU_KERNELS`` is
 read at every call of ``nova.runtime.cpu_fused.kernels_for``; decode attention keeps its own
-kernel in both arms, so only the elementwise work differs):
+kernel in both arms, so what differs is the elementwise work and, in prefill, the causal
+softmax of the attention's score tiles, ``prefix_softmax_``):
 
 - per piece (RMSNorm, residual add + RMSNorm, SiLU-and-multiply, RoPE on the q/k/v view), on
   the peer model's shapes (hidden 576, MLP 1536, 9 + 3 heads of 64) for a decode step's rows
@@ -243,7 +244,8 @@ def main() -> None:
     stem = args.out / "cpu_fused_elementwise"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "# Fused elementwise CPU kernels vs the eager ops they replace (interleaved)",
+        "# Fused elementwise CPU kernels (and the prefill causal softmax) vs the eager ops they "
+        "replace (interleaved)",
         "",
         f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
         f"the start and end: {result['loadavg_1min_start_end']}. Peer model "
