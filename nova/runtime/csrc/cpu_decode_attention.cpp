@@ -31,7 +31,7 @@
 
 namespace {
 
-using nova_cpu::exp_clamped;
+using nova_cpu::exp_minus_max;
 using nova_cpu::to_f32;
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -196,15 +196,8 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
   });
   for (int64_t g = 0; g < G; ++g) {  // softmax per query row
     float* s = scores.data() + g * len;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = exp_clamped(s[t] - m);
-      sum += s[t];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_minus_max(s, len);
+#pragma omp simd
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
 #ifdef NOVA_AVX512_BF16

@@ -134,20 +134,9 @@ void prefix_softmax_rows(raw_t<T>* scores, const int32_t* row_lens, int64_t lens
       const int64_t len =
           std::min<int64_t>(kv, std::max<int32_t>(1, row_lens[b * lens_stride + row0 + i]));
       raw_t<T>* s = scores + r * kv;
-      float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd
       for (int64_t t = 0; t < len; ++t) e[t] = round_to<T>(scale * S::load(s[t]));
-      // (a loop of its own with a plain comparison: fused with the one above, or with
-      // std::max, gcc's vectorized reduction ran at half the speed)
-#pragma omp simd reduction(max : m)
-      for (int64_t t = 0; t < len; ++t) m = m > e[t] ? m : e[t];
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < len; ++t) {
-        e[t] = exp_clamped(e[t] - m);
-        sum += e[t];
-      }
-      const float inv = 1.0f / sum;
+      const float inv = 1.0f / exp_minus_max(e.data(), len);
 #pragma omp simd
       for (int64_t t = 0; t < len; ++t) s[t] = S::store(e[t] * inv);
       for (int64_t t = len; t < kv; ++t) s[t] = S::store(0.0f);

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace nova_cpu {
 
@@ -79,6 +80,22 @@ inline float exp_clamped(float x) {
   p = p * y + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   return p * std::bit_cast<float>(bits);
+}
+
+// x[t] = exp(x[t] - max(x)) for t < len, in place; returns their sum (a softmax's numerators
+// and denominator). The max is a loop of its own with a plain comparison: fused with another
+// loop, or with std::max, gcc's vectorized reduction ran at half the speed.
+inline float exp_minus_max(float* x, int64_t len) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) m = m > x[t] ? m : x[t];
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < len; ++t) {
+    x[t] = exp_clamped(x[t] - m);
+    sum += x[t];
+  }
+  return sum;
 }
 
 }  // namespace nova_cpu
