@@ -638,3 +638,13 @@ def test_nova_shortcuts_decide_as_the_plain_computation(workload, rate, kw):
         (b.stage, b.start_s, b.end_s, b.request_ids, b.share) for b in plain.batches
     ]
     assert [r.times.finish_s for r in fast.requests] == [r.times.finish_s for r in plain.requests]
+
+
+def test_gap_estimate_survives_a_mean_gap_that_squares_to_zero():
+    """Arrivals a denormal apart (found by the policies' property test): the mean gap is
+    positive but its square underflows to 0.0; the estimate is absent, not a division by 0."""
+    from nova.core.nova_policy import _Observed
+
+    obs = _Observed(num_gaps=2, gap_s=3.5e-205, gap_sq_s2=0.0)
+    assert obs.gap_s > 0.0 and obs.gap_s * obs.gap_s == 0.0
+    assert obs.arrival_cv2() == 1.0 and not obs.clustered()

@@ -147,9 +147,10 @@ class _Observed:
 
     def _gap_cv2(self) -> float | None:
         """The gaps' squared CV as estimated (None before two gaps)."""
-        if self.num_gaps < 2 or self.gap_s <= 0.0:
+        mean_sq = self.gap_s * self.gap_s
+        if self.num_gaps < 2 or mean_sq <= 0.0:  # (a mean gap near 0 can square to 0.0)
             return None
-        return self.gap_sq_s2 / (self.gap_s * self.gap_s) - 1.0
+        return self.gap_sq_s2 / mean_sq - 1.0
 
     def _significant(self, estimate: float) -> bool:
         return estimate > 1.0 + 2.0 * math.sqrt(23.0 / min(self.num_gaps, _GAP_MEMORY))
