@@ -230,16 +230,23 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         return CpuMetadata(paged, pad_index, key_slots, allowed)
 
     @staticmethod
-    def _layer_views(md: CpuMetadata, kv_cache: PagedKVCache, dtype: torch.dtype) -> None:
-        """The gather index and additive mask, once per forward (every layer reuses them)."""
+    def _gather_index(md: CpuMetadata, kv_cache: PagedKVCache) -> None:
+        """The gather index, once per forward (every layer reuses it)."""
         kv_heads = kv_cache.num_kv_heads
         pad_slot = kv_cache.pad_slot if kv_cache.pad_slot is not None else 0
         slots = torch.where(md.key_slots >= 0, md.key_slots, pad_slot)
         heads = torch.arange(kv_heads, device=slots.device)
         md.kv_index = (slots[:, None, :] * kv_heads + heads[None, :, None]).reshape(-1)
-        mask = torch.zeros(md.allowed.shape, dtype=dtype, device=slots.device)
-        mask.masked_fill_(~md.allowed, float("-inf"))
-        md.additive_mask = mask[:, None, :, None, :]
+
+    @staticmethod
+    def _additive_mask(md: CpuMetadata, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask (0 / -inf), once per forward, for the paths that add it (not
+        the C++ prefill softmax, which takes the mask as row lengths)."""
+        if md.additive_mask is None:
+            mask = torch.zeros(md.allowed.shape, dtype=dtype, device=md.allowed.device)
+            mask.masked_fill_(~md.allowed, float("-inf"))
+            md.additive_mask = mask[:, None, :, None, :]
+        return md.additive_mask
 
     def attend(
         self,
@@ -267,9 +274,9 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
                 scale,
             )
             return out.view(num_tokens, num_heads * head_dim)
-        if metadata.kv_index is None or metadata.additive_mask is None:
-            self._layer_views(metadata, kv_cache, q.dtype)
-        assert metadata.kv_index is not None and metadata.additive_mask is not None
+        if metadata.kv_index is None:
+            self._gather_index(metadata, kv_cache)
+        assert metadata.kv_index is not None
         paged = metadata.paged
         b, max_q, max_kv = paged.num_seqs, paged.max_query_len, paged.max_seq_len
         kv_heads = kv_cache.num_kv_heads
@@ -281,7 +288,8 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         if metadata.query_pad_index is None:  # decode: [B, H, D] is [B * kv_heads, G, D]
             rows = q.reshape(b * kv_heads, group, head_dim)
             scores = torch.bmm(rows, k.transpose(1, 2)).view(b, kv_heads, 1, group, max_kv)
-            probs = torch.add(metadata.additive_mask, scores, alpha=scale).softmax(-1)
+            mask = self._additive_mask(metadata, q.dtype)
+            probs = torch.add(mask, scores, alpha=scale).softmax(-1)
             out = torch.bmm(probs.view(b * kv_heads, group, max_kv), v)
             return out.view(num_tokens, num_heads * head_dim)
         if metadata.tiles is None:
@@ -309,7 +317,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
                 fused.prefix_softmax_(scores, metadata.row_lens, r0, scale)
                 probs = scores
             else:
-                mask = metadata.additive_mask[:, :, r0:r1, :, :kv_len]
+                mask = self._additive_mask(metadata, q.dtype)[:, :, r0:r1, :, :kv_len]
                 probs = torch.add(mask, scores, alpha=scale).softmax(-1)
             tile = torch.bmm(probs.view(b * kv_heads, n * group, kv_len), v[:, :kv_len])
             out[:, r0:r1] = tile.view(b, kv_heads, n, group, head_dim).permute(0, 2, 1, 3, 4)
