@@ -29,7 +29,12 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "module.cpp", CSRC / "cpu_decode_attention.cpp", CSRC / "cpu_elementwise.cpp")
+SOURCES = (
+    CSRC / "module.cpp",
+    CSRC / "cpu_decode_attention.cpp",
+    CSRC / "cpu_elementwise.cpp",
+    CSRC / "cpu_sampling.cpp",
+)
 HEADERS = (CSRC / "cpu_math.h",)
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno")
 _lock = threading.Lock()

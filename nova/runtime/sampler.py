@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nova.runtime.cpu_fused import kernels_for
 from nova.sampling_params import SamplingParams
 from nova.types import TokenLogprobs
 
@@ -467,6 +468,17 @@ def _logprobs(
     return out
 
 
+def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over the vocabulary of ``x`` [rows, vocab] (``torch.argmax``'s
+    semantics: the first largest, a NaN above every number), through Nova's CPU kernel where
+    it takes ``x``: on a decode step's fp32 logits of 64 x 49,152, 0.9 ms against 3.7 ms
+    (docs/cpu.md, "Greedy argmax")."""
+    kernels = kernels_for(x)
+    if kernels is not None and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1:
+        return kernels.greedy_argmax(x)
+    return x.argmax(dim=-1)
+
+
 def sample_batch(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -500,7 +512,7 @@ def sample_batch(
         or any(p.logit_bias for p in params)
     )
     if not processed and all(p.is_greedy and p.logprobs is None for p in params):
-        return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
+        return SamplerOutput(greedy_tokens(logits).tolist(), [None] * num_rows)
 
     x = logits.float()
     if processed:
@@ -518,12 +530,12 @@ def sample_batch(
 
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if not sampled:
-        tokens = x.argmax(dim=1)
+        tokens = greedy_tokens(x)
     else:
         tokens = torch.zeros(num_rows, dtype=torch.long, device=x.device)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         if greedy:
-            tokens[greedy] = x[greedy].argmax(dim=1)
+            tokens[greedy] = greedy_tokens(x[greedy])
         sub_params = [params[i] for i in sampled]
         sub_gens = [generators[i] for i in sampled]
         y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)

@@ -292,22 +292,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
               "one block table and one length per sequence");
   TORCH_CHECK(block_size > 0, "block_size must be positive");
   auto out = at::empty_like(q);
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      decode_attention_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, block_size,
-                                   scale, out);
-      break;
-    case at::kBFloat16:
-      decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens,
-                                           block_size, scale, out);
-      break;
-    case at::kHalf:
-      decode_attention_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, block_size,
-                                       scale, out);
-      break;
-    default:
-      TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
-  }
+  nova_cpu::dispatch(q.scalar_type(), "decode_attention", [&](auto tag) {
+    decode_attention_impl<decltype(tag)>(q, k_cache, v_cache, block_tables, seq_lens,
+                                         block_size, scale, out);
+  });
   return out;
 }
 

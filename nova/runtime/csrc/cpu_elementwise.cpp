@@ -144,29 +144,6 @@ void prefix_softmax_rows(raw_t<T>* scores, const int32_t* row_lens, int64_t lens
   });
 }
 
-template <typename F>
-void dispatch(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
-  }
-}
-
-// A tensor's data as its dtype's raw elements (Storage<T>::raw).
-template <typename T>
-typename Storage<T>::raw* raw(const at::Tensor& t) {
-  return reinterpret_cast<typename Storage<T>::raw*>(t.data_ptr<T>());
-}
-
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
   TORCH_CHECK(x.dim() == 2, name, ": expected [rows, features], got ", x.dim(), " dims");

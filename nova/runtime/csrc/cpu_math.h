@@ -98,4 +98,29 @@ inline float exp_minus_max(float* x, int64_t len) {
   return sum;
 }
 
+// f(tag) with a value of the C++ type of ``dtype`` (fp32, bf16 or fp16); any other dtype is an
+// error naming the kernel.
+template <typename F>
+inline void dispatch(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, name, ": unsupported dtype ", dtype);
+  }
+}
+
+// A tensor's data as its dtype's raw elements (Storage<T>::raw).
+template <typename T>
+inline typename Storage<T>::raw* raw(const at::Tensor& t) {
+  return reinterpret_cast<typename Storage<T>::raw*>(t.data_ptr<T>());
+}
+
 }  // namespace nova_cpu

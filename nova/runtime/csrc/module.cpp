@@ -14,6 +14,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void prefix_softmax_(at::Tensor& scores, const at::Tensor& row_lens, int64_t row0, double scale);
+at::Tensor greedy_argmax(const at::Tensor& logits);
 }  // namespace nova_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,4 +30,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefix_softmax_", &nova_cpu::prefix_softmax_,
         "in place: causal softmax of a prefill tile's scores, each row over its key prefix (CPU)",
         release());
+  m.def("greedy_argmax", &nova_cpu::greedy_argmax,
+        "index of each row's largest value, as torch.argmax (CPU)", release());
 }
