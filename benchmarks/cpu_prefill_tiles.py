@@ -46,7 +46,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             for new, cached in SHAPES:
                 blocks = list(range(-(-(new + cached) // runner.block_size)))
                 for name, tile in variants.items():
-                    backend = CpuPagedAttention(tile)
+                    backend = CpuPagedAttention(tile, prefill="tiled")
                     runner.attention = backend
                     loaded.model.decoder.set_attention_backend(backend)
                     t0 = time.thread_time()

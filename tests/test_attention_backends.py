@@ -35,7 +35,9 @@ from nova.runtime.attention_backend import (  # noqa: E402
     PhaseSplitAttention,
 )
 from nova.runtime.attention_cpu import (  # noqa: E402
+    PREFILL_PATHS,
     CpuPagedAttention,
+    causal_query_index,
     key_slots_and_mask,
     prefill_row_lens,
     query_tiles,
@@ -169,6 +171,50 @@ def test_cpu_backend_matches_sdpa(case, heads, block_size, head_dim):
     check_against_sdpa(CpuPagedAttention(), case, *heads, head_dim, block_size, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_cpu_backend_prefill_paths_agree(case, dtype, atol):
+    """The causal flash path (the default) and the tiled one give the same outputs, for
+    prompts on cached prefixes, varlen batches and fused steps (unowned blocks poisoned)."""
+    for prefill in PREFILL_PATHS:
+        check_against_sdpa(
+            CpuPagedAttention(prefill=prefill), case, 9, 3, 64, 16, atol=atol, dtype=dtype
+        )
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        CpuPagedAttention(prefill="flash")
+
+
+def test_causal_query_index_puts_each_token_at_its_position():
+    _, batch, *_ = make_case(CASES["chunked_prefill"], 6, 2, 16, 4)  # on cached prefixes
+    paged = batch.paged
+    index = causal_query_index(paged).tolist()
+    starts, seq_lens = paged.query_start_loc.tolist(), paged.seq_lens.tolist()
+    want = []
+    for b, n in enumerate(paged.query_lens().tolist()):
+        cached = seq_lens[b] - n
+        want += [b * paged.max_seq_len + cached + i for i in range(n)]
+    assert index == want and len(index) == starts[-1]
+    md = CpuPagedAttention().build_metadata(paged)
+    assert md.causal_index is not None and md.query_pad_index is None
+    tiled = CpuPagedAttention(prefill="tiled").build_metadata(paged)
+    assert tiled.causal_index is None and tiled.query_pad_index is not None
+
+
+@pytest.mark.parametrize(
+    "case,causal",
+    [
+        ([(40, 0), (25, 0)], True),  # fresh prompts
+        ([(30, 6), (20, 0)], True),  # a short cached prefix
+        ([(3, 60), (2, 50)], False),  # short chunks on long prefixes: the tiled path
+    ],
+)
+def test_auto_prefill_path(case, causal):
+    _, batch, *_ = make_case(case, 6, 2, 16, 4)
+    md = CpuPagedAttention().build_metadata(batch.paged)
+    assert (md.causal_index is not None) == causal
+    assert (md.query_pad_index is None) == causal
+
+
 def test_cpu_backend_attends_a_fused_step_in_two_parts():
     """Decode sequences beside prompt chunks are attended apart (the decodes unpadded), and
     each token's output lands where it was (``test_cpu_backend_matches_sdpa``, fused_step)."""
@@ -206,7 +252,7 @@ def test_cpu_prefill_softmax_kernel_equals_the_masked_softmax(case, dtype, tol, 
     for kernels in ("1", "0"):
         monkeypatch.setenv("NOVA_CPU_KERNELS", kernels)
         for tile_bytes in (2 << 20, 1):
-            backend = CpuPagedAttention(score_tile_bytes=tile_bytes)
+            backend = CpuPagedAttention(score_tile_bytes=tile_bytes, prefill="tiled")
             md = backend.build_metadata(batch.paged)
             outs.append(backend(q, k, v, 0, md, clone_cache(cache), 0.125))
     for out in outs[1:]:
@@ -456,7 +502,7 @@ def test_selection_tables_are_package_data(tmp_path, monkeypatch):
 def test_cpu_backend_tiled_prefill_matches_sdpa(case, tile_bytes):
     # Tiles of one row up to several: every tile reads only the keys its rows may see, and
     # padding still reads the pad slot only (unowned blocks are poisoned).
-    backend = CpuPagedAttention(score_tile_bytes=tile_bytes)
+    backend = CpuPagedAttention(score_tile_bytes=tile_bytes, prefill="tiled")
     check_against_sdpa(backend, case, 6, 2, 16, 4, atol=1e-5)
 
 

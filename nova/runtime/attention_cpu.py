@@ -18,22 +18,32 @@ Decode (one new token per sequence) needs no query padding at all: ``q [B, H, D]
 When Nova's C++ kernels built (``nova.runtime.cpu_kernels``), decode skips the gather: the
 kernel reads each sequence's keys and values in place through its block table.
 
-Prefill runs in tiles of query rows (``score_tile_bytes``): the scores of all rows at once are
-``B x H x max_q x max_kv`` floats (76 MB per layer for one 1,453-token prompt), and the scores,
-the masked scores and the probabilities are each written and read back once per layer. Above
-64 MB glibc serves an allocation from a worker thread's arena with a fresh ``mmap`` whatever
-its mmap threshold (a non-main arena's heap holds at most 64 MB), so every one was page-faulted
-in again: measured on the demo model, one thread, a 1,399-token prefill cost 7.6 s of thread
-CPU on a worker thread against 4.9 s on the main thread. A tile's scores stay within the
-budget (cache-sized), and a tile reads only the keys its rows may see (causality: rows
+Prefill, by default (``prefill="auto"``), goes through PyTorch's causal flash kernel
+(``scaled_dot_product_attention(is_causal=True)``, no mask): the queries are laid out like the
+gathered keys, ``[B, max_kv]``, each new token at its own position (``causal_query_index``),
+so the top-left causal mask the kernel applies is every token's own causal mask; rows of the
+cached prefix and of the padding are computed and dropped. That costs ``max_kv^2 / 2`` scores
+a sequence, the same as the tiled path below for a fresh prompt and more for a short chunk on
+a long cached prefix, so ``auto`` keeps the tiled path where the flash kernel would compute
+more than ``CAUSAL_FLASH_SPEEDUP`` times its scores. A mask handed to the flash kernel made it
+no faster than the tiled path (docs/cpu.md); without one, it skips the masked key blocks.
+
+The tiled path runs in tiles of query rows (``score_tile_bytes``): the scores of all rows at
+once are ``B x H x max_q x max_kv`` floats (76 MB per layer for one 1,453-token prompt), and the
+scores, the masked scores and the probabilities are each written and read back once per layer.
+Above 64 MB glibc serves an allocation from a worker thread's arena with a fresh ``mmap``
+whatever its mmap threshold (a non-main arena's heap holds at most 64 MB), so every one was
+page-faulted in again: measured on the demo model, one thread, a 1,399-token prefill cost 7.6 s
+of thread CPU on a worker thread against 4.9 s on the main thread. A tile's scores stay within
+the budget (cache-sized), and a tile reads only the keys its rows may see (causality: rows
 ``r0..r1`` of a sequence with ``c`` cached tokens see keys ``0..c + r1``), so a prompt's
-attention costs about half the full square. Masked keys contribute exact zeros to a softmax,
-so leaving them out changes only the order of the floating-point sums.
+attention costs about half the full square. Masked keys contribute exact zeros to a softmax, so
+leaving them out changes only the order of the floating-point sums.
 
 Invariant: padded key positions read ``kv_cache.pad_slot`` (a slot of a block no sequence owns,
-reserved by the runner) and are masked, so a non-finite value elsewhere in the cache can never
-reach another sequence's output through padding. Padded query rows see key 0 only (no empty
-softmax row).
+reserved by the runner) and are masked (the causal flash path: seen only by dropped rows), so a
+non-finite value elsewhere in the cache can never reach another sequence's output through
+padding. Padded query rows see key 0 only (no empty softmax row).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from nova.runtime import cpu_kernels
 from nova.runtime.attention_backend import (
@@ -74,6 +85,10 @@ class CpuMetadata(AttentionMetadata):
     # prefill with the C++ softmax: keys each padded query row sees, [B, max_q] int32 (the
     # causal mask as lengths: row i of sequence b sees its keys 0..cached_b + i; padding key 0)
     row_lens: torch.Tensor | None = None
+    # prefill through PyTorch's causal flash kernel (``prefill="causal_sdpa"``): where each new
+    # token sits in the key-aligned queries [B * max_kv] (token i of sequence b at
+    # b * max_kv + cached_b + i, ``causal_query_index``); None on the other paths
+    causal_index: torch.Tensor | None = None
 
     @classmethod
     def without_gather(cls, paged: PagedBatch) -> CpuMetadata:
@@ -145,6 +160,24 @@ def key_slots_and_mask(paged: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return key_slots, allowed
 
 
+def causal_query_index(paged: PagedBatch) -> torch.Tensor:
+    """[T] int64: each new token's row in queries laid out like the keys, ``[B * max_kv]``:
+    token ``i`` of sequence ``b`` at ``b * max_kv + cached_b + i`` (its own position).
+
+    With queries at their positions, every sequence's keys at ``0..seq_len_b`` and padding
+    after them, a causal mask aligned at the top-left (PyTorch's ``is_causal``) is exactly
+    each token's causal mask: row ``p`` sees keys ``0..p``, all of its own sequence. The rows
+    of other positions (the cached prefix, the padding) are computed and dropped."""
+    device = paged.slot_mapping.device
+    q_lens = paged.query_lens().long()
+    cached = paged.seq_lens.long() - q_lens
+    seq = torch.repeat_interleave(
+        torch.arange(paged.num_seqs, device=device), q_lens, output_size=paged.num_tokens
+    )
+    offset = torch.arange(paged.num_tokens, device=device) - paged.query_start_loc.long()[seq]
+    return seq * paged.max_seq_len + cached[seq] + offset
+
+
 def prefill_row_lens(paged: PagedBatch) -> torch.Tensor:
     """[B, max_q] int32: keys padded query row ``i`` of sequence ``b`` may attend, a prefix
     ``0..cached_b + i`` (``key_slots_and_mask``'s ``allowed`` as lengths); padded rows 1."""
@@ -196,6 +229,25 @@ def _keys_seen(seq_lens: list[int], cached: list[int], rows: int) -> int:
     return max(1, max(min(s, c + rows) for s, c in zip(seq_lens, cached)))
 
 
+PREFILL_PATHS = ("auto", "causal_sdpa", "tiled")
+# Per score, PyTorch's causal flash kernel against the tiled path (two bmm's, the C++ prefix
+# softmax, the query padding and gathers): about twice as fast in an op profile of a 6 x 320
+# bf16 prefill of the peer model (a scratch profile). benchmarks/results/cpu_prefill_paths.md
+# checks the rule on whole forwards: the path ``auto`` picks is the faster in every shape there.
+CAUSAL_FLASH_SPEEDUP = 2.0
+
+
+def causal_flash_pays(max_q: int, max_kv: int) -> bool:
+    """Whether ``auto`` sends a prompt batch through the causal flash path: when the scores it
+    computes (every key position's row, ``max_kv^2 / 2`` a sequence) are at most
+    ``CAUSAL_FLASH_SPEEDUP`` times the tiled path's (``max_q`` rows on ``max_kv - max_q``
+    cached keys and their own causal square). A fresh prompt or one on a short cached prefix
+    takes it; a short chunk on a long cached prefix does not."""
+    causal = max_kv * max_kv / 2
+    tiled = max_q * (max_kv - max_q / 2)
+    return causal <= CAUSAL_FLASH_SPEEDUP * tiled
+
+
 class CpuPagedAttention(AttentionBackend[CpuMetadata]):
     name = "cpu"
     static_shapes = False  # gathers to [B, max_kv]
@@ -203,11 +255,20 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
     metadata_type = CpuMetadata
 
     def __init__(
-        self, score_tile_bytes: int = SCORE_TILE_BYTES, kernels: ModuleType | bool | None = True
+        self,
+        score_tile_bytes: int = SCORE_TILE_BYTES,
+        kernels: ModuleType | bool | None = True,
+        prefill: str = "auto",
     ) -> None:
         if score_tile_bytes < 1:
             raise ValueError(f"score_tile_bytes must be >= 1, got {score_tile_bytes}")
+        if prefill not in PREFILL_PATHS:
+            raise ValueError(f"prefill must be one of {PREFILL_PATHS}, got {prefill!r}")
         self.score_tile_bytes = score_tile_bytes
+        # prompts: "causal_sdpa" (PyTorch's flash kernel, causal without a mask, on queries
+        # laid out like the keys), "tiled" (score tiles, two bmm's and a masked softmax each)
+        # or "auto" (the first unless it computes far more rows: ``_causal``)
+        self.prefill = prefill
         # Nova's C++ decode attention (``cpu_kernels``): True loads it (built on first use),
         # False / None runs decode attention eager (gather + bmm)
         if kernels is True:
@@ -226,8 +287,17 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             md.in_place = True
             return md
         key_slots, allowed = key_slots_and_mask(paged)
+        if paged.max_query_len > 1 and self._causal(paged.max_query_len, paged.max_seq_len):
+            md = CpuMetadata(paged, None, key_slots, allowed)
+            md.causal_index = causal_query_index(paged)
+            return md
         pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
         return CpuMetadata(paged, pad_index, key_slots, allowed)
+
+    def _causal(self, max_q: int, max_kv: int) -> bool:
+        if self.prefill != "auto":
+            return self.prefill == "causal_sdpa"
+        return causal_flash_pays(max_q, max_kv)
 
     @staticmethod
     def _gather_index(md: CpuMetadata, kv_cache: PagedKVCache) -> None:
@@ -285,6 +355,18 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         v = kv_cache.v[layer].view(-1, head_dim).index_select(0, metadata.kv_index)
         k = k.view(b * kv_heads, max_kv, head_dim).to(q.dtype)
         v = v.view(b * kv_heads, max_kv, head_dim).to(q.dtype)
+        if metadata.causal_index is not None:  # prefill: queries at their key positions
+            index = metadata.causal_index
+            q_full = q.new_zeros(b * max_kv, num_heads, head_dim).index_copy_(0, index, q)
+            out = F.scaled_dot_product_attention(
+                q_full.view(b, max_kv, num_heads, head_dim).transpose(1, 2),
+                k.view(b, kv_heads, max_kv, head_dim),
+                v.view(b, kv_heads, max_kv, head_dim),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=kv_heads != num_heads,
+            )
+            return out.transpose(1, 2).reshape(b * max_kv, num_heads * head_dim)[index]
         if metadata.query_pad_index is None:  # decode: [B, H, D] is [B * kv_heads, G, D]
             rows = q.reshape(b * kv_heads, group, head_dim)
             scores = torch.bmm(rows, k.transpose(1, 2)).view(b, kv_heads, 1, group, max_kv)

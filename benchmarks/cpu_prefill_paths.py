@@ -1,0 +1,126 @@
+"""The ``cpu`` attention backend's two prefill paths, whole prefill forwards, interleaved:
+``causal_sdpa`` (PyTorch's causal flash kernel on key-aligned queries) against ``tiled`` (score
+tiles: two ``bmm``s and the C++ prefix softmax each), and which one ``auto`` picks.
+
+Peer model (``peer_model.py``, SmolLM2-135M shapes) in bf16, ``--threads`` intra-op threads,
+``ModelRunner.forward`` wall time of one prefill batch per shape: fresh prompts (a wave of the
+served benchmark's concurrency-32 prompts, 6 x 320 tokens in one 2,048-token step; 26 x 78 chat
+prompts; one 2,000-token prompt), prompts on a cached prefix (a chat template's 64 tokens), and
+one chunk on a long cached prefix (where ``auto`` keeps the tiled path). Median of
+``--rounds`` rounds, the paths alternating within each.
+
+Writes ``benchmarks/results/cpu_prefill_paths.{json,md}`` with the machine and its load.
+Usage: ``.venv/bin/python benchmarks/cpu_prefill_paths.py [--threads 2] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nova.models.loader import load_model
+from nova.runtime.attention_cpu import CpuPagedAttention, causal_flash_pays
+from nova.runtime.forward_batch import SeqInput
+from nova.runtime.runner import CacheConfig, ModelRunner
+
+# (sequences, new tokens each, cached tokens each)
+SHAPES = ((6, 320, 0), (26, 78, 0), (1, 2000, 0), (8, 256, 64), (1, 256, 2048))
+PATHS = ("tiled", "causal_sdpa")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="default: the peer text model (peer_model.py)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    from peer_model import export_text_model
+    from runtime_throughput import machine
+
+    torch.set_num_threads(args.threads)
+    model = args.model or str(export_text_model())
+    loaded = load_model(model, "auto", torch.bfloat16, "cpu", 0)
+    runner = ModelRunner(loaded, CacheConfig(num_blocks=2048))
+    load0 = os.getloadavg()[0]
+    times: dict[tuple[int, str], list[float]] = {}
+    picks = {}
+    with torch.inference_mode():
+        for rnd in range(args.rounds + 1):  # (round 0 warms up: oneDNN's primitives, packing)
+            for i, (seqs, new, cached) in enumerate(SHAPES):
+                per_seq = -(-(new + cached) // runner.block_size)
+                batch = [
+                    SeqInput(
+                        [(7919 * s + 31 * j) % 40000 + 100 for j in range(new)],
+                        cached,
+                        list(range(s * per_seq, (s + 1) * per_seq)),
+                    )
+                    for s in range(seqs)
+                ]
+                for path in PATHS:
+                    backend = CpuPagedAttention(prefill=path)
+                    runner.attention = backend
+                    loaded.model.decoder.set_attention_backend(backend)
+                    t0 = time.perf_counter()
+                    runner.forward(batch)
+                    if rnd:
+                        times.setdefault((i, path), []).append(time.perf_counter() - t0)
+                picks[i] = "causal_sdpa" if causal_flash_pays(new, new + cached) else "tiled"
+    rows: list[dict[str, Any]] = []
+    for i, (seqs, new, cached) in enumerate(SHAPES):
+        tiled = statistics.median(times[(i, "tiled")]) * 1e3
+        causal = statistics.median(times[(i, "causal_sdpa")]) * 1e3
+        rows.append(
+            {
+                "sequences": seqs,
+                "new_tokens": new,
+                "cached_tokens": cached,
+                "tiled_ms": round(tiled, 1),
+                "causal_sdpa_ms": round(causal, 1),
+                "speedup": round(tiled / causal, 2),
+                "auto_picks": picks[i],
+                "tiled_runs_ms": [round(t * 1e3, 1) for t in times[(i, "tiled")]],
+                "causal_runs_ms": [round(t * 1e3, 1) for t in times[(i, "causal_sdpa")]],
+            }
+        )
+        print(rows[-1], flush=True)
+    result = {
+        "machine": machine(),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "model": model,
+        "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "cpu_prefill_paths"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        "# CPU prefill attention: the causal flash path vs the tiled path (whole forwards)",
+        "",
+        f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
+        f"the start and end: {result['loadavg_1min_start_end']}. Peer model in bf16, "
+        f"`ModelRunner.forward` wall time, median of {args.rounds} rounds (paths alternating). "
+        "`benchmarks/cpu_prefill_paths.py`.",
+        "",
+        "| sequences x new tokens | cached each | tiled ms | causal flash ms | speed-up | auto |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['sequences']} x {r['new_tokens']} | {r['cached_tokens']} | {r['tiled_ms']} | "
+        f"{r['causal_sdpa_ms']} | {r['speedup']}x | {r['auto_picks']} |"
+        for r in rows
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
