@@ -47,7 +47,7 @@ def assert_matches(got, want):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 96), (0, 64)])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 96), (0, 64), (3, 40)])
 def test_rms_norm_and_the_fused_residual_add(kernels, dtype, rows, hidden):
     g = torch.Generator().manual_seed(rows * 1000 + hidden)
     # a strided input: rows of a wider tensor (the kernel takes any row stride)
@@ -79,7 +79,7 @@ def test_nan_stays_nan(kernels):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (37, 9, 3, 64), (5, 2, 1, 128)]
+    "tokens,heads,kv_heads,head_dim", [(1, 4, 2, 64), (37, 9, 3, 64), (5, 2, 1, 128), (4, 3, 1, 40)]
 )
 def test_rope_on_the_qkv_view(kernels, dtype, tokens, heads, kv_heads, head_dim):
     g = torch.Generator().manual_seed(tokens * heads)

@@ -19,7 +19,12 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_math.h"
 
@@ -30,6 +35,95 @@ namespace {
 inline int64_t grain_rows(int64_t row_elems) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems));
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define NOVA_BF16_AVX512 1
+// exp_clamped on 16 lanes: the scalar helper's arithmetic step for step (its clamps keep a NaN).
+inline __m512 exp_clamped16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // (min(c, x) returns x when x is NaN)
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __m512 n =
+      _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
+  const __m512 y = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(c));
+  const __m512i bits =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// 16 lanes rounded to bf16 by the CPU's own conversion (round to nearest even, as PyTorch's;
+// a NaN stays a NaN, with its sign; a denormal result becomes 0).
+inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+inline __m512 round_bf16x16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(x)), 16));
+}
+
+// silu_mul_rows' inner loop for bf16, 16 lanes at a time: the same arithmetic, with the two
+// roundings to bf16 done by vcvtneps2bf16 (emulated on the bits, they cost as much as the exp
+// and the division together). Returns the lanes done (the caller does the rest).
+inline int64_t silu_mul_bf16x16(const uint16_t* g, const uint16_t* u, uint16_t* o, int64_t I) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= I; i += 16) {
+    const __m512 x = load_bf16x16(g + i);
+    const __m512 e = exp_clamped16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 s = round_bf16x16(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                        to_bf16x16(_mm512_mul_ps(s, load_bf16x16(u + i))));
+  }
+  return i;
+}
+
+// rms_norm_rows' loops for one bf16 row, 16 lanes at a time (H % 16 == 0): the same arithmetic
+// with the roundings done by vcvtneps2bf16.
+inline void rms_norm_bf16x16(const uint16_t* x, const uint16_t* residual, const uint16_t* weight,
+                             uint16_t* sum, uint16_t* out, int64_t H, float eps) {
+  const uint16_t* v = x;
+  if (residual != nullptr) {
+    for (int64_t i = 0; i < H; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sum + i),
+                          to_bf16x16(_mm512_add_ps(load_bf16x16(x + i), load_bf16x16(residual + i))));
+    v = sum;
+  }
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 f = load_bf16x16(v + i);
+    ss = _mm512_fmadd_ps(f, f, ss);
+  }
+  const __m512 inv =
+      _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(v + i), inv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        to_bf16x16(_mm512_mul_ps(load_bf16x16(weight + i), normed)));
+  }
+}
+
+// rope_rows' loops for one bf16 head (half % 16 == 0), the roundings by vcvtneps2bf16.
+inline void rope_bf16x16(const uint16_t* x, const uint16_t* c, const uint16_t* s, uint16_t* o,
+                         int64_t half) {
+  const __m512 minus = _mm512_set1_ps(-1.0f);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 lo = load_bf16x16(x + i), hi = load_bf16x16(x + i + half);
+    const __m512 a0 = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(c + i)));
+    const __m512 b0 = round_bf16x16(_mm512_mul_ps(_mm512_mul_ps(hi, minus), load_bf16x16(s + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16x16(_mm512_add_ps(a0, b0)));
+    const __m512 a1 = round_bf16x16(_mm512_mul_ps(hi, load_bf16x16(c + i + half)));
+    const __m512 b1 = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(s + i + half)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i + half),
+                        to_bf16x16(_mm512_add_ps(a1, b1)));
+  }
+}
+#endif
 
 // out = weight * round(v * rsqrt(mean(v^2) + eps)) with v = x, or with a residual:
 // sum = round(x + residual), v = sum (what `h = h + x; norm(h)` computes).
@@ -42,6 +136,15 @@ void rms_norm_rows(const raw_t<T>* x, int64_t x_stride, const raw_t<T>* residual
     for (int64_t r = begin; r < end; ++r) {
       const R* xr = x + r * x_stride;
       R* o = out + r * H;
+#ifdef NOVA_BF16_AVX512
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (H % 16 == 0) {
+          rms_norm_bf16x16(xr, residual == nullptr ? nullptr : residual + r * res_stride, weight,
+                           residual == nullptr ? nullptr : sum + r * H, o, H, eps);
+          continue;
+        }
+      }
+#endif
       const R* v = xr;
       if (residual != nullptr) {
         const R* rr = residual + r * res_stride;
@@ -64,6 +167,7 @@ void rms_norm_rows(const raw_t<T>* x, int64_t x_stride, const raw_t<T>* residual
   });
 }
 
+
 // out[r, i] = round(round(silu(gate[r, i])) * up[r, i]); gate = gu[r, :I], up = gu[r, I:].
 template <typename T>
 void silu_mul_rows(const raw_t<T>* gu, int64_t stride, raw_t<T>* out, int64_t rows, int64_t I) {
@@ -74,8 +178,12 @@ void silu_mul_rows(const raw_t<T>* gu, int64_t stride, raw_t<T>* out, int64_t ro
       const R* g = gu + r * stride;
       const R* u = g + I;
       R* o = out + r * I;
+      int64_t first = 0;
+#ifdef NOVA_BF16_AVX512
+      if constexpr (std::is_same_v<T, c10::BFloat16>) first = silu_mul_bf16x16(g, u, o, I);
+#endif
 #pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {
+      for (int64_t i = first; i < I; ++i) {
         const float x = S::load(g[i]);
         const float s = round_to<T>(x / (1.0f + exp_clamped(-x)));
         o[i] = S::store(s * S::load(u[i]));
@@ -100,6 +208,14 @@ void rope_rows(const raw_t<T>* x, int64_t st, int64_t sn, const raw_t<T>* cos, c
       for (int64_t n = 0; n < N; ++n) {
         const R* xr = x + t * st + n * sn;
         R* o = out + (t * N + n) * D;
+#ifdef NOVA_BF16_AVX512
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (half % 16 == 0) {
+            rope_bf16x16(xr, c, s, o, half);
+            continue;
+          }
+        }
+#endif
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
           const float a = round_to<T>(S::load(xr[i]) * S::load(c[i]));
