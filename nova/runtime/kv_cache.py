@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from nova.runtime.cpu_fused import kernels_for
+
 
 class PagedKVCache:
     def __init__(
@@ -49,7 +51,21 @@ class PagedKVCache:
     def write(
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """Store new keys/values ``[num_tokens, num_kv_heads, head_dim]`` at their slots."""
+        """Store new keys/values ``[num_tokens, num_kv_heads, head_dim]`` at their slots
+        (on a CPU through Nova's row-copy kernel where it takes them: ``index_copy_`` moved a
+        prefill's rows at a few GB/s, docs/cpu.md "KV cache writes")."""
+        kc, vc = self.k[layer], self.v[layer]
+        kernels = kernels_for(kc)
+        if (
+            kernels is not None
+            and k.dtype == v.dtype == kc.dtype
+            and slot_mapping.dtype == torch.int64
+            and k.dim() == v.dim() == 3
+            and k.stride(2) == v.stride(2) == 1
+            and k.stride(1) == v.stride(1) == self.head_dim
+        ):
+            kernels.kv_write(kc, vc, slot_mapping.contiguous(), k, v)
+            return
         self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
 
