@@ -410,14 +410,17 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return filtered_probs_batch(logits.unsqueeze(0), [params]).squeeze(0)
 
 
+def _uniforms(generators: Sequence[torch.Generator | None]) -> list[float]:
+    """One uniform in [0, 1) from each row's generator (the global RNG for a row without)."""
+    return [
+        float(torch.rand((), generator=g).item()) if g is not None else float(torch.rand(()))
+        for g in generators
+    ]
+
+
 def _draw(c: _Candidates, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row of ``c`` by inverse CDF; one uniform from each row's generator."""
-    u = [
-        float(torch.rand((), generator=generators[r]).item())
-        if generators[r] is not None
-        else float(torch.rand(()))
-        for r in c.rows
-    ]
+    u = _uniforms([generators[r] for r in c.rows])
     cdf = c.probs.cumsum(dim=1)
     target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1]
     pos = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
@@ -471,12 +474,19 @@ def _logprobs(
 def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over the vocabulary of ``x`` [rows, vocab] (``torch.argmax``'s
     semantics: the first largest, a NaN above every number), through Nova's CPU kernel where
-    it takes ``x``: on a decode step's fp32 logits of 64 x 49,152, 0.9 ms against 3.7 ms
-    (docs/cpu.md, "Greedy argmax")."""
+    it takes ``x``: on a decode step's fp32 logits of 64 x 49,152, 0.9 ms against 3.4 ms
+    (docs/cpu.md, "Sampling")."""
     kernels = kernels_for(x)
     if kernels is not None and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1:
         return kernels.greedy_argmax(x)
     return x.argmax(dim=-1)
+
+
+def _plain_temperature(p: SamplingParams, vocab: int) -> bool:
+    """Whether a sampled row needs only its temperature (no top-k, top-p or min-p): Nova's CPU
+    kernel draws it in one fused pass (``sample_temperature``: softmax and inverse CDF without
+    the float32 copies of the logits the tensor path makes, docs/cpu.md "Sampling")."""
+    return (p.top_k is None or p.top_k >= vocab) and p.top_p >= 1.0 and p.min_p <= 0.0
 
 
 def sample_batch(
@@ -536,11 +546,21 @@ def sample_batch(
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         if greedy:
             tokens[greedy] = greedy_tokens(x[greedy])
+        kernels = kernels_for(x)
+        vocab = x.shape[1]
+        plain = [i for i in sampled if _plain_temperature(params[i], vocab)] if kernels else []
+        if kernels is not None and plain:
+            # (temperature only: one fused pass per row in Nova's CPU kernel)
+            temps = torch.tensor([params[i].temperature for i in plain], dtype=torch.float32)
+            u = torch.tensor(_uniforms([generators[i] for i in plain]), dtype=torch.float32)
+            tokens[plain] = kernels.sample_temperature(_take(x, plain), temps, u)
+            sampled = [i for i in sampled if i not in set(plain)]
         sub_params = [params[i] for i in sampled]
         sub_gens = [generators[i] for i in sampled]
-        y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)
-        for c in _candidates(y, sub_params):
-            tokens[[sampled[r] for r in c.rows]] = _draw(c, sub_gens)
+        if sampled:
+            y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)
+            for c in _candidates(y, sub_params):
+                tokens[[sampled[r] for r in c.rows]] = _draw(c, sub_gens)
     logprobs = _logprobs(x, tokens, params)
     out = tokens.tolist()
     for h, tok in zip(hist, out):

@@ -15,6 +15,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void prefix_softmax_(at::Tensor& scores, const at::Tensor& row_lens, int64_t row0, double scale);
 at::Tensor greedy_argmax(const at::Tensor& logits);
+at::Tensor sample_temperature(const at::Tensor& logits, const at::Tensor& temperatures,
+                              const at::Tensor& uniforms);
 void kv_write(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
               const at::Tensor& k, const at::Tensor& v);
 }  // namespace nova_cpu
@@ -34,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("greedy_argmax", &nova_cpu::greedy_argmax,
         "index of each row's largest value, as torch.argmax (CPU)", release());
+  m.def("sample_temperature", &nova_cpu::sample_temperature,
+        "one token per row from softmax(logits / T) at a given uniform (CPU)", release());
   m.def("kv_write", &nova_cpu::kv_write,
         "store each token's keys and values at its slot of the paged cache (CPU)", release());
 }

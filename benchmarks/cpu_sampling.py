@@ -1,13 +1,19 @@
-"""Greedy sampling's argmax on the CPU: Nova's kernel (``csrc/cpu_sampling.cpp``, through
-``nova.runtime.sampler.greedy_tokens``) against ``torch.argmax``, interleaved.
+"""Sampling on the CPU: Nova's kernels (``csrc/cpu_sampling.cpp``) against the PyTorch ops they
+replace, interleaved.
 
-Logits of the peer model's vocabulary (49,152) for a decode step of 1-64 sequences, in fp32
-(what the sampler gets: the LM head's output is widened to fp32) and bf16. Each timed call
-takes the next of four logits tensors, so a call does not find its input in the cache (a
+1. Greedy argmax: ``greedy_argmax`` against ``torch.argmax``, logits in fp32 (what the sampler
+   gets: the LM head's output is widened to fp32) and bf16.
+2. ``sample_batch`` as the engine calls it, greedy rows and temperature-1.0 rows (seeded, no
+   top-k/top-p/min-p: an OpenAI client's default), with the kernels on and off
+   (``NOVA_CPU_KERNELS``, read per call); off, temperature rows take the tensor path (divide,
+   ``nan_to_num``, softmax, cumsum, searchsorted).
+
+Logits of the peer model's vocabulary (49,152) for a decode step of 1-64 sequences. Each timed
+call takes the next of four logits tensors, so a call does not find its input in the cache (a
 decode step's logits are fresh from the LM head). Median over ``--rounds`` alternating rounds.
 
-Writes ``benchmarks/results/cpu_greedy_argmax.{json,md}`` with the machine and its load.
-Usage: ``.venv/bin/python benchmarks/cpu_greedy_argmax.py [--threads 2] [--rounds 9]``
+Writes ``benchmarks/results/cpu_sampling.{json,md}`` with the machine and its load.
+Usage: ``.venv/bin/python benchmarks/cpu_sampling.py [--threads 2] [--rounds 9]``
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Any
 import torch
 
 from nova.runtime import cpu_kernels
+from nova.runtime.sampler import make_generator, sample_batch
+from nova.sampling_params import SamplingParams
 
 VOCAB = 49152
 
@@ -74,24 +82,53 @@ def main() -> None:
                 }
             )
             print(rows_out[-1], flush=True)
+    batch_rows = []
+    for kind, temperature in (("greedy", 0.0), ("temperature 1.0", 1.0)):
+        for rows in (8, 32, 64):
+            inputs = [torch.randn(rows, VOCAB, generator=g) * 3 for _ in range(4)]
+            params = [
+                SamplingParams(max_tokens=8, temperature=temperature, seed=i) for i in range(rows)
+            ]
+            gens = [make_generator(p) for p in params]
+            calls = max(20, 1000 // rows)
+            on_us, off_us = [], []
+            for _ in range(args.rounds):
+                for on, acc in ((False, off_us), (True, on_us)):
+                    os.environ["NOVA_CPU_KERNELS"] = "1" if on else "0"
+                    acc.append(time_calls(lambda x: sample_batch(x, params, gens), inputs, calls))
+            os.environ["NOVA_CPU_KERNELS"] = "1"
+            off, on = statistics.median(off_us), statistics.median(on_us)
+            batch_rows.append(
+                {
+                    "rows_kind": kind,
+                    "rows": rows,
+                    "kernels_off_us": round(off, 1),
+                    "kernels_on_us": round(on, 1),
+                    "speedup": round(off / on, 2),
+                }
+            )
+            print(batch_rows[-1], flush=True)
     result = {
         "machine": machine(),
         "threads": args.threads,
         "rounds": args.rounds,
         "vocab": VOCAB,
         "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
-        "rows": rows_out,
+        "argmax": rows_out,
+        "sample_batch": batch_rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_greedy_argmax"
+    stem = args.out / "cpu_sampling"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "# Greedy argmax: Nova's CPU kernel vs torch.argmax (interleaved)",
+        "# Sampling on the CPU: Nova's kernels vs the PyTorch ops they replace (interleaved)",
         "",
         f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
         f"the start and end: {result['loadavg_1min_start_end']}. Logits [rows, {VOCAB}], four "
         f"tensors cycled; median of {args.rounds} alternating rounds. "
-        "`benchmarks/cpu_greedy_argmax.py`.",
+        "`benchmarks/cpu_sampling.py`.",
+        "",
+        "## Greedy argmax: `greedy_argmax` vs `torch.argmax`",
         "",
         "| dtype | rows | torch.argmax us | Nova kernel us | speed-up |",
         "|---|---:|---:|---:|---:|",
@@ -99,6 +136,18 @@ def main() -> None:
     lines += [
         f"| {r['dtype']} | {r['rows']} | {r['torch_us']} | {r['nova_us']} | {r['speedup']}x |"
         for r in rows_out
+    ]
+    lines += [
+        "",
+        "## `sample_batch`, fp32 logits, kernels off vs on",
+        "",
+        "| rows | batch | kernels off us | kernels on us | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['rows_kind']} | {r['rows']} | {r['kernels_off_us']} | {r['kernels_on_us']} | "
+        f"{r['speedup']}x |"
+        for r in batch_rows
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
