@@ -97,6 +97,17 @@ def save_tiny_llava(path: Path, text: str, vision: str, strategy: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def kernels():
+    """Nova's compiled CPU kernels (``nova.runtime.cpu_kernels``); a test that asks for them
+    fails, not skips, when they are off or did not build."""
+    from nova.runtime import cpu_kernels
+
+    module = cpu_kernels.load()
+    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

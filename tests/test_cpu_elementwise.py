@@ -10,17 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from nova.models.llama import RMSNorm, apply_rope
-from nova.runtime import cpu_kernels
 from nova.runtime.cpu_fused import kernels_for
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
-    return module
 
 
 def eager_norm(x, weight, eps):

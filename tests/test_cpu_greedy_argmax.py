@@ -15,13 +15,6 @@ from nova.sampling_params import SamplingParams
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
-    return module
-
-
 def special_rows(vocab: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows with ties, NaNs before and after the max, infinities and a row of -inf."""
     g = torch.Generator().manual_seed(vocab)

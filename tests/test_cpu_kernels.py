@@ -13,13 +13,6 @@ from nova.runtime.attention_cpu import CpuPagedAttention
 from nova.runtime.kv_cache import PagedKVCache
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
-    return module
-
-
 def reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     """Attention of each sequence's one query over its context, in float64."""
     b, h, d = q.shape

@@ -14,13 +14,6 @@ from nova.runtime.kv_cache import PagedKVCache
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
-    return module
-
-
 def new_kv(tokens: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
     """k contiguous; v a view of a wider [tokens, q + k + v] tensor, as the model's."""
     g = torch.Generator().manual_seed(seed)

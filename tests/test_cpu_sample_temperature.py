@@ -13,13 +13,6 @@ from nova.runtime.sampler import make_generator, sample_batch
 from nova.sampling_params import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    module = cpu_kernels.load()
-    assert module is not None, "the kernels are off (NOVA_CPU_KERNELS=0?)"
-    return module
-
-
 def reference(x: torch.Tensor, temperature: float, u: float) -> tuple[int, float]:
     """(token, distance of u from the nearest CDF step) in float64."""
     p = torch.softmax(x.double() / temperature, dim=0)
