@@ -3,7 +3,10 @@
 Two levels, both in one process with the kernels switched per call (``NOVA_CPU_KERNELS`` is
 read at every call of ``nova.runtime.cpu_fused.kernels_for``; decode attention keeps its own
 kernel in both arms, so what differs is the elementwise work and, in prefill, the causal
-softmax of the attention's score tiles, ``prefix_softmax_``):
+softmax of the attention's score tiles, ``prefix_softmax_``). Since the committed results were
+taken, the same switch also turns the greedy argmax, temperature sampling and KV-cache write
+kernels on and off, and prompts go through PyTorch's causal flash kernel in both arms (no
+``prefix_softmax_``); a new run measures that mix:
 
 - per piece (RMSNorm, residual add + RMSNorm, SiLU-and-multiply, RoPE on the q/k/v view), on
   the peer model's shapes (hidden 576, MLP 1536, 9 + 3 heads of 64) for a decode step's rows
