@@ -13,17 +13,13 @@ Usage: ``.venv/bin/python benchmarks/cpu_kv_write.py [--threads 2] [--rounds 7]`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-from nova.runtime import cpu_kernels
 
 LAYERS, KV_HEADS, HEAD_DIM, SLOTS = 30, 3, 64, 65536
 
@@ -37,17 +33,10 @@ def per_forward_ms(fn: Callable[[], None], repeats: int = 5) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = ap.parse_args()
+    from kernel_bench import kernel_bench_setup
     from runtime_throughput import machine
 
-    torch.set_num_threads(args.threads)
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        raise SystemExit("Nova's CPU kernels did not build (see the log above)")
+    args, kernels = kernel_bench_setup(__doc__ or "", rounds=7)
     load0 = os.getloadavg()[0]
     shape = (SLOTS, KV_HEADS, HEAD_DIM)
     k_cache = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(LAYERS)]

@@ -18,19 +18,16 @@ Usage: ``.venv/bin/python benchmarks/cpu_sampling.py [--threads 2] [--rounds 9]`
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from nova.runtime import cpu_kernels
 from nova.runtime.sampler import make_generator, sample_batch
 from nova.sampling_params import SamplingParams
 
@@ -47,17 +44,10 @@ def time_calls(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], ca
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = ap.parse_args()
+    from kernel_bench import kernel_bench_setup
     from runtime_throughput import machine
 
-    torch.set_num_threads(args.threads)
-    kernels = cpu_kernels.load()
-    if kernels is None:
-        raise SystemExit("Nova's CPU kernels did not build (see the log above)")
+    args, kernels = kernel_bench_setup(__doc__ or "", rounds=9)
     load0 = os.getloadavg()[0]
     rows_out = []
     g = torch.Generator().manual_seed(0)
