@@ -101,10 +101,7 @@ void bf16_values(const c10::BFloat16* const* rows, int64_t len, const float* pro
     for (int c = 0; c < kC; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
     __m512 v[kC];
-    for (int c = 0; c < kC; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + 16 * c));
-      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    }
+    for (int c = 0; c < kC; ++c) v[c] = nova_cpu::load_bf16x16(rows[t] + 16 * c);
     for (int g = 0; g < NG; ++g) {
       const __m512 p = _mm512_set1_ps(probs[g * probs_stride + t]);
       for (int c = 0; c < kC; ++c) acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
@@ -112,8 +109,7 @@ void bf16_values(const c10::BFloat16* const* rows, int64_t len, const float* pro
   }
   for (int g = 0; g < NG; ++g)
     for (int c = 0; c < kC; ++c)  // round to nearest even, as c10::BFloat16's conversion
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * kD + 16 * c),
-                          (__m256i)_mm512_cvtneps_pbh(acc[g][c]));
+      nova_cpu::store_bf16x16(out + g * kD + 16 * c, acc[g][c]);
 }
 
 // bf16_values for any number of query rows G, four at a time.

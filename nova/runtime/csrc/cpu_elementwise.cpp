@@ -17,14 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include "cpu_math.h"
 
@@ -54,15 +49,7 @@ inline __m512 exp_clamped16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-inline __m512 load_bf16x16(const uint16_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// 16 lanes rounded to bf16 by the CPU's own conversion (round to nearest even, as PyTorch's;
-// a NaN stays a NaN, with its sign; a denormal result becomes 0).
-inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-
+// (load_bf16x16, to_bf16x16, store_bf16x16: cpu_math.h)
 inline __m512 round_bf16x16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(x)), 16));
 }
@@ -77,8 +64,7 @@ inline int64_t silu_mul_bf16x16(const uint16_t* g, const uint16_t* u, uint16_t* 
     const __m512 x = load_bf16x16(g + i);
     const __m512 e = exp_clamped16(_mm512_sub_ps(_mm512_setzero_ps(), x));
     const __m512 s = round_bf16x16(_mm512_div_ps(x, _mm512_add_ps(one, e)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
-                        to_bf16x16(_mm512_mul_ps(s, load_bf16x16(u + i))));
+    store_bf16x16(o + i, _mm512_mul_ps(s, load_bf16x16(u + i)));
   }
   return i;
 }
@@ -90,8 +76,7 @@ inline void rms_norm_bf16x16(const uint16_t* x, const uint16_t* residual, const 
   const uint16_t* v = x;
   if (residual != nullptr) {
     for (int64_t i = 0; i < H; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sum + i),
-                          to_bf16x16(_mm512_add_ps(load_bf16x16(x + i), load_bf16x16(residual + i))));
+      store_bf16x16(sum + i, _mm512_add_ps(load_bf16x16(x + i), load_bf16x16(residual + i)));
     v = sum;
   }
   __m512 ss = _mm512_setzero_ps();
@@ -103,8 +88,7 @@ inline void rms_norm_bf16x16(const uint16_t* x, const uint16_t* residual, const 
       _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(H) + eps));
   for (int64_t i = 0; i < H; i += 16) {
     const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(v + i), inv));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        to_bf16x16(_mm512_mul_ps(load_bf16x16(weight + i), normed)));
+    store_bf16x16(out + i, _mm512_mul_ps(load_bf16x16(weight + i), normed));
   }
 }
 
@@ -116,11 +100,10 @@ inline void rope_bf16x16(const uint16_t* x, const uint16_t* c, const uint16_t* s
     const __m512 lo = load_bf16x16(x + i), hi = load_bf16x16(x + i + half);
     const __m512 a0 = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(c + i)));
     const __m512 b0 = round_bf16x16(_mm512_mul_ps(_mm512_mul_ps(hi, minus), load_bf16x16(s + i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), to_bf16x16(_mm512_add_ps(a0, b0)));
+    store_bf16x16(o + i, _mm512_add_ps(a0, b0));
     const __m512 a1 = round_bf16x16(_mm512_mul_ps(hi, load_bf16x16(c + i + half)));
     const __m512 b1 = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(s + i + half)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i + half),
-                        to_bf16x16(_mm512_add_ps(a1, b1)));
+    store_bf16x16(o + i + half, _mm512_add_ps(a1, b1));
   }
 }
 #endif
@@ -166,7 +149,6 @@ void rms_norm_rows(const raw_t<T>* x, int64_t x_stride, const raw_t<T>* residual
     }
   });
 }
-
 
 // out[r, i] = round(round(silu(gate[r, i])) * up[r, i]); gate = gu[r, :I], up = gu[r, I:].
 template <typename T>

@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace nova_cpu {
 
 inline float to_f32(float x) { return x; }
@@ -82,13 +86,19 @@ inline float exp_clamped(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
-// x[t] = exp(x[t] - max(x)) for t < len, in place; returns their sum (a softmax's numerators
-// and denominator). The max is a loop of its own with a plain comparison: fused with another
-// loop, or with std::max, gcc's vectorized reduction ran at half the speed.
-inline float exp_minus_max(float* x, int64_t len) {
+// The largest of x[0..len) (-inf for none), in a loop of its own with a plain comparison:
+// fused with another loop, or with std::max, gcc's vectorized reduction ran at half the speed.
+inline float max_of(const float* x, int64_t len) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t t = 0; t < len; ++t) m = m > x[t] ? m : x[t];
+  return m;
+}
+
+// x[t] = exp(x[t] - max(x)) for t < len, in place; returns their sum (a softmax's numerators
+// and denominator).
+inline float exp_minus_max(float* x, int64_t len) {
+  const float m = max_of(x, len);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t t = 0; t < len; ++t) {
@@ -97,6 +107,22 @@ inline float exp_minus_max(float* x, int64_t len) {
   }
   return sum;
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// 16 bf16 values (raw bits) widened to fp32 lanes.
+inline __m512 load_bf16x16(const void* p) {
+  const __m256i raw = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// 16 lanes rounded to bf16 by the CPU's own conversion (round to nearest even, as PyTorch's;
+// a NaN stays a NaN, with its sign; a denormal result becomes 0).
+inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+inline void store_bf16x16(void* p, __m512 x) {
+  _mm256_storeu_si256(static_cast<__m256i*>(p), to_bf16x16(x));
+}
+#endif
 
 // f(tag) with a value of the C++ type of ``dtype`` (fp32, bf16 or fp16); any other dtype is an
 // error naming the kernel.

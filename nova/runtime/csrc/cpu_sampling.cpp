@@ -78,9 +78,7 @@ int64_t row_sample(const raw_t<T>* x, int64_t n, float temperature, float u, flo
     const float y = S::load(x[i]) / temperature;
     e[i] = y != y ? -kInf : (y == kInf ? kMax : y);
   }
-  float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = m > e[i] ? m : e[i];
+  const float m = max_of(e, n);
   if (m == -kInf) return 0;  // (every logit -inf or NaN: nothing to draw from)
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
