@@ -213,6 +213,7 @@ def test_auto_prefill_path(case, causal):
     md = CpuPagedAttention().build_metadata(batch.paged)
     assert (md.causal_index is not None) == causal
     assert (md.query_pad_index is None) == causal
+    assert (md.allowed.numel() == 0) == causal  # (the flash kernel masks itself: no mask built)
 
 
 def test_cpu_backend_attends_a_fused_step_in_two_parts():

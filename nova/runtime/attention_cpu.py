@@ -70,6 +70,7 @@ class CpuMetadata(AttentionMetadata):
     query_pad_index: torch.Tensor | None  # [T] into [B * max_q]; None for decode (max_q == 1)
     key_slots: torch.Tensor  # [B, max_kv] int64, slot per key position; padding: -1
     allowed: torch.Tensor  # [B, max_q, max_kv] bool, query row may attend key position
+    # (empty on the causal flash path, whose kernel masks itself)
     # Built by the forward's first layer, which knows the cache's geometry and the dtype:
     kv_index: torch.Tensor | None = None  # [B * kv_heads * max_kv] rows of [slots*kv_heads, D]
     additive_mask: torch.Tensor | None = None  # [B, 1, max_q, 1, max_kv]: 0 or -inf
@@ -139,25 +140,32 @@ def split_mixed(paged: PagedBatch) -> list[tuple[torch.Tensor, PagedBatch]] | No
     return [sub_batch(paged, seqs, query_lens) for seqs in (decode, prompt)]
 
 
+def key_slots(paged: PagedBatch) -> torch.Tensor:
+    """[B, max_kv] int64: the slot of each key position of each sequence, -1 past its context."""
+    device = paged.slot_mapping.device
+    bs, max_kv = paged.block_size, paged.max_seq_len
+    k_pos = torch.arange(max_kv, device=device)
+    cols = (k_pos // bs).clamp(max=paged.block_tables.shape[1] - 1)
+    slots = paged.block_tables.long()[:, cols] * bs + k_pos % bs
+    return torch.where(k_pos[None, :] < paged.seq_lens.long()[:, None], slots, -1)
+
+
 def key_slots_and_mask(paged: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key_slots [B, max_kv] with -1 past each context, allowed [B, max_q, max_kv]).
+    """(``key_slots``, allowed [B, max_q, max_kv]).
 
     Query ``i`` of sequence ``b`` sits at position ``cached_b + i`` and sees keys ``0..that``;
     padded query rows see key 0 only."""
     device = paged.slot_mapping.device
-    bs, max_q, max_kv = paged.block_size, paged.max_query_len, paged.max_seq_len
+    max_q, max_kv = paged.max_query_len, paged.max_seq_len
     seq_lens = paged.seq_lens.long()
     q_lens = paged.query_lens()
     k_pos = torch.arange(max_kv, device=device)
-    cols = (k_pos // bs).clamp(max=paged.block_tables.shape[1] - 1)
-    slots = paged.block_tables.long()[:, cols] * bs + k_pos % bs
-    key_slots = torch.where(k_pos[None, :] < seq_lens[:, None], slots, -1)
     q_idx = torch.arange(max_q, device=device)
     q_valid = q_idx[None, :] < q_lens[:, None]
     q_pos = (seq_lens - q_lens)[:, None] + q_idx[None, :]
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]
     allowed[:, :, 0] |= ~q_valid
-    return key_slots, allowed
+    return key_slots(paged), allowed
 
 
 def causal_query_index(paged: PagedBatch) -> torch.Tensor:
@@ -286,13 +294,15 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             md = CpuMetadata.without_gather(paged)
             md.in_place = True
             return md
-        key_slots, allowed = key_slots_and_mask(paged)
         if paged.max_query_len > 1 and self._causal(paged.max_query_len, paged.max_seq_len):
-            md = CpuMetadata(paged, None, key_slots, allowed)
+            # (the flash kernel applies the causal mask itself: no ``allowed`` tensor)
+            no_mask = torch.empty(0, dtype=torch.bool, device=paged.slot_mapping.device)
+            md = CpuMetadata(paged, None, key_slots(paged), no_mask)
             md.causal_index = causal_query_index(paged)
             return md
+        slots, allowed = key_slots_and_mask(paged)
         pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
-        return CpuMetadata(paged, pad_index, key_slots, allowed)
+        return CpuMetadata(paged, pad_index, slots, allowed)
 
     def _causal(self, max_q: int, max_kv: int) -> bool:
         if self.prefill != "auto":

@@ -66,8 +66,8 @@ class PagedKVCache:
         ):
             kernels.kv_write(kc, vc, slot_mapping.contiguous(), k, v)
             return
-        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
+        kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks ``src -> dst`` in every layer (copy-on-write of a block shared by

@@ -554,11 +554,12 @@ def sample_batch(
             temps = torch.tensor([params[i].temperature for i in plain], dtype=torch.float32)
             u = torch.tensor(_uniforms([generators[i] for i in plain]), dtype=torch.float32)
             tokens[plain] = kernels.sample_temperature(_take(x, plain), temps, u)
-            sampled = [i for i in sampled if i not in set(plain)]
+            done = set(plain)
+            sampled = [i for i in sampled if i not in done]
         sub_params = [params[i] for i in sampled]
         sub_gens = [generators[i] for i in sampled]
         if sampled:
-            y = _tempered(x[sampled] if len(sampled) < num_rows else x, sub_params)
+            y = _tempered(_take(x, sampled), sub_params)
             for c in _candidates(y, sub_params):
                 tokens[[sampled[r] for r in c.rows]] = _draw(c, sub_gens)
     logprobs = _logprobs(x, tokens, params)
