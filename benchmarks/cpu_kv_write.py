@@ -13,7 +13,6 @@ Usage: ``.venv/bin/python benchmarks/cpu_kv_write.py [--threads 2] [--rounds 7]`
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -33,7 +32,7 @@ def per_forward_ms(fn: Callable[[], None], repeats: int = 5) -> float:
 
 
 def main() -> None:
-    from kernel_bench import kernel_bench_setup
+    from kernel_bench import kernel_bench_setup, write_results
     from runtime_throughput import machine
 
     args, kernels = kernel_bench_setup(__doc__ or "", rounds=7)
@@ -80,9 +79,6 @@ def main() -> None:
         "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_kv_write"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "# KV cache writes on the CPU: Nova's row-copy kernel vs index_copy_ (interleaved)",
         "",
@@ -97,8 +93,7 @@ def main() -> None:
     lines += [
         f"| {r['case']} | {r['index_copy_ms']} | {r['kernel_ms']} | {r['speedup']}x |" for r in rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "cpu_kv_write", result, lines)
 
 
 if __name__ == "__main__":

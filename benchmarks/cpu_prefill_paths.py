@@ -16,7 +16,6 @@ Usage: ``.venv/bin/python benchmarks/cpu_prefill_paths.py [--threads 2] [--round
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -42,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    from kernel_bench import write_results
     from peer_model import export_text_model
     from runtime_throughput import machine
 
@@ -99,9 +99,6 @@ def main() -> None:
         "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_prefill_paths"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "# CPU prefill attention: the causal flash path vs the tiled path (whole forwards)",
         "",
@@ -118,8 +115,7 @@ def main() -> None:
         f"{r['causal_sdpa_ms']} | {r['speedup']}x | {r['auto_picks']} |"
         for r in rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "cpu_prefill_paths", result, lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Usage: ``.venv/bin/python benchmarks/cpu_sampling.py [--threads 2] [--rounds 9]`
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import time
@@ -44,7 +43,7 @@ def time_calls(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], ca
 
 
 def main() -> None:
-    from kernel_bench import kernel_bench_setup
+    from kernel_bench import kernel_bench_setup, write_results
     from runtime_throughput import machine
 
     args, kernels = kernel_bench_setup(__doc__ or "", rounds=9)
@@ -107,9 +106,6 @@ def main() -> None:
         "argmax": rows_out,
         "sample_batch": batch_rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_sampling"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         "# Sampling on the CPU: Nova's kernels vs the PyTorch ops they replace (interleaved)",
         "",
@@ -139,8 +135,7 @@ def main() -> None:
         f"{r['speedup']}x |"
         for r in batch_rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "cpu_sampling", result, lines)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""What the CPU kernel micro-benchmarks share (``cpu_kv_write.py``, ``cpu_sampling.py``): their
-command line (``--threads``, ``--rounds``, ``--out``), the intra-op thread count, and Nova's
-compiled CPU kernels, or an exit naming the failed build."""
+"""What the CPU kernel micro-benchmarks share (``cpu_kv_write.py``, ``cpu_sampling.py``,
+``cpu_prefill_paths.py``): their command line (``--threads``, ``--rounds``, ``--out``), the
+intra-op thread count, Nova's compiled CPU kernels (or an exit naming the failed build), and
+writing a result as ``<name>.json`` and ``<name>.md``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -28,3 +30,11 @@ def kernel_bench_setup(doc: str, rounds: int) -> tuple[argparse.Namespace, Modul
     if kernels is None:
         raise SystemExit("Nova's CPU kernels did not build (see the log above)")
     return args, kernels
+
+
+def write_results(out: Path, name: str, result: dict, lines: list[str]) -> None:
+    """``out/name.json`` (``result``) and ``out/name.md`` (``lines``); the table is printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
