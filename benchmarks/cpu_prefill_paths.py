@@ -1,13 +1,15 @@
-"""The ``cpu`` attention backend's two prefill paths, whole prefill forwards, interleaved:
-``causal_sdpa`` (PyTorch's causal flash kernel on key-aligned queries) against ``tiled`` (score
+"""The ``cpu`` attention backend's prefill paths, whole prefill forwards, interleaved: ``amx``
+(Nova's C++ kernel on AMX tiles, reading the paged cache in place; where the CPU has AMX),
+``causal_sdpa`` (PyTorch's causal flash kernel on key-aligned queries) and ``tiled`` (score
 tiles: two ``bmm``s and the C++ prefix softmax each), and which one ``auto`` picks.
 
 Peer model (``peer_model.py``, SmolLM2-135M shapes) in bf16, ``--threads`` intra-op threads,
 ``ModelRunner.forward`` wall time of one prefill batch per shape: fresh prompts (a wave of the
 served benchmark's concurrency-32 prompts, 6 x 320 tokens in one 2,048-token step; 26 x 78 chat
-prompts; one 2,000-token prompt), prompts on a cached prefix (a chat template's 64 tokens), and
-one chunk on a long cached prefix (where ``auto`` keeps the tiled path). Median of
-``--rounds`` rounds, the paths alternating within each.
+prompts; one 2,000-token prompt), prompts on a cached prefix (a chat template's 64 tokens; and the
+served benchmark's concurrency-32 wave with the template's 16 tokens cached, 32 x 62), and one
+chunk on a long cached prefix (where ``auto`` keeps the tiled path unless it takes ``amx``).
+Median of ``--rounds`` rounds, the paths alternating within each.
 
 Writes ``benchmarks/results/cpu_prefill_paths.{json,md}`` with the machine and its load.
 Usage: ``.venv/bin/python benchmarks/cpu_prefill_paths.py [--threads 2] [--rounds 5]``
@@ -25,13 +27,13 @@ from typing import Any
 import torch
 
 from nova.models.loader import load_model
-from nova.runtime.attention_cpu import CpuPagedAttention, causal_flash_pays
+from nova.runtime.attention_cpu import CpuPagedAttention
 from nova.runtime.forward_batch import SeqInput
 from nova.runtime.runner import CacheConfig, ModelRunner
 
 # (sequences, new tokens each, cached tokens each)
-SHAPES = ((6, 320, 0), (26, 78, 0), (1, 2000, 0), (8, 256, 64), (1, 256, 2048))
-PATHS = ("tiled", "causal_sdpa")
+SHAPES = ((6, 320, 0), (26, 78, 0), (1, 2000, 0), (8, 256, 64), (32, 62, 16), (1, 256, 2048))
+PATHS = ("tiled", "causal_sdpa", "amx")
 
 
 def main() -> None:
@@ -49,6 +51,7 @@ def main() -> None:
     model = args.model or str(export_text_model())
     loaded = load_model(model, "auto", torch.bfloat16, "cpu", 0)
     runner = ModelRunner(loaded, CacheConfig(num_blocks=2048))
+    paths = [p for p in PATHS if p != "amx" or CpuPagedAttention().amx]
     load0 = os.getloadavg()[0]
     times: dict[tuple[int, str], list[float]] = {}
     picks = {}
@@ -64,7 +67,7 @@ def main() -> None:
                     )
                     for s in range(seqs)
                 ]
-                for path in PATHS:
+                for path in paths:
                     backend = CpuPagedAttention(prefill=path)
                     runner.attention = backend
                     loaded.model.decoder.set_attention_backend(backend)
@@ -72,24 +75,21 @@ def main() -> None:
                     runner.forward(batch)
                     if rnd:
                         times.setdefault((i, path), []).append(time.perf_counter() - t0)
-                picks[i] = "causal_sdpa" if causal_flash_pays(new, new + cached) else "tiled"
+                picks[i] = CpuPagedAttention().prefill_path(new, new + cached, torch.bfloat16, 64)
     rows: list[dict[str, Any]] = []
     for i, (seqs, new, cached) in enumerate(SHAPES):
-        tiled = statistics.median(times[(i, "tiled")]) * 1e3
-        causal = statistics.median(times[(i, "causal_sdpa")]) * 1e3
-        rows.append(
-            {
-                "sequences": seqs,
-                "new_tokens": new,
-                "cached_tokens": cached,
-                "tiled_ms": round(tiled, 1),
-                "causal_sdpa_ms": round(causal, 1),
-                "speedup": round(tiled / causal, 2),
-                "auto_picks": picks[i],
-                "tiled_runs_ms": [round(t * 1e3, 1) for t in times[(i, "tiled")]],
-                "causal_runs_ms": [round(t * 1e3, 1) for t in times[(i, "causal_sdpa")]],
-            }
-        )
+        med = {p: statistics.median(times[(i, p)]) * 1e3 for p in paths}
+        row: dict[str, Any] = {"sequences": seqs, "new_tokens": new, "cached_tokens": cached}
+        for p in paths:
+            row[f"{p}_ms"] = round(med[p], 1)
+            row[f"{p}_runs_ms"] = [round(t * 1e3, 1) for t in times[(i, p)]]
+        row["flash_speedup_over_tiled"] = round(med["tiled"] / med["causal_sdpa"], 2)
+        if "amx" in med:
+            row["amx_speedup_over_best_other"] = round(
+                min(med["tiled"], med["causal_sdpa"]) / med["amx"], 2
+            )
+        row["auto_picks"] = picks[i]
+        rows.append(row)
         print(rows[-1], flush=True)
     result = {
         "machine": machine(),
@@ -100,19 +100,23 @@ def main() -> None:
         "rows": rows,
     }
     lines = [
-        "# CPU prefill attention: the causal flash path vs the tiled path (whole forwards)",
+        "# CPU prefill attention paths: the AMX kernel, the causal flash path, the tiled path "
+        "(whole forwards)",
         "",
         f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
         f"the start and end: {result['loadavg_1min_start_end']}. Peer model in bf16, "
         f"`ModelRunner.forward` wall time, median of {args.rounds} rounds (paths alternating). "
         "`benchmarks/cpu_prefill_paths.py`.",
         "",
-        "| sequences x new tokens | cached each | tiled ms | causal flash ms | speed-up | auto |",
-        "|---|---:|---:|---:|---:|---|",
+        "| sequences x new tokens | cached each | tiled ms | causal flash ms | flash speed-up "
+        "| AMX kernel ms | AMX speed-up over the faster other | auto |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
         f"| {r['sequences']} x {r['new_tokens']} | {r['cached_tokens']} | {r['tiled_ms']} | "
-        f"{r['causal_sdpa_ms']} | {r['speedup']}x | {r['auto_picks']} |"
+        f"{r['causal_sdpa_ms']} | {r['flash_speedup_over_tiled']}x | {r.get('amx_ms', '-')} | "
+        f"{str(r['amx_speedup_over_best_other']) + 'x' if 'amx_ms' in r else '-'} | "
+        f"{r['auto_picks']} |"
         for r in rows
     ]
     write_results(args.out, "cpu_prefill_paths", result, lines)

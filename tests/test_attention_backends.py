@@ -174,9 +174,13 @@ def test_cpu_backend_matches_sdpa(case, heads, block_size, head_dim):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_cpu_backend_prefill_paths_agree(case, dtype, atol):
-    """The causal flash path (the default) and the tiled one give the same outputs, for
-    prompts on cached prefixes, varlen batches and fused steps (unowned blocks poisoned)."""
+    """Every prefill path (the AMX kernel where the CPU has AMX, the causal flash path, the
+    tiled one) gives the same outputs, for prompts on cached prefixes, varlen batches and fused
+    steps (unowned blocks poisoned)."""
+    amx = CpuPagedAttention().amx
     for prefill in PREFILL_PATHS:
+        if prefill == "amx" and not amx:
+            continue  # (the kernel's reference tiles: tests/test_cpu_prefill_attention.py)
         check_against_sdpa(
             CpuPagedAttention(prefill=prefill), case, 9, 3, 64, 16, atol=atol, dtype=dtype
         )
@@ -194,7 +198,7 @@ def test_causal_query_index_puts_each_token_at_its_position():
         cached = seq_lens[b] - n
         want += [b * paged.max_seq_len + cached + i for i in range(n)]
     assert index == want and len(index) == starts[-1]
-    md = CpuPagedAttention().build_metadata(paged)
+    md = CpuPagedAttention(kernels=False).build_metadata(paged)  # (no AMX kernel)
     assert md.causal_index is not None and md.query_pad_index is None
     tiled = CpuPagedAttention(prefill="tiled").build_metadata(paged)
     assert tiled.causal_index is None and tiled.query_pad_index is not None
@@ -210,10 +214,16 @@ def test_causal_query_index_puts_each_token_at_its_position():
 )
 def test_auto_prefill_path(case, causal):
     _, batch, *_ = make_case(case, 6, 2, 16, 4)
-    md = CpuPagedAttention().build_metadata(batch.paged)
+    md = CpuPagedAttention(kernels=False).build_metadata(batch.paged)  # (no AMX kernel)
     assert (md.causal_index is not None) == causal
     assert (md.query_pad_index is None) == causal
     assert (md.allowed.numel() == 0) == causal  # (the flash kernel masks itself: no mask built)
+    # With the AMX kernel a prompt batch is marked for it, and gathers nothing up front; a
+    # dtype or head_dim it does not take falls back to the rule above at the first layer.
+    backend = CpuPagedAttention()
+    if backend.amx:
+        md = backend.build_metadata(batch.paged)
+        assert md.amx and md.key_slots.numel() == 0 and md.causal_index is None
 
 
 def test_cpu_backend_attends_a_fused_step_in_two_parts():

@@ -90,6 +90,10 @@ class CpuMetadata(AttentionMetadata):
     # token sits in the key-aligned queries [B * max_kv] (token i of sequence b at
     # b * max_kv + cached_b + i, ``causal_query_index``); None on the other paths
     causal_index: torch.Tensor | None = None
+    # prefill through Nova's AMX kernel (``prefill="amx"``; bf16): it reads the block tables
+    # itself, so ``key_slots`` and ``allowed`` stay empty unless the cache turns out not to be
+    # bf16 (then an eager path's fields are built on first use: ``_eager_fields``)
+    amx: bool = False
 
     @classmethod
     def without_gather(cls, paged: PagedBatch) -> CpuMetadata:
@@ -237,12 +241,21 @@ def _keys_seen(seq_lens: list[int], cached: list[int], rows: int) -> int:
     return max(1, max(min(s, c + rows) for s, c in zip(seq_lens, cached)))
 
 
-PREFILL_PATHS = ("auto", "causal_sdpa", "tiled")
+PREFILL_PATHS = ("auto", "amx", "causal_sdpa", "tiled")
 # Per score, PyTorch's causal flash kernel against the tiled path (two bmm's, the C++ prefix
 # softmax, the query padding and gathers): about twice as fast in an op profile of a 6 x 320
 # bf16 prefill of the peer model (a scratch profile). benchmarks/results/cpu_prefill_paths.md
 # checks the rule on whole forwards: the path ``auto`` picks is the faster in every shape there.
 CAUSAL_FLASH_SPEEDUP = 2.0
+
+
+# ``auto`` and the AMX kernel: in whole bf16 forwards of the peer model
+# (benchmarks/results/cpu_prefill_paths.md) the kernel was the faster path for prompts of up to
+# 320 new tokens (1.16-1.3x) and for a 256-token chunk on a 2,048-token prefix (2.0x), and
+# 0.9x the flash kernel's speed for one fresh 2,000-token prompt. From this many new tokens on,
+# a batch the flash path suits (``causal_flash_pays``) goes there; the crossover between 320
+# and 2,000 was not measured.
+AMX_MAX_FLASH_QUERY = 1024
 
 
 def causal_flash_pays(max_q: int, max_kv: int) -> bool:
@@ -254,6 +267,17 @@ def causal_flash_pays(max_q: int, max_kv: int) -> bool:
     causal = max_kv * max_kv / 2
     tiled = max_q * (max_kv - max_q / 2)
     return causal <= CAUSAL_FLASH_SPEEDUP * tiled
+
+
+def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the AMX prefill kernel takes these queries and cache: bf16 (AMX-BF16 tiles) and
+    a head_dim that is a multiple of 32 (one tile row holds 32 bf16)."""
+    return q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
+
+
+def _amx_usable(kernels: ModuleType) -> bool:
+    probe = getattr(kernels, "prefill_attention_amx", None)
+    return bool(probe is not None and probe())
 
 
 class CpuPagedAttention(AttentionBackend[CpuMetadata]):
@@ -282,6 +306,10 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         if kernels is True:
             kernels = cpu_kernels.load()
         self.kernels: ModuleType | None = kernels or None
+        # the AMX prefill kernel: built with AMX and granted the tile state by the OS
+        self.amx = self.kernels is not None and _amx_usable(self.kernels)
+        if prefill == "amx" and not self.amx:
+            raise ValueError("prefill='amx' needs Nova's CPU kernels built on a CPU with AMX")
 
     def build_metadata(self, paged: PagedBatch) -> CpuMetadata:
         split = split_mixed(paged)
@@ -294,18 +322,47 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             md = CpuMetadata.without_gather(paged)
             md.in_place = True
             return md
+        md = CpuMetadata.without_gather(paged)
+        if paged.max_query_len > 1 and self._amx(paged.max_query_len, paged.max_seq_len):
+            md.amx = paged.seq_lens.is_cpu
+        if not md.amx:
+            self._eager_fields(md)
+        return md
+
+    def _eager_fields(self, md: CpuMetadata) -> None:
+        """The fields of the paths built from PyTorch ops: decode's gather and mask; for a
+        prompt batch the causal flash path's (the flash kernel applies the causal mask itself:
+        no ``allowed`` tensor) or the tiled path's, by the ``auto`` rule (``_causal``)."""
+        paged = md.paged
         if paged.max_query_len > 1 and self._causal(paged.max_query_len, paged.max_seq_len):
-            # (the flash kernel applies the causal mask itself: no ``allowed`` tensor)
-            no_mask = torch.empty(0, dtype=torch.bool, device=paged.slot_mapping.device)
-            md = CpuMetadata(paged, None, key_slots(paged), no_mask)
+            md.key_slots = key_slots(paged)
             md.causal_index = causal_query_index(paged)
-            return md
-        slots, allowed = key_slots_and_mask(paged)
-        pad_index = None if paged.max_query_len == 1 else padded_query_index(paged)
-        return CpuMetadata(paged, pad_index, slots, allowed)
+            return
+        md.key_slots, md.allowed = key_slots_and_mask(paged)
+        if paged.max_query_len > 1:
+            md.query_pad_index = padded_query_index(paged)
+
+    def prefill_path(self, max_q: int, max_kv: int, dtype: torch.dtype, head_dim: int) -> str:
+        """The path a prompt batch of these sizes, dtype and head_dim takes: "amx" (where the
+        CPU has AMX and the kernel takes them, unless another path is asked for), else
+        "causal_sdpa" or "tiled"."""
+        probe = torch.empty(0, head_dim, dtype=dtype)
+        if self._amx(max_q, max_kv) and amx_takes(probe, probe):
+            return "amx"
+        return "causal_sdpa" if self._causal(max_q, max_kv) else "tiled"
+
+    def _amx(self, max_q: int, max_kv: int) -> bool:
+        """Whether a prompt batch goes to the AMX kernel (if its dtype and head_dim suit it):
+        asked for, or ``auto`` on a CPU with AMX unless the batch holds a long fresh prompt,
+        where PyTorch's flash kernel was faster (``AMX_MAX_FLASH_QUERY``)."""
+        if not self.amx or self.prefill not in ("auto", "amx"):
+            return False
+        if self.prefill == "amx":
+            return True
+        return max_q < AMX_MAX_FLASH_QUERY or not causal_flash_pays(max_q, max_kv)
 
     def _causal(self, max_q: int, max_kv: int) -> bool:
-        if self.prefill != "auto":
+        if self.prefill not in ("auto", "amx"):  # ("amx" on a dtype it does not take: auto)
             return self.prefill == "causal_sdpa"
         return causal_flash_pays(max_q, max_kv)
 
@@ -354,6 +411,25 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
                 scale,
             )
             return out.view(num_tokens, num_heads * head_dim)
+        if metadata.amx:
+            if amx_takes(q, kv_cache.k[layer]):
+                assert self.kernels is not None
+                paged = metadata.paged
+                out = self.kernels.prefill_attention(
+                    q.contiguous(),
+                    kv_cache.k[layer],
+                    kv_cache.v[layer],
+                    paged.block_tables.contiguous(),
+                    paged.seq_lens.contiguous(),
+                    paged.query_start_loc.contiguous(),
+                    paged.block_size,
+                    scale,
+                    False,
+                )
+                return out.view(num_tokens, num_heads * head_dim)
+            metadata.amx = False  # (not bf16, or head_dim not a multiple of 32): an eager
+            # path, for every layer
+            self._eager_fields(metadata)
         if metadata.kv_index is None:
             self._gather_index(metadata, kv_cache)
         assert metadata.kv_index is not None

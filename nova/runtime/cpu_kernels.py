@@ -35,6 +35,7 @@ SOURCES = (
     CSRC / "cpu_elementwise.cpp",
     CSRC / "cpu_sampling.cpp",
     CSRC / "cpu_kv_write.cpp",
+    CSRC / "cpu_prefill_attention.cpp",
 )
 HEADERS = (CSRC / "cpu_math.h",)
 CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno")

@@ -33,23 +33,7 @@ inline int64_t grain_rows(int64_t row_elems) {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define NOVA_BF16_AVX512 1
-// exp_clamped on 16 lanes: the scalar helper's arithmetic step for step (its clamps keep a NaN).
-inline __m512 exp_clamped16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // (min(c, x) returns x when x is NaN)
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  const __m512 round = _mm512_set1_ps(12582912.0f);
-  const __m512 n =
-      _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
-  const __m512 y = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(c));
-  const __m512i bits =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
-// (load_bf16x16, to_bf16x16, store_bf16x16: cpu_math.h)
+// (exp_clamped16, load_bf16x16, to_bf16x16, store_bf16x16: cpu_math.h)
 inline __m512 round_bf16x16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(x)), 16));
 }

@@ -19,6 +19,11 @@ at::Tensor sample_temperature(const at::Tensor& logits, const at::Tensor& temper
                               const at::Tensor& uniforms);
 void kv_write(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
               const at::Tensor& k, const at::Tensor& v);
+bool prefill_attention_amx();
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, const at::Tensor& query_start,
+                             int64_t block_size, double scale, bool reference);
 }  // namespace nova_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -40,4 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one token per row from softmax(logits / T) at a given uniform (CPU)", release());
   m.def("kv_write", &nova_cpu::kv_write,
         "store each token's keys and values at its slot of the paged cache (CPU)", release());
+  m.def("prefill_attention_amx", &nova_cpu::prefill_attention_amx,
+        "whether prefill_attention can run on AMX tiles here (built with AMX, granted by the OS)");
+  m.def("prefill_attention", &nova_cpu::prefill_attention,
+        "causal bf16 prefill attention over the paged cache on AMX tiles, or their plain C++ "
+        "reference (CPU)",
+        release());
 }
