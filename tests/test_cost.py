@@ -595,3 +595,25 @@ def test_device_names_map_to_registered_gpu_specs():
         assert gpu_spec_name_for_device(device_name) == spec
         assert spec in GPUS
     assert gpu_spec_name_for_device("NVIDIA GeForce GTX 1080") is None
+
+
+def test_shipped_profile_for_picks_the_models_dtype(tmp_path, monkeypatch):
+    """The nova policy plans with a profile measured in the engine's dtype: the dtype-named
+    file first, else the plain one if its metadata names that dtype, else none (the roofline)."""
+    from nova.cost import profiled
+
+    def write(name: str, dtype: str) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"metadata": {"dtype": dtype}}))
+        return path
+
+    monkeypatch.setattr(profiled, "PROFILES_DIR", tmp_path)
+    plain = write("demo-cpu.json", "float32")
+    assert profiled.shipped_profile_for("demo", "cpu", "float32") == plain
+    assert profiled.shipped_profile_for("demo", "cpu", "bfloat16") is None
+    named = write("demo-cpu-bfloat16.json", "bfloat16")
+    assert profiled.shipped_profile_for("demo", "cpu", "bfloat16") == named
+    assert profiled.shipped_profile_for("demo", "cpu", "float16") is None
+    assert profiled.shipped_profile_for("other", "cpu", "float32") is None
+    write("demo-cpu-float16.json", "bfloat16")  # a misnamed file is not taken
+    assert profiled.shipped_profile_for("demo", "cpu", "float16") is None

@@ -152,10 +152,9 @@ def test_backend_prefill_path_choice(kernels):
     if backend.amx:
         assert backend.prefill_path(62, 78, torch.bfloat16, 64) == "amx"
         assert backend.prefill_path(256, 2304, torch.bfloat16, 64) == "amx"  # chunk, prefix
-        # a long fresh prompt: the flash kernel (faster there)
-        assert backend.prefill_path(2000, 2000, torch.bfloat16, 64) == "causal_sdpa"
-        amx_only = CpuPagedAttention(kernels=kernels, prefill="amx")
-        assert amx_only.prefill_path(2000, 2000, torch.bfloat16, 64) == "amx"
+        assert backend.prefill_path(2000, 2000, torch.bfloat16, 64) == "amx"
+        flash = CpuPagedAttention(kernels=kernels, prefill="causal_sdpa")
+        assert flash.prefill_path(62, 78, torch.bfloat16, 64) == "causal_sdpa"
     else:
         with pytest.raises(ValueError, match="AMX"):
             CpuPagedAttention(kernels=kernels, prefill="amx")

@@ -481,6 +481,20 @@ def shipped_profile_path(model: str, gpu: str) -> Path:
     return PROFILES_DIR / f"{model}-{gpu}.json"
 
 
+def shipped_profile_for(model: str, gpu: str, dtype: str) -> Path | None:
+    """The shipped profile of ``model`` on ``gpu`` measured in ``dtype`` (``float32``,
+    ``bfloat16``, ...): ``<model>-<gpu>-<dtype>.json``, else ``<model>-<gpu>.json`` if its
+    metadata names that dtype; None if neither (a profile of another dtype times other
+    kernels: on a CPU with AMX a bf16 prefill token costs a fraction of an fp32 one, and the
+    fused steps' per-step overheads weigh differently)."""
+    for path in (PROFILES_DIR / f"{model}-{gpu}-{dtype}.json", shipped_profile_path(model, gpu)):
+        if path.is_file():
+            meta = json.loads(path.read_text()).get("metadata", {})
+            if meta.get("dtype") == dtype:
+                return path
+    return None
+
+
 @register_cost_model("profiled")
 def _make_profiled(
     gpu: GpuSpec | str, model: Any, path: str | Path | None = None, monotone: bool = True

@@ -48,18 +48,20 @@ def default_cost_model(
     loaded: LoadedModel, device: str, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> CostModel:
     """The cost model the ``nova`` policy plans with for this model on this device: the shipped
-    profile ``nova/cost/profiles/<model>-<gpu>.json`` measured on such a device if there is one
-    (``nova profile``; the demo model on the CPU has one; a shipped config such as
-    ``qwen2.5-vl-7b`` is named by its directory), else the roofline for the model's shape on
-    the device's GPU spec (a dynamic-resolution model sized with the server's pixel limits)."""
+    profile measured on such a device in the model's dtype if there is one
+    (``nova.cost.profiled.shipped_profile_for``: ``nova profile``; the demo model on the CPU
+    has one for fp32 and one for bf16; a shipped config such as ``qwen2.5-vl-7b`` is named by
+    its directory), else the roofline for the model's shape on the device's GPU spec (a
+    dynamic-resolution model sized with the server's pixel limits)."""
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import ModelSpec
-    from nova.cost.profiled import available_profiles
+    from nova.cost.profiled import shipped_profile_for
 
     gpu = device_gpu_spec(device)
     name = "demo" if loaded.model_dir.name.startswith("demo-") else loaded.model_dir.name
-    if f"{name}-{gpu}" in available_profiles():
-        return make_cost_model("profiled", gpu, name)
+    profile = shipped_profile_for(name, gpu, str(loaded.dtype).removeprefix("torch."))
+    if profile is not None:
+        return make_cost_model("profiled", gpu, name, path=profile)
     spec = ModelSpec.from_dir(loaded.model_dir)
     if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):
         spec = spec.with_pixel_limits(min_pixels, max_pixels)

@@ -18,7 +18,11 @@ Decode (one new token per sequence) needs no query padding at all: ``q [B, H, D]
 When Nova's C++ kernels built (``nova.runtime.cpu_kernels``), decode skips the gather: the
 kernel reads each sequence's keys and values in place through its block table.
 
-Prefill, by default (``prefill="auto"``), goes through PyTorch's causal flash kernel
+Prefill in bf16 on a CPU with AMX (``prefill="auto"`` or ``"amx"``) goes to Nova's AMX kernel
+(``csrc/cpu_prefill_attention.cpp``): it reads each sequence's keys and values through its
+block table, as decode does, and computes the scores and the weighted values in AMX tiles
+with each row's causal softmax in between. Otherwise prefill, by default
+(``prefill="auto"``), goes through PyTorch's causal flash kernel
 (``scaled_dot_product_attention(is_causal=True)``, no mask): the queries are laid out like the
 gathered keys, ``[B, max_kv]``, each new token at its own position (``causal_query_index``),
 so the top-left causal mask the kernel applies is every token's own causal mask; rows of the
@@ -249,15 +253,6 @@ PREFILL_PATHS = ("auto", "amx", "causal_sdpa", "tiled")
 CAUSAL_FLASH_SPEEDUP = 2.0
 
 
-# ``auto`` and the AMX kernel: in whole bf16 forwards of the peer model
-# (benchmarks/results/cpu_prefill_paths.md) the kernel was the faster path for prompts of up to
-# 320 new tokens (1.16-1.3x) and for a 256-token chunk on a 2,048-token prefix (2.0x), and
-# 0.9x the flash kernel's speed for one fresh 2,000-token prompt. From this many new tokens on,
-# a batch the flash path suits (``causal_flash_pays``) goes there; the crossover between 320
-# and 2,000 was not measured.
-AMX_MAX_FLASH_QUERY = 1024
-
-
 def causal_flash_pays(max_q: int, max_kv: int) -> bool:
     """Whether ``auto`` sends a prompt batch through the causal flash path: when the scores it
     computes (every key position's row, ``max_kv^2 / 2`` a sequence) are at most
@@ -323,7 +318,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             md.in_place = True
             return md
         md = CpuMetadata.without_gather(paged)
-        if paged.max_query_len > 1 and self._amx(paged.max_query_len, paged.max_seq_len):
+        if paged.max_query_len > 1 and self._amx():
             md.amx = paged.seq_lens.is_cpu
         if not md.amx:
             self._eager_fields(md)
@@ -347,19 +342,15 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         CPU has AMX and the kernel takes them, unless another path is asked for), else
         "causal_sdpa" or "tiled"."""
         probe = torch.empty(0, head_dim, dtype=dtype)
-        if self._amx(max_q, max_kv) and amx_takes(probe, probe):
+        if self._amx() and amx_takes(probe, probe):
             return "amx"
         return "causal_sdpa" if self._causal(max_q, max_kv) else "tiled"
 
-    def _amx(self, max_q: int, max_kv: int) -> bool:
-        """Whether a prompt batch goes to the AMX kernel (if its dtype and head_dim suit it):
-        asked for, or ``auto`` on a CPU with AMX unless the batch holds a long fresh prompt,
-        where PyTorch's flash kernel was faster (``AMX_MAX_FLASH_QUERY``)."""
-        if not self.amx or self.prefill not in ("auto", "amx"):
-            return False
-        if self.prefill == "amx":
-            return True
-        return max_q < AMX_MAX_FLASH_QUERY or not causal_flash_pays(max_q, max_kv)
+    def _amx(self) -> bool:
+        """Whether prompt batches go to the AMX kernel (if their dtype and head_dim suit it):
+        ``auto`` or ``amx`` on a CPU with AMX. In whole bf16 forwards it was the faster path in
+        every shape measured (benchmarks/results/cpu_prefill_paths.md)."""
+        return self.amx and self.prefill in ("auto", "amx")
 
     def _causal(self, max_q: int, max_kv: int) -> bool:
         if self.prefill not in ("auto", "amx"):  # ("amx" on a dtype it does not take: auto)
