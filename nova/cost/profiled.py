@@ -35,8 +35,12 @@ SM share: the requested share is first rounded to what the GPU grants. Between m
 linear. Above the largest measured share: clamped. Below the smallest: that share's latency
 scaled by ``smallest / share`` (the compute-bound worst case; conservative for decode).
 With ``monotone=True`` (default) the tables are made monotone before use (running max along
-each size axis; fewer SMs never faster) so that measurement noise cannot make the simulator
-believe a bigger batch is faster; ``to_dict`` still returns the raw measurements.
+each axis that sizes the work, ``MONOTONE_AXES``; fewer SMs never faster) so that measurement
+noise cannot make the simulator believe a bigger batch is faster; ``to_dict`` still returns the
+raw measurements. Prefill's ``num_seqs`` is not such an axis: at a fixed token total, more
+sequences means shorter prompts and less attention (the demo model in bf16 on 2 cores: 4,096
+new tokens took 1.44 s as one prompt and 0.58 s as 16, ``profiles/demo-cpu-bfloat16.json``),
+and a running max along it had priced every split like the single long prompt.
 
 Co-running: the latency is multiplied by the *product* of ``corun_factor[stage][other]`` over
 the co-running batches. The factors were measured pairwise, one co-runner at a time; with two
@@ -72,6 +76,9 @@ STAGE_AXES: dict[Stage, tuple[str, ...]] = {
     Stage.PREFILL: ("total_new_tokens", "num_seqs"),
     Stage.DECODE: ("batch_size", "mean_context_len"),
 }
+
+# the axes along which more means more work (the rest, prefill's num_seqs, split the same work)
+MONOTONE_AXES = frozenset({"num_images", "total_new_tokens", "batch_size", "mean_context_len"})
 
 Nested = Any  # float or list of Nested: a table shaped like its grid
 
@@ -190,11 +197,13 @@ class StageTable:
         }
 
     def monotone(self) -> StageTable:
-        """Running max along every size axis, and fewer SMs never faster than more."""
+        """Running max along every axis that sizes the work (``MONOTONE_AXES``), and fewer SMs
+        never faster than more."""
         tables = []
         for table in self.latency_s:
-            for axis in range(len(self.grid)):
-                table = _running_max(table, axis)
+            for axis, name in enumerate(self.axes):
+                if name in MONOTONE_AXES:
+                    table = _running_max(table, axis)
             tables.append(table)
         for i in range(len(tables) - 2, -1, -1):
             tables[i] = _emax(tables[i], tables[i + 1])

@@ -18,7 +18,7 @@ from nova.profiling.summary import summarize
 
 # EngineConfig fields ``nova profile`` takes. --partition defaults to none given: share 1.0
 # measured without SM partitions (a backend is needed for --shares below 1).
-ENGINE_FLAGS = ("model", "device", "load_format", "partition")
+ENGINE_FLAGS = ("model", "device", "dtype", "load_format", "partition")
 ENGINE_FLAG_DEFAULTS = {"partition": None}
 
 
@@ -43,11 +43,16 @@ def run_profile(args: argparse.Namespace) -> int:
             table_statistic=args.statistic or "min",
         )
     else:
+        from nova.config import AUTO_DTYPE, torch_dtype
         from nova.profiling.profile import profile_model
 
+        # (auto: profile_model's default, float32 on a CPU and bfloat16 on CUDA; the engine
+        # plans with a profile of its own dtype only: nova.cost.profiled.shipped_profile_for)
+        dtype = None if args.dtype == AUTO_DTYPE else torch_dtype(args.dtype)
         profile = profile_model(
             args.model,
             args.device,
+            dtype=dtype,
             quick=args.quick,
             warmup=args.warmup,
             repeats=args.repeats,

@@ -27,9 +27,13 @@ class ProfileGrid:
     """
 
     num_images: tuple[int, ...] = (1, 2, 4, 8)
-    prefill_tokens: tuple[int, ...] = (32, 128, 256, 512, 1024)
-    prefill_seqs: tuple[int, ...] = (1, 2, 4)
-    decode_batch: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # prefill batches as large as the engine's (``--max-prefill-tokens`` 4096; a burst of
+    # screenshot prompts fills them with 10-16 sequences): past the grid the tables are
+    # extrapolated, and a 1,024-token, 4-sequence point extrapolated to 4,096 tokens of 12
+    # sequences overestimated a bf16 prefill batch by about 1.7x (docs/scheduler.md)
+    prefill_tokens: tuple[int, ...] = (32, 128, 256, 512, 1024, 2048, 4096)
+    prefill_seqs: tuple[int, ...] = (1, 2, 4, 8, 16)
+    decode_batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     decode_context: tuple[int, ...] = (64, 256, 1024)
     # Representative batches for the co-running measurement.
     corun_images: int = 1
