@@ -46,8 +46,8 @@ def run_profile(args: argparse.Namespace) -> int:
         from nova.config import AUTO_DTYPE, torch_dtype
         from nova.profiling.profile import profile_model
 
-        # (auto: profile_model's default, float32 on a CPU and bfloat16 on CUDA; the engine
-        # plans with a profile of its own dtype only: nova.cost.profiled.shipped_profile_for)
+        # (auto: the checkpoint's, as the engine's; the engine plans with a profile of its own
+        # dtype only: nova.cost.profiled.shipped_profile_for)
         dtype = None if args.dtype == AUTO_DTYPE else torch_dtype(args.dtype)
         profile = profile_model(
             args.model,

@@ -93,7 +93,9 @@ def profile_model(
     first only) and pool the samples, so that a burst of load from another process does not
     hit every sample of a point. ``statistic``: how the pooled samples are summarised,
     ``median`` or ``min`` (the least disturbed run; use it on a shared machine).
-    ``dtype``: default float32 on CPU, bfloat16 on CUDA.
+    ``dtype``: None (default) is the engine's ``--dtype auto``, the checkpoint's own dtype
+    (``nova.models.loader.resolve_dtype``), so a profile taken with the engine's flags is the
+    one the engine plans with (``nova.cost.profiled.shipped_profile_for``).
     ``through``: ``executor`` (default): time ``TorchExecutor.execute`` on real batches of
     mixed shapes, each stage on its own worker thread (``EngineBatches``: what the engine
     runs); ``runner``: time the bare ``runner.encode_images`` / ``runner.forward`` calls on
@@ -110,7 +112,6 @@ def profile_model(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     torch_device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if torch_device.type == "cuda" else torch.float32)
     warmup = 1 if warmup is None else warmup
     repeats = (2 if quick else 3) if repeats is None else repeats
     if repeats < 1 or warmup < 0 or passes < 1:
@@ -258,7 +259,7 @@ def profile_model(
         "model_dir": str(loaded.model_dir),
         "architecture": loaded.architecture,
         "load_format": load_format,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": torch_device.type,
         "device_name": name,
         "gpu": gpu.name,

@@ -270,6 +270,20 @@ def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
 
 
+def _in_place_args(
+    q: torch.Tensor, layer: int, paged: PagedBatch, kv_cache: PagedKVCache
+) -> tuple[torch.Tensor, ...]:
+    """The arguments both C++ attention kernels start with: the queries, the layer's caches,
+    and the block tables and context lengths they read the caches through."""
+    return (
+        q.contiguous(),
+        kv_cache.k[layer],
+        kv_cache.v[layer],
+        paged.block_tables.contiguous(),
+        paged.seq_lens.contiguous(),
+    )
+
+
 def _amx_usable(kernels: ModuleType) -> bool:
     probe = getattr(kernels, "prefill_attention_amx", None)
     return bool(probe is not None and probe())
@@ -390,32 +404,21 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             for index, part in metadata.parts:
                 out[index] = self.attend(q.index_select(0, index), layer, part, kv_cache, scale)
             return out
+        paged = metadata.paged
         if metadata.in_place and self.kernels is not None:  # decode, read in place
-            paged = metadata.paged
             out = self.kernels.decode_attention(
-                q.contiguous(),
-                kv_cache.k[layer],
-                kv_cache.v[layer],
-                paged.block_tables.contiguous(),
-                paged.seq_lens.contiguous(),
-                paged.block_size,
-                scale,
+                *_in_place_args(q, layer, paged, kv_cache), paged.block_size, scale
             )
             return out.view(num_tokens, num_heads * head_dim)
         if metadata.amx:
             if amx_takes(q, kv_cache.k[layer]):
                 assert self.kernels is not None
-                paged = metadata.paged
                 out = self.kernels.prefill_attention(
-                    q.contiguous(),
-                    kv_cache.k[layer],
-                    kv_cache.v[layer],
-                    paged.block_tables.contiguous(),
-                    paged.seq_lens.contiguous(),
+                    *_in_place_args(q, layer, paged, kv_cache),
                     paged.query_start_loc.contiguous(),
                     paged.block_size,
                     scale,
-                    False,
+                    False,  # (the AMX tiles, not their reference)
                 )
                 return out.view(num_tokens, num_heads * head_dim)
             metadata.amx = False  # (not bf16, or head_dim not a multiple of 32): an eager
@@ -424,7 +427,6 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         if metadata.kv_index is None:
             self._gather_index(metadata, kv_cache)
         assert metadata.kv_index is not None
-        paged = metadata.paged
         b, max_q, max_kv = paged.num_seqs, paged.max_query_len, paged.max_seq_len
         kv_heads = kv_cache.num_kv_heads
         group = num_heads // kv_heads

@@ -1,7 +1,10 @@
 """Nova's own CPU kernels (C++, ``nova/runtime/csrc``), built on first use for this machine.
 
 ``decode_attention`` reads a decode step's keys and values in place from the paged KV cache
-(``csrc/cpu_decode_attention.cpp`` says why); ``rms_norm``, ``add_rms_norm``, ``silu_mul`` and
+(``csrc/cpu_decode_attention.cpp`` says why), and ``prefill_attention`` a prompt batch's, in
+bf16 on AMX tiles where the CPU has them (``csrc/cpu_prefill_attention.cpp``; built with
+``-march=native``, so only a CPU with AMX compiles that path; ``prefill_attention_amx`` says
+whether it runs here); ``rms_norm``, ``add_rms_norm``, ``silu_mul`` and
 ``rope`` do the decoder's elementwise work in one pass each (``csrc/cpu_elementwise.cpp``; the
 decoder calls them through ``nova.runtime.cpu_fused``). The sources are compiled with
 ``torch.utils.cpp_extension`` (gcc and ninja) for the CPU it runs on (``-march=native``) into
