@@ -75,7 +75,9 @@ SHAPES = {
     "long_prefix": [(1000, 33)],
     "over_one_item": [(0, 600)],
 }
-GEOMETRIES = [(9, 3, 64), (8, 8, 128), (4, 2, 32)]  # (heads, kv heads, head_dim)
+# (heads, kv heads, head_dim): GQA 3:1 (the peer model), MHA, and head_dims whose value tiles
+# fill the 4 accumulators of a pass exactly, not at all (32) or partly (96: 4 + 2 blocks)
+GEOMETRIES = [(9, 3, 64), (8, 8, 128), (4, 2, 32), (6, 2, 96)]
 
 
 def check(kernels, seqs, heads, kv_heads, head_dim, reference):
