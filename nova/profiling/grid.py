@@ -21,16 +21,16 @@ STATISTICS: dict[str, Callable[[Sequence[float]], float]] = {
 class ProfileGrid:
     """Grid points per stage axis (see ``nova.cost.profiled.STAGE_AXES``).
 
-    The default takes ~1.5 minutes for the demo model on 2 CPU cores; ``quick()`` a few
+    The default took 5.0 minutes for the demo model in fp32 and 1.3 in bf16 on 2 CPU cores
+    (``--passes 2``); ``quick()`` a few
     seconds (for tests and smoke runs). Points a model cannot run (beyond its max length)
     are dropped by ``clipped``.
     """
 
     num_images: tuple[int, ...] = (1, 2, 4, 8)
     # prefill batches as large as the engine's (``--max-prefill-tokens`` 4096; a burst of
-    # screenshot prompts fills them with 10-16 sequences): past the grid the tables are
-    # extrapolated, and a 1,024-token, 4-sequence point extrapolated to 4,096 tokens of 12
-    # sequences overestimated a bf16 prefill batch by about 1.7x (docs/scheduler.md)
+    # screenshot prompts fills them with 10-16 sequences) and decode batches of 32, so that
+    # such batches are interpolated from measurements, not extrapolated past the grid
     prefill_tokens: tuple[int, ...] = (32, 128, 256, 512, 1024, 2048, 4096)
     prefill_seqs: tuple[int, ...] = (1, 2, 4, 8, 16)
     decode_batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
