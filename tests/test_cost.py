@@ -617,3 +617,18 @@ def test_shipped_profile_for_picks_the_models_dtype(tmp_path, monkeypatch):
     assert profiled.shipped_profile_for("other", "cpu", "float32") is None
     write("demo-cpu-float16.json", "bfloat16")  # a misnamed file is not taken
     assert profiled.shipped_profile_for("demo", "cpu", "float16") is None
+
+
+def test_engine_plans_with_the_profile_of_its_dtype():
+    """The nova policy's cost model for the demo on a CPU: the shipped fp32 profile in fp32,
+    the bf16 one in bf16 (each measured in that dtype)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nova.engine.llm_engine import default_cost_model
+
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        loaded = SimpleNamespace(model_dir=Path("demo-smollm2-135m-siglip-v1"), dtype=dtype)
+        model = default_cost_model(loaded, "cpu")  # type: ignore[arg-type]
+        assert model.metadata["dtype"] == name and model.metadata["model"] == "demo"
