@@ -74,18 +74,26 @@ def cfg(srv, **kw) -> BenchConfig:
 def test_open_loop_sends_at_arrival_times_and_measures(served):
     srv, _ = served
     shot = (ImageSpec(96, 160),)
+    # (the first request runs long, so that an open-loop client sends the next ones while it
+    # is still answered: a client that awaited each answer could not)
     reqs = tuple(
-        wr(i, arrival_s=0.15 * i, images=shot if i % 2 else (), max_tokens=5 + i) for i in range(6)
+        wr(i, arrival_s=0.15 * i, images=shot if i % 2 else (), max_tokens=120 if i == 0 else 5 + i)
+        for i in range(6)
     )
     run = asyncio.run(run_workload(Workload("standin", reqs), cfg(srv)))
     assert run.model == "tiny"
     assert sorted(r.request_id for r in run.records) == [r.request_id for r in reqs]
     by_id = {r.request_id: r for r in run.records}
+    first_end_s = by_id["r0"].end_s
+    assert first_end_s is not None and by_id["r1"].send_s < first_end_s
     for req in reqs:
         rec = by_id[req.request_id]
         assert rec.ok, rec.error
         assert rec.send_s - run.t0_s >= req.arrival_s - 0.01  # not before its arrival
-        assert rec.send_s - run.t0_s < req.arrival_s + 0.25
+        # on time: the client, the server and the engine share this process and 2 busy cores
+        # in CI, where a stall of a few hundred ms can delay any send (a 0.25 s bound failed
+        # once so); the open-loop property itself is the check above
+        assert rec.send_s - run.t0_s < req.arrival_s + 1.0
         assert rec.completion_tokens == req.max_tokens  # ignore_eos
         assert rec.prompt_tokens > (16 if req.images else 0)
         m = rec.metrics(run.t0_s)
