@@ -219,8 +219,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
+    from kernel_bench import machine_line, run_record, write_results
     from peer_model import export_text_model
-    from runtime_throughput import machine
 
     model = args.model or str(export_text_model())
     torch.set_num_threads(args.threads)
@@ -234,24 +234,12 @@ def main() -> None:
             piece_table += piece_rows(dtype, args.rounds)
             decoder_table += decoder_rows(model, dtype, args.rounds)
     set_kernels(True)
-    result = {
-        "machine": machine(),
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "model": model,
-        "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
-        "pieces": piece_table,
-        "decoder": decoder_table,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / "cpu_fused_elementwise"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    result = run_record(args, load0, model=model, pieces=piece_table, decoder=decoder_table)
     lines = [
         "# Fused elementwise CPU kernels (and the prefill causal softmax) vs the eager ops they "
         "replace (interleaved)",
         "",
-        f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
-        f"the start and end: {result['loadavg_1min_start_end']}. Peer model "
+        f"{machine_line(result)} Peer model "
         f"(SmolLM2-135M shapes); median of {args.rounds} alternating rounds. "
         "`benchmarks/cpu_fused_elementwise.py`.",
         "",
@@ -276,8 +264,7 @@ def main() -> None:
         f"{r['speedup']}x |"
         for r in piece_table
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "cpu_fused_elementwise", result, lines)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ def per_forward_ms(fn: Callable[[], None], repeats: int = 5) -> float:
 
 
 def main() -> None:
-    from kernel_bench import kernel_bench_setup, write_results
-    from runtime_throughput import machine
+    from kernel_bench import kernel_bench_setup, machine_line, run_record, write_results
 
     args, kernels = kernel_bench_setup(__doc__ or "", rounds=7)
     load0 = os.getloadavg()[0]
@@ -72,18 +71,11 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    result = {
-        "machine": machine(),
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
-        "rows": rows,
-    }
+    result = run_record(args, load0, rows=rows)
     lines = [
         "# KV cache writes on the CPU: Nova's row-copy kernel vs index_copy_ (interleaved)",
         "",
-        f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
-        f"the start and end: {result['loadavg_1min_start_end']}. Peer model geometry, bf16, "
+        f"{machine_line(result)} Peer model geometry, bf16, "
         f"K and V of {LAYERS} layers per forward; median of {args.rounds} alternating rounds. "
         "`benchmarks/cpu_kv_write.py`.",
         "",

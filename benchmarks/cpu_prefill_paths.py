@@ -43,9 +43,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    from kernel_bench import write_results
+    from kernel_bench import machine_line, run_record, write_results
     from peer_model import export_text_model
-    from runtime_throughput import machine
 
     torch.set_num_threads(args.threads)
     model = args.model or str(export_text_model())
@@ -91,20 +90,12 @@ def main() -> None:
         row["auto_picks"] = picks[i]
         rows.append(row)
         print(rows[-1], flush=True)
-    result = {
-        "machine": machine(),
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "model": model,
-        "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
-        "rows": rows,
-    }
+    result = run_record(args, load0, model=model, rows=rows)
     lines = [
         "# CPU prefill attention paths: the AMX kernel, the causal flash path, the tiled path "
         "(whole forwards)",
         "",
-        f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
-        f"the start and end: {result['loadavg_1min_start_end']}. Peer model in bf16, "
+        f"{machine_line(result)} Peer model in bf16, "
         f"`ModelRunner.forward` wall time, median of {args.rounds} rounds (paths alternating). "
         "`benchmarks/cpu_prefill_paths.py`.",
         "",

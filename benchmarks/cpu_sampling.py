@@ -43,8 +43,7 @@ def time_calls(fn: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], ca
 
 
 def main() -> None:
-    from kernel_bench import kernel_bench_setup, write_results
-    from runtime_throughput import machine
+    from kernel_bench import kernel_bench_setup, machine_line, run_record, write_results
 
     args, kernels = kernel_bench_setup(__doc__ or "", rounds=9)
     load0 = os.getloadavg()[0]
@@ -97,20 +96,11 @@ def main() -> None:
                 }
             )
             print(batch_rows[-1], flush=True)
-    result = {
-        "machine": machine(),
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "vocab": VOCAB,
-        "loadavg_1min_start_end": [load0, os.getloadavg()[0]],
-        "argmax": rows_out,
-        "sample_batch": batch_rows,
-    }
+    result = run_record(args, load0, vocab=VOCAB, argmax=rows_out, sample_batch=batch_rows)
     lines = [
         "# Sampling on the CPU: Nova's kernels vs the PyTorch ops they replace (interleaved)",
         "",
-        f"Machine: {result['machine']}; {args.threads} intra-op threads; 1-min load average at "
-        f"the start and end: {result['loadavg_1min_start_end']}. Logits [rows, {VOCAB}], four "
+        f"{machine_line(result)} Logits [rows, {VOCAB}], four "
         f"tensors cycled; median of {args.rounds} alternating rounds. "
         "`benchmarks/cpu_sampling.py`.",
         "",
