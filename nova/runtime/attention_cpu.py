@@ -264,10 +264,11 @@ def causal_flash_pays(max_q: int, max_kv: int) -> bool:
     return causal <= CAUSAL_FLASH_SPEEDUP * tiled
 
 
-def amx_takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the AMX prefill kernel takes these queries and cache: bf16 (AMX-BF16 tiles) and
-    a head_dim that is a multiple of 32 (one tile row holds 32 bf16)."""
-    return q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
+def amx_takes(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the AMX prefill kernel takes queries of ``dtype`` on a cache of ``cache_dtype``:
+    both bf16 (AMX-BF16 tiles), and a head_dim that is a multiple of 32 (one tile row holds 32
+    bf16)."""
+    return dtype == torch.bfloat16 and cache_dtype == torch.bfloat16 and head_dim % 32 == 0
 
 
 def _in_place_args(
@@ -355,8 +356,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         """The path a prompt batch of these sizes, dtype and head_dim takes: "amx" (where the
         CPU has AMX and the kernel takes them, unless another path is asked for), else
         "causal_sdpa" or "tiled"."""
-        probe = torch.empty(0, head_dim, dtype=dtype)
-        if self._amx() and amx_takes(probe, probe):
+        if self._amx() and amx_takes(dtype, dtype, head_dim):
             return "amx"
         return "causal_sdpa" if self._causal(max_q, max_kv) else "tiled"
 
@@ -411,7 +411,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
             )
             return out.view(num_tokens, num_heads * head_dim)
         if metadata.amx:
-            if amx_takes(q, kv_cache.k[layer]):
+            if amx_takes(q.dtype, kv_cache.k[layer].dtype, head_dim):
                 assert self.kernels is not None
                 out = self.kernels.prefill_attention(
                     *_in_place_args(q, layer, paged, kv_cache),
