@@ -95,6 +95,56 @@ def test_chunked_prefill_encodes_images_inline_before_the_first_chunk():
     assert vb.request_ids == ["img"] and s.schedule(Stage.PREFILL, 0) is None  # time-sliced
 
 
+def test_chunked_prefill_encodes_the_images_its_next_step_reaches():
+    # budget 32, no decode: a (14 tokens) and b (14) fit the step, c (14) gets 4 tokens of it,
+    # d is not reached. vLLM V1 encodes a, b and c before that step's forward.
+    s = make("chunked_prefill", token_budget=32, num_blocks=512)
+    for i, rid in enumerate("abcd"):
+        s.add_request(req(rid, n=10, images=1), 0.001 * i)
+    vb = s.schedule(Stage.VISION, 0.01)
+    assert vb.request_ids == ["a", "b", "c"]
+    done(s, vb, 1)
+    b = s.schedule(Stage.PREFILL, 1)
+    assert [it.request_id for it in b.items] == ["a", "b", "c"] and b.num_tokens == 32
+    done(s, b, 2)
+    # a and b decode now (2 of the budget), c has 10 tokens left: d (14) gets the other 20
+    vb = s.schedule(Stage.VISION, 2)
+    assert vb.request_ids == ["d"]
+    done(s, vb, 3)
+    b = s.schedule(Stage.PREFILL, 3)
+    assert sorted(it.request_id for it in b.items) == ["a", "b", "c", "d"]
+    assert b.num_tokens == 2 + 10 + 14
+    s.block_manager.check_integrity()
+
+
+def test_chunked_prefill_runs_the_fused_step_first_when_the_head_fills_it():
+    s = make("chunked_prefill", token_budget=8, num_blocks=512)
+    s.add_request(req("long", n=20), 0)
+    s.add_request(req("img", images=1), 0.001)
+    assert s.schedule(Stage.VISION, 0.01) is None  # long's 20 tokens fill the budget of 8
+    b = s.schedule(Stage.PREFILL, 0.01)
+    assert [it.request_id for it in b.items] == ["long"] and b.num_tokens == 8
+
+
+def test_chunked_prefill_encoder_step_stays_within_the_encoder_budget():
+    # images of 24 tokens against a budget of 16: the encoder budget is max(16, 24) = one image
+    # a step, however far the token budget reaches (max_vision_images caps it as well)
+    s = Scheduler(
+        make_policy("chunked_prefill", limits=StageLimits(max_num_seqs=8), token_budget=16),
+        BlockManager(512, 4),
+    )
+    for i, rid in enumerate("ab"):
+        s.add_request(
+            Request(rid, [1] * 26, SamplingParams(max_tokens=2), [ImageInput(24, rid)]), 0.001 * i
+        )
+    assert s.schedule(Stage.VISION, 0.01).request_ids == ["a"]
+    t = make("chunked_prefill", token_budget=64, num_blocks=512)
+    t.policy.limits = StageLimits(max_num_seqs=8, max_vision_images=2)
+    for i, rid in enumerate("abc"):
+        t.add_request(req(rid, n=2, images=1), 0.001 * i)
+    assert t.schedule(Stage.VISION, 0.01).request_ids == ["a", "b"]
+
+
 # -- static_partition -------------------------------------------------------------------------
 def test_static_partition_runs_stages_concurrently_on_a_fixed_split():
     s = make("static_partition")

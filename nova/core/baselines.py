@@ -9,7 +9,8 @@
   batches in a row while sequences wait to decode, one decode step must run (the limit).
 - ``chunked_prefill``: time-sliced, vLLM-style: every step carries one decode token of every
   running sequence plus prompt chunks filling a token budget (default 128, decode tokens
-  included); a request's images are encoded inline, in their own step, before its first chunk.
+  included); the images of the requests a step reaches are encoded in a step before it, as
+  vLLM V1 runs its encoder before a step's forward (``chunk_encoder_ids``).
 - ``static_partition``: all stages concurrently, each on a fixed, isolated SM share.
 
 Tuned variants are named with their parameters (``nova.core.policy.parse_policy_name``):
@@ -33,7 +34,7 @@ from nova.core.policy import (
     register_policy,
     service_order_key,
 )
-from nova.types import STAGES, Partition, Request, Stage, StageResult
+from nova.types import STAGES, Partition, Request, RequestStatus, Stage, StageResult
 
 
 @register_policy("multi_stream")
@@ -138,17 +139,16 @@ def chunked_prefill_plan(
     stage: Stage, state: SchedulerState, limits: StageLimits, token_budget: int
 ) -> BatchPlan | None:
     """vLLM-style chunked prefill for ``stage`` (time-sliced: the caller checks that nothing
-    runs): a request's images in their own step before its first chunk; otherwise one step of
-    every decoding sequence's next token plus prompt chunks filling ``token_budget`` (decode
-    tokens count); a plain decode step when no prompt waits."""
-    front = front_stage(state)
-    if front is Stage.VISION:
-        # Inline encoder step for the best-ranked request, before its first chunk.
+    runs): one step of every decoding sequence's next token plus prompt chunks filling
+    ``token_budget`` (decode tokens count), preceded by an encoder step for the images of the
+    requests that step reaches (``chunk_encoder_ids``); a plain decode step when no prompt
+    waits."""
+    encode = chunk_encoder_ids(state, limits, token_budget)
+    if encode:
         if stage is not Stage.VISION:
             return None
-        head = min(state.queue(Stage.VISION), key=service_order_key)
-        return BatchPlan(Stage.VISION, (head.request_id,), max_requests=1)
-    if front is Stage.PREFILL:
+        return BatchPlan(Stage.VISION, encode, max_requests=len(encode))
+    if state.queue(Stage.PREFILL):
         if stage is not Stage.PREFILL:
             return None
         ordered = tuple(
@@ -168,6 +168,47 @@ def chunked_prefill_plan(
     if decode_ids:
         return BatchPlan(Stage.DECODE, decode_ids, max_requests=limits.max_num_seqs)
     return None
+
+
+def chunk_encoder_ids(
+    state: SchedulerState, limits: StageLimits, token_budget: int
+) -> tuple[str, ...]:
+    """The requests whose images the next fused step needs encoded first, in service order.
+
+    vLLM V1 schedules, for every request whose tokens enter a step, the encoder inputs those
+    tokens reach, within an encoder budget of ``max(max_num_batched_tokens, largest item)``
+    image tokens, and runs the encoder before the step's forward. Here the step's reach is
+    walked the same way: waiting prompts in service order (vision's and prefill's queues
+    together), each taking its uncomputed tokens from what the decode tokens leave of
+    ``token_budget``, until the budget or ``max_num_seqs`` is spent; every reached request that
+    still needs the encoder is encoded first, while the images fit the encoder budget (and the
+    engine's ``max_vision_images``). A request's images are encoded before its first chunk
+    (vLLM waits for the chunk that reaches the image's position: the same work, at most one
+    step earlier; here a prompt cannot be prefilled before its images). Empty when the reach
+    holds no such request (then the step is the fused one)."""
+    vision_queue = state.queue(Stage.VISION)
+    if not vision_queue:
+        return ()
+    waiting = sorted([*vision_queue, *state.queue(Stage.PREFILL)], key=service_order_key)
+    tokens_left = token_budget - min(len(state.queue(Stage.DECODE)), limits.max_num_seqs)
+    encode: list[str] = []
+    encoder_tokens = num_images = largest_image = 0
+    for num_reached, req in enumerate(waiting):
+        if num_reached and (tokens_left <= 0 or num_reached >= limits.max_num_seqs):
+            break
+        if req.status is RequestStatus.WAITING_VISION:
+            sizes = [req.images[i].num_tokens for i in req.images_to_encode]
+            largest_image = max([largest_image, *sizes])
+            if encode and (
+                encoder_tokens + sum(sizes) > max(token_budget, largest_image)
+                or num_images + len(sizes) > limits.max_vision_images
+            ):
+                break  # vLLM ends the step's tokens before an image it cannot encode
+            encode.append(req.request_id)
+            encoder_tokens += sum(sizes)
+            num_images += len(sizes)
+        tokens_left -= req.num_uncached_prompt_tokens
+    return tuple(encode)
 
 
 def _decode_ids(state: SchedulerState, limits: StageLimits) -> tuple[str, ...]:
