@@ -44,7 +44,7 @@ def fake_engine(policy="multi_stream", num_blocks=32, block_size=4, delay_s=None
     return EngineLoop(sched, ex), ex
 
 
-@pytest.mark.parametrize("policy", ["multi_stream", "sequential"])
+@pytest.mark.parametrize("policy", ["multi_stream", "sequential", "chunked_prefill"])
 def test_burst_larger_than_kv_cache_completes_everything_once(policy):
     engine, ex = fake_engine(
         policy,
