@@ -421,7 +421,21 @@ async def _hold_streams(base_url: str, n: int, session: str) -> list[tuple[int, 
     return results
 
 
+def _wait_replicas_idle(http, timeout_s: float = HTTP_TIMEOUT_S) -> None:
+    """Until no replica holds an unfinished request (earlier tests' aborted streams drain
+    asynchronously: one still held takes a queue slot of the next test)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = http.get("/metrics").text
+        busy = _sample(text, "nova_server_unfinished_requests")
+        if busy == 0:
+            return
+        assert time.monotonic() < deadline, f"replicas still hold {busy} requests"
+        time.sleep(0.2)
+
+
 def test_a_full_replica_spills_and_full_replicas_answer_503(server, http):
+    _wait_replicas_idle(http)
     before = http.get("/metrics").text
     results = asyncio.run(_hold_streams(server.base_url, 3 * MAX_QUEUE, "burst"))
     ok = [h["x-nova-replica"] for status, h, _ in results if status == 200]
