@@ -101,3 +101,20 @@ def test_integrity_check_catches_corruption():
     bm._free.append(bm.block_table("a")[0])  # simulate a double-owned block
     with pytest.raises(AssertionError):
         bm.check_integrity()
+
+
+def test_try_grow_is_can_allocate_then_grow():
+    """``try_grow``: ``grow`` and the block table (a tuple) when ``can_allocate`` says it fits;
+    None and no change when it does not; a shared last block is copied on write as ``grow``
+    does."""
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.allocate("a", 3)
+    assert bm.try_grow("a", 4) == (0, 1) and bm.num_tokens("a") == 4  # room in block 1
+    assert bm.try_grow("a", 5) == (0, 1, 2) and bm.block_table_tuple("a") == (0, 1, 2)
+    assert bm.try_grow("a", 9) is None and bm.num_tokens("a") == 5  # needs 2 more, 1 free
+    bm.fork("a", "b")  # b shares a's half-full last block: its next token copies it first
+    assert bm.try_grow("b", 6) == (0, 1, 3) and bm.take_copies("b") == [(2, 3)]
+    assert bm.try_grow("a", 6) == (0, 1, 2) and not bm.has_copies("a")  # a's own now
+    with pytest.raises(ValueError, match="cannot shrink"):
+        bm.try_grow("a", 1)
+    bm.check_integrity()

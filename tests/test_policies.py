@@ -244,3 +244,33 @@ class _ScaledRoofline:
 
     def gpu(self):
         return self.inner.gpu()
+
+
+def test_batch_plan_init_sets_every_field_to_its_declared_default():
+    """``BatchPlan`` writes its ``__init__`` out (the slots' setters: a plan is built per step);
+    its parameters are the declared fields, with the declared defaults, and it stays a frozen,
+    hashable value."""
+    import dataclasses
+    import inspect
+
+    from nova.core.policy import BatchPlan
+
+    params = list(inspect.signature(BatchPlan.__init__).parameters.values())[1:]
+    declared = dataclasses.fields(BatchPlan)
+    assert [p.name for p in params] == [f.name for f in declared]
+    assert [p.default for p in params] == [
+        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in declared
+    ]
+    plan = BatchPlan(Stage.PREFILL, ("a", "b"), max_tokens=5, chunked=True)
+    assert (plan.stage, plan.request_ids, plan.max_requests, plan.max_tokens) == (
+        Stage.PREFILL,
+        ("a", "b"),
+        None,
+        5,
+    )
+    assert (plan.max_images, plan.chunked, plan.decode_ids) == (None, True, ())
+    assert plan == BatchPlan(Stage.PREFILL, ("a", "b"), None, 5, None, True)
+    assert hash(plan) == hash(BatchPlan(Stage.PREFILL, ("a", "b"), max_tokens=5, chunked=True))
+    assert dataclasses.replace(plan, max_tokens=6).max_tokens == 6
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.max_tokens = 7  # type: ignore[misc]

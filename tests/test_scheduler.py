@@ -12,7 +12,7 @@ from nova.core.block_manager import BlockManager
 from nova.core.policy import StageLimits, available_policies, make_policy
 from nova.core.scheduler import RequestRejected, Scheduler
 from nova.sampling_params import SamplingParams
-from nova.types import ImageInput, Request, RequestStatus, Stage, StageResult
+from nova.types import ImageInput, Request, RequestEvent, RequestStatus, Stage, StageResult
 
 EOS = 0
 
@@ -224,6 +224,27 @@ def test_failure_of_one_request_fails_only_it():
     assert not s.block_manager.has_seq("b")
 
 
+def test_a_step_without_a_token_fails_only_that_request():
+    """An executor that returns no token for one sequence of a step (prefill or a plain decode
+    step, which ``complete`` applies on its own path) fails that request only."""
+    s = make_sched()
+    for rid in "abc":
+        s.add_request(req(rid, max_tokens=5), 0)
+    pb = s.schedule(Stage.PREFILL, 0)
+    events = s.complete(StageResult(pb, 1, {"a": 5, "c": 5}), 1)
+    by_id = {e.request_id: e for e in events}
+    assert by_id["b"].finished and by_id["b"].error == "executor returned no token for prefill"
+    db = s.schedule(Stage.DECODE, 1)
+    assert db.request_ids == ["a", "c"]
+    events = s.complete(StageResult(db, 2, {"c": 6}), 2)
+    assert events == [
+        RequestEvent("a", (), True, "error", "executor returned no token for decode"),
+        RequestEvent("c", (6,), False),
+    ]
+    assert not s.block_manager.has_seq("a") and s.state.requests["c"].output_token_ids == [5, 6]
+    assert "a" not in s.state.requests and not s.state.in_flight
+
+
 def test_sequential_runs_one_stage_at_a_time_fcfs():
     s = make_sched("sequential")
     s.add_request(req("img", images=1), 0)
@@ -305,3 +326,40 @@ def test_engine_config_takes_policy_variants_and_names_a_bad_one():
         EngineConfig(policy="chunked_prefill[x=1]")
     with pytest.raises(ValueError, match="malformed policy name"):
         EngineConfig(policy="chunked_prefill[budget")
+
+
+def test_objects_built_through_slot_setters_equal_the_constructors_results():
+    """The decode hot path builds items, events and batches through the slots' setters
+    (``nova.core.scheduler._batch_item`` ...): equal to what the constructors build, field
+    for field, defaults included."""
+    import dataclasses
+    import inspect
+
+    from nova.core import scheduler as sched_mod
+    from nova.types import Batch, BatchItem, ItemExtras, Partition, RequestEvent
+
+    params = list(inspect.signature(sched_mod._batch_item).parameters.values())
+    assert [(p.name, p.default) for p in params] == [
+        (f.name, inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(BatchItem)
+    ]
+    assert sched_mod._batch_item("a", (7,), 12, (3, 4)) == BatchItem("a", (7,), 12, (3, 4))
+    extras = ItemExtras(block_copies=((1, 2),))
+    assert sched_mod._batch_item("b", (1, 2), 0, (5,), 1, False, extras) == BatchItem(
+        "b", (1, 2), 0, (5,), 1, False, extras
+    )
+    for reason in (None, "length"):
+        built = sched_mod._token_event("a", 7, reason)
+        assert built == RequestEvent("a", (7,), reason is not None, reason)
+    item = BatchItem("a", (7,), 12, (3, 4))
+    part = Partition(0.5, 0.5, 0.5, name="p", isolated=True)
+    args = (3, Stage.DECODE, (item,), part, 1.5, ("h",))
+    assert sched_mod._batch(*args) == Batch(*args)
+    # ... and the scheduler's own decode steps carry them
+    s = make_sched()
+    s.add_request(req("a", max_tokens=3), 0)
+    finish(s, s.schedule(Stage.PREFILL, 0), 1)
+    db = s.schedule(Stage.DECODE, 1)
+    assert db == Batch(db.batch_id, Stage.DECODE, db.items, db.partition, 1, ())
+    assert db.items == (BatchItem("a", (7,), 5, tuple(s.block_manager.block_table("a"))),)
+    assert finish(s, db, 2) == [RequestEvent("a", (7,), False)]

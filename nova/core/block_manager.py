@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nova.core.hashing import BlockHash
 
@@ -51,7 +51,9 @@ class OutOfBlocksError(RuntimeError):
 
 @dataclass(slots=True)
 class _SeqBlocks:
-    block_ids: list[int] = field(default_factory=list)
+    # a tuple, replaced when it changes (a block added every ``block_size`` tokens, a
+    # copy-on-write): the scheduler puts it into batch items as is, without copying it per step
+    block_ids: tuple[int, ...] = ()
     num_tokens: int = 0
     num_committed_blocks: int = 0  # leading full blocks already offered to the prefix cache
 
@@ -114,6 +116,10 @@ class BlockManager:
 
     def block_table(self, seq_id: str) -> list[int]:
         return list(self._require(seq_id).block_ids)
+
+    def block_table_tuple(self, seq_id: str) -> tuple[int, ...]:
+        """``block_table`` as a tuple (not a copy: the sequence's own, which is never mutated)."""
+        return self._require(seq_id).block_ids
 
     def num_tokens(self, seq_id: str) -> int:
         return self._require(seq_id).num_tokens
@@ -199,6 +205,19 @@ class BlockManager:
         self._refs[b] = 1
         return b
 
+    def _take_blocks(self, n: int) -> list[int]:
+        """``n`` x ``_take_block()``: from the free list in one go when it holds them (a
+        prompt takes ~100 blocks)."""
+        free = self._free
+        if n > len(free):
+            return [self._take_block() for _ in range(n)]
+        popleft = free.popleft
+        taken = [popleft() for _ in range(n)]
+        refs = self._refs
+        for b in taken:
+            refs[b] = 1
+        return taken
+
     def _share(self, b: int) -> None:
         if self._refs[b] == 0:
             del self._cached[b]  # a reused block leaves the evictable pool
@@ -225,7 +244,7 @@ class BlockManager:
         for b in prefix_blocks:  # first: taking new blocks must not evict these
             self._share(b)
         new = num_blocks_for(num_tokens, self.block_size) - len(prefix_blocks)
-        blocks = list(prefix_blocks) + [self._take_block() for _ in range(new)]
+        blocks = (*prefix_blocks, *self._take_blocks(new))
         self._seqs[seq_id] = _SeqBlocks(blocks, num_tokens, len(prefix_blocks))
         return list(blocks)
 
@@ -248,15 +267,31 @@ class BlockManager:
             src = seq.block_ids[-1]
             dst = self._take_block()
             self._refs[src] -= 1  # still > 0: another sequence holds it
-            seq.block_ids[-1] = dst
+            seq.block_ids = (*seq.block_ids[:-1], dst)
             self._copies.setdefault(seq_id, []).append((src, dst))
-        added = [
-            self._take_block()
-            for _ in range(num_blocks_for(num_tokens, self.block_size) - len(seq.block_ids))
-        ]
-        seq.block_ids.extend(added)
+        added = self._take_blocks(num_blocks_for(num_tokens, self.block_size) - len(seq.block_ids))
+        seq.block_ids += tuple(added)
         seq.num_tokens = num_tokens
         return added
+
+    def try_grow(self, seq_id: str, num_tokens: int) -> tuple[int, ...] | None:
+        """``grow`` if ``can_allocate`` says it fits, then the block table (``block_table_tuple``);
+        None, changing nothing, if it does not fit. (One lookup for the three: the scheduler
+        calls it for every sequence of every decode step.)"""
+        seq = self._seqs.get(seq_id)
+        if seq is not None:
+            blocks, old = seq.block_ids, seq.num_tokens
+            # the common step: room left in the last block, and that block is private (no
+            # copy-on-write: not ``_needs_copy``)
+            if old <= num_tokens <= len(blocks) * self.block_size and (
+                num_tokens == old or old % self.block_size == 0 or self._refs[blocks[-1]] <= 1
+            ):
+                seq.num_tokens = num_tokens
+                return blocks
+        if not self.can_allocate(seq_id, num_tokens):
+            return None
+        self.grow(seq_id, num_tokens)
+        return self._seqs[seq_id].block_ids
 
     def has_copies(self, seq_id: str) -> bool:
         return seq_id in self._copies
@@ -275,7 +310,7 @@ class BlockManager:
         for b in parent.block_ids:
             self._refs[b] += 1
         self._seqs[child_id] = _SeqBlocks(
-            list(parent.block_ids), parent.num_tokens, parent.num_committed_blocks
+            parent.block_ids, parent.num_tokens, parent.num_committed_blocks
         )
         return list(parent.block_ids)
 

@@ -29,7 +29,9 @@ Caches (see ``nova.core.block_manager`` and ``nova.core.encoder_cache``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
 from nova.core.block_manager import BlockManager, num_blocks_for
 from nova.core.encoder_cache import EncoderCacheAccounting
@@ -40,6 +42,7 @@ from nova.types import (
     Batch,
     BatchItem,
     ItemExtras,
+    Partition,
     Request,
     RequestEvent,
     RequestRejected,
@@ -47,6 +50,88 @@ from nova.types import (
     Stage,
     StageResult,
 )
+
+# Enum members as module constants: ``Stage.DECODE`` is looked up through the enum's metaclass
+# (about ten times a global's cost in CPython 3.11), and the hot paths below test them for
+# every batch and item.
+_VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
+_DECODING = RequestStatus.DECODING
+
+
+# -- the objects built for every sequence of every step -------------------------------------------
+# ``BatchItem``, ``RequestEvent`` and ``Batch`` are frozen dataclasses, whose generated
+# ``__init__`` sets each field with ``object.__setattr__`` (around the frozen guard): about twice
+# what the fields' own slot setters cost. A step builds an item and an event per sequence and a
+# batch (the simulator: millions per run), so those are built with the setters;
+# ``tests/test_scheduler.py`` checks they equal the constructors' results.
+def _slot_setters(cls: type) -> tuple[Callable[[Any, Any], None], ...]:
+    """The ``__set__`` of each field's slot of ``cls``, in field order."""
+    return tuple(getattr(cls, f.name).__set__ for f in fields(cls))
+
+
+# (unpacked: a field added to one of the classes fails here, instead of staying unset below)
+_ITEM_ID, _ITEM_TOKENS, _ITEM_CACHED, _ITEM_TABLE, _ITEM_IMAGES, _ITEM_SAMPLE, _ITEM_EXTRAS = (
+    _slot_setters(BatchItem)
+)
+_EVENT_ID, _EVENT_TOKENS, _EVENT_FINISHED, _EVENT_REASON, _EVENT_ERROR, _EVENT_LOGPROBS = (
+    _slot_setters(RequestEvent)
+)
+_BATCH_ID, _BATCH_STAGE, _BATCH_ITEMS, _BATCH_PARTITION, _BATCH_START, _BATCH_EVICT = _slot_setters(
+    Batch
+)
+_new = object.__new__
+
+
+def _batch_item(
+    request_id: str,
+    token_ids: tuple[int, ...] = (),
+    num_cached_tokens: int = 0,
+    block_table: tuple[int, ...] = (),
+    num_images: int = 0,
+    sample: bool = True,
+    extras: ItemExtras = NO_EXTRAS,
+) -> BatchItem:
+    """``BatchItem(request_id, token_ids, ...)``, the same arguments and defaults."""
+    item = _new(BatchItem)
+    _ITEM_ID(item, request_id)
+    _ITEM_TOKENS(item, token_ids)
+    _ITEM_CACHED(item, num_cached_tokens)
+    _ITEM_TABLE(item, block_table)
+    _ITEM_IMAGES(item, num_images)
+    _ITEM_SAMPLE(item, sample)
+    _ITEM_EXTRAS(item, extras)
+    return item
+
+
+def _token_event(request_id: str, token: int, finish_reason: str | None) -> RequestEvent:
+    """``RequestEvent(request_id, (token,), finish_reason is not None, finish_reason)``."""
+    event = _new(RequestEvent)
+    _EVENT_ID(event, request_id)
+    _EVENT_TOKENS(event, (token,))
+    _EVENT_FINISHED(event, finish_reason is not None)
+    _EVENT_REASON(event, finish_reason)
+    _EVENT_ERROR(event, None)
+    _EVENT_LOGPROBS(event, ())
+    return event
+
+
+def _batch(
+    batch_id: int,
+    stage: Stage,
+    items: tuple[BatchItem, ...],
+    partition: Partition,
+    start_s: float,
+    evict_mm_hashes: tuple[str, ...],
+) -> Batch:
+    """``Batch(batch_id, stage, items, partition, start_s, evict_mm_hashes)``."""
+    batch = _new(Batch)
+    _BATCH_ID(batch, batch_id)
+    _BATCH_STAGE(batch, stage)
+    _BATCH_ITEMS(batch, items)
+    _BATCH_PARTITION(batch, partition)
+    _BATCH_START(batch, start_s)
+    _BATCH_EVICT(batch, evict_mm_hashes)
+    return batch
 
 
 class Scheduler:
@@ -207,9 +292,9 @@ class Scheduler:
             return None
         if plan.stage is not stage:
             raise ValueError(f"policy {self.policy.name} planned {plan.stage} for stage {stage}")
-        if stage is Stage.DECODE:
+        if stage is _DECODE:
             items = self._admit_decode(plan, plan.request_ids)
-        elif stage is Stage.VISION:
+        elif stage is _VISION:
             items = self._admit_vision(plan)
         else:
             items = self._admit_decode(plan, plan.decode_ids) if plan.decode_ids else []
@@ -220,10 +305,10 @@ class Scheduler:
         evict: tuple[str, ...] = ()
         if self._evict:
             evict, self._evict = tuple(self._evict), []
-        batch = Batch(self._next_batch_id, stage, tuple(items), partition, now_s, evict)
+        batch = _batch(self._next_batch_id, stage, tuple(items), partition, now_s, evict)
         self._next_batch_id += 1
         in_flight = state.in_flight
-        if stage is Stage.DECODE:
+        if stage is _DECODE:
             for it in items:
                 in_flight[it.request_id] = stage
         else:
@@ -231,9 +316,9 @@ class Scheduler:
             for it in items:
                 in_flight[it.request_id] = stage
                 times = requests[it.request_id].times
-                if stage is Stage.VISION and times.vision_start_s is None:
+                if stage is _VISION and times.vision_start_s is None:
                     times.vision_start_s = now_s
-                elif stage is Stage.PREFILL and times.prefill_start_s is None:
+                elif stage is _PREFILL and times.prefill_start_s is None:
                     times.prefill_start_s = now_s
         state.running[stage] = batch
         return batch
@@ -317,9 +402,11 @@ class Scheduler:
                     break
             if plan.max_requests is not None and len(items) >= plan.max_requests:
                 break
-            if not bm.can_allocate(rid, done + take, prefix) and not items and not num_decode_items:
+            fits = bm.can_allocate(rid, done + take, prefix)
+            if not fits and not items and not num_decode_items:
                 self._free_partial_prefills_for(req, done + take, prefix)
-            if not bm.can_allocate(rid, done + take, prefix):
+                fits = bm.can_allocate(rid, done + take, prefix)
+            if not fits:
                 break  # FCFS: do not let later, smaller prompts overtake the head
             if bm.has_seq(rid):
                 bm.grow(rid, done + take)
@@ -344,11 +431,11 @@ class Scheduler:
                     fork_ids=tuple([f.request_id for f in forks]) if forks else (),
                 )
             items.append(
-                BatchItem(
+                _batch_item(
                     rid,
                     tuple(chunk),
                     done,
-                    tuple(bm.block_table(rid)),
+                    bm.block_table_tuple(rid),
                     self._images_in(req, done, done + take) if req.images else 0,
                     sample,
                     extras,
@@ -359,43 +446,44 @@ class Scheduler:
 
     def _admit_decode(self, plan: BatchPlan, ids: tuple[str, ...]) -> list[BatchItem]:
         bm = self.block_manager
-        cands = self._candidates(plan, ids, Stage.DECODE)
-        if plan.max_requests is not None:
+        cands = self._candidates(plan, ids, _DECODE)
+        if plan.max_requests is not None and len(cands) > plan.max_requests:
             cands = cands[: plan.max_requests]
-        chosen = cands[:]
-        # Victims: decoding requests outside this step first, then the lowest-ranked candidates.
-        # Built when first needed: until a preemption nothing changes the decode queue.
+        # Victims: decoding requests outside this step first, then the lowest-ranked candidates
+        # (popped off the tail of cands, which this loop then never reaches). Built when first
+        # needed: until a preemption nothing changes the decode queue.
         others: list[Request] | None = None
         items: list[BatchItem] = []
-        while cands:
-            req = cands.pop(0)
+        for i, req in enumerate(cands, 1):  # cands[i:]: the candidates after req
             rid = req.request_id
             num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
-            if not bm.can_allocate(rid, num_tokens):
-                if others is None:
-                    ids_chosen = {r.request_id for r in chosen}
+            table = bm.try_grow(rid, num_tokens)
+            if table is None:
+                if others is None:  # (no victim taken yet: cands is every candidate)
+                    ids_chosen = {r.request_id for r in cands}
                     others = [
-                        r for r in self.state.queue(Stage.DECODE) if r.request_id not in ids_chosen
+                        r for r in self.state.queue(_DECODE) if r.request_id not in ids_chosen
                     ]
                 while not bm.can_allocate(rid, num_tokens):
-                    victims = others or cands
-                    if not victims:
+                    if others:
+                        self._preempt(others.pop())
+                    elif i < len(cands):
+                        self._preempt(cands.pop())
+                    else:
                         break
-                    self._preempt(victims.pop())
-                if not bm.can_allocate(rid, num_tokens):
+                table = bm.try_grow(rid, num_tokens)
+                if table is None:
                     self._preempt(req)
                     continue
-            bm.grow(rid, num_tokens)
-            table = tuple(bm.block_table(rid))
             if bm.has_copies(rid):  # copy-on-write of a block shared with a fork
                 extras = ItemExtras(block_copies=tuple(bm.take_copies(rid)))
                 items.append(
-                    BatchItem(
+                    _batch_item(
                         rid, (req.output_token_ids[-1],), num_tokens - 1, table, 0, True, extras
                     )
                 )
             else:
-                items.append(BatchItem(rid, (req.output_token_ids[-1],), num_tokens - 1, table))
+                items.append(_batch_item(rid, (req.output_token_ids[-1],), num_tokens - 1, table))
         return items
 
     def _free_partial_prefills_for(
@@ -426,10 +514,46 @@ class Scheduler:
     def complete(self, result: StageResult, now_s: float) -> list[RequestEvent]:
         """Apply a finished batch; returns one event per request that produced output or ended."""
         batch = result.batch
+        stage = batch.stage
         state = self.state
-        if state.running[batch.stage] is not batch:
-            raise ValueError(f"batch {batch.batch_id} is not the running {batch.stage.value} batch")
-        state.running[batch.stage] = None
+        if state.running[stage] is not batch:
+            raise ValueError(f"batch {batch.batch_id} is not the running {stage.value} batch")
+        state.running[stage] = None
+        if (
+            stage is _DECODE
+            and not self._abort_in_flight
+            and not result.failed
+            and not self.block_manager.enable_prefix_caching
+        ):
+            events = self._complete_decode(batch.items, result.new_token_ids, result.end_s)
+        else:
+            events = self._complete_items(result)
+        self.policy.on_batch_done(result, state, now_s)
+        return events
+
+    def _complete_decode(
+        self, items: tuple[BatchItem, ...], new_tokens: dict[str, int], end_s: float
+    ) -> list[RequestEvent]:
+        """``_complete_items`` for a decode step in which nothing was aborted or failed and no
+        prefix cache takes blocks (the common step): every item takes its token."""
+        in_flight, requests = self.state.in_flight, self.state.requests
+        append_token = self._append_token
+        events: list[RequestEvent] = []
+        for item in items:
+            rid = item.request_id
+            in_flight.pop(rid, None)
+            token = new_tokens.get(rid)
+            if token is None:
+                events.append(self._no_token(requests[rid], _DECODE, end_s))
+            else:
+                events.append(append_token(requests[rid], item, token, end_s))
+        return events
+
+    def _complete_items(self, result: StageResult) -> list[RequestEvent]:
+        """Apply each item of a finished batch (any stage, any outcome)."""
+        batch = result.batch
+        stage, end_s, new_tokens = batch.stage, result.end_s, result.new_token_ids
+        state = self.state
         events: list[RequestEvent] = []
         in_flight, requests, aborted, failed = (
             state.in_flight,
@@ -439,7 +563,7 @@ class Scheduler:
         )
         bm = self.block_manager
         caching = bm.enable_prefix_caching
-        vision, prefill = batch.stage is Stage.VISION, batch.stage is Stage.PREFILL
+        vision, prefill = stage is _VISION, stage is _PREFILL
         settle = vision and bool(self._reserved)
         for item in batch.items:
             rid = item.request_id
@@ -453,11 +577,11 @@ class Scheduler:
                 continue
             req = requests[rid]
             if failed and rid in failed:
-                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=failed[rid])
+                self._finish(req, RequestStatus.FAILED, "error", end_s, error=failed[rid])
                 events.append(RequestEvent(rid, (), True, "error", req.error))
                 continue
             if vision:
-                req.times.vision_end_s = result.end_s
+                req.times.vision_end_s = end_s
                 req.images_to_encode = []
                 self.state.set_status(req, RequestStatus.WAITING_PREFILL)
                 self._probe_prefix(req)
@@ -470,19 +594,24 @@ class Scheduler:
             if not item.sample:  # a prefill chunk short of the prompt's end: progress only
                 req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
                 continue
-            token = result.new_token_ids.get(rid)
+            token = new_tokens.get(rid)
             if token is None:
-                reason = f"executor returned no token for {batch.stage.value}"
-                self._finish(req, RequestStatus.FAILED, "error", result.end_s, error=reason)
-                events.append(RequestEvent(rid, (), True, "error", reason))
+                events.append(self._no_token(req, stage, end_s))
                 continue
             if prefill:
                 self.encoder_cache.release(rid)  # the executor holds its embeddings now
                 if item.extras is not NO_EXTRAS and item.fork_ids:
                     events += self._fork(req, item, result)
-            events.append(self._append_token(req, item, token, batch.stage, result.end_s))
-        self.policy.on_batch_done(result, self.state, now_s)
+                if req.times.prefill_end_s is None:
+                    req.times.prefill_end_s = end_s
+            events.append(self._append_token(req, item, token, end_s))
         return events
+
+    def _no_token(self, req: Request, stage: Stage, end_s: float) -> RequestEvent:
+        """The executor returned no token for ``req``'s sampled item: it fails."""
+        reason = f"executor returned no token for {stage.value}"
+        self._finish(req, RequestStatus.FAILED, "error", end_s, error=reason)
+        return RequestEvent(req.request_id, (), True, "error", reason)
 
     def _settle_reserved(self, rid: str, failed: bool) -> None:
         """The encoder entries a vision item reserved: ready if it ran (the executor kept the
@@ -518,7 +647,8 @@ class Scheduler:
             times.prefill_start_s = ptimes.prefill_start_s
             self.state.requests[cid] = child
             self.state.num_added += 1
-            events.append(self._append_token(child, item, token, Stage.PREFILL, result.end_s))
+            times.prefill_end_s = result.end_s
+            events.append(self._append_token(child, item, token, result.end_s))
         return events
 
     def _end_fork(
@@ -546,33 +676,31 @@ class Scheduler:
             self._end_fork(child, status, reason, now_s, error)
 
     def _append_token(
-        self, req: Request, item: BatchItem, token: int, stage: Stage, end_s: float
+        self, req: Request, item: BatchItem, token: int, end_s: float
     ) -> RequestEvent:
+        """``req`` takes ``token``, the one its ``item`` sampled (a prefill's caller has set
+        ``prefill_end_s``): it finishes, or decodes on."""
         req.num_computed_tokens = item.num_cached_tokens + len(item.token_ids)
-        times = req.times
-        if stage is Stage.PREFILL and times.prefill_end_s is None:
-            times.prefill_end_s = end_s
-        req.output_token_ids.append(token)
-        times.token_s.append(end_s)
-        reason = self._stop_reason(req, token)
+        outputs = req.output_token_ids
+        outputs.append(token)
+        req.times.token_s.append(end_s)
+        # why it stops: its sampling (stop token, max_tokens), else the context length
+        reason = req.sampling.stop_reason(token, len(outputs), self.eos_token_ids)
+        if (
+            reason is None
+            and self.max_model_len is not None
+            and len(req.prompt_token_ids) + len(outputs) >= self.max_model_len
+        ):
+            reason = "length"
         if reason is not None:
             self._finish(req, RequestStatus.FINISHED, reason, end_s)
-            return RequestEvent(req.request_id, (token,), True, reason)
-        if req.status is RequestStatus.DECODING:  # = set_status(req, DECODING): to the end
-            index = self.state.by_status[RequestStatus.DECODING]
+        elif req.status is _DECODING:  # = set_status(req, DECODING): to the end
+            index = self.state.by_status[_DECODING]
             index.pop(req.request_id, None)
             index[req.request_id] = req
         else:
-            self.state.set_status(req, RequestStatus.DECODING)
-        return RequestEvent(req.request_id, (token,), False)
-
-    def _stop_reason(self, req: Request, token: int) -> str | None:
-        reason = req.sampling.stop_reason(token, len(req.output_token_ids), self.eos_token_ids)
-        if reason is not None:
-            return reason
-        if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+            self.state.set_status(req, _DECODING)
+        return _token_event(req.request_id, token, reason)
 
     def _finish(
         self,

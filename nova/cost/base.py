@@ -32,6 +32,11 @@ class UnknownCostModelError(ValueError):
 # causal pairs)
 TotalsKey = tuple[Stage | int, ...]
 
+# Enum members as module constants: ``Stage.DECODE`` is looked up through the enum's metaclass
+# (about ten times a global's cost in CPython 3.11), and the hot paths below test them for
+# every batch and item.
+_VISION, _DECODE = Stage.VISION, Stage.DECODE
+
 
 @dataclass(slots=True, frozen=True)
 class StageWork:
@@ -118,6 +123,21 @@ class StageWork:
         return work
 
     @classmethod
+    def trusted_decode(cls, context_lens: tuple[int, ...]) -> StageWork:
+        """``trusted`` for a decode step (one new token per sequence), its ``totals_key`` filled
+        in (the simulator's memo key: a decode step's totals are its context's sum)."""
+        work = object.__new__(cls)
+        n = len(context_lens)
+        total = sum(context_lens)
+        _SET_STAGE(work, _DECODE)
+        _SET_NUM_IMAGES(work, 0)
+        _SET_NEW_TOKENS(work, (1,) * n)
+        _SET_CONTEXT_LENS(work, context_lens)
+        # = _compute_totals() (decode: pairs = context)
+        _SET_TOTALS(work, (_DECODE, n, n, total, total))
+        return work
+
+    @classmethod
     def from_batch(cls, batch: Batch) -> StageWork:
         if batch.stage is Stage.VISION:
             return cls(Stage.VISION, num_images=batch.num_images)
@@ -155,7 +175,7 @@ class StageWork:
         return key
 
     def _compute_totals(self) -> TotalsKey:
-        if self.stage is Stage.VISION:
+        if self.stage is _VISION:
             return (self.stage, self.num_images)
         new, ctx = self.new_tokens, self.context_lens
         total_ctx = sum(ctx)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,11 @@ PAPER_STAGE_TIMES_S: dict[Stage, float] = {
 }
 PAPER_TEXT_TOKENS = 150
 PAPER_DECODE_CONTEXT = 1800
+
+# Enum members as module constants: ``Stage.DECODE`` is looked up through the enum's metaclass
+# (about ten times a global's cost in CPython 3.11), and a cost-model miss tests them
+# several times.
+_VISION, _PREFILL = Stage.VISION, Stage.PREFILL
 
 
 def paper_works(model: ModelSpec | None = None) -> dict[Stage, StageWork]:
@@ -194,7 +199,8 @@ class Solo:
     @property
     def demand_bytes_per_s(self) -> float:
         """HBM bandwidth the batch uses on average while it runs alone."""
-        return self.bytes / self.busy_s if self.busy_s > 0 else 0.0
+        busy_s = self.busy_s
+        return self.bytes / busy_s if busy_s > 0 else 0.0
 
     @property
     def compute_bound(self) -> bool:
@@ -222,13 +228,14 @@ class Breakdown:
 def water_fill(capacity: float, demands: Sequence[float]) -> list[float]:
     """Max-min fair split of ``capacity`` among ``demands`` (same units): nobody gets more than
     it demands; leftover is shared equally among the unsatisfied. Sum <= capacity."""
-    alloc = [0.0] * len(demands)
+    n = len(demands)
+    alloc = [0.0] * n
     remaining = capacity
-    order = sorted(range(len(demands)), key=lambda i: demands[i])
-    for rank, i in enumerate(order):
-        fair = remaining / (len(demands) - rank)
-        alloc[i] = min(demands[i], fair)
-        remaining -= alloc[i]
+    for rank, i in enumerate(sorted(range(n), key=demands.__getitem__)):
+        fair = remaining / (n - rank)
+        demand = demands[i]
+        alloc[i] = share = fair if fair < demand else demand  # = min(demand, fair)
+        remaining -= share
     return alloc
 
 
@@ -240,17 +247,21 @@ class RooflineCostModel:
     """Roofline latency of ``model``'s stages on ``gpu`` (see the module doc for the model)."""
 
     __slots__ = (
+        "_bw_fractions",
         "_capacity",
         "_curve",
         "_gpu",
         "_granted",
+        "_granted_groups",
         "_granted_pairs",
         "_memo",
+        "_mfu",
         "_overhead_s",
         "_per_sm_flops",
         "_saturation_share",
         "_solos",
         "_tile",
+        "_waves",
         "calib",
         "evidence",
         "interference",
@@ -279,6 +290,7 @@ class RooflineCostModel:
         self._tile = (int(ev["gemm_tile_m"]), int(ev["gemm_tile_n"]), ev["ctas_per_sm"])
         self._curve: BandwidthCurve = ev.hbm_vs_sms
         self._overhead_s = {s: self.calib.overhead_s(s) for s in Stage}
+        self._mfu = {s: self.calib.mfu(s) for s in Stage}
         self._capacity = self._gpu.hbm_bytes_per_s * self.calib.bw_eff  # achievable HBM B/s
         self._per_sm_flops = self._gpu.peak_flops / self._gpu.num_sms
         self._saturation_share = (
@@ -286,12 +298,16 @@ class RooflineCostModel:
         )
         self._solos: dict[tuple[TotalsKey, float], Solo] = {}  # (shape key, SMs) -> solo terms
         self._granted: dict[float, float] = {}  # share asked -> SMs granted
+        self._bw_fractions: dict[float, float] = {}  # SMs -> ``bandwidth_fraction``
+        # shares -> SMs granted to each side by side (isolated)
+        self._granted_groups: dict[tuple[float, ...], tuple[float, ...]] = {}
         # (share, co-runner's share) -> SMs granted to both side by side (isolated)
         self._granted_pairs: dict[tuple[float, float], tuple[float, float]] = {}
         # Vision weights streamed from host memory layer by layer (the paper's offloading):
         # a PCIe transfer term overlapped with compute, plus one layer's load up front.
         self.offload_vision_weights = offload_vision_weights
         self._memo: dict[Hashable, float] = {}  # FLOPs, bytes, solo times
+        self._waves: dict[tuple[TotalsKey, float], tuple[float, ...]] = {}  # ``_wave_terms``
 
     def __repr__(self) -> str:
         return f"RooflineCostModel(gpu={self._gpu.name!r}, model={self.model.name!r})"
@@ -300,42 +316,43 @@ class RooflineCostModel:
         return self._gpu
 
     # -- work -> FLOPs / bytes -----------------------------------------------------------------
-    def _memoized(self, key: Hashable, compute: Callable[[], float]) -> float:
-        value = self._memo.get(key)
-        if value is None:
-            if len(self._memo) >= self._MEMO_MAX:
-                self._memo.clear()
-            value = self._memo[key] = compute()
+    def _remember(self, key: Hashable, value: float) -> float:
+        """Store ``value`` in the memo (cleared when full); returns it. Callers look the key up
+        first themselves (no closure built per lookup: the simulator's misses go through
+        here)."""
+        if len(self._memo) >= self._MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = value
         return value
 
-    @staticmethod
-    def shape_key(work: StageWork) -> TotalsKey:
-        """What ``time_s`` depends on in ``work``: its totals (``StageWork.totals_key``; FLOPs,
-        bytes and GEMM shapes are functions of the totals). Equal keys, equal times: an exact
-        memo key."""
-        return work.totals_key()
+    # shape_key(work): what ``time_s`` depends on in ``work``: its totals (FLOPs, bytes and GEMM
+    # shapes are functions of the totals). Equal keys, equal times: an exact memo key. It is
+    # ``StageWork.totals_key`` itself (the simulator calls it once per batch).
+    shape_key = staticmethod(StageWork.totals_key)
 
     def flops(self, work: StageWork, key: TotalsKey | None = None) -> float:
         memo_key = ("flops", key or work.totals_key())
-        if work.stage is Stage.VISION:
-            return self._memoized(memo_key, lambda: self.model.vision_flops(work.num_images))
-        return self._memoized(
-            memo_key, lambda: self.model.llm_flops(work.new_tokens, work.context_lens)
-        )
+        value = self._memo.get(memo_key)
+        if value is not None:
+            return value
+        if work.stage is _VISION:
+            return self._remember(memo_key, self.model.vision_flops(work.num_images))
+        return self._remember(memo_key, self.model.llm_flops(work.new_tokens, work.context_lens))
 
     def bytes(self, work: StageWork, key: TotalsKey | None = None) -> float:
         memo_key = ("bytes", key or work.totals_key())
-        if work.stage is Stage.VISION:
-            return self._memoized(memo_key, lambda: self.model.vision_bytes(work.num_images))
-        return self._memoized(
-            memo_key, lambda: self.model.llm_bytes(work.new_tokens, work.context_lens)
-        )
+        value = self._memo.get(memo_key)
+        if value is not None:
+            return value
+        if work.stage is _VISION:
+            return self._remember(memo_key, self.model.vision_bytes(work.num_images))
+        return self._remember(memo_key, self.model.llm_bytes(work.new_tokens, work.context_lens))
 
     def gemms(self, work: StageWork) -> tuple[Gemm, ...]:
         """The GEMMs wave quantization applies to (none for decode)."""
-        if work.stage is Stage.VISION:
+        if work.stage is _VISION:
             return self.model.vision_gemms(work.num_images)
-        if work.stage is Stage.PREFILL:
+        if work.stage is _PREFILL:
             return self.model.llm_gemms(work.total_new_tokens, work.num_seqs)
         return ()
 
@@ -343,23 +360,42 @@ class RooflineCostModel:
         """FLOPs as if every GEMM ran full waves: each GEMM's FLOPs / its wave efficiency on
         ``sms`` SMs, plus the FLOPs wave quantization does not apply to."""
         key = key or work.totals_key()
+        memo_key = ("qflops", key, sms)
+        value = self._memo.get(memo_key)
+        if value is not None:
+            return value
+        out = self.flops(work, key)
+        for extra in self._wave_terms(work, key, sms):
+            out += extra
+        return self._remember(memo_key, out)
 
-        def compute() -> float:
-            total = self.flops(work, key)
+    def _wave_terms(self, work: StageWork, key: TotalsKey, sms: float) -> tuple[float, ...]:
+        """Per GEMM, the FLOPs its last wave wastes on ``sms`` SMs (its FLOPs / its wave
+        efficiency - its FLOPs). The GEMM shapes depend on the stage and the image, sequence
+        and new-token counts only (``key[:3]``), not on the context: memoized on those, so a
+        prefill chunk at a new context length computes no wave."""
+        shape = (key[:3], sms)
+        terms = self._waves.get(shape)
+        if terms is None:
             tile_m, tile_n, ctas = self._tile
             slots = sms * ctas
-            out = total
+            out = []
             for m, n, k, count in self.gemms(work):
                 f = 2.0 * m * n * k * count
-                out += f / wave_efficiency(m, n, slots, tile_m, tile_n) - f
-            return out
-
-        return self._memoized(("qflops", key, sms), compute)
+                out.append(f / wave_efficiency(m, n, slots, tile_m, tile_n) - f)
+            if len(self._waves) >= self._MEMO_MAX:
+                self._waves.clear()
+            terms = self._waves[shape] = tuple(out)
+        return terms
 
     # -- solo ----------------------------------------------------------------------------------
     def bandwidth_fraction(self, sms: float) -> float:
-        """Fraction of the achievable bandwidth ``sms`` SMs reach (``hbm_vs_sms``)."""
-        return self._curve.fraction(sms, self._gpu.num_sms)
+        """Fraction of the achievable bandwidth ``sms`` SMs reach (``hbm_vs_sms``; memoized: a
+        few SM counts occur)."""
+        fraction = self._bw_fractions.get(sms)
+        if fraction is None:
+            fraction = self._bw_fractions[sms] = self._curve.fraction(sms, self._gpu.num_sms)
+        return fraction
 
     def attainable_bw_bytes_per_s(self, share: float) -> float:
         """Achievable HBM bandwidth with ``share`` of the SMs (granted; nothing co-running)."""
@@ -380,10 +416,10 @@ class RooflineCostModel:
         c, g = self.calib, self._gpu
         nbytes = self.bytes(work, key)
         flops = self.quantized_flops(work, sms, key)
-        compute_s = flops / (self._per_sm_flops * sms * c.mfu(work.stage))
+        compute_s = flops / (self._per_sm_flops * sms * self._mfu[work.stage])
         memory_s = nbytes / (self._capacity * self.bandwidth_fraction(sms))
         pcie_s = 0.0
-        if self.offload_vision_weights and work.stage is Stage.VISION:
+        if self.offload_vision_weights and work.stage is _VISION:
             pcie_s = (
                 self.model.vision_params()
                 * self.model.bytes_per_param
@@ -398,10 +434,16 @@ class RooflineCostModel:
             granted = self._granted[share] = float(self._gpu.granted_sms(share))
         return granted
 
-    def _granted_side_by_side(self, shares: Sequence[float]) -> list[float]:
+    def _granted_side_by_side(self, shares: Sequence[float]) -> tuple[float, ...]:
         """SMs of isolated partitions that run together: ``SmGrid.granted_together`` (never
-        more than the device in all, whatever shares the policy asked for)."""
-        return [float(n) for n in self._gpu.grid.granted_together(shares)]
+        more than the device in all, whatever shares the policy asked for); memoized (a few
+        share sets occur)."""
+        key = tuple(shares)
+        sms = self._granted_groups.get(key)
+        if sms is None:
+            sms = tuple([float(n) for n in self._gpu.grid.granted_together(key)])
+            self._granted_groups[key] = sms
+        return sms
 
     def _granted_pair(self, share: float, other: float) -> tuple[float, float]:
         pair = self._granted_pairs.get((share, other))
@@ -429,7 +471,7 @@ class RooflineCostModel:
         key = ("time", work.totals_key(), sm_share)
         time_s = self._memo.get(key)
         if time_s is None:
-            time_s = self._memoized(key, lambda: self._terms(work, sm_share, (), isolated)[0])
+            time_s = self._remember(key, self._terms_alone(work, sm_share)[0])
         return time_s
 
     def breakdown(
@@ -447,23 +489,23 @@ class RooflineCostModel:
     ) -> tuple[float, float, float, float, float, float, float]:
         """``Breakdown``'s fields, in order (a tuple: ``time_s`` needs only the first).
         ``pair_path=False``: the general code even for one co-runner (tests compare them)."""
+        if not co_running:
+            return self._terms_alone(work, sm_share)
         if pair_path and len(co_running) == 1:
             return self._terms_pair(work, sm_share, co_running[0], isolated)
         inter, n = self.interference, self._gpu.num_sms
-        if co_running:
-            works = [work] + [w for w, _ in co_running]
-            keys = [w.totals_key() for w in works]
-            for _, s in co_running:
-                check_share(s)
-            shares = [sm_share] + [s for _, s in co_running]
-            if isolated:
-                sms = self._granted_side_by_side(shares)
-            else:
-                sms = [self._granted_sms(s) for s in shares]
-        else:
-            works, keys, sms = [work], [work.totals_key()], [self._granted_sms(sm_share)]
+        works, shares = [work], [sm_share]
+        for w, share in co_running:
+            check_share(share)
+            works.append(w)
+            shares.append(share)
+        keys = [w.totals_key() for w in works]
+        sms: Sequence[float]
         contention = 1.0
-        if not isolated and co_running:
+        if isolated:
+            sms = self._granted_side_by_side(shares)
+        else:
+            sms = [self._granted_sms(s) for s in shares]
             demands = [self._sm_demand(w, k_sms, k) for w, k_sms, k in zip(works, sms, keys)]
             total = sum(demands)
             if total > n:
@@ -472,16 +514,21 @@ class RooflineCostModel:
         solos = [self.solo(w, k_sms, k) for w, k_sms, k in zip(works, sms, keys)]
         me = solos[0]
         compute_s, memory_s = me.compute_s, me.memory_s
-        if co_running:
-            capacity = self._capacity
-            rates = [s.demand_bytes_per_s for s in solos]
-            alloc = water_fill(capacity, rates)[0]
-            if alloc < rates[0]:
-                memory_s = max(memory_s, me.bytes / alloc)
-            if any(s.compute_bound for s in solos[1:]):
-                memory_s *= 1.0 + inter.memory_beside_compute
-            others_load = min(1.0, sum(rates[1:]) / capacity)
-            compute_s *= 1.0 + inter.compute_per_load * others_load
+        capacity = self._capacity
+        rates: list[float] = []  # each one's Solo.demand_bytes_per_s
+        others_compute_bound = False  # any(s.compute_bound for s in solos[1:])
+        for i, solo in enumerate(solos):
+            busy = max(solo.compute_s, solo.memory_s, solo.pcie_s)
+            rates.append(solo.bytes / busy if busy > 0 else 0.0)
+            if i and solo.compute_s >= solo.memory_s:
+                others_compute_bound = True
+        alloc = water_fill(capacity, rates)[0]
+        if alloc < rates[0]:
+            memory_s = max(memory_s, me.bytes / alloc)
+        if others_compute_bound:
+            memory_s *= 1.0 + inter.memory_beside_compute
+        others_load = min(1.0, sum(rates[1:]) / capacity)
+        compute_s *= 1.0 + inter.compute_per_load * others_load
         busy_s = max(compute_s, memory_s, me.pcie_s) * contention
         startup_s = me.pcie_s / max(1, self.model.vision_layers) if me.pcie_s else 0.0
         overhead_s = self._overhead_s[work.stage] + startup_s
@@ -492,6 +539,28 @@ class RooflineCostModel:
             me.pcie_s,
             overhead_s,
             sms[0] / n,
+            contention,
+        )
+
+    def _terms_alone(
+        self, work: StageWork, sm_share: float
+    ) -> tuple[float, float, float, float, float, float, float]:
+        """``_terms`` with nothing co-running (isolation does not matter then): the same
+        arithmetic without the lists."""
+        sms = self._granted_sms(sm_share)
+        me = self.solo(work, sms)
+        compute_s, memory_s, pcie_s = me.compute_s, me.memory_s, me.pcie_s
+        contention = 1.0
+        busy_s = max(compute_s, memory_s, pcie_s) * contention
+        startup_s = pcie_s / max(1, self.model.vision_layers) if pcie_s else 0.0
+        overhead_s = self._overhead_s[work.stage] + startup_s
+        return (
+            busy_s + overhead_s,
+            compute_s,
+            memory_s,
+            pcie_s,
+            overhead_s,
+            sms / self._gpu.num_sms,
             contention,
         )
 

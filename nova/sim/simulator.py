@@ -49,9 +49,14 @@ _UNIQUE_TOKEN0 = 1 << 40  # first tokens of prompts that share nothing (above an
 # work left is done (float drift of the fluid model).
 TIME_EPS_S = 1e-9
 DONE_EPS = 1e-9
-_COST_CACHE_MAX = 200_000  # memoized cost-model answers kept (cleared when full)
+_COST_CACHE_MAX = 200_000  # memoized cost-model answers (rates) kept (cleared when full)
 
 WorkFn = Callable[[Batch], StageWork]
+
+# Enum members as module constants: ``Stage.DECODE`` is looked up through the enum's metaclass
+# (about ten times a global's cost in CPython 3.11), and the hot paths below test them for
+# every batch and item.
+_VISION, _DECODE = Stage.VISION, Stage.DECODE
 
 
 def work_of(batch: Batch) -> StageWork:
@@ -59,11 +64,9 @@ def work_of(batch: Batch) -> StageWork:
     without re-checking what is valid by construction (``StageWork.trusted``)."""
     stage = batch.stage
     items = batch.items
-    if stage is Stage.DECODE:
-        return _trusted_work(
-            stage, 0, (1,) * len(items), tuple([it.num_cached_tokens + 1 for it in items])
-        )
-    if stage is Stage.VISION:
+    if stage is _DECODE:
+        return _trusted_decode(tuple([it.num_cached_tokens + 1 for it in items]))
+    if stage is _VISION:
         return _trusted_work(stage, sum([it.num_images for it in items]))
     new = tuple([len(it.token_ids) for it in items])
     return _trusted_work(
@@ -72,6 +75,7 @@ def work_of(batch: Batch) -> StageWork:
 
 
 _trusted_work = StageWork.trusted
+_trusted_decode = StageWork.trusted_decode
 
 
 @dataclass(slots=True)
@@ -250,7 +254,7 @@ class Simulator:
         # False: ask the cost model for every rate (for a cost model that is not a pure function
         # of the batch shapes, shares and mode, e.g. one that samples noise)
         self.memoize_costs = memoize_costs
-        self._cost_cache: dict[Hashable, float] = {}
+        self._rate_cache: dict[Hashable, float] = {}  # memo key -> 1 / cost.time_s
         self._seq = itertools.count()
 
     def _text_tokens(self, key: str, n: int) -> list[int]:
@@ -320,43 +324,42 @@ class Simulator:
                 by_session.setdefault(a.session_id, []).append(a)
         return heap, by_session
 
-    def _duration_s(self, r: _Running, others: list[_Running], key: Hashable) -> float:
-        """``cost.time_s`` for ``r`` beside ``others``, memoized on ``key`` (shapes, shares and
-        mode: cost models are pure functions of them); ``_UNCACHED``: not memoized."""
-        cache = self._cost_cache
-        duration = cache.get(key)
-        if duration is None:
-            duration = self.cost.time_s(
-                r.work, r.share, [(o.work, o.share) for o in others], r.isolated
-            )
+    def _rate(self, r: _Running, running: list[_Running], key: Hashable) -> float:
+        """``r``'s rate beside the other ``running`` batches: 1 / ``cost.time_s``, memoized on
+        ``key`` (shapes, shares and mode: cost models are pure functions of them);
+        ``_UNCACHED``: not memoized."""
+        cache = self._rate_cache
+        rate = cache.get(key)
+        if rate is None:
+            others = [(o.work, o.share) for o in running if o is not r]
+            rate = 1.0 / max(self.cost.time_s(r.work, r.share, others, r.isolated), 1e-9)
             if key is not _UNCACHED:
                 if len(cache) >= _COST_CACHE_MAX:
                     cache.clear()
-                cache[key] = duration
-        return duration
+                cache[key] = rate
+        return rate
 
     def _update_rates(self, running: dict[Stage, _Running]) -> None:
         """Each running batch's rate beside the others (same floats as asking the cost model
         directly, so the same schedule)."""
         batches = list(running.values())
-        key: Hashable
         if len(batches) == 1:  # the common case: one batch alone (no others to key on)
             r = batches[0]
-            key = _UNCACHED if r.key is _UNCACHED else (r.key, r.share, r.isolated)
-            r.rate = 1.0 / max(self._duration_s(r, [], key), 1e-9)
+            key: Hashable = r.key
+            if key is not _UNCACHED:
+                key = (key, r.share, r.isolated)
+            r.rate = self._rate(r, batches, key)
             return
-        uncached = False
         for r in batches:
-            if r.key is _UNCACHED:
-                uncached = True
-        for r in batches:
-            others = [o for o in batches if o is not r]
-            if uncached:
-                key = _UNCACHED
-            else:
-                key = (r.key, r.share, tuple([(o.key, o.share) for o in others]), r.isolated)
-            duration = self._duration_s(r, others, key)
-            r.rate = 1.0 / max(duration, 1e-9)
+            if r.key is _UNCACHED:  # one uncached shape: no key for any of them
+                for o in batches:
+                    o.rate = self._rate(o, batches, _UNCACHED)
+                return
+        # key: its shape and share, the others' (in running order), the mode
+        pairs = [(r.key, r.share) for r in batches]
+        for i, r in enumerate(batches):
+            key = (r.key, r.share, (*pairs[:i], *pairs[i + 1 :]), r.isolated)
+            r.rate = self._rate(r, batches, key)
 
     def _shape_key_fn(self) -> Callable[[StageWork], Hashable]:
         """work -> memo key: the cost model's ``shape_key`` if it has one, else the work itself
@@ -466,17 +469,16 @@ class Simulator:
                         waiting.sort(key=lambda w: (w[0] is not decode, w[0] is stage))
                     batch = r.batch
                     items = batch.items
-                    tokens = (
-                        {}
-                        if stage is vision
-                        else {it.request_id: SIM_TOKEN for it in items if it.sample}
-                    )
+                    ids = tuple([it.request_id for it in items])
+                    tokens: dict[str, int]
+                    if stage is decode:  # every decode item samples
+                        tokens = dict.fromkeys(ids, SIM_TOKEN)
+                    elif stage is vision:
+                        tokens = {}
+                    else:
+                        tokens = {it.request_id: SIM_TOKEN for it in items if it.sample}
                     events = complete(StageResult(batch, t, tokens), t)
-                    records.append(
-                        BatchRecord(
-                            stage, batch.start_s, t, tuple([it.request_id for it in items]), r.share
-                        )
-                    )
+                    records.append(BatchRecord(stage, batch.start_s, t, ids, r.share))
                     if by_session:
                         for ev in events:
                             sid = session_of.get(ev.request_id)
