@@ -136,7 +136,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta.get('loadavg_1min_at_end', '-')}; 2 cores shared with other jobs); wall time "
         f"{meta.get('wall_s', '-')} s{_carried(summary, meta)}. Simulated (the "
         "roofline cost model from evidence, `docs/scheduler.md`), mean over each experiment's "
-        "seeds; per-seed values and spreads in each `results.json`.",
+        "seeds; per-seed values and spreads in each `results.json`."
+        + (f" Re-run: nova alone; {meta['reused']}." if meta.get("reused") else ""),
         "",
         f"Points where the best tuned baseline sustains the load: {summary['must_hold_points']} "
         f"of {summary['points']}; all checks pass at {summary['passing_points']} of them.",
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        help="a directory of earlier results (e.g. benchmarks/results/eval): take every policy's "
+        "runs but adaptive nova's from its <experiment>/results.json and re-run nova alone",
+    )
     args = ap.parse_args(argv)
     names = args.only or [n for n in EXPERIMENTS.names() if n != SMOKE]
     for name in names:
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     old = args.out / "summary.json"
     if args.summary_only and old.is_file():  # keep the run's machine, load and wall time
         prev = json.loads(old.read_text())
-        keep = ("machine", "wall_s", "loadavg_1min_at_end", "experiments_run")
+        keep = ("machine", "wall_s", "loadavg_1min_at_end", "experiments_run", "reused")
         meta = {k: prev[k] for k in keep if k in prev}
     if not args.summary_only:
         for name in names:
@@ -210,9 +217,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seeds=args.seeds,
                 workers=args.workers,
                 progress=lambda line: print(line, flush=True),
+                reuse=(
+                    json.loads((args.reuse / name / "results.json").read_text())
+                    if args.reuse
+                    else None
+                ),
             )
         meta["wall_s"] = round(time.perf_counter() - t0)
         meta["experiments_run"] = names
+        if args.reuse:
+            meta["reused"] = f"every policy's runs but nova's from {args.reuse}"
         meta["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
 
     # the experiments named with --only, else every one written under --out but the smoke

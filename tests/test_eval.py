@@ -407,3 +407,41 @@ def test_paired_interval_of_log_ratios():
     gm, low, high = interval([1.1, 0.9, 1.2, 1.0], [1.0, 1.0, 1.0, 1.0])
     assert low < gm < high and gm == pytest.approx((1.1 * 0.9 * 1.2) ** 0.25)
     assert high / low > 1.2  # four noisy seeds: a wide interval
+
+
+def _timeless(x):
+    """``x`` without its wall-clock fields (``sim_wall_s``: how long a simulation took)."""
+    if isinstance(x, dict):
+        return {k: _timeless(v) for k, v in x.items() if k != "sim_wall_s"}
+    if isinstance(x, list):
+        return [_timeless(v) for v in x]
+    return x
+
+
+def test_reuse_reruns_nova_alone_and_matches_a_full_run():
+    """``run_experiment(reuse=...)`` takes every policy's runs but nova's from an earlier report
+    and re-runs nova: the report equals a full run's (the statics are fixed nova modes, which
+    never consult the model), and a report of other seeds or another experiment is refused."""
+    exp = replace(
+        EXPERIMENTS["quick-a6000"],
+        rates_rps=(0.3,),
+        seeds=(0, 1),
+        baselines=("chunked_prefill[budget=256]", "pf_limit[limit=4]"),
+    )
+    quiet = {"progress": lambda _: None, "num_requests": 30, "plots": False}
+    full = run_experiment(exp, None, **quiet)
+    again = run_experiment(exp, None, reuse=json.loads(json.dumps(full)), **quiet)
+    assert _timeless(again["policies"]) == _timeless(full["policies"])
+    assert again["analysis"] == full["analysis"]
+    with pytest.raises(ValueError, match="seeds"):
+        run_experiment(replace(exp, seeds=(0,)), None, reuse=full, **quiet)
+    with pytest.raises(ValueError, match="not 'paper-a6000'"):
+        run_experiment("paper-a6000", None, reuse=full, **quiet)
+    doctored = json.loads(json.dumps(full))  # the reused runs are taken, not re-run
+    doctored["policies"]["pf_limit[limit=4]"][0]["seeds"][0]["max_latency_s"] = 1234.0
+    taken = run_experiment(exp, None, reuse=doctored, **quiet)
+    assert taken["policies"]["pf_limit[limit=4]"][0]["spread"]["max_latency_s"]["max"] == 1234.0
+    dropped = json.loads(json.dumps(full))
+    del dropped["policies"]["pf_limit[limit=4]"]
+    with pytest.raises(ValueError, match="no runs of 'pf_limit"):
+        run_experiment(exp, None, reuse=dropped, **quiet)

@@ -27,6 +27,7 @@ time depends on what it runs beside, and the two are coupled through the decode 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -193,7 +194,10 @@ class QueueModel:
     time beyond what the mix of image and text-only requests and the observed spread of prompt
     lengths (``LoadEstimate.prompt_cv2``) explain. ``tail_quantile``: the
     latency quantile scored as "tail". ``unlucky_quantile``: the quantile of the arrivals during
-    one request's decode that the tail prices (``_unlucky_span_s``).
+    one request's decode that the tail prices (``_unlucky_span_s``). ``tail_window_requests``:
+    the run of requests whose tail is scored (None: the stationary tail). Near saturation the
+    queue relaxes to its steady state more slowly than such a run lasts, and the run's tail is
+    its longest excursion (``window_max_wait``), below the stationary quantile.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class QueueModel:
         unlucky_quantile: float = 0.995,
         rho_cap: float = 0.95,
         overload_horizon_s: float = 60.0,
+        tail_window_requests: float | None = 1000.0,
     ) -> None:
         self.cost = cost
         self.num_sms = num_sms
@@ -220,6 +225,7 @@ class QueueModel:
         self.unlucky_quantile = unlucky_quantile
         self.rho_cap = rho_cap
         self.overload_horizon_s = overload_horizon_s
+        self.tail_window_requests = tail_window_requests
         self._memo: dict[tuple[object, ...], float] = {}
 
     # -- stage times ---------------------------------------------------------------------------
@@ -428,7 +434,13 @@ class QueueModel:
         eta = _decay_rate(lam, ((f, s_img), (1.0 - f, s_txt)), var) / burst
         tail_wait = front.extra_wait_s
         if rho > 1.0 - q and eta > 0:
-            tail_wait += math.log(rho / (1.0 - q)) / eta
+            stationary = math.log(rho / (1.0 - q)) / eta
+            window = self.tail_window_requests
+            if window and lam > 0 and rho < 1.0:
+                # near saturation a window of requests sees its longest excursion, not the
+                # stationary tail (``window_max_wait``)
+                stationary = min(stationary, window_max_wait(rho, eta, window / lam))
+            tail_wait += stationary
         n_tail = max(n, load.output_tokens_tail)
         s_tail = front.tail_s
         span = self._decode_span_s(lam, n, wait + s_mean, front, step_s)
@@ -724,6 +736,40 @@ def _decay_rate(lam: float, classes: Sequence[tuple[float, float]], cv2: float) 
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+# E[the longest wait over a run from an empty queue] x eta at run durations ``t`` relaxation
+# times: M/D/1 at rho = 0.95 by Lindley's recursion, 300 seeds per point
+# (``benchmarks/window_max_table.py`` -> ``benchmarks/results/window_max_table.md``; M/D/1 at
+# rho = 0.85 and 0.9 and M/M/1 at 0.95 lie within 15% of it from t = 0.35 on, and below it but
+# for M/M/1, 0-2% above).
+WINDOW_MAX_T = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 35.0, 60.0)
+WINDOW_MAX_G = (
+    0.558, 0.823, 1.102, 1.286, 1.521, 1.684, 1.975, 2.186, 2.488, 2.929, 3.381, 3.731,
+    4.282, 4.807, 5.271,
+)  # fmt: skip
+
+
+def window_max_wait(rho: float, eta: float, duration_s: float) -> float:
+    """The expected longest wait a run of ``duration_s`` seconds sees, from an empty queue at
+    utilization ``rho`` with waiting-tail decay rate ``eta``: heavy-traffic units, the run's
+    length in relaxation times ``t = duration / tau`` with ``tau = 2 / ((1 - rho) eta)`` (a
+    reflected Brownian motion's time scale), and the wait in units of ``1 / eta``, read from
+    ``WINDOW_MAX_G`` (log-linear between points; ``ln t`` growth beyond the table, the maximum
+    of ``t`` roughly independent excursions; ``sqrt(t)`` below it, a free Brownian motion's
+    reach)."""
+    tau = 2.0 / ((1.0 - rho) * eta)
+    t = duration_s / tau
+    ts, gs = WINDOW_MAX_T, WINDOW_MAX_G
+    if t <= ts[0]:
+        g = gs[0] * math.sqrt(max(t, 0.0) / ts[0])
+    elif t >= ts[-1]:
+        g = gs[-1] + math.log(t / ts[-1])
+    else:
+        i = bisect.bisect_right(ts, t)
+        w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
+        g = gs[i - 1] + w * (gs[i] - gs[i - 1])
+    return g / eta
 
 
 _POISSON_QUANTILES: dict[tuple[float, float], int] = {}

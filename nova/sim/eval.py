@@ -456,10 +456,16 @@ def run_experiment(
     seeds: int | None = None,
     workers: int | None = None,
     plots: bool = True,
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``name`` (a registered experiment or an ``Experiment``), write results under
     ``out_dir`` (None: nothing written) and return the report. ``seeds``: how many seeds
-    (default the experiment's); ``workers``: processes (default ``NOVA_EVAL_WORKERS`` or 1)."""
+    (default the experiment's); ``workers``: processes (default ``NOVA_EVAL_WORKERS`` or 1).
+    ``reuse``: an earlier report of the same experiment (its ``results.json``) whose per-seed
+    runs of every policy but adaptive ``nova`` are taken as they are (they do not depend on
+    nova's planning), so that only ``nova`` runs: the quick check of a change to nova's model.
+    Its points and seeds must be this run's. No plots are drawn then (the reused runs keep no
+    per-request latencies)."""
     exp = EXPERIMENTS.lookup(name) if isinstance(name, str) else name
     if num_requests and not exp.closed_loop:  # closed loop: sessions x steps make the count
         exp = replace(exp, num_requests=num_requests)
@@ -472,14 +478,18 @@ def run_experiment(
     compared = expand_policies(list(exp.policies))
     policies = tuple(dict.fromkeys([*compared, *baselines, *statics]))
     series_list = exp.all_series()
+    raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    run_policies = policies
+    if reuse is not None:
+        raw = reused_runs(reuse, exp, [p for p in policies if p != NOVA])
+        run_policies, plots = (NOVA,), False
     tasks = [
-        PointTask(exp, i, load, seed, policies, keep_e2e=seed == exp.seeds[0])
+        PointTask(exp, i, load, seed, run_policies, keep_e2e=plots and seed == exp.seeds[0])
         for i, series in enumerate(series_list)
         for load in series.loads
         for seed in exp.seeds
     ]
     workers = workers or int(os.environ.get("NOVA_EVAL_WORKERS", "1"))
-    raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
     t0 = time.perf_counter()
     results: Iterable[tuple[int, float, int, dict[str, dict[str, Any]]]]
     if workers > 1 and len(tasks) > 1:
@@ -517,6 +527,34 @@ def run_experiment(
 
             plot_report(report, raw, out_dir)
     return report
+
+
+def reused_runs(
+    report: dict[str, Any], exp: Experiment, policies: Sequence[str]
+) -> dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]]:
+    """The per-seed runs of ``policies`` in ``report`` (an earlier ``results.json`` of ``exp``),
+    as ``run_experiment`` collects them; a ``ValueError`` naming what differs when the report
+    is of another experiment, other seeds or other points, or lacks a policy."""
+    if report.get("experiment") != exp.name:
+        raise ValueError(f"reuse: a report of {report.get('experiment')!r}, not {exp.name!r}")
+    if list(report.get("seeds", [])) != list(exp.seeds):
+        raise ValueError(f"reuse: seeds {report.get('seeds')} there, {list(exp.seeds)} here")
+    labels = [s.label for s in exp.all_series()]
+    raw: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    for policy in policies:
+        points = report.get("policies", {}).get(policy)
+        if points is None:
+            raise ValueError(f"reuse: no runs of {policy!r} in the report")
+        for point in points:
+            i = labels.index(point["series"])
+            cell = raw.setdefault((i, point["load"]), {})
+            cell[policy] = {
+                run["seed"]: {k: v for k, v in run.items() if k != "seed"} for run in point["seeds"]
+            }
+    wanted = {(i, load) for i, s in enumerate(exp.all_series()) for load in s.loads}
+    if set(raw) != wanted:
+        raise ValueError(f"reuse: the report's points {sorted(raw)} are not {sorted(wanted)}")
+    return raw
 
 
 def build_report(
