@@ -588,6 +588,28 @@ def test_a_switch_for_capacity_needs_a_significant_excess():
     assert not policy._better(replace(new, capacity_rps=0.9), cur, 1.0)
 
 
+def test_carry_tie_switches_to_a_tied_mode_that_carries_once_a_backlog_builds():
+    """``nova[carry_tie=K]`` (off by default): with at least K requests waiting at the front, a
+    mode that carries the planned rate replaces one that does not whenever the model scores
+    them within its error (``choose``'s tie rule applied to the switch); a mode scored worse
+    beyond that error, or one that does not carry the rate either, never."""
+    cur = Prediction(Mode.chunked(128), 10.0, 40.0, 0.82, 1.2, 0.09, 4.0)
+    new = Prediction(Mode.chunked(256), 11.0, 41.0, 1.2, 1.1, 0.17, 4.0)  # score 52 vs 50
+    times = [1.2 * i for i in range(128)]
+    off = nova()
+    _feed_gaps(off, times)
+    assert not off._better(new, cur, 0.865, backlog=40)  # the default: the carry band only
+    on = nova(carry_tie=16)
+    _feed_gaps(on, times)
+    assert on._better(new, cur, 0.865, backlog=16)
+    assert not on._better(new, cur, 0.865, backlog=15)  # no backlog yet: a closed loop's
+    assert not on._better(new, cur, 0.80, backlog=40)  # the current mode carries it
+    assert not on._better(replace(new, capacity_rps=0.85), cur, 0.865, backlog=40)
+    worse = replace(new, tail_latency_s=new.tail_latency_s + 2.0)  # 54 > 1.05 x 50
+    assert not on._better(worse, cur, 0.865, backlog=40)
+    assert make_policy("nova[carry_tie=16]", cost_model=roofline("a6000")).carry_tie == 16
+
+
 def test_provisional_plans_know_the_arrivals_are_clustered():
     """Before the first held rate, plans take the burstiness seen so far (not Poisson's)."""
     policy = nova()

@@ -165,6 +165,7 @@ class NovaPolicy(Policy):
         "early_from": "early_from",
         "ample_utilization": "ample_utilization",
         "tail_window": "tail_window_requests",
+        "carry_tie": "carry_tie",
     }
 
     def __init__(
@@ -197,6 +198,7 @@ class NovaPolicy(Policy):
         # points pass against 50, 48 and 48 (benchmarks/results/eval_heldout/; docs/scheduler.md,
         # "The tail of a run, not of the steady state")
         tail_window_requests: float | None = 1000.0,
+        carry_tie: int = 0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -238,6 +240,7 @@ class NovaPolicy(Policy):
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
         self.model_error = model_error
+        self.carry_tie = carry_tie  # 0: off; else the backlog from which it applies
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
@@ -721,7 +724,7 @@ class NovaPolicy(Policy):
             self._pending = None
             return
         current = self.model.predict(self.mode, load)
-        if early or replace_early or self._better(best, current, load.lam_rps):
+        if early or replace_early or self._better(best, current, load.lam_rps, load.backlog):
             self._early_mode = early
             if (
                 (early or replace_early)
@@ -746,10 +749,21 @@ class NovaPolicy(Policy):
         low = need * (1.0 - self._rate_rel_err())
         return cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps
 
-    def _better(self, new: Prediction, cur: Prediction, lam: float) -> bool:
+    def _better(self, new: Prediction, cur: Prediction, lam: float, backlog: int = 0) -> bool:
         if self._cannot_carry(cur, new, lam):
             return True
+        if 0 < self.carry_tie <= backlog and self._carries_in_tie(cur, new, lam):
+            return True
         return _score(new) < (1.0 - self.hysteresis) * _score(cur)
+
+    def _carries_in_tie(self, cur: Prediction, new: Prediction, lam: float) -> bool:
+        """``new`` carries the planned rate, the current mode does not (at the point estimate),
+        and the model scores them within its error: ``choose``'s tie rule (capacity among
+        tied modes) applied to the switch."""
+        need = lam * (1.0 + self.capacity_margin)
+        return cur.capacity_rps < need <= new.capacity_rps and _score(new) <= (
+            1.0 + self.model_error
+        ) * _score(cur)
 
     def candidates(self, load: LoadEstimate) -> list[Prediction]:
         """Predictions of the modes considered at ``load``: spatial ones from a coordinate
