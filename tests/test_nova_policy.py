@@ -602,12 +602,14 @@ def test_carry_tie_switches_to_a_tied_mode_that_carries_once_a_backlog_builds():
     on = nova(carry_tie=16)
     _feed_gaps(on, times)
     assert on._better(new, cur, 0.865, backlog=16)
-    assert not on._better(new, cur, 0.865, backlog=15)  # no backlog yet: a closed loop's
+    assert not on._better(new, cur, 0.865, backlog=15)  # no queue building (a closed loop)
     assert not on._better(new, cur, 0.80, backlog=40)  # the current mode carries it
     assert not on._better(replace(new, capacity_rps=0.85), cur, 0.865, backlog=40)
     worse = replace(new, tail_latency_s=new.tail_latency_s + 2.0)  # 54 > 1.05 x 50
     assert not on._better(worse, cur, 0.865, backlog=40)
     assert make_policy("nova[carry_tie=16]", cost_model=roofline("a6000")).carry_tie == 16
+    with pytest.raises(ValueError, match="carry_tie"):
+        make_policy("nova[carry_tie=-1]", cost_model=roofline("a6000"))
 
 
 def test_provisional_plans_know_the_arrivals_are_clustered():

@@ -240,6 +240,8 @@ class NovaPolicy(Policy):
         self.capacity_margin = capacity_margin
         self.hysteresis = hysteresis
         self.model_error = model_error
+        if carry_tie < 0:
+            raise ValueError(f"carry_tie must be >= 0 (0: off), not {carry_tie}")
         self.carry_tie = carry_tie  # 0: off; else the backlog from which it applies
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
@@ -742,10 +744,14 @@ class NovaPolicy(Policy):
                 return
             self._switch(best.mode, now_s)
 
+    def _need(self, lam: float) -> float:
+        """The capacity a mode needs to carry the arrival rate ``lam``: with the margin."""
+        return lam * (1.0 + self.capacity_margin)
+
     def _cannot_carry(self, cur: Prediction, new: Prediction, lam: float) -> bool:
         """The current mode cannot carry the load and ``new`` can: only when the rate's lower
         bound (one standard error below) exceeds its capacity by more than the model's error."""
-        need = lam * (1.0 + self.capacity_margin)
+        need = self._need(lam)
         low = need * (1.0 - self._rate_rel_err())
         return cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps
 
@@ -760,7 +766,7 @@ class NovaPolicy(Policy):
         """``new`` carries the planned rate, the current mode does not (at the point estimate),
         and the model scores them within its error: ``choose``'s tie rule (capacity among
         tied modes) applied to the switch."""
-        need = lam * (1.0 + self.capacity_margin)
+        need = self._need(lam)
         return cur.capacity_rps < need <= new.capacity_rps and _score(new) <= (
             1.0 + self.model_error
         ) * _score(cur)
@@ -802,7 +808,7 @@ class NovaPolicy(Policy):
         rule. The tie rule's capacity preference insures against a rate read low; an early
         plan's insurance is the floor, a load it has evidence the rate is below. Poisson-like
         arrivals only: clustered ones keep their tie rule."""
-        need = lam * (1.0 + self.capacity_margin)
+        need = self._need(lam)
         ok = [p for p in preds if p.capacity_rps >= need and p.feasible]
         if floor is not None and not clustered:
             safe = [p for p in ok if p.capacity_rps >= floor]
