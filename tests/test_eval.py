@@ -19,7 +19,9 @@ from nova.sim.eval import (
     analyse,
     build_policy,
     experiment_spec,
+    headline_cdf_runs,
     num_kv_blocks,
+    reused_runs,
     run_experiment,
     steady_window,
 )
@@ -445,3 +447,33 @@ def test_reuse_reruns_nova_alone_and_matches_a_full_run():
     del dropped["policies"]["pf_limit[limit=4]"]
     with pytest.raises(ValueError, match="no runs of 'pf_limit"):
         run_experiment(exp, None, reuse=dropped, **quiet)
+
+
+def test_a_reuse_run_draws_its_plots_with_the_cdf_runs_rerun(tmp_path):
+    """A ``reuse`` run writes the three plots (they were left stale before): the latency CDF's
+    fixed policies, whose reused runs keep no per-request latencies, are re-run at the
+    headline point's first seed, each request's latency kept; the reused runs are not touched."""
+    exp = replace(
+        EXPERIMENTS["quick-a6000"],
+        rates_rps=(0.3,),
+        seeds=(0, 1),
+        baselines=("chunked_prefill[budget=128]", "pf_limit[limit=4]"),
+        num_requests=30,
+    )
+    quiet = {"progress": lambda _: None}
+    full = run_experiment(exp, None, plots=False, **quiet)
+    run_experiment(exp, tmp_path, reuse=json.loads(json.dumps(full)), **quiet)
+    for name in ("latency_vs_load.png", "pareto.png", "latency_cdf.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    h = full["headline"]
+    assert h is not None
+    fixed = [h["best_baseline"], "chunked_prefill[budget=128]", "pf_limit[limit=4]"]
+    raw = reused_runs(full, exp, list(dict.fromkeys(fixed)))
+    drawn = headline_cdf_runs(exp, full, raw)
+    cell = (full["series"].index(h["series"]), h["load"])
+    for policy in fixed:
+        e2e = drawn[cell][policy][0]["e2e_s"]
+        assert len(e2e) == 30 and e2e == sorted(e2e)
+        assert max(e2e) == pytest.approx(drawn[cell][policy][0]["max_latency_s"])
+        assert "e2e_s" not in raw[cell][policy][0]  # the reused runs are left as they were
+        assert drawn[cell][policy][1] is raw[cell][policy][1]  # other seeds: not re-run
