@@ -594,6 +594,10 @@ def test_an_unvetted_switch_waits_for_the_system_to_empty():
     assert policy._pending is None and policy.mode == planned
 
 
+def _load(lam: float, backlog: int = 0) -> LoadEstimate:
+    return LoadEstimate(lam, **PAPER_LOAD, backlog=backlog)
+
+
 def test_a_switch_for_capacity_needs_a_significant_excess():
     """The capacity guard switches modes only when the rate's lower bound (one standard
     error below the estimate) exceeds the current mode's capacity by more than the model's
@@ -605,11 +609,11 @@ def test_a_switch_for_capacity_needs_a_significant_excess():
     cur = Prediction(Mode.chunked(128), 10.0, 40.0, 0.82, 1.2, 0.09, 4.0)
     new = Prediction(Mode.chunked(256), 11.0, 41.0, 1.2, 1.1, 0.17, 4.0)
     # new scores worse: only the capacity guard can make the switch
-    assert not policy._better(new, cur, 0.865)  # 5% over capacity: within both errors
-    assert not policy._better(new, cur, 0.92)  # one standard error low: 0.84 < 0.82 x 1.05
-    assert policy._better(new, cur, 1.0)  # 0.91 > 0.861: significantly over
+    assert not policy._better(new, cur, _load(0.865))  # 5% over capacity: within both errors
+    assert not policy._better(new, cur, _load(0.92))  # one standard error low: 0.84 < 0.82 x 1.05
+    assert policy._better(new, cur, _load(1.0))  # 0.91 > 0.861: significantly over
     # and never toward a mode that cannot carry it either
-    assert not policy._better(replace(new, capacity_rps=0.9), cur, 1.0)
+    assert not policy._better(replace(new, capacity_rps=0.9), cur, _load(1.0))
 
 
 def test_carry_tie_switches_to_a_tied_mode_that_carries_once_a_backlog_builds():
@@ -622,18 +626,42 @@ def test_carry_tie_switches_to_a_tied_mode_that_carries_once_a_backlog_builds():
     times = [1.2 * i for i in range(128)]
     off = nova()
     _feed_gaps(off, times)
-    assert not off._better(new, cur, 0.865, backlog=40)  # the default: the carry band only
+    assert not off._better(new, cur, _load(0.865, backlog=40))  # the default: the carry band only
     on = nova(carry_tie=16)
     _feed_gaps(on, times)
-    assert on._better(new, cur, 0.865, backlog=16)
-    assert not on._better(new, cur, 0.865, backlog=15)  # no queue building (a closed loop)
-    assert not on._better(new, cur, 0.80, backlog=40)  # the current mode carries it
-    assert not on._better(replace(new, capacity_rps=0.85), cur, 0.865, backlog=40)
+    assert on._better(new, cur, _load(0.865, backlog=16))
+    assert not on._better(new, cur, _load(0.865, backlog=15))  # no queue building (a closed loop)
+    assert not on._better(new, cur, _load(0.80, backlog=40))  # the current mode carries it
+    assert not on._better(replace(new, capacity_rps=0.85), cur, _load(0.865, backlog=40))
     worse = replace(new, tail_latency_s=new.tail_latency_s + 2.0)  # 54 > 1.05 x 50
-    assert not on._better(worse, cur, 0.865, backlog=40)
+    assert not on._better(worse, cur, _load(0.865, backlog=40))
     assert make_policy("nova[carry_tie=16]", cost_model=roofline("a6000")).carry_tie == 16
     with pytest.raises(ValueError, match="carry_tie"):
         make_policy("nova[carry_tie=-1]", cost_model=roofline("a6000"))
+
+
+def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
+    """``nova[switch_z=Z]`` (off by default): a switch for a score gain must show it with the
+    rate Z standard errors below and above the planned one too. At 0.76 req/s the model scores
+    ``chunked:256`` 13% below ``chunked:128``, at 0.665 (one standard error low on 64
+    arrivals) above it: a switch on a rate that may be read high is refused; on 1024 arrivals
+    (3% error) the gain holds over the interval and the switch is made."""
+    policy = nova()
+    at = _load(0.76)
+    cur = policy.model.predict(Mode.chunked(128), at)
+    new = policy.model.predict(Mode.chunked(256), at)
+    few = [i / 0.76 for i in range(64)]
+    _feed_gaps(policy, few)
+    assert policy._better(new, cur, at)  # the default: the point estimate's gain
+    strict = nova(switch_z=1.0)
+    _feed_gaps(strict, few)
+    assert not strict._better(new, cur, at)
+    sure = nova(switch_z=1.0)
+    _feed_gaps(sure, [i / 0.76 for i in range(1024)])
+    assert sure._better(new, cur, at)
+    assert make_policy("nova[switch_z=1]", cost_model=roofline("a6000")).switch_z == 1
+    with pytest.raises(ValueError, match="switch_z"):
+        make_policy("nova[switch_z=-1]", cost_model=roofline("a6000"))
 
 
 def test_provisional_plans_know_the_arrivals_are_clustered():

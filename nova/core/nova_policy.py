@@ -166,6 +166,7 @@ class NovaPolicy(Policy):
         "ample_utilization": "ample_utilization",
         "tail_window": "tail_window_requests",
         "carry_tie": "carry_tie",
+        "switch_z": "switch_z",
     }
 
     def __init__(
@@ -199,6 +200,7 @@ class NovaPolicy(Policy):
         # "The tail of a run, not of the steady state")
         tail_window_requests: float | None = 1000.0,
         carry_tie: int = 0,
+        switch_z: float = 0.0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -243,6 +245,11 @@ class NovaPolicy(Policy):
         if carry_tie < 0:
             raise ValueError(f"carry_tie must be >= 0 (0: off), not {carry_tie}")
         self.carry_tie = carry_tie  # 0: off; else the backlog from which it applies
+        if switch_z < 0:
+            raise ValueError(f"switch_z must be >= 0 (0: off), not {switch_z}")
+        # a switch for a score gain must show the gain with the rate this many standard errors
+        # above and below the planned one as well (``_gain_holds_over_rate_error``)
+        self.switch_z = switch_z
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
@@ -726,7 +733,7 @@ class NovaPolicy(Policy):
             self._pending = None
             return
         current = self.model.predict(self.mode, load)
-        if early or replace_early or self._better(best, current, load.lam_rps, load.backlog):
+        if early or replace_early or self._better(best, current, load):
             self._early_mode = early
             if (
                 (early or replace_early)
@@ -755,12 +762,35 @@ class NovaPolicy(Policy):
         low = need * (1.0 - self._rate_rel_err())
         return cur.capacity_rps * (1.0 + self.model_error) < low and need <= new.capacity_rps
 
-    def _better(self, new: Prediction, cur: Prediction, lam: float, backlog: int = 0) -> bool:
+    def _better(self, new: Prediction, cur: Prediction, load: LoadEstimate) -> bool:
+        lam = load.lam_rps
         if self._cannot_carry(cur, new, lam):
             return True
-        if 0 < self.carry_tie <= backlog and self._carries_in_tie(cur, new, lam):
+        if 0 < self.carry_tie <= load.backlog and self._carries_in_tie(cur, new, lam):
             return True
+        if not self._gains(new, cur):
+            return False
+        return self.switch_z <= 0.0 or self._gain_holds_over_rate_error(new, cur, load)
+
+    def _gains(self, new: Prediction, cur: Prediction) -> bool:
+        """``new`` scores lower than ``cur`` by more than the hysteresis."""
         return _score(new) < (1.0 - self.hysteresis) * _score(cur)
+
+    def _gain_holds_over_rate_error(
+        self, new: Prediction, cur: Prediction, load: LoadEstimate
+    ) -> bool:
+        """The switch's gain holds with the rate ``switch_z`` standard errors below and above
+        the planned one: a gain that only a rate read high (or low) shows is noise's. (A plan on
+        64 arrivals errs by 12%; near two modes' capacities their order turns on less.)"""
+        err = self.switch_z * self._rate_rel_err()
+        predict = self.model.predict
+        for factor in (1.0 - err, 1.0 + err):
+            if factor <= 0.0:
+                continue
+            at = replace(load, lam_rps=load.lam_rps * factor)
+            if not self._gains(predict(new.mode, at), predict(cur.mode, at)):
+                return False
+        return True
 
     def _carries_in_tie(self, cur: Prediction, new: Prediction, lam: float) -> bool:
         """``new`` carries the planned rate, the current mode does not (at the point estimate),
