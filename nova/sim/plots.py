@@ -75,6 +75,7 @@ def plot_report(
                         [p[metric] for p in pts],
                         marker="o",
                         lw=2.2 if policy in (NOVA, ORACLE) else 1.0,
+                        zorder=3 if policy == NOVA else 2,  # on top where a line is nova's too
                         label=policy,
                     )
             bb = []
@@ -115,7 +116,16 @@ def plot_report(
             continue
         e2e = seeds[min(seeds)].get("e2e_s") or []
         if e2e:
-            ax.plot(e2e, [(i + 1) / len(e2e) for i in range(len(e2e))], label=policy)
+            # nova on top, dashed: where it runs a baseline's discipline its curve is that one's
+            mine = policy == NOVA
+            ax.plot(
+                e2e,
+                [(i + 1) / len(e2e) for i in range(len(e2e))],
+                label=policy,
+                ls="--" if mine else "-",
+                lw=2.0 if mine else 1.2,
+                zorder=3 if mine else 2,
+            )
     ax.set_xlabel("E2E latency (s)")
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"{report['experiment']}: latency CDF at {h['load']:g} (first seed)")
