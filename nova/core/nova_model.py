@@ -215,6 +215,7 @@ class QueueModel:
         rho_cap: float = 0.95,
         overload_horizon_s: float = 60.0,
         tail_window_requests: float | None = 1000.0,
+        window_mean: bool = False,
     ) -> None:
         self.cost = cost
         self.num_sms = num_sms
@@ -226,6 +227,9 @@ class QueueModel:
         self.rho_cap = rho_cap
         self.overload_horizon_s = overload_horizon_s
         self.tail_window_requests = tail_window_requests
+        # the mean wait of a window of ``tail_window_requests`` from an empty queue, not the
+        # steady state's (``window_mean_ratio``); off: Pollaczek-Khinchine's
+        self.window_mean = window_mean
         self._memo: dict[tuple[object, ...], float] = {}
 
     # -- stage times ---------------------------------------------------------------------------
@@ -428,14 +432,18 @@ class QueueModel:
         # heavy-traffic diffusion limit)
         cs2 = max(0.0, second / (s_mean * s_mean) - 1.0)
         burst = max(1.0, (load.arrival_cv2 + cs2) / (1.0 + cs2))
-        wait = lam * second * burst / (2.0 * (1.0 - rho)) + front.extra_wait_s if lam > 0 else 0.0
         q = self.tail_quantile
         var = self.cv2 + load.prompt_cv2
         eta = _decay_rate(lam, ((f, s_img), (1.0 - f, s_txt)), var) / burst
+        window = self.tail_window_requests
+        queued = lam * second * burst / (2.0 * (1.0 - rho)) if lam > 0 else 0.0
+        if self.window_mean and window and lam > 0 and rho < 1.0 and eta > 0:
+            # a window of requests from an empty queue: its mean wait, not the steady state's
+            queued *= window_mean_ratio(rho, eta, window / lam)
+        wait = queued + front.extra_wait_s
         tail_wait = front.extra_wait_s
         if rho > 1.0 - q and eta > 0:
             stationary = math.log(rho / (1.0 - q)) / eta
-            window = self.tail_window_requests
             if window and lam > 0 and rho < 1.0:
                 # near saturation a window of requests sees its longest excursion, not the
                 # stationary tail (``window_max_wait``)
@@ -770,6 +778,33 @@ def window_max_wait(rho: float, eta: float, duration_s: float) -> float:
         w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
         g = gs[i - 1] + w * (gs[i] - gs[i - 1])
     return g / eta
+
+
+# E[the mean wait over a run from an empty queue] / the stationary (Pollaczek-Khinchine) mean
+# wait, at the same ``t`` as ``WINDOW_MAX_T``: M/D/1 at rho = 0.95 by Lindley's recursion, 300
+# seeds per point (``benchmarks/window_max_table.py`` -> ``benchmarks/results/
+# window_max_table.md``, "A run's mean wait"; M/D/1 at 0.85 and 0.9 lie at or below it up to
+# t = 3, M/M/1 at 0.95 within 4%)
+WINDOW_MEAN_R = (
+    0.235, 0.336, 0.446, 0.517, 0.592, 0.639, 0.709, 0.769, 0.824, 0.872, 0.910, 0.931,
+    0.972, 0.990, 0.986,
+)  # fmt: skip
+
+
+def window_mean_ratio(rho: float, eta: float, duration_s: float) -> float:
+    """The mean wait of a run of ``duration_s`` seconds from an empty queue over the stationary
+    mean wait, at utilization ``rho`` with waiting-tail decay rate ``eta``: ``WINDOW_MEAN_R`` at
+    ``t = duration / tau`` (``window_max_wait``'s units), log-linear between points, ``sqrt(t)``
+    below the table (a free Brownian motion's mean reach), 1 beyond it. At most 1."""
+    t = duration_s * (1.0 - rho) * eta / 2.0
+    ts, rs = WINDOW_MAX_T, WINDOW_MEAN_R
+    if t <= ts[0]:
+        return rs[0] * math.sqrt(max(t, 0.0) / ts[0])
+    if t >= ts[-1]:
+        return 1.0
+    i = bisect.bisect_right(ts, t)
+    w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
+    return min(1.0, rs[i - 1] + w * (rs[i] - rs[i - 1]))
 
 
 _POISSON_QUANTILES: dict[tuple[float, float], int] = {}

@@ -167,6 +167,8 @@ class NovaPolicy(Policy):
         "tail_window": "tail_window_requests",
         "carry_tie": "carry_tie",
         "switch_z": "switch_z",
+        "run_mean": "run_mean",
+        "rho_cap": "rho_cap",
     }
 
     def __init__(
@@ -201,6 +203,8 @@ class NovaPolicy(Policy):
         tail_window_requests: float | None = 1000.0,
         carry_tie: int = 0,
         switch_z: float = 0.0,
+        run_mean: bool = False,
+        rho_cap: float = 0.95,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -284,6 +288,8 @@ class NovaPolicy(Policy):
             ),
             cv2=cv2,
             tail_window_requests=tail_window_requests or None,
+            window_mean=bool(run_mean),
+            rho_cap=rho_cap,
         )
         if isinstance(fixed_mode, str):
             fixed_mode = Mode.parse(fixed_mode)
