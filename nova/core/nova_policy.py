@@ -198,8 +198,9 @@ class NovaPolicy(Policy):
         provisional_z: float = 1.0,
         early_from: int = _EARLY_ARRIVALS,
         # 1000, not 2000, 4000 or the stationary tail (None): on held-out seeds 3-12, 52 of 61
-        # points pass against 50, 48 and 48 (benchmarks/results/eval_heldout/; docs/scheduler.md,
-        # "The tail of a run, not of the steady state")
+        # points pass against 50, 49 and 48 (benchmarks/results/eval_heldout{,_tail_window2000,
+        # _tail_window4000,_stationary}/; docs/scheduler.md, "The tail of a run, not of the
+        # steady state")
         tail_window_requests: float | None = 1000.0,
         carry_tie: int = 0,
         switch_z: float = 0.0,
