@@ -717,6 +717,25 @@ def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
         make_policy("nova[switch_z=-1]", cost_model=roofline("a6000"))
 
 
+def test_spatial_margin_keeps_the_baselines_discipline_unless_the_spatial_edge_is_clear():
+    """``nova[spatial_margin=M]`` (off by default): at ample capacity a spatial mode that the
+    model scores less than M below the best time-sliced mode in the tie loses to it; one scored
+    further below still wins; under load (no ample room) the tie rule is unchanged."""
+    spatial = Prediction(Mode.spatial(24, 24, 1), 10.0, 40.0, 2.0, 1.2, 0.05, 4.0)  # score 50
+    chunked = Prediction(Mode.chunked(256), 10.0, 41.5, 2.0, 1.2, 0.09, 4.0)  # 51.5
+    off, on = nova(), nova(spatial_margin=0.05)
+    assert off.choose([spatial, chunked], 0.5).mode == spatial.mode  # lowest score
+    assert on.choose([spatial, chunked], 0.5).mode == chunked.mode
+    clear = replace(chunked, tail_latency_s=43.0)  # 53 > 1.05 x 50: a clear spatial edge
+    assert on.choose([spatial, clear], 0.5).mode == spatial.mode
+    # at 1.5 req/s neither has ample room: the most capacity among the tied, as before
+    roomy = replace(spatial, capacity_rps=2.2)
+    assert on.choose([roomy, chunked], 1.5).mode == roomy.mode
+    assert make_policy("nova[spatial_margin=0.05]", cost_model=roofline()).spatial_margin == 0.05
+    with pytest.raises(ValueError, match="spatial_margin"):
+        make_policy("nova[spatial_margin=-1]", cost_model=roofline())
+
+
 def test_provisional_plans_know_the_arrivals_are_clustered():
     """Before the first held rate, plans take the burstiness seen so far (not Poisson's)."""
     policy = nova()

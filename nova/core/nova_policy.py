@@ -169,6 +169,7 @@ class NovaPolicy(Policy):
         "switch_z": "switch_z",
         "run_mean": "run_mean",
         "rho_cap": "rho_cap",
+        "spatial_margin": "spatial_margin",
     }
 
     def __init__(
@@ -206,6 +207,7 @@ class NovaPolicy(Policy):
         switch_z: float = 0.0,
         run_mean: bool = False,
         rho_cap: float = 0.95,
+        spatial_margin: float = 0.0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -255,6 +257,11 @@ class NovaPolicy(Policy):
         # a switch for a score gain must show the gain with the rate this many standard errors
         # above and below the planned one as well (``_gain_holds_over_rate_error``)
         self.switch_z = switch_z
+        if spatial_margin < 0:
+            raise ValueError(f"spatial_margin must be >= 0 (0: off), not {spatial_margin}")
+        # at ample capacity a spatial mode must score this much below the best time-sliced
+        # mode in the tie to be taken over it (``choose``)
+        self.spatial_margin = spatial_margin
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
@@ -874,7 +881,15 @@ class NovaPolicy(Policy):
             # seeds, docs/scheduler.md "Ties at ample capacity")
             ample = [p for p in tied if lam <= self.ample_utilization * p.capacity_rps]
             if ample:
-                return min(ample, key=_score)
+                best = min(ample, key=_score)
+                if self.spatial_margin > 0.0 and not best.mode.time_sliced:
+                    # the baselines' discipline unless the model's edge for the spatial mode
+                    # is more than ``spatial_margin`` (benchmarks/results/nova_margins.md)
+                    bound = (1.0 + self.spatial_margin) * _score(best)
+                    sliced = [p for p in ample if p.mode.time_sliced and _score(p) <= bound]
+                    if sliced:
+                        return min(sliced, key=_score)
+                return best
             return max(tied, key=lambda p: (p.capacity_rps, -_score(p)))
         finite = [p for p in preds if p.feasible]
         if finite:
