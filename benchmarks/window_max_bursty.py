@@ -30,22 +30,12 @@ import random
 import time
 from pathlib import Path
 
+from window_max_table import decay_rate
+
 from nova.core.nova_model import window_max_wait
 
 CVS = (1.0, 2.0, 3.0, 4.0)
 RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def md1_decay_rate(rho: float) -> float:
-    """M/D/1's waiting-tail decay rate (unit service): the root of rho (e^eta - 1) = eta."""
-    lo, hi = 1e-12, 50.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if rho * math.expm1(mid) < mid:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 def run_waits(rho: float, cv: float, num_requests: int, seed: int) -> list[float]:
@@ -72,7 +62,7 @@ def cell(rho: float, cv: float, num_requests: int, seeds: int) -> dict[str, floa
     longest /= seeds
     p99 /= seeds
     burst = max(1.0, cv * cv)  # Kingman's (ca2 + cs2) / (1 + cs2) with cs2 = 0
-    eta = md1_decay_rate(rho) / burst
+    eta = decay_rate(rho, "D") / burst
     predicted = window_max_wait(rho, eta, num_requests / rho)
     stationary_p99 = math.log(rho / 0.01) / eta if rho > 0.01 else 0.0
     return {
@@ -84,6 +74,20 @@ def cell(rho: float, cv: float, num_requests: int, seeds: int) -> dict[str, floa
         "max_over_model": longest / min(stationary_p99, predicted),
         "p99_over_model": p99 / min(stationary_p99, predicted),
     }
+
+
+def table(
+    cells: dict[str, dict[str, float]], header: str, keys: tuple[str, ...], fmt: str
+) -> list[str]:
+    """A markdown table: a row per utilization, a column per CV, ``keys`` of each cell."""
+    lines = [
+        "| rho | " + " | ".join(f"CV {cv:g}{': ' + header if header else ''}" for cv in CVS) + " |",
+        "|---:|" + "---|" * len(CVS),
+    ]
+    for rho in RHOS:
+        row = [", ".join(format(cells[f"{cv:g}/{rho:g}"][k], fmt) for k in keys) for cv in CVS]
+        lines.append(f"| {rho:g} | " + " | ".join(row) + " |")
+    return lines
 
 
 def main() -> None:
@@ -112,29 +116,13 @@ def main() -> None:
         "waiting tail `nova.core.nova_model` scores (burst = CV^2, eta: M/D/1's decay rate). "
         "Each cell: measured max / model, measured p99 / model.",
         "",
-        "| rho | " + " | ".join(f"CV {cv:g}: max/model, p99/model" for cv in CVS) + " |",
-        "|---:|" + "---|" * len(CVS),
-    ]
-    for rho in RHOS:
-        row = []
-        for cv in CVS:
-            c = cells[f"{cv:g}/{rho:g}"]
-            row.append(f"{c['max_over_model']:.2f}, {c['p99_over_model']:.2f}")
-        lines.append(f"| {rho:g} | " + " | ".join(row) + " |")
-    lines += [
+        *table(cells, "max/model, p99/model", ("max_over_model", "p99_over_model"), ".2f"),
         "",
         "Absolute figures (unit service times): measured max, measured p99, model tail.",
         "",
-        "| rho | " + " | ".join(f"CV {cv:g}" for cv in CVS) + " |",
-        "|---:|" + "---|" * len(CVS),
+        *table(cells, "", ("measured_max", "measured_p99", "model_tail"), ".1f"),
+        "",
     ]
-    for rho in RHOS:
-        row = []
-        for cv in CVS:
-            c = cells[f"{cv:g}/{rho:g}"]
-            row.append(f"{c['measured_max']:.1f}, {c['measured_p99']:.1f}, {c['model_tail']:.1f}")
-        lines.append(f"| {rho:g} | " + " | ".join(row) + " |")
-    lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "window_max_bursty.md").write_text("\n".join(lines))
     meta = {"seeds": args.seeds, "requests": args.requests, "wall_s": wall, "loadavg": load0}
