@@ -289,6 +289,8 @@ def test_run_mean_bounds_the_mean_near_saturation_and_leaves_light_load_alone():
     assert near[1].tail_latency_s == pytest.approx(near[0].tail_latency_s, rel=0.05)
     wide = make_policy("nova[run_mean=1, rho_cap=0.99]", cost_model=roofline(), image_tokens=1600)
     assert wide.model.window_mean and wide.model.rho_cap == 0.99
+    with pytest.raises(ValueError, match="rho_cap"):
+        make_policy("nova[rho_cap=1]", cost_model=roofline())
 
     def score(policy: NovaPolicy, budget: int) -> float:
         pred = policy.model.predict(Mode.chunked(budget), _load(0.8))

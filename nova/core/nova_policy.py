@@ -257,6 +257,8 @@ class NovaPolicy(Policy):
         # a switch for a score gain must show the gain with the rate this many standard errors
         # above and below the planned one as well (``_gain_holds_over_rate_error``)
         self.switch_z = switch_z
+        if not 0.0 < rho_cap < 1.0:
+            raise ValueError(f"rho_cap must lie in (0, 1), not {rho_cap}")
         if spatial_margin < 0:
             raise ValueError(f"spatial_margin must be >= 0 (0: off), not {spatial_margin}")
         # at ample capacity a spatial mode must score this much below the best time-sliced
