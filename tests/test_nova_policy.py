@@ -178,22 +178,30 @@ def _md1_decay_rate(rho: float) -> float:
     return lo
 
 
+def _lindley(num_requests: int, seeds: range, gap) -> tuple[float, float]:
+    """Unit-service FIFO runs from an empty queue (Lindley's recursion), one per seed, with
+    inter-arrival gaps ``gap(rng)``: the means over runs of the longest and of the mean wait."""
+    import random
+
+    longest = mean = 0.0
+    for seed in seeds:
+        rng, wait, top, total = random.Random(seed), 0.0, 0.0, 0.0
+        for _ in range(num_requests):
+            top = max(top, wait)
+            total += wait
+            wait = max(0.0, wait + 1.0 - gap(rng))
+        longest += top
+        mean += total / num_requests
+    return longest / len(seeds), mean / len(seeds)
+
+
 @pytest.mark.parametrize(("rho", "num_requests"), [(0.9, 400), (0.95, 600), (0.8, 1500)])
 def test_window_max_wait_follows_a_simulated_queue(rho, num_requests):
     """The longest wait of a run, from the committed table, against Lindley's recursion on an
     M/D/1 queue (seeds other than the table's script's): within 12%; and far below the
     stationary p99.5 near saturation, which a run of this length does not reach."""
-    import random
-
     eta = _md1_decay_rate(rho)
-    longest = []
-    for seed in range(1000, 1150):
-        rng, wait, top = random.Random(seed), 0.0, 0.0
-        for _ in range(num_requests):
-            top = max(top, wait)
-            wait = max(0.0, wait + 1.0 - rng.expovariate(rho))
-        longest.append(top)
-    simulated = sum(longest) / len(longest)
+    simulated, _ = _lindley(num_requests, range(1000, 1150), lambda rng: rng.expovariate(rho))
     predicted = window_max_wait(rho, eta, num_requests / rho)
     assert predicted == pytest.approx(simulated, rel=0.12)
     if rho >= 0.9:
@@ -209,18 +217,11 @@ def test_window_max_wait_with_kingmans_scaling_holds_for_bursty_arrivals(cv):
     / CV^2, ``benchmarks/window_max_bursty.py``). It was suspected of under-pricing bursty
     runs; it does not: the simulated wait is at most 5% above it, and it over-prices by less
     than 25% (about 15% here)."""
-    import random
-
     rho, n = 0.7, 1000
     shape = 1.0 / (cv * cv)
-    longest = []
-    for seed in range(2000, 2100):
-        rng, wait, top = random.Random(seed), 0.0, 0.0
-        for _ in range(n):
-            top = max(top, wait)
-            wait = max(0.0, wait + 1.0 - rng.gammavariate(shape, 1.0 / (rho * shape)))
-        longest.append(top)
-    simulated = sum(longest) / len(longest)
+    simulated, _ = _lindley(
+        n, range(2000, 2100), lambda rng: rng.gammavariate(shape, 1.0 / (rho * shape))
+    )
     predicted = window_max_wait(rho, _md1_decay_rate(rho) / (cv * cv), n / rho)
     assert simulated < 1.05 * predicted
     assert predicted < 1.25 * simulated
@@ -252,17 +253,9 @@ def test_window_mean_ratio_follows_a_simulated_queue(rho, num_requests):
     """A run's mean wait from an empty queue over Pollaczek-Khinchine's, from the committed
     table, against Lindley's recursion on an M/D/1 queue (seeds other than the table's): within
     15%, at most 1, and near saturation well below it (the run does not reach the steady state)."""
-    import random
-
     eta = _md1_decay_rate(rho)
-    means = []
-    for seed in range(1000, 1150):
-        rng, wait, total = random.Random(seed), 0.0, 0.0
-        for _ in range(num_requests):
-            total += wait
-            wait = max(0.0, wait + 1.0 - rng.expovariate(rho))
-        means.append(total / num_requests)
-    simulated = sum(means) / len(means) / (rho / (2.0 * (1.0 - rho)))
+    _, mean = _lindley(num_requests, range(1000, 1150), lambda rng: rng.expovariate(rho))
+    simulated = mean / (rho / (2.0 * (1.0 - rho)))
     predicted = window_mean_ratio(rho, eta, num_requests / rho)
     assert predicted == pytest.approx(simulated, rel=0.15)
     assert predicted <= 1.0

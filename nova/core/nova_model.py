@@ -774,10 +774,16 @@ def window_max_wait(rho: float, eta: float, duration_s: float) -> float:
     elif t >= ts[-1]:
         g = gs[-1] + math.log(t / ts[-1])
     else:
-        i = bisect.bisect_right(ts, t)
-        w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
-        g = gs[i - 1] + w * (gs[i] - gs[i - 1])
+        g = _log_interp(t, gs)
     return g / eta
+
+
+def _log_interp(t: float, values: Sequence[float]) -> float:
+    """``values`` (one per ``WINDOW_MAX_T``) at ``t`` inside the grid, linear in ``log t``."""
+    ts = WINDOW_MAX_T
+    i = bisect.bisect_right(ts, t)
+    w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
+    return values[i - 1] + w * (values[i] - values[i - 1])
 
 
 # E[the mean wait over a run from an empty queue] / the stationary (Pollaczek-Khinchine) mean
@@ -802,9 +808,7 @@ def window_mean_ratio(rho: float, eta: float, duration_s: float) -> float:
         return rs[0] * math.sqrt(max(t, 0.0) / ts[0])
     if t >= ts[-1]:
         return 1.0
-    i = bisect.bisect_right(ts, t)
-    w = math.log(t / ts[i - 1]) / math.log(ts[i] / ts[i - 1])
-    return min(1.0, rs[i - 1] + w * (rs[i] - rs[i - 1]))
+    return min(1.0, _log_interp(t, rs))
 
 
 _POISSON_QUANTILES: dict[tuple[float, float], int] = {}
