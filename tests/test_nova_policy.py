@@ -265,14 +265,14 @@ def test_window_mean_ratio_follows_a_simulated_queue(rho, num_requests):
 
 
 def test_run_mean_bounds_the_mean_near_saturation_and_leaves_light_load_alone():
-    """``nova[run_mean=1]``: the scored mean wait is a window's from an empty queue. At light
+    """``run_mean`` (on by default): the scored mean wait is a window's from an empty queue. At light
     load it is the steady state's (the same prediction); near capacity it is lower, and with
     the queue terms taken up to ``rho_cap`` 0.99 it stays finite and ranks ``chunked:256``
     below ``chunked:128`` at 0.8 req/s, as the simulator does (`benchmarks/results/eval/
     paper-a6000/results.json`: max 34.9 against 42.4 s, mean 15.6 against 17.4 s), where the
-    default (steady-state mean, queue terms capped at 0.95) scores them within 1%."""
-    plain = nova()
-    windowed = nova(run_mean=True)
+    old default (steady-state mean, queue terms capped at 0.95) scores them within 1%."""
+    plain = nova(run_mean=False, rho_cap=0.95)
+    windowed = nova(run_mean=True, rho_cap=0.95)
     mode = Mode.chunked(128)
     cap = plain.model.predict(mode, _load(0.1)).capacity_rps
     light = [p.model.predict(mode, _load(0.3 * cap)) for p in (plain, windowed)]
@@ -280,8 +280,10 @@ def test_run_mean_bounds_the_mean_near_saturation_and_leaves_light_load_alone():
     near = [p.model.predict(mode, _load(0.93 * cap)) for p in (plain, windowed)]
     assert near[1].mean_latency_s < near[0].mean_latency_s
     assert near[1].tail_latency_s == pytest.approx(near[0].tail_latency_s, rel=0.05)
-    wide = make_policy("nova[run_mean=1, rho_cap=0.99]", cost_model=roofline(), image_tokens=1600)
+    wide = make_policy("nova", cost_model=roofline(), image_tokens=1600)  # the default
     assert wide.model.window_mean and wide.model.rho_cap == 0.99
+    old = make_policy("nova[run_mean=0, rho_cap=0.95]", cost_model=roofline())
+    assert not old.model.window_mean and old.model.rho_cap == 0.95
     with pytest.raises(ValueError, match="rho_cap"):
         make_policy("nova[rho_cap=1]", cost_model=roofline())
 
@@ -602,8 +604,8 @@ def test_poisson_ties_take_capacity_unless_it_is_ample():
     """A tie (scores within the model's error) under Poisson-like arrivals goes to the mode
     with the most capacity, unless some of the tied modes carry the load at most
     ``ample_utilization`` (half) loaded: the lowest score among those. A mode outside the tie
-    never wins for its capacity."""
-    policy = nova()
+    never wins for its capacity. (With ``spatial_margin`` off: its own test below.)"""
+    policy = nova(spatial_margin=0.0)
     chunked = _pred(Mode.chunked(256), 2.457, 5.2)
     spatial = _pred(Mode.spatial(48, 48, 1), 2.398, 3.5)  # 2.4% better: a tie
     assert policy.choose([chunked, spatial], 2.0) is chunked  # spatial 57% loaded
@@ -611,7 +613,8 @@ def test_poisson_ties_take_capacity_unless_it_is_ample():
     assert policy.choose([chunked, spatial], 1.75) is spatial  # exactly half: ample
     roomy = _pred(Mode.chunked(512), 2.7, 9.0)  # 12.6% worse: no tie
     assert policy.choose([roomy, spatial], 2.0) is spatial
-    assert nova(ample_utilization=0.0).choose([chunked, spatial], 1.2) is chunked  # the old rule
+    old_rule = nova(ample_utilization=0.0, spatial_margin=0.0)
+    assert old_rule.choose([chunked, spatial], 1.2) is chunked
     assert policy.choose([chunked, spatial], 1.2, clustered=True) is chunked  # its own rule
 
 
@@ -693,18 +696,20 @@ def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
     rate Z standard errors below and above the planned one too. At 0.76 req/s the model scores
     ``chunked:256`` 13% below ``chunked:128``, at 0.665 (one standard error low on 64
     arrivals) above it: a switch on a rate that may be read high is refused; on 1024 arrivals
-    (3% error) the gain holds over the interval and the switch is made."""
-    policy = nova()
+    (3% error) the gain holds over the interval and the switch is made. (Scored by the model
+    the variant was tried with: steady-state mean, queue terms capped at 0.95.)"""
+    old = {"run_mean": False, "rho_cap": 0.95}
+    policy = nova(**old)
     at = _load(0.76)
     cur = policy.model.predict(Mode.chunked(128), at)
     new = policy.model.predict(Mode.chunked(256), at)
     few = [i / 0.76 for i in range(64)]
     _feed_gaps(policy, few)
     assert policy._better(new, cur, at)  # the default: the point estimate's gain
-    strict = nova(switch_z=1.0)
+    strict = nova(switch_z=1.0, **old)
     _feed_gaps(strict, few)
     assert not strict._better(new, cur, at)
-    sure = nova(switch_z=1.0)
+    sure = nova(switch_z=1.0, **old)
     _feed_gaps(sure, [i / 0.76 for i in range(1024)])
     assert sure._better(new, cur, at)
     assert make_policy("nova[switch_z=1]", cost_model=roofline("a6000")).switch_z == 1
@@ -713,12 +718,13 @@ def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
 
 
 def test_spatial_margin_keeps_the_baselines_discipline_unless_the_spatial_edge_is_clear():
-    """``nova[spatial_margin=M]`` (off by default): at ample capacity a spatial mode that the
+    """``nova[spatial_margin=M]`` (0.05 by default; 0: off): at ample capacity a spatial mode that the
     model scores less than M below the best time-sliced mode in the tie loses to it; one scored
     further below still wins; under load (no ample room) the tie rule is unchanged."""
     spatial = Prediction(Mode.spatial(24, 24, 1), 10.0, 40.0, 2.0, 1.2, 0.05, 4.0)  # score 50
     chunked = Prediction(Mode.chunked(256), 10.0, 41.5, 2.0, 1.2, 0.09, 4.0)  # 51.5
-    off, on = nova(), nova(spatial_margin=0.05)
+    off, on = nova(spatial_margin=0.0), nova()
+    assert on.spatial_margin == 0.05
     assert off.choose([spatial, chunked], 0.5).mode == spatial.mode  # lowest score
     assert on.choose([spatial, chunked], 0.5).mode == chunked.mode
     clear = replace(chunked, tail_latency_s=43.0)  # 53 > 1.05 x 50: a clear spatial edge
