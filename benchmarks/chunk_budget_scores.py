@@ -1,9 +1,9 @@
 """nova's model's scores (predicted tail + mean latency) of ``chunked:128`` and ``chunked:256``
 on the paper's load (CogAgent on an A6000, one 1600-token screenshot, 150 text and 55 output
 tokens per request: ``tests/test_nova_policy.py``'s ``PAPER_LOAD``) against the arrival rate,
-for the model nova used to score with (``nova[run_mean=0, rho_cap=0.95]``) and the default
-since the seeds 33-42 pre-registration (``nova[run_mean=1, rho_cap=0.99]``): where the ranking of the two
-budgets turns (docs/scheduler.md, "What still fails: `paper-a6000` 0.8 req/s").
+for the model nova used to score with (``nova[run_mean=0, rho_cap=0.95]``) and its default since
+the seeds 33-42 pre-registration (``nova[run_mean=1, rho_cap=0.99]``): where the ranking of the
+two budgets turns (docs/scheduler.md, "What still fails: `paper-a6000` 0.8 req/s").
 
 Usage: ``python benchmarks/chunk_budget_scores.py [--out DIR]`` writes
 ``DIR/chunk_budget_scores.md``. Model only; no simulation, no wall-clock figures.

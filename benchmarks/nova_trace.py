@@ -3,8 +3,10 @@ the mode it chose, the mode with the lowest score, and each chunked budget's sco
 capacity. For tracing a choice back to the model (e.g. why a chunk budget other than the best
 tuned one ran). Simulated; the scores are the policy's own (predicted tail + mean latency, s).
 
-Usage: ``python benchmarks/nova_trace.py EXPERIMENT LOAD SEED [--series INDEX] [--out DIR]``
-writes ``DIR/nova_trace_<experiment>_<load>_<seed>.md`` (default DIR: benchmarks/results).
+Usage: ``python benchmarks/nova_trace.py EXPERIMENT LOAD SEED [--series INDEX] [--nova SPEC]
+[--out DIR]`` writes ``DIR/nova_trace_<experiment>_<load>_<seed>.md`` (default DIR:
+benchmarks/results). Each trace names the policy it ran: the committed ones were made under
+earlier defaults, and ``--nova`` with the spec in a trace's header reproduces it.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ def main() -> None:
     ap.add_argument("load", type=float)
     ap.add_argument("seed", type=int)
     ap.add_argument("--series", type=int, default=0)
+    ap.add_argument("--nova", default="nova", help="the policy spec to trace (default: nova)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     exp = EXPERIMENTS[args.experiment]
     spec = experiment_spec(exp)
     cost = experiment_cost_model(exp, spec)
     arrivals = workload_arrivals(exp, exp.all_series()[args.series], args.load, args.seed)
-    policy = build_policy("nova", exp, cost, spec)
+    policy = build_policy(args.nova, exp, cost, spec)
     assert isinstance(policy, NovaPolicy)
     rows: list[str] = []
     choose = policy.choose
@@ -69,7 +72,8 @@ def main() -> None:
     lines = [
         f"# nova's plans: {args.experiment}, load {args.load:g}, seed {args.seed}",
         "",
-        f"Written by `benchmarks/nova_trace.py`. Simulated, {len(res.requests)} requests. "
+        f"Written by `benchmarks/nova_trace.py`; policy `{args.nova}`. Simulated, "
+        f"{len(res.requests)} requests. "
         "Score: predicted tail + mean latency (s); capacity: requests/s.",
         "",
         "Modes run (start s, mode): " + ", ".join(f"{t:.1f} `{m}`" for t, m in policy.mode_log),
