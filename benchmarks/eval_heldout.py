@@ -70,6 +70,8 @@ T95 = {  # two-sided 95% Student t quantiles by degrees of freedom
     10: 2.228,
     14: 2.145,
     19: 2.093,
+    29: 2.045,
+    39: 2.023,
 }
 
 

@@ -401,6 +401,24 @@ def test_heldout_seeds_rerun_the_committed_choices(tmp_path):
     assert [r["nova_vs_best"] for r in again["points"]] == [r["nova_vs_best"] for r in rows]
     with pytest.raises(SystemExit):
         heldout.main(["--base", str(base), "--seeds", "3", "--reuse", str(tmp_path / "h")])
+    # benchmarks/heldout_sets.py pools sets: here the same two seeds twice, so each point's
+    # pooled ratio is the set's and its passes twice the set's; sets of other nova specs refused
+    sets = _bench("heldout_sets")
+    pooled = sets.pool([tmp_path / "h", tmp_path / "r"])
+    assert len(pooled["points"]) == len(rows)
+    by_key = {(p["series"], p["load"]): p for p in pooled["points"]}
+    for r in rows:
+        p = by_key[(r["series"], float(r["load"]))]
+        assert p["pooled_seeds"] == 4 and p["passes"] == 2 * r["pass"]
+        assert p["pooled_max"]["geomean"] == pytest.approx(r["max_ratio_paired"]["geomean"])
+        assert p["pooled_max"]["high95"] - p["pooled_max"]["low95"] <= (
+            r["max_ratio_paired"]["high95"] - r["max_ratio_paired"]["low95"] + 1e-12
+        )
+    assert "| quick-a6000 |" in sets.render(pooled)
+    other = json.loads((tmp_path / "r" / "summary.json").read_text())
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({**other, "nova": "nova[x=1]"}))
+    with pytest.raises(SystemExit, match="different nova specs"):
+        sets.pool([tmp_path / "h", tmp_path / "r"])
 
 
 def test_paired_interval_of_log_ratios():
