@@ -265,8 +265,8 @@ def test_window_mean_ratio_follows_a_simulated_queue(rho, num_requests):
 
 
 def test_run_mean_bounds_the_mean_near_saturation_and_leaves_light_load_alone():
-    """``run_mean`` (on by default): the scored mean wait is a window's from an empty queue. At light
-    load it is the steady state's (the same prediction); near capacity it is lower, and with
+    """``run_mean`` (on by default): the scored mean wait is a window's from an empty queue. At
+    light load it is the steady state's (the same prediction); near capacity it is lower, and with
     the queue terms taken up to ``rho_cap`` 0.99 it stays finite and ranks ``chunked:256``
     below ``chunked:128`` at 0.8 req/s, as the simulator does (`benchmarks/results/eval/
     paper-a6000/results.json`: max 34.9 against 42.4 s, mean 15.6 against 17.4 s), where the
@@ -718,9 +718,9 @@ def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
 
 
 def test_spatial_margin_keeps_the_baselines_discipline_unless_the_spatial_edge_is_clear():
-    """``nova[spatial_margin=M]`` (0.05 by default; 0: off): at ample capacity a spatial mode that the
-    model scores less than M below the best time-sliced mode in the tie loses to it; one scored
-    further below still wins; under load (no ample room) the tie rule is unchanged."""
+    """``nova[spatial_margin=M]`` (0.05 by default; 0: off): at ample capacity a spatial mode
+    that the model scores less than M below the best time-sliced mode in the tie loses to it;
+    one scored further below still wins; under load (no ample room) the tie rule is unchanged."""
     spatial = Prediction(Mode.spatial(24, 24, 1), 10.0, 40.0, 2.0, 1.2, 0.05, 4.0)  # score 50
     chunked = Prediction(Mode.chunked(256), 10.0, 41.5, 2.0, 1.2, 0.09, 4.0)  # 51.5
     off, on = nova(spatial_margin=0.0), nova()
