@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,14 +37,28 @@ def _key(row: dict[str, Any]) -> Key:
     return (row["experiment"], row["series"], float(row["load"]))
 
 
-def load_set(path: Path) -> tuple[dict[str, Any], dict[Key, dict[str, dict[int, float]]]]:
-    """A set's summary and its per-seed max latency per point and policy."""
+Maxes = dict[Key, dict[str, dict[int, float]]]
+Modes = dict[Key, dict[int, dict[str, float]]]
+
+
+def load_set(path: Path) -> tuple[dict[str, Any], Maxes, Modes]:
+    """A set's summary, its per-seed max latency per point and policy, and the share of each
+    nova run spent in each mode."""
     summary = json.loads((path / "summary.json").read_text())
-    maxes: dict[Key, dict[str, dict[int, float]]] = {}
+    maxes: Maxes = {}
+    modes: Modes = {}
     for row in json.loads((path / "per_seed.json").read_text()):
         by_policy = maxes.setdefault(_key(row), {}).setdefault(row["policy"], {})
         by_policy[row["seed"]] = row["metrics"]["max_latency_s"]
-    return summary, maxes
+        if row["policy"] == "nova":
+            modes.setdefault(_key(row), {})[row["seed"]] = row["metrics"].get("modes") or {}
+    return summary, maxes, modes
+
+
+def baseline_mode(policy: str) -> str | None:
+    """nova's mode label for a ``chunked_prefill[budget=B]`` baseline (None for others)."""
+    prefix = "chunked_prefill[budget="
+    return f"chunked:{policy[len(prefix) : -1]}" if policy.startswith(prefix) else None
 
 
 def _shown(path: Path) -> str:
@@ -58,12 +74,12 @@ def _mark(low: float, high: float) -> str:
 
 def pool(sets: list[Path]) -> dict[str, Any]:
     loaded = [(path, *load_set(path)) for path in sets]
-    specs = {summary["nova"] for _, summary, _ in loaded}
+    specs = {summary["nova"] for _, summary, _, _ in loaded}
     if len(specs) != 1:
         raise SystemExit(f"the sets ran different nova specs: {sorted(specs)}")
     points: dict[Key, dict[str, Any]] = {}
     labels: list[str] = []
-    for path, summary, maxes in loaded:
+    for path, summary, maxes, modes in loaded:
         label = f"{min(summary['seeds'])}-{max(summary['seeds'])}"
         if label in labels:  # two sets of the same seeds: tell them apart by directory
             label += f" ({path.name})"
@@ -79,6 +95,7 @@ def pool(sets: list[Path]) -> dict[str, Any]:
                     "nova": [],
                     "best": [],
                     "oracle_max": [],
+                    "share": [],
                 },
             )
             if row["best_baseline"] != p["best_baseline"]:
@@ -95,6 +112,8 @@ def pool(sets: list[Path]) -> dict[str, Any]:
             row["nova"] += [maxes[key]["nova"][s] for s in seeds]
             row["best"] += [maxes[key][p["best_baseline"]][s] for s in seeds]
             row["oracle_max"] += [maxes[key][p["oracle"]][s] for s in seeds]
+            own = baseline_mode(p["best_baseline"])
+            row["share"] += [modes[key][s].get(own, 0.0) if own else None for s in seeds]
     out = []
     for (experiment, series, load), row in sorted(points.items()):
         gm, low, high = paired_interval(row["nova"], row["best"])
@@ -112,6 +131,12 @@ def pool(sets: list[Path]) -> dict[str, Any]:
                 "pooled_max": {"geomean": gm, "low95": low, "high95": high},
                 "pooled_beyond_noise": _mark(low, high),
                 "pooled_oracle_max": {"geomean": ogm, "low95": olow, "high95": ohigh},
+                # per seed: nova's max over the best baseline's, and the share of nova's run
+                # spent in that baseline's own mode (None: the baseline is not a chunked budget)
+                "per_seed": [
+                    {"max_ratio": a / b, "baseline_mode_share": sh}
+                    for a, b, sh in zip(row["nova"], row["best"], row["share"])
+                ],
             }
         )
     return {
@@ -149,6 +174,34 @@ def per_experiment(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+SHARE_BINS = ((0.9, 1.0), (0.5, 0.9), (0.0, 0.5))
+
+
+def by_share(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed runs binned by the share of nova's run spent in the best baseline's own mode: per
+    bin the number of runs, the geometric mean of nova's max over the baseline's, and how many
+    of them are over 1.03."""
+    out = []
+    for low, high in SHARE_BINS:
+        ratios = [
+            r["max_ratio"]
+            for r in runs
+            if r["baseline_mode_share"] is not None
+            and low <= r["baseline_mode_share"] <= high
+            and not (high < 1.0 and r["baseline_mode_share"] == high)
+        ]
+        gm = math.exp(statistics.fmean(math.log(x) for x in ratios)) if ratios else math.nan
+        out.append(
+            {
+                "share": f"{low:g}-{high:g}",
+                "runs": len(ratios),
+                "geomean": gm,
+                "over_1_03": sum(x > 1.03 for x in ratios),
+            }
+        )
+    return out
+
+
 def render(result: dict[str, Any]) -> str:
     labels = list(result["points"][0]["sets"])
     lines = [
@@ -178,6 +231,30 @@ def render(result: dict[str, Any]) -> str:
             f"{min(e['ratios']):.3f} ... {max(e['ratios']):.3f} | "
             f"{', '.join(e['pooled_below']) or '-'} | {', '.join(e['pooled_above']) or '-'} |"
         )
+    chunked = [r for p in result["points"] for r in p["per_seed"]]
+    hard = [p for p in result["points"] if p["passes"] <= 1]
+    lines += [
+        "",
+        "## The baseline's own mode",
+        "",
+        "Where the best tuned baseline is a `chunked_prefill` budget: every seed run binned by the "
+        "share of nova's run spent in that budget's own mode (`chunked:B`, the same decisions), "
+        "with nova's max over the baseline's (geometric mean) and the runs over 1.03. All such "
+        "points, then each point that passes on at most one set.",
+        "",
+        "| points | share of the run in the baseline's mode | runs | max ratio | runs over 1.03 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, runs in [("all", chunked)] + [
+        (f"{p['experiment']} {p['series']} {p['load']:g}".replace("  ", " "), p["per_seed"])
+        for p in hard
+    ]:
+        for b in by_share(runs):
+            if b["runs"]:
+                lines.append(
+                    f"| {label} | {b['share']} | {b['runs']} | {b['geomean']:.3f} | "
+                    f"{b['over_1_03']} |"
+                )
     total = sum(p["passes"] for p in result["points"])
     cells = sum(len(p["sets"]) for p in result["points"])
     per_set = {lab: sum(p["sets"][lab]["pass"] for p in result["points"]) for lab in labels}

@@ -410,11 +410,22 @@ def test_heldout_seeds_rerun_the_committed_choices(tmp_path):
     for r in rows:
         p = by_key[(r["series"], float(r["load"]))]
         assert p["pooled_seeds"] == 4 and p["passes"] == 2 * r["pass"]
+        shares = [x["baseline_mode_share"] for x in p["per_seed"]]
+        assert len(shares) == 4 and all(x is None or 0.0 <= x <= 1.0 for x in shares)
         assert p["pooled_max"]["geomean"] == pytest.approx(r["max_ratio_paired"]["geomean"])
         assert p["pooled_max"]["high95"] - p["pooled_max"]["low95"] <= (
             r["max_ratio_paired"]["high95"] - r["max_ratio_paired"]["low95"] + 1e-12
         )
     assert "| quick-a6000 |" in sets.render(pooled)
+    assert sets.baseline_mode("chunked_prefill[budget=256]") == "chunked:256"
+    assert sets.baseline_mode("pf_limit[limit=4]") is None
+    runs = [
+        {"max_ratio": 1.1, "baseline_mode_share": 0.2},
+        {"max_ratio": 1.0, "baseline_mode_share": 1.0},
+    ]
+    bins = {b["share"]: b for b in sets.by_share(runs)}
+    assert bins["0.9-1"]["runs"] == 1 and bins["0-0.5"]["over_1_03"] == 1
+    assert bins["0.5-0.9"]["runs"] == 0
     other = json.loads((tmp_path / "r" / "summary.json").read_text())
     (tmp_path / "r" / "summary.json").write_text(json.dumps({**other, "nova": "nova[x=1]"}))
     with pytest.raises(SystemExit, match="different nova specs"):
