@@ -31,8 +31,12 @@ When the rate bucket, the backlog bucket or the mix moved, it re-plans: every ca
 scored by ``QueueModel.predict``; among the modes whose capacity carries the load with
 ``capacity_margin`` to spare it takes the lowest predicted tail latency plus mean, scores within
 ``model_error`` of the lowest being a tie that goes to the most capacity, or, among tied modes
-at most ``ample_utilization`` loaded, to the lowest score; when none carries the load, the one
-with the most capacity (the capacity guard). It switches only for a
+at most ``ample_utilization`` loaded, to the lowest score (a spatial one only if it scores
+``spatial_margin`` below the best time-sliced one there); when none carries the load, the one
+with the most capacity (the capacity guard). The model scores a run's window, not the steady
+state: the tail and (``run_mean``) the mean wait of ``tail_window_requests`` requests from an
+empty queue, with queue terms taken up to ``rho_cap`` (docs/scheduler.md, "The tail of a run"
+and "Pre-registered: seeds 33-42"). It switches only for a
 ``hysteresis`` gain or when the current mode can no longer carry the load (the rate one
 standard error low above its capacity by more than ``model_error``). Plans are cached
 per (rate bucket, backlog bucket, mix), so most re-plans are a dictionary lookup.
