@@ -717,6 +717,26 @@ def test_switch_z_asks_a_switchs_gain_to_hold_over_the_rates_error():
         make_policy("nova[switch_z=-1]", cost_model=roofline("a6000"))
 
 
+def test_switch_backlog_waives_switch_z_once_a_queue_builds():
+    """``nova[switch_z=Z, switch_backlog=B]``: with B or more requests at the front the
+    switch is judged on the point estimate's gain alone; below B, ``switch_z`` still asks the
+    gain to hold over the rate's error (the old model's scores, as in the test above)."""
+    old = {"run_mean": False, "rho_cap": 0.95}
+    few = [i / 0.76 for i in range(64)]
+    policy = nova(switch_z=1.0, switch_backlog=15, **old)
+    _feed_gaps(policy, few)
+    quiet, queued = _load(0.76, backlog=14), _load(0.76, backlog=15)
+    cur = policy.model.predict(Mode.chunked(128), quiet)
+    new = policy.model.predict(Mode.chunked(256), quiet)
+    assert not policy._better(new, cur, quiet)  # switch_z's refusal stands
+    assert policy._better(new, cur, queued)  # a queue building: the gain is taken
+    worse = replace(new, tail_latency_s=cur.tail_latency_s + 10.0)
+    assert not policy._better(worse, cur, queued)  # but never a switch without a gain
+    assert nova().switch_backlog == 0
+    with pytest.raises(ValueError, match="switch_backlog"):
+        make_policy("nova[switch_backlog=-1]", cost_model=roofline("a6000"))
+
+
 def test_spatial_margin_keeps_the_baselines_discipline_unless_the_spatial_edge_is_clear():
     """``nova[spatial_margin=M]`` (0.05 by default; 0: off): at ample capacity a spatial mode
     that the model scores less than M below the best time-sliced mode in the tie loses to it;

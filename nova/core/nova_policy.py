@@ -171,6 +171,7 @@ class NovaPolicy(Policy):
         "tail_window": "tail_window_requests",
         "carry_tie": "carry_tie",
         "switch_z": "switch_z",
+        "switch_backlog": "switch_backlog",
         "run_mean": "run_mean",
         "rho_cap": "rho_cap",
         "spatial_margin": "spatial_margin",
@@ -209,6 +210,7 @@ class NovaPolicy(Policy):
         tail_window_requests: float | None = 1000.0,
         carry_tie: int = 0,
         switch_z: float = 0.0,
+        switch_backlog: int = 0,
         # the next three together, chosen before seeds 33-42 were run and preferred there
         # (57 of 61 points against 52 for run_mean=False, rho_cap=0.95, spatial_margin=0:
         # benchmarks/results/preregistration_seeds_33_42.md; docs/scheduler.md, "Pre-registered:
@@ -265,6 +267,11 @@ class NovaPolicy(Policy):
         # a switch for a score gain must show the gain with the rate this many standard errors
         # above and below the planned one as well (``_gain_holds_over_rate_error``)
         self.switch_z = switch_z
+        if switch_backlog < 0:
+            raise ValueError(f"switch_backlog must be >= 0 (0: off), not {switch_backlog}")
+        # with at least this many requests at the front, ``switch_z`` is waived: a queue
+        # building is evidence of the load that the rate estimate's noise is not
+        self.switch_backlog = switch_backlog
         if not 0.0 < rho_cap < 1.0:
             raise ValueError(f"rho_cap must lie in (0, 1), not {rho_cap}")
         if spatial_margin < 0:
@@ -794,7 +801,9 @@ class NovaPolicy(Policy):
             return True
         if not self._gains(new, cur):
             return False
-        return self.switch_z <= 0.0 or self._gain_holds_over_rate_error(new, cur, load)
+        if self.switch_z <= 0.0 or 0 < self.switch_backlog <= load.backlog:
+            return True
+        return self._gain_holds_over_rate_error(new, cur, load)
 
     def _gains(self, new: Prediction, cur: Prediction) -> bool:
         """``new`` scores lower than ``cur`` by more than the hysteresis."""
