@@ -53,8 +53,7 @@ def main() -> None:
         for lam in RATES:
             load = LoadEstimate(lam, 1.0, 1.0, 150, 55)
             s128, s256 = (
-                p.tail_latency_s + p.mean_latency_s
-                for p in (model.predict(Mode.chunked(b), load) for b in (128, 256))
+                p.score_s for p in (model.predict(Mode.chunked(b), load) for b in (128, 256))
             )
             lines.append(f"| {lam:g} | {s128:.1f} | {s256:.1f} | {s256 / s128:.3f} |")
         lines.append("")

@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nova.core.nova_model import Prediction
 from nova.core.nova_policy import NovaPolicy
 from nova.sim.eval import (
     EXPERIMENTS,
@@ -42,10 +41,6 @@ SETS = {
     "13-22": RESULTS / "eval_fresh_seeds" / "summary.json",
     "23-32": RESULTS / "eval_seeds_23_32" / "summary.json",
 }
-
-
-def _score(pred: Prediction) -> float:
-    return pred.tail_latency_s + pred.mean_latency_s
 
 
 def model_view(experiment: str, series: str, load: float, warm: int) -> dict[str, Any] | None:
@@ -69,12 +64,12 @@ def model_view(experiment: str, series: str, load: float, warm: int) -> dict[str
     sliced = [p for p in carry if p.mode.kind != "spatial"]
     if not spatial or not sliced:
         return None
-    bs, bt = min(spatial, key=_score), min(sliced, key=_score)
+    bs, bt = (min(group, key=lambda p: p.score_s) for group in (spatial, sliced))
     return {
         "chosen": chosen.mode.label,
         "best_spatial": bs.mode.label,
         "best_time_sliced": bt.mode.label,
-        "spatial_over_time_sliced": _score(bs) / _score(bt),
+        "spatial_over_time_sliced": bs.score_s / bt.score_s,
     }
 
 

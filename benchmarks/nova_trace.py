@@ -26,11 +26,6 @@ from nova.sim.eval import (
 )
 
 
-def _score(pred: Prediction) -> float:
-    """What nova minimizes (``nova.core.nova_policy``'s score): predicted tail + mean latency."""
-    return pred.tail_latency_s + pred.mean_latency_s
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -53,16 +48,16 @@ def main() -> None:
         preds: list[Prediction], lam: float, clustered: bool = False, floor: float | None = None
     ) -> Prediction:
         out = choose(preds, lam, clustered, floor)
-        lowest = min(preds, key=_score)
+        lowest = min(preds, key=lambda p: p.score_s)
         chunked = sorted(
             [p for p in preds if p.mode.kind == "chunked"], key=lambda p: p.mode.token_budget
         )
         budgets = "; ".join(
-            f"{p.mode.label} {_score(p):.2f} s, {p.capacity_rps:.3f}/s" for p in chunked
+            f"{p.mode.label} {p.score_s:.2f} s, {p.capacity_rps:.3f}/s" for p in chunked
         )
         rows.append(
             f"| {lam:.3f} | {clustered} | {floor} | `{out.mode.label}` | "
-            f"`{lowest.mode.label}` {_score(lowest):.2f} | {budgets} |"
+            f"`{lowest.mode.label}` {lowest.score_s:.2f} | {budgets} |"
         )
         return out
 

@@ -155,6 +155,12 @@ class Prediction:
     def feasible(self) -> bool:
         return math.isfinite(self.tail_latency_s)
 
+    @property
+    def score_s(self) -> float:
+        """What nova minimizes: predicted tail plus mean latency (both matter; the tail alone
+        cannot tell apart modes whose tails are within the model's error)."""
+        return self.tail_latency_s + self.mean_latency_s
+
 
 @dataclass(slots=True, frozen=True)
 class _Front:

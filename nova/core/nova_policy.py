@@ -965,6 +965,5 @@ def decode_first_stage(state: SchedulerState) -> Stage | None:
 
 
 def _score(pred: Prediction) -> float:
-    """What nova minimizes: predicted tail plus mean latency (both matter; the tail alone
-    cannot tell apart modes whose tails are within the model's error)."""
-    return pred.tail_latency_s + pred.mean_latency_s
+    """What nova minimizes (``Prediction.score_s``), as a sort key."""
+    return pred.score_s
