@@ -20,6 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nova.core.nova_model import Mode
+from nova.core.policy import parse_policy_name
+from nova.sim.eval import NOVA
+
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_heldout import paired_interval
 
@@ -50,15 +54,16 @@ def load_set(path: Path) -> tuple[dict[str, Any], Maxes, Modes]:
     for row in json.loads((path / "per_seed.json").read_text()):
         by_policy = maxes.setdefault(_key(row), {}).setdefault(row["policy"], {})
         by_policy[row["seed"]] = row["metrics"]["max_latency_s"]
-        if row["policy"] == "nova":
+        if row["policy"] == NOVA:
             modes.setdefault(_key(row), {})[row["seed"]] = row["metrics"].get("modes") or {}
     return summary, maxes, modes
 
 
 def baseline_mode(policy: str) -> str | None:
     """nova's mode label for a ``chunked_prefill[budget=B]`` baseline (None for others)."""
-    prefix = "chunked_prefill[budget="
-    return f"chunked:{policy[len(prefix) : -1]}" if policy.startswith(prefix) else None
+    base, params = parse_policy_name(policy)
+    budget = params.get("budget")
+    return Mode.chunked(int(budget)).label if base == "chunked_prefill" and budget else None
 
 
 def _shown(path: Path) -> str:
@@ -108,8 +113,8 @@ def pool(sets: list[Path]) -> dict[str, Any]:
                 "mean": p["nova_vs_best"]["mean"],
                 "beyond_noise": _mark(paired["low95"], paired["high95"]),
             }
-            seeds = sorted(maxes[key]["nova"])
-            row["nova"] += [maxes[key]["nova"][s] for s in seeds]
+            seeds = sorted(maxes[key][NOVA])
+            row["nova"] += [maxes[key][NOVA][s] for s in seeds]
             row["best"] += [maxes[key][p["best_baseline"]][s] for s in seeds]
             row["oracle_max"] += [maxes[key][p["oracle"]][s] for s in seeds]
             own = baseline_mode(p["best_baseline"])
