@@ -443,13 +443,22 @@ def test_a_full_replica_spills_and_full_replicas_answer_503(server, http):
     assert len(ok) + len(rejected) == 3 * MAX_QUEUE, [r[0] for r in results]
     # one session, yet both replicas took its requests: a full replica spills to the session's
     # next one, and nothing is refused while either has room
-    assert set(ok) == set(REPLICAS), ok
-    assert len(ok) >= 2 * MAX_QUEUE, ok
+    after = http.get("/metrics").text
+    refused = {
+        reason: _sample(after, "nova_ingress_rejected_total", reason=reason)
+        - _sample(before, "nova_ingress_rejected_total", reason=reason)
+        for reason in ("backpressure", "queue_timeout", "no_replicas", "replica_failed")
+    }
+    spilled = _sample(after, "nova_ingress_routing_decisions_total", decision="spill") - _sample(
+        before, "nova_ingress_routing_decisions_total", decision="spill"
+    )
+    why = f"{ok}; ingress refusals {refused}; spills {spilled}"
+    assert set(ok) == set(REPLICAS), why
+    assert len(ok) >= 2 * MAX_QUEUE, why
     assert rejected, "every replica was full, so some requests must be refused"
     for headers, body in rejected:
         assert headers["retry-after"] == "1"
         assert json.loads(body)["error"]["code"] == "overloaded"
-    after = http.get("/metrics").text
     name = "nova_ingress_routing_decisions_total"
     assert _sample(after, name, decision="spill") > _sample(before, name, decision="spill")
 

@@ -279,7 +279,8 @@ def test_serve_options_follow_the_server_and_engine_settings():
     assert cpu["num_replicas"] == 3
     assert cpu["ray_actor_options"] == {"num_cpus": 1.0}
     assert cpu["max_ongoing_requests"] == 512 + CONTROL_SLOTS
-    assert cpu["max_queued_requests"] == 512
+    # a burst the three replicas can admit waits in the ingress, it is not refused there
+    assert cpu["max_queued_requests"] == 3 * 512
     router = cpu["request_router_config"]
     assert router["request_router_class"] == ROUTER_CLASS
     assert router["request_router_kwargs"]["saturated_at"] == 64

@@ -137,7 +137,10 @@ def replica_options(
     """``NovaReplica``'s deployment options. Serve admits up to ``max_queue`` +
     ``CONTROL_SLOTS`` requests per replica; the replica's own admission answers 503 beyond
     ``max_queue``. ``max_queued_requests``: requests waiting in the ingress for a replica
-    beyond which the ingress answers 503 at once."""
+    beyond which the ingress answers 503 at once; it is the whole deployment's admission
+    (``max_queue`` times the replicas), because a burst waits there while Serve assigns it,
+    and a smaller bound refused part of a burst the replicas had room for (on a loaded
+    2-core machine, 5 of 12 requests with 8 free slots)."""
     actor: dict[str, Any] = {"num_cpus": deploy.cpus_per_replica}
     gpus = deploy.num_gpus(device)
     if gpus > 0:
@@ -146,7 +149,7 @@ def replica_options(
         "num_replicas": deploy.replicas or 1,
         "ray_actor_options": actor,
         "max_ongoing_requests": (max_queue or UNBOUNDED_MAX_ONGOING) + CONTROL_SLOTS,
-        "max_queued_requests": max_queue if max_queue is not None else -1,
+        "max_queued_requests": max_queue * (deploy.replicas or 1) if max_queue is not None else -1,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
