@@ -281,11 +281,18 @@ def build_evidence(
         if probe.breakdown(StageWork.decode([context] * int(b)), 1.0).bound == "memory"
     ]
     sms_measured = sorted(int(k) for k in decode_rows[str(b_min)])
-    if bound_ok and len(sms_measured) > 1:
-        b = max(bound_ok)
-        row = decode_rows[str(b)]
-        overhead = fit.decode_overhead_s
-        t_full = row[str(n)] - overhead
+    b = max(bound_ok) if bound_ok else 0
+    row = decode_rows.get(str(b), {})
+    overhead = fit.decode_overhead_s
+    t_full = row[str(n)] - overhead if row else 0.0
+    if bound_ok and len(sms_measured) > 1 and t_full <= 0.0:
+        # the fitted per-step overhead is the whole step on all SMs (noise, or a step that is
+        # all launch overhead): no memory time to take fractions of; the default curve stays
+        derived["curve_skipped"] = (
+            f"decode batch {b}: step on all {n} SMs {row[str(n)] * 1e3:.3f} ms <= fitted "
+            f"overhead {overhead * 1e3:.3f} ms"
+        )
+    elif bound_ok and len(sms_measured) > 1:
         points = []
         last = 0.0
         for k in sms_measured:

@@ -118,3 +118,18 @@ def test_evidence_from_the_models_own_predictions_is_the_model(gpu_name):
         if model.breakdown(StageWork.decode([ctx] * b), p["sms"] / n).bound == "memory":
             assert p["fraction"] == pytest.approx(model.bandwidth_fraction(p["sms"]), abs=2e-3)
     assert doc["curves"]["corun"] and all("source" in p for p in doc["curves"]["corun"])
+
+
+def test_a_decode_step_within_the_fitted_overhead_leaves_the_default_curve():
+    """A loaded CPU's smoke run once timed the largest decode batch on every core below the
+    fitted per-step overhead: no memory time to take fractions of, so no curve is written
+    (the file would not load: fractions of 0), and the summary says why."""
+    mod = _load_script()
+    res, model, spec = _synthetic_results("h200")
+    _, derived = mod.build_evidence(res, model.gpu(), spec, "synthetic measurement")
+    b, n = derived["curve_batch"], res["num_sms"]
+    res["decode"][str(b)][str(n)] = 1e-7
+    doc, derived = mod.build_evidence(res, model.gpu(), spec, "synthetic measurement")
+    assert "hbm_vs_sms" not in doc and "curve_batch" not in derived
+    assert f"decode batch {b}" in derived["curve_skipped"]
+    parse_evidence(doc, "synthetic")
