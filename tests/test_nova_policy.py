@@ -22,7 +22,7 @@ from nova.core.nova_model import (
     window_max_wait,
     window_mean_ratio,
 )
-from nova.core.nova_policy import NovaPolicy
+from nova.core.nova_policy import DEFAULT_BUDGETS, NovaPolicy, budget_grid
 from nova.core.policy import StageLimits, make_policy, parse_policy_name, policy_name
 from nova.cost.base import make_cost_model
 from nova.sim.simulator import SimArrival, Simulator, arrivals_from_workload
@@ -872,3 +872,24 @@ def test_gap_estimate_survives_a_mean_gap_that_squares_to_zero():
     obs = _Observed(num_gaps=2, gap_s=3.5e-205, gap_sq_s2=0.0)
     assert obs.gap_s > 0.0 and obs.gap_s * obs.gap_s == 0.0
     assert obs.arrival_cv2() == 1.0 and not obs.clustered()
+
+
+def test_budget_step_fills_the_chunk_budget_grid():
+    """``nova[budget_step=S]`` adds every multiple of S from the smallest budget up to 512 to
+    the budgets nova chooses among; 0 keeps them as given; the grid is used by every plan."""
+    assert budget_grid(DEFAULT_BUDGETS) == DEFAULT_BUDGETS
+    fine = budget_grid(DEFAULT_BUDGETS, 32)
+    assert fine[:3] == (128, 160, 192) and 320 in fine and fine[-3:] == (512, 1024, 2048)
+    assert len(fine) == 15 and list(fine) == sorted(set(fine))
+    assert budget_grid((128, 1024), 64) == (128, 192, 256, 320, 384, 448, 512, 1024)
+    with pytest.raises(ValueError, match="budget_step"):
+        budget_grid(DEFAULT_BUDGETS, -32)
+    with pytest.raises(ValueError, match="token budgets"):
+        budget_grid((0, 128))
+    p = make_policy("nova[budget_step=64]", cost_model=roofline("a6000"), image_tokens=1600)
+    assert p.token_budgets == budget_grid(DEFAULT_BUDGETS, 64)
+    chunked = {
+        pred.mode.token_budget for pred in p.candidates(_load(0.5)) if pred.mode.kind == "chunked"
+    }
+    assert chunked == set(p.token_budgets)
+    assert make_policy("nova", cost_model=roofline("a6000")).token_budgets == DEFAULT_BUDGETS

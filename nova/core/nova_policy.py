@@ -94,7 +94,7 @@ from nova.core.policy import (
 from nova.cost.base import CostModel
 from nova.types import Batch, Partition, Request, RequestStatus, Stage, StageResult
 
-__all__ = ["LoadEstimate", "Mode", "NovaPolicy", "Prediction"]
+__all__ = ["LoadEstimate", "Mode", "NovaPolicy", "Prediction", "budget_grid"]
 
 _VISION, _PREFILL, _DECODE = Stage.VISION, Stage.PREFILL, Stage.DECODE
 _WAITING_VISION, _WAITING_PREFILL = RequestStatus.WAITING_VISION, RequestStatus.WAITING_PREFILL
@@ -105,6 +105,7 @@ _COMPUTE_STAGES = (_VISION, _PREFILL)
 _OTHER_STAGES = {s: tuple(o for o in (_VISION, _PREFILL, _DECODE) if o is not s) for s in Stage}
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048)
+FINE_BUDGETS_UP_TO = 512  # ``budget_step`` fills the grid between the smallest budget and this
 _MIN_ARRIVALS = 16  # arrivals before the first rate estimate (two arrivals say little)
 # arrivals before the first early plan (below ``_MIN_ARRIVALS``: the rate so far, one standard
 # error high, 1/sqrt(8) = 35%); tuned on the evaluation (docs/scheduler.md, "Early plans")
@@ -160,6 +161,20 @@ class _Observed:
         return estimate > 1.0 + 2.0 * math.sqrt(23.0 / min(self.num_gaps, _GAP_MEMORY))
 
 
+def budget_grid(budgets: Iterable[int], step: int = 0) -> tuple[int, ...]:
+    """The chunk token budgets nova chooses among: ``budgets``, and with ``step`` > 0 every
+    multiple of ``step`` above the smallest of them up to ``FINE_BUDGETS_UP_TO`` as well
+    (``budget_grid((128, 1024), 32)``: 128, 160, 192, ..., 480, 512, 1024)."""
+    grid = set(budgets)
+    if not grid or min(grid) < 1:
+        raise ValueError(f"token budgets must be >= 1, not {sorted(grid)}")
+    if step < 0:
+        raise ValueError(f"budget_step must be >= 0 (0: the budgets as given), not {step}")
+    if step:
+        grid.update(range(min(grid), FINE_BUDGETS_UP_TO + 1, step))
+    return tuple(sorted(grid))
+
+
 @register_policy("nova")
 class NovaPolicy(Policy):
     idle_without_queue = True
@@ -175,6 +190,7 @@ class NovaPolicy(Policy):
         "run_mean": "run_mean",
         "rho_cap": "rho_cap",
         "spatial_margin": "spatial_margin",
+        "budget_step": "budget_step",
     }
 
     def __init__(
@@ -218,6 +234,7 @@ class NovaPolicy(Policy):
         run_mean: bool = True,
         rho_cap: float = 0.99,
         spatial_margin: float = 0.05,
+        budget_step: int = 0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -299,7 +316,7 @@ class NovaPolicy(Policy):
         self._early_mode = False  # the mode was chosen by an early plan (``_maybe_replan``)
         # a switch that waits for the system to empty (``_maybe_replan``)
         self._pending: Mode | None = None
-        self.token_budgets = tuple(sorted(set(token_budgets)))
+        self.token_budgets = budget_grid(token_budgets, budget_step)
         self.prefill_limits = tuple(sorted(set(prefill_limits)))
         self.allow_time_sliced = allow_time_sliced
         self.model = QueueModel(
