@@ -506,3 +506,37 @@ def test_a_reuse_run_draws_its_plots_with_the_cdf_runs_rerun(tmp_path):
         assert max(e2e) == pytest.approx(drawn[cell][policy][0]["max_latency_s"])
         assert "e2e_s" not in raw[cell][policy][0]  # the reused runs are left as they were
         assert drawn[cell][policy][1] is raw[cell][policy][1]  # other seeds: not re-run
+
+
+def test_fine_budget_baselines_picks_nova_budgets_off_the_grid_and_the_best_baseline():
+    """benchmarks/fine_budget_baselines.py: the budgets outside 128/256/512/2048 where nova spent
+    at least the minimum share of its runs (mean over seeds), and the comparison with the
+    lowest mean max among the point's baselines."""
+    fine = _bench("fine_budget_baselines")
+    point = ("x", "", 0.5)
+
+    def row(policy: str, seed: int, max_s: float, modes: dict | None = None) -> dict:
+        metrics = {"max_latency_s": max_s, "p99_latency_s": max_s, "mean_latency_s": max_s / 2}
+        if modes is not None:
+            metrics["modes"] = modes
+        return {"experiment": "x", "series": "", "load": 0.5, "policy": policy, "seed": seed,
+                "metrics": metrics}  # fmt: skip
+
+    rows = [
+        row("nova", 0, 9.0, {"chunked:160": 0.95, "chunked:256": 0.05}),
+        row("nova", 1, 11.0, {"chunked:160": 0.85, "chunked:320": 0.15}),
+        row("chunked_prefill[budget=256]", 0, 10.0),
+        row("chunked_prefill[budget=256]", 1, 12.0),
+        row("chunked_prefill[budget=160]", 0, 9.0),
+        row("chunked_prefill[budget=160]", 1, 10.0),
+    ]
+    assert fine.nova_budgets(rows, 0.10) == {point: [160]}  # 320: 7.5% of the runs
+    assert fine.nova_budgets(rows, 0.05) == {point: [160, 320]}
+    runs = fine.runs_by_point(rows)[point]
+    out = fine.compare(
+        {"candidates": ["chunked_prefill[budget=256]", "chunked_prefill[budget=160]"]}, runs
+    )
+    assert out["fine_baseline"] == "chunked_prefill[budget=160]"
+    assert out["nova_vs_fine"]["max"] == pytest.approx(20.0 / 19.0)
+    only_grid = fine.compare({"candidates": ["chunked_prefill[budget=256]"]}, runs)
+    assert only_grid["nova_vs_fine"]["max"] == pytest.approx(20.0 / 22.0)

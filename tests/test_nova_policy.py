@@ -876,7 +876,8 @@ def test_gap_estimate_survives_a_mean_gap_that_squares_to_zero():
 
 def test_budget_step_fills_the_chunk_budget_grid():
     """``nova[budget_step=S]`` adds every multiple of S from the smallest budget up to 512 to
-    the budgets nova chooses among; 0 keeps them as given; the grid is used by every plan."""
+    the budgets nova chooses among (32 by default); 0 keeps the powers of two; the grid is
+    used by every plan."""
     assert budget_grid(DEFAULT_BUDGETS) == DEFAULT_BUDGETS
     fine = budget_grid(DEFAULT_BUDGETS, 32)
     assert fine[:3] == (128, 160, 192) and 320 in fine and fine[-3:] == (512, 1024, 2048)
@@ -892,4 +893,7 @@ def test_budget_step_fills_the_chunk_budget_grid():
         pred.mode.token_budget for pred in p.candidates(_load(0.5)) if pred.mode.kind == "chunked"
     }
     assert chunked == set(p.token_budgets)
-    assert make_policy("nova", cost_model=roofline("a6000")).token_budgets == DEFAULT_BUDGETS
+    default = make_policy("nova", cost_model=roofline("a6000")).token_budgets
+    assert default == budget_grid(DEFAULT_BUDGETS, 32)  # the default since the seeds 53-62 test
+    coarse = make_policy("nova[budget_step=0]", cost_model=roofline("a6000")).token_budgets
+    assert coarse == DEFAULT_BUDGETS
