@@ -244,7 +244,7 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _name(r: dict[str, Any]) -> str:
+def point_name(r: dict[str, Any]) -> str:
     series = f" {r['series']}" if r["series"] else ""
     return f"{r['experiment']}{series} {r['load']:g}"
 
@@ -273,9 +273,12 @@ def render(summary: dict[str, Any]) -> str:
         "",
         "Where the paired interval of nova's max latency over the best baseline's lies "
         "entirely below 1 (nova lower, beyond the seeds' noise): "
-        + (", ".join(_name(r) for r in rows if r["max_ratio_paired"]["high95"] < 1.0) or "none")
+        + (
+            ", ".join(point_name(r) for r in rows if r["max_ratio_paired"]["high95"] < 1.0)
+            or "none"
+        )
         + "; entirely above 1 (nova higher): "
-        + (", ".join(_name(r) for r in rows if r["max_ratio_paired"]["low95"] > 1.0) or "none")
+        + (", ".join(point_name(r) for r in rows if r["max_ratio_paired"]["low95"] > 1.0) or "none")
         + "; elsewhere it includes 1.",
         "",
         "| experiment | series | load | best baseline (seeds 0-2) | nova/best max, seeds 0-2 "

@@ -33,18 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from nova.sim.eval import EXPERIMENTS, NOVA, PointTask, run_point_task
+from nova.sim.experiments import CHUNKED_BUDGETS  # the tuned baseline's grid (the issue's)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_all import machine
-from eval_heldout import paired_interval
+from eval_heldout import paired_interval, point_name
 
-BASELINE_BUDGETS = (128, 256, 512, 2048)  # the tuned baseline's grid (the issue's)
 CHUNKED = "chunked:"
 Key = tuple[str, str, float]
 
 
 def nova_budgets(per_seed: list[dict[str, Any]], min_share: float) -> dict[Key, list[int]]:
-    """Per point, the budgets outside ``BASELINE_BUDGETS`` in which nova spent at least
+    """Per point, the budgets outside ``CHUNKED_BUDGETS`` in which nova spent at least
     ``min_share`` of its runs, mean over the seeds."""
     shares: dict[Key, dict[int, float]] = {}
     seeds: dict[Key, set[int]] = {}
@@ -62,7 +62,7 @@ def nova_budgets(per_seed: list[dict[str, Any]], min_share: float) -> dict[Key, 
         key: sorted(
             b
             for b, total in cell.items()
-            if b not in BASELINE_BUDGETS and total / len(seeds[key]) >= min_share
+            if b not in CHUNKED_BUDGETS and total / len(seeds[key]) >= min_share
         )
         for key, cell in shares.items()
     }
@@ -188,7 +188,7 @@ def render(result: dict[str, Any]) -> str:
         f"Points: {len(rows)}; nova used a budget outside the grid at {len(finer)}. nova's max, "
         f"p99 and mean all <= 1.03x the fine baseline's at {len(within)}. Paired 95% interval "
         f"of nova's max over the fine baseline's entirely above 1 at {len(above)}"
-        + (f" ({', '.join(_name(r) for r in above)})" if above else "")
+        + (f" ({', '.join(point_name(r) for r in above)})" if above else "")
         + f", entirely below 1 at {len(below)}.",
         "",
         "| experiment | series | load | nova's budgets outside the grid | fine baseline | "
@@ -204,11 +204,6 @@ def render(result: dict[str, Any]) -> str:
             f"{nf['p99']:.3f} | {nf['mean']:.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _name(r: dict[str, Any]) -> str:
-    series = f" {r['series']}" if r["series"] else ""
-    return f"{r['experiment']}{series} {r['load']:g}"
 
 
 if __name__ == "__main__":
