@@ -4,6 +4,7 @@ the ``cpu`` backend."""
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -194,6 +195,63 @@ def test_decode_declining_its_turn_ends_the_front_stages_wait_for_it():
     assert vision.waiting(0.01)
     broker.decline_turn(D)  # decode's worker found nothing to run (e.g. the policy's choice)
     assert vision.granted().cores == (0, 1)
+
+
+def test_the_front_stage_holding_the_earliest_request_goes_first():
+    broker = CoreBroker((0, 1), clock=lambda: 0.0, decode_grace_s=0.0)
+    shared = Partition.shared()
+    broker.rank_turn(V, (0, math.inf, 2.0))
+    broker.rank_turn(P, (0, math.inf, 1.0))
+    broker.acquire(D, shared)
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    prefill = _Acquirer(broker, P, shared)  # asks after vision, holds the earlier request
+    assert prefill.waiting()
+    broker.release(D)
+    assert prefill.granted().cores == (0, 1)
+    assert vision.waiting(0.05)
+    broker.release(P)
+    assert vision.granted().cores == (0, 1)
+    broker.release(V)
+    # unranked (no queue): after the ranked, then in the order they asked
+    broker.rank_turn(P, None)
+    broker.acquire(D, shared)
+    prefill, vision = _Acquirer(broker, P, shared), None
+    assert prefill.waiting()
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    broker.release(D)
+    assert vision.granted().cores == (0, 1)  # ranked: before prefill, which asked first
+    broker.release(V)
+    assert prefill.granted().cores == (0, 1)
+    broker.release(P)
+
+
+def test_a_stage_ranked_ahead_gets_the_grace_to_ask_then_the_others_go():
+    now = [0.0]
+    broker = CoreBroker((0, 1), clock=lambda: now[0], decode_grace_s=0.02)
+    shared = Partition.shared()
+    broker.rank_turn(V, (0, math.inf, 2.0))
+    broker.rank_turn(P, (0, math.inf, 1.0))  # e.g. the requests vision's last batch handed it
+    vision = _Acquirer(broker, V, shared)  # vision's worker asks again at once
+    assert vision.waiting()
+    assert vision.waiting(0.05)  # prefill's grace to ask (the clock stands)
+    prefill = _Acquirer(broker, P, shared)
+    assert prefill.granted().cores == (0, 1)  # it came: it goes first
+    broker.rank_turn(P, None)  # its batch took its requests
+    broker.release(P)
+    broker.decline_turn(D)  # (no decode to come back after it)
+    assert vision.granted().cores == (0, 1)
+    broker.release(V)
+    now[0] += 0.03
+    broker.rank_turn(P, (0, math.inf, 0.5))  # ranked ahead again, its worker never asks
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    now[0] += 0.021  # its grace ran out
+    with broker._lock:
+        broker._lock.notify_all()
+    assert vision.granted().cores == (0, 1)
+    broker.release(V)
 
 
 def test_more_cores_split_until_a_stage_would_get_fewer_than_the_minimum():
@@ -493,6 +551,41 @@ def test_a_batch_is_planned_after_the_stage_got_its_turn_with_what_queued_meanwh
         assert loop.wait_idle(timeout_s=10)
     prefill = [b for b in ex.batches if b.stage is P]
     assert prefill[0].request_ids == ["r0", "r1", "r2"]  # not r0 alone, planned before the wait
+
+
+class _RankedTurns(FakeExecutor):
+    """Records the ranks the engine loop gives the front stages."""
+
+    ranks_turns = True
+
+    def __init__(self) -> None:
+        super().__init__(1000)
+        self.ranks: list[tuple[Stage, tuple[float, ...] | None]] = []
+
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
+        self.ranks.append((stage, rank))
+
+
+def test_the_engine_loop_ranks_the_front_stages_by_their_earliest_request():
+    sched = Scheduler(make_policy("multi_stream"), BlockManager(64, 4))
+    ex = _RankedTurns()
+    loop = EngineLoop(sched, ex, arrival_wait_s=0.0)
+    loop.add_request(Request("r0", [1] * 6, SamplingParams(max_tokens=2, ignore_eos=True)))
+    arrival_s = sched.state.requests["r0"].arrival_s
+    assert ex.ranks[-2:] == [(V, None), (P, (0, math.inf, arrival_s))]
+    loop.add_request(Request("r1", [2] * 6, SamplingParams(max_tokens=2, ignore_eos=True)))
+    assert ex.ranks[-1] == (P, (0, math.inf, arrival_s))  # still r0, the earlier
+    loop.abort("r0")
+    assert ex.ranks[-1] == (P, (0, math.inf, sched.state.requests["r1"].arrival_s))
+    with loop:
+        assert loop.wait_idle(timeout_s=10)
+    assert ex.ranks[-2:] == [(V, None), (P, None)]  # re-ranked as batches completed
+    # without turns on the device the loop ranks nothing
+    plain = FakeExecutor(1000)
+    plain.rank_turn = lambda *a: pytest.fail("ranked without turns")  # type: ignore[method-assign]
+    EngineLoop(Scheduler(make_policy("multi_stream"), BlockManager(64, 4)), plain).add_request(
+        Request("r2", [1] * 6, SamplingParams(max_tokens=2))
+    )
 
 
 def test_the_engine_default_is_the_measured_minimum():

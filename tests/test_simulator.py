@@ -387,3 +387,23 @@ def test_cost_model_gets_the_partitions_isolation_flag():
         assert seen and {mode for _, _, mode in seen} == {isolated}, policy
     part = make_policy("static_partition").partition(None, 0.0)
     assert part.isolated and (part.vision, part.prefill, part.decode) == (0.4, 0.4, 0.2)
+
+
+def test_stages_taking_turns_serve_the_front_stage_holding_the_earliest_request():
+    """On a device whose stages take turns (a 2-core CPU), after decode the front stage holding
+    the earliest request goes, as the engine's turns go (``CoreBroker.rank_turn``): r1's
+    prefill (arrived first) before r2's vision, though vision ran less recently."""
+    from nova.cost.base import make_cost_model
+
+    cost = make_cost_model("profiled", "cpu", "demo")
+    arrivals = [
+        SimArrival("r0", 0.0, 400, 0, 8),  # a long prompt: r1 and r2 arrive during it
+        SimArrival("r1", 0.01, 35, 0, 8),
+        SimArrival("r2", 0.02, 54, 1, 8),
+    ]
+    sim = Simulator(make_policy("multi_stream"), cost, 4000, 16, 196, stages_take_turns=True)
+    res = sim.run(arrivals)
+    assert res.decisions(Stage.PREFILL) == [("r0",), ("r1",), ("r2",)]
+    assert res.decisions(Stage.VISION) == [("r2",)]
+    start_s = {(b.stage, b.request_ids): b.start_s for b in res.batches}
+    assert start_s[(Stage.PREFILL, ("r1",))] < start_s[(Stage.VISION, ("r2",))]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nova.core.policy import service_order_key
 from nova.core.scheduler import Scheduler
 from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals
 from nova.engine.client import EngineSnapshot
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[RequestEvent, Request], None]
 
+
+_FRONT = (Stage.VISION, Stage.PREFILL)
 
 IDLE_WAIT_S = 0.05  # re-ask the policy at least this often when idle (time-driven policies)
 
@@ -53,6 +56,9 @@ class EngineLoop:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self.num_batches: dict[Stage, int] = dict.fromkeys(Stage, 0)
+        # where stages take turns on the device (a CPU with few cores), the executor is told
+        # which front stage holds the earliest request (``_rank_turns_locked``)
+        self._ranks_turns = executor.ranks_turns
 
     def now(self) -> float:
         """Seconds since the loop was created."""
@@ -120,6 +126,7 @@ class EngineLoop:
                 self._requests[r.request_id] = r
                 if listener is not None:
                     self._listeners[r.request_id] = listener
+            self._rank_turns_locked()
             self._cond.notify_all()
 
     def abort(self, request_id: str) -> bool:
@@ -128,6 +135,7 @@ class EngineLoop:
             if event is None:
                 return False
             delivered = self._deliver_locked([event, *self.scheduler.take_events()])
+            self._rank_turns_locked()
             self._cond.notify_all()
         self._dispatch(delivered)
         return True
@@ -215,12 +223,27 @@ class EngineLoop:
                     events = [_with_logprobs(ev, result) for ev in events]
                 events += self.scheduler.take_events()
                 self.num_batches[stage] += 1
+                self._rank_turns_locked()  # (the front queues may have changed)
                 delivered = self._deliver_locked(events)
                 for rid in batch.request_ids:
                     if rid not in self._requests:  # done (possibly aborted mid-batch)
                         self.executor.release(rid)
                 self._cond.notify_all()
             self._dispatch(delivered)
+
+    def _rank_turns_locked(self) -> None:
+        """(Under the lock.) Where stages take turns on the device, tell the executor each
+        front stage's earliest waiting request in service order: the one holding the
+        earlier goes first (first come, first served across stages, as ``sequential``
+        orders them), including over a stage that asked first, e.g. vision's worker
+        asking again the moment its batch ended while prefill's worker wakes to the
+        requests that batch handed it."""
+        if not self._ranks_turns:
+            return
+        state = self.scheduler.state
+        for stage in _FRONT:
+            queue = state.queue(stage)
+            self.executor.rank_turn(stage, min(map(service_order_key, queue)) if queue else None)
 
     def _arrival_hold_s(self, now_s: float) -> float:
         """(Under the lock.) Seconds to keep waiting for announced requests before starting

@@ -21,6 +21,11 @@ FaultHook = Callable[[Stage, str], None]
 
 
 class Executor(Protocol):
+    @property
+    def ranks_turns(self) -> bool:
+        """Whether stages may take turns on the device and it wants ``rank_turn`` (a CPU
+        with few cores)."""
+
     def register(
         self,
         request_id: str,
@@ -52,6 +57,12 @@ class Executor(Protocol):
     def decline_turn(self, stage: Stage) -> None:
         """``stage`` has nothing to run now (its worker asked the scheduler and got no
         batch): stages that wait to see whether it runs next need not wait any longer."""
+
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
+        """``stage``'s earliest waiting request in the scheduler's service order (None: it has
+        none); called under the engine's lock before ``wait_turn`` and again when its queue
+        changes while it waits. Where stages take turns, the front stage holding the
+        earliest request goes first."""
 
 
 def describe_error(exc: BaseException) -> str:

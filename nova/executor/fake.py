@@ -31,6 +31,8 @@ def next_token(sequence: list[int], vocab_size: int) -> int:
 
 
 class FakeExecutor:
+    ranks_turns = False  # no device to share: no turns
+
     def __init__(
         self,
         vocab_size: int = 1000,
@@ -73,6 +75,9 @@ class FakeExecutor:
         pass  # no device to share: batches start at once
 
     def decline_turn(self, stage: Stage) -> None:
+        pass
+
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
         pass
 
     def execute(self, batch: Batch) -> StageResult:

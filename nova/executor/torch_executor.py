@@ -147,6 +147,13 @@ class TorchExecutor:
     def decline_turn(self, stage: Stage) -> None:
         self.partition_backend.decline_turn(stage)
 
+    @property
+    def ranks_turns(self) -> bool:
+        return self.partition_backend.may_take_turns
+
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
+        self.partition_backend.rank_turn(stage, rank)
+
     def _payload(self, request_id: str) -> _Payload:
         with self._lock:
             return self._payloads[request_id]

@@ -86,6 +86,15 @@ class PartitionBackend:
     def decline_turn(self, stage: Stage) -> None:
         """``stage``'s worker found nothing to run: stages waiting for it need not."""
 
+    @property
+    def may_take_turns(self) -> bool:
+        """Whether stages may take turns here (``wait_turn`` may block): never on a GPU."""
+        return False
+
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
+        """``stage``'s earliest waiting request in the engine's service order (None: none):
+        where stages take turns, the front stage with the lowest rank goes first."""
+
     def close(self) -> None:
         """Release what ``run`` keeps between batches (the engine calls it when it stops)."""
 
@@ -194,10 +203,17 @@ class CpuBackend(PartitionBackend):
     def decline_turn(self, stage: Stage) -> None:
         self.broker.decline_turn(stage)
 
+    def rank_turn(self, stage: Stage, rank: tuple[float, ...] | None) -> None:
+        self.broker.rank_turn(stage, rank)
+
     @property
     def stages_take_turns(self) -> bool:
         """Whether shared batches always take turns here (too few cores to split)."""
         return self.broker.stages_take_turns
+
+    @property
+    def may_take_turns(self) -> bool:
+        return self.broker.min_split_cores > 1
 
     def run(self, stage: Stage, partition: Partition, fn: Callable[[CudaStream | None], T]) -> T:
         """``fn(None)`` on the stage's team thread, on the cores granted for this batch."""

@@ -10,7 +10,8 @@ shares; there the cores are split evenly, at each batch start, among the stages 
 moment (``CoreBroker``): a stage alone gets every core, two running stages get half each.
 
 A split that would leave a stage fewer than ``min_split_cores`` cores is not made: the stages
-take turns on every core instead, a batch at a time, decode first (``CoreBroker.acquire``);
+take turns on every core instead, a batch at a time, decode first, then the front stage
+holding the earliest request (``CoreBroker.acquire``, ``CoreBroker.rank_turn``);
 ``min_split_cores=1`` always splits. On 2 cores that is every split: a batch on 1 core runs
 1.8-2.0x as long as on 2 (decode steps of 16 sequences: ``engine_cpu_overlap.md`` 214 vs 382
 ms, ``engine_cpu.md`` 82-84 vs 153-161 ms; the front stages scale the same way), so two
@@ -53,6 +54,10 @@ MIN_SPLIT_CORES = 2
 # of ms here, ``engine_cpu.md``), and cut short when decode's worker declines
 # (``decline_turn``).
 DECODE_GRACE_S = 0.02
+
+# How the engine ranks a stage's earliest waiting request for a turn (lower first): its service
+# order key, (priority, absolute deadline, arrival s).
+TurnRank = tuple[float, ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,6 +165,11 @@ class CoreBroker:
         self._lock = threading.Condition()
         # stages waiting for a turn, in the order they came (decode goes first regardless)
         self._waiting: list[Stage] = []
+        # each front stage's earliest waiting request as the engine ranks them (``rank_turn``):
+        # the front stage with the lowest goes first; unranked ones after, in the order they
+        # came
+        self._ranks: dict[Stage, TurnRank | None] = {}
+        self._ranked_s: dict[Stage, float] = {}  # when each rank last changed (clock)
         # when the last decode step or prefill batch ended (clock): decode may come next
         self._decode_due_s: float | None = None
         self.turns_waited = 0  # batches that waited for a turn (for reports and tests)
@@ -203,7 +213,8 @@ class CoreBroker:
     def acquire(self, stage: Stage, partition: Partition, take_turns: bool = True) -> CoreGrant:
         """The cores for ``stage``'s next batch. A shared split that would leave a stage fewer
         than ``min_split_cores`` cores waits instead (blocking) until the stage may run alone:
-        no batch running, decode first, then in the order the stages asked; after a decode
+        no batch running, decode first, then the front stage holding the earliest request
+        (``rank_turn``; unranked: in the order they asked); after a decode
         step or a prefill batch the others give decode ``decode_grace_s`` to come.
         ``take_turns=False`` co-runs as asked (tools that measure co-running)."""
         usable = self._usable() if self._usable is not None else len(self.cores)
@@ -296,6 +307,41 @@ class CoreBroker:
             # release follows when its stage then finds nothing to run)
             self._lock.notify_all()
 
+    def rank_turn(self, stage: Stage, rank: TurnRank | None) -> None:
+        """``stage``'s earliest waiting request, ranked by the engine (lower goes first: its
+        service order, (priority, deadline, arrival)); None: it has none. The front stage
+        holding the earliest request goes first, as in a first-come-first-served server,
+        also over one that asked earlier; a stage ranked ahead that has not asked yet is
+        given ``decode_grace_s`` from when its rank changed to ask (its worker is waking to
+        the requests the last batch handed it). Unranked stages go in the order they asked.
+        The engine re-ranks every front stage when the queues change."""
+        with self._lock:
+            if self._ranks.get(stage) != rank:
+                self._ranks[stage] = rank
+                if self._clock is not None:
+                    self._ranked_s[stage] = self._clock()
+                self._lock.notify_all()
+
+    def _front_delay_locked(self, stage: Stage) -> float | None:
+        """0: no front stage goes before ``stage``; else how long to wait for one that holds
+        an earlier request (None: until something changes)."""
+        own = self._ranks.get(stage)
+        waiting: list[Stage] = [s for s in self._waiting if s is not Stage.DECODE]
+        for other in waiting[: waiting.index(stage)]:
+            ahead = self._ranks.get(other)
+            if own is None or (ahead is not None and ahead <= own):
+                return None  # asked earlier and holds an earlier (or no later) request
+        delay_s = 0.0
+        for other, ahead in self._ranks.items():
+            if other is stage or ahead is None or (own is not None and ahead >= own):
+                continue
+            if other in waiting:
+                return None  # waits too, for an earlier request
+            if self._clock is not None:  # not asked yet: its grace to ask
+                left_s = self._ranked_s[other] + self.decode_grace_s - self._clock()
+                delay_s = max(delay_s, left_s)
+        return delay_s
+
     def _turn_delay_locked(self, stage: Stage) -> float | None:
         """0: ``stage`` may start now; else how long to wait before looking again (None: until
         a batch ends)."""
@@ -305,8 +351,9 @@ class CoreBroker:
             return 0.0
         if Stage.DECODE in self._waiting:
             return None
-        if next(s for s in self._waiting if s is not Stage.DECODE) is not stage:
-            return None  # an earlier front stage goes first
+        front_s = self._front_delay_locked(stage)
+        if front_s != 0.0:
+            return front_s  # a front stage holding an earlier request goes first
         if self._decode_due_s is not None and self._clock is not None:
             left_s = self._decode_due_s + self.decode_grace_s - self._clock()
             if left_s > 0:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from nova.core.block_manager import BlockManager
 from nova.core.encoder_cache import EncoderCacheAccounting
-from nova.core.policy import WAITING_STATUS, Policy
+from nova.core.policy import WAITING_STATUS, Policy, service_order_key
 from nova.core.scheduler import Scheduler
 from nova.cost.base import CostModel, StageWork
 from nova.cost.gpus import GpuSpec, get_gpu
@@ -199,6 +199,12 @@ class _Uncached:
 _UNCACHED = _Uncached()
 
 
+def _head_rank(sched: Scheduler, stage: Stage) -> tuple[float, ...]:
+    """``stage``'s earliest waiting request in service order (none: after every other)."""
+    queue = sched.state.queue(stage)
+    return min(map(service_order_key, queue)) if queue else (math.inf,)
+
+
 def _no_key(work: StageWork) -> Hashable:
     return _UNCACHED
 
@@ -234,7 +240,8 @@ class Simulator:
         ``segments``); ``encoder_cache_bytes``: the encoder cache's capacity (0: off), an image
         token's embedding taking ``embed_bytes_per_token`` (hidden size x bytes per value).
         ``stages_take_turns``: the device runs one batch at a time, decode first, then the
-        front stage that ran least recently (the ``cpu`` partition backend on a CPU whose
+        front stage holding the earliest request in service order, ties to the one that ran
+        least recently (the ``cpu`` partition backend on a CPU whose
         cores cannot be split into slices of ``--cpu-min-split-cores``: ``nova.gpu.cpu_cores``);
         a batch is planned when its turn comes."""
         self.stages_take_turns = stages_take_turns
@@ -407,10 +414,13 @@ class Simulator:
             else (stage, True)  # always asked
             for stage in STAGES
         ]
-        if turns:  # decode first; the front stages in the order they last ran (below)
+        if turns:  # decode first; the front stages by their earliest request (above)
             waiting.sort(key=lambda w: w[0] is not decode)
         while True:
             started = changed
+            if turns and not running:  # decode, then the front stage holding the earliest
+                # request (ties: the one that ran least recently), as the engine's turns go
+                waiting.sort(key=lambda w: (w[0] is not decode, _head_rank(sched, w[0])))
             for stage, queue in waiting:
                 if stage in running:
                     continue
