@@ -191,6 +191,7 @@ class NovaPolicy(Policy):
         "rho_cap": "rho_cap",
         "spatial_margin": "spatial_margin",
         "budget_step": "budget_step",
+        "budget_tie": "budget_tie",
     }
 
     def __init__(
@@ -240,6 +241,7 @@ class NovaPolicy(Policy):
         # benchmarks/results/preregistration_seeds_53_62.md; docs/scheduler.md, "Chunk budgets
         # between the powers of two")
         budget_step: int = 32,
+        budget_tie: float = 0.0,
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -301,6 +303,11 @@ class NovaPolicy(Policy):
         # at ample capacity a spatial mode must score this much below the best time-sliced
         # mode in the tie to be taken over it (``choose``)
         self.spatial_margin = spatial_margin
+        if budget_tie < 0:
+            raise ValueError(f"budget_tie must be >= 0 (0: off), not {budget_tie}")
+        # the tie rule's capacity preference, having picked a chunk budget, settles for the
+        # lowest-scoring tied budget whose capacity is within this fraction of it (``choose``)
+        self.budget_tie = budget_tie
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
@@ -931,7 +938,16 @@ class NovaPolicy(Policy):
                     if sliced:
                         return min(sliced, key=_score)
                 return best
-            return max(tied, key=lambda p: (p.capacity_rps, -_score(p)))
+            most = max(tied, key=lambda p: (p.capacity_rps, -_score(p)))
+            if self.budget_tie > 0.0 and most.mode.kind == CHUNKED:
+                # neighbouring budgets differ in capacity by less than the rate read's noise:
+                # among those near the most capacity, the lowest score
+                near = (1.0 - self.budget_tie) * most.capacity_rps
+                budgets = [
+                    p for p in tied if p.mode.kind == CHUNKED and p.capacity_rps >= near
+                ]
+                return min(budgets, key=_score)
+            return most
         finite = [p for p in preds if p.feasible]
         if finite:
             return min(finite, key=_score)

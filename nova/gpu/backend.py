@@ -294,7 +294,8 @@ class CpuBackend(PartitionBackend):
         return (
             f"cpu: {self.grid.num_sms} cores {list(self.cores)}; each stage worker on its own "
             "cores with as many intra-op threads, shared partitions split among running stages "
-            f"down to {n} core{'s' if n > 1 else ''} each, else they take turns (decode first)"
+            f"down to {n} core{'s' if n > 1 else ''} each, else they take turns (decode first, "
+            "then the front stage holding the earliest request)"
         )
 
 
