@@ -252,6 +252,12 @@ def test_a_stage_ranked_ahead_gets_the_grace_to_ask_then_the_others_go():
         broker._lock.notify_all()
     assert vision.granted().cores == (0, 1)
     broker.release(V)
+    broker.rank_turn(P, (0, math.inf, 0.25))  # ahead again; its worker asks, finds nothing
+    vision = _Acquirer(broker, V, shared)
+    assert vision.waiting()
+    broker.decline_turn(P)  # (the policy planned no prefill batch): vision need not wait
+    assert vision.granted().cores == (0, 1)
+    broker.release(V)
 
 
 def test_more_cores_split_until_a_stage_would_get_fewer_than_the_minimum():

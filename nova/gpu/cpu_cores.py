@@ -28,6 +28,7 @@ cores: a 64-sequence decode step went from 140 ms to 3.4 s with another job on t
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -282,11 +283,14 @@ class CoreBroker:
     def decline_turn(self, stage: Stage) -> None:
         """``stage`` has nothing to run now: no one waits for it. (After a decode step or a
         prefill batch the front stages give decode ``decode_grace_s`` to come back; decode's
-        worker declining ends that wait, e.g. when the policy picks a front batch next.)"""
-        if stage is not Stage.DECODE:
-            return
+        worker declining ends that wait, e.g. when the policy picks a front batch next; a
+        front stage declining ends the others' wait for it to ask, ``rank_turn``.)"""
         with self._lock:
-            if self._decode_due_s is not None:
+            if stage is not Stage.DECODE:
+                if self._ranked_s.get(stage, -math.inf) > -math.inf:
+                    self._ranked_s[stage] = -math.inf  # its grace to ask is over
+                    self._lock.notify_all()
+            elif self._decode_due_s is not None:
                 self._decode_due_s = None
                 self._lock.notify_all()
 
