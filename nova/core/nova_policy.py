@@ -943,9 +943,7 @@ class NovaPolicy(Policy):
                 # neighbouring budgets differ in capacity by less than the rate read's noise:
                 # among those near the most capacity, the lowest score
                 near = (1.0 - self.budget_tie) * most.capacity_rps
-                budgets = [
-                    p for p in tied if p.mode.kind == CHUNKED and p.capacity_rps >= near
-                ]
+                budgets = [p for p in tied if p.mode.kind == CHUNKED and p.capacity_rps >= near]
                 return min(budgets, key=_score)
             return most
         finite = [p for p in preds if p.feasible]
