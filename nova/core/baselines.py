@@ -29,6 +29,7 @@ from nova.core.policy import (
     Policy,
     SchedulerState,
     StageLimits,
+    earliest_key,
     plan_in_service_order,
     prefill_head_fits,
     register_policy,
@@ -109,13 +110,12 @@ def _arrival_s(req: Request) -> float:
 
 def front_stage(state: SchedulerState) -> Stage | None:
     """VISION or PREFILL, whichever holds the best-ranked waiting request; None if neither."""
-    # queue() is in arrival order, but priority/deadline may reorder: rank the whole queues
     # (the best of (rank, stage) pairs: equal ranks go to the smaller stage value, prefill)
     best = None
     for stage in (Stage.VISION, Stage.PREFILL):
-        queue = state.queue(stage)
-        if queue:
-            ranked = (min(map(service_order_key, queue)), stage)
+        key = earliest_key(state, stage)
+        if key is not None:
+            ranked = (key, stage)
             if best is None or ranked < best:
                 best = ranked
     return best[1] if best is not None else None

@@ -294,6 +294,14 @@ def service_order_key(req: Request) -> tuple[int, float, float]:
     )
 
 
+def earliest_key(state: SchedulerState, stage: Stage) -> tuple[int, float, float] | None:
+    """The ``service_order_key`` of ``stage``'s best-ranked waiting request; None if none waits.
+    (``queue()`` is in arrival order, but priority/deadline may reorder: the whole queue is
+    ranked.)"""
+    queue = state.queue(stage)
+    return min(map(service_order_key, queue)) if queue else None
+
+
 def prefill_head_fits(state: SchedulerState, max_tokens: int | None = None) -> bool:
     """Whether the best-ranked waiting prefill (its next ``max_tokens`` tokens, or all) can get
     its KV blocks now. Time-sliced policies must not pick prefill when it cannot: the blocks

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nova.core.policy import service_order_key
+from nova.core.policy import earliest_key
 from nova.core.scheduler import Scheduler
 from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals
 from nova.engine.client import EngineSnapshot
@@ -242,8 +242,7 @@ class EngineLoop:
             return
         state = self.scheduler.state
         for stage in _FRONT:
-            queue = state.queue(stage)
-            self.executor.rank_turn(stage, min(map(service_order_key, queue)) if queue else None)
+            self.executor.rank_turn(stage, earliest_key(state, stage))
 
     def _arrival_hold_s(self, now_s: float) -> float:
         """(Under the lock.) Seconds to keep waiting for announced requests before starting

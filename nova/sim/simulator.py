@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from nova.core.block_manager import BlockManager
 from nova.core.encoder_cache import EncoderCacheAccounting
-from nova.core.policy import WAITING_STATUS, Policy, service_order_key
+from nova.core.policy import WAITING_STATUS, Policy, earliest_key
 from nova.core.scheduler import Scheduler
 from nova.cost.base import CostModel, StageWork
 from nova.cost.gpus import GpuSpec, get_gpu
@@ -201,8 +201,7 @@ _UNCACHED = _Uncached()
 
 def _head_rank(sched: Scheduler, stage: Stage) -> tuple[float, ...]:
     """``stage``'s earliest waiting request in service order (none: after every other)."""
-    queue = sched.state.queue(stage)
-    return min(map(service_order_key, queue)) if queue else (math.inf,)
+    return earliest_key(sched.state, stage) or (math.inf,)
 
 
 def _no_key(work: StageWork) -> Hashable:
