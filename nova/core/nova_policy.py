@@ -113,6 +113,7 @@ _EARLY_ARRIVALS = 8
 _GAP_MEMORY = 500  # gaps the burstiness estimate averages over (a gamma gap with CV 3-4 is
 # heavy-tailed: a few hundred gaps before its squared CV settles within ~30%)
 DEFAULT_LIMITS = (1, 2, 4, 8)
+_PROVISIONAL_SWITCHES = ("any", "capacity", "none")
 
 
 @dataclass(slots=True)
@@ -192,6 +193,7 @@ class NovaPolicy(Policy):
         "spatial_margin": "spatial_margin",
         "budget_step": "budget_step",
         "budget_tie": "budget_tie",
+        "provisional_switch": "provisional_switch",
     }
 
     def __init__(
@@ -242,6 +244,7 @@ class NovaPolicy(Policy):
         # between the powers of two")
         budget_step: int = 32,
         budget_tie: float = 0.0,
+        provisional_switch: str = "any",
     ) -> None:
         if cost_model is None:
             raise ValueError(
@@ -308,6 +311,15 @@ class NovaPolicy(Policy):
         # the tie rule's capacity preference, having picked a chunk budget, settles for the
         # lowest-scoring tied budget whose capacity is within this fraction of it (``choose``)
         self.budget_tie = budget_tie
+        if provisional_switch not in _PROVISIONAL_SWITCHES:
+            raise ValueError(
+                f"provisional_switch must be one of {', '.join(_PROVISIONAL_SWITCHES)}, "
+                f"not {provisional_switch!r}"
+            )
+        # which switches a plan on the bursty arrivals' provisional rate (no held rate yet) may
+        # make (``_maybe_replan``): any that clears the hysteresis, only the capacity guard's,
+        # or none
+        self.provisional_switch = provisional_switch
         self.ample_utilization = ample_utilization
         self.rate_window_s = rate_window_s
         self.rate_window_requests = rate_window_requests
@@ -733,7 +745,7 @@ class NovaPolicy(Policy):
 
     def _maybe_replan(self, state: SchedulerState, now_s: float) -> None:
         rate = self._planning_rate(now_s)
-        early = False
+        early = provisional = False
         if rate <= 0.0:
             n = len(self._obs.arrivals_s)
             if n < _MIN_ARRIVALS:
@@ -756,6 +768,7 @@ class NovaPolicy(Policy):
                 rate = self._arrival_rate(now_s) * (1.0 - self.provisional_z * self._rate_rel_err())
                 if rate <= 0.0:
                     return
+                provisional = self.provisional_switch != "any"
         # Every part of the key but the backlog's changes only with the held rate (and its
         # burstiness) or a new arrival (the mix): recomputed only then, not after every batch.
         stamp = (rate, *self._burstiness(), self._obs.num_seen)
@@ -795,6 +808,15 @@ class NovaPolicy(Policy):
         current = self.model.predict(self.mode, load)
         if early or replace_early or self._better(best, current, load):
             self._early_mode = early
+            if provisional and (
+                self.provisional_switch == "none"
+                or not self._cannot_carry(current, best, load.lam_rps)
+            ):
+                # the rate so far, taken anew after every batch, moves with each batch of a
+                # burst: a switch on it is made only by the capacity guard, and none waits (the
+                # plan was for the burst in flight; once it drains the next plan decides)
+                self._pending = None
+                return
             if (
                 (early or replace_early)
                 and state.requests
