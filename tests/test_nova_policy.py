@@ -962,16 +962,25 @@ def test_provisional_switch_capacity_still_switches_for_capacity():
     on the CPU, ``decode_first:8`` carries about 3 req/s, the chunked modes about 5."""
     cost = make_cost_model("profiled", "cpu", "demo")
     policy = NovaPolicy(
-        StageLimits(8, 4096, 64), cost, image_tokens=196, sm_granularity_share=0.5,
+        StageLimits(8, 4096, 64),
+        cost,
+        image_tokens=196,
+        sm_granularity_share=0.5,
         provisional_switch="capacity",
     )
     start = policy.mode
     assert start.label == "decode_first:8"
-    # clusters of 4 arrivals 1 ms apart, ~6.5 req/s so far: squared CV ~3, so 40 arrivals hold no rate
+    # clusters of 4 arrivals 1 ms apart, ~6.5 req/s so far: squared CV ~3, so 40 arrivals
+    # hold no rate
     times = [(i // 4) * 4 / 6.0 + 0.001 * (i % 4) for i in range(40)]
     _feed_gaps(policy, times)
     obs = policy._obs  # engine_latency's mix: 3 of 4 with a screenshot, 32 output tokens
-    obs.image_fraction, obs.text_tokens, obs.output_tokens, obs.output_tokens_sq = 0.75, 47, 32, 1024
+    obs.image_fraction, obs.text_tokens, obs.output_tokens, obs.output_tokens_sq = (
+        0.75,
+        47,
+        32,
+        1024,
+    )
     assert len(times) < 16 * obs.arrival_cv2()
     state = Simulator(policy, cost, 4000, 16, 196).scheduler.state
     policy._maybe_replan(state, times[-1] + 0.001)
@@ -979,7 +988,10 @@ def test_provisional_switch_capacity_still_switches_for_capacity():
     assert policy.num_switches == 1 and policy.mode != start
     assert policy.model.predict(policy.mode, policy.load_estimate(times[-1])).capacity_rps > 4.5
     never = NovaPolicy(
-        StageLimits(8, 4096, 64), cost, image_tokens=196, sm_granularity_share=0.5,
+        StageLimits(8, 4096, 64),
+        cost,
+        image_tokens=196,
+        sm_granularity_share=0.5,
         provisional_switch="none",
     )
     never._obs = obs
