@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -113,7 +114,19 @@ def decode_overlap(rows: list[tuple[str, float, float, int, int]]) -> dict[str, 
         out[f"{stage.value}_mean_ms"] = 1e3 * statistics.mean(x[2] - x[1] for x in xs) if xs else 0
     if rows:
         out["span_s"] = max(r[2] for r in rows) - min(r[1] for r in rows)
+        out["idle_s"] = out["span_s"] - busy_s(rows)
     return out
+
+
+def busy_s(rows: list[tuple[str, float, float, int, int]]) -> float:
+    """Seconds in which at least one batch ran (the union of the batches' intervals): the span
+    less this is the time the device sat idle between batches (hand-offs, turns, planning)."""
+    total, end = 0.0, -math.inf
+    for _stage, start, stop, _n, _cores in sorted(rows, key=lambda r: r[1]):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, int]]:
@@ -359,11 +372,12 @@ def main() -> None:
         "",
         "Decode steps alone vs beside a vision or prefill batch (overlapping it in time): "
         "steps, mean wall ms, mean cores granted, mean sequences per step; the front stages' "
-        "batches and their mean wall ms.",
+        "batches and their mean wall ms; idle: the time between the first batch's start and "
+        "the last one's end in which no batch ran (hand-offs, turns, planning).",
         "",
         "| system | round | decode alone | decode beside front | prefill batches | "
-        "vision batches |",
-        "|---|---:|---|---|---|---|",
+        "vision batches | idle ms |",
+        "|---|---:|---|---|---|---|---:|",
     ]
     for name, rnd, o in overlaps:
 
@@ -378,7 +392,8 @@ def main() -> None:
         lines.append(
             f"| {name} | {rnd} | {cell(o['alone'])} | {cell(o['beside_front'])} | "
             f"{o['prefill_batches']} x {o['prefill_mean_ms']:.0f} ms | "
-            f"{o['vision_batches']} x {o['vision_mean_ms']:.0f} ms |"
+            f"{o['vision_batches']} x {o['vision_mean_ms']:.0f} ms | "
+            f"{1e3 * o.get('idle_s', math.nan):.0f} |"
         )
     if modes:
         report["nova_modes"] = modes

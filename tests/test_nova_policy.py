@@ -917,45 +917,6 @@ def test_budget_step_fills_the_chunk_budget_grid():
     assert coarse == DEFAULT_BUDGETS
 
 
-def _cpu_burst(stall_seed: int) -> list[SimArrival]:
-    """``engine_latency``'s burst as the engine sees it: 64 requests (3 of 4 with a
-    screenshot, 32 output tokens) submitted within about 2.5 s, most 1 ms apart, some after a
-    stall of 50-400 ms (the submitting thread waiting for the engine's)."""
-    import random
-
-    rng = random.Random(stall_seed)
-    t, out = 0.0, []
-    for i in range(64):
-        t += 0.001 if rng.random() < 0.85 else rng.uniform(0.05, 0.4)
-        image = i % 4 != 3
-        out.append(SimArrival(f"r{i}", t, 54 if image else 35, 1 if image else 0, 32))
-    return out
-
-
-def test_provisional_switches_can_be_held_through_a_burst_on_the_cpu():
-    """On the 2-core CPU (demo profile, stages taking turns) a burst whose submissions stall
-    keeps nova on the bursty branch (no held rate: its gaps' squared CV is about 5), whose rate
-    so far moves with every batch: with ``provisional_switch=any`` nova switches many times
-    within the burst between ``decode_first:8`` and chunk budgets; with ``capacity`` only the
-    capacity guard may switch, and on this burst it does not; with ``none`` nothing may."""
-    cost = make_cost_model("profiled", "cpu", "demo")
-    limits = StageLimits(8, 4096, 64)
-
-    def run(**kw) -> NovaPolicy:
-        policy = NovaPolicy(limits, cost, image_tokens=196, sm_granularity_share=0.5, **kw)
-        Simulator(policy, cost, 4000, 16, 196, stages_take_turns=True).run(_cpu_burst(0))
-        assert policy._plan_rate == 0.0  # the whole burst on the bursty branch
-        return policy
-
-    flapping = run(provisional_switch="any")
-    assert flapping.num_switches >= 5
-    for rule in ("capacity", "none"):
-        held = run(provisional_switch=rule)
-        assert held.num_switches == 0 and held.mode.label == "decode_first:8"
-    with pytest.raises(ValueError, match="provisional_switch"):
-        run(provisional_switch="sometimes")
-
-
 def test_provisional_switch_capacity_still_switches_for_capacity():
     """On the provisional rate a mode that cannot carry the load (the rate one standard error
     low above its capacity by more than the model's error) is still left for one that can:
