@@ -54,6 +54,12 @@ unvetted switches (out of the initial or an early mode) wait for the system to e
 no request in flight sees one: a switch under requests admitted in the other mode cost them
 more than the new mode gained (docs/scheduler.md, "Early plans, revisited").
 
+**Bursty arrivals before a held rate** (16 to ``16 x ca2`` arrivals) are planned for the rate so
+far one standard error low, taken anew after every batch; such a provisional plan switches
+nothing by default (``provisional_switch``): inside a burst that rate moves with every batch,
+and switching on it flapped between modes (docs/scheduler.md, "No switch on the provisional
+rate").
+
 **SM accounting.** Shares are whole SMs: decode on the GPU's partition grid, the compute side
 the exact remainder. A batch keeps the SMs it started with, so a stage starts only on SMs that
 are free: a compute stage whose planned share does not fit beside the running decode step waits
