@@ -922,13 +922,14 @@ def test_provisional_switch_capacity_still_switches_for_capacity():
     low above its capacity by more than the model's error) is still left for one that can:
     on the CPU, ``decode_first:8`` carries about 3 req/s, the chunked modes about 5."""
     cost = make_cost_model("profiled", "cpu", "demo")
-    policy = NovaPolicy(
-        StageLimits(8, 4096, 64),
-        cost,
-        image_tokens=196,
-        sm_granularity_share=0.5,
-        provisional_switch="capacity",
-    )
+
+    def cpu_policy(rule: str) -> NovaPolicy:
+        limits = StageLimits(8, 4096, 64)
+        return NovaPolicy(
+            limits, cost, image_tokens=196, sm_granularity_share=0.5, provisional_switch=rule
+        )
+
+    policy = cpu_policy("capacity")
     start = policy.mode
     assert start.label == "decode_first:8"
     # clusters of 4 arrivals 1 ms apart, ~6.5 req/s so far: squared CV ~3, so 40 arrivals
@@ -948,13 +949,7 @@ def test_provisional_switch_capacity_still_switches_for_capacity():
     assert policy._plan_rate == 0.0
     assert policy.num_switches == 1 and policy.mode != start
     assert policy.model.predict(policy.mode, policy.load_estimate(times[-1])).capacity_rps > 4.5
-    never = NovaPolicy(
-        StageLimits(8, 4096, 64),
-        cost,
-        image_tokens=196,
-        sm_granularity_share=0.5,
-        provisional_switch="none",
-    )
+    never = cpu_policy("none")
     never._obs = obs
     never._maybe_replan(state, times[-1] + 0.001)
     assert never.num_switches == 0 and never.mode == start
