@@ -824,8 +824,9 @@ class NovaPolicy(Policy):
                 or not self._cannot_carry(current, best, load.lam_rps)
             ):
                 # the rate so far, taken anew after every batch, moves with each batch of a
-                # burst: a switch on it is made only by the capacity guard, and none waits (the
-                # plan was for the burst in flight; once it drains the next plan decides)
+                # burst: no switch is made on it ("none"), or only the capacity guard's
+                # ("capacity"); none waits (the plan was for the burst in flight; once it
+                # drains the next plan decides)
                 self._pending = None
                 return
             if (
