@@ -3,16 +3,17 @@
 ``causal_sdpa`` (PyTorch's causal flash kernel on key-aligned queries) and ``tiled`` (score
 tiles: two ``bmm``s and the C++ prefix softmax each), and which one ``auto`` picks.
 
-Peer model (``peer_model.py``, SmolLM2-135M shapes) in bf16, ``--threads`` intra-op threads,
-``ModelRunner.forward`` wall time of one prefill batch per shape: fresh prompts (a wave of the
-served benchmark's concurrency-32 prompts, 6 x 320 tokens in one 2,048-token step; 26 x 78 chat
+Peer model (``peer_model.py``, SmolLM2-135M shapes) in bf16 (``--dtype``), ``--threads`` intra-op
+threads, ``ModelRunner.forward`` wall time of one prefill batch per shape: fresh prompts (a wave of
+the served benchmark's concurrency-32 prompts, 6 x 320 tokens in one 2,048-token step; 26 x 78 chat
 prompts; one 2,000-token prompt), prompts on a cached prefix (a chat template's 64 tokens; and the
-served benchmark's concurrency-32 wave with the template's 16 tokens cached, 32 x 62), and one
-chunk on a long cached prefix (where ``auto`` keeps the tiled path unless it takes ``amx``).
+served benchmark's concurrency-32 wave with the template's 16 tokens cached, 32 x 62), and one chunk
+on a long cached prefix (where ``auto`` keeps the tiled path unless it takes ``amx``).
 Median of ``--rounds`` rounds, the paths alternating within each.
 
-Writes ``benchmarks/results/cpu_prefill_paths.{json,md}`` with the machine and its load.
-Usage: ``.venv/bin/python benchmarks/cpu_prefill_paths.py [--threads 2] [--rounds 5]``
+Writes ``benchmarks/results/cpu_prefill_paths{--tag}.{json,md}`` with the machine and its load.
+Usage: ``.venv/bin/python benchmarks/cpu_prefill_paths.py [--threads 2] [--rounds 5]
+[--dtype bfloat16|float32] [--tag _amd]``
 """
 
 from __future__ import annotations
@@ -41,16 +42,21 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the peer text model (peer_model.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--tag", default="", help="results file suffix (e.g. the machine)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     from kernel_bench import machine_line, run_record, write_results
     from peer_model import export_text_model
 
     torch.set_num_threads(args.threads)
     model = args.model or str(export_text_model())
-    loaded = load_model(model, "auto", torch.bfloat16, "cpu", 0)
+    loaded = load_model(model, "auto", dtype, "cpu", 0)
     runner = ModelRunner(loaded, CacheConfig(num_blocks=2048))
-    paths = [p for p in PATHS if p != "amx" or CpuPagedAttention().amx]
+    paths = [
+        p for p in PATHS if p != "amx" or (CpuPagedAttention().amx and dtype == torch.bfloat16)
+    ]
     load0 = os.getloadavg()[0]
     times: dict[tuple[int, str], list[float]] = {}
     picks = {}
@@ -74,7 +80,7 @@ def main() -> None:
                     runner.forward(batch)
                     if rnd:
                         times.setdefault((i, path), []).append(time.perf_counter() - t0)
-                picks[i] = CpuPagedAttention().prefill_path(new, new + cached, torch.bfloat16, 64)
+                picks[i] = CpuPagedAttention().prefill_path(new, new + cached, dtype, 64)
     rows: list[dict[str, Any]] = []
     for i, (seqs, new, cached) in enumerate(SHAPES):
         med = {p: statistics.median(times[(i, p)]) * 1e3 for p in paths}
@@ -90,12 +96,12 @@ def main() -> None:
         row["auto_picks"] = picks[i]
         rows.append(row)
         print(rows[-1], flush=True)
-    result = run_record(args, load0, model=model, rows=rows)
+    result = run_record(args, load0, model=model, dtype=args.dtype, rows=rows)
     lines = [
         "# CPU prefill attention paths: the AMX kernel, the causal flash path, the tiled path "
         "(whole forwards)",
         "",
-        f"{machine_line(result)} Peer model in bf16, "
+        f"{machine_line(result)} Peer model in {args.dtype}, "
         f"`ModelRunner.forward` wall time, median of {args.rounds} rounds (paths alternating). "
         "`benchmarks/cpu_prefill_paths.py`.",
         "",
@@ -110,7 +116,7 @@ def main() -> None:
         f"{r['auto_picks']} |"
         for r in rows
     ]
-    write_results(args.out, "cpu_prefill_paths", result, lines)
+    write_results(args.out, f"cpu_prefill_paths{args.tag}", result, lines)
 
 
 if __name__ == "__main__":

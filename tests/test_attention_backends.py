@@ -198,8 +198,10 @@ def test_causal_query_index_puts_each_token_at_its_position():
         cached = seq_lens[b] - n
         want += [b * paged.max_seq_len + cached + i for i in range(n)]
     assert index == want and len(index) == starts[-1]
-    md = CpuPagedAttention(kernels=False).build_metadata(paged)  # (no AMX kernel)
+    md = CpuPagedAttention(kernels=False, amx_cpu=True).build_metadata(paged)  # (no AMX kernel)
     assert md.causal_index is not None and md.query_pad_index is None
+    no_amx = CpuPagedAttention(kernels=False, amx_cpu=False).build_metadata(paged)
+    assert no_amx.causal_index is None and no_amx.query_pad_index is not None
     tiled = CpuPagedAttention(prefill="tiled").build_metadata(paged)
     assert tiled.causal_index is None and tiled.query_pad_index is not None
 
@@ -214,7 +216,7 @@ def test_causal_query_index_puts_each_token_at_its_position():
 )
 def test_auto_prefill_path(case, causal):
     _, batch, *_ = make_case(case, 6, 2, 16, 4)
-    md = CpuPagedAttention(kernels=False).build_metadata(batch.paged)  # (no AMX kernel)
+    md = CpuPagedAttention(kernels=False, amx_cpu=True).build_metadata(batch.paged)
     assert (md.causal_index is not None) == causal
     assert (md.query_pad_index is None) == causal
     assert (md.allowed.numel() == 0) == causal  # (the flash kernel masks itself: no mask built)

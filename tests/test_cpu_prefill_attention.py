@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from nova.runtime.attention_cpu import CpuPagedAttention, amx_takes
+from nova.runtime.attention_cpu import CpuPagedAttention, amx_takes, cpu_has_amx
 
 BLOCK = 16
 
@@ -157,8 +157,20 @@ def test_backend_prefill_path_choice(kernels):
     else:
         with pytest.raises(ValueError, match="AMX"):
             CpuPagedAttention(kernels=kernels, prefill="amx")
-    # what the kernel does not take keeps the eager paths' rule
-    assert backend.prefill_path(62, 78, torch.float32, 64) == "causal_sdpa"
-    assert backend.prefill_path(62, 78, torch.bfloat16, 48) == "causal_sdpa"
-    assert backend.prefill_path(4, 2048, torch.float32, 64) == "tiled"
+    # what the kernel does not take keeps the eager paths' rule, which depends on whether the
+    # CPU has AMX: with it, the flash path for fresh prompts; without it, the tiled path
+    with_amx = CpuPagedAttention(kernels=kernels, amx_cpu=True)
+    assert with_amx.prefill_path(62, 78, torch.float32, 64) == "causal_sdpa"
+    assert with_amx.prefill_path(62, 78, torch.bfloat16, 48) == "causal_sdpa"
+    assert with_amx.prefill_path(4, 2048, torch.float32, 64) == "tiled"
+    without = CpuPagedAttention(kernels=False, amx_cpu=False)
+    for q, kv, dtype in (
+        (62, 78, torch.float32),
+        (62, 78, torch.bfloat16),
+        (2000, 2000, torch.bfloat16),
+    ):
+        assert without.prefill_path(q, kv, dtype, 64) == "tiled"
+    assert backend.amx_cpu == (backend.amx or cpu_has_amx())
     assert CpuPagedAttention(prefill="tiled").prefill_path(62, 78, torch.bfloat16, 64) == "tiled"
+    flash = CpuPagedAttention(kernels=False, prefill="causal_sdpa", amx_cpu=False)
+    assert flash.prefill_path(62, 78, torch.bfloat16, 64) == "causal_sdpa"  # (asked for)

@@ -22,7 +22,7 @@ Prefill in bf16 on a CPU with AMX (``prefill="auto"`` or ``"amx"``) goes to Nova
 (``csrc/cpu_prefill_attention.cpp``): it reads each sequence's keys and values through its
 block table, as decode does, and computes the scores and the weighted values in AMX tiles
 with each row's causal softmax in between. Otherwise prefill, by default
-(``prefill="auto"``), goes through PyTorch's causal flash kernel
+(``prefill="auto"``) on a CPU with AMX, goes through PyTorch's causal flash kernel
 (``scaled_dot_product_attention(is_causal=True)``, no mask): the queries are laid out like the
 gathered keys, ``[B, max_kv]``, each new token at its own position (``causal_query_index``),
 so the top-left causal mask the kernel applies is every token's own causal mask; rows of the
@@ -30,7 +30,9 @@ cached prefix and of the padding are computed and dropped. That costs ``max_kv^2
 a sequence, the same as the tiled path below for a fresh prompt and more for a short chunk on
 a long cached prefix, so ``auto`` keeps the tiled path where the flash kernel would compute
 more than ``CAUSAL_FLASH_SPEEDUP`` times its scores. A mask handed to the flash kernel made it
-no faster than the tiled path (docs/cpu.md); without one, it skips the masked key blocks.
+no faster than the tiled path (docs/cpu.md); without one, it skips the masked key blocks. On a
+CPU without AMX the flash kernel measured slower than the tiled path in whole forwards, so
+there ``auto`` takes the tiled path (``causal_flash_pays``).
 
 The tiled path runs in tiles of query rows (``score_tile_bytes``): the scores of all rows at
 once are ``B x H x max_q x max_kv`` floats (76 MB per layer for one 1,453-token prompt), and the
@@ -53,6 +55,7 @@ padding. Padded query rows see key 0 only (no empty softmax row).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -247,18 +250,39 @@ def _keys_seen(seq_lens: list[int], cached: list[int], rows: int) -> int:
 
 PREFILL_PATHS = ("auto", "amx", "causal_sdpa", "tiled")
 # Per score, PyTorch's causal flash kernel against the tiled path (two bmm's, the C++ prefix
-# softmax, the query padding and gathers): about twice as fast in an op profile of a 6 x 320
-# bf16 prefill of the peer model (a scratch profile). benchmarks/results/cpu_prefill_paths.md
-# checks the rule on whole forwards: the path ``auto`` picks is the faster in every shape there.
+# softmax, the query padding and gathers), on a CPU with AMX tiles: about twice as fast in an op
+# profile of a 6 x 320 bf16 prefill of the peer model on a 2-core Intel Xeon (a scratch
+# profile). benchmarks/results/cpu_prefill_paths.md checks the rule on whole forwards there: the
+# path ``auto`` picks is the faster in every shape.
 CAUSAL_FLASH_SPEEDUP = 2.0
+# On a CPU without AMX the flash kernel was the slower path in whole forwards: on a 2-core AMD
+# EPYC (AVX-512 with BF16, no AMX) 0.83-0.96x the tiled path's speed in all six bf16 shapes
+# (benchmarks/results/cpu_prefill_paths_amd.md) and 0.43-0.98x in five of six fp32 shapes, the
+# sixth a 2,000-token prompt at 1.16x (cpu_prefill_paths_amd_fp32.md). So there ``auto`` keeps
+# the tiled path.
 
 
-def causal_flash_pays(max_q: int, max_kv: int) -> bool:
-    """Whether ``auto`` sends a prompt batch through the causal flash path: when the scores it
-    computes (every key position's row, ``max_kv^2 / 2`` a sequence) are at most
-    ``CAUSAL_FLASH_SPEEDUP`` times the tiled path's (``max_q`` rows on ``max_kv - max_q``
-    cached keys and their own causal square). A fresh prompt or one on a short cached prefix
-    takes it; a short chunk on a long cached prefix does not."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports AMX tiles (``amx_tile`` among /proc/cpuinfo's flags; False where
+    there is no /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(
+        line.startswith("flags") and "amx_tile" in line.split() for line in text.splitlines()
+    )
+
+
+def causal_flash_pays(max_q: int, max_kv: int, amx_cpu: bool = True) -> bool:
+    """Whether ``auto`` sends a prompt batch through the causal flash path: on a CPU with AMX
+    (``amx_cpu``), when the scores it computes (every key position's row, ``max_kv^2 / 2`` a
+    sequence) are at most ``CAUSAL_FLASH_SPEEDUP`` times the tiled path's (``max_q`` rows on
+    ``max_kv - max_q`` cached keys and their own causal square): a fresh prompt or one on a
+    short cached prefix takes it, a short chunk on a long cached prefix does not. On a CPU
+    without AMX, never (the comment above)."""
+    if not amx_cpu:
+        return False
     causal = max_kv * max_kv / 2
     tiled = max_q * (max_kv - max_q / 2)
     return causal <= CAUSAL_FLASH_SPEEDUP * tiled
@@ -301,6 +325,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         score_tile_bytes: int = SCORE_TILE_BYTES,
         kernels: ModuleType | bool | None = True,
         prefill: str = "auto",
+        amx_cpu: bool | None = None,
     ) -> None:
         if score_tile_bytes < 1:
             raise ValueError(f"score_tile_bytes must be >= 1, got {score_tile_bytes}")
@@ -320,6 +345,9 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
         self.amx = self.kernels is not None and _amx_usable(self.kernels)
         if prefill == "amx" and not self.amx:
             raise ValueError("prefill='amx' needs Nova's CPU kernels built on a CPU with AMX")
+        # the CPU has AMX tiles (whether or not Nova's kernel uses them): ``auto``'s rule
+        # between the flash and the tiled paths depends on it (``causal_flash_pays``)
+        self.amx_cpu = self.amx or cpu_has_amx() if amx_cpu is None else amx_cpu
 
     def build_metadata(self, paged: PagedBatch) -> CpuMetadata:
         split = split_mixed(paged)
@@ -369,7 +397,7 @@ class CpuPagedAttention(AttentionBackend[CpuMetadata]):
     def _causal(self, max_q: int, max_kv: int) -> bool:
         if self.prefill not in ("auto", "amx"):  # ("amx" on a dtype it does not take: auto)
             return self.prefill == "causal_sdpa"
-        return causal_flash_pays(max_q, max_kv)
+        return causal_flash_pays(max_q, max_kv, self.amx_cpu)
 
     @staticmethod
     def _gather_index(md: CpuMetadata, kv_cache: PagedKVCache) -> None:
