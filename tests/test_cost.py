@@ -619,6 +619,68 @@ def test_shipped_profile_for_picks_the_models_dtype(tmp_path, monkeypatch):
     assert profiled.shipped_profile_for("demo", "cpu", "float16") is None
 
 
+def test_profile_default_out_is_the_name_the_engine_looks_for():
+    from nova.profiling.cli import default_out
+
+    meta = {"model": "/x/demo", "gpu": "cpu", "dtype": "bfloat16", "device_name": "AMD EPYC"}
+    assert default_out(meta).name == "demo-cpu-bfloat16-amd-epyc.json"
+
+
+def test_shipped_profile_for_prefers_one_measured_on_this_device(tmp_path, monkeypatch):
+    """ "cpu" is every CPU: a profile measured on this CPU model comes first; another CPU's
+    profile is the fallback (the engine warns), and a file whose metadata names another device
+    or dtype than its name is not taken as this device's."""
+    from nova.cost import profiled
+
+    def write(name: str, dtype: str, device: str) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"metadata": {"dtype": dtype, "device_name": device}}))
+        return path
+
+    monkeypatch.setattr(profiled, "PROFILES_DIR", tmp_path)
+    xeon = write("demo-cpu-float32.json", "float32", "Intel(R) Xeon(R) Processor")
+    assert profiled.device_slug("AMD EPYC") == "amd-epyc"
+    assert profiled.shipped_profile_for("demo", "cpu", "float32", "AMD EPYC") == xeon
+    assert profiled.profile_device_name(xeon) == "Intel(R) Xeon(R) Processor"
+    epyc = write("demo-cpu-float32-amd-epyc.json", "float32", "AMD EPYC")
+    assert profiled.shipped_profile_for("demo", "cpu", "float32", "AMD EPYC") == epyc
+    assert profiled.shipped_profile_for("demo", "cpu", "float32", "AMD EPYC 9654") == xeon
+    assert profiled.shipped_profile_for("demo", "cpu", "float32") == xeon
+    write("demo-cpu-bfloat16-amd-epyc.json", "float32", "AMD EPYC")  # wrong dtype inside
+    assert profiled.shipped_profile_for("demo", "cpu", "bfloat16", "AMD EPYC") is None
+    write("demo-cpu-float32-amd-epyc.json", "float32", "AMD EPYC 7B13")  # another device inside
+    assert profiled.shipped_profile_for("demo", "cpu", "float32", "AMD EPYC") == xeon
+
+
+def test_default_cost_model_warns_when_the_profile_is_another_devices(
+    tmp_path, monkeypatch, caplog
+):
+    from types import SimpleNamespace
+
+    import torch
+
+    from nova.cost import profiled
+    from nova.engine import llm_engine
+    from nova.profiling import device as device_mod
+
+    shipped = Path(profiled.PROFILES_DIR) / "demo-cpu.json"
+    data = json.loads(shipped.read_text())
+    monkeypatch.setattr(profiled, "PROFILES_DIR", tmp_path)
+    (tmp_path / "demo-cpu.json").write_text(json.dumps(data))
+    loaded = SimpleNamespace(model_dir=Path("demo-smollm2"), dtype=torch.float32)
+    measured_on = data["metadata"]["device_name"]
+    monkeypatch.setattr(device_mod, "device_name", lambda device: "Some Other CPU")
+    with caplog.at_level("WARNING", logger=llm_engine.__name__):
+        cm = llm_engine.default_cost_model(loaded, "cpu")  # type: ignore[arg-type]
+    assert cm.gpu().name == "cpu"
+    assert measured_on in caplog.text and "Some Other CPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(device_mod, "device_name", lambda device: measured_on)
+    with caplog.at_level("WARNING", logger=llm_engine.__name__):
+        llm_engine.default_cost_model(loaded, "cpu")  # type: ignore[arg-type]
+    assert "plans with" not in caplog.text
+
+
 def test_engine_plans_with_the_profile_of_its_dtype():
     """The nova policy's cost model for the demo on a CPU: the shipped fp32 profile in fp32,
     the bf16 one in bf16 (each measured in that dtype)."""

@@ -56,6 +56,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,13 +491,36 @@ def shipped_profile_path(model: str, gpu: str) -> Path:
     return PROFILES_DIR / f"{model}-{gpu}.json"
 
 
-def shipped_profile_for(model: str, gpu: str, dtype: str) -> Path | None:
+def device_slug(device_name: str) -> str:
+    """'AMD EPYC' -> 'amd-epyc': a device's name as it appears in a profile's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def profile_device_name(path: Path) -> str | None:
+    """The device a profile was measured on (its metadata's ``device_name``), if it says."""
+    name = json.loads(path.read_text()).get("metadata", {}).get("device_name")
+    return name if isinstance(name, str) else None
+
+
+def shipped_profile_for(
+    model: str, gpu: str, dtype: str, device_name: str | None = None
+) -> Path | None:
     """The shipped profile of ``model`` on ``gpu`` measured in ``dtype`` (``float32``,
-    ``bfloat16``, ...): ``<model>-<gpu>-<dtype>.json``, else ``<model>-<gpu>.json`` if its
-    metadata names that dtype; None if neither (a profile of another dtype times other
-    kernels: on a CPU with AMX a bf16 prefill token costs a fraction of an fp32 one, and the
-    fused steps' per-step overheads weigh differently)."""
-    for path in (PROFILES_DIR / f"{model}-{gpu}-{dtype}.json", shipped_profile_path(model, gpu)):
+    ``bfloat16``, ...): first, where ``device_name`` is given, one measured on that very device
+    (``<model>-<gpu>-<dtype>-<device slug>.json`` whose metadata names both: "cpu" is every
+    CPU, and two CPUs' stage times differ by several times, e.g. an Intel Xeon with AMX and an
+    AMD EPYC without, docs/scheduler.md "Back on the AMD EPYC"); else
+    ``<model>-<gpu>-<dtype>.json``, else ``<model>-<gpu>.json`` if its metadata names that
+    dtype; None if none (a profile of another dtype times other kernels: on a CPU with AMX a
+    bf16 prefill token costs a fraction of an fp32 one, and the fused steps' per-step
+    overheads weigh differently). Whether the profile found was measured on this device:
+    ``profile_device_name``."""
+    paths = [PROFILES_DIR / f"{model}-{gpu}-{dtype}.json", shipped_profile_path(model, gpu)]
+    if device_name:
+        own = PROFILES_DIR / f"{model}-{gpu}-{dtype}-{device_slug(device_name)}.json"
+        if own.is_file() and profile_device_name(own) == device_name:
+            paths.insert(0, own)
+    for path in paths:
         if path.is_file():
             meta = json.loads(path.read_text()).get("metadata", {})
             if meta.get("dtype") == dtype:

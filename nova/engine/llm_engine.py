@@ -48,19 +48,31 @@ def default_cost_model(
     loaded: LoadedModel, device: str, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> CostModel:
     """The cost model the ``nova`` policy plans with for this model on this device: the shipped
-    profile measured on such a device in the model's dtype if there is one
+    profile measured in the model's dtype on this very device (CPU model or GPU name) if there
+    is one, else on such a device (a warning names both devices)
     (``nova.cost.profiled.shipped_profile_for``: ``nova profile``; the demo model on the CPU
-    has one for fp32 and one for bf16; a shipped config such as ``qwen2.5-vl-7b`` is named by
+    has fp32 and bf16 profiles; a shipped config such as ``qwen2.5-vl-7b`` is named by
     its directory), else the roofline for the model's shape on the device's GPU spec (a
     dynamic-resolution model sized with the server's pixel limits)."""
     from nova.cost.base import make_cost_model
     from nova.cost.model_spec import ModelSpec
-    from nova.cost.profiled import shipped_profile_for
+    from nova.cost.profiled import profile_device_name, shipped_profile_for
+    from nova.profiling.device import device_name
 
     gpu = device_gpu_spec(device)
     name = "demo" if loaded.model_dir.name.startswith("demo-") else loaded.model_dir.name
-    profile = shipped_profile_for(name, gpu, str(loaded.dtype).removeprefix("torch."))
+    this_device = device_name(device)
+    profile = shipped_profile_for(name, gpu, str(loaded.dtype).removeprefix("torch."), this_device)
     if profile is not None:
+        measured_on = profile_device_name(profile)
+        if measured_on is not None and measured_on != this_device:
+            log.warning(
+                "the nova policy plans with %s, measured on %r, not on this %r: its stage "
+                "times may be several times off here ('nova profile' measures this device's)",
+                profile.name,
+                measured_on,
+                this_device,
+            )
         return make_cost_model("profiled", gpu, name, path=profile)
     spec = ModelSpec.from_dir(loaded.model_dir)
     if spec.dynamic_resolution and (min_pixels is not None or max_pixels is not None):

@@ -64,14 +64,23 @@ def run_profile(args: argparse.Namespace) -> int:
             **_share_args(args),
         )
     meta = profile["metadata"]
-    out = (
-        Path(args.out) if args.out else Path(f"{Path(str(meta['model'])).name}-{meta['gpu']}.json")
-    )
+    out = Path(args.out) if args.out else default_out(meta)
     model = ProfiledCostModel.from_dict(profile)  # validates what we are about to write
     model.save(out)
     print(summarize(profile))
     print(f"wrote {out}")
     return 0
+
+
+def default_out(meta: dict[str, Any]) -> Path:
+    """``<model>-<gpu>-<dtype>-<device slug>.json``: the file name ``shipped_profile_for``
+    takes first on the device it was measured on (copied into ``nova/cost/profiles``)."""
+    from nova.cost.profiled import device_slug
+
+    model = Path(str(meta["model"])).name
+    return Path(
+        f"{model}-{meta['gpu']}-{meta['dtype']}-{device_slug(str(meta['device_name']))}.json"
+    )
 
 
 def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -80,7 +89,12 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
         "profile", help="measure stage latency tables for the profiled cost model"
     )
     add_flags(p, EngineConfig, include=ENGINE_FLAGS, defaults=ENGINE_FLAG_DEFAULTS)
-    p.add_argument("--out", default=None, help="output JSON (default: ./<model>-<gpu>.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output JSON (default: ./<model>-<gpu>-<dtype>-<device>.json, the name the engine "
+        "looks for among the shipped profiles on this device)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny grid, for smoke tests")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
