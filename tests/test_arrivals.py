@@ -11,7 +11,7 @@ import pytest
 from nova.core.block_manager import BlockManager
 from nova.core.policy import StageLimits, make_policy
 from nova.core.scheduler import Scheduler
-from nova.engine.arrivals import ArrivalHold, Arrivals
+from nova.engine.arrivals import ArrivalHold, Arrivals, Successors
 from nova.engine.loop import EngineLoop
 from nova.executor.fake import FakeExecutor
 from nova.sampling_params import SamplingParams
@@ -55,6 +55,38 @@ def test_hold_waits_while_requests_keep_coming_in_within_the_quiet_gap():
         )
         == 0.0
     )  # off: no quiet wait either
+
+
+def test_hold_waits_for_recent_answers_successors_within_its_bound():
+    hold = ArrivalHold(0.05, quiet_s=0.005)
+    # nothing announced, the last arrival long ago, but two answers' successors are due
+    assert hold.wait_s(1.0, pending=0, idle=True, queued=True, due=2) == pytest.approx(0.05)
+    assert hold.wait_s(1.03, pending=0, idle=True, queued=True, due=1) == pytest.approx(0.02)
+    assert hold.wait_s(1.03, pending=0, idle=True, queued=True, due=0) == 0.0
+    assert hold.wait_s(2.0, pending=0, idle=True, queued=True, due=1) == pytest.approx(0.05)
+    assert hold.wait_s(2.06, pending=0, idle=True, queued=True, due=1) == 0.0  # bounded
+    assert ArrivalHold(0.0).wait_s(1.0, pending=0, idle=True, queued=True, due=3) == 0.0
+
+
+def test_successors_count_answers_not_yet_followed_by_a_request():
+    s = Successors(0.05)
+    assert s.due(0.0) == 0
+    s.arrived(0.0)  # (no answer out yet: not a successor)
+    s.finished(1.000)
+    s.finished(1.001)
+    assert s.due(1.002) == 2
+    s.arrived(1.010)
+    assert s.due(1.011) == 1
+    s.arrived(1.020)
+    assert s.due(1.021) == 0
+    s.arrived(1.022)  # more arrivals than answers: none due, not negative
+    assert s.due(1.023) == 0
+    s.finished(2.0)
+    assert s.due(2.01) == 1
+    assert s.due(2.06) == 0  # out of the window: no longer expected
+    off = Successors(0.0)
+    off.finished(1.0)
+    assert off.due(1.0) == 0
 
 
 def test_hold_of_zero_never_waits_and_a_negative_one_is_refused():
@@ -167,3 +199,36 @@ def test_a_busy_loop_does_not_wait_for_announced_requests():
         assert loop.wait_idle(timeout_s=10)
         pending.done()
     assert finished == ["r1", "long"]  # admitted beside the running decode, not held
+
+
+def _finish_then(loop: EngineLoop, ids: list[int]) -> None:
+    """Run ``ids`` to completion on ``loop`` (their answers out)."""
+    for i in ids:
+        loop.add_request(_req(i))
+    assert loop.wait_idle(timeout_s=10)
+
+
+def test_lock_step_successors_start_in_one_batch():
+    """Two requests answered together: the first successor waits for the second (a client
+    stepping N agents together), which a 30 s bound leaves to the arrival alone to end."""
+    loop, ex = _loop(wait_s=30.0)
+    with loop:
+        _finish_then(loop, [0, 1])
+        done = len(ex.batches)
+        loop.add_request(_req(2))
+        time.sleep(0.2)
+        assert len(ex.batches) == done  # the second answer's successor is still due
+        loop.add_request(_req(3))
+        assert loop.wait_idle(timeout_s=10)
+    assert ex.batches[done].request_ids == ["r2", "r3"]
+
+
+def test_a_lone_clients_next_request_is_not_held():
+    """One answer, one successor: it starts at once (a 30 s wait would time the run out)."""
+    loop, ex = _loop(wait_s=30.0)
+    with loop:
+        _finish_then(loop, [0])
+        done = len(ex.batches)
+        loop.add_request(_req(1))
+        assert loop.wait_idle(timeout_s=10)
+    assert ex.batches[done].request_ids == ["r1"]

@@ -10,11 +10,20 @@ prepares the rest, on the same cores when the engine runs on the CPU, and the re
 batch too. Only an idle engine waits (no batch running, nothing decoding): a running one admits
 arrivals at its next step as before, so time per output token is never held up. Counts only;
 torch-free and clock-free (the loop passes times in).
+
+It also waits, within the same bound, for the answers' successors (``due``): requests that
+finished within the last ``max_wait_s`` and have not been followed by as many arrivals since.
+Clients that step in lock-step (N agents or environments stepping together, a benchmark at a
+fixed concurrency) send their next requests as their answers land; the ones whose answers
+landed one step later arrive just after the engine started the others' prefill, wait for all of
+it, and finish a step later again, so the split repeats every round (docs/cpu.md, "A wave of
+requests"). A lone agent's next request is its own answer's successor: nothing is waited for.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 # A burst is still coming in while its requests arrive less than this apart. A client sending
 # 32 requests at once (vllm bench serve, concurrency 32) delivered most of them to the engine
@@ -86,13 +95,15 @@ class ArrivalHold:
         idle: bool,
         queued: bool,
         last_arrival_s: float = float("-inf"),
+        due: int = 0,
     ) -> float:
+        """``due``: successors of recent answers not arrived yet (``Successors.due``)."""
         coming_until_s = last_arrival_s + self.quiet_s
         if (
             self.max_wait_s == 0
             or not idle
             or not queued
-            or (pending == 0 and now_s >= coming_until_s)
+            or (pending == 0 and due == 0 and now_s >= coming_until_s)
         ):
             self._since_s = None
             return 0.0
@@ -100,6 +111,37 @@ class ArrivalHold:
             self._since_s = now_s
             self.num_holds += 1
         until_s = self._since_s + self.max_wait_s
-        if pending == 0:
+        if pending == 0 and due == 0:
             until_s = min(until_s, coming_until_s)
         return max(0.0, until_s - now_s)
+
+
+class Successors:
+    """How many recent answers have not been followed by a request yet: the requests that
+    finished within the last ``window_s``, less those that arrived after the first of them.
+    Finishes that were aborts or errors are not counted (no answer went out)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._finished_s: deque[float] = deque()
+        self._arrived_s: deque[float] = deque()
+
+    def finished(self, now_s: float) -> None:
+        if self.window_s > 0:
+            self._finished_s.append(now_s)
+
+    def arrived(self, now_s: float) -> None:
+        if self.window_s > 0 and self._finished_s:
+            self._arrived_s.append(now_s)
+
+    def due(self, now_s: float) -> int:
+        start_s = now_s - self.window_s
+        while self._finished_s and self._finished_s[0] < start_s:
+            self._finished_s.popleft()
+        if not self._finished_s:
+            self._arrived_s.clear()
+            return 0
+        first_s = self._finished_s[0]
+        while self._arrived_s and self._arrived_s[0] < first_s:
+            self._arrived_s.popleft()
+        return max(0, len(self._finished_s) - len(self._arrived_s))

@@ -18,7 +18,7 @@ from typing import Any
 
 from nova.core.policy import earliest_key
 from nova.core.scheduler import Scheduler
-from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals
+from nova.engine.arrivals import QUIET_S, ArrivalHold, Arrivals, Successors
 from nova.engine.client import EngineSnapshot
 from nova.executor.base import Executor, describe_error
 from nova.types import Batch, Request, RequestEvent, Stage, StageResult
@@ -50,6 +50,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self.arrivals = Arrivals(self._cond)
         self._hold = ArrivalHold(arrival_wait_s, QUIET_S)
+        self._successors = Successors(arrival_wait_s)
         self._last_arrival_s = float("-inf")
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
@@ -122,6 +123,7 @@ class EngineLoop:
                     self.executor.release(r.request_id)
                 raise
             self._last_arrival_s = self.now()
+            self._successors.arrived(self._last_arrival_s)
             for r in group:
                 self._requests[r.request_id] = r
                 if listener is not None:
@@ -254,6 +256,7 @@ class EngineLoop:
             idle=not state.any_running() and state.num_in_stage(Stage.DECODE) == 0,
             queued=self.scheduler.has_unfinished(),
             last_arrival_s=self._last_arrival_s,
+            due=self._successors.due(now_s),
         )
 
     def _deliver_locked(
@@ -264,6 +267,8 @@ class EngineLoop:
             req = self._requests[ev.request_id]
             listener = self._listeners.get(ev.request_id)
             if ev.finished:
+                if ev.error is None and ev.finish_reason != "abort":
+                    self._successors.finished(self.now())  # (an answer went out)
                 self._requests.pop(ev.request_id, None)
                 self._listeners.pop(ev.request_id, None)
                 # An abort can land while the request's batch runs: its payload is released
