@@ -4,7 +4,9 @@ Runs a few GUI-agent requests through the real engine (policy ``sequential``: on
 time, so nothing co-runs) on the demo model, times every batch the executor runs, and compares
 it with the profiled cost model's prediction for that same batch. Also compares the run's wall
 time with the sum of batch times (= the engine's own scheduling overhead).
-Writes benchmarks/results/batch_times_vs_profile_cpu.{json,md}.
+The profile is the one the engine plans with on this CPU (``shipped_profile_for``: this CPU's
+own if one is shipped, else another CPU's) unless ``--profile`` names a file.
+Writes benchmarks/results/batch_times_vs_profile_cpu{--tag}.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from runtime_throughput import machine
 
 from nova.config import EngineConfig
 from nova.cost.base import StageWork
-from nova.cost.profiled import ProfiledCostModel
+from nova.cost.profiled import ProfiledCostModel, shipped_profile_for
 from nova.engine.llm_engine import LLMEngine
 from nova.models.inputs import chat_messages
+from nova.profiling.device import device_name
 from nova.sampling_params import SamplingParams
 from nova.screenshots import make_screenshot
-
-PROFILE = Path(__file__).resolve().parents[1] / "nova" / "cost" / "profiles" / "demo-cpu.json"
 
 
 def main() -> None:
@@ -33,9 +34,14 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--profile", type=Path, default=None, help="default: the engine's on this CPU")
+    ap.add_argument("--tag", default="", help="results file suffix (e.g. the machine)")
     args = ap.parse_args()
 
-    cost = ProfiledCostModel.from_file(PROFILE)
+    profile = args.profile or shipped_profile_for("demo", "cpu", "float32", device_name("cpu"))
+    if profile is None:
+        raise SystemExit("no shipped float32 profile of the demo model on the CPU")
+    cost = ProfiledCostModel.from_file(profile)
     nova = LLMEngine(EngineConfig(model="demo", policy="sequential", num_kv_blocks=1024))
     spans = []
     execute = nova.executor.execute
@@ -76,7 +82,8 @@ def main() -> None:
     meta = cost.metadata
     report = {
         "benchmark": "batch_times_vs_profile",
-        "profile": PROFILE.name,
+        "profile": profile.name,
+        "profile_device": meta.get("device_name"),
         "machine": machine(),
         "loadavg_1min_before_after": [load_before, load_after],
         "profile_metadata": {
@@ -90,14 +97,17 @@ def main() -> None:
         "stages": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_times_vs_profile_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"batch_times_vs_profile_cpu{args.tag}.json").write_text(
+        json.dumps(report, indent=2) + "\n"
+    )
     lines = [
         "# Real batch times vs the CPU profile (demo model, policy sequential)",
         "",
         f"Machine: {report['machine']}; 1-minute load average before/after the run: "
         f"{load_before}/{load_after}.",
         "",
-        f"Profile: {PROFILE.name} ({meta.get('date')}, {meta.get('statistic')}, timed: "
+        f"Profile: {profile.name}, measured on {meta.get('device_name')!r} "
+        f"({meta.get('date')}, {meta.get('statistic')}, timed: "
         f"{meta.get('timed')}, "
         f"load during profiling {meta.get('loadavg_1min')}).",
         "",
@@ -112,7 +122,7 @@ def main() -> None:
             f"| {stage} | {r['num_batches']} | {r['measured_s']:.2f} | {r['predicted_s']:.2f} | "
             f"{r['ratio']:.2f} |"
         )
-    (args.out / "batch_times_vs_profile_cpu.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"batch_times_vs_profile_cpu{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -37,11 +37,15 @@ CPU_DEFAULT_POLICY = "chunked_prefill[budget=2048]"
 GPU_DEFAULT_POLICY = "multi_stream"
 
 
-# An idle engine on a CPU waits this long at most for a burst the server is still preparing
-# (nova.engine.arrivals): a wave of 32 chat requests reached the engine over a few tens of
-# milliseconds in scratch traces here (docs/cpu.md, "A wave of requests"); the bound keeps a
-# request whose announced companions never come from waiting longer.
-CPU_ARRIVAL_WAIT_MS = 50.0
+# An idle engine on a CPU waits this long at most for a burst the server is still preparing, or
+# for the successors of answers it just sent (nova.engine.arrivals): on the 2-core AMD EPYC a
+# wave of 32 chat requests from vllm bench serve reached the engine over 27-57 ms in one run
+# and 30-162 ms, with gaps of up to 89 ms between two requests, in a slower phase of the
+# machine (benchmarks/results/serve_waves_amd.md, serve_waves_amd_b.md; docs/cpu.md, "A wave
+# of requests"), where a 50 ms bound split 4 of 12 waves and a split wave's late requests wait
+# a whole extra prefill step (about 1.3 s there). The bound keeps a request whose announced
+# companions or expected successors never come from waiting longer.
+CPU_ARRIVAL_WAIT_MS = 150.0
 
 
 def is_cpu_device(device: str) -> bool:
