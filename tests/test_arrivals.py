@@ -74,14 +74,16 @@ def test_successors_count_answers_not_yet_followed_by_a_request():
     s.arrived(0.0)  # (no answer out yet: not a successor)
     s.finished(1.000)
     s.finished(1.001)
-    assert s.due(1.002) == 2
+    assert s.due(1.002) == 0  # no successor has come yet: nothing is waited for
     s.arrived(1.010)
-    assert s.due(1.011) == 1
+    assert s.due(1.011) == 1  # one has: the other is due
     s.arrived(1.020)
     assert s.due(1.021) == 0
     s.arrived(1.022)  # more arrivals than answers: none due, not negative
     assert s.due(1.023) == 0
     s.finished(2.0)
+    s.finished(2.0)
+    s.arrived(2.005)
     assert s.due(2.01) == 1
     assert s.due(2.06) == 0  # out of the window: no longer expected
     off = Successors(0.0)
@@ -232,3 +234,4 @@ def test_a_lone_clients_next_request_is_not_held():
         loop.add_request(_req(1))
         assert loop.wait_idle(timeout_s=10)
     assert ex.batches[done].request_ids == ["r1"]
+

@@ -11,8 +11,9 @@ batch too. Only an idle engine waits (no batch running, nothing decoding): a run
 arrivals at its next step as before, so time per output token is never held up. Counts only;
 torch-free and clock-free (the loop passes times in).
 
-It also waits, within the same bound, for the answers' successors (``due``): requests that
-finished within the last ``max_wait_s`` and have not been followed by as many arrivals since.
+It also waits, within the same bound, for the answers' successors (``due``): once a request
+has arrived after answers went out, for the rest of those answered within the last
+``max_wait_s`` not yet followed by as many arrivals.
 Clients that step in lock-step (N agents or environments stepping together, a benchmark at a
 fixed concurrency) send their next requests as their answers land; the ones whose answers
 landed one step later arrive just after the engine started the others' prefill, wait for all of
@@ -118,7 +119,11 @@ class ArrivalHold:
 
 class Successors:
     """How many recent answers have not been followed by a request yet: the requests that
-    finished within the last ``window_s``, less those that arrived after the first of them.
+    finished within the last ``window_s``, less those that arrived after the first of them; none
+    until at least one has arrived since (a wave of successors has begun). Without that rule a
+    backlog queued before the answers (a burst submitted at once) was held after every cohort
+    that finished, for successors that never come: 0.8 s of idle per 30 s burst in
+    ``benchmarks/engine_latency.py``'s screenshot burst (``engine_cpu_amd_profile.md``).
     Finishes that were aborts or errors are not counted (no answer went out)."""
 
     def __init__(self, window_s: float) -> None:
@@ -144,4 +149,6 @@ class Successors:
         first_s = self._finished_s[0]
         while self._arrived_s and self._arrived_s[0] < first_s:
             self._arrived_s.popleft()
+        if not self._arrived_s:
+            return 0
         return max(0, len(self._finished_s) - len(self._arrived_s))
