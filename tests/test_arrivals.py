@@ -234,4 +234,3 @@ def test_a_lone_clients_next_request_is_not_held():
         loop.add_request(_req(1))
         assert loop.wait_idle(timeout_s=10)
     assert ex.batches[done].request_ids == ["r1"]
-
