@@ -515,15 +515,18 @@ def shipped_profile_for(
     bf16 prefill token costs a fraction of an fp32 one, and the fused steps' per-step
     overheads weigh differently). Whether the profile found was measured on this device:
     ``profile_device_name``."""
-    paths = [PROFILES_DIR / f"{model}-{gpu}-{dtype}.json", shipped_profile_path(model, gpu)]
+    # (path, the device its metadata must name; None: any)
+    candidates: list[tuple[Path, str | None]] = [
+        (PROFILES_DIR / f"{model}-{gpu}-{dtype}.json", None),
+        (shipped_profile_path(model, gpu), None),
+    ]
     if device_name:
         own = PROFILES_DIR / f"{model}-{gpu}-{dtype}-{device_slug(device_name)}.json"
-        if own.is_file() and profile_device_name(own) == device_name:
-            paths.insert(0, own)
-    for path in paths:
+        candidates.insert(0, (own, device_name))
+    for path, device in candidates:
         if path.is_file():
             meta = json.loads(path.read_text()).get("metadata", {})
-            if meta.get("dtype") == dtype:
+            if meta.get("dtype") == dtype and device in (None, meta.get("device_name")):
                 return path
     return None
 

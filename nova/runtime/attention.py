@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -26,6 +25,7 @@ from typing import TypedDict
 
 import torch
 
+from nova.cost.profiled import device_slug
 from nova.runtime.attention_backend import AttentionBackend, PhaseSplitAttention
 from nova.runtime.attention_cpu import CpuPagedAttention
 from nova.runtime.attention_sdpa import SdpaPagedAttention
@@ -54,8 +54,9 @@ class AttentionChoice:
 
 
 def gpu_slug(gpu_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (table and results file names)."""
-    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (table and results file names; the
+    profiles' device slug)."""
+    return device_slug(gpu_name)
 
 
 def selection_table_path(gpu_name: str) -> Traversable:

@@ -54,6 +54,7 @@ padding. Padded query rows see key 0 only (no empty softmax row).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -262,9 +263,10 @@ CAUSAL_FLASH_SPEEDUP = 2.0
 # the tiled path.
 
 
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU reports AMX tiles (``amx_tile`` among /proc/cpuinfo's flags; False where
-    there is no /proc/cpuinfo)."""
+    there is no /proc/cpuinfo). Read once per process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
