@@ -6,7 +6,10 @@ the next wave. A wave's TTFT is the prefill steps its requests went into, so thi
 inside the server, every request's submission and every prompt-carrying batch (its prompts,
 decodes, tokens and wall time), and groups them per wave: how many requests, over how many ms
 they were submitted and the largest gap between two of them, and the steps that prefilled
-them. The client's TTFT p50/p99 and output tok/s per round sit beside them.
+them. The client's TTFT p50/p99 and output tok/s per round sit beside them. With ``--peer``
+``vllm serve`` runs beside it (started as ``peer_cpu.py`` starts it) and each round is run
+against Nova and then vLLM by the same client, as in ``peer_cpu.py --served``, so a round where
+Nova's TTFT p99 is above vLLM's can be read against its waves.
 
 The server runs as ``nova serve`` with the executor's ``execute`` and the engine's
 ``submit_group`` wrapped to log those times (``--serve-traced``, this file re-run as the server
@@ -15,7 +18,7 @@ unless ``--server-flags`` says otherwise.
 
 Writes ``benchmarks/results/serve_waves{--tag}.{json,md}`` with the machine and its load.
 Usage: ``.venv/bin/python benchmarks/serve_waves.py --vllm-python /work/peer/venv/bin/python
-[--rounds 3] [--concurrency 32] [--tag _amd]``
+[--rounds 3] [--concurrency 32] [--peer] [--tag _amd]``
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def main() -> None:
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--note", default="")
+    ap.add_argument(
+        "--peer", action="store_true", help="also run vllm serve, each round after Nova's"
+    )
     args, rest = ap.parse_known_args()
     if args.serve_traced:
         serve_traced(args.serve_traced, [a for a in rest if a != "--"])
@@ -144,7 +150,7 @@ def main() -> None:
     if not args.vllm_python:
         raise SystemExit("--vllm-python (vLLM's venv) is needed for its benchmark client")
     sys.path.insert(0, str(HERE))
-    from peer_cpu import bench_serve, loadavg, machine, stop_server, wait_healthy
+    from peer_cpu import bench_serve, loadavg, machine, start_server, stop_server, wait_healthy
     from peer_model import export_text_model
 
     args.model = args.model or str(export_text_model())
@@ -155,12 +161,17 @@ def main() -> None:
     cmd += ["--served-model-name", "peer", *args.server_flags.split()]
     log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    peer_port = args.port + 1
+    peer = start_server("vllm", args, peer_port) if args.peer else None
     load0 = loadavg()
     rounds = []
     try:
         wait_healthy(f"http://127.0.0.1:{args.port}", proc, args.startup_timeout_s)
         conc = args.concurrency
         bench_serve(args, args.port, conc, tmp, 2 * conc, 1000)  # warm-up (untimed)
+        if peer is not None:
+            wait_healthy(f"http://127.0.0.1:{peer_port}", peer[0], args.startup_timeout_s)
+            bench_serve(args, peer_port, conc, tmp, 2 * conc, 1000)
         for rnd in range(args.rounds):
             before = loadavg()
             t0 = time.monotonic()
@@ -179,10 +190,22 @@ def main() -> None:
                     "waves": waves(rows, t0, t1),
                 }
             )
+            if peer is not None:  # the same prompts (seed) against vLLM, right after
+                res = bench_serve(args, peer_port, conc, tmp, seed=1 + rnd)
+                rounds[-1]["peer"] = {
+                    "system": "vllm",
+                    "output_tok_s": round(res["output_throughput"], 1),
+                    "ttft_p50_ms": round(res["median_ttft_ms"], 1),
+                    "ttft_p99_ms": round(res["p99_ttft_ms"], 1),
+                    "tpot_p50_ms": round(res["median_tpot_ms"], 1),
+                }
             print(json.dumps(rounds[-1]), flush=True)
     finally:
         stop_server(proc)
         log.close()
+        if peer is not None:
+            stop_server(peer[0])
+            peer[1].close()
     report = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -201,7 +224,15 @@ def write(report: dict[str, Any], tag: str) -> None:
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"serve_waves{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = render(report)
+    (out / f"serve_waves{tag}.md").write_text(text)
+    print(text)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as markdown."""
     m = report["machine"]
+    peered = any("peer" in r for r in report["rounds"])
     lines = [
         "# Waves of a served benchmark inside `nova serve` (`benchmarks/serve_waves.py`)",
         "",
@@ -212,11 +243,18 @@ def write(report: dict[str, Any], tag: str) -> None:
         "",
         "Per wave: requests, the ms over which they were submitted, the largest gap between two "
         "submissions, and each prompt-carrying step after the wave's first submission as "
-        "prompts+decodes / prompt tokens / ms (started at +ms).",
+        "prompts+decodes / prompt tokens / ms (started at +ms)."
+        + (
+            " vLLM: the same client and prompts against `vllm serve` right after Nova's round "
+            "(out tok/s, TTFT p50 / p99 ms)."
+            if peered
+            else ""
+        ),
         "",
-        "| round | tok/s | TTFT p50 ms | TTFT p99 ms | wave | requests | over ms | largest gap "
-        "ms | steps |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| round | tok/s | TTFT p50 ms | TTFT p99 ms | "
+        + ("vLLM | " if peered else "")
+        + "wave | requests | over ms | largest gap ms | steps |",
+        "|---:|---:|---:|---:|" + ("---|" if peered else "") + "---:|---:|---:|---:|---|",
     ]
     for r in report["rounds"]:
         for i, w in enumerate(r["waves"]):
@@ -225,25 +263,37 @@ def write(report: dict[str, Any], tag: str) -> None:
                 f"(+{s['start_after_first_ms']:.0f})"
                 for s in w["steps"]
             )
+            peer = r.get("peer")
             head = (
                 f"| {r['round']} | {r['output_tok_s']} | {r['ttft_p50_ms']:.0f} | "
                 f"{r['ttft_p99_ms']:.0f} "
+                + (
+                    f"| {peer['output_tok_s']}, {peer['ttft_p50_ms']:.0f} / "
+                    f"{peer['ttft_p99_ms']:.0f} "
+                    if peer
+                    else ""
+                )
                 if i == 0
-                else "| | | | "
+                else "| | | | " + ("| " if peered else "")
             )
             lines.append(
                 f"{head}| {i} | {w['requests']} | {w['submitted_over_ms']:.0f} | "
                 f"{w['largest_gap_ms']:.0f} | {steps} |"
             )
     split = [len(w["steps"]) for r in report["rounds"] for w in r["waves"] if w["requests"] > 1]
+    if peered:
+        lower = sum(1 for r in report["rounds"] if r["ttft_p99_ms"] <= r["peer"]["ttft_p99_ms"])
+        lines += [
+            "",
+            f"Nova's TTFT p99 at most vLLM's in {lower} of {len(report['rounds'])} rounds.",
+        ]
     if split:
         lines += [
             "",
             f"Waves prefilled in one step: {sum(1 for n in split if n == 1)} of {len(split)}; "
             f"median steps per wave {statistics.median(split)}.",
         ]
-    (out / f"serve_waves{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
