@@ -104,6 +104,14 @@ class EngineConfig:
             minimum=0,
         ),
     )
+    successor_hold: bool = field(
+        default=True,
+        metadata=flag(
+            "within --arrival-wait-ms, an idle engine does not wait for the next requests of "
+            "clients whose answers it just sent (on by default: clients that step in lock-step "
+            "then start each round in one batch)"
+        ),
+    )
     block_size: int = field(default=16, metadata=flag("tokens per KV-cache block", minimum=1))
     num_kv_blocks: int | None = field(
         default=None,

@@ -69,7 +69,7 @@ def test_hold_waits_for_recent_answers_successors_within_its_bound():
 
 
 def test_successors_count_answers_not_yet_followed_by_a_request():
-    s = Successors(0.05)
+    s = Successors(0.05, min_outcomes=0)  # (held from the start: see the lock-step tests)
     assert s.due(0.0) == 0
     s.arrived(0.0)  # (no answer out yet: not a successor)
     s.finished(1.000)
@@ -86,9 +86,55 @@ def test_successors_count_answers_not_yet_followed_by_a_request():
     s.arrived(2.005)
     assert s.due(2.01) == 1
     assert s.due(2.06) == 0  # out of the window: no longer expected
+    s.finished(3.0)
+    s.finished(3.0)
+    s.arrived(3.1)  # after the window: not a successor, no wave begun
+    assert s.due(3.1) == 0
     off = Successors(0.0)
     off.finished(1.0)
     assert off.due(1.0) == 0
+
+
+def _step(s: Successors, t: float, answers: int, delays_s: list[float]) -> None:
+    """``answers`` finish at ``t``; requests arrive ``delays_s`` after it."""
+    for _ in range(answers):
+        s.finished(t)
+    for d in delays_s:
+        s.arrived(t + d)
+
+
+def test_successors_are_waited_for_only_once_answers_were_followed_in_lock_step():
+    s = Successors(0.15)  # 8 outcomes at least, 90% of the last 32 followed within 0.15 s
+    _step(s, 1.0, 4, [0.02, 0.03, 0.05])  # three followed, one not yet
+    assert not s.lockstep and s.due(1.06) == 0  # 3 outcomes: too few to tell
+    s.arrived(1.08)
+    _step(s, 2.0, 4, [0.02, 0.03, 0.04, 0.09])  # eight followed, none missed
+    assert s.lockstep
+    _step(s, 3.0, 4, [0.01])
+    assert s.due(3.02) == 3  # held for the other three
+    s.due(3.5)  # they never came: three misses of 12 -> 75% followed, below 90%
+    assert not s.lockstep
+    _step(s, 4.0, 4, [0.01])
+    assert s.due(4.02) == 0  # not held any more
+    for k in range(10):  # lock-step again: 40 followed answers fill the memory of 32
+        _step(s, 5.0 + k, 4, [0.01, 0.02, 0.03, 0.04])
+    assert s.lockstep
+
+
+def test_agents_that_think_between_steps_are_not_waited_for():
+    """Answers land in pairs; each agent's next step comes after an exponential think time of
+    mean 0.5 s: most come later than the 150 ms window, so the engine does not hold."""
+    import random
+
+    rng = random.Random(0)
+    s = Successors(0.15)
+    held = 0
+    for k in range(50):
+        t = 10.0 * k
+        _step(s, t, 2, sorted(rng.expovariate(1 / 0.5) for _ in range(2)))
+        held += s.due(t + 0.149) > 0
+        s.due(t + 5.0)  # (the window passes)
+    assert not s.lockstep and held <= 3
 
 
 def test_hold_of_zero_never_waits_and_a_negative_one_is_refused():
@@ -123,12 +169,12 @@ def test_arrivals_count_settles_once_per_request_and_wakes_a_waiter():
 # -- the loop -------------------------------------------------------------------------------
 
 
-def _loop(wait_s: float) -> tuple[EngineLoop, FakeExecutor]:
+def _loop(wait_s: float, successor_hold: bool = True) -> tuple[EngineLoop, FakeExecutor]:
     sched = Scheduler(
         make_policy("chunked_prefill", limits=StageLimits(max_num_seqs=16)), BlockManager(64, 4)
     )
     ex = FakeExecutor(1000, {Stage.PREFILL: 0.001, Stage.DECODE: 0.001})
-    return EngineLoop(sched, ex, arrival_wait_s=wait_s), ex
+    return EngineLoop(sched, ex, arrival_wait_s=wait_s, successor_hold=successor_hold), ex
 
 
 def _req(i: int) -> Request:
@@ -216,13 +262,25 @@ def test_lock_step_successors_start_in_one_batch():
     loop, ex = _loop(wait_s=30.0)
     with loop:
         _finish_then(loop, [0, 1])
+        # before 8 answers were seen followed it does not hold: the first successor runs
+        # alone while it learns that this client steps in lock-step
         done = len(ex.batches)
         loop.add_request(_req(2))
-        time.sleep(0.2)
-        assert len(ex.batches) == done  # the second answer's successor is still due
+        assert loop.wait_idle(timeout_s=10)  # a 30 s hold would time this out
+        assert ex.batches[done].request_ids == ["r2"]
         loop.add_request(_req(3))
         assert loop.wait_idle(timeout_s=10)
-    assert ex.batches[done].request_ids == ["r2", "r3"]
+        for i in (4, 6, 8):  # 6 more answers followed: 8 outcomes, all followed
+            loop.add_request(_req(i))
+            loop.add_request(_req(i + 1))
+            assert loop.wait_idle(timeout_s=10)
+        done = len(ex.batches)
+        loop.add_request(_req(10))
+        time.sleep(0.2)
+        assert len(ex.batches) == done  # the second answer's successor is still due
+        loop.add_request(_req(11))
+        assert loop.wait_idle(timeout_s=10)
+    assert ex.batches[done].request_ids == ["r10", "r11"]
 
 
 def test_a_lone_clients_next_request_is_not_held():
@@ -234,3 +292,25 @@ def test_a_lone_clients_next_request_is_not_held():
         loop.add_request(_req(1))
         assert loop.wait_idle(timeout_s=10)
     assert ex.batches[done].request_ids == ["r1"]
+
+
+def test_with_the_successor_hold_off_a_successor_starts_at_once():
+    """As in the lock-step test, but ``successor_hold=False`` (``--no-successor-hold``): the
+    first successor runs alone (a 30 s hold would time the run out); the announced-request
+    hold is still on."""
+    loop, ex = _loop(wait_s=30.0, successor_hold=False)
+    with loop:
+        _finish_then(loop, [0, 1])
+        done = len(ex.batches)
+        loop.add_request(_req(2))
+        assert loop.wait_idle(timeout_s=10)
+        assert ex.batches[done].request_ids == ["r2"]
+        first, second = loop.arrivals.expect(), loop.arrivals.expect()
+        loop.add_request(_req(3))
+        first.done()
+        time.sleep(0.2)
+        assert len(ex.batches) == done + 1 + 2  # r2's prefill and decode; r3 still held
+        loop.add_request(_req(4))
+        second.done()
+        assert loop.wait_idle(timeout_s=10)
+    assert ex.batches[done + 3].request_ids == ["r3", "r4"]

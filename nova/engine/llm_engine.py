@@ -190,7 +190,10 @@ class LLMEngine:
         if config.encoder_cache_bytes > 0:
             self.processor.encoder_store = self.executor.encoder_store
         self.loop = EngineLoop(
-            self.scheduler, self.executor, arrival_wait_s=config.resolved_arrival_wait_s
+            self.scheduler,
+            self.executor,
+            arrival_wait_s=config.resolved_arrival_wait_s,
+            successor_hold=config.successor_hold,
         )
         self._ids = itertools.count()
 

@@ -40,9 +40,11 @@ class EngineLoop:
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
         arrival_wait_s: float = 0.0,
+        successor_hold: bool = True,
     ) -> None:
         """``arrival_wait_s``: how long an idle loop waits for the requests a front end
-        announced (``arrivals``) before it starts the ones queued (``nova.engine.arrivals``)."""
+        announced (``arrivals``) before it starts the ones queued (``nova.engine.arrivals``);
+        ``successor_hold``: also for the successors of the answers it just sent, within it."""
         self.scheduler = scheduler
         self.executor = executor
         self._clock = clock
@@ -50,7 +52,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self.arrivals = Arrivals(self._cond)
         self._hold = ArrivalHold(arrival_wait_s, QUIET_S)
-        self._successors = Successors(arrival_wait_s)
+        self._successors = Successors(arrival_wait_s if successor_hold else 0.0)
         self._last_arrival_s = float("-inf")
         self._listeners: dict[str, Listener] = {}
         self._requests: dict[str, Request] = {}
