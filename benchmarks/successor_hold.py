@@ -42,6 +42,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MODES = {"hold": [], "no_hold": ["--no-successor-hold"]}
+# --control: two servers as by default, the same comparison (how far two identical servers'
+# figures lie apart on this machine)
+CONTROL_MODES: dict[str, list[str]] = {"hold": [], "hold_too": []}
 KEYS = (
     "completed",
     "failed",
@@ -102,19 +105,21 @@ def main() -> None:
     ap.add_argument("--startup-timeout-s", type=float, default=900.0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--note", default="")
+    ap.add_argument("--control", action="store_true", help="both servers as by default (A/A)")
     args = ap.parse_args()
+    modes = CONTROL_MODES if args.control else MODES
     sys.path.insert(0, str(HERE))
     from peer_cpu import loadavg, machine, stop_server, wait_healthy
 
     tmp = Path(tempfile.mkdtemp(prefix="successor_hold_"))
-    ports = {mode: args.port + i for i, mode in enumerate(MODES)}
+    ports = {mode: args.port + i for i, mode in enumerate(modes)}
     servers = {}
     load0 = loadavg()
     rows: list[dict[str, Any]] = []
     try:
         for mode, port in ports.items():
             cmd = [sys.executable, "-m", "nova.cli", "serve", "--model", args.model]
-            cmd += ["--port", str(port), *MODES[mode]]
+            cmd += ["--port", str(port), *modes[mode]]
             log = open(tmp / f"serve_{mode}.log", "w")  # noqa: SIM115 - closed below
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -147,6 +152,7 @@ def main() -> None:
         "sessions": args.sessions,
         "steps": args.steps,
         "note": args.note,
+        "modes": {m: " ".join(f) or "(defaults)" for m, f in modes.items()},
         "rows": rows,
     }
     out = HERE / "results"
@@ -159,8 +165,12 @@ def main() -> None:
 
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
+    modes = report.get("modes", {m: " ".join(f) for m, f in MODES.items()})
+    first, second = list(modes)
     lines = [
         "# The successor hold: on (`hold`, the default) and off (`--no-successor-hold`)",
+        "",
+        "Servers: " + "; ".join(f"`{k}`: {v or '(defaults)'}" for k, v in modes.items()) + ".",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; {report['date']}; load average at start "
         f"{report['loadavg_start']}, at end {report['loadavg_end']}. Model `{report['model']}`, "
@@ -179,13 +189,13 @@ def render(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Per workload, the median over rounds of `hold`'s figure over `no_hold`'s in the same "
-        "round (below 1: the hold lower):",
+        f"Per workload, the median over rounds of `{first}`'s figure over `{second}`'s in the "
+        f"same round (below 1: `{first}` lower):",
         "",
         "| workload | rounds | TTFT p50 | TTFT p99 | E2E mean | E2E p99 | out tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, ratios in ratios_by_workload(report["rows"]).items():
+    for name, ratios in ratios_by_workload(report["rows"], first, second).items():
         cells = " | ".join(f"{statistics.median(ratios[k]):.3f}" for k in RATIO_KEYS)
         lines.append(f"| {name} | {len(ratios[RATIO_KEYS[0]])} | {cells} |")
     return "\n".join(lines) + "\n"
@@ -200,18 +210,20 @@ RATIO_KEYS = (
 )
 
 
-def ratios_by_workload(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """Workload -> key -> ``hold`` / ``no_hold`` per round where both ran."""
+def ratios_by_workload(
+    rows: list[dict[str, Any]], first: str = "hold", second: str = "no_hold"
+) -> dict[str, dict[str, list[float]]]:
+    """Workload -> key -> ``first`` / ``second`` per round where both ran."""
     by: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["workload"], r["round"]), {})[r["mode"]] = r
     out: dict[str, dict[str, list[float]]] = {}
     for (name, _rnd), pair in by.items():
-        if set(pair) != set(MODES):
+        if set(pair) != {first, second}:
             continue
         ratios = out.setdefault(name, {k: [] for k in RATIO_KEYS})
         for k in RATIO_KEYS:
-            ratios[k].append(pair["hold"][k] / pair["no_hold"][k])
+            ratios[k].append(pair[first][k] / pair[second][k])
     return out
 
 
