@@ -21,7 +21,10 @@ round, so drift on a shared machine hits both alike:
   (The first run, ``successor_hold_amd.md``, drew output lengths from 30-80 tokens there, so its
   "lockstep" clients did not step together.)
 
-Per run: TTFT p50/p99, E2E mean/p99 and output tok/s from the client. Writes
+Each round and workload draws its own seed (the first two runs, ``successor_hold_amd.md`` and
+``_amd_learned.md``, used one per round, so each round's later workloads found the earlier
+one's screenshots and prompts in the caches). Per run: TTFT p50/p99, E2E mean/p99 and output
+tok/s from the client. Writes
 ``benchmarks/results/successor_hold{--tag}.{json,md}`` with the machine and its load.
 
 Usage: ``.venv/bin/python benchmarks/successor_hold.py [--rounds 3] [--think-s 0.1 0.5]
@@ -131,11 +134,14 @@ def main() -> None:
         for port in ports.values():  # warm-up (untimed): one short lock-step run each
             run_client(port, loads[lockstep_name(args)], 1000, tmp)
         for rnd in range(args.rounds):
-            for name, flags in loads.items():
+            for wi, (name, flags) in enumerate(loads.items()):
                 order = list(ports) if rnd % 2 == 0 else list(reversed(ports))
+                # a seed per round and workload: workloads of one seed share their screenshots
+                # and prompts, so a later one would find them in the prefix and encoder caches
+                seed = 1 + rnd * len(loads) + wi
                 for mode in order:
                     before = loadavg()
-                    row = run_client(ports[mode], flags, 1 + rnd, tmp)
+                    row = run_client(ports[mode], flags, seed, tmp)
                     row.update(workload=name, mode=mode, round=rnd, loadavg_before=before)
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -125,38 +125,33 @@ class Successors:
     step in lock-step.
 
     Each arrival is paired with the oldest answer of the last ``window_s`` not yet followed
-    (first in, first out); an answer older than that unfollowed never will be. ``due`` is the
-    count of answers still waiting for theirs, and is 0
+    (first in, first out); an answer older than that unfollowed never will be. A *wave* opens
+    when an arrival follows an answer while other answers are still unfollowed; it succeeds if
+    all of them (and any that finish meanwhile) are followed, and fails if one of them goes
+    unfollowed for ``window_s``. ``due`` is the count of unfollowed answers while a wave is
+    open, and 0
 
-    - until one of them has been followed (a wave of successors has begun). Without that rule a
-      backlog queued before the answers (a burst submitted at once) was held after every cohort
-      that finished, for successors that never come: 0.8 s of idle per 30 s burst in
+    - when none is: no successor has come yet. Without that rule a backlog queued before the
+      answers (a burst submitted at once) was held after every cohort that finished, for
+      successors that never come: 0.8 s of idle per 30 s burst in
       ``benchmarks/engine_latency.py``'s screenshot burst (``engine_cpu_amd_profile.md``);
-    - unless at least ``lockstep_share`` of the last ``outcomes`` answers (and at least
-      ``min_outcomes`` of them) were followed within ``window_s``: clients that step in
-      lock-step send their next requests as their answers land (32 of 32 within 37-162 ms of
-      them in ``benchmarks/results/serve_waves_amd*.md``), agents that think between steps do
-      not (with exponential think times of mean 0.5 s, 26% of them come within 150 ms), and for
-      those the hold only idled the cores: 1.15x the mean E2E and 0.91x the output tok/s of
-      the same server without it (``benchmarks/results/successor_hold_amd.md``).
+    - unless at least ``lockstep_share`` of the last ``waves`` waves (and at least one)
+      succeeded: clients that step in lock-step send their next requests as their answers land
+      (32 of 32 within 37-162 ms of them, ``benchmarks/results/serve_waves_amd*.md``), agents
+      that think between steps do not (with exponential think times of mean 0.5 s, 26% of
+      them come within 150 ms, so both of two answers' successors in 7%), and for those the
+      hold only idles the cores. Answers that no request follows at all (a client that stopped)
+      open no wave and are no evidence either way.
 
     Finishes that were aborts or errors are not counted (no answer went out). Clock-free: the
     loop passes times in."""
 
-    def __init__(
-        self,
-        window_s: float,
-        *,
-        outcomes: int = 32,
-        min_outcomes: int = 8,
-        lockstep_share: float = 0.9,
-    ) -> None:
+    def __init__(self, window_s: float, *, waves: int = 8, lockstep_share: float = 0.75) -> None:
         self.window_s = window_s
-        self.min_outcomes = min_outcomes
         self.lockstep_share = lockstep_share
         self._unfollowed_s: deque[float] = deque()  # answers' finish times, oldest first
-        self._followed_until_s = float("-inf")  # finish time of the latest answer followed
-        self._outcomes: deque[bool] = deque(maxlen=outcomes)  # followed within the window?
+        self._wave_open = False
+        self._waves: deque[bool] = deque(maxlen=waves)  # the last waves: succeeded?
 
     def finished(self, now_s: float) -> None:
         if self.window_s > 0:
@@ -164,26 +159,39 @@ class Successors:
             self._unfollowed_s.append(now_s)
 
     def arrived(self, now_s: float) -> None:
-        if self.window_s > 0:
-            self._expire(now_s)
-            if self._unfollowed_s:
-                self._followed_until_s = self._unfollowed_s.popleft()
-                self._outcomes.append(True)
+        if self.window_s <= 0:
+            return
+        self._expire(now_s)
+        if not self._unfollowed_s:
+            return
+        self._unfollowed_s.popleft()
+        if self._wave_open and not self._unfollowed_s:
+            self._close(True)
+        elif not self._wave_open and self._unfollowed_s:
+            self._wave_open = True
 
     @property
     def lockstep(self) -> bool:
-        """Whether the recent answers were followed like lock-step clients'."""
-        n = len(self._outcomes)
-        return n >= self.min_outcomes and sum(self._outcomes) >= self.lockstep_share * n
+        """Whether the recent waves of successors came like lock-step clients' do."""
+        n = len(self._waves)
+        if self.lockstep_share <= 0:  # (waited for from the start, without evidence)
+            return True
+        return n > 0 and sum(self._waves) >= self.lockstep_share * n
 
     def due(self, now_s: float) -> int:
         self._expire(now_s)
-        if not self._unfollowed_s or self._followed_until_s < now_s - self.window_s:
+        if not self._wave_open or not self.lockstep:
             return 0
-        return len(self._unfollowed_s) if self.lockstep else 0
+        return len(self._unfollowed_s)
+
+    def _close(self, succeeded: bool) -> None:
+        self._wave_open = False
+        self._waves.append(succeeded)
 
     def _expire(self, now_s: float) -> None:
         start_s = now_s - self.window_s
-        while self._unfollowed_s and self._unfollowed_s[0] < start_s:
-            self._unfollowed_s.popleft()
-            self._outcomes.append(False)
+        if self._unfollowed_s and self._unfollowed_s[0] < start_s:
+            if self._wave_open:
+                self._close(False)
+            while self._unfollowed_s and self._unfollowed_s[0] < start_s:
+                self._unfollowed_s.popleft()
