@@ -123,6 +123,21 @@ def test_successors_are_waited_for_only_while_waves_come_in_lock_step():
     assert s.lockstep
 
 
+def test_a_request_that_led_its_wave_by_a_step_waits_for_the_others():
+    """One request of a lock-step wave got its answer a step (50 ms) before the other three
+    (it was prefilled alone); its successor is in before their answers land, and once they do
+    it waits for their successors, so the wave starts together again."""
+    s = Successors(0.15)
+    _step(s, 1.0, 4, [0.01, 0.02, 0.03, 0.04])  # one complete wave: lock-step seen
+    _step(s, 2.0, 1, [0.01])  # the leader: answered, followed at once
+    assert s.due(2.02) == 0  # nothing else out yet
+    _step(s, 2.05, 3, [])  # the other three land a step later
+    assert s.due(2.06) == 3
+    for d in (0.02, 0.03, 0.04):
+        s.arrived(2.05 + d)
+    assert s.due(2.1) == 0 and s.lockstep  # a complete wave of four
+
+
 def test_agents_that_think_between_steps_are_not_waited_for():
     """Answers land in pairs; each agent's next step comes after an exponential think time of
     mean 0.5 s, mostly later than the 150 ms window: the engine, checking 100 ms after the

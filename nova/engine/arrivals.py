@@ -125,23 +125,25 @@ class Successors:
     step in lock-step.
 
     Each arrival is paired with the oldest answer of the last ``window_s`` not yet followed
-    (first in, first out); an answer older than that unfollowed never will be. A *wave* opens
-    when an arrival follows an answer while other answers are still unfollowed; it succeeds if
-    all of them (and any that finish meanwhile) are followed, and fails if one of them goes
-    unfollowed for ``window_s``. ``due`` is the count of unfollowed answers while a wave is
-    open, and 0
+    (first in, first out); an answer older than that unfollowed never will be. ``due`` is the
+    count of unfollowed answers, and is 0
 
-    - when none is: no successor has come yet. Without that rule a backlog queued before the
-      answers (a burst submitted at once) was held after every cohort that finished, for
-      successors that never come: 0.8 s of idle per 30 s burst in
-      ``benchmarks/engine_latency.py``'s screenshot burst (``engine_cpu_amd_profile.md``);
-    - unless at least ``lockstep_share`` of the last ``waves`` waves (and at least one)
-      succeeded: clients that step in lock-step send their next requests as their answers land
-      (32 of 32 within 37-162 ms of them, ``benchmarks/results/serve_waves_amd*.md``), agents
-      that think between steps do not (with exponential think times of mean 0.5 s, 26% of
-      them come within 150 ms, so both of two answers' successors in 7%), and for those the
+    - until a wave of successors has begun: an answer that finished within the last
+      ``window_s`` has been followed. Without that rule a backlog queued before the answers (a
+      burst submitted at once) was held after every cohort that finished, for successors that
+      never come: 0.8 s of idle per 30 s burst in ``benchmarks/engine_latency.py``'s screenshot
+      burst (``engine_cpu_amd_profile.md``). A request that led its wave by a step (its answer
+      out, its successor in, before the others' answers land) counts: the others' answers land
+      within the window, and its successor waits for theirs;
+    - unless at least ``lockstep_share`` of the last ``waves`` completed waves (and at least
+      one) were complete: a wave succeeds when two or more answers, each within ``window_s`` of
+      the one before, were all followed within ``window_s``, and fails when one of them goes
+      unfollowed that long. Clients that step in lock-step send their next requests as their
+      answers land (32 of 32 within 37-162 ms of them, ``benchmarks/results/serve_waves_amd*.md``);
+      agents that think between steps do not (with exponential think times of mean 0.5 s, 26%
+      of them come within 150 ms, so both of two answers' successors in 7%), and for those the
       hold only idles the cores. Answers that no request follows at all (a client that stopped)
-      open no wave and are no evidence either way.
+      are no evidence either way.
 
     Finishes that were aborts or errors are not counted (no answer went out). Clock-free: the
     loop passes times in."""
@@ -150,8 +152,9 @@ class Successors:
         self.window_s = window_s
         self.lockstep_share = lockstep_share
         self._unfollowed_s: deque[float] = deque()  # answers' finish times, oldest first
-        self._wave_open = False
-        self._waves: deque[bool] = deque(maxlen=waves)  # the last waves: succeeded?
+        self._followed_until_s = float("-inf")  # finish time of the latest answer followed
+        self._wave_followed = 0  # answers followed in the wave under way
+        self._waves: deque[bool] = deque(maxlen=waves)  # the last waves: complete?
 
     def finished(self, now_s: float) -> None:
         if self.window_s > 0:
@@ -164,34 +167,35 @@ class Successors:
         self._expire(now_s)
         if not self._unfollowed_s:
             return
-        self._unfollowed_s.popleft()
-        if self._wave_open and not self._unfollowed_s:
-            self._close(True)
-        elif not self._wave_open and self._unfollowed_s:
-            self._wave_open = True
+        answer_s = self._unfollowed_s.popleft()
+        if answer_s - self._followed_until_s > self.window_s:
+            self._wave_followed = 0  # not the wave of the answer followed before
+        self._followed_until_s = answer_s
+        self._wave_followed += 1
+        if not self._unfollowed_s and self._wave_followed >= 2:
+            self._record(True)
 
     @property
     def lockstep(self) -> bool:
-        """Whether the recent waves of successors came like lock-step clients' do."""
-        n = len(self._waves)
+        """Whether the recent waves of successors came as lock-step clients' do."""
         if self.lockstep_share <= 0:  # (waited for from the start, without evidence)
             return True
+        n = len(self._waves)
         return n > 0 and sum(self._waves) >= self.lockstep_share * n
 
     def due(self, now_s: float) -> int:
         self._expire(now_s)
-        if not self._wave_open or not self.lockstep:
+        if not self._unfollowed_s or self._followed_until_s < now_s - self.window_s:
             return 0
-        return len(self._unfollowed_s)
+        return len(self._unfollowed_s) if self.lockstep else 0
 
-    def _close(self, succeeded: bool) -> None:
-        self._wave_open = False
-        self._waves.append(succeeded)
+    def _record(self, complete: bool) -> None:
+        self._waves.append(complete)
+        self._wave_followed = 0
 
     def _expire(self, now_s: float) -> None:
         start_s = now_s - self.window_s
-        if self._unfollowed_s and self._unfollowed_s[0] < start_s:
-            if self._wave_open:
-                self._close(False)
-            while self._unfollowed_s and self._unfollowed_s[0] < start_s:
-                self._unfollowed_s.popleft()
+        while self._unfollowed_s and self._unfollowed_s[0] < start_s:
+            answer_s = self._unfollowed_s.popleft()
+            if answer_s - self._followed_until_s <= self.window_s and self._wave_followed:
+                self._record(False)  # its wave had begun: a successor that did not come
