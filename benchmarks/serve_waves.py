@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,16 +221,23 @@ def main() -> None:
     write(report, args.tag)
 
 
-def write(report: dict[str, Any], tag: str) -> None:
+def write(
+    report: dict[str, Any],
+    tag: str,
+    stem: str = "serve_waves",
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
+    """``benchmarks/results/{stem}{tag}.json`` (the report) and ``.md`` (``render``'s text,
+    printed too; default: this benchmark's ``render``)."""
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve_waves{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    (out / f"serve_waves{tag}.md").write_text(text)
+    (out / f"{stem}{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = (render or render_waves)(report)
+    (out / f"{stem}{tag}.md").write_text(text)
     print(text)
 
 
-def render(report: dict[str, Any]) -> str:
+def render_waves(report: dict[str, Any]) -> str:
     """The report as markdown."""
     m = report["machine"]
     peered = any("peer" in r for r in report["rounds"])

@@ -113,6 +113,7 @@ def main() -> None:
     modes = CONTROL_MODES if args.control else MODES
     sys.path.insert(0, str(HERE))
     from peer_cpu import loadavg, machine, stop_server, wait_healthy
+    from serve_waves import write
 
     tmp = Path(tempfile.mkdtemp(prefix="successor_hold_"))
     ports = {mode: args.port + i for i, mode in enumerate(modes)}
@@ -161,17 +162,12 @@ def main() -> None:
         "modes": {m: " ".join(f) or "(defaults)" for m, f in modes.items()},
         "rows": rows,
     }
-    out = HERE / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"successor_hold{args.tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    (out / f"successor_hold{args.tag}.md").write_text(text)
-    print(text)
+    write(report, args.tag, "successor_hold", render)
 
 
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
-    modes = report.get("modes", {m: " ".join(f) for m, f in MODES.items()})
+    modes = report.get("modes", {name: " ".join(f) for name, f in MODES.items()})
     first, second = list(modes)
     lines = [
         "# The successor hold: on (`hold`, the default) and off (`--no-successor-hold`)",

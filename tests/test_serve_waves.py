@@ -33,7 +33,7 @@ def test_submissions_group_into_waves_with_their_steps():
 
 
 def test_report_sets_each_round_beside_the_peer_round_and_counts_the_lower_p99():
-    render = load_benchmark("serve_waves").render
+    render = load_benchmark("serve_waves").render_waves
     wave = {
         "requests": 32,
         "submitted_over_ms": 60.0,
@@ -58,7 +58,7 @@ def test_report_sets_each_round_beside_the_peer_round_and_counts_the_lower_p99()
                 "ttft_p99_ms": 2000.0,
                 "tpot_p50_ms": 80.0,
             },
-        }  # fmt: skip
+        }
         for i, p99 in enumerate((1700.0, 2500.0))
     ]
     report = {
