@@ -143,7 +143,10 @@ class Successors:
       agents that think between steps do not (with exponential think times of mean 0.5 s, 26%
       of them come within 150 ms, so both of two answers' successors in 7%), and for those the
       hold only idles the cores. Answers that no request follows at all (a client that stopped)
-      are no evidence either way.
+      are no evidence either way. 75% of 8: a lock-step client stays lock-step when a slow
+      phase of the machine spreads one wave in four past the bound (``serve_waves_amd_b.md``:
+      4 of 12 waves split at the 50 ms bound of then), and thinking agents, whose pairs
+      complete in about 7%, are dropped after their first incomplete wave or two.
 
     Finishes that were aborts or errors are not counted (no answer went out). Clock-free: the
     loop passes times in."""
